@@ -1,0 +1,9 @@
+// Package datapath owns the host side of an endpoint inside one sandbox
+// network namespace: listing container links, creating tap<N>_kata devices
+// and handing out their queue fds, and the tc ingress + u32 match-all mirred
+// redirects that join a container link to its tap in both directions.
+//
+// It never talks to QEMU, never decides what should exist (that is
+// reconcile's job) and never touches a link, qdisc or filter it cannot prove
+// is its own (tap name prefix and suffix, fixed filter priority and handle).
+package datapath

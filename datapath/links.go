@@ -1,0 +1,122 @@
+package datapath
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+)
+
+// Link is a network interface as seen inside a sandbox netns.
+type Link struct {
+	Name    string
+	Ifindex int
+	// Kind is the rtnetlink kind (veth, macvlan, ipvlan, macvtap, vlan, …),
+	// with tuntap split into "tap" and "tun"; "device" for links without
+	// a kind, such as loopback or a physical NIC moved into the netns.
+	Kind      string
+	MAC       net.HardwareAddr
+	MTU       int
+	OperState string
+	Up        bool // administratively up
+}
+
+func (l Link) String() string {
+	return fmt.Sprintf("%s(%d %s %s)", l.Name, l.Ifindex, l.Kind, l.MAC)
+}
+
+// Tap names: tap<N>_kata, the convention Kata uses, so that guests and
+// operators see the same names whoever wired the endpoint.
+const (
+	tapPrefix = "tap"
+	tapSuffix = "_kata"
+)
+
+// TapName is the name of endpoint N's tap device.
+func TapName(index int) string { return tapPrefix + strconv.Itoa(index) + tapSuffix }
+
+// ParseTapName returns N for a name of the form tap<N>_kata.
+func ParseTapName(name string) (int, bool) {
+	s, ok := strings.CutPrefix(name, tapPrefix)
+	if !ok {
+		return 0, false
+	}
+	s, ok = strings.CutSuffix(s, tapSuffix)
+	if !ok || s == "" || (len(s) > 1 && s[0] == '0') {
+		return 0, false
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	return n, true
+}
+
+func linkKind(l netlink.Link) string {
+	if t, ok := l.(*netlink.Tuntap); ok {
+		if t.Mode == netlink.TUNTAP_MODE_TUN {
+			return "tun"
+		}
+		return "tap"
+	}
+	return l.Type()
+}
+
+func toLink(l netlink.Link) Link {
+	a := l.Attrs()
+	return Link{
+		Name:      a.Name,
+		Ifindex:   a.Index,
+		Kind:      linkKind(l),
+		MAC:       a.HardwareAddr,
+		MTU:       a.MTU,
+		OperState: a.OperState.String(),
+		Up:        a.Flags&net.FlagUp != 0,
+	}
+}
+
+// isTapEndpoint says whether l is an endpoint tap (ours or Kata's, which
+// share the naming convention): never a container link.
+func isTapEndpoint(l netlink.Link) bool {
+	_, ok := ParseTapName(l.Attrs().Name)
+	return ok && linkKind(l) == "tap"
+}
+
+func isLoopback(l netlink.Link) bool { return l.Attrs().Flags&net.FlagLoopback != 0 }
+
+func (n *Netns) linkList() ([]netlink.Link, error) {
+	links, err := dump(n.h.LinkList)
+	if err != nil {
+		return nil, fmt.Errorf("list links in netns %s: %w", n.path, err)
+	}
+	return links, nil
+}
+
+// ContainerLinks lists the links that the runtime or CNI put into the
+// netns: everything but loopback and the endpoint taps (tap<N>_kata).
+// Which of them can be wired is the caller's decision.
+func (n *Netns) ContainerLinks() ([]Link, error) {
+	links, err := n.linkList()
+	if err != nil {
+		return nil, err
+	}
+	var out []Link
+	for _, l := range links {
+		if isLoopback(l) || isTapEndpoint(l) {
+			continue
+		}
+		out = append(out, toLink(l))
+	}
+	return out, nil
+}
+
+// LinkByIndex returns one link of the netns.
+func (n *Netns) LinkByIndex(ifindex int) (Link, error) {
+	l, err := n.h.LinkByIndex(ifindex)
+	if err != nil {
+		return Link{}, fmt.Errorf("link %d in netns %s: %w", ifindex, n.path, err)
+	}
+	return toLink(l), nil
+}

@@ -1,0 +1,248 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// FilterPriority is the tc priority of tapsync's redirect filters. A
+// filter is ours if and only if it sits at this priority on an ingress
+// hook; Kata's own filters are added with priority 0, which the kernel
+// turns into 49152, so the two never collide.
+const FilterPriority uint16 = 0x7453
+
+// Redirect is one u32 match-all filter with a mirred egress redirect
+// action, found on the ingress hook of From.
+type Redirect struct {
+	From, To         int // ifindexes; To may name a device that no longer exists
+	FromName, ToName string
+	Priority         uint16
+	Owned            bool // at FilterPriority: created by tapsync
+}
+
+func (r Redirect) String() string {
+	return fmt.Sprintf("%s→%s(prio %d)", r.FromName, r.ToName, r.Priority)
+}
+
+// ingressParent returns the parent handle for ingress filters on link, or
+// 0 when the link has no ingress hook yet. A clsact qdisc serves as one too.
+func (n *Netns) ingressParent(link netlink.Link) (uint32, error) {
+	qdiscs, err := dump(func() ([]netlink.Qdisc, error) { return n.h.QdiscList(link) })
+	if err != nil {
+		return 0, fmt.Errorf("list qdiscs on %s: %w", link.Attrs().Name, err)
+	}
+	for _, q := range qdiscs {
+		switch q.Type() {
+		case "ingress":
+			return netlink.MakeHandle(0xffff, 0), nil
+		case "clsact":
+			return netlink.HANDLE_MIN_INGRESS, nil
+		}
+	}
+	return 0, nil
+}
+
+// ensureIngress returns the ingress parent of link, adding an ingress
+// qdisc when it has none. Equivalent to: tc qdisc add dev LINK ingress
+func (n *Netns) ensureIngress(link netlink.Link) (uint32, error) {
+	parent, err := n.ingressParent(link)
+	if err != nil || parent != 0 {
+		return parent, err
+	}
+	q := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{
+		LinkIndex: link.Attrs().Index,
+		Handle:    netlink.MakeHandle(0xffff, 0),
+		Parent:    netlink.HANDLE_INGRESS,
+	}}
+	if err := n.h.QdiscAdd(q); err != nil && !errors.Is(err, unix.EEXIST) {
+		return 0, fmt.Errorf("add ingress qdisc on %s: %w", link.Attrs().Name, err)
+	}
+	return netlink.MakeHandle(0xffff, 0), nil
+}
+
+// redirectsOn lists the mirred-redirect u32 filters on link's ingress.
+func (n *Netns) redirectsOn(link netlink.Link, parent uint32) ([]Redirect, error) {
+	filters, err := dump(func() ([]netlink.Filter, error) { return n.h.FilterList(link, parent) })
+	if err != nil {
+		return nil, fmt.Errorf("list ingress filters on %s: %w", link.Attrs().Name, err)
+	}
+	var out []Redirect
+	for _, f := range filters {
+		u, ok := f.(*netlink.U32)
+		if !ok {
+			continue
+		}
+		for _, a := range u.Actions {
+			m, ok := a.(*netlink.MirredAction)
+			if !ok || m.MirredAction != netlink.TCA_EGRESS_REDIR {
+				continue
+			}
+			out = append(out, Redirect{
+				From: link.Attrs().Index, FromName: link.Attrs().Name,
+				To: m.Ifindex, Priority: u.Priority,
+				Owned: u.Priority == FilterPriority,
+			})
+		}
+	}
+	return out, nil
+}
+
+// Redirects lists every mirred-redirect filter on every link of the netns,
+// ours and others', with target names resolved where the target exists.
+func (n *Netns) Redirects() ([]Redirect, error) {
+	links, err := n.linkList()
+	if err != nil {
+		return nil, err
+	}
+	names := make(map[int]string, len(links))
+	for _, l := range links {
+		names[l.Attrs().Index] = l.Attrs().Name
+	}
+	var out []Redirect
+	for _, l := range links {
+		parent, err := n.ingressParent(l)
+		if err != nil {
+			return nil, fmt.Errorf("netns %s: %w", n.path, err)
+		}
+		if parent == 0 {
+			continue
+		}
+		rs, err := n.redirectsOn(l, parent)
+		if err != nil {
+			return nil, fmt.Errorf("netns %s: %w", n.path, err)
+		}
+		for _, r := range rs {
+			r.ToName = names[r.To] // "" when the target vanished
+			out = append(out, r)
+		}
+	}
+	return out, nil
+}
+
+// EnsureRedirects joins a container link and its tap in both directions:
+// every frame arriving on one leaves through the other. It is idempotent;
+// a filter of ours that points anywhere else (for example at a tap that was
+// re-created with a new ifindex) is replaced, and filters at other
+// priorities are never touched.
+func (n *Netns) EnsureRedirects(container, tap int) error {
+	return errors.Join(n.ensureRedirect(container, tap), n.ensureRedirect(tap, container))
+}
+
+func (n *Netns) ensureRedirect(from, to int) error {
+	fromLink, err := n.h.LinkByIndex(from)
+	if err != nil {
+		return fmt.Errorf("netns %s: redirect from link %d: %w", n.path, from, err)
+	}
+	toLink, err := n.h.LinkByIndex(to)
+	if err != nil {
+		return fmt.Errorf("netns %s: redirect to link %d: %w", n.path, to, err)
+	}
+	fromName, toName := fromLink.Attrs().Name, toLink.Attrs().Name
+	wrap := func(err error) error {
+		return fmt.Errorf("netns %s: redirect %s→%s: %w", n.path, fromName, toName, err)
+	}
+	parent, err := n.ensureIngress(fromLink)
+	if err != nil {
+		return wrap(err)
+	}
+	existing, err := n.redirectsOn(fromLink, parent)
+	if err != nil {
+		return wrap(err)
+	}
+	var ours []Redirect
+	for _, r := range existing {
+		if r.Owned {
+			ours = append(ours, r)
+		}
+	}
+	if len(ours) == 1 && ours[0].To == to {
+		return nil
+	}
+	if len(ours) > 0 {
+		if err := n.delOurFilter(fromLink, parent); err != nil {
+			return wrap(err)
+		}
+	}
+	// Equivalent to: tc filter add dev FROM parent ffff: prio 29779 protocol all
+	//   u32 match u8 0 0 action mirred egress redirect dev TO
+	// The action is "stolen": the frame is consumed by the redirect and
+	// never reaches the container link's own stack.
+	filter := &netlink.U32{
+		FilterAttrs: netlink.FilterAttrs{
+			LinkIndex: from,
+			Parent:    parent,
+			Priority:  FilterPriority,
+			Protocol:  unix.ETH_P_ALL,
+		},
+		Sel: &netlink.TcU32Sel{
+			Flags: netlink.TC_U32_TERMINAL,
+			Nkeys: 1,
+			Keys:  []netlink.TcU32Key{{Mask: 0, Val: 0, Off: 0}},
+		},
+		Actions: []netlink.Action{&netlink.MirredAction{
+			ActionAttrs:  netlink.ActionAttrs{Action: netlink.TC_ACT_STOLEN},
+			MirredAction: netlink.TCA_EGRESS_REDIR,
+			Ifindex:      to,
+		}},
+	}
+	if err := n.h.FilterAdd(filter); err != nil {
+		return wrap(fmt.Errorf("add filter: %w", err))
+	}
+	return nil
+}
+
+// delOurFilter deletes every filter at FilterPriority on link's ingress.
+// Equivalent to: tc filter del dev LINK parent ffff: prio 29779
+func (n *Netns) delOurFilter(link netlink.Link, parent uint32) error {
+	f := &netlink.U32{FilterAttrs: netlink.FilterAttrs{
+		LinkIndex: link.Attrs().Index,
+		Parent:    parent,
+		Priority:  FilterPriority,
+		Protocol:  unix.ETH_P_ALL,
+	}}
+	if err := n.h.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("delete filter prio %d on %s: %w", FilterPriority, link.Attrs().Name, err)
+	}
+	return nil
+}
+
+// RemoveRedirects deletes tapsync's redirect filters from the ingress of
+// each given link. Links, hooks or filters that are already gone are
+// success. Filters of other owners and the ingress qdisc itself stay: the
+// qdisc may carry filters that are not ours.
+func (n *Netns) RemoveRedirects(ifindexes ...int) error {
+	var errs []error
+	for _, idx := range ifindexes {
+		if err := n.removeRedirect(idx); err != nil {
+			errs = append(errs, fmt.Errorf("netns %s: %w", n.path, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (n *Netns) removeRedirect(ifindex int) error {
+	link, err := n.h.LinkByIndex(ifindex)
+	if isLinkNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("remove redirect from link %d: %w", ifindex, err)
+	}
+	parent, err := n.ingressParent(link)
+	if err != nil || parent == 0 {
+		return err
+	}
+	rs, err := n.redirectsOn(link, parent)
+	if err != nil {
+		return err
+	}
+	for _, r := range rs {
+		if r.Owned {
+			return n.delOurFilter(link, parent)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,224 @@
+// Package state owns tapsync's per-sandbox records on disk: what cannot be
+// observed back from the kernel or QEMU (endpoint index allocation, the
+// link identity an endpoint was made for, removals QEMU left pending).
+//
+// Records are JSON with a schema version, one file per sandbox, replaced
+// atomically. The kernel and QEMU stay the truth: a record that cannot be
+// read is set aside and rebuilt from observation, never a reason to stop.
+// This package decides nothing about endpoints and touches no network
+// object.
+package state
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/google/renameio/v2"
+	"github.com/rs/zerolog"
+)
+
+// Version is the record schema this build writes and reads.
+const Version = 1
+
+// DefaultDir lives on tmpfs: records must not survive a reboot, because
+// the namespaces and VMs they describe do not.
+const DefaultDir = "/run/tapsync"
+
+// Record is what tapsync remembers about one sandbox.
+type Record struct {
+	Version   int        `json:"version"`
+	Sandbox   string     `json:"sandbox"`
+	Netns     string     `json:"netns"`
+	Endpoints []Endpoint `json:"endpoints"`
+	Updated   time.Time  `json:"updated"`
+}
+
+// Endpoint is one container link wired (or being wired or unwired) by
+// tapsync, under the stable index N of tap<N>_kata and QEMU's tapsync-net<N>.
+type Endpoint struct {
+	Index int `json:"index"`
+	// Identity of the container link the endpoint was made for. A link
+	// re-created under the same name has a new ifindex or MAC and is a
+	// different endpoint.
+	LinkName    string `json:"link_name"`
+	LinkIfindex int    `json:"link_ifindex"`
+	LinkMAC     string `json:"link_mac"`
+	Queues      int    `json:"queues"`
+	// Removing is set once the endpoint's removal has started; while it
+	// is set the index stays reserved, even if QEMU leaves the unplug
+	// pending for a long time.
+	Removing bool `json:"removing,omitempty"`
+}
+
+// Endpoint returns the endpoint with index n.
+func (r *Record) Endpoint(n int) (Endpoint, bool) {
+	i := slices.IndexFunc(r.Endpoints, func(e Endpoint) bool { return e.Index == n })
+	if i < 0 {
+		return Endpoint{}, false
+	}
+	return r.Endpoints[i], true
+}
+
+// Put adds or replaces the endpoint with e's index, keeping index order.
+func (r *Record) Put(e Endpoint) {
+	r.Forget(e.Index)
+	r.Endpoints = append(r.Endpoints, e)
+	slices.SortFunc(r.Endpoints, func(a, b Endpoint) int { return a.Index - b.Index })
+}
+
+// Forget drops the endpoint with index n.
+func (r *Record) Forget(n int) {
+	r.Endpoints = slices.DeleteFunc(r.Endpoints, func(e Endpoint) bool { return e.Index == n })
+}
+
+// Clone returns a deep copy.
+func (r Record) Clone() Record {
+	r.Endpoints = slices.Clone(r.Endpoints)
+	return r
+}
+
+// Store is the directory of records.
+type Store struct{ dir string }
+
+// Open creates dir (mode 0700) if needed and refuses one that others can
+// read or write: records name namespaces and sockets of every pod.
+func Open(dir string) (*Store, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir %s: %w", dir, err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("state dir %s: %w", dir, err)
+	}
+	if !fi.IsDir() {
+		return nil, fmt.Errorf("state dir %s: not a directory", dir)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("state dir %s: tighten mode %v to 0700: %w", dir, fi.Mode().Perm(), err)
+		}
+	}
+	return &Store{dir: dir}, nil
+}
+
+// Dir is the store's directory.
+func (s *Store) Dir() string { return s.dir }
+
+// Sandbox IDs become file names: containerd's ID grammar, nothing that
+// could climb out of the directory.
+var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
+
+// ValidID reports whether id can name a record.
+func ValidID(id string) error {
+	if !idRE.MatchString(id) {
+		return fmt.Errorf("sandbox id %q: want 1-128 characters of [A-Za-z0-9_.-], starting with a letter or digit", id)
+	}
+	return nil
+}
+
+func (s *Store) path(id string) string { return filepath.Join(s.dir, id+".json") }
+
+// Load returns the record of sandbox id; a missing one is a new, empty
+// record. A record that cannot be parsed, or has another schema version,
+// is renamed to <id>.json.bad-<time> with a log line and an empty record
+// is returned, so the caller rebuilds from observation.
+func (s *Store) Load(ctx context.Context, id string) (Record, error) {
+	if err := ValidID(id); err != nil {
+		return Record{}, err
+	}
+	fresh := Record{Version: Version, Sandbox: id}
+	p := s.path(id)
+	b, err := os.ReadFile(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return fresh, nil
+	}
+	if err != nil {
+		return Record{}, fmt.Errorf("read record %s: %w", p, err)
+	}
+	var r Record
+	why := ""
+	if err := json.Unmarshal(b, &r); err != nil {
+		why = "unparsable: " + err.Error()
+	} else if r.Version != Version {
+		why = fmt.Sprintf("schema version %d, this build reads %d", r.Version, Version)
+	} else if r.Sandbox != id {
+		why = fmt.Sprintf("names sandbox %q", r.Sandbox)
+	}
+	if why == "" {
+		return r, nil
+	}
+	aside := fmt.Sprintf("%s.bad-%s", p, time.Now().UTC().Format("20060102T150405.000000000"))
+	if err := os.Rename(p, aside); err != nil {
+		return Record{}, fmt.Errorf("set aside bad record %s (%s): %w", p, why, err)
+	}
+	zerolog.Ctx(ctx).Warn().Str("sandbox", id).Str("record", p).Str("moved_to", aside).Str("reason", why).
+		Msg("record unusable; set aside, rebuilding from what the kernel and QEMU show")
+	return fresh, nil
+}
+
+// Save replaces the record atomically: temp file in the same directory,
+// fsync, rename, fsync of the directory. A crash leaves either the old or
+// the new record, never a mix.
+func (s *Store) Save(r Record) error {
+	if err := ValidID(r.Sandbox); err != nil {
+		return err
+	}
+	r.Version = Version
+	r.Updated = time.Now().UTC()
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode record of sandbox %s: %w", r.Sandbox, err)
+	}
+	p := s.path(r.Sandbox)
+	if err := renameio.WriteFile(p, append(b, '\n'), 0o600); err != nil {
+		return fmt.Errorf("write record %s: %w", p, err)
+	}
+	return s.syncDir()
+}
+
+func (s *Store) syncDir() error {
+	d, err := os.Open(s.dir)
+	if err != nil {
+		return fmt.Errorf("sync state dir %s: %w", s.dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync state dir %s: %w", s.dir, err)
+	}
+	return nil
+}
+
+// Delete removes the record of sandbox id; a missing record is success.
+func (s *Store) Delete(id string) error {
+	if err := ValidID(id); err != nil {
+		return err
+	}
+	if err := os.Remove(s.path(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("delete record of sandbox %s: %w", id, err)
+	}
+	return s.syncDir()
+}
+
+// List returns the sandbox ids that have a record.
+func (s *Store) List() ([]string, error) {
+	ents, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, fmt.Errorf("list state dir %s: %w", s.dir, err)
+	}
+	var ids []string
+	for _, e := range ents {
+		id, ok := strings.CutSuffix(e.Name(), ".json")
+		if ok && e.Type().IsRegular() && ValidID(id) == nil {
+			ids = append(ids, id)
+		}
+	}
+	return ids, nil
+}

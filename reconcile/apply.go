@@ -1,0 +1,161 @@
+package reconcile
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/state"
+)
+
+// ErrUnplugPending is returned by VM.UnplugNIC when the guest has not yet
+// acknowledged the removal; the device is still plugged and the caller
+// retries later.
+var ErrUnplugPending = errors.New("unplug pending: guest has not acknowledged")
+
+// Host is the host side of one sandbox (implemented by *datapath.Netns).
+type Host interface {
+	Observe() (datapath.State, error)
+	EnsureTap(ctx context.Context, spec datapath.TapSpec) (datapath.Tap, error)
+	SetTapMTU(index, mtu int) error
+	EnsureRedirects(container, tap int) error
+	OpenQueues(ctx context.Context, spec datapath.TapSpec, vhost datapath.Vhost) (*datapath.Queues, error)
+	RemoveRedirects(ifindexes ...int) error
+	RemoveTap(index int) error
+}
+
+// VM is the QEMU side of one sandbox.
+type VM interface {
+	// NICs lists the VM's virtio-net devices and the indexes of the
+	// netdevs with our ids.
+	NICs(ctx context.Context) ([]NIC, []int, error)
+	// PlugNIC hot-adds endpoint index's NIC on the given queues. It owns
+	// q from the call on, whatever the outcome; a half-made NIC is
+	// rolled back.
+	PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, q *datapath.Queues) error
+	// UnplugNIC hot-removes endpoint index's NIC and then its netdev;
+	// gone is success, no acknowledgement in time is ErrUnplugPending.
+	UnplugNIC(ctx context.Context, index int) error
+}
+
+// Recorder persists a sandbox's record (implemented by *state.Store).
+type Recorder interface {
+	Save(state.Record) error
+}
+
+// Outcome summarises one apply.
+type Outcome struct {
+	Mutations int   // kernel or QEMU changes made
+	Pending   []int // endpoints whose unplug QEMU left pending
+}
+
+// applier runs one plan against one sandbox.
+type applier struct {
+	host  Host
+	vm    VM
+	rec   Recorder
+	vhost datapath.Vhost
+	taps  map[int]int // endpoint index → tap ifindex, as observed or created
+}
+
+// Apply executes p in order. The record is saved at every record step,
+// so intent is on disk before the mutations that follow it. An endpoint
+// whose step fails, or whose unplug stays pending, skips its remaining
+// steps; other endpoints carry on. Failing to save the record stops
+// everything: nothing is changed without its intent on disk.
+func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, host Host, vm VM, recorder Recorder, vhost datapath.Vhost) (state.Record, Outcome, error) {
+	a := &applier{host: host, vm: vm, rec: recorder, vhost: vhost, taps: map[int]int{}}
+	for _, t := range obs.Taps {
+		a.taps[t.Index] = t.Ifindex
+	}
+	rec = rec.Clone()
+	var (
+		out     Outcome
+		errs    []error
+		blocked = map[int]bool{}
+	)
+	log := zerolog.Ctx(ctx)
+	for _, act := range p.Actions {
+		n := act.Endpoint.Index
+		if blocked[n] {
+			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return rec, out, errors.Join(append(errs, err)...)
+		}
+		ev := log.Info()
+		if !act.Op.Mutates() {
+			ev = log.Debug()
+		}
+		ev.Int("endpoint", n).Str("action", act.Op.String()).Str("link", act.Endpoint.LinkName).Str("reason", act.Reason).Msg(act.String())
+		err := a.do(ctx, act, &rec)
+		switch {
+		case errors.Is(err, ErrUnplugPending):
+			blocked[n] = true
+			out.Pending = append(out.Pending, n)
+			log.Warn().Int("endpoint", n).Str("action", act.Op.String()).Msg("unplug pending: the guest has not acknowledged yet; the endpoint stays recorded and its index reserved")
+		case err != nil && !act.Op.Mutates():
+			return rec, out, errors.Join(append(errs, fmt.Errorf("endpoint %d: %s: %w", n, act.Op, err))...)
+		case err != nil:
+			blocked[n] = true
+			errs = append(errs, fmt.Errorf("endpoint %d: %s: %w", n, act, err))
+		case act.Op.Mutates():
+			out.Mutations++
+		}
+	}
+	return rec, out, errors.Join(errs...)
+}
+
+func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
+	e := act.Endpoint
+	spec := datapath.TapSpec{Index: e.Index, Queues: max(e.Queues, 1), MTU: act.MTU}
+	switch act.Op {
+	case OpRecord, OpMarkRemoving:
+		if act.Op == OpMarkRemoving {
+			e.Removing = true
+		}
+		rec.Put(e)
+		return a.rec.Save(*rec)
+	case OpForget:
+		rec.Forget(e.Index)
+		return a.rec.Save(*rec)
+	case OpCreateTap:
+		t, err := a.host.EnsureTap(ctx, spec)
+		if err == nil {
+			a.taps[e.Index] = t.Ifindex
+		}
+		return err
+	case OpSetTapMTU:
+		return a.host.SetTapMTU(e.Index, act.MTU)
+	case OpAddRedirects:
+		tap, ok := a.taps[e.Index]
+		if !ok {
+			return fmt.Errorf("%s does not exist", datapath.TapName(e.Index))
+		}
+		return a.host.EnsureRedirects(e.LinkIfindex, tap)
+	case OpPlugNIC:
+		mac, err := net.ParseMAC(e.LinkMAC)
+		if err != nil {
+			return fmt.Errorf("recorded MAC %q: %w", e.LinkMAC, err)
+		}
+		q, err := a.host.OpenQueues(ctx, spec, a.vhost)
+		if err != nil {
+			return err
+		}
+		return a.vm.PlugNIC(ctx, e.Index, mac, q)
+	case OpUnplugNIC:
+		return a.vm.UnplugNIC(ctx, e.Index)
+	case OpRemoveRedirects:
+		on := []int{e.LinkIfindex}
+		if tap, ok := a.taps[e.Index]; ok {
+			on = append(on, tap)
+		}
+		return a.host.RemoveRedirects(on...)
+	case OpDeleteTap:
+		return a.host.RemoveTap(e.Index)
+	}
+	return fmt.Errorf("unknown action %d", act.Op)
+}

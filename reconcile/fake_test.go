@@ -1,0 +1,379 @@
+package reconcile
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"slices"
+	"strings"
+
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/state"
+)
+
+// world is a fake sandbox: the host side of a netns and a QEMU, holding
+// state the way the kernel and QEMU do. Tests compare its end state; call
+// order does not matter. It implements Host, VM and Recorder.
+type world struct {
+	nextIfindex int
+	links       []datapath.Link
+	taps        map[int]*datapath.Tap
+	redirs      []datapath.Redirect
+	nics        []NIC
+	netdevs     map[int]bool
+	rec         state.Record
+	saves       int
+	mutations   int
+	hangUnplug  bool // the guest never acknowledges device_del
+	failOp      Op   // this op fails once when failNext is set
+	failNext    bool
+}
+
+func newWorld() *world {
+	return &world{nextIfindex: 2, taps: map[int]*datapath.Tap{}, netdevs: map[int]bool{}, rec: state.Record{Version: state.Version, Sandbox: "sb"}}
+}
+
+func (w *world) clone() *world {
+	c := *w
+	c.links = slices.Clone(w.links)
+	c.taps = map[int]*datapath.Tap{}
+	for k, v := range w.taps {
+		t := *v
+		c.taps[k] = &t
+	}
+	c.redirs = slices.Clone(w.redirs)
+	c.nics = slices.Clone(w.nics)
+	c.netdevs = map[int]bool{}
+	for k, v := range w.netdevs {
+		c.netdevs[k] = v
+	}
+	c.rec = w.rec.Clone()
+	return &c
+}
+
+func macN(n int) net.HardwareAddr { return net.HardwareAddr{0x02, 0x54, 0x53, 0, byte(n >> 8), byte(n)} }
+
+// addLink puts a container link into the netns and returns its ifindex.
+func (w *world) addLink(name, kind string, mac net.HardwareAddr, mtu int) int {
+	w.nextIfindex++
+	w.links = append(w.links, datapath.Link{Name: name, Ifindex: w.nextIfindex, Kind: kind, MAC: mac, MTU: mtu, Up: true})
+	return w.nextIfindex
+}
+
+// delLink deletes a container link; the kernel drops its filters with it.
+func (w *world) delLink(name string) {
+	i := slices.IndexFunc(w.links, func(l datapath.Link) bool { return l.Name == name })
+	if i < 0 {
+		return
+	}
+	idx := w.links[i].Ifindex
+	w.links = slices.Delete(w.links, i, i+1)
+	w.redirs = slices.DeleteFunc(w.redirs, func(r datapath.Redirect) bool { return r.From == idx })
+}
+
+func (w *world) link(name string) datapath.Link {
+	i := slices.IndexFunc(w.links, func(l datapath.Link) bool { return l.Name == name })
+	return w.links[i]
+}
+
+// kataColdPlug wires link the way Kata does at boot: a transient tap with
+// Kata's filters (auto priority) and a device without our ids.
+func (w *world) kataColdPlug(linkName string, tapIndex int) {
+	l := w.link(linkName)
+	w.nextIfindex++
+	w.taps[tapIndex] = &datapath.Tap{Link: datapath.Link{Name: datapath.TapName(tapIndex), Ifindex: w.nextIfindex, Kind: "tap", MTU: l.MTU, Up: true},
+		Index: tapIndex, VnetHdr: true, NoPI: true, Attached: 1}
+	w.redirs = append(w.redirs,
+		datapath.Redirect{From: l.Ifindex, To: w.nextIfindex, Priority: 49152},
+		datapath.Redirect{From: w.nextIfindex, To: l.Ifindex, Priority: 49152})
+	w.nics = append(w.nics, NIC{ID: "", MAC: l.MAC})
+}
+
+func (w *world) fail(op Op) error {
+	if w.failNext && w.failOp == op {
+		w.failNext = false
+		return fmt.Errorf("injected failure in %s", op)
+	}
+	return nil
+}
+
+// Observe and NICs give copies, as the real sources do.
+func (w *world) Observe() (datapath.State, error) {
+	s := datapath.State{Links: slices.Clone(w.links), Redirects: slices.Clone(w.redirs)}
+	for _, k := range slices.Sorted(mapKeys(w.taps)) {
+		s.Taps = append(s.Taps, *w.taps[k])
+	}
+	return s, nil
+}
+
+func mapKeys[V any](m map[int]V) func(func(int) bool) {
+	return func(yield func(int) bool) {
+		for k := range m {
+			if !yield(k) {
+				return
+			}
+		}
+	}
+}
+
+func (w *world) NICs(context.Context) ([]NIC, []int, error) {
+	return slices.Clone(w.nics), slices.Sorted(mapKeys(w.netdevs)), nil
+}
+
+func (w *world) observed() Observed {
+	s, _ := w.Observe()
+	nics, netdevs, _ := w.NICs(context.Background())
+	return Observed{Links: s.Links, Taps: s.Taps, Redirects: s.Redirects, NICs: nics, Netdevs: netdevs}
+}
+
+func (w *world) EnsureTap(_ context.Context, spec datapath.TapSpec) (datapath.Tap, error) {
+	if err := w.fail(OpCreateTap); err != nil {
+		return datapath.Tap{}, err
+	}
+	t, ok := w.taps[spec.Index]
+	if !ok {
+		w.nextIfindex++
+		w.mutations++
+		t = &datapath.Tap{Link: datapath.Link{Name: datapath.TapName(spec.Index), Ifindex: w.nextIfindex, Kind: "tap", MTU: 1500, Up: true},
+			Index: spec.Index, MultiQueue: spec.Queues > 1, VnetHdr: true, NoPI: true, Persistent: true}
+		w.taps[spec.Index] = t
+	}
+	if !t.Persistent || t.MultiQueue != (spec.Queues > 1) {
+		return datapath.Tap{}, datapath.ErrTapMismatch
+	}
+	if spec.MTU > 0 && t.MTU != spec.MTU {
+		w.mutations++
+		t.MTU = spec.MTU
+	}
+	return *t, nil
+}
+
+func (w *world) SetTapMTU(index, mtu int) error {
+	t, ok := w.taps[index]
+	if !ok {
+		return fmt.Errorf("no tap %d", index)
+	}
+	if t.MTU != mtu {
+		w.mutations++
+		t.MTU = mtu
+	}
+	return nil
+}
+
+func (w *world) ifindexExists(i int) bool {
+	return slices.ContainsFunc(w.links, func(l datapath.Link) bool { return l.Ifindex == i }) ||
+		slices.ContainsFunc(slices.Collect(mapValues(w.taps)), func(t *datapath.Tap) bool { return t.Ifindex == i })
+}
+
+func mapValues[V any](m map[int]V) func(func(V) bool) {
+	return func(yield func(V) bool) {
+		for _, v := range m {
+			if !yield(v) {
+				return
+			}
+		}
+	}
+}
+
+func (w *world) ensureRedirect(from, to int) error {
+	if !w.ifindexExists(from) || !w.ifindexExists(to) {
+		return fmt.Errorf("redirect %d→%d: link not found", from, to)
+	}
+	i := slices.IndexFunc(w.redirs, func(r datapath.Redirect) bool { return r.Owned && r.From == from })
+	if i >= 0 && w.redirs[i].To == to {
+		return nil
+	}
+	w.mutations++
+	w.redirs = slices.DeleteFunc(w.redirs, func(r datapath.Redirect) bool { return r.Owned && r.From == from })
+	w.redirs = append(w.redirs, datapath.Redirect{From: from, To: to, Priority: datapath.FilterPriority, Owned: true})
+	return nil
+}
+
+func (w *world) EnsureRedirects(container, tap int) error {
+	if err := w.fail(OpAddRedirects); err != nil {
+		return err
+	}
+	if err := w.ensureRedirect(container, tap); err != nil {
+		return err
+	}
+	return w.ensureRedirect(tap, container)
+}
+
+func (w *world) OpenQueues(_ context.Context, spec datapath.TapSpec, _ datapath.Vhost) (*datapath.Queues, error) {
+	if _, ok := w.taps[spec.Index]; !ok {
+		return nil, fmt.Errorf("no tap %d", spec.Index)
+	}
+	return &datapath.Queues{Tap: make([]*os.File, spec.Queues)}, nil
+}
+
+func (w *world) PlugNIC(_ context.Context, index int, mac net.HardwareAddr, q *datapath.Queues) error {
+	if err := w.fail(OpPlugNIC); err != nil {
+		return err
+	}
+	if slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == index }) {
+		return fmt.Errorf("device tapsync-net%d exists", index)
+	}
+	w.mutations++
+	w.netdevs[index] = true
+	w.nics = append(w.nics, NIC{ID: fmt.Sprintf("tapsync-net%d", index), Index: index, Owned: true, MAC: mac})
+	w.taps[index].Attached = len(q.Tap)
+	return nil
+}
+
+func (w *world) UnplugNIC(_ context.Context, index int) error {
+	has := slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == index })
+	if has && w.hangUnplug {
+		return fmt.Errorf("device tapsync-net%d: %w", index, ErrUnplugPending)
+	}
+	if has || w.netdevs[index] {
+		w.mutations++
+	}
+	w.nics = slices.DeleteFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == index })
+	delete(w.netdevs, index)
+	if t, ok := w.taps[index]; ok {
+		t.Attached = 0
+	}
+	return nil
+}
+
+func (w *world) RemoveRedirects(ifindexes ...int) error {
+	before := len(w.redirs)
+	w.redirs = slices.DeleteFunc(w.redirs, func(r datapath.Redirect) bool { return r.Owned && slices.Contains(ifindexes, r.From) })
+	if len(w.redirs) != before {
+		w.mutations++
+	}
+	return nil
+}
+
+func (w *world) RemoveTap(index int) error {
+	t, ok := w.taps[index]
+	if !ok {
+		return nil
+	}
+	w.mutations++
+	delete(w.taps, index)
+	w.redirs = slices.DeleteFunc(w.redirs, func(r datapath.Redirect) bool { return r.From == t.Ifindex })
+	return nil
+}
+
+func (w *world) Save(r state.Record) error {
+	w.saves++
+	w.rec = r.Clone()
+	return nil
+}
+
+// reconcile runs observe → plan → apply once against w.
+func (w *world) reconcile(opts Options) (Plan, Outcome, error) {
+	p := Compute(w.observed(), w.rec, opts)
+	_, out, err := Apply(context.Background(), p, w.rec, w.observed(), w, w, w, datapath.VhostOff)
+	return p, out, err
+}
+
+// settled reports whether p has nothing left to do but retry removals
+// that the guest keeps pending (an unplug and the steps behind it).
+func (w *world) settled(p Plan) bool {
+	pending := func(a Action) bool {
+		return w.hangUnplug && slices.ContainsFunc(p.Actions, func(b Action) bool {
+			return b.Op == OpUnplugNIC && b.Endpoint.Index == a.Endpoint.Index
+		})
+	}
+	return !slices.ContainsFunc(p.Actions, func(a Action) bool { return !pending(a) })
+}
+
+// converge reconciles until the plan is settled, at most a few rounds.
+func (w *world) converge(opts Options) error {
+	for range 4 {
+		p, _, err := w.reconcile(opts)
+		if err != nil {
+			return err
+		}
+		if w.settled(p) {
+			return nil
+		}
+	}
+	return fmt.Errorf("no convergence; last plan:\n%s", Compute(w.observed(), w.rec, opts))
+}
+
+// checkConverged says what is wrong with w as a converged sandbox: every
+// wireable, non-adopted link has exactly one complete endpoint, and
+// nothing of ours exists beyond those (and pending removals).
+func (w *world) checkConverged(queues int) []string {
+	var bad []string
+	live := map[int]bool{}
+	for _, l := range w.links {
+		if r, _ := unwireable(l); r != "" {
+			continue
+		}
+		if slices.ContainsFunc(w.nics, func(n NIC) bool { return !n.Owned && bytes.Equal(n.MAC, l.MAC) }) {
+			continue // adopted
+		}
+		var eps []state.Endpoint
+		for _, e := range w.rec.Endpoints {
+			if !e.Removing && sameLink(e, l) {
+				eps = append(eps, e)
+			}
+		}
+		if len(eps) != 1 {
+			bad = append(bad, fmt.Sprintf("link %s has %d endpoints", l.Name, len(eps)))
+			continue
+		}
+		e := eps[0]
+		live[e.Index] = true
+		t, ok := w.taps[e.Index]
+		switch {
+		case !ok:
+			bad = append(bad, fmt.Sprintf("%s: no tap %d", l.Name, e.Index))
+			continue
+		case t.MTU != l.MTU || t.Attached != queues || t.MultiQueue != (queues > 1):
+			bad = append(bad, fmt.Sprintf("%s: tap %+v", l.Name, *t))
+		}
+		for _, pair := range [][2]int{{l.Ifindex, t.Ifindex}, {t.Ifindex, l.Ifindex}} {
+			if !slices.ContainsFunc(w.redirs, func(r datapath.Redirect) bool { return r.Owned && r.From == pair[0] && r.To == pair[1] }) {
+				bad = append(bad, fmt.Sprintf("%s: no redirect %d→%d", l.Name, pair[0], pair[1]))
+			}
+		}
+		if !slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == e.Index && bytes.Equal(n.MAC, l.MAC) }) {
+			bad = append(bad, fmt.Sprintf("%s: no NIC %d", l.Name, e.Index))
+		}
+	}
+	pending := map[int]bool{}
+	for _, e := range w.rec.Endpoints {
+		if e.Removing {
+			pending[e.Index] = true
+		} else if !live[e.Index] {
+			bad = append(bad, fmt.Sprintf("record has stale endpoint %+v", e))
+		}
+	}
+	for _, n := range w.nics {
+		if n.Owned && !live[n.Index] && !pending[n.Index] {
+			bad = append(bad, "leaked NIC "+n.ID)
+		}
+	}
+	for n := range w.netdevs {
+		if !live[n] && !pending[n] {
+			bad = append(bad, fmt.Sprintf("leaked netdev %d", n))
+		}
+	}
+	for n, t := range w.taps {
+		if t.Persistent && !live[n] && !pending[n] {
+			bad = append(bad, "leaked tap "+t.Name)
+		}
+	}
+	for _, r := range w.redirs {
+		// A pending removal's tap keeps its filter until QEMU lets go.
+		fromPending := slices.ContainsFunc(slices.Collect(mapValues(w.taps)), func(t *datapath.Tap) bool {
+			return t.Ifindex == r.From && pending[t.Index]
+		})
+		if r.Owned && !w.ifindexExists(r.To) && !fromPending {
+			bad = append(bad, fmt.Sprintf("dangling redirect %+v", r))
+		}
+	}
+	if p := Compute(w.observed(), w.rec, Options{Queues: queues}); !w.settled(p) {
+		bad = append(bad, "converged sandbox still plans:\n"+p.String())
+	}
+	return bad
+}
+
+func joinLines(s []string) string { return strings.Join(s, "\n") }

@@ -1,0 +1,424 @@
+package reconcile
+
+import (
+	"bytes"
+	"fmt"
+	"maps"
+	"net"
+	"slices"
+	"strings"
+
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/state"
+)
+
+// NIC is a virtio-net device as QEMU reports it.
+type NIC struct {
+	ID    string
+	Index int  // endpoint index, when Owned
+	Owned bool // id tapsync-net<N>
+	MAC   net.HardwareAddr
+}
+
+// Observed is the actual state of one sandbox: the host side from the
+// netns, the VM side from QEMU. Plan reads nothing else.
+type Observed struct {
+	Links     []datapath.Link // container links (desired endpoints)
+	Taps      []datapath.Tap
+	Redirects []datapath.Redirect
+	NICs      []NIC
+	Netdevs   []int // indexes of tapsync-netdev<N> present in QEMU
+}
+
+// Options are the per-sandbox settings plan needs.
+type Options struct {
+	Queues int // queues for new endpoints; 0 is taken as 1
+}
+
+// Op is the kind of one step.
+type Op int
+
+const (
+	OpRecord        Op = iota // write the endpoint to the record (intent or recovery)
+	OpMarkRemoving            // record that the endpoint's removal has started
+	OpForget                  // drop the endpoint from the record, after its removal
+	OpCreateTap               // create tap<N>_kata
+	OpSetTapMTU               // follow a container link's MTU change
+	OpAddRedirects            // tc redirects link ⇄ tap
+	OpPlugNIC                 // open the tap's queues, hot-add the NIC
+	OpUnplugNIC               // hot-remove the NIC and its netdev (may stay pending)
+	OpRemoveRedirects         // delete our filters from link and tap
+	OpDeleteTap               // delete tap<N>_kata
+)
+
+var opNames = [...]string{"record", "mark-removing", "forget", "create-tap", "set-tap-mtu", "add-redirects",
+	"plug-nic", "unplug-nic", "remove-redirects", "delete-tap"}
+
+func (o Op) String() string { return opNames[o] }
+
+// Mutates reports whether the op changes the kernel or QEMU (as opposed
+// to only the record).
+func (o Op) Mutates() bool { return o >= OpCreateTap }
+
+// Action is one ordered step of a plan.
+type Action struct {
+	Op       Op
+	Endpoint state.Endpoint // index, link identity and queues it concerns
+	MTU      int            // OpCreateTap, OpSetTapMTU
+	Reason   string
+}
+
+func (a Action) String() string {
+	e := a.Endpoint
+	tap := datapath.TapName(e.Index)
+	var s string
+	switch a.Op {
+	case OpRecord:
+		s = fmt.Sprintf("record endpoint %d for %s (ifindex %d, %s, %d queues)", e.Index, e.LinkName, e.LinkIfindex, e.LinkMAC, e.Queues)
+	case OpMarkRemoving:
+		s = fmt.Sprintf("record removal of endpoint %d (%s)", e.Index, e.LinkName)
+	case OpForget:
+		s = fmt.Sprintf("forget endpoint %d (%s)", e.Index, e.LinkName)
+	case OpCreateTap:
+		s = fmt.Sprintf("create %s (%d queues, mtu %d)", tap, e.Queues, a.MTU)
+	case OpSetTapMTU:
+		s = fmt.Sprintf("set %s mtu %d", tap, a.MTU)
+	case OpAddRedirects:
+		s = fmt.Sprintf("redirect %s ⇄ %s", e.LinkName, tap)
+	case OpPlugNIC:
+		s = fmt.Sprintf("hot-add NIC %d (%s) on %s", e.Index, e.LinkMAC, tap)
+	case OpUnplugNIC:
+		s = fmt.Sprintf("hot-remove NIC %d", e.Index)
+	case OpRemoveRedirects:
+		s = fmt.Sprintf("remove redirects %s ⇄ %s", e.LinkName, tap)
+	case OpDeleteTap:
+		s = fmt.Sprintf("delete %s", tap)
+	}
+	if a.Reason != "" {
+		s += ": " + a.Reason
+	}
+	return s
+}
+
+// Skipped is a container link that plan leaves alone, and why.
+type Skipped struct {
+	Link    datapath.Link
+	Adopted bool // wired by someone else (Kata at boot): satisfied, never touched
+	Reason  string
+}
+
+// Plan is the outcome of planning one sandbox.
+type Plan struct {
+	Actions []Action
+	Skipped []Skipped
+}
+
+// Empty reports whether the plan changes nothing.
+func (p Plan) Empty() bool { return len(p.Actions) == 0 }
+
+func (p Plan) String() string {
+	var b strings.Builder
+	for i, a := range p.Actions {
+		fmt.Fprintf(&b, "%2d. %s\n", i+1, a)
+	}
+	for _, s := range p.Skipped {
+		fmt.Fprintf(&b, "    skip %s: %s\n", s.Link.Name, s.Reason)
+	}
+	return b.String()
+}
+
+// Link kinds. A tcfilter redirect joins any Ethernet device to a tap;
+// tunnels are the node's plumbing, never a pod's NIC; the rest cannot be
+// wired by this model yet and are reported.
+var (
+	wireableKinds = map[string]bool{"veth": true, "macvlan": true, "macvtap": true, "ipvlan": true, "tap": true, "vlan": true}
+	tunnelKinds   = map[string]bool{"ipip": true, "sit": true, "gre": true, "gretap": true, "ip6gre": true, "ip6gretap": true,
+		"ip6tnl": true, "vti": true, "vti6": true, "wireguard": true, "erspan": true, "ip6erspan": true}
+)
+
+// unwireable says why link cannot be an endpoint ("" if it can) and
+// whether to stay silent about it.
+func unwireable(l datapath.Link) (reason string, silent bool) {
+	switch {
+	case tunnelKinds[l.Kind]:
+		return "tunnel device, not a pod NIC", true
+	case !wireableKinds[l.Kind]:
+		return fmt.Sprintf("kind %q cannot be wired by the tcfilter model", l.Kind), false
+	case len(l.MAC) != 6:
+		return "no Ethernet address", false
+	}
+	return "", false
+}
+
+func sameLink(e state.Endpoint, l datapath.Link) bool {
+	return e.LinkIfindex == l.Ifindex && strings.EqualFold(e.LinkMAC, l.MAC.String())
+}
+
+func endpointFor(index int, l datapath.Link, queues int) state.Endpoint {
+	return state.Endpoint{Index: index, LinkName: l.Name, LinkIfindex: l.Ifindex, LinkMAC: l.MAC.String(), Queues: queues}
+}
+
+// view indexes an observation for planning.
+type view struct {
+	links   map[int]datapath.Link // by ifindex
+	taps    map[int]datapath.Tap  // by endpoint index
+	nics    map[int]NIC           // owned, by endpoint index
+	netdevs map[int]bool
+	redirs  []datapath.Redirect
+	foreign []NIC // virtio-net devices without our ids
+}
+
+func newView(o Observed) view {
+	v := view{links: map[int]datapath.Link{}, taps: map[int]datapath.Tap{}, nics: map[int]NIC{}, netdevs: map[int]bool{}, redirs: o.Redirects}
+	for _, l := range o.Links {
+		v.links[l.Ifindex] = l
+	}
+	for _, t := range o.Taps {
+		v.taps[t.Index] = t
+	}
+	for _, n := range o.NICs {
+		if n.Owned {
+			v.nics[n.Index] = n
+		} else {
+			v.foreign = append(v.foreign, n)
+		}
+	}
+	for _, n := range o.Netdevs {
+		v.netdevs[n] = true
+	}
+	return v
+}
+
+// ownedRedirect finds our redirect from ifindex from to ifindex to.
+func (v view) ownedRedirect(from, to int) bool {
+	return slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool { return r.Owned && r.From == from && r.To == to })
+}
+
+// ownedRedirectsTouch reports whether any of our redirects sits on a link.
+func (v view) ownedRedirectsOn(ifindexes ...int) bool {
+	return slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool { return r.Owned && slices.Contains(ifindexes, r.From) })
+}
+
+// ourTap reports whether tap N looks like one tapsync makes (persistent,
+// vnet_hdr); Kata's transient taps share the name but not the shape.
+func ourTap(t datapath.Tap) bool { return t.Persistent && t.VnetHdr && t.NoPI && t.Kind == "tap" }
+
+// Compute plans one sandbox: what to do so that the VM mirrors the
+// container links, given what is observed and what the record says. It is
+// pure: same inputs, same plan; applying the plan and planning again
+// yields an empty plan.
+func Compute(obs Observed, rec state.Record, opts Options) Plan {
+	queues := max(opts.Queues, 1)
+	v := newView(obs)
+	rec = rec.Clone()
+	var p, adds Plan
+
+	recoverOrphans(v, &rec, &p)
+
+	// Each recorded endpoint: keep and repair it, or remove it.
+	claimed := map[int]bool{} // link ifindexes served by a live endpoint
+	for _, e := range rec.Endpoints {
+		l, linkOK := v.links[e.LinkIfindex]
+		why := ""
+		switch {
+		case e.Removing:
+		case !linkOK:
+			why = fmt.Sprintf("container link %s (ifindex %d) is gone", e.LinkName, e.LinkIfindex)
+		case !sameLink(e, l):
+			why = fmt.Sprintf("container link %s was re-created (MAC %s, was %s)", l.Name, l.MAC, e.LinkMAC)
+		default:
+			if r, _ := unwireable(l); r != "" {
+				why = r
+			} else {
+				why = brokenReason(v, e, l, queues)
+			}
+		}
+		if !e.Removing && why == "" {
+			claimed[l.Ifindex] = true
+			repair(v, e, l, &adds)
+			continue
+		}
+		remove(v, e, why, &p)
+	}
+
+	// Container links nobody serves yet: adopt Kata's, or add new endpoints.
+	used := usedIndexes(v, rec)
+	links := slices.Clone(obs.Links)
+	slices.SortFunc(links, func(a, b datapath.Link) int { return a.Ifindex - b.Ifindex })
+	for _, l := range links {
+		if claimed[l.Ifindex] {
+			continue
+		}
+		if reason, silent := unwireable(l); reason != "" {
+			if !silent {
+				p.Skipped = append(p.Skipped, Skipped{Link: l, Reason: reason})
+			}
+			continue
+		}
+		if n := slices.IndexFunc(v.foreign, func(n NIC) bool { return bytes.Equal(n.MAC, l.MAC) }); n >= 0 {
+			p.Skipped = append(p.Skipped, Skipped{Link: l, Adopted: true,
+				Reason: fmt.Sprintf("already wired to VM device %q (cold-plugged by the runtime); adopted", v.foreign[n].ID)})
+			continue
+		}
+		idx := lowestFree(used)
+		used[idx] = true
+		e := endpointFor(idx, l, queues)
+		reason := "new container link " + l.Name
+		adds.Actions = append(adds.Actions,
+			Action{Op: OpRecord, Endpoint: e, Reason: reason},
+			Action{Op: OpCreateTap, Endpoint: e, MTU: l.MTU},
+			Action{Op: OpAddRedirects, Endpoint: e},
+			Action{Op: OpPlugNIC, Endpoint: e},
+		)
+	}
+	// Removals first: they free PCI slots and taps before adds need them.
+	p.Actions = append(p.Actions, adds.Actions...)
+	return p
+}
+
+// brokenReason says why a live endpoint must be re-made rather than
+// repaired in place ("" if it can be repaired).
+func brokenReason(v view, e state.Endpoint, l datapath.Link, queues int) string {
+	tap, tapOK := v.taps[e.Index]
+	nic, nicOK := v.nics[e.Index]
+	switch {
+	case e.Queues != queues:
+		return fmt.Sprintf("queue count changed from %d to %d", e.Queues, queues)
+	case tapOK && !ourTap(tap):
+		return fmt.Sprintf("%s is not a tap tapsync made", tap.Name)
+	case tapOK && tap.MultiQueue != (e.Queues > 1):
+		return fmt.Sprintf("%s multiqueue=%v does not fit %d queues", tap.Name, tap.MultiQueue, e.Queues)
+	case nicOK && !bytes.Equal(nic.MAC, l.MAC):
+		return fmt.Sprintf("VM NIC %s has MAC %s, link has %s", nic.ID, nic.MAC, l.MAC)
+	case nicOK && !tapOK:
+		return fmt.Sprintf("VM NIC %s lost its tap", nic.ID)
+	case nicOK && tap.Attached == 0:
+		return fmt.Sprintf("VM NIC %s is not attached to %s (tap re-created)", nic.ID, tap.Name)
+	}
+	return ""
+}
+
+// repair plans the missing steps of a live endpoint, in add order.
+func repair(v view, e state.Endpoint, l datapath.Link, p *Plan) {
+	tap, tapOK := v.taps[e.Index]
+	if !tapOK {
+		p.Actions = append(p.Actions, Action{Op: OpCreateTap, Endpoint: e, MTU: l.MTU, Reason: "tap missing"})
+	} else if tap.MTU != l.MTU {
+		p.Actions = append(p.Actions, Action{Op: OpSetTapMTU, Endpoint: e, MTU: l.MTU,
+			Reason: fmt.Sprintf("%s mtu changed from %d", l.Name, tap.MTU)})
+	}
+	if !tapOK || !v.ownedRedirect(l.Ifindex, tap.Ifindex) || !v.ownedRedirect(tap.Ifindex, l.Ifindex) {
+		p.Actions = append(p.Actions, Action{Op: OpAddRedirects, Endpoint: e, Reason: "redirects missing or stale"})
+	}
+	if _, ok := v.nics[e.Index]; !ok {
+		p.Actions = append(p.Actions, Action{Op: OpPlugNIC, Endpoint: e, Reason: "NIC not in VM"})
+	}
+}
+
+// remove plans the removal of endpoint e in the safe order: QEMU lets go
+// of the tap before the tap and its filters are deleted.
+func remove(v view, e state.Endpoint, why string, p *Plan) {
+	if !e.Removing {
+		p.Actions = append(p.Actions, Action{Op: OpMarkRemoving, Endpoint: e, Reason: why})
+		e.Removing = true
+	}
+	if _, ok := v.nics[e.Index]; ok || v.netdevs[e.Index] {
+		p.Actions = append(p.Actions, Action{Op: OpUnplugNIC, Endpoint: e})
+	}
+	tap, tapOK := v.taps[e.Index]
+	on := []int{e.LinkIfindex}
+	if tapOK {
+		on = append(on, tap.Ifindex)
+	}
+	if v.ownedRedirectsOn(on...) {
+		p.Actions = append(p.Actions, Action{Op: OpRemoveRedirects, Endpoint: e})
+	}
+	if tapOK && ourTap(tap) {
+		p.Actions = append(p.Actions, Action{Op: OpDeleteTap, Endpoint: e})
+	}
+	p.Actions = append(p.Actions, Action{Op: OpForget, Endpoint: e})
+}
+
+// recoverOrphans puts back into rec the endpoints whose owned objects are
+// observed but which the record does not know (the record was set aside
+// as unreadable): a QEMU device or netdev with our id, or a tap carrying
+// our redirects. Matched to a container link they are kept; otherwise
+// they are removed.
+func recoverOrphans(v view, rec *state.Record, p *Plan) {
+	evidence := map[int]bool{}
+	for n := range v.nics {
+		evidence[n] = true
+	}
+	for n := range v.netdevs {
+		evidence[n] = true
+	}
+	for n, t := range v.taps {
+		if v.ownedRedirectsOn(t.Ifindex) {
+			evidence[n] = true
+		}
+	}
+	for _, n := range slices.Sorted(maps.Keys(evidence)) {
+		if _, ok := rec.Endpoint(n); ok {
+			continue
+		}
+		e := state.Endpoint{Index: n, Removing: true, Queues: 1}
+		reason := "owned objects with no record and no container link"
+		if l, ok := linkOf(v, n); ok {
+			e = endpointFor(n, l, 1)
+			if t, ok := v.taps[n]; ok && t.MultiQueue {
+				e.Queues = max(t.Attached, 2)
+			}
+			reason = "owned objects found for " + l.Name + " with no record"
+		}
+		rec.Put(e)
+		p.Actions = append(p.Actions, Action{Op: OpRecord, Endpoint: e, Reason: "recovered: " + reason})
+	}
+}
+
+// linkOf finds the container link that endpoint n's objects serve: the
+// source of our redirect into tap n, or the link with the NIC's MAC.
+func linkOf(v view, n int) (datapath.Link, bool) {
+	if t, ok := v.taps[n]; ok {
+		for _, r := range v.redirs {
+			if l, ok := v.links[r.From]; ok && r.Owned && r.To == t.Ifindex {
+				return l, true
+			}
+		}
+	}
+	if nic, ok := v.nics[n]; ok {
+		for _, l := range v.links {
+			if bytes.Equal(l.MAC, nic.MAC) {
+				return l, true
+			}
+		}
+	}
+	return datapath.Link{}, false
+}
+
+// usedIndexes are the indexes a new endpoint must not take: recorded ones
+// (pending removals included), and any tap, device or netdev of that
+// index, ours or not.
+func usedIndexes(v view, rec state.Record) map[int]bool {
+	used := map[int]bool{}
+	for _, e := range rec.Endpoints {
+		used[e.Index] = true
+	}
+	for n := range v.taps {
+		used[n] = true
+	}
+	for n := range v.nics {
+		used[n] = true
+	}
+	for n := range v.netdevs {
+		used[n] = true
+	}
+	return used
+}
+
+func lowestFree(used map[int]bool) int {
+	n := 0
+	for used[n] {
+		n++
+	}
+	return n
+}

@@ -53,7 +53,9 @@ func (w *world) clone() *world {
 	return &c
 }
 
-func macN(n int) net.HardwareAddr { return net.HardwareAddr{0x02, 0x54, 0x53, 0, byte(n >> 8), byte(n)} }
+func macN(n int) net.HardwareAddr {
+	return net.HardwareAddr{0x02, 0x54, 0x53, 0, byte(n >> 8), byte(n)}
+}
 
 // addLink puts a container link into the netns and returns its ifindex.
 func (w *world) addLink(name, kind string, mac net.HardwareAddr, mtu int) int {

@@ -39,16 +39,16 @@ type Options struct {
 type Op int
 
 const (
-	OpRecord        Op = iota // write the endpoint to the record (intent or recovery)
-	OpMarkRemoving            // record that the endpoint's removal has started
-	OpForget                  // drop the endpoint from the record, after its removal
-	OpCreateTap               // create tap<N>_kata
-	OpSetTapMTU               // follow a container link's MTU change
-	OpAddRedirects            // tc redirects link ⇄ tap
-	OpPlugNIC                 // open the tap's queues, hot-add the NIC
-	OpUnplugNIC               // hot-remove the NIC and its netdev (may stay pending)
-	OpRemoveRedirects         // delete our filters from link and tap
-	OpDeleteTap               // delete tap<N>_kata
+	OpRecord          Op = iota // write the endpoint to the record (intent or recovery)
+	OpMarkRemoving              // record that the endpoint's removal has started
+	OpForget                    // drop the endpoint from the record, after its removal
+	OpCreateTap                 // create tap<N>_kata
+	OpSetTapMTU                 // follow a container link's MTU change
+	OpAddRedirects              // tc redirects link ⇄ tap
+	OpPlugNIC                   // open the tap's queues, hot-add the NIC
+	OpUnplugNIC                 // hot-remove the NIC and its netdev (may stay pending)
+	OpRemoveRedirects           // delete our filters from link and tap
+	OpDeleteTap                 // delete tap<N>_kata
 )
 
 var opNames = [...]string{"record", "mark-removing", "forget", "create-tap", "set-tap-mtu", "add-redirects",

@@ -1,0 +1,157 @@
+package reconcile
+
+import (
+	"context"
+	"sync"
+	"time"
+)
+
+// Backoff bounds for a sandbox whose reconcile keeps failing: the first
+// retry comes quickly (a netns bind mount landing, a QMP socket appearing),
+// later ones spread out, and none is ever given up.
+const (
+	BackoffBase = 10 * time.Millisecond
+	BackoffMax  = 2 * time.Minute
+)
+
+// Backoff is the delay before retry number failures (1-based).
+func Backoff(failures int) time.Duration {
+	d := BackoffBase
+	for i := 1; i < failures && d < BackoffMax; i++ {
+		d *= 2
+	}
+	return min(d, BackoffMax)
+}
+
+// Queue holds sandbox keys waiting to be reconciled. Triggers for the same
+// key coalesce; a key is never handed to two workers at once; a trigger
+// that arrives while its key is being worked on causes exactly one more
+// pass. Nothing polls: workers sleep until a trigger or a backoff timer.
+type Queue struct {
+	mu         sync.Mutex
+	cond       *sync.Cond
+	ready      []string        // keys waiting for a worker, in arrival order
+	dirty      map[string]bool // keys that need a pass (ready or requeued after processing)
+	processing map[string]bool
+	failures   map[string]int
+	retry      map[string]*time.Timer
+	shutdown   bool
+}
+
+// NewQueue returns an empty queue.
+func NewQueue() *Queue {
+	q := &Queue{dirty: map[string]bool{}, processing: map[string]bool{}, failures: map[string]int{}, retry: map[string]*time.Timer{}}
+	q.cond = sync.NewCond(&q.mu)
+	return q
+}
+
+// Add asks for one pass over key.
+func (q *Queue) Add(key string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.addLocked(key)
+}
+
+// addLocked queues key; q.mu must be held.
+func (q *Queue) addLocked(key string) {
+	if q.shutdown || q.dirty[key] {
+		return
+	}
+	q.dirty[key] = true
+	if q.processing[key] {
+		return // requeued by done
+	}
+	q.ready = append(q.ready, key)
+	q.cond.Signal()
+}
+
+// Len is the number of keys waiting for a worker.
+func (q *Queue) Len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.ready)
+}
+
+// Failures is the number of consecutive failed passes over key.
+func (q *Queue) Failures(key string) int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.failures[key]
+}
+
+// Forget drops key's failure count and pending retry (sandbox gone).
+func (q *Queue) Forget(key string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	delete(q.failures, key)
+	if t := q.retry[key]; t != nil {
+		t.Stop()
+		delete(q.retry, key)
+	}
+}
+
+func (q *Queue) get() (string, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for len(q.ready) == 0 && !q.shutdown {
+		q.cond.Wait()
+	}
+	if q.shutdown {
+		return "", false
+	}
+	key := q.ready[0]
+	q.ready = q.ready[1:]
+	delete(q.dirty, key)
+	q.processing[key] = true
+	return key, true
+}
+
+// done ends a pass over key. A failed pass schedules a retry after the
+// key's backoff; a successful one resets it.
+func (q *Queue) done(key string, err error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	delete(q.processing, key)
+	if t := q.retry[key]; t != nil {
+		t.Stop()
+		delete(q.retry, key)
+	}
+	if err != nil && !q.shutdown {
+		q.failures[key]++
+		q.retry[key] = time.AfterFunc(Backoff(q.failures[key]), func() { q.Add(key) })
+	} else {
+		delete(q.failures, key)
+	}
+	if q.dirty[key] {
+		q.ready = append(q.ready, key)
+		q.cond.Signal()
+	}
+}
+
+// Run starts workers goroutines that call fn for each queued key until ctx
+// ends, then waits for passes in flight to return.
+func (q *Queue) Run(ctx context.Context, workers int, fn func(ctx context.Context, key string) error) {
+	stop := context.AfterFunc(ctx, func() {
+		q.mu.Lock()
+		q.shutdown = true
+		for _, t := range q.retry {
+			t.Stop()
+		}
+		q.cond.Broadcast()
+		q.mu.Unlock()
+	})
+	defer stop()
+	var wg sync.WaitGroup
+	for range max(workers, 1) {
+		wg.Go(func() {
+			for {
+				key, ok := q.get()
+				if !ok {
+					return
+				}
+				q.done(key, fn(ctx, key))
+			}
+		})
+	}
+	wg.Wait()
+}

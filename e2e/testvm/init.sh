@@ -1,0 +1,71 @@
+#!/bin/sh
+# /init of the tapsync e2e guest (busybox ash). Embedded by image.go; its hash
+# is part of the image cache key, so editing it rebuilds the image.
+#
+# Contract with the Go side (guest.go), one line each on the serial console:
+#   TAPSYNC-READY                          modules loaded, lo up, scan loop running
+#   TAPSYNC-NIC-UP <ifname> <mac> <ip>     new NIC has <ip>/24 and is up
+#   TAPSYNC-NIC-ERROR <ifname> <mac> <ip>  configuring a new NIC failed
+#   TAPSYNC-NIC-GONE <ifname> <mac>        an announced NIC disappeared
+# where <ip> is 10.99.<5th MAC byte>.<6th MAC byte> in decimal (GuestIP).
+#
+# If this script exits the kernel panics, and panic=-1 plus QEMU's -no-reboot
+# turn that into QEMU exiting, which the Go side reports at once.
+
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+
+# Load order comes from the modules' own "depends" (computed at build time).
+while read -r m; do
+	[ -n "$m" ] || continue
+	insmod "/lib/modules/$m.ko" || echo "TAPSYNC-ERROR insmod $m failed"
+done </etc/tapsync-modules
+
+ip link set lo up
+echo TAPSYNC-READY
+
+# Poll rather than rely on uevents: there is no udev/mdev here, and a short
+# sleep keeps the loop cheap under TCG. "seen" holds words "ifname=mac".
+seen=""
+while :; do
+	now=""
+	for d in /sys/class/net/*; do
+		i=${d##*/}
+		[ "$i" = lo ] && continue
+		read -r mac <"$d/address" 2>/dev/null || continue
+		now="$now $i=$mac"
+	done
+
+	# Report removals first, so a name reused for a new MAC reads in order.
+	for w in $seen; do
+		case " $now " in
+		*" $w "*) ;;
+		*) echo "TAPSYNC-NIC-GONE ${w%%=*} ${w#*=}" ;;
+		esac
+	done
+
+	for w in $now; do
+		case " $seen " in
+		*" $w "*) continue ;;
+		esac
+		i=${w%%=*}
+		mac=${w#*=}
+		# The 5th and 6th bytes of aa:bb:cc:dd:ee:ff, as decimal octets.
+		b5=${mac#*:*:*:*:}
+		b5=${b5%%:*}
+		b6=${mac##*:}
+		ip=10.99.$((0x$b5)).$((0x$b6))
+		if ip addr add "$ip/24" dev "$i" && ip link set "$i" up; then
+			echo "TAPSYNC-NIC-UP $i $mac $ip"
+		else
+			echo "TAPSYNC-NIC-ERROR $i $mac $ip"
+		fi
+	done
+
+	seen=$now
+	sleep 0.2
+done

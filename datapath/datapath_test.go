@@ -252,6 +252,22 @@ func TestOpenQueues(t *testing.T) {
 	if got := s.tap(t, 2).Attached; got != 0 {
 		t.Errorf("attached queues after close = %d, want 0 (the tap persists)", got)
 	}
+	// A single-queue tap reports attachment through its carrier.
+	one := datapath.TapSpec{Index: 0, Queues: 1}
+	if _, err := s.n.EnsureTap(ctx, one); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.tap(t, 0).Attached; got != 0 {
+		t.Errorf("single-queue tap attached = %d before open, want 0", got)
+	}
+	q1, err := s.n.OpenQueues(ctx, one, datapath.VhostOff)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := s.tap(t, 0).Attached; got != 1 {
+		t.Errorf("single-queue tap attached = %d while open, want 1", got)
+	}
+	q1.Close()
 	if _, err := s.n.OpenQueues(ctx, datapath.TapSpec{Index: 7, Queues: 1}, datapath.VhostOff); err == nil ||
 		!strings.Contains(err.Error(), "tap7_kata") {
 		t.Errorf("OpenQueues on a missing tap = %v, want an error naming tap7_kata", err)

@@ -32,11 +32,15 @@ type TapSpec struct {
 type Tap struct {
 	Link
 	Index      int  // endpoint index N of tap<N>_kata
-	MultiQueue bool //
+	MultiQueue bool
 	VnetHdr    bool
 	NoPI       bool
 	Persistent bool // false for taps that live only as long as their fds (Kata's)
-	Attached   int  // queues currently attached (open fds, typically QEMU's)
+	// Attached counts the queues held open (typically by QEMU), enabled
+	// or not. The kernel reports queue counts only for multiqueue taps;
+	// for a single-queue tap it is 1 when it has carrier, which the tun
+	// driver turns on exactly while a queue is attached (and the tap is up).
+	Attached int
 }
 
 func toTap(l *netlink.Tuntap, index int) Tap {
@@ -47,8 +51,18 @@ func toTap(l *netlink.Tuntap, index int) Tap {
 		VnetHdr:    l.Flags&netlink.TUNTAP_VNET_HDR != 0,
 		NoPI:       l.Flags&netlink.TUNTAP_NO_PI != 0,
 		Persistent: !l.NonPersist,
-		Attached:   l.Queues,
+		Attached:   attached(l),
 	}
+}
+
+func attached(l *netlink.Tuntap) int {
+	if l.Flags&netlink.TUNTAP_MULTI_QUEUE != 0 {
+		return l.Queues + l.DisabledQueues
+	}
+	if l.Attrs().RawFlags&unix.IFF_LOWER_UP != 0 {
+		return 1
+	}
+	return 0
 }
 
 func (s TapSpec) validate() error {

@@ -31,7 +31,7 @@ type TapSpec struct {
 // Tap is an endpoint tap as observed in the netns.
 type Tap struct {
 	Link
-	Index      int  // endpoint index N of tap<N>_kata
+	Index      int // endpoint index N of tap<N>_kata
 	MultiQueue bool
 	VnetHdr    bool
 	NoPI       bool

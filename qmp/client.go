@@ -1,0 +1,496 @@
+package qmp
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The wire protocol is spoken here rather than through go-qemu's
+// qmp.SocketMonitor, which (at v0.0.0-20250212194115) hands a reply to Run in
+// bufio.Scanner's reused buffer while its reader already scans the next line
+// into it (digitalocean/go-qemu#226: replies corrupted when an event follows,
+// a data race under -race), takes an event that arrives before the
+// qmp_capabilities reply for that reply and then answers every later command
+// with the previous command's reply (digitalocean/go-qemu#210), drops the
+// error class, and has no deadlines. Here every command carries an "id" that
+// QEMU echoes, and replies are matched by it.
+
+// DefaultTimeout bounds Dial and each command when Options.Timeout is zero.
+const DefaultTimeout = 5 * time.Second
+
+var (
+	// ErrClosed is wrapped by every error of a Client whose connection is
+	// dead: QEMU exited or closed the socket, a command got no reply in
+	// time, the stream was not QMP, or Close was called. A dead Client stays
+	// dead; callers redial.
+	ErrClosed = errors.New("qmp connection closed")
+
+	// ErrNoGreeting is wrapped by Dial when the socket accepted the
+	// connection but QEMU sent no greeting before the deadline. QEMU serves
+	// one client per QMP socket and greets the next one only after the
+	// current one disconnects.
+	ErrNoGreeting = errors.New("no QMP greeting: another client probably holds the monitor (a QMP socket serves one client at a time)")
+)
+
+// Options tune a Client.
+type Options struct {
+	// Timeout bounds Dial and every single command; a context deadline
+	// that comes first wins. Zero means DefaultTimeout.
+	Timeout time.Duration
+
+	// OnEvent, if set, is called with every QMP event, in arrival order, on
+	// the goroutine that reads the socket. It must not block and must not
+	// call the Client: that goroutine also reads the replies, so a blocked
+	// OnEvent stalls every command. Poke a channel.
+	OnEvent func(Event)
+}
+
+// Event is an asynchronous QMP message, such as DEVICE_DELETED.
+type Event struct {
+	Name string         // e.g. "DEVICE_DELETED"
+	Data map[string]any // the event's "data" as decoded JSON; may be nil
+	Time time.Time      // QEMU's timestamp
+}
+
+// Client is one QMP connection to one VM. Its methods are safe for
+// concurrent use; commands go to QEMU one at a time, as QEMU runs them.
+type Client struct {
+	path    string
+	version string
+	timeout time.Duration
+	onEvent func(Event)
+	conn    *net.UnixConn
+
+	wire   chan struct{} // held while a command is on the wire; a channel so waiting honours ctx
+	nextID atomic.Uint64
+	addSem chan struct{} // held by AddNIC: choosing a slot and device_add must not interleave
+
+	closeOnce  sync.Once
+	done       chan struct{} // closed when the connection is dead
+	readerDone chan struct{} // closed when the reader goroutine has returned
+
+	mu      sync.Mutex
+	err     error                // why the connection died; guarded by mu
+	pending *call                // the command awaiting its reply; guarded by mu
+	waiters map[*waiter]struct{} // event waiters; guarded by mu
+}
+
+type call struct {
+	id    string
+	reply chan message // buffered 1
+}
+
+type waiter struct {
+	match func(Event) bool
+	ch    chan Event // buffered 1; the first match is kept
+}
+
+// message is any JSON object QEMU sends on a QMP socket:
+//
+//	{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "..."}, "capabilities": ["oob"]}}
+//	{"return": {...}, "id": "7"}
+//	{"error": {"class": "DeviceNotFound", "desc": "Device 'tapsync-net3' not found"}, "id": "8"}
+//	{"event": "DEVICE_DELETED", "data": {"device": "tapsync-net3", "path": "/machine/peripheral/tapsync-net3"},
+//	 "timestamp": {"seconds": 1795863795, "microseconds": 684625}}
+type message struct {
+	QMP *struct {
+		Version struct {
+			QEMU struct {
+				Major int `json:"major"`
+				Minor int `json:"minor"`
+				Micro int `json:"micro"`
+			} `json:"qemu"`
+		} `json:"version"`
+		Capabilities []string `json:"capabilities"`
+	} `json:"QMP"`
+	ID     json.RawMessage `json:"id"`
+	Return json.RawMessage `json:"return"`
+	Error  *struct {
+		Class string `json:"class"`
+		Desc  string `json:"desc"`
+	} `json:"error"`
+	Event     string         `json:"event"`
+	Data      map[string]any `json:"data"`
+	Timestamp struct {
+		Seconds      int64 `json:"seconds"`
+		Microseconds int64 `json:"microseconds"`
+	} `json:"timestamp"`
+
+	raw json.RawMessage // the whole message, for errors
+}
+
+// readMessage decodes the next JSON object from the stream. Messages need
+// not be one per line (QEMU's qmp-pretty mode spans lines).
+func readMessage(dec *json.Decoder) (message, error) {
+	var raw json.RawMessage
+	if err := dec.Decode(&raw); err != nil {
+		return message{}, err
+	}
+	var m message
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return message{}, fmt.Errorf("not a QMP message: %.200q: %w", raw, err)
+	}
+	m.raw = raw
+	return m, nil
+}
+
+// Dial connects to the QMP socket at path, reads QEMU's greeting and
+// negotiates capabilities, within opts.Timeout or ctx's deadline, whichever
+// comes first.
+func Dial(ctx context.Context, path string, opts Options) (*Client, error) {
+	timeout := opts.Timeout
+	if timeout <= 0 {
+		timeout = DefaultTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+
+	var d net.Dialer
+	nc, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("qmp dial %s: %w", path, err)
+	}
+	conn := nc.(*net.UnixConn)
+	c, err := handshake(ctx, conn, path, timeout, opts.OnEvent)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("qmp dial %s: %w", path, err)
+	}
+	return c, nil
+}
+
+func handshake(ctx context.Context, conn *net.UnixConn, path string, timeout time.Duration, onEvent func(Event)) (*Client, error) {
+	deadline, _ := ctx.Deadline()
+	if err := conn.SetDeadline(deadline); err != nil {
+		return nil, err
+	}
+	// A cancelled (rather than expired) ctx ends a blocked read too.
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	timedOut := func(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
+	ctxErr := func() error { // the socket's deadline may fire a hair before ctx's
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		return context.DeadlineExceeded
+	}
+
+	dec := json.NewDecoder(conn)
+	greeting, err := readMessage(dec)
+	switch {
+	case timedOut(err):
+		return nil, fmt.Errorf("%w: waited %s: %w", ErrNoGreeting, timeout, ctxErr())
+	case err != nil:
+		return nil, fmt.Errorf("read greeting: %w", err)
+	case greeting.QMP == nil:
+		return nil, fmt.Errorf("malformed greeting %.200q", greeting.raw)
+	}
+	v := greeting.QMP.Version.QEMU
+	version := fmt.Sprintf("%d.%d.%d", v.Major, v.Minor, v.Micro)
+
+	// Equivalent to: {"execute": "qmp_capabilities", "id": "0"}
+	if _, err := conn.Write([]byte(`{"execute": "qmp_capabilities", "id": "0"}` + "\n")); err != nil {
+		return nil, fmt.Errorf("send qmp_capabilities: %w", err)
+	}
+	var early []message // events that came before the reply
+	for {
+		m, err := readMessage(dec)
+		switch {
+		case timedOut(err):
+			return nil, fmt.Errorf("QEMU %s greeted but did not answer qmp_capabilities: %w", version, ctxErr())
+		case err != nil:
+			return nil, fmt.Errorf("read qmp_capabilities reply: %w", err)
+		case m.Event != "":
+			early = append(early, m)
+			continue
+		case m.Error != nil:
+			return nil, fmt.Errorf("qmp_capabilities: %s: %s", m.Error.Class, m.Error.Desc)
+		case m.Return == nil || !bytes.Equal(m.ID, []byte(`"0"`)):
+			return nil, fmt.Errorf("malformed qmp_capabilities reply %.200q", m.raw)
+		}
+		break
+	}
+	if !stop() {
+		return nil, fmt.Errorf("after qmp_capabilities: %w", ctxErr())
+	}
+	if err := conn.SetDeadline(time.Time{}); err != nil {
+		return nil, err
+	}
+
+	c := &Client{
+		path:       path,
+		version:    version,
+		timeout:    timeout,
+		onEvent:    onEvent,
+		conn:       conn,
+		wire:       make(chan struct{}, 1),
+		addSem:     make(chan struct{}, 1),
+		done:       make(chan struct{}),
+		readerDone: make(chan struct{}),
+		waiters:    map[*waiter]struct{}{},
+	}
+	go c.read(dec, early)
+	return c, nil
+}
+
+// Path is the socket this Client is connected to.
+func (c *Client) Path() string { return c.path }
+
+// Version is QEMU's version from the greeting, e.g. "7.2.22".
+func (c *Client) Version() string { return c.version }
+
+// Done is closed when the connection is dead. Every later command fails
+// with ErrClosed; callers redial.
+func (c *Client) Done() <-chan struct{} { return c.done }
+
+// Err says why the connection died (wrapping ErrClosed), or nil while it is
+// alive.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// Close closes the connection and waits for its reader goroutine. It must
+// not be called from OnEvent. Closing twice is fine.
+func (c *Client) Close() error {
+	c.fail(errors.New("closed by caller"))
+	<-c.readerDone
+	return nil
+}
+
+// fail marks the connection dead for reason and closes the socket, which
+// ends the reader; only the first reason is kept.
+func (c *Client) fail(reason error) {
+	c.closeOnce.Do(func() {
+		c.mu.Lock()
+		c.err = fmt.Errorf("qmp %s: %w: %w", c.path, ErrClosed, reason)
+		c.mu.Unlock()
+		_ = c.conn.Close()
+		close(c.done)
+	})
+}
+
+func (c *Client) dead() bool {
+	select {
+	case <-c.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// read reads the socket for the life of the connection, dispatching events
+// and handing replies to the waiting command.
+func (c *Client) read(dec *json.Decoder, early []message) {
+	defer close(c.readerDone)
+	for _, m := range early {
+		c.dispatch(m)
+	}
+	for {
+		m, err := readMessage(dec)
+		switch {
+		case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET):
+			// ECONNRESET: QEMU died with unread data (our command) in its socket.
+			c.fail(fmt.Errorf("monitor socket closed (QEMU exited or closed it): %w", err))
+			return
+		case err != nil:
+			// Past junk there is no telling where the next message starts.
+			c.fail(fmt.Errorf("read: %w", err))
+			return
+		case m.Event != "":
+			c.dispatch(m)
+		default:
+			c.deliver(m)
+		}
+	}
+}
+
+func (c *Client) dispatch(m message) {
+	e := Event{
+		Name: m.Event,
+		Data: m.Data,
+		Time: time.Unix(m.Timestamp.Seconds, m.Timestamp.Microseconds*int64(time.Microsecond)),
+	}
+	c.mu.Lock()
+	for w := range c.waiters {
+		if w.match(e) {
+			select {
+			case w.ch <- e:
+			default: // already holds a match
+			}
+		}
+	}
+	c.mu.Unlock()
+	if c.onEvent != nil {
+		c.onEvent(e)
+	}
+}
+
+// deliver hands a reply to the command waiting for it. QEMU echoes the id
+// of the command; a reply with another id (or none while nothing waits) is
+// dropped rather than taken for somebody else's.
+func (c *Client) deliver(m message) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p := c.pending
+	if p == nil {
+		return
+	}
+	if m.ID != nil && !bytes.Equal(m.ID, []byte(strconv.Quote(p.id))) {
+		return
+	}
+	c.pending = nil
+	p.reply <- m
+}
+
+// waitEvent registers interest in the first event that matches. Register
+// before sending the command whose event is awaited: QEMU may emit the event
+// before it replies.
+func (c *Client) waitEvent(match func(Event) bool) (<-chan Event, func()) {
+	w := &waiter{match: match, ch: make(chan Event, 1)}
+	c.mu.Lock()
+	c.waiters[w] = struct{}{}
+	c.mu.Unlock()
+	return w.ch, func() {
+		c.mu.Lock()
+		delete(c.waiters, w)
+		c.mu.Unlock()
+	}
+}
+
+// run executes one QMP command and returns its "return" value. what names
+// the command's object in errors ("id=tapsync-net3"). file, if not nil, is
+// passed with the command in SCM_RIGHTS (getfd); the caller keeps its copy.
+//
+// A command sent but not answered before its deadline kills the
+// connection: a monitor that does not answer within the timeout is taken
+// for hung, and QEMU may still carry the command out, so the caller must
+// redial and observe again rather than assume either outcome.
+func (c *Client) run(ctx context.Context, cmd, what string, args any, file *os.File) (json.RawMessage, error) {
+	name := cmd
+	if what != "" {
+		name += " " + what
+	}
+	closed := func() error { return fmt.Errorf("qmp %s: %w", name, c.Err()) }
+	if c.dead() {
+		return nil, closed()
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+
+	select {
+	case c.wire <- struct{}{}:
+		defer func() { <-c.wire }()
+	case <-ctx.Done():
+		// Nothing was sent: the connection is still good.
+		return nil, fmt.Errorf("qmp %s on %s: waiting for the command before it: %w", name, c.path, ctx.Err())
+	case <-c.done:
+		return nil, closed()
+	}
+
+	p := &call{id: strconv.FormatUint(c.nextID.Add(1), 10), reply: make(chan message, 1)}
+	msg, err := json.Marshal(struct {
+		Execute   string `json:"execute"`
+		Arguments any    `json:"arguments,omitempty"`
+		ID        string `json:"id"`
+	}{cmd, args, p.id})
+	if err != nil {
+		return nil, fmt.Errorf("qmp %s: encode arguments: %w", name, err)
+	}
+	msg = append(msg, '\n')
+
+	c.mu.Lock()
+	c.pending = p
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		if c.pending == p {
+			c.pending = nil
+		}
+		c.mu.Unlock()
+	}()
+
+	deadline, _ := ctx.Deadline()
+	if err := c.write(msg, file, deadline); err != nil {
+		// Part of the command may be on the wire.
+		c.fail(fmt.Errorf("send %s: %w", name, err))
+		return nil, closed()
+	}
+
+	var m message
+	select {
+	case m = <-p.reply:
+	case <-ctx.Done():
+		c.fail(fmt.Errorf("%s got no reply in time: %w", name, ctx.Err()))
+		return nil, fmt.Errorf("qmp %s on %s: no reply in time; connection closed, redial: %w", name, c.path, errors.Join(ErrClosed, ctx.Err()))
+	case <-c.done:
+		return nil, closed()
+	}
+	if m.Error != nil {
+		return nil, &Error{Cmd: name, Class: classOf(m.Error.Class, m.Error.Desc), Desc: m.Error.Desc}
+	}
+	if m.Return == nil {
+		return nil, fmt.Errorf("qmp %s on %s: malformed reply %.200q", name, c.path, m.raw)
+	}
+	return m.Return, nil
+}
+
+// write sends one command; with file, its fd rides along in SCM_RIGHTS.
+func (c *Client) write(msg []byte, file *os.File, deadline time.Time) error {
+	if err := c.conn.SetWriteDeadline(deadline); err != nil {
+		return err
+	}
+	if file == nil {
+		_, err := c.conn.Write(msg)
+		return err
+	}
+	raw, err := file.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var n int
+	var werr error
+	// Control keeps the fd open and valid while it is being sent.
+	if err := raw.Control(func(fd uintptr) {
+		n, _, werr = c.conn.WriteMsgUnix(msg, unix.UnixRights(int(fd)), nil)
+	}); err != nil {
+		return err
+	}
+	if werr != nil {
+		return werr
+	}
+	if n < len(msg) { // sendmsg may send less; the fd went with the first part
+		_, err = c.conn.Write(msg[n:])
+	}
+	return err
+}
+
+// runInto runs a command and decodes its return value into out.
+func (c *Client) runInto(ctx context.Context, cmd, what string, args any, out any) error {
+	ret, err := c.run(ctx, cmd, what, args, nil)
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(ret, out); err != nil {
+		name := cmd
+		if what != "" {
+			name += " " + what
+		}
+		return fmt.Errorf("qmp %s on %s: unexpected reply %.200q: %w", name, c.path, ret, err)
+	}
+	return nil
+}

@@ -1,0 +1,556 @@
+package qmp
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// QOM containers of user-created devices: with an id, and without one
+// (device[0], device[1], ...; Kata cold-plugs its NICs without ids).
+const (
+	peripheral     = "/machine/peripheral"
+	peripheralAnon = "/machine/peripheral-anon"
+)
+
+var (
+	// ErrRemovalPending is wrapped by RemoveNIC when the guest did not
+	// acknowledge the unplug within the wait. The device and its netdev
+	// stay; QEMU completes the removal (DEVICE_DELETED) whenever the guest
+	// acknowledges, or at the next guest reset. Call RemoveNIC again later.
+	ErrRemovalPending = errors.New("device removal pending: the guest has not acknowledged the unplug")
+
+	// ErrNetdevOrphaned is wrapped by AddNIC when the netdev id of the
+	// endpoint is held by a leftover of a failed netdev_add, which QEMU 7.2
+	// cannot delete ("is not a netdev"). The endpoint index cannot be used
+	// again in this VM until it restarts; pick another index.
+	ErrNetdevOrphaned = errors.New("netdev id held by a leftover of a failed netdev_add that QEMU cannot delete")
+)
+
+// NIC is a guest NIC to hot-plug for endpoint Index.
+type NIC struct {
+	Index    int
+	MAC      net.HardwareAddr
+	TapFDs   []*os.File // one per queue: fds of one tap (multiqueue when more than one)
+	VhostFDs []*os.File // empty, or one /dev/vhost-net fd per queue
+}
+
+// NICInfo is a virtio-net device as QEMU reports it.
+type NICInfo struct {
+	ID      string // qdev id; "" for devices created without one
+	Index   int    // endpoint index when Owned, else -1
+	Owned   bool   // ID was made by DeviceID
+	MAC     net.HardwareAddr
+	Netdev  string // backend id; "" when none
+	Bus     string // bus name: a port's or bridge's qdev id, pcie.0, pci.0
+	Addr    string // "slot.fn" in hex as QEMU spells addr=, e.g. "00.0", "1f.2"
+	QOMPath string // e.g. /machine/peripheral/tapsync-net3
+}
+
+// AddNIC hot-plugs a virtio-net-pci device backed by the given tap fds:
+//
+//	getfd (one per tap fd, then per vhost fd) → netdev_add type=tap fds=a:b → device_add virtio-net-pci
+//
+// AddNIC takes ownership of every file in nic, on success and on failure:
+// they are closed before it returns (QEMU holds its own copies).
+//
+// It is idempotent: when the device exists with the same MAC, its info is
+// returned unchanged; a netdev left without its device (a crash between
+// netdev_add and device_add) is deleted and made again. On failure whatever
+// this call added is removed again, and the error names both what failed
+// and what could not be rolled back.
+func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
+	defer closeFiles(nic.TapFDs, nic.VhostFDs)
+	id, netdev := DeviceID(nic.Index), NetdevID(nic.Index)
+	defer func() {
+		if err != nil {
+			err = fmt.Errorf("add %s to VM at %s: %w", id, c.path, err)
+		}
+	}()
+	if err := nic.validate(); err != nil {
+		return NICInfo{}, err
+	}
+
+	select {
+	case c.addSem <- struct{}{}:
+		defer func() { <-c.addSem }()
+	case <-ctx.Done():
+		return NICInfo{}, ctx.Err()
+	case <-c.done:
+		return NICInfo{}, c.Err()
+	}
+
+	// Made already, perhaps by a run that crashed before recording it?
+	qomPath := peripheral + "/" + id
+	var typ string
+	switch err := c.qomGet(ctx, qomPath, "type", &typ); {
+	case IsNotFound(err):
+	case err != nil:
+		return NICInfo{}, err
+	case isVirtioNet(typ):
+		info, err := c.nicInfo(ctx, qomPath, id)
+		if err != nil {
+			return NICInfo{}, err
+		}
+		if !bytes.Equal(info.MAC, nic.MAC) {
+			return NICInfo{}, fmt.Errorf("device exists with MAC %s, not %s: remove it first", info.MAC, nic.MAC)
+		}
+		return info, nil
+	}
+	// Any other device with our id makes device_add fail below.
+
+	netdevs, err := c.ListNetdevs(ctx)
+	if err != nil {
+		return NICInfo{}, err
+	}
+	if slices.Contains(netdevs, netdev) {
+		// Half-made: the netdev without its device.
+		if err := c.delNetdev(ctx, netdev); err != nil {
+			return NICInfo{}, err
+		}
+	}
+
+	place, err := c.choosePlace(ctx)
+	if errors.Is(err, ErrNoFreeSlot) {
+		return NICInfo{}, fmt.Errorf("%w in VM at %s: no empty PCIe root port, no free PCI bridge slot, no free slot on pc's pci.0 (q35's pcie.0 takes no hot-plug)", err, c.path)
+	}
+	if err != nil {
+		return NICInfo{}, err
+	}
+
+	// From here on, undo on failure.
+	var sent []string // fd names passed with getfd
+	netdevTried := false
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, c.rollbackAdd(ctx, netdev, netdevTried, sent))
+		}
+	}()
+
+	var fds, vhostFDs []string
+	for q, f := range nic.TapFDs {
+		name := fdName(nic.Index, q)
+		sent = append(sent, name)
+		if err := c.getFD(ctx, name, f); err != nil {
+			return NICInfo{}, err
+		}
+		fds = append(fds, name)
+	}
+	for q, f := range nic.VhostFDs {
+		name := vhostFDName(nic.Index, q)
+		sent = append(sent, name)
+		if err := c.getFD(ctx, name, f); err != nil {
+			return NICInfo{}, err
+		}
+		vhostFDs = append(vhostFDs, name)
+	}
+
+	// Equivalent to: netdev_add tap,id=tapsync-netdev3,fds=tapsync-fd3-0:tapsync-fd3-1[,vhost=on,vhostfds=...]
+	// QEMU consumes the named fds: they leave the monitor's fd table.
+	netdevArgs := map[string]any{"type": "tap", "id": netdev, "fds": strings.Join(fds, ":")}
+	if len(vhostFDs) > 0 {
+		netdevArgs["vhost"] = true
+		netdevArgs["vhostfds"] = strings.Join(vhostFDs, ":")
+	}
+	netdevTried = true
+	if _, err := c.run(ctx, "netdev_add", "id="+netdev, netdevArgs, nil); err != nil {
+		return NICInfo{}, err
+	}
+
+	// Equivalent to: device_add virtio-net-pci,id=tapsync-net3,netdev=tapsync-netdev3,mac=...,bus=rp1,romfile=[,mq=on,vectors=2q+2]
+	// romfile="": no option ROM is needed for a hot-plugged NIC, and the
+	// ROM file may not be installed.
+	queues := len(nic.TapFDs)
+	devArgs := map[string]any{
+		"driver":  "virtio-net-pci",
+		"id":      id,
+		"netdev":  netdev,
+		"mac":     nic.MAC.String(),
+		"bus":     place.bus,
+		"romfile": "",
+	}
+	if place.addr != "" {
+		devArgs["addr"] = place.addr
+	}
+	if queues > 1 {
+		// One MSI-X vector per rx and tx queue, one for config, one for control.
+		devArgs["mq"] = true
+		devArgs["vectors"] = 2*queues + 2
+	}
+	if _, err := c.run(ctx, "device_add", "id="+id, devArgs, nil); err != nil {
+		return NICInfo{}, err
+	}
+
+	return NICInfo{
+		ID:      id,
+		Index:   nic.Index,
+		Owned:   true,
+		MAC:     slices.Clone(nic.MAC),
+		Netdev:  netdev,
+		Bus:     place.bus,
+		Addr:    fmt.Sprintf("%02x.0", place.slot),
+		QOMPath: qomPath,
+	}, nil
+}
+
+func (nic NIC) validate() error {
+	switch {
+	case nic.Index < 0:
+		return fmt.Errorf("endpoint index %d is negative", nic.Index)
+	case len(nic.MAC) != 6:
+		return fmt.Errorf("MAC %q is not 6 bytes", nic.MAC.String())
+	case len(nic.TapFDs) == 0:
+		return errors.New("no tap fds")
+	case len(nic.VhostFDs) != 0 && len(nic.VhostFDs) != len(nic.TapFDs):
+		return fmt.Errorf("%d vhost fds for %d tap fds: want none or one per queue", len(nic.VhostFDs), len(nic.TapFDs))
+	}
+	for _, f := range append(slices.Clone(nic.TapFDs), nic.VhostFDs...) {
+		if f == nil {
+			return errors.New("nil file among the fds")
+		}
+	}
+	return checkTapFDs(nic.TapFDs)
+}
+
+// checkTapFDs makes sure the fds are queues of one tap (by name: taps of
+// the same name in two netns are not told apart) before QEMU sees them. QEMU 7.2 sets netdev queues up one by one and does not undo the
+// earlier ones when a later one fails: a bad fd past the first would leave a
+// netdev that cannot be deleted (see ErrNetdevOrphaned).
+func checkTapFDs(files []*os.File) error {
+	var first string
+	for q, f := range files {
+		name, flags, err := tunGetIff(f)
+		if err != nil {
+			return fmt.Errorf("tap fd %d (%s) is not a tap queue: %w", q, f.Name(), err)
+		}
+		switch {
+		case flags&unix.IFF_TAP == 0:
+			return fmt.Errorf("fd %d (%s) is a tun device %s, not a tap", q, f.Name(), name)
+		case q == 0:
+			first = name
+		case name != first:
+			return fmt.Errorf("tap fds belong to different devices: %s and %s", first, name)
+		case flags&unix.IFF_MULTI_QUEUE == 0:
+			return fmt.Errorf("%d fds for tap %s, which is not multiqueue", len(files), name)
+		}
+	}
+	return nil
+}
+
+// tunGetIff is the TUNGETIFF ioctl: the attached device's name and flags.
+func tunGetIff(f *os.File) (string, uint16, error) {
+	conn, err := f.SyscallConn()
+	if err != nil {
+		return "", 0, err
+	}
+	ifr, err := unix.NewIfreq("")
+	if err != nil {
+		return "", 0, err
+	}
+	var ioctlErr error
+	if err := conn.Control(func(fd uintptr) {
+		ioctlErr = unix.IoctlIfreq(int(fd), unix.TUNGETIFF, ifr)
+	}); err != nil {
+		return "", 0, err
+	}
+	if ioctlErr != nil {
+		return "", 0, fmt.Errorf("TUNGETIFF: %w", ioctlErr)
+	}
+	return ifr.Name(), ifr.Uint16(), nil
+}
+
+// Equivalent to: {"execute": "getfd", "arguments": {"fdname": name}} with f in SCM_RIGHTS.
+// A name already in the table is replaced (QEMU closes the old fd).
+func (c *Client) getFD(ctx context.Context, name string, f *os.File) error {
+	_, err := c.run(ctx, "getfd", "fdname="+name, map[string]any{"fdname": name}, f)
+	return err
+}
+
+// rollbackAdd undoes a failed AddNIC. It runs even when ctx is done (each
+// command still has the client's timeout).
+func (c *Client) rollbackAdd(ctx context.Context, netdev string, netdevTried bool, fdNames []string) error {
+	ctx = context.WithoutCancel(ctx)
+	var errs []error
+	if netdevTried {
+		// Also after a failed netdev_add: it may have set up some queues.
+		if err := c.delNetdev(ctx, netdev); err != nil {
+			errs = append(errs, fmt.Errorf("rollback: %w", err))
+		}
+	}
+	for _, name := range fdNames {
+		// Names consumed by netdev_add are gone already: not found is expected.
+		_, _ = c.run(ctx, "closefd", "fdname="+name, map[string]any{"fdname": name}, nil)
+	}
+	return errors.Join(errs...)
+}
+
+// delNetdev deletes a netdev; one that does not exist is success.
+//
+// Equivalent to: netdev_del tapsync-netdev3
+func (c *Client) delNetdev(ctx context.Context, id string) error {
+	_, err := c.run(ctx, "netdev_del", "id="+id, map[string]any{"id": id}, nil)
+	switch {
+	case err == nil, IsNotFound(err):
+		return nil
+	case isNotANetdev(err):
+		return fmt.Errorf("%w: %w", ErrNetdevOrphaned, err)
+	}
+	return err
+}
+
+// RemoveNIC unplugs the device of endpoint index and then deletes its
+// netdev. Unplugging needs the guest's acknowledgement (ACPI or PCIe
+// hot-plug): RemoveNIC waits up to wait for DEVICE_DELETED and otherwise
+// returns an error wrapping ErrRemovalPending, leaving the netdev in place
+// (the device still uses it). A device or netdev that does not exist is
+// success, so removing twice succeeds.
+func (c *Client) RemoveNIC(ctx context.Context, index int, wait time.Duration) error {
+	id := DeviceID(index)
+	if index < 0 {
+		return fmt.Errorf("remove %s: endpoint index is negative", id)
+	}
+	// Listen before device_del: QEMU emits DEVICE_DELETED before replying
+	// when the removal completes at once.
+	events, stop := c.waitEvent(func(e Event) bool {
+		return (e.Name == "DEVICE_DELETED" || e.Name == "DEVICE_UNPLUG_GUEST_ERROR") && e.Data["device"] == id
+	})
+	defer stop()
+
+	// Equivalent to: device_del tapsync-net3
+	_, err := c.run(ctx, "device_del", "id="+id, map[string]any{"id": id}, nil)
+	switch {
+	case IsNotFound(err):
+		// Gone already.
+	case err == nil, hasClass(err, ClassUnplugPending):
+		if err := c.awaitDeleted(ctx, id, events, wait); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("remove %s from VM at %s: %w", id, c.path, err)
+	}
+
+	if err := c.delNetdev(ctx, NetdevID(index)); err != nil && !errors.Is(err, ErrNetdevOrphaned) {
+		// An orphaned netdev holds no device: nothing more to remove.
+		return fmt.Errorf("remove %s from VM at %s: %w", id, c.path, err)
+	}
+	return nil
+}
+
+// awaitDeleted waits for DEVICE_DELETED of device id.
+func (c *Client) awaitDeleted(ctx context.Context, id string, events <-chan Event, wait time.Duration) error {
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	var e Event
+	select {
+	case e = <-events:
+	case <-timer.C:
+		select {
+		case e = <-events:
+		default:
+		}
+	case <-ctx.Done():
+		return fmt.Errorf("remove %s from VM at %s: waiting for DEVICE_DELETED: %w", id, c.path, ctx.Err())
+	case <-c.done:
+		return fmt.Errorf("remove %s: waiting for DEVICE_DELETED: %w", id, c.Err())
+	}
+	switch e.Name {
+	case "DEVICE_DELETED":
+		return nil
+	case "DEVICE_UNPLUG_GUEST_ERROR":
+		return fmt.Errorf("remove %s from VM at %s: the guest reported an error unplugging it (DEVICE_UNPLUG_GUEST_ERROR)", id, c.path)
+	}
+	// No event in time. The device may have gone without one reaching us
+	// (a DEVICE_DELETED sent to an earlier connection): ask.
+	var typ string
+	switch err := c.qomGet(ctx, peripheral+"/"+id, "type", &typ); {
+	case IsNotFound(err):
+		return nil
+	case err != nil:
+		return fmt.Errorf("remove %s from VM at %s: %w", id, c.path, err)
+	}
+	return fmt.Errorf("remove %s from VM at %s: no DEVICE_DELETED within %s: %w", id, c.path, wait, ErrRemovalPending)
+}
+
+// ListNICs lists the VM's virtio-net devices: ours (Owned) and any others,
+// such as those Kata cold-plugs at boot (without ids, under
+// /machine/peripheral-anon), so a caller can adopt them.
+//
+// Equivalent to: qom-list /machine/peripheral and /machine/peripheral-anon,
+// then qom-get mac, netdev, parent_bus and addr of each child<virtio-net-pci>.
+func (c *Client) ListNICs(ctx context.Context) ([]NICInfo, error) {
+	var nics []NICInfo
+	for _, dir := range []string{peripheral, peripheralAnon} {
+		entries, err := c.qomList(ctx, dir)
+		if err != nil {
+			return nil, fmt.Errorf("list NICs of VM at %s: %w", c.path, err)
+		}
+		for _, e := range entries {
+			if !isVirtioNet(e.childType()) {
+				continue
+			}
+			id := ""
+			if dir == peripheral {
+				id = e.Name
+			}
+			info, err := c.nicInfo(ctx, dir+"/"+e.Name, id)
+			if IsNotFound(err) {
+				continue // unplugged since qom-list
+			}
+			if err != nil {
+				return nil, fmt.Errorf("list NICs of VM at %s: %w", c.path, err)
+			}
+			nics = append(nics, info)
+		}
+	}
+	sort.Slice(nics, func(i, j int) bool {
+		a, b := nics[i], nics[j]
+		if a.Owned != b.Owned {
+			return a.Owned
+		}
+		if a.Owned {
+			return a.Index < b.Index
+		}
+		return a.QOMPath < b.QOMPath
+	})
+	return nics, nil
+}
+
+// isVirtioNet matches virtio-net-pci and its -transitional and
+// -non-transitional variants.
+func isVirtioNet(typ string) bool {
+	return typ == "virtio-net-pci" || strings.HasPrefix(typ, "virtio-net-pci-")
+}
+
+// nicInfo reads one virtio-net device's properties through QOM. parent_bus
+// names the bus even for devices without an id, which query-pci cannot tell
+// apart.
+func (c *Client) nicInfo(ctx context.Context, qomPath, id string) (NICInfo, error) {
+	info := NICInfo{ID: id, Index: -1, QOMPath: qomPath}
+	if n, ok := ParseDeviceID(id); ok {
+		info.Index, info.Owned = n, true
+	}
+	var mac, bus string
+	var devfn int
+	for _, p := range []struct {
+		prop string
+		out  any
+	}{
+		{"mac", &mac},            // "02:00:00:00:00:01"
+		{"netdev", &info.Netdev}, // "tapsync-netdev3", "" when none
+		{"parent_bus", &bus},     // "/machine/peripheral/rp1/rp1", "/machine/i440fx/pci.0"
+		{"addr", &devfn},         // devfn: slot<<3 | function
+	} {
+		if err := c.qomGet(ctx, qomPath, p.prop, p.out); err != nil {
+			return NICInfo{}, err
+		}
+	}
+	hw, err := net.ParseMAC(mac)
+	if err != nil {
+		return NICInfo{}, fmt.Errorf("qom-get %s mac: %w", qomPath, err)
+	}
+	info.MAC = hw
+	if bus != "" {
+		info.Bus = path.Base(bus)
+	}
+	if devfn >= 0 {
+		info.Addr = fmt.Sprintf("%02x.%x", devfn>>3, devfn&7)
+	}
+	return info, nil
+}
+
+// ListNetdevs returns the ids of all netdevs in QEMU, ours and others, in
+// the order QEMU lists them. QEMU 7.2 has no query-netdev, so this parses
+// the output of the HMP command "info network" (through
+// human-monitor-command); see parseInfoNetwork for its shape.
+func (c *Client) ListNetdevs(ctx context.Context) ([]string, error) {
+	var out string
+	if err := c.runInto(ctx, "human-monitor-command", "command-line=info network",
+		map[string]any{"command-line": "info network"}, &out); err != nil {
+		return nil, fmt.Errorf("list netdevs of VM at %s: %w", c.path, err)
+	}
+	return parseInfoNetwork(out), nil
+}
+
+// parseInfoNetwork extracts netdev ids from HMP "info network". QEMU 7.2
+// prints hubs first, then every NIC with its backend indented below it, then
+// backends without a NIC; a multiqueue client appears once per queue. Lines
+// end in \r\n:
+//
+//	hub 1
+//	 \ hp1: kata0: index=0,type=nic,model=virtio-net-pci,macaddr=02:00:00:00:00:03
+//	hub 0
+//	 \ hp0
+//	tapsync-net1: index=0,type=nic,model=virtio-net-pci,macaddr=02:00:00:00:00:01
+//	 \ tapsync-netdev1: index=0,type=tap,fd=13
+//	tapsync-net1: index=1,type=nic,
+//	 \ tapsync-netdev1: index=1,type=tap,fd=14
+//	virtio-net-pci.2: index=0,type=nic,model=virtio-net-pci,macaddr=02:00:00:00:00:02
+//	tapsync-netdev3: index=0,type=tap,fd=15
+//
+// A client is "<name>: index=<q>,type=<type>,<info>"; netdevs are the
+// clients whose type is not nic, plus the hub ports (hp0, hp1) named after
+// " \ " under a "hub N" line.
+func parseInfoNetwork(out string) []string {
+	var ids []string
+	seen := map[string]bool{}
+	add := func(id string) {
+		if id != "" && !seen[id] {
+			seen[id] = true
+			ids = append(ids, id)
+		}
+	}
+	inHub := false
+	for _, line := range strings.Split(out, "\n") {
+		line = strings.TrimRight(line, "\r")
+		if strings.HasPrefix(line, "hub ") {
+			inHub = true
+			continue
+		}
+		rest, indented := strings.CutPrefix(line, " \\ ")
+		if !indented {
+			inHub = false
+		} else if inHub {
+			port, peer, _ := strings.Cut(rest, ": ")
+			add(port)
+			rest = peer
+		}
+		if name, typ, ok := parseNetClient(rest); ok && typ != "nic" {
+			add(name)
+		}
+	}
+	return ids
+}
+
+// parseNetClient splits "<name>: index=<q>,type=<type>,<info>".
+func parseNetClient(s string) (name, typ string, ok bool) {
+	name, rest, found := strings.Cut(s, ": ")
+	if !found || name == "" || strings.ContainsAny(name, " :") || !strings.HasPrefix(rest, "index=") {
+		return "", "", false
+	}
+	for _, field := range strings.Split(rest, ",") {
+		if t, isType := strings.CutPrefix(field, "type="); isType {
+			return name, t, true
+		}
+	}
+	return "", "", false
+}
+
+func closeFiles(lists ...[]*os.File) {
+	for _, files := range lists {
+		for _, f := range files {
+			if f != nil {
+				_ = f.Close()
+			}
+		}
+	}
+}

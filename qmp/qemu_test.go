@@ -1,0 +1,565 @@
+package qmp
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// These tests run a real QEMU with no guest OS (SeaBIOS idles). Those that
+// hand it tap fds need root (taps in a throwaway netns) and /dev/net/tun;
+// all need qemu-system-x86_64. Otherwise they skip.
+
+func requireQEMU(t *testing.T) {
+	t.Helper()
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("skipping: qemu-system-x86_64 not installed")
+	}
+}
+
+func requireTaps(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("skipping: needs root to create taps in a throwaway netns and hand their fds to QEMU")
+	}
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		t.Skip("skipping: no /dev/net/tun")
+	}
+}
+
+// testVM is a QEMU process with two QMP sockets: qmp for the Client under
+// test, test for the test's own meddling.
+type testVM struct {
+	qmp, test string
+	stderr    string // file with QEMU's stderr
+	cmd       *exec.Cmd
+}
+
+// startVM starts qemu-system-x86_64 with rootPorts pcie-root-ports (q35
+// only) and extra arguments, and kills it when the test ends.
+func startVM(t *testing.T, machine string, rootPorts int, extra ...string) *testVM {
+	t.Helper()
+	requireQEMU(t)
+	dir, err := os.MkdirTemp("", "qmpvm") // short: socket paths are limited to 108 bytes
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	vm := &testVM{
+		qmp:    filepath.Join(dir, "qmp.sock"),
+		test:   filepath.Join(dir, "test.sock"),
+		stderr: filepath.Join(dir, "stderr"),
+	}
+	args := []string{
+		"-machine", machine, "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "128",
+		"-qmp", "unix:" + vm.qmp + ",server=on,wait=off",
+		"-qmp", "unix:" + vm.test + ",server=on,wait=off",
+	}
+	for n := 1; n <= rootPorts; n++ {
+		args = append(args, "-device", fmt.Sprintf("pcie-root-port,id=rp%d,chassis=%d,bus=pcie.0,addr=%#x", n, n, n+1))
+	}
+	args = append(args, extra...)
+	errFile, err := os.Create(vm.stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer errFile.Close()
+	vm.cmd = exec.Command("qemu-system-x86_64", args...)
+	vm.cmd.Stdout, vm.cmd.Stderr = errFile, errFile
+	vm.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // no orphan QEMU if the test binary dies
+	if err := vm.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = vm.cmd.Process.Kill()
+		_ = vm.cmd.Wait()
+		if t.Failed() {
+			b, _ := os.ReadFile(vm.stderr)
+			t.Logf("QEMU stderr:\n%s", b)
+		}
+	})
+	eventually(t, 10*time.Second, func() error {
+		for _, p := range []string{vm.qmp, vm.test} {
+			if _, err := os.Stat(p); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return vm
+}
+
+// eventually polls f until it returns nil, failing with its last error
+// after d.
+func eventually(t *testing.T, d time.Duration, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		err := f()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not within %s: %v", d, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+var (
+	netnsMu sync.Mutex // one thread at a time leaves the root netns, to keep failures simple to read
+	tapSeq  int        // guarded by netnsMu; names differ so that mixed-up fds can be told apart
+)
+
+// openTap creates a tap tq<N> in a new network namespace and returns
+// one fd per queue (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, plus IFF_MULTI_QUEUE
+// when queues > 1). The netns lives until the test ends (an fd on it is
+// held); closing the fds and the netns removes everything.
+func openTap(t *testing.T, queues int) []*os.File {
+	t.Helper()
+	requireTaps(t)
+	netnsMu.Lock()
+	defer netnsMu.Unlock()
+	type result struct {
+		files []*os.File
+		ns    *os.File
+		err   error
+	}
+	tapSeq++
+	name := fmt.Sprintf("tq%d", tapSeq)
+	res := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		// The thread goes back to the root netns before it is unlocked;
+		// if that fails it stays locked and dies with this goroutine.
+		var r result
+		defer func() { res <- r }()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			r.err = err
+			runtime.UnlockOSThread()
+			return
+		}
+		defer orig.Close()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			r.err = fmt.Errorf("unshare netns: %w", err)
+			runtime.UnlockOSThread()
+			return
+		}
+		r.ns, r.err = os.Open("/proc/thread-self/ns/net")
+		if r.err == nil {
+			r.files, r.err = openTapHere(name, queues)
+		}
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+			r.err = errors.Join(r.err, fmt.Errorf("back to the root netns: %w", err))
+			return
+		}
+		runtime.UnlockOSThread()
+	}()
+	r := <-res
+	t.Cleanup(func() {
+		closeFiles(r.files) // those AddNIC took are closed already
+		if r.ns != nil {
+			r.ns.Close()
+		}
+	})
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	return r.files
+}
+
+// openTapHere opens queues fds of tap name in the calling thread's netns.
+//
+// Equivalent to: ip tuntap add dev tq1 mode tap vnet_hdr multi_queue (but not persistent).
+func openTapHere(name string, queues int) ([]*os.File, error) {
+	flags := uint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
+	if queues > 1 {
+		flags |= unix.IFF_MULTI_QUEUE
+	}
+	var files []*os.File
+	for q := range queues {
+		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err != nil {
+			closeFiles(files)
+			return nil, err
+		}
+		ifr, err := unix.NewIfreq(name)
+		if err == nil {
+			ifr.SetUint16(flags)
+			err = unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr)
+		}
+		if err != nil {
+			unix.Close(fd)
+			closeFiles(files)
+			return nil, fmt.Errorf("TUNSETIFF %s queue %d: %w", name, q, err)
+		}
+		files = append(files, os.NewFile(uintptr(fd), fmt.Sprintf("%s-q%d", name, q)))
+	}
+	return files, nil
+}
+
+func mustMAC(t *testing.T, s string) net.HardwareAddr {
+	t.Helper()
+	mac, err := net.ParseMAC(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mac
+}
+
+func checkClosed(t *testing.T, files []*os.File) {
+	t.Helper()
+	for _, f := range files {
+		if err := f.Close(); !errors.Is(err, os.ErrClosed) {
+			t.Errorf("%s still open after AddNIC (Close: %v)", f.Name(), err)
+		}
+	}
+}
+
+func findNIC(nics []NICInfo, id string) (NICInfo, bool) {
+	for _, n := range nics {
+		if n.ID == id {
+			return n, true
+		}
+	}
+	return NICInfo{}, false
+}
+
+func sameInfo(a, b NICInfo) bool {
+	return a.ID == b.ID && a.Index == b.Index && a.Owned == b.Owned && bytes.Equal(a.MAC, b.MAC) &&
+		a.Netdev == b.Netdev && a.Bus == b.Bus && a.Addr == b.Addr && a.QOMPath == b.QOMPath
+}
+
+func TestQEMUAddListRemove(t *testing.T) {
+	requireTaps(t)
+	t.Parallel()
+	vm := startVM(t, "q35", 4)
+	c := dialT(t, vm.qmp, Options{})
+	ctx := context.Background()
+	mac := mustMAC(t, "02:00:00:00:00:01")
+
+	taps := openTap(t, 1)
+	info, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mac, TapFDs: taps})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkClosed(t, taps)
+	want := NICInfo{ID: "tapsync-net1", Index: 1, Owned: true, MAC: mac, Netdev: "tapsync-netdev1",
+		Bus: "rp1", Addr: "00.0", QOMPath: "/machine/peripheral/tapsync-net1"}
+	if !sameInfo(info, want) {
+		t.Errorf("AddNIC = %+v\nwant      %+v", info, want)
+	}
+	nics, err := c.ListNICs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(nics) != 1 || !sameInfo(nics[0], want) {
+		t.Errorf("ListNICs = %+v\nwant      [%+v]", nics, want)
+	}
+	netdevs, err := c.ListNetdevs(ctx)
+	if err != nil || !slices.Equal(netdevs, []string{"tapsync-netdev1"}) {
+		t.Errorf("ListNetdevs = %q, %v", netdevs, err)
+	}
+
+	// Again: a no-op that still takes (closes) the new fds.
+	taps2 := openTap(t, 1)
+	again, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mac, TapFDs: taps2})
+	if err != nil || !sameInfo(again, want) {
+		t.Errorf("second AddNIC = %+v, %v", again, err)
+	}
+	checkClosed(t, taps2)
+	if nics, _ := c.ListNICs(ctx); len(nics) != 1 {
+		t.Errorf("after second AddNIC: %d NICs", len(nics))
+	}
+	// Same index, other MAC: refused, nothing changed.
+	if _, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mustMAC(t, "02:00:00:00:00:99"), TapFDs: openTap(t, 1)}); err == nil {
+		t.Error("AddNIC with another MAC for an existing index succeeded")
+	}
+
+	// No guest OS acknowledges the ACPI unplug: pending, not hanging.
+	for i, wait := range []time.Duration{2 * time.Second, time.Second} {
+		start := time.Now()
+		err := c.RemoveNIC(ctx, 1, wait)
+		d := time.Since(start)
+		if !errors.Is(err, ErrRemovalPending) {
+			t.Fatalf("RemoveNIC #%d: %v, want ErrRemovalPending", i+1, err)
+		}
+		if d < wait || d > wait+3*time.Second {
+			t.Errorf("RemoveNIC #%d with wait %s returned after %s", i+1, wait, d)
+		}
+		t.Logf("RemoveNIC #%d: %v (after %s)", i+1, err, d.Round(time.Millisecond))
+	}
+	nics, _ = c.ListNICs(ctx)
+	netdevs, _ = c.ListNetdevs(ctx)
+	if _, ok := findNIC(nics, "tapsync-net1"); !ok || !slices.Contains(netdevs, "tapsync-netdev1") {
+		t.Errorf("pending removal changed things: NICs %+v, netdevs %q", nics, netdevs)
+	}
+
+	// Never added: nothing to do.
+	start := time.Now()
+	if err := c.RemoveNIC(ctx, 7, 2*time.Second); err != nil {
+		t.Errorf("RemoveNIC of a never-added index: %v", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("RemoveNIC of a never-added index took %s", d)
+	}
+}
+
+func TestQEMUMultiQueue(t *testing.T) {
+	requireTaps(t)
+	t.Parallel()
+	vm := startVM(t, "q35", 4)
+	c := dialT(t, vm.qmp, Options{})
+	ctx := context.Background()
+
+	info, err := c.AddNIC(ctx, NIC{Index: 2, MAC: mustMAC(t, "02:00:00:00:00:02"), TapFDs: openTap(t, 2)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mq bool
+	var vectors int
+	if err := c.qomGet(ctx, info.QOMPath, "mq", &mq); err != nil || !mq {
+		t.Errorf("mq = %v, %v", mq, err)
+	}
+	if err := c.qomGet(ctx, info.QOMPath, "vectors", &vectors); err != nil || vectors != 6 {
+		t.Errorf("vectors = %d, %v; want 6", vectors, err)
+	}
+	var out string
+	if err := c.runInto(ctx, "human-monitor-command", "", map[string]any{"command-line": "info network"}, &out); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, "tapsync-netdev2: index=1,type=tap") {
+		t.Errorf("no second queue in info network:\n%s", out)
+	}
+	if netdevs, err := c.ListNetdevs(ctx); err != nil || !slices.Equal(netdevs, []string{"tapsync-netdev2"}) {
+		t.Errorf("ListNetdevs = %q, %v", netdevs, err)
+	}
+
+	// Tap fds of two different taps are refused before QEMU sees them.
+	mixed := []*os.File{openTap(t, 2)[0], openTap(t, 2)[0]}
+	if _, err := c.AddNIC(ctx, NIC{Index: 3, MAC: mustMAC(t, "02:00:00:00:00:03"), TapFDs: mixed}); err == nil {
+		t.Error("AddNIC accepted fds of two taps")
+	} else {
+		t.Log(err)
+	}
+	checkClosed(t, mixed)
+}
+
+func TestQEMUFailedDeviceAddRollsBack(t *testing.T) {
+	requireTaps(t)
+	t.Parallel()
+	vm := startVM(t, "q35", 4)
+	c := dialT(t, vm.qmp, Options{})
+	ctx := context.Background()
+
+	// Someone else takes our device id, with a device that is not a NIC.
+	other := dialT(t, vm.test, Options{})
+	if _, err := other.run(ctx, "device_add", "", map[string]any{"driver": "virtio-rng-pci", "id": "tapsync-net5", "bus": "rp4"}, nil); err != nil {
+		t.Fatal(err)
+	}
+
+	taps := openTap(t, 2)
+	_, err := c.AddNIC(ctx, NIC{Index: 5, MAC: mustMAC(t, "02:00:00:00:00:05"), TapFDs: taps})
+	var qerr *Error
+	if !errors.As(err, &qerr) || qerr.Class != ClassDuplicateID || !strings.HasPrefix(qerr.Cmd, "device_add") {
+		t.Fatalf("AddNIC = %v, want device_add failing with DuplicateID", err)
+	}
+	t.Log(err)
+	checkClosed(t, taps)
+	netdevs, err := c.ListNetdevs(ctx)
+	if err != nil || slices.Contains(netdevs, "tapsync-netdev5") {
+		t.Errorf("netdev left behind: ListNetdevs = %q, %v", netdevs, err)
+	}
+	for q := range 2 {
+		_, err := c.run(ctx, "closefd", "", map[string]any{"fdname": fdName(5, q)}, nil)
+		if err == nil {
+			t.Errorf("fd name %s still in QEMU's table", fdName(5, q))
+		}
+	}
+	if nics, err := c.ListNICs(ctx); err != nil || len(nics) != 0 {
+		t.Errorf("ListNICs = %+v, %v; want none", nics, err)
+	}
+}
+
+func TestQEMUUnplugAcknowledged(t *testing.T) {
+	requireTaps(t)
+	t.Parallel()
+	// With native PCIe hot-plug (ACPI hot-plug off) and no guest OS to
+	// power the slot on, QEMU completes an unplug at once and sends
+	// DEVICE_DELETED: the success path with real QEMU.
+	vm := startVM(t, "q35", 2, "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off")
+	events := make(chan Event, 100)
+	c := dialT(t, vm.qmp, Options{OnEvent: func(e Event) {
+		select {
+		case events <- e:
+		default:
+		}
+	}})
+	ctx := context.Background()
+	mac := mustMAC(t, "02:00:00:00:00:02")
+
+	for round := 1; round <= 2; round++ { // the id is free for reuse after DEVICE_DELETED
+		if _, err := c.AddNIC(ctx, NIC{Index: 2, MAC: mac, TapFDs: openTap(t, 2)}); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		start := time.Now()
+		if err := c.RemoveNIC(ctx, 2, 10*time.Second); err != nil {
+			t.Fatalf("round %d: RemoveNIC: %v", round, err)
+		}
+		t.Logf("round %d: removal acknowledged after %s", round, time.Since(start).Round(time.Millisecond))
+		nics, err := c.ListNICs(ctx)
+		if err != nil || len(nics) != 0 {
+			t.Errorf("round %d: ListNICs = %+v, %v; want none", round, nics, err)
+		}
+		netdevs, err := c.ListNetdevs(ctx)
+		if err != nil || len(netdevs) != 0 {
+			t.Errorf("round %d: ListNetdevs = %q, %v; want none", round, netdevs, err)
+		}
+		if err := c.RemoveNIC(ctx, 2, time.Second); err != nil {
+			t.Errorf("round %d: second RemoveNIC: %v", round, err)
+		}
+	}
+	seen := false
+	for len(events) > 0 {
+		if e := <-events; e.Name == "DEVICE_DELETED" && e.Data["device"] == "tapsync-net2" {
+			seen = true
+		}
+	}
+	if !seen {
+		t.Error("OnEvent never saw DEVICE_DELETED for tapsync-net2")
+	}
+}
+
+func TestQEMUDialBusy(t *testing.T) {
+	t.Parallel()
+	vm := startVM(t, "q35", 0)
+
+	// Another client holds the monitor.
+	holder, err := net.Dial("unix", vm.qmp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Close()
+	if _, err := bufio.NewReader(holder).ReadString('\n'); err != nil {
+		t.Fatalf("holder got no greeting: %v", err)
+	}
+
+	start := time.Now()
+	_, err = Dial(context.Background(), vm.qmp, Options{Timeout: time.Second})
+	d := time.Since(start)
+	if !errors.Is(err, ErrNoGreeting) || !strings.Contains(err.Error(), "another client probably holds the monitor") {
+		t.Fatalf("Dial = %v, want ErrNoGreeting", err)
+	}
+	if d > 3*time.Second {
+		t.Errorf("Dial with a 1s timeout took %s", d)
+	}
+	t.Logf("after %s: %v", d.Round(time.Millisecond), err)
+
+	// Once the holder lets go, the monitor serves us.
+	holder.Close()
+	eventually(t, 10*time.Second, func() error {
+		c, err := Dial(context.Background(), vm.qmp, Options{Timeout: time.Second})
+		if err == nil {
+			c.Close()
+		}
+		return err
+	})
+}
+
+func TestQEMUNoFreeSlot(t *testing.T) {
+	requireTaps(t)
+	t.Parallel()
+	vm := startVM(t, "q35", 0)
+	c := dialT(t, vm.qmp, Options{})
+	ctx := context.Background()
+	taps := openTap(t, 1)
+	_, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mustMAC(t, "02:00:00:00:00:01"), TapFDs: taps})
+	if !errors.Is(err, ErrNoFreeSlot) || !strings.Contains(err.Error(), vm.qmp) {
+		t.Fatalf("AddNIC = %v, want ErrNoFreeSlot naming %s", err, vm.qmp)
+	}
+	t.Log(err)
+	checkClosed(t, taps)
+	if netdevs, err := c.ListNetdevs(ctx); err != nil || len(netdevs) != 0 {
+		t.Errorf("ListNetdevs = %q, %v; want none", netdevs, err)
+	}
+}
+
+func TestQEMUPCMachine(t *testing.T) {
+	requireTaps(t)
+	t.Parallel()
+	vm := startVM(t, "pc", 0)
+	c := dialT(t, vm.qmp, Options{})
+	ctx := context.Background()
+	info, err := c.AddNIC(ctx, NIC{Index: 4, MAC: mustMAC(t, "02:00:00:00:00:04"), TapFDs: openTap(t, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Slot 0 is the host bridge, slot 1 PIIX3.
+	if info.Bus != "pci.0" || info.Addr != "02.0" {
+		t.Errorf("AddNIC placed the NIC at %s %s, want pci.0 02.0", info.Bus, info.Addr)
+	}
+	nics, err := c.ListNICs(ctx)
+	if err != nil || len(nics) != 1 || !sameInfo(nics[0], info) {
+		t.Errorf("ListNICs = %+v, %v\nwant [%+v]", nics, err, info)
+	}
+}
+
+func TestQEMUListsForeignNICs(t *testing.T) {
+	t.Parallel()
+	// As Kata cold-plugs them: no id, and one with an id not ours.
+	vm := startVM(t, "q35", 1,
+		"-netdev", "hubport,id=hp0,hubid=0",
+		"-device", "virtio-net-pci,netdev=hp0,mac=02:00:00:00:00:a0,romfile=,bus=rp1",
+		"-device", "virtio-net-pci,id=kata1,mac=02:00:00:00:00:a1,romfile=,bus=pcie.0,addr=0x7",
+	)
+	c := dialT(t, vm.qmp, Options{})
+	nics, err := c.ListNICs(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []NICInfo{
+		{ID: "", Index: -1, MAC: mustMAC(t, "02:00:00:00:00:a0"), Netdev: "hp0", Bus: "rp1", Addr: "00.0", QOMPath: "/machine/peripheral-anon/device[0]"},
+		{ID: "kata1", Index: -1, MAC: mustMAC(t, "02:00:00:00:00:a1"), Bus: "pcie.0", Addr: "07.0", QOMPath: "/machine/peripheral/kata1"},
+	}
+	if len(nics) != len(want) {
+		t.Fatalf("ListNICs = %+v\nwant      %+v", nics, want)
+	}
+	for i := range want {
+		if !sameInfo(nics[i], want[i]) {
+			t.Errorf("ListNICs[%d] = %+v\nwant        %+v", i, nics[i], want[i])
+		}
+	}
+	if netdevs, err := c.ListNetdevs(context.Background()); err != nil || !slices.Equal(netdevs, []string{"hp0"}) {
+		t.Errorf("ListNetdevs = %q, %v", netdevs, err)
+	}
+}
+
+func TestQEMUExit(t *testing.T) {
+	t.Parallel()
+	vm := startVM(t, "q35", 0)
+	c := dialT(t, vm.qmp, Options{})
+	if err := vm.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	waitClosed(t, c.Done(), 5*time.Second, "Done() after QEMU died")
+	if _, err := c.ListNICs(context.Background()); !errors.Is(err, ErrClosed) {
+		t.Errorf("ListNICs = %v, want ErrClosed", err)
+	}
+	t.Log(c.Err())
+}

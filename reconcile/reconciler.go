@@ -1,0 +1,358 @@
+package reconcile
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/state"
+)
+
+// Defaults for a sandbox's options.
+const (
+	DefaultQMPTimeout    = 5 * time.Second
+	DefaultUnplugTimeout = 10 * time.Second
+)
+
+// Sandbox is one VM-backed pod as tapsync knows it.
+type Sandbox struct {
+	ID            string
+	Netns         string // path of the sandbox network namespace
+	QMP           string // path of the VM's QMP unix socket
+	Queues        int    // queues per endpoint; 0 means 1
+	Vhost         datapath.Vhost
+	QMPTimeout    time.Duration // per QMP command
+	UnplugTimeout time.Duration // how long to wait for the guest to acknowledge an unplug
+}
+
+func (s Sandbox) withDefaults() Sandbox {
+	if s.QMPTimeout <= 0 {
+		s.QMPTimeout = DefaultQMPTimeout
+	}
+	if s.UnplugTimeout <= 0 {
+		s.UnplugTimeout = DefaultUnplugTimeout
+	}
+	if s.Vhost == "" {
+		s.Vhost = datapath.VhostAuto
+	}
+	s.Queues = max(s.Queues, 1)
+	return s
+}
+
+// Status is the last known outcome for one sandbox.
+type Status struct {
+	Sandbox       Sandbox
+	LastReconcile time.Time
+	LastError     string
+	Mutations     int // in the last pass
+	Pending       []int
+	Endpoints     []state.Endpoint
+	Skipped       []Skipped
+}
+
+// Reconciler makes sandboxes' VMs mirror their netns. It holds the
+// registry of sandboxes and one QMP connection per sandbox, kept open so
+// that events (DEVICE_DELETED) are seen as they happen.
+type Reconciler struct {
+	store *state.Store
+	// OnEvent, when set before the first reconcile, receives every QMP
+	// event of every sandbox. It runs on the connection's reader and must
+	// not block (poke a queue).
+	OnEvent func(sandbox string, e qmp.Event)
+
+	mu        sync.Mutex
+	sandboxes map[string]Sandbox
+	conns     map[string]*qmp.Client
+	status    map[string]Status
+}
+
+// New returns a Reconciler recording into store.
+func New(store *state.Store) *Reconciler {
+	return &Reconciler{store: store, sandboxes: map[string]Sandbox{}, conns: map[string]*qmp.Client{}, status: map[string]Status{}}
+}
+
+// Set registers or updates a sandbox.
+func (r *Reconciler) Set(sb Sandbox) error {
+	if err := state.ValidID(sb.ID); err != nil {
+		return err
+	}
+	if sb.Netns == "" || sb.QMP == "" {
+		return fmt.Errorf("sandbox %s: netns and QMP socket paths are required", sb.ID)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if old, ok := r.sandboxes[sb.ID]; ok && old.QMP != sb.QMP {
+		r.closeConnLocked(sb.ID)
+	}
+	r.sandboxes[sb.ID] = sb.withDefaults()
+	return nil
+}
+
+// Sandboxes lists the registered sandbox ids.
+func (r *Reconciler) Sandboxes() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ids := make([]string, 0, len(r.sandboxes))
+	for id := range r.sandboxes {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// Forget unregisters a sandbox whose VM and netns are gone: its
+// connection is closed and its record deleted. Nothing on the host or in
+// QEMU is touched (the runtime tears those down with the pod).
+func (r *Reconciler) Forget(id string) error {
+	r.mu.Lock()
+	r.closeConnLocked(id)
+	delete(r.sandboxes, id)
+	delete(r.status, id)
+	r.mu.Unlock()
+	return r.store.Delete(id)
+}
+
+// Close closes every QMP connection. Endpoints stay as they are: VMs keep
+// their network while tapsync is down.
+func (r *Reconciler) Close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for id := range r.conns {
+		r.closeConnLocked(id)
+	}
+}
+
+// closeConnLocked drops sandbox id's connection; r.mu must be held.
+func (r *Reconciler) closeConnLocked(id string) {
+	if c := r.conns[id]; c != nil {
+		c.Close()
+		delete(r.conns, id)
+	}
+}
+
+// Status returns the last outcome of every sandbox.
+func (r *Reconciler) Status() []Status {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]Status, 0, len(r.sandboxes))
+	for id, sb := range r.sandboxes {
+		s := r.status[id]
+		s.Sandbox = sb
+		out = append(out, s)
+	}
+	slices.SortFunc(out, func(a, b Status) int { return cmpString(a.Sandbox.ID, b.Sandbox.ID) })
+	return out
+}
+
+func cmpString(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// ErrUnknownSandbox is returned for a sandbox id that is not registered.
+var ErrUnknownSandbox = errors.New("unknown sandbox")
+
+func (r *Reconciler) sandbox(id string) (Sandbox, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	sb, ok := r.sandboxes[id]
+	if !ok {
+		return Sandbox{}, fmt.Errorf("sandbox %s: %w", id, ErrUnknownSandbox)
+	}
+	return sb, nil
+}
+
+// client returns the sandbox's live QMP connection, dialling a new one
+// when there is none or the last one died.
+func (r *Reconciler) client(ctx context.Context, sb Sandbox) (*qmp.Client, error) {
+	r.mu.Lock()
+	c := r.conns[sb.ID]
+	r.mu.Unlock()
+	if c != nil {
+		select {
+		case <-c.Done():
+		default:
+			return c, nil
+		}
+	}
+	opts := qmp.Options{Timeout: sb.QMPTimeout}
+	if on := r.OnEvent; on != nil {
+		id := sb.ID
+		opts.OnEvent = func(e qmp.Event) { on(id, e) }
+	}
+	c, err := qmp.Dial(ctx, sb.QMP, opts)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox %s: %w", sb.ID, err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if old := r.conns[sb.ID]; old != nil {
+		old.Close()
+	}
+	r.conns[sb.ID] = c
+	return c, nil
+}
+
+// session is one sandbox opened for a pass: its netns, VM and record.
+type session struct {
+	sb   Sandbox
+	host *datapath.Netns
+	vm   qmpVM
+	rec  state.Record
+	obs  Observed
+}
+
+func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
+	sb, err := r.sandbox(id)
+	if err != nil {
+		return nil, err
+	}
+	host, err := datapath.Open(sb.Netns)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox %s: %w", id, err)
+	}
+	s := &session{sb: sb, host: host}
+	c, err := r.client(ctx, sb)
+	if err != nil {
+		host.Close()
+		return nil, err
+	}
+	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout}
+	if s.rec, err = r.store.Load(ctx, id); err != nil {
+		host.Close()
+		return nil, err
+	}
+	s.rec.Netns = sb.Netns
+	if err := s.observe(ctx); err != nil {
+		host.Close()
+		return nil, fmt.Errorf("sandbox %s: observe: %w", id, err)
+	}
+	return s, nil
+}
+
+func (s *session) observe(ctx context.Context) error {
+	hs, err := s.host.Observe()
+	if err != nil {
+		return err
+	}
+	nics, netdevs, err := s.vm.NICs(ctx)
+	if err != nil {
+		return err
+	}
+	s.obs = Observed{Links: hs.Links, Taps: hs.Taps, Redirects: hs.Redirects, NICs: nics, Netdevs: netdevs}
+	return nil
+}
+
+// Plan computes what a reconcile of sandbox id would do now, changing
+// nothing.
+func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
+	s, err := r.open(ctx, id)
+	if err != nil {
+		return Plan{}, err
+	}
+	defer s.host.Close()
+	return Compute(s.obs, s.rec, Options{Queues: s.sb.Queues}), nil
+}
+
+// Reconcile runs one observe → plan → apply → record pass over sandbox
+// id. It is the queue's work function.
+func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
+	log := zerolog.Ctx(ctx).With().Str("sandbox", id).Logger()
+	ctx = log.WithContext(ctx)
+	var st Status
+	defer func() {
+		st.LastReconcile = time.Now()
+		if err != nil {
+			st.LastError = err.Error()
+		}
+		r.mu.Lock()
+		if _, ok := r.sandboxes[id]; ok {
+			r.status[id] = st
+		}
+		r.mu.Unlock()
+	}()
+	s, err := r.open(ctx, id)
+	if err != nil {
+		return err
+	}
+	defer s.host.Close()
+	p := Compute(s.obs, s.rec, Options{Queues: s.sb.Queues})
+	st.Skipped = p.Skipped
+	r.logSkipped(log, id, p.Skipped)
+	rec, out, err := Apply(ctx, p, s.rec, s.obs, s.host, s.vm, r.store, s.sb.Vhost)
+	st.Mutations, st.Pending, st.Endpoints = out.Mutations, out.Pending, rec.Endpoints
+	if !p.Empty() {
+		log.Info().Int("actions", len(p.Actions)).Int("mutations", out.Mutations).Ints("pending", out.Pending).Err(err).Msg("reconciled")
+	}
+	if err != nil {
+		return fmt.Errorf("sandbox %s: %w", id, err)
+	}
+	if len(out.Pending) > 0 {
+		// Not a failure, but not done: come back (with backoff) until the
+		// guest acknowledges, in case its DEVICE_DELETED is missed.
+		return fmt.Errorf("sandbox %s: unplug of endpoints %v pending", id, out.Pending)
+	}
+	return nil
+}
+
+// logSkipped explains skipped links once, when the set changes.
+func (r *Reconciler) logSkipped(log zerolog.Logger, id string, skipped []Skipped) {
+	r.mu.Lock()
+	prev := r.status[id].Skipped
+	r.mu.Unlock()
+	for _, s := range skipped {
+		if slices.ContainsFunc(prev, func(p Skipped) bool { return p.Link.Ifindex == s.Link.Ifindex && p.Reason == s.Reason }) {
+			continue
+		}
+		ev := log.Warn()
+		if s.Adopted {
+			ev = log.Info()
+		}
+		ev.Str("link", s.Link.Name).Str("kind", s.Link.Kind).Bool("adopted", s.Adopted).Str("reason", s.Reason).Msg("container link not wired by tapsync")
+	}
+}
+
+// CollectGarbage deletes the records of sandboxes whose netns no longer
+// exists and that are not registered, and returns their ids.
+func (r *Reconciler) CollectGarbage(ctx context.Context) ([]string, error) {
+	ids, err := r.store.List()
+	if err != nil {
+		return nil, err
+	}
+	var gone []string
+	for _, id := range ids {
+		r.mu.Lock()
+		_, registered := r.sandboxes[id]
+		r.mu.Unlock()
+		if registered {
+			continue
+		}
+		rec, err := r.store.Load(ctx, id)
+		if err != nil {
+			return gone, err
+		}
+		if rec.Netns != "" {
+			if _, err := os.Stat(rec.Netns); err == nil {
+				continue
+			}
+		}
+		if err := r.store.Delete(id); err != nil {
+			return gone, err
+		}
+		zerolog.Ctx(ctx).Info().Str("sandbox", id).Str("netns", rec.Netns).Msg("netns gone; record garbage-collected")
+		gone = append(gone, id)
+	}
+	return gone, nil
+}

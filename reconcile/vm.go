@@ -1,0 +1,68 @@
+package reconcile
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/qmp"
+)
+
+// qmpVM adapts a QMP connection to VM.
+type qmpVM struct {
+	c          *qmp.Client
+	unplugWait time.Duration
+}
+
+func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
+	infos, err := v.c.ListNICs(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	nics := make([]NIC, 0, len(infos))
+	for _, i := range infos {
+		nics = append(nics, NIC{ID: i.ID, Index: i.Index, Owned: i.Owned, MAC: i.MAC})
+	}
+	ids, err := v.c.ListNetdevs(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	var netdevs []int
+	for _, id := range ids {
+		if n, ok := parseNetdevID(id); ok {
+			netdevs = append(netdevs, n)
+		}
+	}
+	return nics, netdevs, nil
+}
+
+// parseNetdevID returns n for qmp.NetdevID(n).
+func parseNetdevID(id string) (int, bool) {
+	s, ok := strings.CutPrefix(id, "tapsync-netdev")
+	if !ok {
+		return 0, false
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 0 || qmp.NetdevID(n) != id {
+		return 0, false
+	}
+	return n, true
+}
+
+func (v qmpVM) PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, q *datapath.Queues) error {
+	_, err := v.c.AddNIC(ctx, qmp.NIC{Index: index, MAC: mac, TapFDs: q.Tap, VhostFDs: q.Vhost})
+	return err
+}
+
+func (v qmpVM) UnplugNIC(ctx context.Context, index int) error {
+	err := v.c.RemoveNIC(ctx, index, v.unplugWait)
+	if errors.Is(err, qmp.ErrRemovalPending) {
+		return fmt.Errorf("%w: %w", ErrUnplugPending, err)
+	}
+	return err
+}

@@ -52,13 +52,22 @@ type Outcome struct {
 	Pending   []int // endpoints whose unplug QEMU left pending
 }
 
+// Env is what a plan is applied to.
+type Env struct {
+	Host     Host
+	VM       VM
+	Recorder Recorder
+	Vhost    datapath.Vhost
+	// AfterAction, if set, is called after each action that completed
+	// without error. It exists for fault injection: crash tests kill the
+	// process here to prove that every intermediate state is repaired.
+	AfterAction func(Action)
+}
+
 // applier runs one plan against one sandbox.
 type applier struct {
-	host  Host
-	vm    VM
-	rec   Recorder
-	vhost datapath.Vhost
-	taps  map[int]int // endpoint index → tap ifindex, as observed or created
+	Env
+	taps map[int]int // endpoint index → tap ifindex, as observed or created
 }
 
 // Apply executes p in order. The record is saved at every record step,
@@ -66,8 +75,8 @@ type applier struct {
 // whose step fails, or whose unplug stays pending, skips its remaining
 // steps; other endpoints carry on. Failing to save the record stops
 // everything: nothing is changed without its intent on disk.
-func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, host Host, vm VM, recorder Recorder, vhost datapath.Vhost) (state.Record, Outcome, error) {
-	a := &applier{host: host, vm: vm, rec: recorder, vhost: vhost, taps: map[int]int{}}
+func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env) (state.Record, Outcome, error) {
+	a := &applier{Env: env, taps: map[int]int{}}
 	for _, t := range obs.Taps {
 		a.taps[t.Index] = t.Ifindex
 	}
@@ -102,8 +111,13 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, host Hos
 		case err != nil:
 			blocked[n] = true
 			errs = append(errs, fmt.Errorf("endpoint %d: %s: %w", n, act, err))
-		case act.Op.Mutates():
-			out.Mutations++
+		default:
+			if act.Op.Mutates() {
+				out.Mutations++
+			}
+			if a.AfterAction != nil {
+				a.AfterAction(act)
+			}
 		}
 	}
 	return rec, out, errors.Join(errs...)
@@ -118,44 +132,44 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 			e.Removing = true
 		}
 		rec.Put(e)
-		return a.rec.Save(*rec)
+		return a.Recorder.Save(*rec)
 	case OpForget:
 		rec.Forget(e.Index)
-		return a.rec.Save(*rec)
+		return a.Recorder.Save(*rec)
 	case OpCreateTap:
-		t, err := a.host.EnsureTap(ctx, spec)
+		t, err := a.Host.EnsureTap(ctx, spec)
 		if err == nil {
 			a.taps[e.Index] = t.Ifindex
 		}
 		return err
 	case OpSetTapMTU:
-		return a.host.SetTapMTU(e.Index, act.MTU)
+		return a.Host.SetTapMTU(e.Index, act.MTU)
 	case OpAddRedirects:
 		tap, ok := a.taps[e.Index]
 		if !ok {
 			return fmt.Errorf("%s does not exist", datapath.TapName(e.Index))
 		}
-		return a.host.EnsureRedirects(e.LinkIfindex, tap)
+		return a.Host.EnsureRedirects(e.LinkIfindex, tap)
 	case OpPlugNIC:
 		mac, err := net.ParseMAC(e.LinkMAC)
 		if err != nil {
 			return fmt.Errorf("recorded MAC %q: %w", e.LinkMAC, err)
 		}
-		q, err := a.host.OpenQueues(ctx, spec, a.vhost)
+		q, err := a.Host.OpenQueues(ctx, spec, a.Vhost)
 		if err != nil {
 			return err
 		}
-		return a.vm.PlugNIC(ctx, e.Index, mac, q)
+		return a.VM.PlugNIC(ctx, e.Index, mac, q)
 	case OpUnplugNIC:
-		return a.vm.UnplugNIC(ctx, e.Index)
+		return a.VM.UnplugNIC(ctx, e.Index)
 	case OpRemoveRedirects:
 		on := []int{e.LinkIfindex}
 		if tap, ok := a.taps[e.Index]; ok {
 			on = append(on, tap)
 		}
-		return a.host.RemoveRedirects(on...)
+		return a.Host.RemoveRedirects(on...)
 	case OpDeleteTap:
-		return a.host.RemoveTap(e.Index)
+		return a.Host.RemoveTap(e.Index)
 	}
 	return fmt.Errorf("unknown action %d", act.Op)
 }

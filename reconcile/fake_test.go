@@ -266,10 +266,12 @@ func (w *world) Save(r state.Record) error {
 	return nil
 }
 
+func (w *world) env() Env { return Env{Host: w, VM: w, Recorder: w, Vhost: datapath.VhostOff} }
+
 // reconcile runs observe → plan → apply once against w.
 func (w *world) reconcile(opts Options) (Plan, Outcome, error) {
 	p := Compute(w.observed(), w.rec, opts)
-	_, out, err := Apply(context.Background(), p, w.rec, w.observed(), w, w, w, datapath.VhostOff)
+	_, out, err := Apply(context.Background(), p, w.rec, w.observed(), w.env())
 	return p, out, err
 }
 

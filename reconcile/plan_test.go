@@ -302,7 +302,7 @@ func TestCrashAfterEveryStep(t *testing.T) {
 				w := base.clone()
 				untouched := untouchedNICs(w, p)
 				partial := Plan{Actions: p.Actions[:k]}
-				if _, _, err := Apply(context.Background(), partial, w.rec, w.observed(), w, w, w, datapath.VhostOff); err != nil {
+				if _, _, err := Apply(context.Background(), partial, w.rec, w.observed(), w.env()); err != nil {
 					t.Fatal(err)
 				}
 				mustConverge(t, w, 1)

@@ -66,6 +66,9 @@ type Reconciler struct {
 	// event of every sandbox. It runs on the connection's reader and must
 	// not block (poke a queue).
 	OnEvent func(sandbox string, e qmp.Event)
+	// AfterAction, if set, is called after every completed action of
+	// every sandbox (fault injection for crash tests; see Env).
+	AfterAction func(Action)
 
 	mu        sync.Mutex
 	sandboxes map[string]Sandbox
@@ -291,7 +294,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 	p := Compute(s.obs, s.rec, Options{Queues: s.sb.Queues})
 	st.Skipped = p.Skipped
 	r.logSkipped(log, id, p.Skipped)
-	rec, out, err := Apply(ctx, p, s.rec, s.obs, s.host, s.vm, r.store, s.sb.Vhost)
+	rec, out, err := Apply(ctx, p, s.rec, s.obs, Env{Host: s.host, VM: s.vm, Recorder: r.store, Vhost: s.sb.Vhost, AfterAction: r.AfterAction})
 	st.Mutations, st.Pending, st.Endpoints = out.Mutations, out.Pending, rec.Endpoints
 	if !p.Empty() {
 		log.Info().Int("actions", len(p.Actions)).Int("mutations", out.Mutations).Ints("pending", out.Pending).Err(err).Msg("reconciled")

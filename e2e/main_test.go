@@ -1,0 +1,68 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/reconcile"
+	"github.com/tapsync/tapsync/state"
+)
+
+// The test binary doubles as a one-shot reconciler process, so crash tests
+// can SIGKILL a real process in the middle of a reconcile.
+const helperEnv = "TAPSYNC_E2E_HELPER"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(helperEnv) == "reconcile" {
+		os.Exit(reconcileOnce())
+	}
+	os.Exit(m.Run())
+}
+
+// reconcileOnce runs one reconcile of the sandbox described by the
+// environment. With TAPSYNC_E2E_CRASH_AFTER=k it SIGKILLs itself right
+// after the k-th completed action. It prints "mutations=N" on success.
+func reconcileOnce() int {
+	log := zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, NoColor: true}).With().Timestamp().Logger()
+	ctx := log.WithContext(context.Background())
+	store, err := state.Open(os.Getenv("TAPSYNC_E2E_STATE"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	r := reconcile.New(store)
+	defer r.Close()
+	queues, _ := strconv.Atoi(os.Getenv("TAPSYNC_E2E_QUEUES"))
+	sb := reconcile.Sandbox{
+		ID: os.Getenv("TAPSYNC_E2E_SANDBOX"), Netns: os.Getenv("TAPSYNC_E2E_NETNS"), QMP: os.Getenv("TAPSYNC_E2E_QMP"),
+		Queues: queues, UnplugTimeout: 20 * time.Second,
+	}
+	if err := r.Set(sb); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	if k, err := strconv.Atoi(os.Getenv("TAPSYNC_E2E_CRASH_AFTER")); err == nil && k > 0 {
+		done := 0
+		r.AfterAction = func(a reconcile.Action) {
+			if done++; done == k {
+				log.Warn().Str("action", a.String()).Msg("crashing now (SIGKILL)")
+				syscall.Kill(os.Getpid(), syscall.SIGKILL)
+				select {} // never returns
+			}
+		}
+	}
+	if err := r.Reconcile(ctx, sb.ID); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Printf("mutations=%d\n", r.Status()[0].Mutations)
+	return 0
+}

@@ -99,7 +99,11 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 		if !act.Op.Mutates() {
 			ev = log.Debug()
 		}
-		ev.Int("endpoint", n).Str("action", act.Op.String()).Str("link", act.Endpoint.LinkName).Str("reason", act.Reason).Msg(act.String())
+		ev = ev.Int("endpoint", n).Str("action", act.Op.String()).Str("link", act.Endpoint.LinkName)
+		if act.Reason != "" {
+			ev = ev.Str("reason", act.Reason)
+		}
+		ev.Msg(act.String())
 		err := a.do(ctx, act, &rec)
 		switch {
 		case errors.Is(err, ErrUnplugPending):

@@ -74,13 +74,13 @@ func (a Action) String() string {
 	var s string
 	switch a.Op {
 	case OpRecord:
-		s = fmt.Sprintf("record endpoint %d for %s (ifindex %d, %s, %d queues)", e.Index, e.LinkName, e.LinkIfindex, e.LinkMAC, e.Queues)
+		s = fmt.Sprintf("record endpoint %d for %s (ifindex %d, %s, %s)", e.Index, e.LinkName, e.LinkIfindex, e.LinkMAC, queuesStr(e.Queues))
 	case OpMarkRemoving:
 		s = fmt.Sprintf("record removal of endpoint %d (%s)", e.Index, e.LinkName)
 	case OpForget:
 		s = fmt.Sprintf("forget endpoint %d (%s)", e.Index, e.LinkName)
 	case OpCreateTap:
-		s = fmt.Sprintf("create %s (%d queues, mtu %d)", tap, e.Queues, a.MTU)
+		s = fmt.Sprintf("create %s (%s, mtu %d)", tap, queuesStr(e.Queues), a.MTU)
 	case OpSetTapMTU:
 		s = fmt.Sprintf("set %s mtu %d", tap, a.MTU)
 	case OpAddRedirects:
@@ -98,6 +98,13 @@ func (a Action) String() string {
 		s += ": " + a.Reason
 	}
 	return s
+}
+
+func queuesStr(n int) string {
+	if n == 1 {
+		return "1 queue"
+	}
+	return fmt.Sprintf("%d queues", n)
 }
 
 // Skipped is a container link that plan leaves alone, and why.

@@ -1,0 +1,239 @@
+// Command tapsync-demo shows tapsync's job on one machine, end to end: it
+// boots a small Linux guest in QEMU inside a pod-like network namespace,
+// lets the reconciler wire a container link into the running guest, pings
+// the guest through it, adds and removes a second link, and cleans
+// everything up. Run it as root (`make demo`).
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"regexp"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/e2e/testvm"
+	"github.com/tapsync/tapsync/reconcile"
+	"github.com/tapsync/tapsync/state"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintf(os.Stderr, "\ndemo failed: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func step(format string, args ...any) { fmt.Printf("\n==> "+format+"\n", args...) }
+func info(format string, args ...any) { fmt.Printf("    "+format+"\n", args...) }
+
+// sh runs a command, returning its combined output in the error on failure.
+func sh(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return string(out), nil
+}
+
+func run() error {
+	if os.Geteuid() != 0 {
+		return errors.New("run as root: the demo creates network namespaces, taps and tc filters")
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var cleanups []func()
+	defer func() {
+		step("cleaning up")
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			cleanups[i]()
+		}
+		info("done: no namespace, tap, filter or QEMU process of the demo is left")
+	}()
+
+	step("building the guest (Debian cloud kernel + busybox initramfs, cached after the first run)")
+	img, err := testvm.Build(ctx, "", func(f string, a ...any) { info(f, a...) })
+	if err != nil {
+		return err
+	}
+	info("kernel %s", img.Kernel)
+
+	b := make([]byte, 3)
+	rand.Read(b)
+	suffix := hex.EncodeToString(b)
+	sandboxNS, nodeNS := "tapsync-demo-pod-"+suffix, "tapsync-demo-node-"+suffix
+	step("creating the pod's network namespace %s and a node-side namespace %s", sandboxNS, nodeNS)
+	for _, ns := range []string{sandboxNS, nodeNS} {
+		if _, err := sh("ip", "netns", "add", ns); err != nil {
+			return err
+		}
+		cleanups = append(cleanups, func() { sh("ip", "netns", "del", ns) })
+		sh("ip", "-n", ns, "link", "set", "lo", "up")
+	}
+	nsPath := "/var/run/netns/" + sandboxNS
+
+	step("booting the guest in QEMU inside the pod namespace (software emulation: a few seconds)")
+	vm, err := testvm.Start(ctx, testvm.Options{Image: &img, NetNS: nsPath, Logf: func(f string, a ...any) { info(f, a...) }})
+	if err != nil {
+		return err
+	}
+	cleanups = append(cleanups, func() { vm.Stop() })
+	readyCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	if err := vm.WaitReady(readyCtx); err != nil {
+		return err
+	}
+	info("guest is up (QEMU pid %d, QMP socket %s)", vm.Pid, vm.QMP)
+
+	stateDir, err := os.MkdirTemp("", "tapsync-demo-state-")
+	if err != nil {
+		return err
+	}
+	cleanups = append(cleanups, func() { os.RemoveAll(stateDir) })
+	store, err := state.Open(stateDir)
+	if err != nil {
+		return err
+	}
+	log := zerolog.New(zerolog.ConsoleWriter{Out: os.Stdout, NoColor: true, PartsExclude: []string{zerolog.TimestampFieldName},
+		FormatLevel: func(any) string { return "    log:" }}).Level(zerolog.InfoLevel)
+	ctx = log.WithContext(ctx)
+	r := reconcile.New(store)
+	cleanups = append(cleanups, r.Close)
+	sb := reconcile.Sandbox{ID: "demo-pod", Netns: nsPath, QMP: vm.QMP}
+	if err := r.Set(sb); err != nil {
+		return err
+	}
+
+	links := map[string]net.HardwareAddr{"eth0": testvm.TestMAC(1), "net1": testvm.TestMAC(2)}
+	addLink := func(name string) error {
+		mac := links[name]
+		peer := "node-" + name
+		if _, err := sh("ip", "-n", sandboxNS, "link", "add", "name", name, "address", mac.String(), "type", "veth", "peer", "name", peer, "netns", nodeNS); err != nil {
+			return err
+		}
+		sh("ip", "-n", sandboxNS, "link", "set", name, "up")
+		sh("ip", "-n", nodeNS, "link", "set", peer, "up")
+		_, err := sh("ip", "-n", nodeNS, "addr", "add", fmt.Sprintf("%s/%d", testvm.PeerIP(mac), testvm.PrefixLen), "dev", peer)
+		info("CNI-style veth %s (MAC %s) is in the pod; its peer %s has %s", name, mac, peer, testvm.PeerIP(mac))
+		return err
+	}
+	reconcileAndShow := func() error {
+		p, err := r.Plan(ctx, sb.ID)
+		if err != nil {
+			return err
+		}
+		info("tapsync plan:")
+		if p.Empty() {
+			info("  (nothing to do)")
+		}
+		for _, line := range strings.Split(strings.TrimRight(p.String(), "\n"), "\n") {
+			if line != "" {
+				info("  %s", line)
+			}
+		}
+		return r.Reconcile(ctx, sb.ID)
+	}
+	waitGuest := func(re *regexp.Regexp, off int64) error {
+		wctx, cancel := context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+		m, err := vm.WaitSerialFrom(wctx, off, re)
+		if err == nil {
+			info("guest console: %s", strings.TrimSpace(m[0]))
+		}
+		return err
+	}
+	ping := func(name string) error {
+		ip := testvm.GuestIP(links[name]).String()
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			out, err := sh("ip", "netns", "exec", nodeNS, "ping", "-c", "3", "-i", "0.3", "-W", "1", ip)
+			if err == nil {
+				for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+					if strings.Contains(l, "bytes from") || strings.Contains(l, "packet loss") {
+						info("  %s", l)
+					}
+				}
+				return nil
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("guest %s not reachable over %s: %w", ip, name, err)
+			}
+		}
+	}
+
+	step("adding container link eth0 and reconciling")
+	if err := addLink("eth0"); err != nil {
+		return err
+	}
+	off := vm.SerialOffset()
+	if err := reconcileAndShow(); err != nil {
+		return err
+	}
+	if err := waitGuest(testvm.NICUpRE(links["eth0"]), off); err != nil {
+		return err
+	}
+	step("pinging the guest from the node side through eth0 ⇄ tap0_kata ⇄ virtio-net")
+	if err := ping("eth0"); err != nil {
+		return err
+	}
+	out, _ := sh("tc", "-n", sandboxNS, "filter", "show", "dev", "eth0", "ingress")
+	info("the redirect on eth0, as tc shows it:")
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		info("  %s", l)
+	}
+
+	step("a second network appears (Multus-style): net1")
+	if err := addLink("net1"); err != nil {
+		return err
+	}
+	off = vm.SerialOffset()
+	if err := reconcileAndShow(); err != nil {
+		return err
+	}
+	if err := waitGuest(testvm.NICUpRE(links["net1"]), off); err != nil {
+		return err
+	}
+	if err := ping("net1"); err != nil {
+		return err
+	}
+
+	step("reconciling again: a converged pod needs nothing")
+	if err := reconcileAndShow(); err != nil {
+		return err
+	}
+
+	step("net1 is deleted from the pod; tapsync unplugs it from the guest first, then removes tap and filters")
+	if _, err := sh("ip", "-n", sandboxNS, "link", "del", "net1"); err != nil {
+		return err
+	}
+	off = vm.SerialOffset()
+	if err := reconcileAndShow(); err != nil {
+		return err
+	}
+	if err := waitGuest(testvm.NICGoneRE(links["net1"]), off); err != nil {
+		return err
+	}
+	if err := ping("eth0"); err != nil {
+		return err
+	}
+
+	step("status")
+	for _, s := range r.Status() {
+		info("sandbox %s  netns %s  qmp %s", s.Sandbox.ID, s.Sandbox.Netns, s.Sandbox.QMP)
+		info("  last reconcile %s, error %q", s.LastReconcile.Format(time.TimeOnly), s.LastError)
+		for _, e := range s.Endpoints {
+			info("  endpoint %d: %s (%s) → %s, %d queue(s)", e.Index, e.LinkName, e.LinkMAC, datapath.TapName(e.Index), e.Queues)
+		}
+	}
+	return nil
+}

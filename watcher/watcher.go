@@ -1,0 +1,64 @@
+// Package watcher turns the node's event sources into events for the
+// daemon: the netns directory (fsnotify), link updates inside each
+// sandbox netns (netlink), containerd task and container events, and QEMU
+// processes found in /proc. An event only says what to look at; the
+// reconciler reads the whole truth again.
+//
+// It knows nothing of taps, tc or QEMU's wiring, and imports no other
+// tapsync package: the daemon (cmd/tapsync) routes its events into the
+// reconciler.
+package watcher
+
+// Source names where an event came from (a metrics label).
+type Source string
+
+const (
+	SourceNetnsDir   Source = "netns-dir"
+	SourceNetlink    Source = "netlink"
+	SourceContainerd Source = "containerd"
+	SourceProc       Source = "proc"
+)
+
+// Sandbox is a sandbox as a source discovered it.
+type Sandbox struct {
+	ID    string
+	Netns string // path of its network namespace
+	QMP   string // path of its QMP unix socket
+}
+
+// Kind says what an event asks for.
+type Kind int
+
+const (
+	// KindNetns: look at the sandboxes in namespace Path (it appeared,
+	// became a real netns, or changed).
+	KindNetns Kind = iota
+	// KindNetnsGone: namespace Path was removed.
+	KindNetnsGone
+	// KindSandbox: look at sandbox ID.
+	KindSandbox
+	// KindUpsert: sandbox Sandbox exists (discovered or updated).
+	KindUpsert
+	// KindGone: sandbox ID is gone (its container exited or was deleted).
+	KindGone
+	// KindResyncAll: events may have been lost; look at everything.
+	KindResyncAll
+)
+
+func (k Kind) String() string {
+	return [...]string{"netns", "netns-gone", "sandbox", "upsert", "gone", "resync-all"}[k]
+}
+
+// Event is one thing a source noticed.
+type Event struct {
+	Kind    Kind
+	Source  Source
+	Why     string  // human-readable reason, for logs
+	Path    string  // KindNetns, KindNetnsGone
+	ID      string  // KindSandbox, KindGone
+	Sandbox Sandbox // KindUpsert
+}
+
+// Sink receives events. It must not block: sources call it from their
+// reader goroutines.
+type Sink func(Event)

@@ -563,3 +563,17 @@ func TestQEMUExit(t *testing.T) {
 	}
 	t.Log(c.Err())
 }
+
+func TestVCPUs(t *testing.T) {
+	vm := startVM(t, "q35", 0, "-smp", "3")
+	var c *Client
+	eventually(t, 10*time.Second, func() (err error) {
+		c, err = Dial(t.Context(), vm.qmp, Options{})
+		return err
+	})
+	defer c.Close()
+	n, err := c.VCPUs(t.Context())
+	if err != nil || n != 3 {
+		t.Fatalf("VCPUs = %d, %v; want 3", n, err)
+	}
+}

@@ -26,7 +26,7 @@ type Sandbox struct {
 	ID            string
 	Netns         string // path of the sandbox network namespace
 	QMP           string // path of the VM's QMP unix socket
-	Queues        int    // queues per endpoint; 0 means 1
+	Queues        int    // queues per endpoint; 0: one per vCPU of the VM
 	Vhost         datapath.Vhost
 	QMPTimeout    time.Duration // per QMP command
 	UnplugTimeout time.Duration // how long to wait for the guest to acknowledge an unplug
@@ -42,7 +42,7 @@ func (s Sandbox) withDefaults() Sandbox {
 	if s.Vhost == "" {
 		s.Vhost = datapath.VhostAuto
 	}
-	s.Queues = max(s.Queues, 1)
+	s.Queues = max(s.Queues, 0)
 	return s
 }
 
@@ -210,11 +210,12 @@ func (r *Reconciler) client(ctx context.Context, sb Sandbox) (*qmp.Client, error
 
 // session is one sandbox opened for a pass: its netns, VM and record.
 type session struct {
-	sb   Sandbox
-	host *datapath.Netns
-	vm   qmpVM
-	rec  state.Record
-	obs  Observed
+	sb     Sandbox
+	host   *datapath.Netns
+	vm     qmpVM
+	rec    state.Record
+	obs    Observed
+	queues int // per endpoint, resolved
 }
 
 func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
@@ -233,6 +234,14 @@ func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
 		return nil, err
 	}
 	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout}
+	if s.queues = sb.Queues; s.queues == 0 {
+		n, err := c.VCPUs(ctx)
+		if err != nil {
+			host.Close()
+			return nil, fmt.Errorf("sandbox %s: count vCPUs for queues=0: %w", id, err)
+		}
+		s.queues = min(max(n, 1), datapath.MaxQueues)
+	}
 	if s.rec, err = r.store.Load(ctx, id); err != nil {
 		host.Close()
 		return nil, err
@@ -266,7 +275,7 @@ func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
 		return Plan{}, err
 	}
 	defer s.host.Close()
-	return Compute(s.obs, s.rec, Options{Queues: s.sb.Queues}), nil
+	return Compute(s.obs, s.rec, Options{Queues: s.queues}), nil
 }
 
 // Reconcile runs one observe → plan → apply → record pass over sandbox
@@ -291,7 +300,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		return err
 	}
 	defer s.host.Close()
-	p := Compute(s.obs, s.rec, Options{Queues: s.sb.Queues})
+	p := Compute(s.obs, s.rec, Options{Queues: s.queues})
 	st.Skipped = p.Skipped
 	r.logSkipped(log, id, p.Skipped)
 	rec, out, err := Apply(ctx, p, s.rec, s.obs, Env{Host: s.host, VM: s.vm, Recorder: r.store, Vhost: s.sb.Vhost, AfterAction: r.AfterAction})
@@ -325,6 +334,59 @@ func (r *Reconciler) logSkipped(log zerolog.Logger, id string, skipped []Skipped
 		}
 		ev.Str("link", s.Link.Name).Str("kind", s.Link.Kind).Bool("adopted", s.Adopted).Str("reason", s.Reason).Msg("container link not wired by tapsync")
 	}
+}
+
+// Teardown removes what tapsync owns on the host side of a sandbox whose
+// VM is going away (its container exited or was deleted): the redirects
+// and taps of every endpoint, then the record, then the registration.
+// QEMU is not asked for anything: it is exiting. A netns that is already
+// gone took everything with it.
+func (r *Reconciler) Teardown(ctx context.Context, id string) error {
+	sb, err := r.sandbox(id)
+	if err != nil {
+		return nil // unknown or already forgotten: nothing of ours to remove
+	}
+	var errs []error
+	if host, err := datapath.Open(sb.Netns); err == nil {
+		errs = append(errs, teardownHost(ctx, host, r.store, id))
+		host.Close()
+	} else if _, statErr := os.Stat(sb.Netns); statErr == nil {
+		errs = append(errs, fmt.Errorf("sandbox %s: %w", id, err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	zerolog.Ctx(ctx).Info().Str("sandbox", id).Msg("sandbox gone; its taps and redirects removed, record deleted")
+	return r.Forget(id)
+}
+
+// teardownHost removes the redirects and taps of every endpoint that the
+// record or ownership evidence names.
+func teardownHost(ctx context.Context, host *datapath.Netns, store *state.Store, id string) error {
+	rec, err := store.Load(ctx, id)
+	if err != nil {
+		return err
+	}
+	hs, err := host.Observe()
+	if err != nil {
+		return err
+	}
+	obs := Observed{Links: hs.Links, Taps: hs.Taps, Redirects: hs.Redirects}
+	v := newView(obs)
+	recoverOrphans(v, &rec, &Plan{})
+	var errs []error
+	for _, e := range rec.Endpoints {
+		on := []int{e.LinkIfindex}
+		tap, ok := v.taps[e.Index]
+		if ok {
+			on = append(on, tap.Ifindex)
+		}
+		errs = append(errs, host.RemoveRedirects(on...))
+		if ok && ourTap(tap) {
+			errs = append(errs, host.RemoveTap(e.Index))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // CollectGarbage deletes the records of sandboxes whose netns no longer

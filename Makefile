@@ -8,12 +8,13 @@ BIN       := bin
 DEB_PKGS  := qemu-system-x86 busybox-static iproute2 iputils-ping util-linux ca-certificates
 TEST_TIMEOUT ?= 40m
 
-.PHONY: all build deps test test-unit vet demo clean
+.PHONY: all build deps test test-unit vet demo bench clean
 
 all: build
 
 build:
 	$(GO) build ./...
+	$(GO) build -ldflags "-X main.version=$$(git describe --always --dirty 2>/dev/null || echo dev)" -o $(BIN)/tapsync ./cmd/tapsync
 	$(GO) build -o $(BIN)/tapsync-demo ./e2e/demo
 
 # deps installs missing Debian packages; nothing is done when all are present.
@@ -44,6 +45,11 @@ test-unit:
 demo: deps
 	$(GO) build -o $(BIN)/tapsync-demo ./e2e/demo
 	./$(BIN)/tapsync-demo
+
+# bench prints trigger → converged latency of the daemon (a measurement).
+bench: deps build
+	$(GO) build -o $(BIN)/tapsync-bench ./e2e/bench
+	./$(BIN)/tapsync-bench -n $${N:-30} -tapsync $(BIN)/tapsync
 
 clean:
 	rm -rf $(BIN)

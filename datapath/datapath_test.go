@@ -492,3 +492,10 @@ func TestRedirectCarriesTraffic(t *testing.T) {
 		}
 	}
 }
+
+func TestProbeKernel(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	if err := datapath.ProbeKernel(); err != nil {
+		t.Fatalf("ProbeKernel on a kernel that runs the other tests: %v", err)
+	}
+}

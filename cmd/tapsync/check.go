@@ -1,0 +1,127 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/watcher"
+)
+
+// checkResult is one line of `tapsync check`.
+type checkResult struct {
+	level string // ok, warn, fail
+	what  string
+	todo  string
+}
+
+func newCheckCmd(configPath *string) *cobra.Command {
+	return &cobra.Command{
+		Use:   "check",
+		Short: "Report what this node lacks to run tapsync, with what to do",
+		Long: `Check this node: root, kernel support (veth, multiqueue taps, ingress qdisc,
+u32, mirred), /dev/net/tun, /dev/vhost-net, the netns and state directories,
+containerd, and the QMP sockets of configured sandboxes. Exits non-zero when
+something required is missing.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := LoadConfig(*configPath, !cmd.Flags().Changed("config"))
+			if err != nil {
+				return err
+			}
+			results := runChecks(cmd.Context(), cfg)
+			failed := 0
+			for _, r := range results {
+				fmt.Fprintf(cmd.OutOrStdout(), "%-4s  %s\n", r.level, r.what)
+				if r.todo != "" {
+					fmt.Fprintf(cmd.OutOrStdout(), "      → %s\n", r.todo)
+				}
+				if r.level == "FAIL" {
+					failed++
+				}
+			}
+			if failed > 0 {
+				return fmt.Errorf("%d check(s) failed", failed)
+			}
+			return nil
+		},
+	}
+}
+
+func runChecks(ctx context.Context, cfg Config) []checkResult {
+	var out []checkResult
+	add := func(level, what, todo string) { out = append(out, checkResult{level, what, todo}) }
+	if err := cfg.Validate(); err != nil {
+		add("FAIL", "config: "+err.Error(), "fix the config file")
+	} else {
+		add("ok", "config is valid", "")
+	}
+	if os.Geteuid() != 0 {
+		add("FAIL", "not running as root", "run tapsync as root (it creates taps and tc filters in pod namespaces)")
+		return out
+	}
+	add("ok", "running as root", "")
+	if f, err := os.OpenFile("/dev/net/tun", os.O_RDWR, 0); err != nil {
+		add("FAIL", "/dev/net/tun: "+err.Error(), "load the tun module (modprobe tun) or create the device node")
+	} else {
+		f.Close()
+		add("ok", "/dev/net/tun opens", "")
+	}
+	if err := datapath.ProbeKernel(); err != nil {
+		add("FAIL", "kernel: "+err.Error(), "load the named module (modprobe veth sch_ingress cls_u32 act_mirred) or use a kernel with it")
+	} else {
+		add("ok", "kernel: veth, multiqueue vnet_hdr tap, ingress qdisc, u32, mirred redirect", "")
+	}
+	if _, err := os.Stat(datapath.VhostNetPath); err != nil {
+		level := "warn"
+		if cfg.Defaults.Vhost == string(datapath.VhostOn) {
+			level = "FAIL"
+		}
+		add(level, datapath.VhostNetPath+" is missing: NICs use QEMU's slower userspace backend", "modprobe vhost_net")
+	} else {
+		add("ok", datapath.VhostNetPath+" exists", "")
+	}
+	if fi, err := os.Stat(cfg.NetnsDir); err != nil || !fi.IsDir() {
+		add("warn", fmt.Sprintf("netns_dir %s does not exist yet", cfg.NetnsDir), "it appears with the first named netns; tapsync waits for it")
+	} else {
+		add("ok", "netns_dir "+cfg.NetnsDir+" exists", "")
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		add("FAIL", "state_dir: "+err.Error(), "make state_dir writable by root (it should be on tmpfs, e.g. /run/tapsync)")
+	} else {
+		add("ok", "state_dir "+cfg.StateDir+" is usable", "")
+	}
+	if cd := cfg.Containerd; cd.Enabled {
+		c, err := net.DialTimeout("unix", cd.Address, 2*time.Second)
+		if err != nil {
+			add("FAIL", "containerd at "+cd.Address+": "+err.Error(), "start containerd, set [containerd] address, or set enabled = false")
+		} else {
+			c.Close()
+			add("ok", "containerd reachable at "+cd.Address, "")
+		}
+	}
+	for _, s := range cfg.Sandboxes {
+		if ok, _ := watcher.IsNetns(s.Netns); !ok {
+			add("warn", fmt.Sprintf("sandbox %s: %s is not a network namespace (yet)", s.ID, s.Netns), "tapsync waits for it to appear")
+		}
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		c, err := qmp.Dial(cctx, s.QMP, qmp.Options{Timeout: 2 * time.Second})
+		cancel()
+		switch {
+		case errors.Is(err, qmp.ErrNoGreeting):
+			add("ok", fmt.Sprintf("sandbox %s: QMP socket %s is busy (a running tapsync holds it)", s.ID, s.QMP), "")
+		case err != nil:
+			add("FAIL", fmt.Sprintf("sandbox %s: QMP socket %s: %v", s.ID, s.QMP, err), "start the VM with -qmp unix:"+s.QMP+",server=on,wait=off")
+		default:
+			c.Close()
+			add("ok", fmt.Sprintf("sandbox %s: QMP socket %s answers", s.ID, s.QMP), "")
+		}
+	}
+	return out
+}

@@ -1,0 +1,99 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// The shipped example documents every key with its default value.
+func TestExampleConfigShowsTheDefaults(t *testing.T) {
+	cfg, err := LoadConfig("../../deploy/config.toml", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if def := DefaultConfig(); !reflect.DeepEqual(cfg, def) {
+		t.Errorf("deploy/config.toml differs from the defaults:\n got %+v\nwant %+v", cfg, def)
+	}
+}
+
+func TestMissingConfigMeansDefaults(t *testing.T) {
+	cfg, err := LoadConfig(filepath.Join(t.TempDir(), "none.toml"), true)
+	if err != nil || !reflect.DeepEqual(cfg, DefaultConfig()) {
+		t.Fatalf("LoadConfig(missing) = %+v, %v", cfg, err)
+	}
+	if _, err := LoadConfig(filepath.Join(t.TempDir(), "none.toml"), false); err == nil {
+		t.Error("an explicitly named missing config was accepted")
+	}
+}
+
+func TestConfigRefused(t *testing.T) {
+	for _, tc := range []struct{ name, body, want string }{
+		{"unknown key", "netns_dirr = \"/x\"\n", "unknown key netns_dirr"},
+		{"unknown nested key", "[defaults]\nqueue = 2\n", "unknown key defaults.queue"},
+		{"bad duration", "resync_interval = \"soon\"\n", "resync_interval"},
+		{"bad log level", "log_level = \"loud\"\n", "log_level"},
+		{"bad metrics address", "metrics_address = \"9464\"\n", "metrics_address"},
+		{"unimplemented model", "[defaults]\nmodel = \"macvtap\"\n", "not implemented yet"},
+		{"unknown model", "[defaults]\nmodel = \"bridge\"\n", "defaults.model"},
+		{"bad vhost", "[defaults]\nvhost = \"maybe\"\n", "defaults.vhost"},
+		{"qmp template without id", "[containerd]\nqmp_socket = \"/run/vc/qmp.sock\"\n", "containerd.qmp_socket"},
+		{"netns outside netns_dir", "[[sandbox]]\nid = \"a\"\nnetns = \"/tmp/a\"\nqmp = \"/run/a.sock\"\n", `sandbox "a".netns`},
+		{"netns escaping netns_dir", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/../a\"\nqmp = \"/run/a.sock\"\n", `sandbox "a".netns`},
+		{"duplicate id", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/a.sock\"\n" +
+			"[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/b\"\nqmp = \"/run/b.sock\"\n", "duplicate sandbox id"},
+		{"bad id", "[[sandbox]]\nid = \"../x\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/a.sock\"\n", "sandbox \"../x\".id"},
+		{"relative qmp", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/a\"\nqmp = \"a.sock\"\n", `sandbox "a".qmp`},
+		{"garbage", "this is not toml", "config"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := writeConfig(t, tc.body)
+			cfg, err := LoadConfig(p, false)
+			if err == nil {
+				err = cfg.Validate()
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error = %v, want one mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestConfigAccepted(t *testing.T) {
+	p := writeConfig(t, `
+netns_dir = "/var/run/netns"
+[defaults]
+queues = 0
+[containerd]
+enabled = false
+[[sandbox]]
+id = "vm1"
+netns = "/var/run/netns/vm1"
+qmp = "/run/vm1/qmp.sock"
+queues = 2
+`)
+	cfg, err := LoadConfig(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.Sandboxes) != 1 || *cfg.Sandboxes[0].Queues != 2 || cfg.Defaults.Queues != 0 || cfg.Containerd.Enabled {
+		t.Errorf("config = %+v", cfg)
+	}
+}

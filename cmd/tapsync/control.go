@@ -1,0 +1,238 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/reconcile"
+	"golang.org/x/sys/unix"
+)
+
+// The control socket lives in the state directory, mode 0600, and only
+// accepts peers running as root: it can trigger changes on every pod.
+const controlSocketName = "control.sock"
+
+func controlSocketPath(stateDir string) string { return filepath.Join(stateDir, controlSocketName) }
+
+// Wire types of the control API (JSON).
+type (
+	endpointJSON struct {
+		Index    int    `json:"index"`
+		Tap      string `json:"tap"`
+		Link     string `json:"link"`
+		Ifindex  int    `json:"ifindex"`
+		MAC      string `json:"mac"`
+		Queues   int    `json:"queues"`
+		Removing bool   `json:"removing,omitempty"`
+	}
+	skippedJSON struct {
+		Link    string `json:"link"`
+		Kind    string `json:"kind"`
+		Adopted bool   `json:"adopted"`
+		Reason  string `json:"reason"`
+	}
+	statusJSON struct {
+		ID            string         `json:"id"`
+		Netns         string         `json:"netns"`
+		QMP           string         `json:"qmp"`
+		Source        string         `json:"source"`
+		LastReconcile *time.Time     `json:"last_reconcile,omitempty"`
+		LastError     string         `json:"last_error,omitempty"`
+		Mutations     int            `json:"last_mutations"`
+		Retries       int            `json:"retries"`
+		Pending       []int          `json:"pending_removals,omitempty"`
+		Endpoints     []endpointJSON `json:"endpoints"`
+		Skipped       []skippedJSON  `json:"skipped,omitempty"`
+	}
+	planJSON struct {
+		Sandbox string        `json:"sandbox"`
+		Actions []string      `json:"actions"`
+		Skipped []skippedJSON `json:"skipped,omitempty"`
+		Error   string        `json:"error,omitempty"`
+	}
+	resyncJSON struct {
+		Triggered []string `json:"triggered"`
+	}
+	errorJSON struct {
+		Error string `json:"error"`
+	}
+)
+
+func skippedOf(s []reconcile.Skipped) []skippedJSON {
+	var out []skippedJSON
+	for _, k := range s {
+		out = append(out, skippedJSON{Link: k.Link.Name, Kind: k.Link.Kind, Adopted: k.Adopted, Reason: k.Reason})
+	}
+	return out
+}
+
+func (d *daemon) statusJSON() []statusJSON {
+	var out []statusJSON
+	for _, st := range d.rec.Status() {
+		id := st.Sandbox.ID
+		d.mu.Lock()
+		origin := d.origin[id]
+		d.mu.Unlock()
+		s := statusJSON{ID: id, Netns: st.Sandbox.Netns, QMP: st.Sandbox.QMP, Source: origin,
+			LastError: st.LastError, Mutations: st.Mutations, Retries: d.queue.Failures(id), Pending: st.Pending, Skipped: skippedOf(st.Skipped),
+			Endpoints: []endpointJSON{}}
+		if !st.LastReconcile.IsZero() {
+			t := st.LastReconcile
+			s.LastReconcile = &t
+		}
+		for _, e := range st.Endpoints {
+			s.Endpoints = append(s.Endpoints, endpointJSON{Index: e.Index, Tap: datapath.TapName(e.Index), Link: e.LinkName,
+				Ifindex: e.LinkIfindex, MAC: e.LinkMAC, Queues: e.Queues, Removing: e.Removing})
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// rootOnly wraps a unix listener and drops connections from non-root peers.
+type rootOnly struct{ *net.UnixListener }
+
+func (l rootOnly) Accept() (net.Conn, error) {
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			return nil, err
+		}
+		raw, err := c.SyscallConn()
+		var cred *unix.Ucred
+		if err == nil {
+			raw.Control(func(fd uintptr) { cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) })
+		}
+		if err == nil && cred.Uid == 0 {
+			return c, nil
+		}
+		c.Close()
+	}
+}
+
+func (d *daemon) serveControl(ctx context.Context) (io.Closer, error) {
+	path := controlSocketPath(d.cfg.StateDir)
+	// A socket left by a previous run (killed) is stale: we own the state dir.
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	old := unix.Umask(0o177)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	unix.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	mux := http.NewServeMux()
+	reply := func(w http.ResponseWriter, code int, v any) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(code)
+		json.NewEncoder(w).Encode(v)
+	}
+	known := func(w http.ResponseWriter, id string) bool {
+		for _, s := range d.rec.Sandboxes() {
+			if s == id {
+				return true
+			}
+		}
+		reply(w, http.StatusNotFound, errorJSON{Error: fmt.Sprintf("unknown sandbox %q", id)})
+		return false
+	}
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, http.StatusOK, d.statusJSON())
+	})
+	mux.HandleFunc("GET /v1/plan", func(w http.ResponseWriter, r *http.Request) {
+		ids := d.rec.Sandboxes()
+		if id := r.URL.Query().Get("sandbox"); id != "" {
+			if !known(w, id) {
+				return
+			}
+			ids = []string{id}
+		}
+		out := []planJSON{}
+		for _, id := range ids {
+			pj := planJSON{Sandbox: id, Actions: []string{}}
+			p, err := d.planLocked(r.Context(), id)
+			if err != nil {
+				pj.Error = err.Error()
+			}
+			for _, a := range p.Actions {
+				pj.Actions = append(pj.Actions, a.String())
+			}
+			pj.Skipped = skippedOf(p.Skipped)
+			out = append(out, pj)
+		}
+		reply(w, http.StatusOK, out)
+	})
+	mux.HandleFunc("POST /v1/resync", func(w http.ResponseWriter, r *http.Request) {
+		ids := d.rec.Sandboxes()
+		if id := r.URL.Query().Get("sandbox"); id != "" {
+			if !known(w, id) {
+				return
+			}
+			ids = []string{id}
+		}
+		for _, id := range ids {
+			d.trigger(id, "control")
+		}
+		zerolog.Ctx(ctx).Info().Strs("sandboxes", ids).Str("reason", "control socket").Msg("resync requested")
+		reply(w, http.StatusAccepted, resyncJSON{Triggered: ids})
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
+		BaseContext: func(net.Listener) context.Context { return ctx }}
+	go srv.Serve(rootOnly{ln})
+	return srv, nil
+}
+
+// planLocked computes a sandbox's plan without applying it.
+func (d *daemon) planLocked(ctx context.Context, id string) (reconcile.Plan, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	return d.rec.Plan(ctx, id)
+}
+
+// controlClient talks to a running daemon.
+type controlClient struct {
+	socket string
+	http   *http.Client
+}
+
+func newControlClient(socket string) *controlClient {
+	return &controlClient{socket: socket, http: &http.Client{
+		Timeout: time.Minute,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", socket)
+		}},
+	}}
+}
+
+func (c *controlClient) do(method, path string, out any) error {
+	req, err := http.NewRequest(method, "http://tapsync"+path, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("talk to the daemon on %s (is `tapsync run` running, and are you root?): %w", c.socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		var e errorJSON
+		json.NewDecoder(resp.Body).Decode(&e)
+		return fmt.Errorf("daemon: %s: %s", resp.Status, e.Error)
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
+}

@@ -1,0 +1,384 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	sddaemon "github.com/coreos/go-systemd/v22/daemon"
+	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/reconcile"
+	"github.com/tapsync/tapsync/state"
+	"github.com/tapsync/tapsync/watcher"
+)
+
+// Where a sandbox was registered from. Config sandboxes stay registered
+// when their netns disappears (it may come back); discovered ones go.
+const (
+	originConfig     = "config"
+	originContainerd = string(watcher.SourceContainerd)
+	originProc       = string(watcher.SourceProc)
+)
+
+// daemon wires the event sources into the reconciler.
+type daemon struct {
+	cfg   Config
+	store *state.Store
+	rec   *reconcile.Reconciler
+	queue *reconcile.Queue
+	links *watcher.LinkWatcher
+	m     *metrics
+
+	mu      sync.Mutex
+	origin  map[string]string    // sandbox id → who registered it
+	gone    map[string]bool      // sandboxes to tear down on their next pass
+	pending map[string]time.Time // first trigger since the sandbox last converged
+
+	baseCtx context.Context // carries the logger for events from sources
+}
+
+func newDaemon(cfg Config) (*daemon, error) {
+	store, err := state.Open(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	d := &daemon{
+		cfg: cfg, store: store, rec: reconcile.New(store), queue: reconcile.NewQueue(),
+		origin: map[string]string{}, gone: map[string]bool{}, pending: map[string]time.Time{},
+	}
+	d.links = watcher.NewLinkWatcher(d.handle)
+	d.m = newMetrics(d)
+	d.rec.OnEvent = d.qmpEvent
+	return d, nil
+}
+
+// sandboxFor builds a reconciler sandbox with the configured defaults.
+func (d *daemon) sandboxFor(id, netns, qmpPath string, queues *int) reconcile.Sandbox {
+	q := d.cfg.Defaults.Queues
+	if queues != nil {
+		q = *queues
+	}
+	return reconcile.Sandbox{
+		ID: id, Netns: netns, QMP: qmpPath, Queues: q,
+		Vhost:         datapath.Vhost(d.cfg.Defaults.Vhost),
+		QMPTimeout:    d.cfg.Defaults.QMPTimeout,
+		UnplugTimeout: d.cfg.Defaults.UnplugTimeout,
+	}
+}
+
+// register adds or updates a sandbox and asks for a pass over it.
+func (d *daemon) register(ctx context.Context, sb reconcile.Sandbox, origin, why string) {
+	log := zerolog.Ctx(ctx)
+	if err := d.rec.Set(sb); err != nil {
+		log.Error().Err(err).Str("sandbox", sb.ID).Str("source", origin).Msg("sandbox refused")
+		return
+	}
+	d.mu.Lock()
+	prev, known := d.origin[sb.ID]
+	if !known || prev != originConfig {
+		d.origin[sb.ID] = origin
+	}
+	delete(d.gone, sb.ID)
+	d.mu.Unlock()
+	if !known {
+		log.Info().Str("sandbox", sb.ID).Str("netns", sb.Netns).Str("qmp", sb.QMP).Str("source", origin).Str("reason", why).Msg("sandbox registered")
+	}
+	d.trigger(sb.ID, origin)
+}
+
+// trigger asks for one more pass over sandbox id.
+func (d *daemon) trigger(id, source string) {
+	d.m.triggers.WithLabelValues(source).Inc()
+	d.mu.Lock()
+	if _, ok := d.pending[id]; !ok {
+		d.pending[id] = time.Now()
+	}
+	d.mu.Unlock()
+	d.queue.Add(id)
+}
+
+func (d *daemon) triggerAll(source string) {
+	for _, id := range d.rec.Sandboxes() {
+		d.trigger(id, source)
+	}
+}
+
+// sandboxesIn returns the registered sandboxes whose netns is path.
+func (d *daemon) sandboxesIn(path string) []string {
+	var ids []string
+	for _, st := range d.rec.Status() {
+		if st.Sandbox.Netns == path {
+			ids = append(ids, st.Sandbox.ID)
+		}
+	}
+	return ids
+}
+
+// handle routes one watcher event. It runs on the sources' goroutines and
+// never blocks on a reconcile.
+func (d *daemon) handle(e watcher.Event) {
+	ctx := func() context.Context { return d.baseCtx }
+	src := string(e.Source)
+	switch e.Kind {
+	case watcher.KindNetns:
+		for _, id := range d.sandboxesIn(e.Path) {
+			d.trigger(id, src)
+		}
+		if d.cfg.Discovery.Proc {
+			d.discover(ctx(), "netns appeared: "+e.Path)
+		}
+	case watcher.KindNetnsGone:
+		for _, id := range d.sandboxesIn(e.Path) {
+			d.mu.Lock()
+			o := d.origin[id]
+			d.mu.Unlock()
+			if o == originConfig {
+				d.trigger(id, src) // waits, quietly, for the netns to come back
+				continue
+			}
+			d.markGone(id)
+		}
+	case watcher.KindSandbox:
+		d.trigger(e.ID, src)
+	case watcher.KindUpsert:
+		s := e.Sandbox
+		d.register(ctx(), d.sandboxFor(s.ID, s.Netns, s.QMP, nil), src, e.Why)
+	case watcher.KindGone:
+		d.markGone(e.ID)
+	case watcher.KindResyncAll:
+		d.triggerAll(src)
+	}
+}
+
+// markGone schedules a sandbox's teardown on its own queue key, so it
+// never overlaps a reconcile of the same sandbox.
+func (d *daemon) markGone(id string) {
+	d.mu.Lock()
+	_, known := d.origin[id]
+	if known {
+		d.gone[id] = true
+	}
+	d.mu.Unlock()
+	if known {
+		d.queue.Add(id)
+	}
+}
+
+// qmpEvent turns VM events into passes: a completed unplug finishes a
+// pending removal, a shutdown is noticed at once.
+func (d *daemon) qmpEvent(id string, e qmp.Event) {
+	switch e.Name {
+	case "DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR", "SHUTDOWN", "RESET":
+		d.trigger(id, "qmp")
+	}
+}
+
+// discover registers QEMU processes found in watched namespaces.
+func (d *daemon) discover(ctx context.Context, why string) {
+	found, err := watcher.DiscoverQEMU("/proc", d.cfg.NetnsDir)
+	if err != nil {
+		zerolog.Ctx(ctx).Warn().Err(err).Msg("/proc discovery failed")
+		return
+	}
+	for _, s := range found {
+		d.mu.Lock()
+		_, known := d.origin[s.ID]
+		d.mu.Unlock()
+		if known {
+			continue
+		}
+		if taken := d.sandboxesIn(s.Netns); len(taken) > 0 {
+			continue // already known through containerd or the config
+		}
+		d.register(ctx, d.sandboxFor(s.ID, s.Netns, s.QMP, nil), originProc, why)
+	}
+}
+
+// work is one queue pass over sandbox id.
+func (d *daemon) work(ctx context.Context, id string) error {
+	log := zerolog.Ctx(ctx).With().Str("sandbox", id).Logger()
+	ctx = log.WithContext(ctx)
+	d.mu.Lock()
+	gone := d.gone[id]
+	d.mu.Unlock()
+	if gone {
+		d.links.Stop(id)
+		err := d.rec.Teardown(ctx, id)
+		if err == nil {
+			d.mu.Lock()
+			delete(d.gone, id)
+			delete(d.origin, id)
+			delete(d.pending, id)
+			d.mu.Unlock()
+			d.queue.Forget(id)
+		}
+		return err
+	}
+	var sb reconcile.Sandbox
+	found := false
+	for _, st := range d.rec.Status() {
+		if st.Sandbox.ID == id {
+			sb, found = st.Sandbox, true
+		}
+	}
+	if !found {
+		return nil
+	}
+	if _, err := os.Stat(sb.Netns); errors.Is(err, os.ErrNotExist) {
+		log.Debug().Str("netns", sb.Netns).Msg("netns does not exist (yet); waiting for it to appear")
+		return nil
+	}
+	if ok, err := watcher.IsNetns(sb.Netns); !ok {
+		return fmt.Errorf("sandbox %s: %s is not a network namespace yet (placeholder before its bind mount?): %v", id, sb.Netns, err)
+	}
+	if err := d.links.Watch(ctx, id, sb.Netns); err != nil {
+		return fmt.Errorf("sandbox %s: watch links: %w", id, err)
+	}
+	start := time.Now()
+	err := d.rec.Reconcile(ctx, id)
+	d.m.reconcileDuration.Observe(time.Since(start).Seconds())
+	if err != nil {
+		d.m.reconcileErrors.Inc()
+		if d.queue.Failures(id) > 0 {
+			d.m.retries.Inc()
+		}
+		return err
+	}
+	d.mu.Lock()
+	first, ok := d.pending[id]
+	delete(d.pending, id)
+	d.mu.Unlock()
+	if ok {
+		lat := time.Since(first)
+		d.m.convergeLatency.Observe(lat.Seconds())
+		if st := d.status(id); st.Mutations > 0 {
+			log.Info().Int("mutations", st.Mutations).Float64("latency_ms", float64(lat.Microseconds())/1000).Msg("converged")
+		}
+	}
+	return nil
+}
+
+func (d *daemon) status(id string) reconcile.Status {
+	for _, st := range d.rec.Status() {
+		if st.Sandbox.ID == id {
+			return st
+		}
+	}
+	return reconcile.Status{}
+}
+
+// run is `tapsync run`: it returns nil after a clean SIGTERM/SIGINT.
+func (d *daemon) run(ctx context.Context) error {
+	log := zerolog.Ctx(ctx)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	d.baseCtx = ctx
+
+	for _, s := range d.cfg.Sandboxes {
+		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues)
+		d.register(ctx, sb, originConfig, "in config file")
+	}
+	if gone, err := d.rec.CollectGarbage(ctx); err != nil {
+		log.Warn().Err(err).Msg("record garbage collection failed")
+	} else {
+		d.m.gcRecords.Add(float64(len(gone)))
+	}
+
+	ctl, err := d.serveControl(ctx)
+	if err != nil {
+		return err
+	}
+	defer ctl.Close()
+	if d.cfg.MetricsAddress != "" {
+		srv := &http.Server{Addr: d.cfg.MetricsAddress, Handler: d.metricsHandler(), ReadHeaderTimeout: 5 * time.Second}
+		ln, err := net.Listen("tcp", d.cfg.MetricsAddress)
+		if err != nil {
+			return fmt.Errorf("metrics_address %s: %w", d.cfg.MetricsAddress, err)
+		}
+		go srv.Serve(ln)
+		defer srv.Close()
+		log.Info().Str("address", ln.Addr().String()).Msg("serving metrics on /metrics")
+	}
+
+	var wg sync.WaitGroup
+	source := func(name string, f func() error) {
+		wg.Go(func() {
+			if err := f(); err != nil && ctx.Err() == nil {
+				log.Error().Err(err).Str("source", name).Msg("event source stopped; sandboxes are still resynced periodically")
+			}
+		})
+	}
+	source("netns-dir", func() error { return watcher.WatchNetnsDir(ctx, d.cfg.NetnsDir, d.handle) })
+	if cd := d.cfg.Containerd; cd.Enabled {
+		source("containerd", func() error {
+			return watcher.WatchContainerd(ctx, watcher.ContainerdConfig{
+				Address: cd.Address, Namespaces: cd.Namespaces, Runtimes: cd.Runtimes, QMPSocket: cd.QMPSocket,
+			}, d.handle)
+		})
+	}
+	if d.cfg.Discovery.Proc {
+		d.discover(ctx, "startup scan")
+	}
+	wg.Go(func() { d.queue.Run(ctx, d.cfg.Workers, d.work) })
+
+	signals := make(chan os.Signal, 4)
+	signal.Notify(signals, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(signals)
+	sddaemon.SdNotify(false, sddaemon.SdNotifyReady)
+	var watchdog <-chan time.Time
+	if iv, err := sddaemon.SdWatchdogEnabled(false); err == nil && iv > 0 {
+		t := time.NewTicker(iv / 2)
+		defer t.Stop()
+		watchdog = t.C
+	}
+	resync := time.NewTimer(jitter(d.cfg.ResyncInterval))
+	defer resync.Stop()
+	log.Info().Strs("sandboxes", d.rec.Sandboxes()).Str("netns_dir", d.cfg.NetnsDir).Bool("containerd", d.cfg.Containerd.Enabled).
+		Bool("proc_discovery", d.cfg.Discovery.Proc).Str("control", controlSocketPath(d.cfg.StateDir)).Msg("tapsync running")
+
+	for {
+		select {
+		case sig := <-signals:
+			if sig == syscall.SIGHUP {
+				log.Info().Str("reason", "SIGHUP").Msg("resyncing every sandbox")
+				d.triggerAll("signal")
+				continue
+			}
+			log.Info().Str("signal", sig.String()).Msg("stopping: endpoints stay wired while tapsync is down")
+			sddaemon.SdNotify(false, sddaemon.SdNotifyStopping)
+			cancel()
+			wg.Wait()
+			d.links.StopAll()
+			d.rec.Close()
+			return nil
+		case <-watchdog:
+			sddaemon.SdNotify(false, sddaemon.SdNotifyWatchdog)
+		case <-resync.C:
+			log.Debug().Str("reason", "periodic resync").Msg("resyncing every sandbox")
+			d.triggerAll("resync")
+			if d.cfg.Discovery.Proc {
+				d.discover(ctx, "periodic resync")
+			}
+			if gone, err := d.rec.CollectGarbage(ctx); err == nil {
+				d.m.gcRecords.Add(float64(len(gone)))
+			}
+			resync.Reset(jitter(d.cfg.ResyncInterval))
+		}
+	}
+}
+
+// jitter spreads periodic resyncs of many nodes by ±10%.
+func jitter(d time.Duration) time.Duration {
+	return d - d/10 + time.Duration(rand.Int64N(int64(d/5)+1))
+}
+

@@ -1,0 +1,86 @@
+package main
+
+import (
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// metrics are the daemon's Prometheus series, on their own registry.
+type metrics struct {
+	reg               *prometheus.Registry
+	triggers          *prometheus.CounterVec
+	reconcileDuration prometheus.Histogram
+	convergeLatency   prometheus.Histogram
+	reconcileErrors   prometheus.Counter
+	retries           prometheus.Counter
+	gcRecords         prometheus.Counter
+}
+
+// latencyBuckets span a converged add (milliseconds) to a stuck unplug.
+var latencyBuckets = prometheus.ExponentialBuckets(0.001, 2, 16)
+
+func newMetrics(d *daemon) *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		triggers: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tapsync_triggers_total", Help: "Requests to look at a sandbox, by source.",
+		}, []string{"source"}),
+		reconcileDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tapsync_reconcile_duration_seconds", Help: "Duration of one observe-plan-apply pass over a sandbox.", Buckets: latencyBuckets,
+		}),
+		convergeLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tapsync_trigger_to_converged_seconds", Help: "Time from the first trigger of a sandbox to its next successful pass.", Buckets: latencyBuckets,
+		}),
+		reconcileErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tapsync_reconcile_errors_total", Help: "Passes that failed (retried with backoff).",
+		}),
+		retries: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tapsync_reconcile_retries_total", Help: "Failed passes of sandboxes that had already failed before.",
+		}),
+		gcRecords: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tapsync_records_garbage_collected_total", Help: "Records deleted because their netns was gone.",
+		}),
+	}
+	m.reg.MustRegister(m.triggers, m.reconcileDuration, m.convergeLatency, m.reconcileErrors, m.retries, m.gcRecords,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "tapsync_queue_depth", Help: "Sandboxes waiting for a worker."},
+			func() float64 { return float64(d.queue.Len()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "tapsync_sandboxes", Help: "Registered sandboxes."},
+			func() float64 { return float64(len(d.rec.Sandboxes())) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "tapsync_netlink_resubscriptions_total", Help: "Netlink link subscriptions re-established after a failure."},
+			func() float64 { return float64(d.links.Resubscriptions()) }),
+		endpointsCollector{d},
+	)
+	return m
+}
+
+func (d *daemon) metricsHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(d.m.reg, promhttp.HandlerOpts{}))
+	return mux
+}
+
+// endpointsCollector reports endpoints by state from the last passes.
+type endpointsCollector struct{ d *daemon }
+
+var endpointsDesc = prometheus.NewDesc("tapsync_endpoints", "Endpoints by state (wired, removing).", []string{"state"}, nil)
+
+func (c endpointsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- endpointsDesc }
+
+func (c endpointsCollector) Collect(ch chan<- prometheus.Metric) {
+	var wired, removing float64
+	for _, st := range c.d.rec.Status() {
+		for _, e := range st.Endpoints {
+			if e.Removing {
+				removing++
+			} else {
+				wired++
+			}
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(endpointsDesc, prometheus.GaugeValue, wired, "wired")
+	ch <- prometheus.MustNewConstMetric(endpointsDesc, prometheus.GaugeValue, removing, "removing")
+}

@@ -1,0 +1,77 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// ProbeKernel checks, in a fresh anonymous network namespace that
+// disappears afterwards, that this kernel has what the tcfilter model
+// needs: veth, multiqueue taps with vnet_hdr, the ingress qdisc, the u32
+// classifier and the mirred action. It returns nil or an error naming the
+// first missing piece.
+func ProbeKernel() error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("get current netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("create a network namespace: %w", err)
+			return
+		}
+		perr := probeHere()
+		if err := netns.Set(orig); err != nil {
+			errc <- errors.Join(perr, fmt.Errorf("return to the original netns: %w", err))
+			return // the thread stays locked and dies with this goroutine
+		}
+		runtime.UnlockOSThread()
+		errc <- perr
+	}()
+	return <-errc
+}
+
+// probeHere runs on a thread inside the throwaway namespace.
+func probeHere() error {
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return fmt.Errorf("netlink: %w", err)
+	}
+	defer h.Close()
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}, PeerName: "probe1"}
+	if err := h.LinkAdd(veth); err != nil {
+		return fmt.Errorf("veth (CONFIG_VETH): %w", err)
+	}
+	f, err := openTunQueue(TapName(0), unix.IFF_TAP|unix.IFF_NO_PI|unix.IFF_VNET_HDR|unix.IFF_MULTI_QUEUE)
+	if err != nil {
+		return fmt.Errorf("multiqueue tap (CONFIG_TUN, /dev/net/tun): %w", err)
+	}
+	defer f.Close()
+	n := &Netns{path: "(probe)", h: h}
+	tap, err := h.LinkByName(TapName(0))
+	if err != nil {
+		return fmt.Errorf("tap: %w", err)
+	}
+	link, err := h.LinkByName("probe0")
+	if err != nil {
+		return err
+	}
+	if _, err := n.ensureIngress(link); err != nil {
+		return fmt.Errorf("ingress qdisc (CONFIG_NET_SCH_INGRESS): %w", err)
+	}
+	if err := n.ensureRedirect(link.Attrs().Index, tap.Attrs().Index); err != nil {
+		return fmt.Errorf("u32 filter with mirred redirect (CONFIG_NET_CLS_U32, CONFIG_NET_ACT_MIRRED): %w", err)
+	}
+	return nil
+}

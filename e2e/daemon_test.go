@@ -1,0 +1,319 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tapsync/tapsync/e2e/testnet"
+	"github.com/tapsync/tapsync/e2e/testvm"
+)
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// tapsyncBinary builds cmd/tapsync once per test process.
+func tapsyncBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "tapsync-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "tapsync")
+		out, err := exec.Command("go", "build", "-o", binPath, "github.com/tapsync/tapsync/cmd/tapsync").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+// daemonProc is one `tapsync run` process with its log.
+type daemonProc struct {
+	t    *testing.T
+	cmd  *exec.Cmd
+	mu   sync.Mutex
+	log  []map[string]any
+	done chan struct{}
+}
+
+func startDaemon(t *testing.T, args ...string) *daemonProc {
+	t.Helper()
+	cmd := exec.Command(tapsyncBinary(t), append([]string{"run", "--log-format", "json", "--log-level", "debug"}, args...)...)
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	d := &daemonProc{t: t, cmd: cmd, done: make(chan struct{})}
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			var m map[string]any
+			if json.Unmarshal(sc.Bytes(), &m) != nil {
+				m = map[string]any{"message": sc.Text()}
+			}
+			d.mu.Lock()
+			d.log = append(d.log, m)
+			d.mu.Unlock()
+		}
+		cmd.Wait()
+		close(d.done)
+	}()
+	t.Cleanup(func() {
+		d.stop(syscall.SIGKILL)
+		if t.Failed() {
+			d.dumpLog()
+		}
+	})
+	return d
+}
+
+func (d *daemonProc) dumpLog() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, m := range d.log {
+		b, _ := json.Marshal(m)
+		d.t.Logf("daemon: %s", b)
+	}
+}
+
+// stop signals the daemon (by its pid) and waits for it to exit.
+func (d *daemonProc) stop(sig syscall.Signal) {
+	select {
+	case <-d.done:
+		return
+	default:
+	}
+	d.cmd.Process.Signal(sig)
+	select {
+	case <-d.done:
+	case <-time.After(30 * time.Second):
+		d.cmd.Process.Kill()
+		<-d.done
+		d.t.Errorf("daemon did not exit within 30s of %v", sig)
+	}
+}
+
+// waitLog waits for a log event whose message contains msg and whose
+// fields match, and returns it.
+func (d *daemonProc) waitLog(msg string, fields map[string]any) map[string]any {
+	d.t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	seen := 0
+	for {
+		d.mu.Lock()
+		for ; seen < len(d.log); seen++ {
+			m := d.log[seen]
+			if s, _ := m["message"].(string); !strings.Contains(s, msg) {
+				continue
+			}
+			ok := true
+			for k, v := range fields {
+				if fmt.Sprint(m[k]) != fmt.Sprint(v) {
+					ok = false
+				}
+			}
+			if ok {
+				d.mu.Unlock()
+				return m
+			}
+		}
+		d.mu.Unlock()
+		select {
+		case <-d.done:
+			d.t.Fatalf("daemon exited (%v) while waiting for %q", d.cmd.ProcessState, msg)
+		default:
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("no daemon log %q %v within a minute", msg, fields)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// status runs `tapsync status --json` against the daemon.
+func status(t *testing.T, stateDir string) []map[string]any {
+	t.Helper()
+	out, err := exec.Command(tapsyncBinary(t), "status", "--json", "--state-dir", stateDir).Output()
+	if err != nil {
+		t.Fatalf("tapsync status: %v", err)
+	}
+	var st []map[string]any
+	if err := json.Unmarshal(out, &st); err != nil {
+		t.Fatalf("status output %q: %v", out, err)
+	}
+	return st
+}
+
+// waitReconciled waits until status shows a reconcile of the sandbox
+// newer than since, and returns that status.
+func waitReconciled(t *testing.T, stateDir string, since time.Time) map[string]any {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		st := status(t, stateDir)
+		if len(st) == 1 {
+			if ts, ok := st[0]["last_reconcile"].(string); ok {
+				if at, err := time.Parse(time.RFC3339Nano, ts); err == nil && at.After(since) {
+					return st[0]
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no reconcile after %v; status %v", since, st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestDaemon runs the real binary on a sandbox from its config file: links
+// added to the netns appear in the guest with no other action, deleted
+// ones are unplugged, SIGHUP resyncs, and SIGKILL + restart changes
+// nothing while ping keeps working.
+func TestDaemon(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	r := newRig(t, 1)
+	cfg := filepath.Join(t.TempDir(), "config.toml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`
+netns_dir = "/var/run/netns"
+state_dir = %q
+metrics_address = ""
+[containerd]
+enabled = false
+[discovery]
+proc = false
+[[sandbox]]
+id = "sb1"
+netns = %q
+qmp = %q
+`, r.stateDir, r.sb.Path, r.vm.QMP)), 0o600)
+
+	d := startDaemon(t, "--config", cfg)
+	d.waitLog("tapsync running", nil)
+	sock := filepath.Join(r.stateDir, "control.sock")
+	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("control socket %s: %v, mode %v; want 0600", sock, err, fi.Mode().Perm())
+	}
+	// A non-root caller is turned away even if the mode were looser.
+	os.Chmod(r.stateDir, 0o755)
+	os.Chmod(sock, 0o666)
+	cmd := exec.Command(tapsyncBinary(t), "status", "--state-dir", r.stateDir)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	if out, err := cmd.CombinedOutput(); err == nil {
+		t.Errorf("tapsync status as uid 65534 succeeded: %s", out)
+	}
+	os.Chmod(sock, 0o600)
+	os.Chmod(r.stateDir, 0o700)
+
+	eth0, net1 := testvm.TestMAC(1), testvm.TestMAC(2)
+	off := r.vm.SerialOffset()
+	r.addLink("eth0", eth0)
+	r.waitSerial(off, testvm.NICUpRE(eth0))
+	pingable(t, r.host, testvm.GuestIP(eth0))
+
+	off = r.vm.SerialOffset()
+	r.addLink("net1", net1)
+	r.waitSerial(off, testvm.NICUpRE(net1))
+	pingable(t, r.host, testvm.GuestIP(net1))
+	off = r.vm.SerialOffset()
+	r.delLink("net1")
+	r.waitSerial(off, testvm.NICGoneRE(net1))
+	eventuallyChecked(t, r)
+
+	// SIGHUP: a resync of a converged sandbox changes nothing.
+	before := time.Now()
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.waitLog("resyncing every sandbox", map[string]any{"reason": "SIGHUP"})
+	if st := waitReconciled(t, r.stateDir, before); st["last_mutations"].(float64) != 0 || st["last_error"] != nil {
+		t.Errorf("SIGHUP resync of a converged sandbox: %v", st)
+	}
+
+	// SIGKILL, then restart: zero mutations, the device is the same, ping works.
+	dev := r.deviceOf(eth0)
+	d.stop(syscall.SIGKILL)
+	pingable(t, r.host, testvm.GuestIP(eth0)) // VMs keep their network while tapsync is down
+	before = time.Now()
+	d2 := startDaemon(t, "--config", cfg)
+	d2.waitLog("tapsync running", nil)
+	if st := waitReconciled(t, r.stateDir, before); st["last_mutations"].(float64) != 0 || st["last_error"] != nil {
+		t.Errorf("first reconcile after restart: %v", st)
+	}
+	if now := r.deviceOf(eth0); now.ID != dev.ID || now.Bus != dev.Bus || now.Addr != dev.Addr {
+		t.Errorf("device changed across the restart: %+v → %+v", dev, now)
+	}
+	pingable(t, r.host, testvm.GuestIP(eth0))
+	r.check()
+
+	// SIGTERM: clean exit 0, endpoints stay.
+	d2.stop(syscall.SIGTERM)
+	if code := d2.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Errorf("exit code after SIGTERM = %d", code)
+	}
+	pingable(t, r.host, testvm.GuestIP(eth0))
+}
+
+// eventuallyChecked waits for the rig to pass check (the daemon converges
+// on its own).
+func eventuallyChecked(t *testing.T, r *rig) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(r.ctx, time.Minute)
+	defer cancel()
+	for ctx.Err() == nil {
+		st, err := r.n.Observe()
+		if err == nil && len(st.Taps) == len(r.links) && len(st.Redirects) == 2*len(r.links) {
+			r.check()
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	r.check()
+}
+
+// TestDaemonRefusesBadConfig: the daemon does not start half-configured.
+func TestDaemonRefusesBadConfig(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	for name, tc := range map[string]struct{ body, want string }{
+		"unknown key":       {"netns_dirr = \"/var/run/netns\"\n", "unknown key netns_dirr"},
+		"netns outside dir": {"[[sandbox]]\nid = \"a\"\nnetns = \"/etc/a\"\nqmp = \"/run/a.sock\"\n", `sandbox "a".netns`},
+		"bad duration":      {"resync_interval = \"often\"\n", "resync_interval"},
+	} {
+		cfg := filepath.Join(t.TempDir(), "config.toml")
+		os.WriteFile(cfg, []byte(tc.body), 0o600)
+		state := t.TempDir()
+		out, err := exec.Command(tapsyncBinary(t), "run", "--config", cfg, "--state-dir", state).CombinedOutput()
+		if err == nil {
+			t.Errorf("%s: daemon started", name)
+			continue
+		}
+		if !strings.Contains(string(out), tc.want) {
+			t.Errorf("%s: output %q does not name %q", name, out, tc.want)
+		}
+		if _, err := os.Stat(filepath.Join(state, "control.sock")); err == nil {
+			t.Errorf("%s: control socket created by a refused daemon", name)
+		}
+	}
+}

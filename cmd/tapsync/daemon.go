@@ -381,4 +381,3 @@ func (d *daemon) run(ctx context.Context) error {
 func jitter(d time.Duration) time.Duration {
 	return d - d/10 + time.Duration(rand.Int64N(int64(d/5)+1))
 }
-

@@ -118,12 +118,25 @@ func (d *daemonProc) stop(sig syscall.Signal) {
 	}
 }
 
+// mark is the position of the next log event, for waitLogAfter.
+func (d *daemonProc) mark() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.log)
+}
+
 // waitLog waits for a log event whose message contains msg and whose
 // fields match, and returns it.
 func (d *daemonProc) waitLog(msg string, fields map[string]any) map[string]any {
 	d.t.Helper()
+	return d.waitLogAfter(0, msg, fields)
+}
+
+// waitLogAfter is waitLog for events logged at or after mark.
+func (d *daemonProc) waitLogAfter(mark int, msg string, fields map[string]any) map[string]any {
+	d.t.Helper()
 	deadline := time.Now().Add(time.Minute)
-	seen := 0
+	seen := mark
 	for {
 		d.mu.Lock()
 		for ; seen < len(d.log); seen++ {
@@ -245,9 +258,9 @@ qmp = %q
 	eventuallyChecked(t, r)
 
 	// SIGHUP: a resync of a converged sandbox changes nothing.
-	before := time.Now()
+	before, mark := time.Now(), d.mark()
 	d.cmd.Process.Signal(syscall.SIGHUP)
-	d.waitLog("resyncing every sandbox", map[string]any{"reason": "SIGHUP"})
+	d.waitLogAfter(mark, "resyncing every sandbox", map[string]any{"reason": "SIGHUP"})
 	if st := waitReconciled(t, r.stateDir, before); st["last_mutations"].(float64) != 0 || st["last_error"] != nil {
 		t.Errorf("SIGHUP resync of a converged sandbox: %v", st)
 	}

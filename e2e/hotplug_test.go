@@ -181,3 +181,13 @@ func assertNothingOurs(t *testing.T, ctx context.Context, n *datapath.Netns, c *
 		t.Errorf("netdevs left in QEMU: %v", netdevs)
 	}
 }
+
+func openNetns(t *testing.T, path string) *datapath.Netns {
+	t.Helper()
+	n, err := datapath.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	return n
+}

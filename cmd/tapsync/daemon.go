@@ -43,6 +43,10 @@ type daemon struct {
 	origin  map[string]string    // sandbox id → who registered it
 	gone    map[string]bool      // sandboxes to tear down on their next pass
 	pending map[string]time.Time // first trigger since the sandbox last converged
+	// containerd sandboxes upserted since its last full listing ended; a
+	// full listing (ended by KindResyncAll) is containerd's whole picture,
+	// so containerd sandboxes missing from it died while we were away.
+	listed map[string]bool
 
 	baseCtx context.Context // carries the logger for events from sources
 }
@@ -54,7 +58,7 @@ func newDaemon(cfg Config) (*daemon, error) {
 	}
 	d := &daemon{
 		cfg: cfg, store: store, rec: reconcile.New(store), queue: reconcile.NewQueue(),
-		origin: map[string]string{}, gone: map[string]bool{}, pending: map[string]time.Time{},
+		origin: map[string]string{}, gone: map[string]bool{}, pending: map[string]time.Time{}, listed: map[string]bool{},
 	}
 	d.links = watcher.NewLinkWatcher(d.handle)
 	d.m = newMetrics(d)
@@ -152,11 +156,38 @@ func (d *daemon) handle(e watcher.Event) {
 		d.trigger(e.ID, src)
 	case watcher.KindUpsert:
 		s := e.Sandbox
+		if e.Source == watcher.SourceContainerd {
+			d.mu.Lock()
+			d.listed[s.ID] = true
+			d.mu.Unlock()
+		}
 		d.register(ctx(), d.sandboxFor(s.ID, s.Netns, s.QMP, nil), src, e.Why)
 	case watcher.KindGone:
 		d.markGone(e.ID)
 	case watcher.KindResyncAll:
+		zerolog.Ctx(ctx()).Info().Str("source", src).Str("reason", e.Why).Msg("resyncing every sandbox")
+		if e.Source == watcher.SourceContainerd {
+			d.dropUnlisted(ctx())
+		}
 		d.triggerAll(src)
+	}
+}
+
+// dropUnlisted tears down containerd sandboxes that containerd's latest
+// full listing no longer contains (they ended while it was unreachable).
+func (d *daemon) dropUnlisted(ctx context.Context) {
+	d.mu.Lock()
+	var stale []string
+	for id, o := range d.origin {
+		if o == originContainerd && !d.listed[id] {
+			stale = append(stale, id)
+		}
+	}
+	d.listed = map[string]bool{}
+	d.mu.Unlock()
+	for _, id := range stale {
+		zerolog.Ctx(ctx).Info().Str("sandbox", id).Str("source", originContainerd).Msg("sandbox no longer listed by containerd; tearing down")
+		d.markGone(id)
 	}
 }
 

@@ -1,0 +1,407 @@
+package watcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	apievents "github.com/containerd/containerd/api/events"
+	"github.com/containerd/containerd/api/services/tasks/v1"
+	"github.com/containerd/containerd/api/types/task"
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/containers"
+	"github.com/containerd/containerd/v2/core/events"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/rs/zerolog"
+)
+
+// ContainerdConfig says which containerd to watch and which of its
+// containers are sandboxes. Zero fields take the defaults.
+type ContainerdConfig struct {
+	Address    string   // default /run/containerd/containerd.sock
+	Namespaces []string // default ["k8s.io"]
+	Runtimes   []string // default ["io.containerd.kata.v2"]: containers of these runtimes are sandboxes
+	QMPSocket  string   // template with {id}, default "/run/vc/vm/{id}/extra-monitor.sock"
+}
+
+const (
+	defaultContainerdAddress = "/run/containerd/containerd.sock"
+	defaultQMPSocket         = "/run/vc/vm/{id}/extra-monitor.sock"
+
+	// criContainerType is the OCI annotation the CRI plugin puts on every
+	// container of a pod: "sandbox" for the pod's sandbox container,
+	// "container" for its app containers. Under Kata the app containers
+	// run inside the sandbox's VM: only the sandbox is a sandbox to us.
+	criContainerType = "io.kubernetes.cri.container-type"
+
+	ctrBackoffMin = 100 * time.Millisecond
+	ctrBackoffMax = 10 * time.Second
+	// ctrCallTimeout bounds each containerd call, so that a hung
+	// containerd ends the session (and we reconnect) instead of
+	// stalling the source.
+	ctrCallTimeout = 10 * time.Second
+	// ctrDialTimeout bounds one connection attempt. containerd's dialer
+	// polls for a missing socket every 10 ms within it, so a containerd
+	// coming back is usually noticed by the attempt in progress.
+	ctrDialTimeout = 2 * time.Second
+)
+
+// ctrTopics are the containerd event topics that start or end a sandbox.
+var ctrTopics = []string{"/tasks/start", "/tasks/exit", "/tasks/delete", "/containers/delete"}
+
+func (c ContainerdConfig) withDefaults() ContainerdConfig {
+	if c.Address == "" {
+		c.Address = defaultContainerdAddress
+	}
+	if len(c.Namespaces) == 0 {
+		c.Namespaces = []string{"k8s.io"}
+	}
+	if len(c.Runtimes) == 0 {
+		c.Runtimes = []string{"io.containerd.kata.v2"}
+	}
+	if c.QMPSocket == "" {
+		c.QMPSocket = defaultQMPSocket
+	}
+	return c
+}
+
+// WatchContainerd reports the sandbox containers of containerd at
+// cfg.Address: a container of one of cfg.Runtimes, in one of
+// cfg.Namespaces, that is not a CRI app container and joins a network
+// namespace by path.
+//
+// On every (re)connect it first subscribes, then emits KindUpsert for each
+// such container whose task is running (or paused), then KindResyncAll:
+// containerd does not replay events, so the Upserts of one connection,
+// closed by its ResyncAll, are the whole containerd picture at that moment.
+// After that, /tasks/start emits KindUpsert, and /tasks/exit,
+// /tasks/delete (of the init process) and /containers/delete emit KindGone.
+// Duplicates are possible and harmless by the contract of Kind.
+//
+// Losing containerd is not an error: WatchContainerd reconnects with
+// exponential backoff (100 ms to 10 s) for as long as ctx lives, and
+// returns nil when ctx ends. It returns an error only for a bad cfg.
+func WatchContainerd(ctx context.Context, cfg ContainerdConfig, sink Sink) error {
+	cfg = cfg.withDefaults()
+	if !strings.Contains(cfg.QMPSocket, "{id}") {
+		return fmt.Errorf("containerd source: QMP socket template %q has no {id}", cfg.QMPSocket)
+	}
+	log := zerolog.Ctx(ctx).With().Str("source", string(SourceContainerd)).Str("address", cfg.Address).Logger()
+	w := &ctrWatcher{cfg: cfg, sink: sink, log: &log, known: map[ctrKey]bool{}}
+
+	backoff := ctrBackoffMin
+	failures := 0
+	for {
+		began := time.Now()
+		connected, err := w.session(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if connected {
+			failures = 0
+			// Start over only after a session that held for a while:
+			// a containerd that lists but drops every subscription
+			// must not make us relist ten times a second.
+			if time.Since(began) >= ctrBackoffMax {
+				backoff = ctrBackoffMin
+			}
+		}
+		failures++
+		// Warn about a lost connection and about the first failed
+		// attempt, not about every retry of a long outage.
+		ev := log.Debug()
+		if failures == 1 {
+			ev = log.Warn()
+		}
+		ev.Err(err).Dur("retry_in", backoff).Msg("containerd unavailable; reconnecting")
+
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+		backoff = min(backoff*2, ctrBackoffMax)
+	}
+}
+
+// ctrKey names a container: IDs are unique only within a namespace.
+type ctrKey struct{ ns, id string }
+
+type ctrWatcher struct {
+	cfg  ContainerdConfig
+	sink Sink
+	log  *zerolog.Logger
+	// known holds the sandbox containers seen since the last (re)connect
+	// (running or not), so that their Gone is emitted even when the
+	// container can no longer be loaded. Only the session goroutine
+	// touches it.
+	known map[ctrKey]bool
+}
+
+// session connects, subscribes, lists and then follows events until the
+// subscription fails or ctx ends. connected reports whether the listing
+// succeeded, i.e. containerd was really there.
+func (w *ctrWatcher) session(ctx context.Context) (connected bool, err error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // ends the subscription's goroutine
+
+	// A fresh client per session: the gRPC connection is dialled on the
+	// first call, so reconnecting is paced by our backoff and not by
+	// gRPC's own.
+	cli, err := client.New(w.cfg.Address, client.WithTimeout(ctrDialTimeout))
+	if err != nil {
+		return false, fmt.Errorf("containerd at %s: %w", w.cfg.Address, err)
+	}
+	defer cli.Close()
+
+	// Subscribe before listing, so that nothing that happens after the
+	// listing is missed. (The subscription is registered by containerd
+	// a moment after Subscribe returns; the window is microseconds, and
+	// the daemon's periodic resync covers it.)
+	var filters []string
+	for _, ns := range w.cfg.Namespaces {
+		for _, topic := range ctrTopics {
+			// Equivalent to: ctr events 'namespace=="k8s.io",topic=="/tasks/start"' ...
+			filters = append(filters, fmt.Sprintf("namespace==%s,topic==%s", strconv.Quote(ns), strconv.Quote(topic)))
+		}
+	}
+	envelopes, errs := cli.EventService().Subscribe(ctx, filters...)
+
+	if err := w.list(ctx, cli); err != nil {
+		return false, err
+	}
+	w.log.Info().Strs("namespaces", w.cfg.Namespaces).Strs("runtimes", w.cfg.Runtimes).Msg("containerd connected")
+	w.sink(Event{Kind: KindResyncAll, Source: SourceContainerd, Why: "containerd (re)connected"})
+
+	for {
+		select {
+		case <-ctx.Done():
+			return true, ctx.Err()
+		case err, ok := <-errs:
+			if !ok || err == nil {
+				err = errors.New("event stream closed")
+			}
+			return true, fmt.Errorf("events from containerd at %s: %w", w.cfg.Address, err)
+		case env := <-envelopes:
+			if err := w.handle(ctx, cli, env); err != nil {
+				return true, err
+			}
+		}
+	}
+}
+
+// list emits KindUpsert for every live sandbox in every namespace and
+// remembers all sandbox containers, live or not.
+func (w *ctrWatcher) list(ctx context.Context, cli *client.Client) error {
+	var runtimeFilters []string
+	for _, rt := range w.cfg.Runtimes {
+		runtimeFilters = append(runtimeFilters, "runtime.name=="+strconv.Quote(rt))
+	}
+	clear(w.known)
+	for _, ns := range w.cfg.Namespaces {
+		nctx, cancel := context.WithTimeout(namespaces.WithNamespace(ctx, ns), ctrCallTimeout)
+		// Equivalent to: ctr -n k8s.io containers ls 'runtime.name=="io.containerd.kata.v2"'
+		recs, err := cli.ContainerService().List(nctx, runtimeFilters...)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("list containers of containerd at %s in namespace %s: %w", w.cfg.Address, ns, err)
+		}
+		for _, rec := range recs {
+			sb, skip := w.sandboxOf(rec)
+			if skip.why != "" {
+				w.logSkip(ns, rec.ID, skip)
+				continue
+			}
+			w.known[ctrKey{ns, rec.ID}] = true
+			live, err := w.taskLive(ctx, cli, ns, rec.ID)
+			if err != nil {
+				return err
+			}
+			if live {
+				w.upsert(ns, sb, "running at (re)connect")
+			}
+		}
+	}
+	return nil
+}
+
+// taskLive reports whether the container's task runs (or is paused: its
+// VM still exists).
+func (w *ctrWatcher) taskLive(ctx context.Context, cli *client.Client, ns, id string) (bool, error) {
+	nctx, cancel := context.WithTimeout(namespaces.WithNamespace(ctx, ns), ctrCallTimeout)
+	defer cancel()
+	resp, err := cli.TaskService().Get(nctx, &tasks.GetRequest{ContainerID: id})
+	if err != nil {
+		if errdefs.IsNotFound(err) { // created, never started, or already deleted
+			return false, nil
+		}
+		return false, fmt.Errorf("get task %s of containerd at %s in namespace %s: %w", id, w.cfg.Address, ns, err)
+	}
+	switch resp.GetProcess().GetStatus() {
+	case task.Status_RUNNING, task.Status_PAUSED, task.Status_PAUSING:
+		return true, nil
+	}
+	return false, nil
+}
+
+// handle turns one event into at most one Event. An error means
+// containerd could not be asked and ends the session: the reconnect's
+// listing then repairs whatever this event would have told.
+func (w *ctrWatcher) handle(ctx context.Context, cli *client.Client, env *events.Envelope) error {
+	if env == nil || env.Event == nil || !slices.Contains(w.cfg.Namespaces, env.Namespace) {
+		return nil
+	}
+	v, err := typeurl.UnmarshalAny(env.Event)
+	if err != nil {
+		w.log.Debug().Err(err).Str("namespace", env.Namespace).Str("topic", env.Topic).Msg("undecodable containerd event")
+		return nil
+	}
+	ns := env.Namespace
+	switch e := v.(type) {
+	case *apievents.TaskStart:
+		return w.started(ctx, cli, ns, e.ContainerID)
+	case *apievents.TaskExit:
+		// ID names the process: the container's ID for its init
+		// process, the exec ID for an exec'd one (which ends nothing).
+		if e.ID != "" && e.ID != e.ContainerID {
+			return nil
+		}
+		return w.gone(ctx, cli, ns, e.ContainerID, "task exited", false)
+	case *apievents.TaskDelete:
+		if e.ID != "" && e.ID != e.ContainerID { // set only for exec'd processes, by some shims
+			return nil
+		}
+		return w.gone(ctx, cli, ns, e.ContainerID, "task deleted", false)
+	case *apievents.ContainerDelete:
+		return w.gone(ctx, cli, ns, e.ID, "container deleted", true)
+	}
+	return nil
+}
+
+// started handles /tasks/start: the container is read again, so a stale
+// start of a container deleted meanwhile emits nothing.
+func (w *ctrWatcher) started(ctx context.Context, cli *client.Client, ns, id string) error {
+	rec, found, err := w.get(ctx, cli, ns, id)
+	if err != nil || !found {
+		return err
+	}
+	sb, skip := w.sandboxOf(rec)
+	if skip.why != "" {
+		w.logSkip(ns, id, skip)
+		return nil
+	}
+	w.known[ctrKey{ns, id}] = true
+	w.upsert(ns, sb, "task started")
+	return nil
+}
+
+// gone handles the end of a task or container. Gone is emitted for a
+// sandbox we know, or one that still loads as a sandbox; a container
+// that loads as something else, or is unknown and gone, is not ours.
+func (w *ctrWatcher) gone(ctx context.Context, cli *client.Client, ns, id, why string, forget bool) error {
+	key := ctrKey{ns, id}
+	sandbox := w.known[key]
+	if forget {
+		delete(w.known, key)
+	}
+	if !sandbox && !forget {
+		rec, found, err := w.get(ctx, cli, ns, id)
+		if err != nil {
+			return err
+		}
+		if found {
+			_, skip := w.sandboxOf(rec)
+			sandbox = skip.why == ""
+		}
+	}
+	if !sandbox {
+		return nil
+	}
+	w.log.Debug().Str("namespace", ns).Str("sandbox", id).Str("why", why).Msg("sandbox gone")
+	w.sink(Event{Kind: KindGone, Source: SourceContainerd, Why: why, ID: id})
+	return nil
+}
+
+// get loads a container record; found is false when it no longer exists.
+func (w *ctrWatcher) get(ctx context.Context, cli *client.Client, ns, id string) (rec containers.Container, found bool, err error) {
+	nctx, cancel := context.WithTimeout(namespaces.WithNamespace(ctx, ns), ctrCallTimeout)
+	defer cancel()
+	rec, err = cli.ContainerService().Get(nctx, id)
+	if errdefs.IsNotFound(err) {
+		return rec, false, nil
+	}
+	if err != nil {
+		return rec, false, fmt.Errorf("get container %s of containerd at %s in namespace %s: %w", id, w.cfg.Address, ns, err)
+	}
+	return rec, true, nil
+}
+
+// logSkip logs why a container is not taken as a sandbox: loudly when it
+// is of a watched runtime and meant to be one (its netns cannot be named),
+// quietly for the everyday other containers.
+func (w *ctrWatcher) logSkip(ns, id string, s skipReason) {
+	ev := w.log.Debug()
+	if s.loud {
+		ev = w.log.Warn()
+	}
+	ev.Str("namespace", ns).Str("sandbox", id).Str("why", s.why).Msg("container skipped: not a sandbox we can wire")
+}
+
+func (w *ctrWatcher) upsert(ns string, sb Sandbox, why string) {
+	w.log.Debug().Str("namespace", ns).Str("sandbox", sb.ID).Str("netns", sb.Netns).Str("why", why).Msg("sandbox found")
+	w.sink(Event{Kind: KindUpsert, Source: SourceContainerd, Why: why, Sandbox: sb})
+}
+
+// skipReason says why a container is not a sandbox; the zero value means
+// it is one. loud marks a container of a watched runtime that looks meant
+// to be a sandbox but cannot be wired.
+type skipReason struct {
+	why  string
+	loud bool
+}
+
+// sandboxOf returns the sandbox a container record describes, or why it
+// is not one.
+func (w *ctrWatcher) sandboxOf(rec containers.Container) (Sandbox, skipReason) {
+	if !slices.Contains(w.cfg.Runtimes, rec.Runtime.Name) {
+		return Sandbox{}, skipReason{why: fmt.Sprintf("runtime %q is not watched", rec.Runtime.Name)}
+	}
+	if rec.Spec == nil {
+		return Sandbox{}, skipReason{why: "container has no OCI spec", loud: true}
+	}
+	var spec specs.Spec
+	if err := typeurl.UnmarshalTo(rec.Spec, &spec); err != nil {
+		return Sandbox{}, skipReason{why: fmt.Sprintf("undecodable OCI spec: %v", err), loud: true}
+	}
+	if t, ok := spec.Annotations[criContainerType]; ok && t != "sandbox" {
+		return Sandbox{}, skipReason{why: fmt.Sprintf("CRI %s container, not the pod's sandbox", t)}
+	}
+	if spec.Linux == nil {
+		return Sandbox{}, skipReason{why: "OCI spec has no linux section", loud: true}
+	}
+	for _, n := range spec.Linux.Namespaces {
+		if n.Type != specs.NetworkNamespace {
+			continue
+		}
+		if n.Path == "" {
+			// The runtime makes a private netns nobody can name by
+			// path: there is nothing for us to watch.
+			return Sandbox{}, skipReason{why: "private network namespace without a path", loud: true}
+		}
+		return Sandbox{
+			ID:    rec.ID,
+			Netns: n.Path,
+			QMP:   strings.ReplaceAll(w.cfg.QMPSocket, "{id}", rec.ID),
+		}, skipReason{}
+	}
+	return Sandbox{}, skipReason{why: "no network namespace in the OCI spec (host network)", loud: true}
+}

@@ -1,0 +1,292 @@
+package watcher
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/containers"
+	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/tapsync/tapsync/e2e/testctr"
+	"github.com/tapsync/tapsync/e2e/testnet"
+)
+
+const ctrTestNS = "tapsync-test"
+
+// TestContainerdSandboxOf covers which container records are sandboxes.
+func TestContainerdSandboxOf(t *testing.T) {
+	w := &ctrWatcher{cfg: ContainerdConfig{Runtimes: []string{"io.containerd.kata.v2"}, QMPSocket: "/run/vc/vm/{id}/qmp.sock"}.withDefaults()}
+	netns := func(path string) specs.LinuxNamespace {
+		return specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: path}
+	}
+	tests := []struct {
+		name    string
+		runtime string
+		spec    *specs.Spec // nil: no spec in the record
+		want    Sandbox     // zero: not a sandbox
+		loud    bool
+	}{
+		{name: "kata sandbox", runtime: "io.containerd.kata.v2",
+			spec: &specs.Spec{Annotations: map[string]string{criContainerType: "sandbox"},
+				Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace}, netns("/var/run/netns/cni-1")}}},
+			want: Sandbox{ID: "c1", Netns: "/var/run/netns/cni-1", QMP: "/run/vc/vm/c1/qmp.sock"}},
+		{name: "no CRI annotation", runtime: "io.containerd.kata.v2",
+			spec: &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{netns("/var/run/netns/x")}}},
+			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: "/run/vc/vm/c1/qmp.sock"}},
+		{name: "CRI app container", runtime: "io.containerd.kata.v2",
+			spec: &specs.Spec{Annotations: map[string]string{criContainerType: "container"},
+				Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{netns("/var/run/netns/cni-1")}}}},
+		{name: "other runtime", runtime: "io.containerd.runc.v2",
+			spec: &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{netns("/var/run/netns/cni-1")}}}},
+		{name: "private netns", runtime: "io.containerd.kata.v2", loud: true,
+			spec: &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{netns("")}}}},
+		{name: "host network", runtime: "io.containerd.kata.v2", loud: true,
+			spec: &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace}}}}},
+		{name: "no linux section", runtime: "io.containerd.kata.v2", loud: true, spec: &specs.Spec{}},
+		{name: "no spec", runtime: "io.containerd.kata.v2", loud: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rec := containers.Container{ID: "c1", Runtime: containers.RuntimeInfo{Name: tt.runtime}}
+			if tt.spec != nil {
+				any, err := typeurl.MarshalAny(tt.spec)
+				if err != nil {
+					t.Fatal(err)
+				}
+				rec.Spec = any
+			}
+			got, skip := w.sandboxOf(rec)
+			if got != tt.want {
+				t.Errorf("sandbox = %+v, want %+v", got, tt.want)
+			}
+			if (skip.why == "") != (tt.want != Sandbox{}) || skip.loud != tt.loud {
+				t.Errorf("skip = %+v, want a reason iff not a sandbox, loud %v", skip, tt.loud)
+			}
+		})
+	}
+}
+
+func TestContainerdConfig(t *testing.T) {
+	got := ContainerdConfig{}.withDefaults()
+	want := ContainerdConfig{Address: "/run/containerd/containerd.sock", Namespaces: []string{"k8s.io"},
+		Runtimes: []string{"io.containerd.kata.v2"}, QMPSocket: "/run/vc/vm/{id}/extra-monitor.sock"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("defaults = %+v, want %+v", got, want)
+	}
+	err := WatchContainerd(context.Background(), ContainerdConfig{QMPSocket: "/run/qmp.sock"}, func(Event) {})
+	if err == nil || !strings.Contains(err.Error(), "{id}") {
+		t.Errorf("QMP template without {id}: err = %v, want an error naming {id}", err)
+	}
+}
+
+// TestContainerdUnavailable: no containerd is not an error; the source
+// keeps trying, emits nothing and returns nil when ctx ends.
+func TestContainerdUnavailable(t *testing.T) {
+	ctx, logs := testCtx(t)
+	ctx, cancel := context.WithCancel(ctx)
+	r := &recorder{}
+	addr := t.TempDir() + "/missing.sock"
+	done := make(chan error, 1)
+	go func() { done <- WatchContainerd(ctx, ContainerdConfig{Address: addr}, r.sink) }()
+	logs.waitLine(t, "retry", "containerd unavailable", addr)
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("WatchContainerd = %v, want nil when ctx ends", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("WatchContainerd did not return 10s after ctx ended")
+	}
+	if n := r.len(); n != 0 {
+		t.Errorf("%d events without containerd:\n%s", n, formatCtrEvents(r.all(), 0))
+	}
+}
+
+// TestContainerdEvents runs the source against a real containerd (1.6
+// from Debian, runc) and real containers in throwaway netns.
+func TestContainerdEvents(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	ctd := testctr.Start(t)
+	run := func(id, netns, runtime string, ann map[string]string) *testctr.Container {
+		return testctr.RunSandbox(t, ctd, ctrTestNS, id, netns, runtime, ann)
+	}
+	sandboxAnn := map[string]string{criContainerType: "sandbox"}
+
+	// A sandbox that runs before the source connects: found by listing.
+	nsA := testnet.NewNS(t, "ctrw")
+	run("sb-a", nsA.Path, testctr.RuntimeRunc, sandboxAnn)
+
+	ctx, logs := testCtx(t)
+	ctx, cancel := context.WithCancel(ctx)
+	r := &recorder{}
+	done := make(chan error, 1)
+	began := time.Now()
+	go func() {
+		done <- WatchContainerd(ctx, ContainerdConfig{
+			Address:    ctd.Address(),
+			Namespaces: []string{ctrTestNS},
+			Runtimes:   []string{testctr.RuntimeRunc},
+			QMPSocket:  "/tmp/x/{id}.sock",
+		}, r.sink)
+	}()
+	t.Cleanup(func() { // before the fixture's cleanup: the source logs to t
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("WatchContainerd = %v, want nil", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("WatchContainerd did not return 10s after ctx ended")
+		}
+	})
+
+	sandbox := func(id string, ns testnet.NS) Sandbox {
+		return Sandbox{ID: id, Netns: ns.Path, QMP: "/tmp/x/" + id + ".sock"}
+	}
+	upsert := func(sb Sandbox) func(Event) bool {
+		return func(e Event) bool { return e.Kind == KindUpsert && e.Source == SourceContainerd && e.Sandbox == sb }
+	}
+	upsertOf := func(id string) func(Event) bool {
+		return func(e Event) bool { return e.Kind == KindUpsert && e.Sandbox.ID == id }
+	}
+	goneOf := func(id string) func(Event) bool {
+		return func(e Event) bool { return e.Kind == KindGone && e.Source == SourceContainerd && e.ID == id }
+	}
+	resync := func(e Event) bool { return e.Kind == KindResyncAll && e.Source == SourceContainerd }
+
+	// Connect: Upsert of the running sandbox, then ResyncAll.
+	_, iA := ctrWait(t, r, 0, "Upsert sb-a from the listing", upsert(sandbox("sb-a", nsA)))
+	_, iR := ctrWait(t, r, 0, "ResyncAll after connecting", resync)
+	if iR < iA {
+		t.Errorf("ResyncAll (#%d) before the listing's Upsert (#%d)", iR, iA)
+	}
+	t.Logf("connected and listed in %v", time.Since(began).Round(time.Millisecond))
+
+	// A new sandbox: Upsert from /tasks/start.
+	nsB := testnet.NewNS(t, "ctrw")
+	from := r.len()
+	b := run("sb-b", nsB.Path, testctr.RuntimeRunc, sandboxAnn)
+	started := time.Now()
+	ctrWait(t, r, from, "Upsert sb-b on task start", upsert(sandbox("sb-b", nsB)))
+	t.Logf("event latency, task started → Upsert: %v", time.Since(started).Round(time.Millisecond))
+
+	// Not sandboxes: another runtime, a CRI app container, a private
+	// netns, another containerd namespace; an exec in a sandbox ends
+	// nothing. sb-f then proves the source got past all of them (events
+	// are handled in order).
+	nsC := testnet.NewNS(t, "ctrw")
+	from = r.len()
+	c := run("other-runtime", nsC.Path, testctr.RuntimeOther, sandboxAnn)
+	run("app", nsB.Path, testctr.RuntimeRunc, map[string]string{criContainerType: "container"})
+	run("private", "", testctr.RuntimeRunc, nil)
+	testctr.RunSandbox(t, ctd, "other-ns", "elsewhere", nsC.Path, testctr.RuntimeRunc, sandboxAnn)
+	if out, err := b.Exec("true"); err != nil {
+		t.Fatalf("exec in sb-b: %v: %s", err, out)
+	}
+	run("sb-f", nsC.Path, testctr.RuntimeRunc, nil)
+	ctrWait(t, r, from, "Upsert sb-f", upsert(sandbox("sb-f", nsC)))
+	ctrNone(t, r, from, "event for a container that is not a sandbox", func(e Event) bool {
+		return e.Kind != KindUpsert || e.Sandbox.ID != "sb-f"
+	})
+	logs.waitLine(t, "private netns skipped loudly", "private network namespace", `"level":"warn"`)
+
+	// Deleting a sandbox: Gone (from exit, task delete and container
+	// delete); deleting a container of another runtime: nothing.
+	from = r.len()
+	if err := c.Delete(); err != nil {
+		t.Fatal(err)
+	}
+	deleting := time.Now()
+	if err := b.Delete(); err != nil {
+		t.Fatal(err)
+	}
+	_, iGone := ctrWait(t, r, from, "Gone sb-b", goneOf("sb-b"))
+	t.Logf("delete requested (SIGKILL, wait, delete) → Gone: %v", time.Since(deleting).Round(time.Millisecond))
+	ctrNone(t, r, from, "event for the other runtime's container", func(e Event) bool {
+		return e.ID == "other-runtime" || e.Sandbox.ID == "other-runtime"
+	})
+	ctrNone(t, r, iGone, "Upsert of sb-b after its Gone", upsertOf("sb-b"))
+
+	// containerd crashes and comes back: the running sandboxes are listed
+	// again (their shims survived), then ResyncAll; sb-b stays gone.
+	from = r.len()
+	restarted := time.Now()
+	ctd.Restart()
+	ctrWait(t, r, from, "Upsert sb-a after containerd restart", upsert(sandbox("sb-a", nsA)))
+	ctrWait(t, r, from, "Upsert sb-f after containerd restart", upsert(sandbox("sb-f", nsC)))
+	ctrWait(t, r, from, "ResyncAll after containerd restart", resync)
+	t.Logf("containerd killed → reconnected and listed: %v", time.Since(restarted).Round(time.Millisecond))
+	ctrNone(t, r, from, "Upsert of deleted sb-b after restart", upsertOf("sb-b"))
+
+	// containerd away for a while (socket gone): the source keeps
+	// retrying, then catches up.
+	lost := strings.Count(logs.String(), "containerd unavailable")
+	ctd.Stop()
+	deadline := time.Now().Add(20 * time.Second)
+	for strings.Count(logs.String(), "containerd unavailable") == lost {
+		if time.Now().After(deadline) {
+			t.Fatalf("source did not notice containerd stopping; log:\n%s", logs.String())
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	from = r.len()
+	ctd.Restart()
+	ctrWait(t, r, from, "ResyncAll after containerd came back", resync)
+	ctrWait(t, r, from, "Upsert sb-a after containerd came back", upsert(sandbox("sb-a", nsA)))
+
+	// Still following events after all that.
+	nsG := testnet.NewNS(t, "ctrw")
+	from = r.len()
+	run("sb-g", nsG.Path, testctr.RuntimeRunc, sandboxAnn)
+	ctrWait(t, r, from, "Upsert sb-g after reconnects", upsert(sandbox("sb-g", nsG)))
+}
+
+// ctrWait polls until an event at index from or later matches, and
+// returns it with its index; on timeout it fails t with the events seen
+// (sandbox fields included).
+func ctrWait(t *testing.T, r *recorder, from int, what string, match func(Event) bool) (Event, int) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		evs := r.all()
+		for i := from; i < len(evs); i++ {
+			if match(evs[i]) {
+				return evs[i], i
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s; events since #%d:\n%s", what, from, formatCtrEvents(evs, from))
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// ctrNone fails t when an event at index from or later matches.
+func ctrNone(t *testing.T, r *recorder, from int, what string, match func(Event) bool) {
+	t.Helper()
+	evs := r.all()
+	for i := from; i < len(evs); i++ {
+		if match(evs[i]) {
+			t.Errorf("unexpected %s: event #%d; events since #%d:\n%s", what, i, from, formatCtrEvents(evs, from))
+			return
+		}
+	}
+}
+
+func formatCtrEvents(evs []Event, from int) string {
+	var b strings.Builder
+	for i := from; i < len(evs); i++ {
+		e := evs[i]
+		fmt.Fprintf(&b, "  #%d %s source=%s id=%q sandbox=%+v why=%q\n", i, e.Kind, e.Source, e.ID, e.Sandbox, e.Why)
+	}
+	if b.Len() == 0 {
+		return "  (none)\n"
+	}
+	return b.String()
+}

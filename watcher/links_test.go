@@ -1,0 +1,193 @@
+package watcher
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tapsync/tapsync/e2e/testnet"
+)
+
+// linkEvent matches a KindSandbox from netlink for id whose reason
+// mentions link.
+func linkEvent(id, link string) func(Event) bool {
+	return func(e Event) bool {
+		return e.Kind == KindSandbox && e.Source == SourceNetlink && e.ID == id && strings.Contains(e.Why, "link "+link+" ")
+	}
+}
+
+func forID(id string) func(Event) bool {
+	return func(e Event) bool { return e.ID == id }
+}
+
+// newLinkWatcher returns a LinkWatcher whose watches all end before the
+// test does.
+func newLinkWatcher(t *testing.T) (*LinkWatcher, *recorder, context.Context, *logBuf) {
+	rec := &recorder{}
+	w := NewLinkWatcher(rec.sink)
+	ctx, lb := testCtx(t)
+	t.Cleanup(w.StopAll)
+	return w, rec, ctx, lb
+}
+
+func TestLinkWatcher(t *testing.T) {
+	ns := testnet.NewNS(t, "tsl")
+	peer := testnet.NewNS(t, "tslp")
+	w, rec, ctx, _ := newLinkWatcher(t)
+	if err := w.Watch(ctx, "sb1", ns.Path); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("link changes make events", func(t *testing.T) {
+		testnet.IP(t, "-n", ns.Name, "link", "add", "d0", "type", "bridge")
+		rec.wait(t, 0, "event for d0", linkEvent("sb1", "d0"))
+		testnet.Veth(t, ns, "eth0", nil, peer, "eth0p")
+		rec.wait(t, 0, "event for eth0", linkEvent("sb1", "eth0"))
+		testnet.IP(t, "-n", ns.Name, "link", "del", "d0")
+		rec.wait(t, 0, "event for d0 removed", func(e Event) bool { return linkEvent("sb1", "d0")(e) && strings.HasSuffix(e.Why, "removed") })
+		rec.none(t, 0, "event from another netns", func(e Event) bool { return strings.Contains(e.Why, "eth0p") })
+	})
+
+	t.Run("watching again is a no-op", func(t *testing.T) {
+		w.mu.Lock()
+		before := w.watches["sb1"]
+		w.mu.Unlock()
+		if err := w.Watch(ctx, "sb1", ns.Path); err != nil {
+			t.Fatal(err)
+		}
+		w.mu.Lock()
+		after := w.watches["sb1"]
+		w.mu.Unlock()
+		if before != after {
+			t.Fatal("Watch with the same id and path replaced the running watch")
+		}
+	})
+
+	t.Run("a new path restarts the watch", func(t *testing.T) {
+		if err := w.Watch(ctx, "sb1", peer.Path); err != nil {
+			t.Fatal(err)
+		}
+		from := rec.len()
+		testnet.IP(t, "-n", peer.Name, "link", "add", "p1", "type", "bridge")
+		rec.wait(t, from, "event for p1 in the new netns", linkEvent("sb1", "p1"))
+		// Back to the first netns for the next steps.
+		if err := w.Watch(ctx, "sb1", ns.Path); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("Stop stops events", func(t *testing.T) {
+		w.Stop("sb1")
+		from := rec.len()
+		// A second watch of the same netns proves the kernel sent the
+		// update: once it has seen it, sb1 would have too.
+		if err := w.Watch(ctx, "witness", ns.Path); err != nil {
+			t.Fatal(err)
+		}
+		testnet.IP(t, "-n", ns.Name, "link", "add", "d1", "type", "bridge")
+		rec.wait(t, from, "witness event for d1", linkEvent("witness", "d1"))
+		rec.none(t, from, "event for the stopped watch", forID("sb1"))
+		w.Stop("sb1") // stopping twice is fine
+	})
+}
+
+func TestLinkWatcherNotANetns(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "placeholder")
+	if err := os.WriteFile(file, nil, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	w, _, ctx, _ := newLinkWatcher(t)
+	for _, p := range []string{file, filepath.Join(dir, "missing")} {
+		if err := w.Watch(ctx, "sb", p); err == nil || !strings.Contains(err.Error(), p) {
+			t.Errorf("Watch(%s) = %v, want an error naming it", p, err)
+		}
+	}
+	if w.running("sb") {
+		t.Error("a failed Watch left a watch running")
+	}
+}
+
+// TestLinkWatcherOverflow makes the kernel drop link messages (ENOBUFS) on
+// a subscription with a tiny receive buffer, by holding the reader while
+// links are added in bulk.
+func TestLinkWatcherOverflow(t *testing.T) {
+	ns := testnet.NewNS(t, "tsf")
+	w, rec, ctx, _ := newLinkWatcher(t)
+	var hold sync.Mutex
+	w.holdUpdate = func() { hold.Lock(); hold.Unlock() }
+	w.rcvBuf.Store(1) // the kernel rounds it up to its minimum, about 2 KiB
+	if err := w.Watch(ctx, "sb", ns.Path); err != nil {
+		t.Fatal(err)
+	}
+
+	hold.Lock()
+	batch := filepath.Join(t.TempDir(), "batch")
+	var b strings.Builder
+	for i := range 100 {
+		fmt.Fprintf(&b, "link add f%d type bridge\n", i)
+	}
+	if err := os.WriteFile(batch, []byte(b.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// Equivalent to 100 × ip link add fN type bridge (no dummy module here), in one process.
+	testnet.IP(t, "-n", ns.Name, "-batch", batch)
+	// The drop is already recorded on the old socket; the new one gets the
+	// default buffer so that the rest of the test sees every update.
+	w.rcvBuf.Store(0)
+	hold.Unlock()
+
+	e, _ := rec.wait(t, 0, "resubscribe event", func(e Event) bool {
+		return e.Kind == KindSandbox && e.ID == "sb" && strings.HasPrefix(e.Why, "netlink resubscribed: ")
+	})
+	t.Logf("overflow: %s (events before it: %d)", e.Why, rec.len()-1)
+	if !strings.Contains(e.Why, "no buffer space available") {
+		t.Errorf("resubscribe reason %q, want ENOBUFS (no buffer space available)", e.Why)
+	}
+	if n := w.Resubscriptions(); n != 1 {
+		t.Errorf("Resubscriptions() = %d, want 1", n)
+	}
+
+	from := rec.len()
+	testnet.IP(t, "-n", ns.Name, "link", "add", "after", "type", "bridge")
+	rec.wait(t, from, "event for a link added after the resubscription", linkEvent("sb", "after"))
+}
+
+// TestLinkWatcherNetnsDeleted: once the netns file is gone, the watch ends
+// by itself and says nothing more.
+func TestLinkWatcherNetnsDeleted(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	b := make([]byte, 4)
+	rand.Read(b)
+	name := "tsd-" + hex.EncodeToString(b)
+	testnet.IP(t, "netns", "add", name)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	path := "/var/run/netns/" + name
+
+	w, rec, ctx, lb := newLinkWatcher(t)
+	w.checkEvery = 20 * time.Millisecond
+	if err := w.Watch(ctx, "sb", path); err != nil {
+		t.Fatal(err)
+	}
+	testnet.IP(t, "-n", name, "link", "add", "d0", "type", "bridge")
+	rec.wait(t, 0, "event for d0", linkEvent("sb", "d0"))
+
+	from := rec.len()
+	testnet.IP(t, "netns", "del", name)
+	lb.waitLine(t, "watch ended", `"sandbox":"sb"`, "link watch ended")
+	if w.running("sb") {
+		t.Error("watch still running after it logged its end")
+	}
+	rec.none(t, from, "event after the netns was deleted", forID("sb"))
+	if n := w.Resubscriptions(); n != 0 {
+		t.Errorf("Resubscriptions() = %d, want 0", n)
+	}
+}

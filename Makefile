@@ -42,9 +42,8 @@ test: deps vet
 test-unit:
 	$(GO) test -race -count=1 ./...
 
-demo: deps
-	$(GO) build -o $(BIN)/tapsync-demo ./e2e/demo
-	./$(BIN)/tapsync-demo
+demo: deps build
+	./$(BIN)/tapsync-demo -tapsync $(BIN)/tapsync
 
 # bench prints trigger → converged latency of the daemon (a measurement).
 bench: deps build

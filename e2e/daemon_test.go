@@ -7,6 +7,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -58,7 +61,14 @@ type daemonProc struct {
 
 func startDaemon(t *testing.T, args ...string) *daemonProc {
 	t.Helper()
+	return startDaemonEnv(t, nil, args...)
+}
+
+// startDaemonEnv starts `tapsync run` with extra environment variables.
+func startDaemonEnv(t *testing.T, env []string, args ...string) *daemonProc {
+	t.Helper()
 	cmd := exec.Command(tapsyncBinary(t), append([]string{"run", "--log-format", "json", "--log-level", "debug"}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -214,7 +224,7 @@ func TestDaemon(t *testing.T) {
 	os.WriteFile(cfg, []byte(fmt.Sprintf(`
 netns_dir = "/var/run/netns"
 state_dir = %q
-metrics_address = ""
+metrics_address = "127.0.0.1:0"
 [containerd]
 enabled = false
 [discovery]
@@ -225,8 +235,27 @@ netns = %q
 qmp = %q
 `, r.stateDir, r.sb.Path, r.vm.QMP)), 0o600)
 
-	d := startDaemon(t, "--config", cfg)
+	// systemd's notify socket: the daemon says READY=1 once it runs and
+	// pings the watchdog.
+	notifyPath := filepath.Join(t.TempDir(), "notify.sock")
+	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notifyPath, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notify.Close()
+	d := startDaemonEnv(t, []string{"NOTIFY_SOCKET=" + notifyPath, "WATCHDOG_USEC=200000"}, "--config", cfg)
 	d.waitLog("tapsync running", nil)
+	gotNotify := map[string]bool{}
+	notify.SetReadDeadline(time.Now().Add(30 * time.Second))
+	for !gotNotify["READY=1"] || !gotNotify["WATCHDOG=1"] {
+		buf := make([]byte, 256)
+		n, err := notify.Read(buf)
+		if err != nil {
+			t.Fatalf("systemd notifications: got %v, then %v", gotNotify, err)
+		}
+		gotNotify[string(buf[:n])] = true
+	}
+	metricsAddr := d.waitLog("serving metrics", nil)["address"].(string)
 	sock := filepath.Join(r.stateDir, "control.sock")
 	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("control socket %s: %v, mode %v; want 0600", sock, err, fi.Mode().Perm())
@@ -257,8 +286,44 @@ qmp = %q
 	r.waitSerial(off, testvm.NICGoneRE(net1))
 	eventuallyChecked(t, r)
 
-	// SIGHUP: a resync of a converged sandbox changes nothing.
+	// The CLI: plan shows nothing to do, resync is accepted, unknown
+	// sandboxes are named in the error.
+	cli := func(args ...string) (string, error) {
+		out, err := exec.Command(tapsyncBinary(t), append(args, "--state-dir", r.stateDir)...).CombinedOutput()
+		return string(out), err
+	}
+	if out, err := cli("plan", "sb1"); err != nil || !strings.Contains(out, "converged, nothing to do") {
+		t.Errorf("tapsync plan sb1: %v: %s", err, out)
+	}
+	if out, err := cli("plan", "nope"); err == nil || !strings.Contains(out, `unknown sandbox "nope"`) {
+		t.Errorf("tapsync plan nope: %v: %s", err, out)
+	}
 	before, mark := time.Now(), d.mark()
+	if out, err := cli("resync", "sb1"); err != nil || !strings.Contains(out, "resync requested for sb1") {
+		t.Errorf("tapsync resync sb1: %v: %s", err, out)
+	}
+	d.waitLogAfter(mark, "resync requested", nil)
+	waitReconciled(t, r.stateDir, before)
+	if out, err := cli("status"); err != nil || !strings.Contains(out, "tap0_kata  eth0") {
+		t.Errorf("tapsync status: %v:\n%s", err, out)
+	}
+
+	// Metrics on loopback.
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`tapsync_triggers_total{source="netlink"}`, "tapsync_trigger_to_converged_seconds_count",
+		`tapsync_endpoints{state="wired"} 1`, "tapsync_reconcile_duration_seconds_bucket", "tapsync_queue_depth 0"} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+
+	// SIGHUP: a resync of a converged sandbox changes nothing.
+	before, mark = time.Now(), d.mark()
 	d.cmd.Process.Signal(syscall.SIGHUP)
 	d.waitLogAfter(mark, "resyncing every sandbox", map[string]any{"reason": "SIGHUP"})
 	if st := waitReconciled(t, r.stateDir, before); st["last_mutations"].(float64) != 0 || st["last_error"] != nil {
@@ -270,7 +335,7 @@ qmp = %q
 	d.stop(syscall.SIGKILL)
 	pingable(t, r.host, testvm.GuestIP(eth0)) // VMs keep their network while tapsync is down
 	before = time.Now()
-	d2 := startDaemon(t, "--config", cfg)
+	d2 := startDaemon(t, "--config", cfg, "--metrics-address", "")
 	d2.waitLog("tapsync running", nil)
 	if st := waitReconciled(t, r.stateDir, before); st["last_mutations"].(float64) != 0 || st["last_error"] != nil {
 		t.Errorf("first reconcile after restart: %v", st)
@@ -287,6 +352,29 @@ qmp = %q
 		t.Errorf("exit code after SIGTERM = %d", code)
 	}
 	pingable(t, r.host, testvm.GuestIP(eth0))
+}
+
+// TestCheckCommand: `tapsync check` passes on this node for a reachable
+// VM and fails, saying what to do, for a missing QMP socket.
+func TestCheckCommand(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	sb := testnet.NewNS(t, "tapsync-chk")
+	vm := testvm.StartNoGuest(t, testvm.Options{NetNS: sb.Path})
+	run := func(qmpPath string) (string, error) {
+		cfg := filepath.Join(t.TempDir(), "config.toml")
+		os.WriteFile(cfg, []byte(fmt.Sprintf("state_dir = %q\n[containerd]\nenabled = false\n[[sandbox]]\nid = \"vm\"\nnetns = %q\nqmp = %q\n",
+			t.TempDir(), sb.Path, qmpPath)), 0o600)
+		out, err := exec.Command(tapsyncBinary(t), "check", "--config", cfg).CombinedOutput()
+		return string(out), err
+	}
+	out, err := run(vm.QMP)
+	if err != nil || !strings.Contains(out, "ingress qdisc, u32, mirred") || !strings.Contains(out, "answers") {
+		t.Errorf("check on a good node: %v\n%s", err, out)
+	}
+	out, err = run("/nonexistent/qmp.sock")
+	if err == nil || !strings.Contains(out, "FAIL  sandbox vm: QMP socket /nonexistent/qmp.sock") || !strings.Contains(out, "→ start the VM with -qmp") {
+		t.Errorf("check with a missing QMP socket: %v\n%s", err, out)
+	}
 }
 
 // eventuallyChecked waits for the rig to pass check (the daemon converges

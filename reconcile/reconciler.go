@@ -73,12 +73,14 @@ type Reconciler struct {
 	mu        sync.Mutex
 	sandboxes map[string]Sandbox
 	conns     map[string]*qmp.Client
+	dialing   map[string]*sync.Mutex // per sandbox: one dial at a time (a QMP socket takes one client)
 	status    map[string]Status
 }
 
 // New returns a Reconciler recording into store.
 func New(store *state.Store) *Reconciler {
-	return &Reconciler{store: store, sandboxes: map[string]Sandbox{}, conns: map[string]*qmp.Client{}, status: map[string]Status{}}
+	return &Reconciler{store: store, sandboxes: map[string]Sandbox{}, conns: map[string]*qmp.Client{},
+		dialing: map[string]*sync.Mutex{}, status: map[string]Status{}}
 }
 
 // Set registers or updates a sandbox.
@@ -118,6 +120,7 @@ func (r *Reconciler) Forget(id string) error {
 	r.closeConnLocked(id)
 	delete(r.sandboxes, id)
 	delete(r.status, id)
+	delete(r.dialing, id)
 	r.mu.Unlock()
 	return r.store.Delete(id)
 }
@@ -180,6 +183,17 @@ func (r *Reconciler) sandbox(id string) (Sandbox, error) {
 // client returns the sandbox's live QMP connection, dialling a new one
 // when there is none or the last one died.
 func (r *Reconciler) client(ctx context.Context, sb Sandbox) (*qmp.Client, error) {
+	r.mu.Lock()
+	dial := r.dialing[sb.ID]
+	if dial == nil {
+		dial = &sync.Mutex{}
+		r.dialing[sb.ID] = dial
+	}
+	r.mu.Unlock()
+	// Two passes (a reconcile and a `tapsync plan`) must not both dial:
+	// the second would wait for a greeting that never comes.
+	dial.Lock()
+	defer dial.Unlock()
 	r.mu.Lock()
 	c := r.conns[sb.ID]
 	r.mu.Unlock()

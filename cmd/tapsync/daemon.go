@@ -349,7 +349,7 @@ func (d *daemon) run(ctx context.Context) error {
 			}
 		})
 	}
-	source("netns-dir", func() error { return watcher.WatchNetnsDir(ctx, d.cfg.NetnsDir, d.handle) })
+	source("netns-dir", func() error { return d.watchNetnsDir(ctx) })
 	if cd := d.cfg.Containerd; cd.Enabled {
 		source("containerd", func() error {
 			return watcher.WatchContainerd(ctx, watcher.ContainerdConfig{
@@ -405,6 +405,28 @@ func (d *daemon) run(ctx context.Context) error {
 			}
 			resync.Reset(jitter(d.cfg.ResyncInterval))
 		}
+	}
+}
+
+// watchNetnsDir follows the netns directory for the daemon's life. The
+// directory may not exist yet on a fresh node (ip netns and CNI create it
+// with the first namespace), or be removed: wait for it and watch again.
+func (d *daemon) watchNetnsDir(ctx context.Context) error {
+	log := zerolog.Ctx(ctx)
+	wait := 100 * time.Millisecond
+	for {
+		err := watcher.WatchNetnsDir(ctx, d.cfg.NetnsDir, d.handle)
+		if ctx.Err() != nil {
+			return nil
+		}
+		log.Warn().Err(err).Str("netns_dir", d.cfg.NetnsDir).Dur("retry_in", wait).Msg("cannot watch the netns directory; retrying")
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 30*time.Second)
+		d.triggerAll(string(watcher.SourceNetnsDir)) // changes may have been missed
 	}
 }
 

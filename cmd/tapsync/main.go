@@ -13,6 +13,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/mattn/go-isatty"
 	"github.com/rs/zerolog"
 	"github.com/spf13/cobra"
 )
@@ -136,7 +137,9 @@ func newLogger(cfg Config, out interface{ Write([]byte) (int, error) }) zerolog.
 	level, _ := zerolog.ParseLevel(cfg.LogLevel)
 	w := out
 	if cfg.LogFormat == "console" {
-		w = zerolog.ConsoleWriter{Out: out, TimeFormat: time.RFC3339}
+		f, isFile := out.(*os.File)
+		color := isFile && isatty.IsTerminal(f.Fd())
+		w = zerolog.ConsoleWriter{Out: out, TimeFormat: time.RFC3339, NoColor: !color}
 	}
 	return zerolog.New(w).Level(level).With().Timestamp().Logger()
 }

@@ -1,33 +1,36 @@
 // Command tapsync-demo shows tapsync's job on one machine, end to end: it
 // boots a small Linux guest in QEMU inside a pod-like network namespace,
-// lets the reconciler wire a container link into the running guest, pings
-// the guest through it, adds and removes a second link, and cleans
-// everything up. Run it as root (`make demo`).
+// starts `tapsync run` on it, adds a container link that the daemon wires
+// into the running guest by itself, pings the guest through it, adds and
+// removes a second link, prints `tapsync status`, and cleans everything
+// up. Run it as root (`make demo`).
 package main
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"flag"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/rs/zerolog"
-	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/e2e/testvm"
-	"github.com/tapsync/tapsync/reconcile"
-	"github.com/tapsync/tapsync/state"
 )
 
+var tapsyncBin = flag.String("tapsync", "bin/tapsync", "the tapsync binary to run")
+
 func main() {
+	flag.Parse()
 	if err := run(); err != nil {
 		fmt.Fprintf(os.Stderr, "\ndemo failed: %v\n", err)
 		os.Exit(1)
@@ -100,18 +103,64 @@ func run() error {
 		return err
 	}
 	cleanups = append(cleanups, func() { os.RemoveAll(stateDir) })
-	store, err := state.Open(stateDir)
+	cfgPath := filepath.Join(stateDir, "config.toml")
+	cfg := fmt.Sprintf(`# demo: one static sandbox, nothing else
+state_dir = %q
+metrics_address = ""
+[containerd]
+enabled = false
+[discovery]
+proc = false
+[[sandbox]]
+id = "demo-pod"
+netns = %q
+qmp = %q
+`, filepath.Join(stateDir, "run"), nsPath, vm.QMP)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		return err
+	}
+	step("starting the daemon: %s run --config %s", *tapsyncBin, cfgPath)
+	for _, l := range strings.Split(strings.TrimSpace(cfg), "\n") {
+		info("  %s", l)
+	}
+	daemon := exec.Command(*tapsyncBin, "run", "--config", cfgPath, "--log-format", "console")
+	daemon.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	logs, err := daemon.StderrPipe()
 	if err != nil {
 		return err
 	}
-	log := zerolog.New(zerolog.ConsoleWriter{Out: os.Stdout, NoColor: true, PartsExclude: []string{zerolog.TimestampFieldName},
-		FormatLevel: func(any) string { return "    log:" }}).Level(zerolog.InfoLevel)
-	ctx = log.WithContext(ctx)
-	r := reconcile.New(store)
-	cleanups = append(cleanups, r.Close)
-	sb := reconcile.Sandbox{ID: "demo-pod", Netns: nsPath, QMP: vm.QMP}
-	if err := r.Set(sb); err != nil {
-		return err
+	if err := daemon.Start(); err != nil {
+		return fmt.Errorf("start %s (run `make build` first): %w", *tapsyncBin, err)
+	}
+	daemonDone := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(logs)
+		for sc.Scan() {
+			fmt.Printf("    tapsync| %s\n", sc.Text())
+		}
+		daemon.Wait()
+		close(daemonDone)
+	}()
+	cleanups = append(cleanups, func() {
+		daemon.Process.Signal(syscall.SIGTERM) // by pid: the daemon this demo started
+		select {
+		case <-daemonDone:
+		case <-time.After(10 * time.Second):
+			daemon.Process.Kill()
+			<-daemonDone
+		}
+	})
+	cli := func(args ...string) (string, error) {
+		return sh(*tapsyncBin, append(args, "--state-dir", filepath.Join(stateDir, "run"))...)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := cli("status"); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			return fmt.Errorf("daemon did not come up: %w", err)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 
 	links := map[string]net.HardwareAddr{"eth0": testvm.TestMAC(1), "net1": testvm.TestMAC(2)}
@@ -126,22 +175,6 @@ func run() error {
 		_, err := sh("ip", "-n", nodeNS, "addr", "add", fmt.Sprintf("%s/%d", testvm.PeerIP(mac), testvm.PrefixLen), "dev", peer)
 		info("CNI-style veth %s (MAC %s) is in the pod; its peer %s has %s", name, mac, peer, testvm.PeerIP(mac))
 		return err
-	}
-	reconcileAndShow := func() error {
-		p, err := r.Plan(ctx, sb.ID)
-		if err != nil {
-			return err
-		}
-		info("tapsync plan:")
-		if p.Empty() {
-			info("  (nothing to do)")
-		}
-		for _, line := range strings.Split(strings.TrimRight(p.String(), "\n"), "\n") {
-			if line != "" {
-				info("  %s", line)
-			}
-		}
-		return r.Reconcile(ctx, sb.ID)
 	}
 	waitGuest := func(re *regexp.Regexp, off int64) error {
 		wctx, cancel := context.WithTimeout(ctx, time.Minute)
@@ -171,12 +204,9 @@ func run() error {
 		}
 	}
 
-	step("adding container link eth0 and reconciling")
-	if err := addLink("eth0"); err != nil {
-		return err
-	}
+	step("a CNI plugin puts eth0 into the pod; nobody tells tapsync, it notices by itself")
 	off := vm.SerialOffset()
-	if err := reconcileAndShow(); err != nil {
+	if err := addLink("eth0"); err != nil {
 		return err
 	}
 	if err := waitGuest(testvm.NICUpRE(links["eth0"]), off); err != nil {
@@ -193,11 +223,8 @@ func run() error {
 	}
 
 	step("a second network appears (Multus-style): net1")
-	if err := addLink("net1"); err != nil {
-		return err
-	}
 	off = vm.SerialOffset()
-	if err := reconcileAndShow(); err != nil {
+	if err := addLink("net1"); err != nil {
 		return err
 	}
 	if err := waitGuest(testvm.NICUpRE(links["net1"]), off); err != nil {
@@ -207,17 +234,16 @@ func run() error {
 		return err
 	}
 
-	step("reconciling again: a converged pod needs nothing")
-	if err := reconcileAndShow(); err != nil {
+	step("tapsync plan: what a reconcile would do now")
+	out, err = cli("plan")
+	if err != nil {
 		return err
 	}
+	info("%s", strings.TrimSpace(out))
 
 	step("net1 is deleted from the pod; tapsync unplugs it from the guest first, then removes tap and filters")
-	if _, err := sh("ip", "-n", sandboxNS, "link", "del", "net1"); err != nil {
-		return err
-	}
 	off = vm.SerialOffset()
-	if err := reconcileAndShow(); err != nil {
+	if _, err := sh("ip", "-n", sandboxNS, "link", "del", "net1"); err != nil {
 		return err
 	}
 	if err := waitGuest(testvm.NICGoneRE(links["net1"]), off); err != nil {
@@ -227,13 +253,13 @@ func run() error {
 		return err
 	}
 
-	step("status")
-	for _, s := range r.Status() {
-		info("sandbox %s  netns %s  qmp %s", s.Sandbox.ID, s.Sandbox.Netns, s.Sandbox.QMP)
-		info("  last reconcile %s, error %q", s.LastReconcile.Format(time.TimeOnly), s.LastError)
-		for _, e := range s.Endpoints {
-			info("  endpoint %d: %s (%s) → %s, %d queue(s)", e.Index, e.LinkName, e.LinkMAC, datapath.TapName(e.Index), e.Queues)
-		}
+	step("tapsync status")
+	out, err = cli("status")
+	if err != nil {
+		return err
+	}
+	for _, l := range strings.Split(strings.TrimRight(out, "\n"), "\n") {
+		info("%s", l)
 	}
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -108,9 +109,10 @@ func (s *sandbox) redirects(t *testing.T) []datapath.Redirect {
 // sandbox, used to prove that a repeated operation changed nothing.
 func (s *sandbox) tcShow(t *testing.T) string {
 	t.Helper()
-	out := testnet.IP(t, "-n", s.ns.Name, "-d", "link", "show")
+	links := testnet.IP(t, "-n", s.ns.Name, "-o", "link", "show")
+	out := ""
 	for _, l := range []string{"eth0", datapath.TapName(0), datapath.TapName(1)} {
-		if !strings.Contains(out, l+":") && !strings.Contains(out, l+"@") {
+		if !strings.Contains(links, " "+l+":") && !strings.Contains(links, " "+l+"@") {
 			continue
 		}
 		out += testnet.Run(t, "tc", "-n", s.ns.Name, "qdisc", "show", "dev", l)
@@ -175,14 +177,15 @@ func TestEnsureTapIdempotent(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		before := testnet.IP(t, "-n", s.ns.Name, "-d", "link", "show", datapath.TapName(idx))
 		second, err := s.n.EnsureTap(ctx, spec)
 		if err != nil {
 			t.Fatal(err)
 		}
-		after := testnet.IP(t, "-n", s.ns.Name, "-d", "link", "show", datapath.TapName(idx))
-		if first.Ifindex != second.Ifindex || before != after {
-			t.Errorf("second EnsureTap changed the tap:\n%s\n%s", before, after)
+		// Operational state settles asynchronously in the kernel
+		// (linkwatch); everything else must be identical.
+		first.OperState, second.OperState = "", ""
+		if !reflect.DeepEqual(first, second) {
+			t.Errorf("second EnsureTap changed the tap:\n%+v\n%+v", first, second)
 		}
 		if second.Kind != "tap" || !second.VnetHdr || !second.NoPI || !second.Persistent ||
 			second.MultiQueue != (q > 1) || second.MTU != 1450 || !second.Up {

@@ -59,6 +59,19 @@ func (n *Netns) Close() error {
 // locked, and Go discards it when the goroutine ends, so no other goroutine
 // ever runs in the wrong namespace.
 func (n *Netns) Do(fn func() error) error {
+	return onThread(func() error {
+		if err := netns.Set(n.ns); err != nil {
+			return fmt.Errorf("enter netns %s: %w", n.path, err)
+		}
+		return nil
+	}, fn)
+}
+
+// onThread runs fn on a locked OS thread after enter has moved the thread
+// into another network namespace, then moves it back. If it cannot move
+// back, the thread stays locked and Go discards it when the goroutine
+// ends, so no other goroutine ever runs in the wrong namespace.
+func onThread(enter, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -69,14 +82,19 @@ func (n *Netns) Do(fn func() error) error {
 			return
 		}
 		defer orig.Close()
-		if err := netns.Set(n.ns); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns %s: %w", n.path, err)
+		if err := enter(); err != nil {
+			// enter failed before or after switching: only a thread that
+			// is provably home again may be reused.
+			if cur, cerr := netns.Get(); cerr == nil && cur.Equal(orig) {
+				cur.Close()
+				runtime.UnlockOSThread()
+			}
+			errc <- err
 			return
 		}
 		ferr := fn()
 		if err := netns.Set(orig); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("leave netns %s: %w", n.path, err))
+			errc <- errors.Join(ferr, fmt.Errorf("return to the original netns: %w", err))
 			return // thread stays locked and dies with this goroutine
 		}
 		runtime.UnlockOSThread()

@@ -1,12 +1,9 @@
 package datapath
 
 import (
-	"errors"
 	"fmt"
-	"runtime"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -16,30 +13,12 @@ import (
 // classifier and the mirred action. It returns nil or an error naming the
 // first missing piece.
 func ProbeKernel() error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("get current netns: %w", err)
-			return
-		}
-		defer orig.Close()
+	return onThread(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("create a network namespace: %w", err)
-			return
+			return fmt.Errorf("create a network namespace: %w", err)
 		}
-		perr := probeHere()
-		if err := netns.Set(orig); err != nil {
-			errc <- errors.Join(perr, fmt.Errorf("return to the original netns: %w", err))
-			return // the thread stays locked and dies with this goroutine
-		}
-		runtime.UnlockOSThread()
-		errc <- perr
-	}()
-	return <-errc
+		return nil
+	}, probeHere)
 }
 
 // probeHere runs on a thread inside the throwaway namespace.

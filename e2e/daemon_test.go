@@ -245,15 +245,29 @@ qmp = %q
 	defer notify.Close()
 	d := startDaemonEnv(t, []string{"NOTIFY_SOCKET=" + notifyPath, "WATCHDOG_USEC=200000"}, "--config", cfg)
 	d.waitLog("tapsync running", nil)
-	gotNotify := map[string]bool{}
-	notify.SetReadDeadline(time.Now().Add(30 * time.Second))
-	for !gotNotify["READY=1"] || !gotNotify["WATCHDOG=1"] {
+	// Like systemd, keep reading the socket for the daemon's whole life.
+	notified := make(chan string, 64)
+	go func() {
 		buf := make([]byte, 256)
-		n, err := notify.Read(buf)
-		if err != nil {
-			t.Fatalf("systemd notifications: got %v, then %v", gotNotify, err)
+		for {
+			n, err := notify.Read(buf)
+			if err != nil {
+				return
+			}
+			select {
+			case notified <- string(buf[:n]):
+			default:
+			}
 		}
-		gotNotify[string(buf[:n])] = true
+	}()
+	gotNotify := map[string]bool{}
+	for timeout := time.After(30 * time.Second); !gotNotify["READY=1"] || !gotNotify["WATCHDOG=1"]; {
+		select {
+		case m := <-notified:
+			gotNotify[m] = true
+		case <-timeout:
+			t.Fatalf("systemd notifications: got %v, want READY=1 and WATCHDOG=1", gotNotify)
+		}
 	}
 	metricsAddr := d.waitLog("serving metrics", nil)["address"].(string)
 	sock := filepath.Join(r.stateDir, "control.sock")

@@ -48,7 +48,8 @@ type daemon struct {
 	// so containerd sandboxes missing from it died while we were away.
 	listed map[string]bool
 
-	baseCtx context.Context // carries the logger for events from sources
+	baseCtx  context.Context // carries the logger for events from sources
+	lastPass time.Time       // end of the last queue pass, for the watchdog
 }
 
 func newDaemon(cfg Config) (*daemon, error) {
@@ -237,6 +238,11 @@ func (d *daemon) discover(ctx context.Context, why string) {
 
 // work is one queue pass over sandbox id.
 func (d *daemon) work(ctx context.Context, id string) error {
+	defer func() {
+		d.mu.Lock()
+		d.lastPass = time.Now()
+		d.mu.Unlock()
+	}()
 	log := zerolog.Ctx(ctx).With().Str("sandbox", id).Logger()
 	ctx = log.WithContext(ctx)
 	d.mu.Lock()
@@ -366,11 +372,8 @@ func (d *daemon) run(ctx context.Context) error {
 	signal.Notify(signals, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(signals)
 	sddaemon.SdNotify(false, sddaemon.SdNotifyReady)
-	var watchdog <-chan time.Time
 	if iv, err := sddaemon.SdWatchdogEnabled(false); err == nil && iv > 0 {
-		t := time.NewTicker(iv / 2)
-		defer t.Stop()
-		watchdog = t.C
+		wg.Go(func() { d.watchdog(ctx, iv) })
 	}
 	resync := time.NewTimer(jitter(d.cfg.ResyncInterval))
 	defer resync.Stop()
@@ -392,8 +395,6 @@ func (d *daemon) run(ctx context.Context) error {
 			d.links.StopAll()
 			d.rec.Close()
 			return nil
-		case <-watchdog:
-			sddaemon.SdNotify(false, sddaemon.SdNotifyWatchdog)
 		case <-resync.C:
 			log.Debug().Str("reason", "periodic resync").Msg("resyncing every sandbox")
 			d.triggerAll("resync")
@@ -404,6 +405,28 @@ func (d *daemon) run(ctx context.Context) error {
 				d.m.gcRecords.Add(float64(len(gone)))
 			}
 			resync.Reset(jitter(d.cfg.ResyncInterval))
+		}
+	}
+}
+
+// watchdog pings systemd at half its interval, on its own goroutine (a
+// slow notify socket must never stall signal handling), and only while
+// the workers make progress: a queue that holds work but has finished no
+// pass for a whole interval is wedged, and systemd should restart us.
+func (d *daemon) watchdog(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		d.mu.Lock()
+		last := d.lastPass
+		d.mu.Unlock()
+		if d.queue.Len() == 0 || time.Since(last) < interval {
+			sddaemon.SdNotify(false, sddaemon.SdNotifyWatchdog)
 		}
 	}
 }

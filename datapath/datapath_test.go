@@ -338,6 +338,15 @@ func TestRedirectsIdempotentAndRemovable(t *testing.T) {
 		t.Errorf("owned redirects after re-create = %d, want 2", got)
 	}
 
+	// Removing the pair of the replaced tap (tp, gone) spares eth0's
+	// filter, which now belongs to tp2.
+	if err := s.n.RemoveRedirects(s.eth0.Ifindex, tp.Ifindex); err != nil {
+		t.Fatal(err)
+	}
+	if got := len(ownedRedirects(s.redirects(t))); got != 2 {
+		t.Errorf("removing a replaced pair took the new pair's filters: %d left, want 2", got)
+	}
+
 	// Remove twice: both succeed, eth0 is left with no filter of ours, the
 	// foreign filter is untouched.
 	for i := range 2 {

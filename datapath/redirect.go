@@ -209,40 +209,57 @@ func (n *Netns) delOurFilter(link netlink.Link, parent uint32) error {
 	return nil
 }
 
-// RemoveRedirects deletes tapsync's redirect filters from the ingress of
-// each given link. Links, hooks or filters that are already gone are
-// success. Filters of other owners and the ingress qdisc itself stay: the
-// qdisc may carry filters that are not ours.
-func (n *Netns) RemoveRedirects(ifindexes ...int) error {
+// RemoveRedirects deletes the redirect pair of one endpoint: our filter
+// on the tap, and our filter on the container link if it still points at
+// that tap (or at a device that no longer exists). A filter of ours on the
+// container link that points at another tap belongs to the endpoint that
+// replaced this one and stays. tap may be 0 when the tap is unknown; then
+// only a dangling filter on the container link is removed. Links, hooks
+// or filters already gone are success; filters of other owners and the
+// ingress qdisc itself always stay.
+func (n *Netns) RemoveRedirects(container, tap int) error {
 	var errs []error
-	for _, idx := range ifindexes {
-		if err := n.removeRedirect(idx); err != nil {
-			errs = append(errs, fmt.Errorf("netns %s: %w", n.path, err))
-		}
+	if tap > 0 {
+		errs = append(errs, n.removeRedirect(tap, func(Redirect) bool { return true }))
 	}
+	errs = append(errs, n.removeRedirect(container, func(r Redirect) bool {
+		if (r.To == tap && tap > 0) || r.To == 0 { // the kernel reports 0 once the target is gone
+			return true
+		}
+		_, err := n.h.LinkByIndex(r.To)
+		return isLinkNotFound(err)
+	}))
 	return errors.Join(errs...)
 }
 
-func (n *Netns) removeRedirect(ifindex int) error {
+// removeRedirect deletes our filter on ifindex's ingress if match says so.
+func (n *Netns) removeRedirect(ifindex int, match func(Redirect) bool) error {
 	link, err := n.h.LinkByIndex(ifindex)
 	if isLinkNotFound(err) {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("remove redirect from link %d: %w", ifindex, err)
+		return fmt.Errorf("netns %s: remove redirect from link %d: %w", n.path, ifindex, err)
 	}
 	parent, err := n.ingressParent(link)
 	if err != nil || parent == 0 {
-		return err
+		return wrapNetns(n, err)
 	}
 	rs, err := n.redirectsOn(link, parent)
 	if err != nil {
-		return err
+		return wrapNetns(n, err)
 	}
 	for _, r := range rs {
-		if r.Owned {
-			return n.delOurFilter(link, parent)
+		if r.Owned && match(r) {
+			return wrapNetns(n, n.delOurFilter(link, parent))
 		}
 	}
 	return nil
+}
+
+func wrapNetns(n *Netns, err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("netns %s: %w", n.path, err)
 }

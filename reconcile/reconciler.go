@@ -119,8 +119,7 @@ func (r *Reconciler) Forget(id string) error {
 	r.mu.Lock()
 	r.closeConnLocked(id)
 	delete(r.sandboxes, id)
-	delete(r.status, id)
-	delete(r.dialing, id)
+	delete(r.status, id) // r.dialing[id] stays: a dial may hold it
 	r.mu.Unlock()
 	return r.store.Delete(id)
 }
@@ -215,6 +214,10 @@ func (r *Reconciler) client(ctx context.Context, sb Sandbox) (*qmp.Client, error
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if cur, ok := r.sandboxes[sb.ID]; !ok || cur.QMP != sb.QMP {
+		c.Close() // forgotten or re-pointed while we dialled
+		return nil, fmt.Errorf("sandbox %s: %w while connecting to %s", sb.ID, ErrUnknownSandbox, sb.QMP)
+	}
 	if old := r.conns[sb.ID]; old != nil {
 		old.Close()
 	}
@@ -390,12 +393,8 @@ func teardownHost(ctx context.Context, host *datapath.Netns, store *state.Store,
 	recoverOrphans(v, &rec, &Plan{})
 	var errs []error
 	for _, e := range rec.Endpoints {
-		on := []int{e.LinkIfindex}
 		tap, ok := v.taps[e.Index]
-		if ok {
-			on = append(on, tap.Ifindex)
-		}
-		errs = append(errs, host.RemoveRedirects(on...))
+		errs = append(errs, host.RemoveRedirects(e.LinkIfindex, tap.Ifindex))
 		if ok && ourTap(tap) {
 			errs = append(errs, host.RemoveTap(e.Index))
 		}

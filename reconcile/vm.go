@@ -59,8 +59,12 @@ func (v qmpVM) PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, q *
 	return err
 }
 
-func (v qmpVM) UnplugNIC(ctx context.Context, index int) error {
-	err := v.c.RemoveNIC(ctx, index, v.unplugWait)
+func (v qmpVM) UnplugNIC(ctx context.Context, index int, wait bool) error {
+	d := v.unplugWait
+	if !wait {
+		d = 0
+	}
+	err := v.c.RemoveNIC(ctx, index, d)
 	if errors.Is(err, qmp.ErrRemovalPending) {
 		return fmt.Errorf("%w: %w", ErrUnplugPending, err)
 	}

@@ -56,6 +56,10 @@ type Endpoint struct {
 	// is set the index stays reserved, even if QEMU leaves the unplug
 	// pending for a long time.
 	Removing bool `json:"removing,omitempty"`
+	// UnplugRequested is set once QEMU has been asked to unplug the NIC
+	// and the guest has not acknowledged yet: later passes only check
+	// back instead of waiting again.
+	UnplugRequested bool `json:"unplug_requested,omitempty"`
 }
 
 // Endpoint returns the endpoint with index n.

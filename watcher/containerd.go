@@ -176,11 +176,12 @@ func (w *ctrWatcher) session(ctx context.Context) (connected bool, err error) {
 	}
 	envelopes, errs := cli.EventService().Subscribe(ctx, filters...)
 
-	if err := w.list(ctx, cli); err != nil {
+	listed, err := w.list(ctx, cli)
+	if err != nil {
 		return false, err
 	}
 	w.log.Info().Strs("namespaces", w.cfg.Namespaces).Strs("runtimes", w.cfg.Runtimes).Msg("containerd connected")
-	w.sink(Event{Kind: KindResyncAll, Source: SourceContainerd, Why: "containerd (re)connected"})
+	w.sink(Event{Kind: KindResyncAll, Source: SourceContainerd, Why: "containerd (re)connected", Listed: listed})
 
 	for {
 		select {
@@ -201,7 +202,8 @@ func (w *ctrWatcher) session(ctx context.Context) (connected bool, err error) {
 
 // list emits KindUpsert for every live sandbox in every namespace and
 // remembers all sandbox containers, live or not.
-func (w *ctrWatcher) list(ctx context.Context, cli *client.Client) error {
+func (w *ctrWatcher) list(ctx context.Context, cli *client.Client) (listed []string, err error) {
+	listed = []string{} // non-nil: an authoritative (possibly empty) listing
 	var runtimeFilters []string
 	for _, rt := range w.cfg.Runtimes {
 		runtimeFilters = append(runtimeFilters, "runtime.name=="+strconv.Quote(rt))
@@ -213,7 +215,7 @@ func (w *ctrWatcher) list(ctx context.Context, cli *client.Client) error {
 		recs, err := cli.ContainerService().List(nctx, runtimeFilters...)
 		cancel()
 		if err != nil {
-			return fmt.Errorf("list containers of containerd at %s in namespace %s: %w", w.cfg.Address, ns, err)
+			return nil, fmt.Errorf("list containers of containerd at %s in namespace %s: %w", w.cfg.Address, ns, err)
 		}
 		for _, rec := range recs {
 			sb, skip := w.sandboxOf(rec)
@@ -224,14 +226,15 @@ func (w *ctrWatcher) list(ctx context.Context, cli *client.Client) error {
 			w.known[ctrKey{ns, rec.ID}] = true
 			live, err := w.taskLive(ctx, cli, ns, rec.ID)
 			if err != nil {
-				return err
+				return nil, err
 			}
 			if live {
+				listed = append(listed, sb.ID)
 				w.upsert(ns, sb, "running at (re)connect")
 			}
 		}
 	}
-	return nil
+	return listed, nil
 }
 
 // taskLive reports whether the container's task runs (or is paused: its
@@ -246,11 +249,14 @@ func (w *ctrWatcher) taskLive(ctx context.Context, cli *client.Client, ns, id st
 		}
 		return false, fmt.Errorf("get task %s of containerd at %s in namespace %s: %w", id, w.cfg.Address, ns, err)
 	}
+	// Only positive evidence ends a sandbox: containerd reports UNKNOWN
+	// when a (slow) shim does not answer, and tearing down a live VM's
+	// taps would cut its network.
 	switch resp.GetProcess().GetStatus() {
-	case task.Status_RUNNING, task.Status_PAUSED, task.Status_PAUSING:
-		return true, nil
+	case task.Status_STOPPED, task.Status_CREATED:
+		return false, nil
 	}
-	return false, nil
+	return true, nil
 }
 
 // handle turns one event into at most one Event. An error means

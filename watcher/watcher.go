@@ -57,6 +57,11 @@ type Event struct {
 	Path    string  // KindNetns, KindNetnsGone
 	ID      string  // KindSandbox, KindGone
 	Sandbox Sandbox // KindUpsert
+	// Listed, on a KindResyncAll from a source that lists everything it
+	// knows (containerd, after each (re)connect), holds the IDs that
+	// listing found alive. A sandbox registered by that source and missing
+	// from Listed ended while the source was unreachable.
+	Listed []string
 }
 
 // Sink receives events. It must not block: sources call it from their

@@ -115,7 +115,11 @@ func runChecks(ctx context.Context, cfg Config) []checkResult {
 		cancel()
 		switch {
 		case errors.Is(err, qmp.ErrNoGreeting):
-			add("ok", fmt.Sprintf("sandbox %s: QMP socket %s is busy (a running tapsync holds it)", s.ID, s.QMP), "")
+			holder, todo := "another client", "make sure no other tool holds this monitor; Kata's own monitor is taken by Kata (use its extra monitor socket)"
+			if _, err := newControlClient(controlSocketPath(cfg.StateDir)).status(); err == nil {
+				holder, todo = "probably the running tapsync daemon", ""
+			}
+			add("warn", fmt.Sprintf("sandbox %s: QMP socket %s is busy, held by %s", s.ID, s.QMP, holder), todo)
 		case err != nil:
 			add("FAIL", fmt.Sprintf("sandbox %s: QMP socket %s: %v", s.ID, s.QMP, err), "start the VM with -qmp unix:"+s.QMP+",server=on,wait=off")
 		default:

@@ -176,11 +176,12 @@ func (c *Config) Validate() error {
 	default:
 		bad("defaults.vhost", "%q is not auto, on or off", d.Vhost)
 	}
-	if d.QMPTimeout <= 0 {
-		bad("defaults.qmp_timeout", "must be positive, got %v", d.QMPTimeout)
+	// Upper bounds: a worker waits this long per command or unplug.
+	if d.QMPTimeout <= 0 || d.QMPTimeout > time.Minute {
+		bad("defaults.qmp_timeout", "%v is outside (0, 1m]", d.QMPTimeout)
 	}
-	if d.UnplugTimeout <= 0 {
-		bad("defaults.unplug_timeout", "must be positive, got %v", d.UnplugTimeout)
+	if d.UnplugTimeout <= 0 || d.UnplugTimeout > 5*time.Minute {
+		bad("defaults.unplug_timeout", "%v is outside (0, 5m]", d.UnplugTimeout)
 	}
 	if cd := c.Containerd; cd.Enabled {
 		if cd.Address == "" {
@@ -197,6 +198,7 @@ func (c *Config) Validate() error {
 		}
 	}
 	seen := map[string]bool{}
+	netnsOf, qmpOf := map[string]string{}, map[string]string{}
 	for i, s := range c.Sandboxes {
 		key := fmt.Sprintf("sandbox[%d]", i)
 		if s.ID != "" {
@@ -214,6 +216,13 @@ func (c *Config) Validate() error {
 		if !filepath.IsAbs(s.QMP) {
 			bad(key+".qmp", "%q is not an absolute path", s.QMP)
 		}
+		if other, dup := netnsOf[s.Netns]; dup {
+			bad(key+".netns", "%s is already the netns of sandbox %q", s.Netns, other)
+		}
+		if other, dup := qmpOf[s.QMP]; dup {
+			bad(key+".qmp", "%s is already the QMP socket of sandbox %q (a socket serves one client)", s.QMP, other)
+		}
+		netnsOf[s.Netns], qmpOf[s.QMP] = s.ID, s.ID
 		if s.Model != "" {
 			checkModel(key+".model", s.Model)
 		}

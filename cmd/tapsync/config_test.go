@@ -56,6 +56,11 @@ func TestConfigRefused(t *testing.T) {
 		{"netns escaping netns_dir", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/../a\"\nqmp = \"/run/a.sock\"\n", `sandbox "a".netns`},
 		{"duplicate id", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/a.sock\"\n" +
 			"[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/b\"\nqmp = \"/run/b.sock\"\n", "duplicate sandbox id"},
+		{"shared netns", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/a.sock\"\n" +
+			"[[sandbox]]\nid = \"b\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/b.sock\"\n", `already the netns of sandbox "a"`},
+		{"shared qmp socket", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/a.sock\"\n" +
+			"[[sandbox]]\nid = \"b\"\nnetns = \"/var/run/netns/b\"\nqmp = \"/run/a.sock\"\n", `already the QMP socket of sandbox "a"`},
+		{"unplug timeout too long", "[defaults]\nunplug_timeout = \"1h\"\n", "defaults.unplug_timeout"},
 		{"bad id", "[[sandbox]]\nid = \"../x\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/a.sock\"\n", "sandbox \"../x\".id"},
 		{"relative qmp", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/a\"\nqmp = \"a.sock\"\n", `sandbox "a".qmp`},
 		{"garbage", "this is not toml", "config"},

@@ -108,16 +108,27 @@ func (l rootOnly) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		raw, err := c.SyscallConn()
-		var cred *unix.Ucred
-		if err == nil {
-			raw.Control(func(fd uintptr) { cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) })
-		}
-		if err == nil && cred.Uid == 0 {
+		if peerIsRoot(c) {
 			return c, nil
 		}
 		c.Close()
 	}
+}
+
+// peerIsRoot reports whether the process on the other end runs as root.
+func peerIsRoot(c *net.UnixConn) bool {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil || credErr != nil || cred == nil {
+		return false
+	}
+	return cred.Uid == 0
 }
 
 func (d *daemon) serveControl(ctx context.Context) (io.Closer, error) {
@@ -235,4 +246,10 @@ func (c *controlClient) do(method, path string, out any) error {
 		return fmt.Errorf("daemon: %s: %s", resp.Status, e.Error)
 	}
 	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+// status asks the daemon for its status.
+func (c *controlClient) status() ([]statusJSON, error) {
+	var st []statusJSON
+	return st, c.do("GET", "/v1/status", &st)
 }

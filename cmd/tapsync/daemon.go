@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -43,10 +44,6 @@ type daemon struct {
 	origin  map[string]string    // sandbox id → who registered it
 	gone    map[string]bool      // sandboxes to tear down on their next pass
 	pending map[string]time.Time // first trigger since the sandbox last converged
-	// containerd sandboxes upserted since its last full listing ended; a
-	// full listing (ended by KindResyncAll) is containerd's whole picture,
-	// so containerd sandboxes missing from it died while we were away.
-	listed map[string]bool
 
 	baseCtx  context.Context // carries the logger for events from sources
 	lastPass time.Time       // end of the last queue pass, for the watchdog
@@ -59,7 +56,7 @@ func newDaemon(cfg Config) (*daemon, error) {
 	}
 	d := &daemon{
 		cfg: cfg, store: store, rec: reconcile.New(store), queue: reconcile.NewQueue(),
-		origin: map[string]string{}, gone: map[string]bool{}, pending: map[string]time.Time{}, listed: map[string]bool{},
+		origin: map[string]string{}, gone: map[string]bool{}, pending: map[string]time.Time{},
 	}
 	d.links = watcher.NewLinkWatcher(d.handle)
 	d.m = newMetrics(d)
@@ -84,6 +81,32 @@ func (d *daemon) sandboxFor(id, netns, qmpPath string, queues *int) reconcile.Sa
 // register adds or updates a sandbox and asks for a pass over it.
 func (d *daemon) register(ctx context.Context, sb reconcile.Sandbox, origin, why string) {
 	log := zerolog.Ctx(ctx)
+	d.mu.Lock()
+	prevOrigin := d.origin[sb.ID]
+	d.mu.Unlock()
+	if prevOrigin == originConfig && origin != originConfig {
+		log.Debug().Str("sandbox", sb.ID).Str("source", origin).Msg("sandbox is in the config file; the config's settings win")
+		d.trigger(sb.ID, origin)
+		return
+	}
+	if origin != originProc {
+		// /proc discovery only stands in until a better source names the
+		// same VM: the containerd or config entry replaces it.
+		for _, id := range d.sandboxesIn(sb.Netns) {
+			d.mu.Lock()
+			isProc := id != sb.ID && d.origin[id] == originProc
+			if isProc {
+				delete(d.origin, id)
+			}
+			d.mu.Unlock()
+			if isProc {
+				log.Info().Str("sandbox", id).Str("replaced_by", sb.ID).Str("source", origin).Msg("discovered sandbox now known by name")
+				d.links.Stop(id)
+				d.rec.Forget(id)
+				d.queue.Forget(id)
+			}
+		}
+	}
 	if err := d.rec.Set(sb); err != nil {
 		log.Error().Err(err).Str("sandbox", sb.ID).Str("source", origin).Msg("sandbox refused")
 		return
@@ -157,37 +180,31 @@ func (d *daemon) handle(e watcher.Event) {
 		d.trigger(e.ID, src)
 	case watcher.KindUpsert:
 		s := e.Sandbox
-		if e.Source == watcher.SourceContainerd {
-			d.mu.Lock()
-			d.listed[s.ID] = true
-			d.mu.Unlock()
-		}
 		d.register(ctx(), d.sandboxFor(s.ID, s.Netns, s.QMP, nil), src, e.Why)
 	case watcher.KindGone:
 		d.markGone(e.ID)
 	case watcher.KindResyncAll:
 		zerolog.Ctx(ctx()).Info().Str("source", src).Str("reason", e.Why).Msg("resyncing every sandbox")
-		if e.Source == watcher.SourceContainerd {
-			d.dropUnlisted(ctx())
+		if e.Listed != nil {
+			d.dropUnlisted(ctx(), string(e.Source), e.Listed)
 		}
 		d.triggerAll(src)
 	}
 }
 
-// dropUnlisted tears down containerd sandboxes that containerd's latest
-// full listing no longer contains (they ended while it was unreachable).
-func (d *daemon) dropUnlisted(ctx context.Context) {
+// dropUnlisted tears down the sandboxes of a source that its latest full
+// listing no longer contains (they ended while it was unreachable).
+func (d *daemon) dropUnlisted(ctx context.Context, source string, listed []string) {
 	d.mu.Lock()
 	var stale []string
 	for id, o := range d.origin {
-		if o == originContainerd && !d.listed[id] {
+		if o == source && !slices.Contains(listed, id) {
 			stale = append(stale, id)
 		}
 	}
-	d.listed = map[string]bool{}
 	d.mu.Unlock()
 	for _, id := range stale {
-		zerolog.Ctx(ctx).Info().Str("sandbox", id).Str("source", originContainerd).Msg("sandbox no longer listed by containerd; tearing down")
+		zerolog.Ctx(ctx).Info().Str("sandbox", id).Str("source", source).Msg("sandbox no longer listed by its source; tearing down")
 		d.markGone(id)
 	}
 }
@@ -196,7 +213,8 @@ func (d *daemon) dropUnlisted(ctx context.Context) {
 // never overlaps a reconcile of the same sandbox.
 func (d *daemon) markGone(id string) {
 	d.mu.Lock()
-	_, known := d.origin[id]
+	o, known := d.origin[id]
+	known = known && o != originConfig // config sandboxes stay until the config changes
 	if known {
 		d.gone[id] = true
 	}

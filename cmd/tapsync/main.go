@@ -155,8 +155,8 @@ func newStatusCmd(client func() (*controlClient, error)) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var st []statusJSON
-			if err := c.do("GET", "/v1/status", &st); err != nil {
+			st, err := c.status()
+			if err != nil {
 				return err
 			}
 			out := cmd.OutOrStdout()

@@ -1,0 +1,48 @@
+package reconcile
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/tapsync/tapsync/state"
+)
+
+func TestCollectGarbage(t *testing.T) {
+	dir := t.TempDir()
+	store, err := state.Open(filepath.Join(dir, "state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	alive := filepath.Join(dir, "netns-alive") // stands in for a bind-mounted netns file
+	if err := os.WriteFile(alive, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for id, netns := range map[string]string{
+		"gone":       filepath.Join(dir, "netns-gone"),
+		"alive":      alive,
+		"registered": filepath.Join(dir, "netns-gone-too"),
+	} {
+		if err := store.Save(state.Record{Sandbox: id, Netns: netns, Endpoints: []state.Endpoint{{Index: 0}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := New(store)
+	if err := r.Set(Sandbox{ID: "registered", Netns: filepath.Join(dir, "netns-gone-too"), QMP: "/nonexistent.sock"}); err != nil {
+		t.Fatal(err)
+	}
+	gone, err := r.CollectGarbage(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(gone, []string{"gone"}) {
+		t.Errorf("collected %v, want [gone]", gone)
+	}
+	ids, _ := store.List()
+	slices.Sort(ids)
+	if !slices.Equal(ids, []string{"alive", "registered"}) {
+		t.Errorf("records left %v, want alive and registered (a registered sandbox waits for its netns)", ids)
+	}
+}

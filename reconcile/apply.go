@@ -16,6 +16,10 @@ import (
 // retries later.
 var ErrUnplugPending = errors.New("unplug pending: guest has not acknowledged")
 
+// ErrIndexBurned is returned by VM.PlugNIC when QEMU holds the endpoint's
+// ids in a state it cannot undo; the endpoint must move to a new index.
+var ErrIndexBurned = errors.New("endpoint index unusable in this VM")
+
 // Host is the host side of one sandbox (implemented by *datapath.Netns).
 type Host interface {
 	Observe() (datapath.State, error)
@@ -118,6 +122,16 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 				}
 			}
 			log.Warn().Int("endpoint", n).Str("action", act.Op.String()).Msg("unplug pending: the guest has not acknowledged yet; the endpoint stays recorded and its index reserved")
+		case errors.Is(err, ErrIndexBurned):
+			blocked[n] = true
+			errs = append(errs, fmt.Errorf("endpoint %d: %s: %w", n, act, err))
+			e := act.Endpoint
+			e.Removing, e.Burned = true, true
+			rec.Put(e)
+			if err := a.Recorder.Save(rec); err != nil {
+				return rec, out, errors.Join(append(errs, fmt.Errorf("endpoint %d: record burned index: %w", n, err))...)
+			}
+			log.Warn().Int("endpoint", n).Msg("QEMU cannot reuse this endpoint's ids; the link moves to a new index on the next pass")
 		case err != nil && !act.Op.Mutates():
 			return rec, out, errors.Join(append(errs, fmt.Errorf("endpoint %d: %s: %w", n, act.Op, err))...)
 		case err != nil:

@@ -27,12 +27,14 @@ type world struct {
 	saves       int
 	mutations   int
 	hangUnplug  bool // the guest never acknowledges device_del
+	orphaned    map[int]bool // netdevs QEMU holds but cannot delete
 	failOp      Op   // this op fails once when failNext is set
 	failNext    bool
 }
 
 func newWorld() *world {
-	return &world{nextIfindex: 2, taps: map[int]*datapath.Tap{}, netdevs: map[int]bool{}, rec: state.Record{Version: state.Version, Sandbox: "sb"}}
+	return &world{nextIfindex: 2, taps: map[int]*datapath.Tap{}, netdevs: map[int]bool{}, orphaned: map[int]bool{},
+		rec: state.Record{Version: state.Version, Sandbox: "sb"}}
 }
 
 func (w *world) clone() *world {
@@ -214,6 +216,9 @@ func (w *world) PlugNIC(_ context.Context, index int, mac net.HardwareAddr, q *d
 	if slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == index }) {
 		return fmt.Errorf("device tapsync-net%d exists", index)
 	}
+	if w.orphaned[index] {
+		return fmt.Errorf("netdev tapsync-netdev%d: %w", index, ErrIndexBurned)
+	}
 	w.mutations++
 	w.netdevs[index] = true
 	w.nics = append(w.nics, NIC{ID: fmt.Sprintf("tapsync-net%d", index), Index: index, Owned: true, MAC: mac})
@@ -226,11 +231,13 @@ func (w *world) UnplugNIC(_ context.Context, index int, _ bool) error {
 	if has && w.hangUnplug {
 		return fmt.Errorf("device tapsync-net%d: %w", index, ErrUnplugPending)
 	}
-	if has || w.netdevs[index] {
+	if has || (w.netdevs[index] && !w.orphaned[index]) {
 		w.mutations++
 	}
 	w.nics = slices.DeleteFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == index })
-	delete(w.netdevs, index)
+	if !w.orphaned[index] {
+		delete(w.netdevs, index)
+	}
 	if t, ok := w.taps[index]; ok {
 		t.Attached = 0
 	}

@@ -209,6 +209,22 @@ func (v view) ownedRedirectsOn(ifindexes ...int) bool {
 	return slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool { return r.Owned && slices.Contains(ifindexes, r.From) })
 }
 
+// pairLeft reports whether any of an endpoint's redirects remain, in the
+// terms of Host.RemoveRedirects: ours on its tap (tap 0: unknown), or ours
+// on its link pointing at its tap or at nothing. A filter of ours on the
+// link pointing at another tap belongs to a newer endpoint.
+func (v view) pairLeft(link, tap int) bool {
+	exists := func(i int) bool {
+		if _, ok := v.links[i]; ok {
+			return true
+		}
+		return slices.ContainsFunc(slices.Collect(maps.Values(v.taps)), func(t datapath.Tap) bool { return t.Ifindex == i })
+	}
+	return slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool {
+		return r.Owned && ((tap > 0 && r.From == tap) || (r.From == link && ((tap > 0 && r.To == tap) || !exists(r.To))))
+	})
+}
+
 // ourTap reports whether tap N looks like one tapsync makes (persistent,
 // vnet_hdr); Kata's transient taps share the name but not the shape.
 func ourTap(t datapath.Tap) bool { return t.Persistent && t.VnetHdr && t.NoPI && t.Kind == "tap" }
@@ -388,21 +404,20 @@ func remove(v view, e state.Endpoint, why string, p *Plan) {
 		p.Actions = append(p.Actions, Action{Op: OpMarkRemoving, Endpoint: e, Reason: why})
 		e.Removing = true
 	}
-	if _, ok := v.nics[e.Index]; ok || v.netdevs[e.Index] {
+	_, nicOK := v.nics[e.Index]
+	if nicOK || (v.netdevs[e.Index] && !e.Burned) {
 		p.Actions = append(p.Actions, Action{Op: OpUnplugNIC, Endpoint: e})
 	}
 	tap, tapOK := v.taps[e.Index]
-	on := []int{e.LinkIfindex}
-	if tapOK {
-		on = append(on, tap.Ifindex)
-	}
-	if v.ownedRedirectsOn(on...) {
+	if v.pairLeft(e.LinkIfindex, tap.Ifindex) {
 		p.Actions = append(p.Actions, Action{Op: OpRemoveRedirects, Endpoint: e})
 	}
 	if tapOK && ourTap(tap) {
 		p.Actions = append(p.Actions, Action{Op: OpDeleteTap, Endpoint: e})
 	}
-	p.Actions = append(p.Actions, Action{Op: OpForget, Endpoint: e})
+	if !e.Burned { // a burned index stays reserved while QEMU holds its leftover
+		p.Actions = append(p.Actions, Action{Op: OpForget, Endpoint: e})
+	}
 }
 
 // recoverOrphans puts back into rec the endpoints whose owned objects are

@@ -463,3 +463,24 @@ func TestAdoptionNeedsTheRuntimesRedirect(t *testing.T) {
 		t.Errorf("shared MAC: plan %q, skipped %v", got, p.Skipped)
 	}
 }
+
+func TestBurnedIndexMovesTheEndpoint(t *testing.T) {
+	// QEMU lost the NIC and holds a netdev it cannot delete: the link is
+	// re-wired under a new index and index 0 stays reserved.
+	w := wired(false)
+	w.nics = nil
+	w.orphaned[0] = true
+	if _, _, err := w.reconcile(Options{}); err == nil || !strings.Contains(err.Error(), "unusable") {
+		t.Fatalf("first pass = %v, want the burned index reported", err)
+	}
+	mustConverge(t, w, 1)
+	if e, ok := w.rec.Endpoint(0); !ok || !e.Burned {
+		t.Errorf("endpoint 0 = %+v, %v; want kept as burned", e, ok)
+	}
+	if !slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Index == 1 && n.MAC.String() == macN(1).String() }) {
+		t.Errorf("eth0 not re-wired under index 1: %+v", w.nics)
+	}
+	if _, ok := w.taps[0]; ok {
+		t.Error("burned endpoint's tap left behind")
+	}
+}

@@ -56,6 +56,9 @@ func parseNetdevID(id string) (int, bool) {
 
 func (v qmpVM) PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, q *datapath.Queues) error {
 	_, err := v.c.AddNIC(ctx, qmp.NIC{Index: index, MAC: mac, TapFDs: q.Tap, VhostFDs: q.Vhost})
+	if errors.Is(err, qmp.ErrNetdevOrphaned) {
+		return fmt.Errorf("%w: %w", ErrIndexBurned, err)
+	}
 	return err
 }
 

@@ -60,6 +60,10 @@ type Endpoint struct {
 	// and the guest has not acknowledged yet: later passes only check
 	// back instead of waiting again.
 	UnplugRequested bool `json:"unplug_requested,omitempty"`
+	// Burned marks an index QEMU can no longer use (a netdev id it holds
+	// but cannot delete). The entry stays, reserving the index, for the
+	// life of the record; the link gets an endpoint under a new index.
+	Burned bool `json:"burned,omitempty"`
 }
 
 // Endpoint returns the endpoint with index n.

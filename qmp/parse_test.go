@@ -69,11 +69,11 @@ func TestChoosePlacement(t *testing.T) {
 		want  placement
 		err   error
 	}{
-		{"first empty root port", q35, types, placement{bus: "rp2"}, nil},
-		{"bridge when no port is free", q35, bridgeOnly, placement{bus: "br1", slot: 3, addr: "0x3"}, nil},
+		{"last empty root port", q35, types, placement{bus: "rp4"}, nil},
+		{"bridge when no port is free", q35, bridgeOnly, placement{bus: "br1", slot: 31, addr: "0x1f"}, nil},
 		{"unknown types are not used", q35, map[string]string{}, placement{}, ErrNoFreeSlot},
 		{"q35 without ports", q35NoPorts, nil, placement{}, ErrNoFreeSlot},
-		{"pc root bus", pc, nil, placement{bus: "pci.0", slot: 3, addr: "0x3"}, nil},
+		{"pc root bus", pc, nil, placement{bus: "pci.0", slot: 31, addr: "0x1f"}, nil},
 		{"nothing", nil, nil, placement{}, ErrNoFreeSlot},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

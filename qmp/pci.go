@@ -76,6 +76,11 @@ type placement struct {
 // (Kata on q35 hot-plugs onto its own pci-bridge and tracks those slots
 // itself), then a free slot on a PCI bridge, then on pc a free slot of
 // pci.0. types maps /machine/peripheral ids to QOM types.
+//
+// Ports and slots are taken from the top down: Kata (and most VMMs)
+// allocate their own hot-plug places from the bottom up, from their own
+// bookkeeping, which does not see ours. Starting at the other end keeps the
+// two apart until the bus is nearly full.
 func choosePlacement(buses []pciBus, types map[string]string) (placement, error) {
 	var ports, bridges []placement
 	var walk func(devs []pciDevice)
@@ -101,9 +106,9 @@ func choosePlacement(buses []pciBus, types map[string]string) (placement, error)
 	}
 	switch {
 	case len(ports) > 0:
-		return ports[0], nil
+		return ports[len(ports)-1], nil
 	case len(bridges) > 0:
-		return bridges[0], nil
+		return bridges[len(bridges)-1], nil
 	}
 	for _, b := range buses {
 		if b.Bus == 0 && isI440FX(b.Devices) {
@@ -115,7 +120,7 @@ func choosePlacement(buses []pciBus, types map[string]string) (placement, error)
 	return placement{}, ErrNoFreeSlot
 }
 
-// freeSlot returns the lowest slot in 1..31 with no function in use.
+// freeSlot returns the highest slot in 1..31 with no function in use.
 func freeSlot(devs []pciDevice) (int, bool) {
 	var used [32]bool
 	for _, d := range devs {
@@ -123,7 +128,7 @@ func freeSlot(devs []pciDevice) (int, bool) {
 			used[d.Slot] = true
 		}
 	}
-	for s := 1; s < len(used); s++ {
+	for s := len(used) - 1; s >= 1; s-- {
 		if !used[s] {
 			return s, true
 		}

@@ -261,7 +261,7 @@ func TestQEMUAddListRemove(t *testing.T) {
 	}
 	checkClosed(t, taps)
 	want := NICInfo{ID: "tapsync-net1", Index: 1, Owned: true, MAC: mac, Netdev: "tapsync-netdev1",
-		Bus: "rp1", Addr: "00.0", QOMPath: "/machine/peripheral/tapsync-net1"}
+		Bus: "rp4", Addr: "00.0", QOMPath: "/machine/peripheral/tapsync-net1"}
 	if !sameInfo(info, want) {
 		t.Errorf("AddNIC = %+v\nwant      %+v", info, want)
 	}
@@ -511,8 +511,8 @@ func TestQEMUPCMachine(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Slot 0 is the host bridge, slot 1 PIIX3.
-	if info.Bus != "pci.0" || info.Addr != "02.0" {
-		t.Errorf("AddNIC placed the NIC at %s %s, want pci.0 02.0", info.Bus, info.Addr)
+	if info.Bus != "pci.0" || info.Addr != "1f.0" {
+		t.Errorf("AddNIC placed the NIC at %s %s, want pci.0 1f.0 (the top free slot)", info.Bus, info.Addr)
 	}
 	nics, err := c.ListNICs(ctx)
 	if err != nil || len(nics) != 1 || !sameInfo(nics[0], info) {

@@ -26,9 +26,9 @@ type world struct {
 	rec         state.Record
 	saves       int
 	mutations   int
-	hangUnplug  bool // the guest never acknowledges device_del
+	hangUnplug  bool         // the guest never acknowledges device_del
 	orphaned    map[int]bool // netdevs QEMU holds but cannot delete
-	failOp      Op   // this op fails once when failNext is set
+	failOp      Op           // this op fails once when failNext is set
 	failNext    bool
 }
 

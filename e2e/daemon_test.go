@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/tapsync/tapsync/e2e/testnet"
+	"github.com/tapsync/tapsync/e2e/testproc"
 	"github.com/tapsync/tapsync/e2e/testvm"
 )
 
@@ -73,8 +74,7 @@ func startDaemonEnv(t *testing.T, env []string, args ...string) *daemonProc {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	if err := testproc.Start(cmd); err != nil {
 		t.Fatal(err)
 	}
 	d := &daemonProc{t: t, cmd: cmd, done: make(chan struct{})}

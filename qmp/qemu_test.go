@@ -14,10 +14,10 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/tapsync/tapsync/e2e/testproc"
 	"golang.org/x/sys/unix"
 )
 
@@ -81,8 +81,7 @@ func startVM(t *testing.T, machine string, rootPorts int, extra ...string) *test
 	defer errFile.Close()
 	vm.cmd = exec.Command("qemu-system-x86_64", args...)
 	vm.cmd.Stdout, vm.cmd.Stderr = errFile, errFile
-	vm.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // no orphan QEMU if the test binary dies
-	if err := vm.cmd.Start(); err != nil {
+	if err := testproc.Start(vm.cmd); err != nil { // no orphan QEMU if the test binary dies
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {

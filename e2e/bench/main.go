@@ -21,6 +21,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/tapsync/tapsync/e2e/testproc"
 	"github.com/tapsync/tapsync/e2e/testvm"
 )
 
@@ -80,12 +81,11 @@ func run(cycles int, bin string) error {
 	os.WriteFile(cfg, []byte(fmt.Sprintf("state_dir = %q\nmetrics_address = \"\"\n[containerd]\nenabled = false\n[discovery]\nproc = false\n"+
 		"[[sandbox]]\nid = \"bench\"\nnetns = %q\nqmp = %q\n", stateDir+"/s", nsPath, vm.QMP)), 0o600)
 	cmd := exec.Command(bin, "run", "--config", cfg, "--log-format", "json")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		return err
 	}
-	if err := cmd.Start(); err != nil {
+	if err := testproc.Start(cmd); err != nil { // dies with the bench
 		return err
 	}
 	defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()

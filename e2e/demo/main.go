@@ -24,6 +24,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/tapsync/tapsync/e2e/testproc"
 	"github.com/tapsync/tapsync/e2e/testvm"
 )
 
@@ -124,12 +125,11 @@ qmp = %q
 		info("  %s", l)
 	}
 	daemon := exec.Command(*tapsyncBin, "run", "--config", cfgPath, "--log-format", "console")
-	daemon.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	logs, err := daemon.StderrPipe()
 	if err != nil {
 		return err
 	}
-	if err := daemon.Start(); err != nil {
+	if err := testproc.Start(daemon); err != nil { // dies with the demo
 		return fmt.Errorf("start %s (run `make build` first): %w", *tapsyncBin, err)
 	}
 	daemonDone := make(chan struct{})

@@ -33,6 +33,7 @@ import (
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
+	"github.com/tapsync/tapsync/e2e/testproc"
 	"golang.org/x/sys/unix"
 )
 
@@ -188,9 +189,10 @@ func (c *Containerd) start() error {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = append(os.Environ(), "PATH="+filepath.Join(c.dir, "bin")+":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 	// Its own process group: a ^C to the test does not reach it before
-	// the cleanup does.
+	// the cleanup does. It dies with the test binary (its shims, which
+	// daemonize, do not: the cleanup handles those).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	if err := testproc.Start(cmd); err != nil {
 		return fmt.Errorf("start containerd: %w", err)
 	}
 	exited := make(chan struct{})

@@ -12,11 +12,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/tapsync/tapsync/e2e/testproc"
 )
 
 // EnvAccel overrides Options.Accel: tcg, kvm or auto.
@@ -183,7 +184,7 @@ func start(ctx context.Context, opts Options, accel string) (_ *VM, err error) {
 		Setpgid:   true,            // a ^C to the test is not QEMU's business; Stop is
 		Pdeathsig: syscall.SIGKILL, // no QEMU outlives a crashed test binary
 	}
-	err = startOnLockedThread(cmd)
+	err = testproc.Start(cmd)
 	logFile.Close() // QEMU holds its own copy
 	if err != nil {
 		return nil, fmt.Errorf("start QEMU: %w", err)
@@ -206,39 +207,6 @@ func start(ctx context.Context, opts Options, accel string) (_ *VM, err error) {
 		}
 	}
 	return v, nil
-}
-
-// startOnLockedThread starts cmd from one OS thread that lives as long as
-// the process. Pdeathsig fires when the thread that forked the child exits,
-// not the process (golang/go#27505), and Go ends a thread when a goroutine
-// that locked it returns without unlocking, which is how netns code gets
-// rid of a thread it moved into another namespace. Forking from such a
-// thread would kill QEMU mid-test; forking from this one cannot. The thread
-// also never changes namespace, so QEMU without NetNS starts in the
-// process's own.
-func startOnLockedThread(cmd *exec.Cmd) error {
-	spawner.once.Do(func() {
-		spawner.reqs = make(chan spawnRequest)
-		go func() {
-			runtime.LockOSThread() // never unlocked, and the goroutine never returns
-			for r := range spawner.reqs {
-				r.result <- r.cmd.Start()
-			}
-		}()
-	})
-	result := make(chan error, 1)
-	spawner.reqs <- spawnRequest{cmd, result}
-	return <-result
-}
-
-var spawner struct {
-	once sync.Once
-	reqs chan spawnRequest
-}
-
-type spawnRequest struct {
-	cmd    *exec.Cmd
-	result chan error
 }
 
 // waitQMP polls until the socket answers a command, then hangs up so that

@@ -233,9 +233,13 @@ func TestReconcileConvergesAndSurvivesCrashes(t *testing.T) {
 		r.check()
 	}
 	for k := 1; ; k++ { // remove path
+		off := r.vm.SerialOffset()
 		r.addLink("net1", net1)
 		r.converge()
-		off := r.vm.SerialOffset()
+		// The guest must have taken the NIC before it is unplugged, or it
+		// never announces it and never reports it gone either.
+		r.waitSerial(off, testvm.NICUpRE(net1))
+		off = r.vm.SerialOffset()
 		r.delLink("net1")
 		_, killed := r.reconcile(k)
 		r.converge()

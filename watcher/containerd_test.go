@@ -103,7 +103,7 @@ func TestContainerdUnavailable(t *testing.T) {
 		t.Fatal("WatchContainerd did not return 10s after ctx ended")
 	}
 	if n := r.len(); n != 0 {
-		t.Errorf("%d events without containerd:\n%s", n, formatCtrEvents(r.all(), 0))
+		t.Errorf("%d events without containerd:\n%s", n, formatEvents(r.all(), 0))
 	}
 }
 
@@ -161,8 +161,8 @@ func TestContainerdEvents(t *testing.T) {
 	resync := func(e Event) bool { return e.Kind == KindResyncAll && e.Source == SourceContainerd }
 
 	// Connect: Upsert of the running sandbox, then ResyncAll.
-	_, iA := ctrWait(t, r, 0, "Upsert sb-a from the listing", upsert(sandbox("sb-a", nsA)))
-	_, iR := ctrWait(t, r, 0, "ResyncAll after connecting", resync)
+	_, iA := r.wait(t, 0, "Upsert sb-a from the listing", upsert(sandbox("sb-a", nsA)))
+	_, iR := r.wait(t, 0, "ResyncAll after connecting", resync)
 	if iR < iA {
 		t.Errorf("ResyncAll (#%d) before the listing's Upsert (#%d)", iR, iA)
 	}
@@ -173,7 +173,7 @@ func TestContainerdEvents(t *testing.T) {
 	from := r.len()
 	b := run("sb-b", nsB.Path, testctr.RuntimeRunc, sandboxAnn)
 	started := time.Now()
-	ctrWait(t, r, from, "Upsert sb-b on task start", upsert(sandbox("sb-b", nsB)))
+	r.wait(t, from, "Upsert sb-b on task start", upsert(sandbox("sb-b", nsB)))
 	t.Logf("event latency, task started → Upsert: %v", time.Since(started).Round(time.Millisecond))
 
 	// Not sandboxes: another runtime, a CRI app container, a private
@@ -190,8 +190,8 @@ func TestContainerdEvents(t *testing.T) {
 		t.Fatalf("exec in sb-b: %v: %s", err, out)
 	}
 	run("sb-f", nsC.Path, testctr.RuntimeRunc, nil)
-	ctrWait(t, r, from, "Upsert sb-f", upsert(sandbox("sb-f", nsC)))
-	ctrNone(t, r, from, "event for a container that is not a sandbox", func(e Event) bool {
+	r.wait(t, from, "Upsert sb-f", upsert(sandbox("sb-f", nsC)))
+	r.none(t, from, "event for a container that is not a sandbox", func(e Event) bool {
 		return e.Kind != KindUpsert || e.Sandbox.ID != "sb-f"
 	})
 	logs.waitLine(t, "private netns skipped loudly", "private network namespace", `"level":"warn"`)
@@ -206,23 +206,23 @@ func TestContainerdEvents(t *testing.T) {
 	if err := b.Delete(); err != nil {
 		t.Fatal(err)
 	}
-	_, iGone := ctrWait(t, r, from, "Gone sb-b", goneOf("sb-b"))
+	_, iGone := r.wait(t, from, "Gone sb-b", goneOf("sb-b"))
 	t.Logf("delete requested (SIGKILL, wait, delete) → Gone: %v", time.Since(deleting).Round(time.Millisecond))
-	ctrNone(t, r, from, "event for the other runtime's container", func(e Event) bool {
+	r.none(t, from, "event for the other runtime's container", func(e Event) bool {
 		return e.ID == "other-runtime" || e.Sandbox.ID == "other-runtime"
 	})
-	ctrNone(t, r, iGone, "Upsert of sb-b after its Gone", upsertOf("sb-b"))
+	r.none(t, iGone, "Upsert of sb-b after its Gone", upsertOf("sb-b"))
 
 	// containerd crashes and comes back: the running sandboxes are listed
 	// again (their shims survived), then ResyncAll; sb-b stays gone.
 	from = r.len()
 	restarted := time.Now()
 	ctd.Restart()
-	ctrWait(t, r, from, "Upsert sb-a after containerd restart", upsert(sandbox("sb-a", nsA)))
-	ctrWait(t, r, from, "Upsert sb-f after containerd restart", upsert(sandbox("sb-f", nsC)))
-	ctrWait(t, r, from, "ResyncAll after containerd restart", resync)
+	r.wait(t, from, "Upsert sb-a after containerd restart", upsert(sandbox("sb-a", nsA)))
+	r.wait(t, from, "Upsert sb-f after containerd restart", upsert(sandbox("sb-f", nsC)))
+	r.wait(t, from, "ResyncAll after containerd restart", resync)
 	t.Logf("containerd killed → reconnected and listed: %v", time.Since(restarted).Round(time.Millisecond))
-	ctrNone(t, r, from, "Upsert of deleted sb-b after restart", upsertOf("sb-b"))
+	r.none(t, from, "Upsert of deleted sb-b after restart", upsertOf("sb-b"))
 
 	// containerd away for a while (socket gone): the source keeps
 	// retrying, then catches up.
@@ -237,56 +237,12 @@ func TestContainerdEvents(t *testing.T) {
 	}
 	from = r.len()
 	ctd.Restart()
-	ctrWait(t, r, from, "ResyncAll after containerd came back", resync)
-	ctrWait(t, r, from, "Upsert sb-a after containerd came back", upsert(sandbox("sb-a", nsA)))
+	r.wait(t, from, "ResyncAll after containerd came back", resync)
+	r.wait(t, from, "Upsert sb-a after containerd came back", upsert(sandbox("sb-a", nsA)))
 
 	// Still following events after all that.
 	nsG := testnet.NewNS(t, "ctrw")
 	from = r.len()
 	run("sb-g", nsG.Path, testctr.RuntimeRunc, sandboxAnn)
-	ctrWait(t, r, from, "Upsert sb-g after reconnects", upsert(sandbox("sb-g", nsG)))
-}
-
-// ctrWait polls until an event at index from or later matches, and
-// returns it with its index; on timeout it fails t with the events seen
-// (sandbox fields included).
-func ctrWait(t *testing.T, r *recorder, from int, what string, match func(Event) bool) (Event, int) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		evs := r.all()
-		for i := from; i < len(evs); i++ {
-			if match(evs[i]) {
-				return evs[i], i
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s; events since #%d:\n%s", what, from, formatCtrEvents(evs, from))
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
-// ctrNone fails t when an event at index from or later matches.
-func ctrNone(t *testing.T, r *recorder, from int, what string, match func(Event) bool) {
-	t.Helper()
-	evs := r.all()
-	for i := from; i < len(evs); i++ {
-		if match(evs[i]) {
-			t.Errorf("unexpected %s: event #%d; events since #%d:\n%s", what, i, from, formatCtrEvents(evs, from))
-			return
-		}
-	}
-}
-
-func formatCtrEvents(evs []Event, from int) string {
-	var b strings.Builder
-	for i := from; i < len(evs); i++ {
-		e := evs[i]
-		fmt.Fprintf(&b, "  #%d %s source=%s id=%q sandbox=%+v why=%q\n", i, e.Kind, e.Source, e.ID, e.Sandbox, e.Why)
-	}
-	if b.Len() == 0 {
-		return "  (none)\n"
-	}
-	return b.String()
+	r.wait(t, from, "Upsert sb-g after reconnects", upsert(sandbox("sb-g", nsG)))
 }

@@ -40,7 +40,7 @@ func (r *recorder) len() int {
 // it with its index. On timeout it fails t with the events seen.
 func (r *recorder) wait(t *testing.T, from int, what string, match func(Event) bool) (Event, int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(20 * time.Second)
 	for {
 		evs := r.all()
 		for i := from; i < len(evs); i++ {
@@ -71,7 +71,7 @@ func formatEvents(evs []Event, from int) string {
 	var b strings.Builder
 	for i := from; i < len(evs); i++ {
 		e := evs[i]
-		fmt.Fprintf(&b, "  #%d %s source=%s path=%q id=%q why=%q\n", i, e.Kind, e.Source, e.Path, e.ID, e.Why)
+		fmt.Fprintf(&b, "  #%d %s source=%s path=%q id=%q sandbox=%+v why=%q\n", i, e.Kind, e.Source, e.Path, e.ID, e.Sandbox, e.Why)
 	}
 	if b.Len() == 0 {
 		return "  (none)\n"

@@ -111,12 +111,3 @@ func (n *Netns) ContainerLinks() ([]Link, error) {
 	}
 	return out, nil
 }
-
-// LinkByIndex returns one link of the netns.
-func (n *Netns) LinkByIndex(ifindex int) (Link, error) {
-	l, err := n.h.LinkByIndex(ifindex)
-	if err != nil {
-		return Link{}, fmt.Errorf("link %d in netns %s: %w", ifindex, n.path, err)
-	}
-	return toLink(l), nil
-}

@@ -181,20 +181,6 @@ func (n *Netns) EnsureTap(ctx context.Context, spec TapSpec) (Tap, error) {
 	return toTap(t, spec.Index), nil
 }
 
-// SetTapMTU changes the MTU of an existing tap, for a container link whose
-// MTU changed; the tap stays plugged.
-func (n *Netns) SetTapMTU(index, mtu int) error {
-	name := TapName(index)
-	t, err := n.tap(name)
-	if err == nil && t.Attrs().MTU != mtu {
-		err = n.h.LinkSetMTU(t, mtu)
-	}
-	if err != nil {
-		return fmt.Errorf("netns %s: set mtu %d on %s: %w", n.path, mtu, name, err)
-	}
-	return nil
-}
-
 // createTap creates a persistent tap. Equivalent to:
 // ip tuntap add dev tapN_kata mode tap vnet_hdr [multi_queue]
 func (n *Netns) createTap(name string, flags uint16) error {

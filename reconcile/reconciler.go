@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -152,18 +153,8 @@ func (r *Reconciler) Status() []Status {
 		s.Sandbox = sb
 		out = append(out, s)
 	}
-	slices.SortFunc(out, func(a, b Status) int { return cmpString(a.Sandbox.ID, b.Sandbox.ID) })
+	slices.SortFunc(out, func(a, b Status) int { return strings.Compare(a.Sandbox.ID, b.Sandbox.ID) })
 	return out
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // ErrUnknownSandbox is returned for a sandbox id that is not registered.

@@ -29,7 +29,9 @@ ip link set lo up
 echo TAPSYNC-READY
 
 # Poll rather than rely on uevents: there is no udev/mdev here, and a short
-# sleep keeps the loop cheap under TCG. "seen" holds words "ifname=mac".
+# sleep keeps the loop cheap under TCG. "seen" holds words
+# "ifname=mac@ifindex": the ifindex tells a NIC replaced between two polls
+# (same name, same MAC) from the one it replaced.
 seen=""
 while :; do
 	now=""
@@ -37,14 +39,18 @@ while :; do
 		i=${d##*/}
 		[ "$i" = lo ] && continue
 		read -r mac <"$d/address" 2>/dev/null || continue
-		now="$now $i=$mac"
+		read -r idx <"$d/ifindex" 2>/dev/null || continue
+		now="$now $i=$mac@$idx"
 	done
 
 	# Report removals first, so a name reused for a new MAC reads in order.
 	for w in $seen; do
 		case " $now " in
 		*" $w "*) ;;
-		*) echo "TAPSYNC-NIC-GONE ${w%%=*} ${w#*=}" ;;
+		*)
+			rest=${w#*=}
+			echo "TAPSYNC-NIC-GONE ${w%%=*} ${rest%@*}"
+			;;
 		esac
 	done
 
@@ -54,6 +60,7 @@ while :; do
 		esac
 		i=${w%%=*}
 		mac=${w#*=}
+		mac=${mac%@*}
 		# The 5th and 6th bytes of aa:bb:cc:dd:ee:ff, as decimal octets.
 		b5=${mac#*:*:*:*:}
 		b5=${b5%%:*}

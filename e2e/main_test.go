@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"syscall"
 	"testing"
@@ -24,7 +25,11 @@ func TestMain(m *testing.M) {
 	if os.Getenv(helperEnv) == "reconcile" {
 		os.Exit(reconcileOnce())
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	if binPath != "" {
+		os.RemoveAll(filepath.Dir(binPath)) // the tapsync binary built for the daemon tests
+	}
+	os.Exit(code)
 }
 
 // reconcileOnce runs one reconcile of the sandbox described by the

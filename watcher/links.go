@@ -48,8 +48,10 @@ type LinkWatcher struct {
 	// rcvBuf, when non-zero, is the socket receive buffer of new
 	// subscriptions (SO_RCVBUFFORCE; the kernel's minimum is about 2 KiB).
 	rcvBuf atomic.Int64
-	// holdUpdate, when set, is called before each update is handled: a test
-	// blocks in it to let the socket overflow.
+	// holdUpdate, when set, is called before each update or subscription
+	// failure is handled: a test blocks in it to let the socket overflow
+	// and to get exactly one resubscription once it lets go.
+
 	holdUpdate func()
 }
 
@@ -245,6 +247,7 @@ func (w *LinkWatcher) run(ctx context.Context, id, path string, s *linkSub, done
 			s.close()
 			return
 		case u, ok := <-s.updates:
+			w.hold()
 			if !ok {
 				// The reader ended (ENOBUFS and other receive errors
 				// end it); its socket is still open.
@@ -253,11 +256,9 @@ func (w *LinkWatcher) run(ctx context.Context, id, path string, s *linkSub, done
 				s = w.resubscribe(ctx, id, path, reason)
 				continue
 			}
-			if w.holdUpdate != nil {
-				w.holdUpdate()
-			}
 			w.sink(Event{Kind: KindSandbox, Source: SourceNetlink, ID: id, Why: describeLinkUpdate(u)})
 		case <-s.failed:
+			w.hold()
 			reason := s.reason()
 			s.close()
 			s = w.resubscribe(ctx, id, path, reason)
@@ -280,6 +281,13 @@ func (w *LinkWatcher) run(ctx context.Context, id, path string, s *linkSub, done
 			}
 			s = w.resubscribe(ctx, id, path, reason)
 		}
+	}
+}
+
+// hold lets a test stop the loop before it acts on an update or a failure.
+func (w *LinkWatcher) hold() {
+	if w.holdUpdate != nil {
+		w.holdUpdate()
 	}
 }
 

@@ -51,7 +51,6 @@ type LinkWatcher struct {
 	// holdUpdate, when set, is called before each update or subscription
 	// failure is handled: a test blocks in it to let the socket overflow
 	// and to get exactly one resubscription once it lets go.
-
 	holdUpdate func()
 }
 

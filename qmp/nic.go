@@ -313,7 +313,8 @@ func (c *Client) delNetdev(ctx context.Context, id string) error {
 // hot-plug): RemoveNIC waits up to wait for DEVICE_DELETED and otherwise
 // returns an error wrapping ErrRemovalPending, leaving the netdev in place
 // (the device still uses it). A device or netdev that does not exist is
-// success, so removing twice succeeds.
+// success, so removing twice succeeds. A netdev QEMU cannot delete (see
+// ErrNetdevOrphaned) is reported, after the device is gone.
 func (c *Client) RemoveNIC(ctx context.Context, index int, wait time.Duration) error {
 	id := DeviceID(index)
 	if index < 0 {
@@ -339,8 +340,9 @@ func (c *Client) RemoveNIC(ctx context.Context, index int, wait time.Duration) e
 		return fmt.Errorf("remove %s from VM at %s: %w", id, c.path, err)
 	}
 
-	if err := c.delNetdev(ctx, NetdevID(index)); err != nil && !errors.Is(err, ErrNetdevOrphaned) {
-		// An orphaned netdev holds no device: nothing more to remove.
+	if err := c.delNetdev(ctx, NetdevID(index)); err != nil {
+		// ErrNetdevOrphaned: the device is gone but QEMU keeps a netdev it
+		// cannot delete; the caller must stop using this index.
 		return fmt.Errorf("remove %s from VM at %s: %w", id, c.path, err)
 	}
 	return nil

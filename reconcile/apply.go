@@ -16,8 +16,9 @@ import (
 // retries later.
 var ErrUnplugPending = errors.New("unplug pending: guest has not acknowledged")
 
-// ErrIndexBurned is returned by VM.PlugNIC when QEMU holds the endpoint's
-// ids in a state it cannot undo; the endpoint must move to a new index.
+// ErrIndexBurned is returned by VM.PlugNIC and VM.UnplugNIC when QEMU
+// holds the endpoint's ids in a state it cannot undo; the endpoint must
+// move to a new index, and the old one stays reserved.
 var ErrIndexBurned = errors.New("endpoint index unusable in this VM")
 
 // Host is the host side of one sandbox (implemented by *datapath.Netns).
@@ -40,7 +41,8 @@ type VM interface {
 	// rolled back.
 	PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, q *datapath.Queues) error
 	// UnplugNIC hot-removes endpoint index's NIC and then its netdev;
-	// gone is success, no acknowledgement in time is ErrUnplugPending.
+	// gone is success, no acknowledgement in time is ErrUnplugPending, a
+	// netdev QEMU cannot delete is ErrIndexBurned.
 	// With wait false it asks again and only checks whether the device
 	// has gone, without waiting for the guest.
 	UnplugNIC(ctx context.Context, index int, wait bool) error

@@ -235,9 +235,10 @@ func (w *world) UnplugNIC(_ context.Context, index int, _ bool) error {
 		w.mutations++
 	}
 	w.nics = slices.DeleteFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == index })
-	if !w.orphaned[index] {
-		delete(w.netdevs, index)
+	if w.orphaned[index] {
+		return fmt.Errorf("netdev tapsync-netdev%d: %w", index, ErrIndexBurned)
 	}
+	delete(w.netdevs, index)
 	if t, ok := w.taps[index]; ok {
 		t.Attached = 0
 	}

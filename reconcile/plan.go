@@ -412,7 +412,9 @@ func remove(v view, e state.Endpoint, why string, p *Plan) {
 	if v.pairLeft(e.LinkIfindex, tap.Ifindex) {
 		p.Actions = append(p.Actions, Action{Op: OpRemoveRedirects, Endpoint: e})
 	}
-	if tapOK && ourTap(tap) {
+	// A burned index's leftover netdev may still hold the tap's first
+	// queue: deleting the tap under QEMU is what the order exists to avoid.
+	if tapOK && ourTap(tap) && !(e.Burned && v.netdevs[e.Index]) {
 		p.Actions = append(p.Actions, Action{Op: OpDeleteTap, Endpoint: e})
 	}
 	if !e.Burned { // a burned index stays reserved while QEMU holds its leftover

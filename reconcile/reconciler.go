@@ -207,6 +207,9 @@ func (r *Reconciler) client(ctx context.Context, sb Sandbox) (*qmp.Client, error
 	defer r.mu.Unlock()
 	if cur, ok := r.sandboxes[sb.ID]; !ok || cur.QMP != sb.QMP {
 		c.Close() // forgotten or re-pointed while we dialled
+		if !ok {
+			delete(r.dialing, sb.ID)
+		}
 		return nil, fmt.Errorf("sandbox %s: %w while connecting to %s", sb.ID, ErrUnknownSandbox, sb.QMP)
 	}
 	if old := r.conns[sb.ID]; old != nil {

@@ -68,8 +68,11 @@ func (v qmpVM) UnplugNIC(ctx context.Context, index int, wait bool) error {
 		d = 0
 	}
 	err := v.c.RemoveNIC(ctx, index, d)
-	if errors.Is(err, qmp.ErrRemovalPending) {
+	switch {
+	case errors.Is(err, qmp.ErrRemovalPending):
 		return fmt.Errorf("%w: %w", ErrUnplugPending, err)
+	case errors.Is(err, qmp.ErrNetdevOrphaned):
+		return fmt.Errorf("%w: %w", ErrIndexBurned, err)
 	}
 	return err
 }

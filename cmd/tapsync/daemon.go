@@ -40,13 +40,14 @@ type daemon struct {
 	links *watcher.LinkWatcher
 	m     *metrics
 
-	mu      sync.Mutex
-	origin  map[string]string    // sandbox id → who registered it
-	gone    map[string]bool      // sandboxes to tear down on their next pass
-	pending map[string]time.Time // first trigger since the sandbox last converged
+	mu       sync.Mutex
+	origin   map[string]string    // sandbox id → who registered it
+	gone     map[string]bool      // sandboxes to tear down on their next pass
+	replaced map[string]string    // /proc sandboxes to hand over to a named one on their next pass
+	inflight map[string]time.Time // passes running now, by start time (for the watchdog)
+	pending  map[string]time.Time // first trigger since the sandbox last converged
 
-	baseCtx  context.Context // carries the logger for events from sources
-	lastPass time.Time       // end of the last queue pass, for the watchdog
+	baseCtx context.Context // carries the logger for events from sources
 }
 
 func newDaemon(cfg Config) (*daemon, error) {
@@ -57,6 +58,7 @@ func newDaemon(cfg Config) (*daemon, error) {
 	d := &daemon{
 		cfg: cfg, store: store, rec: reconcile.New(store), queue: reconcile.NewQueue(),
 		origin: map[string]string{}, gone: map[string]bool{}, pending: map[string]time.Time{},
+		replaced: map[string]string{}, inflight: map[string]time.Time{},
 	}
 	d.links = watcher.NewLinkWatcher(d.handle)
 	d.m = newMetrics(d)
@@ -91,19 +93,18 @@ func (d *daemon) register(ctx context.Context, sb reconcile.Sandbox, origin, why
 	}
 	if origin != originProc {
 		// /proc discovery only stands in until a better source names the
-		// same VM: the containerd or config entry replaces it.
+		// same VM: the containerd or config entry replaces it. The hand-over
+		// runs as a pass of the old key, so it never overlaps one.
 		for _, id := range d.sandboxesIn(sb.Netns) {
 			d.mu.Lock()
 			isProc := id != sb.ID && d.origin[id] == originProc
 			if isProc {
-				delete(d.origin, id)
+				d.replaced[id] = sb.ID
 			}
 			d.mu.Unlock()
 			if isProc {
 				log.Info().Str("sandbox", id).Str("replaced_by", sb.ID).Str("source", origin).Msg("discovered sandbox now known by name")
-				d.links.Stop(id)
-				d.rec.Forget(id)
-				d.queue.Forget(id)
+				d.queue.Add(id)
 			}
 		}
 	}
@@ -256,16 +257,23 @@ func (d *daemon) discover(ctx context.Context, why string) {
 
 // work is one queue pass over sandbox id.
 func (d *daemon) work(ctx context.Context, id string) error {
+	d.mu.Lock()
+	d.inflight[id] = time.Now()
+	d.mu.Unlock()
 	defer func() {
 		d.mu.Lock()
-		d.lastPass = time.Now()
+		delete(d.inflight, id)
 		d.mu.Unlock()
 	}()
 	log := zerolog.Ctx(ctx).With().Str("sandbox", id).Logger()
 	ctx = log.WithContext(ctx)
 	d.mu.Lock()
 	gone := d.gone[id]
+	heir, isReplaced := d.replaced[id]
 	d.mu.Unlock()
+	if isReplaced {
+		return d.handOver(ctx, id, heir)
+	}
 	if gone {
 		d.links.Stop(id)
 		err := d.rec.Teardown(ctx, id)
@@ -320,6 +328,35 @@ func (d *daemon) work(ctx context.Context, id string) error {
 			log.Info().Int("mutations", st.Mutations).Float64("latency_ms", float64(lat.Microseconds())/1000).Msg("converged")
 		}
 	}
+	return nil
+}
+
+// handOver retires /proc sandbox id in favour of heir, the same VM under
+// its real name: heir inherits the record (endpoint indexes, pending and
+// burned ones), nothing on the host or in QEMU changes.
+func (d *daemon) handOver(ctx context.Context, id, heir string) error {
+	old, err := d.store.Load(ctx, id)
+	if err != nil {
+		return err
+	}
+	if cur, err := d.store.Load(ctx, heir); err == nil && len(cur.Endpoints) == 0 && len(old.Endpoints) > 0 {
+		old.Sandbox = heir
+		if err := d.store.Save(old); err != nil {
+			return err
+		}
+	}
+	d.links.Stop(id)
+	if err := d.rec.Forget(id); err != nil {
+		return err
+	}
+	d.queue.Forget(id)
+	d.mu.Lock()
+	delete(d.replaced, id)
+	delete(d.origin, id)
+	delete(d.pending, id)
+	delete(d.gone, id)
+	d.mu.Unlock()
+	d.trigger(heir, originProc)
 	return nil
 }
 
@@ -427,10 +464,14 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 }
 
+// stuckPass is how long one pass may run before the daemon counts as
+// wedged. Every QMP command and unplug wait has its own deadline (at most
+// 1 min and 5 min by config), so only a deadlock gets this far.
+const stuckPass = 30 * time.Minute
+
 // watchdog pings systemd at half its interval, on its own goroutine (a
-// slow notify socket must never stall signal handling), and only while
-// the workers make progress: a queue that holds work but has finished no
-// pass for a whole interval is wedged, and systemd should restart us.
+// slow notify socket must never stall signal handling), unless a pass has
+// been running for longer than stuckPass: then systemd restarts us.
 func (d *daemon) watchdog(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval / 2)
 	defer t.Stop()
@@ -440,11 +481,18 @@ func (d *daemon) watchdog(ctx context.Context, interval time.Duration) {
 			return
 		case <-t.C:
 		}
+		stuck := ""
 		d.mu.Lock()
-		last := d.lastPass
+		for id, start := range d.inflight {
+			if time.Since(start) > stuckPass {
+				stuck = id
+			}
+		}
 		d.mu.Unlock()
-		if d.queue.Len() == 0 || time.Since(last) < interval {
+		if stuck == "" {
 			sddaemon.SdNotify(false, sddaemon.SdNotifyWatchdog)
+		} else {
+			zerolog.Ctx(ctx).Error().Str("sandbox", stuck).Dur("running_for", stuckPass).Msg("a reconcile pass is stuck; withholding the watchdog so that systemd restarts tapsync")
 		}
 	}
 }

@@ -45,8 +45,7 @@ func TestDaemonFollowsContainerd(t *testing.T) {
 	testnet.IP(t, "-n", host.Name, "addr", "add", fmt.Sprintf("%s/%d", testvm.PeerIP(eth0), testvm.PrefixLen), "dev", "peth0")
 
 	stateDir := t.TempDir()
-	cfg := filepath.Join(t.TempDir(), "config.toml")
-	os.WriteFile(cfg, []byte(fmt.Sprintf(`
+	cfg := writeConfig(t, fmt.Sprintf(`
 netns_dir = "/var/run/netns"
 state_dir = %q
 metrics_address = ""
@@ -58,7 +57,7 @@ runtimes = [%q]
 qmp_socket = %q
 [discovery]
 proc = false
-`, stateDir, ctr.Address(), testctr.RuntimeRunc, filepath.Join(base, "{id}", "qmp.sock"))), 0o600)
+`, stateDir, ctr.Address(), testctr.RuntimeRunc, filepath.Join(base, "{id}", "qmp.sock")))
 	d := startDaemon(t, "--config", cfg)
 	d.waitLog("tapsync running", nil)
 

@@ -51,6 +51,16 @@ func tapsyncBinary(t *testing.T) string {
 	return binPath
 }
 
+// writeConfig writes a tapsync config file for test t and returns its path.
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	cfg := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
 // daemonProc is one `tapsync run` process with its log.
 type daemonProc struct {
 	t    *testing.T
@@ -220,8 +230,7 @@ func waitReconciled(t *testing.T, stateDir string, since time.Time) map[string]a
 func TestDaemon(t *testing.T) {
 	testnet.SkipUnlessRoot(t)
 	r := newRig(t, 1)
-	cfg := filepath.Join(t.TempDir(), "config.toml")
-	os.WriteFile(cfg, []byte(fmt.Sprintf(`
+	cfg := writeConfig(t, fmt.Sprintf(`
 netns_dir = "/var/run/netns"
 state_dir = %q
 metrics_address = "127.0.0.1:0"
@@ -233,7 +242,7 @@ proc = false
 id = "sb1"
 netns = %q
 qmp = %q
-`, r.stateDir, r.sb.Path, r.vm.QMP)), 0o600)
+`, r.stateDir, r.sb.Path, r.vm.QMP))
 
 	// systemd's notify socket: the daemon says READY=1 once it runs and
 	// pings the watchdog.
@@ -375,9 +384,8 @@ func TestCheckCommand(t *testing.T) {
 	sb := testnet.NewNS(t, "tapsync-chk")
 	vm := testvm.StartNoGuest(t, testvm.Options{NetNS: sb.Path})
 	run := func(qmpPath string) (string, error) {
-		cfg := filepath.Join(t.TempDir(), "config.toml")
-		os.WriteFile(cfg, []byte(fmt.Sprintf("state_dir = %q\n[containerd]\nenabled = false\n[[sandbox]]\nid = \"vm\"\nnetns = %q\nqmp = %q\n",
-			t.TempDir(), sb.Path, qmpPath)), 0o600)
+		cfg := writeConfig(t, fmt.Sprintf("state_dir = %q\n[containerd]\nenabled = false\n[[sandbox]]\nid = \"vm\"\nnetns = %q\nqmp = %q\n",
+			t.TempDir(), sb.Path, qmpPath))
 		out, err := exec.Command(tapsyncBinary(t), "check", "--config", cfg).CombinedOutput()
 		return string(out), err
 	}
@@ -416,8 +424,7 @@ func TestDaemonRefusesBadConfig(t *testing.T) {
 		"netns outside dir": {"[[sandbox]]\nid = \"a\"\nnetns = \"/etc/a\"\nqmp = \"/run/a.sock\"\n", `sandbox "a".netns`},
 		"bad duration":      {"resync_interval = \"often\"\n", "resync_interval"},
 	} {
-		cfg := filepath.Join(t.TempDir(), "config.toml")
-		os.WriteFile(cfg, []byte(tc.body), 0o600)
+		cfg := writeConfig(t, tc.body)
 		state := t.TempDir()
 		out, err := exec.Command(tapsyncBinary(t), "run", "--config", cfg, "--state-dir", state).CombinedOutput()
 		if err == nil {

@@ -8,7 +8,7 @@ BIN       := bin
 DEB_PKGS  := qemu-system-x86 busybox-static iproute2 iputils-ping util-linux ca-certificates containerd runc
 TEST_TIMEOUT ?= 40m
 
-.PHONY: all build deps test test-unit vet demo bench clean
+.PHONY: all build deps test test-unit vet demo bench clean generate
 
 all: build
 
@@ -49,6 +49,17 @@ demo: deps build
 bench: deps build
 	$(GO) build -o $(BIN)/tapsync-bench ./e2e/bench
 	./$(BIN)/tapsync-bench -n $${N:-30} -tapsync $(BIN)/tapsync
+
+# generate rebuilds agent/agentpb from its .proto files (a developer step, not
+# part of test): protoc and the well-known protos from Debian's
+# protobuf-compiler and libprotobuf-dev, protoc-gen-go at the
+# google.golang.org/protobuf version go.mod pins.
+PROTO_INCLUDE ?= /usr/include
+generate:
+	$(GO) build -o $(BIN)/protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go
+	protoc --plugin=protoc-gen-go=$(BIN)/protoc-gen-go -I . -I $(PROTO_INCLUDE) \
+		--go_out=. --go_opt=paths=source_relative \
+		agent/agentpb/types.proto agent/agentpb/agent.proto agent/agentpb/health.proto
 
 clean:
 	rm -rf $(BIN)

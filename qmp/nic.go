@@ -43,6 +43,10 @@ type NIC struct {
 	MAC      net.HardwareAddr
 	TapFDs   []*os.File // one per queue: fds of one tap (multiqueue when more than one)
 	VhostFDs []*os.File // empty, or one /dev/vhost-net fd per queue
+	// MTU, when set, is offered to the guest driver at the device
+	// (host_mtu, VIRTIO_NET_F_MTU), so the guest NIC starts at the
+	// container link's MTU even before the agent configures it.
+	MTU int
 }
 
 // NICInfo is a virtio-net device as QEMU reports it.
@@ -55,6 +59,7 @@ type NICInfo struct {
 	Bus     string // bus name: a port's or bridge's qdev id, pcie.0, pci.0
 	Addr    string // "slot.fn" in hex as QEMU spells addr=, e.g. "00.0", "1f.2"
 	QOMPath string // e.g. /machine/peripheral/tapsync-net3
+	PCIPath string // the device's slots from the root bus, as the Kata agent's devicePath takes them ("02/1f"); "" when unknown
 }
 
 // AddNIC hot-plugs a virtio-net-pci device backed by the given tap fds:
@@ -182,6 +187,9 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 	if place.addr != "" {
 		devArgs["addr"] = place.addr
 	}
+	if nic.MTU > 0 {
+		devArgs["host_mtu"] = nic.MTU
+	}
 	if queues > 1 {
 		// One MSI-X vector per rx and tx queue, one for config, one for control.
 		devArgs["mq"] = true
@@ -200,6 +208,7 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 		Bus:     place.bus,
 		Addr:    fmt.Sprintf("%02x.0", place.slot),
 		QOMPath: qomPath,
+		PCIPath: PCIPath(place.path),
 	}, nil
 }
 
@@ -388,7 +397,8 @@ func (c *Client) awaitDeleted(ctx context.Context, id string, events <-chan Even
 // /machine/peripheral-anon), so a caller can adopt them.
 //
 // Equivalent to: qom-list /machine/peripheral and /machine/peripheral-anon,
-// then qom-get mac, netdev, parent_bus and addr of each child<virtio-net-pci>.
+// then qom-get mac, netdev, parent_bus and addr of each child<virtio-net-pci>,
+// and query-pci for the slots of the bridges above them (PCIPath).
 func (c *Client) ListNICs(ctx context.Context) ([]NICInfo, error) {
 	var nics []NICInfo
 	for _, dir := range []string{peripheral, peripheralAnon} {
@@ -412,6 +422,18 @@ func (c *Client) ListNICs(ctx context.Context) ([]NICInfo, error) {
 				return nil, fmt.Errorf("list NICs of VM at %s: %w", c.path, err)
 			}
 			nics = append(nics, info)
+		}
+	}
+	if len(nics) > 0 {
+		buses, err := c.queryPCI(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("list NICs of VM at %s: %w", c.path, err)
+		}
+		for i := range nics {
+			var slot, fn int
+			if _, err := fmt.Sscanf(nics[i].Addr, "%x.%x", &slot, &fn); err == nil {
+				nics[i].PCIPath = PCIPath(pciPathOf(buses, nics[i].Bus, slot))
+			}
 		}
 	}
 	sort.Slice(nics, func(i, j int) bool {

@@ -69,19 +69,32 @@ func TestChoosePlacement(t *testing.T) {
 		want  placement
 		err   error
 	}{
-		{"last empty root port", q35, types, placement{bus: "rp4"}, nil},
-		{"bridge when no port is free", q35, bridgeOnly, placement{bus: "br1", slot: 31, addr: "0x1f"}, nil},
+		{"last empty root port", q35, types, placement{bus: "rp4", path: []int{5, 0}}, nil},
+		{"bridge when no port is free", q35, bridgeOnly, placement{bus: "br1", slot: 31, addr: "0x1f", path: []int{8, 31}}, nil},
 		{"unknown types are not used", q35, map[string]string{}, placement{}, ErrNoFreeSlot},
 		{"q35 without ports", q35NoPorts, nil, placement{}, ErrNoFreeSlot},
-		{"pc root bus", pc, nil, placement{bus: "pci.0", slot: 31, addr: "0x1f"}, nil},
+		{"pc root bus", pc, nil, placement{bus: "pci.0", slot: 31, addr: "0x1f", path: []int{31}}, nil},
 		{"nothing", nil, nil, placement{}, ErrNoFreeSlot},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := choosePlacement(tc.buses, tc.types)
-			if !errors.Is(err, tc.err) || got != tc.want {
+			if !errors.Is(err, tc.err) || got.bus != tc.want.bus || got.slot != tc.want.slot || got.addr != tc.want.addr || !slices.Equal(got.path, tc.want.path) {
 				t.Errorf("choosePlacement = %+v, %v; want %+v, %v", got, err, tc.want, tc.err)
 			}
 		})
+	}
+
+	// The agent's devicePath of devices already placed.
+	for _, tc := range []struct {
+		bus  string
+		slot int
+		want string
+	}{
+		{"rp1", 0, "02/00"}, {"br1", 2, "08/02"}, {"pcie.0", 3, "03"}, {"pci.0", 31, "1f"}, {"nosuch", 1, ""},
+	} {
+		if got := PCIPath(pciPathOf(q35, tc.bus, tc.slot)); got != tc.want {
+			t.Errorf("PCIPath of slot %d on %s = %q, want %q", tc.slot, tc.bus, got, tc.want)
+		}
 	}
 
 	// A full bridge and full root bus.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 )
 
@@ -70,6 +71,7 @@ type placement struct {
 	bus  string
 	slot int
 	addr string
+	path []int // slots from the root bus down to the device's own (see PCIPath)
 }
 
 // choosePlacement picks a free hot-plug place: an empty PCIe port first
@@ -83,26 +85,27 @@ type placement struct {
 // two apart until the bus is nearly full.
 func choosePlacement(buses []pciBus, types map[string]string) (placement, error) {
 	var ports, bridges []placement
-	var walk func(devs []pciDevice)
-	walk = func(devs []pciDevice) {
+	var walk func(devs []pciDevice, above []int)
+	walk = func(devs []pciDevice, above []int) {
 		for _, d := range devs {
 			if d.PCIBridge == nil {
 				continue
 			}
+			here := append(slices.Clone(above), d.Slot)
 			switch t := types[d.QdevID]; {
 			case d.QdevID == "": // an anonymous bridge's bus cannot be named in device_add
 			case singleSlotPorts[t] && len(d.PCIBridge.Devices) == 0:
-				ports = append(ports, placement{bus: d.QdevID})
+				ports = append(ports, placement{bus: d.QdevID, path: append(here, 0)})
 			case pciBridges[t]:
 				if s, ok := freeSlot(d.PCIBridge.Devices); ok {
-					bridges = append(bridges, placement{bus: d.QdevID, slot: s, addr: fmt.Sprintf("%#x", s)})
+					bridges = append(bridges, placement{bus: d.QdevID, slot: s, addr: fmt.Sprintf("%#x", s), path: append(slices.Clone(here), s)})
 				}
 			}
-			walk(d.PCIBridge.Devices)
+			walk(d.PCIBridge.Devices, here)
 		}
 	}
 	for _, b := range buses {
-		walk(b.Devices)
+		walk(b.Devices, nil)
 	}
 	switch {
 	case len(ports) > 0:
@@ -113,7 +116,7 @@ func choosePlacement(buses []pciBus, types map[string]string) (placement, error)
 	for _, b := range buses {
 		if b.Bus == 0 && isI440FX(b.Devices) {
 			if s, ok := freeSlot(b.Devices); ok {
-				return placement{bus: "pci.0", slot: s, addr: fmt.Sprintf("%#x", s)}, nil
+				return placement{bus: "pci.0", slot: s, addr: fmt.Sprintf("%#x", s), path: []int{s}}, nil
 			}
 		}
 	}
@@ -198,9 +201,60 @@ func (c *Client) choosePlace(ctx context.Context) (placement, error) {
 	if err != nil {
 		return placement{}, err
 	}
-	var buses []pciBus
-	if err := c.runInto(ctx, "query-pci", "", nil, &buses); err != nil {
+	buses, err := c.queryPCI(ctx)
+	if err != nil {
 		return placement{}, err
 	}
 	return choosePlacement(buses, types)
+}
+
+// PCIPath spells a device's place the way the Kata agent's devicePath
+// does: the slot of each bridge or port from the root bus down, then the
+// device's own slot, in two hex digits each, joined by "/" — "02/1f" is
+// slot 0x1f behind the bridge in root slot 2, "05/00" the device of the
+// root port in root slot 5.
+func PCIPath(slots []int) string {
+	parts := make([]string, len(slots))
+	for i, s := range slots {
+		parts[i] = fmt.Sprintf("%02x", s)
+	}
+	return strings.Join(parts, "/")
+}
+
+// pciPathOf finds the slots leading to the device in slot of the bus that
+// bridge or port busID opens ("pcie.0"/"pci.0" or "" for the root bus),
+// or nil when busID is not in the topology.
+func pciPathOf(buses []pciBus, busID string, slot int) []int {
+	if busID == "" || busID == "pcie.0" || busID == "pci.0" {
+		return []int{slot}
+	}
+	var find func(devs []pciDevice, above []int) []int
+	find = func(devs []pciDevice, above []int) []int {
+		for _, d := range devs {
+			if d.PCIBridge == nil {
+				continue
+			}
+			here := append(slices.Clone(above), d.Slot)
+			if d.QdevID == busID {
+				return append(here, slot)
+			}
+			if p := find(d.PCIBridge.Devices, here); p != nil {
+				return p
+			}
+		}
+		return nil
+	}
+	for _, b := range buses {
+		if p := find(b.Devices, nil); p != nil {
+			return p
+		}
+	}
+	return nil
+}
+
+// Equivalent to: {"execute": "query-pci"}
+func (c *Client) queryPCI(ctx context.Context) ([]pciBus, error) {
+	var buses []pciBus
+	err := c.runInto(ctx, "query-pci", "", nil, &buses)
+	return buses, err
 }

@@ -242,7 +242,7 @@ func findNIC(nics []NICInfo, id string) (NICInfo, bool) {
 
 func sameInfo(a, b NICInfo) bool {
 	return a.ID == b.ID && a.Index == b.Index && a.Owned == b.Owned && bytes.Equal(a.MAC, b.MAC) &&
-		a.Netdev == b.Netdev && a.Bus == b.Bus && a.Addr == b.Addr && a.QOMPath == b.QOMPath
+		a.Netdev == b.Netdev && a.Bus == b.Bus && a.Addr == b.Addr && a.QOMPath == b.QOMPath && a.PCIPath == b.PCIPath
 }
 
 func TestQEMUAddListRemove(t *testing.T) {
@@ -254,13 +254,14 @@ func TestQEMUAddListRemove(t *testing.T) {
 	mac := mustMAC(t, "02:00:00:00:00:01")
 
 	taps := openTap(t, 1)
-	info, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mac, TapFDs: taps})
+	info, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mac, TapFDs: taps, MTU: 1400})
 	if err != nil {
 		t.Fatal(err)
 	}
 	checkClosed(t, taps)
+	// rp4 sits in root slot 5 (rp<i> at addr i+1): the agent's devicePath.
 	want := NICInfo{ID: "tapsync-net1", Index: 1, Owned: true, MAC: mac, Netdev: "tapsync-netdev1",
-		Bus: "rp4", Addr: "00.0", QOMPath: "/machine/peripheral/tapsync-net1"}
+		Bus: "rp4", Addr: "00.0", QOMPath: "/machine/peripheral/tapsync-net1", PCIPath: "05/00"}
 	if !sameInfo(info, want) {
 		t.Errorf("AddNIC = %+v\nwant      %+v", info, want)
 	}
@@ -270,6 +271,10 @@ func TestQEMUAddListRemove(t *testing.T) {
 	}
 	if len(nics) != 1 || !sameInfo(nics[0], want) {
 		t.Errorf("ListNICs = %+v\nwant      [%+v]", nics, want)
+	}
+	var hostMTU int
+	if err := c.qomGet(ctx, want.QOMPath, "host_mtu", &hostMTU); err != nil || hostMTU != 1400 {
+		t.Errorf("host_mtu = %d, %v; want 1400", hostMTU, err)
 	}
 	netdevs, err := c.ListNetdevs(ctx)
 	if err != nil || !slices.Equal(netdevs, []string{"tapsync-netdev1"}) {

@@ -3,10 +3,12 @@ package datapath
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Link is a network interface as seen inside a sandbox netns.
@@ -21,6 +23,12 @@ type Link struct {
 	MTU       int
 	OperState string
 	Up        bool // administratively up
+	// Addrs is every address of the link with its prefix length, IPv4
+	// and IPv6, link-local included, in the kernel's dump order (the
+	// primary IPv4 address first); callers filter. Filled for container
+	// links only, nil for taps.
+	Addrs []netip.Prefix
+	NoARP bool // IFF_NOARP
 }
 
 func (l Link) String() string {
@@ -74,6 +82,7 @@ func toLink(l netlink.Link) Link {
 		MTU:       a.MTU,
 		OperState: a.OperState.String(),
 		Up:        a.Flags&net.FlagUp != 0,
+		NoARP:     a.RawFlags&unix.IFF_NOARP != 0,
 	}
 }
 
@@ -95,10 +104,15 @@ func (n *Netns) linkList() ([]netlink.Link, error) {
 }
 
 // ContainerLinks lists the links that the runtime or CNI put into the
-// netns: everything but loopback and the endpoint taps (tap<N>_kata).
-// Which of them can be wired is the caller's decision.
+// netns: everything but loopback and the endpoint taps (tap<N>_kata),
+// each with its addresses. Which of them can be wired is the caller's
+// decision.
 func (n *Netns) ContainerLinks() ([]Link, error) {
 	links, err := n.linkList()
+	if err != nil {
+		return nil, err
+	}
+	addrs, err := n.addrsByLink()
 	if err != nil {
 		return nil, err
 	}
@@ -107,7 +121,46 @@ func (n *Netns) ContainerLinks() ([]Link, error) {
 		if isLoopback(l) || isTapEndpoint(l) {
 			continue
 		}
-		out = append(out, toLink(l))
+		cl := toLink(l)
+		cl.Addrs = addrs[cl.Ifindex]
+		out = append(out, cl)
 	}
 	return out, nil
+}
+
+// addrsByLink returns the addresses of every link in the netns by ifindex,
+// from one dump: a dump per link would cost a netlink round trip each.
+func (n *Netns) addrsByLink() (map[int][]netip.Prefix, error) {
+	// Equivalent to: ip -n <netns> address show
+	addrs, err := dump(func() ([]netlink.Addr, error) { return n.h.AddrList(nil, netlink.FAMILY_ALL) })
+	if err != nil {
+		return nil, fmt.Errorf("list addresses in netns %s: %w", n.path, err)
+	}
+	out := map[int][]netip.Prefix{}
+	for _, a := range addrs {
+		if a.IPNet == nil {
+			continue
+		}
+		p, ok := prefixOf(a.IPNet)
+		if !ok {
+			continue
+		}
+		out[a.LinkIndex] = append(out[a.LinkIndex], p)
+	}
+	return out, nil
+}
+
+// prefixOf converts an address with its mask, keeping the host bits (an
+// interface address, not a network): 10.1.2.3/24 stays 10.1.2.3/24.
+func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
+	ip, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ip = ip.Unmap()
+	ones, bits := n.Mask.Size()
+	if bits != ip.BitLen() {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(ip, ones), true
 }

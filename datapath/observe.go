@@ -1,17 +1,26 @@
 package datapath
 
 // State is what the host side of a sandbox holds right now: the container
-// links (desired endpoints), the endpoint taps and every redirect filter.
-// Callers diff it against QEMU's view and their records.
+// links (desired endpoints) with their addresses, the endpoint taps, every
+// redirect filter, and the routes and permanent neighbours a guest must
+// mirror. Callers diff it against QEMU's and the guest's view and their
+// records.
 type State struct {
 	Links     []Link
 	Taps      []Tap
 	Redirects []Redirect
+	// Routes of the main table, both families, unicast only, not proto
+	// kernel (RTPROT_KERNEL): the routes a CNI plugin or admin added.
+	Routes []Route
+	// Neighbors are the permanent (NUD_PERMANENT) entries only, both
+	// families.
+	Neighbors []Neighbor
 }
 
 // Observe reads the whole host-side state of the netns. Each part is a
-// separate dump, so a link that changes in between shows up on the next
-// observation; callers are level-triggered and look again.
+// separate dump (one per kind of object, never one per link), so a link
+// that changes in between shows up on the next observation; callers are
+// level-triggered and look again.
 func (n *Netns) Observe() (State, error) {
 	var (
 		s   State
@@ -24,6 +33,12 @@ func (n *Netns) Observe() (State, error) {
 		return State{}, err
 	}
 	if s.Redirects, err = n.Redirects(); err != nil {
+		return State{}, err
+	}
+	if s.Routes, err = n.Routes(); err != nil {
+		return State{}, err
+	}
+	if s.Neighbors, err = n.Neighbors(); err != nil {
 		return State{}, err
 	}
 	return s, nil

@@ -1,0 +1,164 @@
+package datapath_test
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/e2e/testnet"
+	"golang.org/x/sys/unix"
+)
+
+// TestObserveAddrsRoutesNeighbors gives eth0 what a CNI plugin gives a pod
+// NIC (addresses of both families, routes, static neighbours) plus NOARP,
+// and checks that Observe reports exactly that and nothing the kernel
+// derived by itself.
+func TestObserveAddrsRoutesNeighbors(t *testing.T) {
+	s := newSandbox(t)
+	ns := s.ns.Name
+	testnet.IP(t, "-n", ns, "link", "set", "eth0", "arp", "off")
+	testnet.IP(t, "-n", ns, "address", "add", "10.20.0.5/24", "dev", "eth0")
+	testnet.IP(t, "-n", ns, "address", "add", "fd00:20::5/64", "dev", "eth0", "nodad")
+	testnet.IP(t, "-n", ns, "route", "add", "default", "via", "10.20.0.1", "dev", "eth0")
+	testnet.IP(t, "-n", ns, "route", "add", "10.30.0.0/16", "dev", "eth0", "src", "10.20.0.5", "mtu", "1400", "proto", "static")
+	testnet.IP(t, "-n", ns, "-6", "route", "add", "default", "via", "fd00:20::1", "dev", "eth0")
+	testnet.IP(t, "-n", ns, "neigh", "add", "10.20.0.1", "lladdr", "02:00:00:00:00:01", "dev", "eth0", "nud", "permanent")
+	testnet.IP(t, "-n", ns, "-6", "neigh", "add", "fd00:20::1", "lladdr", "02:00:00:00:00:06", "dev", "eth0", "nud", "permanent")
+	testnet.IP(t, "-n", ns, "neigh", "add", "10.20.0.2", "lladdr", "02:00:00:00:00:02", "dev", "eth0", "nud", "stale")
+	// A second container link, down, with ARP and no address.
+	testnet.IP(t, "-n", ns, "link", "add", "net1", "type", "veth", "peer", "name", "net1p")
+
+	// The kernel adds eth0's link-local address (EUI-64 of containerMAC)
+	// once it sees the carrier, which it notices asynchronously.
+	linkLocal := netip.MustParsePrefix("fe80::54:53ff:fe00:102/64")
+	var st datapath.State
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var err error
+		if st, err = s.n.Observe(); err != nil {
+			t.Fatal(err)
+		}
+		if slices.Contains(linkOf(t, st, "eth0").Addrs, linkLocal) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("eth0 never got its link-local address %s; last seen %v", linkLocal, linkOf(t, st, "eth0").Addrs)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	eth0 := linkOf(t, st, "eth0")
+	wantAddrs := []netip.Prefix{
+		netip.MustParsePrefix("10.20.0.5/24"),
+		netip.MustParsePrefix("fd00:20::5/64"),
+		linkLocal,
+	}
+	if !sameElements(eth0.Addrs, wantAddrs) {
+		t.Errorf("eth0 addresses = %v, want %v", eth0.Addrs, wantAddrs)
+	}
+	if eth0.Addrs[0] != wantAddrs[0] {
+		t.Errorf("eth0 addresses = %v, want the IPv4 address first", eth0.Addrs)
+	}
+	if !eth0.NoARP {
+		t.Errorf("eth0 = %+v, want NoARP", eth0)
+	}
+	if net1 := linkOf(t, st, "net1"); net1.NoARP || len(net1.Addrs) != 0 {
+		t.Errorf("net1 = %+v, want ARP on and no addresses", net1)
+	}
+
+	idx := eth0.Ifindex
+	wantRoutes := []datapath.Route{
+		{Gateway: netip.MustParseAddr("10.20.0.1"), LinkIndex: idx, Scope: unix.RT_SCOPE_UNIVERSE, Protocol: unix.RTPROT_BOOT},
+		{Dst: netip.MustParsePrefix("10.30.0.0/16"), LinkIndex: idx, Src: netip.MustParseAddr("10.20.0.5"),
+			Scope: unix.RT_SCOPE_LINK, Protocol: unix.RTPROT_STATIC, MTU: 1400},
+		{Gateway: netip.MustParseAddr("fd00:20::1"), LinkIndex: idx, Scope: unix.RT_SCOPE_UNIVERSE, IPv6: true, Protocol: unix.RTPROT_BOOT},
+	}
+	// Absent: 10.20.0.0/24, fd00:20::/64, fe80::/64 (proto kernel, from
+	// the addresses) and the local table.
+	if !sameElements(st.Routes, wantRoutes) {
+		t.Errorf("routes:\n got %s\nwant %s\nkernel:\n%s%s", formatList(st.Routes), formatList(wantRoutes),
+			testnet.IP(t, "-n", ns, "route", "show", "table", "all"), testnet.IP(t, "-n", ns, "-6", "route", "show", "table", "all"))
+	}
+
+	wantNeigh := []datapath.Neighbor{
+		{IP: netip.MustParseAddr("10.20.0.1"), MAC: mac(t, "02:00:00:00:00:01"), LinkIndex: idx, State: unix.NUD_PERMANENT},
+		{IP: netip.MustParseAddr("fd00:20::1"), MAC: mac(t, "02:00:00:00:00:06"), LinkIndex: idx, State: unix.NUD_PERMANENT},
+	}
+	if !sameElements(st.Neighbors, wantNeigh) {
+		t.Errorf("neighbours:\n got %s\nwant %s\nkernel:\n%s", formatList(st.Neighbors), formatList(wantNeigh),
+			testnet.IP(t, "-n", ns, "neigh", "show", "nud", "all"))
+	}
+}
+
+func TestObserveEmptyNetns(t *testing.T) {
+	ns := testnet.NewNS(t, "tapsync-dpempty") // loopback up: its routes are the kernel's
+	n, err := datapath.Open(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	st, err := n.Observe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Links) != 0 || len(st.Taps) != 0 || len(st.Redirects) != 0 || len(st.Routes) != 0 || len(st.Neighbors) != 0 {
+		t.Errorf("Observe(empty netns) = %+v, want nothing", st)
+	}
+}
+
+func linkOf(t *testing.T, st datapath.State, name string) datapath.Link {
+	t.Helper()
+	for _, l := range st.Links {
+		if l.Name == name {
+			return l
+		}
+	}
+	t.Fatalf("no container link %s in %v", name, st.Links)
+	return datapath.Link{}
+}
+
+func mac(t *testing.T, s string) net.HardwareAddr {
+	t.Helper()
+	m, err := net.ParseMAC(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// sameElements says whether got and want hold the same values, in any
+// order.
+func sameElements[T any](got, want []T) bool {
+	if len(got) != len(want) {
+		return false
+	}
+	used := make([]bool, len(got))
+next:
+	for _, w := range want {
+		for i, g := range got {
+			if !used[i] && reflect.DeepEqual(g, w) {
+				used[i] = true
+				continue next
+			}
+		}
+		return false
+	}
+	return true
+}
+
+func formatList[T any](l []T) string {
+	var b strings.Builder
+	for _, v := range l {
+		fmt.Fprintf(&b, "\n  %+v", v)
+	}
+	if b.Len() == 0 {
+		return "(none)"
+	}
+	return b.String()
+}

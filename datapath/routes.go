@@ -1,0 +1,152 @@
+package datapath
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Route is a route of the sandbox's main table that a CNI plugin or an
+// administrator added (not one the kernel derived from an address).
+type Route struct {
+	Dst       netip.Prefix // invalid (zero) = default route
+	Gateway   netip.Addr   // zero = none
+	LinkIndex int
+	Src       netip.Addr // preferred source, zero = none
+	Scope     uint8      // netlink.Scope value
+	IPv6      bool
+	Protocol  int // RTPROT_*
+	MTU       int // RTAX_MTU metric, 0 = none
+}
+
+func (r Route) String() string {
+	dst := "default"
+	switch {
+	case r.Dst.IsValid():
+		dst = r.Dst.String()
+	case r.IPv6:
+		dst = "default (ipv6)"
+	}
+	s := fmt.Sprintf("%s dev %d", dst, r.LinkIndex)
+	if r.Gateway.IsValid() {
+		s += " via " + r.Gateway.String()
+	}
+	if r.Src.IsValid() {
+		s += " src " + r.Src.String()
+	}
+	s += fmt.Sprintf(" proto %d scope %d", r.Protocol, r.Scope)
+	if r.MTU != 0 {
+		s += fmt.Sprintf(" mtu %d", r.MTU)
+	}
+	return s
+}
+
+// Neighbor is a permanent neighbour entry (ARP or NDP) of the sandbox.
+type Neighbor struct {
+	IP        netip.Addr
+	MAC       net.HardwareAddr
+	LinkIndex int
+	State     int // NUD_* bits
+	Flags     int // NTF_* bits
+}
+
+func (n Neighbor) String() string {
+	return fmt.Sprintf("%s lladdr %s dev %d nud %#x flags %#x", n.IP, n.MAC, n.LinkIndex, n.State, n.Flags)
+}
+
+// Routes lists the routes of the main table, IPv4 and IPv6, that are
+// unicast and not installed by the kernel itself (RTPROT_KERNEL: the prefix
+// routes that follow addresses, the IPv6 link-local routes). Those are the
+// routes someone chose, and the ones a guest does not derive by itself.
+//
+// A multipath route is reported with its first hop only (its LinkIndex
+// and Gateway), so the guest gets a single-path route to the same
+// destination rather than none.
+//
+// Routes through loopback or through an endpoint tap are reported too;
+// which links matter is the caller's decision.
+func (n *Netns) Routes() ([]Route, error) {
+	// Equivalent to: ip -n <netns> route show table main; ip -n <netns> -6 route show table main
+	// One dump of both families: the library drops the other tables.
+	rs, err := dump(func() ([]netlink.Route, error) {
+		return n.h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list routes in netns %s: %w", n.path, err)
+	}
+	var out []Route
+	for _, r := range rs {
+		if rt, ok := toRoute(r); ok {
+			out = append(out, rt)
+		}
+	}
+	return out, nil
+}
+
+func toRoute(r netlink.Route) (Route, bool) {
+	if r.Table != unix.RT_TABLE_MAIN || r.Type != unix.RTN_UNICAST || r.Protocol == unix.RTPROT_KERNEL {
+		return Route{}, false
+	}
+	if r.Family != netlink.FAMILY_V4 && r.Family != netlink.FAMILY_V6 {
+		return Route{}, false
+	}
+	out := Route{
+		LinkIndex: r.LinkIndex,
+		Scope:     uint8(r.Scope),
+		IPv6:      r.Family == netlink.FAMILY_V6,
+		Protocol:  int(r.Protocol),
+		MTU:       r.MTU,
+		Gateway:   addrOf(r.Gw),
+		Src:       addrOf(r.Src),
+	}
+	if r.Dst != nil {
+		p, ok := prefixOf(r.Dst)
+		if !ok {
+			return Route{}, false
+		}
+		// A /0 is the default route, however it was written.
+		if p.Bits() > 0 {
+			out.Dst = p.Masked()
+		}
+	}
+	if len(r.MultiPath) > 0 && r.LinkIndex == 0 {
+		hop := r.MultiPath[0]
+		out.LinkIndex, out.Gateway = hop.LinkIndex, addrOf(hop.Gw)
+	}
+	return out, true
+}
+
+// addrOf converts ip, or returns the zero Addr for none.
+func addrOf(ip net.IP) netip.Addr {
+	a, ok := netip.AddrFromSlice(ip)
+	if !ok {
+		return netip.Addr{}
+	}
+	return a.Unmap()
+}
+
+// Neighbors lists the permanent neighbour entries (NUD_PERMANENT), IPv4
+// and IPv6, on every link: the ones someone set, not the ones the kernel
+// learnt and will forget.
+func (n *Netns) Neighbors() ([]Neighbor, error) {
+	// Equivalent to: ip -n <netns> neigh show nud permanent
+	ns, err := dump(func() ([]netlink.Neigh, error) { return n.h.NeighList(0, netlink.FAMILY_ALL) })
+	if err != nil {
+		return nil, fmt.Errorf("list neighbours in netns %s: %w", n.path, err)
+	}
+	var out []Neighbor
+	for _, nb := range ns {
+		if nb.State&netlink.NUD_PERMANENT == 0 || (nb.Family != netlink.FAMILY_V4 && nb.Family != netlink.FAMILY_V6) {
+			continue
+		}
+		ip := addrOf(nb.IP)
+		if !ip.IsValid() {
+			continue
+		}
+		out = append(out, Neighbor{IP: ip, MAC: nb.HardwareAddr, LinkIndex: nb.LinkIndex, State: nb.State, Flags: nb.Flags})
+	}
+	return out, nil
+}

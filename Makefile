@@ -5,7 +5,7 @@ GO        ?= go
 GOFLAGS   ?=
 BIN       := bin
 # Debian packages the privileged tests, the e2e guest and the demo need.
-DEB_PKGS  := qemu-system-x86 busybox-static iproute2 iputils-ping util-linux ca-certificates containerd runc
+DEB_PKGS  := qemu-system-x86 busybox-static iproute2 iputils-ping util-linux ca-certificates containerd runc containernetworking-plugins
 TEST_TIMEOUT ?= 40m
 
 .PHONY: all build deps test test-unit vet demo bench clean generate

@@ -12,7 +12,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -255,12 +254,11 @@ func (e *nodeExec) ExecPlugin(ctx context.Context, pluginPath string, stdin []by
 	return r.out, r.err
 }
 
-// logWriter sends plugin stderr to the test log.
+// logWriter sends what a plugin printed on stderr (when it succeeded;
+// a failure carries it in the error) to the test log.
 type logWriter struct{ t testing.TB }
 
 func (w logWriter) Write(b []byte) (int, error) {
 	w.t.Logf("cni plugin stderr: %s", strings.TrimSpace(string(b)))
 	return len(b), nil
 }
-
-var _ io.Writer = logWriter{}

@@ -5,8 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
+	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/state"
 )
@@ -36,10 +39,11 @@ type VM interface {
 	// NICs lists the VM's virtio-net devices and the indexes of the
 	// netdevs with our ids.
 	NICs(ctx context.Context) ([]NIC, []int, error)
-	// PlugNIC hot-adds endpoint index's NIC on the given queues. It owns
-	// q from the call on, whatever the outcome; a half-made NIC is
-	// rolled back.
-	PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, q *datapath.Queues) error
+	// PlugNIC hot-adds endpoint index's NIC on the given queues, offering
+	// the guest mtu, and returns where the guest finds it (the agent's
+	// devicePath, "" if unknown). It owns q from the call on, whatever the
+	// outcome; a half-made NIC is rolled back.
+	PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, mtu int, q *datapath.Queues) (pciPath string, err error)
 	// UnplugNIC hot-removes endpoint index's NIC and then its netdev;
 	// gone is success, no acknowledgement in time is ErrUnplugPending, a
 	// netdev QEMU cannot delete is ErrIndexBurned.
@@ -48,6 +52,23 @@ type VM interface {
 	UnplugNIC(ctx context.Context, index int, wait bool) error
 }
 
+// Guest is the agent inside the VM (implemented by *agent.Client).
+type Guest interface {
+	ListInterfaces(ctx context.Context) ([]agent.Interface, error)
+	ListRoutes(ctx context.Context) ([]agent.Route, error)
+	UpdateInterface(ctx context.Context, i agent.Interface) (agent.Interface, error)
+	UpdateRoutes(ctx context.Context, rs []agent.Route) ([]agent.Route, error)
+	AddARPNeighbors(ctx context.Context, ns []agent.Neighbor) error
+}
+
+// ErrGuestLinkMissing is returned for a configure-guest step when the
+// agent still has no link with the NIC's MAC after waiting for it.
+var ErrGuestLinkMissing = errors.New("the guest has no link with this MAC yet")
+
+// DefaultGuestLinkWait is how long a configure-guest step retries while
+// the guest has not yet found its new NIC.
+const DefaultGuestLinkWait = 5 * time.Second
+
 // Recorder persists a sandbox's record (implemented by *state.Store).
 type Recorder interface {
 	Save(state.Record) error
@@ -55,16 +76,22 @@ type Recorder interface {
 
 // Outcome summarises one apply.
 type Outcome struct {
-	Mutations int   // kernel or QEMU changes made
-	Pending   []int // endpoints whose unplug QEMU left pending
+	Mutations   int           // kernel, QEMU or guest changes made
+	Pending     []int         // endpoints whose unplug QEMU left pending
+	Failed      map[int]error // endpoints whose step failed, and why
+	GuestFailed bool          // an agent call failed
 }
 
 // Env is what a plan is applied to.
 type Env struct {
 	Host     Host
 	VM       VM
+	Guest    Guest // nil: no guest steps can be applied
 	Recorder Recorder
 	Vhost    datapath.Vhost
+	// GuestLinkWait bounds the retries of a configure-guest step whose
+	// link the guest has not found yet (0: DefaultGuestLinkWait).
+	GuestLinkWait time.Duration
 	// AfterAction, if set, is called after each action that completed
 	// without error. It exists for fault injection: crash tests kill the
 	// process here to prove that every intermediate state is repaired.
@@ -74,7 +101,9 @@ type Env struct {
 // applier runs one plan against one sandbox.
 type applier struct {
 	Env
-	taps map[int]int // endpoint index → tap ifindex, as observed or created
+	taps    map[int]int    // endpoint index → tap ifindex, as observed or created
+	paths   map[int]string // endpoint index → the NIC's PCI path, as observed or plugged
+	blocked map[int]bool   // endpoints whose remaining steps are skipped
 }
 
 // Apply executes p in order. The record is saved at every record step,
@@ -83,20 +112,25 @@ type applier struct {
 // steps; other endpoints carry on. Failing to save the record stops
 // everything: nothing is changed without its intent on disk.
 func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env) (state.Record, Outcome, error) {
-	a := &applier{Env: env, taps: map[int]int{}}
+	a := &applier{Env: env, taps: map[int]int{}, paths: map[int]string{}, blocked: map[int]bool{}}
 	for _, t := range obs.Taps {
 		a.taps[t.Index] = t.Ifindex
+	}
+	for _, n := range obs.NICs {
+		if n.Owned {
+			a.paths[n.Index] = n.PCIPath
+		}
 	}
 	rec = rec.Clone()
 	var (
 		out     Outcome
 		errs    []error
-		blocked = map[int]bool{}
+		blocked = a.blocked
 	)
 	log := zerolog.Ctx(ctx)
 	for _, act := range p.Actions {
 		n := act.Endpoint.Index
-		if blocked[n] {
+		if n >= 0 && blocked[n] {
 			continue
 		}
 		if err := ctx.Err(); err != nil {
@@ -136,8 +170,17 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 			log.Warn().Int("endpoint", n).Msg("QEMU cannot reuse this endpoint's ids; the link moves to a new index on the next pass")
 		case err != nil && !act.Op.Mutates():
 			return rec, out, errors.Join(append(errs, fmt.Errorf("endpoint %d: %s: %w", n, act.Op, err))...)
+		case err != nil && n < 0:
+			out.GuestFailed = out.GuestFailed || act.Op.Guestward()
+			errs = append(errs, fmt.Errorf("%s: %w", act.Op, err))
 		case err != nil:
 			blocked[n] = true
+			// A guest still looking for its new NIC is no fault of the connection.
+			out.GuestFailed = out.GuestFailed || (act.Op.Guestward() && !errors.Is(err, ErrGuestLinkMissing))
+			if out.Failed == nil {
+				out.Failed = map[int]error{}
+			}
+			out.Failed[n] = err
 			errs = append(errs, fmt.Errorf("endpoint %d: %s: %w", n, act, err))
 		default:
 			if act.Op.Mutates() {
@@ -188,13 +231,114 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 		if err != nil {
 			return err
 		}
-		return a.VM.PlugNIC(ctx, e.Index, mac, q)
+		path, err := a.VM.PlugNIC(ctx, e.Index, mac, act.MTU, q)
+		if err == nil {
+			a.paths[e.Index] = path
+		}
+		return err
 	case OpUnplugNIC:
 		return a.VM.UnplugNIC(ctx, e.Index, !e.UnplugRequested)
 	case OpRemoveRedirects:
 		return a.Host.RemoveRedirects(e.LinkIfindex, a.taps[e.Index])
 	case OpDeleteTap:
 		return a.Host.RemoveTap(e.Index)
+	case OpResetGuest:
+		a.recordGuest(rec, e.Index, "")
+		rec.GuestRoutes, rec.GuestNeighbors = "", ""
+		return a.Recorder.Save(*rec)
+	case OpConfirmGuest:
+		a.recordGuest(rec, e.Index, act.Digest)
+		return a.Recorder.Save(*rec)
+	case OpConfirmGuestRoutes:
+		rec.GuestRoutes = act.Digest
+		return a.Recorder.Save(*rec)
+	case OpConfigureGuest:
+		if err := a.configureGuest(ctx, e.Index, act.Guest); err != nil {
+			return err
+		}
+		a.recordGuest(rec, e.Index, act.Digest)
+		return a.Recorder.Save(*rec)
+	case OpUpdateGuestRoutes:
+		return a.updateGuestRoutes(ctx, act.Routes, rec)
+	case OpAddGuestNeighbors:
+		return a.addGuestNeighbors(ctx, act.Neighbors, rec)
 	}
 	return fmt.Errorf("unknown action %d", act.Op)
+}
+
+// recordGuest sets the guest digest of endpoint n in rec.
+func (a *applier) recordGuest(rec *state.Record, n int, d string) {
+	if e, ok := rec.Endpoint(n); ok {
+		e.Guest = d
+		rec.Put(e)
+	}
+}
+
+// configureGuest asks the agent to configure endpoint n's guest NIC. A
+// guest that has not found the NIC yet (it was plugged a moment ago) is
+// asked again with backoff for a while; Kata's runtime does the same.
+func (a *applier) configureGuest(ctx context.Context, n int, want agent.Interface) error {
+	if a.Guest == nil {
+		return errors.New("no guest agent")
+	}
+	want.DevicePath = a.paths[n]
+	limit := a.GuestLinkWait
+	if limit <= 0 {
+		limit = DefaultGuestLinkWait
+	}
+	deadline := time.Now().Add(limit)
+	for wait := 20 * time.Millisecond; ; wait = min(2*wait, 500*time.Millisecond) {
+		_, err := a.Guest.UpdateInterface(ctx, want)
+		if !errors.Is(err, agent.ErrLinkNotFound) {
+			return err
+		}
+		if time.Now().Add(wait).After(deadline) {
+			return fmt.Errorf("%w (MAC %s, device %q, asked for %s): %w", ErrGuestLinkMissing, want.MAC, want.DevicePath, limit, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+	}
+}
+
+// updateGuestRoutes sends the guest its full route set, less the routes of
+// endpoints whose guest interface failed in this pass (their device is not
+// there to route through); the record keeps what was actually sent, so the
+// next pass sends the rest.
+func (a *applier) updateGuestRoutes(ctx context.Context, routes []GuestRoute, rec *state.Record) error {
+	if a.Guest == nil {
+		return errors.New("no guest agent")
+	}
+	sent := slices.DeleteFunc(slices.Clone(routes), func(r GuestRoute) bool { return r.Endpoint >= 0 && a.blocked[r.Endpoint] })
+	rs := make([]agent.Route, len(sent))
+	for i, r := range sent {
+		rs[i] = r.Route
+	}
+	if _, err := a.Guest.UpdateRoutes(ctx, rs); err != nil {
+		return err
+	}
+	rec.GuestRoutes = routesDigest(sent)
+	return a.Recorder.Save(*rec)
+}
+
+// addGuestNeighbors adds the permanent neighbours to the guest. An agent
+// that does not implement the call is told once: its digest is recorded.
+func (a *applier) addGuestNeighbors(ctx context.Context, neigh []GuestNeighbor, rec *state.Record) error {
+	if a.Guest == nil {
+		return errors.New("no guest agent")
+	}
+	sent := slices.DeleteFunc(slices.Clone(neigh), func(n GuestNeighbor) bool { return n.Endpoint >= 0 && a.blocked[n.Endpoint] })
+	ns := make([]agent.Neighbor, len(sent))
+	for i, n := range sent {
+		ns[i] = n.Neighbor
+	}
+	if err := a.Guest.AddARPNeighbors(ctx, ns); agent.IsUnimplemented(err) {
+		zerolog.Ctx(ctx).Warn().Err(err).Msg("the guest agent cannot add neighbours; the pod's permanent neighbours are not in the guest")
+	} else if err != nil {
+		return err
+	}
+	rec.GuestNeighbors = neighborsDigest(sent)
+	return a.Recorder.Save(*rec)
 }

@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"slices"
 	"strings"
+	"time"
 
+	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/state"
 )
@@ -30,11 +33,17 @@ type world struct {
 	orphaned    map[int]bool // netdevs QEMU holds but cannot delete
 	failOp      Op           // this op fails once when failNext is set
 	failNext    bool
+	guestOn     bool // checkConverged also checks the guest
+	routes      []datapath.Route
+	neighbors   []datapath.Neighbor
+	guest       *fakeGuest
 }
 
 func newWorld() *world {
-	return &world{nextIfindex: 2, taps: map[int]*datapath.Tap{}, netdevs: map[int]bool{}, orphaned: map[int]bool{},
+	w := &world{nextIfindex: 2, taps: map[int]*datapath.Tap{}, netdevs: map[int]bool{}, orphaned: map[int]bool{},
 		rec: state.Record{Version: state.Version, Sandbox: "sb"}}
+	w.guest = &fakeGuest{w: w, calls: map[string]int{}}
+	return w
 }
 
 func (w *world) clone() *world {
@@ -52,6 +61,9 @@ func (w *world) clone() *world {
 		c.netdevs[k] = v
 	}
 	c.rec = w.rec.Clone()
+	c.routes = slices.Clone(w.routes)
+	c.neighbors = slices.Clone(w.neighbors)
+	c.guest = w.guest.clone(&c)
 	return &c
 }
 
@@ -75,6 +87,8 @@ func (w *world) delLink(name string) {
 	idx := w.links[i].Ifindex
 	w.links = slices.Delete(w.links, i, i+1)
 	w.redirs = slices.DeleteFunc(w.redirs, func(r datapath.Redirect) bool { return r.From == idx })
+	w.routes = slices.DeleteFunc(w.routes, func(r datapath.Route) bool { return r.LinkIndex == idx })
+	w.neighbors = slices.DeleteFunc(w.neighbors, func(n datapath.Neighbor) bool { return n.LinkIndex == idx })
 }
 
 func (w *world) link(name string) datapath.Link {
@@ -105,7 +119,8 @@ func (w *world) fail(op Op) error {
 
 // Observe and NICs give copies, as the real sources do.
 func (w *world) Observe() (datapath.State, error) {
-	s := datapath.State{Links: slices.Clone(w.links), Redirects: slices.Clone(w.redirs)}
+	s := datapath.State{Links: slices.Clone(w.links), Redirects: slices.Clone(w.redirs),
+		Routes: slices.Clone(w.routes), Neighbors: slices.Clone(w.neighbors)}
 	for _, k := range slices.Sorted(mapKeys(w.taps)) {
 		s.Taps = append(s.Taps, *w.taps[k])
 	}
@@ -129,7 +144,9 @@ func (w *world) NICs(context.Context) ([]NIC, []int, error) {
 func (w *world) observed() Observed {
 	s, _ := w.Observe()
 	nics, netdevs, _ := w.NICs(context.Background())
-	return Observed{Links: s.Links, Taps: s.Taps, Redirects: s.Redirects, NICs: nics, Netdevs: netdevs}
+	g := w.guest.state()
+	return Observed{Links: s.Links, Taps: s.Taps, Redirects: s.Redirects, Routes: s.Routes, Neighbors: s.Neighbors,
+		NICs: nics, Netdevs: netdevs, Guest: &g}
 }
 
 func (w *world) EnsureTap(_ context.Context, spec datapath.TapSpec) (datapath.Tap, error) {
@@ -209,21 +226,22 @@ func (w *world) OpenQueues(_ context.Context, spec datapath.TapSpec, _ datapath.
 	return &datapath.Queues{Tap: make([]*os.File, spec.Queues)}, nil
 }
 
-func (w *world) PlugNIC(_ context.Context, index int, mac net.HardwareAddr, q *datapath.Queues) error {
+func (w *world) PlugNIC(_ context.Context, index int, mac net.HardwareAddr, _ int, q *datapath.Queues) (string, error) {
 	if err := w.fail(OpPlugNIC); err != nil {
-		return err
+		return "", err
 	}
 	if slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == index }) {
-		return fmt.Errorf("device tapsync-net%d exists", index)
+		return "", fmt.Errorf("device tapsync-net%d exists", index)
 	}
 	if w.orphaned[index] {
-		return fmt.Errorf("netdev tapsync-netdev%d: %w", index, ErrIndexBurned)
+		return "", fmt.Errorf("netdev tapsync-netdev%d: %w", index, ErrIndexBurned)
 	}
 	w.mutations++
 	w.netdevs[index] = true
-	w.nics = append(w.nics, NIC{ID: fmt.Sprintf("tapsync-net%d", index), Index: index, Owned: true, MAC: mac})
+	path := fmt.Sprintf("%02x/00", 0x1e-index)
+	w.nics = append(w.nics, NIC{ID: fmt.Sprintf("tapsync-net%d", index), Index: index, Owned: true, MAC: mac, PCIPath: path})
 	w.taps[index].Attached = len(q.Tap)
-	return nil
+	return path, nil
 }
 
 func (w *world) UnplugNIC(_ context.Context, index int, _ bool) error {
@@ -274,7 +292,9 @@ func (w *world) Save(r state.Record) error {
 	return nil
 }
 
-func (w *world) env() Env { return Env{Host: w, VM: w, Recorder: w, Vhost: datapath.VhostOff} }
+func (w *world) env() Env {
+	return Env{Host: w, VM: w, Guest: w.guest, Recorder: w, Vhost: datapath.VhostOff, GuestLinkWait: 200 * time.Millisecond}
+}
 
 // reconcile runs observe → plan → apply once against w.
 func (w *world) reconcile(opts Options) (Plan, Outcome, error) {
@@ -382,10 +402,161 @@ func (w *world) checkConverged(queues int) []string {
 			bad = append(bad, fmt.Sprintf("dangling redirect %+v", r))
 		}
 	}
-	if p := Compute(w.observed(), w.rec, Options{Queues: queues}); !w.settled(p) {
+	if w.guestOn {
+		bad = append(bad, w.guest.check()...)
+	}
+	if p := Compute(w.observed(), w.rec, Options{Queues: queues, Guest: w.guestOn}); !w.settled(p) {
 		bad = append(bad, "converged sandbox still plans:\n"+p.String())
 	}
 	return bad
 }
 
 func joinLines(s []string) string { return strings.Join(s, "\n") }
+
+// fakeGuest is the VM's guest as its agent sees it: one interface per
+// virtio-net device of the world (named ethN, unconfigured, until the
+// agent is told otherwise), and a route table that loses a device's routes
+// with the device.
+type fakeGuest struct {
+	w       *world
+	ifaces  map[string]*agent.Interface // by MAC
+	routes  []agent.Route
+	neigh   []agent.Neighbor
+	calls   map[string]int // guest-changing calls
+	next    int
+	slow    int  // the next UpdateInterface calls find no link
+	noNeigh bool // AddARPNeighbors is unimplemented
+}
+
+func (g *fakeGuest) clone(w *world) *fakeGuest {
+	c := *g
+	c.w = w
+	c.ifaces = map[string]*agent.Interface{}
+	for k, v := range g.ifaces {
+		i := *v
+		c.ifaces[k] = &i
+	}
+	c.routes = slices.Clone(g.routes)
+	c.neigh = slices.Clone(g.neigh)
+	c.calls = maps.Clone(g.calls)
+	return &c
+}
+
+// sync makes the guest's interfaces follow the VM's devices.
+func (g *fakeGuest) sync() {
+	if g.ifaces == nil {
+		g.ifaces = map[string]*agent.Interface{}
+	}
+	macs := map[string]bool{}
+	for _, n := range g.w.nics {
+		m := n.MAC.String()
+		macs[m] = true
+		if g.ifaces[m] == nil {
+			g.ifaces[m] = &agent.Interface{Name: fmt.Sprintf("eth%d", g.next), MAC: n.MAC, MTU: 1500}
+			g.next++
+		}
+	}
+	for m, i := range g.ifaces {
+		if !macs[m] {
+			g.routes = slices.DeleteFunc(g.routes, func(r agent.Route) bool { return r.Device == i.Name })
+			g.neigh = slices.DeleteFunc(g.neigh, func(n agent.Neighbor) bool { return n.Device == i.Name })
+			delete(g.ifaces, m)
+		}
+	}
+}
+
+func (g *fakeGuest) state() GuestState {
+	g.sync()
+	var s GuestState
+	for _, m := range slices.Sorted(maps.Keys(g.ifaces)) {
+		s.Interfaces = append(s.Interfaces, *g.ifaces[m])
+	}
+	s.Routes = slices.Clone(g.routes)
+	return s
+}
+
+func (g *fakeGuest) ListInterfaces(context.Context) ([]agent.Interface, error) {
+	return g.state().Interfaces, nil
+}
+
+func (g *fakeGuest) ListRoutes(context.Context) ([]agent.Route, error) { return g.state().Routes, nil }
+
+func (g *fakeGuest) UpdateInterface(_ context.Context, want agent.Interface) (agent.Interface, error) {
+	g.sync()
+	g.calls["UpdateInterface"]++
+	if err := g.w.fail(OpConfigureGuest); err != nil {
+		return agent.Interface{}, err
+	}
+	i := g.ifaces[want.MAC.String()]
+	if g.slow > 0 || i == nil {
+		g.slow = max(g.slow-1, 0)
+		return agent.Interface{}, fmt.Errorf("link with MAC %s: %w", want.MAC, agent.ErrLinkNotFound)
+	}
+	g.w.mutations++
+	old := i.Name
+	*i = want
+	i.DevicePath = ""
+	for k := range g.routes {
+		if g.routes[k].Device == old {
+			g.routes[k].Device = want.Name
+		}
+	}
+	return *i, nil
+}
+
+func (g *fakeGuest) UpdateRoutes(_ context.Context, rs []agent.Route) ([]agent.Route, error) {
+	g.sync()
+	g.calls["UpdateRoutes"]++
+	for _, r := range rs {
+		if !slices.ContainsFunc(slices.Collect(maps.Values(g.ifaces)), func(i *agent.Interface) bool { return i.Name == r.Device }) {
+			return nil, fmt.Errorf("route %s: no device %s", routeKey(r), r.Device)
+		}
+	}
+	g.w.mutations++
+	for _, r := range rs { // add or replace, as agents since 3.15 do
+		g.routes = slices.DeleteFunc(g.routes, func(h agent.Route) bool { return routeKey(h) == routeKey(r) })
+		g.routes = append(g.routes, r)
+	}
+	return slices.Clone(g.routes), nil
+}
+
+func (g *fakeGuest) AddARPNeighbors(_ context.Context, ns []agent.Neighbor) error {
+	g.sync()
+	g.calls["AddARPNeighbors"]++
+	if g.noNeigh {
+		return errUnimplemented
+	}
+	g.w.mutations++
+	g.neigh = append(g.neigh, ns...)
+	return nil
+}
+
+// check says how the guest differs from the netns: each wired link's
+// interface (name, addresses, MTU) and every route on a wired link.
+func (g *fakeGuest) check() []string {
+	g.sync()
+	var bad []string
+	wiredNames := map[int]string{}
+	for _, l := range g.w.links {
+		i := g.ifaces[l.MAC.String()]
+		if r, _ := unwireable(l); r != "" || i == nil {
+			continue
+		}
+		wiredNames[l.Ifindex] = l.Name
+		want := desiredInterface(l)
+		if interfaceDigest(*i) != interfaceDigest(want) {
+			bad = append(bad, fmt.Sprintf("guest interface %+v, want %+v", *i, want))
+		}
+	}
+	for _, r := range g.w.routes {
+		name, ok := wiredNames[r.LinkIndex]
+		if !ok || (r.Dst.IsValid() && (r.Dst.Addr().IsLinkLocalUnicast() || r.Dst.Addr().IsMulticast())) {
+			continue
+		}
+		key := routeKey(agent.Route{Dest: r.Dst, Gateway: r.Gateway, Device: name, IPv6: r.IPv6})
+		if !slices.ContainsFunc(g.routes, func(h agent.Route) bool { return routeKey(h) == key }) {
+			bad = append(bad, "guest lacks route "+key)
+		}
+	}
+	return bad
+}

@@ -8,16 +8,18 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/state"
 )
 
 // NIC is a virtio-net device as QEMU reports it.
 type NIC struct {
-	ID    string
-	Index int  // endpoint index, when Owned
-	Owned bool // id tapsync-net<N>
-	MAC   net.HardwareAddr
+	ID      string
+	Index   int  // endpoint index, when Owned
+	Owned   bool // id tapsync-net<N>
+	MAC     net.HardwareAddr
+	PCIPath string // where the guest finds it (the agent's devicePath), "" if unknown
 }
 
 // Observed is the actual state of one sandbox: the host side from the
@@ -26,46 +28,75 @@ type Observed struct {
 	Links     []datapath.Link // container links (desired endpoints)
 	Taps      []datapath.Tap
 	Redirects []datapath.Redirect
+	Routes    []datapath.Route    // the sandbox's routes (not the kernel's own)
+	Neighbors []datapath.Neighbor // permanent neighbours
 	NICs      []NIC
 	Netdevs   []int // indexes of tapsync-netdev<N> present in QEMU
+	// Guest is the agent's view of the guest; nil when not asked (the
+	// record shows the guest converged) or not reachable.
+	Guest *GuestState
 }
 
 // Options are the per-sandbox settings plan needs.
 type Options struct {
-	Queues int // queues for new endpoints; 0 is taken as 1
+	Queues int  // queues for new endpoints; 0 is taken as 1
+	Guest  bool // configure the guest through its agent
 }
 
 // Op is the kind of one step.
 type Op int
 
 const (
-	OpRecord          Op = iota // write the endpoint to the record (intent or recovery)
-	OpMarkRemoving              // record that the endpoint's removal has started
-	OpForget                    // drop the endpoint from the record, after its removal
-	OpCreateTap                 // create tap<N>_kata
-	OpFixTap                    // bring the tap up, at the container link's MTU
-	OpAddRedirects              // tc redirects link ⇄ tap
-	OpPlugNIC                   // open the tap's queues, hot-add the NIC
-	OpUnplugNIC                 // hot-remove the NIC and its netdev (may stay pending)
-	OpRemoveRedirects           // delete our filters from link and tap
-	OpDeleteTap                 // delete tap<N>_kata
+	OpRecord             Op = iota // write the endpoint to the record (intent or recovery)
+	OpMarkRemoving                 // record that the endpoint's removal has started
+	OpForget                       // drop the endpoint from the record, after its removal
+	OpCreateTap                    // create tap<N>_kata
+	OpFixTap                       // bring the tap up, at the container link's MTU
+	OpAddRedirects                 // tc redirects link ⇄ tap
+	OpPlugNIC                      // open the tap's queues, hot-add the NIC
+	OpUnplugNIC                    // hot-remove the NIC and its netdev (may stay pending)
+	OpRemoveRedirects              // delete our filters from link and tap
+	OpDeleteTap                    // delete tap<N>_kata
+	OpResetGuest                   // record that the endpoint's guest configuration goes with its NIC
+	OpConfirmGuest                 // record that the guest interface already is as wanted
+	OpConfirmGuestRoutes           // record that the guest already has the routes
+	OpConfigureGuest               // agent: UpdateInterface
+	OpUpdateGuestRoutes            // agent: UpdateRoutes with the full set
+	OpAddGuestNeighbors            // agent: AddARPNeighbors
 )
 
 var opNames = [...]string{"record", "mark-removing", "forget", "create-tap", "fix-tap", "add-redirects",
-	"plug-nic", "unplug-nic", "remove-redirects", "delete-tap"}
+	"plug-nic", "unplug-nic", "remove-redirects", "delete-tap",
+	"reset-guest", "confirm-guest", "confirm-guest-routes", "configure-guest", "update-guest-routes", "add-guest-neighbors"}
 
 func (o Op) String() string { return opNames[o] }
 
-// Mutates reports whether the op changes the kernel or QEMU (as opposed
-// to only the record).
-func (o Op) Mutates() bool { return o >= OpCreateTap }
+// Mutates reports whether the op changes the kernel, QEMU or the guest
+// (as opposed to only the record).
+func (o Op) Mutates() bool {
+	switch o {
+	case OpRecord, OpMarkRemoving, OpForget, OpResetGuest, OpConfirmGuest, OpConfirmGuestRoutes:
+		return false
+	}
+	return true
+}
+
+// Guestward reports whether the op is a call to the guest's agent.
+func (o Op) Guestward() bool {
+	return o == OpConfigureGuest || o == OpUpdateGuestRoutes || o == OpAddGuestNeighbors
+}
 
 // Action is one ordered step of a plan.
 type Action struct {
 	Op       Op
-	Endpoint state.Endpoint // index, link identity and queues it concerns
-	MTU      int            // OpCreateTap, OpFixTap
+	Endpoint state.Endpoint // index, link identity and queues it concerns; index -1: the whole guest
+	MTU      int            // OpCreateTap, OpFixTap, OpPlugNIC
 	Reason   string
+
+	Guest     agent.Interface // OpConfigureGuest (its DevicePath is filled in when applied)
+	Routes    []GuestRoute    // OpUpdateGuestRoutes
+	Neighbors []GuestNeighbor // OpAddGuestNeighbors
+	Digest    string          // guest ops: what the record keeps once done
 }
 
 func (a Action) String() string {
@@ -96,6 +127,33 @@ func (a Action) String() string {
 		s = fmt.Sprintf("remove redirects %s ⇄ %s", e.LinkName, tap)
 	case OpDeleteTap:
 		s = fmt.Sprintf("delete %s", tap)
+	case OpResetGuest:
+		s = fmt.Sprintf("forget the guest configuration of endpoint %d (%s)", e.Index, e.LinkName)
+	case OpConfirmGuest:
+		s = fmt.Sprintf("record guest interface %s of endpoint %d as configured", e.LinkName, e.Index)
+	case OpConfirmGuestRoutes:
+		s = "record the guest's routes as configured"
+	case OpConfigureGuest:
+		g := a.Guest
+		addrs := make([]string, len(g.Addrs))
+		for i, p := range g.Addrs {
+			addrs[i] = p.String()
+		}
+		if len(addrs) == 0 {
+			addrs = []string{"no address"}
+		}
+		s = fmt.Sprintf("configure guest interface %s (%s): %s, mtu %d", g.Name, g.MAC, strings.Join(addrs, " "), g.MTU)
+		if g.NoARP {
+			s += ", noarp"
+		}
+	case OpUpdateGuestRoutes:
+		rs := make([]string, len(a.Routes))
+		for i, r := range a.Routes {
+			rs[i] = routeKey(r.Route)
+		}
+		s = fmt.Sprintf("set the guest's routes (%d): %s", len(rs), strings.Join(rs, "; "))
+	case OpAddGuestNeighbors:
+		s = fmt.Sprintf("add %d permanent neighbours in the guest", len(a.Neighbors))
 	}
 	if a.Reason != "" {
 		s += ": " + a.Reason
@@ -246,6 +304,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 
 	// Each recorded endpoint: keep and repair it, or remove it.
 	claimed := map[int]bool{} // link ifindexes served by a live endpoint
+	var wired []wiredLink     // live endpoints and adopted links, for the guest
 	for _, e := range rec.Endpoints {
 		l, linkOK := v.links[e.LinkIfindex]
 		why := ""
@@ -266,6 +325,8 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 		}
 		if !e.Removing && why == "" {
 			claimed[l.Ifindex] = true
+			_, nicOK := v.nics[e.Index]
+			wired = append(wired, wiredLink{link: l, endpoint: e, plugged: !nicOK})
 			repair(v, e, l, &adds)
 			continue
 		}
@@ -291,6 +352,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 		}
 		if n := v.adoptable(l, adopted); n >= 0 {
 			adopted[n] = true
+			wired = append(wired, wiredLink{link: l, adopted: true})
 			p.Skipped = append(p.Skipped, Skipped{Link: l, Adopted: true,
 				Reason: fmt.Sprintf("already wired by the runtime (its redirect to a tap, VM device %q); adopted", v.foreign[n].ID)})
 			continue
@@ -303,10 +365,15 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 			Action{Op: OpRecord, Endpoint: e, Reason: reason},
 			Action{Op: OpCreateTap, Endpoint: e, MTU: l.MTU},
 			Action{Op: OpAddRedirects, Endpoint: e},
-			Action{Op: OpPlugNIC, Endpoint: e},
+			Action{Op: OpPlugNIC, Endpoint: e, MTU: l.MTU},
 		)
+		wired = append(wired, wiredLink{link: l, endpoint: e, plugged: true})
 	}
-	p.Actions = append(append(p.Actions, adds.Actions...), retries.Actions...)
+	p.Actions = append(p.Actions, adds.Actions...)
+	if opts.Guest {
+		planGuest(obs, rec, wired, &p)
+	}
+	p.Actions = append(p.Actions, retries.Actions...)
 	return p
 }
 
@@ -356,7 +423,10 @@ func repair(v view, e state.Endpoint, l datapath.Link, p *Plan) {
 			// the tap's queues: delete it before opening them again.
 			p.Actions = append(p.Actions, Action{Op: OpUnplugNIC, Endpoint: e, Reason: "netdev left without its device"})
 		}
-		p.Actions = append(p.Actions, Action{Op: OpPlugNIC, Endpoint: e, Reason: "NIC not in VM"})
+		if e.Guest != "" {
+			p.Actions = append(p.Actions, Action{Op: OpResetGuest, Endpoint: e, Reason: "a new NIC starts unconfigured"})
+		}
+		p.Actions = append(p.Actions, Action{Op: OpPlugNIC, Endpoint: e, MTU: l.MTU, Reason: "NIC not in VM"})
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/qmp"
 	"github.com/tapsync/tapsync/state"
@@ -20,6 +22,7 @@ import (
 const (
 	DefaultQMPTimeout    = 5 * time.Second
 	DefaultUnplugTimeout = 10 * time.Second
+	DefaultGuestTimeout  = 5 * time.Second
 )
 
 // Sandbox is one VM-backed pod as tapsync knows it.
@@ -31,7 +34,15 @@ type Sandbox struct {
 	Vhost         datapath.Vhost
 	QMPTimeout    time.Duration // per QMP command
 	UnplugTimeout time.Duration // how long to wait for the guest to acknowledge an unplug
+	// Agent is the guest agent's address; without one (Scheme "") the
+	// guest side is off and GuestOff says why.
+	Agent        agent.URL
+	GuestOff     string
+	GuestTimeout time.Duration // per agent call
 }
+
+// guestOn reports whether the sandbox's guest is configured through its agent.
+func (s Sandbox) guestOn() bool { return s.Agent.Scheme != "" }
 
 func (s Sandbox) withDefaults() Sandbox {
 	if s.QMPTimeout <= 0 {
@@ -42,6 +53,12 @@ func (s Sandbox) withDefaults() Sandbox {
 	}
 	if s.Vhost == "" {
 		s.Vhost = datapath.VhostAuto
+	}
+	if s.GuestTimeout <= 0 {
+		s.GuestTimeout = DefaultGuestTimeout
+	}
+	if !s.guestOn() && s.GuestOff == "" {
+		s.GuestOff = "no agent URL for this sandbox"
 	}
 	s.Queues = max(s.Queues, 0)
 	return s
@@ -56,7 +73,18 @@ type Status struct {
 	Pending       []int
 	Endpoints     []state.Endpoint
 	Skipped       []Skipped
+	// Guest says how the guest side stands: "off: <why>", "agent
+	// unreachable: <error>", or "" when the agent answered or was not
+	// needed. GuestEndpoints has each endpoint's guest state.
+	Guest          string
+	GuestEndpoints map[int]string
 }
+
+// Guest states of an endpoint, as status shows them.
+const (
+	GuestConfigured = "configured"
+	GuestPending    = "pending"
+)
 
 // Reconciler makes sandboxes' VMs mirror their netns. It holds the
 // registry of sandboxes and one QMP connection per sandbox, kept open so
@@ -74,14 +102,20 @@ type Reconciler struct {
 	mu        sync.Mutex
 	sandboxes map[string]Sandbox
 	conns     map[string]*qmp.Client
-	dialing   map[string]*sync.Mutex // per sandbox: one dial at a time (a QMP socket takes one client)
+	agents    map[string]*agent.Client // dialled when a pass needs the guest, kept while it works
+	dialing   map[string]*sync.Mutex   // per sandbox: one dial at a time (a QMP socket takes one client)
 	status    map[string]Status
+	guestLog  map[string]string // last guest error logged per sandbox
+	// AgentCalls counts the calls that change the guest (configure,
+	// routes, neighbours), by method; tests and metrics read it.
+	agentCalls map[string]int
 }
 
 // New returns a Reconciler recording into store.
 func New(store *state.Store) *Reconciler {
 	return &Reconciler{store: store, sandboxes: map[string]Sandbox{}, conns: map[string]*qmp.Client{},
-		dialing: map[string]*sync.Mutex{}, status: map[string]Status{}}
+		agents: map[string]*agent.Client{}, dialing: map[string]*sync.Mutex{}, status: map[string]Status{},
+		guestLog: map[string]string{}, agentCalls: map[string]int{}}
 }
 
 // Set registers or updates a sandbox.
@@ -96,6 +130,9 @@ func (r *Reconciler) Set(sb Sandbox) error {
 	defer r.mu.Unlock()
 	if old, ok := r.sandboxes[sb.ID]; ok && old.QMP != sb.QMP {
 		r.closeConnLocked(sb.ID)
+	}
+	if old, ok := r.sandboxes[sb.ID]; ok && old.Agent != sb.Agent {
+		r.closeAgentLocked(sb.ID)
 	}
 	r.sandboxes[sb.ID] = sb.withDefaults()
 	return nil
@@ -121,6 +158,7 @@ func (r *Reconciler) Forget(id string) error {
 	r.closeConnLocked(id)
 	delete(r.sandboxes, id)
 	delete(r.status, id) // r.dialing[id] stays: a dial may hold it
+	delete(r.guestLog, id)
 	r.mu.Unlock()
 	return r.store.Delete(id)
 }
@@ -135,12 +173,96 @@ func (r *Reconciler) Close() {
 	}
 }
 
-// closeConnLocked drops sandbox id's connection; r.mu must be held.
+// closeConnLocked drops sandbox id's connections; r.mu must be held.
 func (r *Reconciler) closeConnLocked(id string) {
 	if c := r.conns[id]; c != nil {
 		c.Close()
 		delete(r.conns, id)
 	}
+	r.closeAgentLocked(id)
+}
+
+// closeAgentLocked drops sandbox id's agent connection; r.mu must be held.
+func (r *Reconciler) closeAgentLocked(id string) {
+	if c := r.agents[id]; c != nil {
+		c.Close()
+		delete(r.agents, id)
+	}
+}
+
+// AgentCalls returns how many guest-changing agent calls were made, by
+// method name (UpdateInterface, UpdateRoutes, AddARPNeighbors).
+func (r *Reconciler) AgentCalls() map[string]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return maps.Clone(r.agentCalls)
+}
+
+// agentClient returns the sandbox's live agent connection, dialling one
+// when there is none or the last one died.
+func (r *Reconciler) agentClient(ctx context.Context, sb Sandbox) (*agent.Client, error) {
+	r.mu.Lock()
+	c := r.agents[sb.ID]
+	r.mu.Unlock()
+	if c != nil {
+		select {
+		case <-c.Done():
+		default:
+			return c, nil
+		}
+	}
+	c, err := agent.Dial(ctx, sb.Agent, sb.GuestTimeout)
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if cur, ok := r.sandboxes[sb.ID]; !ok || cur.Agent != sb.Agent {
+		c.Close()
+		return nil, fmt.Errorf("sandbox %s: %w while connecting to its agent", sb.ID, ErrUnknownSandbox)
+	}
+	if old := r.agents[sb.ID]; old != nil {
+		old.Close()
+	}
+	r.agents[sb.ID] = c
+	return c, nil
+}
+
+// dropAgent closes c if it is still sandbox id's agent connection: after
+// a failed call the next pass dials afresh.
+func (r *Reconciler) dropAgent(id string, c *agent.Client) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.agents[id] == c {
+		r.closeAgentLocked(id)
+	}
+}
+
+// countingGuest counts the guest-changing calls it passes on.
+type countingGuest struct {
+	*agent.Client
+	r *Reconciler
+}
+
+func (g countingGuest) count(method string) {
+	g.r.mu.Lock()
+	g.r.agentCalls[method]++
+	g.r.mu.Unlock()
+}
+
+func (g countingGuest) UpdateInterface(ctx context.Context, i agent.Interface) (agent.Interface, error) {
+	g.count("UpdateInterface")
+	return g.Client.UpdateInterface(ctx, i)
+}
+
+func (g countingGuest) UpdateRoutes(ctx context.Context, rs []agent.Route) ([]agent.Route, error) {
+	g.count("UpdateRoutes")
+	return g.Client.UpdateRoutes(ctx, rs)
+}
+
+func (g countingGuest) AddARPNeighbors(ctx context.Context, ns []agent.Neighbor) error {
+	g.count("AddARPNeighbors")
+	return g.Client.AddARPNeighbors(ctx, ns)
 }
 
 // Status returns the last outcome of every sandbox.
@@ -274,8 +396,44 @@ func (s *session) observe(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	s.obs = Observed{Links: hs.Links, Taps: hs.Taps, Redirects: hs.Redirects, NICs: nics, Netdevs: netdevs}
+	s.obs = Observed{Links: hs.Links, Taps: hs.Taps, Redirects: hs.Redirects, Routes: hs.Routes, Neighbors: hs.Neighbors,
+		NICs: nics, Netdevs: netdevs}
 	return nil
+}
+
+func (s *session) options() Options {
+	return Options{Queues: s.queues, Guest: s.sb.guestOn()}
+}
+
+// planWithGuest computes the plan, asking the agent for the guest's state
+// only when the record cannot show the guest converged. It returns the
+// agent to apply the plan with (nil when the plan needs none), and the
+// reason the guest side could not be reached: then the plan has no guest
+// steps and the host side goes ahead alone.
+func (r *Reconciler) planWithGuest(ctx context.Context, s *session) (Plan, Guest, *agent.Client, error) {
+	opts := s.options()
+	p := Compute(s.obs, s.rec, opts)
+	if !slices.ContainsFunc(p.Actions, func(a Action) bool { return a.Op.Guestward() }) {
+		return p, nil, nil, nil
+	}
+	c, err := r.agentClient(ctx, s.sb)
+	if err == nil && p.NeedsGuest() {
+		var g GuestState
+		if g.Interfaces, err = c.ListInterfaces(ctx); err == nil {
+			g.Routes, err = c.ListRoutes(ctx)
+		}
+		if err == nil {
+			s.obs.Guest = &g
+			p = Compute(s.obs, s.rec, opts)
+		} else {
+			r.dropAgent(s.sb.ID, c)
+		}
+	}
+	if err != nil {
+		opts.Guest = false
+		return Compute(s.obs, s.rec, opts), nil, nil, err
+	}
+	return p, countingGuest{Client: c, r: r}, c, nil
 }
 
 // Plan computes what a reconcile of sandbox id would do now, changing
@@ -286,7 +444,11 @@ func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
 		return Plan{}, err
 	}
 	defer s.host.Close()
-	return Compute(s.obs, s.rec, Options{Queues: s.queues}), nil
+	p, _, _, err := r.planWithGuest(ctx, s)
+	if err != nil {
+		zerolog.Ctx(ctx).Debug().Err(err).Str("sandbox", id).Msg("plan without the guest side: agent unreachable")
+	}
+	return p, nil
 }
 
 // Reconcile runs one observe → plan → apply → record pass over sandbox
@@ -311,16 +473,27 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		return err
 	}
 	defer s.host.Close()
-	p := Compute(s.obs, s.rec, Options{Queues: s.queues})
+	p, guest, client, guestErr := r.planWithGuest(ctx, s)
 	st.Skipped = p.Skipped
 	r.logSkipped(log, id, p.Skipped)
-	rec, out, err := Apply(ctx, p, s.rec, s.obs, Env{Host: s.host, VM: s.vm, Recorder: r.store, Vhost: s.sb.Vhost, AfterAction: r.AfterAction})
+	env := Env{Host: s.host, VM: s.vm, Guest: guest, Recorder: r.store, Vhost: s.sb.Vhost, AfterAction: r.AfterAction,
+		GuestLinkWait: s.sb.GuestTimeout}
+	rec, out, err := Apply(ctx, p, s.rec, s.obs, env)
 	st.Mutations, st.Pending, st.Endpoints = out.Mutations, out.Pending, rec.Endpoints
+	if client != nil && out.GuestFailed {
+		r.dropAgent(id, client) // a call failed or timed out: dial afresh next time
+	}
+	st.Guest, st.GuestEndpoints = guestStatus(s.sb, rec, out, guestErr)
+	r.logGuest(log, id, guestErr)
 	if !p.Empty() {
 		log.Info().Int("actions", len(p.Actions)).Int("mutations", out.Mutations).Ints("pending", out.Pending).Err(err).Msg("reconciled")
 	}
 	if err != nil {
-		return fmt.Errorf("sandbox %s: %w", id, err)
+		return fmt.Errorf("sandbox %s: %w", id, errors.Join(err, guestErr))
+	}
+	if guestErr != nil {
+		// The host side is done; the guest's is retried with backoff.
+		return fmt.Errorf("sandbox %s: guest agent at %s: %w", id, s.sb.Agent, guestErr)
 	}
 	if len(out.Pending) > 0 {
 		// Not a failure, but not done: come back (with backoff) until the
@@ -328,6 +501,59 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		return fmt.Errorf("sandbox %s: unplug of endpoints %v pending", id, out.Pending)
 	}
 	return nil
+}
+
+// guestStatus describes the guest side of a sandbox after a pass.
+func guestStatus(sb Sandbox, rec state.Record, out Outcome, guestErr error) (string, map[int]string) {
+	sandbox := ""
+	switch {
+	case !sb.guestOn():
+		sandbox = "off: " + sb.GuestOff
+	case guestErr != nil:
+		sandbox = "agent unreachable: " + guestErr.Error()
+	}
+	eps := map[int]string{}
+	for _, e := range rec.Endpoints {
+		if e.Removing {
+			continue
+		}
+		err, failed := out.Failed[e.Index]
+		switch {
+		case !sb.guestOn():
+			eps[e.Index] = "off"
+		case failed && errors.Is(err, ErrGuestLinkMissing):
+			eps[e.Index] = "waiting for the link: " + err.Error()
+		case failed:
+			eps[e.Index] = "failed: " + err.Error()
+		case e.Guest != "" && guestErr == nil:
+			eps[e.Index] = GuestConfigured
+		case guestErr != nil:
+			eps[e.Index] = sandbox
+		default:
+			eps[e.Index] = GuestPending
+		}
+	}
+	return sandbox, eps
+}
+
+// logGuest logs an unreachable agent once per distinct error, and its
+// recovery.
+func (r *Reconciler) logGuest(log zerolog.Logger, id string, guestErr error) {
+	msg := ""
+	if guestErr != nil {
+		msg = guestErr.Error()
+	}
+	r.mu.Lock()
+	prev := r.guestLog[id]
+	r.guestLog[id] = msg
+	r.mu.Unlock()
+	switch {
+	case msg == prev:
+	case msg != "":
+		log.Warn().Err(guestErr).Msg("guest agent unreachable: the host side is wired, the guest's is retried with backoff")
+	default:
+		log.Info().Msg("guest agent reachable again")
+	}
 }
 
 // logSkipped explains skipped links once, when the set changes.

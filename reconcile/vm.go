@@ -26,7 +26,7 @@ func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
 	}
 	nics := make([]NIC, 0, len(infos))
 	for _, i := range infos {
-		nics = append(nics, NIC{ID: i.ID, Index: i.Index, Owned: i.Owned, MAC: i.MAC})
+		nics = append(nics, NIC{ID: i.ID, Index: i.Index, Owned: i.Owned, MAC: i.MAC, PCIPath: i.PCIPath})
 	}
 	ids, err := v.c.ListNetdevs(ctx)
 	if err != nil {
@@ -54,12 +54,12 @@ func parseNetdevID(id string) (int, bool) {
 	return n, true
 }
 
-func (v qmpVM) PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, q *datapath.Queues) error {
-	_, err := v.c.AddNIC(ctx, qmp.NIC{Index: index, MAC: mac, TapFDs: q.Tap, VhostFDs: q.Vhost})
+func (v qmpVM) PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, mtu int, q *datapath.Queues) (string, error) {
+	info, err := v.c.AddNIC(ctx, qmp.NIC{Index: index, MAC: mac, TapFDs: q.Tap, VhostFDs: q.Vhost, MTU: mtu})
 	if errors.Is(err, qmp.ErrNetdevOrphaned) {
-		return fmt.Errorf("%w: %w", ErrIndexBurned, err)
+		return "", fmt.Errorf("%w: %w", ErrIndexBurned, err)
 	}
-	return err
+	return info.PCIPath, err
 }
 
 func (v qmpVM) UnplugNIC(ctx context.Context, index int, wait bool) error {

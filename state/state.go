@@ -38,7 +38,11 @@ type Record struct {
 	Sandbox   string     `json:"sandbox"`
 	Netns     string     `json:"netns"`
 	Endpoints []Endpoint `json:"endpoints"`
-	Updated   time.Time  `json:"updated"`
+	// GuestRoutes and GuestNeighbors fingerprint the routes and permanent
+	// neighbours last confirmed in the guest by its agent ("" = none).
+	GuestRoutes    string    `json:"guest_routes,omitempty"`
+	GuestNeighbors string    `json:"guest_neighbors,omitempty"`
+	Updated        time.Time `json:"updated"`
 }
 
 // Endpoint is one container link wired (or being wired or unwired) by
@@ -64,6 +68,9 @@ type Endpoint struct {
 	// but cannot delete). The entry stays, reserving the index, for the
 	// life of the record; the link gets an endpoint under a new index.
 	Burned bool `json:"burned,omitempty"`
+	// Guest fingerprints the guest interface configuration last confirmed
+	// by the agent for this endpoint's NIC ("" = not configured).
+	Guest string `json:"guest,omitempty"`
 }
 
 // Endpoint returns the endpoint with index n.

@@ -1,0 +1,280 @@
+package reconcile
+
+import (
+	"bytes"
+	"cmp"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/tapsync/tapsync/agent"
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/state"
+)
+
+// The guest side. Only the agent in the VM configures guest interfaces, so
+// for every endpoint tapsync plugs it also tells the agent what the
+// container link looks like: its name, MAC, addresses, MTU and NOARP flag;
+// then the sandbox's routes on wired links, then permanent neighbours.
+//
+// What was last confirmed in the guest is remembered in the record as a
+// digest of what was asked for (Endpoint.Guest, Record.GuestRoutes,
+// Record.GuestNeighbors). A pass whose desired guest state has the
+// recorded digests plans no guest step and makes no agent call: a resync
+// or a restart of the daemon on a converged sandbox never reaches the
+// agent. Only when a digest differs does the session ask the agent what
+// the guest has (Observed.Guest), and a guest that already matches is
+// recorded (confirm) instead of being configured again. A NIC that is
+// plugged again loses its guest configuration with it: its digests are
+// reset in the record before the plug, so a crash in between cannot leave
+// a stale "configured".
+
+// GuestState is what the agent reports of the guest.
+type GuestState struct {
+	Interfaces []agent.Interface
+	Routes     []agent.Route
+}
+
+// GuestRoute is one route for the guest and the endpoint whose link it
+// uses (-1: a link the runtime wired, adopted).
+type GuestRoute struct {
+	Route    agent.Route
+	Endpoint int
+}
+
+// GuestNeighbor is one permanent neighbour for the guest and the endpoint
+// whose link it sits on (-1: adopted).
+type GuestNeighbor struct {
+	Neighbor agent.Neighbor
+	Endpoint int
+}
+
+// desiredInterface is what the guest NIC of container link l must look
+// like. IPv6 link-local addresses are the guest kernel's own business.
+func desiredInterface(l datapath.Link) agent.Interface {
+	var addrs []netip.Prefix
+	for _, a := range l.Addrs {
+		if !a.Addr().IsLinkLocalUnicast() || a.Addr().Is4() {
+			addrs = append(addrs, a)
+		}
+	}
+	slices.SortFunc(addrs, func(a, b netip.Prefix) int { return strings.Compare(a.String(), b.String()) })
+	return agent.Interface{Name: l.Name, MAC: l.MAC, Addrs: addrs, MTU: l.MTU, NoARP: l.NoARP}
+}
+
+// digest is a short fingerprint of canonical text; "" stays "".
+func digest(text string) string {
+	if text == "" {
+		return ""
+	}
+	sum := sha256.Sum256([]byte(text))
+	return hex.EncodeToString(sum[:8])
+}
+
+func interfaceDigest(i agent.Interface) string {
+	addrs := make([]string, len(i.Addrs))
+	for n, a := range i.Addrs {
+		addrs[n] = a.String()
+	}
+	return digest(fmt.Sprintf("if %s %s mtu %d noarp %v addrs %s", i.Name, i.MAC, i.MTU, i.NoARP, strings.Join(addrs, ",")))
+}
+
+// routeKey is how two routes are told apart: destination (a default route
+// spelt as 0.0.0.0/0 or ::/0), gateway and device.
+func routeKey(r agent.Route) string {
+	dst := r.Dest
+	if !dst.IsValid() {
+		dst = netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+		if r.IPv6 {
+			dst = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+		}
+	}
+	gw := ""
+	if r.Gateway.IsValid() {
+		gw = r.Gateway.String()
+	}
+	return fmt.Sprintf("%s via %s dev %s", dst.Masked(), gw, r.Device)
+}
+
+func routeText(r agent.Route) string {
+	src := ""
+	if r.Source.IsValid() {
+		src = r.Source.String()
+	}
+	return fmt.Sprintf("%s src %s scope %d mtu %d", routeKey(r), src, r.Scope, r.MTU)
+}
+
+func routesDigest(rs []GuestRoute) string {
+	lines := make([]string, len(rs))
+	for i, r := range rs {
+		lines[i] = routeText(r.Route)
+	}
+	return digest(strings.Join(lines, "\n"))
+}
+
+func neighborsDigest(ns []GuestNeighbor) string {
+	lines := make([]string, len(ns))
+	for i, n := range ns {
+		lines[i] = fmt.Sprintf("%s lladdr %s dev %s state %d flags %d", n.Neighbor.IP, n.Neighbor.MAC, n.Neighbor.Device, n.Neighbor.State, n.Neighbor.Flags)
+	}
+	return digest(strings.Join(lines, "\n"))
+}
+
+// guestHas reports whether the guest already has an interface that is
+// want: same MAC, name, MTU, NOARP and addresses (IPv6 link-local aside).
+func guestHas(g *GuestState, want agent.Interface) bool {
+	for _, have := range g.Interfaces {
+		if !bytes.Equal(have.MAC, want.MAC) {
+			continue
+		}
+		got := desiredInterface(datapath.Link{Name: have.Name, MAC: have.MAC, MTU: have.MTU, NoARP: have.NoARP, Addrs: have.Addrs})
+		return interfaceDigest(got) == interfaceDigest(want)
+	}
+	return false
+}
+
+// guestHasRoutes reports whether every route of want is in the guest.
+func guestHasRoutes(g *GuestState, want []GuestRoute) bool {
+	have := map[string]bool{}
+	for _, r := range g.Routes {
+		have[routeKey(r)] = true
+	}
+	for _, r := range want {
+		if !have[routeKey(r.Route)] {
+			return false
+		}
+	}
+	return true
+}
+
+// wiredLink is a container link whose guest NIC exists or is being made:
+// an endpoint of ours (Endpoint ≥ 0) or one the runtime wired (-1).
+type wiredLink struct {
+	link     datapath.Link
+	endpoint state.Endpoint
+	adopted  bool
+	plugged  bool // the NIC is (re)plugged in this plan: the guest has nothing of it
+}
+
+// planGuest appends the guest steps for the wired links, in order:
+// interfaces, then routes (they name the interfaces), then neighbours.
+func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
+	configured := map[int]bool{} // link ifindexes whose guest interface is, or will be, configured
+	reset := false
+	for _, w := range wired {
+		if w.adopted {
+			configured[w.link.Ifindex] = true
+			continue
+		}
+		e := w.endpoint
+		want := desiredInterface(w.link)
+		d := interfaceDigest(want)
+		switch {
+		case !w.plugged && e.Guest == d:
+		case !w.plugged && obs.Guest != nil && guestHas(obs.Guest, want):
+			p.Actions = append(p.Actions, Action{Op: OpConfirmGuest, Endpoint: e, Digest: d, Reason: "the guest already has it"})
+		default:
+			why := "guest interface not configured"
+			switch {
+			case w.plugged:
+				why = "NIC plugged"
+			case e.Guest != "":
+				why = fmt.Sprintf("%s changed", w.link.Name)
+			}
+			p.Actions = append(p.Actions, Action{Op: OpConfigureGuest, Endpoint: e, Guest: want, Digest: d, Reason: why})
+		}
+		configured[w.link.Ifindex] = true
+		reset = reset || (w.plugged && e.Guest != "")
+	}
+	names := map[int]string{}
+	owner := map[int]int{}
+	for _, w := range wired {
+		names[w.link.Ifindex] = w.link.Name
+		owner[w.link.Ifindex] = -1
+		if !w.adopted {
+			owner[w.link.Ifindex] = w.endpoint.Index
+		}
+	}
+
+	routes := guestRoutes(obs.Routes, configured, names, owner)
+	recorded := rec.GuestRoutes
+	if reset {
+		recorded = ""
+	}
+	if d := routesDigest(routes); d != recorded {
+		if obs.Guest != nil && guestHasRoutes(obs.Guest, routes) && !anyPlugged(wired) {
+			p.Actions = append(p.Actions, Action{Op: OpConfirmGuestRoutes, Endpoint: sandboxWide, Digest: d, Reason: "the guest already has them"})
+		} else {
+			p.Actions = append(p.Actions, Action{Op: OpUpdateGuestRoutes, Endpoint: sandboxWide, Routes: routes, Digest: d})
+		}
+	}
+
+	var neigh []GuestNeighbor
+	for _, n := range obs.Neighbors {
+		if configured[n.LinkIndex] && n.IP.IsValid() && len(n.MAC) > 0 {
+			neigh = append(neigh, GuestNeighbor{Endpoint: owner[n.LinkIndex],
+				Neighbor: agent.Neighbor{IP: n.IP, MAC: n.MAC, Device: names[n.LinkIndex], State: n.State, Flags: n.Flags}})
+		}
+	}
+	slices.SortFunc(neigh, func(a, b GuestNeighbor) int {
+		return cmp.Or(strings.Compare(a.Neighbor.Device, b.Neighbor.Device), a.Neighbor.IP.Compare(b.Neighbor.IP))
+	})
+	recorded = rec.GuestNeighbors
+	if reset {
+		recorded = ""
+	}
+	// There is no call to remove a neighbour: a smaller set is not pushed.
+	if d := neighborsDigest(neigh); len(neigh) > 0 && d != recorded {
+		p.Actions = append(p.Actions, Action{Op: OpAddGuestNeighbors, Endpoint: sandboxWide, Neighbors: neigh, Digest: d})
+	}
+}
+
+// sandboxWide is the endpoint of steps that concern the whole guest.
+var sandboxWide = state.Endpoint{Index: -1}
+
+func anyPlugged(wired []wiredLink) bool {
+	return slices.ContainsFunc(wired, func(w wiredLink) bool { return w.plugged })
+}
+
+// guestRoutes turns the sandbox's routes on configured links into the
+// guest's: device names are the container link names (the agent renames
+// the guest NIC to them). Link-local and multicast destinations are the
+// guest kernel's own. Routes without a gateway come first: a gateway must
+// be reachable when its route is added.
+func guestRoutes(routes []datapath.Route, configured map[int]bool, names map[int]string, owner map[int]int) []GuestRoute {
+	var out []GuestRoute
+	for _, r := range routes {
+		if !configured[r.LinkIndex] {
+			continue
+		}
+		if r.Dst.IsValid() && (r.Dst.Addr().IsLinkLocalUnicast() || r.Dst.Addr().IsMulticast()) {
+			continue
+		}
+		out = append(out, GuestRoute{Endpoint: owner[r.LinkIndex], Route: agent.Route{
+			Dest: r.Dst, Gateway: r.Gateway, Device: names[r.LinkIndex], Source: r.Src, Scope: r.Scope, IPv6: r.IPv6, MTU: r.MTU,
+		}})
+	}
+	slices.SortStableFunc(out, func(a, b GuestRoute) int {
+		return cmp.Or(cmp.Compare(boolInt(a.Route.Gateway.IsValid()), boolInt(b.Route.Gateway.IsValid())),
+			strings.Compare(routeText(a.Route), routeText(b.Route)))
+	})
+	return out
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// NeedsGuest reports whether the plan has guest steps that the agent's
+// view of the guest could turn into confirmations.
+func (p Plan) NeedsGuest() bool {
+	return slices.ContainsFunc(p.Actions, func(a Action) bool {
+		return a.Op == OpConfigureGuest || a.Op == OpUpdateGuestRoutes
+	})
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"time"
 
@@ -55,11 +56,12 @@ func Dial(ctx context.Context, u URL, timeout time.Duration) (*Client, error) {
 	if u.Scheme == SchemeKataShim {
 		var err error
 		if target, err = resolveKataShim(ctx, u.Path); err != nil {
-			return nil, fmt.Errorf("dial agent %s: %w", u, err)
+			return nil, fmt.Errorf("dial agent %s: %w", u, asDeadline(err))
 		}
 	}
 	conn, err := dialStream(ctx, target)
 	if err != nil {
+		err = asDeadline(err)
 		if u != target {
 			return nil, fmt.Errorf("dial agent %s (from %s): %w", target, u, err)
 		}
@@ -68,6 +70,16 @@ func Dial(ctx context.Context, u URL, timeout time.Duration) (*Client, error) {
 	c := &Client{url: target, timeout: timeout, done: make(chan struct{})}
 	c.tc = ttrpc.NewClient(conn, ttrpc.WithOnClose(func() { close(c.done) }))
 	return c, nil
+}
+
+// asDeadline makes a socket deadline error (which carries the same deadline
+// as the dial's ctx) match context.DeadlineExceeded, so that callers test
+// for one timeout error only.
+func asDeadline(err error) error {
+	if errors.Is(err, os.ErrDeadlineExceeded) && !errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%w: %w", context.DeadlineExceeded, err)
+	}
+	return err
 }
 
 // URL is the agent's own URL: for kata-shim, the one the shim named.

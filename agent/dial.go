@@ -216,4 +216,3 @@ type vsockConn struct {
 
 func (c *vsockConn) LocalAddr() net.Addr  { return vsockAddr{unix.VMADDR_CID_HOST, 0} }
 func (c *vsockConn) RemoteAddr() net.Addr { return c.remote }
-

@@ -230,7 +230,9 @@ func TestWaitForDevice(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	testnet.Veth(t, g.ns, "veth1", m, peer, "peer1")
+	// Not testnet.Veth: the agent renames the link the moment it
+	// appears, before a later "ip link set veth1 up" could find it.
+	testnet.IP(t, "-n", g.ns.Name, "link", "add", "veth1", "address", m.String(), "type", "veth", "peer", "name", "peer1", "netns", peer.Name)
 	if err := <-done; err != nil {
 		t.Fatalf("UpdateInterface with a device path: %v", err)
 	}

@@ -10,10 +10,12 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/tapsync/tapsync/e2e/testnet"
+	"golang.org/x/sys/unix"
 )
 
 // linkEvent matches a KindSandbox from netlink for id whose reason
@@ -28,20 +30,20 @@ func forID(id string) func(Event) bool {
 	return func(e Event) bool { return e.ID == id }
 }
 
-// newLinkWatcher returns a LinkWatcher whose watches all end before the
-// test does.
-func newLinkWatcher(t *testing.T) (*LinkWatcher, *recorder, context.Context, *logBuf) {
+// newNetlinkWatcher returns a NetlinkWatcher whose watches all end before
+// the test does.
+func newNetlinkWatcher(t *testing.T) (*NetlinkWatcher, *recorder, context.Context, *logBuf) {
 	rec := &recorder{}
-	w := NewLinkWatcher(rec.sink)
+	w := NewNetlinkWatcher(rec.sink)
 	ctx, lb := testCtx(t)
 	t.Cleanup(w.StopAll)
 	return w, rec, ctx, lb
 }
 
-func TestLinkWatcher(t *testing.T) {
+func TestNetlinkWatcher(t *testing.T) {
 	ns := testnet.NewNS(t, "tsl")
 	peer := testnet.NewNS(t, "tslp")
-	w, rec, ctx, _ := newLinkWatcher(t)
+	w, rec, ctx, _ := newNetlinkWatcher(t)
 	if err := w.Watch(ctx, "sb1", ns.Path); err != nil {
 		t.Fatal(err)
 	}
@@ -99,13 +101,13 @@ func TestLinkWatcher(t *testing.T) {
 	})
 }
 
-func TestLinkWatcherNotANetns(t *testing.T) {
+func TestNetlinkWatcherNotANetns(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "placeholder")
 	if err := os.WriteFile(file, nil, 0o444); err != nil {
 		t.Fatal(err)
 	}
-	w, _, ctx, _ := newLinkWatcher(t)
+	w, _, ctx, _ := newNetlinkWatcher(t)
 	for _, p := range []string{file, filepath.Join(dir, "missing")} {
 		if err := w.Watch(ctx, "sb", p); err == nil || !strings.Contains(err.Error(), p) {
 			t.Errorf("Watch(%s) = %v, want an error naming it", p, err)
@@ -116,12 +118,12 @@ func TestLinkWatcherNotANetns(t *testing.T) {
 	}
 }
 
-// TestLinkWatcherOverflow makes the kernel drop link messages (ENOBUFS) on
+// TestNetlinkWatcherOverflow makes the kernel drop link messages (ENOBUFS) on
 // a subscription with a tiny receive buffer, by holding the reader while
 // links are added in bulk.
-func TestLinkWatcherOverflow(t *testing.T) {
+func TestNetlinkWatcherOverflow(t *testing.T) {
 	ns := testnet.NewNS(t, "tsf")
-	w, rec, ctx, _ := newLinkWatcher(t)
+	w, rec, ctx, _ := newNetlinkWatcher(t)
 	var hold sync.Mutex
 	w.holdUpdate = func() { hold.Lock(); hold.Unlock() }
 	w.rcvBuf.Store(1) // the kernel rounds it up to its minimum, about 2 KiB
@@ -161,9 +163,9 @@ func TestLinkWatcherOverflow(t *testing.T) {
 	rec.wait(t, from, "event for a link added after the resubscription", linkEvent("sb", "after"))
 }
 
-// TestLinkWatcherNetnsDeleted: once the netns file is gone, the watch ends
+// TestNetlinkWatcherNetnsDeleted: once the netns file is gone, the watch ends
 // by itself and says nothing more.
-func TestLinkWatcherNetnsDeleted(t *testing.T) {
+func TestNetlinkWatcherNetnsDeleted(t *testing.T) {
 	testnet.SkipUnlessRoot(t)
 	b := make([]byte, 4)
 	rand.Read(b)
@@ -172,7 +174,7 @@ func TestLinkWatcherNetnsDeleted(t *testing.T) {
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
 	path := "/var/run/netns/" + name
 
-	w, rec, ctx, lb := newLinkWatcher(t)
+	w, rec, ctx, lb := newNetlinkWatcher(t)
 	w.checkEvery = 20 * time.Millisecond
 	if err := w.Watch(ctx, "sb", path); err != nil {
 		t.Fatal(err)
@@ -182,12 +184,75 @@ func TestLinkWatcherNetnsDeleted(t *testing.T) {
 
 	from := rec.len()
 	testnet.IP(t, "netns", "del", name)
-	lb.waitLine(t, "watch ended", `"sandbox":"sb"`, "link watch ended")
+	lb.waitLine(t, "watch ended", `"sandbox":"sb"`, "netlink watch ended")
 	if w.running("sb") {
 		t.Error("watch still running after it logged its end")
 	}
 	rec.none(t, from, "event after the netns was deleted", forID("sb"))
 	if n := w.Resubscriptions(); n != 0 {
 		t.Errorf("Resubscriptions() = %d, want 0", n)
+	}
+}
+
+// TestNetlinkWatcherAddrRouteTC: address, route and tc changes inside the
+// watched netns each make an event for the sandbox that names them.
+func TestNetlinkWatcherAddrRouteTC(t *testing.T) {
+	ns := testnet.NewNS(t, "tsa")
+	peer := testnet.NewNS(t, "tsap")
+	testnet.Veth(t, ns, "eth0", nil, peer, "eth0p")
+	w, rec, ctx, _ := newNetlinkWatcher(t)
+	if err := w.Watch(ctx, "sb", ns.Path); err != nil {
+		t.Fatal(err)
+	}
+	// why matches an event for sb whose reason starts with prefix and ends
+	// with suffix.
+	why := func(prefix, suffix string) func(Event) bool {
+		return func(e Event) bool {
+			return e.Kind == KindSandbox && e.Source == SourceNetlink && e.ID == "sb" &&
+				strings.HasPrefix(e.Why, prefix) && strings.HasSuffix(e.Why, suffix)
+		}
+	}
+	for _, step := range []struct {
+		what, prefix, suffix string
+		cmd                  []string
+	}{
+		{"address added", "address 10.40.0.2/24 on link ", " changed", []string{"ip", "-n", ns.Name, "address", "add", "10.40.0.2/24", "dev", "eth0"}},
+		{"IPv6 address added", "address fd00:40::2/64 on link ", " changed", []string{"ip", "-n", ns.Name, "address", "add", "fd00:40::2/64", "dev", "eth0", "nodad"}},
+		{"route added", "route 10.50.0.0/16", " changed", []string{"ip", "-n", ns.Name, "route", "add", "10.50.0.0/16", "via", "10.40.0.1"}},
+		{"default route added", "route default", " changed", []string{"ip", "-n", ns.Name, "route", "add", "default", "via", "10.40.0.1"}},
+		{"IPv6 route added", "route default (ipv6)", " changed", []string{"ip", "-n", ns.Name, "-6", "route", "add", "default", "via", "fd00:40::1"}},
+		{"ingress qdisc added", "tc qdisc on link ", " changed", []string{"tc", "-n", ns.Name, "qdisc", "add", "dev", "eth0", "ingress"}},
+		{"filter added", "tc filter on link ", " changed", []string{"tc", "-n", ns.Name, "filter", "add", "dev", "eth0", "parent", "ffff:", "protocol", "all", "prio", "7", "u32", "match", "u8", "0", "0", "flowid", "ffff:1"}},
+		{"filter removed", "tc filter on link ", " removed", []string{"tc", "-n", ns.Name, "filter", "del", "dev", "eth0", "parent", "ffff:", "prio", "7"}},
+		{"ingress qdisc removed", "tc qdisc on link ", " removed", []string{"tc", "-n", ns.Name, "qdisc", "del", "dev", "eth0", "ingress"}},
+		{"route removed", "route 10.50.0.0/16", " removed", []string{"ip", "-n", ns.Name, "route", "del", "10.50.0.0/16"}},
+		{"address removed", "address 10.40.0.2/24 on link ", " removed", []string{"ip", "-n", ns.Name, "address", "del", "10.40.0.2/24", "dev", "eth0"}},
+	} {
+		from := rec.len()
+		testnet.Run(t, step.cmd[0], step.cmd[1:]...)
+		rec.wait(t, from, "event for "+step.what, why(step.prefix, step.suffix))
+	}
+	if n := w.Resubscriptions(); n != 0 {
+		t.Errorf("Resubscriptions() = %d, want 0", n)
+	}
+}
+
+// TestDescribeMessage: truncated or odd messages are described without
+// reading past their end.
+func TestDescribeMessage(t *testing.T) {
+	for _, typ := range []uint16{unix.RTM_NEWLINK, unix.RTM_DELADDR, unix.RTM_NEWROUTE, unix.RTM_NEWQDISC, unix.RTM_DELTFILTER, unix.RTM_NEWACTION} {
+		for n := range 40 {
+			m := syscall.NetlinkMessage{Header: syscall.NlMsghdr{Type: typ}, Data: make([]byte, n)}
+			// Attribute lengths that overrun the message.
+			for i := range m.Data {
+				m.Data[i] = 0xff
+			}
+			if why, ok := describeMessage(m); !ok || why == "" {
+				t.Errorf("describeMessage(type %d, %d bytes) = %q, %v; want a description", typ, n, why, ok)
+			}
+		}
+	}
+	if why, ok := describeMessage(syscall.NetlinkMessage{Header: syscall.NlMsghdr{Type: unix.NLMSG_DONE}}); ok {
+		t.Errorf("describeMessage(NLMSG_DONE) = %q, want no event", why)
 	}
 }

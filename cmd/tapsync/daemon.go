@@ -37,7 +37,7 @@ type daemon struct {
 	store *state.Store
 	rec   *reconcile.Reconciler
 	queue *reconcile.Queue
-	links *watcher.LinkWatcher
+	links *watcher.NetlinkWatcher
 	m     *metrics
 
 	mu       sync.Mutex
@@ -60,7 +60,7 @@ func newDaemon(cfg Config) (*daemon, error) {
 		origin: map[string]string{}, gone: map[string]bool{}, pending: map[string]time.Time{},
 		replaced: map[string]string{}, inflight: map[string]time.Time{},
 	}
-	d.links = watcher.NewLinkWatcher(d.handle)
+	d.links = watcher.NewNetlinkWatcher(d.handle)
 	d.m = newMetrics(d)
 	d.rec.OnEvent = d.qmpEvent
 	return d, nil

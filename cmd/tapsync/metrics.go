@@ -50,7 +50,7 @@ func newMetrics(d *daemon) *metrics {
 			func() float64 { return float64(d.queue.Len()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "tapsync_sandboxes", Help: "Registered sandboxes."},
 			func() float64 { return float64(len(d.rec.Sandboxes())) }),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "tapsync_netlink_resubscriptions_total", Help: "Netlink link subscriptions re-established after a failure."},
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "tapsync_netlink_resubscriptions_total", Help: "Netlink subscriptions (links, addresses, routes, tc) re-established after a failure."},
 			func() float64 { return float64(d.links.Resubscriptions()) }),
 		endpointsCollector{d},
 	)

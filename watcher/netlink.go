@@ -208,7 +208,7 @@ func (w *NetlinkWatcher) subscribe(ctx context.Context, path string) (*subscript
 	if sfs.Type != unix.NSFS_MAGIC {
 		return nil, fmt.Errorf("%s is not a network namespace (yet?)", path)
 	}
-	// Equivalent to: ip -n <netns> monitor link address route qdisc class filter action
+	// Equivalent to: ip -n <netns> monitor link address route; tc -n <netns> monitor
 	sock, err := nl.SubscribeAt(h, netns.None(), unix.NETLINK_ROUTE, netlinkGroups...)
 	if err != nil {
 		return nil, fmt.Errorf("subscribe: %w", err)

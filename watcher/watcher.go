@@ -1,6 +1,6 @@
 // Package watcher turns the node's event sources into events for the
-// daemon: the netns directory (fsnotify), link updates inside each
-// sandbox netns (netlink), containerd task and container events, and QEMU
+// daemon: the netns directory (fsnotify), link, address, route and tc
+// changes inside each sandbox netns (netlink), containerd task and container events, and QEMU
 // processes found in /proc. An event only says what to look at; the
 // reconciler reads the whole truth again.
 //

@@ -1,12 +1,12 @@
 // Package watcher turns the node's event sources into events for the
 // daemon: the netns directory (fsnotify), link, address, route and tc
-// changes inside each sandbox netns (netlink), containerd task and container events, and QEMU
-// processes found in /proc. An event only says what to look at; the
-// reconciler reads the whole truth again.
+// changes inside each sandbox netns (netlink), containerd task and
+// container events, and QEMU processes found in /proc. An event only says
+// what to look at; the reconciler reads the whole truth again.
 //
-// It knows nothing of taps, tc or QEMU's wiring, and imports no other
-// tapsync package: the daemon (cmd/tapsync) routes its events into the
-// reconciler.
+// It knows nothing of taps or QEMU's wiring, never decodes a netlink
+// message into state, and imports no other tapsync package: the daemon
+// (cmd/tapsync) routes its events into the reconciler.
 package watcher
 
 // Source names where an event came from (a metrics label).

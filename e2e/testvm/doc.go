@@ -1,12 +1,18 @@
 // Package testvm owns the QEMU guest that tapsync's end-to-end tests and demo
 // plug NICs into: building a tiny bootable image (Debian's cloud kernel,
-// static busybox, the virtio-net modules and an /init that gives every new
-// NIC an address derived from its MAC and reports NICs coming and going on
-// the serial console), running QEMU with spare PCIe root ports and two QMP
-// sockets inside a given network namespace, and waiting for what the guest
-// prints.
+// static busybox, the virtio-net and virtio-serial modules, the test agent
+// built from e2e/testagent/cmd/tapsync-testagent, and an /init that keeps
+// that agent running and reports on the serial console), running QEMU with
+// spare PCIe root ports, two QMP sockets and two agent sockets inside a
+// given network namespace, and waiting for what the guest prints.
+//
+// As on a Kata node, only the agent configures guest NICs, when asked over
+// VM.Agent (the code under test) or VM.TestAgent (the test). For tests of
+// the host side alone, Options.SelfConfig makes /init give every new NIC an
+// address derived from its MAC (GuestIP) and announce NICs coming and going
+// (NICUpRE, NICGoneRE).
 //
 // It never hot-plugs anything and never touches host networking: the code
-// under test does that through VM.QMP, the test watches through VM.TestQMP
-// and the serial markers (MarkerReady, NICUpRE, NICGoneRE).
+// under test does that through VM.QMP, the test watches through VM.TestQMP,
+// VM.TestAgent and the serial markers (MarkerReady, AgentStartRE, ...).
 package testvm

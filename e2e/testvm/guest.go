@@ -9,8 +9,18 @@ import (
 // Markers the guest's /init prints on the serial console, one per line.
 // init.sh spells the same words; TestInitScriptMarkers keeps the two in step.
 const (
-	// MarkerReady: modules are loaded, lo is up, and the NIC scan loop runs.
+	// MarkerReady: modules are loaded, lo is up, and the agent has been
+	// started (with Options.SelfConfig, the NIC scan loop runs too).
 	MarkerReady = "TAPSYNC-READY"
+	// MarkerAgentStart <n>: /init starts the guest agent for the nth time
+	// (1 at boot, 2 after the first exit, ...). The agent serves its ports
+	// soon after; a client that connects earlier simply waits.
+	MarkerAgentStart = "TAPSYNC-AGENT-START"
+	// MarkerAgentExit <n> <status>: the nth agent process exited.
+	MarkerAgentExit = "TAPSYNC-AGENT-EXIT"
+
+	// The NIC markers below come only with Options.SelfConfig.
+
 	// MarkerNICUp <ifname> <mac> <ip>: a new interface got GuestIP(mac)/24 and is up.
 	MarkerNICUp = "TAPSYNC-NIC-UP"
 	// MarkerNICGone <ifname> <mac>: an interface the guest had announced disappeared.
@@ -26,6 +36,27 @@ const PrefixLen = 24
 // ReadyRE matches the READY line.
 func ReadyRE() *regexp.Regexp {
 	return regexp.MustCompile(regexp.QuoteMeta(MarkerReady) + `\s*$`)
+}
+
+// AgentStartRE matches the line announcing the nth start of the guest
+// agent, or any start when n is 0. Submatch [1] is the start count.
+func AgentStartRE(n int) *regexp.Regexp {
+	count := `(\d+)`
+	if n > 0 {
+		count = fmt.Sprintf("(%d)", n)
+	}
+	return regexp.MustCompile(regexp.QuoteMeta(MarkerAgentStart) + " " + count + `\s*$`)
+}
+
+// AgentExitRE matches the line announcing that the nth agent process
+// exited, or any when n is 0. Submatches: [1] the start count, [2] the
+// exit status.
+func AgentExitRE(n int) *regexp.Regexp {
+	count := `(\d+)`
+	if n > 0 {
+		count = fmt.Sprintf("(%d)", n)
+	}
+	return regexp.MustCompile(regexp.QuoteMeta(MarkerAgentExit) + " " + count + ` (\d+)\s*$`)
 }
 
 // NICUpRE matches the line announcing the guest NIC with this MAC.

@@ -20,7 +20,8 @@ import (
 )
 
 // Image is a bootable guest: a kernel and an initramfs holding busybox,
-// the virtio-net modules and /init (init.sh).
+// the virtio-net and virtio-serial modules, the test agent and /init
+// (init.sh).
 type Image struct {
 	Kernel string // bzImage (Debian's vmlinuz)
 	Initrd string // gzip-compressed newc cpio
@@ -45,7 +46,7 @@ const (
 
 	// recipeVersion changes when the way this file assembles an image
 	// changes in a way the hashed inputs do not show.
-	recipeVersion = "1"
+	recipeVersion = "2"
 )
 
 // initScript is the guest's /init; see the contract at its top.
@@ -59,6 +60,9 @@ var errAptStale = errors.New("apt package lists missing or stale")
 
 // Build returns the cached guest image, building it on first use. cacheDir
 // "" means $TAPSYNC_E2E_CACHE or else /var/cache/tapsync-e2e. logf may be nil.
+// It builds the guest agent from this module's source with the go command
+// (a few seconds when Go's build cache is warm) unless $TAPSYNC_E2E_AGENT
+// names a prebuilt one; the agent's bytes are part of the cache key.
 //
 // Several processes may call Build at once: building happens under an
 // exclusive flock on <cacheDir>/.lock and the finished entry appears by an
@@ -89,7 +93,7 @@ func Build(ctx context.Context, cacheDir string, logf func(format string, args .
 		}
 	}
 
-	recipe, err := newRecipe()
+	recipe, err := newRecipe(ctx)
 	if err != nil {
 		return Image{}, err
 	}
@@ -120,10 +124,11 @@ var built struct {
 // recipe is everything besides the kernel package that goes into an image.
 type recipe struct {
 	busybox []byte
+	agent   []byte // the static guest agent (buildAgent)
 	hash    string // hex sha256 of the inputs, part of the cache key
 }
 
-func newRecipe() (recipe, error) {
+func newRecipe(ctx context.Context) (recipe, error) {
 	bb, err := os.ReadFile(busyboxPath)
 	if err != nil {
 		return recipe{}, fmt.Errorf("read %s: %w (install busybox-static)", busyboxPath, err)
@@ -131,12 +136,16 @@ func newRecipe() (recipe, error) {
 	if err := checkStatic(bb); err != nil {
 		return recipe{}, fmt.Errorf("%s: %w (install busybox-static, not busybox)", busyboxPath, err)
 	}
+	agent, err := buildAgent(ctx)
+	if err != nil {
+		return recipe{}, err
+	}
 	h := sha256.New()
-	for _, part := range [][]byte{[]byte(recipeVersion), initScript, []byte(strings.Join(guestModules, ",")), bb} {
+	for _, part := range [][]byte{[]byte(recipeVersion), initScript, []byte(strings.Join(guestModules, ",")), bb, agent} {
 		fmt.Fprintf(h, "%d:", len(part))
 		h.Write(part)
 	}
-	return recipe{busybox: bb, hash: hex.EncodeToString(h.Sum(nil))}, nil
+	return recipe{busybox: bb, agent: agent, hash: hex.EncodeToString(h.Sum(nil))}, nil
 }
 
 // checkStatic refuses a dynamically linked ELF: it would find no loader in
@@ -430,7 +439,10 @@ func runCmd(cmd *exec.Cmd, pkg string) ([]byte, error) {
 	if cmd.Err != nil {
 		return nil, fmt.Errorf("%s: %w (install %s)", name, cmd.Err, pkg)
 	}
-	cmd.Env = append(os.Environ(), "LC_ALL=C", "DEBIAN_FRONTEND=noninteractive")
+	if cmd.Env == nil {
+		cmd.Env = os.Environ()
+	}
+	cmd.Env = append(cmd.Env, "LC_ALL=C", "DEBIAN_FRONTEND=noninteractive")
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {

@@ -3,7 +3,11 @@
 # is part of the image cache key, so editing it rebuilds the image.
 #
 # Contract with the Go side (guest.go), one line each on the serial console:
-#   TAPSYNC-READY                          modules loaded, lo up, scan loop running
+#   TAPSYNC-AGENT-START <n>                the agent is started for the <n>th time (1, 2, ...)
+#   TAPSYNC-AGENT-EXIT <n> <status>        the <n>th agent exited with <status>
+#   TAPSYNC-READY                          modules loaded, lo up, agent started
+# and only with tapsync.selfconfig=1 on the kernel command line, where the
+# guest configures NICs itself instead of leaving that to the agent:
 #   TAPSYNC-NIC-UP <ifname> <mac> <ip>     new NIC has <ip>/24 and is up
 #   TAPSYNC-NIC-ERROR <ifname> <mac> <ip>  configuring a new NIC failed
 #   TAPSYNC-NIC-GONE <ifname> <mac>        an announced NIC disappeared
@@ -26,7 +30,33 @@ while read -r m; do
 done </etc/tapsync-modules
 
 ip link set lo up
+
+# The agent serves its virtio-serial ports until it exits (the test-only
+# Restart, or a crash); then it is started again, as a service manager
+# would. The pause keeps a crash loop from flooding the console.
+(
+	n=0
+	while :; do
+		n=$((n + 1))
+		echo "TAPSYNC-AGENT-START $n"
+		/bin/tapsync-testagent
+		echo "TAPSYNC-AGENT-EXIT $n $?"
+		sleep 0.2
+	done
+) &
+
+selfconfig=0
+read -r cmdline </proc/cmdline
+case " $cmdline " in
+*" tapsync.selfconfig=1 "*) selfconfig=1 ;;
+esac
+
 echo TAPSYNC-READY
+
+if [ "$selfconfig" != 1 ]; then
+	# Nothing more to do, but /init must never exit.
+	while :; do sleep 3600; done
+fi
 
 # Poll rather than rely on uevents: there is no udev/mdev here, and a short
 # sleep keeps the loop cheap under TCG. "seen" holds words

@@ -14,8 +14,8 @@ import (
 
 // writeInitramfs writes the gzip'd newc archive: a minimal FHS skeleton,
 // /dev/console, static busybox with a symlink per applet (from the binary's
-// own --list-full, so the set matches the binary), the modules, their load
-// order in /etc/tapsync-modules, and /init.
+// own --list-full, so the set matches the binary), the test agent, the
+// modules, their load order in /etc/tapsync-modules, and /init.
 func writeInitramfs(ctx context.Context, path string, r recipe, mods []kmod) error {
 	list, err := runTool(ctx, "busybox-static", busyboxPath, "--list-full")
 	if err != nil {
@@ -59,6 +59,9 @@ func writeInitramfs(ctx context.Context, path string, r recipe, mods []kmod) err
 		if err := cw.Symlink(a, "/bin/busybox"); err != nil {
 			return err
 		}
+	}
+	if err := cw.File(agentGuestPath, 0o755, r.agent); err != nil {
+		return err
 	}
 	var order strings.Builder
 	for _, m := range mods {

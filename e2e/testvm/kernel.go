@@ -15,13 +15,14 @@ import (
 	"strings"
 )
 
-// guestModules are the modules virtio-net needs, in the names the kernel
-// uses. Build loads whichever of them (and of their "depends") are not built
-// into the kernel, in dependency order, so this list is the roots and a
-// record of what the 6.1 cloud kernel needed; order does not matter.
+// guestModules are the modules virtio-net and the agent's virtio-serial
+// ports (virtio_console, /dev/vportNpM) need, in the names the kernel uses.
+// Build loads whichever of them (and of their "depends") are not built into
+// the kernel, in dependency order, so this list is the roots and a record of
+// what the 6.1 cloud kernel needed; order does not matter.
 var guestModules = []string{
 	"virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
-	"virtio_pci", "failover", "net_failover", "virtio_net",
+	"virtio_pci", "failover", "net_failover", "virtio_net", "virtio_console",
 }
 
 // requiredKernelConfig are options that must be built in (=y) for the guest

@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tapsync/tapsync/agent"
 )
 
 func TestAddresses(t *testing.T) {
@@ -87,6 +89,13 @@ func TestMarkerRegexps(t *testing.T) {
 		{NICUpRE(mac), "TAPSYNC-NIC-GONE eth0 02:54:53:00:07:02", nil},
 		{NICGoneRE(mac), "TAPSYNC-NIC-GONE eth0 02:54:53:00:07:02", []string{"", "eth0"}},
 		{NICGoneRE(mac), "TAPSYNC-NIC-GONE eth0 02:54:53:00:07:021", nil},
+		{AgentStartRE(0), "TAPSYNC-AGENT-START 12", []string{"", "12"}},
+		{AgentStartRE(2), "TAPSYNC-AGENT-START 2\r", []string{"", "2"}},
+		{AgentStartRE(2), "TAPSYNC-AGENT-START 12", nil},
+		{AgentStartRE(1), "TAPSYNC-AGENT-START 12", nil},
+		{AgentExitRE(1), "TAPSYNC-AGENT-EXIT 1 0", []string{"", "1", "0"}},
+		{AgentExitRE(0), "TAPSYNC-AGENT-EXIT 3 2", []string{"", "3", "2"}},
+		{AgentExitRE(1), "TAPSYNC-AGENT-EXIT 11 0", nil},
 	}
 	for _, tt := range tests {
 		m := tt.re.FindStringSubmatch(tt.line)
@@ -105,7 +114,7 @@ func TestMarkerRegexps(t *testing.T) {
 // TestInitScriptMarkers keeps init.sh and the Go markers in step, and checks
 // that the script parses under the same shell the guest runs.
 func TestInitScriptMarkers(t *testing.T) {
-	for _, m := range []string{MarkerReady, MarkerNICUp, MarkerNICGone, MarkerNICError} {
+	for _, m := range []string{MarkerReady, MarkerAgentStart, MarkerAgentExit, MarkerNICUp, MarkerNICGone, MarkerNICError} {
 		if !bytes.Contains(initScript, []byte("echo \""+m+" ")) && !bytes.Contains(initScript, []byte("echo "+m+"\n")) {
 			t.Errorf("init.sh does not print %s", m)
 		}
@@ -506,7 +515,7 @@ func TestVMInNetNS(t *testing.T) {
 // build on: a hot-added virtio-net NIC is announced with GuestIP, and a
 // device_del is acknowledged by the guest (DEVICE_DELETED) and announced.
 func TestGuestNICHotplug(t *testing.T) {
-	vm := ForTest(t, Options{})
+	vm := ForTest(t, Options{SelfConfig: true})
 	q := dialTestQMP(t, vm.TestQMP)
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
@@ -543,6 +552,81 @@ func TestGuestNICHotplug(t *testing.T) {
 		}
 		t.Logf("%s: DEVICE_DELETED after %v, NIC-GONE after %v", id, deleted.Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
 	}
+}
+
+// TestGuestAgent checks the guest agent the e2e tests talk to: it answers
+// on both ports, lists no NIC in a guest without one, outlives its own
+// restart (test-only Restart, /init starts it again) and hosts that hang up
+// and connect again at once, on one port while a client of the other port
+// stays connected.
+func TestGuestAgent(t *testing.T) {
+	vm := ForTest(t, Options{})
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	if _, err := vm.WaitSerial(ctx, AgentStartRE(1)); err != nil {
+		t.Fatal(err)
+	}
+	dial := func(url string) *agent.Client {
+		t.Helper()
+		u, err := agent.ParseURL(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Generous: under TCG the agent may still be starting.
+		c, err := agent.Dial(ctx, u, 30*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	check := func(c *agent.Client, what string) {
+		t.Helper()
+		start := time.Now()
+		if err := c.Check(ctx); err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		t.Logf("%s: Check answered after %v", what, time.Since(start).Round(time.Millisecond))
+	}
+
+	cut := dial(vm.Agent) // the code under test's socket
+	check(cut, "Agent")
+	test := dial(vm.TestAgent)
+	check(test, "TestAgent")
+	ifs, err := test.ListInterfaces(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, i := range ifs {
+		if i.Name != "lo" {
+			t.Errorf("ListInterfaces in a guest without NICs lists %+v", i)
+		}
+	}
+	t.Logf("ListInterfaces: %+v", ifs)
+
+	// Hang up and connect again at once: the guest may learn of both in
+	// one go and never read EOF, and must still serve the new client as a
+	// new session. The client on Agent is untouched throughout.
+	for i := range 5 {
+		test.Close()
+		test = dial(vm.TestAgent)
+		check(test, fmt.Sprintf("TestAgent, connection %d", i+2))
+	}
+	check(cut, "Agent after TestAgent reconnected")
+	test.Close()
+
+	if err := vm.RestartAgent(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vm.WaitSerial(ctx, AgentExitRE(1)); err != nil {
+		t.Fatal(err)
+	}
+	// The connection to Agent outlives the agent process: QEMU holds the
+	// host side, and the new process serves it.
+	check(cut, "Agent connection across the agent's restart")
+	check(dial(vm.TestAgent), "TestAgent after restart")
+	cut.Close()
+	check(dial(vm.Agent), "Agent, new connection after restart")
 }
 
 func TestNoGuest(t *testing.T) {

@@ -30,6 +30,19 @@ const EnvAccel = "TAPSYNC_E2E_ACCEL"
 // difference to the ~2.8 s to READY, so they are left out.
 const kernelCmdline = "console=ttyS0 panic=-1 quiet loglevel=3"
 
+// selfConfigFlag on the kernel command line tells init.sh to configure NICs
+// itself (Options.SelfConfig).
+const selfConfigFlag = "tapsync.selfconfig=1"
+
+// Names of the guest agent's virtio-serial ports. The guest agent serves
+// every port whose name starts with "agent."; a QEMU socket chardev takes
+// one client at a time, hence one port for the code under test (the name
+// Kata gives its agent port) and one for the test.
+const (
+	agentPortName     = "agent.channel.0"
+	testAgentPortName = "agent.test.0"
+)
+
 // maxRootPorts: one pcie-root-port per slot on pcie.0 from 0x02 to 0x1e
 // (0x00 is the host bridge, 0x1f the ICH9 LPC/SATA/SMBus functions).
 const maxRootPorts = 29
@@ -42,6 +55,12 @@ type Options struct {
 	RootPorts int    // number of pcie-root-port devices (ids rp1..rpN), default 4, at most 29
 	Accel     string // "tcg", "kvm" or "" = auto; $TAPSYNC_E2E_ACCEL (tcg|kvm|auto) overrides
 	MemoryMB  int    // default 256
+	// SelfConfig makes the guest give every new NIC GuestIP(mac)/24 itself
+	// and announce it (NICUpRE, NICGoneRE), as no real guest does: only for
+	// tests of the host side that want a reachable guest without an agent
+	// client. Without it, NICs stay unconfigured until someone asks the
+	// agent (VM.Agent, VM.TestAgent).
+	SelfConfig bool
 	// Logf receives decisions worth knowing (the accelerator); nil = none.
 	Logf func(format string, args ...any)
 }
@@ -50,22 +69,32 @@ type Options struct {
 type VM struct {
 	QMP     string // QMP unix socket for the code under test
 	TestQMP string // a second QMP unix socket for the test's own observations
-	Serial  string // file with the guest's serial console output
-	Log     string // QEMU's own stdout and stderr
-	Dir     string // where the files above live
-	Pid     int    // QEMU's pid (nsenter execs QEMU, so also with NetNS)
-	Accel   string // accelerator in use: "tcg" or "kvm"
+	// Agent is the guest agent for the code under test, as a URL
+	// "unix:///path" (a QEMU socket chardev wired to the guest's
+	// virtio-serial port agent.channel.0). One client at a time.
+	Agent string
+	// TestAgent is a second guest agent URL "unix:///path" (port
+	// agent.test.0), for the test's own observations, also the one that
+	// takes the test-only Restart (RestartAgent).
+	TestAgent string
+	Serial    string // file with the guest's serial console output
+	Log       string // QEMU's own stdout and stderr
+	Dir       string // where the files above live
+	Pid       int    // QEMU's pid (nsenter execs QEMU, so also with NetNS)
+	Accel     string // accelerator in use: "tcg" or "kvm"
 
-	ownDir   bool
-	cmd      *exec.Cmd
-	exited   chan struct{} // closed once cmd.Wait returned
-	stopOnce sync.Once
-	stopErr  error
+	agentSock, testAgentSock string // paths behind Agent and TestAgent
+	ownDir                   bool
+	cmd                      *exec.Cmd
+	exited                   chan struct{} // closed once cmd.Wait returned
+	stopOnce                 sync.Once
+	stopErr                  error
 }
 
 // Start runs QEMU and returns once both QMP sockets answer a command (ctx
 // bounds that wait, 30 s if it has no deadline). It does not wait for the
-// guest: use WaitReady. QEMU runs until Stop, or until the test process dies
+// guest: use WaitReady. The agent sockets exist from then on; a client may
+// connect before the guest agent runs and is served once it does. QEMU runs until Stop, or until the test process dies
 // (it gets SIGKILL then), whatever happens to ctx. QMP is the first -qmp on
 // QEMU's command line, TestQMP the second.
 func Start(ctx context.Context, opts Options) (*VM, error) {
@@ -121,16 +150,20 @@ func start(ctx context.Context, opts Options, accel string) (_ *VM, err error) {
 	}()
 	v.QMP = filepath.Join(v.Dir, "qmp.sock")
 	v.TestQMP = filepath.Join(v.Dir, "test-qmp.sock")
+	v.agentSock = filepath.Join(v.Dir, "agent.sock")
+	v.testAgentSock = filepath.Join(v.Dir, "test-agent.sock")
+	v.Agent = "unix://" + v.agentSock
+	v.TestAgent = "unix://" + v.testAgentSock
 	v.Serial = filepath.Join(v.Dir, "serial.log")
 	v.Log = filepath.Join(v.Dir, "qemu.log")
 	// QEMU splits option values at commas, and sun_path holds 108 bytes.
 	if strings.Contains(v.Dir, ",") {
 		return nil, fmt.Errorf("VM dir %q: QEMU cannot take a path with a comma", v.Dir)
 	}
-	if len(v.TestQMP) >= 108 {
-		return nil, fmt.Errorf("VM dir %q: socket path %s is longer than a unix socket allows (107 bytes); pick a shorter Dir", v.Dir, v.TestQMP)
+	if len(v.testAgentSock) >= 108 { // the longest of the socket paths
+		return nil, fmt.Errorf("VM dir %q: socket path %s is longer than a unix socket allows (107 bytes); pick a shorter Dir", v.Dir, v.testAgentSock)
 	}
-	for _, f := range []string{v.QMP, v.TestQMP, v.Serial} {
+	for _, f := range []string{v.QMP, v.TestQMP, v.agentSock, v.testAgentSock, v.Serial} {
 		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("remove stale %s: %w", f, err)
 		}
@@ -155,6 +188,16 @@ func start(ctx context.Context, opts Options, accel string) (_ *VM, err error) {
 		// native PCIe hotplug with its 5 s attention-button delay. It is
 		// already the q35 default since QEMU 6.1; pinned so it stays so.
 		"-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=on",
+		// The agent's ports. The controller sits at 0x01 on pcie.0, the
+		// one slot the root ports (0x02..) and ICH9 (0x1f) leave free;
+		// pcie.0 takes no hot-plug, so it costs the code under test
+		// nothing. Each port is a socket the host may connect to and
+		// leave at any time (wait=off: QEMU does not wait for a client).
+		"-device", "virtio-serial-pci,id=vser0,bus=pcie.0,addr=0x1",
+		"-chardev", "socket,id=agent0,path=" + v.agentSock + ",server=on,wait=off",
+		"-device", "virtserialport,bus=vser0.0,chardev=agent0,name=" + agentPortName,
+		"-chardev", "socket,id=testagent0,path=" + v.testAgentSock + ",server=on,wait=off",
+		"-device", "virtserialport,bus=vser0.0,chardev=testagent0,name=" + testAgentPortName,
 	}
 	if accel == "kvm" {
 		args = append(args, "-cpu", "host")
@@ -165,7 +208,11 @@ func start(ctx context.Context, opts Options, accel string) (_ *VM, err error) {
 			fmt.Sprintf("pcie-root-port,id=rp%d,bus=pcie.0,chassis=%d,slot=%d,addr=0x%x", i, i, i, i+1))
 	}
 	if opts.Image != nil {
-		args = append(args, "-kernel", opts.Image.Kernel, "-initrd", opts.Image.Initrd, "-append", kernelCmdline)
+		cmdline := kernelCmdline
+		if opts.SelfConfig {
+			cmdline += " " + selfConfigFlag
+		}
+		args = append(args, "-kernel", opts.Image.Kernel, "-initrd", opts.Image.Initrd, "-append", cmdline)
 	} else {
 		// SeaBIOS finds nothing to boot and must stay there, not reboot
 		// (which -no-reboot would turn into QEMU exiting). -1 is QEMU's
@@ -204,6 +251,12 @@ func start(ctx context.Context, opts Options, accel string) (_ *VM, err error) {
 	for _, sock := range []string{v.QMP, v.TestQMP} {
 		if err := v.waitQMP(ctx, sock); err != nil {
 			return nil, err
+		}
+	}
+	// QEMU creates its chardevs before it serves QMP commands.
+	for _, sock := range []string{v.agentSock, v.testAgentSock} {
+		if _, err := os.Stat(sock); err != nil {
+			return nil, fmt.Errorf("agent socket after QEMU started: %w\n%s", err, v.tails())
 		}
 	}
 	return v, nil
@@ -290,7 +343,7 @@ func (v *VM) stop() error {
 			errs = append(errs, fmt.Errorf("remove VM dir: %w", err))
 		}
 	} else {
-		for _, f := range []string{v.QMP, v.TestQMP} {
+		for _, f := range []string{v.QMP, v.TestQMP, v.agentSock, v.testAgentSock} {
 			if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
 				errs = append(errs, fmt.Errorf("remove %s: %w", f, err))
 			}

@@ -1,0 +1,58 @@
+package testvm
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/containerd/ttrpc"
+	"google.golang.org/protobuf/types/known/emptypb"
+)
+
+// The guest agent's test-only control service; the agent's main spells the
+// same names (TestAgentRestart fails if they drift apart).
+const (
+	agentControlService = "tapsync.testagent.Control"
+	agentRestartMethod  = "Restart"
+)
+
+// RestartAgent makes the guest agent exit through its test-only control
+// service on TestAgent, and waits until /init has started it again (the
+// next MarkerAgentStart). The caller must not hold a connection to
+// TestAgent: the socket serves one client at a time. Connections to Agent
+// stay open across the restart; a call in flight then may be lost.
+func (v *VM) RestartAgent(ctx context.Context) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+	}
+	off := v.SerialOffset()
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", strings.TrimPrefix(v.TestAgent, "unix://"))
+	if err != nil {
+		return fmt.Errorf("restart guest agent: %w", err)
+	}
+	c := ttrpc.NewClient(conn)
+	err = c.Call(ctx, agentControlService, agentRestartMethod, &emptypb.Empty{}, &emptypb.Empty{})
+	c.Close()
+	if err != nil {
+		return fmt.Errorf("restart guest agent through %s: %w", v.TestAgent, err)
+	}
+	m, err := v.WaitSerialFrom(ctx, off, AgentExitRE(0))
+	if err != nil {
+		return fmt.Errorf("restart guest agent: %w", err)
+	}
+	if _, err := v.WaitSerialFrom(ctx, off, AgentStartRE(atoi(m[1])+1)); err != nil {
+		return fmt.Errorf("restart guest agent: %w", err)
+	}
+	return nil
+}
+
+func atoi(s string) int {
+	var n int
+	fmt.Sscan(s, &n)
+	return n
+}

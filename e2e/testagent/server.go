@@ -18,6 +18,7 @@ import (
 	"github.com/containerd/ttrpc"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/emptypb"
 
@@ -52,7 +53,9 @@ type Server struct {
 // NewServer serves the network namespace of the calling thread: in the
 // guest, the only one.
 func NewServer() (*Server, error) {
-	h, err := netlink.NewHandle()
+	// Route family only: the guest kernel has no xfrm_user module loaded,
+	// and netlink.NewHandle() with no family asks for xfrm too.
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("netlink handle: %w", err)
 	}

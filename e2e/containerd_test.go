@@ -39,7 +39,7 @@ func TestDaemonFollowsContainerd(t *testing.T) {
 	if err := os.MkdirAll(vmDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	vm := testvm.ForTest(t, testvm.Options{NetNS: sb.Path, Dir: vmDir})
+	vm := testvm.ForTest(t, testvm.Options{NetNS: sb.Path, Dir: vmDir, SelfConfig: true})
 	eth0 := testvm.TestMAC(1)
 	testnet.Veth(t, sb, "eth0", eth0, host, "peth0")
 	testnet.IP(t, "-n", host.Name, "addr", "add", fmt.Sprintf("%s/%d", testvm.PeerIP(eth0), testvm.PrefixLen), "dev", "peth0")

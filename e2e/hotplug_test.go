@@ -72,7 +72,7 @@ func TestHotplugPingAndRemove(t *testing.T) {
 		testnet.Veth(t, sb, e.name, e.mac, host, e.peer)
 		testnet.IP(t, "-n", host.Name, "addr", "add", fmt.Sprintf("%s/%d", testvm.PeerIP(e.mac), testvm.PrefixLen), "dev", e.peer)
 	}
-	vm := testvm.ForTest(t, testvm.Options{NetNS: sb.Path})
+	vm := testvm.ForTest(t, testvm.Options{NetNS: sb.Path, SelfConfig: true})
 
 	n, err := datapath.Open(sb.Path)
 	if err != nil {

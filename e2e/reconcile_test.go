@@ -44,7 +44,7 @@ func newRig(t *testing.T, queues int) *rig {
 	t.Cleanup(cancel)
 	r := &rig{t: t, ctx: ctx, sb: testnet.NewNS(t, "tapsync-rc"), host: testnet.NewNS(t, "tapsync-rchost"),
 		stateDir: t.TempDir(), links: map[string]net.HardwareAddr{}, queues: queues}
-	r.vm = testvm.ForTest(t, testvm.Options{NetNS: r.sb.Path, RootPorts: 6})
+	r.vm = testvm.ForTest(t, testvm.Options{NetNS: r.sb.Path, RootPorts: 6, SelfConfig: true})
 	c, err := qmp.Dial(ctx, r.vm.TestQMP, qmp.Options{})
 	if err != nil {
 		t.Fatal(err)

@@ -62,7 +62,7 @@ func run(cycles int, bin string) error {
 	}
 	defer sh("ip", "netns", "del", ns)
 	nsPath := "/var/run/netns/" + ns
-	vm, err := testvm.Start(ctx, testvm.Options{Image: &img, NetNS: nsPath})
+	vm, err := testvm.Start(ctx, testvm.Options{Image: &img, NetNS: nsPath, SelfConfig: true})
 	if err != nil {
 		return err
 	}

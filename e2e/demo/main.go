@@ -87,7 +87,7 @@ func run() error {
 	nsPath := "/var/run/netns/" + sandboxNS
 
 	step("booting the guest in QEMU inside the pod namespace (software emulation: a few seconds)")
-	vm, err := testvm.Start(ctx, testvm.Options{Image: &img, NetNS: nsPath, Logf: func(f string, a ...any) { info(f, a...) }})
+	vm, err := testvm.Start(ctx, testvm.Options{Image: &img, NetNS: nsPath, SelfConfig: true, Logf: func(f string, a ...any) { info(f, a...) }})
 	if err != nil {
 		return err
 	}

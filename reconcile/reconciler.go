@@ -106,8 +106,7 @@ type Reconciler struct {
 	dialing   map[string]*sync.Mutex   // per sandbox: one dial at a time (a QMP socket takes one client)
 	status    map[string]Status
 	guestLog  map[string]string // last guest error logged per sandbox
-	// AgentCalls counts the calls that change the guest (configure,
-	// routes, neighbours), by method; tests and metrics read it.
+	// agentCalls counts the calls made to agents, by method.
 	agentCalls map[string]int
 }
 
@@ -190,8 +189,9 @@ func (r *Reconciler) closeAgentLocked(id string) {
 	}
 }
 
-// AgentCalls returns how many guest-changing agent calls were made, by
-// method name (UpdateInterface, UpdateRoutes, AddARPNeighbors).
+// AgentCalls returns how many agent calls were made, by method name
+// (ListInterfaces, ListRoutes to look, UpdateInterface, UpdateRoutes,
+// AddARPNeighbors to change the guest).
 func (r *Reconciler) AgentCalls() map[string]int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -238,7 +238,7 @@ func (r *Reconciler) dropAgent(id string, c *agent.Client) {
 	}
 }
 
-// countingGuest counts the guest-changing calls it passes on.
+// countingGuest counts the calls it passes on.
 type countingGuest struct {
 	*agent.Client
 	r *Reconciler
@@ -419,7 +419,10 @@ func (r *Reconciler) planWithGuest(ctx context.Context, s *session) (Plan, Guest
 	c, err := r.agentClient(ctx, s.sb)
 	if err == nil && p.NeedsGuest() {
 		var g GuestState
+		cg := countingGuest{Client: c, r: r}
+		cg.count("ListInterfaces")
 		if g.Interfaces, err = c.ListInterfaces(ctx); err == nil {
+			cg.count("ListRoutes")
 			g.Routes, err = c.ListRoutes(ctx)
 		}
 		if err == nil {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/qmp"
 	"github.com/tapsync/tapsync/watcher"
@@ -27,7 +28,8 @@ func newCheckCmd(configPath *string) *cobra.Command {
 		Short: "Report what this node lacks to run tapsync, with what to do",
 		Long: `Check this node: root, kernel support (veth, multiqueue taps, ingress qdisc,
 u32, mirred), /dev/net/tun, /dev/vhost-net, the netns and state directories,
-containerd, and the QMP sockets of configured sandboxes. Exits non-zero when
+containerd (and what Kata must be configured with), the guest side, and the
+QMP sockets and guest agents of configured sandboxes. Exits non-zero when
 something required is missing.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -105,6 +107,18 @@ func runChecks(ctx context.Context, cfg Config) []checkResult {
 			c.Close()
 			add("ok", "containerd reachable at "+cd.Address, "")
 		}
+		// Kata serves the extra monitor only in debug mode; without it every
+		// pass of a Kata sandbox fails to reach QEMU.
+		add("info", "Kata sandboxes need QEMU's extra monitor at "+cd.QMPSocket,
+			`in Kata's configuration.toml [hypervisor.qemu]: enable_debug = true and extra_monitor_socket = "qmp"`)
+	}
+	switch {
+	case cfg.Guest.Agent == GuestAgentNone:
+		add("warn", `[guest] agent = "none": hot-plugged NICs reach the guest unconfigured (no address, routes or MTU)`,
+			`set [guest] agent = "kata" so the Kata agent configures them`)
+	case cfg.Containerd.Enabled && cfg.Containerd.AgentURL == "":
+		add("warn", "[containerd] agent_url is empty: containerd sandboxes get no guest configuration",
+			`set agent_url = "kata-shim:///run/vc/sbs/{id}/shim-monitor.sock"`)
 	}
 	for _, s := range cfg.Sandboxes {
 		if ok, _ := watcher.IsNetns(s.Netns); !ok {
@@ -126,6 +140,27 @@ func runChecks(ctx context.Context, cfg Config) []checkResult {
 			c.Close()
 			add("ok", fmt.Sprintf("sandbox %s: QMP socket %s answers", s.ID, s.QMP), "")
 		}
+		out = append(out, checkAgent(ctx, cfg, s))
 	}
 	return out
+}
+
+// checkAgent says whether a configured sandbox's guest agent answers a
+// health check.
+func checkAgent(ctx context.Context, cfg Config, s StaticSandbox) checkResult {
+	u, off := cfg.agentFor(s.ID, s.AgentURL)
+	if off != "" {
+		return checkResult{"warn", fmt.Sprintf("sandbox %s: guest side off: %s", s.ID, off), "set agent_url on the sandbox to have its guest interfaces configured"}
+	}
+	cctx, cancel := context.WithTimeout(ctx, cfg.Guest.Timeout)
+	defer cancel()
+	c, err := agent.Dial(cctx, u, cfg.Guest.Timeout)
+	if err == nil {
+		err = c.Check(cctx)
+		c.Close()
+	}
+	if err != nil {
+		return checkResult{"FAIL", fmt.Sprintf("sandbox %s: guest agent at %s: %v", s.ID, u, err), "start the VM's agent, or fix agent_url"}
+	}
+	return checkResult{"ok", fmt.Sprintf("sandbox %s: guest agent at %s answers", s.ID, u), ""}
 }

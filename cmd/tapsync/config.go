@@ -12,6 +12,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/state"
 	"github.com/tapsync/tapsync/watcher"
@@ -31,6 +32,7 @@ type Config struct {
 	Workers        int           `toml:"workers"`
 
 	Defaults   Defaults         `toml:"defaults"`
+	Guest      GuestConfig      `toml:"guest"`
 	Containerd ContainerdConfig `toml:"containerd"`
 	Discovery  Discovery        `toml:"discovery"`
 	Sandboxes  []StaticSandbox  `toml:"sandbox"`
@@ -45,6 +47,20 @@ type Defaults struct {
 	UnplugTimeout time.Duration `toml:"unplug_timeout"`
 }
 
+// GuestConfig is the guest side: who configures the guest's interfaces.
+type GuestConfig struct {
+	// Agent is "kata" (the Kata agent in the VM, over ttrpc) or "none"
+	// (tapsync only wires the host side and the NIC).
+	Agent   string        `toml:"agent"`
+	Timeout time.Duration `toml:"timeout"` // per agent call
+}
+
+// Guest agents.
+const (
+	GuestAgentKata = "kata"
+	GuestAgentNone = "none"
+)
+
 // ContainerdConfig selects the containerd sandboxes to follow.
 type ContainerdConfig struct {
 	Enabled    bool     `toml:"enabled"`
@@ -52,6 +68,9 @@ type ContainerdConfig struct {
 	Namespaces []string `toml:"namespaces"`
 	Runtimes   []string `toml:"runtimes"`
 	QMPSocket  string   `toml:"qmp_socket"`
+	// AgentURL is where a sandbox's agent is reached; {id} is the sandbox
+	// id. kata-shim://PATH asks Kata's shim for it. Empty: no guest side.
+	AgentURL string `toml:"agent_url"`
 }
 
 // Discovery enables zero-config sources.
@@ -66,6 +85,9 @@ type StaticSandbox struct {
 	QMP    string `toml:"qmp"`
 	Model  string `toml:"model"`
 	Queues *int   `toml:"queues"`
+	// AgentURL is the guest agent: vsock://CID:PORT, hvsock://PATH:PORT,
+	// unix://PATH or kata-shim://PATH. Empty: no guest side.
+	AgentURL string `toml:"agent_url"`
 }
 
 // Models. Only tcfilter is wired today; the others are refused at start
@@ -91,12 +113,14 @@ func DefaultConfig() Config {
 			QMPTimeout:    5 * time.Second,
 			UnplugTimeout: 10 * time.Second,
 		},
+		Guest: GuestConfig{Agent: GuestAgentKata, Timeout: 5 * time.Second},
 		Containerd: ContainerdConfig{
 			Enabled:    true,
 			Address:    "/run/containerd/containerd.sock",
 			Namespaces: []string{"k8s.io"},
 			Runtimes:   []string{"io.containerd.kata.v2"},
 			QMPSocket:  "/run/vc/vm/{id}/extra-monitor.sock",
+			AgentURL:   "kata-shim:///run/vc/sbs/{id}/shim-monitor.sock",
 		},
 		Discovery: Discovery{Proc: true},
 	}
@@ -183,6 +207,21 @@ func (c *Config) Validate() error {
 	if d.UnplugTimeout <= 0 || d.UnplugTimeout > 5*time.Minute {
 		bad("defaults.unplug_timeout", "%v is outside (0, 5m]", d.UnplugTimeout)
 	}
+	switch c.Guest.Agent {
+	case GuestAgentKata, GuestAgentNone:
+	default:
+		bad("guest.agent", "%q is not %s or %s", c.Guest.Agent, GuestAgentKata, GuestAgentNone)
+	}
+	if c.Guest.Timeout <= 0 || c.Guest.Timeout > time.Minute {
+		bad("guest.timeout", "%v is outside (0, 1m]", c.Guest.Timeout)
+	}
+	if cd := c.Containerd; cd.Enabled && cd.AgentURL != "" {
+		if !strings.Contains(cd.AgentURL, "{id}") {
+			bad("containerd.agent_url", "%q must contain {id}", cd.AgentURL)
+		} else if _, err := agent.ParseURL(strings.ReplaceAll(cd.AgentURL, "{id}", "sandbox")); err != nil {
+			bad("containerd.agent_url", "%v", err)
+		}
+	}
 	if cd := c.Containerd; cd.Enabled {
 		if cd.Address == "" {
 			bad("containerd.address", "empty")
@@ -229,6 +268,28 @@ func (c *Config) Validate() error {
 		if s.Queues != nil && (*s.Queues < 0 || *s.Queues > datapath.MaxQueues) {
 			bad(key+".queues", "%d is outside 0..%d", *s.Queues, datapath.MaxQueues)
 		}
+		if s.AgentURL != "" {
+			if _, err := agent.ParseURL(s.AgentURL); err != nil {
+				bad(key+".agent_url", "%v", err)
+			}
+		}
 	}
 	return errors.Join(errs...)
+}
+
+// agentFor says where sandbox id's agent is, given its configured URL
+// (a [[sandbox]] agent_url, or the containerd template with {id}
+// replaced): the URL, or why the guest side is off.
+func (c *Config) agentFor(id, configured string) (agent.URL, string) {
+	if c.Guest.Agent == GuestAgentNone {
+		return agent.URL{}, "[guest] agent = \"none\""
+	}
+	if configured == "" {
+		return agent.URL{}, "no agent_url for this sandbox"
+	}
+	u, err := agent.ParseURL(strings.ReplaceAll(configured, "{id}", id))
+	if err != nil { // validated at load; an id can still make a bad path
+		return agent.URL{}, err.Error()
+	}
+	return u, ""
 }

@@ -64,6 +64,12 @@ func TestConfigRefused(t *testing.T) {
 		{"bad id", "[[sandbox]]\nid = \"../x\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/a.sock\"\n", "sandbox \"../x\".id"},
 		{"relative qmp", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/a\"\nqmp = \"a.sock\"\n", `sandbox "a".qmp`},
 		{"garbage", "this is not toml", "config"},
+		{"unknown guest agent", "[guest]\nagent = \"ssh\"\n", "guest.agent"},
+		{"guest timeout", "[guest]\ntimeout = \"0s\"\n", "guest.timeout"},
+		{"agent url scheme", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/a.sock\"\nagent_url = \"http://x\"\n", `sandbox "a".agent_url`},
+		{"agent url without port", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/a.sock\"\nagent_url = \"vsock://3\"\n", `sandbox "a".agent_url`},
+		{"containerd agent template without id", "[containerd]\nagent_url = \"kata-shim:///run/vc/sbs/x/shim-monitor.sock\"\n", "containerd.agent_url"},
+		{"containerd agent template scheme", "[containerd]\nagent_url = \"tcp://{id}:1024\"\n", "containerd.agent_url"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := writeConfig(t, tc.body)
@@ -90,6 +96,12 @@ id = "vm1"
 netns = "/var/run/netns/vm1"
 qmp = "/run/vm1/qmp.sock"
 queues = 2
+agent_url = "vsock://1234:1024"
+[[sandbox]]
+id = "vm2"
+netns = "/var/run/netns/vm2"
+qmp = "/run/vm2/qmp.sock"
+agent_url = "hvsock:///run/vc/vm2/kata.hvsock:1024"
 `)
 	cfg, err := LoadConfig(p, false)
 	if err != nil {
@@ -98,7 +110,21 @@ queues = 2
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	if len(cfg.Sandboxes) != 1 || *cfg.Sandboxes[0].Queues != 2 || cfg.Defaults.Queues != 0 || cfg.Containerd.Enabled {
+	if len(cfg.Sandboxes) != 2 || *cfg.Sandboxes[0].Queues != 2 || cfg.Defaults.Queues != 0 || cfg.Containerd.Enabled {
 		t.Errorf("config = %+v", cfg)
+	}
+	if u, off := cfg.agentFor("vm1", cfg.Sandboxes[0].AgentURL); u.String() != "vsock://1234:1024" || off != "" {
+		t.Errorf("agent of vm1 = %v (off: %q)", u, off)
+	}
+	if _, off := cfg.agentFor("vm3", ""); !strings.Contains(off, "no agent_url") {
+		t.Errorf("a sandbox without agent_url: off = %q", off)
+	}
+	cfg.Guest.Agent = GuestAgentNone
+	if _, off := cfg.agentFor("vm1", cfg.Sandboxes[0].AgentURL); !strings.Contains(off, `agent = "none"`) {
+		t.Errorf("[guest] agent = none: off = %q", off)
+	}
+	def := DefaultConfig()
+	if u, _ := def.agentFor("abc", def.Containerd.AgentURL); u.String() != "kata-shim:///run/vc/sbs/abc/shim-monitor.sock" {
+		t.Errorf("containerd sandbox abc: agent %v", u)
 	}
 }

@@ -34,6 +34,7 @@ type (
 		MAC      string `json:"mac"`
 		Queues   int    `json:"queues"`
 		Removing bool   `json:"removing,omitempty"`
+		Guest    string `json:"guest,omitempty"` // configured, pending, waiting for the link: …, agent unreachable: …, off
 	}
 	skippedJSON struct {
 		Link    string `json:"link"`
@@ -53,6 +54,8 @@ type (
 		Pending       []int          `json:"pending_removals,omitempty"`
 		Endpoints     []endpointJSON `json:"endpoints"`
 		Skipped       []skippedJSON  `json:"skipped,omitempty"`
+		Agent         string         `json:"agent,omitempty"` // the guest agent's URL
+		Guest         string         `json:"guest,omitempty"` // off: …, agent unreachable: …; "" when fine
 	}
 	planJSON struct {
 		Sandbox string        `json:"sandbox"`
@@ -85,14 +88,17 @@ func (d *daemon) statusJSON() []statusJSON {
 		d.mu.Unlock()
 		s := statusJSON{ID: id, Netns: st.Sandbox.Netns, QMP: st.Sandbox.QMP, Source: origin,
 			LastError: st.LastError, Mutations: st.Mutations, Retries: d.queue.Failures(id), Pending: st.Pending, Skipped: skippedOf(st.Skipped),
-			Endpoints: []endpointJSON{}}
+			Endpoints: []endpointJSON{}, Guest: st.Guest}
+		if st.Sandbox.Agent.Scheme != "" {
+			s.Agent = st.Sandbox.Agent.String()
+		}
 		if !st.LastReconcile.IsZero() {
 			t := st.LastReconcile
 			s.LastReconcile = &t
 		}
 		for _, e := range st.Endpoints {
 			s.Endpoints = append(s.Endpoints, endpointJSON{Index: e.Index, Tap: datapath.TapName(e.Index), Link: e.LinkName,
-				Ifindex: e.LinkIfindex, MAC: e.LinkMAC, Queues: e.Queues, Removing: e.Removing})
+				Ifindex: e.LinkIfindex, MAC: e.LinkMAC, Queues: e.Queues, Removing: e.Removing, Guest: st.GuestEndpoints[e.Index]})
 		}
 		out = append(out, s)
 	}

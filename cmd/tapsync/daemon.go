@@ -67,16 +67,20 @@ func newDaemon(cfg Config) (*daemon, error) {
 }
 
 // sandboxFor builds a reconciler sandbox with the configured defaults.
-func (d *daemon) sandboxFor(id, netns, qmpPath string, queues *int) reconcile.Sandbox {
+// agentURL is the sandbox's configured agent URL ({id} is replaced), ""
+// when its source knows none.
+func (d *daemon) sandboxFor(id, netns, qmpPath string, queues *int, agentURL string) reconcile.Sandbox {
 	q := d.cfg.Defaults.Queues
 	if queues != nil {
 		q = *queues
 	}
+	u, off := d.cfg.agentFor(id, agentURL)
 	return reconcile.Sandbox{
 		ID: id, Netns: netns, QMP: qmpPath, Queues: q,
 		Vhost:         datapath.Vhost(d.cfg.Defaults.Vhost),
 		QMPTimeout:    d.cfg.Defaults.QMPTimeout,
 		UnplugTimeout: d.cfg.Defaults.UnplugTimeout,
+		Agent:         u, GuestOff: off, GuestTimeout: d.cfg.Guest.Timeout,
 	}
 }
 
@@ -181,7 +185,11 @@ func (d *daemon) handle(e watcher.Event) {
 		d.trigger(e.ID, src)
 	case watcher.KindUpsert:
 		s := e.Sandbox
-		d.register(ctx(), d.sandboxFor(s.ID, s.Netns, s.QMP, nil), src, e.Why)
+		agentURL := ""
+		if e.Source == watcher.SourceContainerd {
+			agentURL = d.cfg.Containerd.AgentURL
+		}
+		d.register(ctx(), d.sandboxFor(s.ID, s.Netns, s.QMP, nil, agentURL), src, e.Why)
 	case watcher.KindGone:
 		d.markGone(e.ID)
 	case watcher.KindResyncAll:
@@ -251,7 +259,8 @@ func (d *daemon) discover(ctx context.Context, why string) {
 		if taken := d.sandboxesIn(s.Netns); len(taken) > 0 {
 			continue // already known through containerd or the config
 		}
-		d.register(ctx, d.sandboxFor(s.ID, s.Netns, s.QMP, nil), originProc, why)
+		// A VM found through /proc names no agent: host side only.
+		d.register(ctx, d.sandboxFor(s.ID, s.Netns, s.QMP, nil, ""), originProc, why)
 	}
 }
 
@@ -377,7 +386,7 @@ func (d *daemon) run(ctx context.Context) error {
 	d.baseCtx = ctx
 
 	for _, s := range d.cfg.Sandboxes {
-		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues)
+		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL)
 		d.register(ctx, sb, originConfig, "in config file")
 	}
 	if gone, err := d.rec.CollectGarbage(ctx); err != nil {

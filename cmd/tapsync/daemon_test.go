@@ -53,7 +53,7 @@ func TestProcSandboxHandedOverToContainerd(t *testing.T) {
 func TestConfigSandboxWins(t *testing.T) {
 	d := testDaemon(t)
 	ctx := context.Background()
-	d.register(ctx, d.sandboxFor("vm1", "/var/run/netns/vm1", "/run/vm1.sock", nil), originConfig, "in config file")
+	d.register(ctx, d.sandboxFor("vm1", "/var/run/netns/vm1", "/run/vm1.sock", nil, ""), originConfig, "in config file")
 	d.handle(watcher.Event{Kind: watcher.KindUpsert, Source: watcher.SourceContainerd, Sandbox: watcher.Sandbox{ID: "vm1", Netns: "/var/run/netns/other", QMP: "/run/other.sock"}})
 	d.handle(watcher.Event{Kind: watcher.KindGone, Source: watcher.SourceContainerd, ID: "vm1"})
 	d.handle(watcher.Event{Kind: watcher.KindResyncAll, Source: watcher.SourceContainerd, Listed: []string{}})

@@ -191,14 +191,23 @@ func printStatus(out interface{ Write([]byte) (int, error) }, st []statusJSON) {
 		if s.Retries > 0 {
 			fmt.Fprintf(out, "  retries %d\n", s.Retries)
 		}
+		switch {
+		case s.Guest != "":
+			fmt.Fprintf(out, "  guest %s\n", s.Guest)
+		case s.Agent != "":
+			fmt.Fprintf(out, "  guest agent %s\n", s.Agent)
+		}
 		tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "  INDEX\tTAP\tLINK\tMAC\tQUEUES\tSTATE")
+		fmt.Fprintln(tw, "  INDEX\tTAP\tLINK\tMAC\tQUEUES\tSTATE\tGUEST")
 		for _, e := range s.Endpoints {
-			state := "wired"
+			state, guest := "wired", e.Guest
 			if e.Removing {
 				state = "removal pending"
 			}
-			fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%d\t%s\n", e.Index, e.Tap, e.Link, e.MAC, e.Queues, state)
+			if guest == "" {
+				guest = "-"
+			}
+			fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%d\t%s\t%s\n", e.Index, e.Tap, e.Link, e.MAC, e.Queues, state, guest)
 		}
 		tw.Flush()
 		for _, k := range s.Skipped {

@@ -6,6 +6,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/tapsync/tapsync/reconcile"
 )
 
 // metrics are the daemon's Prometheus series, on their own registry.
@@ -53,6 +54,7 @@ func newMetrics(d *daemon) *metrics {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "tapsync_netlink_resubscriptions_total", Help: "Netlink subscriptions (links, addresses, routes, tc) re-established after a failure."},
 			func() float64 { return float64(d.links.Resubscriptions()) }),
 		endpointsCollector{d},
+		agentCallsCollector{d},
 	)
 	return m
 }
@@ -83,4 +85,32 @@ func (c endpointsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(endpointsDesc, prometheus.GaugeValue, wired, "wired")
 	ch <- prometheus.MustNewConstMetric(endpointsDesc, prometheus.GaugeValue, removing, "removing")
+	var configured, unconfigured float64
+	for _, st := range c.d.rec.Status() {
+		for _, g := range st.GuestEndpoints {
+			if g == reconcile.GuestConfigured {
+				configured++
+			} else {
+				unconfigured++
+			}
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(guestEndpointsDesc, prometheus.GaugeValue, configured, "configured")
+	ch <- prometheus.MustNewConstMetric(guestEndpointsDesc, prometheus.GaugeValue, unconfigured, "not_configured")
+}
+
+var guestEndpointsDesc = prometheus.NewDesc("tapsync_guest_endpoints", "Endpoints by guest state (configured by the agent, or not: pending, waiting, unreachable, off).", []string{"state"}, nil)
+
+// agentCallsCollector counts the calls made to guest agents.
+type agentCallsCollector struct{ d *daemon }
+
+var agentCallsDesc = prometheus.NewDesc("tapsync_agent_calls_total", "Calls to guest agents, by method (List* look at the guest, the others change it).", []string{"method"}, nil)
+
+func (c agentCallsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- agentCallsDesc }
+
+func (c agentCallsCollector) Collect(ch chan<- prometheus.Metric) {
+	calls := c.d.rec.AgentCalls()
+	for _, m := range []string{"ListInterfaces", "ListRoutes", "UpdateInterface", "UpdateRoutes", "AddARPNeighbors"} {
+		ch <- prometheus.MustNewConstMetric(agentCallsDesc, prometheus.CounterValue, float64(calls[m]), m)
+	}
 }

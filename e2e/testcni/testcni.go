@@ -3,8 +3,9 @@
 // Multus' dynamic networks controller adds a network to a running pod: a
 // CNI ADD into an existing netns with a new ifname. Each test gets its own
 // "node" netns that plays the host (bridges and macvlan masters live there,
-// never in the real host's root netns) and its own IPAM and result caches.
-// Test support only: nothing in the daemon imports it.
+// never in the real host's root netns) and its own IPAM and result caches;
+// the demo program brings its own (Open). Test support only: nothing in the
+// daemon imports it.
 package testcni
 
 import (
@@ -34,50 +35,98 @@ import (
 // go to /opt/cni/bin.
 var pluginDirs = []string{"/usr/lib/cni", "/opt/cni/bin"}
 
-// Plugins runs CNI plugins for one test. The zero value is not usable;
-// make one with New.
+// Plugins runs CNI plugins for one test (New) or one program (Open).
+// The zero value is not usable.
 type Plugins struct {
 	// Node is the netns that stands in for the node's host side: the
 	// plugins run in it, so bridges, the host ends of veths and macvlan
 	// masters are created here.
 	Node testnet.NS
 
-	t        testing.TB
-	dir      string // plugin directory
-	ipamDir  string // host-local's dataDir
-	cacheDir string // libcni's result cache
+	t        testing.TB // nil when made by Open
+	dir      string     // plugin directory
+	ipamDir  string     // host-local's dataDir
+	cacheDir string     // libcni's result cache
+	node     netns.NsHandle
 	cni      *libcni.CNIConfig
 }
 
-// New finds the plugin directory and makes a node netns, an IPAM data
-// dir and a libcni cache dir for the test; all go away when it ends. It
-// skips when not root and fails when the plugins are not installed
-// (`make deps` installs them).
+// Config is what Open needs. The caller owns all of it: Open creates
+// nothing, so removing the netns and the directories is the caller's job
+// (after the attachments are deleted, so host-local releases its leases).
+type Config struct {
+	// Node is an existing netns to run the plugins in (see Plugins.Node).
+	Node testnet.NS
+	// IPAMDir is host-local's dataDir and CacheDir libcni's result cache;
+	// both are created on first use.
+	IPAMDir, CacheDir string
+	// Logf gets what a plugin printed on stderr when it succeeded (a
+	// failure carries it in the error); nil drops it.
+	Logf func(format string, args ...any)
+}
+
+// Open finds the plugin directory and prepares to run plugins in
+// c.Node, for programs without a testing.TB (the demo); tests use New.
+// Close releases it.
+func Open(c Config) (*Plugins, error) {
+	if c.IPAMDir == "" || c.CacheDir == "" {
+		return nil, errors.New("testcni: Config needs an IPAM dir and a cache dir")
+	}
+	dir, err := findPluginDir()
+	if err != nil {
+		return nil, fmt.Errorf("%w (install Debian's containernetworking-plugins: make deps)", err)
+	}
+	node, err := netns.GetFromPath(c.Node.Path)
+	if err != nil {
+		return nil, fmt.Errorf("open node netns %s: %w", c.Node.Path, err)
+	}
+	logf := c.Logf
+	if logf == nil {
+		logf = func(string, ...any) {}
+	}
+	p := &Plugins{
+		Node:     c.Node,
+		dir:      dir,
+		ipamDir:  c.IPAMDir,
+		cacheDir: c.CacheDir,
+		node:     node,
+	}
+	ex := &nodeExec{
+		node:        node,
+		DefaultExec: &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: logWriter(logf)}},
+	}
+	p.cni = libcni.NewCNIConfigWithCacheDir([]string{dir}, p.cacheDir, ex)
+	return p, nil
+}
+
+// Close releases the handle on the node netns; the netns itself stays.
+// Plugins must not be run after it.
+func (p *Plugins) Close() error {
+	if err := p.node.Close(); err != nil {
+		return fmt.Errorf("close node netns %s: %w", p.Node.Path, err)
+	}
+	return nil
+}
+
+// New is Open for a test: a fresh node netns, IPAM data dir and libcni
+// cache dir, all gone when the test ends, and plugin stderr in the test
+// log. It skips when not root and fails when the plugins are not
+// installed (`make deps` installs them).
 func New(t testing.TB) *Plugins {
 	t.Helper()
 	testnet.SkipUnlessRoot(t)
-	dir, err := findPluginDir()
-	if err != nil {
-		t.Fatalf("%v (install Debian's containernetworking-plugins: make deps)", err)
-	}
 	tmp := t.TempDir()
-	p := &Plugins{
+	p, err := Open(Config{
 		Node:     testnet.NewNS(t, "cninode"),
-		t:        t,
-		dir:      dir,
-		ipamDir:  filepath.Join(tmp, "ipam"),
-		cacheDir: filepath.Join(tmp, "cache"),
-	}
-	node, err := netns.GetFromPath(p.Node.Path)
+		IPAMDir:  filepath.Join(tmp, "ipam"),
+		CacheDir: filepath.Join(tmp, "cache"),
+		Logf:     t.Logf,
+	})
 	if err != nil {
-		t.Fatalf("open node netns %s: %v", p.Node.Path, err)
+		t.Fatal(err)
 	}
-	t.Cleanup(func() { node.Close() })
-	ex := &nodeExec{
-		node:        node,
-		DefaultExec: &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: logWriter{t}}},
-	}
-	p.cni = libcni.NewCNIConfigWithCacheDir([]string{dir}, p.cacheDir, ex)
+	t.Cleanup(func() { p.Close() })
+	p.t = t
 	return p
 }
 
@@ -185,17 +234,35 @@ func (p *Plugins) Leases(net Network) ([]netip.Addr, error) {
 // bridge-mode siblings can, so the sibling is what lets the node side reach
 // a pod (and be its gateway). The master is one end of a veth pair whose
 // other end is up, for carrier: the kernels of these machines have no
-// dummy driver.
+// dummy driver. It fails the test on error, so it needs Plugins from New;
+// with Plugins from Open use MacvlanMaster.
 func (p *Plugins) AddMacvlanMaster(master string, subnet netip.Prefix) {
-	t := p.t
-	t.Helper()
+	if p.t == nil {
+		panic("testcni: AddMacvlanMaster needs Plugins made by New; use MacvlanMaster")
+	}
+	p.t.Helper()
+	if err := p.MacvlanMaster(master, subnet); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+// MacvlanMaster is AddMacvlanMaster returning its error.
+func (p *Plugins) MacvlanMaster(master string, subnet netip.Prefix) error {
 	peer, shim := UniqueName("mvp"), UniqueName("mvs")
-	testnet.IP(t, "-n", p.Node.Name, "link", "add", master, "type", "veth", "peer", "name", peer)
-	testnet.IP(t, "-n", p.Node.Name, "link", "set", peer, "up")
-	testnet.IP(t, "-n", p.Node.Name, "link", "set", master, "up")
-	testnet.IP(t, "-n", p.Node.Name, "link", "add", shim, "link", master, "type", "macvlan", "mode", "bridge")
-	testnet.IP(t, "-n", p.Node.Name, "addr", "add", netip.PrefixFrom(Gateway(subnet), subnet.Bits()).String(), "dev", shim)
-	testnet.IP(t, "-n", p.Node.Name, "link", "set", shim, "up")
+	for _, args := range [][]string{
+		{"link", "add", master, "type", "veth", "peer", "name", peer},
+		{"link", "set", peer, "up"},
+		{"link", "set", master, "up"},
+		{"link", "add", shim, "link", master, "type", "macvlan", "mode", "bridge"},
+		{"addr", "add", netip.PrefixFrom(Gateway(subnet), subnet.Bits()).String(), "dev", shim},
+		{"link", "set", shim, "up"},
+	} {
+		args = append([]string{"-n", p.Node.Name}, args...)
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			return fmt.Errorf("macvlan master %s in netns %s: ip %s: %w: %s", master, p.Node.Name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+		}
+	}
+	return nil
 }
 
 // Ping pings addr from p.Node until it answers or ctx ends, and then
@@ -255,10 +322,10 @@ func (e *nodeExec) ExecPlugin(ctx context.Context, pluginPath string, stdin []by
 }
 
 // logWriter sends what a plugin printed on stderr (when it succeeded;
-// a failure carries it in the error) to the test log.
-type logWriter struct{ t testing.TB }
+// a failure carries it in the error) to a log function.
+type logWriter func(format string, args ...any)
 
 func (w logWriter) Write(b []byte) (int, error) {
-	w.t.Logf("cni plugin stderr: %s", strings.TrimSpace(string(b)))
+	w("cni plugin stderr: %s", strings.TrimSpace(string(b)))
 	return len(b), nil
 }

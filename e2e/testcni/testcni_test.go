@@ -321,3 +321,16 @@ func mustUnmarshal(t *testing.T, b []byte, v any) {
 		t.Fatalf("parse conflist %s: %v", strings.TrimSpace(string(b)), err)
 	}
 }
+
+// TestOpenErrors: Open, for programs without a testing.TB, reports what
+// it cannot use instead of failing later in a plugin.
+func TestOpenErrors(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	dir := t.TempDir()
+	if _, err := Open(Config{Node: testnet.NS{Name: "nope", Path: dir + "/nope"}, IPAMDir: dir, CacheDir: dir}); err == nil || !strings.Contains(err.Error(), dir+"/nope") {
+		t.Errorf("Open with a missing node netns: err = %v, want one naming it", err)
+	}
+	if _, err := Open(Config{Node: testnet.NewNS(t, "cninode")}); err == nil {
+		t.Error("Open without IPAM and cache dirs succeeded")
+	}
+}

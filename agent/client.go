@@ -95,7 +95,10 @@ func (c *Client) Done() <-chan struct{} { return c.done }
 // call makes one unary call with the client's timeout as its deadline
 // (unless ctx ends sooner); the error names the method and the agent.
 func (c *Client) call(ctx context.Context, service, method string, req, resp proto.Message) error {
-	start := time.Now()
+	limit := c.timeout
+	if d, ok := ctx.Deadline(); ok && time.Until(d) < limit {
+		limit = time.Until(d)
+	}
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	err := c.tc.Call(ctx, service, method, req, resp)
@@ -103,7 +106,7 @@ func (c *Client) call(ctx context.Context, service, method string, req, resp pro
 		return nil
 	}
 	if errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil {
-		return fmt.Errorf("agent %s: %s: no answer within %v: %w", c.url, method, time.Since(start).Round(time.Millisecond), err)
+		return fmt.Errorf("agent %s: %s: no answer within %v: %w", c.url, method, limit.Round(100*time.Millisecond), err)
 	}
 	if isLinkNotFound(err) {
 		return fmt.Errorf("agent %s: %s: %w (%w)", c.url, method, ErrLinkNotFound, err)

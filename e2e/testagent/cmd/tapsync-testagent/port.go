@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -55,8 +56,8 @@ func findPorts() ([]port, error) {
 // Read fails, and close conn when done.
 type sessionServer func(ctx context.Context, conn net.Conn)
 
-// servePort serves p for ever: open it, wait for the host, serve host
-// sessions until the host hangs up, close it, start again.
+// servePort serves p for ever: open it, serve host after host, and open
+// it again when the stream breaks.
 func servePort(ctx context.Context, p port, serve sessionServer) {
 	failing := false // log a failing open once, not every poll
 	for ctx.Err() == nil {
@@ -65,39 +66,50 @@ func servePort(ctx context.Context, p port, serve sessionServer) {
 			logf("%s: %v", p.name, err)
 		}
 		failing = err != nil
-		if err != nil {
-			sleep(ctx, pollInterval)
-		}
+		// A stream that breaks at once again (a server that cannot start)
+		// must not spin.
+		sleep(ctx, pollInterval)
 	}
 }
 
-// servePortOnce is one open of the port. Closing the port throws away
-// whatever the departed host left unread, so the next host starts clean.
+// servePortOnce is one open of the port: host after host, session after
+// session, until the stream breaks. Closing the port then throws away
+// whatever is left unread, so the next open starts clean.
 func servePortOnce(ctx context.Context, p port, serve sessionServer) error {
 	f, err := os.OpenFile(p.dev, os.O_RDWR, 0)
 	if err != nil {
 		return fmt.Errorf("open %s: %w", p.dev, err)
 	}
 	defer f.Close()
-	if err := waitHost(ctx, f); err != nil {
-		return fmt.Errorf("wait for the host on %s: %w", p.dev, err)
-	}
 	s := &stream{f: f, r: bufio.NewReaderSize(f, 64*1024), name: p.name}
-	for ctx.Err() == nil {
-		conn := s.session()
-		serve(ctx, conn)
-		<-conn.closed // the server may return before it closed the conn
-		if s.hungUp() {
-			return nil
+	for {
+		if err := waitHost(ctx, f); err != nil {
+			return fmt.Errorf("wait for the host on %s: %w", p.dev, err)
+		}
+		s.rearm()
+	sessions:
+		for {
+			conn := s.session()
+			serve(ctx, conn)
+			<-conn.closed // the server may return before it closed the conn
+			switch s.end.Load() {
+			case endNext:
+			case endHostLeft:
+				break sessions
+			default:
+				// The stream broke (not ttrpc, out of step, I/O
+				// error), or the server gave up on it by itself.
+				return ctx.Err()
+			}
 		}
 	}
-	return ctx.Err()
 }
 
-// waitHost returns once the host side of the port is connected or has
-// left something to read. While no host is connected, a virtio console
-// port polls POLLHUP and reads return 0 at once; there is no event for
-// "connected", hence the sleep between polls.
+// waitHost returns once the host side of the port is connected. While no
+// host is connected, a virtio console port polls POLLHUP (and POLLIN:
+// reads return 0 at once); there is no event for "connected", hence the
+// sleep between polls. Data a departed host left behind is not worth
+// waking for: nobody is there to read the reply.
 func waitHost(ctx context.Context, f *os.File) error {
 	rc, err := f.SyscallConn()
 	if err != nil {
@@ -119,7 +131,7 @@ func waitHost(ctx context.Context, f *os.File) error {
 		if err != nil && !errors.Is(err, unix.EINTR) {
 			return fmt.Errorf("poll: %w", err)
 		}
-		if err == nil && (revents&unix.POLLIN != 0 || revents&unix.POLLHUP == 0) {
+		if err == nil && revents&unix.POLLHUP == 0 {
 			return nil
 		}
 		if !sleep(ctx, pollInterval) {
@@ -151,23 +163,48 @@ type stream struct {
 	r    *bufio.Reader
 	name string
 
-	wmu    sync.Mutex // serialises whole writes, so two sessions' frames never interleave
-	hungup bool       // the host left (EOF or a read error): reopen the port
+	wmu sync.Mutex   // serialises whole writes, so two sessions' frames never interleave
+	end atomic.Int32 // why the current session ended: endNone, endNext, ...
 
 	// Owned by the reading session.
-	left int // payload bytes of the current message not yet read
+	left int // bytes of the current message not yet read
 	seen int // messages read in the current session
 }
 
-func (s *stream) hungUp() bool {
+// Why a session ended.
+const (
+	endNone     int32 = iota // still running, or the server stopped by itself
+	endNext                  // a new host session begins on the same stream
+	endHostLeft              // the host hung up between two messages
+	endBroken                // an I/O error, or a stream that is not ttrpc
+)
+
+// finish records why the session ends. Unless another session follows at
+// once, it also unblocks a writer: writes to a port without a host block
+// until one connects, and a reply owed to a departed client is worth
+// nothing. No lock here: the blocked writer holds wmu.
+func (s *stream) finish(why int32) {
+	if why != endNext {
+		_ = s.f.SetWriteDeadline(time.Now())
+	}
+	s.end.Store(why)
+}
+
+// rearm prepares the stream for a new host: nothing of the last one is
+// buffered (its last read found no data) and writes may block again. A
+// writer still stuck from the last host fails on the deadline and lets go
+// of wmu first.
+func (s *stream) rearm() {
+	s.r.Reset(s.f)
 	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	return s.hungup
+	_ = s.f.SetWriteDeadline(time.Time{})
+	s.wmu.Unlock()
 }
 
 // session returns the conn for the next host session.
 func (s *stream) session() *sessionConn {
 	s.left, s.seen = 0, 0
+	s.end.Store(endNone)
 	return &sessionConn{s: s, closed: make(chan struct{})}
 }
 
@@ -177,8 +214,12 @@ func (s *stream) read(b []byte) (int, error) {
 	for s.left == 0 {
 		h, err := s.r.Peek(frameHeaderLen)
 		if err != nil {
-			s.hangUp()
-			if len(h) > 0 && errors.Is(err, io.EOF) {
+			if len(h) == 0 && errors.Is(err, io.EOF) {
+				s.finish(endHostLeft)
+				return 0, io.EOF
+			}
+			s.finish(endBroken)
+			if errors.Is(err, io.EOF) {
 				return 0, io.ErrUnexpectedEOF
 			}
 			return 0, err
@@ -186,16 +227,17 @@ func (s *stream) read(b []byte) (int, error) {
 		size := binary.BigEndian.Uint32(h[0:4])
 		id := binary.BigEndian.Uint32(h[4:8])
 		if size > frameMaxLen {
-			s.hangUp()
+			s.finish(endBroken)
 			return 0, fmt.Errorf("message of %d bytes on stream %d: not ttrpc, or out of step", size, id)
 		}
 		if id == 1 && h[8] == frameTypeRequest && s.seen > 0 {
+			s.finish(endNext)
 			return 0, io.EOF // leave the header for the next session
 		}
 		s.seen++
 		if h[8] == frameTypeRequest {
 			if done, err := s.control(id, int(size)); err != nil {
-				s.hangUp()
+				s.finish(endBroken)
 				return 0, err
 			} else if done {
 				continue
@@ -206,19 +248,12 @@ func (s *stream) read(b []byte) (int, error) {
 	n, err := s.r.Read(b[:min(len(b), s.left)])
 	s.left -= n
 	if err != nil {
-		s.hangUp()
+		s.finish(endBroken) // the host left in the middle of a message
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
 	}
 	return n, err
-}
-
-// hangUp records that the host left and unblocks any writer: writes to a
-// port without a host block until one connects, and a reply owed to a
-// departed client is worth nothing.
-func (s *stream) hangUp() {
-	s.wmu.Lock()
-	s.hungup = true
-	s.wmu.Unlock()
-	_ = s.f.SetWriteDeadline(time.Now())
 }
 
 // sessionConn is one host session on a stream, as a net.Conn for the

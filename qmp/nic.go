@@ -110,6 +110,11 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 		if !bytes.Equal(info.MAC, nic.MAC) {
 			return NICInfo{}, fmt.Errorf("device exists with MAC %s, not %s: remove it first", info.MAC, nic.MAC)
 		}
+		buses, err := c.queryPCI(ctx)
+		if err != nil {
+			return NICInfo{}, err
+		}
+		info.PCIPath = pciPathString(buses, info)
 		return info, nil
 	}
 	// Any other device with our id makes device_add fail below.
@@ -430,10 +435,7 @@ func (c *Client) ListNICs(ctx context.Context) ([]NICInfo, error) {
 			return nil, fmt.Errorf("list NICs of VM at %s: %w", c.path, err)
 		}
 		for i := range nics {
-			var slot, fn int
-			if _, err := fmt.Sscanf(nics[i].Addr, "%x.%x", &slot, &fn); err == nil {
-				nics[i].PCIPath = PCIPath(pciPathOf(buses, nics[i].Bus, slot))
-			}
+			nics[i].PCIPath = pciPathString(buses, nics[i])
 		}
 	}
 	sort.Slice(nics, func(i, j int) bool {
@@ -577,4 +579,13 @@ func closeFiles(lists ...[]*os.File) {
 			}
 		}
 	}
+}
+
+// pciPathString is the agent's devicePath of a listed NIC, "" if unknown.
+func pciPathString(buses []pciBus, nic NICInfo) string {
+	var slot, fn int
+	if _, err := fmt.Sscanf(nic.Addr, "%x.%x", &slot, &fn); err != nil {
+		return ""
+	}
+	return PCIPath(pciPathOf(buses, nic.Bus, slot))
 }

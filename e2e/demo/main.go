@@ -1,13 +1,18 @@
 // Command tapsync-demo shows tapsync's job on one machine, end to end: it
-// boots a small Linux guest in QEMU inside a pod-like network namespace,
-// starts `tapsync run` on it, adds a container link that the daemon wires
-// into the running guest by itself, pings the guest through it, adds and
-// removes a second link, prints `tapsync status`, and cleans everything
-// up. Run it as root (`make demo`).
+// boots a small Linux guest in QEMU inside a pod-like network namespace
+// and starts `tapsync run` with the guest's agent. Real CNI plugins
+// (bridge + host-local) then add the pod's first network, eth0, and later
+// a second one, net1, to the running pod as Multus' dynamic networks
+// controller would; the daemon notices each by itself, hot-plugs a NIC
+// and has the guest's agent give it the CNI name, addresses, MTU and
+// routes. The demo reads what the guest has through a second agent port,
+// pings it, deletes net1 with CNI DEL, prints `tapsync status`, and cleans
+// everything up, also on failure or ^C. Run it as root (`make demo`).
 package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -15,20 +20,33 @@ import (
 	"flag"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
-	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
 
+	types100 "github.com/containernetworking/cni/pkg/types/100"
+
+	"github.com/tapsync/tapsync/agent"
+	"github.com/tapsync/tapsync/e2e/testcni"
+	"github.com/tapsync/tapsync/e2e/testnet"
 	"github.com/tapsync/tapsync/e2e/testproc"
 	"github.com/tapsync/tapsync/e2e/testvm"
 )
 
 var tapsyncBin = flag.String("tapsync", "bin/tapsync", "the tapsync binary to run")
+
+// podID is the sandbox id in tapsync's config and the CNI container ID.
+const podID = "demo-pod"
+
+// extraRoute is what the second network routes through its gateway
+// instead of taking the pod's default route.
+var extraRoute = netip.MustParsePrefix("10.198.0.0/16")
 
 func main() {
 	flag.Parse()
@@ -50,44 +68,142 @@ func sh(name string, args ...string) (string, error) {
 	return string(out), nil
 }
 
-func run() error {
+// eventually polls check until it returns "", for at most d; the error
+// says what check last returned.
+func eventually(ctx context.Context, d time.Duration, what string, check func() string) error {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	for {
+		last := check()
+		if last == "" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: %w; last: %s", what, ctx.Err(), last)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// attachment is one network CNI added to the pod.
+type attachment struct {
+	net    testcni.Network
+	ifname string
+	mac    net.HardwareAddr // of the pod's link, which the guest's NIC copies
+	addrs  []netip.Prefix   // IPAM's
+	gw     netip.Addr
+}
+
+func run() (err error) {
 	if os.Geteuid() != 0 {
-		return errors.New("run as root: the demo creates network namespaces, taps and tc filters")
+		return errors.New("run as root: the demo creates network namespaces, taps, tc filters and CNI bridges")
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	defer func() {
+		if err != nil && ctx.Err() != nil {
+			err = fmt.Errorf("interrupted: %w", err)
+		}
+	}()
+	b := make([]byte, 3)
+	rand.Read(b)
+	suffix := hex.EncodeToString(b)
+	var work string
+	var vm *testvm.VM
+	// leftover is what of the demo is still there after cleanup. Bridges,
+	// taps and filters live only in the two namespaces, and the leases only
+	// in the work directory.
+	leftover := func() []string {
+		var left []string
+		if out, _ := sh("ip", "netns", "list"); strings.Contains(out, suffix) {
+			left = append(left, "a namespace tapsync-demo-*-"+suffix)
+		}
+		if vm != nil && vm.Alive() {
+			left = append(left, fmt.Sprintf("QEMU pid %d", vm.Pid))
+		}
+		if _, err := os.Stat(work); work != "" && err == nil {
+			left = append(left, work)
+		}
+		return left
+	}
 	var cleanups []func()
 	defer func() {
 		step("cleaning up")
 		for i := len(cleanups) - 1; i >= 0; i-- {
 			cleanups[i]()
 		}
-		info("done: no namespace, tap, filter or QEMU process of the demo is left")
+		if left := leftover(); len(left) > 0 {
+			info("left behind: %s", strings.Join(left, "; "))
+			return
+		}
+		info("done: no namespace, bridge, tap, filter, CNI lease or QEMU process of the demo is left")
 	}()
 
-	step("building the guest (Debian cloud kernel + busybox initramfs, cached after the first run)")
+	step("building the guest (Debian cloud kernel + busybox initramfs + test agent, cached after the first run)")
 	img, err := testvm.Build(ctx, "", func(f string, a ...any) { info(f, a...) })
 	if err != nil {
 		return err
 	}
 	info("kernel %s", img.Kernel)
 
-	b := make([]byte, 3)
-	rand.Read(b)
-	suffix := hex.EncodeToString(b)
-	sandboxNS, nodeNS := "tapsync-demo-pod-"+suffix, "tapsync-demo-node-"+suffix
-	step("creating the pod's network namespace %s and a node-side namespace %s", sandboxNS, nodeNS)
-	for _, ns := range []string{sandboxNS, nodeNS} {
-		if _, err := sh("ip", "netns", "add", ns); err != nil {
+	pod := testnet.NS{Name: "tapsync-demo-pod-" + suffix}
+	node := testnet.NS{Name: "tapsync-demo-node-" + suffix}
+	step("creating the pod's network namespace %s and the node namespace %s (where CNI makes its bridges)", pod.Name, node.Name)
+	for _, ns := range []*testnet.NS{&pod, &node} {
+		if _, err := sh("ip", "netns", "add", ns.Name); err != nil {
 			return err
 		}
-		cleanups = append(cleanups, func() { sh("ip", "netns", "del", ns) })
-		sh("ip", "-n", ns, "link", "set", "lo", "up")
+		name := ns.Name
+		cleanups = append(cleanups, func() { sh("ip", "netns", "del", name) })
+		ns.Path = "/var/run/netns/" + ns.Name
+		sh("ip", "-n", ns.Name, "link", "set", "lo", "up")
 	}
-	nsPath := "/var/run/netns/" + sandboxNS
 
-	step("booting the guest in QEMU inside the pod namespace (software emulation: a few seconds)")
-	vm, err := testvm.Start(ctx, testvm.Options{Image: &img, NetNS: nsPath, SelfConfig: true, Logf: func(f string, a ...any) { info(f, a...) }})
+	work, err = os.MkdirTemp("", "tapsync-demo-")
+	if err != nil {
+		return err
+	}
+	cleanups = append(cleanups, func() { os.RemoveAll(work) })
+	cni, err := testcni.Open(testcni.Config{
+		Node:     node,
+		IPAMDir:  filepath.Join(work, "cni-ipam"),
+		CacheDir: filepath.Join(work, "cni-cache"),
+		Logf:     func(f string, a ...any) { info(f, a...) },
+	})
+	if err != nil {
+		return err
+	}
+	cleanups = append(cleanups, func() { cni.Close() })
+	info("CNI plugins from %s; host-local leases in %s", cni.Dir(), filepath.Join(work, "cni-ipam"))
+	// CNI DEL of whatever is still attached runs after the daemon and QEMU
+	// are gone (cleanups run last first), and releases the leases.
+	var attached []*attachment
+	cleanups = append(cleanups, func() {
+		for i := len(attached) - 1; i >= 0; i-- {
+			a := attached[i]
+			dctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			err := cni.Del(dctx, a.net, podID, pod.Path, a.ifname)
+			cancel()
+			if err != nil {
+				info("CNI DEL %s: %v", a.ifname, err)
+				continue
+			}
+			switch leases, err := cni.Leases(a.net); {
+			case err != nil:
+				info("CNI DEL %s: %v", a.ifname, err)
+			case len(leases) > 0:
+				info("CNI DEL %s (network %s): host-local still holds %v", a.ifname, a.net.Name, leases)
+			case a.addrs == nil:
+				info("CNI DEL %s (network %s): done", a.ifname, a.net.Name)
+			default:
+				info("CNI DEL %s (network %s): veth gone, lease %v released", a.ifname, a.net.Name, a.addrs)
+			}
+		}
+	})
+
+	step("booting the guest in QEMU inside the pod namespace; it configures no NIC itself, its agent waits for orders")
+	vm, err = testvm.Start(ctx, testvm.Options{Image: &img, NetNS: pod.Path, Logf: func(f string, a ...any) { info(f, a...) }})
 	if err != nil {
 		return err
 	}
@@ -98,14 +214,20 @@ func run() error {
 		return err
 	}
 	info("guest is up (QEMU pid %d, QMP socket %s)", vm.Pid, vm.QMP)
-
-	stateDir, err := os.MkdirTemp("", "tapsync-demo-state-")
+	info("guest agent for tapsync: %s; the demo watches through %s", vm.Agent, vm.TestAgent)
+	u, err := agent.ParseURL(vm.TestAgent)
 	if err != nil {
 		return err
 	}
-	cleanups = append(cleanups, func() { os.RemoveAll(stateDir) })
-	cfgPath := filepath.Join(stateDir, "config.toml")
-	cfg := fmt.Sprintf(`# demo: one static sandbox, nothing else
+	probe, err := agent.Dial(readyCtx, u, 10*time.Second)
+	if err != nil {
+		return fmt.Errorf("dial the guest's test agent: %w", err)
+	}
+	cleanups = append(cleanups, func() { probe.Close() })
+
+	stateDir := filepath.Join(work, "run")
+	cfgPath := filepath.Join(work, "config.toml")
+	cfg := fmt.Sprintf(`# demo: one static sandbox with its guest agent, nothing else
 state_dir = %q
 metrics_address = ""
 [containerd]
@@ -113,10 +235,11 @@ enabled = false
 [discovery]
 proc = false
 [[sandbox]]
-id = "demo-pod"
+id = %q
 netns = %q
 qmp = %q
-`, filepath.Join(stateDir, "run"), nsPath, vm.QMP)
+agent_url = %q
+`, stateDir, podID, pod.Path, vm.QMP, vm.Agent)
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return err
 	}
@@ -151,86 +274,146 @@ qmp = %q
 		}
 	})
 	cli := func(args ...string) (string, error) {
-		return sh(*tapsyncBin, append(args, "--state-dir", filepath.Join(stateDir, "run"))...)
+		return sh(*tapsyncBin, append(args, "--state-dir", stateDir)...)
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if _, err := cli("status"); err == nil {
-			break
-		} else if time.Now().After(deadline) {
-			return fmt.Errorf("daemon did not come up: %w", err)
+	if err := eventually(ctx, 30*time.Second, "daemon serving", func() string {
+		if _, err := cli("status"); err != nil {
+			return err.Error()
 		}
-		time.Sleep(20 * time.Millisecond)
+		return ""
+	}); err != nil {
+		return err
 	}
 
-	links := map[string]net.HardwareAddr{"eth0": testvm.TestMAC(1), "net1": testvm.TestMAC(2)}
-	addLink := func(name string) error {
-		mac := links[name]
-		peer := "node-" + name
-		if _, err := sh("ip", "-n", sandboxNS, "link", "add", "name", name, "address", mac.String(), "type", "veth", "peer", "name", peer, "netns", nodeNS); err != nil {
+	// add runs CNI ADD of a network into the running pod and shows what
+	// IPAM gave.
+	add := func(n testcni.Network, ifname string) (*attachment, error) {
+		actx, cancel := context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+		// Recorded first: an ADD cut short (^C) leaves a half-made
+		// attachment that only DEL cleans up.
+		a := &attachment{net: n, ifname: ifname}
+		attached = append(attached, a)
+		res, err := cni.Add(actx, n, podID, pod.Path, ifname)
+		if err != nil {
+			return nil, err
+		}
+		fillFromResult(a, res, pod.Path)
+		info("CNI ADD %s (network %s): MAC %s, addresses %v, gateway %s", ifname, n.Name, a.mac, a.addrs, a.gw)
+		for _, r := range res.Routes {
+			info("  route from IPAM: %s via %s", r.Dst.String(), gwOr(r.GW, a.gw))
+		}
+		return a, nil
+	}
+	// guestHas waits until the guest's interface with a's MAC is named and
+	// addressed as CNI says, and shows it.
+	guestHas := func(a *attachment) error {
+		var g agent.Interface
+		err := eventually(ctx, time.Minute, "guest configures "+a.ifname, func() string {
+			ifs, err := probe.ListInterfaces(ctx)
+			if err != nil {
+				return err.Error()
+			}
+			for _, i := range ifs {
+				if bytes.Equal(i.MAC, a.mac) {
+					if i.Name == a.ifname && slices.Equal(global(i.Addrs), a.addrs) {
+						g = i
+						return ""
+					}
+					return fmt.Sprintf("guest has %s as %s with %v", a.mac, i.Name, i.Addrs)
+				}
+			}
+			return "no guest interface with MAC " + a.mac.String()
+		})
+		if err != nil {
 			return err
 		}
-		sh("ip", "-n", sandboxNS, "link", "set", name, "up")
-		sh("ip", "-n", nodeNS, "link", "set", peer, "up")
-		_, err := sh("ip", "-n", nodeNS, "addr", "add", fmt.Sprintf("%s/%d", testvm.PeerIP(mac), testvm.PrefixLen), "dev", peer)
-		info("CNI-style veth %s (MAC %s) is in the pod; its peer %s has %s", name, mac, peer, testvm.PeerIP(mac))
-		return err
+		info("the guest now has: %s", ifaceString(g))
+		return nil
 	}
-	waitGuest := func(re *regexp.Regexp, off int64) error {
-		wctx, cancel := context.WithTimeout(ctx, time.Minute)
+	showGuestRoutes := func() error {
+		rs, err := probe.ListRoutes(ctx)
+		if err != nil {
+			return err
+		}
+		info("the guest's routes:")
+		for _, r := range rs {
+			if !r.IPv6 {
+				info("  %s", routeString(r))
+			}
+		}
+		return nil
+	}
+	ping := func(a *attachment) error {
+		addr := a.addrs[0].Addr()
+		pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
-		m, err := vm.WaitSerialFrom(wctx, off, re)
-		if err == nil {
-			info("guest console: %s", strings.TrimSpace(m[0]))
+		if err := cni.Ping(pctx, addr); err != nil {
+			return fmt.Errorf("guest %s over %s: %w", addr, a.ifname, err)
 		}
-		return err
-	}
-	ping := func(name string) error {
-		ip := testvm.GuestIP(links[name]).String()
-		deadline := time.Now().Add(30 * time.Second)
-		for {
-			out, err := sh("ip", "netns", "exec", nodeNS, "ping", "-c", "3", "-i", "0.3", "-W", "1", ip)
-			if err == nil {
-				for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
-					if strings.Contains(l, "bytes from") || strings.Contains(l, "packet loss") {
-						info("  %s", l)
-					}
-				}
-				return nil
-			}
-			if time.Now().After(deadline) {
-				return fmt.Errorf("guest %s not reachable over %s: %w", ip, name, err)
+		// Equivalent to: ip netns exec <node> ping -c3 -i0.2 <addr>, now that it answers.
+		out, err := sh("ip", "netns", "exec", node.Name, "ping", "-n", "-c3", "-i0.2", "-W1", addr.String())
+		if err != nil {
+			return err
+		}
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+			if strings.Contains(l, "bytes from") || strings.Contains(l, "packet loss") {
+				info("  %s", l)
 			}
 		}
+		return nil
 	}
 
-	step("a CNI plugin puts eth0 into the pod; nobody tells tapsync, it notices by itself")
-	off := vm.SerialOffset()
-	if err := addLink("eth0"); err != nil {
+	step("the pod's first network: CNI ADD eth0 (bridge + host-local, default route); nobody tells tapsync")
+	sub0 := testcni.Subnet4()
+	eth0, err := add(testcni.Bridge("demo-"+suffix+"-0", "cni0-"+suffix, sub0), "eth0")
+	if err != nil {
 		return err
 	}
-	if err := waitGuest(testvm.NICUpRE(links["eth0"]), off); err != nil {
+	if err := guestHas(eth0); err != nil {
 		return err
 	}
-	step("pinging the guest from the node side through eth0 ⇄ tap0_kata ⇄ virtio-net")
-	if err := ping("eth0"); err != nil {
-		return err
-	}
-	out, _ := sh("tc", "-n", sandboxNS, "filter", "show", "dev", "eth0", "ingress")
-	info("the redirect on eth0, as tc shows it:")
+	out, _ := sh("tc", "-n", pod.Name, "filter", "show", "dev", "eth0", "ingress")
+	info("the redirect eth0 → tap, as tc shows it:")
 	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
-		info("  %s", l)
+		if strings.Contains(l, "match") || strings.Contains(l, "mirred") {
+			info("  %s", strings.TrimSpace(l))
+		}
+	}
+	step("pinging the guest's eth0 from the node: bridge ⇄ veth eth0 ⇄ tap ⇄ virtio-net")
+	if err := ping(eth0); err != nil {
+		return err
 	}
 
-	step("a second network appears (Multus-style): net1")
-	off = vm.SerialOffset()
-	if err := addLink("net1"); err != nil {
+	step("a second network joins the running pod (Multus dynamic networks style): CNI ADD net1, route %s instead of a default", extraRoute)
+	sub1 := testcni.Subnet4()
+	net1, err := add(testcni.Bridge("demo-"+suffix+"-1", "cni1-"+suffix, sub1, testcni.WithRoutes(extraRoute)), "net1")
+	if err != nil {
 		return err
 	}
-	if err := waitGuest(testvm.NICUpRE(links["net1"]), off); err != nil {
+	if err := guestHas(net1); err != nil {
 		return err
 	}
-	if err := ping("net1"); err != nil {
+	want := fmt.Sprintf("%s via %s dev net1", extraRoute, net1.gw)
+	if err := eventually(ctx, time.Minute, "guest route "+want, func() string {
+		rs, err := probe.ListRoutes(ctx)
+		if err != nil {
+			return err.Error()
+		}
+		for _, r := range rs {
+			if routeString(r) == want {
+				return ""
+			}
+		}
+		return fmt.Sprintf("guest routes %v", rs)
+	}); err != nil {
+		return err
+	}
+	if err := showGuestRoutes(); err != nil {
+		return err
+	}
+	step("pinging the guest's net1 from the node")
+	if err := ping(net1); err != nil {
 		return err
 	}
 
@@ -241,25 +424,115 @@ qmp = %q
 	}
 	info("%s", strings.TrimSpace(out))
 
-	step("net1 is deleted from the pod; tapsync unplugs it from the guest first, then removes tap and filters")
-	off = vm.SerialOffset()
-	if _, err := sh("ip", "-n", sandboxNS, "link", "del", "net1"); err != nil {
+	step("CNI DEL net1: tapsync unplugs the NIC from the guest, then removes its tap and filter")
+	dctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if err := cni.Del(dctx, net1.net, podID, pod.Path, "net1"); err != nil {
 		return err
 	}
-	if err := waitGuest(testvm.NICGoneRE(links["net1"]), off); err != nil {
+	attached = slices.DeleteFunc(attached, func(a *attachment) bool { return a == net1 })
+	var left []agent.Interface
+	if err := eventually(ctx, time.Minute, "guest's net1 gone", func() string {
+		ifs, err := probe.ListInterfaces(ctx)
+		if err != nil {
+			return err.Error()
+		}
+		left = ifs
+		for _, i := range ifs {
+			if bytes.Equal(i.MAC, net1.mac) {
+				return "still there as " + i.Name
+			}
+		}
+		return ""
+	}); err != nil {
 		return err
 	}
-	if err := ping("eth0"); err != nil {
+	info("the guest's interfaces now:")
+	for _, i := range left {
+		info("  %s", ifaceString(i))
+	}
+	if err := showGuestRoutes(); err != nil {
+		return err
+	}
+	step("eth0 still answers")
+	if err := ping(eth0); err != nil {
 		return err
 	}
 
 	step("tapsync status")
-	out, err = cli("status")
-	if err != nil {
+	// The GUEST column catches up with the unplug on the pass that follows it.
+	if err := eventually(ctx, 30*time.Second, "status without net1", func() string {
+		if out, err = cli("status"); err != nil {
+			return err.Error()
+		}
+		if strings.Contains(out, "net1") {
+			return out
+		}
+		return ""
+	}); err != nil {
 		return err
 	}
 	for _, l := range strings.Split(strings.TrimRight(out, "\n"), "\n") {
 		info("%s", l)
 	}
 	return nil
+}
+
+// fillFromResult takes the pod link's MAC (the interface in netnsPath),
+// the addresses and the IPv4 gateway from a CNI result.
+func fillFromResult(a *attachment, res *types100.Result, netnsPath string) {
+	for _, i := range res.Interfaces {
+		if i.Sandbox == netnsPath && i.Name == a.ifname {
+			a.mac, _ = net.ParseMAC(i.Mac)
+		}
+	}
+	for _, ip := range res.IPs {
+		addr, _ := netip.AddrFromSlice(ip.Address.IP)
+		ones, _ := ip.Address.Mask.Size()
+		a.addrs = append(a.addrs, netip.PrefixFrom(addr.Unmap(), ones))
+		if gw, ok := netip.AddrFromSlice(ip.Gateway); ok && !a.gw.IsValid() {
+			a.gw = gw.Unmap()
+		}
+	}
+	slices.SortFunc(a.addrs, netip.Prefix.Compare)
+}
+
+// global drops link-local addresses, which the guest's kernel makes by
+// itself, and sorts the rest.
+func global(addrs []netip.Prefix) []netip.Prefix {
+	var g []netip.Prefix
+	for _, a := range addrs {
+		if !a.Addr().IsLinkLocalUnicast() {
+			g = append(g, a)
+		}
+	}
+	slices.SortFunc(g, netip.Prefix.Compare)
+	return g
+}
+
+func ifaceString(i agent.Interface) string {
+	addrs := global(i.Addrs)
+	s := fmt.Sprintf("%-5s MAC %s  MTU %d  addresses %v", i.Name, i.MAC, i.MTU, addrs)
+	if len(addrs) == 0 {
+		s = fmt.Sprintf("%-5s MAC %s  MTU %d  no addresses", i.Name, i.MAC, i.MTU)
+	}
+	return s
+}
+
+func routeString(r agent.Route) string {
+	dst := "default"
+	if r.Dest.IsValid() && r.Dest.Bits() > 0 {
+		dst = r.Dest.String()
+	}
+	if r.Gateway.IsValid() {
+		return fmt.Sprintf("%s via %s dev %s", dst, r.Gateway, r.Device)
+	}
+	return fmt.Sprintf("%s dev %s", dst, r.Device)
+}
+
+func gwOr(gw net.IP, def netip.Addr) string {
+	if gw != nil {
+		return gw.String()
+	}
+	return def.String() + " (the network's gateway)"
 }

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"maps"
 	"net"
 	"os"
 	"reflect"
@@ -19,26 +21,47 @@ import (
 
 func TestTapName(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		n    int
-		ok   bool
+		name     string
+		n        int
+		ok, kata bool
 	}{
-		{"tap0_kata", 0, true},
-		{"tap17_kata", 17, true},
-		{"tap_kata", 0, false},
-		{"tap01_kata", 0, false},
-		{"tap-1_kata", 0, false},
-		{"tap1_katax", 0, false},
-		{"eth0", 0, false},
-		{"tapx_kata", 0, false},
+		{"tsn0", 0, true, false},
+		{"tsn17", 17, true, false},
+		{"tsn", 0, false, false},
+		{"tsn01", 0, false, false},
+		{"tsn-1", 0, false, false},
+		{"tsn+1", 0, false, false},
+		{"tsn1x", 0, false, false},
+		{"eth0", 0, false, false},
+		// Kata's names are Kata's, never ours.
+		{"tap0_kata", 0, true, true},
+		{"tap17_kata", 17, true, true},
+		{"tap_kata", 0, false, true},
+		{"tap01_kata", 0, false, true},
+		{"tap-1_kata", 0, false, true},
+		{"tap1_katax", 0, false, true},
+		{"tapx_kata", 0, false, true},
 	} {
-		n, ok := datapath.ParseTapName(tc.name)
+		parse, name := datapath.ParseTapName, datapath.TapName
+		if tc.kata {
+			if _, ours := datapath.ParseTapName(tc.name); ours {
+				t.Errorf("ParseTapName(%q) claims Kata's name as ours", tc.name)
+			}
+			parse, name = datapath.ParseKataTapName, func(n int) string { return fmt.Sprintf("tap%d_kata", n) }
+		} else if _, kata := datapath.ParseKataTapName(tc.name); kata {
+			t.Errorf("ParseKataTapName(%q) claims our name as Kata's", tc.name)
+		}
+		n, ok := parse(tc.name)
 		if n != tc.n || ok != tc.ok {
-			t.Errorf("ParseTapName(%q) = %d, %v; want %d, %v", tc.name, n, ok, tc.n, tc.ok)
+			t.Errorf("parse(%q) = %d, %v; want %d, %v", tc.name, n, ok, tc.n, tc.ok)
 		}
-		if ok && datapath.TapName(n) != tc.name {
-			t.Errorf("TapName(%d) = %q, want %q", n, datapath.TapName(n), tc.name)
+		if ok && name(n) != tc.name {
+			t.Errorf("name(%d) = %q, want %q", n, name(n), tc.name)
 		}
+	}
+	// Any index fits IFNAMSIZ with room for the terminating NUL.
+	if n := len(datapath.TapName(999_999_999_999)); n > unix.IFNAMSIZ-1 {
+		t.Errorf("TapName of a 12-digit index is %d bytes", n)
 	}
 }
 
@@ -129,6 +152,9 @@ func TestContainerLinks(t *testing.T) {
 	testnet.IP(t, "-n", s.ns.Name, "link", "add", "link", "par1", "name", "net2", "type", "macvtap", "mode", "bridge")
 	testnet.IP(t, "-n", s.ns.Name, "tuntap", "add", "dev", "tap9", "mode", "tap")
 	testnet.IP(t, "-n", s.ns.Name, "tuntap", "add", "dev", "tap3_kata", "mode", "tap")
+	// Kata's macvtap model: a macvtap named like Kata's taps on top of the
+	// container link, carrying the guest NIC's MAC.
+	testnet.IP(t, "-n", s.ns.Name, "link", "add", "link", "par0", "name", "tap4_kata", "type", "macvtap", "mode", "bridge")
 	testnet.IP(t, "-n", s.ns.Name, "link", "set", "net1", "mtu", "1400")
 
 	links, err := s.n.ContainerLinks()
@@ -141,7 +167,7 @@ func TestContainerLinks(t *testing.T) {
 	}
 	want := map[string]string{"eth0": "veth", "par0": "veth", "par1": "veth", "net1": "macvlan", "net2": "macvtap", "tap9": "tap"}
 	if len(got) != len(want) {
-		t.Errorf("container links = %v, want %v (no lo, no tap3_kata)", got, want)
+		t.Errorf("container links = %v, want %v (no lo, no tap3_kata, no tap4_kata)", got, want)
 	}
 	for name, kind := range want {
 		if got[name] != kind {
@@ -153,6 +179,23 @@ func TestContainerLinks(t *testing.T) {
 	}
 	if !bytes.Equal(s.eth0.MAC, containerMAC) || !s.eth0.Up {
 		t.Errorf("eth0 = %+v, want MAC %s and up", s.eth0, containerMAC)
+	}
+	kata, err := s.n.KataLinks()
+	if err != nil {
+		t.Fatal(err)
+	}
+	gotKata := map[string]string{}
+	for _, l := range kata {
+		gotKata[l.Name] = l.Kind
+		if l.Name == "tap4_kata" && l.Parent != s.link(t, "par0").Ifindex {
+			t.Errorf("tap4_kata parent = %d, want par0 (%d)", l.Parent, s.link(t, "par0").Ifindex)
+		}
+	}
+	if want := map[string]string{"tap3_kata": "tap", "tap4_kata": "macvtap"}; !maps.Equal(gotKata, want) {
+		t.Errorf("Kata links = %v, want %v", gotKata, want)
+	}
+	if taps, err := s.n.Taps(); err != nil || len(taps) != 0 {
+		t.Errorf("our taps = %v, %v; want none (tap3_kata is Kata's)", taps, err)
 	}
 }
 
@@ -205,13 +248,13 @@ func TestEnsureTapIdempotent(t *testing.T) {
 func TestEnsureTapMismatchLeavesForeignTap(t *testing.T) {
 	s := newSandbox(t)
 	// A tap of our name without vnet_hdr, as someone else would make it.
-	testnet.IP(t, "-n", s.ns.Name, "tuntap", "add", "dev", "tap5_kata", "mode", "tap")
-	before := testnet.IP(t, "-n", s.ns.Name, "-d", "link", "show", "tap5_kata")
+	testnet.IP(t, "-n", s.ns.Name, "tuntap", "add", "dev", "tsn5", "mode", "tap")
+	before := testnet.IP(t, "-n", s.ns.Name, "-d", "link", "show", "tsn5")
 	_, err := s.n.EnsureTap(context.Background(), datapath.TapSpec{Index: 5, Queues: 1})
-	if !errors.Is(err, datapath.ErrTapMismatch) || !strings.Contains(err.Error(), "tap5_kata") {
-		t.Fatalf("EnsureTap over a foreign tap = %v, want ErrTapMismatch naming tap5_kata", err)
+	if !errors.Is(err, datapath.ErrTapMismatch) || !strings.Contains(err.Error(), "tsn5") {
+		t.Fatalf("EnsureTap over a foreign tap = %v, want ErrTapMismatch naming tsn5", err)
 	}
-	if after := testnet.IP(t, "-n", s.ns.Name, "-d", "link", "show", "tap5_kata"); after != before {
+	if after := testnet.IP(t, "-n", s.ns.Name, "-d", "link", "show", "tsn5"); after != before {
 		t.Errorf("mismatching tap was changed:\n%s\n%s", before, after)
 	}
 }
@@ -219,7 +262,7 @@ func TestEnsureTapMismatchLeavesForeignTap(t *testing.T) {
 func TestEnsureTapBadSpec(t *testing.T) {
 	s := newSandbox(t)
 	for _, spec := range []datapath.TapSpec{
-		{Index: 12345678, Queues: 1}, // tap12345678_kata is 16 bytes: over IFNAMSIZ
+		{Index: 1234567890123, Queues: 1}, // tsn1234567890123 is 16 bytes: over IFNAMSIZ
 		{Index: 1, Queues: 0},
 		{Index: -1, Queues: 1},
 	} {
@@ -272,8 +315,8 @@ func TestOpenQueues(t *testing.T) {
 	}
 	q1.Close()
 	if _, err := s.n.OpenQueues(ctx, datapath.TapSpec{Index: 7, Queues: 1}, datapath.VhostOff); err == nil ||
-		!strings.Contains(err.Error(), "tap7_kata") {
-		t.Errorf("OpenQueues on a missing tap = %v, want an error naming tap7_kata", err)
+		!strings.Contains(err.Error(), "tsn7") {
+		t.Errorf("OpenQueues on a missing tap = %v, want an error naming tsn7", err)
 	}
 }
 
@@ -304,8 +347,8 @@ func TestRedirectsIdempotentAndRemovable(t *testing.T) {
 		t.Errorf("second EnsureRedirects changed tc state:\n--- once\n%s\n--- twice\n%s", once, twice)
 	}
 	want := []datapath.Redirect{
-		{From: s.eth0.Ifindex, To: tp.Ifindex, FromName: "eth0", ToName: "tap0_kata", Priority: datapath.FilterPriority, Owned: true},
-		{From: tp.Ifindex, To: s.eth0.Ifindex, FromName: "tap0_kata", ToName: "eth0", Priority: datapath.FilterPriority, Owned: true},
+		{From: s.eth0.Ifindex, To: tp.Ifindex, FromName: "eth0", ToName: "tsn0", Priority: datapath.FilterPriority, Owned: true},
+		{From: tp.Ifindex, To: s.eth0.Ifindex, FromName: "tsn0", ToName: "eth0", Priority: datapath.FilterPriority, Owned: true},
 	}
 	all := s.redirects(t)
 	if got := ownedRedirects(all); !slices.Equal(got, want) {
@@ -382,7 +425,7 @@ func TestRemoveAfterTapVanished(t *testing.T) {
 	if err := s.n.EnsureRedirects(s.eth0.Ifindex, tp.Ifindex); err != nil {
 		t.Fatal(err)
 	}
-	testnet.IP(t, "-n", s.ns.Name, "link", "del", "tap1_kata")
+	testnet.IP(t, "-n", s.ns.Name, "link", "del", "tsn1")
 	if err := s.n.RemoveRedirects(s.eth0.Ifindex, tp.Ifindex); err != nil {
 		t.Fatal(err)
 	}

@@ -29,30 +29,55 @@ type Link struct {
 	// links only, nil for taps.
 	Addrs []netip.Prefix
 	NoARP bool // IFF_NOARP
+	// Parent is the ifindex of the lower device of a macvlan, macvtap,
+	// ipvlan or vlan link (0: none, or in another netns).
+	Parent int
 }
 
 func (l Link) String() string {
 	return fmt.Sprintf("%s(%d %s %s)", l.Name, l.Ifindex, l.Kind, l.MAC)
 }
 
-// Tap names: tap<N>_kata, the convention Kata uses, so that guests and
-// operators see the same names whoever wired the endpoint.
+// Tap names. Ours are tsn<N>: a prefix of our own, because Kata names its
+// taps tap<N>_kata and picks N without looking at what else is in the
+// netns; sharing its names would let a Kata hot-add fail on our tap, or
+// attach to it. Three letters leave twelve bytes of IFNAMSIZ for N, so
+// every index that can be allocated fits.
 const (
-	tapPrefix = "tap"
-	tapSuffix = "_kata"
+	tapPrefix     = "tsn"
+	kataTapPrefix = "tap"
+	kataTapSuffix = "_kata"
 )
 
 // TapName is the name of endpoint N's tap device.
-func TapName(index int) string { return tapPrefix + strconv.Itoa(index) + tapSuffix }
+func TapName(index int) string { return tapPrefix + strconv.Itoa(index) }
 
-// ParseTapName returns N for a name of the form tap<N>_kata.
+// ParseTapName returns N for a name of the form tsn<N>.
 func ParseTapName(name string) (int, bool) {
 	s, ok := strings.CutPrefix(name, tapPrefix)
 	if !ok {
 		return 0, false
 	}
-	s, ok = strings.CutSuffix(s, tapSuffix)
-	if !ok || s == "" || (len(s) > 1 && s[0] == '0') {
+	return parseIndex(s)
+}
+
+// ParseKataTapName returns N for a name of the form tap<N>_kata: Kata's
+// tap (tcfilter model) or macvtap (macvtap model) for its endpoint N.
+func ParseKataTapName(name string) (int, bool) {
+	s, ok := strings.CutPrefix(name, kataTapPrefix)
+	if !ok {
+		return 0, false
+	}
+	if s, ok = strings.CutSuffix(s, kataTapSuffix); !ok {
+		return 0, false
+	}
+	return parseIndex(s)
+}
+
+// parseIndex parses a decimal index without sign or leading zeros, so
+// that each index has exactly one name.
+func parseIndex(s string) (int, bool) {
+	if s == "" || (len(s) > 1 && s[0] == '0') || s[0] < '0' || s[0] > '9' {
 		return 0, false
 	}
 	n, err := strconv.Atoi(s)
@@ -74,7 +99,12 @@ func linkKind(l netlink.Link) string {
 
 func toLink(l netlink.Link) Link {
 	a := l.Attrs()
+	parent := a.ParentIndex
+	if a.NetNsID >= 0 {
+		parent = 0 // the lower device lives in another netns
+	}
 	return Link{
+		Parent:    parent,
 		Name:      a.Name,
 		Ifindex:   a.Index,
 		Kind:      linkKind(l),
@@ -86,11 +116,22 @@ func toLink(l netlink.Link) Link {
 	}
 }
 
-// isTapEndpoint says whether l is an endpoint tap (ours or Kata's, which
-// share the naming convention): never a container link.
+// isTapEndpoint says whether l is one of our endpoint taps: never a
+// container link.
 func isTapEndpoint(l netlink.Link) bool {
 	_, ok := ParseTapName(l.Attrs().Name)
 	return ok && linkKind(l) == "tap"
+}
+
+// isKataLink says whether l is a device Kata made for one of its
+// endpoints: a tap (tcfilter model) or a macvtap on top of the container
+// link (macvtap model), both named tap<N>_kata. Neither is a container
+// link: wiring Kata's macvtap would put a second NIC with its MAC into
+// the guest.
+func isKataLink(l netlink.Link) bool {
+	_, ok := ParseKataTapName(l.Attrs().Name)
+	k := linkKind(l)
+	return ok && (k == "tap" || k == "macvtap")
 }
 
 func isLoopback(l netlink.Link) bool { return l.Attrs().Flags&net.FlagLoopback != 0 }
@@ -104,8 +145,8 @@ func (n *Netns) linkList() ([]netlink.Link, error) {
 }
 
 // ContainerLinks lists the links that the runtime or CNI put into the
-// netns: everything but loopback and the endpoint taps (tap<N>_kata),
-// each with its addresses. Which of them can be wired is the caller's
+// netns: everything but loopback, our endpoint taps (tsn<N>) and Kata's
+// taps and macvtaps (tap<N>_kata), each with its addresses. Which of them can be wired is the caller's
 // decision.
 func (n *Netns) ContainerLinks() ([]Link, error) {
 	links, err := n.linkList()
@@ -118,7 +159,7 @@ func (n *Netns) ContainerLinks() ([]Link, error) {
 	}
 	var out []Link
 	for _, l := range links {
-		if isLoopback(l) || isTapEndpoint(l) {
+		if isLoopback(l) || isTapEndpoint(l) || isKataLink(l) {
 			continue
 		}
 		cl := toLink(l)
@@ -163,4 +204,21 @@ func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
 		return netip.Prefix{}, false
 	}
 	return netip.PrefixFrom(ip, ones), true
+}
+
+// KataLinks lists Kata's endpoint devices in the netns (tap<N>_kata, taps
+// and macvtaps): evidence that Kata wired a container link, never ours to
+// change or delete.
+func (n *Netns) KataLinks() ([]Link, error) {
+	links, err := n.linkList()
+	if err != nil {
+		return nil, err
+	}
+	var out []Link
+	for _, l := range links {
+		if isKataLink(l) {
+			out = append(out, toLink(l))
+		}
+	}
+	return out, nil
 }

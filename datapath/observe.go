@@ -6,8 +6,11 @@ package datapath
 // mirror. Callers diff it against QEMU's and the guest's view and their
 // records.
 type State struct {
-	Links     []Link
-	Taps      []Tap
+	Links []Link
+	Taps  []Tap
+	// KataLinks are Kata's taps and macvtaps (tap<N>_kata): how the
+	// runtime wired the links it adopted.
+	KataLinks []Link
 	Redirects []Redirect
 	// Routes of the main table, both families, unicast only, not proto
 	// kernel (RTPROT_KERNEL): the routes a CNI plugin or admin added.
@@ -30,6 +33,9 @@ func (n *Netns) Observe() (State, error) {
 		return State{}, err
 	}
 	if s.Taps, err = n.Taps(); err != nil {
+		return State{}, err
+	}
+	if s.KataLinks, err = n.KataLinks(); err != nil {
 		return State{}, err
 	}
 	if s.Redirects, err = n.Redirects(); err != nil {

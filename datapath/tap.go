@@ -16,7 +16,7 @@ import (
 // per tap, far more than any guest has vCPUs for.
 const MaxQueues = 256
 
-// ErrTapMismatch reports an existing tap<N>_kata whose fixed properties
+// ErrTapMismatch reports an existing tsn<N> whose fixed properties
 // (mode, headers, multiqueue, persistence) differ from what was asked. Such
 // a tap is not changed in place: the caller decides whether to replace it.
 var ErrTapMismatch = errors.New("tap properties differ")
@@ -31,7 +31,7 @@ type TapSpec struct {
 // Tap is an endpoint tap as observed in the netns.
 type Tap struct {
 	Link
-	Index      int // endpoint index N of tap<N>_kata
+	Index      int // endpoint index N of tsn<N>
 	MultiQueue bool
 	VnetHdr    bool
 	NoPI       bool
@@ -105,7 +105,7 @@ func (s TapSpec) mismatch(t Tap) string {
 	return ""
 }
 
-// Taps lists the endpoint taps (tap<N>_kata) in the netns, ours and Kata's.
+// Taps lists our endpoint taps (tsn<N>) in the netns; Kata's are KataLinks.
 func (n *Netns) Taps() ([]Tap, error) {
 	links, err := n.linkList()
 	if err != nil {
@@ -134,7 +134,7 @@ func (n *Netns) tap(name string) (*netlink.Tuntap, error) {
 	return t, nil
 }
 
-// EnsureTap makes tap<N>_kata exist as a persistent TAP device without
+// EnsureTap makes tsn<N> exist as a persistent TAP device without
 // packet information, with vnet_hdr, multiqueue when spec.Queues > 1, the
 // given MTU, and up. An existing tap with the right fixed properties is
 // kept (its MTU and state are corrected); one with other fixed properties
@@ -151,7 +151,9 @@ func (n *Netns) EnsureTap(ctx context.Context, spec TapSpec) (Tap, error) {
 	t, err := n.tap(name)
 	switch {
 	case isLinkNotFound(err):
-		if err := n.createTap(name, spec.tunFlags()); err != nil {
+		// Exclusive: a tap someone made under this name since we looked
+		// is theirs, and attaching to it would make it look like ours.
+		if err := n.createTap(name, spec.tunFlags()|unix.IFF_TUN_EXCL); err != nil {
 			return Tap{}, err
 		}
 		zerolog.Ctx(ctx).Debug().Str("netns", n.path).Str("tap", name).Int("queues", spec.Queues).Msg("created tap")
@@ -164,7 +166,7 @@ func (n *Netns) EnsureTap(ctx context.Context, spec TapSpec) (Tap, error) {
 	if why := spec.mismatch(toTap(t, spec.Index)); why != "" {
 		return Tap{}, fmt.Errorf("netns %s: tap %s: %w: %s", n.path, name, ErrTapMismatch, why)
 	}
-	// Equivalent to: ip link set dev tapN_kata mtu M up
+	// Equivalent to: ip link set dev tsnN mtu M up
 	if spec.MTU > 0 && t.Attrs().MTU != spec.MTU {
 		if err := n.h.LinkSetMTU(t, spec.MTU); err != nil {
 			return Tap{}, fmt.Errorf("netns %s: set mtu %d on %s: %w", n.path, spec.MTU, name, err)
@@ -181,8 +183,9 @@ func (n *Netns) EnsureTap(ctx context.Context, spec TapSpec) (Tap, error) {
 	return toTap(t, spec.Index), nil
 }
 
-// createTap creates a persistent tap. Equivalent to:
-// ip tuntap add dev tapN_kata mode tap vnet_hdr [multi_queue]
+// createTap creates a persistent tap; with IFF_TUN_EXCL in flags it fails
+// (EBUSY) rather than attach to a device that already exists. Equivalent
+// to: ip tuntap add dev tsnN mode tap vnet_hdr [multi_queue]
 func (n *Netns) createTap(name string, flags uint16) error {
 	err := n.Do(func() error {
 		f, err := openTunQueue(name, flags)
@@ -250,7 +253,7 @@ func (q *Queues) Close() {
 	}
 }
 
-// OpenQueues attaches spec.Queues new queues to the existing tap<N>_kata
+// OpenQueues attaches spec.Queues new queues to the existing tsn<N>
 // and, depending on vhost, opens one vhost-net fd per queue. The
 // caller owns the fds (QEMU sets its own blocking mode on them).
 func (n *Netns) OpenQueues(ctx context.Context, spec TapSpec, vhost Vhost) (*Queues, error) {
@@ -312,7 +315,7 @@ func openVhost(ctx context.Context, q *Queues, queues int, mode Vhost) error {
 	return nil
 }
 
-// RemoveTap deletes tap<N>_kata. A tap that is already gone is success; a
+// RemoveTap deletes tsn<N>. A tap that is already gone is success; a
 // link of that name that is not a tap is refused. Call it only after QEMU
 // has released the tap (netdev_del): QEMU can crash when its tap vanishes.
 func (n *Netns) RemoveTap(index int) error {
@@ -322,7 +325,7 @@ func (n *Netns) RemoveTap(index int) error {
 		return nil
 	}
 	if err == nil {
-		// Equivalent to: ip link del dev tapN_kata
+		// Equivalent to: ip link del dev tsnN
 		err = n.h.LinkDel(t)
 		if isLinkNotFound(err) || errors.Is(err, unix.ENODEV) {
 			err = nil

@@ -19,6 +19,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/google/renameio/v2"
@@ -104,17 +105,27 @@ func (r Record) Clone() Record {
 type Store struct{ dir string }
 
 // Open creates dir (mode 0700) if needed and refuses one that others can
-// read or write: records name namespaces and sockets of every pod.
+// read or write: records name namespaces and sockets of every pod, and
+// the daemon trusts what it reads there. The directory itself must not be
+// a symlink (whoever can re-point it chooses what root reads and writes)
+// and must belong to the user tapsync runs as: root in production.
 func Open(dir string) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir %s: %w", dir, err)
 	}
-	fi, err := os.Stat(dir)
+	fi, err := os.Lstat(dir)
 	if err != nil {
 		return nil, fmt.Errorf("state dir %s: %w", dir, err)
 	}
+	if fi.Mode()&os.ModeSymlink != 0 {
+		to, _ := os.Readlink(dir)
+		return nil, fmt.Errorf("state dir %s: is a symlink (to %q); refusing it: set state_dir to a real directory", dir, to)
+	}
 	if !fi.IsDir() {
 		return nil, fmt.Errorf("state dir %s: not a directory", dir)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
+		return nil, fmt.Errorf("state dir %s: owned by uid %d, not by uid %d that tapsync runs as; refusing it: remove it or chown it", dir, st.Uid, os.Geteuid())
 	}
 	if fi.Mode().Perm()&0o077 != 0 {
 		if err := os.Chmod(dir, 0o700); err != nil {
@@ -144,7 +155,8 @@ func (s *Store) path(id string) string { return filepath.Join(s.dir, id+".json")
 // Load returns the record of sandbox id; a missing one is a new, empty
 // record. A record that cannot be parsed, or has another schema version,
 // is renamed to <id>.json.bad-<time> with a log line and an empty record
-// is returned, so the caller rebuilds from observation.
+// is returned, so the caller rebuilds from observation. Under a context
+// from ReadOnly the bad record is left where it is.
 func (s *Store) Load(ctx context.Context, id string) (Record, error) {
 	if err := ValidID(id); err != nil {
 		return Record{}, err
@@ -170,7 +182,12 @@ func (s *Store) Load(ctx context.Context, id string) (Record, error) {
 	if why == "" {
 		return r, nil
 	}
-	aside := fmt.Sprintf("%s.bad-%s", p, time.Now().UTC().Format("20060102T150405.000000000"))
+	if readOnly(ctx) {
+		zerolog.Ctx(ctx).Debug().Str("sandbox", id).Str("record", p).Str("reason", why).
+			Msg("record unusable; read-only: left in place, showing a fresh record")
+		return fresh, nil
+	}
+	aside := filepath.Join(s.dir, id+setAsideInfix+time.Now().UTC().Format(setAsideStamp))
 	if err := os.Rename(p, aside); err != nil {
 		return Record{}, fmt.Errorf("set aside bad record %s (%s): %w", p, why, err)
 	}

@@ -275,7 +275,7 @@ func TestMalformedReplies(t *testing.T) {
 	} else {
 		t.Log(err)
 	}
-	if _, err := c.choosePlace(ctx); err == nil {
+	if _, err := c.choosePlace(ctx, Placement{}); err == nil {
 		t.Error("choosePlace accepted garbage")
 	}
 	var typ string

@@ -47,6 +47,9 @@ type NIC struct {
 	// (host_mtu, VIRTIO_NET_F_MTU), so the guest NIC starts at the
 	// container link's MTU even before the agent configures it.
 	MTU int
+	// Placement says where the NIC may be hot-plugged; the zero value is
+	// HotplugBridge: PCI bridge slots (and pc's pci.0), never a root port.
+	Placement Placement
 }
 
 // NICInfo is a virtio-net device as QEMU reports it.
@@ -130,10 +133,9 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 		}
 	}
 
-	place, err := c.choosePlace(ctx)
-	if errors.Is(err, ErrNoFreeSlot) {
-		return NICInfo{}, fmt.Errorf("%w in VM at %s: no empty PCIe root port, no free PCI bridge slot, no free slot on pc's pci.0 (q35's pcie.0 takes no hot-plug)", err, c.path)
-	}
+	// The error names the VM (AddNIC's wrapping) and, for ErrNoFreeSlot,
+	// every bus looked at and the policy.
+	place, err := c.choosePlace(ctx, nic.Placement)
 	if err != nil {
 		return NICInfo{}, err
 	}
@@ -227,6 +229,9 @@ func (nic NIC) validate() error {
 		return errors.New("no tap fds")
 	case len(nic.VhostFDs) != 0 && len(nic.VhostFDs) != len(nic.TapFDs):
 		return fmt.Errorf("%d vhost fds for %d tap fds: want none or one per queue", len(nic.VhostFDs), len(nic.TapFDs))
+	}
+	if err := nic.Placement.Validate(); err != nil {
+		return err
 	}
 	for _, f := range append(slices.Clone(nic.TapFDs), nic.VhostFDs...) {
 		if f == nil {

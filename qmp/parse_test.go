@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -62,26 +63,82 @@ func TestChoosePlacement(t *testing.T) {
 	}
 	bridgeOnly := map[string]string{"br1": "pci-bridge"}
 
+	bridge := Placement{}
+	ports := Placement{Hotplug: HotplugRootPort}
+	anyPlace := Placement{Hotplug: HotplugAny}
 	for _, tc := range []struct {
 		name  string
 		buses []pciBus
 		types map[string]string
+		place Placement
 		want  placement
 		err   error
+		why   []string // in the error
 	}{
-		{"last empty root port", q35, types, placement{bus: "rp4", path: []int{5, 0}}, nil},
-		{"bridge when no port is free", q35, bridgeOnly, placement{bus: "br1", slot: 31, addr: "0x1f", path: []int{8, 31}}, nil},
-		{"unknown types are not used", q35, map[string]string{}, placement{}, ErrNoFreeSlot},
-		{"q35 without ports", q35NoPorts, nil, placement{}, ErrNoFreeSlot},
-		{"pc root bus", pc, nil, placement{bus: "pci.0", slot: 31, addr: "0x1f", path: []int{31}}, nil},
-		{"nothing", nil, nil, placement{}, ErrNoFreeSlot},
+		{name: "bridge: top bridge slot, root ports left alone", buses: q35, types: types, place: bridge,
+			want: placement{bus: "br1", slot: 31, addr: "0x1f", path: []int{8, 31}}},
+		{name: "bridge: explicit policy is the zero value's", buses: q35, types: types, place: Placement{Hotplug: HotplugBridge},
+			want: placement{bus: "br1", slot: 31, addr: "0x1f", path: []int{8, 31}}},
+		{name: "bridge: below the reserved range", buses: q35, types: types, place: Placement{Reserved: SlotRange{16, 31}},
+			want: placement{bus: "br1", slot: 15, addr: "0xf", path: []int{8, 15}}},
+		{name: "bridge: reserved range covers every free slot", buses: q35, types: types, place: Placement{Reserved: SlotRange{3, 31}},
+			err: ErrNoFreeSlot, why: []string{"no free slot on pci-bridge br1 (2 taken, 29 reserved)", "2 empty root ports not used", "hotplug = bridge, reserved slots 3..31"}},
+		{name: "root-port: last empty root port", buses: q35, types: types, place: ports,
+			want: placement{bus: "rp4", path: []int{5, 0}}},
+		{name: "root-port: reserved range does not apply to ports", buses: q35, types: types, place: Placement{Hotplug: HotplugRootPort, Reserved: SlotRange{0, 31}},
+			want: placement{bus: "rp4", path: []int{5, 0}}},
+		{name: "root-port: no port, bridge not used", buses: q35, types: bridgeOnly, place: ports,
+			err: ErrNoFreeSlot, why: []string{"no PCIe root port", "1 buses with free slots not used", "hotplug = root-port"}},
+		{name: "any: last empty root port first", buses: q35, types: types, place: anyPlace,
+			want: placement{bus: "rp4", path: []int{5, 0}}},
+		{name: "any: bridge when no port is known", buses: q35, types: bridgeOnly, place: anyPlace,
+			want: placement{bus: "br1", slot: 31, addr: "0x1f", path: []int{8, 31}}},
+		{name: "unknown types are not used", buses: q35, types: map[string]string{}, place: anyPlace, err: ErrNoFreeSlot},
+		{name: "q35 without ports: bridge", buses: q35NoPorts, place: bridge,
+			err: ErrNoFreeSlot, why: []string{"no PCI bridge and no pc pci.0", "hotplug = bridge"}},
+		{name: "q35 without ports: root-port", buses: q35NoPorts, place: ports, err: ErrNoFreeSlot, why: []string{"no PCIe root port: hotplug = root-port"}},
+		{name: "q35 without ports: any", buses: q35NoPorts, place: anyPlace, err: ErrNoFreeSlot, why: []string{"hotplug = any"}},
+		{name: "pc: bridge takes pci.0", buses: pc, place: bridge, want: placement{bus: "pci.0", slot: 31, addr: "0x1f", path: []int{31}}},
+		{name: "pc: any takes pci.0", buses: pc, place: anyPlace, want: placement{bus: "pci.0", slot: 31, addr: "0x1f", path: []int{31}}},
+		{name: "pc: reserved applies to pci.0", buses: pc, place: Placement{Reserved: SlotRange{20, 31}},
+			want: placement{bus: "pci.0", slot: 19, addr: "0x13", path: []int{19}}},
+		{name: "pc: root-port", buses: pc, place: ports, err: ErrNoFreeSlot, why: []string{"no PCIe root port", "1 buses with free slots not used"}},
+		{name: "nothing", place: anyPlace, err: ErrNoFreeSlot},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := choosePlacement(tc.buses, tc.types)
+			got, err := choosePlacement(tc.buses, tc.types, tc.place)
 			if !errors.Is(err, tc.err) || got.bus != tc.want.bus || got.slot != tc.want.slot || got.addr != tc.want.addr || !slices.Equal(got.path, tc.want.path) {
 				t.Errorf("choosePlacement = %+v, %v; want %+v, %v", got, err, tc.want, tc.err)
 			}
+			for _, w := range tc.why {
+				if err == nil || !strings.Contains(err.Error(), w) {
+					t.Errorf("error %v does not say %q", err, w)
+				}
+			}
+			if err != nil {
+				t.Log(err)
+			}
 		})
+	}
+
+	// Capacity agrees with the placement: free counts per policy.
+	for _, tc := range []struct {
+		place Placement
+		free  int
+	}{
+		{bridge, 29}, {ports, 2}, {anyPlace, 31}, {Placement{Reserved: SlotRange{1, 15}}, 16},
+	} {
+		c := survey(q35, types, tc.place)
+		if c.Free() != tc.free {
+			t.Errorf("%s: Free() = %d, want %d (%s)", tc.place, c.Free(), tc.free, c)
+		}
+		if len(c.Buses) != 5 {
+			t.Errorf("%s: %d buses, want rp1..rp4 and br1: %s", tc.place, len(c.Buses), c)
+		}
+	}
+	if s := survey(q35, types, bridge).String(); !strings.Contains(s, "pci-bridge br1 (08): 29 free, 2 taken") ||
+		!strings.Contains(s, "pcie-root-port rp4 (05): 1 free, not used") {
+		t.Errorf("Capacity.String() = %q", s)
 	}
 
 	// The agent's devicePath of devices already placed.
@@ -97,6 +154,20 @@ func TestChoosePlacement(t *testing.T) {
 		}
 	}
 
+	// While the firmware numbers buses, QEMU may list another bus's
+	// devices behind a port: only those on the port's secondary bus count.
+	port := pciDevice{Slot: 2, QdevID: "rp1"}
+	port.PCIBridge = &struct {
+		Bus struct {
+			Secondary int `json:"secondary"`
+		} `json:"bus"`
+		Devices []pciDevice `json:"devices"`
+	}{Devices: []pciDevice{{Bus: 0, Slot: 0}, {Bus: 0, Slot: 31}}}
+	port.PCIBridge.Bus.Secondary = 1
+	if got, err := choosePlacement([]pciBus{{Devices: []pciDevice{port}}}, map[string]string{"rp1": "pcie-root-port"}, ports); err != nil || got.bus != "rp1" {
+		t.Errorf("port listing the root bus's devices: choosePlacement = %+v, %v; want rp1", got, err)
+	}
+
 	// A full bridge and full root bus.
 	full := pciBus{Bus: 0}
 	full.Devices = append(full.Devices, pciDevice{Slot: 0})
@@ -104,7 +175,32 @@ func TestChoosePlacement(t *testing.T) {
 	for s := 1; s < 32; s++ {
 		full.Devices = append(full.Devices, pciDevice{Slot: s, Function: 0})
 	}
-	if _, err := choosePlacement([]pciBus{full}, nil); !errors.Is(err, ErrNoFreeSlot) {
-		t.Errorf("full pc: err = %v, want ErrNoFreeSlot", err)
+	if _, err := choosePlacement([]pciBus{full}, nil, anyPlace); !errors.Is(err, ErrNoFreeSlot) ||
+		!strings.Contains(err.Error(), "no free slot on pci.0 (slots 1..31 taken): hotplug = any") {
+		t.Errorf("full pc: err = %v, want ErrNoFreeSlot naming pci.0", err)
+	}
+}
+
+func TestPlacementValidate(t *testing.T) {
+	for _, tc := range []struct {
+		p  Placement
+		ok bool
+	}{
+		{Placement{}, true},
+		{Placement{Hotplug: HotplugAny, Reserved: SlotRange{1, 15}}, true},
+		{Placement{Reserved: SlotRange{31, 31}}, true},
+		{Placement{Hotplug: "roots"}, false},
+		{Placement{Reserved: SlotRange{5, 4}}, false},
+		{Placement{Reserved: SlotRange{-1, 4}}, false},
+		{Placement{Reserved: SlotRange{1, 32}}, false},
+	} {
+		if err := tc.p.Validate(); (err == nil) != tc.ok {
+			t.Errorf("%+v.Validate() = %v, want ok=%v", tc.p, err, tc.ok)
+		}
+	}
+	for in, want := range map[string]Hotplug{"": HotplugBridge, "bridge": HotplugBridge, "root-port": HotplugRootPort, "any": HotplugAny, "x": ""} {
+		if got, err := ParseHotplug(in); got != want || (err == nil) != (want != "") {
+			t.Errorf("ParseHotplug(%q) = %q, %v; want %q", in, got, err, want)
+		}
 	}
 }

@@ -8,10 +8,88 @@ import (
 	"strings"
 )
 
-// ErrNoFreeSlot is wrapped by AddNIC when the VM has no place left to
-// hot-plug a PCI device. Retrying does not help until a NIC is removed or
-// the VM is started with more hot-plug ports (Kata: pcie_root_port).
+// ErrNoFreeSlot is wrapped by AddNIC when the VM has no place left that
+// its Placement allows. Retrying does not help until a NIC is removed, the
+// policy allows more, or the VM is started with more hot-plug places.
 var ErrNoFreeSlot = errors.New("no free PCI hot-plug slot")
+
+// Hotplug says which kinds of PCI hot-plug places AddNIC may take.
+type Hotplug string
+
+const (
+	// HotplugBridge takes free slots of PCI bridges (pci-bridge,
+	// pcie-pci-bridge), and on machine type pc free slots of the root bus
+	// pci.0; never a PCIe root port. It is the default (the zero value of
+	// Placement.Hotplug): Kata creates only as many root ports as its VFIO
+	// devices need (hot_plug_vfio = "root-port"), so an empty root port is
+	// one a GPU pod is about to take.
+	HotplugBridge Hotplug = "bridge"
+	// HotplugRootPort takes only empty PCIe ports (pcie-root-port,
+	// ioh3420, xio3130-downstream): for VMs started with ports to spare.
+	HotplugRootPort Hotplug = "root-port"
+	// HotplugAny takes an empty PCIe port first, then a bridge slot, then a
+	// slot of pc's pci.0.
+	HotplugAny Hotplug = "any"
+)
+
+// ParseHotplug reads a config value; "" is HotplugBridge.
+func ParseHotplug(s string) (Hotplug, error) {
+	switch h := Hotplug(s); h {
+	case "":
+		return HotplugBridge, nil
+	case HotplugBridge, HotplugRootPort, HotplugAny:
+		return h, nil
+	}
+	return "", fmt.Errorf("hotplug %q: want %q, %q or %q", s, HotplugBridge, HotplugRootPort, HotplugAny)
+}
+
+// SlotRange is an inclusive range of PCI slot numbers (0..31). The zero
+// value, {0, 0}, reserves nothing that could be used anyway: slot 0 of a
+// bridge takes no hot-plug and slot 0 of pci.0 is the host bridge.
+type SlotRange struct{ From, To int }
+
+func (r SlotRange) contains(slot int) bool { return slot >= r.From && slot <= r.To }
+
+func (r SlotRange) String() string { return fmt.Sprintf("%d..%d", r.From, r.To) }
+
+// Placement is where AddNIC may hot-plug a NIC. The zero value is
+// HotplugBridge with nothing reserved.
+type Placement struct {
+	Hotplug Hotplug // "" means HotplugBridge
+	// Reserved slots are never taken. It applies to the slots of every
+	// multi-slot bus AddNIC may use — each PCI bridge's secondary bus and
+	// pc's pci.0 — by slot number on that bus, whichever bus it is; it does
+	// not apply to PCIe ports (their one slot is 0). Kata hands out its
+	// pci-bridge slots from 1 upward, so reserving 1..N keeps N of them for
+	// Kata whatever order the two of us plug in.
+	Reserved SlotRange
+}
+
+func (p Placement) policy() Hotplug {
+	if p.Hotplug == "" {
+		return HotplugBridge
+	}
+	return p.Hotplug
+}
+
+// Validate reports a policy or reserved range that cannot be meant.
+func (p Placement) Validate() error {
+	if _, err := ParseHotplug(string(p.Hotplug)); err != nil {
+		return err
+	}
+	if r := p.Reserved; r.From < 0 || r.To > 31 || r.From > r.To {
+		return fmt.Errorf("reserved slots %s: want From <= To within 0..31", r)
+	}
+	return nil
+}
+
+func (p Placement) String() string {
+	s := "hotplug = " + string(p.policy())
+	if p.Reserved != (SlotRange{}) {
+		s += ", reserved slots " + p.Reserved.String()
+	}
+	return s
+}
 
 // pciBus is one element of query-pci's return value (QEMU 7.2):
 //
@@ -74,17 +152,73 @@ type placement struct {
 	path []int // slots from the root bus down to the device's own (see PCIPath)
 }
 
-// choosePlacement picks a free hot-plug place: an empty PCIe port first
-// (Kata on q35 hot-plugs onto its own pci-bridge and tracks those slots
-// itself), then a free slot on a PCI bridge, then on pc a free slot of
-// pci.0. types maps /machine/peripheral ids to QOM types.
-//
-// Ports and slots are taken from the top down: Kata (and most VMMs)
-// allocate their own hot-plug places from the bottom up, from their own
-// bookkeeping, which does not see ours. Starting at the other end keeps the
-// two apart until the bus is nearly full.
-func choosePlacement(buses []pciBus, types map[string]string) (placement, error) {
-	var ports, bridges []placement
+// Kinds of hot-plug buses, as BusCapacity.Type spells them besides QOM types.
+const rootBusPC = "pci.0"
+
+// BusCapacity is one bus that takes hot-plugged devices.
+type BusCapacity struct {
+	Bus     string // device_add's bus=: a port's or bridge's qdev id, or "pci.0"
+	Type    string // QOM type of the port or bridge ("pcie-root-port", "pci-bridge"), or "pci.0" for pc's root bus
+	PCIPath string // slots leading to the bus from the root bus ("02"); "" for pci.0
+	Free    []int  // slots free for a NIC and not reserved, highest first; [0] for an empty port
+	Taken   int    // slots in use
+	Held    int    // slots free but reserved (Placement.Reserved)
+	Allowed bool   // the policy lets AddNIC use this bus
+}
+
+func (b BusCapacity) isPort() bool { return singleSlotPorts[b.Type] }
+
+// Capacity is what a VM offers for hot-plug under a Placement.
+type Capacity struct {
+	Placement Placement
+	Buses     []BusCapacity // in topology order
+}
+
+// Free is the number of NICs AddNIC can still place.
+func (c Capacity) Free() int {
+	n := 0
+	for _, b := range c.Buses {
+		if b.Allowed {
+			n += len(b.Free)
+		}
+	}
+	return n
+}
+
+// String says, per bus, what is free and why a bus is not used, e.g.
+// "hotplug = bridge: 29 free; pci-bridge br1 (08): 29 free, 2 taken; pcie-root-port rp4 (05): 1 free, not used".
+func (c Capacity) String() string {
+	parts := []string{fmt.Sprintf("%s: %d free", c.Placement, c.Free())}
+	for _, b := range c.Buses {
+		s := b.Type
+		if b.Bus != rootBusPC {
+			s += " " + b.Bus + " (" + b.PCIPath + ")"
+		}
+		s += fmt.Sprintf(": %d free", len(b.Free))
+		if b.Taken > 0 {
+			s += fmt.Sprintf(", %d taken", b.Taken)
+		}
+		if b.Held > 0 {
+			s += fmt.Sprintf(", %d reserved", b.Held)
+		}
+		if !b.Allowed {
+			s += ", not used"
+		}
+		parts = append(parts, s)
+	}
+	if len(c.Buses) == 0 {
+		parts = append(parts, "no PCIe port, no PCI bridge, no pc pci.0 (q35's pcie.0 takes no hot-plug)")
+	}
+	return strings.Join(parts, "; ")
+}
+
+// survey lists the buses that take hot-plugged devices, with their free
+// slots under p. types maps /machine/peripheral ids to QOM types: a port
+// or bridge whose type is unknown is not listed, nor an anonymous one
+// (device_add cannot name its bus).
+func survey(buses []pciBus, types map[string]string, p Placement) Capacity {
+	policy := p.policy()
+	c := Capacity{Placement: p}
 	var walk func(devs []pciDevice, above []int)
 	walk = func(devs []pciDevice, above []int) {
 		for _, d := range devs {
@@ -92,39 +226,131 @@ func choosePlacement(buses []pciBus, types map[string]string) (placement, error)
 				continue
 			}
 			here := append(slices.Clone(above), d.Slot)
-			switch t := types[d.QdevID]; {
-			case d.QdevID == "": // an anonymous bridge's bus cannot be named in device_add
-			case singleSlotPorts[t] && len(d.PCIBridge.Devices) == 0:
-				ports = append(ports, placement{bus: d.QdevID, path: append(here, 0)})
-			case pciBridges[t]:
-				if s, ok := freeSlot(d.PCIBridge.Devices); ok {
-					bridges = append(bridges, placement{bus: d.QdevID, slot: s, addr: fmt.Sprintf("%#x", s), path: append(slices.Clone(here), s)})
+			children := d.secondaryDevices()
+			t := types[d.QdevID]
+			b := BusCapacity{Bus: d.QdevID, Type: t, PCIPath: PCIPath(here)}
+			switch {
+			case d.QdevID == "":
+			case singleSlotPorts[t]:
+				b.Allowed = policy != HotplugBridge
+				if len(children) == 0 {
+					b.Free = []int{0}
+				} else {
+					b.Taken = 1
 				}
+				c.Buses = append(c.Buses, b)
+			case pciBridges[t]:
+				b.Allowed = policy != HotplugRootPort
+				b.Free, b.Taken, b.Held = freeSlots(children, p.Reserved)
+				c.Buses = append(c.Buses, b)
 			}
-			walk(d.PCIBridge.Devices, here)
+			walk(children, here)
 		}
 	}
 	for _, b := range buses {
 		walk(b.Devices, nil)
 	}
-	switch {
-	case len(ports) > 0:
-		return ports[len(ports)-1], nil
-	case len(bridges) > 0:
-		return bridges[len(bridges)-1], nil
-	}
 	for _, b := range buses {
 		if b.Bus == 0 && isI440FX(b.Devices) {
-			if s, ok := freeSlot(b.Devices); ok {
-				return placement{bus: "pci.0", slot: s, addr: fmt.Sprintf("%#x", s), path: []int{s}}, nil
-			}
+			bc := BusCapacity{Bus: rootBusPC, Type: rootBusPC, Allowed: policy != HotplugRootPort}
+			bc.Free, bc.Taken, bc.Held = freeSlots(b.Devices, p.Reserved)
+			c.Buses = append(c.Buses, bc)
 		}
 	}
-	return placement{}, ErrNoFreeSlot
+	return c
 }
 
-// freeSlot returns the highest slot in 1..31 with no function in use.
-func freeSlot(devs []pciDevice) (int, bool) {
+// choosePlacement picks a free hot-plug place that p allows. types maps
+// /machine/peripheral ids to QOM types. In preference order: an empty PCIe
+// port (HotplugRootPort, HotplugAny), then a free slot of a PCI bridge,
+// then on pc a free slot of pci.0 (HotplugBridge, HotplugAny).
+//
+// Ports and slots are taken from the top down: Kata (and most VMMs)
+// allocate their own hot-plug places from the bottom up, from their own
+// bookkeeping, which does not see ours. Starting at the other end keeps the
+// two apart until the bus is nearly full.
+//
+// When nothing fits, the error wraps ErrNoFreeSlot and says what was
+// looked at and what the policy left out.
+func choosePlacement(buses []pciBus, types map[string]string, p Placement) (placement, error) {
+	c := survey(buses, types, p)
+	pick := func(want func(BusCapacity) bool) (placement, bool) {
+		for i := len(c.Buses) - 1; i >= 0; i-- {
+			b := c.Buses[i]
+			if !b.Allowed || len(b.Free) == 0 || !want(b) {
+				continue
+			}
+			s := b.Free[0]
+			pl := placement{bus: b.Bus, slot: s, path: pciPathOf(buses, b.Bus, s)}
+			if !b.isPort() {
+				pl.addr = fmt.Sprintf("%#x", s)
+			}
+			return pl, true
+		}
+		return placement{}, false
+	}
+	for _, want := range []func(BusCapacity) bool{
+		BusCapacity.isPort,
+		func(b BusCapacity) bool { return pciBridges[b.Type] },
+		func(b BusCapacity) bool { return b.Type == rootBusPC },
+	} {
+		if pl, ok := pick(want); ok {
+			return pl, nil
+		}
+	}
+	return placement{}, fmt.Errorf("%w: %s", ErrNoFreeSlot, c.whyFull())
+}
+
+// whyFull explains a Capacity without an allowed free slot, e.g.
+// "no free slot on pci-bridge br1 (slots 1..31 taken or reserved), 2 empty root ports not used: hotplug = bridge".
+func (c Capacity) whyFull() string {
+	var full []string
+	portsUnused, bridgesUnused := 0, 0
+	for _, b := range c.Buses {
+		switch {
+		case !b.Allowed && len(b.Free) > 0 && b.isPort():
+			portsUnused++
+		case !b.Allowed && len(b.Free) > 0:
+			bridgesUnused++
+		case !b.Allowed:
+		case b.isPort():
+			full = append(full, b.Type+" "+b.Bus+" (taken)")
+		default:
+			what := "slots 1..31 taken"
+			if b.Held > 0 {
+				what = fmt.Sprintf("%d taken, %d reserved", b.Taken, b.Held)
+			}
+			name := b.Type
+			if b.Bus != rootBusPC {
+				name += " " + b.Bus
+			}
+			full = append(full, name+" ("+what+")")
+		}
+	}
+	var s string
+	switch policy := c.Placement.policy(); {
+	case len(full) > 0:
+		s = "no free slot on " + strings.Join(full, ", ")
+	case policy == HotplugRootPort:
+		s = "no PCIe root port"
+	case policy == HotplugBridge:
+		s = "no PCI bridge and no pc pci.0 (q35's pcie.0 takes no hot-plug)"
+	default:
+		s = "no PCIe root port, no PCI bridge, no pc pci.0 (q35's pcie.0 takes no hot-plug)"
+	}
+	if portsUnused > 0 {
+		s += fmt.Sprintf(", %d empty root ports not used", portsUnused)
+	}
+	if bridgesUnused > 0 {
+		s += fmt.Sprintf(", %d buses with free slots not used", bridgesUnused)
+	}
+	return s + ": " + c.Placement.String()
+}
+
+// freeSlots returns the slots in 1..31 with no function in use and not
+// reserved, highest first, and how many slots are taken and how many free
+// ones are reserved.
+func freeSlots(devs []pciDevice, reserved SlotRange) (free []int, taken, held int) {
 	var used [32]bool
 	for _, d := range devs {
 		if d.Slot >= 0 && d.Slot < len(used) {
@@ -132,11 +358,38 @@ func freeSlot(devs []pciDevice) (int, bool) {
 		}
 	}
 	for s := len(used) - 1; s >= 1; s-- {
-		if !used[s] {
-			return s, true
+		switch {
+		case used[s]:
+			taken++
+		case reserved.contains(s):
+			held++
+		default:
+			free = append(free, s)
 		}
 	}
-	return 0, false
+	return free, taken, held
+}
+
+// secondaryDevices returns the devices query-pci lists behind a bridge or
+// port, keeping only those on its own secondary bus. QEMU looks a bridge's
+// devices up by the bus number the firmware wrote into it: before the
+// firmware has numbered the buses (secondary 0) it lists none, and while
+// the firmware is numbering them (a guest boot or reset) a lookup can land
+// on another bus and list that bus's devices, which made empty root ports
+// look taken. A slot wrongly taken for free then fails device_add, which
+// AddNIC rolls back.
+func (d pciDevice) secondaryDevices() []pciDevice {
+	sec := d.PCIBridge.Bus.Secondary
+	if sec == 0 {
+		return nil
+	}
+	var own []pciDevice
+	for _, c := range d.PCIBridge.Devices {
+		if c.Bus == sec {
+			own = append(own, c)
+		}
+	}
+	return own
 }
 
 func isI440FX(devs []pciDevice) bool {
@@ -195,17 +448,42 @@ func (c *Client) peripheralTypes(ctx context.Context) (map[string]string, error)
 	return types, nil
 }
 
-// choosePlace asks QEMU for its PCI topology and picks a hot-plug place.
-func (c *Client) choosePlace(ctx context.Context) (placement, error) {
+// topology asks QEMU for its PCI topology and the types of its ports and
+// bridges.
+func (c *Client) topology(ctx context.Context) ([]pciBus, map[string]string, error) {
 	types, err := c.peripheralTypes(ctx)
 	if err != nil {
-		return placement{}, err
+		return nil, nil, err
 	}
 	buses, err := c.queryPCI(ctx)
 	if err != nil {
+		return nil, nil, err
+	}
+	return buses, types, nil
+}
+
+// choosePlace asks QEMU for its PCI topology and picks a hot-plug place.
+func (c *Client) choosePlace(ctx context.Context, p Placement) (placement, error) {
+	buses, types, err := c.topology(ctx)
+	if err != nil {
 		return placement{}, err
 	}
-	return choosePlacement(buses, types)
+	return choosePlacement(buses, types, p)
+}
+
+// HotplugCapacity lists, per bus, the places AddNIC could still take under
+// p, and the buses p leaves alone (for "tapsync check --sandbox").
+//
+// Equivalent to: qom-list /machine/peripheral, then query-pci.
+func (c *Client) HotplugCapacity(ctx context.Context, p Placement) (Capacity, error) {
+	if err := p.Validate(); err != nil {
+		return Capacity{}, err
+	}
+	buses, types, err := c.topology(ctx)
+	if err != nil {
+		return Capacity{}, fmt.Errorf("hot-plug capacity of VM at %s: %w", c.path, err)
+	}
+	return survey(buses, types, p), nil
 }
 
 // PCIPath spells a device's place the way the Kata agent's devicePath

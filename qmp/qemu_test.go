@@ -32,6 +32,9 @@ func requireQEMU(t *testing.T) {
 	}
 }
 
+// rootPorts places NICs on the root ports the tests give their VMs.
+var rootPorts = Placement{Hotplug: HotplugRootPort}
+
 func requireTaps(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
@@ -254,7 +257,7 @@ func TestQEMUAddListRemove(t *testing.T) {
 	mac := mustMAC(t, "02:00:00:00:00:01")
 
 	taps := openTap(t, 1)
-	info, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mac, TapFDs: taps, MTU: 1400})
+	info, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mac, TapFDs: taps, MTU: 1400, Placement: rootPorts})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -283,7 +286,7 @@ func TestQEMUAddListRemove(t *testing.T) {
 
 	// Again: a no-op that still takes (closes) the new fds.
 	taps2 := openTap(t, 1)
-	again, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mac, TapFDs: taps2})
+	again, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mac, TapFDs: taps2, Placement: rootPorts})
 	if err != nil || !sameInfo(again, want) {
 		t.Errorf("second AddNIC = %+v, %v", again, err)
 	}
@@ -292,7 +295,7 @@ func TestQEMUAddListRemove(t *testing.T) {
 		t.Errorf("after second AddNIC: %d NICs", len(nics))
 	}
 	// Same index, other MAC: refused, nothing changed.
-	if _, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mustMAC(t, "02:00:00:00:00:99"), TapFDs: openTap(t, 1)}); err == nil {
+	if _, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mustMAC(t, "02:00:00:00:00:99"), TapFDs: openTap(t, 1), Placement: rootPorts}); err == nil {
 		t.Error("AddNIC with another MAC for an existing index succeeded")
 	}
 
@@ -332,7 +335,7 @@ func TestQEMUMultiQueue(t *testing.T) {
 	c := dialT(t, vm.qmp, Options{})
 	ctx := context.Background()
 
-	info, err := c.AddNIC(ctx, NIC{Index: 2, MAC: mustMAC(t, "02:00:00:00:00:02"), TapFDs: openTap(t, 2)})
+	info, err := c.AddNIC(ctx, NIC{Index: 2, MAC: mustMAC(t, "02:00:00:00:00:02"), TapFDs: openTap(t, 2), Placement: rootPorts})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -357,7 +360,7 @@ func TestQEMUMultiQueue(t *testing.T) {
 
 	// Tap fds of two different taps are refused before QEMU sees them.
 	mixed := []*os.File{openTap(t, 2)[0], openTap(t, 2)[0]}
-	if _, err := c.AddNIC(ctx, NIC{Index: 3, MAC: mustMAC(t, "02:00:00:00:00:03"), TapFDs: mixed}); err == nil {
+	if _, err := c.AddNIC(ctx, NIC{Index: 3, MAC: mustMAC(t, "02:00:00:00:00:03"), TapFDs: mixed, Placement: rootPorts}); err == nil {
 		t.Error("AddNIC accepted fds of two taps")
 	} else {
 		t.Log(err)
@@ -379,7 +382,7 @@ func TestQEMUFailedDeviceAddRollsBack(t *testing.T) {
 	}
 
 	taps := openTap(t, 2)
-	_, err := c.AddNIC(ctx, NIC{Index: 5, MAC: mustMAC(t, "02:00:00:00:00:05"), TapFDs: taps})
+	_, err := c.AddNIC(ctx, NIC{Index: 5, MAC: mustMAC(t, "02:00:00:00:00:05"), TapFDs: taps, Placement: rootPorts})
 	var qerr *Error
 	if !errors.As(err, &qerr) || qerr.Class != ClassDuplicateID || !strings.HasPrefix(qerr.Cmd, "device_add") {
 		t.Fatalf("AddNIC = %v, want device_add failing with DuplicateID", err)
@@ -419,7 +422,7 @@ func TestQEMUUnplugAcknowledged(t *testing.T) {
 	mac := mustMAC(t, "02:00:00:00:00:02")
 
 	for round := 1; round <= 2; round++ { // the id is free for reuse after DEVICE_DELETED
-		if _, err := c.AddNIC(ctx, NIC{Index: 2, MAC: mac, TapFDs: openTap(t, 2)}); err != nil {
+		if _, err := c.AddNIC(ctx, NIC{Index: 2, MAC: mac, TapFDs: openTap(t, 2), Placement: Placement{Hotplug: HotplugAny}}); err != nil {
 			t.Fatalf("round %d: %v", round, err)
 		}
 		start := time.Now()
@@ -579,5 +582,70 @@ func TestVCPUs(t *testing.T) {
 	n, err := c.VCPUs(t.Context())
 	if err != nil || n != 3 {
 		t.Fatalf("VCPUs = %d, %v; want 3", n, err)
+	}
+}
+
+// TestQEMUKataBridge hot-plugs into a q35 started the way Kata starts it:
+// one pci-bridge in slot 2 of pcie.0 and no root ports.
+func TestQEMUKataBridge(t *testing.T) {
+	requireTaps(t)
+	t.Parallel()
+	vm := startVM(t, "q35", 0,
+		"-device", "pci-bridge,bus=pcie.0,id=pci-bridge-0,chassis_nr=1,shpc=off,addr=0x2")
+	c := dialT(t, vm.qmp, Options{})
+	ctx := context.Background()
+
+	capa, err := c.HotplugCapacity(ctx, Placement{})
+	if err != nil || capa.Free() != 31 || len(capa.Buses) != 1 || capa.Buses[0].Bus != "pci-bridge-0" || capa.Buses[0].PCIPath != "02" {
+		t.Fatalf("HotplugCapacity = %s, %v; want 31 free slots on pci-bridge-0 (02)", capa, err)
+	}
+	if _, err := c.AddNIC(ctx, NIC{Index: 9, MAC: mustMAC(t, "02:00:00:00:00:09"), TapFDs: openTap(t, 1), Placement: rootPorts}); !errors.Is(err, ErrNoFreeSlot) ||
+		!strings.Contains(err.Error(), "no PCIe root port") {
+		t.Errorf("AddNIC with hotplug = root-port = %v, want ErrNoFreeSlot saying there is no root port", err)
+	}
+
+	// Kata takes bridge slots from 1 upward; keep 1..28 for it so that the
+	// bridge fills after three NICs.
+	place := Placement{Reserved: SlotRange{1, 28}}
+	for i, want := range []string{"02/1f", "02/1e", "02/1d"} {
+		info, err := c.AddNIC(ctx, NIC{Index: i + 1, MAC: mustMAC(t, fmt.Sprintf("02:00:00:00:00:%02x", i+1)), TapFDs: openTap(t, 2), Placement: place})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.PCIPath != want || info.Bus != "pci-bridge-0" {
+			t.Errorf("NIC %d at %s %s (%s), want pci-bridge-0 %s", i+1, info.Bus, info.Addr, info.PCIPath, want)
+		}
+	}
+
+	taps := openTap(t, 2)
+	_, err = c.AddNIC(ctx, NIC{Index: 4, MAC: mustMAC(t, "02:00:00:00:00:04"), TapFDs: taps, Placement: place})
+	if !errors.Is(err, ErrNoFreeSlot) || !strings.Contains(err.Error(), vm.qmp) ||
+		!strings.Contains(err.Error(), "no free slot on pci-bridge pci-bridge-0 (3 taken, 28 reserved)") {
+		t.Fatalf("AddNIC on a full bridge = %v, want ErrNoFreeSlot naming the bridge and %s", err, vm.qmp)
+	}
+	t.Log(err)
+	checkClosed(t, taps)
+
+	// QEMU is fine and nothing of the failed add is left.
+	netdevs, err := c.ListNetdevs(ctx)
+	if err != nil || !slices.Equal(netdevs, []string{"tapsync-netdev1", "tapsync-netdev2", "tapsync-netdev3"}) {
+		t.Errorf("ListNetdevs = %q, %v; want the three NICs' netdevs", netdevs, err)
+	}
+	for q := range 2 {
+		if _, err := c.run(ctx, "closefd", "", map[string]any{"fdname": fdName(4, q)}, nil); err == nil {
+			t.Errorf("fd name %s left in QEMU's table", fdName(4, q))
+		}
+	}
+	nics, err := c.ListNICs(ctx)
+	if err != nil || len(nics) != 3 {
+		t.Errorf("ListNICs = %+v, %v; want 3", nics, err)
+	}
+	if capa, err := c.HotplugCapacity(ctx, place); err != nil || capa.Free() != 0 || capa.Buses[0].Taken != 3 || capa.Buses[0].Held != 28 {
+		t.Errorf("HotplugCapacity after filling = %s, %v", capa, err)
+	}
+	// Without the reservation the next NIC takes the slot below ours.
+	info, err := c.AddNIC(ctx, NIC{Index: 5, MAC: mustMAC(t, "02:00:00:00:00:05"), TapFDs: openTap(t, 1)})
+	if err != nil || info.PCIPath != "02/1c" {
+		t.Errorf("AddNIC without reservation = %+v, %v; want 02/1c", info, err)
 	}
 }

@@ -78,6 +78,7 @@ type Recorder interface {
 type Outcome struct {
 	Mutations   int           // kernel, QEMU or guest changes made
 	Pending     []int         // endpoints whose unplug QEMU left pending
+	Held        []int         // endpoints whose plug waits for an old NIC with their MAC to go
 	Failed      map[int]error // endpoints whose step failed, and why
 	GuestFailed bool          // an agent call failed
 }
@@ -101,9 +102,10 @@ type Env struct {
 // applier runs one plan against one sandbox.
 type applier struct {
 	Env
-	taps    map[int]int    // endpoint index → tap ifindex, as observed or created
-	paths   map[int]string // endpoint index → the NIC's PCI path, as observed or plugged
-	blocked map[int]bool   // endpoints whose remaining steps are skipped
+	taps      map[int]int    // endpoint index → tap ifindex, as observed or created
+	paths     map[int]string // endpoint index → the NIC's PCI path, as observed or plugged
+	blocked   map[int]bool   // endpoints whose remaining steps are skipped
+	unplugged map[int]bool   // endpoints whose NIC was unplugged in this pass
 }
 
 // Apply executes p in order. The record is saved at every record step,
@@ -112,7 +114,7 @@ type applier struct {
 // steps; other endpoints carry on. Failing to save the record stops
 // everything: nothing is changed without its intent on disk.
 func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env) (state.Record, Outcome, error) {
-	a := &applier{Env: env, taps: map[int]int{}, paths: map[int]string{}, blocked: map[int]bool{}}
+	a := &applier{Env: env, taps: map[int]int{}, paths: map[int]string{}, blocked: map[int]bool{}, unplugged: map[int]bool{}}
 	for _, t := range obs.Taps {
 		a.taps[t.Index] = t.Ifindex
 	}
@@ -135,6 +137,13 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 		}
 		if err := ctx.Err(); err != nil {
 			return rec, out, errors.Join(append(errs, err)...)
+		}
+		if k := slices.IndexFunc(act.AwaitUnplug, func(k int) bool { return !a.unplugged[k] }); k >= 0 {
+			blocked[n] = true
+			out.Held = append(out.Held, n)
+			log.Info().Int("endpoint", n).Int("awaits", act.AwaitUnplug[k]).Str("link", act.Endpoint.LinkName).
+				Msg("NIC plug held: the NIC it replaces, with the same MAC, is still in the VM")
+			continue
 		}
 		ev := log.Info()
 		if !act.Op.Mutates() {
@@ -237,7 +246,14 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 		}
 		return err
 	case OpUnplugNIC:
-		return a.VM.UnplugNIC(ctx, e.Index, !e.UnplugRequested)
+		err := a.VM.UnplugNIC(ctx, e.Index, !e.UnplugRequested)
+		a.unplugged[e.Index] = err == nil
+		return err
+	case OpRepairAdopted:
+		// Ours, at our priority: they win over the runtime's dangling
+		// filters (lower priority number first) and Kata deletes every u32
+		// filter on the link when it detaches it, ours included.
+		return a.Host.EnsureRedirects(e.LinkIfindex, act.KataTap.Ifindex)
 	case OpRemoveRedirects:
 		return a.Host.RemoveRedirects(e.LinkIfindex, a.taps[e.Index])
 	case OpDeleteTap:

@@ -23,12 +23,15 @@ type world struct {
 	nextIfindex int
 	links       []datapath.Link
 	taps        map[int]*datapath.Tap
+	kata        []datapath.Link // Kata's tap<N>_kata taps and macvtaps
 	redirs      []datapath.Redirect
 	nics        []NIC
 	netdevs     map[int]bool
 	rec         state.Record
 	saves       int
 	mutations   int
+	twins       []string     // plugs that put a second NIC with one MAC into the VM
+	unsafe      []string     // taps deleted while QEMU still held them
 	hangUnplug  bool         // the guest never acknowledges device_del
 	orphaned    map[int]bool // netdevs QEMU holds but cannot delete
 	failOp      Op           // this op fails once when failNext is set
@@ -55,6 +58,7 @@ func (w *world) clone() *world {
 		c.taps[k] = &t
 	}
 	c.redirs = slices.Clone(w.redirs)
+	c.kata = slices.Clone(w.kata)
 	c.nics = slices.Clone(w.nics)
 	c.netdevs = map[int]bool{}
 	for k, v := range w.netdevs {
@@ -96,17 +100,36 @@ func (w *world) link(name string) datapath.Link {
 	return w.links[i]
 }
 
-// kataColdPlug wires link the way Kata does at boot: a transient tap with
-// Kata's filters (auto priority) and a device without our ids.
+// kataColdPlug wires link the way Kata does at boot (tcfilter model): a
+// tap tap<N>_kata with Kata's filters (auto priority) and a device without
+// our ids.
 func (w *world) kataColdPlug(linkName string, tapIndex int) {
 	l := w.link(linkName)
 	w.nextIfindex++
-	w.taps[tapIndex] = &datapath.Tap{Link: datapath.Link{Name: datapath.TapName(tapIndex), Ifindex: w.nextIfindex, Kind: "tap", MTU: l.MTU, Up: true},
-		Index: tapIndex, VnetHdr: true, NoPI: true, Attached: 1}
+	w.kata = append(w.kata, datapath.Link{Name: fmt.Sprintf("tap%d_kata", tapIndex), Ifindex: w.nextIfindex, Kind: "tap", MTU: l.MTU, Up: true})
 	w.redirs = append(w.redirs,
 		datapath.Redirect{From: l.Ifindex, To: w.nextIfindex, Priority: 49152},
 		datapath.Redirect{From: w.nextIfindex, To: l.Ifindex, Priority: 49152})
 	w.nics = append(w.nics, NIC{ID: "", MAC: l.MAC})
+}
+
+// kataMacvtap wires link the way Kata's macvtap model does: a macvtap
+// tap<N>_kata on top of it with its MAC, the link given another MAC, and
+// a device without our ids with the original MAC.
+func (w *world) kataMacvtap(linkName string, tapIndex int) {
+	i := slices.IndexFunc(w.links, func(l datapath.Link) bool { return l.Name == linkName })
+	l := w.links[i]
+	w.nextIfindex++
+	w.kata = append(w.kata, datapath.Link{Name: fmt.Sprintf("tap%d_kata", tapIndex), Ifindex: w.nextIfindex, Kind: "macvtap",
+		MAC: l.MAC, MTU: l.MTU, Up: true, Parent: l.Ifindex})
+	w.nics = append(w.nics, NIC{ID: "", MAC: l.MAC})
+	w.links[i].MAC = macN(0xfe00 + tapIndex)
+}
+
+// kataFilterDel deletes Kata's filter on a link by hand.
+func (w *world) kataFilterDel(linkName string) {
+	l := w.link(linkName)
+	w.redirs = slices.DeleteFunc(w.redirs, func(r datapath.Redirect) bool { return !r.Owned && r.From == l.Ifindex })
 }
 
 func (w *world) fail(op Op) error {
@@ -119,7 +142,7 @@ func (w *world) fail(op Op) error {
 
 // Observe and NICs give copies, as the real sources do.
 func (w *world) Observe() (datapath.State, error) {
-	s := datapath.State{Links: slices.Clone(w.links), Redirects: slices.Clone(w.redirs),
+	s := datapath.State{Links: slices.Clone(w.links), KataLinks: slices.Clone(w.kata), Redirects: slices.Clone(w.redirs),
 		Routes: slices.Clone(w.routes), Neighbors: slices.Clone(w.neighbors)}
 	for _, k := range slices.Sorted(mapKeys(w.taps)) {
 		s.Taps = append(s.Taps, *w.taps[k])
@@ -145,7 +168,7 @@ func (w *world) observed() Observed {
 	s, _ := w.Observe()
 	nics, netdevs, _ := w.NICs(context.Background())
 	g := w.guest.state()
-	return Observed{Links: s.Links, Taps: s.Taps, Redirects: s.Redirects, Routes: s.Routes, Neighbors: s.Neighbors,
+	return Observed{Links: s.Links, Taps: s.Taps, KataLinks: s.KataLinks, Redirects: s.Redirects, Routes: s.Routes, Neighbors: s.Neighbors,
 		NICs: nics, Netdevs: netdevs, Guest: &g}
 }
 
@@ -176,6 +199,7 @@ func (w *world) EnsureTap(_ context.Context, spec datapath.TapSpec) (datapath.Ta
 
 func (w *world) ifindexExists(i int) bool {
 	return slices.ContainsFunc(w.links, func(l datapath.Link) bool { return l.Ifindex == i }) ||
+		slices.ContainsFunc(w.kata, func(l datapath.Link) bool { return l.Ifindex == i }) ||
 		slices.ContainsFunc(slices.Collect(mapValues(w.taps)), func(t *datapath.Tap) bool { return t.Ifindex == i })
 }
 
@@ -236,6 +260,9 @@ func (w *world) PlugNIC(_ context.Context, index int, mac net.HardwareAddr, _ in
 	if w.orphaned[index] {
 		return "", fmt.Errorf("netdev tapsync-netdev%d: %w", index, ErrIndexBurned)
 	}
+	if slices.ContainsFunc(w.nics, func(n NIC) bool { return bytes.Equal(n.MAC, mac) }) {
+		w.twins = append(w.twins, fmt.Sprintf("NIC %d plugged with MAC %s beside %+v", index, mac, w.nics))
+	}
 	w.mutations++
 	w.netdevs[index] = true
 	path := fmt.Sprintf("%02x/00", 0x1e-index)
@@ -280,6 +307,9 @@ func (w *world) RemoveTap(index int) error {
 	if !ok {
 		return nil
 	}
+	if w.netdevs[index] || slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == index }) {
+		w.unsafe = append(w.unsafe, fmt.Sprintf("tap %s deleted while QEMU holds it", t.Name))
+	}
 	w.mutations++
 	delete(w.taps, index)
 	w.redirs = slices.DeleteFunc(w.redirs, func(r datapath.Redirect) bool { return r.From == t.Ifindex })
@@ -296,6 +326,24 @@ func (w *world) env() Env {
 	return Env{Host: w, VM: w, Guest: w.guest, Recorder: w, Vhost: datapath.VhostOff, GuestLinkWait: 200 * time.Millisecond}
 }
 
+// teardown runs the teardown plan once against w; vmGone also empties
+// QEMU, as its exit does.
+func (w *world) teardown(vmGone bool) (Plan, Outcome, error) {
+	if vmGone {
+		w.nics, w.netdevs = nil, map[int]bool{}
+		for _, t := range w.taps {
+			t.Attached = 0
+		}
+	}
+	p := ComputeTeardown(w.observed(), w.rec, vmGone)
+	env := w.env()
+	if vmGone {
+		env.VM = nil // a plan for a gone QEMU must not ask it anything
+	}
+	_, out, err := Apply(context.Background(), p, w.rec, w.observed(), env)
+	return p, out, err
+}
+
 // reconcile runs observe → plan → apply once against w.
 func (w *world) reconcile(opts Options) (Plan, Outcome, error) {
 	p := Compute(w.observed(), w.rec, opts)
@@ -304,12 +352,14 @@ func (w *world) reconcile(opts Options) (Plan, Outcome, error) {
 }
 
 // settled reports whether p has nothing left to do but retry removals
-// that the guest keeps pending (an unplug and the steps behind it).
+// that the guest keeps pending (an unplug and the steps behind it), and
+// the plugs held behind them.
 func (w *world) settled(p Plan) bool {
+	unplugs := func(n int) bool {
+		return slices.ContainsFunc(p.Actions, func(b Action) bool { return b.Op == OpUnplugNIC && b.Endpoint.Index == n })
+	}
 	pending := func(a Action) bool {
-		return w.hangUnplug && slices.ContainsFunc(p.Actions, func(b Action) bool {
-			return b.Op == OpUnplugNIC && b.Endpoint.Index == a.Endpoint.Index
-		})
+		return w.hangUnplug && (unplugs(a.Endpoint.Index) || slices.ContainsFunc(a.AwaitUnplug, unplugs))
 	}
 	return !slices.ContainsFunc(p.Actions, func(a Action) bool { return !pending(a) })
 }
@@ -338,7 +388,8 @@ func (w *world) checkConverged(queues int) []string {
 		if r, _ := unwireable(l); r != "" {
 			continue
 		}
-		if slices.ContainsFunc(w.nics, func(n NIC) bool { return !n.Owned && bytes.Equal(n.MAC, l.MAC) }) {
+		if slices.ContainsFunc(w.nics, func(n NIC) bool { return !n.Owned && bytes.Equal(n.MAC, l.MAC) }) ||
+			slices.ContainsFunc(w.kata, func(k datapath.Link) bool { return k.Parent == l.Ifindex }) {
 			continue // adopted
 		}
 		var eps []state.Endpoint
@@ -358,7 +409,7 @@ func (w *world) checkConverged(queues int) []string {
 		case !ok:
 			bad = append(bad, fmt.Sprintf("%s: no tap %d", l.Name, e.Index))
 			continue
-		case t.MTU != l.MTU || t.Attached != queues || t.MultiQueue != (queues > 1):
+		case t.MTU != l.MTU || (t.Attached != queues && !w.hangUnplug) || t.MultiQueue != (queues > 1):
 			bad = append(bad, fmt.Sprintf("%s: tap %+v", l.Name, *t))
 		}
 		for _, pair := range [][2]int{{l.Ifindex, t.Ifindex}, {t.Ifindex, l.Ifindex}} {
@@ -366,7 +417,9 @@ func (w *world) checkConverged(queues int) []string {
 				bad = append(bad, fmt.Sprintf("%s: no redirect %d→%d", l.Name, pair[0], pair[1]))
 			}
 		}
-		if !slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == e.Index && bytes.Equal(n.MAC, l.MAC) }) {
+		if !slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == e.Index && bytes.Equal(n.MAC, l.MAC) }) &&
+			!(w.hangUnplug && slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && bytes.Equal(n.MAC, l.MAC) })) {
+			// (A plug held behind a pending unplug of the same MAC is right.)
 			bad = append(bad, fmt.Sprintf("%s: no NIC %d", l.Name, e.Index))
 		}
 	}
@@ -402,6 +455,8 @@ func (w *world) checkConverged(queues int) []string {
 			bad = append(bad, fmt.Sprintf("dangling redirect %+v", r))
 		}
 	}
+	bad = append(bad, w.twins...)
+	bad = append(bad, w.unsafe...)
 	if w.guestOn {
 		bad = append(bad, w.guest.check()...)
 	}

@@ -26,7 +26,8 @@ type NIC struct {
 // netns, the VM side from QEMU. Plan reads nothing else.
 type Observed struct {
 	Links     []datapath.Link // container links (desired endpoints)
-	Taps      []datapath.Tap
+	Taps      []datapath.Tap  // ours (tsn<N>)
+	KataLinks []datapath.Link // Kata's taps and macvtaps (tap<N>_kata)
 	Redirects []datapath.Redirect
 	Routes    []datapath.Route    // the sandbox's routes (not the kernel's own)
 	Neighbors []datapath.Neighbor // permanent neighbours
@@ -39,8 +40,16 @@ type Observed struct {
 
 // Options are the per-sandbox settings plan needs.
 type Options struct {
-	Queues int  // queues for new endpoints; 0 is taken as 1
+	// Queues for new endpoints; 0 is taken as 1. An endpoint keeps the
+	// count it was made with: a different value here never re-plugs it.
+	Queues int
 	Guest  bool // configure the guest through its agent
+	// RepairAdopted lets tapsync mend a link the runtime wired whose
+	// redirect is broken, with redirects of its own between the link and
+	// the runtime's tap. Off, the link is only reported.
+	RepairAdopted bool
+
+	teardown bool // the sandbox is going away: remove every endpoint
 }
 
 // Op is the kind of one step.
@@ -50,24 +59,26 @@ const (
 	OpRecord             Op = iota // write the endpoint to the record (intent or recovery)
 	OpMarkRemoving                 // record that the endpoint's removal has started
 	OpForget                       // drop the endpoint from the record, after its removal
-	OpCreateTap                    // create tap<N>_kata
+	OpCreateTap                    // create tsn<N>
 	OpFixTap                       // bring the tap up, at the container link's MTU
 	OpAddRedirects                 // tc redirects link ⇄ tap
 	OpPlugNIC                      // open the tap's queues, hot-add the NIC
 	OpUnplugNIC                    // hot-remove the NIC and its netdev (may stay pending)
 	OpRemoveRedirects              // delete our filters from link and tap
-	OpDeleteTap                    // delete tap<N>_kata
+	OpDeleteTap                    // delete tsn<N>
 	OpResetGuest                   // record that the endpoint's guest configuration goes with its NIC
 	OpConfirmGuest                 // record that the guest interface already is as wanted
 	OpConfirmGuestRoutes           // record that the guest already has the routes
 	OpConfigureGuest               // agent: UpdateInterface
 	OpUpdateGuestRoutes            // agent: UpdateRoutes with the full set
 	OpAddGuestNeighbors            // agent: AddARPNeighbors
+	OpRepairAdopted                // our redirects between a link the runtime wired and its tap
 )
 
 var opNames = [...]string{"record", "mark-removing", "forget", "create-tap", "fix-tap", "add-redirects",
 	"plug-nic", "unplug-nic", "remove-redirects", "delete-tap",
-	"reset-guest", "confirm-guest", "confirm-guest-routes", "configure-guest", "update-guest-routes", "add-guest-neighbors"}
+	"reset-guest", "confirm-guest", "confirm-guest-routes", "configure-guest", "update-guest-routes", "add-guest-neighbors",
+	"repair-adopted"}
 
 func (o Op) String() string { return opNames[o] }
 
@@ -97,6 +108,14 @@ type Action struct {
 	Routes    []GuestRoute    // OpUpdateGuestRoutes
 	Neighbors []GuestNeighbor // OpAddGuestNeighbors
 	Digest    string          // guest ops: what the record keeps once done
+
+	// AwaitUnplug (OpPlugNIC) names endpoints whose NIC has the same MAC
+	// and is being removed: the plug waits until their unplug has
+	// completed, so the guest never holds two NICs with one MAC.
+	AwaitUnplug []int
+	// KataTap is the runtime's tap that OpRepairAdopted joins to the
+	// link (Endpoint.LinkIfindex).
+	KataTap datapath.Link
 }
 
 func (a Action) String() string {
@@ -118,6 +137,9 @@ func (a Action) String() string {
 		s = fmt.Sprintf("redirect %s ⇄ %s", e.LinkName, tap)
 	case OpPlugNIC:
 		s = fmt.Sprintf("hot-add NIC %d (%s) on %s", e.Index, e.LinkMAC, tap)
+		if len(a.AwaitUnplug) > 0 {
+			s += fmt.Sprintf(" once NIC %v with that MAC is gone", a.AwaitUnplug)
+		}
 	case OpUnplugNIC:
 		s = fmt.Sprintf("hot-remove NIC %d", e.Index)
 		if e.UnplugRequested {
@@ -154,6 +176,8 @@ func (a Action) String() string {
 		s = fmt.Sprintf("set the guest's routes (%d): %s", len(rs), strings.Join(rs, "; "))
 	case OpAddGuestNeighbors:
 		s = fmt.Sprintf("add %d permanent neighbours in the guest", len(a.Neighbors))
+	case OpRepairAdopted:
+		s = fmt.Sprintf("redirect %s ⇄ %s (the runtime's tap)", e.LinkName, a.KataTap.Name)
 	}
 	if a.Reason != "" {
 		s += ": " + a.Reason
@@ -171,8 +195,11 @@ func queuesStr(n int) string {
 // Skipped is a container link that plan leaves alone, and why.
 type Skipped struct {
 	Link    datapath.Link
-	Adopted bool // wired by someone else (Kata at boot): satisfied, never touched
-	Reason  string
+	Adopted bool // wired by someone else (Kata): never wired a second time
+	// Broken: adopted, but the runtime's wiring lacks what Reason names
+	// (traffic does not flow). Repaired only with Options.RepairAdopted.
+	Broken bool
+	Reason string
 }
 
 // Plan is the outcome of planning one sandbox.
@@ -233,11 +260,13 @@ type view struct {
 	nics    map[int]NIC           // owned, by endpoint index
 	netdevs map[int]bool
 	redirs  []datapath.Redirect
-	foreign []NIC // virtio-net devices without our ids
+	foreign []NIC           // virtio-net devices without our ids
+	kata    []datapath.Link // Kata's taps and macvtaps
 }
 
 func newView(o Observed) view {
-	v := view{links: map[int]datapath.Link{}, taps: map[int]datapath.Tap{}, nics: map[int]NIC{}, netdevs: map[int]bool{}, redirs: o.Redirects}
+	v := view{links: map[int]datapath.Link{}, taps: map[int]datapath.Tap{}, nics: map[int]NIC{}, netdevs: map[int]bool{},
+		redirs: o.Redirects, kata: o.KataLinks}
 	for _, l := range o.Links {
 		v.links[l.Ifindex] = l
 	}
@@ -272,19 +301,14 @@ func (v view) ownedRedirectsOn(ifindexes ...int) bool {
 // on its link pointing at its tap or at nothing. A filter of ours on the
 // link pointing at another tap belongs to a newer endpoint.
 func (v view) pairLeft(link, tap int) bool {
-	exists := func(i int) bool {
-		if _, ok := v.links[i]; ok {
-			return true
-		}
-		return slices.ContainsFunc(slices.Collect(maps.Values(v.taps)), func(t datapath.Tap) bool { return t.Ifindex == i })
-	}
 	return slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool {
-		return r.Owned && ((tap > 0 && r.From == tap) || (r.From == link && ((tap > 0 && r.To == tap) || !exists(r.To))))
+		return r.Owned && ((tap > 0 && r.From == tap) || (r.From == link && ((tap > 0 && r.To == tap) || !v.exists(r.To))))
 	})
 }
 
-// ourTap reports whether tap N looks like one tapsync makes (persistent,
-// vnet_hdr); Kata's transient taps share the name but not the shape.
+// ourTap reports whether tsn<N> has the shape tapsync gives its taps
+// (persistent, vnet_hdr, no PI); one of another shape was made by someone
+// else under our name and is never deleted.
 func ourTap(t datapath.Tap) bool { return t.Persistent && t.VnetHdr && t.NoPI && t.Kind == "tap" }
 
 // Compute plans one sandbox: what to do so that the VM mirrors the
@@ -303,13 +327,16 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 	recoverOrphans(v, &rec, &p)
 
 	// Each recorded endpoint: keep and repair it, or remove it.
-	claimed := map[int]bool{} // link ifindexes served by a live endpoint
-	var wired []wiredLink     // live endpoints and adopted links, for the guest
+	claimed := map[int]bool{}  // link ifindexes served by a live endpoint
+	removing := map[int]bool{} // endpoints on their way out
+	var wired []wiredLink      // live endpoints and adopted links, for the guest
 	for _, e := range rec.Endpoints {
 		l, linkOK := v.links[e.LinkIfindex]
 		why := ""
 		switch {
 		case e.Removing:
+		case opts.teardown:
+			why = "the sandbox is going away"
 		case !linkOK:
 			why = fmt.Sprintf("container link %s (ifindex %d) is gone", e.LinkName, e.LinkIfindex)
 		case !sameLink(e, l):
@@ -320,7 +347,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 			if r, _ := unwireable(l); r != "" {
 				why = r
 			} else {
-				why = brokenReason(v, e, l, queues)
+				why = brokenReason(v, e, l)
 			}
 		}
 		if !e.Removing && why == "" {
@@ -330,6 +357,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 			repair(v, e, l, &adds)
 			continue
 		}
+		removing[e.Index] = true
 		if e.UnplugRequested {
 			remove(v, e, why, &retries)
 		} else {
@@ -337,11 +365,34 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 		}
 	}
 
-	// Container links nobody serves yet: adopt Kata's, or add new endpoints.
+	// Container links nobody serves yet: adopt what the runtime wired, or
+	// add new endpoints. Links whose runtime wiring is intact choose
+	// first, so that of two links sharing a MAC the one the runtime
+	// really wired is adopted.
+	taken := map[int]bool{} // foreign NICs already matched to a link
+	adoptions := map[int]adoption{}
+	for _, intactFirst := range []bool{true, false} {
+		for _, l := range v.sortedLinks() {
+			if opts.teardown {
+				break
+			}
+			if _, done := adoptions[l.Ifindex]; done || claimed[l.Ifindex] {
+				continue
+			}
+			if r, _ := unwireable(l); r != "" {
+				continue
+			}
+			if a, ok := v.runtimeWiring(l, taken); ok && (len(a.missing) == 0 || !intactFirst) {
+				if a.nic != nil {
+					taken[*a.nic] = true
+				}
+				adoptions[l.Ifindex] = a
+			}
+		}
+	}
 	used := usedIndexes(v, rec)
-	adopted := map[int]bool{} // foreign NICs already matched to a link
 	for _, l := range v.sortedLinks() {
-		if claimed[l.Ifindex] {
+		if claimed[l.Ifindex] || opts.teardown {
 			continue
 		}
 		if reason, silent := unwireable(l); reason != "" {
@@ -350,11 +401,17 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 			}
 			continue
 		}
-		if n := v.adoptable(l, adopted); n >= 0 {
-			adopted[n] = true
+		if a, ok := adoptions[l.Ifindex]; ok {
 			wired = append(wired, wiredLink{link: l, adopted: true})
-			p.Skipped = append(p.Skipped, Skipped{Link: l, Adopted: true,
-				Reason: fmt.Sprintf("already wired by the runtime (its redirect to a tap, VM device %q); adopted", v.foreign[n].ID)})
+			p.Skipped = append(p.Skipped, adopt(v, l, a, opts.RepairAdopted, &adds))
+			continue
+		}
+		if other := v.foreignWithMAC(l.MAC); other != "" {
+			// Someone else's NIC already carries this MAC (adopted for a
+			// link sharing it): a second one would leave the guest with
+			// two NICs it cannot tell apart.
+			p.Skipped = append(p.Skipped, Skipped{Link: l,
+				Reason: fmt.Sprintf("the VM already has a NIC with MAC %s (%s), adopted for another link; not plugging a second", l.MAC, other)})
 			continue
 		}
 		idx := lowestFree(used)
@@ -369,22 +426,64 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 		)
 		wired = append(wired, wiredLink{link: l, endpoint: e, plugged: true})
 	}
+	// A NIC that replaces one of ours with the same MAC waits for the old
+	// one to leave. A removal it waits for that the guest left pending is
+	// checked back before the adds, so that a completed unplug lets the
+	// plug go ahead in the same pass.
+	awaited := map[int]bool{}
+	for i, a := range adds.Actions {
+		if a.Op != OpPlugNIC {
+			continue
+		}
+		for _, n := range slices.Sorted(maps.Keys(removing)) {
+			if nic, ok := v.nics[n]; ok && n != a.Endpoint.Index && strings.EqualFold(nic.MAC.String(), a.Endpoint.LinkMAC) {
+				adds.Actions[i].AwaitUnplug = append(adds.Actions[i].AwaitUnplug, n)
+				awaited[n] = true
+			}
+		}
+	}
+	var later []Action
+	for _, a := range retries.Actions {
+		if awaited[a.Endpoint.Index] {
+			p.Actions = append(p.Actions, a)
+		} else {
+			later = append(later, a)
+		}
+	}
+	retries.Actions = later
 	p.Actions = append(p.Actions, adds.Actions...)
-	if opts.Guest {
+	if opts.Guest && !opts.teardown {
 		planGuest(obs, rec, wired, &p)
 	}
 	p.Actions = append(p.Actions, retries.Actions...)
 	return p
 }
 
+// ComputeTeardown plans the end of a sandbox whose pod is going away:
+// every endpoint is removed, in the same safe order as a link that went
+// away. While QEMU runs, its NICs are unplugged before their taps and
+// redirects go. vmGone says QEMU has exited: it holds nothing any more,
+// so nothing is unplugged and the host objects go at once. Kata's own
+// objects are never touched, and the guest is not asked for anything.
+// The container links stay in the observation: they say which link an
+// unrecorded tap of ours served, so its filter there goes too.
+func ComputeTeardown(obs Observed, rec state.Record, vmGone bool) Plan {
+	obs.Guest = nil
+	if vmGone {
+		obs.NICs, obs.Netdevs = nil, nil
+	}
+	return Compute(obs, rec, Options{teardown: true})
+}
+
 // brokenReason says why a live endpoint must be re-made rather than
-// repaired in place ("" if it can be repaired).
-func brokenReason(v view, e state.Endpoint, l datapath.Link, queues int) string {
+// repaired in place ("" if it can be repaired). The queue count is not a
+// reason: it was decided when the endpoint was made (recorded), and a
+// default that moved since (queues = 0 follows the vCPUs, which Kata
+// hot-adds) must not re-plug every NIC of the sandbox.
+func brokenReason(v view, e state.Endpoint, l datapath.Link) string {
 	tap, tapOK := v.taps[e.Index]
 	nic, nicOK := v.nics[e.Index]
 	switch {
-	case e.Queues != queues:
-		return fmt.Sprintf("queue count changed from %d to %d", e.Queues, queues)
 	case tapOK && !ourTap(tap):
 		return fmt.Sprintf("%s is not a tap tapsync made", tap.Name)
 	case tapOK && tap.MultiQueue != (e.Queues > 1):
@@ -438,33 +537,161 @@ func (v view) sortedLinks() []datapath.Link {
 	return links
 }
 
-// adoptable returns the index in v.foreign of the NIC that the runtime
-// wired for link l, or -1. Kata's cold-plugged endpoint is recognised by
-// both halves: a redirect of someone else's from l to an endpoint tap,
-// and a VM device without our id carrying l's MAC. MAC alone is not
-// enough: a link re-created with the same MAC lost Kata's filters with the
-// old link, and ipvlan or vlan links share their parent's MAC.
-func (v view) adoptable(l datapath.Link, taken map[int]bool) int {
-	wired := slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool {
-		if r.Owned || r.From != l.Ifindex {
-			return false
+// adoption is how the runtime's own wiring of a container link stands.
+type adoption struct {
+	nic     *int          // index in v.foreign of the VM's NIC for the link; nil if none
+	tap     datapath.Link // the runtime's tap or macvtap for it (Ifindex 0: unknown)
+	missing []string      // what traffic lacks; empty: intact
+	repair  bool          // redirects between the link and tap would mend it
+}
+
+// runtimeWiring says whether the runtime wired container link l (ok) and
+// how that wiring stands. Kata wires a link in one of two ways:
+//   - macvtap model: a macvtap tap<N>_kata on top of l, carrying the
+//     guest NIC's MAC (l itself gets a random one). l is Kata's lower
+//     device, never an endpoint of ours.
+//   - tcfilter model: a VM NIC without our ids with l's MAC, fed by a
+//     tap<N>_kata and redirects l ⇄ tap at priority 49152.
+//
+// A VM NIC with l's MAC is enough to call l wired: plugging ours beside it
+// would put two NICs with one MAC into the guest. Whether Kata's redirect
+// is intact (a link re-created with the same MAC loses Kata's filters with
+// the old link; a filter deleted by hand) decides only whether the link
+// is reported broken. taken are foreign NICs matched to other links.
+func (v view) runtimeWiring(l datapath.Link, taken map[int]bool) (adoption, bool) {
+	for _, k := range v.kata {
+		if k.Kind != "macvtap" || k.Parent != l.Ifindex {
+			continue
 		}
-		for _, t := range v.taps {
-			if t.Ifindex == r.To {
-				return true
+		a := adoption{tap: k}
+		if n := v.foreignNIC(k.MAC, taken); n >= 0 {
+			a.nic = &n
+		} else {
+			a.missing = append(a.missing, fmt.Sprintf("a VM NIC with MAC %s for Kata's macvtap %s", k.MAC, k.Name))
+		}
+		return a, true
+	}
+	n := v.foreignNIC(l.MAC, taken)
+	if n < 0 {
+		return adoption{}, false
+	}
+	a := adoption{nic: &n}
+	var taps []datapath.Link
+	for _, k := range v.kata {
+		if k.Kind == "tap" {
+			taps = append(taps, k)
+		}
+	}
+	for _, k := range taps {
+		if v.redirected(l.Ifindex, k.Ifindex) && v.redirected(k.Ifindex, l.Ifindex) {
+			a.tap = k
+			return a, true
+		}
+	}
+	// Which of Kata's taps feeds the NIC? One joined to l in either
+	// direction; else the only one whose redirects lead nowhere (its
+	// link was re-created).
+	var cands []datapath.Link
+	for _, k := range taps {
+		if v.redirected(l.Ifindex, k.Ifindex) || v.redirected(k.Ifindex, l.Ifindex) {
+			cands = append(cands, k)
+		}
+	}
+	if len(cands) == 0 {
+		for _, k := range taps {
+			if !slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool { return r.From == k.Ifindex && v.exists(r.To) }) {
+				cands = append(cands, k)
 			}
 		}
-		return false
-	})
-	if !wired {
-		return -1
 	}
+	switch len(cands) {
+	case 0:
+		a.missing = append(a.missing, fmt.Sprintf("a tap<N>_kata of the runtime's joined to %s", l.Name))
+	case 1:
+		a.tap, a.repair = cands[0], true
+		if !v.redirected(l.Ifindex, a.tap.Ifindex) {
+			a.missing = append(a.missing, fmt.Sprintf("redirect %s→%s", l.Name, a.tap.Name))
+		}
+		if !v.redirected(a.tap.Ifindex, l.Ifindex) {
+			a.missing = append(a.missing, fmt.Sprintf("redirect %s→%s", a.tap.Name, l.Name))
+		}
+	default:
+		names := make([]string, len(cands))
+		for i, k := range cands {
+			names[i] = k.Name
+		}
+		a.missing = append(a.missing, fmt.Sprintf("a redirect from %s to one of the runtime's taps (%s: cannot tell which)", l.Name, strings.Join(names, ", ")))
+	}
+	return a, true
+}
+
+// adopt reports link l as the runtime's and, when allowed and possible,
+// plans the repair of its redirects.
+func adopt(v view, l datapath.Link, a adoption, repairOK bool, p *Plan) Skipped {
+	dev := "no VM NIC"
+	if a.nic != nil {
+		dev = fmt.Sprintf("VM device %q", v.foreign[*a.nic].ID)
+	}
+	tap := "no tap"
+	if a.tap.Ifindex != 0 {
+		tap = a.tap.Name
+	}
+	if len(a.missing) == 0 {
+		by := "the runtime"
+		if v.ownedRedirect(l.Ifindex, a.tap.Ifindex) || v.ownedRedirect(a.tap.Ifindex, l.Ifindex) {
+			by = "the runtime, redirects repaired by tapsync"
+		}
+		return Skipped{Link: l, Adopted: true, Reason: fmt.Sprintf("wired by %s (%s, %s); adopted", by, tap, dev)}
+	}
+	s := Skipped{Link: l, Adopted: true, Broken: true,
+		Reason: fmt.Sprintf("wired by the runtime (%s, %s) but broken: missing %s", tap, dev, strings.Join(a.missing, ", "))}
+	switch {
+	case !a.repair:
+		s.Reason += "; tapsync cannot repair this"
+	case !repairOK:
+		s.Reason += "; set repair_adopted = true to let tapsync repair it"
+	default:
+		s.Reason += "; repairing"
+		e := state.Endpoint{Index: sandboxWide.Index, LinkName: l.Name, LinkIfindex: l.Ifindex, LinkMAC: l.MAC.String()}
+		p.Actions = append(p.Actions, Action{Op: OpRepairAdopted, Endpoint: e, KataTap: a.tap, Reason: "missing " + strings.Join(a.missing, ", ")})
+	}
+	return s
+}
+
+// foreignNIC returns the index in v.foreign of a NIC with mac not yet
+// taken, or -1.
+func (v view) foreignNIC(mac net.HardwareAddr, taken map[int]bool) int {
 	for i, n := range v.foreign {
-		if !taken[i] && bytes.Equal(n.MAC, l.MAC) {
+		if !taken[i] && bytes.Equal(n.MAC, mac) {
 			return i
 		}
 	}
 	return -1
+}
+
+// foreignWithMAC names a foreign NIC with mac ("" if none).
+func (v view) foreignWithMAC(mac net.HardwareAddr) string {
+	for _, n := range v.foreign {
+		if bytes.Equal(n.MAC, mac) {
+			return fmt.Sprintf("device %q", n.ID)
+		}
+	}
+	return ""
+}
+
+// redirected reports whether any redirect (anyone's) leads from ifindex
+// from to ifindex to.
+func (v view) redirected(from, to int) bool {
+	return slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool { return r.From == from && r.To == to })
+}
+
+// exists reports whether ifindex i names a link of the netns.
+func (v view) exists(i int) bool {
+	if _, ok := v.links[i]; ok {
+		return true
+	}
+	return slices.ContainsFunc(slices.Collect(maps.Values(v.taps)), func(t datapath.Tap) bool { return t.Ifindex == i }) ||
+		slices.ContainsFunc(v.kata, func(k datapath.Link) bool { return k.Ifindex == i })
 }
 
 // remove plans the removal of endpoint e in the safe order: QEMU lets go
@@ -549,8 +776,8 @@ func linkOf(v view, n int) (datapath.Link, bool) {
 }
 
 // usedIndexes are the indexes a new endpoint must not take: recorded ones
-// (pending removals included), and any tap, device or netdev of that
-// index, ours or not.
+// (pending removals included), and any tsn<N> tap, device or netdev of
+// that index. Kata's tap<N>_kata are another name space.
 func usedIndexes(v view, rec state.Record) map[int]bool {
 	used := map[int]bool{}
 	for _, e := range rec.Endpoints {

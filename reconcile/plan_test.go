@@ -91,13 +91,34 @@ func TestPlanTable(t *testing.T) {
 			w.kataColdPlug("eth0", 0)
 			return w
 		}, ""},
-		{"new link next to an adopted one avoids its index", func() *world {
+		{"new link next to an adopted one: Kata's tap0_kata is not our tsn0", func() *world {
 			w := newWorld()
 			w.addLink("eth0", "veth", macN(1), 1500)
 			w.kataColdPlug("eth0", 0)
 			w.addLink("net1", "veth", macN(2), 1500)
 			return w
-		}, "record/1 create-tap/1 add-redirects/1 plug-nic/1"},
+		}, "record/0 create-tap/0 add-redirects/0 plug-nic/0"},
+		{"Kata's macvtap model: its lower link is adopted, its macvtap is no link", func() *world {
+			w := newWorld()
+			w.addLink("eth0", "veth", macN(1), 1500)
+			w.kataMacvtap("eth0", 0)
+			return w
+		}, ""},
+		{"Kata's filter deleted: reported, no twin NIC", func() *world {
+			w := newWorld()
+			w.addLink("eth0", "veth", macN(1), 1500)
+			w.kataColdPlug("eth0", 0)
+			w.kataFilterDel("eth0")
+			return w
+		}, ""},
+		{"Kata-wired link re-created with the same MAC: reported, no twin NIC", func() *world {
+			w := newWorld()
+			w.addLink("eth0", "veth", macN(1), 1500)
+			w.kataColdPlug("eth0", 0)
+			w.delLink("eth0")
+			w.addLink("eth0", "veth", macN(1), 1500)
+			return w
+		}, ""},
 		{"unsupported and tunnel kinds are skipped", func() *world {
 			w := newWorld()
 			w.addLink("tun0", "tun", nil, 1500)
@@ -126,6 +147,7 @@ func TestPlanTable(t *testing.T) {
 		{"half-made: NIC without tap", func() *world {
 			w := wired(false)
 			w.RemoveTap(0)
+			w.unsafe = nil // the damage done here, not by the plan
 			return w
 		}, "mark-removing/0 unplug-nic/0 remove-redirects/0 forget/0 record/1 create-tap/1 add-redirects/1 plug-nic/1"},
 		{"half-made: netdev without device (still holding the tap)", func() *world {
@@ -165,9 +187,10 @@ func TestPlanTable(t *testing.T) {
 			w.delLink("eth0")
 			return w
 		}, "record/0 unplug-nic/0 remove-redirects/0 delete-tap/0 forget/0"},
-		{"queue count changed: endpoint re-made", func() *world {
+		{"half-made: tap re-created under a plugged NIC, replacement waits for the old NIC", func() *world {
 			w := wired(false)
-			w.rec.Endpoints[0].Queues = 4
+			w.taps[0].Attached = 0
+			w.hangUnplug = true
 			return w
 		}, "mark-removing/0 unplug-nic/0 remove-redirects/0 delete-tap/0 forget/0 record/1 create-tap/1 add-redirects/1 plug-nic/1"},
 	} {
@@ -382,9 +405,9 @@ func TestActionStrings(t *testing.T) {
 	p := Compute(w.observed(), w.rec, Options{Queues: 2})
 	want := []string{
 		"record endpoint 0 for eth0 (ifindex 3, 02:54:53:00:00:01, 2 queues): new container link eth0",
-		"create tap0_kata (2 queues, mtu 1500)",
-		"redirect eth0 ⇄ tap0_kata",
-		"hot-add NIC 0 (02:54:53:00:00:01) on tap0_kata",
+		"create tsn0 (2 queues, mtu 1500)",
+		"redirect eth0 ⇄ tsn0",
+		"hot-add NIC 0 (02:54:53:00:00:01) on tsn0",
 	}
 	if len(p.Actions) != len(want) {
 		t.Fatalf("plan has %d actions, want %d:\n%s", len(p.Actions), len(want), p)
@@ -397,31 +420,64 @@ func TestActionStrings(t *testing.T) {
 }
 
 func TestReplaceOnSameLinkWhilePending(t *testing.T) {
-	// The queue count changes: endpoint 0 is replaced by endpoint 1 on the
-	// same link while the guest leaves 0's unplug pending. When 0's
-	// removal finally completes it must not take 1's filter on eth0.
+	// The tap is re-created under the plugged NIC: endpoint 0 is replaced
+	// by endpoint 1 on the same link, with the same MAC, while the guest
+	// leaves 0's unplug pending. 1's NIC waits for 0's to leave (never two
+	// NICs with one MAC in the guest); when 0's removal completes, 1 is
+	// plugged in the same pass and 0's removal must not take 1's filter.
 	w := wired(false)
 	w.hangUnplug = true
-	if err := w.converge(Options{Queues: 2}); err != nil {
+	w.taps[0].Attached = 0
+	_, out, err := w.reconcile(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(out.Held, []int{1}) || !slices.Equal(out.Pending, []int{0}) {
+		t.Errorf("outcome pending %v held %v, want 0 pending and 1 held", out.Pending, out.Held)
+	}
+	if err := w.converge(Options{}); err != nil {
 		t.Fatal(err)
 	}
 	if e, _ := w.rec.Endpoint(0); !e.Removing || !e.UnplugRequested {
 		t.Fatalf("endpoint 0 = %+v, want a recorded pending unplug", e)
 	}
-	if bad := w.checkConverged(2); len(bad) > 0 {
+	if slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Index == 1 }) {
+		t.Fatalf("NIC 1 plugged while NIC 0 with the same MAC is still in the VM: %+v", w.nics)
+	}
+	if bad := w.checkConverged(1); len(bad) > 0 {
 		t.Fatalf("while pending:\n%s", joinLines(bad))
 	}
 	w.hangUnplug = false
-	p, _, err := w.reconcile(Options{Queues: 2})
+	p, _, err := w.reconcile(Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := ops(p); got != "unplug-nic/0 remove-redirects/0 delete-tap/0 forget/0" {
+	if got := ops(p); got != "unplug-nic/0 remove-redirects/0 delete-tap/0 forget/0 plug-nic/1" {
 		t.Errorf("completing plan = %q", got)
 	}
-	// No second pass: the completing pass alone must leave 1 intact.
-	if bad := w.checkConverged(2); len(bad) > 0 {
+	// No second pass: the completing pass alone must leave 1 wired.
+	if bad := w.checkConverged(1); len(bad) > 0 {
 		t.Fatalf("after the pending removal completed:\n%s", joinLines(bad))
+	}
+}
+
+func TestQueueDefaultNeverReplugs(t *testing.T) {
+	// queues = 0 follows the vCPUs, which Kata hot-adds: an endpoint keeps
+	// the count it was made with; only a new endpoint gets the new count.
+	w := wired(false)
+	before := w.mutations
+	for _, q := range []int{4, 2, 1} {
+		if p, _, err := w.reconcile(Options{Queues: q}); err != nil || !p.Empty() {
+			t.Fatalf("queues %d: plan %q, %v; want nothing", q, ops(p), err)
+		}
+	}
+	if w.mutations != before {
+		t.Errorf("a changed queue default made %d mutations", w.mutations-before)
+	}
+	w.addLink("net1", "veth", macN(2), 1500)
+	p := Compute(w.observed(), w.rec, Options{Queues: 4})
+	if got := ops(p); got != "record/1 create-tap/1 add-redirects/1 plug-nic/1" || p.Actions[0].Endpoint.Queues != 4 {
+		t.Errorf("new link with queues 4: %s", p)
 	}
 }
 
@@ -440,28 +496,114 @@ func TestPendingRetryComesAfterAdds(t *testing.T) {
 	}
 }
 
-func TestAdoptionNeedsTheRuntimesRedirect(t *testing.T) {
-	// Kata wired eth0 at boot; then eth0 is re-created with the same MAC:
-	// Kata's filters died with the old link, so tapsync wires the new one.
-	w := newWorld()
-	w.addLink("eth0", "veth", macN(1), 1500)
-	w.kataColdPlug("eth0", 0)
-	w.delLink("eth0")
-	w.addLink("eth0", "veth", macN(1), 1500)
-	if got := ops(Compute(w.observed(), w.rec, Options{})); got != "record/1 create-tap/1 add-redirects/1 plug-nic/1" {
-		t.Errorf("re-created Kata link: plan %q, want it wired by tapsync", got)
+func TestNeverATwinNIC(t *testing.T) {
+	skipped := func(p Plan, name string) Skipped {
+		t.Helper()
+		i := slices.IndexFunc(p.Skipped, func(s Skipped) bool { return s.Link.Name == name })
+		if i < 0 {
+			t.Fatalf("%s not skipped: %s", name, p)
+		}
+		return p.Skipped[i]
+	}
+	for _, tc := range []struct {
+		name, missing string
+		repairable    bool
+		damage        func(w *world)
+	}{
+		{"Kata's filter deleted", "redirect eth0→tap0_kata", true, func(w *world) { w.kataFilterDel("eth0") }},
+		{"link re-created with the same MAC", "redirect eth0→tap0_kata, redirect tap0_kata→eth0", true, func(w *world) {
+			w.delLink("eth0")
+			w.addLink("eth0", "veth", macN(1), 1500)
+		}},
+		{"Kata's tap gone", "a tap<N>_kata of the runtime's joined to eth0", false, func(w *world) {
+			w.redirs = nil
+			w.kata = nil
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := newWorld()
+			w.addLink("eth0", "veth", macN(1), 1500)
+			w.kataColdPlug("eth0", 0)
+			if p := Compute(w.observed(), w.rec, Options{}); skipped(p, "eth0").Broken {
+				t.Fatalf("intact Kata wiring reported broken: %s", p)
+			}
+			tc.damage(w)
+			// Reported, never re-wired, whatever the number of passes.
+			for range 2 {
+				p, _, err := w.reconcile(Options{})
+				if err != nil || !p.Empty() {
+					t.Fatalf("broken adopted link: plan %q, %v; want nothing done", ops(p), err)
+				}
+				if s := skipped(p, "eth0"); !s.Adopted || !s.Broken || !strings.Contains(s.Reason, "missing "+tc.missing) {
+					t.Errorf("skipped = %+v, want adopted, broken, missing %s", s, tc.missing)
+				}
+			}
+			if len(w.nics) != 1 || len(w.taps) != 0 {
+				t.Errorf("tapsync wired the adopted link: NICs %+v, taps %v", w.nics, w.taps)
+			}
+			// Repaired only when allowed, with our redirects to Kata's tap.
+			opts := Options{RepairAdopted: true}
+			p, _, err := w.reconcile(opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tc.repairable {
+				if !p.Empty() || !strings.Contains(skipped(p, "eth0").Reason, "cannot repair") {
+					t.Errorf("unrepairable: plan %q, skipped %+v", ops(p), skipped(p, "eth0"))
+				}
+				return
+			}
+			if got := ops(p); got != "repair-adopted/-1" {
+				t.Errorf("repair plan = %q", got)
+			}
+			l := w.link("eth0")
+			tap := w.kata[0].Ifindex
+			if !slices.ContainsFunc(w.redirs, func(r datapath.Redirect) bool { return r.Owned && r.From == l.Ifindex && r.To == tap }) ||
+				!slices.ContainsFunc(w.redirs, func(r datapath.Redirect) bool { return r.Owned && r.From == tap && r.To == l.Ifindex }) {
+				t.Errorf("repair left redirects %+v", w.redirs)
+			}
+			p, _, err = w.reconcile(opts)
+			if s := skipped(p, "eth0"); err != nil || !p.Empty() || s.Broken || !s.Adopted || !strings.Contains(s.Reason, "repaired by tapsync") {
+				t.Errorf("after repair: plan %q, %v, skipped %+v", ops(p), err, s)
+			}
+			if len(w.nics) != 1 || len(w.twins) > 0 {
+				t.Errorf("NICs %+v, twins %v", w.nics, w.twins)
+			}
+		})
 	}
 
-	// Two links share a MAC (ipvlan-style): only the one Kata wired is
-	// adopted, the other is wired by tapsync.
-	w = newWorld()
-	w.addLink("eth0", "ipvlan", macN(1), 1500)
-	w.kataColdPlug("eth0", 0)
-	w.addLink("eth1", "ipvlan", macN(1), 1500)
-	p := Compute(w.observed(), w.rec, Options{})
-	if got := ops(p); got != "record/1 create-tap/1 add-redirects/1 plug-nic/1" || len(p.Skipped) != 1 || p.Skipped[0].Link.Name != "eth0" {
-		t.Errorf("shared MAC: plan %q, skipped %v", got, p.Skipped)
-	}
+	t.Run("Kata's macvtap model", func(t *testing.T) {
+		w := newWorld()
+		w.addLink("eth0", "veth", macN(1), 1500)
+		w.kataMacvtap("eth0", 0)
+		p := Compute(w.observed(), w.rec, Options{})
+		if s := skipped(p, "eth0"); !p.Empty() || !s.Adopted || s.Broken {
+			t.Errorf("macvtap model: plan %q, skipped %+v", ops(p), s)
+		}
+		w.nics = nil // Kata's NIC gone (unplugged by hand)
+		if s := skipped(Compute(w.observed(), w.rec, Options{}), "eth0"); !s.Broken || !strings.Contains(s.Reason, "tap0_kata") {
+			t.Errorf("macvtap without its NIC: skipped %+v, want broken naming tap0_kata", s)
+		}
+	})
+
+	t.Run("two links share the MAC of Kata's NIC", func(t *testing.T) {
+		// ipvlan-style: the one Kata wired is adopted (whatever the order),
+		// the other is not given a second NIC with that MAC.
+		w := newWorld()
+		w.addLink("eth1", "ipvlan", macN(1), 1500)
+		w.addLink("eth0", "ipvlan", macN(1), 1500)
+		w.kataColdPlug("eth0", 0)
+		p, _, err := w.reconcile(Options{})
+		if err != nil || !p.Empty() {
+			t.Fatalf("shared MAC: plan %q, %v", ops(p), err)
+		}
+		if s := skipped(p, "eth0"); !s.Adopted || s.Broken {
+			t.Errorf("eth0 = %+v, want adopted and intact", s)
+		}
+		if s := skipped(p, "eth1"); s.Adopted || !strings.Contains(s.Reason, "not plugging a second") {
+			t.Errorf("eth1 = %+v, want skipped without a twin", s)
+		}
+	})
 }
 
 func TestBurnedIndexMovesTheEndpoint(t *testing.T) {
@@ -496,4 +638,101 @@ func TestBurnedIndexMovesTheEndpoint(t *testing.T) {
 	if p, _, err := w.reconcile(Options{}); err != nil || !p.Empty() || w.mutations != before {
 		t.Errorf("steady state with a burned index: plan %q, err %v, %d mutations", ops(p), err, w.mutations-before)
 	}
+}
+
+// TestTeardown: a sandbox going away is emptied through the planner. While
+// QEMU runs, NICs are unplugged before taps and redirects go; a guest
+// that never lets go keeps the taps until QEMU has exited. Kata's objects
+// are never touched.
+func TestTeardown(t *testing.T) {
+	setup := func() *world {
+		w := wired(true)
+		w.addLink("kata0", "veth", macN(9), 1500)
+		w.kataColdPlug("kata0", 0)
+		if err := w.converge(Options{}); err != nil {
+			t.Fatal(err)
+		}
+		return w
+	}
+	kataIntact := func(t *testing.T, w *world, vmGone bool) {
+		t.Helper()
+		if len(w.kata) != 1 || (!vmGone && !slices.ContainsFunc(w.nics, func(n NIC) bool { return !n.Owned })) ||
+			slices.ContainsFunc(w.redirs, func(r datapath.Redirect) bool { return r.Owned }) ||
+			len(slices.DeleteFunc(slices.Clone(w.redirs), func(r datapath.Redirect) bool { return r.Owned })) != 2 {
+			t.Errorf("Kata's wiring touched, or ours left: kata %v, NICs %+v, redirects %+v", w.kata, w.nics, w.redirs)
+		}
+	}
+	nothingOurs := func(t *testing.T, w *world) {
+		t.Helper()
+		if len(w.taps) != 0 || len(w.netdevs) != 0 || slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned }) || len(w.rec.Endpoints) != 0 {
+			t.Errorf("left: taps %v, netdevs %v, NICs %+v, record %+v", w.taps, w.netdevs, w.nics, w.rec.Endpoints)
+		}
+		if len(w.unsafe) > 0 {
+			t.Error(joinLines(w.unsafe))
+		}
+	}
+
+	t.Run("QEMU answers: unplug first", func(t *testing.T) {
+		w := setup()
+		p, out, err := w.teardown(false)
+		if err != nil || len(out.Pending) > 0 {
+			t.Fatal(err, out.Pending)
+		}
+		want := "mark-removing/0 unplug-nic/0 remove-redirects/0 delete-tap/0 forget/0 mark-removing/1 unplug-nic/1 remove-redirects/1 delete-tap/1 forget/1"
+		if got := ops(p); got != want {
+			t.Errorf("plan %q, want %q", got, want)
+		}
+		nothingOurs(t, w)
+		kataIntact(t, w, false)
+		if p := ComputeTeardown(w.observed(), w.rec, false); !p.Empty() {
+			t.Errorf("a second teardown plans %q", ops(p))
+		}
+	})
+
+	t.Run("guest never lets go: taps wait for QEMU to exit", func(t *testing.T) {
+		w := setup()
+		w.hangUnplug = true
+		_, out, err := w.teardown(false)
+		if err != nil || !slices.Equal(out.Pending, []int{0, 1}) {
+			t.Fatalf("pending %v, %v; want both unplugs pending", out.Pending, err)
+		}
+		if len(w.taps) != 2 || len(w.unsafe) > 0 {
+			t.Fatalf("taps %v deleted under a plugged NIC: %v", w.taps, w.unsafe)
+		}
+		p, _, err := w.teardown(true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if slices.ContainsFunc(p.Actions, func(a Action) bool { return a.Op == OpUnplugNIC }) {
+			t.Errorf("plan for an exited QEMU asks it something: %q", ops(p))
+		}
+		nothingOurs(t, w)
+		kataIntact(t, w, true)
+	})
+
+	t.Run("record lost, QEMU gone: owned taps found and removed", func(t *testing.T) {
+		w := setup()
+		w.rec = state.Record{Version: state.Version, Sandbox: "sb"}
+		if _, _, err := w.teardown(true); err != nil {
+			t.Fatal(err)
+		}
+		nothingOurs(t, w)
+		kataIntact(t, w, true)
+	})
+
+	t.Run("crash after every step", func(t *testing.T) {
+		base := setup()
+		p := ComputeTeardown(base.observed(), base.rec, false)
+		for k := 0; k <= len(p.Actions); k++ {
+			w := base.clone()
+			if _, _, err := Apply(context.Background(), Plan{Actions: p.Actions[:k]}, w.rec, w.observed(), w.env()); err != nil {
+				t.Fatal(err)
+			}
+			if _, _, err := w.teardown(k%2 == 0); err != nil {
+				t.Fatal(err)
+			}
+			nothingOurs(t, w)
+			kataIntact(t, w, true)
+		}
+	})
 }

@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
 	"os"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -27,10 +29,12 @@ const (
 
 // Sandbox is one VM-backed pod as tapsync knows it.
 type Sandbox struct {
-	ID            string
-	Netns         string // path of the sandbox network namespace
-	QMP           string // path of the VM's QMP unix socket
-	Queues        int    // queues per endpoint; 0: one per vCPU of the VM
+	ID    string
+	Netns string // path of the sandbox network namespace
+	QMP   string // path of the VM's QMP unix socket
+	// Queues per new endpoint; 0: one per vCPU of the VM, counted when
+	// the endpoint is made. An endpoint keeps its count for its life.
+	Queues        int
 	Vhost         datapath.Vhost
 	QMPTimeout    time.Duration // per QMP command
 	UnplugTimeout time.Duration // how long to wait for the guest to acknowledge an unplug
@@ -39,6 +43,10 @@ type Sandbox struct {
 	Agent        agent.URL
 	GuestOff     string
 	GuestTimeout time.Duration // per agent call
+	// RepairAdopted lets tapsync repair the broken redirect of a link the
+	// runtime wired (config [defaults] repair_adopted); off, such a link
+	// is only reported (Status.Skipped, Broken).
+	RepairAdopted bool
 }
 
 // guestOn reports whether the sandbox's guest is configured through its agent.
@@ -71,6 +79,7 @@ type Status struct {
 	LastError     string
 	Mutations     int // in the last pass
 	Pending       []int
+	Held          []int // endpoints whose plug waits for the NIC they replace to leave the VM
 	Endpoints     []state.Endpoint
 	Skipped       []Skipped
 	// Guest says how the guest side stands: "off: <why>", "agent
@@ -396,13 +405,13 @@ func (s *session) observe(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	s.obs = Observed{Links: hs.Links, Taps: hs.Taps, Redirects: hs.Redirects, Routes: hs.Routes, Neighbors: hs.Neighbors,
-		NICs: nics, Netdevs: netdevs}
+	s.obs = Observed{Links: hs.Links, Taps: hs.Taps, KataLinks: hs.KataLinks, Redirects: hs.Redirects, Routes: hs.Routes,
+		Neighbors: hs.Neighbors, NICs: nics, Netdevs: netdevs}
 	return nil
 }
 
 func (s *session) options() Options {
-	return Options{Queues: s.queues, Guest: s.sb.guestOn()}
+	return Options{Queues: s.queues, Guest: s.sb.guestOn(), RepairAdopted: s.sb.RepairAdopted}
 }
 
 // planWithGuest computes the plan, asking the agent for the guest's state
@@ -482,7 +491,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 	env := Env{Host: s.host, VM: s.vm, Guest: guest, Recorder: r.store, Vhost: s.sb.Vhost, AfterAction: r.AfterAction,
 		GuestLinkWait: s.sb.GuestTimeout}
 	rec, out, err := Apply(ctx, p, s.rec, s.obs, env)
-	st.Mutations, st.Pending, st.Endpoints = out.Mutations, out.Pending, rec.Endpoints
+	st.Mutations, st.Pending, st.Held, st.Endpoints = out.Mutations, out.Pending, out.Held, rec.Endpoints
 	if client != nil && out.GuestFailed {
 		r.dropAgent(id, client) // a call failed or timed out: dial afresh next time
 	}
@@ -502,6 +511,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		// Not a failure, but not done: come back (with backoff) until the
 		// guest acknowledges, in case its DEVICE_DELETED is missed.
 		return fmt.Errorf("sandbox %s: unplug of endpoints %v pending", id, out.Pending)
+	}
+	if len(out.Held) > 0 {
+		return fmt.Errorf("sandbox %s: plug of endpoints %v held until the NICs they replace are gone", id, out.Held)
 	}
 	return nil
 }
@@ -569,60 +581,94 @@ func (r *Reconciler) logSkipped(log zerolog.Logger, id string, skipped []Skipped
 			continue
 		}
 		ev := log.Warn()
-		if s.Adopted {
+		if s.Adopted && !s.Broken {
 			ev = log.Info()
 		}
-		ev.Str("link", s.Link.Name).Str("kind", s.Link.Kind).Bool("adopted", s.Adopted).Str("reason", s.Reason).Msg("container link not wired by tapsync")
+		ev.Str("link", s.Link.Name).Str("kind", s.Link.Kind).Bool("adopted", s.Adopted).Bool("broken", s.Broken).
+			Str("reason", s.Reason).Msg("container link not wired by tapsync")
 	}
 }
 
-// Teardown removes what tapsync owns on the host side of a sandbox whose
-// VM is going away (its container exited or was deleted): the redirects
-// and taps of every endpoint, then the record, then the registration.
-// QEMU is not asked for anything: it is exiting. A netns that is already
-// gone took everything with it.
+// ErrTeardownWaiting is returned by Teardown while it cannot finish
+// safely yet: the guest has not released a NIC, or QEMU neither answers
+// nor has provably exited. The caller retries (with backoff).
+var ErrTeardownWaiting = errors.New("teardown waiting for QEMU")
+
+// Teardown ends sandbox id whose pod is going away (task exit or delete):
+// every endpoint is removed through the planner in the safe order, then
+// the record and the registration go. While QEMU answers, its NICs are
+// unplugged first; a tap is deleted only once QEMU has let go of it or
+// has exited. A netns that is already gone took everything with it.
 func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 	sb, err := r.sandbox(id)
 	if err != nil {
 		return nil // unknown or already forgotten: nothing of ours to remove
 	}
-	var errs []error
-	if host, err := datapath.Open(sb.Netns); err == nil {
-		errs = append(errs, teardownHost(ctx, host, r.store, id))
-		host.Close()
-	} else if _, statErr := os.Stat(sb.Netns); statErr == nil {
-		errs = append(errs, fmt.Errorf("sandbox %s: %w", id, err))
+	log := zerolog.Ctx(ctx).With().Str("sandbox", id).Logger()
+	ctx = log.WithContext(ctx)
+	host, err := datapath.Open(sb.Netns)
+	if err != nil {
+		if _, statErr := os.Stat(sb.Netns); statErr == nil {
+			return fmt.Errorf("sandbox %s: %w", id, err)
+		}
+		log.Info().Msg("sandbox gone with its netns; record deleted")
+		return r.Forget(id)
 	}
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
-	zerolog.Ctx(ctx).Info().Str("sandbox", id).Msg("sandbox gone; its taps and redirects removed, record deleted")
-	return r.Forget(id)
-}
-
-// teardownHost removes the redirects and taps of every endpoint that the
-// record or ownership evidence names.
-func teardownHost(ctx context.Context, host *datapath.Netns, store *state.Store, id string) error {
-	rec, err := store.Load(ctx, id)
+	defer host.Close()
+	rec, err := r.store.Load(ctx, id)
 	if err != nil {
 		return err
 	}
 	hs, err := host.Observe()
 	if err != nil {
+		return fmt.Errorf("sandbox %s: observe: %w", id, err)
+	}
+	obs := Observed{Taps: hs.Taps, KataLinks: hs.KataLinks, Redirects: hs.Redirects}
+	env := Env{Host: host, Recorder: r.store, Vhost: sb.Vhost, AfterAction: r.AfterAction}
+	c, gone, err := r.vmForTeardown(ctx, sb)
+	if err != nil {
 		return err
 	}
-	obs := Observed{Links: hs.Links, Taps: hs.Taps, Redirects: hs.Redirects}
-	v := newView(obs)
-	recoverOrphans(v, &rec, &Plan{})
-	var errs []error
-	for _, e := range rec.Endpoints {
-		tap, ok := v.taps[e.Index]
-		errs = append(errs, host.RemoveRedirects(e.LinkIfindex, tap.Ifindex))
-		if ok && ourTap(tap) {
-			errs = append(errs, host.RemoveTap(e.Index))
+	if !gone {
+		vm := qmpVM{c: c, unplugWait: sb.UnplugTimeout}
+		if obs.NICs, obs.Netdevs, err = vm.NICs(ctx); err != nil {
+			return fmt.Errorf("sandbox %s: %w: list NICs: %w", id, ErrTeardownWaiting, err)
 		}
+		env.VM = vm
 	}
-	return errors.Join(errs...)
+	p := ComputeTeardown(obs, rec, gone)
+	_, out, err := Apply(ctx, p, rec, obs, env)
+	if err != nil {
+		return fmt.Errorf("sandbox %s: teardown: %w", id, err)
+	}
+	if len(out.Pending) > 0 {
+		return fmt.Errorf("sandbox %s: %w: the guest has not released endpoints %v (their taps stay until it does or QEMU exits)",
+			id, ErrTeardownWaiting, out.Pending)
+	}
+	log.Info().Int("mutations", out.Mutations).Bool("qemu_gone", gone).Msg("sandbox gone; its NICs, taps and redirects removed, record deleted")
+	return r.Forget(id)
+}
+
+// vmForTeardown decides whether QEMU still runs. Alive: it answers on its
+// QMP socket (a connection is returned). Gone: the socket refuses
+// connections or no longer exists — nobody listens on it, which for a
+// monitor socket QEMU holds for its whole life means QEMU has exited (or
+// at least can no longer use a tap). Anything else (a dial that times
+// out: QEMU hung, or another client holds the single-client socket) is no
+// evidence either way, and the teardown waits: deleting a tap under a
+// live QEMU is what the order exists to avoid.
+func (r *Reconciler) vmForTeardown(ctx context.Context, sb Sandbox) (*qmp.Client, bool, error) {
+	c, err := r.client(ctx, sb)
+	switch {
+	case err == nil:
+		return c, false, nil
+	case errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, fs.ErrNotExist):
+		r.mu.Lock()
+		r.closeConnLocked(sb.ID)
+		r.mu.Unlock()
+		return nil, true, nil
+	}
+	return nil, false, fmt.Errorf("sandbox %s: %w: QEMU neither answers on %s nor has left it: %w", sb.ID, ErrTeardownWaiting, sb.QMP, err)
 }
 
 // CollectGarbage deletes the records of sandboxes whose netns no longer

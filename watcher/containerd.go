@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -29,11 +30,15 @@ type ContainerdConfig struct {
 	Namespaces []string // default ["k8s.io"]
 	Runtimes   []string // default ["io.containerd.kata.v2"]: containers of these runtimes are sandboxes
 	QMPSocket  string   // template with {id}, default "/run/vc/vm/{id}/extra-monitor.sock"
+	// NetnsDir is where a sandbox's netns must be bound (see CheckNetns);
+	// default /var/run/netns, where CRI puts them.
+	NetnsDir string
 }
 
 const (
 	defaultContainerdAddress = "/run/containerd/containerd.sock"
 	defaultQMPSocket         = "/run/vc/vm/{id}/extra-monitor.sock"
+	defaultNetnsDir          = "/var/run/netns"
 
 	// criContainerType is the OCI annotation the CRI plugin puts on every
 	// container of a pod: "sandbox" for the pod's sandbox container,
@@ -69,6 +74,9 @@ func (c ContainerdConfig) withDefaults() ContainerdConfig {
 	if c.QMPSocket == "" {
 		c.QMPSocket = defaultQMPSocket
 	}
+	if c.NetnsDir == "" {
+		c.NetnsDir = defaultNetnsDir
+	}
 	return c
 }
 
@@ -76,6 +84,14 @@ func (c ContainerdConfig) withDefaults() ContainerdConfig {
 // cfg.Address: a container of one of cfg.Runtimes, in one of
 // cfg.Namespaces, that is not a CRI app container and joins a network
 // namespace by path.
+//
+// That path comes from the container's OCI spec, which the pod's creator
+// controls. A sandbox is reported only when the path is a network
+// namespace bound directly in cfg.NetnsDir (reported as
+// <NetnsDir>/<name>, see CheckNetns) or the /proc/<pid>/ns/net of the
+// container's own task, and never the host's network namespace. A
+// container refused for its netns is logged once (per reason) at warn
+// level with its id and why, and not reported.
 //
 // On every (re)connect it first subscribes, then emits KindUpsert for each
 // such container whose task is running (or paused), then KindResyncAll:
@@ -94,7 +110,7 @@ func WatchContainerd(ctx context.Context, cfg ContainerdConfig, sink Sink) error
 		return fmt.Errorf("containerd source: QMP socket template %q has no {id}", cfg.QMPSocket)
 	}
 	log := zerolog.Ctx(ctx).With().Str("source", string(SourceContainerd)).Str("address", cfg.Address).Logger()
-	w := &ctrWatcher{cfg: cfg, sink: sink, log: &log, known: map[ctrKey]bool{}}
+	w := &ctrWatcher{cfg: cfg, sink: sink, log: &log, known: map[ctrKey]bool{}, rejected: map[ctrKey]string{}}
 
 	backoff := ctrBackoffMin
 	failures := 0
@@ -145,6 +161,11 @@ type ctrWatcher struct {
 	// container can no longer be loaded. Only the session goroutine
 	// touches it.
 	known map[ctrKey]bool
+	// rejected holds the sandbox containers refused for their netns,
+	// with the reason last logged, across reconnects (so that each is
+	// logged once); pruned by listings and container deletes. Only the
+	// session goroutine touches it.
+	rejected map[ctrKey]string
 }
 
 // session connects, subscribes, lists and then follows events until the
@@ -209,6 +230,7 @@ func (w *ctrWatcher) list(ctx context.Context, cli *client.Client) (listed []str
 		runtimeFilters = append(runtimeFilters, "runtime.name=="+strconv.Quote(rt))
 	}
 	clear(w.known)
+	present := map[ctrKey]bool{}
 	for _, ns := range w.cfg.Namespaces {
 		nctx, cancel := context.WithTimeout(namespaces.WithNamespace(ctx, ns), ctrCallTimeout)
 		// Equivalent to: ctr -n k8s.io containers ls 'runtime.name=="io.containerd.kata.v2"'
@@ -218,45 +240,56 @@ func (w *ctrWatcher) list(ctx context.Context, cli *client.Client) (listed []str
 			return nil, fmt.Errorf("list containers of containerd at %s in namespace %s: %w", w.cfg.Address, ns, err)
 		}
 		for _, rec := range recs {
+			present[ctrKey{ns, rec.ID}] = true
 			sb, skip := w.sandboxOf(rec)
 			if skip.why != "" {
 				w.logSkip(ns, rec.ID, skip)
 				continue
 			}
-			w.known[ctrKey{ns, rec.ID}] = true
-			live, err := w.taskLive(ctx, cli, ns, rec.ID)
+			live, pid, err := w.taskLive(ctx, cli, ns, rec.ID)
 			if err != nil {
 				return nil, err
 			}
-			if live {
-				listed = append(listed, sb.ID)
-				w.upsert(ns, sb, "running at (re)connect")
+			if !live {
+				w.known[ctrKey{ns, rec.ID}] = true
+				continue
 			}
+			sb, ok := w.admit(ns, sb, pid)
+			if !ok {
+				continue
+			}
+			listed = append(listed, sb.ID)
+			w.upsert(ns, sb, "running at (re)connect")
+		}
+	}
+	for k := range w.rejected {
+		if !present[k] {
+			delete(w.rejected, k)
 		}
 	}
 	return listed, nil
 }
 
 // taskLive reports whether the container's task runs (or is paused: its
-// VM still exists).
-func (w *ctrWatcher) taskLive(ctx context.Context, cli *client.Client, ns, id string) (bool, error) {
+// VM still exists), and its pid.
+func (w *ctrWatcher) taskLive(ctx context.Context, cli *client.Client, ns, id string) (live bool, pid uint32, err error) {
 	nctx, cancel := context.WithTimeout(namespaces.WithNamespace(ctx, ns), ctrCallTimeout)
 	defer cancel()
 	resp, err := cli.TaskService().Get(nctx, &tasks.GetRequest{ContainerID: id})
 	if err != nil {
 		if errdefs.IsNotFound(err) { // created, never started, or already deleted
-			return false, nil
+			return false, 0, nil
 		}
-		return false, fmt.Errorf("get task %s of containerd at %s in namespace %s: %w", id, w.cfg.Address, ns, err)
+		return false, 0, fmt.Errorf("get task %s of containerd at %s in namespace %s: %w", id, w.cfg.Address, ns, err)
 	}
 	// Only positive evidence ends a sandbox: containerd reports UNKNOWN
 	// when a (slow) shim does not answer, and tearing down a live VM's
 	// taps would cut its network.
 	switch resp.GetProcess().GetStatus() {
 	case task.Status_STOPPED, task.Status_CREATED:
-		return false, nil
+		return false, 0, nil
 	}
-	return true, nil
+	return true, resp.GetProcess().GetPid(), nil
 }
 
 // handle turns one event into at most one Event. An error means
@@ -274,7 +307,7 @@ func (w *ctrWatcher) handle(ctx context.Context, cli *client.Client, env *events
 	ns := env.Namespace
 	switch e := v.(type) {
 	case *apievents.TaskStart:
-		return w.started(ctx, cli, ns, e.ContainerID)
+		return w.started(ctx, cli, ns, e.ContainerID, e.Pid)
 	case *apievents.TaskExit:
 		// ID names the process: the container's ID for its init
 		// process, the exec ID for an exec'd one (which ends nothing).
@@ -295,7 +328,7 @@ func (w *ctrWatcher) handle(ctx context.Context, cli *client.Client, env *events
 
 // started handles /tasks/start: the container is read again, so a stale
 // start of a container deleted meanwhile emits nothing.
-func (w *ctrWatcher) started(ctx context.Context, cli *client.Client, ns, id string) error {
+func (w *ctrWatcher) started(ctx context.Context, cli *client.Client, ns, id string, pid uint32) error {
 	rec, found, err := w.get(ctx, cli, ns, id)
 	if err != nil || !found {
 		return err
@@ -305,9 +338,50 @@ func (w *ctrWatcher) started(ctx context.Context, cli *client.Client, ns, id str
 		w.logSkip(ns, id, skip)
 		return nil
 	}
-	w.known[ctrKey{ns, id}] = true
+	sb, ok := w.admit(ns, sb, pid)
+	if !ok {
+		return nil
+	}
 	w.upsert(ns, sb, "task started")
 	return nil
+}
+
+// admit vets the netns of sandbox sb, whose task is pid: it returns the
+// sandbox with the netns path to use, or false when the netns is refused
+// (logged once per reason). A sandbox accepted before and refused now is
+// reported gone.
+func (w *ctrWatcher) admit(ns string, sb Sandbox, pid uint32) (Sandbox, bool) {
+	key := ctrKey{ns, sb.ID}
+	netns, err := w.vetNetns(sb.Netns, pid)
+	if err == nil {
+		delete(w.rejected, key)
+		w.known[key] = true
+		sb.Netns = netns
+		return sb, true
+	}
+	why := err.Error()
+	if w.rejected[key] != why {
+		w.rejected[key] = why
+		w.log.Warn().Str("namespace", ns).Str("sandbox", sb.ID).Str("netns", sb.Netns).Str("why", why).
+			Msg("sandbox refused: its network namespace is not one we may wire")
+	}
+	if w.known[key] {
+		delete(w.known, key)
+		w.sink(Event{Kind: KindGone, Source: SourceContainerd, Why: "netns refused: " + why, ID: sb.ID})
+	}
+	return Sandbox{}, false
+}
+
+// vetNetns returns the path to use for a netns path from an OCI spec, or
+// why it is refused.
+func (w *ctrWatcher) vetNetns(path string, pid uint32) (string, error) {
+	if strings.HasPrefix(filepath.Clean(path), "/proc/") {
+		if err := checkTaskNetns(path, pid); err != nil {
+			return "", err
+		}
+		return path, nil
+	}
+	return CheckNetns(w.cfg.NetnsDir, path)
 }
 
 // gone handles the end of a task or container. Gone is emitted for a
@@ -316,10 +390,12 @@ func (w *ctrWatcher) started(ctx context.Context, cli *client.Client, ns, id str
 func (w *ctrWatcher) gone(ctx context.Context, cli *client.Client, ns, id, why string, forget bool) error {
 	key := ctrKey{ns, id}
 	sandbox := w.known[key]
+	_, refused := w.rejected[key]
 	if forget {
 		delete(w.known, key)
+		delete(w.rejected, key)
 	}
-	if !sandbox && !forget {
+	if !sandbox && !forget && !refused {
 		rec, found, err := w.get(ctx, cli, ns, id)
 		if err != nil {
 			return err

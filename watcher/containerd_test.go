@@ -3,6 +3,8 @@ package watcher
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -10,6 +12,8 @@ import (
 	"github.com/containerd/containerd/v2/core/containers"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/tapsync/tapsync/e2e/testctr"
 	"github.com/tapsync/tapsync/e2e/testnet"
@@ -73,7 +77,7 @@ func TestContainerdSandboxOf(t *testing.T) {
 func TestContainerdConfig(t *testing.T) {
 	got := ContainerdConfig{}.withDefaults()
 	want := ContainerdConfig{Address: "/run/containerd/containerd.sock", Namespaces: []string{"k8s.io"},
-		Runtimes: []string{"io.containerd.kata.v2"}, QMPSocket: "/run/vc/vm/{id}/extra-monitor.sock"}
+		Runtimes: []string{"io.containerd.kata.v2"}, QMPSocket: "/run/vc/vm/{id}/extra-monitor.sock", NetnsDir: "/var/run/netns"}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("defaults = %+v, want %+v", got, want)
 	}
@@ -185,6 +189,12 @@ func TestContainerdEvents(t *testing.T) {
 	c := run("other-runtime", nsC.Path, testctr.RuntimeOther, sandboxAnn)
 	run("app", nsB.Path, testctr.RuntimeRunc, map[string]string{criContainerType: "container"})
 	run("private", "", testctr.RuntimeRunc, nil)
+	// Sandboxes whose netns is not one we may wire: bound outside
+	// netns_dir, or the host's.
+	outsideDir := t.TempDir()
+	bindNetns(t, nsC.Path, filepath.Join(outsideDir, "pod"))
+	run("outside", filepath.Join(outsideDir, "pod"), testctr.RuntimeRunc, sandboxAnn)
+	run("hostns", "/proc/self/ns/net", testctr.RuntimeRunc, sandboxAnn)
 	testctr.RunSandbox(t, ctd, "other-ns", "elsewhere", nsC.Path, testctr.RuntimeRunc, sandboxAnn)
 	if out, err := b.Exec("true"); err != nil {
 		t.Fatalf("exec in sb-b: %v: %s", err, out)
@@ -195,6 +205,8 @@ func TestContainerdEvents(t *testing.T) {
 		return e.Kind != KindUpsert || e.Sandbox.ID != "sb-f"
 	})
 	logs.waitLine(t, "private netns skipped loudly", "private network namespace", `"level":"warn"`)
+	logs.waitLine(t, "netns outside netns_dir refused", `"sandbox":"outside"`, "outside netns_dir", `"level":"warn"`)
+	logs.waitLine(t, "host netns refused", `"sandbox":"hostns"`, "not /proc/<pid>/ns/net of the task", `"level":"warn"`)
 
 	// Deleting a sandbox: Gone (from exit, task delete and container
 	// delete); deleting a container of another runtime: nothing.
@@ -223,6 +235,11 @@ func TestContainerdEvents(t *testing.T) {
 	r.wait(t, from, "ResyncAll after containerd restart", resync)
 	t.Logf("containerd killed → reconnected and listed: %v", time.Since(restarted).Round(time.Millisecond))
 	r.none(t, from, "Upsert of deleted sb-b after restart", upsertOf("sb-b"))
+	for _, id := range []string{"outside", "hostns"} {
+		if n := strings.Count(logs.String(), `"sandbox":"`+id+`"`); n != 1 {
+			t.Errorf("refused sandbox %s logged %d times across a reconnect, want once", id, n)
+		}
+	}
 
 	// containerd away for a while (socket gone): the source keeps
 	// retrying, then catches up.
@@ -245,4 +262,73 @@ func TestContainerdEvents(t *testing.T) {
 	from = r.len()
 	run("sb-g", nsG.Path, testctr.RuntimeRunc, sandboxAnn)
 	r.wait(t, from, "Upsert sb-g after reconnects", upsert(sandbox("sb-g", nsG)))
+}
+
+// TestContainerdAdmit: a sandbox's netns from its OCI spec is vetted; a
+// refused one is logged once per reason and not reported, and one
+// reported before and refused now is reported gone.
+func TestContainerdAdmit(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	ctx, logs := testCtx(t)
+	log := zerolog.Ctx(ctx)
+	ns := testnet.NewNS(t, "ctra")
+	dir, outside := t.TempDir(), t.TempDir()
+	bindNetns(t, ns.Path, filepath.Join(dir, "good"))
+	bindNetns(t, ns.Path, filepath.Join(outside, "pod"))
+	bindNetns(t, "/proc/self/ns/net", filepath.Join(dir, "host"))
+	if err := os.Symlink(filepath.Join(outside, "pod"), filepath.Join(dir, "link")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "file"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r := &recorder{}
+	w := &ctrWatcher{cfg: ContainerdConfig{NetnsDir: dir}.withDefaults(), sink: r.sink, log: log,
+		known: map[ctrKey]bool{}, rejected: map[ctrKey]string{}}
+
+	for _, tc := range []struct{ id, netns, why string }{
+		{"outside", filepath.Join(outside, "pod"), "outside netns_dir"},
+		{"link", filepath.Join(dir, "link"), "a symlink"},
+		{"file", filepath.Join(dir, "file"), "a placeholder"},
+		{"host", filepath.Join(dir, "host"), "host network namespace"},
+		{"proc", "/proc/self/ns/net", "not /proc/<pid>/ns/net of the task"},
+	} {
+		for range 3 { // listed again and again: logged once
+			if sb, ok := w.admit("k8s.io", Sandbox{ID: tc.id, Netns: tc.netns}, 42); ok {
+				t.Errorf("%s: admitted %+v, want refused", tc.id, sb)
+			}
+		}
+		line := logs.waitLine(t, tc.id+" refused", `"sandbox":"`+tc.id+`"`, tc.why)
+		if !strings.Contains(line, `"level":"warn"`) {
+			t.Errorf("%s: refusal logged as %s, want warn", tc.id, line)
+		}
+		if n := strings.Count(logs.String(), `"sandbox":"`+tc.id+`"`); n != 1 {
+			t.Errorf("%s: refusal logged %d times, want once", tc.id, n)
+		}
+	}
+	if n := r.len(); n != 0 {
+		t.Errorf("refused sandboxes made events:\n%s", formatEvents(r.all(), 0))
+	}
+
+	// Accepted, under the path in netns_dir whatever the spelling.
+	sb, ok := w.admit("k8s.io", Sandbox{ID: "sb", Netns: dir + "/./good"}, 42)
+	if want := (Sandbox{ID: "sb", Netns: filepath.Join(dir, "good")}); !ok || sb != want {
+		t.Errorf("admit good = %+v, %v; want %+v", sb, ok, want)
+	}
+	// The same sandbox now refused (its netns replaced by the host's):
+	// it is gone, and its end is not reported again.
+	if err := unix.Unmount(filepath.Join(dir, "good"), unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	mountNetns(t, "/proc/self/ns/net", filepath.Join(dir, "good"))
+	if _, ok := w.admit("k8s.io", Sandbox{ID: "sb", Netns: filepath.Join(dir, "good")}, 42); ok {
+		t.Error("admit of the host netns under the good name: admitted")
+	}
+	r.wait(t, 0, "Gone sb", func(e Event) bool { return e.Kind == KindGone && e.ID == "sb" })
+	if err := w.gone(ctx, nil, "k8s.io", "sb", "task exited", false); err != nil {
+		t.Fatal(err)
+	}
+	if n := r.len(); n != 1 {
+		t.Errorf("events after the refusal and exit:\n%s", formatEvents(r.all(), 0))
+	}
 }

@@ -119,49 +119,168 @@ func (k entryKind) String() string {
 // unix.AT_FDCWD) is, without opening anything but the inode itself: an
 // O_PATH descriptor has no side effects even on a fifo or a device.
 func classifyAt(dirfd int, name string, follow bool) (entryKind, error) {
+	k, _, err := inspectAt(dirfd, name, follow)
+	return k, err
+}
+
+// inspectAt is classifyAt that also returns the identity of what it
+// classified, read from the same descriptor (so that the kind and the
+// identity belong to one inode even if name is replaced meanwhile).
+func inspectAt(dirfd int, name string, follow bool) (entryKind, nsID, error) {
 	flags := unix.O_PATH | unix.O_CLOEXEC
 	if !follow {
 		flags |= unix.O_NOFOLLOW
 	}
 	fd, err := unix.Openat(dirfd, name, flags, 0)
 	if err != nil {
-		return 0, err
+		return 0, nsID{}, err
 	}
 	defer unix.Close(fd)
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return 0, err
+		return 0, nsID{}, err
 	}
+	id := nsID{st.Dev, st.Ino}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFREG:
 	case unix.S_IFDIR:
-		return entryDir, nil
+		return entryDir, id, nil
 	case unix.S_IFLNK:
-		return entrySymlink, nil
+		return entrySymlink, id, nil
 	default:
-		return entryOther, nil
+		return entryOther, id, nil
 	}
 	// Equivalent to: stat -f -c %T <path>  →  nsfs
 	var sfs unix.Statfs_t
 	if err := unix.Fstatfs(fd, &sfs); err != nil {
-		return 0, err
+		return 0, nsID{}, err
 	}
 	if sfs.Type != unix.NSFS_MAGIC {
-		return entryPlaceholder, nil
+		return entryPlaceholder, id, nil
 	}
 	// Which namespace type: ioctl(NS_GET_NSTYPE) needs a real descriptor,
 	// opened through the O_PATH one so that it is the same inode. Without
 	// /proc or the ioctl (kernels before 4.11), nsfs is taken as a netns.
 	rfd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", fd), unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return entryNetns, nil
+		return entryNetns, id, nil
 	}
 	defer unix.Close(rfd)
 	t, err := unix.IoctlRetInt(rfd, unix.NS_GET_NSTYPE)
 	if err == nil && t != unix.CLONE_NEWNET {
-		return entryOtherNS, nil
+		return entryOtherNS, id, nil
 	}
-	return entryNetns, nil
+	return entryNetns, id, nil
+}
+
+// CheckNetns vets a netns path that a pod controls (the one in a
+// container's OCI spec). It returns the path to use instead: path is
+// accepted only when it names a network namespace bound directly in
+// netnsDir, and the result is then netnsDir/<name>, so that nothing the
+// pod can change later (a symlink on the way) redirects it.
+//
+// The directory holding path must be netnsDir itself (the same directory
+// by device and inode, so /run/netns and /var/run/netns are one), the
+// entry must be a bind mount of a network namespace and not a symlink,
+// and the namespace must not be the host's (that of pid 1 or of this
+// process): wiring a VM to the node's own interfaces would hand a pod the
+// host network.
+func CheckNetns(netnsDir, path string) (string, error) {
+	p := filepath.Clean(path)
+	name := filepath.Base(p)
+	if !filepath.IsAbs(p) || !safeName(name) {
+		return "", fmt.Errorf("netns path %q: not an absolute path to a file", path)
+	}
+	dir := filepath.Clean(netnsDir)
+	var want unix.Stat_t
+	if err := unix.Stat(dir, &want); err != nil {
+		return "", fmt.Errorf("netns path %q: netns_dir %s: %w", path, dir, err)
+	}
+	// Equivalent to: [ "$(stat -L -c %d:%i $(dirname P))" = "$(stat -L -c %d:%i /var/run/netns)" ]
+	dfd, err := unix.Open(filepath.Dir(p), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", fmt.Errorf("netns path %q outside netns_dir %s: %w", path, dir, err)
+	}
+	defer unix.Close(dfd)
+	var got unix.Stat_t
+	if err := unix.Fstat(dfd, &got); err != nil {
+		return "", fmt.Errorf("netns path %q: %w", path, err)
+	}
+	if got.Dev != want.Dev || got.Ino != want.Ino {
+		return "", fmt.Errorf("netns path %q outside netns_dir %s (must be a file directly in it)", path, dir)
+	}
+	// The last component is opened with O_NOFOLLOW relative to the
+	// directory just checked: a symlink in netns_dir pointing elsewhere
+	// is refused, not followed.
+	k, id, err := inspectAt(dfd, name, false)
+	if err != nil {
+		return "", fmt.Errorf("netns path %q: %w", path, err)
+	}
+	if k != entryNetns {
+		return "", fmt.Errorf("netns path %q: a %s, not a network namespace", path, k)
+	}
+	if err := notHostNetns(id); err != nil {
+		return "", fmt.Errorf("netns path %q: %w", path, err)
+	}
+	return filepath.Join(dir, name), nil
+}
+
+// checkTaskNetns vets path as the /proc/<pid>/ns/net of process pid (a
+// container's own task): a network namespace, and not the host's.
+func checkTaskNetns(path string, pid uint32) error {
+	if pid == 0 || filepath.Clean(path) != fmt.Sprintf("/proc/%d/ns/net", pid) {
+		return fmt.Errorf("netns path %q: not /proc/<pid>/ns/net of the task (pid %d)", path, pid)
+	}
+	// The magic link must be followed: it is how the namespace is reached.
+	k, id, err := inspectAt(unix.AT_FDCWD, path, true)
+	if err != nil {
+		return fmt.Errorf("netns path %q: %w", path, err)
+	}
+	if k != entryNetns {
+		return fmt.Errorf("netns path %q: a %s, not a network namespace", path, k)
+	}
+	if err := notHostNetns(id); err != nil {
+		return fmt.Errorf("netns path %q: %w", path, err)
+	}
+	return nil
+}
+
+// notHostNetns returns an error when id is the host's network namespace:
+// our own (the daemon runs in the host's), or that of pid 1. When our own
+// cannot be read, it fails closed. Pid 1's is skipped when reading it is
+// not permitted (a sandboxed init can deny even root, as on VM sandboxes
+// whose init is not dumpable); ours then stands for the host's.
+func notHostNetns(id nsID) error {
+	for _, p := range []string{"/proc/self/ns/net", "/proc/1/ns/net"} {
+		host, err := nsIDOf(p)
+		if p == "/proc/1/ns/net" && errors.Is(err, fs.ErrPermission) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("cannot compare with the host netns %s: %w", p, err)
+		}
+		if id == host {
+			return fmt.Errorf("it is the host network namespace (%s)", p)
+		}
+	}
+	return nil
+}
+
+// UnderDir returns an error unless path, after filepath.Clean, is inside
+// dir (at any depth) and absolute. Like InDir it looks at the names only.
+func UnderDir(dir, path string) error {
+	d, p := filepath.Clean(dir), filepath.Clean(path)
+	if !filepath.IsAbs(d) || !filepath.IsAbs(p) || strings.ContainsRune(p, 0) {
+		return fmt.Errorf("path %q not under %q: both must be absolute", path, dir)
+	}
+	prefix := d + "/"
+	if d == "/" {
+		prefix = "/"
+	}
+	if !strings.HasPrefix(p, prefix) || p == d {
+		return fmt.Errorf("path %q not under %q", path, dir)
+	}
+	return nil
 }
 
 // netnsDir is the state of one WatchNetnsDir. Everything but the check

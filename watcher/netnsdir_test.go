@@ -342,3 +342,115 @@ func TestWatchNetnsDirIPNetns(t *testing.T) {
 	testnet.IP(t, "netns", "del", name)
 	rec.wait(t, from, "KindNetnsGone for "+path, isNetnsEvent(KindNetnsGone, path))
 }
+
+// TestCheckNetns: a netns path from an OCI spec is taken only when it is a
+// netns bound directly in netns_dir (reached by any spelling of that
+// directory), never through a symlink, never a plain file, never the
+// host's netns.
+func TestCheckNetns(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	ns := testnet.NewNS(t, "tcn")
+	dir := t.TempDir()
+	outside := t.TempDir()
+	bindNetns(t, ns.Path, filepath.Join(dir, "good"))
+	bindNetns(t, ns.Path, filepath.Join(outside, "pod"))
+	bindNetns(t, "/proc/self/ns/net", filepath.Join(dir, "host"))
+	if err := os.Symlink(filepath.Join(outside, "pod"), filepath.Join(dir, "link")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "file"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(dir, "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	bindNetns(t, ns.Path, filepath.Join(dir, "sub", "deeper"))
+	// Another spelling of dir, as /var/run is of /run.
+	alias := filepath.Join(t.TempDir(), "alias")
+	if err := os.Symlink(dir, alias); err != nil {
+		t.Fatal(err)
+	}
+	good := filepath.Join(dir, "good")
+	for _, tc := range []struct {
+		path string
+		want string // accepted path, or "" when refused
+		err  string
+	}{
+		{path: good, want: good},
+		{path: dir + "//good", want: good},
+		{path: filepath.Join(alias, "good"), want: good},
+		{path: filepath.Join(outside, "pod"), err: "outside netns_dir"},
+		{path: dir + "/../" + filepath.Base(outside) + "/pod", err: "outside netns_dir"},
+		{path: filepath.Join(dir, "sub", "deeper"), err: "outside netns_dir"},
+		{path: filepath.Join(dir, "link"), err: "a symlink, not a network namespace"},
+		{path: filepath.Join(dir, "file"), err: "a placeholder, not a network namespace"},
+		{path: filepath.Join(dir, "sub"), err: "a directory, not a network namespace"},
+		{path: filepath.Join(dir, "host"), err: "host network namespace"},
+		{path: filepath.Join(dir, "missing"), err: "no such file"},
+		{path: "good", err: "not an absolute path"},
+		{path: "", err: "not an absolute path"},
+		{path: dir, err: "outside netns_dir"},
+	} {
+		got, err := CheckNetns(dir, tc.path)
+		if got != tc.want || (tc.err == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tc.err)) {
+			t.Errorf("CheckNetns(%q) = %q, %v; want %q, error containing %q", tc.path, got, err, tc.want, tc.err)
+		}
+	}
+	// netns_dir itself given by another spelling.
+	if got, err := CheckNetns(alias+"/", good); err != nil || got != filepath.Join(alias, "good") {
+		t.Errorf("CheckNetns(%q, %q) = %q, %v; want the path in netns_dir as configured", alias, good, got, err)
+	}
+	if _, err := CheckNetns(filepath.Join(dir, "nodir"), good); err == nil {
+		t.Error("CheckNetns with a missing netns_dir: no error")
+	}
+}
+
+// TestCheckTaskNetns: /proc/<pid>/ns/net is taken for the task's own pid
+// only, and never when it is the host's netns.
+func TestCheckTaskNetns(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	ns := testnet.NewNS(t, "tcn")
+	cmd := exec.Command("nsenter", "--net="+ns.Path, "--", "sleep", "600")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill() // by pid: the process we started
+		cmd.Wait()
+	})
+	pid := uint32(cmd.Process.Pid)
+	// nsenter execs sleep after setns: wait for the switch.
+	want, err := nsIDOf(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := fmt.Sprintf("/proc/%d/ns/net", pid)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		id, err := nsIDOf(path)
+		if err == nil && id == want {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d never entered %s: %v %v", pid, ns.Path, id, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := checkTaskNetns(path, pid); err != nil {
+		t.Errorf("checkTaskNetns(%s, %d) = %v, want nil", path, pid, err)
+	}
+	if err := checkTaskNetns(path, pid+1); err == nil || !strings.Contains(err.Error(), "not /proc/<pid>/ns/net of the task") {
+		t.Errorf("checkTaskNetns(%s, another pid) = %v, want refused", path, err)
+	}
+	if err := checkTaskNetns(path, 0); err == nil {
+		t.Errorf("checkTaskNetns(%s, no pid) = nil, want refused", path)
+	}
+	self := fmt.Sprintf("/proc/%d/ns/net", os.Getpid())
+	if err := checkTaskNetns(self, uint32(os.Getpid())); err == nil || !strings.Contains(err.Error(), "host network namespace") {
+		t.Errorf("checkTaskNetns(%s) = %v, want refused as the host's", self, err)
+	}
+	uts := fmt.Sprintf("/proc/%d/ns/uts", pid)
+	if err := checkTaskNetns(uts, pid); err == nil {
+		t.Errorf("checkTaskNetns(%s) = nil, want refused", uts)
+	}
+}

@@ -24,6 +24,10 @@ type Sandbox struct {
 	ID    string
 	Netns string // path of its network namespace
 	QMP   string // path of its QMP unix socket
+	// PID, from /proc discovery only, is the QEMU process that must be
+	// listening on QMP: check it with CheckQMPPeer before trusting the
+	// socket. 0 from the other sources.
+	PID int
 }
 
 // Kind says what an event asks for.

@@ -586,12 +586,12 @@ func TestVCPUs(t *testing.T) {
 }
 
 // TestQEMUKataBridge hot-plugs into a q35 started the way Kata starts it:
-// one pci-bridge in slot 2 of pcie.0 and no root ports.
+// one pci-bridge in slot 2 of pcie.0 (Kata's flags) and no root ports.
 func TestQEMUKataBridge(t *testing.T) {
 	requireTaps(t)
 	t.Parallel()
 	vm := startVM(t, "q35", 0,
-		"-device", "pci-bridge,bus=pcie.0,id=pci-bridge-0,chassis_nr=1,shpc=off,addr=0x2")
+		"-device", "pci-bridge,bus=pcie.0,id=pci-bridge-0,chassis_nr=1,shpc=off,addr=2,io-reserve=4k,mem-reserve=1m,pref64-reserve=1m")
 	c := dialT(t, vm.qmp, Options{})
 	ctx := context.Background()
 

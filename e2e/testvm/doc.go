@@ -3,7 +3,7 @@
 // static busybox, the virtio-net and virtio-serial modules, the test agent
 // built from e2e/testagent/cmd/tapsync-testagent, and an /init that keeps
 // that agent running and reports on the serial console), running QEMU with
-// spare PCIe root ports, two QMP sockets and two agent sockets inside a
+// spare PCIe root ports and a Kata-like pci-bridge (BridgeID), two QMP sockets and two agent sockets inside a
 // given network namespace, and waiting for what the guest prints.
 //
 // As on a Kata node, only the agent configures guest NICs, when asked over

@@ -512,31 +512,41 @@ func TestVMInNetNS(t *testing.T) {
 }
 
 // TestGuestNICHotplug checks the guest side of the contract the e2e tests
-// build on: a hot-added virtio-net NIC is announced with GuestIP, and a
-// device_del is acknowledged by the guest (DEVICE_DELETED) and announced.
+// build on: a hot-added virtio-net NIC, on a root port or on the
+// pci-bridge, is announced with GuestIP, and a device_del is acknowledged
+// by the guest (DEVICE_DELETED) and announced.
 func TestGuestNICHotplug(t *testing.T) {
 	vm := ForTest(t, Options{SelfConfig: true})
 	q := dialTestQMP(t, vm.TestQMP)
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
 
-	for i, n := range []int{1, 2} { // two ports, and a name reused after removal
+	// Two ports and the two top slots of the
+	// bridge, where tapsync's default placement puts NICs.
+	for _, p := range []struct {
+		n         int
+		bus, addr string
+	}{{1, "rp1", ""}, {2, "rp2", ""}, {3, BridgeID, "0x1f"}, {4, BridgeID, "0x1e"}} {
+		n := p.n
 		mac := TestMAC(n)
 		id := fmt.Sprintf("testvm-nic%d", n)
 		start := time.Now()
-		if _, err := q.run("device_add", map[string]any{
-			"driver": "virtio-net-pci", "id": id, "bus": fmt.Sprintf("rp%d", i+1), "mac": mac.String(),
-		}); err != nil {
-			t.Fatalf("device_add %s: %v", id, err)
+		up := vm.SerialOffset()
+		args := map[string]any{"driver": "virtio-net-pci", "id": id, "bus": p.bus, "mac": mac.String()}
+		if p.addr != "" {
+			args["addr"] = p.addr
 		}
-		m, err := vm.WaitSerial(ctx, NICUpRE(mac))
+		if _, err := q.run("device_add", args); err != nil {
+			t.Fatalf("device_add %s on %s: %v", id, p.bus, err)
+		}
+		m, err := vm.WaitSerialFrom(ctx, up, NICUpRE(mac))
 		if err != nil {
 			t.Fatal(err)
 		}
 		if m[2] != GuestIP(mac).String() {
 			t.Errorf("guest gave %s address %s, want %s", mac, m[2], GuestIP(mac))
 		}
-		t.Logf("%s: NIC-UP as %s %s after %v", id, m[1], m[2], time.Since(start).Round(time.Millisecond))
+		t.Logf("%s on %s %s: NIC-UP as %s %s after %v", id, p.bus, p.addr, m[1], m[2], time.Since(start).Round(time.Millisecond))
 
 		off := vm.SerialOffset()
 		start = time.Now()

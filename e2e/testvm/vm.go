@@ -43,16 +43,28 @@ const (
 	testAgentPortName = "agent.test.0"
 )
 
-// maxRootPorts: one pcie-root-port per slot on pcie.0 from 0x02 to 0x1e
-// (0x00 is the host bridge, 0x1f the ICH9 LPC/SATA/SMBus functions).
-const maxRootPorts = 29
+// maxRootPorts: one pcie-root-port per slot on pcie.0 from 0x02 to 0x1d
+// (0x00 is the host bridge, 0x01 the agent's virtio-serial, 0x1e the
+// pci-bridge, 0x1f the ICH9 LPC/SATA/SMBus functions).
+const maxRootPorts = 28
+
+// Every VM has one pci-bridge, as Kata's q35 VMs do (Kata: id pci-bridge-0,
+// shpc=off, in slot 2 of pcie.0; here slot 0x1e, above the root ports).
+// Its 31 slots (1..31; slot 0 takes no hot-plug) are hot-plugged through
+// ACPI (ICH9-LPC.acpi-pci-hotplug-with-bridge-support=on): the guest's
+// acpiphp acknowledges an unplug at once. A NIC in its slot S has the
+// agent's devicePath "1e/<S>".
+const (
+	BridgeID   = "pci-bridge-0"
+	BridgeSlot = 0x1e
+)
 
 // Options configure Start.
 type Options struct {
 	Image     *Image // nil: no guest OS at all (QEMU sits in firmware; device_del never completes)
 	NetNS     string // path of the network namespace QEMU runs in (via nsenter --net=PATH); "" = the test process's own
 	Dir       string // directory for sockets, serial and QEMU logs; "" = a new temp dir removed by Stop (in a caller's Dir, Stop keeps the logs)
-	RootPorts int    // number of pcie-root-port devices (ids rp1..rpN), default 4, at most 29
+	RootPorts int    // number of pcie-root-port devices (ids rp1..rpN, slots 0x02..), default 4, at most 28; every VM also has a pci-bridge (BridgeID)
 	Accel     string // "tcg", "kvm" or "" = auto; $TAPSYNC_E2E_ACCEL (tcg|kvm|auto) overrides
 	MemoryMB  int    // default 256
 	// SelfConfig makes the guest give every new NIC GuestIP(mac)/24 itself
@@ -207,6 +219,14 @@ func start(ctx context.Context, opts Options, accel string) (_ *VM, err error) {
 		args = append(args, "-device",
 			fmt.Sprintf("pcie-root-port,id=rp%d,bus=pcie.0,chassis=%d,slot=%d,addr=0x%x", i, i, i, i+1))
 	}
+	// Kata's flags. shpc=off: ACPI, not the bridge's own SHPC, handles its
+	// hot-plug. The reserves make the firmware give the bridge I/O and
+	// memory windows although nothing sits behind it at boot; without them
+	// a hot-plugged NIC gets no BARs and the guest never sees it. A
+	// chassis number no root port uses.
+	args = append(args, "-device",
+		fmt.Sprintf("pci-bridge,bus=pcie.0,id=%s,chassis_nr=%d,shpc=off,addr=%#x,io-reserve=4k,mem-reserve=1m,pref64-reserve=1m",
+			BridgeID, maxRootPorts+1, BridgeSlot))
 	if opts.Image != nil {
 		cmdline := kernelCmdline
 		if opts.SelfConfig {

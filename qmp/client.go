@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	goqmp "github.com/digitalocean/go-qemu/qmp"
 	"golang.org/x/sys/unix"
 )
 
@@ -97,9 +98,10 @@ type Client struct {
 	readerDone chan struct{} // closed when the reader goroutine has returned
 
 	mu      sync.Mutex
-	err     error                // why the connection died; guarded by mu
-	pending *call                // the command awaiting its reply; guarded by mu
-	waiters map[*waiter]struct{} // event waiters; guarded by mu
+	err     error                         // why the connection died; guarded by mu
+	pending *call                         // the command awaiting its reply; guarded by mu
+	waiters map[*waiter]struct{}          // event waiters; guarded by mu
+	streams map[chan goqmp.Event]struct{} // Events streams; guarded by mu, closed when the connection dies
 }
 
 type call struct {
@@ -289,6 +291,7 @@ func handshake(ctx context.Context, conn *net.UnixConn, path string, timeout tim
 		done:       make(chan struct{}),
 		readerDone: make(chan struct{}),
 		waiters:    map[*waiter]struct{}{},
+		streams:    map[chan goqmp.Event]struct{}{},
 	}
 	go c.read(dec, early)
 	return c, nil
@@ -326,6 +329,7 @@ func (c *Client) fail(reason error) {
 	c.closeOnce.Do(func() {
 		c.mu.Lock()
 		c.err = fmt.Errorf("qmp %s: %w: %w", c.path, ErrClosed, reason)
+		c.closeStreamsLocked()
 		c.mu.Unlock()
 		_ = c.conn.Close()
 		close(c.done)
@@ -385,6 +389,7 @@ func (c *Client) dispatch(m message) {
 			}
 		}
 	}
+	c.streamLocked(e)
 	c.mu.Unlock()
 	if c.onEvent != nil {
 		c.onEvent(e)

@@ -42,6 +42,18 @@ test: deps vet
 test-unit:
 	$(GO) test -race -count=1 ./...
 
+# fuzz runs each fuzz target for FUZZTIME; their seed corpora (and any
+# failures saved in testdata/fuzz) run in every `go test`. FUZZ_TARGETS
+# lists package:FuzzName; add yours with another `FUZZ_TARGETS +=` line.
+FUZZTIME ?= 20s
+FUZZ_TARGETS += ./qmp:FuzzReadMessages ./qmp:FuzzParseInfoNetwork ./qmp:FuzzChoosePlacement
+.PHONY: fuzz
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $$t for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$${t#*:}\$$" -fuzztime $(FUZZTIME) $${t%%:*}; \
+	done
+
 demo: deps build
 	./$(BIN)/tapsync-demo -tapsync $(BIN)/tapsync
 

@@ -535,6 +535,11 @@ func parseInfoNetwork(out string) []string {
 	var ids []string
 	seen := map[string]bool{}
 	add := func(id string) {
+		// Not a name QEMU would print (found by FuzzParseInfoNetwork: a
+		// stray \r became a hub port).
+		if strings.ContainsFunc(id, func(r rune) bool { return r <= ' ' || r == ':' || r == 0x7f }) {
+			return
+		}
 		if id != "" && !seen[id] {
 			seen[id] = true
 			ids = append(ids, id)

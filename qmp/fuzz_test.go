@@ -1,0 +1,157 @@
+package qmp
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	goqmp "github.com/digitalocean/go-qemu/qmp"
+)
+
+func addTestdataSeeds(f *testing.F, wrap func([]byte) []byte) {
+	f.Helper()
+	files, _ := filepath.Glob(filepath.Join("testdata", "*.json"))
+	for _, name := range files {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(wrap(b))
+	}
+}
+
+// FuzzReadMessages feeds bytes to the QMP reader and dispatcher as if QEMU
+// sent them: no panic, no message over the cap, replies go only to the
+// waiting command, events reach waiters and streams.
+func FuzzReadMessages(f *testing.F) {
+	f.Add([]byte(greetingOOB + "\n" + `{"return": {}, "id": "1"}` + "\n"))
+	f.Add([]byte(event("DEVICE_DELETED", map[string]any{"device": "tapsync-net3"}) + "\n" + qmpError("GenericError", "x") + "\n"))
+	f.Add([]byte(`{"event": "X", "data": 5, "timestamp": {"seconds": -1, "microseconds": 1e300}}`))
+	f.Add([]byte(`{"return": [1, {"id": "1"}], "id": 1}{"QMP": null}`))
+	addTestdataSeeds(f, func(b []byte) []byte {
+		return append(append([]byte(`{"return": `), bytes.TrimSpace(b)...), []byte(`, "id": "1"}`)...)
+	})
+	const limit = 4 << 10
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c := &Client{path: "fuzz", waiters: map[*waiter]struct{}{}, streams: map[chan goqmpEvent]struct{}{}}
+		p := &call{id: "1", reply: make(chan message, 1)}
+		c.pending = p
+		events, stop := c.waitEvent(func(e Event) bool { return e.Name == "DEVICE_DELETED" })
+		defer stop()
+		stream := make(chan goqmpEvent, 1)
+		c.streams[stream] = struct{}{}
+
+		dec := newDecoder(bytes.NewReader(data), limit)
+		for {
+			m, err := readMessage(dec)
+			if err != nil {
+				if errors.Is(err, ErrMessageTooLarge) && len(data) <= limit {
+					t.Fatalf("%d bytes in all, yet ErrMessageTooLarge", len(data))
+				}
+				break
+			}
+			if len(m.raw) > limit {
+				t.Fatalf("message of %d bytes passed a cap of %d", len(m.raw), limit)
+			}
+			if m.Event != "" {
+				c.dispatch(m)
+			} else {
+				c.deliver(m)
+			}
+		}
+		select {
+		case m := <-p.reply:
+			if m.ID != nil && string(m.ID) != `"1"` {
+				t.Errorf("reply with id %s delivered to command 1", m.ID)
+			}
+		default:
+		}
+		select {
+		case e := <-events:
+			if e.Name != "DEVICE_DELETED" {
+				t.Errorf("waiter got %q", e.Name)
+			}
+		default:
+		}
+	})
+}
+
+// FuzzParseInfoNetwork: any HMP text gives netdev ids that are names.
+func FuzzParseInfoNetwork(f *testing.F) {
+	var captured string
+	b, err := os.ReadFile(filepath.Join("testdata", "info-network-q35.json"))
+	if err == nil && json.Unmarshal(b, &captured) == nil {
+		f.Add(captured)
+	}
+	f.Add("hub 0\r\n \\ hp0: user0: index=0,type=user,net=10.0.2.0\r\n")
+	f.Add("tapsync-netdev3: index=0,type=tap,fd=13\r\n")
+	f.Fuzz(func(t *testing.T, out string) {
+		seen := map[string]bool{}
+		for _, id := range parseInfoNetwork(out) {
+			if id == "" || strings.ContainsAny(id, "\r\n") || seen[id] {
+				t.Fatalf("parseInfoNetwork(%q) gave id %q (dup %v)", out, id, seen[id])
+			}
+			seen[id] = true
+		}
+	})
+}
+
+// FuzzChoosePlacement: over any query-pci reply, a placement is a free,
+// unreserved slot of a bus the policy allows, or ErrNoFreeSlot.
+func FuzzChoosePlacement(f *testing.F) {
+	addTestdataSeeds(f, func(b []byte) []byte { return b })
+	f.Add([]byte(`[{"bus": 0, "devices": [{"slot": 2, "qdev_id": "br1", "pci_bridge": {"bus": {"secondary": 1}, "devices": [{"bus": 1, "slot": 31}]}}]}]`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var buses []pciBus
+		if json.Unmarshal(data, &buses) != nil {
+			return
+		}
+		types := map[string]string{}
+		var name func(devs []pciDevice)
+		name = func(devs []pciDevice) {
+			for _, d := range devs {
+				switch {
+				case strings.HasPrefix(d.QdevID, "rp"):
+					types[d.QdevID] = "pcie-root-port"
+				case strings.HasPrefix(d.QdevID, "br"):
+					types[d.QdevID] = "pci-bridge"
+				}
+				if d.PCIBridge != nil {
+					name(d.PCIBridge.Devices)
+				}
+			}
+		}
+		for _, b := range buses {
+			name(b.Devices)
+		}
+		for _, p := range []Placement{{}, {Hotplug: HotplugRootPort}, {Hotplug: HotplugAny, Reserved: SlotRange{1, 16}}} {
+			got, err := choosePlacement(buses, types, p)
+			if err != nil {
+				if !errors.Is(err, ErrNoFreeSlot) {
+					t.Fatalf("%s: error %v does not wrap ErrNoFreeSlot", p, err)
+				}
+				continue
+			}
+			port := types[got.bus] == "pcie-root-port"
+			switch {
+			case got.slot < 0 || got.slot > 31 || len(got.path) == 0:
+				t.Fatalf("%s: placement %+v", p, got)
+			case port && p.policy() == HotplugBridge, !port && p.policy() == HotplugRootPort:
+				t.Fatalf("%s: placement %+v on a bus the policy excludes", p, got)
+			case !port && p.Reserved.contains(got.slot):
+				t.Fatalf("%s: placement %+v in the reserved range", p, got)
+			case !port && got.slot == 0:
+				t.Fatalf("%s: placement %+v in slot 0", p, got)
+			}
+			if c := survey(buses, types, p); c.Free() == 0 {
+				t.Fatalf("%s: placed %+v but Capacity says nothing is free: %s", p, got, c)
+			}
+		}
+	})
+}
+
+type goqmpEvent = goqmp.Event

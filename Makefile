@@ -47,6 +47,7 @@ test-unit:
 # lists package:FuzzName; add yours with another `FUZZ_TARGETS +=` line.
 FUZZTIME ?= 20s
 FUZZ_TARGETS += ./qmp:FuzzReadMessages ./qmp:FuzzParseInfoNetwork ./qmp:FuzzChoosePlacement
+FUZZ_TARGETS += ./watcher:FuzzInDir ./watcher:FuzzUnderDir ./watcher:FuzzQMPSocket ./watcher:FuzzStatusUIDs
 .PHONY: fuzz
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \

@@ -48,6 +48,7 @@ test-unit:
 FUZZTIME ?= 20s
 FUZZ_TARGETS += ./qmp:FuzzReadMessages ./qmp:FuzzParseInfoNetwork ./qmp:FuzzChoosePlacement
 FUZZ_TARGETS += ./watcher:FuzzInDir ./watcher:FuzzUnderDir ./watcher:FuzzQMPSocket ./watcher:FuzzStatusUIDs
+FUZZ_TARGETS += ./state:FuzzLoad ./cmd/tapsync:FuzzConfig
 .PHONY: fuzz
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \

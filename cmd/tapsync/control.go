@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/reconcile"
+	"github.com/tapsync/tapsync/state"
 	"golang.org/x/sys/unix"
 )
 
@@ -138,7 +139,7 @@ func peerIsRoot(c *net.UnixConn) bool {
 }
 
 func (d *daemon) serveControl(ctx context.Context) (io.Closer, error) {
-	path := controlSocketPath(d.cfg.StateDir)
+	path := controlSocketPath(d.config().StateDir)
 	// A socket left by a previous run (killed) is stale: we own the state dir.
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("control socket %s: %w", path, err)
@@ -214,8 +215,11 @@ func (d *daemon) serveControl(ctx context.Context) (io.Closer, error) {
 	return srv, nil
 }
 
-// planLocked computes a sandbox's plan without applying it.
+// planLocked computes a sandbox's plan without applying it. It changes
+// nothing on disk either: a record that cannot be read is shown as empty
+// but left for the next pass to set aside.
 func (d *daemon) planLocked(ctx context.Context, id string) (reconcile.Plan, error) {
+	ctx = state.ReadOnly(ctx)
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	return d.rec.Plan(ctx, id)

@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -33,7 +34,18 @@ const (
 
 // daemon wires the event sources into the reconciler.
 type daemon struct {
-	cfg   Config
+	// cfg is the running config: replaced whole on a reload (SIGHUP),
+	// never changed in place. Read it through config().
+	cfg atomic.Pointer[Config]
+	// reload reads and validates the config file again, flags applied
+	// (nil: nothing to reload).
+	reload func() (Config, error)
+	// scan walks /proc for QEMU processes; only the discovery loop calls it.
+	scan func(ctx context.Context) ([]watcher.Sandbox, error)
+	// discoveryRequests holds at most one pending /proc walk: requests
+	// made while one is pending or running coalesce into it.
+	discoveryRequests chan string
+
 	store *state.Store
 	rec   *reconcile.Reconciler
 	queue *reconcile.Queue
@@ -44,6 +56,7 @@ type daemon struct {
 	origin   map[string]string    // sandbox id → who registered it
 	gone     map[string]bool      // sandboxes to tear down on their next pass
 	replaced map[string]string    // /proc sandboxes to hand over to a named one on their next pass
+	dropped  map[string]bool      // config sandboxes to unregister on their next pass (gone from the config file)
 	inflight map[string]time.Time // passes running now, by start time (for the watchdog)
 	pending  map[string]time.Time // first trigger since the sandbox last converged
 
@@ -56,9 +69,17 @@ func newDaemon(cfg Config) (*daemon, error) {
 		return nil, err
 	}
 	d := &daemon{
-		cfg: cfg, store: store, rec: reconcile.New(store), queue: reconcile.NewQueue(),
+		store: store, rec: reconcile.New(store), queue: reconcile.NewQueue(),
 		origin: map[string]string{}, gone: map[string]bool{}, pending: map[string]time.Time{},
-		replaced: map[string]string{}, inflight: map[string]time.Time{},
+		replaced: map[string]string{}, dropped: map[string]bool{}, inflight: map[string]time.Time{},
+		discoveryRequests: make(chan string, 1),
+	}
+	d.cfg.Store(&cfg)
+	d.scan = func(context.Context) ([]watcher.Sandbox, error) {
+		// The walk takes no context: a process in D state can hold a
+		// read of its /proc files indefinitely. discoveryLoop bounds the
+		// wait instead.
+		return watcher.DiscoverQEMU("/proc", cfg.NetnsDir)
 	}
 	d.links = watcher.NewNetlinkWatcher(d.handle)
 	d.m = newMetrics(d)
@@ -66,21 +87,26 @@ func newDaemon(cfg Config) (*daemon, error) {
 	return d, nil
 }
 
+// config returns the running config. Restart-only keys (see
+// restartOnlyKeys) keep the values the daemon started with.
+func (d *daemon) config() *Config { return d.cfg.Load() }
+
 // sandboxFor builds a reconciler sandbox with the configured defaults.
 // agentURL is the sandbox's configured agent URL ({id} is replaced), ""
 // when its source knows none.
 func (d *daemon) sandboxFor(id, netns, qmpPath string, queues *int, agentURL string) reconcile.Sandbox {
-	q := d.cfg.Defaults.Queues
+	cfg := d.config()
+	q := cfg.Defaults.Queues
 	if queues != nil {
 		q = *queues
 	}
-	u, off := d.cfg.agentFor(id, agentURL)
+	u, off := cfg.agentFor(id, agentURL)
 	return reconcile.Sandbox{
 		ID: id, Netns: netns, QMP: qmpPath, Queues: q,
-		Vhost:         datapath.Vhost(d.cfg.Defaults.Vhost),
-		QMPTimeout:    d.cfg.Defaults.QMPTimeout,
-		UnplugTimeout: d.cfg.Defaults.UnplugTimeout,
-		Agent:         u, GuestOff: off, GuestTimeout: d.cfg.Guest.Timeout,
+		Vhost:         datapath.Vhost(cfg.Defaults.Vhost),
+		QMPTimeout:    cfg.Defaults.QMPTimeout,
+		UnplugTimeout: cfg.Defaults.UnplugTimeout,
+		Agent:         u, GuestOff: off, GuestTimeout: cfg.Guest.Timeout,
 	}
 }
 
@@ -122,6 +148,7 @@ func (d *daemon) register(ctx context.Context, sb reconcile.Sandbox, origin, why
 		d.origin[sb.ID] = origin
 	}
 	delete(d.gone, sb.ID)
+	delete(d.dropped, sb.ID)
 	d.mu.Unlock()
 	if !known {
 		log.Info().Str("sandbox", sb.ID).Str("netns", sb.Netns).Str("qmp", sb.QMP).Str("source", origin).Str("reason", why).Msg("sandbox registered")
@@ -167,8 +194,8 @@ func (d *daemon) handle(e watcher.Event) {
 		for _, id := range d.sandboxesIn(e.Path) {
 			d.trigger(id, src)
 		}
-		if d.cfg.Discovery.Proc {
-			d.discover(ctx(), "netns appeared: "+e.Path)
+		if d.config().Discovery.Proc {
+			d.requestDiscovery("netns appeared: " + e.Path)
 		}
 	case watcher.KindNetnsGone:
 		for _, id := range d.sandboxesIn(e.Path) {
@@ -187,7 +214,7 @@ func (d *daemon) handle(e watcher.Event) {
 		s := e.Sandbox
 		agentURL := ""
 		if e.Source == watcher.SourceContainerd {
-			agentURL = d.cfg.Containerd.AgentURL
+			agentURL = d.config().Containerd.AgentURL
 		}
 		d.register(ctx(), d.sandboxFor(s.ID, s.Netns, s.QMP, nil, agentURL), src, e.Why)
 	case watcher.KindGone:
@@ -242,13 +269,72 @@ func (d *daemon) qmpEvent(id string, e qmp.Event) {
 	}
 }
 
-// discover registers QEMU processes found in watched namespaces.
-func (d *daemon) discover(ctx context.Context, why string) {
-	found, err := watcher.DiscoverQEMU("/proc", d.cfg.NetnsDir)
-	if err != nil {
-		zerolog.Ctx(ctx).Warn().Err(err).Msg("/proc discovery failed")
-		return
+// discoveryDeadline bounds one /proc walk. A walk normally takes
+// milliseconds; one that takes longer is stuck on a process in D state.
+const discoveryDeadline = 30 * time.Second
+
+// requestDiscovery asks the discovery loop for a /proc walk. It never
+// blocks: a request made while another is pending coalesces into it.
+func (d *daemon) requestDiscovery(why string) {
+	select {
+	case d.discoveryRequests <- why:
+	default:
 	}
+}
+
+// discoveryLoop runs /proc walks, one at a time, off the signal and event
+// paths: reading a process's /proc files can block for as long as that
+// process is in uninterruptible sleep, and nothing else may wait for it.
+// A walk past discoveryDeadline is logged and left to finish in the
+// background; no other walk starts until it has, and shutdown never waits
+// for it.
+func (d *daemon) discoveryLoop(ctx context.Context) {
+	log := zerolog.Ctx(ctx)
+	type result struct {
+		found []watcher.Sandbox
+		err   error
+	}
+	for {
+		var why string
+		select {
+		case <-ctx.Done():
+			return
+		case why = <-d.discoveryRequests:
+		}
+		done := make(chan result, 1) // buffered: an abandoned walk still ends
+		wctx, cancel := context.WithTimeout(ctx, discoveryDeadline)
+		go func() {
+			found, err := d.scan(wctx)
+			done <- result{found, err}
+		}()
+		deadline := time.NewTimer(discoveryDeadline)
+		var r result
+	wait:
+		for {
+			select {
+			case <-ctx.Done():
+				cancel()
+				deadline.Stop()
+				return
+			case <-deadline.C:
+				log.Warn().Dur("deadline", discoveryDeadline).Str("reason", why).
+					Msg("/proc discovery is stuck (a process in uninterruptible sleep?); no new walk until it returns")
+			case r = <-done:
+				break wait
+			}
+		}
+		cancel()
+		deadline.Stop()
+		if r.err != nil {
+			log.Warn().Err(r.err).Msg("/proc discovery failed")
+			continue
+		}
+		d.registerDiscovered(ctx, r.found, why)
+	}
+}
+
+// registerDiscovered registers QEMU processes found in watched namespaces.
+func (d *daemon) registerDiscovered(ctx context.Context, found []watcher.Sandbox, why string) {
 	for _, s := range found {
 		d.mu.Lock()
 		_, known := d.origin[s.ID]
@@ -279,9 +365,13 @@ func (d *daemon) work(ctx context.Context, id string) error {
 	d.mu.Lock()
 	gone := d.gone[id]
 	heir, isReplaced := d.replaced[id]
+	dropped := d.dropped[id]
 	d.mu.Unlock()
 	if isReplaced {
 		return d.handOver(ctx, id, heir)
+	}
+	if dropped {
+		return d.unregister(ctx, id)
 	}
 	if gone {
 		d.links.Stop(id)
@@ -380,31 +470,48 @@ func (d *daemon) status(id string) reconcile.Status {
 
 // run is `tapsync run`: it returns nil after a clean SIGTERM/SIGINT.
 func (d *daemon) run(ctx context.Context) error {
+	// Signals are caught from the start: SIGHUP's default action would
+	// kill a daemon still starting.
+	signals := make(chan os.Signal, 4)
+	signal.Notify(signals, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(signals)
+	return d.serve(ctx, signals)
+}
+
+// serve runs the daemon until SIGTERM or SIGINT arrives on signals.
+// Nothing it does on this goroutine waits for a kernel, QEMU or /proc:
+// a stop is handled at once, whatever the sources and passes are doing.
+func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 	log := zerolog.Ctx(ctx)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	d.baseCtx = ctx
+	cfg := d.config()
 
-	for _, s := range d.cfg.Sandboxes {
+	// One daemon per state dir, decided before the control socket or any
+	// record is touched.
+	lock, err := d.store.Lock()
+	if err != nil {
+		return fmt.Errorf("%w; not starting a second daemon on state dir %s", err, d.store.Dir())
+	}
+	defer lock.Close()
+
+	for _, s := range cfg.Sandboxes {
 		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL)
 		d.register(ctx, sb, originConfig, "in config file")
 	}
-	if gone, err := d.rec.CollectGarbage(ctx); err != nil {
-		log.Warn().Err(err).Msg("record garbage collection failed")
-	} else {
-		d.m.gcRecords.Add(float64(len(gone)))
-	}
+	d.collectGarbage(ctx)
 
 	ctl, err := d.serveControl(ctx)
 	if err != nil {
 		return err
 	}
 	defer ctl.Close()
-	if d.cfg.MetricsAddress != "" {
-		srv := &http.Server{Addr: d.cfg.MetricsAddress, Handler: d.metricsHandler(), ReadHeaderTimeout: 5 * time.Second}
-		ln, err := net.Listen("tcp", d.cfg.MetricsAddress)
+	if cfg.MetricsAddress != "" {
+		srv := &http.Server{Addr: cfg.MetricsAddress, Handler: d.metricsHandler(), ReadHeaderTimeout: 5 * time.Second}
+		ln, err := net.Listen("tcp", cfg.MetricsAddress)
 		if err != nil {
-			return fmt.Errorf("metrics_address %s: %w", d.cfg.MetricsAddress, err)
+			return fmt.Errorf("metrics_address %s: %w", cfg.MetricsAddress, err)
 		}
 		go srv.Serve(ln)
 		defer srv.Close()
@@ -420,56 +527,72 @@ func (d *daemon) run(ctx context.Context) error {
 		})
 	}
 	source("netns-dir", func() error { return d.watchNetnsDir(ctx) })
-	if cd := d.cfg.Containerd; cd.Enabled {
+	if cd := cfg.Containerd; cd.Enabled {
 		source("containerd", func() error {
 			return watcher.WatchContainerd(ctx, watcher.ContainerdConfig{
 				Address: cd.Address, Namespaces: cd.Namespaces, Runtimes: cd.Runtimes, QMPSocket: cd.QMPSocket,
 			}, d.handle)
 		})
 	}
-	if d.cfg.Discovery.Proc {
-		d.discover(ctx, "startup scan")
+	if cfg.Discovery.Proc {
+		wg.Go(func() { d.discoveryLoop(ctx) })
+		d.requestDiscovery("startup scan")
 	}
-	wg.Go(func() { d.queue.Run(ctx, d.cfg.Workers, d.work) })
+	wg.Go(func() { d.queue.Run(ctx, cfg.Workers, d.work) })
 
-	signals := make(chan os.Signal, 4)
-	signal.Notify(signals, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(signals)
 	sddaemon.SdNotify(false, sddaemon.SdNotifyReady)
 	if iv, err := sddaemon.SdWatchdogEnabled(false); err == nil && iv > 0 {
 		wg.Go(func() { d.watchdog(ctx, iv) })
 	}
-	resync := time.NewTimer(jitter(d.cfg.ResyncInterval))
+	resync := time.NewTimer(jitter(cfg.ResyncInterval))
 	defer resync.Stop()
-	log.Info().Strs("sandboxes", d.rec.Sandboxes()).Str("netns_dir", d.cfg.NetnsDir).Bool("containerd", d.cfg.Containerd.Enabled).
-		Bool("proc_discovery", d.cfg.Discovery.Proc).Str("control", controlSocketPath(d.cfg.StateDir)).Msg("tapsync running")
+	log.Info().Strs("sandboxes", d.rec.Sandboxes()).Str("netns_dir", cfg.NetnsDir).Bool("containerd", cfg.Containerd.Enabled).
+		Bool("proc_discovery", cfg.Discovery.Proc).Str("control", controlSocketPath(cfg.StateDir)).Msg("tapsync running")
 
+	stop := func(why string) error {
+		log.Info().Str("signal", why).Msg("stopping: endpoints stay wired while tapsync is down")
+		sddaemon.SdNotify(false, sddaemon.SdNotifyStopping)
+		cancel()
+		wg.Wait()
+		d.links.StopAll()
+		d.rec.Close()
+		return nil
+	}
 	for {
 		select {
+		case <-ctx.Done():
+			return stop("context canceled")
 		case sig := <-signals:
 			if sig == syscall.SIGHUP {
+				d.reloadConfig(ctx)
 				log.Info().Str("reason", "SIGHUP").Msg("resyncing every sandbox")
 				d.triggerAll("signal")
 				continue
 			}
-			log.Info().Str("signal", sig.String()).Msg("stopping: endpoints stay wired while tapsync is down")
-			sddaemon.SdNotify(false, sddaemon.SdNotifyStopping)
-			cancel()
-			wg.Wait()
-			d.links.StopAll()
-			d.rec.Close()
-			return nil
+			return stop(sig.String())
 		case <-resync.C:
 			log.Debug().Str("reason", "periodic resync").Msg("resyncing every sandbox")
 			d.triggerAll("resync")
-			if d.cfg.Discovery.Proc {
-				d.discover(ctx, "periodic resync")
+			if cfg.Discovery.Proc {
+				d.requestDiscovery("periodic resync")
 			}
-			if gone, err := d.rec.CollectGarbage(ctx); err == nil {
-				d.m.gcRecords.Add(float64(len(gone)))
-			}
-			resync.Reset(jitter(d.cfg.ResyncInterval))
+			d.collectGarbage(ctx)
+			resync.Reset(jitter(d.config().ResyncInterval))
 		}
+	}
+}
+
+// collectGarbage deletes the records of sandboxes that are gone, and
+// set-aside records older than state.KeepSetAside.
+func (d *daemon) collectGarbage(ctx context.Context) {
+	log := zerolog.Ctx(ctx)
+	if gone, err := d.rec.CollectGarbage(ctx); err != nil {
+		log.Warn().Err(err).Msg("record garbage collection failed")
+	} else {
+		d.m.gcRecords.Add(float64(len(gone)))
+	}
+	if _, err := d.store.CollectSetAside(ctx, time.Now().Add(-state.KeepSetAside)); err != nil {
+		log.Warn().Err(err).Msg("set-aside record collection failed")
 	}
 }
 
@@ -513,11 +636,11 @@ func (d *daemon) watchNetnsDir(ctx context.Context) error {
 	log := zerolog.Ctx(ctx)
 	wait := 100 * time.Millisecond
 	for {
-		err := watcher.WatchNetnsDir(ctx, d.cfg.NetnsDir, d.handle)
+		err := watcher.WatchNetnsDir(ctx, d.config().NetnsDir, d.handle)
 		if ctx.Err() != nil {
 			return nil
 		}
-		log.Warn().Err(err).Str("netns_dir", d.cfg.NetnsDir).Dur("retry_in", wait).Msg("cannot watch the netns directory; retrying")
+		log.Warn().Err(err).Str("netns_dir", d.config().NetnsDir).Dur("retry_in", wait).Msg("cannot watch the netns directory; retrying")
 		select {
 		case <-ctx.Done():
 			return nil

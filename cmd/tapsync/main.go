@@ -79,35 +79,45 @@ func newRunCmd(configPath, stateDir *string) *cobra.Command {
 		Long: `Run the node daemon. It reads the config file (flags override it), then
 follows the netns directory, netlink link changes in every sandbox netns,
 containerd's sandbox containers, QEMU processes found in /proc, QMP events,
-SIGHUP (resync everything) and a periodic resync. SIGTERM or SIGINT stop it
-without touching any endpoint: VMs keep their network while it is down.`,
+SIGHUP (reload the config file, then resync everything) and a periodic
+resync. SIGTERM or SIGINT stop it without touching any endpoint: VMs keep
+their network while it is down. One daemon runs per state directory.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			_, statErr := os.Stat(*configPath)
 			explicit := cmd.Flags().Changed("config")
-			cfg, err := LoadConfig(*configPath, !explicit)
-			if err != nil {
-				return err
-			}
-			fl := cmd.Flags()
-			set := func(name string, apply func()) {
-				if fl.Changed(name) {
-					apply()
+			// load reads the config file with the flags over it; SIGHUP
+			// calls it again.
+			load := func() (Config, error) {
+				cfg, err := LoadConfig(*configPath, !explicit)
+				if err != nil {
+					return Config{}, err
 				}
+				fl := cmd.Flags()
+				set := func(name string, apply func()) {
+					if fl.Changed(name) {
+						apply()
+					}
+				}
+				set("netns-dir", func() { cfg.NetnsDir = f.netnsDir })
+				set("log-level", func() { cfg.LogLevel = f.logLevel })
+				set("log-format", func() { cfg.LogFormat = f.logFormat })
+				set("metrics-address", func() { cfg.MetricsAddress = f.metrics })
+				set("resync-interval", func() { cfg.ResyncInterval = f.resync })
+				set("containerd", func() { cfg.Containerd.Enabled = f.containerd })
+				set("containerd-address", func() { cfg.Containerd.Address = f.containerdAddr })
+				set("workers", func() { cfg.Workers = f.workers })
+				if *stateDir != "" {
+					cfg.StateDir = *stateDir
+				}
+				if err := cfg.Validate(); err != nil {
+					return Config{}, fmt.Errorf("config %s refused:\n%w", *configPath, err)
+				}
+				return cfg, nil
 			}
-			set("netns-dir", func() { cfg.NetnsDir = f.netnsDir })
-			set("log-level", func() { cfg.LogLevel = f.logLevel })
-			set("log-format", func() { cfg.LogFormat = f.logFormat })
-			set("metrics-address", func() { cfg.MetricsAddress = f.metrics })
-			set("resync-interval", func() { cfg.ResyncInterval = f.resync })
-			set("containerd", func() { cfg.Containerd.Enabled = f.containerd })
-			set("containerd-address", func() { cfg.Containerd.Address = f.containerdAddr })
-			set("workers", func() { cfg.Workers = f.workers })
-			if *stateDir != "" {
-				cfg.StateDir = *stateDir
-			}
-			if err := cfg.Validate(); err != nil {
-				return fmt.Errorf("config %s refused, nothing started:\n%w", *configPath, err)
+			cfg, err := load()
+			if err != nil {
+				return fmt.Errorf("%w\nnothing started", err)
 			}
 			log := newLogger(cfg, cmd.ErrOrStderr())
 			if statErr != nil {
@@ -117,6 +127,7 @@ without touching any endpoint: VMs keep their network while it is down.`,
 			if err != nil {
 				return err
 			}
+			d.reload = load
 			return d.run(log.WithContext(context.Background()))
 		},
 	}

@@ -1,0 +1,134 @@
+package main
+
+import (
+	"context"
+	"reflect"
+
+	"github.com/rs/zerolog"
+)
+
+// restartOnlyKeys are the config keys a reload does not change: they are
+// bound at start (a directory watched and locked, a listening socket,
+// the worker pool, the sources started, the logger).
+var restartOnlyKeys = []struct {
+	key   string
+	field func(*Config) any
+	keep  func(next, running *Config)
+}{
+	{"state_dir", func(c *Config) any { return c.StateDir }, func(n, r *Config) { n.StateDir = r.StateDir }},
+	{"netns_dir", func(c *Config) any { return c.NetnsDir }, func(n, r *Config) { n.NetnsDir = r.NetnsDir }},
+	{"metrics_address", func(c *Config) any { return c.MetricsAddress }, func(n, r *Config) { n.MetricsAddress = r.MetricsAddress }},
+	{"workers", func(c *Config) any { return c.Workers }, func(n, r *Config) { n.Workers = r.Workers }},
+	{"log_level", func(c *Config) any { return c.LogLevel }, func(n, r *Config) { n.LogLevel = r.LogLevel }},
+	{"log_format", func(c *Config) any { return c.LogFormat }, func(n, r *Config) { n.LogFormat = r.LogFormat }},
+	{"containerd", func(c *Config) any { return c.Containerd }, func(n, r *Config) { n.Containerd = r.Containerd }},
+	{"discovery", func(c *Config) any { return c.Discovery }, func(n, r *Config) { n.Discovery = r.Discovery }},
+}
+
+// keepRestartOnly copies the restart-only keys of running into next and
+// returns the ones whose values differed.
+func keepRestartOnly(next, running *Config) []string {
+	var changed []string
+	for _, k := range restartOnlyKeys {
+		if !reflect.DeepEqual(k.field(next), k.field(running)) {
+			changed = append(changed, k.key)
+		}
+		k.keep(next, running)
+	}
+	return changed
+}
+
+// reloadConfig is SIGHUP's first half (the second is a resync of every
+// sandbox): read the config file again and, when it is valid, make it the
+// running one. [[sandbox]] entries that are gone are unregistered, new
+// ones registered, changed ones updated; every other sandbox takes the
+// new defaults. A config that does not load or validate changes nothing.
+func (d *daemon) reloadConfig(ctx context.Context) {
+	log := zerolog.Ctx(ctx)
+	if d.reload == nil {
+		return
+	}
+	next, err := d.reload()
+	if err != nil {
+		log.Error().Err(err).Msg("config reload refused; the running config stays")
+		return
+	}
+	running := d.config()
+	if changed := keepRestartOnly(&next, running); len(changed) > 0 {
+		log.Warn().Strs("keys", changed).Msg("config keys changed that only take effect at restart; their running values stay")
+	}
+	d.cfg.Store(&next)
+
+	inFile := map[string]bool{}
+	for _, s := range next.Sandboxes {
+		inFile[s.ID] = true
+	}
+	d.mu.Lock()
+	var drop []string
+	for id, o := range d.origin {
+		if o == originConfig && !inFile[id] {
+			drop = append(drop, id)
+			d.dropped[id] = true
+		}
+	}
+	d.mu.Unlock()
+	for _, id := range drop {
+		// The pass of id unregisters it: never while a pass runs on it.
+		d.queue.Add(id)
+	}
+	for _, s := range next.Sandboxes {
+		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL)
+		if old := d.status(s.ID).Sandbox; old.ID != "" && old != sb {
+			log.Info().Str("sandbox", s.ID).Str("netns", sb.Netns).Str("qmp", sb.QMP).Msg("sandbox updated from the config file")
+		}
+		d.register(ctx, sb, originConfig, "in config file (reloaded)")
+	}
+	for _, st := range d.rec.Status() {
+		id := st.Sandbox.ID
+		d.mu.Lock()
+		origin := d.origin[id]
+		d.mu.Unlock()
+		agentURL := ""
+		switch origin {
+		case originConfig, "":
+			continue
+		case originContainerd:
+			agentURL = next.Containerd.AgentURL
+		}
+		if err := d.rec.Set(d.sandboxFor(id, st.Sandbox.Netns, st.Sandbox.QMP, nil, agentURL)); err != nil {
+			log.Error().Err(err).Str("sandbox", id).Msg("sandbox refused with the reloaded defaults")
+		}
+	}
+	log.Info().Int("sandboxes_in_file", len(next.Sandboxes)).Strs("unregistered", drop).Msg("config reloaded")
+}
+
+// unregister stops managing config sandbox id, gone from the config file.
+// Its endpoints stay as they are, like when tapsync stops: a sandbox
+// dropped from the file by mistake keeps its network. Its record stays
+// too, so the sandbox is picked up where it was if it comes back; record
+// garbage collection deletes it once the netns is gone.
+func (d *daemon) unregister(ctx context.Context, id string) error {
+	rec, err := d.store.Load(ctx, id)
+	if err != nil {
+		return err
+	}
+	d.links.Stop(id)
+	if err := d.rec.Forget(id); err != nil { // closes the QMP connection; deletes the record
+		return err
+	}
+	if len(rec.Endpoints) > 0 {
+		if err := d.store.Save(rec); err != nil {
+			return err
+		}
+	}
+	d.queue.Forget(id)
+	d.mu.Lock()
+	delete(d.dropped, id)
+	delete(d.origin, id)
+	delete(d.pending, id)
+	delete(d.gone, id)
+	d.mu.Unlock()
+	zerolog.Ctx(ctx).Info().Int("endpoints", len(rec.Endpoints)).
+		Msg("sandbox unregistered: no longer in the config file; its endpoints stay as they are")
+	return nil
+}

@@ -12,6 +12,7 @@ import (
 	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/state"
 	"github.com/tapsync/tapsync/watcher"
 )
 
@@ -94,8 +95,9 @@ func runChecks(ctx context.Context, cfg Config) []checkResult {
 	} else {
 		add("ok", "netns_dir "+cfg.NetnsDir+" exists", "")
 	}
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		add("FAIL", "state_dir: "+err.Error(), "make state_dir writable by root (it should be on tmpfs, e.g. /run/tapsync)")
+	// The same checks `tapsync run` makes: a real directory, root's, 0700.
+	if _, err := state.Open(cfg.StateDir); err != nil {
+		add("FAIL", err.Error(), "make state_dir a directory owned by root, not a symlink (it should be on tmpfs, e.g. /run/tapsync)")
 	} else {
 		add("ok", "state_dir "+cfg.StateDir+" is usable", "")
 	}

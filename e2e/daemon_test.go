@@ -327,7 +327,7 @@ qmp = %q
 	}
 	d.waitLogAfter(mark, "resync requested", nil)
 	waitReconciled(t, r.stateDir, before)
-	if out, err := cli("status"); err != nil || !strings.Contains(out, "tap0_kata  eth0") {
+	if out, err := cli("status"); err != nil || !strings.Contains(out, "tsn0  eth0") {
 		t.Errorf("tapsync status: %v:\n%s", err, out)
 	}
 

@@ -233,7 +233,7 @@ func routeFromPB(pb *agentpb.Route) (Route, error) {
 func (r Route) String() string {
 	var b strings.Builder
 	switch {
-	case r.Dest.IsValid():
+	case r.Dest.IsValid() && r.Dest.Bits() > 0:
 		b.WriteString(r.Dest.String())
 	case r.IPv6:
 		b.WriteString("default (v6)")

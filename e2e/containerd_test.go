@@ -55,6 +55,8 @@ address = %q
 namespaces = ["tapsync-e2e"]
 runtimes = [%q]
 qmp_socket = %q
+# The guest configures itself (SelfConfig): no agent for this host-side test.
+agent_url = ""
 [discovery]
 proc = false
 `, stateDir, ctr.Address(), testctr.RuntimeRunc, filepath.Join(base, "{id}", "qmp.sock")))

@@ -220,7 +220,7 @@ func (r *guestRig) waitGuestRoutes(want ...string) {
 		}
 		have = have[:0]
 		for _, rt := range rs {
-			have = append(have, routeString(rt))
+			have = append(have, rt.String())
 		}
 		if !slices.ContainsFunc(want, func(w string) bool { return !slices.Contains(have, w) }) {
 			return
@@ -230,16 +230,6 @@ func (r *guestRig) waitGuestRoutes(want ...string) {
 	r.t.Fatalf("guest routes %q lack some of %q", have, want)
 }
 
-func routeString(rt agent.Route) string {
-	dst := "default"
-	if rt.Dest.IsValid() && rt.Dest.Bits() > 0 {
-		dst = rt.Dest.String()
-	}
-	if rt.Gateway.IsValid() {
-		return fmt.Sprintf("%s via %s dev %s", dst, rt.Gateway, rt.Device)
-	}
-	return fmt.Sprintf("%s dev %s", dst, rt.Device)
-}
 
 func sameAddrs(have []netip.Prefix, want []netip.Prefix) bool {
 	var global []netip.Prefix

@@ -339,7 +339,7 @@ agent_url = %q
 		info("the guest's routes:")
 		for _, r := range rs {
 			if !r.IPv6 {
-				info("  %s", routeString(r))
+				info("  %s", r.String())
 			}
 		}
 		return nil
@@ -401,7 +401,7 @@ agent_url = %q
 			return err.Error()
 		}
 		for _, r := range rs {
-			if routeString(r) == want {
+			if r.String() == want {
 				return ""
 			}
 		}
@@ -519,16 +519,6 @@ func ifaceString(i agent.Interface) string {
 	return s
 }
 
-func routeString(r agent.Route) string {
-	dst := "default"
-	if r.Dest.IsValid() && r.Dest.Bits() > 0 {
-		dst = r.Dest.String()
-	}
-	if r.Gateway.IsValid() {
-		return fmt.Sprintf("%s via %s dev %s", dst, r.Gateway, r.Device)
-	}
-	return fmt.Sprintf("%s dev %s", dst, r.Device)
-}
 
 func gwOr(gw net.IP, def netip.Addr) string {
 	if gw != nil {

@@ -230,7 +230,6 @@ func (r *guestRig) waitGuestRoutes(want ...string) {
 	r.t.Fatalf("guest routes %q lack some of %q", have, want)
 }
 
-
 func sameAddrs(have []netip.Prefix, want []netip.Prefix) bool {
 	var global []netip.Prefix
 	for _, a := range have {
@@ -349,6 +348,13 @@ func TestGuestConfiguredByAgent(t *testing.T) {
 		})
 		// 1372 bytes of payload + 8 ICMP + 20 IP = 1400, not fragmented.
 		r.pingFromNode(addrs[0].Addr(), "-M", "do", "-s", "1372")
+	})
+	t.Run("check reports hot-plug capacity", func(t *testing.T) {
+		out, err := exec.Command(tapsyncBinary(t), "check", "--config", r.config, "--sandbox", "pod").CombinedOutput()
+		// Five NICs on the bridge (slots 0x1f down to 0x1b), none on the root ports.
+		if !strings.Contains(string(out), "sandbox pod: hot-plug capacity hotplug = bridge: 26 free") {
+			t.Errorf("tapsync check --sandbox pod: %v\n%s", err, out)
+		}
 	})
 	t.Run("restart and SIGHUP make no agent call", func(t *testing.T) {
 		r.converged(time.Time{})

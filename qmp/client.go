@@ -71,6 +71,11 @@ type Options struct {
 	// call the Client: that goroutine also reads the replies, so a blocked
 	// OnEvent stalls every command. Poke a channel.
 	OnEvent func(Event)
+
+	// CheckConn, if set, vets the connected socket before a byte of QMP
+	// is exchanged (e.g. that the listener is the QEMU process the socket
+	// was found through, by SO_PEERCRED); an error refuses the socket.
+	CheckConn func(*net.UnixConn) error
 }
 
 // Event is an asynchronous QMP message, such as DEVICE_DELETED.
@@ -214,6 +219,12 @@ func Dial(ctx context.Context, path string, opts Options) (*Client, error) {
 		return nil, fmt.Errorf("qmp dial %s: %w", path, err)
 	}
 	conn := nc.(*net.UnixConn)
+	if opts.CheckConn != nil {
+		if err := opts.CheckConn(conn); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("qmp dial %s: refused: %w", path, err)
+		}
+	}
 	c, err := handshake(ctx, conn, path, timeout, opts.OnEvent)
 	if err != nil {
 		conn.Close()

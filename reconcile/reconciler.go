@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io/fs"
 	"maps"
+	"net"
 	"os"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -47,6 +49,19 @@ type Sandbox struct {
 	// runtime wired (config [defaults] repair_adopted); off, such a link
 	// is only reported (Status.Skipped, Broken).
 	RepairAdopted bool
+	// Placement says where NICs may be hot-plugged (config [defaults]
+	// hotplug, reserved_slots); zero: PCI bridge slots only.
+	Placement qmp.Placement
+	// CheckQMP, if set, vets the QMP socket's listener on every dial
+	// (a sandbox found through /proc: the QEMU it was found as).
+	CheckQMP func(*net.UnixConn) error
+}
+
+// Equal reports whether s and o are the same settings (CheckQMP aside:
+// functions do not compare).
+func (s Sandbox) Equal(o Sandbox) bool {
+	s.CheckQMP, o.CheckQMP = nil, nil
+	return reflect.DeepEqual(s, o)
 }
 
 // guestOn reports whether the sandbox's guest is configured through its agent.
@@ -325,7 +340,7 @@ func (r *Reconciler) client(ctx context.Context, sb Sandbox) (*qmp.Client, error
 			return c, nil
 		}
 	}
-	opts := qmp.Options{Timeout: sb.QMPTimeout}
+	opts := qmp.Options{Timeout: sb.QMPTimeout, CheckConn: sb.CheckQMP}
 	if on := r.OnEvent; on != nil {
 		id := sb.ID
 		opts.OnEvent = func(e qmp.Event) { on(id, e) }
@@ -375,7 +390,7 @@ func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
 		host.Close()
 		return nil, err
 	}
-	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout}
+	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement}
 	if s.queues = sb.Queues; s.queues == 0 {
 		n, err := c.VCPUs(ctx)
 		if err != nil {
@@ -630,7 +645,7 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 		return err
 	}
 	if !gone {
-		vm := qmpVM{c: c, unplugWait: sb.UnplugTimeout}
+		vm := qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement}
 		if obs.NICs, obs.Netdevs, err = vm.NICs(ctx); err != nil {
 			return fmt.Errorf("sandbox %s: %w: list NICs: %w", id, ErrTeardownWaiting, err)
 		}
@@ -702,4 +717,18 @@ func (r *Reconciler) CollectGarbage(ctx context.Context) ([]string, error) {
 		gone = append(gone, id)
 	}
 	return gone, nil
+}
+
+// HotplugCapacity tells where sandbox id's VM can still take NICs under
+// its placement policy, over the sandbox's own QMP connection.
+func (r *Reconciler) HotplugCapacity(ctx context.Context, id string) (qmp.Capacity, error) {
+	sb, err := r.sandbox(id)
+	if err != nil {
+		return qmp.Capacity{}, err
+	}
+	c, err := r.client(ctx, sb)
+	if err != nil {
+		return qmp.Capacity{}, err
+	}
+	return c.HotplugCapacity(ctx, sb.Placement)
 }

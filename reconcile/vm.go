@@ -17,6 +17,7 @@ import (
 type qmpVM struct {
 	c          *qmp.Client
 	unplugWait time.Duration
+	placement  qmp.Placement
 }
 
 func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
@@ -55,7 +56,7 @@ func parseNetdevID(id string) (int, bool) {
 }
 
 func (v qmpVM) PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, mtu int, q *datapath.Queues) (string, error) {
-	info, err := v.c.AddNIC(ctx, qmp.NIC{Index: index, MAC: mac, TapFDs: q.Tap, VhostFDs: q.Vhost, MTU: mtu})
+	info, err := v.c.AddNIC(ctx, qmp.NIC{Index: index, MAC: mac, TapFDs: q.Tap, VhostFDs: q.Vhost, MTU: mtu, Placement: v.placement})
 	if errors.Is(err, qmp.ErrNetdevOrphaned) {
 		return "", fmt.Errorf("%w: %w", ErrIndexBurned, err)
 	}

@@ -24,14 +24,17 @@ type checkResult struct {
 }
 
 func newCheckCmd(configPath *string) *cobra.Command {
-	return &cobra.Command{
+	var sandbox string
+	cmd := &cobra.Command{
 		Use:   "check",
 		Short: "Report what this node lacks to run tapsync, with what to do",
 		Long: `Check this node: root, kernel support (veth, multiqueue taps, ingress qdisc,
 u32, mirred), /dev/net/tun, /dev/vhost-net, the netns and state directories,
 containerd (and what Kata must be configured with), the guest side, and the
-QMP sockets and guest agents of configured sandboxes. Exits non-zero when
-something required is missing.`,
+QMP sockets and guest agents of configured sandboxes. With --sandbox ID it
+also reports where that sandbox's VM can still take hot-plugged NICs (asked
+through the running daemon, which holds the VM's QMP socket). Exits non-zero
+when something required is missing.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := LoadConfig(*configPath, !cmd.Flags().Changed("config"))
@@ -39,6 +42,9 @@ something required is missing.`,
 				return err
 			}
 			results := runChecks(cmd.Context(), cfg)
+			if sandbox != "" {
+				results = append(results, checkCapacity(cfg, sandbox))
+			}
 			failed := 0
 			for _, r := range results {
 				fmt.Fprintf(cmd.OutOrStdout(), "%-4s  %s\n", r.level, r.what)
@@ -55,6 +61,21 @@ something required is missing.`,
 			return nil
 		},
 	}
+	cmd.Flags().StringVar(&sandbox, "sandbox", "", "also report the free hot-plug capacity of this sandbox's VM")
+	return cmd
+}
+
+// checkCapacity asks the daemon where sandbox id's VM can still take NICs.
+func checkCapacity(cfg Config, id string) checkResult {
+	c, err := newControlClient(controlSocketPath(cfg.StateDir)).capacity(id)
+	switch {
+	case err != nil:
+		return checkResult{"FAIL", fmt.Sprintf("sandbox %s: hot-plug capacity: %v", id, err), "run `tapsync run` (it holds the VM's QMP socket) and name a sandbox `tapsync status` lists"}
+	case c.Free == 0:
+		return checkResult{"FAIL", fmt.Sprintf("sandbox %s: no free hot-plug place: %s", id, c.Summary),
+			"start the VM with more bridge slots (Kata: more pci-bridge) or change [defaults] hotplug / reserved_slots"}
+	}
+	return checkResult{"ok", fmt.Sprintf("sandbox %s: hot-plug capacity %s", id, c.Summary), ""}
 }
 
 func runChecks(ctx context.Context, cfg Config) []checkResult {

@@ -14,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/qmp"
 	"github.com/tapsync/tapsync/state"
 	"github.com/tapsync/tapsync/watcher"
 )
@@ -45,6 +46,25 @@ type Defaults struct {
 	Vhost         string        `toml:"vhost"`
 	QMPTimeout    time.Duration `toml:"qmp_timeout"`
 	UnplugTimeout time.Duration `toml:"unplug_timeout"`
+	// Hotplug is where NICs go: "bridge" (PCI bridge slots, from the
+	// top), "root-port" (empty PCIe root ports, which Kata keeps for VFIO
+	// with hot_plug_vfio = "root-port") or "any".
+	Hotplug string `toml:"hotplug"`
+	// ReservedSlots [from, to] are bridge (and pc pci.0) slots never taken.
+	ReservedSlots []int `toml:"reserved_slots"`
+	// RepairAdopted lets tapsync repair the broken redirect of a NIC Kata
+	// wired itself; off, it is only reported.
+	RepairAdopted bool `toml:"repair_adopted"`
+}
+
+// placement is the hot-plug placement of the defaults (validated).
+func (d Defaults) placement() qmp.Placement {
+	h, _ := qmp.ParseHotplug(d.Hotplug)
+	p := qmp.Placement{Hotplug: h}
+	if len(d.ReservedSlots) == 2 {
+		p.Reserved = qmp.SlotRange{From: d.ReservedSlots[0], To: d.ReservedSlots[1]}
+	}
+	return p
 }
 
 // GuestConfig is the guest side: who configures the guest's interfaces.
@@ -75,7 +95,18 @@ type ContainerdConfig struct {
 
 // Discovery enables zero-config sources.
 type Discovery struct {
-	Proc bool `toml:"proc"`
+	// Proc finds QEMUs by walking /proc: off by default, since any pod can
+	// fake an argv; when on, only the binaries, users and QMP directory
+	// below are trusted, and the QMP socket's listener must be that QEMU.
+	Proc         bool     `toml:"proc"`
+	QEMUBinaries []string `toml:"qemu_binaries"`
+	QMPDir       string   `toml:"qmp_dir"`
+	QEMUUIDs     []uint32 `toml:"qemu_uids"` // non-root users QEMU may run as
+}
+
+// procConfig is the /proc discovery's trust settings.
+func (d Discovery) procConfig() watcher.ProcConfig {
+	return watcher.ProcConfig{Binaries: d.QEMUBinaries, QMPDir: d.QMPDir, UIDs: d.QEMUUIDs}
 }
 
 // StaticSandbox is a sandbox named in the config file.
@@ -112,6 +143,7 @@ func DefaultConfig() Config {
 			Vhost:         string(datapath.VhostAuto),
 			QMPTimeout:    5 * time.Second,
 			UnplugTimeout: 10 * time.Second,
+			Hotplug:       string(qmp.HotplugBridge),
 		},
 		Guest: GuestConfig{Agent: GuestAgentKata, Timeout: 5 * time.Second},
 		Containerd: ContainerdConfig{
@@ -122,7 +154,7 @@ func DefaultConfig() Config {
 			QMPSocket:  "/run/vc/vm/{id}/extra-monitor.sock",
 			AgentURL:   "kata-shim:///run/vc/sbs/{id}/shim-monitor.sock",
 		},
-		Discovery: Discovery{Proc: true},
+		Discovery: Discovery{Proc: false, QEMUBinaries: slices.Clone(watcher.DefaultQEMUBinaries), QMPDir: watcher.DefaultQMPDir},
 	}
 }
 
@@ -206,6 +238,27 @@ func (c *Config) Validate() error {
 	}
 	if d.UnplugTimeout <= 0 || d.UnplugTimeout > 5*time.Minute {
 		bad("defaults.unplug_timeout", "%v is outside (0, 5m]", d.UnplugTimeout)
+	}
+	if _, err := qmp.ParseHotplug(d.Hotplug); err != nil || d.Hotplug == "" {
+		bad("defaults.hotplug", "%q is not bridge, root-port or any", d.Hotplug)
+	}
+	switch r := d.ReservedSlots; {
+	case len(r) == 0:
+	case len(r) != 2 || r[0] < 1 || r[1] > 31 || r[0] > r[1]:
+		bad("defaults.reserved_slots", "%v is not [from, to] with 1 <= from <= to <= 31", r)
+	}
+	if disc := c.Discovery; disc.Proc {
+		if len(disc.QEMUBinaries) == 0 {
+			bad("discovery.qemu_binaries", "empty: name the QEMU binaries to trust")
+		}
+		for _, b := range disc.QEMUBinaries {
+			if !filepath.IsAbs(b) {
+				bad("discovery.qemu_binaries", "%q is not an absolute path", b)
+			}
+		}
+		if !filepath.IsAbs(disc.QMPDir) {
+			bad("discovery.qmp_dir", "%q is not an absolute path", disc.QMPDir)
+		}
 	}
 	switch c.Guest.Agent {
 	case GuestAgentKata, GuestAgentNone:

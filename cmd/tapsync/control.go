@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"time"
@@ -41,6 +42,7 @@ type (
 		Link    string `json:"link"`
 		Kind    string `json:"kind"`
 		Adopted bool   `json:"adopted"`
+		Broken  bool   `json:"broken,omitempty"` // adopted, but the runtime's wiring lacks what Reason says
 		Reason  string `json:"reason"`
 	}
 	statusJSON struct {
@@ -53,6 +55,7 @@ type (
 		Mutations     int            `json:"last_mutations"`
 		Retries       int            `json:"retries"`
 		Pending       []int          `json:"pending_removals,omitempty"`
+		Held          []int          `json:"held_plugs,omitempty"` // endpoints waiting for the NIC they replace to leave
 		Endpoints     []endpointJSON `json:"endpoints"`
 		Skipped       []skippedJSON  `json:"skipped,omitempty"`
 		Agent         string         `json:"agent,omitempty"` // the guest agent's URL
@@ -63,6 +66,11 @@ type (
 		Actions []string      `json:"actions"`
 		Skipped []skippedJSON `json:"skipped,omitempty"`
 		Error   string        `json:"error,omitempty"`
+	}
+	capacityJSON struct {
+		Sandbox string `json:"sandbox"`
+		Free    int    `json:"free"`
+		Summary string `json:"summary"`
 	}
 	resyncJSON struct {
 		Triggered []string `json:"triggered"`
@@ -75,7 +83,7 @@ type (
 func skippedOf(s []reconcile.Skipped) []skippedJSON {
 	var out []skippedJSON
 	for _, k := range s {
-		out = append(out, skippedJSON{Link: k.Link.Name, Kind: k.Link.Kind, Adopted: k.Adopted, Reason: k.Reason})
+		out = append(out, skippedJSON{Link: k.Link.Name, Kind: k.Link.Kind, Adopted: k.Adopted, Broken: k.Broken, Reason: k.Reason})
 	}
 	return out
 }
@@ -88,7 +96,7 @@ func (d *daemon) statusJSON() []statusJSON {
 		origin := d.origin[id]
 		d.mu.Unlock()
 		s := statusJSON{ID: id, Netns: st.Sandbox.Netns, QMP: st.Sandbox.QMP, Source: origin,
-			LastError: st.LastError, Mutations: st.Mutations, Retries: d.queue.Failures(id), Pending: st.Pending, Skipped: skippedOf(st.Skipped),
+			LastError: st.LastError, Mutations: st.Mutations, Retries: d.queue.Failures(id), Pending: st.Pending, Held: st.Held, Skipped: skippedOf(st.Skipped),
 			Endpoints: []endpointJSON{}, Guest: st.Guest}
 		if st.Sandbox.Agent.Scheme != "" {
 			s.Agent = st.Sandbox.Agent.String()
@@ -195,6 +203,18 @@ func (d *daemon) serveControl(ctx context.Context) (io.Closer, error) {
 		}
 		reply(w, http.StatusOK, out)
 	})
+	mux.HandleFunc("GET /v1/capacity", func(w http.ResponseWriter, r *http.Request) {
+		id := r.URL.Query().Get("sandbox")
+		if !known(w, id) {
+			return
+		}
+		c, err := d.rec.HotplugCapacity(r.Context(), id)
+		if err != nil {
+			reply(w, http.StatusBadGateway, errorJSON{Error: err.Error()})
+			return
+		}
+		reply(w, http.StatusOK, capacityJSON{Sandbox: id, Free: c.Free(), Summary: c.String()})
+	})
 	mux.HandleFunc("POST /v1/resync", func(w http.ResponseWriter, r *http.Request) {
 		ids := d.rec.Sandboxes()
 		if id := r.URL.Query().Get("sandbox"); id != "" {
@@ -256,6 +276,12 @@ func (c *controlClient) do(method, path string, out any) error {
 		return fmt.Errorf("daemon: %s: %s", resp.Status, e.Error)
 	}
 	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+// capacity asks the daemon where sandbox id's VM can still take NICs.
+func (c *controlClient) capacity(id string) (capacityJSON, error) {
+	var cap capacityJSON
+	return cap, c.do("GET", "/v1/capacity?sandbox="+url.QueryEscape(id), &cap)
 }
 
 // status asks the daemon for its status.

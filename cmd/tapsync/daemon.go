@@ -75,12 +75,10 @@ func newDaemon(cfg Config) (*daemon, error) {
 		discoveryRequests: make(chan string, 1),
 	}
 	d.cfg.Store(&cfg)
-	d.scan = func(context.Context) ([]watcher.Sandbox, error) {
-		// The walk takes no context: a process in D state can hold a
-		// read of its /proc files indefinitely. discoveryLoop bounds the
-		// wait instead.
-		return watcher.DiscoverQEMU("/proc", cfg.NetnsDir)
-	}
+	procs := watcher.NewProcDiscovery(cfg.Discovery.procConfig(), "/proc", cfg.NetnsDir)
+	// A process in D state can hold a read of its /proc files
+	// indefinitely: discoveryLoop bounds the wait.
+	d.scan = procs.Scan
 	d.links = watcher.NewNetlinkWatcher(d.handle)
 	d.m = newMetrics(d)
 	d.rec.OnEvent = d.qmpEvent
@@ -107,6 +105,8 @@ func (d *daemon) sandboxFor(id, netns, qmpPath string, queues *int, agentURL str
 		QMPTimeout:    cfg.Defaults.QMPTimeout,
 		UnplugTimeout: cfg.Defaults.UnplugTimeout,
 		Agent:         u, GuestOff: off, GuestTimeout: cfg.Guest.Timeout,
+		Placement:     cfg.Defaults.placement(),
+		RepairAdopted: cfg.Defaults.RepairAdopted,
 	}
 }
 
@@ -345,8 +345,12 @@ func (d *daemon) registerDiscovered(ctx context.Context, found []watcher.Sandbox
 		if taken := d.sandboxesIn(s.Netns); len(taken) > 0 {
 			continue // already known through containerd or the config
 		}
-		// A VM found through /proc names no agent: host side only.
-		d.register(ctx, d.sandboxFor(s.ID, s.Netns, s.QMP, nil, ""), originProc, why)
+		// A VM found through /proc names no agent: host side only. Its
+		// QMP socket is trusted only while the QEMU found serves it.
+		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, nil, "")
+		pid := s.PID
+		sb.CheckQMP = func(c *net.UnixConn) error { return watcher.CheckQMPPeer(c, pid) }
+		d.register(ctx, sb, originProc, why)
 	}
 }
 
@@ -531,6 +535,7 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 		source("containerd", func() error {
 			return watcher.WatchContainerd(ctx, watcher.ContainerdConfig{
 				Address: cd.Address, Namespaces: cd.Namespaces, Runtimes: cd.Runtimes, QMPSocket: cd.QMPSocket,
+				NetnsDir: cfg.NetnsDir,
 			}, d.handle)
 		})
 	}

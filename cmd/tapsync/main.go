@@ -222,7 +222,17 @@ func printStatus(out interface{ Write([]byte) (int, error) }, st []statusJSON) {
 		}
 		tw.Flush()
 		for _, k := range s.Skipped {
-			fmt.Fprintf(out, "  not wired: %s (%s): %s\n", k.Link, k.Kind, k.Reason)
+			what := "not wired"
+			switch {
+			case k.Broken:
+				what = "adopted, BROKEN"
+			case k.Adopted:
+				what = "adopted"
+			}
+			fmt.Fprintf(out, "  %s: %s (%s): %s\n", what, k.Link, k.Kind, k.Reason)
+		}
+		if len(s.Held) > 0 {
+			fmt.Fprintf(out, "  plugs held until the NICs they replace leave the VM: endpoints %v\n", s.Held)
 		}
 	}
 }

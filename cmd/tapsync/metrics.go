@@ -70,7 +70,11 @@ type endpointsCollector struct{ d *daemon }
 
 var endpointsDesc = prometheus.NewDesc("tapsync_endpoints", "Endpoints by state (wired, removing).", []string{"state"}, nil)
 
-func (c endpointsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- endpointsDesc }
+func (c endpointsCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- endpointsDesc
+	ch <- guestEndpointsDesc
+	ch <- adoptedDesc
+}
 
 func (c endpointsCollector) Collect(ch chan<- prometheus.Metric) {
 	var wired, removing float64
@@ -97,7 +101,22 @@ func (c endpointsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(guestEndpointsDesc, prometheus.GaugeValue, configured, "configured")
 	ch <- prometheus.MustNewConstMetric(guestEndpointsDesc, prometheus.GaugeValue, unconfigured, "not_configured")
+	var adopted, broken float64
+	for _, st := range c.d.rec.Status() {
+		for _, k := range st.Skipped {
+			switch {
+			case k.Broken:
+				broken++
+			case k.Adopted:
+				adopted++
+			}
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(adoptedDesc, prometheus.GaugeValue, adopted, "ok")
+	ch <- prometheus.MustNewConstMetric(adoptedDesc, prometheus.GaugeValue, broken, "broken")
 }
+
+var adoptedDesc = prometheus.NewDesc("tapsync_adopted_links", "Container links wired by the runtime (Kata) and adopted, by state: ok, or broken (its redirect or NIC is missing).", []string{"state"}, nil)
 
 var guestEndpointsDesc = prometheus.NewDesc("tapsync_guest_endpoints", "Endpoints by guest state (configured by the agent, or not: pending, waiting, unreachable, off).", []string{"state"}, nil)
 

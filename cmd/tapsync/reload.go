@@ -78,7 +78,7 @@ func (d *daemon) reloadConfig(ctx context.Context) {
 	}
 	for _, s := range next.Sandboxes {
 		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL)
-		if old := d.status(s.ID).Sandbox; old.ID != "" && old != sb {
+		if old := d.status(s.ID).Sandbox; old.ID != "" && !old.Equal(sb) {
 			log.Info().Str("sandbox", s.ID).Str("netns", sb.Netns).Str("qmp", sb.QMP).Msg("sandbox updated from the config file")
 		}
 		d.register(ctx, sb, originConfig, "in config file (reloaded)")
@@ -95,7 +95,9 @@ func (d *daemon) reloadConfig(ctx context.Context) {
 		case originContainerd:
 			agentURL = next.Containerd.AgentURL
 		}
-		if err := d.rec.Set(d.sandboxFor(id, st.Sandbox.Netns, st.Sandbox.QMP, nil, agentURL)); err != nil {
+		sb := d.sandboxFor(id, st.Sandbox.Netns, st.Sandbox.QMP, nil, agentURL)
+		sb.CheckQMP = st.Sandbox.CheckQMP // who may serve its QMP socket does not change
+		if err := d.rec.Set(sb); err != nil {
 			log.Error().Err(err).Str("sandbox", id).Msg("sandbox refused with the reloaded defaults")
 		}
 	}

@@ -519,7 +519,6 @@ func ifaceString(i agent.Interface) string {
 	return s
 }
 
-
 func gwOr(gw net.IP, def netip.Addr) string {
 	if gw != nil {
 		return gw.String()

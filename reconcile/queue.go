@@ -27,6 +27,15 @@ func Backoff(failures int) time.Duration {
 // key coalesce; a key is never handed to two workers at once; a trigger
 // that arrives while its key is being worked on causes exactly one more
 // pass. Nothing polls: workers sleep until a trigger or a backoff timer.
+//
+// A key whose last pass failed waits out its backoff whatever triggers it:
+// Add during the wait is absorbed by the retry already scheduled (which
+// reads the whole truth again, so nothing is lost), and a trigger that
+// arrives during a failing pass is absorbed the same way. Without this a
+// failing pass that itself causes an event (a hot-add that opens and
+// closes a tap's queues: a carrier change on netlink) restarts at once,
+// hundreds of times a second. Kick may shorten one wait, for a change that
+// the pass cannot have caused (an operator's resync, a QEMU event).
 type Queue struct {
 	mu         sync.Mutex
 	cond       *sync.Cond
@@ -34,21 +43,49 @@ type Queue struct {
 	dirty      map[string]bool // keys that need a pass (ready or requeued after processing)
 	processing map[string]bool
 	failures   map[string]int
-	retry      map[string]*time.Timer
-	shutdown   bool
+	retry      map[string]*time.Timer // keys waiting out a backoff, by their retry timer
+	// kicked keys had a backoff wait cut short by Kick; they cannot cut
+	// another until a scheduled retry has run or a pass succeeded.
+	kicked   map[string]bool
+	shutdown bool
+	backoff  func(failures int) time.Duration // Backoff; tests stretch it
 }
 
 // NewQueue returns an empty queue.
 func NewQueue() *Queue {
-	q := &Queue{dirty: map[string]bool{}, processing: map[string]bool{}, failures: map[string]int{}, retry: map[string]*time.Timer{}}
+	q := &Queue{dirty: map[string]bool{}, processing: map[string]bool{}, failures: map[string]int{},
+		retry: map[string]*time.Timer{}, kicked: map[string]bool{}, backoff: Backoff}
 	q.cond = sync.NewCond(&q.mu)
 	return q
 }
 
-// Add asks for one pass over key.
+// Add asks for one pass over key. A key waiting out a backoff keeps
+// waiting: its scheduled retry is that pass.
 func (q *Queue) Add(key string) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	if q.retry[key] != nil {
+		return
+	}
+	q.addLocked(key)
+}
+
+// Kick asks for one pass over key now, for a change the key's own passes
+// cannot have caused. It cuts a backoff wait short at most once between
+// two scheduled retries (otherwise it waits, like Add), so a failing key
+// runs at most twice as often as its backoff schedule, however often it is
+// kicked. The failure count stays: a kicked pass that fails waits longer.
+func (q *Queue) Kick(key string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if t := q.retry[key]; t != nil {
+		if q.kicked[key] {
+			return
+		}
+		t.Stop()
+		delete(q.retry, key)
+		q.kicked[key] = true
+	}
 	q.addLocked(key)
 }
 
@@ -84,10 +121,23 @@ func (q *Queue) Forget(key string) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	delete(q.failures, key)
+	delete(q.kicked, key)
 	if t := q.retry[key]; t != nil {
 		t.Stop()
 		delete(q.retry, key)
 	}
+}
+
+// retryLocked runs when key's backoff timer t fires; q.mu must be held. A
+// timer that was stopped too late to keep it from firing is no longer
+// key's timer and does nothing.
+func (q *Queue) retryLocked(key string, t *time.Timer) {
+	if q.retry[key] != t {
+		return
+	}
+	delete(q.retry, key)
+	delete(q.kicked, key)
+	q.addLocked(key)
 }
 
 func (q *Queue) get() (string, bool) {
@@ -107,7 +157,9 @@ func (q *Queue) get() (string, bool) {
 }
 
 // done ends a pass over key. A failed pass schedules a retry after the
-// key's backoff; a successful one resets it.
+// key's backoff, and triggers that came during it wait for that retry; a
+// successful one resets the backoff and runs once more if triggered
+// meanwhile.
 func (q *Queue) done(key string, err error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -118,10 +170,18 @@ func (q *Queue) done(key string, err error) {
 	}
 	if err != nil && !q.shutdown {
 		q.failures[key]++
-		q.retry[key] = time.AfterFunc(Backoff(q.failures[key]), func() { q.Add(key) })
-	} else {
-		delete(q.failures, key)
+		delete(q.dirty, key) // the retry is the pass they asked for
+		var t *time.Timer
+		t = time.AfterFunc(q.backoff(q.failures[key]), func() {
+			q.mu.Lock()
+			defer q.mu.Unlock()
+			q.retryLocked(key, t)
+		})
+		q.retry[key] = t
+		return
 	}
+	delete(q.failures, key)
+	delete(q.kicked, key)
 	if q.dirty[key] {
 		q.ready = append(q.ready, key)
 		q.cond.Signal()

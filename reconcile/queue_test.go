@@ -127,3 +127,191 @@ func TestQueueSlowKeyDoesNotBlockOthers(t *testing.T) {
 	<-done // Run returns once the hung pass sees ctx end
 	close(hung)
 }
+
+// passLog records the passes of a queue's work function.
+type passLog struct {
+	mu     sync.Mutex
+	starts map[string][]time.Time
+	ends   map[string][]time.Time
+}
+
+func newPassLog() *passLog {
+	return &passLog{starts: map[string][]time.Time{}, ends: map[string][]time.Time{}}
+}
+
+func (l *passLog) start(key string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.starts[key] = append(l.starts[key], time.Now())
+}
+
+func (l *passLog) end(key string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.ends[key] = append(l.ends[key], time.Now())
+}
+
+func (l *passLog) count(key string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.starts[key])
+}
+
+// runQueue runs q with workers calling fn until the test ends.
+func runQueue(t *testing.T, q *Queue, workers int, fn func(ctx context.Context, key string) error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		q.Run(ctx, workers, fn)
+		close(done)
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+}
+
+// A failing key waits out its backoff whatever triggers it: here a
+// trigger during every pass (the event its own failed mutation causes)
+// and a stream of triggers between passes. Each pass starts no earlier
+// than its backoff after the failed one before it: a timer never fires
+// early, so the check holds on any machine. Without the rule the triggers
+// start passes back to back.
+func TestQueueFailingKeyKeepsItsBackoff(t *testing.T) {
+	q := NewQueue()
+	l := newPassLog()
+	runQueue(t, q, 2, func(_ context.Context, key string) error {
+		l.start(key)
+		defer l.end(key)
+		q.Add(key) // our own event, seen while the pass runs
+		return errors.New("hot-add failed")
+	})
+	stop := make(chan struct{})
+	hammered := make(chan struct{})
+	go func() {
+		defer close(hammered)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				q.Add("sb")
+				time.Sleep(50 * time.Microsecond)
+			}
+		}
+	}()
+	const passes = 7 // 10+20+40+80+160+320 ms of backoff
+	eventually(t, "7 failed passes", func() bool { return l.count("sb") >= passes })
+	close(stop)
+	<-hammered
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for n := 1; n < passes; n++ {
+		gap := l.starts["sb"][n].Sub(l.ends["sb"][n-1])
+		if gap < Backoff(n) {
+			t.Errorf("pass %d started %v after failed pass %d ended, want at least its backoff %v", n+1, gap, n, Backoff(n))
+		}
+	}
+}
+
+// stretched returns a queue whose backoff is an hour, so that a retry
+// never comes by itself during a test.
+func stretched() *Queue {
+	q := NewQueue()
+	q.backoff = func(int) time.Duration { return time.Hour }
+	return q
+}
+
+// probe proves that nothing is queued for key: with one worker and a
+// first-in-first-out queue, a pass over key queued before the probe would
+// have run before the probe's own pass.
+func probe(t *testing.T, q *Queue, l *passLog, key string, want int) {
+	t.Helper()
+	before := l.count("probe")
+	q.Add("probe")
+	eventually(t, "the probe's pass", func() bool { return l.count("probe") > before })
+	if got := l.count(key); got != want {
+		t.Errorf("passes over %s = %d, want %d", key, got, want)
+	}
+}
+
+// Triggers during a failing pass and during its backoff wait do not run
+// it early: the retry is the pass they asked for.
+func TestQueueAddWaitsForBackoff(t *testing.T) {
+	q := stretched()
+	l := newPassLog()
+	runQueue(t, q, 1, func(_ context.Context, key string) error {
+		l.start(key)
+		if key == "probe" {
+			return nil
+		}
+		q.Add(key) // during the pass
+		return errors.New("failing")
+	})
+	q.Add("sb")
+	eventually(t, "the first pass", func() bool { return q.Failures("sb") >= 1 })
+	for range 100 {
+		q.Add("sb")
+	}
+	probe(t, q, l, "sb", 1)
+}
+
+// Kick cuts one backoff wait short, and no more until a scheduled retry
+// has run; the failure count is kept. A success resets everything.
+func TestQueueKickCutsOneWait(t *testing.T) {
+	q := stretched()
+	l := newPassLog()
+	var fail atomic.Bool
+	fail.Store(true)
+	runQueue(t, q, 1, func(_ context.Context, key string) error {
+		l.start(key)
+		if key == "probe" || !fail.Load() {
+			return nil
+		}
+		return errors.New("failing")
+	})
+	q.Add("sb")
+	eventually(t, "the first failure", func() bool { return q.Failures("sb") == 1 })
+	q.Kick("sb")
+	eventually(t, "the kicked pass", func() bool { return q.Failures("sb") == 2 })
+	q.Kick("sb")
+	q.Kick("sb")
+	probe(t, q, l, "sb", 2) // the second wait is not cut short
+
+	// The scheduled retry comes (its timer fired): the next wait may be
+	// cut once more.
+	q.mu.Lock()
+	q.retryLocked("sb", q.retry["sb"])
+	q.mu.Unlock()
+	eventually(t, "the scheduled retry", func() bool { return q.Failures("sb") == 3 })
+	q.Kick("sb")
+	eventually(t, "the kicked pass after the retry", func() bool { return q.Failures("sb") == 4 })
+
+	// Recovery: a kick is honoured only while waiting, and a success
+	// clears the count.
+	fail.Store(false)
+	q.mu.Lock()
+	q.retryLocked("sb", q.retry["sb"])
+	q.mu.Unlock()
+	eventually(t, "recovery", func() bool { return q.Failures("sb") == 0 && l.count("sb") == 5 })
+	q.Kick("sb")
+	eventually(t, "a kicked pass of a healthy key", func() bool { return l.count("sb") == 6 })
+}
+
+// A stopped timer that fired anyway (Stop lost the race) must not run a
+// pass: only the key's current timer counts.
+func TestQueueStaleRetryIgnored(t *testing.T) {
+	q := stretched()
+	l := newPassLog()
+	runQueue(t, q, 1, func(_ context.Context, key string) error {
+		l.start(key)
+		if key == "probe" {
+			return nil
+		}
+		return errors.New("failing")
+	})
+	q.Add("sb")
+	eventually(t, "the first failure", func() bool { return q.Failures("sb") == 1 })
+	q.mu.Lock()
+	q.retryLocked("sb", time.NewTimer(time.Hour)) // not sb's timer
+	q.mu.Unlock()
+	probe(t, q, l, "sb", 1)
+}

@@ -94,9 +94,10 @@ type Client struct {
 	onEvent func(Event)
 	conn    *net.UnixConn
 
-	wire   chan struct{} // held while a command is on the wire; a channel so waiting honours ctx
-	nextID atomic.Uint64
-	addSem chan struct{} // held by AddNIC: choosing a slot and device_add must not interleave
+	wire    chan struct{} // held while a command is on the wire; a channel so waiting honours ctx
+	nextID  atomic.Uint64
+	addSem  chan struct{} // held by AddNIC: choosing a slot and device_add must not interleave
+	unplugs unplugLog     // when device_del was last sent, per device (see RemoveNICs)
 
 	closeOnce  sync.Once
 	done       chan struct{} // closed when the connection is dead

@@ -443,7 +443,8 @@ type fakeVM struct {
 	devices  map[string]bool
 	netdevs  map[string]bool
 	pending  map[string]bool
-	unplug   string // "ack": DEVICE_DELETED at once; "pending": never; "refuse": DEVICE_UNPLUG_GUEST_ERROR
+	unplug   string          // "ack": DEVICE_DELETED at once; "pending": never; "refuse": DEVICE_UNPLUG_GUEST_ERROR
+	ack      map[string]bool // devices that unplug as with "ack" whatever unplug says
 	commands []string
 }
 
@@ -463,7 +464,11 @@ func (v *fakeVM) handle(cmd fakeCommand) []string {
 			return []string{qmpError("GenericError", fmt.Sprintf("Device %s is already in the process of unplug", id))}
 		}
 		path := "/machine/peripheral/" + id
-		switch v.unplug {
+		mode := v.unplug
+		if v.ack[id] {
+			mode = "ack"
+		}
+		switch mode {
 		case "ack": // as QEMU does when no guest round trip is needed: events before the reply
 			delete(v.devices, id)
 			return []string{

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -205,6 +206,7 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 	if _, err := c.run(ctx, "device_add", "id="+id, devArgs, nil); err != nil {
 		return NICInfo{}, err
 	}
+	c.unplugs.forget(id) // a new device: no unplug asked of it yet
 
 	return NICInfo{
 		ID:      id,
@@ -327,79 +329,280 @@ func (c *Client) delNetdev(ctx context.Context, id string) error {
 	return err
 }
 
-// RemoveNIC unplugs the device of endpoint index and then deletes its
-// netdev. Unplugging needs the guest's acknowledgement (ACPI or PCIe
-// hot-plug): RemoveNIC waits up to wait for DEVICE_DELETED and otherwise
-// returns an error wrapping ErrRemovalPending, leaving the netdev in place
-// (the device still uses it). A device or netdev that does not exist is
-// success, so removing twice succeeds. A netdev QEMU cannot delete (see
-// ErrNetdevOrphaned) is reported, after the device is gone.
-func (c *Client) RemoveNIC(ctx context.Context, index int, wait time.Duration) error {
-	id := DeviceID(index)
-	if index < 0 {
-		return fmt.Errorf("remove %s: endpoint index is negative", id)
-	}
-	// Listen before device_del: QEMU emits DEVICE_DELETED before replying
-	// when the removal completes at once.
-	events, stop := c.waitEvent(func(e Event) bool {
-		return (e.Name == "DEVICE_DELETED" || e.Name == "DEVICE_UNPLUG_GUEST_ERROR") && e.Data["device"] == id
-	})
-	defer stop()
+// DefaultUnplugResend is how long RemoveNICs lets an unplug it asked for
+// run before it sends device_del for the same device again.
+//
+// Why ever again: with ACPI hot-plug (q35's and pc's default, and Kata's
+// pci-bridge) a request the guest was not ready for (still booting, no
+// hot-plug driver yet) may never be acted on, and QEMU 7.2 shows no sign
+// of a pending unplug (no QOM property; "hotplugged" stays true) while it
+// accepts a repeated device_del every time (measured), only raising the
+// guest's hot-plug event again. Why not sooner: with native PCIe hot-plug
+// a device_del presses the slot's attention button, and a second press
+// while the guest's 5 s blink runs cancels the unplug (QEMU refuses one
+// only for its own 5 s, counted on the VM's clock, which a slow guest
+// outlasts). A minute is far past any blink, so a repeat is either a
+// fresh request or ignored, and still soon enough to rescue a lost ACPI
+// request.
+const DefaultUnplugResend = time.Minute
 
-	// Equivalent to: device_del tapsync-net3
-	_, err := c.run(ctx, "device_del", "id="+id, map[string]any{"id": id}, nil)
-	switch {
-	case IsNotFound(err):
-		// Gone already.
-	case err == nil, hasClass(err, ClassUnplugPending):
-		if err := c.awaitDeleted(ctx, id, events, wait); err != nil {
-			return err
-		}
-	default:
-		return fmt.Errorf("remove %s from VM at %s: %w", id, c.path, err)
-	}
-
-	if err := c.delNetdev(ctx, NetdevID(index)); err != nil {
-		// ErrNetdevOrphaned: the device is gone but QEMU keeps a netdev it
-		// cannot delete; the caller must stop using this index.
-		return fmt.Errorf("remove %s from VM at %s: %w", id, c.path, err)
-	}
-	return nil
+// Unplug names one NIC for RemoveNICs.
+type Unplug struct {
+	Index int // endpoint index: the device DeviceID(Index), the netdev NetdevID(Index)
+	// Requested says device_del was sent for this device before, perhaps
+	// by an earlier connection or daemon (the caller's record says so).
+	// It is then sent again only once DefaultUnplugResend has passed
+	// since the last one this Client knows of; a request this Client
+	// never saw is taken as made just now, so a restart never sends a
+	// second device_del right behind the first.
+	Requested bool
 }
 
-// awaitDeleted waits for DEVICE_DELETED of device id.
-func (c *Client) awaitDeleted(ctx context.Context, id string, events <-chan Event, wait time.Duration) error {
-	timer := time.NewTimer(wait)
-	defer timer.Stop()
-	var e Event
-	select {
-	case e = <-events:
-	case <-timer.C:
-		select {
-		case e = <-events:
-		default:
+// unplugLog remembers when this connection last sent device_del per
+// device id. The zero value is ready; its fields are guarded by mu.
+type unplugLog struct {
+	mu     sync.Mutex
+	sent   map[string]time.Time
+	resend time.Duration // 0: DefaultUnplugResend (tests shorten it)
+}
+
+// shouldSend says whether device_del goes out for u's device now.
+func (l *unplugLog) shouldSend(id string, u Unplug, now time.Time) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !u.Requested {
+		return true
+	}
+	last, ok := l.sent[id]
+	if !ok {
+		// Asked before, by someone we cannot ask when: start the clock.
+		l.setLocked(id, now)
+		return false
+	}
+	resend := l.resend
+	if resend <= 0 {
+		resend = DefaultUnplugResend
+	}
+	return now.Sub(last) >= resend
+}
+
+func (l *unplugLog) setLocked(id string, t time.Time) {
+	if l.sent == nil {
+		l.sent = map[string]time.Time{}
+	}
+	l.sent[id] = t
+}
+
+func (l *unplugLog) mark(id string, t time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.setLocked(id, t)
+}
+
+func (l *unplugLog) forget(id string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	delete(l.sent, id)
+}
+
+// RemoveNIC unplugs the device of endpoint index and then deletes its
+// netdev, waiting up to wait for the guest: RemoveNICs of one fresh
+// request.
+func (c *Client) RemoveNIC(ctx context.Context, index int, wait time.Duration) error {
+	return c.RemoveNICs(ctx, []Unplug{{Index: index}}, wait)[0]
+}
+
+// unplugState is how one NIC of a RemoveNICs call stands.
+type unplugState int
+
+const (
+	unplugGone     unplugState = iota // device gone: delete the netdev
+	unplugAwaited                     // device_del sent now for the first time: worth waiting for
+	unplugInFlight                    // asked before (or again): checked, not waited for
+	unplugFailed                      // err holds why
+)
+
+// RemoveNICs unplugs the devices of several endpoints together and then
+// deletes the netdev of each device that went. It returns one error per
+// request, in order: nil once device and netdev are gone (gone already is
+// success, so removing twice succeeds), an error wrapping
+// ErrRemovalPending while the guest has not acknowledged, wrapping
+// ErrNetdevOrphaned for a netdev QEMU cannot delete (after its device is
+// gone), or what else failed.
+//
+// Every device_del goes out first; then one wait of at most wait covers
+// every device asked for the first time (Requested false), ending as soon
+// as each has its DEVICE_DELETED. So removing n NICs from a guest that
+// never answers takes one wait, not n: a worker is held for one
+// unplug_timeout at most. A device asked before is not waited for (the
+// caller learns of its DEVICE_DELETED as an event and asks again), and its
+// device_del is not repeated before DefaultUnplugResend (see there).
+//
+// Unplugging needs the guest's acknowledgement (ACPI or PCIe hot-plug):
+// until then the device and its netdev stay.
+func (c *Client) RemoveNICs(ctx context.Context, nics []Unplug, wait time.Duration) []error {
+	errs := make([]error, len(nics))
+	states := make([]unplugState, len(nics))
+	ids := make([]string, len(nics))
+	byID := map[string][]int{}
+	for i, u := range nics {
+		ids[i] = DeviceID(u.Index)
+		if u.Index < 0 {
+			states[i], errs[i] = unplugFailed, fmt.Errorf("remove %s: endpoint index is negative", ids[i])
+			continue
 		}
-	case <-ctx.Done():
-		return fmt.Errorf("remove %s from VM at %s: waiting for DEVICE_DELETED: %w", id, c.path, ctx.Err())
-	case <-c.done:
-		return fmt.Errorf("remove %s: waiting for DEVICE_DELETED: %w", id, c.Err())
+		byID[ids[i]] = append(byID[ids[i]], i)
 	}
-	switch e.Name {
-	case "DEVICE_DELETED":
-		return nil
-	case "DEVICE_UNPLUG_GUEST_ERROR":
-		return fmt.Errorf("remove %s from VM at %s: the guest reported an error unplugging it (DEVICE_UNPLUG_GUEST_ERROR)", id, c.path)
+	// Listen before device_del: QEMU emits DEVICE_DELETED before replying
+	// when the removal completes at once. Room for two events per device
+	// (DEVICE_DELETED, and DEVICE_UNPLUG_GUEST_ERROR) so none is dropped.
+	w := &waiter{ch: make(chan Event, 2*len(nics)+1), match: func(e Event) bool {
+		id, _ := e.Data["device"].(string)
+		return (e.Name == "DEVICE_DELETED" || e.Name == "DEVICE_UNPLUG_GUEST_ERROR") && byID[id] != nil
+	}}
+	c.mu.Lock()
+	c.waiters[w] = struct{}{}
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.waiters, w)
+		c.mu.Unlock()
+	}()
+
+	for i, u := range nics {
+		if states[i] == unplugFailed {
+			continue
+		}
+		id := ids[i]
+		if j := byID[id][0]; j != i { // the same device twice: one answer
+			continue
+		}
+		now := time.Now()
+		if !c.unplugs.shouldSend(id, u, now) {
+			states[i], errs[i] = c.checkGone(ctx, id)
+			continue
+		}
+		// Equivalent to: device_del tapsync-net3
+		_, err := c.run(ctx, "device_del", "id="+id, map[string]any{"id": id}, nil)
+		switch {
+		case IsNotFound(err):
+			states[i] = unplugGone
+		case err == nil || hasClass(err, ClassUnplugPending):
+			// Accepted, or refused because QEMU is still in its own
+			// unplug window (native PCIe): either way a request stands,
+			// and its clock restarts. A first request is waited for.
+			states[i] = unplugInFlight
+			if !u.Requested {
+				states[i] = unplugAwaited
+			}
+			c.unplugs.mark(id, now)
+		default:
+			states[i], errs[i] = unplugFailed, fmt.Errorf("remove %s from VM at %s: %w", id, c.path, err)
+		}
 	}
-	// No event in time. The device may have gone without one reaching us
-	// (a DEVICE_DELETED sent to an earlier connection): ask.
+
+	// One wait for all first requests.
+	settle := func(e Event) {
+		id, _ := e.Data["device"].(string)
+		i := byID[id][0]
+		if states[i] != unplugAwaited && states[i] != unplugInFlight {
+			return
+		}
+		switch e.Name {
+		case "DEVICE_DELETED":
+			states[i] = unplugGone
+		case "DEVICE_UNPLUG_GUEST_ERROR":
+			states[i], errs[i] = unplugFailed, fmt.Errorf("remove %s from VM at %s: the guest reported an error unplugging it (DEVICE_UNPLUG_GUEST_ERROR)", id, c.path)
+		}
+	}
+	awaiting := func() bool { return slices.Contains(states, unplugAwaited) }
+	if awaiting() && wait > 0 {
+		timer := time.NewTimer(wait)
+		defer timer.Stop()
+	wait:
+		for awaiting() {
+			select {
+			case e := <-w.ch:
+				settle(e)
+			case <-timer.C:
+				break wait
+			case <-ctx.Done():
+				for i := range states {
+					if states[i] == unplugAwaited || states[i] == unplugInFlight {
+						states[i], errs[i] = unplugFailed, fmt.Errorf("remove %s from VM at %s: waiting for DEVICE_DELETED: %w", ids[i], c.path, ctx.Err())
+					}
+				}
+				break wait
+			case <-c.done:
+				for i := range states {
+					if states[i] == unplugAwaited || states[i] == unplugInFlight {
+						states[i], errs[i] = unplugFailed, fmt.Errorf("remove %s: waiting for DEVICE_DELETED: %w", ids[i], c.Err())
+					}
+				}
+				break wait
+			}
+		}
+	}
+	for drained := false; !drained; {
+		select {
+		case e := <-w.ch:
+			settle(e)
+		default:
+			drained = true
+		}
+	}
+
+	for i, u := range nics {
+		if j := byID[ids[i]]; len(j) > 0 && j[0] != i {
+			states[i], errs[i] = states[j[0]], errs[j[0]]
+			continue
+		}
+		id := ids[i]
+		switch states[i] {
+		case unplugAwaited:
+			// No event in time. The device may have gone without one
+			// reaching us (a DEVICE_DELETED sent to an earlier
+			// connection): ask.
+			if states[i], errs[i] = c.checkGone(ctx, id); states[i] == unplugInFlight {
+				errs[i] = fmt.Errorf("remove %s from VM at %s: no DEVICE_DELETED within %s: %w", id, c.path, wait, ErrRemovalPending)
+				continue
+			}
+		case unplugInFlight:
+			since := time.Since(c.unplugs.lastSent(id)).Round(time.Second)
+			errs[i] = fmt.Errorf("remove %s from VM at %s: asked %s ago, not acknowledged yet: %w", id, c.path, since, ErrRemovalPending)
+			continue
+		}
+		if states[i] != unplugGone {
+			continue
+		}
+		c.unplugs.forget(id)
+		if err := c.delNetdev(ctx, NetdevID(u.Index)); err != nil {
+			// ErrNetdevOrphaned: the device is gone but QEMU keeps a
+			// netdev it cannot delete; the caller must stop using this
+			// index.
+			errs[i] = fmt.Errorf("remove %s from VM at %s: %w", id, c.path, err)
+		}
+	}
+	return errs
+}
+
+func (l *unplugLog) lastSent(id string) time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.sent[id]
+}
+
+// checkGone asks QEMU whether device id still exists: unplugGone or
+// unplugInFlight.
+func (c *Client) checkGone(ctx context.Context, id string) (unplugState, error) {
 	var typ string
 	switch err := c.qomGet(ctx, peripheral+"/"+id, "type", &typ); {
 	case IsNotFound(err):
-		return nil
+		return unplugGone, nil
 	case err != nil:
-		return fmt.Errorf("remove %s from VM at %s: %w", id, c.path, err)
+		return unplugFailed, fmt.Errorf("remove %s from VM at %s: %w", id, c.path, err)
 	}
-	return fmt.Errorf("remove %s from VM at %s: no DEVICE_DELETED within %s: %w", id, c.path, wait, ErrRemovalPending)
+	return unplugInFlight, nil
 }
 
 // ListNICs lists the VM's virtio-net devices: ours (Owned) and any others,

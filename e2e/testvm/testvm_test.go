@@ -655,6 +655,24 @@ func TestNoGuest(t *testing.T) {
 	}
 }
 
+// TestArgs: extra arguments reach QEMU; -S leaves the VM paused before
+// its first instruction (the benchmarks' paused sandboxes).
+func TestArgs(t *testing.T) {
+	vm := StartNoGuest(t, Options{RootPorts: 1, MemoryMB: 16, Args: []string{"-S"}})
+	q := dialTestQMP(t, vm.TestQMP)
+	ret, err := q.run("query-status", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st struct {
+		Status  string
+		Running bool
+	}
+	if err := json.Unmarshal(ret, &st); err != nil || st.Status != "prelaunch" || st.Running {
+		t.Errorf("query-status = %s (%v), want prelaunch, not running", ret, err)
+	}
+}
+
 // testQMP is the smallest QMP client that serves these tests; the real one
 // lives in package qmp, which this fixture must not depend on.
 type testQMP struct {

@@ -75,6 +75,10 @@ type Options struct {
 	SelfConfig bool
 	// Logf receives decisions worth knowing (the accelerator); nil = none.
 	Logf func(format string, args ...any)
+	// Args are appended to QEMU's command line as they are, for callers
+	// that want what no other option offers: a paused VM (-S) for the
+	// benchmarks, QEMU's trace events (-trace, -D, -msg timestamp=on).
+	Args []string
 }
 
 // VM is a running QEMU started by Start.
@@ -239,6 +243,7 @@ func start(ctx context.Context, opts Options, accel string) (_ *VM, err error) {
 		// default (seen: still running after 90 s), pinned for clarity.
 		args = append(args, "-boot", "reboot-timeout=-1")
 	}
+	args = append(args, opts.Args...)
 
 	logFile, err := os.Create(v.Log)
 	if err != nil {

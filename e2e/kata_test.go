@@ -57,7 +57,7 @@ func newKataRig(t *testing.T) *kataRig {
 
 func (k *kataRig) set() {
 	k.t.Helper()
-	if err := k.r.Set(k.sandbox); err != nil {
+	if _, err := k.r.Register(k.sandbox, reconcile.SourceConfig); err != nil {
 		k.t.Fatal(err)
 	}
 }

@@ -50,7 +50,7 @@ func reconcileOnce() int {
 		ID: os.Getenv("TAPSYNC_E2E_SANDBOX"), Netns: os.Getenv("TAPSYNC_E2E_NETNS"), QMP: os.Getenv("TAPSYNC_E2E_QMP"),
 		Queues: queues, UnplugTimeout: 20 * time.Second,
 	}
-	if err := r.Set(sb); err != nil {
+	if _, err := r.Register(sb, reconcile.SourceConfig); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
 	}

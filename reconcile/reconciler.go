@@ -10,7 +10,6 @@ import (
 	"os"
 	"reflect"
 	"slices"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -90,6 +89,7 @@ func (s Sandbox) withDefaults() Sandbox {
 // Status is the last known outcome for one sandbox.
 type Status struct {
 	Sandbox       Sandbox
+	Source        Source // where the sandbox's registration came from
 	LastReconcile time.Time
 	LastError     string
 	Mutations     int // in the last pass
@@ -123,11 +123,13 @@ type Reconciler struct {
 	// every sandbox (fault injection for crash tests; see Env).
 	AfterAction func(Action)
 
+	registering sync.Mutex // held by Register, around r.mu
+
 	mu        sync.Mutex
-	sandboxes map[string]Sandbox
+	sandboxes map[string]*entry // the registry, by id; one entry per netns (see Register)
 	conns     map[string]*qmp.Client
 	agents    map[string]*agent.Client // dialled when a pass needs the guest, kept while it works
-	dialing   map[string]*sync.Mutex   // per sandbox: one dial at a time (a QMP socket takes one client)
+	dialing   map[string]*dialLock     // per QMP socket: one dial at a time (a QMP socket takes one client)
 	status    map[string]Status
 	guestLog  map[string]string // last guest error logged per sandbox
 	// agentCalls counts the calls made to agents, by method.
@@ -136,54 +138,9 @@ type Reconciler struct {
 
 // New returns a Reconciler recording into store.
 func New(store *state.Store) *Reconciler {
-	return &Reconciler{store: store, sandboxes: map[string]Sandbox{}, conns: map[string]*qmp.Client{},
-		agents: map[string]*agent.Client{}, dialing: map[string]*sync.Mutex{}, status: map[string]Status{},
+	return &Reconciler{store: store, sandboxes: map[string]*entry{}, conns: map[string]*qmp.Client{},
+		agents: map[string]*agent.Client{}, dialing: map[string]*dialLock{}, status: map[string]Status{},
 		guestLog: map[string]string{}, agentCalls: map[string]int{}}
-}
-
-// Set registers or updates a sandbox.
-func (r *Reconciler) Set(sb Sandbox) error {
-	if err := state.ValidID(sb.ID); err != nil {
-		return err
-	}
-	if sb.Netns == "" || sb.QMP == "" {
-		return fmt.Errorf("sandbox %s: netns and QMP socket paths are required", sb.ID)
-	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if old, ok := r.sandboxes[sb.ID]; ok && old.QMP != sb.QMP {
-		r.closeConnLocked(sb.ID)
-	}
-	if old, ok := r.sandboxes[sb.ID]; ok && old.Agent != sb.Agent {
-		r.closeAgentLocked(sb.ID)
-	}
-	r.sandboxes[sb.ID] = sb.withDefaults()
-	return nil
-}
-
-// Sandboxes lists the registered sandbox ids.
-func (r *Reconciler) Sandboxes() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	ids := make([]string, 0, len(r.sandboxes))
-	for id := range r.sandboxes {
-		ids = append(ids, id)
-	}
-	slices.Sort(ids)
-	return ids
-}
-
-// Forget unregisters a sandbox whose VM and netns are gone: its
-// connection is closed and its record deleted. Nothing on the host or in
-// QEMU is touched (the runtime tears those down with the pod).
-func (r *Reconciler) Forget(id string) error {
-	r.mu.Lock()
-	r.closeConnLocked(id)
-	delete(r.sandboxes, id)
-	delete(r.status, id) // r.dialing[id] stays: a dial may hold it
-	delete(r.guestLog, id)
-	r.mu.Unlock()
-	return r.store.Delete(id)
 }
 
 // Close closes every QMP connection. Endpoints stay as they are: VMs keep
@@ -241,7 +198,7 @@ func (r *Reconciler) agentClient(ctx context.Context, sb Sandbox) (*agent.Client
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if cur, ok := r.sandboxes[sb.ID]; !ok || cur.Agent != sb.Agent {
+	if cur, ok := r.sandboxes[sb.ID]; !ok || cur.sb.Agent != sb.Agent {
 		c.Close()
 		return nil, fmt.Errorf("sandbox %s: %w while connecting to its agent", sb.ID, ErrUnknownSandbox)
 	}
@@ -289,47 +246,25 @@ func (g countingGuest) AddARPNeighbors(ctx context.Context, ns []agent.Neighbor)
 	return g.Client.AddARPNeighbors(ctx, ns)
 }
 
-// Status returns the last outcome of every sandbox.
-func (r *Reconciler) Status() []Status {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	out := make([]Status, 0, len(r.sandboxes))
-	for id, sb := range r.sandboxes {
-		s := r.status[id]
-		s.Sandbox = sb
-		out = append(out, s)
-	}
-	slices.SortFunc(out, func(a, b Status) int { return strings.Compare(a.Sandbox.ID, b.Sandbox.ID) })
-	return out
-}
-
 // ErrUnknownSandbox is returned for a sandbox id that is not registered.
 var ErrUnknownSandbox = errors.New("unknown sandbox")
 
 func (r *Reconciler) sandbox(id string) (Sandbox, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	sb, ok := r.sandboxes[id]
+	e, ok := r.sandboxes[id]
 	if !ok {
 		return Sandbox{}, fmt.Errorf("sandbox %s: %w", id, ErrUnknownSandbox)
 	}
-	return sb, nil
+	return e.sb, nil
 }
 
 // client returns the sandbox's live QMP connection, dialling a new one
 // when there is none or the last one died.
 func (r *Reconciler) client(ctx context.Context, sb Sandbox) (*qmp.Client, error) {
-	r.mu.Lock()
-	dial := r.dialing[sb.ID]
-	if dial == nil {
-		dial = &sync.Mutex{}
-		r.dialing[sb.ID] = dial
-	}
-	r.mu.Unlock()
 	// Two passes (a reconcile and a `tapsync plan`) must not both dial:
 	// the second would wait for a greeting that never comes.
-	dial.Lock()
-	defer dial.Unlock()
+	defer r.lockDial(sb.QMP)()
 	r.mu.Lock()
 	c := r.conns[sb.ID]
 	r.mu.Unlock()
@@ -351,11 +286,8 @@ func (r *Reconciler) client(ctx context.Context, sb Sandbox) (*qmp.Client, error
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if cur, ok := r.sandboxes[sb.ID]; !ok || cur.QMP != sb.QMP {
-		c.Close() // forgotten or re-pointed while we dialled
-		if !ok {
-			delete(r.dialing, sb.ID)
-		}
+	if cur, ok := r.sandboxes[sb.ID]; !ok || cur.sb.QMP != sb.QMP {
+		c.Close() // unregistered or re-pointed while we dialled
 		return nil, fmt.Errorf("sandbox %s: %w while connecting to %s", sb.ID, ErrUnknownSandbox, sb.QMP)
 	}
 	if old := r.conns[sb.ID]; old != nil {
@@ -399,7 +331,7 @@ func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
 		}
 		s.queues = min(max(n, 1), datapath.MaxQueues)
 	}
-	if s.rec, err = r.store.Load(ctx, id); err != nil {
+	if s.rec, err = r.loadRecord(ctx, id); err != nil {
 		host.Close()
 		return nil, err
 	}
@@ -483,6 +415,11 @@ func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
 func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 	log := zerolog.Ctx(ctx).With().Str("sandbox", id).Logger()
 	ctx = log.WithContext(ctx)
+	release, err := r.beginPass(ctx, id)
+	if err != nil {
+		return err
+	}
+	defer release()
 	var st Status
 	defer func() {
 		st.LastReconcile = time.Now()
@@ -617,17 +554,22 @@ var ErrTeardownWaiting = errors.New("teardown waiting for QEMU")
 func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 	sb, err := r.sandbox(id)
 	if err != nil {
-		return nil // unknown or already forgotten: nothing of ours to remove
+		return nil // unknown or already unregistered: nothing of ours to remove
 	}
 	log := zerolog.Ctx(ctx).With().Str("sandbox", id).Logger()
 	ctx = log.WithContext(ctx)
+	release, err := r.beginPass(ctx, id)
+	if err != nil {
+		return nil
+	}
+	defer release()
 	host, err := datapath.Open(sb.Netns)
 	if err != nil {
 		if _, statErr := os.Stat(sb.Netns); statErr == nil {
 			return fmt.Errorf("sandbox %s: %w", id, err)
 		}
 		log.Info().Msg("sandbox gone with its netns; record deleted")
-		return r.Forget(id)
+		return r.endSandbox(id)
 	}
 	defer host.Close()
 	rec, err := r.store.Load(ctx, id)
@@ -661,7 +603,17 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 			id, ErrTeardownWaiting, out.Pending)
 	}
 	log.Info().Int("mutations", out.Mutations).Bool("qemu_gone", gone).Msg("sandbox gone; its NICs, taps and redirects removed, record deleted")
-	return r.Forget(id)
+	return r.endSandbox(id)
+}
+
+// endSandbox deletes the record of a sandbox that is gone, then
+// unregisters it (a failed delete leaves it registered, to be retried).
+func (r *Reconciler) endSandbox(id string) error {
+	if err := r.store.Delete(id); err != nil {
+		return err
+	}
+	r.Unregister(id)
+	return nil
 }
 
 // vmForTeardown decides whether QEMU still runs. Alive: it answers on its

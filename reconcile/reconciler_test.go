@@ -30,7 +30,7 @@ func TestCollectGarbage(t *testing.T) {
 		}
 	}
 	r := New(store)
-	if err := r.Set(Sandbox{ID: "registered", Netns: filepath.Join(dir, "netns-gone-too"), QMP: "/nonexistent.sock"}); err != nil {
+	if _, err := r.Register(Sandbox{ID: "registered", Netns: filepath.Join(dir, "netns-gone-too"), QMP: "/nonexistent.sock"}, SourceConfig); err != nil {
 		t.Fatal(err)
 	}
 	gone, err := r.CollectGarbage(context.Background())

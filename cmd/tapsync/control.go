@@ -92,10 +92,7 @@ func (d *daemon) statusJSON() []statusJSON {
 	var out []statusJSON
 	for _, st := range d.rec.Status() {
 		id := st.Sandbox.ID
-		d.mu.Lock()
-		origin := d.origin[id]
-		d.mu.Unlock()
-		s := statusJSON{ID: id, Netns: st.Sandbox.Netns, QMP: st.Sandbox.QMP, Source: origin,
+		s := statusJSON{ID: id, Netns: st.Sandbox.Netns, QMP: st.Sandbox.QMP, Source: string(st.Source),
 			LastError: st.LastError, Mutations: st.Mutations, Retries: d.queue.Failures(id), Pending: st.Pending, Held: st.Held, Skipped: skippedOf(st.Skipped),
 			Endpoints: []endpointJSON{}, Guest: st.Guest}
 		if st.Sandbox.Agent.Scheme != "" {

@@ -24,14 +24,6 @@ import (
 	"github.com/tapsync/tapsync/watcher"
 )
 
-// Where a sandbox was registered from. Config sandboxes stay registered
-// when their netns disappears (it may come back); discovered ones go.
-const (
-	originConfig     = "config"
-	originContainerd = string(watcher.SourceContainerd)
-	originProc       = string(watcher.SourceProc)
-)
-
 // daemon wires the event sources into the reconciler.
 type daemon struct {
 	// cfg is the running config: replaced whole on a reload (SIGHUP),
@@ -45,6 +37,13 @@ type daemon struct {
 	// discoveryRequests holds at most one pending /proc walk: requests
 	// made while one is pending or running coalesce into it.
 	discoveryRequests chan string
+	// listed is closed once containerd's first full listing has been
+	// registered: the first /proc walk waits for it (at most
+	// firstListingWait), so that running VMs are registered under their
+	// real ids and not first under guessed ones.
+	listed           chan struct{}
+	listedOnce       sync.Once
+	firstListingWait time.Duration
 
 	store *state.Store
 	rec   *reconcile.Reconciler
@@ -53,9 +52,7 @@ type daemon struct {
 	m     *metrics
 
 	mu       sync.Mutex
-	origin   map[string]string    // sandbox id → who registered it
 	gone     map[string]bool      // sandboxes to tear down on their next pass
-	replaced map[string]string    // /proc sandboxes to hand over to a named one on their next pass
 	dropped  map[string]bool      // config sandboxes to unregister on their next pass (gone from the config file)
 	inflight map[string]time.Time // passes running now, by start time (for the watchdog)
 	pending  map[string]time.Time // first trigger since the sandbox last converged
@@ -70,9 +67,10 @@ func newDaemon(cfg Config) (*daemon, error) {
 	}
 	d := &daemon{
 		store: store, rec: reconcile.New(store), queue: reconcile.NewQueue(),
-		origin: map[string]string{}, gone: map[string]bool{}, pending: map[string]time.Time{},
-		replaced: map[string]string{}, dropped: map[string]bool{}, inflight: map[string]time.Time{},
+		gone: map[string]bool{}, pending: map[string]time.Time{},
+		dropped: map[string]bool{}, inflight: map[string]time.Time{},
 		discoveryRequests: make(chan string, 1),
+		listed:            make(chan struct{}), firstListingWait: firstListingWait,
 	}
 	d.cfg.Store(&cfg)
 	procs := watcher.NewProcDiscovery(cfg.Discovery.procConfig(), "/proc", cfg.NetnsDir)
@@ -110,50 +108,42 @@ func (d *daemon) sandboxFor(id, netns, qmpPath string, queues *int, agentURL str
 	}
 }
 
-// register adds or updates a sandbox and asks for a pass over it.
-func (d *daemon) register(ctx context.Context, sb reconcile.Sandbox, origin, why string) {
-	log := zerolog.Ctx(ctx)
-	d.mu.Lock()
-	prevOrigin := d.origin[sb.ID]
-	d.mu.Unlock()
-	if prevOrigin == originConfig && origin != originConfig {
-		log.Debug().Str("sandbox", sb.ID).Str("source", origin).Msg("sandbox is in the config file; the config's settings win")
-		d.trigger(sb.ID, origin)
+// register adds or updates a sandbox named by source src and asks for a
+// pass over it. Which source's name and settings win when several name
+// one VM is the registry's decision (reconcile.Register).
+func (d *daemon) register(ctx context.Context, sb reconcile.Sandbox, src reconcile.Source, why string) {
+	log := zerolog.Ctx(ctx).With().Str("sandbox", sb.ID).Str("source", string(src)).Logger()
+	reg, err := d.rec.Register(sb, src)
+	switch {
+	case err != nil:
+		log.Error().Err(err).Msg("sandbox refused")
 		return
-	}
-	if origin != originProc {
-		// /proc discovery only stands in until a better source names the
-		// same VM: the containerd or config entry replaces it. The hand-over
-		// runs as a pass of the old key, so it never overlaps one.
-		for _, id := range d.sandboxesIn(sb.Netns) {
-			d.mu.Lock()
-			isProc := id != sb.ID && d.origin[id] == originProc
-			if isProc {
-				d.replaced[id] = sb.ID
-			}
-			d.mu.Unlock()
-			if isProc {
-				log.Info().Str("sandbox", id).Str("replaced_by", sb.ID).Str("source", origin).Msg("discovered sandbox now known by name")
-				d.queue.Add(id)
-			}
+	case reg.Outranked:
+		log.Debug().Str("registered_as", reg.ID).Str("registered_by", string(reg.Source)).Str("netns", sb.Netns).
+			Msg("this VM is registered by a source that ranks at least as high; its name and settings stay")
+		if src != reconcile.SourceProc {
+			d.trigger(reg.ID, string(src))
 		}
-	}
-	if err := d.rec.Set(sb); err != nil {
-		log.Error().Err(err).Str("sandbox", sb.ID).Str("source", origin).Msg("sandbox refused")
 		return
+	case reg.Replaced != "":
+		// The VM's passes under its old id end here; the new id's first
+		// pass takes over its record.
+		d.links.Stop(reg.Replaced)
+		d.mu.Lock()
+		delete(d.gone, reg.Replaced)
+		delete(d.dropped, reg.Replaced)
+		delete(d.pending, reg.Replaced)
+		d.mu.Unlock()
+		log.Info().Str("replaced", reg.Replaced).Msg("sandbox now known by this name")
 	}
 	d.mu.Lock()
-	prev, known := d.origin[sb.ID]
-	if !known || prev != originConfig {
-		d.origin[sb.ID] = origin
-	}
 	delete(d.gone, sb.ID)
 	delete(d.dropped, sb.ID)
 	d.mu.Unlock()
-	if !known {
-		log.Info().Str("sandbox", sb.ID).Str("netns", sb.Netns).Str("qmp", sb.QMP).Str("source", origin).Str("reason", why).Msg("sandbox registered")
+	if reg.New {
+		log.Info().Str("netns", sb.Netns).Str("qmp", sb.QMP).Str("reason", why).Msg("sandbox registered")
 	}
-	d.trigger(sb.ID, origin)
+	d.trigger(sb.ID, string(src))
 }
 
 // trigger asks for one more pass over sandbox id.
@@ -173,17 +163,6 @@ func (d *daemon) triggerAll(source string) {
 	}
 }
 
-// sandboxesIn returns the registered sandboxes whose netns is path.
-func (d *daemon) sandboxesIn(path string) []string {
-	var ids []string
-	for _, st := range d.rec.Status() {
-		if st.Sandbox.Netns == path {
-			ids = append(ids, st.Sandbox.ID)
-		}
-	}
-	return ids
-}
-
 // handle routes one watcher event. It runs on the sources' goroutines and
 // never blocks on a reconcile.
 func (d *daemon) handle(e watcher.Event) {
@@ -191,18 +170,15 @@ func (d *daemon) handle(e watcher.Event) {
 	src := string(e.Source)
 	switch e.Kind {
 	case watcher.KindNetns:
-		for _, id := range d.sandboxesIn(e.Path) {
+		for _, id := range d.rec.InNetns(e.Path) {
 			d.trigger(id, src)
 		}
 		if d.config().Discovery.Proc {
 			d.requestDiscovery("netns appeared: " + e.Path)
 		}
 	case watcher.KindNetnsGone:
-		for _, id := range d.sandboxesIn(e.Path) {
-			d.mu.Lock()
-			o := d.origin[id]
-			d.mu.Unlock()
-			if o == originConfig {
+		for _, id := range d.rec.InNetns(e.Path) {
+			if _, by, _ := d.rec.Registered(id); by == reconcile.SourceConfig {
 				d.trigger(id, src) // waits, quietly, for the netns to come back
 				continue
 			}
@@ -216,31 +192,32 @@ func (d *daemon) handle(e watcher.Event) {
 		if e.Source == watcher.SourceContainerd {
 			agentURL = d.config().Containerd.AgentURL
 		}
-		d.register(ctx(), d.sandboxFor(s.ID, s.Netns, s.QMP, nil, agentURL), src, e.Why)
+		d.register(ctx(), d.sandboxFor(s.ID, s.Netns, s.QMP, nil, agentURL), reconcile.Source(e.Source), e.Why)
 	case watcher.KindGone:
 		d.markGone(e.ID)
 	case watcher.KindResyncAll:
 		zerolog.Ctx(ctx()).Info().Str("source", src).Str("reason", e.Why).Msg("resyncing every sandbox")
 		if e.Listed != nil {
-			d.dropUnlisted(ctx(), string(e.Source), e.Listed)
+			d.dropUnlisted(ctx(), reconcile.Source(e.Source), e.Listed)
 		}
 		d.triggerAll(src)
+		if e.Source == watcher.SourceContainerd && e.Listed != nil {
+			// Its sandboxes were registered as the listing went (a
+			// source calls handle in order, on one goroutine).
+			d.listedOnce.Do(func() { close(d.listed) })
+		}
 	}
 }
 
 // dropUnlisted tears down the sandboxes of a source that its latest full
 // listing no longer contains (they ended while it was unreachable).
-func (d *daemon) dropUnlisted(ctx context.Context, source string, listed []string) {
-	d.mu.Lock()
-	var stale []string
-	for id, o := range d.origin {
-		if o == source && !slices.Contains(listed, id) {
-			stale = append(stale, id)
+func (d *daemon) dropUnlisted(ctx context.Context, source reconcile.Source, listed []string) {
+	for _, st := range d.rec.Status() {
+		id := st.Sandbox.ID
+		if st.Source != source || slices.Contains(listed, id) {
+			continue
 		}
-	}
-	d.mu.Unlock()
-	for _, id := range stale {
-		zerolog.Ctx(ctx).Info().Str("sandbox", id).Str("source", source).Msg("sandbox no longer listed by its source; tearing down")
+		zerolog.Ctx(ctx).Info().Str("sandbox", id).Str("source", string(source)).Msg("sandbox no longer listed by its source; tearing down")
 		d.markGone(id)
 	}
 }
@@ -248,16 +225,14 @@ func (d *daemon) dropUnlisted(ctx context.Context, source string, listed []strin
 // markGone schedules a sandbox's teardown on its own queue key, so it
 // never overlaps a reconcile of the same sandbox.
 func (d *daemon) markGone(id string) {
+	_, src, known := d.rec.Registered(id)
+	if !known || src == reconcile.SourceConfig {
+		return // config sandboxes stay until the config changes
+	}
 	d.mu.Lock()
-	o, known := d.origin[id]
-	known = known && o != originConfig // config sandboxes stay until the config changes
-	if known {
-		d.gone[id] = true
-	}
+	d.gone[id] = true
 	d.mu.Unlock()
-	if known {
-		d.queue.Add(id)
-	}
+	d.queue.Add(id)
 }
 
 // qmpEvent turns VM events into passes: a completed unplug finishes a
@@ -266,6 +241,26 @@ func (d *daemon) qmpEvent(id string, e qmp.Event) {
 	switch e.Name {
 	case "DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR", "SHUTDOWN", "RESET":
 		d.trigger(id, "qmp")
+	}
+}
+
+// firstListingWait bounds how long the first /proc walk waits for
+// containerd's first listing: a containerd that is down must not keep
+// discovery off.
+const firstListingWait = 30 * time.Second
+
+// awaitFirstListing waits until containerd's first listing is registered
+// (or d.firstListingWait passes): a VM that containerd names is then
+// registered under its real id, and /proc discovery only adds the others.
+func (d *daemon) awaitFirstListing(ctx context.Context) {
+	t := time.NewTimer(d.firstListingWait)
+	defer t.Stop()
+	select {
+	case <-d.listed:
+	case <-ctx.Done():
+	case <-t.C:
+		zerolog.Ctx(ctx).Warn().Dur("waited", d.firstListingWait).
+			Msg("containerd has not listed its sandboxes yet; /proc discovery starts without it (a VM found first is renamed when containerd names it)")
 	}
 }
 
@@ -333,24 +328,17 @@ func (d *daemon) discoveryLoop(ctx context.Context) {
 	}
 }
 
-// registerDiscovered registers QEMU processes found in watched namespaces.
+// registerDiscovered registers QEMU processes found in watched
+// namespaces; a VM already known through containerd or the config keeps
+// that name.
 func (d *daemon) registerDiscovered(ctx context.Context, found []watcher.Sandbox, why string) {
 	for _, s := range found {
-		d.mu.Lock()
-		_, known := d.origin[s.ID]
-		d.mu.Unlock()
-		if known {
-			continue
-		}
-		if taken := d.sandboxesIn(s.Netns); len(taken) > 0 {
-			continue // already known through containerd or the config
-		}
 		// A VM found through /proc names no agent: host side only. Its
 		// QMP socket is trusted only while the QEMU found serves it.
 		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, nil, "")
 		pid := s.PID
 		sb.CheckQMP = func(c *net.UnixConn) error { return watcher.CheckQMPPeer(c, pid) }
-		d.register(ctx, sb, originProc, why)
+		d.register(ctx, sb, reconcile.SourceProc, why)
 	}
 }
 
@@ -368,12 +356,8 @@ func (d *daemon) work(ctx context.Context, id string) error {
 	ctx = log.WithContext(ctx)
 	d.mu.Lock()
 	gone := d.gone[id]
-	heir, isReplaced := d.replaced[id]
 	dropped := d.dropped[id]
 	d.mu.Unlock()
-	if isReplaced {
-		return d.handOver(ctx, id, heir)
-	}
 	if dropped {
 		return d.unregister(ctx, id)
 	}
@@ -383,22 +367,15 @@ func (d *daemon) work(ctx context.Context, id string) error {
 		if err == nil {
 			d.mu.Lock()
 			delete(d.gone, id)
-			delete(d.origin, id)
 			delete(d.pending, id)
 			d.mu.Unlock()
 			d.queue.Forget(id)
 		}
 		return err
 	}
-	var sb reconcile.Sandbox
-	found := false
-	for _, st := range d.rec.Status() {
-		if st.Sandbox.ID == id {
-			sb, found = st.Sandbox, true
-		}
-	}
+	sb, _, found := d.rec.Registered(id)
 	if !found {
-		return nil
+		return nil // unregistered, or now known by another id
 	}
 	if _, err := os.Stat(sb.Netns); errors.Is(err, os.ErrNotExist) {
 		log.Debug().Str("netns", sb.Netns).Msg("netns does not exist (yet); waiting for it to appear")
@@ -431,35 +408,6 @@ func (d *daemon) work(ctx context.Context, id string) error {
 			log.Info().Int("mutations", st.Mutations).Float64("latency_ms", float64(lat.Microseconds())/1000).Msg("converged")
 		}
 	}
-	return nil
-}
-
-// handOver retires /proc sandbox id in favour of heir, the same VM under
-// its real name: heir inherits the record (endpoint indexes, pending and
-// burned ones), nothing on the host or in QEMU changes.
-func (d *daemon) handOver(ctx context.Context, id, heir string) error {
-	old, err := d.store.Load(ctx, id)
-	if err != nil {
-		return err
-	}
-	if cur, err := d.store.Load(ctx, heir); err == nil && len(cur.Endpoints) == 0 && len(old.Endpoints) > 0 {
-		old.Sandbox = heir
-		if err := d.store.Save(old); err != nil {
-			return err
-		}
-	}
-	d.links.Stop(id)
-	if err := d.rec.Forget(id); err != nil {
-		return err
-	}
-	d.queue.Forget(id)
-	d.mu.Lock()
-	delete(d.replaced, id)
-	delete(d.origin, id)
-	delete(d.pending, id)
-	delete(d.gone, id)
-	d.mu.Unlock()
-	d.trigger(heir, originProc)
 	return nil
 }
 
@@ -502,7 +450,7 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 
 	for _, s := range cfg.Sandboxes {
 		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL)
-		d.register(ctx, sb, originConfig, "in config file")
+		d.register(ctx, sb, reconcile.SourceConfig, "in config file")
 	}
 	d.collectGarbage(ctx)
 
@@ -540,7 +488,12 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 		})
 	}
 	if cfg.Discovery.Proc {
-		wg.Go(func() { d.discoveryLoop(ctx) })
+		wg.Go(func() {
+			if cfg.Containerd.Enabled {
+				d.awaitFirstListing(ctx)
+			}
+			d.discoveryLoop(ctx)
+		})
 		d.requestDiscovery("startup scan")
 	}
 	wg.Go(func() { d.queue.Run(ctx, cfg.Workers, d.work) })

@@ -9,6 +9,7 @@ import (
 
 	"github.com/tapsync/tapsync/e2e/testnet"
 	"github.com/tapsync/tapsync/e2e/testvm"
+	"github.com/tapsync/tapsync/reconcile"
 )
 
 // `tapsync plan` changes nothing: against a real netns with a container
@@ -29,7 +30,7 @@ func TestPlanHasNoSideEffects(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(d.rec.Close)
-	if err := d.rec.Set(d.sandboxFor("sb", ns.Path, vm.QMP, nil, "")); err != nil {
+	if _, err := d.rec.Register(d.sandboxFor("sb", ns.Path, vm.QMP, nil, ""), reconcile.SourceConfig); err != nil {
 		t.Fatal(err)
 	}
 	record := filepath.Join(cfg.StateDir, "sb.json")

@@ -5,6 +5,7 @@ import (
 	"reflect"
 
 	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/reconcile"
 )
 
 // restartOnlyKeys are the config keys a reload does not change: they are
@@ -63,42 +64,36 @@ func (d *daemon) reloadConfig(ctx context.Context) {
 	for _, s := range next.Sandboxes {
 		inFile[s.ID] = true
 	}
-	d.mu.Lock()
 	var drop []string
-	for id, o := range d.origin {
-		if o == originConfig && !inFile[id] {
+	for _, st := range d.rec.Status() {
+		if id := st.Sandbox.ID; st.Source == reconcile.SourceConfig && !inFile[id] {
 			drop = append(drop, id)
+			d.mu.Lock()
 			d.dropped[id] = true
+			d.mu.Unlock()
+			// The pass of id unregisters it: never while a pass runs on it.
+			d.queue.Add(id)
 		}
-	}
-	d.mu.Unlock()
-	for _, id := range drop {
-		// The pass of id unregisters it: never while a pass runs on it.
-		d.queue.Add(id)
 	}
 	for _, s := range next.Sandboxes {
 		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL)
 		if old := d.status(s.ID).Sandbox; old.ID != "" && !old.Equal(sb) {
 			log.Info().Str("sandbox", s.ID).Str("netns", sb.Netns).Str("qmp", sb.QMP).Msg("sandbox updated from the config file")
 		}
-		d.register(ctx, sb, originConfig, "in config file (reloaded)")
+		d.register(ctx, sb, reconcile.SourceConfig, "in config file (reloaded)")
 	}
 	for _, st := range d.rec.Status() {
-		id := st.Sandbox.ID
-		d.mu.Lock()
-		origin := d.origin[id]
-		d.mu.Unlock()
 		agentURL := ""
-		switch origin {
-		case originConfig, "":
+		switch st.Source {
+		case reconcile.SourceConfig:
 			continue
-		case originContainerd:
+		case reconcile.SourceContainerd:
 			agentURL = next.Containerd.AgentURL
 		}
-		sb := d.sandboxFor(id, st.Sandbox.Netns, st.Sandbox.QMP, nil, agentURL)
+		sb := d.sandboxFor(st.Sandbox.ID, st.Sandbox.Netns, st.Sandbox.QMP, nil, agentURL)
 		sb.CheckQMP = st.Sandbox.CheckQMP // who may serve its QMP socket does not change
-		if err := d.rec.Set(sb); err != nil {
-			log.Error().Err(err).Str("sandbox", id).Msg("sandbox refused with the reloaded defaults")
+		if _, err := d.rec.Register(sb, st.Source); err != nil {
+			log.Error().Err(err).Str("sandbox", sb.ID).Msg("sandbox refused with the reloaded defaults")
 		}
 	}
 	log.Info().Int("sandboxes_in_file", len(next.Sandboxes)).Strs("unregistered", drop).Msg("config reloaded")
@@ -110,27 +105,14 @@ func (d *daemon) reloadConfig(ctx context.Context) {
 // too, so the sandbox is picked up where it was if it comes back; record
 // garbage collection deletes it once the netns is gone.
 func (d *daemon) unregister(ctx context.Context, id string) error {
-	rec, err := d.store.Load(ctx, id)
-	if err != nil {
-		return err
-	}
 	d.links.Stop(id)
-	if err := d.rec.Forget(id); err != nil { // closes the QMP connection; deletes the record
-		return err
-	}
-	if len(rec.Endpoints) > 0 {
-		if err := d.store.Save(rec); err != nil {
-			return err
-		}
-	}
+	d.rec.Unregister(id)
 	d.queue.Forget(id)
 	d.mu.Lock()
 	delete(d.dropped, id)
-	delete(d.origin, id)
 	delete(d.pending, id)
 	delete(d.gone, id)
 	d.mu.Unlock()
-	zerolog.Ctx(ctx).Info().Int("endpoints", len(rec.Endpoints)).
-		Msg("sandbox unregistered: no longer in the config file; its endpoints stay as they are")
+	zerolog.Ctx(ctx).Info().Msg("sandbox unregistered: no longer in the config file; its endpoints stay as they are")
 	return nil
 }

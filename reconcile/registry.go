@@ -1,0 +1,380 @@
+package reconcile
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/state"
+	"golang.org/x/sys/unix"
+)
+
+// Source is where a sandbox's registration came from. Several sources can
+// name one VM; the registry keeps the one that ranks highest.
+type Source string
+
+const (
+	SourceProc       Source = "proc"
+	SourceContainerd Source = "containerd"
+	SourceConfig     Source = "config"
+)
+
+// rank orders the sources: the config file is the operator's word,
+// containerd knows the pod's real id, /proc only guesses one.
+func (s Source) rank() int {
+	switch s {
+	case SourceConfig:
+		return 3
+	case SourceContainerd:
+		return 2
+	case SourceProc:
+		return 1
+	}
+	return 0
+}
+
+// entry is one registered sandbox: one VM, whatever it is called.
+type entry struct {
+	sb     Sandbox
+	source Source
+	// pass is held by every pass that changes the sandbox (Reconcile,
+	// Teardown). It belongs to the VM, not to its id: when a better
+	// source renames the VM, a pass under the old id and one under the
+	// new never overlap.
+	pass sync.Mutex
+	// inherit names the sandbox whose record this one takes over at its
+	// next pass: the same VM, registered before under a lesser source's id.
+	inherit string
+}
+
+// Registration says what Register did.
+type Registration struct {
+	// ID is the id the VM is registered under: the new sandbox's, or,
+	// when Outranked, the sandbox that stays.
+	ID     string
+	Source Source // the source of ID's registration
+	New    bool   // the id was not registered before
+	// Replaced is the id of a sandbox of a lesser source in the same
+	// netns, unregistered in favour of this one; its record follows.
+	Replaced string
+	// Outranked: a source that ranks at least as high already holds this
+	// id (ranking higher) or this netns; nothing changed.
+	Outranked bool
+}
+
+// netnsID identifies a netns file however its path is spelled.
+// /run/netns/x and /var/run/netns/x are one, and so are a bind mount and
+// /proc/<pid>/ns/net of the same namespace.
+type netnsID struct {
+	ns   [2]uint64 // device and inode of the nsfs inode; zero when the path is no netns (yet)
+	dir  [2]uint64 // device and inode of the directory holding the path; zero when it cannot be read
+	name string    // the last component of the path
+	path string    // the cleaned path: the last resort, when not even the directory exists
+}
+
+// identify reads the identity of the netns at path. A netns that is gone
+// or not mounted yet (an empty placeholder) has no namespace identity;
+// it is then known by its place: directory identity and name.
+func identify(path string) netnsID {
+	id := netnsID{path: filepath.Clean(path), name: filepath.Base(path)}
+	// One O_PATH descriptor for both questions, so that they are about
+	// the same inode. Equivalent to: stat -L -c %d:%i P; stat -f -c %T P (nsfs)
+	if fd, err := unix.Open(path, unix.O_PATH|unix.O_CLOEXEC, 0); err == nil {
+		var st unix.Stat_t
+		var fs unix.Statfs_t
+		if unix.Fstat(fd, &st) == nil && unix.Fstatfs(fd, &fs) == nil && fs.Type == unix.NSFS_MAGIC {
+			id.ns = [2]uint64{st.Dev, st.Ino}
+		}
+		unix.Close(fd)
+	}
+	var st unix.Stat_t
+	if unix.Stat(filepath.Dir(id.path), &st) == nil {
+		id.dir = [2]uint64{st.Dev, st.Ino}
+	}
+	return id
+}
+
+// same reports whether a and b are one netns: the same namespace, or,
+// when either has no namespace yet, the same file.
+func (a netnsID) same(b netnsID) bool {
+	if a.ns != [2]uint64{} && a.ns == b.ns {
+		return true
+	}
+	if a.ns != [2]uint64{} && b.ns != [2]uint64{} {
+		return false
+	}
+	if a.dir != [2]uint64{} && b.dir != [2]uint64{} {
+		return a.dir == b.dir && a.name == b.name
+	}
+	return a.path == b.path
+}
+
+// Register adds or updates a sandbox named by source src. Sandboxes are
+// keyed by their netns's identity: one VM is registered once, under the
+// id of the best source that names it (config > containerd > /proc).
+// A source that ranks lower than the one holding the id or the netns
+// changes nothing (Outranked); one that ranks higher takes the VM over
+// under its own id, and the record follows at the next pass.
+func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
+	if err := state.ValidID(sb.ID); err != nil {
+		return Registration{}, err
+	}
+	if sb.Netns == "" || sb.QMP == "" {
+		return Registration{}, fmt.Errorf("sandbox %s: netns and QMP socket paths are required", sb.ID)
+	}
+	if src.rank() == 0 {
+		return Registration{}, fmt.Errorf("sandbox %s: unknown source %q", sb.ID, src)
+	}
+	// Identities are read without r.mu (they are syscalls); registrations
+	// are serialized so that what was compared is still what is there.
+	r.registering.Lock()
+	defer r.registering.Unlock()
+	r.mu.Lock()
+	paths := map[string]string{}
+	for id, e := range r.sandboxes {
+		if id != sb.ID {
+			paths[id] = e.sb.Netns
+		}
+	}
+	r.mu.Unlock()
+	want := identify(sb.Netns)
+	var sameNetns []string
+	for id, p := range paths {
+		if identify(p).same(want) {
+			sameNetns = append(sameNetns, id)
+		}
+	}
+	slices.Sort(sameNetns)
+
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	self := r.sandboxes[sb.ID]
+	if self != nil && self.source.rank() > src.rank() {
+		return Registration{ID: sb.ID, Source: self.source, Outranked: true}, nil
+	}
+	for _, id := range sameNetns {
+		if e := r.sandboxes[id]; e != nil && e.source.rank() >= src.rank() {
+			return Registration{ID: id, Source: e.source, Outranked: true}, nil
+		}
+	}
+	reg := Registration{ID: sb.ID, Source: src, New: self == nil}
+	for _, id := range sameNetns {
+		e := r.sandboxes[id]
+		if e == nil {
+			continue // unregistered meanwhile
+		}
+		r.unregisterLocked(id)
+		if reg.Replaced == "" {
+			reg.Replaced = id
+			if self == nil {
+				self = e // the same VM: its pass lock carries over
+			}
+			self.inherit = id
+		}
+	}
+	if self == nil {
+		self = &entry{}
+	} else if reg.Replaced == "" {
+		if self.sb.QMP != sb.QMP {
+			r.closeConnLocked(sb.ID)
+		}
+		if self.sb.Agent != sb.Agent {
+			r.closeAgentLocked(sb.ID)
+		}
+	}
+	self.sb, self.source = sb.withDefaults(), src
+	r.sandboxes[sb.ID] = self
+	return reg, nil
+}
+
+// Unregister stops managing sandbox id: its connections are closed,
+// nothing on the host or in QEMU is touched, and its record stays
+// (CollectGarbage deletes it once the netns is gone), so that the sandbox
+// is picked up where it was if it is registered again.
+func (r *Reconciler) Unregister(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.unregisterLocked(id)
+}
+
+// unregisterLocked drops id from the registry; r.mu must be held.
+func (r *Reconciler) unregisterLocked(id string) {
+	r.closeConnLocked(id)
+	delete(r.sandboxes, id)
+	delete(r.status, id)
+	delete(r.guestLog, id)
+}
+
+// Registered returns sandbox id's settings and source.
+func (r *Reconciler) Registered(id string) (Sandbox, Source, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.sandboxes[id]
+	if e == nil {
+		return Sandbox{}, "", false
+	}
+	return e.sb, e.source, true
+}
+
+// InNetns returns the registered sandboxes whose netns is the one at
+// path, compared by identity (a netns that is gone: by its place).
+func (r *Reconciler) InNetns(path string) []string {
+	r.mu.Lock()
+	paths := map[string]string{}
+	for id, e := range r.sandboxes {
+		paths[id] = e.sb.Netns
+	}
+	r.mu.Unlock()
+	want := identify(path)
+	var ids []string
+	for id, p := range paths {
+		if identify(p).same(want) {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// Sandboxes lists the registered sandbox ids.
+func (r *Reconciler) Sandboxes() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ids := make([]string, 0, len(r.sandboxes))
+	for id := range r.sandboxes {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// Status returns the last outcome of every sandbox.
+func (r *Reconciler) Status() []Status {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]Status, 0, len(r.sandboxes))
+	for id, e := range r.sandboxes {
+		s := r.status[id]
+		s.Sandbox, s.Source = e.sb, e.source
+		out = append(out, s)
+	}
+	slices.SortFunc(out, func(a, b Status) int { return strings.Compare(a.Sandbox.ID, b.Sandbox.ID) })
+	return out
+}
+
+// beginPass takes sandbox id's pass lock, and hands it the record of the
+// sandbox it replaced if it has not taken it yet. The caller runs release
+// when the pass ends.
+func (r *Reconciler) beginPass(ctx context.Context, id string) (release func(), err error) {
+	r.mu.Lock()
+	e := r.sandboxes[id]
+	r.mu.Unlock()
+	if e == nil {
+		return nil, fmt.Errorf("sandbox %s: %w", id, ErrUnknownSandbox)
+	}
+	e.pass.Lock()
+	r.mu.Lock()
+	cur, from := r.sandboxes[id], e.inherit
+	r.mu.Unlock()
+	if cur != e {
+		e.pass.Unlock()
+		return nil, fmt.Errorf("sandbox %s: %w (unregistered while waiting for its pass)", id, ErrUnknownSandbox)
+	}
+	if from != "" {
+		if err := r.inheritRecord(ctx, id, from); err != nil {
+			e.pass.Unlock()
+			return nil, err
+		}
+		r.mu.Lock()
+		if e.inherit == from {
+			e.inherit = ""
+		}
+		r.mu.Unlock()
+	}
+	return e.pass.Unlock, nil
+}
+
+// inheritRecord moves the record of sandbox from to id: the endpoint
+// indexes (pending and burned ones too) of one VM known by a new name.
+// Nothing on the host or in QEMU changes. A record id already has with
+// endpoints wins.
+func (r *Reconciler) inheritRecord(ctx context.Context, id, from string) error {
+	old, err := r.store.Load(ctx, from)
+	if err != nil {
+		return err
+	}
+	cur, err := r.store.Load(ctx, id)
+	if err != nil {
+		return err
+	}
+	if len(cur.Endpoints) == 0 && len(old.Endpoints) > 0 {
+		old.Sandbox = id
+		if err := r.store.Save(old); err != nil {
+			return err
+		}
+		zerolog.Ctx(ctx).Info().Str("sandbox", id).Str("replaced", from).Int("endpoints", len(old.Endpoints)).
+			Msg("record taken over from the sandbox's former name")
+	}
+	return r.store.Delete(from)
+}
+
+// loadRecord is id's record, or, while it has not taken over the record
+// of the sandbox it replaced, that one (for a plan, which changes nothing).
+func (r *Reconciler) loadRecord(ctx context.Context, id string) (state.Record, error) {
+	rec, err := r.store.Load(ctx, id)
+	if err != nil || len(rec.Endpoints) > 0 {
+		return rec, err
+	}
+	r.mu.Lock()
+	from := ""
+	if e := r.sandboxes[id]; e != nil {
+		from = e.inherit
+	}
+	r.mu.Unlock()
+	if from == "" {
+		return rec, nil
+	}
+	old, err := r.store.Load(ctx, from)
+	if err != nil {
+		return rec, err
+	}
+	old.Sandbox = id
+	return old, nil
+}
+
+// dialLock is one QMP socket's dial lock with its users.
+type dialLock struct {
+	sync.Mutex
+	users int // holding or waiting; the lock is dropped from the map at zero
+}
+
+// lockDial serializes dials of one QMP socket (it serves one client at a
+// time: a second dial would wait for a greeting that never comes). The
+// lock is keyed by the socket, so a sandbox renamed or registered again
+// while a dial is in flight still waits for it; it is dropped when nobody
+// holds or waits for it, so the map does not grow with every sandbox ever
+// seen.
+func (r *Reconciler) lockDial(sock string) (unlock func()) {
+	key := filepath.Clean(sock)
+	r.mu.Lock()
+	l := r.dialing[key]
+	if l == nil {
+		l = &dialLock{}
+		r.dialing[key] = l
+	}
+	l.users++
+	r.mu.Unlock()
+	l.Lock()
+	return func() {
+		l.Unlock()
+		r.mu.Lock()
+		if l.users--; l.users == 0 {
+			delete(r.dialing, key)
+		}
+		r.mu.Unlock()
+	}
+}

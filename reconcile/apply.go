@@ -14,12 +14,12 @@ import (
 	"github.com/tapsync/tapsync/state"
 )
 
-// ErrUnplugPending is returned by VM.UnplugNIC when the guest has not yet
+// ErrUnplugPending is returned by VM.UnplugNICs when the guest has not yet
 // acknowledged the removal; the device is still plugged and the caller
 // retries later.
 var ErrUnplugPending = errors.New("unplug pending: guest has not acknowledged")
 
-// ErrIndexBurned is returned by VM.PlugNIC and VM.UnplugNIC when QEMU
+// ErrIndexBurned is returned by VM.PlugNIC and VM.UnplugNICs when QEMU
 // holds the endpoint's ids in a state it cannot undo; the endpoint must
 // move to a new index, and the old one stays reserved.
 var ErrIndexBurned = errors.New("endpoint index unusable in this VM")
@@ -44,12 +44,25 @@ type VM interface {
 	// devicePath, "" if unknown). It owns q from the call on, whatever the
 	// outcome; a half-made NIC is rolled back.
 	PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, mtu int, q *datapath.Queues) (pciPath string, err error)
-	// UnplugNIC hot-removes endpoint index's NIC and then its netdev;
-	// gone is success, no acknowledgement in time is ErrUnplugPending, a
-	// netdev QEMU cannot delete is ErrIndexBurned.
-	// With wait false it asks again and only checks whether the device
-	// has gone, without waiting for the guest.
-	UnplugNIC(ctx context.Context, index int, wait bool) error
+	// UnplugNICs hot-removes the NICs of several endpoints together, and
+	// the netdev of each NIC that went, returning one error per request in
+	// order: nil when gone (gone already included), ErrUnplugPending while
+	// the guest has not acknowledged, ErrIndexBurned for a netdev QEMU
+	// cannot delete. Every request goes out before any wait, and with
+	// wait the call waits once, up to the unplug timeout, for the NICs
+	// asked for the first time; a request asked before (Requested) is
+	// only checked, and not repeated for a long while (see
+	// qmp.DefaultUnplugResend), since a repeat can cancel a native PCIe
+	// unplug.
+	UnplugNICs(ctx context.Context, reqs []Unplug, wait bool) []error
+}
+
+// Unplug is one NIC for VM.UnplugNICs.
+type Unplug struct {
+	Index int
+	// Requested: the record says QEMU was asked before
+	// (state.Endpoint.UnplugRequested).
+	Requested bool
 }
 
 // Guest is the agent inside the VM (implemented by *agent.Client).
@@ -106,6 +119,9 @@ type applier struct {
 	paths     map[int]string // endpoint index → the NIC's PCI path, as observed or plugged
 	blocked   map[int]bool   // endpoints whose remaining steps are skipped
 	unplugged map[int]bool   // endpoints whose NIC was unplugged in this pass
+	ahead     map[int]bool   // plan positions applied ahead of their turn (see unplugBatch)
+	unplugs   map[int]error  // plan position of an unplug asked in a batch → its outcome
+	waited    bool           // an unplug batch of this pass has had its wait
 }
 
 // Apply executes p in order. The record is saved at every record step,
@@ -113,8 +129,13 @@ type applier struct {
 // whose step fails, or whose unplug stays pending, skips its remaining
 // steps; other endpoints carry on. Failing to save the record stops
 // everything: nothing is changed without its intent on disk.
+//
+// Unplugs are the exception to the order: waiting for a guest to let go
+// of a NIC can take the whole unplug timeout, so the unplugs of a plan are
+// asked for together, and waited for once (see unplugBatch).
 func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env) (state.Record, Outcome, error) {
-	a := &applier{Env: env, taps: map[int]int{}, paths: map[int]string{}, blocked: map[int]bool{}, unplugged: map[int]bool{}}
+	a := &applier{Env: env, taps: map[int]int{}, paths: map[int]string{}, blocked: map[int]bool{}, unplugged: map[int]bool{},
+		ahead: map[int]bool{}, unplugs: map[int]error{}}
 	for _, t := range obs.Taps {
 		a.taps[t.Index] = t.Ifindex
 	}
@@ -130,9 +151,9 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 		blocked = a.blocked
 	)
 	log := zerolog.Ctx(ctx)
-	for _, act := range p.Actions {
+	for i, act := range p.Actions {
 		n := act.Endpoint.Index
-		if n >= 0 && blocked[n] {
+		if a.ahead[i] || (n >= 0 && blocked[n]) {
 			continue
 		}
 		if err := ctx.Err(); err != nil {
@@ -145,21 +166,29 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 				Msg("NIC plug held: the NIC it replaces, with the same MAC, is still in the VM")
 			continue
 		}
-		ev := log.Info()
-		if !act.Op.Mutates() {
-			ev = log.Debug()
+		var err error
+		if act.Op == OpUnplugNIC {
+			if _, asked := a.unplugs[i]; !asked {
+				if err := a.unplugBatch(ctx, p, i, &rec); err != nil {
+					return rec, out, errors.Join(append(errs, err)...)
+				}
+			}
+			err = a.unplugs[i]
+			a.unplugged[n] = err == nil
+		} else {
+			logAction(ctx, act)
+			err = a.do(ctx, act, &rec)
 		}
-		ev = ev.Int("endpoint", n).Str("action", act.Op.String()).Str("link", act.Endpoint.LinkName)
-		if act.Reason != "" {
-			ev = ev.Str("reason", act.Reason)
-		}
-		ev.Msg(act.String())
-		err := a.do(ctx, act, &rec)
 		switch {
 		case errors.Is(err, ErrUnplugPending):
 			blocked[n] = true
 			out.Pending = append(out.Pending, n)
-			if e := act.Endpoint; !e.UnplugRequested {
+			if e, ok := rec.Endpoint(n); !ok || !e.UnplugRequested || !e.Removing {
+				// An unplug asked outside a removal (a leftover netdev):
+				// from now on it is one.
+				if !ok {
+					e = act.Endpoint
+				}
 				e.Removing, e.UnplugRequested = true, true
 				rec.Put(e)
 				if err := a.Recorder.Save(rec); err != nil {
@@ -245,10 +274,6 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 			a.paths[e.Index] = path
 		}
 		return err
-	case OpUnplugNIC:
-		err := a.VM.UnplugNIC(ctx, e.Index, !e.UnplugRequested)
-		a.unplugged[e.Index] = err == nil
-		return err
 	case OpRepairAdopted:
 		// Ours, at our priority: they win over the runtime's dangling
 		// filters (lower priority number first) and Kata deletes every u32
@@ -280,6 +305,113 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 		return a.addGuestNeighbors(ctx, act.Neighbors, rec)
 	}
 	return fmt.Errorf("unknown action %d", act.Op)
+}
+
+// logAction logs one step as it is applied.
+func logAction(ctx context.Context, act Action) {
+	log := zerolog.Ctx(ctx)
+	ev := log.Info()
+	if !act.Op.Mutates() {
+		ev = log.Debug()
+	}
+	ev = ev.Int("endpoint", act.Endpoint.Index).Str("action", act.Op.String()).Str("link", act.Endpoint.LinkName)
+	if act.Reason != "" {
+		ev = ev.Str("reason", act.Reason)
+	}
+	ev.Msg(act.String())
+}
+
+// unplugBatch asks for the unplug at plan position i together with the
+// later unplugs of the plan that nothing but record steps precede (those
+// record steps are applied first, ahead of their turn: they write the
+// removal's intent), and stores each outcome in a.unplugs for the loop to
+// take when it reaches the unplug. All the requests go out before any
+// wait, and only the pass's first batch waits, so a plan that removes six
+// NICs from a guest that never answers holds its worker for one unplug
+// timeout, not six.
+//
+// A fresh unplug batches only with fresh ones: a removal left pending in
+// an earlier pass is checked back after the adds (see Compute), where it
+// cannot hold a new NIC up.
+//
+// Before asking, each removal is recorded as requested: a daemon that
+// dies during the wait then knows, when it comes back, that QEMU was asked
+// and does not ask again at once (a second device_del in quick succession
+// can cancel a native PCIe unplug). An error is returned only when the
+// record cannot be saved.
+func (a *applier) unplugBatch(ctx context.Context, p Plan, i int, rec *state.Record) error {
+	batch := []int{i}
+	var early []int
+	fresh := !p.Actions[i].Endpoint.UnplugRequested
+	for j := i + 1; j < len(p.Actions); j++ {
+		b := p.Actions[j]
+		n := b.Endpoint.Index
+		if b.Op != OpUnplugNIC || n < 0 || a.blocked[n] || (fresh && b.Endpoint.UnplugRequested) {
+			continue
+		}
+		var pre []int
+		ready := true
+		for k := i + 1; k < j && ready; k++ {
+			c := p.Actions[k]
+			switch {
+			case c.Endpoint.Index != n || a.ahead[k]:
+			case c.Op == OpRecord || c.Op == OpMarkRemoving:
+				pre = append(pre, k)
+			default:
+				ready = false
+			}
+		}
+		if ready {
+			early = append(early, pre...)
+			batch = append(batch, j)
+		}
+	}
+	slices.Sort(early)
+	for _, k := range early {
+		act := p.Actions[k]
+		logAction(ctx, act)
+		if err := a.do(ctx, act, rec); err != nil {
+			return fmt.Errorf("endpoint %d: %s: %w", act.Endpoint.Index, act.Op, err)
+		}
+		a.ahead[k] = true
+		if a.AfterAction != nil {
+			a.AfterAction(act)
+		}
+	}
+
+	reqs := make([]Unplug, len(batch))
+	intent := false
+	anyFresh := false
+	for q, j := range batch {
+		act := p.Actions[j]
+		n := act.Endpoint.Index
+		reqs[q] = Unplug{Index: n, Requested: act.Endpoint.UnplugRequested}
+		anyFresh = anyFresh || !reqs[q].Requested
+		if e, ok := rec.Endpoint(n); ok && e.Removing && !e.UnplugRequested {
+			e.UnplugRequested = true
+			rec.Put(e)
+			intent = true
+		}
+		logAction(ctx, act)
+	}
+	if intent {
+		if err := a.Recorder.Save(*rec); err != nil {
+			return fmt.Errorf("record requested unplugs: %w", err)
+		}
+	}
+	wait := !a.waited
+	errs := a.VM.UnplugNICs(ctx, reqs, wait)
+	a.waited = a.waited || (wait && anyFresh)
+	for q, j := range batch {
+		var err error
+		if q < len(errs) {
+			err = errs[q]
+		} else {
+			err = fmt.Errorf("no outcome for the unplug of NIC %d", reqs[q].Index)
+		}
+		a.unplugs[j] = err
+	}
+	return nil
 }
 
 // recordGuest sets the guest digest of endpoint n in rec.

@@ -40,6 +40,13 @@ type world struct {
 	routes      []datapath.Route
 	neighbors   []datapath.Neighbor
 	guest       *fakeGuest
+	// unplugBatches are the VM.UnplugNICs calls so far.
+	unplugBatches []unplugBatch
+}
+
+type unplugBatch struct {
+	reqs []Unplug
+	wait bool
 }
 
 func newWorld() *world {
@@ -60,6 +67,7 @@ func (w *world) clone() *world {
 	c.redirs = slices.Clone(w.redirs)
 	c.kata = slices.Clone(w.kata)
 	c.nics = slices.Clone(w.nics)
+	c.unplugBatches = slices.Clone(w.unplugBatches)
 	c.netdevs = map[int]bool{}
 	for k, v := range w.netdevs {
 		c.netdevs[k] = v
@@ -288,6 +296,20 @@ func (w *world) UnplugNIC(_ context.Context, index int, _ bool) error {
 		t.Attached = 0
 	}
 	return nil
+}
+
+// UnplugNICs records each batch (its requests, and whether it may wait)
+// and unplugs NIC by NIC.
+func (w *world) UnplugNICs(ctx context.Context, reqs []Unplug, wait bool) []error {
+	w.unplugBatches = append(w.unplugBatches, unplugBatch{reqs: slices.Clone(reqs), wait: wait})
+	errs := make([]error, len(reqs))
+	for i, r := range reqs {
+		if e, ok := w.rec.Endpoint(r.Index); ok && e.Removing && !e.UnplugRequested {
+			w.unsafe = append(w.unsafe, fmt.Sprintf("unplug of NIC %d asked with no request on record", r.Index))
+		}
+		errs[i] = w.UnplugNIC(ctx, r.Index, wait)
+	}
+	return errs
 }
 
 func (w *world) RemoveRedirects(container, tap int) error {

@@ -63,17 +63,26 @@ func (v qmpVM) PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, mtu
 	return info.PCIPath, err
 }
 
-func (v qmpVM) UnplugNIC(ctx context.Context, index int, wait bool) error {
+// UnplugNICs asks QEMU for all the unplugs at once; with wait it gives
+// the guest one unplug timeout to acknowledge the first requests among
+// them.
+func (v qmpVM) UnplugNICs(ctx context.Context, reqs []Unplug, wait bool) []error {
 	d := v.unplugWait
 	if !wait {
 		d = 0
 	}
-	err := v.c.RemoveNIC(ctx, index, d)
-	switch {
-	case errors.Is(err, qmp.ErrRemovalPending):
-		return fmt.Errorf("%w: %w", ErrUnplugPending, err)
-	case errors.Is(err, qmp.ErrNetdevOrphaned):
-		return fmt.Errorf("%w: %w", ErrIndexBurned, err)
+	us := make([]qmp.Unplug, len(reqs))
+	for i, r := range reqs {
+		us[i] = qmp.Unplug{Index: r.Index, Requested: r.Requested}
 	}
-	return err
+	errs := v.c.RemoveNICs(ctx, us, d)
+	for i, err := range errs {
+		switch {
+		case errors.Is(err, qmp.ErrRemovalPending):
+			errs[i] = fmt.Errorf("%w: %w", ErrUnplugPending, err)
+		case errors.Is(err, qmp.ErrNetdevOrphaned):
+			errs[i] = fmt.Errorf("%w: %w", ErrIndexBurned, err)
+		}
+	}
+	return errs
 }

@@ -352,6 +352,14 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 		}
 		if !e.Removing && why == "" {
 			claimed[l.Ifindex] = true
+			if e.LinkName != l.Name {
+				// Renamed in place (same ifindex and MAC): the same
+				// endpoint, under its new name in the record (status,
+				// logs); the guest interface follows by the guest steps.
+				old := e.LinkName
+				e.LinkName = l.Name
+				adds.Actions = append(adds.Actions, Action{Op: OpRecord, Endpoint: e, Reason: fmt.Sprintf("container link %s renamed to %s", old, l.Name)})
+			}
 			_, nicOK := v.nics[e.Index]
 			wired = append(wired, wiredLink{link: l, endpoint: e, plugged: !nicOK})
 			repair(v, e, l, &adds)

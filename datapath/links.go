@@ -145,9 +145,9 @@ func (n *Netns) linkList() ([]netlink.Link, error) {
 }
 
 // ContainerLinks lists the links that the runtime or CNI put into the
-// netns: everything but loopback, our endpoint taps (tsn<N>) and Kata's
-// taps and macvtaps (tap<N>_kata), each with its addresses. Which of them can be wired is the caller's
-// decision.
+// netns: everything but loopback, our endpoint taps (tsn<N>) and
+// macvtaps (tsm<N>) and Kata's taps and macvtaps (tap<N>_kata), each with
+// its addresses. Which of them can be wired is the caller's decision.
 func (n *Netns) ContainerLinks() ([]Link, error) {
 	links, err := n.linkList()
 	if err != nil {
@@ -159,7 +159,7 @@ func (n *Netns) ContainerLinks() ([]Link, error) {
 	}
 	var out []Link
 	for _, l := range links {
-		if isLoopback(l) || isTapEndpoint(l) || isKataLink(l) {
+		if isLoopback(l) || isTapEndpoint(l) || isMacvtapEndpoint(l) || isKataLink(l) {
 			continue
 		}
 		cl := toLink(l)

@@ -8,6 +8,10 @@ package datapath
 type State struct {
 	Links []Link
 	Taps  []Tap
+	// Macvtaps are our endpoint macvtaps (tsm<N>, macvtap model); each
+	// carries its guest's MAC while its container link (Parent) carries
+	// HostMAC.
+	Macvtaps []Macvtap
 	// KataLinks are Kata's taps and macvtaps (tap<N>_kata): how the
 	// runtime wired the links it adopted.
 	KataLinks []Link
@@ -33,6 +37,9 @@ func (n *Netns) Observe() (State, error) {
 		return State{}, err
 	}
 	if s.Taps, err = n.Taps(); err != nil {
+		return State{}, err
+	}
+	if s.Macvtaps, err = n.Macvtaps(); err != nil {
 		return State{}, err
 	}
 	if s.KataLinks, err = n.KataLinks(); err != nil {

@@ -1,0 +1,435 @@
+package datapath
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/rs/zerolog"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Macvtap names. Ours are tsm<N>: a prefix of our own for the same reason
+// as tsn<N> (Kata names its macvtaps tap<N>_kata and picks N blindly),
+// and distinct from tsn<N> so that a name alone says which model an
+// endpoint device belongs to; a tap and a macvtap of one index never
+// collide.
+const macvtapPrefix = "tsm"
+
+// MacvtapName is the name of endpoint N's macvtap device (macvtap model).
+func MacvtapName(index int) string { return macvtapPrefix + strconv.Itoa(index) }
+
+// ParseMacvtapName returns N for a name of the form tsm<N>.
+func ParseMacvtapName(name string) (int, bool) {
+	s, ok := strings.CutPrefix(name, macvtapPrefix)
+	if !ok {
+		return 0, false
+	}
+	return parseIndex(s)
+}
+
+// ErrMacvtapMismatch reports an existing tsm<N> whose fixed properties
+// (kind, lower device, mode, MAC) differ from what was asked. It is not
+// changed in place: the caller decides whether to replace it.
+var ErrMacvtapMismatch = errors.New("macvtap properties differ")
+
+// MacvtapSpec is the macvtap wanted for endpoint Index in the macvtap
+// model: a bridge-mode macvtap on the container link Container that
+// carries MAC, the MAC the guest NIC gets. MAC is the container link's
+// own MAC as recorded before the first EnsureMacvtap; it must come from
+// the caller's record, because afterwards the container link carries
+// HostMAC(MAC, Index) instead.
+type MacvtapSpec struct {
+	Index     int
+	Container int // ifindex of the container link (the macvtap's lower device)
+	MAC       net.HardwareAddr
+	Queues    int // queues that OpenMacvtapQueues opens; 1..MaxQueues
+	MTU       int // 0 = the container link's MTU
+}
+
+func (s MacvtapSpec) validate() error {
+	name := MacvtapName(s.Index)
+	switch {
+	case s.Index < 0:
+		return fmt.Errorf("endpoint index %d is negative", s.Index)
+	case len(name) >= unix.IFNAMSIZ:
+		return fmt.Errorf("macvtap name %q for endpoint %d is longer than %d bytes", name, s.Index, unix.IFNAMSIZ-1)
+	case s.Container <= 0:
+		return fmt.Errorf("macvtap %s: no container link", name)
+	case len(s.MAC) != 6 || s.MAC[0]&1 != 0:
+		return fmt.Errorf("macvtap %s: %q is not a unicast Ethernet MAC", name, s.MAC)
+	case s.Queues < 1 || s.Queues > MaxQueues:
+		return fmt.Errorf("macvtap %s: %d queues is outside 1..%d", name, s.Queues, MaxQueues)
+	case s.MTU < 0:
+		return fmt.Errorf("macvtap %s: negative MTU %d", name, s.MTU)
+	}
+	return nil
+}
+
+// HostMAC is the MAC a container link carries while its own MAC is lent
+// to endpoint index's macvtap: a locally administered unicast address
+// derived from the guest MAC and the index.
+//
+// Derived, not random: a crash between creating the macvtap and
+// changing the container link's MAC converges to the same address
+// without recording anything more, and RemoveMacvtap's caller can tell
+// the link's state from its MAC. Derived from the guest MAC and not from
+// the index alone: guest MACs are unique on the pod network, so the
+// host-side MACs of two sandboxes never collide on a shared L2 (an index
+// alone would give every sandbox's first endpoint the same MAC).
+func HostMAC(guest net.HardwareAddr, index int) net.HardwareAddr {
+	sum := sha256.Sum256([]byte("tapsync macvtap host mac\x00" + guest.String() + "\x00" + strconv.Itoa(index)))
+	mac := net.HardwareAddr(sum[:6])
+	mac[0] = mac[0]&^0x01 | 0x02 // unicast, locally administered
+	if slices.Equal(mac, guest) {
+		mac[5] ^= 0x01
+	}
+	return mac
+}
+
+// Macvtap is a macvtap device in the netns: one of ours (Index ≥ 0) or
+// a container link of kind macvtap.
+type Macvtap struct {
+	Link
+	Index int    // endpoint index N of tsm<N>; -1 when not ours
+	Mode  string // bridge, vepa, private, passthru, source
+}
+
+var macvlanModes = map[netlink.MacvlanMode]string{
+	netlink.MACVLAN_MODE_PRIVATE:  "private",
+	netlink.MACVLAN_MODE_VEPA:     "vepa",
+	netlink.MACVLAN_MODE_BRIDGE:   "bridge",
+	netlink.MACVLAN_MODE_PASSTHRU: "passthru",
+	netlink.MACVLAN_MODE_SOURCE:   "source",
+}
+
+func toMacvtap(l *netlink.Macvtap) Macvtap {
+	idx, ok := ParseMacvtapName(l.Attrs().Name)
+	if !ok {
+		idx = -1
+	}
+	return Macvtap{Link: toLink(l), Index: idx, Mode: macvlanModes[l.Mode]}
+}
+
+// Macvtaps lists our endpoint macvtaps (tsm<N>) in the netns.
+func (n *Netns) Macvtaps() ([]Macvtap, error) {
+	links, err := n.linkList()
+	if err != nil {
+		return nil, err
+	}
+	var out []Macvtap
+	for _, l := range links {
+		if m, ok := l.(*netlink.Macvtap); ok && isMacvtapEndpoint(l) {
+			out = append(out, toMacvtap(m))
+		}
+	}
+	return out, nil
+}
+
+// isMacvtapEndpoint says whether l is one of our endpoint macvtaps.
+func isMacvtapEndpoint(l netlink.Link) bool {
+	_, ok := ParseMacvtapName(l.Attrs().Name)
+	return ok && l.Type() == "macvtap"
+}
+
+func (n *Netns) macvtap(name string) (*netlink.Macvtap, error) {
+	l, err := n.h.LinkByName(name)
+	if err != nil {
+		return nil, err
+	}
+	m, ok := l.(*netlink.Macvtap)
+	if !ok {
+		return nil, fmt.Errorf("%w: %s is a %s, not a macvtap", ErrMacvtapMismatch, name, l.Type())
+	}
+	return m, nil
+}
+
+// Moved is what EnsureMacvtap took from a container link, and what
+// RestoreContainerLink gives back: its own MAC (now the guest's), its
+// addresses (they would make the host answer ARP and neighbour
+// discovery for the guest), and the routes through it that the kernel
+// deleted with the addresses (an IPv4 default route goes with the last
+// IPv4 address of its link).
+type Moved struct {
+	MAC    net.HardwareAddr
+	Addrs  []netip.Prefix
+	Routes []Route
+}
+
+// EnsureMacvtap wires endpoint spec.Index in the macvtap model, in this
+// order, each step idempotent:
+//
+//  1. the container link carries HostMAC(spec.MAC, N) (a link with any
+//     other MAC than these two is refused with ErrMacvtapMismatch);
+//  2. tsm<N> exists: a bridge-mode macvtap on the container link, with
+//     spec.MAC, the container link's MTU (or spec.MTU), up;
+//  3. the container link has no addresses left.
+//
+// It returns what steps 1 and 3 took away in this call; a repeated call
+// returns spec.MAC and no addresses. The addresses and routes exist
+// nowhere else once removed, so the caller records the container link's
+// addresses and routes (from Observe) before the first call: a crash
+// inside step 3 must not lose them.
+func (n *Netns) EnsureMacvtap(ctx context.Context, spec MacvtapSpec) (Macvtap, Moved, error) {
+	if err := spec.validate(); err != nil {
+		return Macvtap{}, Moved{}, fmt.Errorf("netns %s: %w", n.path, err)
+	}
+	name := MacvtapName(spec.Index)
+	c, err := n.h.LinkByIndex(spec.Container)
+	if err != nil {
+		return Macvtap{}, Moved{}, fmt.Errorf("netns %s: container link %d of macvtap %s: %w", n.path, spec.Container, name, err)
+	}
+	cname := c.Attrs().Name
+	wrap := func(what string, err error) error {
+		return fmt.Errorf("netns %s: macvtap %s on %s: %s: %w", n.path, name, cname, what, err)
+	}
+	mtu := spec.MTU
+	if mtu == 0 {
+		mtu = c.Attrs().MTU
+	}
+
+	// Equivalent to: ip link set dev CONTAINER address HOSTMAC
+	// First: a macvtap cannot come up while its lower device has its MAC
+	// (EADDRINUSE), and two devices with one MAC on one lower device would
+	// both claim the guest's frames.
+	host := HostMAC(spec.MAC, spec.Index)
+	switch cur := c.Attrs().HardwareAddr; {
+	case slices.Equal(cur, host):
+	case slices.Equal(cur, spec.MAC):
+		if err := n.h.LinkSetHardwareAddr(c, host); err != nil {
+			return Macvtap{}, Moved{}, wrap("set container link mac "+host.String(), err)
+		}
+	default:
+		// The link changed its MAC under us (or the record is wrong):
+		// its guest needs a new NIC, which is the caller's decision.
+		return Macvtap{}, Moved{}, wrap("check container link", fmt.Errorf("%w: container link mac %s is neither the guest's %s nor %s",
+			ErrMacvtapMismatch, cur, spec.MAC, host))
+	}
+
+	m, err := n.macvtap(name)
+	switch {
+	case isLinkNotFound(err):
+		// Equivalent to: ip link add link CONTAINER name tsmN address MAC mtu M type macvtap mode bridge
+		// The MAC is given at creation, so the macvtap never exists with
+		// a random one that a guest could see. TxQLen -1 keeps the
+		// kernel's default: the zero value would ask for 0, and a
+		// macvtap queue's ring is txqueuelen long, so every frame to the
+		// guest would be dropped.
+		nm := &netlink.Macvtap{Macvlan: netlink.Macvlan{
+			LinkAttrs: netlink.LinkAttrs{Name: name, ParentIndex: spec.Container, HardwareAddr: spec.MAC, MTU: mtu, TxQLen: -1},
+			Mode:      netlink.MACVLAN_MODE_BRIDGE,
+		}}
+		if err := n.h.LinkAdd(nm); err != nil {
+			return Macvtap{}, Moved{}, wrap("create", err)
+		}
+		zerolog.Ctx(ctx).Debug().Str("netns", n.path).Str("macvtap", name).Str("container", cname).Msg("created macvtap")
+		if m, err = n.macvtap(name); err != nil {
+			return Macvtap{}, Moved{}, wrap("read back", err)
+		}
+	case err != nil:
+		return Macvtap{}, Moved{}, wrap("look up", err)
+	}
+	if why := macvtapMismatch(m, spec); why != "" {
+		return Macvtap{}, Moved{}, wrap("check", fmt.Errorf("%w: %s", ErrMacvtapMismatch, why))
+	}
+	// Equivalent to: ip link set dev tsmN mtu M up
+	if m.Attrs().MTU != mtu {
+		if err := n.h.LinkSetMTU(m, mtu); err != nil {
+			return Macvtap{}, Moved{}, wrap(fmt.Sprintf("set mtu %d", mtu), err)
+		}
+	}
+	if m.Attrs().Flags&net.FlagUp == 0 {
+		if err := n.h.LinkSetUp(m); err != nil {
+			return Macvtap{}, Moved{}, wrap("set up", err)
+		}
+	}
+
+	moved := Moved{MAC: slices.Clone(spec.MAC)}
+	moved.Addrs, moved.Routes, err = n.clearAddrs(c)
+	if err != nil {
+		return Macvtap{}, moved, wrap("move addresses", err)
+	}
+	if m, err = n.macvtap(name); err != nil {
+		return Macvtap{}, moved, wrap("read back", err)
+	}
+	return toMacvtap(m), moved, nil
+}
+
+func macvtapMismatch(m *netlink.Macvtap, spec MacvtapSpec) string {
+	switch {
+	case m.Attrs().ParentIndex != spec.Container || m.Attrs().NetNsID >= 0:
+		return fmt.Sprintf("lower device %d, want %d", m.Attrs().ParentIndex, spec.Container)
+	case m.Mode != netlink.MACVLAN_MODE_BRIDGE:
+		return "mode " + macvlanModes[m.Mode] + ", want bridge"
+	case !slices.Equal(m.Attrs().HardwareAddr, spec.MAC):
+		return fmt.Sprintf("mac %s, want %s", m.Attrs().HardwareAddr, spec.MAC)
+	}
+	return ""
+}
+
+// clearAddrs deletes every address of link and returns them with the
+// routes through link (main table, not the kernel's own) that vanished
+// with them.
+func (n *Netns) clearAddrs(link netlink.Link) ([]netip.Prefix, []Route, error) {
+	addrs, err := dump(func() ([]netlink.Addr, error) { return n.h.AddrList(link, netlink.FAMILY_ALL) })
+	if err != nil {
+		return nil, nil, fmt.Errorf("list addresses: %w", err)
+	}
+	if len(addrs) == 0 {
+		return nil, nil, nil
+	}
+	before, err := n.routesVia(link.Attrs().Index)
+	if err != nil {
+		return nil, nil, err
+	}
+	var out []netip.Prefix
+	for _, a := range addrs {
+		p, ok := prefixOf(a.IPNet)
+		if !ok {
+			continue
+		}
+		// Equivalent to: ip address del P dev CONTAINER
+		if err := n.h.AddrDel(link, &a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+			return out, nil, fmt.Errorf("delete address %s: %w", p, err)
+		}
+		out = append(out, p)
+	}
+	after, err := n.routesVia(link.Attrs().Index)
+	if err != nil {
+		return out, nil, err
+	}
+	var gone []Route
+	for _, r := range before {
+		if !slices.Contains(after, r) {
+			gone = append(gone, r)
+		}
+	}
+	return out, gone, nil
+}
+
+func (n *Netns) routesVia(ifindex int) ([]Route, error) {
+	all, err := n.Routes()
+	if err != nil {
+		return nil, err
+	}
+	return slices.DeleteFunc(all, func(r Route) bool { return r.LinkIndex != ifindex }), nil
+}
+
+// RestoreContainerLink gives a container link back what EnsureMacvtap
+// took: its MAC, then its addresses, then the routes that went with them
+// (routes need their gateway reachable through an address). Addresses and
+// routes that are already there are success. An IPv6 link-local address
+// that the kernel derived from the borrowed host MAC (after a link flap)
+// is removed, so the link ends with exactly what it had.
+func (n *Netns) RestoreContainerLink(ifindex int, m Moved) error {
+	link, err := n.h.LinkByIndex(ifindex)
+	if err != nil {
+		return fmt.Errorf("netns %s: restore container link %d: %w", n.path, ifindex, err)
+	}
+	name := link.Attrs().Name
+	wrap := func(err error) error { return fmt.Errorf("netns %s: restore container link %s: %w", n.path, name, err) }
+	if len(m.MAC) != 6 {
+		return wrap(fmt.Errorf("%q is not an Ethernet MAC", m.MAC))
+	}
+	cur := link.Attrs().HardwareAddr
+	if !slices.Equal(cur, m.MAC) {
+		// Equivalent to: ip link set dev CONTAINER address MAC
+		if err := n.h.LinkSetHardwareAddr(link, m.MAC); err != nil {
+			return wrap(fmt.Errorf("set mac %s: %w", m.MAC, err))
+		}
+		if ll, ok := eui64LinkLocal(cur); ok && !slices.Contains(m.Addrs, ll) {
+			a := &netlink.Addr{IPNet: &net.IPNet{IP: ll.Addr().AsSlice(), Mask: net.CIDRMask(64, 128)}}
+			if err := n.h.AddrDel(link, a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+				return wrap(fmt.Errorf("delete link-local address %s: %w", ll, err))
+			}
+		}
+	}
+	for _, p := range m.Addrs {
+		// Equivalent to: ip address add P dev CONTAINER
+		a := &netlink.Addr{IPNet: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
+		if err := n.h.AddrAdd(link, a); err != nil && !errors.Is(err, unix.EEXIST) {
+			return wrap(fmt.Errorf("add address %s: %w", p, err))
+		}
+	}
+	for _, r := range m.Routes {
+		nr := r.netlink(ifindex)
+		// Equivalent to: ip route add DST via GW dev CONTAINER …
+		if err := n.h.RouteAdd(nr); err != nil && !errors.Is(err, unix.EEXIST) {
+			return wrap(fmt.Errorf("add route %s: %w", r, err))
+		}
+	}
+	return nil
+}
+
+// netlink converts r back for re-adding through ifindex.
+func (r Route) netlink(ifindex int) *netlink.Route {
+	nr := &netlink.Route{
+		LinkIndex: ifindex,
+		Table:     unix.RT_TABLE_MAIN,
+		Type:      unix.RTN_UNICAST,
+		Scope:     netlink.Scope(r.Scope),
+		Protocol:  netlink.RouteProtocol(r.Protocol),
+		MTU:       r.MTU,
+		Family:    netlink.FAMILY_V4,
+	}
+	if r.IPv6 {
+		nr.Family = netlink.FAMILY_V6
+	}
+	if r.Dst.IsValid() {
+		nr.Dst = &net.IPNet{IP: r.Dst.Addr().AsSlice(), Mask: net.CIDRMask(r.Dst.Bits(), r.Dst.Addr().BitLen())}
+	} else if r.IPv6 {
+		nr.Dst = &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
+	} else {
+		nr.Dst = &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+	}
+	if r.Gateway.IsValid() {
+		nr.Gw = r.Gateway.AsSlice()
+	}
+	if r.Src.IsValid() {
+		nr.Src = r.Src.AsSlice()
+	}
+	return nr
+}
+
+// eui64LinkLocal is the fe80::/64 address the kernel derives from mac
+// (addrgenmode eui64, the default).
+func eui64LinkLocal(mac net.HardwareAddr) (netip.Prefix, bool) {
+	if len(mac) != 6 {
+		return netip.Prefix{}, false
+	}
+	var b [16]byte
+	b[0], b[1] = 0xfe, 0x80
+	b[8], b[9], b[10] = mac[0]^0x02, mac[1], mac[2]
+	b[11], b[12] = 0xff, 0xfe
+	b[13], b[14], b[15] = mac[3], mac[4], mac[5]
+	return netip.PrefixFrom(netip.AddrFrom16(b), 64), true
+}
+
+// RemoveMacvtap deletes tsm<N>. A macvtap already gone is success; a
+// link of that name that is not a macvtap is refused. Call it only after
+// QEMU has released the queues, then RestoreContainerLink.
+func (n *Netns) RemoveMacvtap(index int) error {
+	name := MacvtapName(index)
+	m, err := n.macvtap(name)
+	if isLinkNotFound(err) {
+		return nil
+	}
+	if err == nil {
+		// Equivalent to: ip link del dev tsmN
+		err = n.h.LinkDel(m)
+		if isLinkNotFound(err) || errors.Is(err, unix.ENODEV) {
+			err = nil
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("netns %s: remove macvtap %s: %w", n.path, name, err)
+	}
+	return nil
+}

@@ -434,7 +434,8 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 	}()
 	s, err := r.open(ctx, id)
 	if err != nil {
-		return err
+		// Its QMP failures say so themselves (CauseOf looks first).
+		return WithCause(CauseNetns, err)
 	}
 	defer s.host.Close()
 	p, guest, client, guestErr := r.planWithGuest(ctx, s)
@@ -449,23 +450,28 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 	}
 	st.Guest, st.GuestEndpoints = guestStatus(s.sb, rec, out, guestErr)
 	r.logGuest(log, id, guestErr)
-	if !p.Empty() {
-		log.Info().Int("actions", len(p.Actions)).Int("mutations", out.Mutations).Ints("pending", out.Pending).Err(err).Msg("reconciled")
+	switch {
+	case !p.Empty() && err == nil:
+		log.Info().Int("actions", len(p.Actions)).Int("mutations", out.Mutations).Ints("pending", out.Pending).Msg("reconciled")
+	case !p.Empty():
+		// The queue's work function logs failures, once per distinct error
+		// rather than per pass (see FailureLog).
+		log.Debug().Int("actions", len(p.Actions)).Int("mutations", out.Mutations).Ints("pending", out.Pending).Err(err).Msg("pass failed")
 	}
 	if err != nil {
-		return fmt.Errorf("sandbox %s: %w", id, errors.Join(err, guestErr))
+		return WithCause(CauseNetns, fmt.Errorf("sandbox %s: %w", id, errors.Join(err, guestErr)))
 	}
 	if guestErr != nil {
 		// The host side is done; the guest's is retried with backoff.
-		return fmt.Errorf("sandbox %s: guest agent at %s: %w", id, s.sb.Agent, guestErr)
+		return WithCause(CauseAgent, fmt.Errorf("sandbox %s: guest agent at %s: %w", id, s.sb.Agent, guestErr))
 	}
 	if len(out.Pending) > 0 {
 		// Not a failure, but not done: come back (with backoff) until the
 		// guest acknowledges, in case its DEVICE_DELETED is missed.
-		return fmt.Errorf("sandbox %s: unplug of endpoints %v pending", id, out.Pending)
+		return WithCause(CauseWaiting, fmt.Errorf("sandbox %s: unplug of endpoints %v pending", id, out.Pending))
 	}
 	if len(out.Held) > 0 {
-		return fmt.Errorf("sandbox %s: plug of endpoints %v held until the NICs they replace are gone", id, out.Held)
+		return WithCause(CauseWaiting, fmt.Errorf("sandbox %s: plug of endpoints %v held until the NICs they replace are gone", id, out.Held))
 	}
 	return nil
 }

@@ -50,6 +50,8 @@ type daemon struct {
 	queue *reconcile.Queue
 	links *watcher.NetlinkWatcher
 	m     *metrics
+	// failures logs failed passes without flooding (see work).
+	failures reconcile.FailureLog
 
 	mu       sync.Mutex
 	gone     map[string]bool      // sandboxes to tear down on their next pass
@@ -146,6 +148,14 @@ func (d *daemon) register(ctx context.Context, sb reconcile.Sandbox, src reconci
 	d.trigger(sb.ID, string(src))
 }
 
+// kickSources are the triggers that may cut a failing sandbox's backoff
+// wait short (once between two scheduled retries, see Queue.Kick): an
+// operator asking (control socket, SIGHUP) and QEMU's own events (an
+// unplug completed, a reset), none of which a failing pass causes. The
+// others wait for the retry: netlink events in particular, which our own
+// tap and filter changes cause.
+var kickSources = map[string]bool{"control": true, "signal": true, "qmp": true}
+
 // trigger asks for one more pass over sandbox id.
 func (d *daemon) trigger(id, source string) {
 	d.m.triggers.WithLabelValues(source).Inc()
@@ -154,6 +164,10 @@ func (d *daemon) trigger(id, source string) {
 		d.pending[id] = time.Now()
 	}
 	d.mu.Unlock()
+	if kickSources[source] {
+		d.queue.Kick(id)
+		return
+	}
 	d.queue.Add(id)
 }
 
@@ -342,8 +356,25 @@ func (d *daemon) registerDiscovered(ctx context.Context, found []watcher.Sandbox
 	}
 }
 
-// work is one queue pass over sandbox id.
+// work is the queue's work function: one pass over sandbox id, whose
+// outcome is logged (see reconcile.FailureLog) and counted by cause.
 func (d *daemon) work(ctx context.Context, id string) error {
+	err := d.pass(ctx, id)
+	r := d.failures.Note(id, err, time.Now())
+	if err != nil {
+		d.m.reconcileErrors.WithLabelValues(r.Cause).Inc()
+		if r.Failures > 1 {
+			d.m.retries.Inc()
+		}
+	}
+	log := zerolog.Ctx(ctx).With().Str("sandbox", id).Logger()
+	r.Log(&log, id, err)
+	return err
+}
+
+// pass is one pass over sandbox id: a hand-over, an unregistration, a
+// teardown or a reconcile.
+func (d *daemon) pass(ctx context.Context, id string) error {
 	d.mu.Lock()
 	d.inflight[id] = time.Now()
 	d.mu.Unlock()
@@ -382,19 +413,16 @@ func (d *daemon) work(ctx context.Context, id string) error {
 		return nil
 	}
 	if ok, err := watcher.IsNetns(sb.Netns); !ok {
-		return fmt.Errorf("sandbox %s: %s is not a network namespace yet (placeholder before its bind mount?): %v", id, sb.Netns, err)
+		return reconcile.WithCause(reconcile.CauseNetns,
+			fmt.Errorf("sandbox %s: %s is not a network namespace yet (placeholder before its bind mount?): %v", id, sb.Netns, err))
 	}
 	if err := d.links.Watch(ctx, id, sb.Netns); err != nil {
-		return fmt.Errorf("sandbox %s: watch links: %w", id, err)
+		return reconcile.WithCause(reconcile.CauseNetns, fmt.Errorf("sandbox %s: watch links: %w", id, err))
 	}
 	start := time.Now()
 	err := d.rec.Reconcile(ctx, id)
 	d.m.reconcileDuration.Observe(time.Since(start).Seconds())
 	if err != nil {
-		d.m.reconcileErrors.Inc()
-		if d.queue.Failures(id) > 0 {
-			d.m.retries.Inc()
-		}
 		return err
 	}
 	d.mu.Lock()

@@ -30,14 +30,27 @@ type oddQEMU struct {
 	conn     net.Conn
 }
 
-func startOddQEMU(t *testing.T) *oddQEMU {
+// shortDir is a temp dir for sockets (t.TempDir can exceed the 108-byte
+// socket path limit).
+func shortDir(t *testing.T) string {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "oddqemu") // t.TempDir can exceed the 108-byte socket path limit
+	dir, err := os.MkdirTemp("", "tsq")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	q := &oddQEMU{path: filepath.Join(dir, "qmp.sock")}
+	return dir
+}
+
+func startOddQEMU(t *testing.T) *oddQEMU {
+	t.Helper()
+	return startOddQEMUAt(t, filepath.Join(shortDir(t), "qmp.sock"))
+}
+
+func startOddQEMUAt(t *testing.T, path string) *oddQEMU {
+	t.Helper()
+	q := &oddQEMU{path: path}
+	var err error
 	if q.ln, err = net.Listen("unix", q.path); err != nil {
 		t.Fatal(err)
 	}
@@ -162,5 +175,63 @@ func TestFailingSandboxKeepsItsBackoff(t *testing.T) {
 	// (c) the error names the misbehaving socket.
 	if st := s.d.status("odd"); !strings.Contains(st.LastError, qemu.path) {
 		t.Errorf("last error %q does not name the QMP socket %s", st.LastError, qemu.path)
+	}
+	// The failure shows once per distinct error (two here: the first
+	// hot-add, then the retries that find the tap made), and once more at
+	// the 8th failure, not per pass; it is counted under its cause.
+	failed := strings.Count(s.log.String(), "pass failed; retried with backoff")
+	if failed < 1 || failed > 3 {
+		t.Errorf("%d failure log lines for %d passes, want 1 to 3; log:\n%s", failed, passes(t, s.d), s.log.String())
+	}
+	if got, total := errorsByCause(t, s.d, "qmp"), passes(t, s.d); got == 0 || got > total {
+		t.Errorf("%d qmp errors counted for %d passes", got, total)
+	}
+}
+
+// errorsByCause reads tapsync_reconcile_errors_total{cause}.
+func errorsByCause(t *testing.T, d *daemon, cause string) uint64 {
+	t.Helper()
+	var m dto.Metric
+	if err := d.m.reconcileErrors.WithLabelValues(cause).Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return uint64(m.GetCounter().GetValue())
+}
+
+// A Kata sandbox without its extra monitor (Kata serves it only with
+// enable_debug = true): the failure is logged with what Kata needs, its
+// count and next attempt, and counted under qmp; when the monitor
+// appears, the recovery is logged with the number of failures.
+func TestMissingMonitorShowsAndRecovers(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	ns := testnet.NewNS(t, "tsmon")
+	sock := filepath.Join(shortDir(t), "extra-monitor.sock")
+	cfg := quietConfig(t)
+	one := 1
+	cfg.Sandboxes = []StaticSandbox{{ID: "nomon", Netns: ns.Path, QMP: sock, Queues: &one}}
+	s := serveDaemon(t, cfg, nil)
+	eventually(t, "the missing monitor logged", func() bool {
+		return strings.Contains(s.log.String(), "pass failed; retried with backoff")
+	}, s.log.String)
+	line := ""
+	for _, l := range strings.Split(s.log.String(), "\n") {
+		if strings.Contains(l, "pass failed") {
+			line = l
+		}
+	}
+	for _, want := range []string{`"sandbox":"nomon"`, `"cause":"qmp"`, `"retries":1`, `"next_attempt"`, sock, `extra_monitor_socket = \"qmp\"`} {
+		if !strings.Contains(line, want) {
+			t.Errorf("failure line lacks %s: %s", want, line)
+		}
+	}
+	if errorsByCause(t, s.d, "qmp") == 0 {
+		t.Error("no qmp error counted")
+	}
+	startOddQEMUAt(t, sock) // an empty VM: nothing to plug, the pass succeeds
+	eventually(t, "the recovery logged", func() bool {
+		return strings.Contains(s.log.String(), "sandbox nomon reconciled after ")
+	}, s.log.String)
+	if n := strings.Count(s.log.String(), "pass failed"); n > 2 {
+		t.Errorf("%d failure lines for one missing socket, want at most 2; log:\n%s", n, s.log.String())
 	}
 }

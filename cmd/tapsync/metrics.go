@@ -15,7 +15,7 @@ type metrics struct {
 	triggers          *prometheus.CounterVec
 	reconcileDuration prometheus.Histogram
 	convergeLatency   prometheus.Histogram
-	reconcileErrors   prometheus.Counter
+	reconcileErrors   *prometheus.CounterVec
 	retries           prometheus.Counter
 	gcRecords         prometheus.Counter
 }
@@ -35,9 +35,10 @@ func newMetrics(d *daemon) *metrics {
 		convergeLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "tapsync_trigger_to_converged_seconds", Help: "Time from the first trigger of a sandbox to its next successful pass.", Buckets: latencyBuckets,
 		}),
-		reconcileErrors: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "tapsync_reconcile_errors_total", Help: "Passes that failed (retried with backoff).",
-		}),
+		reconcileErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tapsync_reconcile_errors_total",
+			Help: "Passes that failed or were left waiting (retried with backoff), by cause: qmp, netns, agent, waiting, other.",
+		}, []string{"cause"}),
 		retries: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tapsync_reconcile_retries_total", Help: "Failed passes of sandboxes that had already failed before.",
 		}),
@@ -45,10 +46,15 @@ func newMetrics(d *daemon) *metrics {
 			Name: "tapsync_records_garbage_collected_total", Help: "Records deleted because their netns was gone.",
 		}),
 	}
+	for _, c := range reconcile.Causes {
+		m.reconcileErrors.WithLabelValues(c) // every cause shows, at 0 until it happens
+	}
 	m.reg.MustRegister(m.triggers, m.reconcileDuration, m.convergeLatency, m.reconcileErrors, m.retries, m.gcRecords,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "tapsync_queue_depth", Help: "Sandboxes waiting for a worker."},
 			func() float64 { return float64(d.queue.Len()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "tapsync_failing_sandboxes", Help: "Sandboxes whose last pass failed or is waiting."},
+			func() float64 { return float64(d.failures.Failing()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "tapsync_sandboxes", Help: "Registered sandboxes."},
 			func() float64 { return float64(len(d.rec.Sandboxes())) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "tapsync_netlink_resubscriptions_total", Help: "Netlink subscriptions (links, addresses, routes, tc) re-established after a failure."},

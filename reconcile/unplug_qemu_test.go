@@ -1,0 +1,147 @@
+package reconcile
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/e2e/testnet"
+	"github.com/tapsync/tapsync/e2e/testproc"
+	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/state"
+)
+
+// startQEMU starts a q35 QEMU with four root ports and no guest OS (so no
+// unplug is ever acknowledged) and returns its QMP socket.
+func startQEMU(t *testing.T) string {
+	t.Helper()
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("skipping: qemu-system-x86_64 not installed")
+	}
+	dir, err := os.MkdirTemp("", "rcvm") // short: socket paths are limited to 108 bytes
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "qmp.sock")
+	args := []string{"-machine", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "128",
+		"-qmp", "unix:" + sock + ",server=on,wait=off"}
+	for n := 1; n <= 4; n++ {
+		args = append(args, "-device", fmt.Sprintf("pcie-root-port,id=rp%d,chassis=%d,bus=pcie.0,addr=%#x", n, n, n+1))
+	}
+	cmd := exec.Command("qemu-system-x86_64", args...)
+	if err := testproc.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			return sock
+		} else if time.Now().After(deadline) {
+			t.Fatalf("no QMP socket: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// The whole pass against the kernel and a real QEMU whose guest never
+// answers: removing four NICs takes one unplug timeout, not four, and the
+// passes that check back take none.
+func TestReconcileUnplugsOnceQEMU(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		t.Skip("skipping: no /dev/net/tun")
+	}
+	ns := testnet.NewNS(t, "tapsync-unplug")
+	peer := testnet.NewNS(t, "tapsync-unplugpeer")
+	for i := range 4 {
+		testnet.Veth(t, ns, fmt.Sprintf("net%d", i), macN(i+1), peer, fmt.Sprintf("peer%d", i))
+	}
+	sock := startQEMU(t)
+	store, err := state.Open(filepath.Join(t.TempDir(), "state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := New(store)
+	t.Cleanup(r.Close)
+	const unplugTimeout = 2 * time.Second
+	sb := Sandbox{ID: "unplug", Netns: ns.Path, QMP: sock, Queues: 1, Vhost: datapath.VhostOff, UnplugTimeout: unplugTimeout,
+		Placement: qmp.Placement{Hotplug: qmp.HotplugRootPort}}
+	if _, err := r.Register(sb, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+
+	// Plug four NICs. Just after QEMU starts, its firmware is numbering
+	// the buses and a pass may find no free port: passes are retried.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		err := r.Reconcile(ctx, sb.ID)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("four NICs not plugged within a minute: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	rec, err := store.Load(ctx, sb.ID)
+	if err != nil || len(rec.Endpoints) != 4 {
+		t.Fatalf("record %+v, %v; want four endpoints", rec, err)
+	}
+
+	for i := range 4 {
+		testnet.IP(t, "-n", ns.Name, "link", "del", fmt.Sprintf("net%d", i))
+	}
+	// Structure, not speed: four waits one after another take 8 s; one
+	// takes 2 s plus a few QMP round trips.
+	start := time.Now()
+	err = r.Reconcile(ctx, sb.ID)
+	took := time.Since(start)
+	t.Logf("pass removing four unanswered NICs: %s (unplug timeout %s): %v", took.Round(time.Millisecond), unplugTimeout, err)
+	if CauseOf(err) != CauseWaiting {
+		t.Errorf("err = %v; want the pass waiting on pending unplugs", err)
+	}
+	if took < unplugTimeout || took >= 2*unplugTimeout {
+		t.Errorf("the pass took %s; want one unplug timeout (%s .. %s)", took, unplugTimeout, 2*unplugTimeout)
+	}
+	st := statusOf(r, sb.ID)
+	if !slices.Equal(st.Pending, []int{0, 1, 2, 3}) {
+		t.Errorf("status pending = %v; want all four", st.Pending)
+	}
+
+	// Checking back waits for nothing.
+	start = time.Now()
+	err = r.Reconcile(ctx, sb.ID)
+	if took := time.Since(start); took >= unplugTimeout {
+		t.Errorf("a pass checking back on pending unplugs took %s; it must not wait for the guest", took)
+	}
+	if CauseOf(err) != CauseWaiting {
+		t.Errorf("check-back pass: err = %v; want waiting", err)
+	}
+	rec, _ = store.Load(ctx, sb.ID)
+	for _, e := range rec.Endpoints {
+		if !e.Removing || !e.UnplugRequested {
+			t.Errorf("recorded %+v; want removing with its unplug requested", e)
+		}
+	}
+}
+
+func statusOf(r *Reconciler, id string) Status {
+	for _, s := range r.Status() {
+		if s.Sandbox.ID == id {
+			return s
+		}
+	}
+	return Status{}
+}

@@ -149,6 +149,32 @@ func WatchContainerd(ctx context.Context, cfg ContainerdConfig, sink Sink) error
 	}
 }
 
+// ListContainerd returns the sandboxes that WatchContainerd would report
+// for containerd at cfg.Address right now (running sandbox containers of
+// cfg.Runtimes whose netns passes CheckNetns), with their QMP socket from
+// cfg.QMPSocket, for `tapsync check`. Refused netns are logged through
+// ctx's logger, as the watcher logs them.
+func ListContainerd(ctx context.Context, cfg ContainerdConfig) ([]Sandbox, error) {
+	cfg = cfg.withDefaults()
+	log := zerolog.Ctx(ctx).With().Str("source", string(SourceContainerd)).Str("address", cfg.Address).Logger()
+	var found []Sandbox
+	sink := func(e Event) {
+		if e.Kind == KindUpsert {
+			found = append(found, e.Sandbox)
+		}
+	}
+	w := &ctrWatcher{cfg: cfg, sink: sink, log: &log, known: map[ctrKey]bool{}, rejected: map[ctrKey]string{}}
+	cli, err := client.New(cfg.Address, client.WithTimeout(ctrDialTimeout))
+	if err != nil {
+		return nil, fmt.Errorf("containerd at %s: %w", cfg.Address, err)
+	}
+	defer cli.Close()
+	if _, err := w.list(ctx, cli); err != nil {
+		return nil, err
+	}
+	return found, nil
+}
+
 // ctrKey names a container: IDs are unique only within a namespace.
 type ctrKey struct{ ns, id string }
 

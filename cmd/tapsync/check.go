@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -130,10 +132,7 @@ func runChecks(ctx context.Context, cfg Config) []checkResult {
 			c.Close()
 			add("ok", "containerd reachable at "+cd.Address, "")
 		}
-		// Kata serves the extra monitor only in debug mode; without it every
-		// pass of a Kata sandbox fails to reach QEMU.
-		add("info", "Kata sandboxes need QEMU's extra monitor at "+cd.QMPSocket,
-			`in Kata's configuration.toml [hypervisor.qemu]: enable_debug = true and extra_monitor_socket = "qmp"`)
+		out = append(out, checkContainerdSandboxes(ctx, cfg)...)
 	}
 	switch {
 	case cfg.Guest.Agent == GuestAgentNone:
@@ -166,6 +165,73 @@ func runChecks(ctx context.Context, cfg Config) []checkResult {
 		out = append(out, checkAgent(ctx, cfg, s))
 	}
 	return out
+}
+
+// kataMonitorTodo is what Kata needs to serve the extra monitor that
+// [containerd] qmp_socket names: it serves one only in debug mode.
+const kataMonitorTodo = `in Kata's configuration.toml [hypervisor.qemu]: enable_debug = true and extra_monitor_socket = "qmp" ` +
+	`(new sandboxes get it; running ones keep their VM as it was started), or fix [containerd] qmp_socket`
+
+// checkContainerdSandboxes tests the [containerd] qmp_socket template
+// against containerd's running sandboxes: for each, whether its monitor
+// socket exists and answers.
+func checkContainerdSandboxes(ctx context.Context, cfg Config) []checkResult {
+	cd := cfg.Containerd
+	lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	sbs, err := watcher.ListContainerd(lctx, watcher.ContainerdConfig{
+		Address: cd.Address, Namespaces: cd.Namespaces, Runtimes: cd.Runtimes, QMPSocket: cd.QMPSocket, NetnsDir: cfg.NetnsDir,
+	})
+	cancel()
+	if err != nil {
+		return []checkResult{{"FAIL", "list containerd's sandboxes: " + err.Error(), "start containerd, set [containerd] address, or set enabled = false"}}
+	}
+	if len(sbs) == 0 {
+		return []checkResult{{"info", fmt.Sprintf("no running sandbox of runtimes %v to test qmp_socket %s against", cd.Runtimes, cd.QMPSocket),
+			"Kata sandboxes need QEMU's extra monitor there: " + kataMonitorTodo}}
+	}
+	daemonUp := false
+	if _, err := newControlClient(controlSocketPath(cfg.StateDir)).status(); err == nil {
+		daemonUp = true
+	}
+	var out []checkResult
+	for _, sb := range sbs {
+		out = append(out, monitorResult(sb.ID, sb.QMP, probeMonitor(ctx, sb.QMP), daemonUp))
+	}
+	return out
+}
+
+// probeMonitor dials a QMP socket once and hangs up.
+func probeMonitor(ctx context.Context, path string) error {
+	if _, err := os.Stat(path); err != nil {
+		return err
+	}
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	c, err := qmp.Dial(cctx, path, qmp.Options{Timeout: 2 * time.Second})
+	if err == nil {
+		c.Close()
+	}
+	return err
+}
+
+// monitorResult says what a probe of sandbox id's monitor socket at path
+// found, and what to do about it. daemonUp: a tapsync daemon answers on
+// its control socket (and so probably holds the monitor).
+func monitorResult(id, path string, probe error, daemonUp bool) checkResult {
+	switch {
+	case probe == nil:
+		return checkResult{"ok", fmt.Sprintf("sandbox %s: QMP socket %s answers", id, path), ""}
+	case errors.Is(probe, fs.ErrNotExist):
+		return checkResult{"FAIL", fmt.Sprintf("sandbox %s: no QMP socket at %s: its VM serves no extra monitor", id, path), kataMonitorTodo}
+	case errors.Is(probe, qmp.ErrNoGreeting) && daemonUp:
+		return checkResult{"ok", fmt.Sprintf("sandbox %s: QMP socket %s is held, probably by the running tapsync daemon", id, path), ""}
+	case errors.Is(probe, qmp.ErrNoGreeting):
+		return checkResult{"warn", fmt.Sprintf("sandbox %s: QMP socket %s is busy, held by another client", id, path),
+			"make sure no other tool holds this monitor; Kata's own qmp.sock is taken by Kata (point qmp_socket at the extra monitor)"}
+	case errors.Is(probe, syscall.ECONNREFUSED):
+		return checkResult{"FAIL", fmt.Sprintf("sandbox %s: QMP socket %s refuses connections: nobody serves it (QEMU exited?)", id, path), kataMonitorTodo}
+	}
+	return checkResult{"FAIL", fmt.Sprintf("sandbox %s: QMP socket %s: %v", id, path, probe), "check that the socket is QEMU's monitor; " + kataMonitorTodo}
 }
 
 // checkAgent says whether a configured sandbox's guest agent answers a

@@ -246,7 +246,9 @@ func (d *daemon) markGone(id string) {
 	d.mu.Lock()
 	d.gone[id] = true
 	d.mu.Unlock()
-	d.queue.Add(id)
+	// The pod ended: news no pass of it caused, so its teardown may cut a
+	// backoff wait short (Kick: at most once between scheduled retries).
+	d.queue.Kick(id)
 }
 
 // qmpEvent turns VM events into passes: a completed unplug finishes a

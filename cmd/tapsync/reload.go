@@ -71,8 +71,9 @@ func (d *daemon) reloadConfig(ctx context.Context) {
 			d.mu.Lock()
 			d.dropped[id] = true
 			d.mu.Unlock()
-			// The pass of id unregisters it: never while a pass runs on it.
-			d.queue.Add(id)
+			// The pass of id unregisters it: never while a pass runs on it,
+			// and not after a failing sandbox's backoff (Kick).
+			d.queue.Kick(id)
 		}
 	}
 	for _, s := range next.Sandboxes {

@@ -19,6 +19,8 @@ type State struct {
 	// Routes of the main table, both families, unicast only, not proto
 	// kernel (RTPROT_KERNEL): the routes a CNI plugin or admin added.
 	Routes []Route
+	// RateLimits are our egress limits (tsn<N>: rx, container link: tx).
+	RateLimits []RateLimitOn
 	// Neighbors are the permanent (NUD_PERMANENT) entries only, both
 	// families.
 	Neighbors []Neighbor
@@ -49,6 +51,9 @@ func (n *Netns) Observe() (State, error) {
 		return State{}, err
 	}
 	if s.Routes, err = n.Routes(); err != nil {
+		return State{}, err
+	}
+	if s.RateLimits, err = n.RateLimits(); err != nil {
 		return State{}, err
 	}
 	if s.Neighbors, err = n.Neighbors(); err != nil {

@@ -29,6 +29,8 @@ func (v *VM) RestartAgent(ctx context.Context) error {
 		ctx, cancel = context.WithTimeout(ctx, time.Minute)
 		defer cancel()
 	}
+	v.testAgentMu.Lock()
+	defer v.testAgentMu.Unlock()
 	off := v.SerialOffset()
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", strings.TrimPrefix(v.TestAgent, "unix://"))

@@ -99,7 +99,8 @@ type VM struct {
 	Pid       int    // QEMU's pid (nsenter execs QEMU, so also with NetNS)
 	Accel     string // accelerator in use: "tcg" or "kvm"
 
-	agentSock, testAgentSock string // paths behind Agent and TestAgent
+	agentSock, testAgentSock string     // paths behind Agent and TestAgent
+	testAgentMu              sync.Mutex // the helpers' turns on TestAgent (RestartAgent, traffic.go)
 	ownDir                   bool
 	cmd                      *exec.Cmd
 	exited                   chan struct{} // closed once cmd.Wait returned

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 
 	"github.com/containerd/ttrpc"
@@ -9,20 +10,29 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/emptypb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
-// The test-only control service. e2e/testvm's RestartAgent spells the same
-// names; its restart test fails if the two drift apart.
+// The test-only control service. e2e/testvm spells the same names
+// (agent.go, traffic.go); its guest tests fail if the two drift apart.
+//
+// Restart takes and returns google.protobuf.Empty. The traffic methods
+// (traffic.go) take and return a google.protobuf.BytesValue holding JSON:
+// test-only messages that need no generated code on either side.
 const (
-	controlService = "tapsync.testagent.Control"
-	restartMethod  = "Restart"
+	controlService  = "tapsync.testagent.Control"
+	restartMethod   = "Restart"
+	tcpSinkMethod   = "TCPSink"
+	tcpResultMethod = "TCPResult"
+	tcpSendMethod   = "TCPSend"
+	pingMethod      = "Ping"
 )
 
 // restart is signalled by a Restart call; main then exits.
 var restart = make(chan struct{}, 1)
 
 // maxControlFrame bounds the requests looked into for the control
-// service; a Restart request is a few dozen bytes.
+// service; its requests are a few dozen bytes.
 const maxControlFrame = 4096
 
 // frameTypeResponse is ttrpc's message type of a reply.
@@ -32,7 +42,11 @@ const frameTypeResponse = 2
 // agent library (e2e/testagent, which registers only the agent's own
 // services) needs no hook for it. The message at the head of s.r, of
 // size payload bytes on stream id, is a request; control reports whether it
-// was for the control service and so consumed and answered.
+// was for the control service and so consumed.
+//
+// Restart is answered at once. The traffic methods run for seconds, so they
+// are answered from their own goroutine while the session goes on reading;
+// a reply that finishes after its session ended is dropped.
 func (s *stream) control(id uint32, size int) (bool, error) {
 	if size > maxControlFrame {
 		return false, nil
@@ -48,6 +62,16 @@ func (s *stream) control(id uint32, size int) (bool, error) {
 	if _, err := s.r.Discard(len(msg)); err != nil {
 		return true, err
 	}
+	if h, ok := trafficMethods[req.Method]; ok {
+		gen := s.gen.Load()
+		go func() {
+			resp := trafficCall(req.Method, h, req.Payload)
+			if err := s.respond(gen, id, resp); err != nil {
+				logf("%v", err)
+			}
+		}()
+		return true, nil
+	}
 	resp := &ttrpc.Response{}
 	switch req.Method {
 	case restartMethod:
@@ -56,20 +80,8 @@ func (s *stream) control(id uint32, size int) (bool, error) {
 	default:
 		resp.Status = &spb.Status{Code: int32(codes.Unimplemented), Message: fmt.Sprintf("%s/%s", controlService, req.Method)}
 	}
-	body, err := proto.Marshal(resp)
-	if err != nil {
+	if err := s.respond(s.gen.Load(), id, resp); err != nil {
 		return true, err
-	}
-	frame := make([]byte, frameHeaderLen, frameHeaderLen+len(body))
-	binary.BigEndian.PutUint32(frame[0:4], uint32(len(body)))
-	binary.BigEndian.PutUint32(frame[4:8], id)
-	frame[8] = frameTypeResponse
-	frame = append(frame, body...)
-	s.wmu.Lock()
-	_, err = s.f.Write(frame)
-	s.wmu.Unlock()
-	if err != nil {
-		return true, fmt.Errorf("answer %s/%s: %w", controlService, req.Method, err)
 	}
 	if req.Method == restartMethod {
 		select {
@@ -78,4 +90,54 @@ func (s *stream) control(id uint32, size int) (bool, error) {
 		}
 	}
 	return true, nil
+}
+
+// respond writes resp as the reply on stream id of session gen, unless
+// another session has begun since: its client numbers its streams afresh
+// and would take the reply for one of its own.
+func (s *stream) respond(gen uint64, id uint32, resp *ttrpc.Response) error {
+	body, err := proto.Marshal(resp)
+	if err != nil {
+		return err
+	}
+	frame := make([]byte, frameHeaderLen, frameHeaderLen+len(body))
+	binary.BigEndian.PutUint32(frame[0:4], uint32(len(body)))
+	binary.BigEndian.PutUint32(frame[4:8], id)
+	frame[8] = frameTypeResponse
+	frame = append(frame, body...)
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if s.gen.Load() != gen {
+		return nil
+	}
+	if _, err := s.f.Write(frame); err != nil {
+		return fmt.Errorf("answer %s on stream %d: %w", controlService, id, err)
+	}
+	return nil
+}
+
+// trafficCall runs one traffic method: the request is JSON in a
+// BytesValue, and so is the reply; a failure is a status with the error's
+// text.
+func trafficCall(method string, h func([]byte) (any, error), payload []byte) *ttrpc.Response {
+	fail := func(code codes.Code, err error) *ttrpc.Response {
+		return &ttrpc.Response{Status: &spb.Status{Code: int32(code), Message: fmt.Sprintf("%s/%s: %v", controlService, method, err)}}
+	}
+	var in wrapperspb.BytesValue
+	if err := proto.Unmarshal(payload, &in); err != nil {
+		return fail(codes.InvalidArgument, err)
+	}
+	out, err := h(in.Value)
+	if err != nil {
+		return fail(codes.Unknown, err)
+	}
+	b, err := json.Marshal(out)
+	if err != nil {
+		return fail(codes.Internal, err)
+	}
+	body, err := proto.Marshal(wrapperspb.Bytes(b))
+	if err != nil {
+		return fail(codes.Internal, err)
+	}
+	return &ttrpc.Response{Payload: body}
 }

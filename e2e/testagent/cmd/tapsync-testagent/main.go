@@ -4,10 +4,12 @@
 // e2e/testagent on every virtio-serial port whose name starts with
 // "agent.", one host session at a time per port, surviving the host
 // disconnecting and reconnecting, plus a test-only control service
-// (tapsync.testagent.Control/Restart) that makes the process exit.
+// (tapsync.testagent.Control): Restart makes the process exit, and the
+// traffic tools (TCPSink, TCPResult, TCPSend, Ping; traffic.go) let a test
+// measure what crosses the guest's NICs.
 //
 // It never configures anything on its own: the guest's interfaces change
-// only when a client asks.
+// only when a client asks, and it sends traffic only when a test asks.
 package main
 
 import (

@@ -163,8 +163,9 @@ type stream struct {
 	r    *bufio.Reader
 	name string
 
-	wmu sync.Mutex   // serialises whole writes, so two sessions' frames never interleave
-	end atomic.Int32 // why the current session ended: endNone, endNext, ...
+	wmu sync.Mutex    // serialises whole writes, so two sessions' frames never interleave
+	end atomic.Int32  // why the current session ended: endNone, endNext, ...
+	gen atomic.Uint64 // counts sessions, so a late control reply finds whether its session is over
 
 	// Owned by the reading session.
 	left int // bytes of the current message not yet read
@@ -184,6 +185,7 @@ const (
 // until one connects, and a reply owed to a departed client is worth
 // nothing. No lock here: the blocked writer holds wmu.
 func (s *stream) finish(why int32) {
+	s.gen.Add(1) // replies still owed to this session are dropped
 	if why != endNext {
 		_ = s.f.SetWriteDeadline(time.Now())
 	}
@@ -204,6 +206,7 @@ func (s *stream) rearm() {
 // session returns the conn for the next host session.
 func (s *stream) session() *sessionConn {
 	s.left, s.seen = 0, 0
+	s.gen.Add(1)
 	s.end.Store(endNone)
 	return &sessionConn{s: s, closed: make(chan struct{})}
 }

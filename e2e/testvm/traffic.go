@@ -41,7 +41,10 @@ const (
 )
 
 // TCPResult is one TCP stream of a test, as counted by its receiver (the
-// guest or the test, depending on the direction).
+// guest or the test, depending on the direction). It counts TCP payload:
+// under a limit that counts whole frames (tbf, HTB) at MTU 1500 it reads
+// about 4.5 % below the limit (66 bytes of Ethernet, IP and TCP headers
+// with timestamps per 1448; measured 4.80-4.82 Mbit/s under tbf 5mbit).
 type TCPResult struct {
 	Bytes int64 // bytes the receiver read; equal to what the sender wrote, or the helper fails
 	// Timed counts the bytes after the receiver's first read, and Elapsed

@@ -12,6 +12,10 @@
 // address derived from its MAC (GuestIP) and announce NICs coming and going
 // (NICUpRE, NICGoneRE).
 //
+// The guest agent also makes traffic through the guest's NICs when the test
+// asks (VM.GuestTCPSend, VM.GuestTCPReceive, VM.GuestPing), so that rate
+// limits and MTUs are measured where the guest sees them.
+//
 // It never hot-plugs anything and never touches host networking: the code
 // under test does that through VM.QMP, the test watches through VM.TestQMP,
 // VM.TestAgent and the serial markers (MarkerReady, AgentStartRE, ...).

@@ -32,6 +32,17 @@ type Host interface {
 	OpenQueues(ctx context.Context, spec datapath.TapSpec, vhost datapath.Vhost) (*datapath.Queues, error)
 	RemoveRedirects(container, tap int) error
 	RemoveTap(index int) error
+
+	// The macvtap model: see datapath.EnsureMacvtap.
+	EnsureMacvtap(ctx context.Context, spec datapath.MacvtapSpec) (datapath.Macvtap, datapath.Moved, error)
+	OpenMacvtapQueues(ctx context.Context, spec datapath.MacvtapSpec, vhost datapath.Vhost) (*datapath.Queues, error)
+	RemoveMacvtap(index int) error
+	RestoreContainerLink(ifindex int, m datapath.Moved) error
+	// Links that are the VM's device already.
+	OpenTapLink(ctx context.Context, name string, queues int, vhost datapath.Vhost) (datapath.TapLink, *datapath.Queues, error)
+	OpenMacvtapLinkQueues(ctx context.Context, name string, queues int, vhost datapath.Vhost) (*datapath.Queues, error)
+	// EnsureRateLimit limits ifindex's egress to bps bit/s; 0 removes it.
+	EnsureRateLimit(ifindex int, bps uint64) error
 }
 
 // VM is the QEMU side of one sandbox.
@@ -265,15 +276,42 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 		if err != nil {
 			return fmt.Errorf("recorded MAC %q: %w", e.LinkMAC, err)
 		}
-		q, err := a.Host.OpenQueues(ctx, spec, a.Vhost)
+		q, err := a.openQueues(ctx, e, spec, act.MTU)
 		if err != nil {
 			return err
 		}
 		path, err := a.VM.PlugNIC(ctx, e.Index, mac, act.MTU, q)
-		if err == nil {
-			a.paths[e.Index] = path
+		if err != nil {
+			return err
 		}
-		return err
+		a.paths[e.Index] = path
+		if r, ok := rec.Endpoint(e.Index); ok && r.PlugMTU != act.MTU {
+			// The NIC's host_mtu caps the guest's MTU (see brokenReason).
+			r.PlugMTU = act.MTU
+			rec.Put(r)
+			return a.Recorder.Save(*rec)
+		}
+		return nil
+	case OpEnsureMacvtap:
+		_, moved, err := a.Host.EnsureMacvtap(ctx, macvtapSpec(e, act.MTU))
+		if err != nil {
+			return err
+		}
+		return a.recordMoved(rec, e.Index, moved)
+	case OpRemoveMacvtap:
+		return a.Host.RemoveMacvtap(e.Index)
+	case OpRestoreLink:
+		return a.Host.RestoreContainerLink(e.LinkIfindex, act.Restore)
+	case OpSetRateLimit:
+		on := act.RateOn
+		if on == 0 {
+			tap, ok := a.taps[e.Index]
+			if !ok {
+				return fmt.Errorf("%s does not exist", datapath.TapName(e.Index))
+			}
+			on = tap
+		}
+		return a.Host.EnsureRateLimit(on, act.Rate)
 	case OpRepairAdopted:
 		// Ours, at our priority: they win over the runtime's dangling
 		// filters (lower priority number first) and Kata deletes every u32
@@ -305,6 +343,59 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 		return a.addGuestNeighbors(ctx, act.Neighbors, rec)
 	}
 	return fmt.Errorf("unknown action %d", act.Op)
+}
+
+// macvtapSpec is the macvtap of macvtap endpoint e.
+func macvtapSpec(e state.Endpoint, mtu int) datapath.MacvtapSpec {
+	return datapath.MacvtapSpec{Index: e.Index, Container: e.LinkIfindex, MAC: guestMAC(e), Queues: max(e.Queues, 1), MTU: mtu}
+}
+
+// openQueues opens the queues endpoint e's NIC is plugged on.
+func (a *applier) openQueues(ctx context.Context, e state.Endpoint, spec datapath.TapSpec, mtu int) (*datapath.Queues, error) {
+	switch e.Kind {
+	case state.KindMacvtap:
+		return a.Host.OpenMacvtapQueues(ctx, macvtapSpec(e, mtu), a.Vhost)
+	case state.KindMacvtapLink:
+		return a.Host.OpenMacvtapLinkQueues(ctx, e.LinkName, spec.Queues, a.Vhost)
+	case state.KindTapLink:
+		_, q, err := a.Host.OpenTapLink(ctx, e.LinkName, spec.Queues, a.Vhost)
+		if errors.Is(err, datapath.ErrTapMismatch) && spec.Queues > 1 {
+			// The CNI made it single-queue: one queue is what it takes.
+			_, q, err = a.Host.OpenTapLink(ctx, e.LinkName, 1, a.Vhost)
+		}
+		return q, err
+	}
+	return a.Host.OpenQueues(ctx, spec, a.Vhost)
+}
+
+// recordMoved adds to endpoint n's record what EnsureMacvtap took that
+// the record lacks (an address added between observing and taking).
+func (a *applier) recordMoved(rec *state.Record, n int, m datapath.Moved) error {
+	e, ok := rec.Endpoint(n)
+	if !ok {
+		return nil
+	}
+	moved := state.Moved{}
+	if e.Moved != nil {
+		moved = state.Moved{Addrs: slices.Clone(e.Moved.Addrs), Routes: slices.Clone(e.Moved.Routes)}
+	}
+	changed := false
+	for _, p := range m.Addrs {
+		if s := p.String(); !slices.Contains(moved.Addrs, s) {
+			moved.Addrs, changed = append(moved.Addrs, s), true
+		}
+	}
+	for _, r := range m.Routes {
+		if sr := stateRoute(r); !slices.Contains(moved.Routes, sr) {
+			moved.Routes, changed = append(moved.Routes, sr), true
+		}
+	}
+	if !changed {
+		return nil
+	}
+	e.Moved = &moved
+	rec.Put(e)
+	return a.Recorder.Save(*rec)
 }
 
 // logAction logs one step as it is applied.

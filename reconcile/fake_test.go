@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -42,6 +43,21 @@ type world struct {
 	guest       *fakeGuest
 	// unplugBatches are the VM.UnplugNICs calls so far.
 	unplugBatches []unplugBatch
+	macvtaps      map[int]*datapath.Macvtap // ours, by endpoint index
+	limits        map[int]uint64            // our rate limits, by ifindex
+	// model and the rates are the sandbox's settings: reconcile and
+	// checkConverged use them.
+	model          string
+	rxRate, txRate uint64
+	// orig is each container link as it was made (or last changed by the
+	// test): what it must look like when no macvtap endpoint has it.
+	orig map[int]origLink
+}
+
+type origLink struct {
+	mac    net.HardwareAddr
+	addrs  []netip.Prefix
+	routes []datapath.Route
 }
 
 type unplugBatch struct {
@@ -51,7 +67,8 @@ type unplugBatch struct {
 
 func newWorld() *world {
 	w := &world{nextIfindex: 2, taps: map[int]*datapath.Tap{}, netdevs: map[int]bool{}, orphaned: map[int]bool{},
-		rec: state.Record{Version: state.Version, Sandbox: "sb"}}
+		rec: state.Record{Version: state.Version, Sandbox: "sb"}, macvtaps: map[int]*datapath.Macvtap{}, limits: map[int]uint64{},
+		orig: map[int]origLink{}}
 	w.guest = &fakeGuest{w: w, calls: map[string]int{}}
 	return w
 }
@@ -76,6 +93,13 @@ func (w *world) clone() *world {
 	c.routes = slices.Clone(w.routes)
 	c.neighbors = slices.Clone(w.neighbors)
 	c.guest = w.guest.clone(&c)
+	c.macvtaps = map[int]*datapath.Macvtap{}
+	for k, v := range w.macvtaps {
+		m := *v
+		c.macvtaps[k] = &m
+	}
+	c.limits = maps.Clone(w.limits)
+	c.orig = maps.Clone(w.orig)
 	return &c
 }
 
@@ -87,7 +111,34 @@ func macN(n int) net.HardwareAddr {
 func (w *world) addLink(name, kind string, mac net.HardwareAddr, mtu int) int {
 	w.nextIfindex++
 	w.links = append(w.links, datapath.Link{Name: name, Ifindex: w.nextIfindex, Kind: kind, MAC: mac, MTU: mtu, Up: true})
+	w.orig[w.nextIfindex] = origLink{mac: mac}
 	return w.nextIfindex
+}
+
+// addAddr gives a container link an address and, with gw, a default
+// route through it, as a CNI plugin does.
+func (w *world) addAddr(name, prefix, gw string) {
+	i := slices.IndexFunc(w.links, func(l datapath.Link) bool { return l.Name == name })
+	l := &w.links[i]
+	p := netip.MustParsePrefix(prefix)
+	l.Addrs = append(l.Addrs, p)
+	o := w.orig[l.Ifindex]
+	o.addrs = append(slices.Clone(o.addrs), p)
+	if gw != "" {
+		r := datapath.Route{Gateway: netip.MustParseAddr(gw), LinkIndex: l.Ifindex, Protocol: 4}
+		w.routes = append(w.routes, r)
+		o.routes = append(slices.Clone(o.routes), r)
+	}
+	w.orig[l.Ifindex] = o
+}
+
+// setMAC changes a container link's MAC, as an admin or CNI would.
+func (w *world) setMAC(name string, mac net.HardwareAddr) {
+	i := slices.IndexFunc(w.links, func(l datapath.Link) bool { return l.Name == name })
+	w.links[i].MAC = mac
+	o := w.orig[w.links[i].Ifindex]
+	o.mac = mac
+	w.orig[w.links[i].Ifindex] = o
 }
 
 // delLink deletes a container link; the kernel drops its filters with it.
@@ -98,6 +149,14 @@ func (w *world) delLink(name string) {
 	}
 	idx := w.links[i].Ifindex
 	w.links = slices.Delete(w.links, i, i+1)
+	delete(w.limits, idx)
+	delete(w.orig, idx)
+	for n, m := range w.macvtaps { // the kernel deletes a macvtap with its lower device
+		if m.Parent == idx {
+			delete(w.macvtaps, n)
+			delete(w.limits, m.Ifindex)
+		}
+	}
 	w.redirs = slices.DeleteFunc(w.redirs, func(r datapath.Redirect) bool { return r.From == idx })
 	w.routes = slices.DeleteFunc(w.routes, func(r datapath.Route) bool { return r.LinkIndex == idx })
 	w.neighbors = slices.DeleteFunc(w.neighbors, func(n datapath.Neighbor) bool { return n.LinkIndex == idx })
@@ -131,7 +190,7 @@ func (w *world) kataMacvtap(linkName string, tapIndex int) {
 	w.kata = append(w.kata, datapath.Link{Name: fmt.Sprintf("tap%d_kata", tapIndex), Ifindex: w.nextIfindex, Kind: "macvtap",
 		MAC: l.MAC, MTU: l.MTU, Up: true, Parent: l.Ifindex})
 	w.nics = append(w.nics, NIC{ID: "", MAC: l.MAC})
-	w.links[i].MAC = macN(0xfe00 + tapIndex)
+	w.setMAC(linkName, macN(0xfe00+tapIndex)) // Kata's doing: not for tapsync to give back
 }
 
 // kataFilterDel deletes Kata's filter on a link by hand.
@@ -155,6 +214,15 @@ func (w *world) Observe() (datapath.State, error) {
 	for _, k := range slices.Sorted(mapKeys(w.taps)) {
 		s.Taps = append(s.Taps, *w.taps[k])
 	}
+	for _, k := range slices.Sorted(mapKeys(w.macvtaps)) {
+		s.Macvtaps = append(s.Macvtaps, *w.macvtaps[k])
+	}
+	for _, i := range slices.Sorted(mapKeys(w.limits)) {
+		s.RateLimits = append(s.RateLimits, datapath.RateLimitOn{Ifindex: i, BPS: w.limits[i]})
+	}
+	for i := range s.Links {
+		s.Links[i].Addrs = slices.Clone(s.Links[i].Addrs)
+	}
 	return s, nil
 }
 
@@ -176,8 +244,8 @@ func (w *world) observed() Observed {
 	s, _ := w.Observe()
 	nics, netdevs, _ := w.NICs(context.Background())
 	g := w.guest.state()
-	return Observed{Links: s.Links, Taps: s.Taps, KataLinks: s.KataLinks, Redirects: s.Redirects, Routes: s.Routes, Neighbors: s.Neighbors,
-		NICs: nics, Netdevs: netdevs, Guest: &g}
+	return Observed{Links: s.Links, Taps: s.Taps, Macvtaps: s.Macvtaps, RateLimits: s.RateLimits, KataLinks: s.KataLinks,
+		Redirects: s.Redirects, Routes: s.Routes, Neighbors: s.Neighbors, NICs: nics, Netdevs: netdevs, Guest: &g}
 }
 
 func (w *world) EnsureTap(_ context.Context, spec datapath.TapSpec) (datapath.Tap, error) {
@@ -208,6 +276,7 @@ func (w *world) EnsureTap(_ context.Context, spec datapath.TapSpec) (datapath.Ta
 func (w *world) ifindexExists(i int) bool {
 	return slices.ContainsFunc(w.links, func(l datapath.Link) bool { return l.Ifindex == i }) ||
 		slices.ContainsFunc(w.kata, func(l datapath.Link) bool { return l.Ifindex == i }) ||
+		slices.ContainsFunc(slices.Collect(mapValues(w.macvtaps)), func(m *datapath.Macvtap) bool { return m.Ifindex == i }) ||
 		slices.ContainsFunc(slices.Collect(mapValues(w.taps)), func(t *datapath.Tap) bool { return t.Ifindex == i })
 }
 
@@ -275,7 +344,9 @@ func (w *world) PlugNIC(_ context.Context, index int, mac net.HardwareAddr, _ in
 	w.netdevs[index] = true
 	path := fmt.Sprintf("%02x/00", 0x1e-index)
 	w.nics = append(w.nics, NIC{ID: fmt.Sprintf("tapsync-net%d", index), Index: index, Owned: true, MAC: mac, PCIPath: path})
-	w.taps[index].Attached = len(q.Tap)
+	if t, ok := w.taps[index]; ok {
+		t.Attached = len(q.Tap)
+	}
 	return path, nil
 }
 
@@ -334,7 +405,150 @@ func (w *world) RemoveTap(index int) error {
 	}
 	w.mutations++
 	delete(w.taps, index)
+	delete(w.limits, t.Ifindex)
 	w.redirs = slices.DeleteFunc(w.redirs, func(r datapath.Redirect) bool { return r.From == t.Ifindex })
+	return nil
+}
+
+func (w *world) linkIndex(ifindex int) int {
+	return slices.IndexFunc(w.links, func(l datapath.Link) bool { return l.Ifindex == ifindex })
+}
+
+// EnsureMacvtap behaves as datapath's: the link takes HostMAC, tsm<N>
+// exists with the guest MAC, the link's addresses go and the kernel takes
+// its IPv4 routes with them.
+func (w *world) EnsureMacvtap(_ context.Context, spec datapath.MacvtapSpec) (datapath.Macvtap, datapath.Moved, error) {
+	if err := w.fail(OpEnsureMacvtap); err != nil {
+		return datapath.Macvtap{}, datapath.Moved{}, err
+	}
+	i := w.linkIndex(spec.Container)
+	if i < 0 {
+		return datapath.Macvtap{}, datapath.Moved{}, fmt.Errorf("container link %d: link not found", spec.Container)
+	}
+	l := &w.links[i]
+	host := datapath.HostMAC(spec.MAC, spec.Index)
+	switch {
+	case bytes.Equal(l.MAC, host):
+	case bytes.Equal(l.MAC, spec.MAC):
+		w.mutations++
+		l.MAC = host
+	default:
+		return datapath.Macvtap{}, datapath.Moved{}, fmt.Errorf("%w: link mac %s", datapath.ErrMacvtapMismatch, l.MAC)
+	}
+	m, ok := w.macvtaps[spec.Index]
+	if !ok {
+		w.nextIfindex++
+		w.mutations++
+		m = &datapath.Macvtap{Link: datapath.Link{Name: datapath.MacvtapName(spec.Index), Ifindex: w.nextIfindex, Kind: "macvtap",
+			MAC: spec.MAC, MTU: spec.MTU, Parent: spec.Container}, Index: spec.Index, Mode: "bridge"}
+		w.macvtaps[spec.Index] = m
+	}
+	if m.Parent != spec.Container || !bytes.Equal(m.MAC, spec.MAC) || m.Mode != "bridge" {
+		return datapath.Macvtap{}, datapath.Moved{}, datapath.ErrMacvtapMismatch
+	}
+	if m.MTU != spec.MTU || !m.Up {
+		w.mutations++
+		m.MTU, m.Up = spec.MTU, true
+	}
+	moved := datapath.Moved{MAC: spec.MAC, Addrs: l.Addrs}
+	if len(l.Addrs) > 0 {
+		w.mutations++
+		l.Addrs = nil
+		idx := l.Ifindex
+		w.routes = slices.DeleteFunc(w.routes, func(r datapath.Route) bool {
+			if r.LinkIndex == idx && !r.IPv6 {
+				moved.Routes = append(moved.Routes, r)
+				return true
+			}
+			return false
+		})
+	}
+	return *m, moved, nil
+}
+
+func (w *world) OpenMacvtapQueues(_ context.Context, spec datapath.MacvtapSpec, _ datapath.Vhost) (*datapath.Queues, error) {
+	m, ok := w.macvtaps[spec.Index]
+	if !ok || !bytes.Equal(m.MAC, spec.MAC) || m.Parent != spec.Container {
+		return nil, fmt.Errorf("no macvtap %d as asked", spec.Index)
+	}
+	return &datapath.Queues{Tap: make([]*os.File, spec.Queues)}, nil
+}
+
+func (w *world) RemoveMacvtap(index int) error {
+	m, ok := w.macvtaps[index]
+	if !ok {
+		return nil
+	}
+	if w.netdevs[index] || slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == index }) {
+		w.unsafe = append(w.unsafe, fmt.Sprintf("macvtap %s deleted while QEMU holds it", m.Name))
+	}
+	w.mutations++
+	delete(w.macvtaps, index)
+	delete(w.limits, m.Ifindex)
+	return nil
+}
+
+func (w *world) RestoreContainerLink(ifindex int, m datapath.Moved) error {
+	if err := w.fail(OpRestoreLink); err != nil {
+		return err
+	}
+	i := w.linkIndex(ifindex)
+	if i < 0 {
+		return fmt.Errorf("restore link %d: link not found", ifindex)
+	}
+	l := &w.links[i]
+	if !bytes.Equal(l.MAC, m.MAC) {
+		w.mutations++
+		l.MAC = m.MAC
+	}
+	for _, a := range m.Addrs {
+		if !slices.Contains(l.Addrs, a) {
+			w.mutations++
+			l.Addrs = append(l.Addrs, a)
+		}
+	}
+	for _, r := range m.Routes {
+		if !slices.Contains(w.routes, r) {
+			w.mutations++
+			w.routes = append(w.routes, r)
+		}
+	}
+	return nil
+}
+
+func (w *world) OpenTapLink(_ context.Context, name string, queues int, _ datapath.Vhost) (datapath.TapLink, *datapath.Queues, error) {
+	i := slices.IndexFunc(w.links, func(l datapath.Link) bool { return l.Name == name && l.Kind == "tap" })
+	if i < 0 {
+		return datapath.TapLink{}, nil, fmt.Errorf("no tap link %s", name)
+	}
+	return datapath.TapLink{Link: w.links[i]}, &datapath.Queues{Tap: make([]*os.File, queues)}, nil
+}
+
+func (w *world) OpenMacvtapLinkQueues(_ context.Context, name string, queues int, _ datapath.Vhost) (*datapath.Queues, error) {
+	if !slices.ContainsFunc(w.links, func(l datapath.Link) bool { return l.Name == name && l.Kind == "macvtap" }) {
+		return nil, fmt.Errorf("no macvtap link %s", name)
+	}
+	return &datapath.Queues{Tap: make([]*os.File, queues)}, nil
+}
+
+func (w *world) EnsureRateLimit(ifindex int, bps uint64) error {
+	if err := w.fail(OpSetRateLimit); err != nil {
+		return err
+	}
+	if bps == 0 {
+		if _, ok := w.limits[ifindex]; ok {
+			w.mutations++
+			delete(w.limits, ifindex)
+		}
+		return nil
+	}
+	if !w.ifindexExists(ifindex) {
+		return fmt.Errorf("rate limit on %d: link not found", ifindex)
+	}
+	if w.limits[ifindex] != bps/8*8 {
+		w.mutations++
+		w.limits[ifindex] = bps / 8 * 8
+	}
 	return nil
 }
 
@@ -366,8 +580,15 @@ func (w *world) teardown(vmGone bool) (Plan, Outcome, error) {
 	return p, out, err
 }
 
+// options adds the world's sandbox settings to opts.
+func (w *world) options(opts Options) Options {
+	opts.Model, opts.RxRate, opts.TxRate = w.model, w.rxRate, w.txRate
+	return opts
+}
+
 // reconcile runs observe → plan → apply once against w.
 func (w *world) reconcile(opts Options) (Plan, Outcome, error) {
+	opts = w.options(opts)
 	p := Compute(w.observed(), w.rec, opts)
 	_, out, err := Apply(context.Background(), p, w.rec, w.observed(), w.env())
 	return p, out, err
@@ -397,7 +618,7 @@ func (w *world) converge(opts Options) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("no convergence; last plan:\n%s", Compute(w.observed(), w.rec, opts))
+	return fmt.Errorf("no convergence; last plan:\n%s", Compute(w.observed(), w.rec, w.options(opts)))
 }
 
 // checkConverged says what is wrong with w as a converged sandbox: every
@@ -421,11 +642,21 @@ func (w *world) checkConverged(queues int) []string {
 			}
 		}
 		if len(eps) != 1 {
+			if w.hangUnplug && slices.ContainsFunc(w.rec.Endpoints, func(e state.Endpoint) bool {
+				return e.Removing && e.Kind == state.KindMacvtap && e.LinkIfindex == l.Ifindex
+			}) {
+				continue // waits for the guest to let its old macvtap NIC go
+			}
 			bad = append(bad, fmt.Sprintf("link %s has %d endpoints", l.Name, len(eps)))
 			continue
 		}
 		e := eps[0]
 		live[e.Index] = true
+		bad = append(bad, w.checkLimits(e, l)...)
+		if e.Kind != state.KindTap {
+			bad = append(bad, w.checkEndpoint(e, l)...)
+			continue
+		}
 		t, ok := w.taps[e.Index]
 		switch {
 		case !ok:
@@ -468,6 +699,12 @@ func (w *world) checkConverged(queues int) []string {
 			bad = append(bad, "leaked tap "+t.Name)
 		}
 	}
+	for n, m := range w.macvtaps {
+		if !live[n] && !pending[n] {
+			bad = append(bad, "leaked macvtap "+m.Name)
+		}
+	}
+	bad = append(bad, w.checkRestored(live, pending)...)
 	for _, r := range w.redirs {
 		// A pending removal's tap keeps its filter until QEMU lets go.
 		fromPending := slices.ContainsFunc(slices.Collect(mapValues(w.taps)), func(t *datapath.Tap) bool {
@@ -482,13 +719,111 @@ func (w *world) checkConverged(queues int) []string {
 	if w.guestOn {
 		bad = append(bad, w.guest.check()...)
 	}
-	if p := Compute(w.observed(), w.rec, Options{Queues: queues, Guest: w.guestOn}); !w.settled(p) {
+	if p := Compute(w.observed(), w.rec, w.options(Options{Queues: queues, Guest: w.guestOn})); !w.settled(p) {
 		bad = append(bad, "converged sandbox still plans:\n"+p.String())
 	}
 	return bad
 }
 
 func joinLines(s []string) string { return strings.Join(s, "\n") }
+
+// checkEndpoint checks a live endpoint of a kind other than the tcfilter tap.
+func (w *world) checkEndpoint(e state.Endpoint, l datapath.Link) []string {
+	var bad []string
+	mac := l.MAC
+	if e.Kind == state.KindMacvtap {
+		mac = guestMAC(e)
+		m, ok := w.macvtaps[e.Index]
+		switch {
+		case !ok:
+			bad = append(bad, fmt.Sprintf("%s: no macvtap %d", l.Name, e.Index))
+		case m.Parent != l.Ifindex || !bytes.Equal(m.MAC, mac) || m.MTU != l.MTU || !m.Up:
+			bad = append(bad, fmt.Sprintf("%s: macvtap %+v", l.Name, *m))
+		}
+		if !bytes.Equal(l.MAC, datapath.HostMAC(mac, e.Index)) {
+			bad = append(bad, fmt.Sprintf("%s: carries %s, not the host MAC", l.Name, l.MAC))
+		}
+		if len(l.Addrs) > 0 {
+			bad = append(bad, fmt.Sprintf("%s: still has addresses %v", l.Name, l.Addrs))
+		}
+		o := w.orig[l.Ifindex]
+		for _, a := range o.addrs {
+			if e.Moved == nil || !slices.Contains(e.Moved.Addrs, a.String()) {
+				bad = append(bad, fmt.Sprintf("%s: address %s moved away but not recorded", l.Name, a))
+			}
+		}
+	}
+	if !slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == e.Index && bytes.Equal(n.MAC, mac) }) &&
+		!(w.hangUnplug && slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && bytes.Equal(n.MAC, mac) })) {
+		bad = append(bad, fmt.Sprintf("%s: no NIC %d", l.Name, e.Index))
+	}
+	return bad
+}
+
+// checkLimits checks a live endpoint's rate limits.
+func (w *world) checkLimits(e state.Endpoint, l datapath.Link) []string {
+	var bad []string
+	rxTap, rxLink, txLink := rateSites(e.Kind)
+	want := uint64(0)
+	switch {
+	case rxLink:
+		want = w.rxRate
+	case txLink:
+		want = w.txRate
+	}
+	if w.limits[l.Ifindex] != applied(want) {
+		bad = append(bad, fmt.Sprintf("%s: limit %d, want %d", l.Name, w.limits[l.Ifindex], want))
+	}
+	if t, ok := w.taps[e.Index]; ok && rxTap && w.limits[t.Ifindex] != applied(w.rxRate) {
+		bad = append(bad, fmt.Sprintf("%s: limit %d, want %d", t.Name, w.limits[t.Ifindex], w.rxRate))
+	}
+	return bad
+}
+
+// checkRestored checks that every container link no live macvtap
+// endpoint holds is as it was made: MAC, addresses, routes; and that no
+// limit of ours is left where no endpoint wants it.
+func (w *world) checkRestored(live, pending map[int]bool) []string {
+	var bad []string
+	held := map[int]bool{}
+	for _, e := range w.rec.Endpoints {
+		if e.Kind == state.KindMacvtap && (live[e.Index] || pending[e.Index]) {
+			held[e.LinkIfindex] = true
+		}
+	}
+	wanted := map[int]bool{}
+	for _, e := range w.rec.Endpoints {
+		if live[e.Index] {
+			wanted[e.LinkIfindex] = true
+			if t, ok := w.taps[e.Index]; ok {
+				wanted[t.Ifindex] = true
+			}
+		}
+	}
+	for _, l := range w.links {
+		if held[l.Ifindex] {
+			continue
+		}
+		o := w.orig[l.Ifindex]
+		if !bytes.Equal(l.MAC, o.mac) {
+			bad = append(bad, fmt.Sprintf("%s: MAC %s, was made with %s", l.Name, l.MAC, o.mac))
+		}
+		for _, a := range o.addrs {
+			if !slices.Contains(l.Addrs, a) {
+				bad = append(bad, fmt.Sprintf("%s: lost address %s", l.Name, a))
+			}
+		}
+		for _, r := range o.routes {
+			if !slices.Contains(w.routes, r) {
+				bad = append(bad, fmt.Sprintf("%s: lost route %s", l.Name, r))
+			}
+		}
+		if w.limits[l.Ifindex] > 0 && !wanted[l.Ifindex] {
+			bad = append(bad, fmt.Sprintf("%s: limit %d left behind", l.Name, w.limits[l.Ifindex]))
+		}
+	}
+	return bad
+}
 
 // fakeGuest is the VM's guest as its agent sees it: one interface per
 // virtio-net device of the world (named ethN, unconfigured, until the
@@ -614,7 +949,14 @@ func (g *fakeGuest) check() []string {
 	g.sync()
 	var bad []string
 	wiredNames := map[int]string{}
+	routes := slices.Clone(g.w.routes)
 	for _, l := range g.w.links {
+		for _, e := range g.w.rec.Endpoints {
+			if !e.Removing && e.Kind == state.KindMacvtap && sameLink(e, l) {
+				l = guestLink(e, l) // the guest has what the link lent
+				routes = append(routes, movedOf(e).Routes...)
+			}
+		}
 		i := g.ifaces[l.MAC.String()]
 		if r, _ := unwireable(l); r != "" || i == nil {
 			continue
@@ -625,7 +967,7 @@ func (g *fakeGuest) check() []string {
 			bad = append(bad, fmt.Sprintf("guest interface %+v, want %+v", *i, want))
 		}
 	}
-	for _, r := range g.w.routes {
+	for _, r := range routes {
 		name, ok := wiredNames[r.LinkIndex]
 		if !ok || (r.Dst.IsValid() && (r.Dst.Addr().IsLinkLocalUnicast() || r.Dst.Addr().IsMulticast())) {
 			continue

@@ -25,14 +25,18 @@ type NIC struct {
 // Observed is the actual state of one sandbox: the host side from the
 // netns, the VM side from QEMU. Plan reads nothing else.
 type Observed struct {
-	Links     []datapath.Link // container links (desired endpoints)
-	Taps      []datapath.Tap  // ours (tsn<N>)
-	KataLinks []datapath.Link // Kata's taps and macvtaps (tap<N>_kata)
+	Links     []datapath.Link    // container links (desired endpoints)
+	Taps      []datapath.Tap     // ours (tsn<N>)
+	Macvtaps  []datapath.Macvtap // ours (tsm<N>, macvtap model)
+	KataLinks []datapath.Link    // Kata's taps and macvtaps (tap<N>_kata)
 	Redirects []datapath.Redirect
-	Routes    []datapath.Route    // the sandbox's routes (not the kernel's own)
-	Neighbors []datapath.Neighbor // permanent neighbours
-	NICs      []NIC
-	Netdevs   []int // indexes of tapsync-netdev<N> present in QEMU
+	// RateLimits are our egress limits: on taps (rx) and container links
+	// (tx, or rx for a tap link).
+	RateLimits []datapath.RateLimitOn
+	Routes     []datapath.Route    // the sandbox's routes (not the kernel's own)
+	Neighbors  []datapath.Neighbor // permanent neighbours
+	NICs       []NIC
+	Netdevs    []int // indexes of tapsync-netdev<N> present in QEMU
 	// Guest is the agent's view of the guest; nil when not asked (the
 	// record shows the guest converged) or not reachable.
 	Guest *GuestState
@@ -48,6 +52,14 @@ type Options struct {
 	// redirect is broken, with redirects of its own between the link and
 	// the runtime's tap. Off, the link is only reported.
 	RepairAdopted bool
+	// Model is the interworking model of new endpoints on links that are
+	// not a VM's device already: ModelTCFilter ("" too) or ModelMacvtap.
+	// An endpoint keeps the model it was made with.
+	Model string
+	// RxRate and TxRate limit traffic into and out of the VM, in bits per
+	// second, per endpoint; 0: unlimited. A changed value changes only the
+	// limit, never the NIC.
+	RxRate, TxRate uint64
 
 	teardown bool // the sandbox is going away: remove every endpoint
 }
@@ -73,12 +85,22 @@ const (
 	OpUpdateGuestRoutes            // agent: UpdateRoutes with the full set
 	OpAddGuestNeighbors            // agent: AddARPNeighbors
 	OpRepairAdopted                // our redirects between a link the runtime wired and its tap
+	OpEnsureMacvtap                // macvtap model: tsm<N> takes the link's MAC, the link's addresses go
+	OpRemoveMacvtap                // delete tsm<N>
+	OpRestoreLink                  // give the container link back its MAC, addresses and routes
+	OpSetRateLimit                 // an rx or tx limit (0: none)
+)
+
+// Interworking models.
+const (
+	ModelTCFilter = "tcfilter"
+	ModelMacvtap  = "macvtap"
 )
 
 var opNames = [...]string{"record", "mark-removing", "forget", "create-tap", "fix-tap", "add-redirects",
 	"plug-nic", "unplug-nic", "remove-redirects", "delete-tap",
 	"reset-guest", "confirm-guest", "confirm-guest-routes", "configure-guest", "update-guest-routes", "add-guest-neighbors",
-	"repair-adopted"}
+	"repair-adopted", "ensure-macvtap", "remove-macvtap", "restore-link", "set-rate-limit"}
 
 func (o Op) String() string { return opNames[o] }
 
@@ -116,6 +138,14 @@ type Action struct {
 	// KataTap is the runtime's tap that OpRepairAdopted joins to the
 	// link (Endpoint.LinkIfindex).
 	KataTap datapath.Link
+	// Restore is what OpRestoreLink gives the container link back.
+	Restore datapath.Moved
+	// OpSetRateLimit: Rate bits/s (0 removes the limit) in direction
+	// RateDir ("rx": into the VM, "tx": out of it) on RateOn's egress
+	// (an ifindex; 0: the endpoint's tap, known once it is made).
+	Rate    uint64
+	RateDir string
+	RateOn  int
 }
 
 func (a Action) String() string {
@@ -124,7 +154,14 @@ func (a Action) String() string {
 	var s string
 	switch a.Op {
 	case OpRecord:
-		s = fmt.Sprintf("record endpoint %d for %s (ifindex %d, %s, %s)", e.Index, e.LinkName, e.LinkIfindex, e.LinkMAC, queuesStr(e.Queues))
+		s = fmt.Sprintf("record endpoint %d for %s (ifindex %d, %s, %s", e.Index, e.LinkName, e.LinkIfindex, e.LinkMAC, queuesStr(e.Queues))
+		if e.Kind != state.KindTap {
+			s += ", " + e.Kind
+		}
+		if e.Moved != nil {
+			s += fmt.Sprintf(", moving %d addresses and %d routes", len(e.Moved.Addrs), len(e.Moved.Routes))
+		}
+		s += ")"
 	case OpMarkRemoving:
 		s = fmt.Sprintf("record removal of endpoint %d (%s)", e.Index, e.LinkName)
 	case OpForget:
@@ -136,7 +173,7 @@ func (a Action) String() string {
 	case OpAddRedirects:
 		s = fmt.Sprintf("redirect %s ⇄ %s", e.LinkName, tap)
 	case OpPlugNIC:
-		s = fmt.Sprintf("hot-add NIC %d (%s) on %s", e.Index, e.LinkMAC, tap)
+		s = fmt.Sprintf("hot-add NIC %d (%s) on %s", e.Index, e.LinkMAC, deviceName(e))
 		if len(a.AwaitUnplug) > 0 {
 			s += fmt.Sprintf(" once NIC %v with that MAC is gone", a.AwaitUnplug)
 		}
@@ -178,6 +215,23 @@ func (a Action) String() string {
 		s = fmt.Sprintf("add %d permanent neighbours in the guest", len(a.Neighbors))
 	case OpRepairAdopted:
 		s = fmt.Sprintf("redirect %s ⇄ %s (the runtime's tap)", e.LinkName, a.KataTap.Name)
+	case OpEnsureMacvtap:
+		s = fmt.Sprintf("macvtap %s on %s with %s (mtu %d), %s takes %s and gives up its addresses", datapath.MacvtapName(e.Index),
+			e.LinkName, e.LinkMAC, a.MTU, e.LinkName, hostMAC(e))
+	case OpRemoveMacvtap:
+		s = fmt.Sprintf("delete %s", datapath.MacvtapName(e.Index))
+	case OpRestoreLink:
+		s = fmt.Sprintf("give %s back %s, %d addresses and %d routes", e.LinkName, a.Restore.MAC, len(a.Restore.Addrs), len(a.Restore.Routes))
+	case OpSetRateLimit:
+		on := e.LinkName
+		if a.RateOn == 0 {
+			on = tap
+		}
+		if a.Rate == 0 {
+			s = fmt.Sprintf("remove the %s limit of endpoint %d from %s", a.RateDir, e.Index, on)
+		} else {
+			s = fmt.Sprintf("limit %s of endpoint %d to %d bit/s on %s", a.RateDir, e.Index, a.Rate, on)
+		}
 	}
 	if a.Reason != "" {
 		s += ": " + a.Reason
@@ -206,6 +260,9 @@ type Skipped struct {
 type Plan struct {
 	Actions []Action
 	Skipped []Skipped
+	// Notes are what the plan cannot do for wired links (a rate limit
+	// their kind cannot carry), for status and logs.
+	Notes []string
 }
 
 // Empty reports whether the plan changes nothing.
@@ -218,6 +275,9 @@ func (p Plan) String() string {
 	}
 	for _, s := range p.Skipped {
 		fmt.Fprintf(&b, "    skip %s: %s\n", s.Link.Name, s.Reason)
+	}
+	for _, n := range p.Notes {
+		fmt.Fprintf(&b, "    note: %s\n", n)
 	}
 	return b.String()
 }
@@ -245,8 +305,16 @@ func unwireable(l datapath.Link) (reason string, silent bool) {
 	return "", false
 }
 
+// sameLink reports whether l is the link e was made for. A link whose
+// MAC the macvtap model lent to the guest carries HostMAC meanwhile.
 func sameLink(e state.Endpoint, l datapath.Link) bool {
-	return e.LinkIfindex == l.Ifindex && strings.EqualFold(e.LinkMAC, l.MAC.String())
+	return e.LinkIfindex == l.Ifindex && (strings.EqualFold(e.LinkMAC, l.MAC.String()) || lentMAC(e, l))
+}
+
+// lentMAC reports whether l carries the MAC the macvtap model gives a
+// link while endpoint e has its own.
+func lentMAC(e state.Endpoint, l datapath.Link) bool {
+	return e.Kind == state.KindMacvtap && e.LinkIfindex == l.Ifindex && bytes.Equal(l.MAC, hostMAC(e))
 }
 
 func endpointFor(index int, l datapath.Link, queues int) state.Endpoint {
@@ -262,11 +330,24 @@ type view struct {
 	redirs  []datapath.Redirect
 	foreign []NIC           // virtio-net devices without our ids
 	kata    []datapath.Link // Kata's taps and macvtaps
+	// macvtaps are ours by endpoint index; limits our rate limits by
+	// ifindex, in bit/s.
+	macvtaps map[int]datapath.Macvtap
+	limits   map[int]uint64
+	routes   []datapath.Route
 }
 
 func newView(o Observed) view {
 	v := view{links: map[int]datapath.Link{}, taps: map[int]datapath.Tap{}, nics: map[int]NIC{}, netdevs: map[int]bool{},
-		redirs: o.Redirects, kata: o.KataLinks}
+		redirs: o.Redirects, kata: o.KataLinks, macvtaps: map[int]datapath.Macvtap{}, limits: map[int]uint64{}, routes: o.Routes}
+	for _, m := range o.Macvtaps {
+		if m.Index >= 0 {
+			v.macvtaps[m.Index] = m
+		}
+	}
+	for _, r := range o.RateLimits {
+		v.limits[r.Ifindex] = r.BPS
+	}
 	for _, l := range o.Links {
 		v.links[l.Ifindex] = l
 	}
@@ -327,9 +408,10 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 	recoverOrphans(v, &rec, &p)
 
 	// Each recorded endpoint: keep and repair it, or remove it.
-	claimed := map[int]bool{}  // link ifindexes served by a live endpoint
-	removing := map[int]bool{} // endpoints on their way out
-	var wired []wiredLink      // live endpoints and adopted links, for the guest
+	claimed := map[int]bool{}     // link ifindexes served by a live endpoint
+	removing := map[int]bool{}    // endpoints on their way out
+	limitWanted := map[int]bool{} // container links whose limit a live endpoint decides
+	var wired []wiredLink         // live endpoints and adopted links, for the guest
 	for _, e := range rec.Endpoints {
 		l, linkOK := v.links[e.LinkIfindex]
 		why := ""
@@ -361,8 +443,9 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 				adds.Actions = append(adds.Actions, Action{Op: OpRecord, Endpoint: e, Reason: fmt.Sprintf("container link %s renamed to %s", old, l.Name)})
 			}
 			_, nicOK := v.nics[e.Index]
-			wired = append(wired, wiredLink{link: l, endpoint: e, plugged: !nicOK})
-			repair(v, e, l, &adds)
+			wired = append(wired, wiredLink{link: guestLink(e, l), endpoint: e, plugged: !nicOK})
+			repair(v, e, l, opts, &adds)
+			limitWanted[l.Ifindex] = true
 			continue
 		}
 		removing[e.Index] = true
@@ -422,18 +505,35 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 				Reason: fmt.Sprintf("the VM already has a NIC with MAC %s (%s), adopted for another link; not plugging a second", l.MAC, other)})
 			continue
 		}
+		if why := beingRestored(v, rec, removing, l); why != "" {
+			p.Skipped = append(p.Skipped, Skipped{Link: l, Reason: why})
+			continue
+		}
 		idx := lowestFree(used)
 		used[idx] = true
 		e := endpointFor(idx, l, queues)
-		reason := "new container link " + l.Name
-		adds.Actions = append(adds.Actions,
-			Action{Op: OpRecord, Endpoint: e, Reason: reason},
-			Action{Op: OpCreateTap, Endpoint: e, MTU: l.MTU},
-			Action{Op: OpAddRedirects, Endpoint: e},
-			Action{Op: OpPlugNIC, Endpoint: e, MTU: l.MTU},
-		)
+		e.Kind = kindFor(l, opts.Model)
+		if e.Kind == state.KindMacvtap {
+			// Intent first: once taken, the addresses and routes exist
+			// only in the record.
+			e.Moved = movedFrom(v, l, nil)
+		}
+		adds.Actions = append(adds.Actions, Action{Op: OpRecord, Endpoint: e, Reason: "new container link " + l.Name})
+		add(v, e, l, opts, &adds)
+		limitWanted[l.Ifindex] = true
 		wired = append(wired, wiredLink{link: l, endpoint: e, plugged: true})
 	}
+	// Our limits on links no live endpoint wants limited (its endpoint
+	// went, the kind changed, a record lost) go; the kernel drops the
+	// ones on our taps and macvtaps with them.
+	for _, l := range v.sortedLinks() {
+		if v.limits[l.Ifindex] > 0 && !limitWanted[l.Ifindex] {
+			e := state.Endpoint{Index: sandboxWide.Index, LinkName: l.Name, LinkIfindex: l.Ifindex, LinkMAC: l.MAC.String()}
+			adds.Actions = append(adds.Actions, Action{Op: OpSetRateLimit, Endpoint: e, RateOn: l.Ifindex, RateDir: "any",
+				Reason: "no endpoint limits this link"})
+		}
+	}
+	p.Notes = rateNotes(rec, adds, wired, opts)
 	// A NIC that replaces one of ours with the same MAC waits for the old
 	// one to leave. A removal it waits for that the guest left pending is
 	// checked back before the adds, so that a completed unplug lets the
@@ -461,6 +561,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 	retries.Actions = later
 	p.Actions = append(p.Actions, adds.Actions...)
 	if opts.Guest && !opts.teardown {
+		obs.Routes = withMovedRoutes(v, wired)
 		planGuest(obs, rec, wired, &p)
 	}
 	p.Actions = append(p.Actions, retries.Actions...)
@@ -489,6 +590,20 @@ func ComputeTeardown(obs Observed, rec state.Record, vmGone bool) Plan {
 // default that moved since (queues = 0 follows the vCPUs, which Kata
 // hot-adds) must not re-plug every NIC of the sandbox.
 func brokenReason(v view, e state.Endpoint, l datapath.Link) string {
+	if nic, ok := v.nics[e.Index]; ok && e.PlugMTU > 0 && l.MTU > e.PlugMTU {
+		// QEMU's host_mtu is the guest driver's max_mtu, and a realized
+		// device's host_mtu cannot be changed: only a new NIC goes higher.
+		return fmt.Sprintf("mtu %d is above the %d VM NIC %s was plugged with (the guest driver's maximum)", l.MTU, e.PlugMTU, nic.ID)
+	}
+	switch e.Kind {
+	case state.KindMacvtap:
+		return macvtapBroken(v, e, l)
+	case state.KindTapLink, state.KindMacvtapLink:
+		if nic, ok := v.nics[e.Index]; ok && !bytes.Equal(nic.MAC, l.MAC) {
+			return fmt.Sprintf("VM NIC %s has MAC %s, link has %s", nic.ID, nic.MAC, l.MAC)
+		}
+		return ""
+	}
 	tap, tapOK := v.taps[e.Index]
 	nic, nicOK := v.nics[e.Index]
 	switch {
@@ -509,7 +624,32 @@ func brokenReason(v view, e state.Endpoint, l datapath.Link) string {
 }
 
 // repair plans the missing steps of a live endpoint, in add order.
-func repair(v view, e state.Endpoint, l datapath.Link, p *Plan) {
+func repair(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan) {
+	switch e.Kind {
+	case state.KindMacvtap:
+		repairMacvtap(v, e, l, p)
+	case state.KindTapLink, state.KindMacvtapLink:
+		// The link is the VM's device: nothing of ours on the host side.
+	default:
+		repairTap(v, e, l, p)
+	}
+	planLimits(v, e, l, opts, p)
+	if _, ok := v.nics[e.Index]; !ok {
+		if v.netdevs[e.Index] {
+			// A netdev left without its device (unplugged behind our back,
+			// or a crash between netdev_add and device_add) still holds
+			// the tap's queues: delete it before opening them again.
+			p.Actions = append(p.Actions, Action{Op: OpUnplugNIC, Endpoint: e, Reason: "netdev left without its device"})
+		}
+		if e.Guest != "" {
+			p.Actions = append(p.Actions, Action{Op: OpResetGuest, Endpoint: e, Reason: "a new NIC starts unconfigured"})
+		}
+		p.Actions = append(p.Actions, Action{Op: OpPlugNIC, Endpoint: e, MTU: l.MTU, Reason: "NIC not in VM"})
+	}
+}
+
+// repairTap plans the missing host-side steps of a tcfilter endpoint.
+func repairTap(v view, e state.Endpoint, l datapath.Link, p *Plan) {
 	tap, tapOK := v.taps[e.Index]
 	if !tapOK {
 		p.Actions = append(p.Actions, Action{Op: OpCreateTap, Endpoint: e, MTU: l.MTU, Reason: "tap missing"})
@@ -522,18 +662,6 @@ func repair(v view, e state.Endpoint, l datapath.Link, p *Plan) {
 	}
 	if !tapOK || !v.ownedRedirect(l.Ifindex, tap.Ifindex) || !v.ownedRedirect(tap.Ifindex, l.Ifindex) {
 		p.Actions = append(p.Actions, Action{Op: OpAddRedirects, Endpoint: e, Reason: "redirects missing or stale"})
-	}
-	if _, ok := v.nics[e.Index]; !ok {
-		if v.netdevs[e.Index] {
-			// A netdev left without its device (unplugged behind our back,
-			// or a crash between netdev_add and device_add) still holds
-			// the tap's queues: delete it before opening them again.
-			p.Actions = append(p.Actions, Action{Op: OpUnplugNIC, Endpoint: e, Reason: "netdev left without its device"})
-		}
-		if e.Guest != "" {
-			p.Actions = append(p.Actions, Action{Op: OpResetGuest, Endpoint: e, Reason: "a new NIC starts unconfigured"})
-		}
-		p.Actions = append(p.Actions, Action{Op: OpPlugNIC, Endpoint: e, MTU: l.MTU, Reason: "NIC not in VM"})
 	}
 }
 
@@ -699,6 +827,7 @@ func (v view) exists(i int) bool {
 		return true
 	}
 	return slices.ContainsFunc(slices.Collect(maps.Values(v.taps)), func(t datapath.Tap) bool { return t.Ifindex == i }) ||
+		slices.ContainsFunc(slices.Collect(maps.Values(v.macvtaps)), func(m datapath.Macvtap) bool { return m.Ifindex == i }) ||
 		slices.ContainsFunc(v.kata, func(k datapath.Link) bool { return k.Ifindex == i })
 }
 
@@ -713,6 +842,21 @@ func remove(v view, e state.Endpoint, why string, p *Plan) {
 	if nicOK || (v.netdevs[e.Index] && !e.Burned) {
 		p.Actions = append(p.Actions, Action{Op: OpUnplugNIC, Endpoint: e})
 	}
+	switch e.Kind {
+	case state.KindMacvtap:
+		removeMacvtap(v, e, p)
+	case state.KindTapLink, state.KindMacvtapLink:
+		// The CNI's link: never changed, never deleted.
+	default:
+		removeTap(v, e, p)
+	}
+	if !e.Burned { // a burned index stays reserved while QEMU holds its leftover
+		p.Actions = append(p.Actions, Action{Op: OpForget, Endpoint: e})
+	}
+}
+
+// removeTap plans the host side of a tcfilter endpoint's removal.
+func removeTap(v view, e state.Endpoint, p *Plan) {
 	tap, tapOK := v.taps[e.Index]
 	if v.pairLeft(e.LinkIfindex, tap.Ifindex) {
 		p.Actions = append(p.Actions, Action{Op: OpRemoveRedirects, Endpoint: e})
@@ -721,9 +865,6 @@ func remove(v view, e state.Endpoint, why string, p *Plan) {
 	// queue: deleting the tap under QEMU is what the order exists to avoid.
 	if tapOK && ourTap(tap) && !(e.Burned && v.netdevs[e.Index]) {
 		p.Actions = append(p.Actions, Action{Op: OpDeleteTap, Endpoint: e})
-	}
-	if !e.Burned { // a burned index stays reserved while QEMU holds its leftover
-		p.Actions = append(p.Actions, Action{Op: OpForget, Endpoint: e})
 	}
 }
 
@@ -745,14 +886,30 @@ func recoverOrphans(v view, rec *state.Record, p *Plan) {
 			evidence[n] = true
 		}
 	}
+	for n := range v.macvtaps {
+		evidence[n] = true
+	}
 	for _, n := range slices.Sorted(maps.Keys(evidence)) {
 		if _, ok := rec.Endpoint(n); ok {
 			continue
 		}
 		e := state.Endpoint{Index: n, Removing: true, Queues: 1}
 		reason := "owned objects with no record and no container link"
+		if m, ok := v.macvtaps[n]; ok {
+			// The addresses it moved are lost with the record: removal
+			// gives the link back its MAC only.
+			e.Kind, e.LinkMAC, e.LinkIfindex = state.KindMacvtap, m.MAC.String(), m.Parent
+		}
 		if l, ok := linkOf(v, n); ok {
 			e = endpointFor(n, l, 1)
+			switch m, isMacvtap := v.macvtaps[n]; {
+			case isMacvtap:
+				e.Kind, e.LinkMAC = state.KindMacvtap, m.MAC.String()
+			case v.taps[n].Ifindex == 0 && l.Kind == "tap":
+				e.Kind = state.KindTapLink
+			case v.taps[n].Ifindex == 0 && l.Kind == "macvtap":
+				e.Kind = state.KindMacvtapLink
+			}
 			if t, ok := v.taps[n]; ok && t.MultiQueue {
 				e.Queues = max(t.Attached, 2)
 			}
@@ -766,6 +923,10 @@ func recoverOrphans(v view, rec *state.Record, p *Plan) {
 // linkOf finds the container link that endpoint n's objects serve: the
 // source of our redirect into tap n, or the link with the NIC's MAC.
 func linkOf(v view, n int) (datapath.Link, bool) {
+	if m, ok := v.macvtaps[n]; ok {
+		l, ok := v.links[m.Parent]
+		return l, ok
+	}
 	if t, ok := v.taps[n]; ok {
 		for _, r := range v.redirs {
 			if l, ok := v.links[r.From]; ok && r.Owned && r.To == t.Ifindex {
@@ -792,6 +953,9 @@ func usedIndexes(v view, rec state.Record) map[int]bool {
 		used[e.Index] = true
 	}
 	for n := range v.taps {
+		used[n] = true
+	}
+	for n := range v.macvtaps {
 		used[n] = true
 	}
 	for n := range v.nics {

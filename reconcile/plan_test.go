@@ -72,7 +72,7 @@ func TestPlanTable(t *testing.T) {
 		}, "mark-removing/0 unplug-nic/0 remove-redirects/0 delete-tap/0 forget/0 record/1 create-tap/1 add-redirects/1 plug-nic/1"},
 		{"link MAC changed in place", func() *world {
 			w := wired(false)
-			w.links[0].MAC = macN(9)
+			w.setMAC("eth0", macN(9))
 			return w
 		}, "mark-removing/0 unplug-nic/0 remove-redirects/0 delete-tap/0 forget/0 record/1 create-tap/1 add-redirects/1 plug-nic/1"},
 		{"MTU change updates the tap only", func() *world {

@@ -51,6 +51,11 @@ type Sandbox struct {
 	// Placement says where NICs may be hot-plugged (config [defaults]
 	// hotplug, reserved_slots); zero: PCI bridge slots only.
 	Placement qmp.Placement
+	// Model is the interworking model of new endpoints (ModelTCFilter or
+	// ModelMacvtap; "" is tcfilter). RxRate and TxRate limit each
+	// endpoint's traffic into and out of the VM, in bit/s (0: none).
+	Model          string
+	RxRate, TxRate uint64
 	// CheckQMP, if set, vets the QMP socket's listener on every dial
 	// (a sandbox found through /proc: the QEMU it was found as).
 	CheckQMP func(*net.UnixConn) error
@@ -97,6 +102,7 @@ type Status struct {
 	Held          []int // endpoints whose plug waits for the NIC they replace to leave the VM
 	Endpoints     []state.Endpoint
 	Skipped       []Skipped
+	Notes         []string // what the plan cannot do for wired links (Plan.Notes)
 	// Guest says how the guest side stands: "off: <why>", "agent
 	// unreachable: <error>", or "" when the agent answered or was not
 	// needed. GuestEndpoints has each endpoint's guest state.
@@ -352,13 +358,15 @@ func (s *session) observe(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	s.obs = Observed{Links: hs.Links, Taps: hs.Taps, KataLinks: hs.KataLinks, Redirects: hs.Redirects, Routes: hs.Routes,
+	s.obs = Observed{Links: hs.Links, Taps: hs.Taps, Macvtaps: hs.Macvtaps, RateLimits: hs.RateLimits, KataLinks: hs.KataLinks,
+		Redirects: hs.Redirects, Routes: hs.Routes,
 		Neighbors: hs.Neighbors, NICs: nics, Netdevs: netdevs}
 	return nil
 }
 
 func (s *session) options() Options {
-	return Options{Queues: s.queues, Guest: s.sb.guestOn(), RepairAdopted: s.sb.RepairAdopted}
+	return Options{Queues: s.queues, Guest: s.sb.guestOn(), RepairAdopted: s.sb.RepairAdopted,
+		Model: s.sb.Model, RxRate: s.sb.RxRate, TxRate: s.sb.TxRate}
 }
 
 // planWithGuest computes the plan, asking the agent for the guest's state
@@ -439,7 +447,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 	}
 	defer s.host.Close()
 	p, guest, client, guestErr := r.planWithGuest(ctx, s)
-	st.Skipped = p.Skipped
+	st.Skipped, st.Notes = p.Skipped, p.Notes
 	r.logSkipped(log, id, p.Skipped)
 	env := Env{Host: s.host, VM: s.vm, Guest: guest, Recorder: r.store, Vhost: s.sb.Vhost, AfterAction: r.AfterAction,
 		GuestLinkWait: s.sb.GuestTimeout}
@@ -586,7 +594,10 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 	if err != nil {
 		return fmt.Errorf("sandbox %s: observe: %w", id, err)
 	}
-	obs := Observed{Taps: hs.Taps, KataLinks: hs.KataLinks, Redirects: hs.Redirects}
+	// The links stay: they get back what the macvtap model took, and our
+	// limits on them go.
+	obs := Observed{Links: hs.Links, Taps: hs.Taps, Macvtaps: hs.Macvtaps, RateLimits: hs.RateLimits, KataLinks: hs.KataLinks,
+		Redirects: hs.Redirects, Routes: hs.Routes}
 	env := Env{Host: host, Recorder: r.store, Vhost: sb.Vhost, AfterAction: r.AfterAction}
 	c, gone, err := r.vmForTeardown(ctx, sb)
 	if err != nil {

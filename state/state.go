@@ -72,6 +72,46 @@ type Endpoint struct {
 	// Guest fingerprints the guest interface configuration last confirmed
 	// by the agent for this endpoint's NIC ("" = not configured).
 	Guest string `json:"guest,omitempty"`
+	// Kind is how the endpoint is wired (see the Kind constants), decided
+	// when it is made and kept for its life: a model changed in the
+	// config never re-plugs a live endpoint. "" is KindTap (records
+	// written before kinds existed).
+	Kind string `json:"kind,omitempty"`
+	// Moved is what the macvtap model took from the container link, to be
+	// given back on removal: recorded before it is taken, since the
+	// addresses and routes exist nowhere else meanwhile. LinkMAC is the
+	// MAC it took (the guest's).
+	Moved *Moved `json:"moved,omitempty"`
+	// PlugMTU is the MTU the NIC was plugged with (QEMU's host_mtu, which
+	// caps the guest driver's MTU); 0: unknown or none.
+	PlugMTU int `json:"plug_mtu,omitempty"`
+}
+
+// Endpoint kinds.
+const (
+	KindTap         = ""             // tcfilter model: our tap tsn<N>, redirects both ways
+	KindMacvtap     = "macvtap"      // macvtap model: our macvtap tsm<N> on the container link
+	KindTapLink     = "tap-link"     // the container link is a tap: handed to QEMU as it is
+	KindMacvtapLink = "macvtap-link" // the container link is a macvtap: its queues handed to QEMU
+)
+
+// Moved is a container link's addresses and routes while the macvtap
+// model has taken them away, in text form (this package knows no
+// network types).
+type Moved struct {
+	Addrs  []string `json:"addrs,omitempty"` // prefixes, 10.1.2.3/24
+	Routes []Route  `json:"routes,omitempty"`
+}
+
+// Route is one route through a container link, as recorded.
+type Route struct {
+	Dst      string `json:"dst,omitempty"` // "" = default route
+	Gateway  string `json:"gateway,omitempty"`
+	Src      string `json:"src,omitempty"`
+	Scope    uint8  `json:"scope,omitempty"`
+	IPv6     bool   `json:"ipv6,omitempty"`
+	Protocol int    `json:"protocol,omitempty"`
+	MTU      int    `json:"mtu,omitempty"`
 }
 
 // Endpoint returns the endpoint with index n.
@@ -98,6 +138,12 @@ func (r *Record) Forget(n int) {
 // Clone returns a deep copy.
 func (r Record) Clone() Record {
 	r.Endpoints = slices.Clone(r.Endpoints)
+	for i, e := range r.Endpoints {
+		if e.Moved != nil {
+			m := Moved{Addrs: slices.Clone(e.Moved.Addrs), Routes: slices.Clone(e.Moved.Routes)}
+			r.Endpoints[i].Moved = &m
+		}
+	}
 	return r
 }
 

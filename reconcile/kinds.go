@@ -1,0 +1,396 @@
+package reconcile
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/state"
+)
+
+// Endpoint kinds beyond the tcfilter tap. Which one a new endpoint gets
+// depends on its container link and the sandbox's model:
+//
+//   - a tap link (a CNI's tap) is the VM's device already: QEMU gets its
+//     queues, nothing is redirected, nothing of it is ever deleted;
+//   - a macvtap link likewise, through its /dev/tap<ifindex> queues;
+//   - in the macvtap model, a veth, macvlan or vlan link gets a macvtap
+//     tsm<N> on top that carries the link's MAC; the link carries
+//     datapath.HostMAC meanwhile and gives up its addresses, which the
+//     record keeps (they are the guest's) and the removal gives back;
+//   - everything else (ipvlan included, whose MAC is its parent's and
+//     cannot be lent) is wired by the tcfilter model.
+
+// macvtapKinds are the links the macvtap model puts a macvtap on.
+var macvtapKinds = map[string]bool{"veth": true, "macvlan": true, "vlan": true}
+
+// kindFor is the kind of a new endpoint for link l under model.
+func kindFor(l datapath.Link, model string) string {
+	switch {
+	case l.Kind == "tap":
+		return state.KindTapLink
+	case l.Kind == "macvtap":
+		return state.KindMacvtapLink
+	case model == ModelMacvtap && macvtapKinds[l.Kind] && l.MAC[0]&1 == 0:
+		return state.KindMacvtap
+	}
+	return state.KindTap
+}
+
+// add plans the steps of a new endpoint after its record step.
+func add(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan) {
+	switch e.Kind {
+	case state.KindMacvtap:
+		p.Actions = append(p.Actions, Action{Op: OpEnsureMacvtap, Endpoint: e, MTU: l.MTU})
+	case state.KindTapLink, state.KindMacvtapLink:
+	default:
+		p.Actions = append(p.Actions, Action{Op: OpCreateTap, Endpoint: e, MTU: l.MTU}, Action{Op: OpAddRedirects, Endpoint: e})
+	}
+	planLimits(v, e, l, opts, p)
+	p.Actions = append(p.Actions, Action{Op: OpPlugNIC, Endpoint: e, MTU: l.MTU})
+}
+
+// deviceName names the device whose queues endpoint e's NIC uses.
+func deviceName(e state.Endpoint) string {
+	switch e.Kind {
+	case state.KindMacvtap:
+		return datapath.MacvtapName(e.Index)
+	case state.KindTapLink, state.KindMacvtapLink:
+		return e.LinkName
+	}
+	return datapath.TapName(e.Index)
+}
+
+// guestMAC is the MAC endpoint e's NIC gets.
+func guestMAC(e state.Endpoint) net.HardwareAddr {
+	mac, _ := net.ParseMAC(e.LinkMAC)
+	return mac
+}
+
+// hostMAC is what the container link of macvtap endpoint e carries.
+func hostMAC(e state.Endpoint) net.HardwareAddr {
+	mac := guestMAC(e)
+	if len(mac) != 6 {
+		return nil
+	}
+	return datapath.HostMAC(mac, e.Index)
+}
+
+// guestLink is what the guest interface of endpoint e on link l mirrors:
+// the link itself, or for the macvtap model the link as it was before it
+// lent its MAC and addresses.
+func guestLink(e state.Endpoint, l datapath.Link) datapath.Link {
+	if e.Kind != state.KindMacvtap {
+		return l
+	}
+	g := l
+	g.MAC = guestMAC(e)
+	g.Addrs = nil
+	if e.Moved != nil {
+		for _, a := range e.Moved.Addrs {
+			if p, err := netip.ParsePrefix(a); err == nil {
+				g.Addrs = append(g.Addrs, p)
+			}
+		}
+	}
+	for _, a := range l.Addrs {
+		if !slices.Contains(g.Addrs, a) {
+			g.Addrs = append(g.Addrs, a)
+		}
+	}
+	return g
+}
+
+// strayAddrs are the addresses of a link whose addresses the macvtap
+// model moved away: ones that appeared since. An IPv6 link-local address
+// is the kernel's (derived from the MAC the link carries now), not the
+// pod's.
+func strayAddrs(l datapath.Link) []netip.Prefix {
+	var out []netip.Prefix
+	for _, a := range l.Addrs {
+		if !(a.Addr().Is6() && a.Addr().IsLinkLocalUnicast()) {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// movedFrom is what the macvtap model takes from link l: prev (what is
+// recorded already) with the link's addresses and routes added. The
+// first time every address goes into it, link-local included, so that
+// the link is given back exactly.
+func movedFrom(v view, l datapath.Link, prev *state.Moved) *state.Moved {
+	m := &state.Moved{}
+	addrs := l.Addrs
+	if prev != nil {
+		m.Addrs, m.Routes = slices.Clone(prev.Addrs), slices.Clone(prev.Routes)
+		addrs = strayAddrs(l)
+	}
+	for _, a := range addrs {
+		if s := a.String(); !slices.Contains(m.Addrs, s) {
+			m.Addrs = append(m.Addrs, s)
+		}
+	}
+	for _, r := range v.routes {
+		if r.LinkIndex != l.Ifindex {
+			continue
+		}
+		if sr := stateRoute(r); !slices.Contains(m.Routes, sr) {
+			m.Routes = append(m.Routes, sr)
+		}
+	}
+	return m
+}
+
+func stateRoute(r datapath.Route) state.Route {
+	s := state.Route{Scope: r.Scope, IPv6: r.IPv6, Protocol: r.Protocol, MTU: r.MTU}
+	if r.Dst.IsValid() {
+		s.Dst = r.Dst.String()
+	}
+	if r.Gateway.IsValid() {
+		s.Gateway = r.Gateway.String()
+	}
+	if r.Src.IsValid() {
+		s.Src = r.Src.String()
+	}
+	return s
+}
+
+func datapathRoute(s state.Route, ifindex int) (datapath.Route, bool) {
+	r := datapath.Route{LinkIndex: ifindex, Scope: s.Scope, IPv6: s.IPv6, Protocol: s.Protocol, MTU: s.MTU}
+	var err error
+	if s.Dst != "" {
+		if r.Dst, err = netip.ParsePrefix(s.Dst); err != nil {
+			return r, false
+		}
+	}
+	if s.Gateway != "" {
+		if r.Gateway, err = netip.ParseAddr(s.Gateway); err != nil {
+			return r, false
+		}
+	}
+	if s.Src != "" {
+		if r.Src, err = netip.ParseAddr(s.Src); err != nil {
+			return r, false
+		}
+	}
+	return r, true
+}
+
+// movedOf converts what endpoint e's record says it took from its link.
+func movedOf(e state.Endpoint) datapath.Moved {
+	m := datapath.Moved{MAC: guestMAC(e)}
+	if e.Moved == nil {
+		return m
+	}
+	for _, a := range e.Moved.Addrs {
+		if p, err := netip.ParsePrefix(a); err == nil {
+			m.Addrs = append(m.Addrs, p)
+		}
+	}
+	for _, s := range e.Moved.Routes {
+		if r, ok := datapathRoute(s, e.LinkIfindex); ok {
+			m.Routes = append(m.Routes, r)
+		}
+	}
+	return m
+}
+
+// macvtapBroken says why macvtap endpoint e must be re-made ("" if it can
+// be repaired in place).
+func macvtapBroken(v view, e state.Endpoint, l datapath.Link) string {
+	m, mOK := v.macvtaps[e.Index]
+	nic, nicOK := v.nics[e.Index]
+	switch {
+	case mOK && (m.Parent != l.Ifindex || m.Mode != "bridge" || !bytes.Equal(m.MAC, guestMAC(e))):
+		return fmt.Sprintf("%s is not the macvtap tapsync made (on %d, %s, %s)", m.Name, m.Parent, m.Mode, m.MAC)
+	case nicOK && !bytes.Equal(nic.MAC, guestMAC(e)):
+		return fmt.Sprintf("VM NIC %s has MAC %s, endpoint has %s", nic.ID, nic.MAC, e.LinkMAC)
+	case nicOK && !mOK:
+		return fmt.Sprintf("VM NIC %s lost its macvtap", nic.ID)
+	}
+	return ""
+}
+
+// repairMacvtap plans the missing host-side steps of a macvtap endpoint:
+// one idempotent ensure-macvtap, after recording addresses that appeared
+// on the link since (they go too, and must come back on removal).
+func repairMacvtap(v view, e state.Endpoint, l datapath.Link, p *Plan) {
+	m, ok := v.macvtaps[e.Index]
+	stray := strayAddrs(l)
+	why := ""
+	switch {
+	case !ok:
+		why = "macvtap missing"
+	case !lentMAC(e, l):
+		why = l.Name + " still carries the guest's MAC"
+	case len(stray) > 0:
+		why = fmt.Sprintf("%s has addresses again (%v)", l.Name, stray)
+	case m.MTU != l.MTU:
+		why = fmt.Sprintf("%s mtu changed from %d", l.Name, m.MTU)
+	case !m.Up:
+		why = m.Name + " is down"
+	}
+	if why == "" {
+		return
+	}
+	if moved := movedFrom(v, l, e.Moved); e.Moved == nil || len(moved.Addrs) != len(e.Moved.Addrs) || len(moved.Routes) != len(e.Moved.Routes) {
+		e.Moved = moved
+		p.Actions = append(p.Actions, Action{Op: OpRecord, Endpoint: e, Reason: "addresses and routes to move"})
+	}
+	p.Actions = append(p.Actions, Action{Op: OpEnsureMacvtap, Endpoint: e, MTU: l.MTU, Reason: why})
+}
+
+// needsRestore says whether link l still lacks what macvtap endpoint e
+// took from it.
+func needsRestore(v view, e state.Endpoint, l datapath.Link) bool {
+	if lentMAC(e, l) {
+		return true
+	}
+	m := movedOf(e)
+	for _, a := range m.Addrs {
+		if !slices.Contains(l.Addrs, a) {
+			return true
+		}
+	}
+	for _, r := range m.Routes {
+		if !slices.ContainsFunc(v.routes, func(o datapath.Route) bool {
+			return o.LinkIndex == r.LinkIndex && o.Dst == r.Dst && o.Gateway == r.Gateway && o.IPv6 == r.IPv6
+		}) {
+			return true
+		}
+	}
+	return false
+}
+
+// removeMacvtap plans the host side of a macvtap endpoint's removal:
+// the macvtap goes (QEMU has let go of its queues), then the link gets
+// back what it lent. A link whose MAC someone changed meanwhile keeps
+// that MAC: it is the link's new identity, not ours to undo.
+func removeMacvtap(v view, e state.Endpoint, p *Plan) {
+	if _, ok := v.macvtaps[e.Index]; ok && !(e.Burned && v.netdevs[e.Index]) {
+		p.Actions = append(p.Actions, Action{Op: OpRemoveMacvtap, Endpoint: e})
+	}
+	l, ok := v.links[e.LinkIfindex]
+	if !ok || !needsRestore(v, e, l) {
+		return
+	}
+	r := movedOf(e)
+	if !lentMAC(e, l) && !bytes.Equal(l.MAC, r.MAC) {
+		r.MAC = l.MAC
+	}
+	p.Actions = append(p.Actions, Action{Op: OpRestoreLink, Endpoint: e, Restore: r})
+}
+
+// beingRestored says why link l must wait before it gets a new endpoint
+// ("" if it need not): a macvtap endpoint of it is being removed and has
+// not given it back its MAC and addresses yet. Wired now, the new endpoint
+// would record the borrowed MAC and miss the addresses.
+func beingRestored(v view, rec state.Record, removing map[int]bool, l datapath.Link) string {
+	for _, e := range rec.Endpoints {
+		if e.Kind == state.KindMacvtap && e.LinkIfindex == l.Ifindex && (e.Removing || removing[e.Index]) && needsRestore(v, e, l) {
+			return fmt.Sprintf("endpoint %d (macvtap model) is giving %s back its MAC and addresses; wired again once it has", e.Index, l.Name)
+		}
+	}
+	return ""
+}
+
+// withMovedRoutes is the sandbox's routes plus those the macvtap model
+// took from its links with their addresses: they are the guest's.
+func withMovedRoutes(v view, wired []wiredLink) []datapath.Route {
+	out := slices.Clone(v.routes)
+	for _, w := range wired {
+		if w.adopted || w.endpoint.Kind != state.KindMacvtap {
+			continue
+		}
+		for _, r := range movedOf(w.endpoint).Routes {
+			if !slices.ContainsFunc(out, func(o datapath.Route) bool {
+				return o.LinkIndex == r.LinkIndex && o.Dst == r.Dst && o.Gateway == r.Gateway && o.IPv6 == r.IPv6
+			}) {
+				out = append(out, r)
+			}
+		}
+	}
+	return out
+}
+
+// Rate limits. Kata's semantics: rx is traffic into the VM, tx out of
+// it. A limit is an HTB on the egress the traffic is queued on:
+//   - tcfilter: rx on the tap (the redirect from the link enqueues there),
+//     tx on the container link (the redirect from the tap);
+//   - tap link: rx on the tap link (what the netns sends it goes to the
+//     VM); tx would need an ifb on its ingress, not implemented;
+//   - macvtap model and macvtap links: frames reach a macvtap's queues
+//     from its lower device's receive path without a qdisc, so rx would
+//     need an ifb; not implemented, and tx is left alike.
+
+// rateSites says where kind's limits go: rx on the tap, rx on the link,
+// tx on the link.
+func rateSites(kind string) (rxTap, rxLink, txLink bool) {
+	switch kind {
+	case state.KindTap:
+		return true, false, true
+	case state.KindTapLink:
+		return false, true, false
+	}
+	return false, false, false
+}
+
+// applied is the limit EnsureRateLimit sets for bps (whole bytes per
+// second), as observed back.
+func applied(bps uint64) uint64 { return bps / 8 * 8 }
+
+// planLimits plans the rate limits of live endpoint e on link l.
+func planLimits(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan) {
+	rxTap, rxLink, txLink := rateSites(e.Kind)
+	if rxTap {
+		have := uint64(0)
+		if t, ok := v.taps[e.Index]; ok {
+			have = v.limits[t.Ifindex]
+		}
+		if have != applied(opts.RxRate) {
+			p.Actions = append(p.Actions, Action{Op: OpSetRateLimit, Endpoint: e, Rate: opts.RxRate, RateDir: "rx",
+				Reason: fmt.Sprintf("limit is %d bit/s", have)})
+		}
+	}
+	want, dir := uint64(0), "tx"
+	switch {
+	case rxLink:
+		want, dir = opts.RxRate, "rx"
+	case txLink:
+		want = opts.TxRate
+	}
+	if have := v.limits[l.Ifindex]; have != applied(want) {
+		p.Actions = append(p.Actions, Action{Op: OpSetRateLimit, Endpoint: e, Rate: want, RateDir: dir, RateOn: l.Ifindex,
+			Reason: fmt.Sprintf("limit is %d bit/s", have)})
+	}
+}
+
+// rateNotes names the limits asked for that the endpoints' kinds cannot
+// carry.
+func rateNotes(rec state.Record, adds Plan, wired []wiredLink, opts Options) []string {
+	if opts.RxRate == 0 && opts.TxRate == 0 {
+		return nil
+	}
+	var notes []string
+	for _, w := range wired {
+		if w.adopted {
+			continue
+		}
+		rxTap, rxLink, txLink := rateSites(w.endpoint.Kind)
+		kind := w.endpoint.Kind
+		if kind == state.KindTap {
+			kind = ModelTCFilter
+		}
+		if opts.RxRate > 0 && !rxTap && !rxLink {
+			notes = append(notes, fmt.Sprintf("%s (%s): rx_rate not applied: this kind would need an ifb, which tapsync does not make", w.link.Name, kind))
+		}
+		if opts.TxRate > 0 && !txLink {
+			notes = append(notes, fmt.Sprintf("%s (%s): tx_rate not applied: this kind would need an ifb, which tapsync does not make", w.link.Name, kind))
+		}
+	}
+	return notes
+}

@@ -53,8 +53,9 @@ func add(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan) {
 	p.Actions = append(p.Actions, Action{Op: OpPlugNIC, Endpoint: e, MTU: l.MTU})
 }
 
-// deviceName names the device whose queues endpoint e's NIC uses.
-func deviceName(e state.Endpoint) string {
+// DeviceName names the device whose queues endpoint e's NIC uses: our
+// tap or macvtap, or the container link itself.
+func DeviceName(e state.Endpoint) string {
 	switch e.Kind {
 	case state.KindMacvtap:
 		return datapath.MacvtapName(e.Index)

@@ -173,7 +173,7 @@ func (a Action) String() string {
 	case OpAddRedirects:
 		s = fmt.Sprintf("redirect %s ⇄ %s", e.LinkName, tap)
 	case OpPlugNIC:
-		s = fmt.Sprintf("hot-add NIC %d (%s) on %s", e.Index, e.LinkMAC, deviceName(e))
+		s = fmt.Sprintf("hot-add NIC %d (%s) on %s", e.Index, e.LinkMAC, DeviceName(e))
 		if len(a.AwaitUnplug) > 0 {
 			s += fmt.Sprintf(" once NIC %v with that MAC is gone", a.AwaitUnplug)
 		}

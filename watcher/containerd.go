@@ -477,6 +477,32 @@ type skipReason struct {
 	loud bool
 }
 
+// Kata's per-pod rate limits, in bit/s (0: unlimited): rx into the VM,
+// tx out of it.
+const (
+	KataRxRateAnnotation = "io.katacontainers.config.hypervisor.rx_rate_limiter_max_rate"
+	KataTxRateAnnotation = "io.katacontainers.config.hypervisor.tx_rate_limiter_max_rate"
+)
+
+// rateAnnotation reads a rate annotation of container id: nil when it is
+// absent or not a non-negative integer (then the configured rate holds,
+// and the log says why the pod's was refused).
+func (w *ctrWatcher) rateAnnotation(id string, annotations map[string]string, key string) *uint64 {
+	v, ok := annotations[key]
+	if !ok {
+		return nil
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+	if err != nil {
+		if w.log != nil {
+			w.log.Warn().Str("container", id).Str("annotation", key).Str("value", v).
+				Msg("rate annotation refused: not a non-negative integer of bits per second; the configured rate applies")
+		}
+		return nil
+	}
+	return &n
+}
+
 // sandboxOf returns the sandbox a container record describes, or why it
 // is not one.
 func (w *ctrWatcher) sandboxOf(rec containers.Container) (Sandbox, skipReason) {
@@ -506,9 +532,11 @@ func (w *ctrWatcher) sandboxOf(rec containers.Container) (Sandbox, skipReason) {
 			return Sandbox{}, skipReason{why: "private network namespace without a path", loud: true}
 		}
 		return Sandbox{
-			ID:    rec.ID,
-			Netns: n.Path,
-			QMP:   strings.ReplaceAll(w.cfg.QMPSocket, "{id}", rec.ID),
+			ID:     rec.ID,
+			Netns:  n.Path,
+			QMP:    strings.ReplaceAll(w.cfg.QMPSocket, "{id}", rec.ID),
+			RxRate: w.rateAnnotation(rec.ID, spec.Annotations, KataRxRateAnnotation),
+			TxRate: w.rateAnnotation(rec.ID, spec.Annotations, KataTxRateAnnotation),
 		}, skipReason{}
 	}
 	return Sandbox{}, skipReason{why: "no network namespace in the OCI spec (host network)", loud: true}

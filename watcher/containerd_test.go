@@ -332,3 +332,27 @@ func TestContainerdAdmit(t *testing.T) {
 		t.Errorf("events after the refusal and exit:\n%s", formatEvents(r.all(), 0))
 	}
 }
+
+// TestContainerdRateAnnotations: Kata's rate annotations reach the
+// sandbox as bit/s; a value that is not a non-negative integer is refused
+// with a log line naming the container, and the configured rate holds.
+func TestContainerdRateAnnotations(t *testing.T) {
+	ctx, logs := testCtx(t)
+	log := zerolog.Ctx(ctx)
+	w := &ctrWatcher{cfg: ContainerdConfig{Runtimes: []string{"io.containerd.kata.v2"}, QMPSocket: "/run/vc/vm/{id}/qmp.sock"}.withDefaults(), log: log}
+	spec := &specs.Spec{Annotations: map[string]string{criContainerType: "sandbox",
+		KataRxRateAnnotation: "8000000", KataTxRateAnnotation: "-5"},
+		Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.NetworkNamespace, Path: "/var/run/netns/x"}}}}
+	any, err := typeurl.MarshalAny(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb, skip := w.sandboxOf(containers.Container{ID: "pod-7", Runtime: containers.RuntimeInfo{Name: "io.containerd.kata.v2"}, Spec: any})
+	if skip.why != "" {
+		t.Fatalf("skipped: %s", skip.why)
+	}
+	if sb.RxRate == nil || *sb.RxRate != 8000000 || sb.TxRate != nil {
+		t.Errorf("rx %v tx %v, want 8000000 and none", sb.RxRate, sb.TxRate)
+	}
+	logs.waitLine(t, "the refusal", "rate annotation refused", "pod-7", KataTxRateAnnotation)
+}

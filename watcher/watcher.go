@@ -28,6 +28,9 @@ type Sandbox struct {
 	// listening on QMP: check it with CheckQMPPeer before trusting the
 	// socket. 0 from the other sources.
 	PID int
+	// RxRate and TxRate are Kata's per-pod rate limits from the sandbox's
+	// OCI annotations, in bit/s (0: unlimited); nil when the pod sets none.
+	RxRate, TxRate *uint64
 }
 
 // Kind says what an event asks for.

@@ -15,6 +15,7 @@ import (
 	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/reconcile"
 	"github.com/tapsync/tapsync/state"
 	"github.com/tapsync/tapsync/watcher"
 )
@@ -55,6 +56,11 @@ type Defaults struct {
 	// RepairAdopted lets tapsync repair the broken redirect of a NIC Kata
 	// wired itself; off, it is only reported.
 	RepairAdopted bool `toml:"repair_adopted"`
+	// RxRate and TxRate limit each endpoint's traffic into and out of the
+	// VM, in bits per second (Kata's rx/tx_rate_limiter_max_rate); 0:
+	// unlimited. A pod's Kata annotations override them.
+	RxRate int64 `toml:"rx_rate"`
+	TxRate int64 `toml:"tx_rate"`
 }
 
 // placement is the hot-plug placement of the defaults (validated).
@@ -116,16 +122,22 @@ type StaticSandbox struct {
 	QMP    string `toml:"qmp"`
 	Model  string `toml:"model"`
 	Queues *int   `toml:"queues"`
+	RxRate *int64 `toml:"rx_rate"`
+	TxRate *int64 `toml:"tx_rate"`
 	// AgentURL is the guest agent: vsock://CID:PORT, hvsock://PATH:PORT,
 	// unix://PATH or kata-shim://PATH. Empty: no guest side.
 	AgentURL string `toml:"agent_url"`
 }
 
-// Models. Only tcfilter is wired today; the others are refused at start
+// Models. "none" (a tap passed through) is what a container link of kind
+// tap gets in any model; as a model of its own it is refused at start
 // rather than accepted and ignored.
-var knownModels = []string{"tcfilter", "macvtap", "none"}
+var (
+	knownModels       = []string{reconcile.ModelTCFilter, reconcile.ModelMacvtap, "none"}
+	implementedModels = []string{reconcile.ModelTCFilter, reconcile.ModelMacvtap}
+)
 
-const implementedModel = "tcfilter"
+const defaultModel = reconcile.ModelTCFilter
 
 // DefaultConfig is what runs when no config file exists.
 func DefaultConfig() Config {
@@ -138,7 +150,7 @@ func DefaultConfig() Config {
 		MetricsAddress: "127.0.0.1:9464",
 		Workers:        4,
 		Defaults: Defaults{
-			Model:         implementedModel,
+			Model:         defaultModel,
 			Queues:        1,
 			Vhost:         string(datapath.VhostAuto),
 			QMPTimeout:    5 * time.Second,
@@ -219,11 +231,22 @@ func (c *Config) Validate() error {
 		switch {
 		case !slices.Contains(knownModels, m):
 			bad(key, "%q is not one of %s", m, strings.Join(knownModels, ", "))
-		case m != implementedModel:
-			bad(key, "interworking model %q is not implemented yet (use %s)", m, implementedModel)
+		case !slices.Contains(implementedModels, m):
+			bad(key, "interworking model %q is not implemented (use %s; a container link that is a tap is passed through in any model)",
+				m, strings.Join(implementedModels, " or "))
 		}
 	}
 	checkModel("defaults.model", d.Model)
+	checkRate := func(key string, r int64) {
+		switch {
+		case r < 0:
+			bad(key, "%d is negative (bits per second; 0: unlimited)", r)
+		case r > 0 && r < 8:
+			bad(key, "%d bit/s is below one byte per second (0: unlimited)", r)
+		}
+	}
+	checkRate("defaults.rx_rate", d.RxRate)
+	checkRate("defaults.tx_rate", d.TxRate)
 	if d.Queues < 0 || d.Queues > datapath.MaxQueues {
 		bad("defaults.queues", "%d is outside 0..%d (0: one per vCPU)", d.Queues, datapath.MaxQueues)
 	}
@@ -318,6 +341,12 @@ func (c *Config) Validate() error {
 		if s.Model != "" {
 			checkModel(key+".model", s.Model)
 		}
+		if s.RxRate != nil {
+			checkRate(key+".rx_rate", *s.RxRate)
+		}
+		if s.TxRate != nil {
+			checkRate(key+".tx_rate", *s.TxRate)
+		}
 		if s.Queues != nil && (*s.Queues < 0 || *s.Queues > datapath.MaxQueues) {
 			bad(key+".queues", "%d is outside 0..%d", *s.Queues, datapath.MaxQueues)
 		}
@@ -345,4 +374,13 @@ func (c *Config) agentFor(id, configured string) (agent.URL, string) {
 		return agent.URL{}, err.Error()
 	}
 	return u, ""
+}
+
+// rate converts a validated configured rate.
+func rate(r *int64) *uint64 {
+	if r == nil {
+		return nil
+	}
+	u := uint64(max(*r, 0))
+	return &u
 }

@@ -6,6 +6,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/tapsync/tapsync/watcher"
 )
 
 func writeConfig(t *testing.T, body string) string {
@@ -48,7 +50,10 @@ func TestConfigRefused(t *testing.T) {
 		{"bad duration", "resync_interval = \"soon\"\n", "resync_interval"},
 		{"bad log level", "log_level = \"loud\"\n", "log_level"},
 		{"bad metrics address", "metrics_address = \"9464\"\n", "metrics_address"},
-		{"unimplemented model", "[defaults]\nmodel = \"macvtap\"\n", "not implemented yet"},
+		{"unimplemented model", "[defaults]\nmodel = \"none\"\n", "not implemented"},
+		{"rate below a byte", "[defaults]\nrx_rate = 7\n", "defaults.rx_rate"},
+		{"negative rate", "[defaults]\ntx_rate = -1\n", "tx_rate"},
+		{"sandbox rate below a byte", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/a.sock\"\ntx_rate = 1\n", `sandbox "a".tx_rate`},
 		{"unknown model", "[defaults]\nmodel = \"bridge\"\n", "defaults.model"},
 		{"bad vhost", "[defaults]\nvhost = \"maybe\"\n", "defaults.vhost"},
 		{"qmp template without id", "[containerd]\nqmp_socket = \"/run/vc/qmp.sock\"\n", "containerd.qmp_socket"},
@@ -126,5 +131,31 @@ agent_url = "hvsock:///run/vc/vm2/kata.hvsock:1024"
 	def := DefaultConfig()
 	if u, _ := def.agentFor("abc", def.Containerd.AgentURL); u.String() != "kata-shim:///run/vc/sbs/abc/shim-monitor.sock" {
 		t.Errorf("containerd sandbox abc: agent %v", u)
+	}
+}
+
+// TestModelAndRates: the macvtap model and rate limits reach the sandbox,
+// [[sandbox]] over [defaults], a pod's annotations over both.
+func TestModelAndRates(t *testing.T) {
+	p := writeConfig(t, "[defaults]\nmodel = \"macvtap\"\nrx_rate = 8000000\ntx_rate = 4000000\n"+
+		"[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/a.sock\"\nmodel = \"tcfilter\"\ntx_rate = 0\n")
+	cfg, err := LoadConfig(p, false)
+	if err == nil {
+		err = cfg.Validate()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := testDaemon(t)
+	d.cfg.Store(&cfg)
+	s := cfg.Sandboxes[0]
+	sb := d.sandboxFor(s.ID, s.Netns, s.QMP, nil, "", overrides{Model: s.Model, RxRate: rate(s.RxRate), TxRate: rate(s.TxRate)})
+	if sb.Model != "tcfilter" || sb.RxRate != 8000000 || sb.TxRate != 0 {
+		t.Errorf("config sandbox: model %q rx %d tx %d, want tcfilter, 8000000, 0", sb.Model, sb.RxRate, sb.TxRate)
+	}
+	rx := uint64(1000000)
+	sb = d.sandboxFor("pod", "/var/run/netns/p", "/run/p.sock", nil, "", d.notePodRates(watcher.Sandbox{ID: "pod", RxRate: &rx}))
+	if sb.Model != "macvtap" || sb.RxRate != 1000000 || sb.TxRate != 4000000 {
+		t.Errorf("pod: model %q rx %d tx %d, want macvtap, 1000000 (annotation), 4000000", sb.Model, sb.RxRate, sb.TxRate)
 	}
 }

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
-	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/reconcile"
 	"github.com/tapsync/tapsync/state"
 	"golang.org/x/sys/unix"
@@ -30,7 +29,8 @@ func controlSocketPath(stateDir string) string { return filepath.Join(stateDir, 
 type (
 	endpointJSON struct {
 		Index    int    `json:"index"`
-		Tap      string `json:"tap"`
+		Tap      string `json:"tap"`            // the device the NIC's queues come from
+		Kind     string `json:"kind,omitempty"` // macvtap, tap-link, macvtap-link; "" for the tcfilter tap
 		Link     string `json:"link"`
 		Ifindex  int    `json:"ifindex"`
 		MAC      string `json:"mac"`
@@ -58,6 +58,10 @@ type (
 		Held          []int          `json:"held_plugs,omitempty"` // endpoints waiting for the NIC they replace to leave
 		Endpoints     []endpointJSON `json:"endpoints"`
 		Skipped       []skippedJSON  `json:"skipped,omitempty"`
+		Model         string         `json:"model,omitempty"`
+		RxRate        uint64         `json:"rx_rate,omitempty"`
+		TxRate        uint64         `json:"tx_rate,omitempty"`
+		Notes         []string       `json:"notes,omitempty"` // what tapsync cannot do for wired links (a rate a kind cannot carry)
 		Agent         string         `json:"agent,omitempty"` // the guest agent's URL
 		Guest         string         `json:"guest,omitempty"` // off: …, agent unreachable: …; "" when fine
 	}
@@ -94,7 +98,8 @@ func (d *daemon) statusJSON() []statusJSON {
 		id := st.Sandbox.ID
 		s := statusJSON{ID: id, Netns: st.Sandbox.Netns, QMP: st.Sandbox.QMP, Source: string(st.Source),
 			LastError: st.LastError, Mutations: st.Mutations, Retries: d.queue.Failures(id), Pending: st.Pending, Held: st.Held, Skipped: skippedOf(st.Skipped),
-			Endpoints: []endpointJSON{}, Guest: st.Guest}
+			Endpoints: []endpointJSON{}, Guest: st.Guest, Model: st.Sandbox.Model, RxRate: st.Sandbox.RxRate, TxRate: st.Sandbox.TxRate,
+			Notes: st.Notes}
 		if st.Sandbox.Agent.Scheme != "" {
 			s.Agent = st.Sandbox.Agent.String()
 		}
@@ -103,7 +108,7 @@ func (d *daemon) statusJSON() []statusJSON {
 			s.LastReconcile = &t
 		}
 		for _, e := range st.Endpoints {
-			s.Endpoints = append(s.Endpoints, endpointJSON{Index: e.Index, Tap: datapath.TapName(e.Index), Link: e.LinkName,
+			s.Endpoints = append(s.Endpoints, endpointJSON{Index: e.Index, Tap: reconcile.DeviceName(e), Kind: e.Kind, Link: e.LinkName,
 				Ifindex: e.LinkIfindex, MAC: e.LinkMAC, Queues: e.Queues, Removing: e.Removing, Guest: st.GuestEndpoints[e.Index]})
 		}
 		out = append(out, s)

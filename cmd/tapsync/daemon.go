@@ -56,6 +56,7 @@ type daemon struct {
 	mu       sync.Mutex
 	gone     map[string]bool      // sandboxes to tear down on their next pass
 	dropped  map[string]bool      // config sandboxes to unregister on their next pass (gone from the config file)
+	podRates map[string]overrides // rate limits pods set by annotation, kept over a reload's new defaults
 	inflight map[string]time.Time // passes running now, by start time (for the watchdog)
 	pending  map[string]time.Time // first trigger since the sandbox last converged
 
@@ -70,7 +71,7 @@ func newDaemon(cfg Config) (*daemon, error) {
 	d := &daemon{
 		store: store, rec: reconcile.New(store), queue: reconcile.NewQueue(),
 		gone: map[string]bool{}, pending: map[string]time.Time{},
-		dropped: map[string]bool{}, inflight: map[string]time.Time{},
+		dropped: map[string]bool{}, podRates: map[string]overrides{}, inflight: map[string]time.Time{},
 		discoveryRequests: make(chan string, 1),
 		listed:            make(chan struct{}), firstListingWait: firstListingWait,
 	}
@@ -89,17 +90,49 @@ func newDaemon(cfg Config) (*daemon, error) {
 // restartOnlyKeys) keep the values the daemon started with.
 func (d *daemon) config() *Config { return d.cfg.Load() }
 
+// overrides are a sandbox's own settings over the defaults: a [[sandbox]]
+// entry's, or a pod's Kata annotations. Zero values keep the defaults.
+type overrides struct {
+	Model          string
+	RxRate, TxRate *uint64
+}
+
+// notePodRates remembers the rate limits a pod's annotations set (a
+// reload keeps them over new defaults) and returns them.
+func (d *daemon) notePodRates(s watcher.Sandbox) overrides {
+	o := overrides{RxRate: s.RxRate, TxRate: s.TxRate}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if o.RxRate == nil && o.TxRate == nil {
+		delete(d.podRates, s.ID)
+	} else {
+		d.podRates[s.ID] = o
+	}
+	return o
+}
+
 // sandboxFor builds a reconciler sandbox with the configured defaults.
 // agentURL is the sandbox's configured agent URL ({id} is replaced), ""
 // when its source knows none.
-func (d *daemon) sandboxFor(id, netns, qmpPath string, queues *int, agentURL string) reconcile.Sandbox {
+func (d *daemon) sandboxFor(id, netns, qmpPath string, queues *int, agentURL string, over overrides) reconcile.Sandbox {
 	cfg := d.config()
 	q := cfg.Defaults.Queues
 	if queues != nil {
 		q = *queues
 	}
+	model, rx, tx := cfg.Defaults.Model, *rate(&cfg.Defaults.RxRate), *rate(&cfg.Defaults.TxRate)
+	if over.Model != "" {
+		model = over.Model
+	}
+	if over.RxRate != nil {
+		rx = *over.RxRate
+	}
+	if over.TxRate != nil {
+		tx = *over.TxRate
+	}
 	u, off := cfg.agentFor(id, agentURL)
 	return reconcile.Sandbox{
+		Model: model, RxRate: rx, TxRate: tx,
 		ID: id, Netns: netns, QMP: qmpPath, Queues: q,
 		Vhost:         datapath.Vhost(cfg.Defaults.Vhost),
 		QMPTimeout:    cfg.Defaults.QMPTimeout,
@@ -206,7 +239,7 @@ func (d *daemon) handle(e watcher.Event) {
 		if e.Source == watcher.SourceContainerd {
 			agentURL = d.config().Containerd.AgentURL
 		}
-		d.register(ctx(), d.sandboxFor(s.ID, s.Netns, s.QMP, nil, agentURL), reconcile.Source(e.Source), e.Why)
+		d.register(ctx(), d.sandboxFor(s.ID, s.Netns, s.QMP, nil, agentURL, d.notePodRates(s)), reconcile.Source(e.Source), e.Why)
 	case watcher.KindGone:
 		d.markGone(e.ID)
 	case watcher.KindResyncAll:
@@ -351,7 +384,7 @@ func (d *daemon) registerDiscovered(ctx context.Context, found []watcher.Sandbox
 	for _, s := range found {
 		// A VM found through /proc names no agent: host side only. Its
 		// QMP socket is trusted only while the QEMU found serves it.
-		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, nil, "")
+		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, nil, "", overrides{})
 		pid := s.PID
 		sb.CheckQMP = func(c *net.UnixConn) error { return watcher.CheckQMPPeer(c, pid) }
 		d.register(ctx, sb, reconcile.SourceProc, why)
@@ -479,7 +512,7 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 	defer lock.Close()
 
 	for _, s := range cfg.Sandboxes {
-		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL)
+		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL, overrides{Model: s.Model, RxRate: rate(s.RxRate), TxRate: rate(s.TxRate)})
 		d.register(ctx, sb, reconcile.SourceConfig, "in config file")
 	}
 	d.collectGarbage(ctx)

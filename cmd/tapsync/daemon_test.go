@@ -73,7 +73,7 @@ func TestProcSandboxRenamedByContainerd(t *testing.T) {
 func TestConfigSandboxWins(t *testing.T) {
 	d := testDaemon(t)
 	ctx := context.Background()
-	d.register(ctx, d.sandboxFor("vm1", "/var/run/netns/vm1", "/run/vm1.sock", nil, ""), reconcile.SourceConfig, "in config file")
+	d.register(ctx, d.sandboxFor("vm1", "/var/run/netns/vm1", "/run/vm1.sock", nil, "", overrides{}), reconcile.SourceConfig, "in config file")
 	d.handle(watcher.Event{Kind: watcher.KindUpsert, Source: watcher.SourceContainerd, Sandbox: watcher.Sandbox{ID: "vm1", Netns: "/var/run/netns/other", QMP: "/run/other.sock"}})
 	d.handle(watcher.Event{Kind: watcher.KindGone, Source: watcher.SourceContainerd, ID: "vm1"})
 	d.handle(watcher.Event{Kind: watcher.KindResyncAll, Source: watcher.SourceContainerd, Listed: []string{}})
@@ -151,7 +151,7 @@ func TestOneSandboxPerNetns(t *testing.T) {
 	})
 	t.Run("config first", func(t *testing.T) {
 		d := quiet(t)
-		d.register(context.Background(), d.sandboxFor("vm1", runPath, vm.QMP, nil, ""), reconcile.SourceConfig, "in config file")
+		d.register(context.Background(), d.sandboxFor("vm1", runPath, vm.QMP, nil, "", overrides{}), reconcile.SourceConfig, "in config file")
 		upsert(d, "pod1", varRunPath)
 		if ids := d.rec.Sandboxes(); !slices.Equal(ids, []string{"vm1"}) {
 			t.Fatalf("sandboxes = %v, want vm1 (the config outranks containerd)", ids)
@@ -171,7 +171,7 @@ func TestOneSandboxPerNetns(t *testing.T) {
 		if err := d.store.Save(rec); err != nil {
 			t.Fatal(err)
 		}
-		d.register(context.Background(), d.sandboxFor("vm1", runPath, vm.QMP, nil, ""), reconcile.SourceConfig, "in config file")
+		d.register(context.Background(), d.sandboxFor("vm1", runPath, vm.QMP, nil, "", overrides{}), reconcile.SourceConfig, "in config file")
 		if ids := d.rec.Sandboxes(); !slices.Equal(ids, []string{"vm1"}) {
 			t.Fatalf("sandboxes = %v, want vm1 (the config outranks containerd)", ids)
 		}

@@ -234,6 +234,9 @@ func printStatus(out interface{ Write([]byte) (int, error) }, st []statusJSON) {
 		if len(s.Held) > 0 {
 			fmt.Fprintf(out, "  plugs held until the NICs they replace leave the VM: endpoints %v\n", s.Held)
 		}
+		for _, n := range s.Notes {
+			fmt.Fprintf(out, "  note: %s\n", n)
+		}
 	}
 }
 

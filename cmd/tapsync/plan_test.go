@@ -30,7 +30,7 @@ func TestPlanHasNoSideEffects(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(d.rec.Close)
-	if _, err := d.rec.Register(d.sandboxFor("sb", ns.Path, vm.QMP, nil, ""), reconcile.SourceConfig); err != nil {
+	if _, err := d.rec.Register(d.sandboxFor("sb", ns.Path, vm.QMP, nil, "", overrides{}), reconcile.SourceConfig); err != nil {
 		t.Fatal(err)
 	}
 	record := filepath.Join(cfg.StateDir, "sb.json")

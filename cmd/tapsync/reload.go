@@ -77,7 +77,7 @@ func (d *daemon) reloadConfig(ctx context.Context) {
 		}
 	}
 	for _, s := range next.Sandboxes {
-		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL)
+		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL, overrides{Model: s.Model, RxRate: rate(s.RxRate), TxRate: rate(s.TxRate)})
 		if old := d.status(s.ID).Sandbox; old.ID != "" && !old.Equal(sb) {
 			log.Info().Str("sandbox", s.ID).Str("netns", sb.Netns).Str("qmp", sb.QMP).Msg("sandbox updated from the config file")
 		}
@@ -91,7 +91,10 @@ func (d *daemon) reloadConfig(ctx context.Context) {
 		case reconcile.SourceContainerd:
 			agentURL = next.Containerd.AgentURL
 		}
-		sb := d.sandboxFor(st.Sandbox.ID, st.Sandbox.Netns, st.Sandbox.QMP, nil, agentURL)
+		d.mu.Lock()
+		pod := d.podRates[st.Sandbox.ID]
+		d.mu.Unlock()
+		sb := d.sandboxFor(st.Sandbox.ID, st.Sandbox.Netns, st.Sandbox.QMP, nil, agentURL, pod)
 		sb.CheckQMP = st.Sandbox.CheckQMP // who may serve its QMP socket does not change
 		if _, err := d.rec.Register(sb, st.Source); err != nil {
 			log.Error().Err(err).Str("sandbox", sb.ID).Msg("sandbox refused with the reloaded defaults")

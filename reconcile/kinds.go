@@ -372,7 +372,7 @@ func planLimits(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan
 
 // rateNotes names the limits asked for that the endpoints' kinds cannot
 // carry.
-func rateNotes(rec state.Record, adds Plan, wired []wiredLink, opts Options) []string {
+func rateNotes(wired []wiredLink, opts Options) []string {
 	if opts.RxRate == 0 && opts.TxRate == 0 {
 		return nil
 	}

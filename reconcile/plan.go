@@ -533,7 +533,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 				Reason: "no endpoint limits this link"})
 		}
 	}
-	p.Notes = rateNotes(rec, adds, wired, opts)
+	p.Notes = rateNotes(wired, opts)
 	// A NIC that replaces one of ours with the same MAC waits for the old
 	// one to leave. A removal it waits for that the guest left pending is
 	// checked back before the adds, so that a completed unplug lets the

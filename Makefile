@@ -59,10 +59,13 @@ fuzz:
 demo: deps build
 	./$(BIN)/tapsync-demo -tapsync $(BIN)/tapsync
 
-# bench prints trigger → converged latency of the daemon (a measurement).
+# bench prints issue 9's table (docs/benchmarks.md): B1/B1' for tapsync
+# and the floor program side by side, B2–B4 at N sandboxes (default 250,
+# fewer when memory is short). A measurement, not a test; takes minutes.
 bench: deps build
 	$(GO) build -o $(BIN)/tapsync-bench ./e2e/bench
-	./$(BIN)/tapsync-bench -n $${N:-30} -tapsync $(BIN)/tapsync
+	$(GO) build -o $(BIN)/tapsync-floor ./e2e/bench/floor
+	./$(BIN)/tapsync-bench -n $${N:-250} -tapsync $(BIN)/tapsync -floor $(BIN)/tapsync-floor
 
 # generate rebuilds agent/agentpb from its .proto files (a developer step, not
 # part of test): protoc and the well-known protos from Debian's

@@ -1,149 +1,249 @@
-// Command tapsync-bench measures how fast the daemon wires a new NIC: it
-// boots a guest, runs `tapsync run` on it, adds and removes a veth in the
-// sandbox netns many times, and prints the trigger → converged latency the
-// daemon reports for each (median, p90, p99, max). Run it as root
-// (`make bench`); it is a measurement, not a test, and asserts nothing.
+// Command tapsync-bench is issue 9's measurement: it prints one table of
+// what tapsync costs next to the floor of its design, and its goal.
+//
+//   - B1 / B1': a link appears in (is deleted from) a sandbox netns → the
+//     virtio-net device is answered by QEMU (netdev and tap are gone, less
+//     the guest's ACPI acknowledgement), for tapsync (the daemon binary)
+//     and for tapsync-floor (e2e/bench/floor: the same datapath primitives
+//     and the three QMP commands, connections already open), in
+//     alternating rounds, each on its own sandbox with a booted TCG guest.
+//   - B2–B4: N sandboxes with paused QEMUs (-S -m 16, no guest OS) and two
+//     links each: daemon start, a SIGHUP resync, memory, goroutines, fds,
+//     idle CPU, a storm of a third link everywhere, SIGKILL and restart.
+//
+// Times come from timestamps, never from when the bench noticed: QEMU
+// traces every QMP command and reply with wall-clock microseconds
+// (-trace handle_qmp_command,monitor_qmp_respond), the daemon's status
+// gives each sandbox's last pass end. The bench polls only to know when
+// to look. It is a measurement, not a test: nothing is asserted. Run it as
+// root (`make bench`).
 package main
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
-	"slices"
+	"runtime"
 	"strings"
 	"syscall"
-	"text/tabwriter"
 	"time"
-
-	"github.com/tapsync/tapsync/e2e/testproc"
-	"github.com/tapsync/tapsync/e2e/testvm"
 )
 
+type benchConfig struct {
+	n, rounds        int
+	idle             time.Duration
+	tapsync, floor   string
+	skipB1, skipScal bool
+}
+
+// perQEMU is the memory budgeted per paused QEMU (measured RSS ≈ 38 MB,
+// plus page tables and the kernel's share).
+const perQEMU = 48 << 20
+
+var keep bool
+
 func main() {
-	n := flag.Int("n", 30, "add/remove cycles")
-	bin := flag.String("tapsync", "bin/tapsync", "tapsync binary")
+	var cfg benchConfig
+	flag.IntVar(&cfg.n, "n", 250, "sandboxes for B2–B4 (lowered to what free memory allows)")
+	flag.IntVar(&cfg.rounds, "rounds", 20, "B1 add/remove rounds per wirer")
+	flag.DurationVar(&cfg.idle, "idle", 10*time.Second, "window for the idle CPU measurement")
+	flag.StringVar(&cfg.tapsync, "tapsync", "bin/tapsync", "tapsync binary")
+	flag.StringVar(&cfg.floor, "floor", "bin/tapsync-floor", "floor binary (e2e/bench/floor)")
+	flag.BoolVar(&cfg.skipB1, "skip-b1", false, "skip B1/B1'")
+	flag.BoolVar(&cfg.skipScal, "skip-scale", false, "skip B2–B4")
+	flag.BoolVar(&keep, "keep", false, "keep the work dir (daemon logs, QEMU traces)")
 	flag.Parse()
-	if err := run(*n, *bin); err != nil {
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+	if err := run(ctx, cfg); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 }
 
-func sh(args ...string) error {
-	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-		return fmt.Errorf("%s: %w: %s", strings.Join(args, " "), err, out)
-	}
-	return nil
-}
-
-type converged struct {
-	latency   float64 // ms
-	mutations int
-}
-
-func run(cycles int, bin string) error {
+func run(ctx context.Context, cfg benchConfig) error {
 	if os.Geteuid() != 0 {
-		return errors.New("run as root")
+		return errors.New("run as root: network namespaces, taps, QEMU")
 	}
-	ctx := context.Background()
-	img, err := testvm.Build(ctx, "", nil)
-	if err != nil {
-		return err
-	}
-	ns := fmt.Sprintf("tapsync-bench-%d", os.Getpid())
-	if err := sh("ip", "netns", "add", ns); err != nil {
-		return err
-	}
-	defer sh("ip", "netns", "del", ns)
-	nsPath := "/var/run/netns/" + ns
-	vm, err := testvm.Start(ctx, testvm.Options{Image: &img, NetNS: nsPath, SelfConfig: true})
-	if err != nil {
-		return err
-	}
-	defer vm.Stop()
-	rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	if err := vm.WaitReady(rctx); err != nil {
-		return err
-	}
-	stateDir, err := os.MkdirTemp("", "tapsync-bench-state-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(stateDir)
-	cfg := filepath.Join(stateDir, "config.toml")
-	os.WriteFile(cfg, []byte(fmt.Sprintf("state_dir = %q\nmetrics_address = \"\"\n[containerd]\nenabled = false\n[discovery]\nproc = false\n"+
-		"[[sandbox]]\nid = \"bench\"\nnetns = %q\nqmp = %q\n", stateDir+"/s", nsPath, vm.QMP)), 0o600)
-	cmd := exec.Command(bin, "run", "--config", cfg, "--log-format", "json")
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		return err
-	}
-	if err := testproc.Start(cmd); err != nil { // dies with the bench
-		return err
-	}
-	defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()
-	events := make(chan converged, 16)
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		for sc.Scan() {
-			var m struct {
-				Message   string  `json:"message"`
-				Latency   float64 `json:"latency_ms"`
-				Mutations int     `json:"mutations"`
-			}
-			if json.Unmarshal(sc.Bytes(), &m) == nil && m.Message == "converged" {
-				events <- converged{m.Latency, m.Mutations}
-			}
-		}
-		close(events)
-	}()
-	wait := func() (converged, error) {
-		select {
-		case c, ok := <-events:
-			if !ok {
-				return c, errors.New("daemon exited")
-			}
-			return c, nil
-		case <-time.After(time.Minute):
-			return converged{}, errors.New("no converged event within a minute")
-		}
-	}
-	var adds, removes []float64
-	for i := range cycles {
-		mac := testvm.TestMAC(1 + i%200).String()
-		if err := sh("ip", "-n", ns, "link", "add", "name", "eth0", "address", mac, "type", "veth", "peer", "name", "peer0"); err != nil {
-			return err
-		}
-		c, err := wait()
+	for _, b := range []*string{&cfg.tapsync, &cfg.floor} {
+		abs, err := filepath.Abs(*b)
 		if err != nil {
 			return err
 		}
-		adds = append(adds, c.latency)
-		if err := sh("ip", "-n", ns, "link", "del", "eth0"); err != nil {
+		*b = abs
+	}
+	avail, err := memAvailable()
+	if err != nil {
+		return err
+	}
+	if fit := int((avail - 3<<30) / perQEMU); cfg.n > fit {
+		fmt.Fprintf(os.Stderr, "bench: %d MiB available: N lowered from %d to %d (about %d MiB per paused QEMU, 3 GiB kept free)\n",
+			avail>>20, cfg.n, max(fit, 1), perQEMU>>20)
+		cfg.n = max(fit, 1)
+	}
+	machine := describeMachine()
+	load0 := loadavg()
+
+	// Short paths: QEMU's sockets live under base and sun_path is 108 bytes.
+	base, err := os.MkdirTemp("/tmp", "tsb")
+	if err != nil {
+		return err
+	}
+	if keep {
+		fmt.Fprintf(os.Stderr, "bench: logs and traces stay in %s\n", base)
+	} else {
+		defer os.RemoveAll(base)
+	}
+	// The state dir on tmpfs, as /run is on a systemd node.
+	state := filepath.Join(base, "state")
+	if err := os.Mkdir(state, 0o700); err != nil {
+		return err
+	}
+	if err := sh("mount", "-t", "tmpfs", "-o", "mode=0700,size=64m", "tsb-state", state); err != nil {
+		return err
+	}
+	defer sh("umount", state)
+	peerName := fmt.Sprintf("tsb%d-peer", os.Getpid())
+	_, peerNS, err := newNetns(peerName)
+	if err != nil {
+		return err
+	}
+	defer func() { peerNS.Close(); _ = sh("ip", "netns", "del", peerName) }()
+
+	var tapsyncB1, floorB1 b1Result
+	if !cfg.skipB1 {
+		fmt.Fprintf(os.Stderr, "bench: B1/B1', %d rounds\n", cfg.rounds)
+		if tapsyncB1, floorB1, err = runB1(ctx, cfg, base, peerNS); err != nil {
 			return err
 		}
-		if c, err = wait(); err != nil {
+	}
+	var sc scaleResult
+	if !cfg.skipScal {
+		fmt.Fprintf(os.Stderr, "bench: B2–B4 with N=%d\n", cfg.n)
+		if sc, err = runScale(ctx, cfg, base, peerNS); err != nil {
 			return err
 		}
-		removes = append(removes, c.latency)
 	}
-	fmt.Printf("trigger → converged latency over %d cycles (daemon-reported, TCG guest, %s)\n\n", cycles, time.Now().Format(time.DateOnly))
-	tw := tabwriter.NewWriter(os.Stdout, 4, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "operation\tn\tmedian ms\tp90 ms\tp99 ms\tmax ms\t")
-	for _, row := range []struct {
-		name string
-		v    []float64
-	}{{"add NIC (veth appears)", adds}, {"remove NIC (veth deleted)", removes}} {
-		slices.Sort(row.v)
-		q := func(p float64) float64 { return row.v[min(len(row.v)-1, int(p*float64(len(row.v))))] }
-		fmt.Fprintf(tw, "%s\t%d\t%.1f\t%.1f\t%.1f\t%.1f\t\n", row.name, len(row.v), q(0.5), q(0.9), q(0.99), row.v[len(row.v)-1])
+	printReport(os.Stdout, cfg, machine, load0, loadavg(), tapsyncB1, floorB1, sc)
+	return nil
+}
+
+func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, t, f b1Result, sc scaleResult) {
+	fmt.Fprintf(out, "tapsync bench, %s\n\n%s\nload average before/after: %s / %s\n\n", time.Now().Format(time.DateTime), machine, load0, load1)
+	fmt.Fprintln(out, "| measure | value | goal |")
+	fmt.Fprintln(out, "|---|---|---|")
+	row := func(m, v, g string) { fmt.Fprintf(out, "| %s | %s | %s |\n", m, v, g) }
+	ratio := func(a, b float64) string {
+		if b == 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.2f×", a/b)
 	}
-	return tw.Flush()
+	if !cfg.skipB1 {
+		for _, q := range []struct {
+			name string
+			p    float64
+			goal string
+		}{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "≤ 1.5× the floor"}} {
+			a, b := quantile(t.add, q.p), quantile(f.add, q.p)
+			row(fmt.Sprintf("B1: link appears → device_add answered, %s (%d rounds)", q.name, len(t.add)),
+				fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s**", a, b, ratio(a, b)), q.goal)
+		}
+		for _, q := range []struct {
+			name string
+			p    float64
+			goal string
+		}{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "-"}} {
+			a, b := quantile(t.remove, q.p), quantile(f.remove, q.p)
+			row(fmt.Sprintf("B1': link deleted → netdev deleted and tap gone, less the guest's unplug ack, %s", q.name),
+				fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s** (guest ack p50 %.1f / %.1f ms, left out)", a, b, ratio(a, b),
+					quantile(t.ack, 0.5), quantile(f.ack, 0.5)), q.goal)
+		}
+		n := float64(len(t.add))
+		row("B1 QMP commands per add (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.qmpAdd, n), perRound(f.qmpAdd, n)), "-")
+		row("B1' QMP commands per remove (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.qmpRemove, n), perRound(f.qmpRemove, n)), "-")
+	}
+	if !cfg.skipScal {
+		n := sc.n
+		row(fmt.Sprintf("B2: %d sandboxes × 2 links, SIGHUP → every sandbox passed", n),
+			fmt.Sprintf("**%.0f ms** (%.0f passes)", ms(sc.sighup), sc.sighupPasses), "≤ 200 ms")
+		row("B2: QMP commands per sandbox in that resync", perSandbox(sc.sighupQMP, n)+
+			fmt.Sprintf("; QEMU busy answering %.2f ms per sandbox", ms(sc.sighupBusy)/float64(n)), "few, if any")
+		row("B2: daemon RSS / goroutines / fds / threads",
+			fmt.Sprintf("**%.1f MiB** (peak %.1f) / %.0f (%.1f per sandbox) / %d / %d", float64(sc.proc.RSSKiB)/1024, float64(sc.proc.HWMKiB)/1024,
+				sc.goroutines, sc.goroutines/float64(n), sc.proc.FDs, sc.proc.Threads),
+			"≤ 40 MiB, ≤ 2 goroutines per sandbox")
+		row(fmt.Sprintf("B2: idle CPU of the daemon, converged (%v window)", sc.idleWindow),
+			fmt.Sprintf("**%.3f %%** (%d ticks)", sc.idleCPU, sc.idleTicks), "≤ 0.1 %")
+		row(fmt.Sprintf("B3: daemon start, %d sandboxes → all %d NICs answered", n, 2*n),
+			fmt.Sprintf("**%.0f ms**", ms(sc.start)), "≤ 1.5 s")
+		row("B3: QMP commands per sandbox during start", perSandbox(sc.startQMP, n), "-")
+		row(fmt.Sprintf("B3: storm, a third link in all %d → all present", n),
+			fmt.Sprintf("**%.0f ms** (the bench took %.0f ms to add the links)", ms(sc.storm), ms(sc.stormInject)), "≤ 1 s")
+		row("B4: SIGKILL + restart → every sandbox verified",
+			fmt.Sprintf("**%.0f ms**, mutations: %d logged, %d mutating QMP commands", ms(sc.restart), sc.restartMutations, sc.restartQMPMutations),
+			"≤ 500 ms, 0 mutations")
+		row("B4: QMP commands per sandbox in the restart pass", perSandbox(sc.restartQMP, n), "-")
+	}
+}
+
+func perRound(counts map[string]int, n float64) string {
+	if n == 0 {
+		return "-"
+	}
+	return perSandbox(counts, int(n))
+}
+
+// describeMachine: CPU, cores, memory, kernel, QEMU.
+func describeMachine() string {
+	cpu := "unknown CPU"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				cpu = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	var uts syscall.Utsname
+	_ = syscall.Uname(&uts)
+	kernel := cstr(uts.Release[:])
+	qemu := "QEMU ?"
+	if out, err := exec.Command("qemu-system-x86_64", "--version").Output(); err == nil {
+		qemu, _, _ = strings.Cut(string(out), "\n")
+	}
+	avail, _ := memAvailable()
+	var si syscall.Sysinfo_t
+	_ = syscall.Sysinfo(&si)
+	return fmt.Sprintf("machine: %s, %d cores, %.1f GiB RAM (%.1f GiB available at start), kernel %s, %s, accel tcg, %s",
+		cpu, runtime.NumCPU(), float64(si.Totalram)*float64(si.Unit)/(1<<30), float64(avail)/(1<<30), kernel, qemu, runtime.Version())
+}
+
+func cstr(b []int8) string {
+	var s []byte
+	for _, c := range b {
+		if c == 0 {
+			break
+		}
+		s = append(s, byte(c))
+	}
+	return string(s)
+}
+
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
 }

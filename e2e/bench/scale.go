@@ -1,0 +1,348 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/tapsync/tapsync/e2e/testvm"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// statusEntry is the part of `tapsync status --json` the bench reads.
+type statusEntry struct {
+	ID            string     `json:"id"`
+	LastReconcile *time.Time `json:"last_reconcile"`
+	LastError     string     `json:"last_error"`
+	Mutations     int        `json:"last_mutations"`
+	Endpoints     []struct {
+		Removing bool `json:"removing"`
+	} `json:"endpoints"`
+}
+
+// daemonStatus asks the daemon for its status over the control socket,
+// through the CLI as an operator would.
+func daemonStatus(bin, conf string) ([]statusEntry, error) {
+	out, err := exec.Command(bin, "status", "--json", "--config", conf).Output()
+	if err != nil {
+		return nil, fmt.Errorf("tapsync status: %w", err)
+	}
+	var st []statusEntry
+	if err := json.Unmarshal(out, &st); err != nil {
+		return nil, fmt.Errorf("tapsync status: %w", err)
+	}
+	return st, nil
+}
+
+// allPassedSince: every sandbox has finished a pass after t0 without an
+// error; it returns the latest pass end, the time the last of them was done.
+func allPassedSince(st []statusEntry, n int, t0 time.Time) (time.Time, bool, string) {
+	var last time.Time
+	behind := 0
+	for _, s := range st {
+		if s.LastReconcile == nil || s.LastReconcile.Before(t0) || s.LastError != "" {
+			behind++
+			continue
+		}
+		if s.LastReconcile.After(last) {
+			last = *s.LastReconcile
+		}
+	}
+	return last, len(st) == n && behind == 0, fmt.Sprintf("%d of %d sandboxes listed, %d not passed since the start", len(st), n, behind)
+}
+
+// scaleResult is B2–B4.
+type scaleResult struct {
+	n                   int
+	start               time.Duration // B3: daemon start → all 2N NICs answered by QEMU
+	startQMP            map[string]int
+	sighup              time.Duration // B2: SIGHUP → every sandbox passed
+	sighupPasses        float64
+	sighupQMP           map[string]int
+	sighupBusy          time.Duration // summed QEMU request→reply time during the resync
+	proc                procStats
+	goroutines          float64
+	idleCPU             float64 // percent of one CPU
+	idleTicks           int
+	idleWindow          time.Duration
+	storm               time.Duration // B3: first link add → all N third NICs answered
+	stormInject         time.Duration // the bench adding the N links
+	restart             time.Duration // B4: exec → every sandbox passed
+	restartMutations    int           // logged by the daemon
+	restartQMPMutations int           // mutating QMP commands QEMU received
+	restartQMP          map[string]int
+}
+
+func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.NsHandle) (r scaleResult, err error) {
+	r.n = cfg.n
+	sbs := make([]*sandbox, cfg.n)
+	defer func() {
+		_ = parallel(len(sbs), 4, func(i int) error {
+			if sbs[i] != nil {
+				sbs[i].close()
+			}
+			return nil
+		})
+	}()
+	started := time.Now()
+	err = parallel(cfg.n, 4, func(i int) error {
+		sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		defer cancel()
+		sb, err := newSandbox(sctx, fmt.Sprintf("sb%d", i), fmt.Sprintf("tsb%d-%d", os.Getpid(), i),
+			filepath.Join(base, fmt.Sprint(i)),
+			testvm.Options{RootPorts: 1, MemoryMB: 16, Accel: "tcg"})
+		if err != nil {
+			return err
+		}
+		sbs[i] = sb
+		if err := sb.pauseAfterFirmware(sctx); err != nil {
+			return err
+		}
+		for j := range 2 {
+			if err := sb.addLink(fmt.Sprintf("eth%d", j), testvm.TestMAC(1+j), fmt.Sprintf("p%d-%d", i, j), peerNS); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return r, err
+	}
+	fmt.Fprintf(os.Stderr, "bench: %d paused QEMUs with 2 links each ready in %v\n", cfg.n, time.Since(started).Round(time.Second))
+
+	var confs []sandboxConf
+	for _, sb := range sbs {
+		confs = append(confs, sandboxConf{sb.id, sb.path, sb.vm.QMP})
+	}
+	dir := filepath.Join(base, "scale")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return r, err
+	}
+	conf, metrics, err := writeConfig(dir, filepath.Join(base, "state", "scale"), confs)
+	if err != nil {
+		return r, err
+	}
+	logPath := filepath.Join(dir, "daemon.log")
+	pollTraces := func() error {
+		for _, sb := range sbs {
+			if err := sb.trace.poll(); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	// nicsSince: every QEMU answered `want` device_adds since t0; the
+	// latest answer is when the last NIC was present.
+	nicsSince := func(t0 time.Time, want int) func() (bool, string, error) {
+		return func() (bool, string, error) {
+			if err := pollTraces(); err != nil {
+				return false, "", err
+			}
+			behind := 0
+			for _, sb := range sbs {
+				if len(okReplies(sb.trace.after(t0), "device_add")) < want {
+					behind++
+				}
+			}
+			return behind == 0, fmt.Sprintf("%d sandboxes short of %d NICs", behind, want), nil
+		}
+	}
+	lastNIC := func(t0 time.Time, want int) time.Time {
+		var last time.Time
+		for _, sb := range sbs {
+			if ts := okReplies(sb.trace.after(t0), "device_add"); len(ts) >= want && ts[want-1].After(last) {
+				last = ts[want-1]
+			}
+		}
+		return last
+	}
+	qmpSince := func(t0, t1 time.Time) (map[string]int, time.Duration) {
+		n := map[string]int{}
+		var busy time.Duration
+		for _, sb := range sbs {
+			var recs []qmpRecord
+			for _, rec := range sb.trace.after(t0) {
+				if rec.T.After(t1) {
+					break
+				}
+				recs = append(recs, rec)
+			}
+			for k, v := range commandCounts(recs) {
+				n[k] += v
+			}
+			busy += monitorBusy(recs)
+		}
+		return n, busy
+	}
+	quiet := func(wired int) error {
+		return eventually(ctx, 5*time.Minute, 200*time.Millisecond, "daemon quiet", func() (bool, string, error) {
+			m, err := d0scrape(metrics)
+			if err != nil {
+				return false, err.Error(), nil
+			}
+			w, q := m[`tapsync_endpoints{state="wired"}`], m["tapsync_queue_depth"]
+			return int(w) == wired && q == 0, fmt.Sprintf("wired %v, queue %v", w, q), nil
+		})
+	}
+	if err := pollTraces(); err != nil {
+		return r, err
+	}
+
+	// B3: start.
+	fmt.Fprintf(os.Stderr, "bench: B3 start (daemon log %s)\n", logPath)
+	t0 := time.Now()
+	d, err := startDaemon(cfg.tapsync, conf, metrics, logPath)
+	if err != nil {
+		return r, err
+	}
+	defer func() { d.stop(unix.SIGTERM) }()
+	if err := eventually(ctx, 10*time.Minute, 50*time.Millisecond, "all 2N NICs after start", nicsSince(t0, 2)); err != nil {
+		return r, err
+	}
+	t1 := lastNIC(t0, 2)
+	r.start = t1.Sub(t0)
+	r.startQMP, _ = qmpSince(t0, t1)
+	if err := quiet(2 * cfg.n); err != nil {
+		return r, err
+	}
+
+	// B2: SIGHUP no-op resync.
+	fmt.Fprintf(os.Stderr, "bench: B3 start took %v; B2 SIGHUP\n", r.start)
+	m0, err := d.scrape()
+	if err != nil {
+		return r, err
+	}
+	_ = pollTraces()
+	t0 = time.Now()
+	if err := d.signal(unix.SIGHUP); err != nil {
+		return r, err
+	}
+	var t1b time.Time
+	if err := eventually(ctx, 5*time.Minute, 100*time.Millisecond, "every sandbox passed after SIGHUP", func() (bool, string, error) {
+		st, err := daemonStatus(cfg.tapsync, conf)
+		if err != nil {
+			return false, err.Error(), nil
+		}
+		last, ok, why := allPassedSince(st, cfg.n, t0)
+		t1b = last
+		return ok, why, nil
+	}); err != nil {
+		return r, err
+	}
+	r.sighup = t1b.Sub(t0)
+	m1, err := d.scrape()
+	if err != nil {
+		return r, err
+	}
+	r.sighupPasses = m1["tapsync_reconcile_duration_seconds_count"] - m0["tapsync_reconcile_duration_seconds_count"]
+	_ = pollTraces()
+	r.sighupQMP, r.sighupBusy = qmpSince(t0, t1b)
+
+	// B2: resources and idle CPU, converged.
+	fmt.Fprintf(os.Stderr, "bench: B2 SIGHUP took %v; idle for %v\n", r.sighup, cfg.idle)
+	if err := quiet(2 * cfg.n); err != nil {
+		return r, err
+	}
+	m2, err := d.scrape()
+	if err != nil {
+		return r, err
+	}
+	r.goroutines = m2["go_goroutines"]
+	s0, err := readProc(d.pid())
+	if err != nil {
+		return r, err
+	}
+	r.idleWindow = cfg.idle
+	time.Sleep(cfg.idle) // the measurement window itself, not a wait for something
+	s1, err := readProc(d.pid())
+	if err != nil {
+		return r, err
+	}
+	r.proc = s1
+	r.idleCPU = 100 * float64(s1.CPU-s0.CPU) / float64(cfg.idle)
+	r.idleTicks = s1.Ticks - s0.Ticks
+
+	// B3: storm, a third link in every sandbox at once.
+	fmt.Fprintf(os.Stderr, "bench: B3 storm\n")
+	_ = pollTraces()
+	t0 = time.Now()
+	for i, sb := range sbs {
+		if err := sb.addLink("eth2", testvm.TestMAC(3), fmt.Sprintf("p%d-2", i), peerNS); err != nil {
+			return r, err
+		}
+	}
+	r.stormInject = time.Since(t0)
+	if err := eventually(ctx, 10*time.Minute, 50*time.Millisecond, "every third NIC", nicsSince(t0, 1)); err != nil {
+		return r, err
+	}
+	r.storm = lastNIC(t0, 1).Sub(t0)
+	if err := quiet(3 * cfg.n); err != nil {
+		return r, err
+	}
+
+	// B4: SIGKILL and restart.
+	fmt.Fprintf(os.Stderr, "bench: B3 storm took %v; B4 SIGKILL and restart\n", r.storm)
+	d.stop(unix.SIGKILL)
+	_ = pollTraces()
+	t0 = time.Now()
+	d, err = startDaemon(cfg.tapsync, conf, metrics, logPath)
+	if err != nil {
+		return r, err
+	}
+	var t1r time.Time
+	if err := eventually(ctx, 5*time.Minute, 50*time.Millisecond, "every sandbox verified after restart", func() (bool, string, error) {
+		st, err := daemonStatus(cfg.tapsync, conf)
+		if err != nil {
+			return false, err.Error(), nil
+		}
+		last, ok, why := allPassedSince(st, cfg.n, t0)
+		t1r = last
+		return ok, why, nil
+	}); err != nil {
+		return r, err
+	}
+	r.restart = t1r.Sub(t0)
+	if err := quiet(3 * cfg.n); err != nil {
+		return r, err
+	}
+	r.restartMutations, _ = d.counts() // the new daemon's own log
+	_ = pollTraces()
+	r.restartQMP, _ = qmpSince(t0, time.Now())
+	for k, v := range r.restartQMP {
+		if mutating[k] {
+			r.restartQMPMutations += v
+		}
+	}
+	return r, nil
+}
+
+// d0scrape scrapes a metrics address without a daemon handle.
+func d0scrape(addr string) (map[string]float64, error) { return (&daemon{metrics: addr}).scrape() }
+
+// perSandbox formats command counts divided by n, largest first.
+func perSandbox(counts map[string]int, n int) string {
+	type kv struct {
+		k string
+		v int
+	}
+	var kvs []kv
+	total := 0
+	for k, v := range counts {
+		kvs = append(kvs, kv{k, v})
+		total += v
+	}
+	sort.Slice(kvs, func(i, j int) bool { return kvs[i].v > kvs[j].v || kvs[i].v == kvs[j].v && kvs[i].k < kvs[j].k })
+	var parts []string
+	for _, e := range kvs {
+		parts = append(parts, fmt.Sprintf("%s %.3g", e.k, float64(e.v)/float64(n)))
+	}
+	return fmt.Sprintf("%.3g: %s", float64(total)/float64(n), strings.Join(slices.Clip(parts), ", "))
+}

@@ -32,6 +32,9 @@ type Link struct {
 	// Parent is the ifindex of the lower device of a macvlan, macvtap,
 	// ipvlan or vlan link (0: none, or in another netns).
 	Parent int
+	// Master is the ifindex of the device l is enslaved to (a bridge,
+	// bond, VRF, …; 0: none).
+	Master int
 }
 
 func (l Link) String() string {
@@ -105,6 +108,7 @@ func toLink(l netlink.Link) Link {
 	}
 	return Link{
 		Parent:    parent,
+		Master:    a.MasterIndex,
 		Name:      a.Name,
 		Ifindex:   a.Index,
 		Kind:      linkKind(l),

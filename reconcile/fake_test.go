@@ -627,8 +627,9 @@ func (w *world) converge(opts Options) error {
 func (w *world) checkConverged(queues int) []string {
 	var bad []string
 	live := map[int]bool{}
+	v := newView(w.observed())
 	for _, l := range w.links {
-		if r, _ := unwireable(l); r != "" {
+		if r, _ := unwireable(v, l); r != "" {
 			continue
 		}
 		if slices.ContainsFunc(w.nics, func(n NIC) bool { return !n.Owned && bytes.Equal(n.MAC, l.MAC) }) ||
@@ -950,6 +951,7 @@ func (g *fakeGuest) check() []string {
 	var bad []string
 	wiredNames := map[int]string{}
 	routes := slices.Clone(g.w.routes)
+	v := newView(g.w.observed())
 	for _, l := range g.w.links {
 		for _, e := range g.w.rec.Endpoints {
 			if !e.Removing && e.Kind == state.KindMacvtap && sameLink(e, l) {
@@ -958,7 +960,7 @@ func (g *fakeGuest) check() []string {
 			}
 		}
 		i := g.ifaces[l.MAC.String()]
-		if r, _ := unwireable(l); r != "" || i == nil {
+		if r, _ := unwireable(v, l); r != "" || i == nil {
 			continue
 		}
 		wiredNames[l.Ifindex] = l.Name

@@ -120,6 +120,39 @@ func TestPlanKinds(t *testing.T) {
 				t.Error("the CNI's tap was deleted")
 			}
 		}},
+		{"a bridge's veth port is the pod's plumbing; a tap port of it is the VM's device", func() *world {
+			w := newWorld()
+			br := w.addLink("br0", "bridge", macN(8), 1500)
+			w.addLink("up0", "veth", macN(9), 1500)
+			w.addLink("tap0", "tap", macN(1), 1500)
+			w.links[1].Master, w.links[2].Master = br, br
+			return w
+		}, "record/0 plug-nic/0", func(t *testing.T, w *world) {
+			if e, _ := w.rec.Endpoint(0); e.LinkName != "tap0" {
+				t.Errorf("endpoint for %s, want tap0", e.LinkName)
+			}
+			p := Compute(w.observed(), w.rec, w.options(Options{}))
+			if i := slices.IndexFunc(p.Skipped, func(s Skipped) bool { return s.Link.Name == "up0" }); i < 0 || !strings.Contains(p.Skipped[i].Reason, "port of bridge br0") {
+				t.Errorf("skipped %+v, want up0 reported as a port of bridge br0", p.Skipped)
+			}
+		}},
+		{"a wired link made a bridge port: its endpoint goes", func() *world {
+			w := wired(false)
+			br := w.addLink("br0", "bridge", macN(8), 1500)
+			w.links[0].Master = br
+			return w
+		}, "mark-removing/0 unplug-nic/0 remove-redirects/0 delete-tap/0 forget/0", nil},
+		{"the lower device of a macvtap link is not wired; the macvtap is", func() *world {
+			w := newWorld()
+			lower := w.addLink("vp0", "veth", macN(9), 1500)
+			w.addLink("mvt0", "macvtap", macN(1), 1500)
+			w.links[1].Parent = lower
+			return w
+		}, "record/0 plug-nic/0", func(t *testing.T, w *world) {
+			if e, _ := w.rec.Endpoint(0); e.LinkName != "mvt0" {
+				t.Errorf("endpoint for %s, want mvt0", e.LinkName)
+			}
+		}},
 		{"macvtap link: its queues handed to QEMU", func() *world {
 			w := newWorld()
 			w.addLink("mvt0", "macvtap", macN(1), 1500)

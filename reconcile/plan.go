@@ -291,9 +291,18 @@ var (
 		"ip6tnl": true, "vti": true, "vti6": true, "wireguard": true, "erspan": true, "ip6erspan": true}
 )
 
-// unwireable says why link cannot be an endpoint ("" if it can) and
-// whether to stay silent about it.
-func unwireable(l datapath.Link) (reason string, silent bool) {
+// portMasters are the kinds of device whose ports carry the master's
+// frames, not their own: a redirect on a port would take them from it.
+var portMasters = map[string]bool{"bridge": true, "bond": true, "team": true, "openvswitch": true}
+
+// unwireable says why link l cannot be an endpoint ("" if it can) and
+// whether to stay silent about it. Besides its kind, a link can be the
+// pod's own plumbing: a port of a bridge or bond in the netns (a tap
+// made a bridge port by a CNI, e.g. the reference tap plugin's bridge
+// option, is still the VM's device), or the lower device of a macvtap
+// link the VM gets. A redirect on such a link's ingress runs before the
+// bridge, bond or macvtap sees a frame, and would take all of them.
+func unwireable(v view, l datapath.Link) (reason string, silent bool) {
 	switch {
 	case tunnelKinds[l.Kind]:
 		return "tunnel device, not a pod NIC", true
@@ -301,6 +310,14 @@ func unwireable(l datapath.Link) (reason string, silent bool) {
 		return fmt.Sprintf("kind %q cannot be wired by the tcfilter model", l.Kind), false
 	case len(l.MAC) != 6:
 		return "no Ethernet address", false
+	}
+	if m, ok := v.links[l.Master]; ok && portMasters[m.Kind] && l.Kind != "tap" && l.Kind != "macvtap" {
+		return fmt.Sprintf("a port of %s %s: its frames are the %s's", m.Kind, m.Name, m.Kind), false
+	}
+	for _, u := range v.sortedLinks() {
+		if u.Kind == "macvtap" && u.Parent == l.Ifindex {
+			return fmt.Sprintf("lower device of macvtap link %s: its frames are the macvtap's", u.Name), false
+		}
 	}
 	return "", false
 }
@@ -426,7 +443,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 		case claimed[l.Ifindex]:
 			why = fmt.Sprintf("container link %s already has an endpoint", l.Name)
 		default:
-			if r, _ := unwireable(l); r != "" {
+			if r, _ := unwireable(v, l); r != "" {
 				why = r
 			} else {
 				why = brokenReason(v, e, l)
@@ -470,7 +487,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 			if _, done := adoptions[l.Ifindex]; done || claimed[l.Ifindex] {
 				continue
 			}
-			if r, _ := unwireable(l); r != "" {
+			if r, _ := unwireable(v, l); r != "" {
 				continue
 			}
 			if a, ok := v.runtimeWiring(l, taken); ok && (len(a.missing) == 0 || !intactFirst) {
@@ -486,7 +503,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 		if claimed[l.Ifindex] || opts.teardown {
 			continue
 		}
-		if reason, silent := unwireable(l); reason != "" {
+		if reason, silent := unwireable(v, l); reason != "" {
 			if !silent {
 				p.Skipped = append(p.Skipped, Skipped{Link: l, Reason: reason})
 			}

@@ -5,9 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -15,24 +13,22 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/vishvananda/netlink/nl"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
 const (
-	// netnsCheckEvery is how often a watched netns path is checked. The
-	// subscription socket keeps its namespace alive after `ip netns del`
-	// and no message says it was unbound, so only a look at the path
-	// ends the watch (or resubscribes when the path names a new netns).
-	netnsCheckEvery = time.Second
 	// Backoff of resubscription attempts.
 	resubRetryFirst = 10 * time.Millisecond
 	resubRetryMax   = 5 * time.Second
+	// receiveBuffer holds one datagram: a multicast notification is at
+	// most a few pages. There is one, for every sandbox.
+	receiveBuffer = 64 << 10
 )
 
-// netlinkGroups are the rtnetlink multicast groups a watch joins: every
-// change a reconcile of the sandbox reads back (its links, their
-// addresses, the routes, the tc qdiscs and filters of the redirects).
+// netlinkGroups are the rtnetlink multicast groups of a sandbox that a
+// watch follows: every change a reconcile of the sandbox reads back (its
+// links, their addresses, the routes, the tc qdiscs and filters of the
+// redirects).
 var netlinkGroups = []uint{
 	unix.RTNLGRP_LINK,
 	unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV6_IFADDR,
@@ -40,128 +36,321 @@ var netlinkGroups = []uint{
 	unix.RTNLGRP_TC,
 }
 
+// listenGroups adds, for the daemon's own netns, RTNLGRP_NSID: its
+// RTM_DELNSID says that a netns with an nsid there has died.
+var listenGroups = append(append([]uint(nil), netlinkGroups...), unix.RTNLGRP_NSID)
+
 // NetlinkWatcher follows what changes inside sandbox network namespaces —
 // links (RTM_NEWLINK, RTM_DELLINK), addresses, routes and tc qdiscs,
 // classes, filters and actions — and emits KindSandbox{ID, SourceNetlink}
 // for each message, its Why naming the kind of change and the object.
 // Messages are never decoded into state: a reconcile reads it all again.
 //
-// Each sandbox has one netlink socket joined to every group and one
-// goroutine reading it, which also checks the netns path now and then.
+// One netlink socket in the daemon's own netns serves every sandbox: it
+// is opened with NETLINK_LISTEN_ALL_NSID, so it hears every netns that
+// has an nsid in the daemon's netns, and each datagram names its netns by
+// that nsid. Watch gives a sandbox netns an nsid when it has none (as
+// `ip netns set NAME auto` does) and maps it to the sandbox. One goroutine
+// reads the socket, parked in the netpoller while nothing changes: no
+// timer, no per-sandbox socket or goroutine. Netns with an nsid that no
+// watch maps (a veth peer's, the host's) are heard and dropped.
 //
-// A socket that fails (the kernel dropped messages with ENOBUFS, or any
-// other receive error) is replaced by a new one, and a KindSandbox with
-// Why "netlink resubscribed: <error>" asks for a full look at the sandbox,
-// since changes may have been lost. When the netns path no longer exists
-// the watch ends quietly.
+// When the socket fails (the kernel dropped messages with ENOBUFS, or any
+// other receive error) it is replaced by a new one, and every watched
+// sandbox gets one KindSandbox with Why "netlink resubscribed: <error>",
+// since changes of any of them may have been lost.
+//
+// A watch ends with Stop(id), StopAll, the end of the context given to
+// Watch, or the death of its netns: the kernel then drops the netns's
+// nsid and says so with RTM_DELNSID, after which the watch ends quietly.
+// Nothing here polls a path. The netns directory watcher reports a removed
+// netns file, and the daemon stops the watch of a sandbox that has gone;
+// that is also what ends the watch of a netns named by a path outside the
+// netns directory (/proc/<pid>/ns/net from containerd), which fsnotify
+// cannot follow, if something else keeps that netns alive.
 type NetlinkWatcher struct {
-	sink   Sink
-	resubs atomic.Uint64
+	sink    Sink
+	resubs  atomic.Uint64
+	wakeups atomic.Uint64 // datagrams and errors the reader woke up for
+
+	// emitMu is held while the events of one datagram are emitted. Stop
+	// takes it once after unregistering, so that no event of the stopped
+	// watch follows its return.
+	emitMu sync.Mutex
 
 	mu      sync.Mutex
-	watches map[string]*netnsWatch // by sandbox id
+	watches map[string]*netnsWatch           // by sandbox id
+	byNsid  map[int32]map[string]*netnsWatch // by nsid in home, then sandbox id
+	lst     *listener                        // the socket and its reader; nil while nothing is watched
 
+	// home is the netns whose nsids the socket listens by: "" for the
+	// daemon's own. Tests use a throwaway netns, out of reach of what
+	// others do on the host. Set before the first Watch.
+	home string
 	// Tunables for tests; set before the first Watch.
-	checkEvery, retryFirst, retryMax time.Duration
+	retryFirst, retryMax time.Duration
 	// rcvBuf, when non-zero, is the socket receive buffer of new
-	// subscriptions (SO_RCVBUFFORCE; the kernel's minimum is about 2 KiB).
+	// sockets (SO_RCVBUFFORCE; the kernel's minimum is about 2 KiB).
 	rcvBuf atomic.Int64
-	// holdUpdate, when set, is called before each message or subscription
+	// holdUpdate, when set, is called before each message or socket
 	// failure is handled: a test blocks in it to let the socket overflow
 	// and to get exactly one resubscription once it lets go.
 	holdUpdate func()
 }
 
-// netnsWatch is one running watch.
+// netnsWatch is one sandbox's watch: the netns its path named when the
+// watch began, and that netns's nsid in home.
 type netnsWatch struct {
-	path   string
-	cancel context.CancelFunc
-	done   chan struct{} // closed when its goroutine has ended
+	id, path string
+	ns       nsID
+	nsid     int32
+	log      zerolog.Logger
+	// unhook forgets the end registered on the Watch's context.
+	unhook func() bool
 }
 
-// NewNetlinkWatcher returns a NetlinkWatcher that reports to sink.
+// listener is the socket and the goroutine reading it.
+type listener struct {
+	log  zerolog.Logger // lines about the socket, which serves every sandbox
+	done chan struct{}  // closed when the reader has returned
+	quit chan struct{}  // closed by halt
+
+	mu     sync.Mutex
+	sock   *listenSocket // replaced on resubscription
+	halted bool
+}
+
+// halt closes the socket and tells the reader to return; it does not
+// wait for it.
+func (l *listener) halt() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.halted {
+		return
+	}
+	l.halted = true
+	close(l.quit)
+	l.sock.close()
+}
+
+// socket returns the current socket.
+func (l *listener) socket() *listenSocket {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.sock
+}
+
+// swap makes s the socket and closes the one before; when the listener
+// has been halted it closes s instead and returns false.
+func (l *listener) swap(s *listenSocket) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.halted {
+		s.close()
+		return false
+	}
+	old := l.sock
+	l.sock = s
+	old.close()
+	return true
+}
+
+func (l *listener) isHalted() bool {
+	select {
+	case <-l.quit:
+		return true
+	default:
+		return false
+	}
+}
+
+// NewNetlinkWatcher returns a NetlinkWatcher that reports to sink. The
+// sink must not call Stop or StopAll (they wait for the reader that calls
+// the sink).
 func NewNetlinkWatcher(sink Sink) *NetlinkWatcher {
 	return &NetlinkWatcher{
-		sink: sink, watches: map[string]*netnsWatch{},
-		checkEvery: netnsCheckEvery, retryFirst: resubRetryFirst, retryMax: resubRetryMax,
+		sink: sink, watches: map[string]*netnsWatch{}, byNsid: map[int32]map[string]*netnsWatch{},
+		retryFirst: resubRetryFirst, retryMax: resubRetryMax,
 	}
 }
 
-// Resubscriptions returns how many times a failed subscription has been
-// replaced, over all sandboxes.
+// Resubscriptions returns how many times a failed socket has been
+// replaced (each time, every watched sandbox got one event).
 func (w *NetlinkWatcher) Resubscriptions() uint64 { return w.resubs.Load() }
 
-// Watch follows sandbox id in the netns at netnsPath until ctx ends or
-// Stop(id). Watching the same id and path again while the watch runs does
-// nothing; another path replaces the watch. It returns an error when the
-// first subscription fails (e.g. netnsPath is not a netns yet).
+// Watch follows sandbox id in the netns at netnsPath until ctx ends,
+// Stop(id), or the netns dies. Watching the same id and path again while
+// the path names the same netns costs one stat and does nothing; another
+// path, or the same path naming a new netns, replaces the watch. It
+// returns an error when netnsPath is not a netns (yet) or no nsid can be
+// had for it.
 func (w *NetlinkWatcher) Watch(ctx context.Context, id, netnsPath string) error {
+	cur, statErr := nsIDOf(netnsPath)
 	w.mu.Lock()
-	defer w.mu.Unlock()
-	if old := w.watches[id]; old != nil {
-		if old.path == netnsPath && !isClosed(old.done) {
-			return nil
-		}
-		delete(w.watches, id)
-		old.cancel()
-		<-old.done
+	if old := w.watches[id]; old != nil && old.path == netnsPath && statErr == nil && old.ns == cur {
+		w.mu.Unlock()
+		return nil
 	}
-	log := zerolog.Ctx(ctx).With().Str("source", string(SourceNetlink)).Str("sandbox", id).Str("netns", netnsPath).Logger()
-	ctx, cancel := context.WithCancel(log.WithContext(ctx))
-	s, err := w.subscribe(ctx, netnsPath)
+	w.mu.Unlock()
+
+	ns, nsid, err := w.resolve(netnsPath)
 	if err != nil {
-		cancel()
 		return fmt.Errorf("watch sandbox %s in netns %s: %w", id, netnsPath, err)
 	}
-	nw := &netnsWatch{path: netnsPath, cancel: cancel, done: make(chan struct{})}
+	log := zerolog.Ctx(ctx).With().Str("source", string(SourceNetlink)).Str("sandbox", id).Str("netns", netnsPath).Logger()
+	nw := &netnsWatch{id: id, path: netnsPath, ns: ns, nsid: nsid, log: log}
+
+	w.mu.Lock()
+	var ended []*netnsWatch
+	if old := w.watches[id]; old != nil {
+		w.dropLocked(old)
+	}
+	// nsids are unique among the live netns of home: a watch that holds
+	// this nsid for another netns watches one that has died (its
+	// RTM_DELNSID is still on its way).
+	for _, o := range w.byNsid[nsid] {
+		if o.ns != ns {
+			w.dropLocked(o)
+			ended = append(ended, o)
+		}
+	}
+	if w.lst == nil {
+		// The socket is open before Watch returns: changes made after it
+		// returns are heard.
+		s, err := openListenSocket(w.home, listenGroups, int(w.rcvBuf.Load()))
+		if err != nil {
+			w.mu.Unlock()
+			return fmt.Errorf("watch sandbox %s in netns %s: %w", id, netnsPath, err)
+		}
+		// The socket serves every sandbox: its lines carry none of the
+		// fields of the Watch that happened to open it.
+		l := &listener{
+			log:  zerolog.Ctx(ctx).With().Reset().Timestamp().Str("source", string(SourceNetlink)).Logger(),
+			done: make(chan struct{}), quit: make(chan struct{}), sock: s,
+		}
+		w.lst = l
+		go w.listen(l)
+	}
 	w.watches[id] = nw
-	go w.run(ctx, id, netnsPath, s, nw.done)
-	log.Debug().Msg("watching links, addresses, routes and tc")
+	if w.byNsid[nsid] == nil {
+		w.byNsid[nsid] = map[string]*netnsWatch{}
+	}
+	w.byNsid[nsid][id] = nw
+	nw.unhook = context.AfterFunc(ctx, func() { w.end(nw) })
+	w.mu.Unlock()
+
+	for _, o := range ended {
+		o.log.Info().Str("reason", "its nsid now names another netns").Msg("netns gone; netlink watch ended")
+	}
+	log.Debug().Int32("nsid", nsid).Msg("watching links, addresses, routes and tc")
 	return nil
+}
+
+// resolve opens the netns at path and returns its identity and its nsid
+// in home, assigning one when it has none.
+func (w *NetlinkWatcher) resolve(path string) (nsID, int32, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nsID{}, 0, err
+	}
+	defer unix.Close(fd)
+	var sfs unix.Statfs_t
+	if err := unix.Fstatfs(fd, &sfs); err != nil {
+		return nsID{}, 0, err
+	}
+	if sfs.Type != unix.NSFS_MAGIC {
+		return nsID{}, 0, fmt.Errorf("%s is not a network namespace (yet?)", path)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nsID{}, 0, err
+	}
+	nsid, err := nsidOf(w.home, fd, true)
+	if err != nil {
+		return nsID{}, 0, err
+	}
+	return nsID{st.Dev, st.Ino}, nsid, nil
+}
+
+// dropLocked unregisters nw (w.mu held).
+func (w *NetlinkWatcher) dropLocked(nw *netnsWatch) {
+	if w.watches[nw.id] == nw {
+		delete(w.watches, nw.id)
+	}
+	if m := w.byNsid[nw.nsid]; m[nw.id] == nw {
+		delete(m, nw.id)
+		if len(m) == 0 {
+			delete(w.byNsid, nw.nsid)
+		}
+	}
+	nw.unhook()
+}
+
+// idleLocked (w.mu held), when nothing is watched any more, detaches the
+// listener and halts it, and returns it so that the caller can wait for
+// its reader (see settle); nil otherwise.
+func (w *NetlinkWatcher) idleLocked() *listener {
+	if len(w.watches) > 0 || w.lst == nil {
+		return nil
+	}
+	l := w.lst
+	w.lst = nil
+	l.halt()
+	return l
+}
+
+// end ends watch nw if it is still registered (its Watch's context has
+// ended).
+func (w *NetlinkWatcher) end(nw *netnsWatch) {
+	w.mu.Lock()
+	if w.watches[nw.id] == nw {
+		w.dropLocked(nw)
+	}
+	l := w.idleLocked()
+	w.mu.Unlock()
+	w.settle(l)
+}
+
+// settle waits until the halted listener l (if any) has stopped and no
+// event of a dropped watch is being emitted.
+func (w *NetlinkWatcher) settle(l *listener) {
+	if l != nil {
+		<-l.done
+	}
+	// An empty critical section: waits for an emit in progress.
+	w.emitMu.Lock()
+	w.emitMu.Unlock() //nolint:staticcheck // SA2001: the wait is the point
+
 }
 
 // Stop ends the watch of sandbox id. When it returns, no more events for
 // that watch are emitted.
 func (w *NetlinkWatcher) Stop(id string) {
 	w.mu.Lock()
-	nw := w.watches[id]
-	delete(w.watches, id)
-	w.mu.Unlock()
-	if nw != nil {
-		nw.cancel()
-		<-nw.done
+	if nw := w.watches[id]; nw != nil {
+		w.dropLocked(nw)
 	}
+	l := w.idleLocked()
+	w.mu.Unlock()
+	w.settle(l)
 }
 
-// StopAll ends every watch.
+// StopAll ends every watch and closes the socket.
 func (w *NetlinkWatcher) StopAll() {
 	w.mu.Lock()
-	all := w.watches
-	w.watches = map[string]*netnsWatch{}
+	for _, nw := range w.watches {
+		w.dropLocked(nw)
+	}
+	l := w.idleLocked()
 	w.mu.Unlock()
-	for _, nw := range all {
-		nw.cancel()
-	}
-	for _, nw := range all {
-		<-nw.done
-	}
+	w.settle(l)
 }
 
 // running reports whether the watch of id is live (for tests).
 func (w *NetlinkWatcher) running(id string) bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	nw := w.watches[id]
-	return nw != nil && !isClosed(nw.done)
-}
-
-func isClosed(c chan struct{}) bool {
-	select {
-	case <-c:
-		return true
-	default:
-		return false
-	}
+	return w.watches[id] != nil
 }
 
 // nsID names a namespace: the device and inode of its nsfs file.
@@ -175,121 +364,104 @@ func nsIDOf(path string) (nsID, error) {
 	return nsID{st.Dev, st.Ino}, nil
 }
 
-// subscription is one netlink socket inside a sandbox netns.
-type subscription struct {
-	ns   nsID
-	sock *nl.NetlinkSocket
-	// unhook forgets the close registered on the watch's context.
-	unhook func() bool
-}
-
-// close closes the socket; a Receive blocked on it returns.
-func (s *subscription) close() {
-	s.unhook()
-	s.sock.Close()
-}
-
-// subscribe opens a socket inside the netns at path, joined to
-// netlinkGroups. Ending ctx closes it, which wakes the reader.
-func (w *NetlinkWatcher) subscribe(ctx context.Context, path string) (*subscription, error) {
-	h, err := netns.GetFromPath(path)
-	if err != nil {
-		return nil, err
-	}
-	defer h.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(h), &st); err != nil {
-		return nil, err
-	}
-	var sfs unix.Statfs_t
-	if err := unix.Fstatfs(int(h), &sfs); err != nil {
-		return nil, err
-	}
-	if sfs.Type != unix.NSFS_MAGIC {
-		return nil, fmt.Errorf("%s is not a network namespace (yet?)", path)
-	}
-	// Equivalent to: ip -n <netns> monitor link address route; tc -n <netns> monitor
-	sock, err := nl.SubscribeAt(h, netns.None(), unix.NETLINK_ROUTE, netlinkGroups...)
-	if err != nil {
-		return nil, fmt.Errorf("subscribe: %w", err)
-	}
-	if n := w.rcvBuf.Load(); n != 0 {
-		if err := sock.SetReceiveBufferSize(int(n), true); err != nil {
-			sock.Close()
-			return nil, fmt.Errorf("set receive buffer: %w", err)
-		}
-	}
-	// The reader wakes up at least this often to check the netns path.
-	tv := unix.NsecToTimeval(w.checkEvery.Nanoseconds())
-	if err := sock.SetReceiveTimeout(&tv); err != nil {
-		sock.Close()
-		return nil, fmt.Errorf("set receive timeout: %w", err)
-	}
-	return &subscription{
-		ns:     nsID{st.Dev, st.Ino},
-		sock:   sock,
-		unhook: context.AfterFunc(ctx, sock.Close),
-	}, nil
-}
-
-// run reads the subscription s of sandbox id until ctx ends or the netns
-// is gone, replacing s when it fails.
-func (w *NetlinkWatcher) run(ctx context.Context, id, path string, s *subscription, done chan struct{}) {
-	defer close(done)
-	log := zerolog.Ctx(ctx)
-	checked := time.Now()
-	for s != nil {
-		msgs, from, err := s.sock.Receive()
-		if ctx.Err() != nil {
-			s.close()
+// listen reads l's socket until l is halted, replacing the socket when
+// it fails.
+func (w *NetlinkWatcher) listen(l *listener) {
+	defer close(l.done)
+	buf, oob := make([]byte, receiveBuffer), make([]byte, unix.CmsgSpace(4))
+	for {
+		msgs, nsid, err := l.socket().receive(buf, oob)
+		if l.isHalted() {
 			return
 		}
+		w.wakeups.Add(1)
 		switch {
-		case errors.Is(err, unix.EAGAIN):
-			// Nothing for checkEvery: time to look at the path.
+		case errors.Is(err, errTruncated):
+			// Too big to read: still a change in that netns.
+			w.emit(nsid, "netlink message truncated")
 		case err != nil:
 			// ENOBUFS: the kernel dropped messages for us.
 			w.hold()
-			reason := "receive: " + err.Error()
-			s.close()
-			s = w.resubscribe(ctx, id, path, reason)
-			checked = time.Now()
-			continue
-		case from.Pid != nl.PidKernel:
-			// Only the kernel speaks for the namespace.
-		default:
+			if !w.resubscribe(l, "receive: "+err.Error()) {
+				return
+			}
+		case nsid == noNsid:
+			// The daemon's own netns: only the end of an nsid matters.
 			for _, m := range msgs {
-				why, ok := describeMessage(m)
-				if !ok {
+				if m.Header.Type != unix.RTM_DELNSID {
 					continue
 				}
-				w.hold()
-				w.sink(Event{Kind: KindSandbox, Source: SourceNetlink, ID: id, Why: why})
+				if n, ok := nsidAttr(m); ok {
+					w.nsidDeleted(n)
+				}
+			}
+		default:
+			for _, m := range msgs {
+				if why, ok := describeMessage(m); ok {
+					w.hold()
+					w.emit(nsid, why)
+				}
 			}
 		}
-		if time.Since(checked) < w.checkEvery {
-			continue
-		}
-		checked = time.Now()
-		cur, err := nsIDOf(path)
-		if err == nil && cur == s.ns {
-			continue
-		}
-		s.close()
-		if errors.Is(err, fs.ErrNotExist) {
-			log.Info().Str("reason", "netns file removed").Msg("netns gone; netlink watch ended")
-			return
-		}
-		reason := "netns path now names another namespace"
-		if err != nil {
-			reason = err.Error()
-		} else if ok, _ := IsNetns(path); !ok {
-			// `ip netns del` unmounts, then unlinks.
-			reason = "netns unmounted"
-		}
-		s = w.resubscribe(ctx, id, path, reason)
-		checked = time.Now()
 	}
+}
+
+// emit sends one event to every sandbox watching the netns with nsid.
+func (w *NetlinkWatcher) emit(nsid int32, why string) {
+	w.emitMu.Lock()
+	defer w.emitMu.Unlock()
+	w.mu.Lock()
+	m := w.byNsid[nsid]
+	ids := make([]string, 0, len(m))
+	for id := range m {
+		ids = append(ids, id)
+	}
+	w.mu.Unlock()
+	for _, id := range ids {
+		w.sink(Event{Kind: KindSandbox, Source: SourceNetlink, ID: id, Why: why})
+	}
+}
+
+// nsidDeleted ends the watches of the netns that had nsid n in home: it
+// died. A watch whose path still names its netns with nsid n is kept:
+// the notice was about an earlier holder of the number.
+func (w *NetlinkWatcher) nsidDeleted(n int32) {
+	w.mu.Lock()
+	var cands []*netnsWatch
+	for _, nw := range w.byNsid[n] {
+		cands = append(cands, nw)
+	}
+	w.mu.Unlock()
+	for _, nw := range cands {
+		if w.stillNamed(nw) {
+			continue
+		}
+		w.mu.Lock()
+		if w.watches[nw.id] == nw {
+			// The reader is ours: halting it is enough, it returns once
+			// this datagram is done.
+			w.dropLocked(nw)
+			w.idleLocked()
+			nw.log.Info().Str("reason", "netns died (RTM_DELNSID)").Int32("nsid", n).Msg("netns gone; netlink watch ended")
+		}
+		w.mu.Unlock()
+	}
+}
+
+// stillNamed reports whether nw's path names its netns and that netns
+// still has nw's nsid.
+func (w *NetlinkWatcher) stillNamed(nw *netnsWatch) bool {
+	cur, err := nsIDOf(nw.path)
+	if err != nil || cur != nw.ns {
+		return false
+	}
+	fd, err := unix.Open(nw.path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	id, err := nsidOf(w.home, fd, false)
+	return err == nil && id == nw.nsid
 }
 
 // hold lets a test stop the loop before it acts on a message or a failure.
@@ -299,36 +471,45 @@ func (w *NetlinkWatcher) hold() {
 	}
 }
 
-// resubscribe subscribes again, with backoff, until it works (then it
-// emits the resync event), the netns path is gone or ctx ends (then it
-// returns nil).
-func (w *NetlinkWatcher) resubscribe(ctx context.Context, id, path, reason string) *subscription {
-	log := zerolog.Ctx(ctx)
+// resubscribe replaces l's socket, with backoff, until it works (then
+// every watched sandbox gets an event and it returns true) or l is halted
+// (false).
+func (w *NetlinkWatcher) resubscribe(l *listener, reason string) bool {
 	delay := w.retryFirst
 	for attempt := 1; ; attempt++ {
-		s, err := w.subscribe(ctx, path)
+		s, err := openListenSocket(w.home, listenGroups, int(w.rcvBuf.Load()))
 		if err == nil {
+			if !l.swap(s) {
+				return false
+			}
 			n := w.resubs.Add(1)
-			log.Info().Str("reason", reason).Int("attempts", attempt).Uint64("resubscriptions", n).Msg("netlink subscription failed; resubscribed")
-			w.sink(Event{Kind: KindSandbox, Source: SourceNetlink, ID: id, Why: "netlink resubscribed: " + reason})
-			return s
+			w.emitMu.Lock()
+			w.mu.Lock()
+			ids := make([]string, 0, len(w.watches))
+			for id := range w.watches {
+				ids = append(ids, id)
+			}
+			w.mu.Unlock()
+			// Level-triggered: one look at each sandbox covers whatever
+			// was lost.
+			for _, id := range ids {
+				w.sink(Event{Kind: KindSandbox, Source: SourceNetlink, ID: id, Why: "netlink resubscribed: " + reason})
+			}
+			w.emitMu.Unlock()
+			l.log.Info().Str("reason", reason).Int("attempts", attempt).Uint64("resubscriptions", n).Int("sandboxes", len(ids)).
+				Msg("netlink socket failed; resubscribed and resyncing every watched sandbox")
+			return true
 		}
-		if _, serr := os.Stat(path); errors.Is(serr, fs.ErrNotExist) {
-			log.Info().Str("reason", reason).Msg("netns gone; netlink watch ended")
-			return nil
-		}
-		// Quiet at first: `ip netns del` leaves an unmounted file for a
-		// moment before unlinking it.
-		ev := log.Debug()
+		ev := l.log.Debug()
 		if attempt == 5 {
-			ev = log.Warn()
+			ev = l.log.Warn()
 		}
 		ev.Err(err).Str("reason", reason).Dur("retry_in", delay).Msg("netlink resubscription failed; retrying")
 		t := time.NewTimer(delay)
 		select {
-		case <-ctx.Done():
+		case <-l.quit:
 			t.Stop()
-			return nil
+			return false
 		case <-t.C:
 		}
 		delay = min(delay*2, w.retryMax)

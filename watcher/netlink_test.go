@@ -31,10 +31,14 @@ func forID(id string) func(Event) bool {
 }
 
 // newNetlinkWatcher returns a NetlinkWatcher whose watches all end before
-// the test does.
+// the test does. Its socket and nsids live in a throwaway netns standing
+// in for the daemon's own, so that nothing other tests do on the host
+// reaches it.
 func newNetlinkWatcher(t *testing.T) (*NetlinkWatcher, *recorder, context.Context, *logBuf) {
+	home := testnet.NewNS(t, "tsw")
 	rec := &recorder{}
 	w := NewNetlinkWatcher(rec.sink)
+	w.home = home.Path
 	ctx, lb := testCtx(t)
 	t.Cleanup(w.StopAll)
 	return w, rec, ctx, lb
@@ -107,7 +111,9 @@ func TestNetlinkWatcherNotANetns(t *testing.T) {
 	if err := os.WriteFile(file, nil, 0o444); err != nil {
 		t.Fatal(err)
 	}
-	w, _, ctx, _ := newNetlinkWatcher(t)
+	w := NewNetlinkWatcher((&recorder{}).sink)
+	ctx, _ := testCtx(t)
+	t.Cleanup(w.StopAll)
 	for _, p := range []string{file, filepath.Join(dir, "missing")} {
 		if err := w.Watch(ctx, "sb", p); err == nil || !strings.Contains(err.Error(), p) {
 			t.Errorf("Watch(%s) = %v, want an error naming it", p, err)
@@ -119,15 +125,20 @@ func TestNetlinkWatcherNotANetns(t *testing.T) {
 }
 
 // TestNetlinkWatcherOverflow makes the kernel drop link messages (ENOBUFS) on
-// a subscription with a tiny receive buffer, by holding the reader while
-// links are added in bulk.
+// a socket with a tiny receive buffer, by holding the reader while links
+// are added in bulk in one netns. The socket serves every sandbox, so every
+// watched sandbox gets exactly one resync event, the quiet one too.
 func TestNetlinkWatcherOverflow(t *testing.T) {
 	ns := testnet.NewNS(t, "tsf")
+	quiet := testnet.NewNS(t, "tsq")
 	w, rec, ctx, _ := newNetlinkWatcher(t)
 	var hold sync.Mutex
 	w.holdUpdate = func() { hold.Lock(); hold.Unlock() }
 	w.rcvBuf.Store(1) // the kernel rounds it up to its minimum, about 2 KiB
 	if err := w.Watch(ctx, "sb", ns.Path); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Watch(ctx, "quiet", quiet.Path); err != nil {
 		t.Fatal(err)
 	}
 
@@ -154,6 +165,9 @@ func TestNetlinkWatcherOverflow(t *testing.T) {
 	if !strings.Contains(e.Why, "no buffer space available") {
 		t.Errorf("resubscribe reason %q, want ENOBUFS (no buffer space available)", e.Why)
 	}
+	rec.wait(t, 0, "resubscribe event for the quiet sandbox", func(e Event) bool {
+		return e.ID == "quiet" && e.Why == "netlink resubscribed: receive: no buffer space available"
+	})
 	if n := w.Resubscriptions(); n != 1 {
 		t.Errorf("Resubscriptions() = %d, want 1", n)
 	}
@@ -161,6 +175,15 @@ func TestNetlinkWatcherOverflow(t *testing.T) {
 	from := rec.len()
 	testnet.IP(t, "-n", ns.Name, "link", "add", "after", "type", "bridge")
 	rec.wait(t, from, "event for a link added after the resubscription", linkEvent("sb", "after"))
+	resubs := map[string]int{}
+	for _, e := range rec.all() {
+		if strings.HasPrefix(e.Why, "netlink resubscribed: ") {
+			resubs[e.ID]++
+		}
+	}
+	if resubs["sb"] != 1 || resubs["quiet"] != 1 || len(resubs) != 2 {
+		t.Errorf("resync events by sandbox = %v, want exactly one each for sb and quiet", resubs)
+	}
 }
 
 // TestNetlinkWatcherNetnsDeleted: once the netns file is gone, the watch ends
@@ -175,7 +198,6 @@ func TestNetlinkWatcherNetnsDeleted(t *testing.T) {
 	path := "/var/run/netns/" + name
 
 	w, rec, ctx, lb := newNetlinkWatcher(t)
-	w.checkEvery = 20 * time.Millisecond
 	if err := w.Watch(ctx, "sb", path); err != nil {
 		t.Fatal(err)
 	}
@@ -191,6 +213,78 @@ func TestNetlinkWatcherNetnsDeleted(t *testing.T) {
 	rec.none(t, from, "event after the netns was deleted", forID("sb"))
 	if n := w.Resubscriptions(); n != 0 {
 		t.Errorf("Resubscriptions() = %d, want 0", n)
+	}
+
+	// The same path, a new netns: watching it again starts a new watch
+	// (the daemon's next pass does so when the netns dir reports it).
+	testnet.IP(t, "netns", "add", name)
+	if err := w.Watch(ctx, "sb", path); err != nil {
+		t.Fatal(err)
+	}
+	from = rec.len()
+	testnet.IP(t, "-n", name, "link", "add", "d1", "type", "bridge")
+	rec.wait(t, from, "event for d1 in the new netns", linkEvent("sb", "d1"))
+}
+
+// TestNetlinkWatcherSamePathNewNetns: a path that names another netns than
+// the one watched is watched anew on the next Watch, without waiting for
+// the old netns to die (here it stays alive, held open by the test).
+func TestNetlinkWatcherSamePathNewNetns(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	b := make([]byte, 4)
+	rand.Read(b)
+	name := "tsr-" + hex.EncodeToString(b)
+	testnet.IP(t, "netns", "add", name)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	path := "/var/run/netns/" + name
+	old, err := os.Open(path) // keeps the first netns alive after ip netns del
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+
+	w, rec, ctx, _ := newNetlinkWatcher(t)
+	if err := w.Watch(ctx, "sb", path); err != nil {
+		t.Fatal(err)
+	}
+	testnet.IP(t, "netns", "del", name)
+	testnet.IP(t, "netns", "add", name)
+	if err := w.Watch(ctx, "sb", path); err != nil {
+		t.Fatal(err)
+	}
+	from := rec.len()
+	testnet.IP(t, "-n", name, "link", "add", "n0", "type", "bridge")
+	rec.wait(t, from, "event for n0 in the new netns", linkEvent("sb", "n0"))
+}
+
+// TestNetlinkWatcherContextEnds: the end of the context given to Watch ends
+// the watch, and with the last watch the socket and its reader.
+func TestNetlinkWatcherContextEnds(t *testing.T) {
+	ns := testnet.NewNS(t, "tsc")
+	w, _, ctx, _ := newNetlinkWatcher(t)
+	wctx, cancel := context.WithCancel(ctx)
+	if err := w.Watch(wctx, "sb", ns.Path); err != nil {
+		t.Fatal(err)
+	}
+	w.mu.Lock()
+	l := w.lst
+	w.mu.Unlock()
+	cancel()
+	deadline := time.Now().Add(10 * time.Second)
+	for w.running("sb") || !isDone(l.done) {
+		if time.Now().After(deadline) {
+			t.Fatalf("after the context ended: watch running %v, reader done %v", w.running("sb"), isDone(l.done))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func isDone(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
 	}
 }
 

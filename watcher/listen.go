@@ -1,0 +1,215 @@
+package watcher
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"syscall"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// listenSocket is one rtnetlink socket in the daemon's own netns (home)
+// that hears, besides home, every netns that has an nsid in home
+// (NETLINK_LISTEN_ALL_NSID). Each datagram from another netns carries
+// that nsid in a control message.
+//
+// Equivalent to: ip monitor all-nsid link address route nsid; tc monitor
+//
+// The fd is non-blocking and parked in Go's netpoller: a reader waits
+// without a thread or a timer, and close wakes it.
+type listenSocket struct {
+	f  *os.File
+	rc syscall.RawConn
+}
+
+// sizeofRtGenMsg is struct rtgenmsg (one byte) padded to NLMSG_ALIGNTO.
+const sizeofRtGenMsg = 4
+
+// openListenSocket opens a socket in the netns at home ("" for the
+// calling process's own netns) joined to groups, listening to every
+// netns with an nsid there. rcvBuf, when non-zero, forces the receive
+// buffer size (SO_RCVBUFFORCE; the kernel's minimum is about 2 KiB).
+func openListenSocket(home string, groups []uint, rcvBuf int) (*listenSocket, error) {
+	fd, err := inNetns(home, func() (int, error) {
+		return unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open netlink socket: %w", err)
+	}
+	setup := func() error {
+		if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+			return fmt.Errorf("bind netlink socket: %w", err)
+		}
+		for _, g := range groups {
+			if err := unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_ADD_MEMBERSHIP, int(g)); err != nil {
+				return fmt.Errorf("join netlink group %d: %w", g, err)
+			}
+		}
+		if err := unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_LISTEN_ALL_NSID, 1); err != nil {
+			return fmt.Errorf("set NETLINK_LISTEN_ALL_NSID: %w", err)
+		}
+		if rcvBuf != 0 {
+			if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, rcvBuf); err != nil {
+				return fmt.Errorf("set receive buffer: %w", err)
+			}
+		}
+		return nil
+	}
+	if err := setup(); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "netlink-listen")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("netlink socket: %w", err)
+	}
+	return &listenSocket{f: f, rc: rc}, nil
+}
+
+// close closes the socket; a receive blocked on it returns an error
+// wrapping os.ErrClosed.
+func (s *listenSocket) close() { s.f.Close() }
+
+// noNsid marks a datagram without an nsid control message: it comes from
+// home itself.
+const noNsid = int32(unix.NETNSA_NSID_NOT_ASSIGNED)
+
+// receive waits for one datagram from the kernel and returns its
+// messages and the nsid of the netns it comes from (noNsid: home). buf
+// and oob are scratch space reused across calls; the messages point into
+// buf. Each call is one recvmsg that returns data (wakeups counts them),
+// apart from EAGAIN retries after a spurious readiness.
+func (s *listenSocket) receive(buf, oob []byte) ([]syscall.NetlinkMessage, int32, error) {
+	var n, oobn, flags int
+	var from unix.Sockaddr
+	var rerr error
+	err := s.rc.Read(func(fd uintptr) bool {
+		n, oobn, flags, from, rerr = unix.Recvmsg(int(fd), buf, oob, 0)
+		return rerr != unix.EAGAIN
+	})
+	if err != nil {
+		return nil, noNsid, err
+	}
+	if rerr != nil {
+		return nil, noNsid, rerr
+	}
+	if sa, ok := from.(*unix.SockaddrNetlink); !ok || sa.Pid != nl.PidKernel {
+		return nil, noNsid, nil // only the kernel speaks for a namespace
+	}
+	nsid := noNsid
+	if cms, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+		for _, cm := range cms {
+			if cm.Header.Level == unix.SOL_NETLINK && cm.Header.Type == unix.NETLINK_LISTEN_ALL_NSID && len(cm.Data) >= 4 {
+				nsid = int32(binary.NativeEndian.Uint32(cm.Data))
+			}
+		}
+	}
+	if flags&unix.MSG_TRUNC != 0 {
+		return nil, nsid, errTruncated
+	}
+	msgs, err := syscall.ParseNetlinkMessage(buf[:n])
+	if err != nil {
+		return nil, nsid, fmt.Errorf("parse netlink datagram: %w", err)
+	}
+	return msgs, nsid, nil
+}
+
+// errTruncated: a datagram did not fit the receive buffer.
+var errTruncated = errors.New("netlink datagram truncated")
+
+// nsidAttr is the NETNSA_NSID of an RTM_NEWNSID/RTM_DELNSID message.
+func nsidAttr(m syscall.NetlinkMessage) (int32, bool) {
+	for _, a := range attrs(m.Data, sizeofRtGenMsg) {
+		if a.Attr.Type == unix.NETNSA_NSID && len(a.Value) >= 4 {
+			return int32(binary.NativeEndian.Uint32(a.Value)), true
+		}
+	}
+	return 0, false
+}
+
+// nsidOf returns the nsid that the netns open as fd has in the netns at
+// home (noNsid when it has none), assigning one when it has none and
+// assign is set. Without an nsid in home a
+// netns reports nothing to a listenSocket there.
+//
+// Equivalent to: ip netns set <name> auto; ip netns list-id
+func nsidOf(home string, fd int, assign bool) (int32, error) {
+	h, err := handleIn(home)
+	if err != nil {
+		return 0, err
+	}
+	defer h.Close()
+	id, err := h.GetNetNsIdByFd(fd)
+	if err != nil {
+		return 0, fmt.Errorf("get nsid: %w", err)
+	}
+	if id >= 0 || !assign {
+		return int32(id), nil
+	}
+	// -1 asks the kernel to pick a free id; EEXIST: another process
+	// assigned one since (ip netns set, or a veth moved across).
+	if err := h.SetNetNsIdByFd(fd, -1); err != nil && !errors.Is(err, unix.EEXIST) {
+		return 0, fmt.Errorf("assign nsid: %w", err)
+	}
+	id, err = h.GetNetNsIdByFd(fd)
+	if err != nil {
+		return 0, fmt.Errorf("get nsid: %w", err)
+	}
+	if id < 0 {
+		return 0, errors.New("assign nsid: kernel assigned none")
+	}
+	return int32(id), nil
+}
+
+// handleIn opens a request handle in the netns at home ("" for our own).
+func handleIn(home string) (*netlink.Handle, error) {
+	if home == "" {
+		return netlink.NewHandle(unix.NETLINK_ROUTE)
+	}
+	ns, err := netns.GetFromPath(home)
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", home, err)
+	}
+	defer ns.Close()
+	return netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+}
+
+// inNetns runs open in the netns at home ("" runs it here). A socket
+// belongs to the netns of the thread that created it; the thread that
+// entered home is never given back to the scheduler, so no other
+// goroutine can run in the wrong netns.
+func inNetns(home string, open func() (int, error)) (int, error) {
+	if home == "" {
+		return open()
+	}
+	type result struct {
+		fd  int
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread exits with this goroutine
+		ns, err := netns.GetFromPath(home)
+		if err != nil {
+			ch <- result{-1, fmt.Errorf("open netns %s: %w", home, err)}
+			return
+		}
+		defer ns.Close()
+		if err := netns.Set(ns); err != nil {
+			ch <- result{-1, fmt.Errorf("enter netns %s: %w", home, err)}
+			return
+		}
+		fd, err := open()
+		ch <- result{fd, err}
+	}()
+	r := <-ch
+	return r.fd, r.err
+}

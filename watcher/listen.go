@@ -31,10 +31,20 @@ type listenSocket struct {
 // sizeofRtGenMsg is struct rtgenmsg (one byte) padded to NLMSG_ALIGNTO.
 const sizeofRtGenMsg = 4
 
+// listenRcvBuf is the receive buffer of a listenSocket. One socket takes
+// the bursts of every sandbox at once (a storm of links added everywhere,
+// our own taps and filters on a daemon start), where one socket per
+// sandbox had the kernel's default (about 208 KiB) each. The kernel
+// charges only what is queued, so a large limit costs nothing while the
+// reader keeps up.
+const listenRcvBuf = 16 << 20
+
 // openListenSocket opens a socket in the netns at home ("" for the
 // calling process's own netns) joined to groups, listening to every
 // netns with an nsid there. rcvBuf, when non-zero, forces the receive
-// buffer size (SO_RCVBUFFORCE; the kernel's minimum is about 2 KiB).
+// buffer size (SO_RCVBUFFORCE; the kernel's minimum is about 2 KiB);
+// zero asks for listenRcvBuf, or what rmem_max allows without
+// CAP_NET_ADMIN.
 func openListenSocket(home string, groups []uint, rcvBuf int) (*listenSocket, error) {
 	fd, err := inNetns(home, func() (int, error) {
 		return unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
@@ -58,6 +68,11 @@ func openListenSocket(home string, groups []uint, rcvBuf int) (*listenSocket, er
 			if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, rcvBuf); err != nil {
 				return fmt.Errorf("set receive buffer: %w", err)
 			}
+			return nil
+		}
+		if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, listenRcvBuf) != nil {
+			// Not allowed: the kernel caps SO_RCVBUF at rmem_max.
+			unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, listenRcvBuf)
 		}
 		return nil
 	}

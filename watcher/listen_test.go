@@ -1,6 +1,8 @@
 package watcher
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -60,6 +62,12 @@ func describeDatagrams(ds []datagram) string {
 	return b.String()
 }
 
+func randHex() string {
+	b := make([]byte, 4)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
 func nsFd(t *testing.T, path string) int {
 	t.Helper()
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
@@ -79,8 +87,12 @@ func nsFd(t *testing.T, path string) int {
 //     from home itself (no nsid control message).
 func TestListenAllNsid(t *testing.T) {
 	home := testnet.NewNS(t, "tsh")
-	heard := testnet.NewNS(t, "tsn")
 	unheard := testnet.NewNS(t, "tsu")
+	// Deleted by the test itself, so not by testnet.
+	heard := testnet.NS{Name: "tsn-" + randHex()}
+	heard.Path = "/var/run/netns/" + heard.Name
+	testnet.IP(t, "netns", "add", heard.Name)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", heard.Name).Run() })
 
 	s, err := openListenSocket(home.Path, append(netlinkGroups, unix.RTNLGRP_NSID), 0)
 	if err != nil {

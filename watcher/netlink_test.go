@@ -350,3 +350,23 @@ func TestDescribeMessage(t *testing.T) {
 		t.Errorf("describeMessage(NLMSG_DONE) = %q, want no event", why)
 	}
 }
+
+// TestNetlinkWatcherStaleDelNsid: an RTM_DELNSID for the nsid a live netns
+// holds (a late notice about an earlier holder of the number) ends no
+// watch: the path still names the netns, which still has that nsid.
+func TestNetlinkWatcherStaleDelNsid(t *testing.T) {
+	ns := testnet.NewNS(t, "tss")
+	w, rec, ctx, _ := newNetlinkWatcher(t)
+	if err := w.Watch(ctx, "sb", ns.Path); err != nil {
+		t.Fatal(err)
+	}
+	w.mu.Lock()
+	nsid := w.watches["sb"].nsid
+	w.mu.Unlock()
+	w.nsidDeleted(nsid)
+	if !w.running("sb") {
+		t.Fatal("a notice about an nsid the live netns still holds ended its watch")
+	}
+	testnet.IP(t, "-n", ns.Name, "link", "add", "s0", "type", "bridge")
+	rec.wait(t, 0, "event for s0", linkEvent("sb", "s0"))
+}

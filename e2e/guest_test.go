@@ -77,17 +77,29 @@ agent_url = %q
 // serves one client at a time: the probe lets go of it meanwhile.
 func (r *guestRig) restartAgent() {
 	r.t.Helper()
+	r.withoutProbe(func() {
+		if err := r.vm.RestartAgent(r.t.Context()); err != nil {
+			r.t.Fatal(err)
+		}
+	})
+}
+
+// withoutProbe runs f with the probe's connection to the test channel
+// closed, for the VM's own helpers that dial it (GuestPing, GuestTCPSend,
+// GuestTCPReceive, RestartAgent): it serves one client at a time.
+func (r *guestRig) withoutProbe(f func()) {
+	r.t.Helper()
 	r.probe.Close()
-	if err := r.vm.RestartAgent(r.t.Context()); err != nil {
-		r.t.Fatal(err)
-	}
-	u, _ := agent.ParseURL(r.vm.TestAgent)
-	ctx, cancel := context.WithTimeout(r.t.Context(), 30*time.Second)
-	defer cancel()
-	var err error
-	if r.probe, err = agent.Dial(ctx, u, 10*time.Second); err != nil {
-		r.t.Fatal(err)
-	}
+	defer func() {
+		u, _ := agent.ParseURL(r.vm.TestAgent)
+		ctx, cancel := context.WithTimeout(r.t.Context(), 30*time.Second)
+		defer cancel()
+		var err error
+		if r.probe, err = agent.Dial(ctx, u, 10*time.Second); err != nil {
+			r.t.Fatal(err)
+		}
+	}()
+	f()
 }
 
 // status is sandbox id's entry in `tapsync status`, nil if absent.

@@ -226,3 +226,56 @@ func readProc(pid int) (procStats, error) {
 	}
 	return s, nil
 }
+
+// machineCPU is the busy and total time of all CPUs (/proc/stat, ticks).
+func machineCPU() (busy, total uint64) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	for i, v := range f[1:] {
+		n, _ := strconv.ParseUint(v, 10, 64)
+		total += n
+		if i != 3 && i != 4 { // idle, iowait
+			busy += n
+		}
+	}
+	return busy, total
+}
+
+// phaseCPU is what a measured phase cost: the daemon's own CPU time, and
+// how busy the whole machine was meanwhile (other helpers' work included).
+type phaseCPU struct {
+	daemon  time.Duration
+	machine float64 // percent of all CPUs
+}
+
+type cpuMark struct {
+	pid         int
+	daemon      time.Duration
+	busy, total uint64
+}
+
+func markCPU(pid int) cpuMark {
+	m := cpuMark{pid: pid}
+	if s, err := readProc(pid); err == nil {
+		m.daemon = s.CPU
+	}
+	m.busy, m.total = machineCPU()
+	return m
+}
+
+func (m cpuMark) since() phaseCPU {
+	n := markCPU(m.pid)
+	p := phaseCPU{daemon: n.daemon - m.daemon}
+	if n.total > m.total {
+		p.machine = 100 * float64(n.busy-m.busy) / float64(n.total-m.total)
+	}
+	return p
+}
+
+func (p phaseCPU) String() string {
+	return fmt.Sprintf("daemon CPU %.0f ms, machine %.0f %% busy", ms(p.daemon), p.machine)
+}

@@ -61,24 +61,25 @@ func allPassedSince(st []statusEntry, n int, t0 time.Time) (time.Time, bool, str
 
 // scaleResult is B2–B4.
 type scaleResult struct {
-	n                   int
-	start               time.Duration // B3: daemon start → all 2N NICs answered by QEMU
-	startQMP            map[string]int
-	sighup              time.Duration // B2: SIGHUP → every sandbox passed
-	sighupPasses        float64
-	sighupQMP           map[string]int
-	sighupBusy          time.Duration // summed QEMU request→reply time during the resync
-	proc                procStats
-	goroutines          float64
-	idleCPU             float64 // percent of one CPU
-	idleTicks           int
-	idleWindow          time.Duration
-	storm               time.Duration // B3: first link add → all N third NICs answered
-	stormInject         time.Duration // the bench adding the N links
-	restart             time.Duration // B4: exec → every sandbox passed
-	restartMutations    int           // logged by the daemon
-	restartQMPMutations int           // mutating QMP commands QEMU received
-	restartQMP          map[string]int
+	n                                         int
+	start                                     time.Duration // B3: daemon start → all 2N NICs answered by QEMU
+	startQMP                                  map[string]int
+	sighup                                    time.Duration // B2: SIGHUP → every sandbox passed
+	sighupPasses                              float64
+	sighupQMP                                 map[string]int
+	sighupBusy                                time.Duration // summed QEMU request→reply time during the resync
+	proc                                      procStats
+	goroutines                                float64
+	idleCPU                                   float64 // percent of one CPU
+	idleTicks                                 int
+	idleWindow                                time.Duration
+	storm                                     time.Duration // B3: first link add → all N third NICs answered
+	stormInject                               time.Duration // the bench adding the N links
+	restart                                   time.Duration // B4: exec → every sandbox passed
+	restartMutations                          int           // logged by the daemon
+	restartQMPMutations                       int           // mutating QMP commands QEMU received
+	restartQMP                                map[string]int
+	startCPU, sighupCPU, stormCPU, restartCPU phaseCPU
 }
 
 func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.NsHandle) (r scaleResult, err error) {
@@ -197,6 +198,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	}
 
 	// B3: start.
+	b0, tot0 := machineCPU()
 	fmt.Fprintf(os.Stderr, "bench: B3 start (daemon log %s)\n", logPath)
 	t0 := time.Now()
 	d, err := startDaemon(cfg.tapsync, conf, metrics, logPath)
@@ -207,6 +209,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	if err := eventually(ctx, 10*time.Minute, 50*time.Millisecond, "all 2N NICs after start", nicsSince(t0, 2)); err != nil {
 		return r, err
 	}
+	r.startCPU = cpuMark{pid: d.pid(), busy: b0, total: tot0}.since()
 	t1 := lastNIC(t0, 2)
 	r.start = t1.Sub(t0)
 	r.startQMP, _ = qmpSince(t0, t1)
@@ -221,6 +224,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		return r, err
 	}
 	_ = pollTraces()
+	mark := markCPU(d.pid())
 	t0 = time.Now()
 	if err := d.signal(unix.SIGHUP); err != nil {
 		return r, err
@@ -237,6 +241,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	}); err != nil {
 		return r, err
 	}
+	r.sighupCPU = mark.since()
 	r.sighup = t1b.Sub(t0)
 	m1, err := d.scrape()
 	if err != nil {
@@ -273,6 +278,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	// B3: storm, a third link in every sandbox at once.
 	fmt.Fprintf(os.Stderr, "bench: B3 storm\n")
 	_ = pollTraces()
+	mark = markCPU(d.pid())
 	t0 = time.Now()
 	for i, sb := range sbs {
 		if err := sb.addLink("eth2", testvm.TestMAC(3), fmt.Sprintf("p%d-2", i), peerNS); err != nil {
@@ -283,6 +289,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	if err := eventually(ctx, 10*time.Minute, 50*time.Millisecond, "every third NIC", nicsSince(t0, 1)); err != nil {
 		return r, err
 	}
+	r.stormCPU = mark.since()
 	r.storm = lastNIC(t0, 1).Sub(t0)
 	if err := quiet(3 * cfg.n); err != nil {
 		return r, err
@@ -292,6 +299,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	fmt.Fprintf(os.Stderr, "bench: B3 storm took %v; B4 SIGKILL and restart\n", r.storm)
 	d.stop(unix.SIGKILL)
 	_ = pollTraces()
+	b0, tot0 = machineCPU()
 	t0 = time.Now()
 	d, err = startDaemon(cfg.tapsync, conf, metrics, logPath)
 	if err != nil {
@@ -309,6 +317,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	}); err != nil {
 		return r, err
 	}
+	r.restartCPU = cpuMark{pid: d.pid(), busy: b0, total: tot0}.since()
 	r.restart = t1r.Sub(t0)
 	if err := quiet(3 * cfg.n); err != nil {
 		return r, err

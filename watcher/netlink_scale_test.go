@@ -127,6 +127,47 @@ func TestNetlinkWatcherScale(t *testing.T) {
 		return strings.Contains(e.Why, "m0") && e.ID != fmt.Sprintf("sb%d", mid)
 	})
 
+	// A storm: three links added in every netns at once. The one socket
+	// takes it without dropping anything (no resubscription), and every
+	// sandbox hears its own three.
+	batch := filepath.Join(t.TempDir(), "storm")
+	if err := os.WriteFile(batch, []byte("link add st0 type bridge\nlink add st1 type bridge\nlink add st2 type bridge\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	from = rec.len()
+	errs := make(chan error, len(names))
+	for _, name := range names {
+		go func() {
+			out, err := exec.Command("ip", "-n", name, "-batch", batch).CombinedOutput()
+			if err != nil {
+				err = fmt.Errorf("ip -n %s -batch: %v: %s", name, err, out)
+			}
+			errs <- err
+		}()
+	}
+	for range names {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Each sandbox hears its last link, or a resync if messages were
+	// dropped (with the kernel's default 208 KiB buffer they are).
+	for i := range names {
+		id := fmt.Sprintf("sb%d", i)
+		rec.wait(t, from, "storm event for st2 or a resync", func(e Event) bool {
+			return linkEvent(id, "st2")(e) || (e.ID == id && strings.HasPrefix(e.Why, "netlink resubscribed: "))
+		})
+	}
+	if n := w.Resubscriptions(); n != 0 {
+		t.Fatalf("Resubscriptions() after a storm of %d links = %d, want 0", 3*len(names), n)
+	}
+	for i := range names {
+		for _, l := range []string{"st0", "st1"} {
+			rec.wait(t, from, "storm event for "+l, linkEvent(fmt.Sprintf("sb%d", i), l))
+		}
+	}
+	t.Logf("storm of %d links in %d netns at once: %d events, %d resubscriptions", 3*len(names), len(names), rec.len()-from, w.Resubscriptions())
+
 	// Stopping them all closes the socket and ends the reader.
 	w.StopAll()
 	fdsEnd, _ := openFds(t)

@@ -63,11 +63,13 @@ var listenGroups = append(append([]uint(nil), netlinkGroups...), unix.RTNLGRP_NS
 // A watch ends with Stop(id), StopAll, the end of the context given to
 // Watch, or the death of its netns: the kernel then drops the netns's
 // nsid and says so with RTM_DELNSID, after which the watch ends quietly.
-// Nothing here polls a path. The netns directory watcher reports a removed
-// netns file, and the daemon stops the watch of a sandbox that has gone;
-// that is also what ends the watch of a netns named by a path outside the
-// netns directory (/proc/<pid>/ns/net from containerd), which fsnotify
-// cannot follow, if something else keeps that netns alive.
+// Nothing here polls a path. A netns file removed while something still
+// holds the netns (a QEMU inside it) is the netns directory watcher's
+// news (fsnotify); the daemon then stops the watch when it tears the
+// sandbox down. A netns named outside the netns directory (containerd's
+// /proc/<pid>/ns/net) has no fsnotify: its watch ends when containerd
+// reports the sandbox gone and the daemon stops it, or when the netns
+// dies with its last process.
 type NetlinkWatcher struct {
 	sink    Sink
 	resubs  atomic.Uint64

@@ -96,6 +96,7 @@ type Client struct {
 
 	wire    chan struct{} // held while a command is on the wire; a channel so waiting honours ctx
 	nextID  atomic.Uint64
+	sent    atomic.Uint64 // commands written to the socket
 	addSem  chan struct{} // held by AddNIC: choosing a slot and device_add must not interleave
 	unplugs unplugLog     // when device_del was last sent, per device (see RemoveNICs)
 
@@ -309,6 +310,10 @@ func handshake(ctx context.Context, conn *net.UnixConn, path string, timeout tim
 	return c, nil
 }
 
+// Commands returns how many commands this connection has sent to QEMU,
+// each one a round trip through QEMU's main loop.
+func (c *Client) Commands() uint64 { return c.sent.Load() }
+
 // Path is the socket this Client is connected to.
 func (c *Client) Path() string { return c.path }
 
@@ -498,6 +503,8 @@ func (c *Client) run(ctx context.Context, cmd, what string, args any, file *os.F
 		c.fail(fmt.Errorf("send %s: %w", name, err))
 		return nil, closed()
 	}
+
+	c.sent.Add(1)
 
 	var m message
 	select {

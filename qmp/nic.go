@@ -51,6 +51,13 @@ type NIC struct {
 	// Placement says where the NIC may be hot-plugged; the zero value is
 	// HotplugBridge: PCI bridge slots (and pc's pci.0), never a root port.
 	Placement Placement
+	// At, when set, is the caller's word, from its own up-to-date model of
+	// the VM, that neither the device id nor the netdev id of Index exists
+	// and that the place is free: AddNIC then asks QEMU nothing and sends
+	// only getfd, netdev_add and device_add. Should the word be wrong,
+	// QEMU refuses and AddNIC rolls back as usual; the caller's model is
+	// then stale.
+	At *Place
 }
 
 // NICInfo is a virtio-net device as QEMU reports it.
@@ -99,46 +106,18 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 		return NICInfo{}, c.Err()
 	}
 
-	// Made already, perhaps by a run that crashed before recording it?
 	qomPath := peripheral + "/" + id
-	var typ string
-	switch err := c.qomGet(ctx, qomPath, "type", &typ); {
-	case IsNotFound(err):
-	case err != nil:
-		return NICInfo{}, err
-	case isVirtioNet(typ):
-		info, err := c.nicInfo(ctx, qomPath, id)
-		if err != nil {
-			return NICInfo{}, err
+	var place placement
+	if nic.At != nil {
+		place = nic.At.placement()
+	} else {
+		var existing *NICInfo
+		if place, existing, err = c.lookBeforeAdd(ctx, nic, id, netdev, qomPath); err != nil || existing != nil {
+			if existing == nil {
+				return NICInfo{}, err
+			}
+			return *existing, err
 		}
-		if !bytes.Equal(info.MAC, nic.MAC) {
-			return NICInfo{}, fmt.Errorf("device exists with MAC %s, not %s: remove it first", info.MAC, nic.MAC)
-		}
-		buses, err := c.queryPCI(ctx)
-		if err != nil {
-			return NICInfo{}, err
-		}
-		info.PCIPath = pciPathString(buses, info)
-		return info, nil
-	}
-	// Any other device with our id makes device_add fail below.
-
-	netdevs, err := c.ListNetdevs(ctx)
-	if err != nil {
-		return NICInfo{}, err
-	}
-	if slices.Contains(netdevs, netdev) {
-		// Half-made: the netdev without its device.
-		if err := c.delNetdev(ctx, netdev); err != nil {
-			return NICInfo{}, err
-		}
-	}
-
-	// The error names the VM (AddNIC's wrapping) and, for ErrNoFreeSlot,
-	// every bus looked at and the policy.
-	place, err := c.choosePlace(ctx, nic.Placement)
-	if err != nil {
-		return NICInfo{}, err
 	}
 
 	// From here on, undo on failure.
@@ -207,6 +186,10 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 		return NICInfo{}, err
 	}
 	c.unplugs.forget(id) // a new device: no unplug asked of it yet
+	pciPath := PCIPath(place.path)
+	if nic.At != nil {
+		pciPath = nic.At.PCIPath
+	}
 
 	return NICInfo{
 		ID:      id,
@@ -217,8 +200,52 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 		Bus:     place.bus,
 		Addr:    fmt.Sprintf("%02x.0", place.slot),
 		QOMPath: qomPath,
-		PCIPath: PCIPath(place.path),
+		PCIPath: pciPath,
 	}, nil
+}
+
+// lookBeforeAdd makes AddNIC idempotent without a caller's model: it
+// returns the device when it exists already (with the same MAC), deletes a
+// netdev left without its device, and picks a place.
+func (c *Client) lookBeforeAdd(ctx context.Context, nic NIC, id, netdev, qomPath string) (placement, *NICInfo, error) {
+	// Made already, perhaps by a run that crashed before recording it?
+	var typ string
+	switch err := c.qomGet(ctx, qomPath, "type", &typ); {
+	case IsNotFound(err):
+	case err != nil:
+		return placement{}, nil, err
+	case isVirtioNet(typ):
+		info, err := c.nicInfo(ctx, qomPath, id)
+		if err != nil {
+			return placement{}, nil, err
+		}
+		if !bytes.Equal(info.MAC, nic.MAC) {
+			return placement{}, nil, fmt.Errorf("device exists with MAC %s, not %s: remove it first", info.MAC, nic.MAC)
+		}
+		buses, err := c.queryPCI(ctx)
+		if err != nil {
+			return placement{}, nil, err
+		}
+		info.PCIPath = pciPathString(buses, info)
+		return placement{}, &info, nil
+	}
+	// Any other device with our id makes device_add fail below.
+
+	netdevs, err := c.ListNetdevs(ctx)
+	if err != nil {
+		return placement{}, nil, err
+	}
+	if slices.Contains(netdevs, netdev) {
+		// Half-made: the netdev without its device.
+		if err := c.delNetdev(ctx, netdev); err != nil {
+			return placement{}, nil, err
+		}
+	}
+
+	// The error names the VM (AddNIC's wrapping) and, for ErrNoFreeSlot,
+	// every bus looked at and the policy.
+	place, err := c.choosePlace(ctx, nic.Placement)
+	return place, nil, err
 }
 
 func (nic NIC) validate() error {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"reflect"
 	"slices"
 	"strings"
 )
@@ -213,10 +215,123 @@ func (c Capacity) String() string {
 }
 
 // survey lists the buses that take hot-plugged devices, with their free
-// slots under p. types maps /machine/peripheral ids to QOM types: a port
-// or bridge whose type is unknown is not listed, nor an anonymous one
-// (device_add cannot name its bus).
+// slots under p, as query-pci alone shows them (see Topology).
 func survey(buses []pciBus, types map[string]string, p Placement) Capacity {
+	return newTopology(buses, types).survey(p)
+}
+
+// Topology is a VM's hot-plug buses and the slots taken on each, as read at
+// one moment: what AddNIC chooses a place from. A caller that keeps a model
+// of the VM keeps one, updates it with Take and Release as it adds and
+// removes devices, and hands the place it chooses to AddNIC (NIC.At), which
+// then asks QEMU nothing before plugging.
+type Topology struct {
+	buses []pciBus                // query-pci: the tree of bridges and ports (their slots, for PCI paths)
+	types map[string]string       // /machine/peripheral ids → QOM types
+	used  map[string]map[int]bool // bus (a port's or bridge's qdev id, or pci.0) → slots taken
+}
+
+// newTopology takes the slots in use from query-pci's listing of each bus.
+func newTopology(buses []pciBus, types map[string]string) Topology {
+	t := Topology{buses: buses, types: types, used: map[string]map[int]bool{}}
+	var walk func(devs []pciDevice)
+	walk = func(devs []pciDevice) {
+		for _, d := range devs {
+			if d.PCIBridge == nil {
+				continue
+			}
+			children := d.secondaryDevices()
+			if d.QdevID != "" {
+				for _, c := range children {
+					t.Take(d.QdevID, c.Slot)
+				}
+			}
+			walk(children)
+		}
+	}
+	for _, b := range buses {
+		walk(b.Devices)
+		if b.Bus == 0 && isI440FX(b.Devices) {
+			for _, d := range b.Devices {
+				t.Take(rootBusPC, d.Slot)
+			}
+		}
+	}
+	return t
+}
+
+// Take marks slot of bus as in use.
+func (t *Topology) Take(bus string, slot int) {
+	if t.used == nil {
+		t.used = map[string]map[int]bool{}
+	}
+	if t.used[bus] == nil {
+		t.used[bus] = map[int]bool{}
+	}
+	t.used[bus][slot] = true
+}
+
+// Release marks slot of bus as free.
+func (t *Topology) Release(bus string, slot int) { delete(t.used[bus], slot) }
+
+// Clone returns a copy that Take and Release on either leave the other alone.
+func (t Topology) Clone() Topology {
+	c := Topology{buses: t.buses, types: t.types, used: make(map[string]map[int]bool, len(t.used))}
+	for b, s := range t.used {
+		c.used[b] = maps.Clone(s)
+	}
+	return c
+}
+
+// Equal reports whether t and o show the same hot-plug buses with the
+// same slots taken (what else query-pci says, such as the devices'
+// regions, does not count).
+func (t Topology) Equal(o Topology) bool {
+	anyBus := Placement{Hotplug: HotplugAny}
+	if !reflect.DeepEqual(t.survey(anyBus), o.survey(anyBus)) {
+		return false
+	}
+	nonEmpty := func(m map[string]map[int]bool) map[string]map[int]bool {
+		out := map[string]map[int]bool{}
+		for b, s := range m {
+			if len(s) > 0 {
+				out[b] = s
+			}
+		}
+		return out
+	}
+	return reflect.DeepEqual(nonEmpty(t.used), nonEmpty(o.used))
+}
+
+// Place is where AddNIC puts a NIC (see Topology.Choose).
+type Place struct {
+	Bus     string // device_add's bus=
+	Slot    int
+	PCIPath string // as PCIPath spells it
+	port    bool   // a port's only slot: device_add takes no addr=
+}
+
+// Choose picks a free hot-plug place that p allows (see choosePlacement).
+func (t Topology) Choose(p Placement) (Place, error) {
+	pl, err := t.choose(p)
+	if err != nil {
+		return Place{}, err
+	}
+	return Place{Bus: pl.bus, Slot: pl.slot, PCIPath: PCIPath(pl.path), port: pl.addr == ""}, nil
+}
+
+func (pl Place) placement() placement {
+	p := placement{bus: pl.Bus, slot: pl.Slot}
+	if !pl.port {
+		p.addr = fmt.Sprintf("%#x", pl.Slot)
+	}
+	return p
+}
+
+// survey lists the buses that take hot-plugged devices, with their free
+// slots under p. A port or bridge whose type is unknown is not listed, nor
+// an anonymous one (device_add cannot name its bus).
+func (t Topology) survey(p Placement) Capacity {
 	policy := p.policy()
 	c := Capacity{Placement: p}
 	var walk func(devs []pciDevice, above []int)
@@ -226,34 +341,33 @@ func survey(buses []pciBus, types map[string]string, p Placement) Capacity {
 				continue
 			}
 			here := append(slices.Clone(above), d.Slot)
-			children := d.secondaryDevices()
-			t := types[d.QdevID]
-			b := BusCapacity{Bus: d.QdevID, Type: t, PCIPath: PCIPath(here)}
+			ty := t.types[d.QdevID]
+			b := BusCapacity{Bus: d.QdevID, Type: ty, PCIPath: PCIPath(here)}
 			switch {
 			case d.QdevID == "":
-			case singleSlotPorts[t]:
+			case singleSlotPorts[ty]:
 				b.Allowed = policy != HotplugBridge
-				if len(children) == 0 {
+				if !t.used[d.QdevID][0] {
 					b.Free = []int{0}
 				} else {
 					b.Taken = 1
 				}
 				c.Buses = append(c.Buses, b)
-			case pciBridges[t]:
+			case pciBridges[ty]:
 				b.Allowed = policy != HotplugRootPort
-				b.Free, b.Taken, b.Held = freeSlots(children, p.Reserved)
+				b.Free, b.Taken, b.Held = freeSlots(t.used[d.QdevID], p.Reserved)
 				c.Buses = append(c.Buses, b)
 			}
-			walk(children, here)
+			walk(d.secondaryDevices(), here)
 		}
 	}
-	for _, b := range buses {
+	for _, b := range t.buses {
 		walk(b.Devices, nil)
 	}
-	for _, b := range buses {
+	for _, b := range t.buses {
 		if b.Bus == 0 && isI440FX(b.Devices) {
 			bc := BusCapacity{Bus: rootBusPC, Type: rootBusPC, Allowed: policy != HotplugRootPort}
-			bc.Free, bc.Taken, bc.Held = freeSlots(b.Devices, p.Reserved)
+			bc.Free, bc.Taken, bc.Held = freeSlots(t.used[rootBusPC], p.Reserved)
 			c.Buses = append(c.Buses, bc)
 		}
 	}
@@ -273,7 +387,12 @@ func survey(buses []pciBus, types map[string]string, p Placement) Capacity {
 // When nothing fits, the error wraps ErrNoFreeSlot and says what was
 // looked at and what the policy left out.
 func choosePlacement(buses []pciBus, types map[string]string, p Placement) (placement, error) {
-	c := survey(buses, types, p)
+	return newTopology(buses, types).choose(p)
+}
+
+func (t Topology) choose(p Placement) (placement, error) {
+	buses := t.buses
+	c := t.survey(p)
 	pick := func(want func(BusCapacity) bool) (placement, bool) {
 		for i := len(c.Buses) - 1; i >= 0; i-- {
 			b := c.Buses[i]
@@ -350,14 +469,8 @@ func (c Capacity) whyFull() string {
 // freeSlots returns the slots in 1..31 with no function in use and not
 // reserved, highest first, and how many slots are taken and how many free
 // ones are reserved.
-func freeSlots(devs []pciDevice, reserved SlotRange) (free []int, taken, held int) {
-	var used [32]bool
-	for _, d := range devs {
-		if d.Slot >= 0 && d.Slot < len(used) {
-			used[d.Slot] = true
-		}
-	}
-	for s := len(used) - 1; s >= 1; s-- {
+func freeSlots(used map[int]bool, reserved SlotRange) (free []int, taken, held int) {
+	for s := 31; s >= 1; s-- {
 		switch {
 		case used[s]:
 			taken++
@@ -448,27 +561,90 @@ func (c *Client) peripheralTypes(ctx context.Context) (map[string]string, error)
 	return types, nil
 }
 
-// topology asks QEMU for its PCI topology and the types of its ports and
-// bridges.
-func (c *Client) topology(ctx context.Context) ([]pciBus, map[string]string, error) {
+// Topology asks QEMU for its hot-plug buses and the slots taken on them.
+//
+// query-pci finds a bridge's devices by the bus number the firmware wrote
+// into it: in a VM paused before its firmware ran (-S) every bus number is
+// 0 and no device behind a bridge or port shows, so a slot already in use
+// would look free. The slots of such a bus are read from QOM instead,
+// where a bus links each of its devices (child[N]) and a device's addr is
+// its devfn whatever the firmware did.
+//
+// Equivalent to: qom-list /machine/peripheral, query-pci, and for each
+// bridge or port not numbered yet: qom-list <bridge>/<bus>, qom-get addr of
+// each child.
+func (c *Client) Topology(ctx context.Context) (Topology, error) {
 	types, err := c.peripheralTypes(ctx)
 	if err != nil {
-		return nil, nil, err
+		return Topology{}, err
 	}
 	buses, err := c.queryPCI(ctx)
 	if err != nil {
-		return nil, nil, err
+		return Topology{}, err
 	}
-	return buses, types, nil
+	t := newTopology(buses, types)
+	var walk func(devs []pciDevice) error
+	walk = func(devs []pciDevice) error {
+		for _, d := range devs {
+			if d.PCIBridge == nil {
+				continue
+			}
+			ty := types[d.QdevID]
+			if d.QdevID != "" && d.PCIBridge.Bus.Secondary == 0 && (singleSlotPorts[ty] || pciBridges[ty]) {
+				slots, err := c.busSlotsQOM(ctx, peripheral+"/"+d.QdevID+"/"+d.QdevID)
+				if err != nil {
+					return err
+				}
+				for _, s := range slots {
+					t.Take(d.QdevID, s)
+				}
+			}
+			if err := walk(d.secondaryDevices()); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	for _, b := range buses {
+		if err := walk(b.Devices); err != nil {
+			return Topology{}, err
+		}
+	}
+	return t, nil
+}
+
+// busSlotsQOM returns the slots of the devices on the bus at QOM path bus.
+func (c *Client) busSlotsQOM(ctx context.Context, bus string) ([]int, error) {
+	entries, err := c.qomList(ctx, bus)
+	if err != nil {
+		return nil, err
+	}
+	var slots []int
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name, "child[") || !strings.HasPrefix(e.Type, "link<") {
+			continue
+		}
+		var devfn int
+		switch err := c.qomGet(ctx, bus+"/"+e.Name, "addr", &devfn); {
+		case IsNotFound(err):
+			continue // unplugged since qom-list
+		case err != nil:
+			return nil, err
+		}
+		if devfn >= 0 {
+			slots = append(slots, devfn>>3)
+		}
+	}
+	return slots, nil
 }
 
 // choosePlace asks QEMU for its PCI topology and picks a hot-plug place.
 func (c *Client) choosePlace(ctx context.Context, p Placement) (placement, error) {
-	buses, types, err := c.topology(ctx)
+	t, err := c.Topology(ctx)
 	if err != nil {
 		return placement{}, err
 	}
-	return choosePlacement(buses, types, p)
+	return t.choose(p)
 }
 
 // HotplugCapacity lists, per bus, the places AddNIC could still take under
@@ -479,11 +655,11 @@ func (c *Client) HotplugCapacity(ctx context.Context, p Placement) (Capacity, er
 	if err := p.Validate(); err != nil {
 		return Capacity{}, err
 	}
-	buses, types, err := c.topology(ctx)
+	t, err := c.Topology(ctx)
 	if err != nil {
 		return Capacity{}, fmt.Errorf("hot-plug capacity of VM at %s: %w", c.path, err)
 	}
-	return survey(buses, types, p), nil
+	return t.survey(p), nil
 }
 
 // PCIPath spells a device's place the way the Kata agent's devicePath

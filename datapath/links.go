@@ -149,8 +149,8 @@ func (n *Netns) linkList() ([]netlink.Link, error) {
 }
 
 // ContainerLinks lists the links that the runtime or CNI put into the
-// netns: everything but loopback, our endpoint taps (tsn<N>) and
-// macvtaps (tsm<N>) and Kata's taps and macvtaps (tap<N>_kata), each with
+// netns: everything but loopback, our endpoint taps (tsn<N>),
+// macvtaps (tsm<N>) and ifbs (tsi<N>), and Kata's taps and macvtaps (tap<N>_kata), each with
 // its addresses. Which of them can be wired is the caller's decision.
 func (n *Netns) ContainerLinks() ([]Link, error) {
 	links, err := n.linkList()
@@ -163,7 +163,7 @@ func (n *Netns) ContainerLinks() ([]Link, error) {
 	}
 	var out []Link
 	for _, l := range links {
-		if isLoopback(l) || isTapEndpoint(l) || isMacvtapEndpoint(l) || isKataLink(l) {
+		if isLoopback(l) || isTapEndpoint(l) || isMacvtapEndpoint(l) || isIfbEndpoint(l) || isKataLink(l) {
 			continue
 		}
 		cl := toLink(l)

@@ -3,8 +3,12 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"net"
+	"strconv"
+	"strings"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Rate limits follow Kata's semantics: rx is traffic into the VM, tx
@@ -200,16 +204,39 @@ func (n *Netns) noOurQdisc(link netlink.Link) bool {
 }
 
 // RateLimitOn is one of our limits as observed: a link and its egress
-// limit in bits per second.
+// limit in bits per second, or with Ingress its ingress limit through
+// ifb tsi<Ifb> (Ifindex 0: no link's ingress is redirected to the ifb;
+// BPS 0: the ifb carries no limit).
 type RateLimitOn struct {
 	Ifindex int
 	Name    string
 	BPS     uint64
+	Ingress bool
+	Ifb     int
 }
 
 // RateLimits lists our limits on every link of the netns, from one
-// qdisc dump and a class dump per limited link.
+// qdisc dump and a class dump per limited link, then one filter dump
+// per link with an ingress hook for the limits through our ifbs.
 func (n *Netns) RateLimits() ([]RateLimitOn, error) {
+	links, err := n.linkList()
+	if err != nil {
+		return nil, err
+	}
+	egress, err := n.egressLimits()
+	if err != nil {
+		return nil, err
+	}
+	ingress, err := n.ingressLimits(links)
+	if err != nil {
+		return nil, err
+	}
+	return append(egress, ingress...), nil
+}
+
+// egressLimits lists our HTBs on the egress of every link but our ifbs
+// (whose HTB is the limit of another link's ingress).
+func (n *Netns) egressLimits() ([]RateLimitOn, error) {
 	// Equivalent to: tc -n <netns> qdisc show
 	qs, err := dump(func() ([]netlink.Qdisc, error) { return n.h.QdiscList(nil) })
 	if err != nil {
@@ -227,6 +254,9 @@ func (n *Netns) RateLimits() ([]RateLimitOn, error) {
 		if err != nil {
 			return nil, fmt.Errorf("netns %s: rate limit on link %d: %w", n.path, q.Attrs().LinkIndex, err)
 		}
+		if isIfbEndpoint(link) {
+			continue
+		}
 		cl, err := n.rateClass(link)
 		if err != nil {
 			return nil, fmt.Errorf("netns %s: rate limit on %s: %w", n.path, link.Attrs().Name, err)
@@ -234,6 +264,240 @@ func (n *Netns) RateLimits() ([]RateLimitOn, error) {
 		if cl != nil {
 			out = append(out, RateLimitOn{Ifindex: link.Attrs().Index, Name: link.Attrs().Name, BPS: cl.Rate * 8})
 		}
+	}
+	return out, nil
+}
+
+// Limits on a link's ingress. What a link receives passes no egress
+// qdisc of the netns before it reaches its consumer (a tap link's frames
+// from the VM enter the stack on the tap link; a macvtap's frames for the
+// VM arrive on its lower device and go to the macvtap's queues from the
+// receive path), so such a limit goes through an ifb device: a matchall
+// filter on the link's ingress redirects every frame to the ifb, whose
+// egress carries the same HTB as any other limit, and the ifb hands each
+// frame back to the receive path of the link it came from, past tc.
+// Each endpoint has at most one such limit; its ifb is tsi<N>.
+const ifbPrefix = "tsi"
+
+// IngressPriority is the tc priority of our ingress-limit filter. It
+// differs from FilterPriority (the tcfilter model's redirects) so that
+// neither is ever taken for the other: Redirects does not list it. (A
+// matchall filter would say it better, but this kernel has no
+// cls_matchall or cls_basic; u32 is what the redirects use already.)
+const IngressPriority uint16 = 0x7454
+
+// ifbQueueLen is the ifb's transmit queue length, which bounds the HTB
+// leaf queue: the kernel's default for an ifb (32) drops a TCP window's
+// burst and makes the measured rate fall well below the limit.
+const ifbQueueLen = 1000
+
+// IfbName is the name of endpoint N's ifb device.
+func IfbName(index int) string { return ifbPrefix + strconv.Itoa(index) }
+
+// ParseIfbName returns N for a name of the form tsi<N>.
+func ParseIfbName(name string) (int, bool) {
+	s, ok := strings.CutPrefix(name, ifbPrefix)
+	if !ok {
+		return 0, false
+	}
+	return parseIndex(s)
+}
+
+// isIfbEndpoint says whether l is one of our ifbs: never a container link.
+func isIfbEndpoint(l netlink.Link) bool {
+	_, ok := ParseIfbName(l.Attrs().Name)
+	return ok && l.Type() == "ifb"
+}
+
+// ifb returns our ifb tsi<N>, LinkNotFoundError when there is none; a
+// link of that name that is not an ifb is an error.
+func (n *Netns) ifb(index int) (netlink.Link, error) {
+	l, err := n.h.LinkByName(IfbName(index))
+	if err != nil {
+		return nil, err
+	}
+	if l.Type() != "ifb" {
+		return nil, fmt.Errorf("%s is a %s, not an ifb", IfbName(index), l.Type())
+	}
+	return l, nil
+}
+
+// ingressLimitFilter returns the ifindex our ingress-limit filter on
+// link redirects to (0: no filter of ours).
+func (n *Netns) ingressLimitFilter(link netlink.Link) (int, error) {
+	parent, err := n.ingressParent(link)
+	if err != nil || parent == 0 {
+		return 0, err
+	}
+	fs, err := dump(func() ([]netlink.Filter, error) { return n.h.FilterList(link, parent) })
+	if err != nil {
+		return 0, fmt.Errorf("list ingress filters on %s: %w", link.Attrs().Name, err)
+	}
+	for _, f := range fs {
+		m, ok := f.(*netlink.U32)
+		if !ok || m.Priority != IngressPriority {
+			continue
+		}
+		for _, a := range m.Actions {
+			if r, ok := a.(*netlink.MirredAction); ok && r.MirredAction == netlink.TCA_EGRESS_REDIR {
+				return r.Ifindex, nil
+			}
+		}
+	}
+	return 0, nil
+}
+
+// delIngressLimitFilter deletes our ingress-limit filter on link.
+// Equivalent to: tc filter del dev LINK parent ffff: prio 29780
+func (n *Netns) delIngressLimitFilter(link netlink.Link) error {
+	parent, err := n.ingressParent(link)
+	if err != nil || parent == 0 {
+		return err
+	}
+	f := &netlink.U32{FilterAttrs: netlink.FilterAttrs{
+		LinkIndex: link.Attrs().Index, Parent: parent, Priority: IngressPriority, Protocol: unix.ETH_P_ALL,
+	}}
+	if err := n.h.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("delete filter prio %d on %s: %w", IngressPriority, link.Attrs().Name, err)
+	}
+	return nil
+}
+
+// EnsureIngressLimit limits what ifindex receives to bps bits per second
+// through endpoint index's ifb tsi<N>: the ifb is made (up, its queue
+// long enough), limited like any egress (EnsureRateLimit), then the
+// link's ingress is redirected to it; a filter of ours that points
+// elsewhere is replaced. 0 removes the limit (RemoveIngressLimit).
+func (n *Netns) EnsureIngressLimit(ifindex, index int, bps uint64) error {
+	if bps == 0 {
+		return n.RemoveIngressLimit(ifindex, index)
+	}
+	name := IfbName(index)
+	link, err := n.h.LinkByIndex(ifindex)
+	if err != nil {
+		return fmt.Errorf("netns %s: ingress limit on link %d via %s: %w", n.path, ifindex, name, err)
+	}
+	wrap := func(err error) error {
+		return fmt.Errorf("netns %s: ingress limit %d bit/s on %s via %s: %w", n.path, bps, link.Attrs().Name, name, err)
+	}
+	ifb, err := n.ifb(index)
+	if isLinkNotFound(err) {
+		// Equivalent to: ip link add tsiN txqueuelen 1000 type ifb
+		attrs := netlink.NewLinkAttrs()
+		attrs.Name, attrs.TxQLen = name, ifbQueueLen
+		if err = n.h.LinkAdd(&netlink.Ifb{LinkAttrs: attrs}); err != nil && !errors.Is(err, unix.EEXIST) {
+			return wrap(fmt.Errorf("add ifb: %w", err))
+		}
+		ifb, err = n.ifb(index)
+	}
+	if err != nil {
+		return wrap(err)
+	}
+	if ifb.Attrs().Flags&net.FlagUp == 0 {
+		// Equivalent to: ip link set tsiN up
+		if err := n.h.LinkSetUp(ifb); err != nil {
+			return wrap(fmt.Errorf("set %s up: %w", name, err))
+		}
+	}
+	if err := n.EnsureRateLimit(ifb.Attrs().Index, bps); err != nil {
+		return err
+	}
+	to, err := n.ingressLimitFilter(link)
+	if err != nil {
+		return wrap(err)
+	}
+	if to == ifb.Attrs().Index {
+		return nil
+	}
+	if to != 0 {
+		if err := n.delIngressLimitFilter(link); err != nil {
+			return wrap(err)
+		}
+	}
+	parent, err := n.ensureIngress(link)
+	if err != nil {
+		return wrap(err)
+	}
+	// Equivalent to: tc filter add dev LINK parent ffff: prio 29780 protocol all
+	//   u32 match u8 0 0 action mirred egress redirect dev tsiN
+	f := &netlink.U32{
+		FilterAttrs: netlink.FilterAttrs{LinkIndex: ifindex, Parent: parent, Priority: IngressPriority, Protocol: unix.ETH_P_ALL},
+		Sel: &netlink.TcU32Sel{
+			Flags: netlink.TC_U32_TERMINAL,
+			Nkeys: 1,
+			Keys:  []netlink.TcU32Key{{Mask: 0, Val: 0, Off: 0}},
+		},
+		Actions: []netlink.Action{&netlink.MirredAction{
+			ActionAttrs:  netlink.ActionAttrs{Action: netlink.TC_ACT_STOLEN},
+			MirredAction: netlink.TCA_EGRESS_REDIR,
+			Ifindex:      ifb.Attrs().Index,
+		}},
+	}
+	if err := n.h.FilterAdd(f); err != nil {
+		return wrap(fmt.Errorf("add filter: %w", err))
+	}
+	return nil
+}
+
+// RemoveIngressLimit takes our filter off ifindex's ingress (its frames
+// flow unlimited again), then deletes tsi<N>. A link or ifb already gone
+// is success; ifindex 0 deletes only the ifb.
+func (n *Netns) RemoveIngressLimit(ifindex, index int) error {
+	name := IfbName(index)
+	if ifindex != 0 {
+		link, err := n.h.LinkByIndex(ifindex)
+		if err == nil {
+			err = n.delIngressLimitFilter(link)
+		}
+		if err != nil && !isLinkNotFound(err) {
+			return fmt.Errorf("netns %s: remove ingress limit on link %d via %s: %w", n.path, ifindex, name, err)
+		}
+	}
+	ifb, err := n.ifb(index)
+	if err == nil {
+		// Equivalent to: ip link del dev tsiN
+		err = n.h.LinkDel(ifb)
+		if errors.Is(err, unix.ENODEV) {
+			err = nil
+		}
+	}
+	if err != nil && !isLinkNotFound(err) {
+		return fmt.Errorf("netns %s: remove ifb %s: %w", n.path, name, err)
+	}
+	return nil
+}
+
+// ingressLimits lists our ifbs as limits on the ingress of the link that
+// redirects to each (Ifindex 0: none does; BPS 0: no HTB on it yet).
+func (n *Netns) ingressLimits(links []netlink.Link) ([]RateLimitOn, error) {
+	from := map[int]netlink.Link{}
+	for _, l := range links {
+		to, err := n.ingressLimitFilter(l)
+		if err != nil {
+			return nil, fmt.Errorf("netns %s: %w", n.path, err)
+		}
+		if to != 0 {
+			from[to] = l
+		}
+	}
+	var out []RateLimitOn
+	for _, l := range links {
+		idx, ok := ParseIfbName(l.Attrs().Name)
+		if !ok || l.Type() != "ifb" {
+			continue
+		}
+		r := RateLimitOn{Ingress: true, Ifb: idx}
+		if src, ok := from[l.Attrs().Index]; ok {
+			r.Ifindex, r.Name = src.Attrs().Index, src.Attrs().Name
+		}
+		bps, ok, err := n.rateLimitOn(l)
+		if err != nil {
+			return nil, fmt.Errorf("netns %s: rate limit on %s: %w", n.path, l.Attrs().Name, err)
+		}
+		if ok {
+			r.BPS = bps
+		}
+		out = append(out, r)
 	}
 	return out, nil
 }

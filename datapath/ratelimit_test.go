@@ -5,7 +5,9 @@ import (
 	"io"
 	"net"
 	"regexp"
+	"slices"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -250,5 +252,90 @@ func TestRateLimitLeavesForeignQdisc(t *testing.T) {
 	}
 	if err := s.n.RemoveRateLimit(999); err != nil {
 		t.Errorf("RemoveRateLimit on a missing link = %v", err)
+	}
+}
+
+// TestIngressLimitThroughIfb limits what eth0 receives (a tap link's
+// frames from the VM, a macvtap's lower device's frames for it) through
+// tsi<N>: only the stream into eth0 slows down, a new limit changes the
+// ifb's class only, and removal leaves eth0's tc state and the netns as
+// they were.
+func TestIngressLimitThroughIfb(t *testing.T) {
+	s := newSandbox(t)
+	testnet.IP(t, "-n", s.ns.Name, "addr", "add", "10.79.0.2/24", "dev", "eth0")
+	testnet.IP(t, "-n", s.host.Name, "addr", "add", "10.79.0.1/24", "dev", "host0")
+	hostNS, err := datapath.Open(s.host.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { hostNS.Close() })
+	testnet.Run(t, "ip", "netns", "exec", s.host.Name, "ping", "-c", "1", "-W", "5", "10.79.0.2")
+	before := testnet.Run(t, "ip", "-n", s.ns.Name, "-br", "link") + s.tcShow(t)
+
+	const limit = 20e6
+	for range 2 {
+		if err := s.n.EnsureIngressLimit(s.eth0.Ifindex, 3, limit); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, err := s.n.Observe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []datapath.RateLimitOn{{Ifindex: s.eth0.Ifindex, Name: "eth0", BPS: limit, Ingress: true, Ifb: 3}}
+	if !slices.Equal(st.RateLimits, want) {
+		t.Errorf("observed limits %+v, want %+v", st.RateLimits, want)
+	}
+	if slices.ContainsFunc(st.Links, func(l datapath.Link) bool { return l.Name == "tsi3" }) {
+		t.Errorf("tsi3 listed as a container link: %v", st.Links)
+	}
+	in := throughput(t, hostNS, s.n, "10.79.0.2")
+	out := throughput(t, s.n, hostNS, "10.79.0.1")
+	t.Logf("ingress limit %.0f Mbit/s: into eth0 %.2f Mbit/s, out of it %.0f Mbit/s", limit/1e6, in/1e6, out/1e6)
+	if !within(in, limit, 0.15) || out < 5*limit {
+		t.Errorf("ingress limit: into %.2f / out of %.2f Mbit/s, want %.0f ±15%% / ≥ %.0f", in/1e6, out/1e6, limit/1e6, 5*limit/1e6)
+	}
+	_, sentBefore := qdiscSent(t, s.ns, "tsi3")
+	if err := s.n.EnsureIngressLimit(s.eth0.Ifindex, 3, 2*limit); err != nil {
+		t.Fatal(err)
+	}
+	if show, sent := qdiscSent(t, s.ns, "tsi3"); sent < sentBefore {
+		t.Errorf("changing the limit replaced the qdisc (sent %d → %d):\n%s", sentBefore, sent, show)
+	}
+	in = throughput(t, hostNS, s.n, "10.79.0.2")
+	t.Logf("ingress limit %.0f Mbit/s: into eth0 %.2f Mbit/s", 2*limit/1e6, in/1e6)
+	if !within(in, 2*limit, 0.15) {
+		t.Errorf("into eth0 %.2f Mbit/s, want %.0f ±15%%", in/1e6, 2*limit/1e6)
+	}
+
+	for range 2 {
+		if err := s.n.EnsureIngressLimit(s.eth0.Ifindex, 3, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The ingress qdisc that carried the filter stays (a hook someone
+	// else may use too); the filter and the ifb go.
+	after := testnet.Run(t, "ip", "-n", s.ns.Name, "-br", "link") + testnet.Run(t, "tc", "-n", s.ns.Name, "filter", "show", "dev", "eth0", "ingress")
+	if strings.Contains(after, "tsi3") || strings.Contains(after, "mirred") {
+		t.Errorf("left behind:\n%s\nbefore:\n%s", after, before)
+	}
+	in = throughput(t, hostNS, s.n, "10.79.0.2")
+	t.Logf("unlimited: into eth0 %.0f Mbit/s", in/1e6)
+	if in < 5*limit {
+		t.Errorf("after removal into eth0 %.2f Mbit/s, want ≥ %.0f", in/1e6, 5*limit/1e6)
+	}
+	// A crash between making the ifb and redirecting to it leaves an ifb
+	// no link feeds: observed as such, and removable without a link.
+	testnet.IP(t, "-n", s.ns.Name, "link", "add", "tsi4", "type", "ifb")
+	if st, err = s.n.Observe(); err != nil || !slices.Equal(st.RateLimits, []datapath.RateLimitOn{{Ingress: true, Ifb: 4}}) {
+		t.Errorf("observed %+v, %v; want tsi4 fed by nothing", st.RateLimits, err)
+	}
+	for range 2 {
+		if err := s.n.RemoveIngressLimit(0, 4); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.n.RemoveIngressLimit(999, 5); err != nil {
+		t.Errorf("RemoveIngressLimit of a missing link and ifb = %v", err)
 	}
 }

@@ -72,7 +72,7 @@ func (n *Netns) redirectsOn(link netlink.Link, parent uint32) ([]Redirect, error
 	var out []Redirect
 	for _, f := range filters {
 		u, ok := f.(*netlink.U32)
-		if !ok {
+		if !ok || u.Priority == IngressPriority { // a limit, not a redirect
 			continue
 		}
 		for _, a := range u.Actions {

@@ -43,6 +43,9 @@ type Host interface {
 	OpenMacvtapLinkQueues(ctx context.Context, name string, queues int, vhost datapath.Vhost) (*datapath.Queues, error)
 	// EnsureRateLimit limits ifindex's egress to bps bit/s; 0 removes it.
 	EnsureRateLimit(ifindex int, bps uint64) error
+	// EnsureIngressLimit limits ifindex's ingress to bps bit/s through
+	// endpoint index's ifb; 0 removes the limit and the ifb.
+	EnsureIngressLimit(ifindex, index int, bps uint64) error
 }
 
 // VM is the QEMU side of one sandbox.
@@ -303,6 +306,9 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 	case OpRestoreLink:
 		return a.Host.RestoreContainerLink(e.LinkIfindex, act.Restore)
 	case OpSetRateLimit:
+		if act.Ingress {
+			return a.Host.EnsureIngressLimit(act.RateOn, e.Index, act.Rate)
+		}
 		on := act.RateOn
 		if on == 0 {
 			tap, ok := a.taps[e.Index]

@@ -45,6 +45,9 @@ type world struct {
 	unplugBatches []unplugBatch
 	macvtaps      map[int]*datapath.Macvtap // ours, by endpoint index
 	limits        map[int]uint64            // our rate limits, by ifindex
+	// ifbs are our ifbs tsi<N> by N: the link whose ingress feeds
+	// each (0: none) and its limit.
+	ifbs map[int]fakeIfb
 	// model and the rates are the sandbox's settings: reconcile and
 	// checkConverged use them.
 	model          string
@@ -52,6 +55,11 @@ type world struct {
 	// orig is each container link as it was made (or last changed by the
 	// test): what it must look like when no macvtap endpoint has it.
 	orig map[int]origLink
+}
+
+type fakeIfb struct {
+	from int
+	bps  uint64
 }
 
 type origLink struct {
@@ -68,7 +76,7 @@ type unplugBatch struct {
 func newWorld() *world {
 	w := &world{nextIfindex: 2, taps: map[int]*datapath.Tap{}, netdevs: map[int]bool{}, orphaned: map[int]bool{},
 		rec: state.Record{Version: state.Version, Sandbox: "sb"}, macvtaps: map[int]*datapath.Macvtap{}, limits: map[int]uint64{},
-		orig: map[int]origLink{}}
+		ifbs: map[int]fakeIfb{}, orig: map[int]origLink{}}
 	w.guest = &fakeGuest{w: w, calls: map[string]int{}}
 	return w
 }
@@ -99,6 +107,7 @@ func (w *world) clone() *world {
 		c.macvtaps[k] = &m
 	}
 	c.limits = maps.Clone(w.limits)
+	c.ifbs = maps.Clone(w.ifbs)
 	c.orig = maps.Clone(w.orig)
 	return &c
 }
@@ -151,6 +160,11 @@ func (w *world) delLink(name string) {
 	w.links = slices.Delete(w.links, i, i+1)
 	delete(w.limits, idx)
 	delete(w.orig, idx)
+	for n, f := range w.ifbs { // the kernel drops the link's filters with it
+		if f.from == idx {
+			w.ifbs[n] = fakeIfb{bps: f.bps}
+		}
+	}
 	for n, m := range w.macvtaps { // the kernel deletes a macvtap with its lower device
 		if m.Parent == idx {
 			delete(w.macvtaps, n)
@@ -219,6 +233,10 @@ func (w *world) Observe() (datapath.State, error) {
 	}
 	for _, i := range slices.Sorted(mapKeys(w.limits)) {
 		s.RateLimits = append(s.RateLimits, datapath.RateLimitOn{Ifindex: i, BPS: w.limits[i]})
+	}
+	for _, n := range slices.Sorted(mapKeys(w.ifbs)) {
+		f := w.ifbs[n]
+		s.RateLimits = append(s.RateLimits, datapath.RateLimitOn{Ifindex: f.from, BPS: f.bps, Ingress: true, Ifb: n})
 	}
 	for i := range s.Links {
 		s.Links[i].Addrs = slices.Clone(s.Links[i].Addrs)
@@ -552,6 +570,27 @@ func (w *world) EnsureRateLimit(ifindex int, bps uint64) error {
 	return nil
 }
 
+func (w *world) EnsureIngressLimit(ifindex, index int, bps uint64) error {
+	if err := w.fail(OpSetRateLimit); err != nil {
+		return err
+	}
+	if bps == 0 {
+		if _, ok := w.ifbs[index]; ok {
+			w.mutations++
+			delete(w.ifbs, index)
+		}
+		return nil
+	}
+	if !w.ifindexExists(ifindex) {
+		return fmt.Errorf("ingress limit on %d: link not found", ifindex)
+	}
+	if f := (fakeIfb{from: ifindex, bps: bps / 8 * 8}); w.ifbs[index] != f {
+		w.mutations++
+		w.ifbs[index] = f
+	}
+	return nil
+}
+
 func (w *world) Save(r state.Record) error {
 	w.saves++
 	w.rec = r.Clone()
@@ -764,18 +803,19 @@ func (w *world) checkEndpoint(e state.Endpoint, l datapath.Link) []string {
 // checkLimits checks a live endpoint's rate limits.
 func (w *world) checkLimits(e state.Endpoint, l datapath.Link) []string {
 	var bad []string
-	rxTap, rxLink, txLink := rateSites(e.Kind)
-	want := uint64(0)
+	rx, _ := rateSites(e.Kind)
+	egress, ingress, _, _ := siteRates(e.Kind, Options{RxRate: w.rxRate, TxRate: w.txRate})
+	if w.limits[l.Ifindex] != applied(egress) {
+		bad = append(bad, fmt.Sprintf("%s: limit %d, want %d", l.Name, w.limits[l.Ifindex], egress))
+	}
+	f, ok := w.ifbs[e.Index]
 	switch {
-	case rxLink:
-		want = w.rxRate
-	case txLink:
-		want = w.txRate
+	case ingress == 0 && ok:
+		bad = append(bad, fmt.Sprintf("%s: ifb %s left (%+v)", l.Name, datapath.IfbName(e.Index), f))
+	case ingress > 0 && (f.from != l.Ifindex || f.bps != applied(ingress)):
+		bad = append(bad, fmt.Sprintf("%s: ingress limit %+v, want %d", l.Name, f, ingress))
 	}
-	if w.limits[l.Ifindex] != applied(want) {
-		bad = append(bad, fmt.Sprintf("%s: limit %d, want %d", l.Name, w.limits[l.Ifindex], want))
-	}
-	if t, ok := w.taps[e.Index]; ok && rxTap && w.limits[t.Ifindex] != applied(w.rxRate) {
+	if t, ok := w.taps[e.Index]; ok && rx == siteTapEgress && w.limits[t.Ifindex] != applied(w.rxRate) {
 		bad = append(bad, fmt.Sprintf("%s: limit %d, want %d", t.Name, w.limits[t.Ifindex], w.rxRate))
 	}
 	return bad
@@ -821,6 +861,13 @@ func (w *world) checkRestored(live, pending map[int]bool) []string {
 		}
 		if w.limits[l.Ifindex] > 0 && !wanted[l.Ifindex] {
 			bad = append(bad, fmt.Sprintf("%s: limit %d left behind", l.Name, w.limits[l.Ifindex]))
+		}
+	}
+	for n, f := range w.ifbs {
+		// A removal the guest holds up holds up its endpoint's other
+		// steps: its ifb goes once the NIC has.
+		if !live[n] && !pending[n] {
+			bad = append(bad, fmt.Sprintf("ifb %s (%+v) left behind", datapath.IfbName(n), f))
 		}
 	}
 	return bad

@@ -319,35 +319,83 @@ func withMovedRoutes(v view, wired []wiredLink) []datapath.Route {
 }
 
 // Rate limits. Kata's semantics: rx is traffic into the VM, tx out of
-// it. A limit is an HTB on the egress the traffic is queued on:
+// it. A limit is an HTB on the egress the traffic is queued on, or, where
+// the traffic passes no egress qdisc of the netns, on the egress of an
+// ifb tsi<N> that the link's ingress is redirected to:
 //   - tcfilter: rx on the tap (the redirect from the link enqueues there),
 //     tx on the container link (the redirect from the tap);
-//   - tap link: rx on the tap link (what the netns sends it goes to the
-//     VM); tx would need an ifb on its ingress, not implemented;
-//   - macvtap model and macvtap links: frames reach a macvtap's queues
-//     from its lower device's receive path without a qdisc, so rx would
-//     need an ifb; not implemented, and tx is left alike.
+//   - tap link: rx on the tap link's egress (what the netns sends it goes
+//     to the VM), tx on its ingress (what the VM writes enters the stack
+//     there);
+//   - macvtap model: rx on the container link's ingress (frames for the
+//     macvtap arrive there and go to its queues from the receive path,
+//     past no egress), tx on the container link's egress (what the guest
+//     writes is sent by the macvtap through its lower device);
+//   - macvtap link: the same on the macvtap link itself (its frames come
+//     from the receive path too; what the guest writes leaves through
+//     the macvtap's own egress).
+// e2e TestMacvtapRateLimits measures the macvtap model with a guest.
 
-// rateSites says where kind's limits go: rx on the tap, rx on the link,
-// tx on the link.
-func rateSites(kind string) (rxTap, rxLink, txLink bool) {
+// rateSite is where one direction's limit of an endpoint goes.
+type rateSite int
+
+const (
+	siteNone        rateSite = iota
+	siteTapEgress            // our tap's egress
+	siteLinkEgress           // the container link's egress
+	siteLinkIngress          // the container link's ingress, through tsi<N>
+)
+
+// rateSites says where kind's rx and tx limits go.
+func rateSites(kind string) (rx, tx rateSite) {
 	switch kind {
 	case state.KindTap:
-		return true, false, true
+		return siteTapEgress, siteLinkEgress
 	case state.KindTapLink:
-		return false, true, false
+		return siteLinkEgress, siteLinkIngress
+	case state.KindMacvtap, state.KindMacvtapLink:
+		return siteLinkIngress, siteLinkEgress
 	}
-	return false, false, false
+	return siteNone, siteNone
+}
+
+// siteRates is what endpoint kind wants at each site of its link: the
+// limit (0: none) and its direction.
+func siteRates(kind string, opts Options) (egress, ingress uint64, egressDir, ingressDir string) {
+	rx, tx := rateSites(kind)
+	egressDir, ingressDir = "tx", "rx"
+	switch {
+	case rx == siteLinkEgress:
+		egress, egressDir = opts.RxRate, "rx"
+	case tx == siteLinkEgress:
+		egress = opts.TxRate
+	}
+	switch {
+	case rx == siteLinkIngress:
+		ingress = opts.RxRate
+	case tx == siteLinkIngress:
+		ingress, ingressDir = opts.TxRate, "tx"
+	}
+	return egress, ingress, egressDir, ingressDir
 }
 
 // applied is the limit EnsureRateLimit sets for bps (whole bytes per
 // second), as observed back.
 func applied(bps uint64) uint64 { return bps / 8 * 8 }
 
+// ingressLimit is endpoint index's limit on link ifindex's ingress as
+// observed: its ifb's, if that ifb is fed by the link.
+func (v view) ingressLimit(index, ifindex int) uint64 {
+	if r, ok := v.ifbs[index]; ok && r.Ifindex == ifindex {
+		return r.BPS
+	}
+	return 0
+}
+
 // planLimits plans the rate limits of live endpoint e on link l.
 func planLimits(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan) {
-	rxTap, rxLink, txLink := rateSites(e.Kind)
-	if rxTap {
+	rx, _ := rateSites(e.Kind)
+	if rx == siteTapEgress {
 		have := uint64(0)
 		if t, ok := v.taps[e.Index]; ok {
 			have = v.limits[t.Ifindex]
@@ -357,15 +405,14 @@ func planLimits(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan
 				Reason: fmt.Sprintf("limit is %d bit/s", have)})
 		}
 	}
-	want, dir := uint64(0), "tx"
-	switch {
-	case rxLink:
-		want, dir = opts.RxRate, "rx"
-	case txLink:
-		want = opts.TxRate
+	egress, ingress, egressDir, ingressDir := siteRates(e.Kind, opts)
+	if have := v.limits[l.Ifindex]; have != applied(egress) {
+		p.Actions = append(p.Actions, Action{Op: OpSetRateLimit, Endpoint: e, Rate: egress, RateDir: egressDir, RateOn: l.Ifindex,
+			Reason: fmt.Sprintf("limit is %d bit/s", have)})
 	}
-	if have := v.limits[l.Ifindex]; have != applied(want) {
-		p.Actions = append(p.Actions, Action{Op: OpSetRateLimit, Endpoint: e, Rate: want, RateDir: dir, RateOn: l.Ifindex,
+	_, hasIfb := v.ifbs[e.Index]
+	if have := v.ingressLimit(e.Index, l.Ifindex); have != applied(ingress) || (ingress == 0 && hasIfb) {
+		p.Actions = append(p.Actions, Action{Op: OpSetRateLimit, Endpoint: e, Rate: ingress, RateDir: ingressDir, RateOn: l.Ifindex, Ingress: true,
 			Reason: fmt.Sprintf("limit is %d bit/s", have)})
 	}
 }
@@ -381,16 +428,16 @@ func rateNotes(wired []wiredLink, opts Options) []string {
 		if w.adopted {
 			continue
 		}
-		rxTap, rxLink, txLink := rateSites(w.endpoint.Kind)
+		rx, tx := rateSites(w.endpoint.Kind)
 		kind := w.endpoint.Kind
 		if kind == state.KindTap {
 			kind = ModelTCFilter
 		}
-		if opts.RxRate > 0 && !rxTap && !rxLink {
-			notes = append(notes, fmt.Sprintf("%s (%s): rx_rate not applied: this kind would need an ifb, which tapsync does not make", w.link.Name, kind))
+		if opts.RxRate > 0 && rx == siteNone {
+			notes = append(notes, fmt.Sprintf("%s (%s): rx_rate not applied: this kind cannot carry one", w.link.Name, kind))
 		}
-		if opts.TxRate > 0 && !txLink {
-			notes = append(notes, fmt.Sprintf("%s (%s): tx_rate not applied: this kind would need an ifb, which tapsync does not make", w.link.Name, kind))
+		if opts.TxRate > 0 && tx == siteNone {
+			notes = append(notes, fmt.Sprintf("%s (%s): tx_rate not applied: this kind cannot carry one", w.link.Name, kind))
 		}
 	}
 	return notes

@@ -188,6 +188,58 @@ func TestPlanKinds(t *testing.T) {
 			w.rec.Endpoints[0].LinkMAC = macN(7).String() // as if re-created
 			return w
 		}, "mark-removing/0 unplug-nic/0 remove-redirects/0 delete-tap/0 forget/0 record/1 create-tap/1 add-redirects/1 plug-nic/1", nil},
+		{"macvtap model: rx through an ifb from the link's ingress, tx on the link's egress, before the plug", func() *world {
+			w := newWorld()
+			w.model, w.rxRate, w.txRate = ModelMacvtap, 8_000_000, 4_000_000
+			w.addLink("eth0", "veth", macN(1), 1500)
+			return w
+		}, "record/0 ensure-macvtap/0 set-rate-limit/0 set-rate-limit/0 plug-nic/0", func(t *testing.T, w *world) {
+			eth0 := w.link("eth0").Ifindex
+			if w.limits[eth0] != 4_000_000 || w.ifbs[0] != (fakeIfb{from: eth0, bps: 8_000_000}) {
+				t.Errorf("limits %v, ifbs %v; want tx 4M on eth0, rx 8M from eth0 through tsi0", w.limits, w.ifbs)
+			}
+		}},
+		{"macvtap model: limits removed, ifb goes, NIC untouched", func() *world {
+			w := newWorld()
+			w.model, w.rxRate, w.txRate = ModelMacvtap, 8_000_000, 4_000_000
+			w.addLink("eth0", "veth", macN(1), 1500)
+			w.converge(Options{})
+			w.rxRate, w.txRate = 0, 0
+			return w
+		}, "set-rate-limit/0 set-rate-limit/0", func(t *testing.T, w *world) {
+			if len(w.limits) != 0 || len(w.ifbs) != 0 {
+				t.Errorf("limits %v, ifbs %v left", w.limits, w.ifbs)
+			}
+		}},
+		{"macvtap link: rx through an ifb from its ingress, tx on its egress", func() *world {
+			w := newWorld()
+			w.rxRate, w.txRate = 8_000_000, 4_000_000
+			w.addLink("mvt0", "macvtap", macN(1), 1500)
+			return w
+		}, "record/0 set-rate-limit/0 set-rate-limit/0 plug-nic/0", nil},
+		{"tap link: tx through an ifb from its ingress", func() *world {
+			w := newWorld()
+			w.txRate = 4_000_000
+			w.addLink("tap0", "tap", macN(1), 1500)
+			return w
+		}, "record/0 set-rate-limit/0 plug-nic/0", func(t *testing.T, w *world) {
+			if tap0 := w.link("tap0").Ifindex; w.ifbs[0] != (fakeIfb{from: tap0, bps: 4_000_000}) || len(w.limits) != 0 {
+				t.Errorf("limits %v, ifbs %v; want tx 4M from tap0 through tsi0", w.limits, w.ifbs)
+			}
+		}},
+		{"an ifb nothing feeds (a crash before the filter) is completed", func() *world {
+			w := newWorld()
+			w.model, w.rxRate = ModelMacvtap, 8_000_000
+			w.addLink("eth0", "veth", macN(1), 1500)
+			w.converge(Options{})
+			w.ifbs[0] = fakeIfb{bps: 8_000_000}
+			return w
+		}, "set-rate-limit/0", nil},
+		{"an ifb of no endpoint goes", func() *world {
+			w := wired(false)
+			w.ifbs[5] = fakeIfb{bps: 8_000_000}
+			return w
+		}, "set-rate-limit/5", nil},
 		{"tap link: rx on the link itself", func() *world {
 			w := newWorld()
 			w.rxRate = 8_000_000
@@ -246,26 +298,34 @@ func TestTeardownRemovesLimits(t *testing.T) {
 	w.addLink("eth0", "veth", macN(1), 1500)
 	w.addLink("tap0", "tap", macN(2), 1500)
 	mustConverge(t, w, 1)
-	if len(w.limits) != 3 {
-		t.Fatalf("limits %v, want rx on tsn0 and tap0, tx on eth0", w.limits)
+	if len(w.limits) != 3 || len(w.ifbs) != 1 {
+		t.Fatalf("limits %v, ifbs %v; want rx on tsn0 and tap0, tx on eth0 and from tap0 through an ifb", w.limits, w.ifbs)
 	}
 	if _, _, err := w.teardown(false); err != nil {
 		t.Fatal(err)
 	}
-	if len(w.limits) != 0 || len(w.rec.Endpoints) != 0 {
-		t.Errorf("after teardown: limits %v, record %+v", w.limits, w.rec.Endpoints)
+	if len(w.limits) != 0 || len(w.ifbs) != 0 || len(w.rec.Endpoints) != 0 {
+		t.Errorf("after teardown: limits %v, ifbs %v, record %+v", w.limits, w.ifbs, w.rec.Endpoints)
 	}
 }
 
+// TestRateNotes: every kind tapsync wires carries both limits now, so
+// none is named as not applied.
 func TestRateNotes(t *testing.T) {
 	w := macvtapWorld()
+	w.addLink("tap0", "tap", macN(2), 1500)
+	w.addLink("mvt0", "macvtap", macN(3), 1500)
 	w.rxRate, w.txRate = 8_000_000, 8_000_000
 	p := Compute(w.observed(), w.rec, w.options(Options{}))
-	if len(p.Notes) != 2 || !strings.Contains(p.Notes[0], "rx_rate not applied") || !strings.Contains(p.Notes[1], "tx_rate not applied") {
-		t.Errorf("notes %q, want rx and tx named as not applied", p.Notes)
+	if len(p.Notes) != 0 {
+		t.Errorf("notes %q, want none", p.Notes)
 	}
-	if !p.Empty() {
-		t.Errorf("plan %s, want nothing: the macvtap model carries no limit", ops(p))
+	mustConverge(t, w, 1)
+	if len(w.limits) != 3 || len(w.ifbs) != 3 {
+		t.Errorf("limits %v, ifbs %v; want one of each per endpoint", w.limits, w.ifbs)
+	}
+	if len(rateNotes([]wiredLink{{link: w.link("eth0"), endpoint: state.Endpoint{Kind: "vhost-user"}}}, Options{RxRate: 8})) != 1 {
+		t.Error("a kind without a site for the rx limit is not named")
 	}
 }
 
@@ -291,6 +351,19 @@ var kindScenarios = []scenario{
 		w.addLink("tap0", "tap", macN(1), 1500)
 		w.addLink("mvt0", "macvtap", macN(2), 1500)
 		w.addLink("eth0", "veth", macN(3), 1500)
+	}},
+	{"macvtap model with limits: add two, one link gone", func() *world {
+		w := newWorld()
+		w.model, w.rxRate, w.txRate = ModelMacvtap, 8_000_000, 4_000_000
+		w.addLink("net1", "veth", macN(2), 1500)
+		w.converge(Options{})
+		return w
+	}, func(w *world) {
+		w.addLink("eth0", "veth", macN(1), 1500)
+		w.addAddr("eth0", "10.1.0.5/24", "10.1.0.1")
+		w.addLink("net2", "macvlan", macN(3), 1500)
+		w.delLink("net1")
+		w.rxRate = 16_000_000
 	}},
 	{"limits changed and a link replaced", func() *world {
 		w := newWorld()
@@ -418,6 +491,7 @@ func TestKindActionStrings(t *testing.T) {
 	want := []string{
 		"record endpoint 0 for eth0 (ifindex 3, 02:54:53:00:00:01, 1 queue, macvtap, moving 1 addresses and 1 routes): new container link eth0",
 		"macvtap tsm0 on eth0 with 02:54:53:00:00:01 (mtu 1500), eth0 takes " + host.String() + " and gives up its addresses",
+		"limit rx of endpoint 0 to 8000000 bit/s on eth0's ingress via tsi0: limit is 0 bit/s",
 		"hot-add NIC 0 (02:54:53:00:00:01) on tsm0",
 		"record endpoint 1 for tap0 (ifindex 4, 02:54:53:00:00:02, 1 queue, tap-link): new container link tap0",
 		"limit rx of endpoint 1 to 8000000 bit/s on tap0: limit is 0 bit/s",

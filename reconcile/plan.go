@@ -143,9 +143,12 @@ type Action struct {
 	// OpSetRateLimit: Rate bits/s (0 removes the limit) in direction
 	// RateDir ("rx": into the VM, "tx": out of it) on RateOn's egress
 	// (an ifindex; 0: the endpoint's tap, known once it is made).
+	// With Ingress the limit is on RateOn's ingress, through the
+	// endpoint's ifb (RateOn 0: only the ifb, which nothing feeds).
 	Rate    uint64
 	RateDir string
 	RateOn  int
+	Ingress bool
 }
 
 func (a Action) String() string {
@@ -224,7 +227,10 @@ func (a Action) String() string {
 		s = fmt.Sprintf("give %s back %s, %d addresses and %d routes", e.LinkName, a.Restore.MAC, len(a.Restore.Addrs), len(a.Restore.Routes))
 	case OpSetRateLimit:
 		on := e.LinkName
-		if a.RateOn == 0 {
+		switch {
+		case a.Ingress:
+			on = fmt.Sprintf("%s's ingress via %s", e.LinkName, datapath.IfbName(e.Index))
+		case a.RateOn == 0:
 			on = tap
 		}
 		if a.Rate == 0 {
@@ -351,19 +357,27 @@ type view struct {
 	// ifindex, in bit/s.
 	macvtaps map[int]datapath.Macvtap
 	limits   map[int]uint64
-	routes   []datapath.Route
+	// ifbs are our ifbs tsi<N> by N, each with the link whose ingress
+	// it limits (Ifindex 0: none) and its limit.
+	ifbs   map[int]datapath.RateLimitOn
+	routes []datapath.Route
 }
 
 func newView(o Observed) view {
 	v := view{links: map[int]datapath.Link{}, taps: map[int]datapath.Tap{}, nics: map[int]NIC{}, netdevs: map[int]bool{},
-		redirs: o.Redirects, kata: o.KataLinks, macvtaps: map[int]datapath.Macvtap{}, limits: map[int]uint64{}, routes: o.Routes}
+		redirs: o.Redirects, kata: o.KataLinks, macvtaps: map[int]datapath.Macvtap{}, limits: map[int]uint64{},
+		ifbs: map[int]datapath.RateLimitOn{}, routes: o.Routes}
 	for _, m := range o.Macvtaps {
 		if m.Index >= 0 {
 			v.macvtaps[m.Index] = m
 		}
 	}
 	for _, r := range o.RateLimits {
-		v.limits[r.Ifindex] = r.BPS
+		if r.Ingress {
+			v.ifbs[r.Ifb] = r
+		} else {
+			v.limits[r.Ifindex] = r.BPS
+		}
 	}
 	for _, l := range o.Links {
 		v.links[l.Ifindex] = l
@@ -548,6 +562,17 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 			e := state.Endpoint{Index: sandboxWide.Index, LinkName: l.Name, LinkIfindex: l.Ifindex, LinkMAC: l.MAC.String()}
 			adds.Actions = append(adds.Actions, Action{Op: OpSetRateLimit, Endpoint: e, RateOn: l.Ifindex, RateDir: "any",
 				Reason: "no endpoint limits this link"})
+		}
+	}
+	// Our ifbs that no live endpoint of their index feeds (its endpoint
+	// went, a crash came between making it and redirecting to it, the
+	// link went with the filter) go, after their filter.
+	for _, n := range slices.Sorted(maps.Keys(v.ifbs)) {
+		if live := slices.ContainsFunc(wired, func(w wiredLink) bool { return !w.adopted && w.endpoint.Index == n }); !live {
+			r := v.ifbs[n]
+			e := state.Endpoint{Index: n, LinkName: r.Name, LinkIfindex: r.Ifindex}
+			adds.Actions = append(adds.Actions, Action{Op: OpSetRateLimit, Endpoint: e, RateOn: r.Ifindex, Ingress: true, RateDir: "any",
+				Reason: "no endpoint limits through " + datapath.IfbName(n)})
 		}
 	}
 	p.Notes = rateNotes(wired, opts)

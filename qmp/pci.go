@@ -308,7 +308,6 @@ type Place struct {
 	Bus     string // device_add's bus=
 	Slot    int
 	PCIPath string // as PCIPath spells it
-	port    bool   // a port's only slot: device_add takes no addr=
 }
 
 // Choose picks a free hot-plug place that p allows (see choosePlacement).
@@ -317,15 +316,15 @@ func (t Topology) Choose(p Placement) (Place, error) {
 	if err != nil {
 		return Place{}, err
 	}
-	return Place{Bus: pl.bus, Slot: pl.slot, PCIPath: PCIPath(pl.path), port: pl.addr == ""}, nil
+	return Place{Bus: pl.bus, Slot: pl.slot, PCIPath: PCIPath(pl.path)}, nil
 }
 
+// placement spells pl for device_add. A port's slot is named too: QEMU
+// 7.2 lets a device into another slot of a port's bus when slot 0 is
+// taken, where the guest never looks, and a caller's stale word must make
+// device_add fail instead.
 func (pl Place) placement() placement {
-	p := placement{bus: pl.Bus, slot: pl.Slot}
-	if !pl.port {
-		p.addr = fmt.Sprintf("%#x", pl.Slot)
-	}
-	return p
+	return placement{bus: pl.Bus, slot: pl.Slot, addr: fmt.Sprintf("%#x", pl.Slot)}
 }
 
 // survey lists the buses that take hot-plugged devices, with their free

@@ -134,6 +134,7 @@ type Reconciler struct {
 	mu        sync.Mutex
 	sandboxes map[string]*entry // the registry, by id; one entry per netns (see Register)
 	conns     map[string]*qmp.Client
+	models    map[string]*vmModel      // per sandbox: the model of the VM behind conns[id]
 	agents    map[string]*agent.Client // dialled when a pass needs the guest, kept while it works
 	dialing   map[string]*dialLock     // per QMP socket: one dial at a time (a QMP socket takes one client)
 	status    map[string]Status
@@ -144,7 +145,7 @@ type Reconciler struct {
 
 // New returns a Reconciler recording into store.
 func New(store *state.Store) *Reconciler {
-	return &Reconciler{store: store, sandboxes: map[string]*entry{}, conns: map[string]*qmp.Client{},
+	return &Reconciler{store: store, sandboxes: map[string]*entry{}, conns: map[string]*qmp.Client{}, models: map[string]*vmModel{},
 		agents: map[string]*agent.Client{}, dialing: map[string]*dialLock{}, status: map[string]Status{},
 		guestLog: map[string]string{}, agentCalls: map[string]int{}}
 }
@@ -165,6 +166,7 @@ func (r *Reconciler) closeConnLocked(id string) {
 		c.Close()
 		delete(r.conns, id)
 	}
+	delete(r.models, id)
 	r.closeAgentLocked(id)
 }
 
@@ -268,39 +270,105 @@ func (r *Reconciler) sandbox(id string) (Sandbox, error) {
 // client returns the sandbox's live QMP connection, dialling a new one
 // when there is none or the last one died.
 func (r *Reconciler) client(ctx context.Context, sb Sandbox) (*qmp.Client, error) {
+	c, _, err := r.clientModel(ctx, sb)
+	return c, err
+}
+
+// clientModel is client, and the connection's model of the VM: a new
+// connection comes with a new, unknown model.
+func (r *Reconciler) clientModel(ctx context.Context, sb Sandbox) (*qmp.Client, *vmModel, error) {
 	// Two passes (a reconcile and a `tapsync plan`) must not both dial:
 	// the second would wait for a greeting that never comes.
 	defer r.lockDial(sb.QMP)()
 	r.mu.Lock()
-	c := r.conns[sb.ID]
+	c, m := r.conns[sb.ID], r.models[sb.ID]
 	r.mu.Unlock()
-	if c != nil {
+	if c != nil && m != nil && m.conn == c {
 		select {
 		case <-c.Done():
 		default:
-			return c, nil
+			return c, m, nil
 		}
 	}
+	// Events from the first one on change the model (and their count
+	// keeps a full observation that overlapped one from being trusted).
+	m = &vmModel{}
 	opts := qmp.Options{Timeout: sb.QMPTimeout, CheckConn: sb.CheckQMP}
-	if on := r.OnEvent; on != nil {
-		id := sb.ID
-		opts.OnEvent = func(e qmp.Event) { on(id, e) }
+	on, id := r.OnEvent, sb.ID
+	opts.OnEvent = func(e qmp.Event) {
+		m.event(e)
+		if on != nil {
+			on(id, e)
+		}
 	}
 	c, err := qmp.Dial(ctx, sb.QMP, opts)
 	if err != nil {
-		return nil, fmt.Errorf("sandbox %s: %w", sb.ID, err)
+		return nil, nil, fmt.Errorf("sandbox %s: %w", sb.ID, err)
 	}
+	m.mu.Lock()
+	m.conn = c
+	m.mu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if cur, ok := r.sandboxes[sb.ID]; !ok || cur.sb.QMP != sb.QMP {
 		c.Close() // unregistered or re-pointed while we dialled
-		return nil, fmt.Errorf("sandbox %s: %w while connecting to %s", sb.ID, ErrUnknownSandbox, sb.QMP)
+		return nil, nil, fmt.Errorf("sandbox %s: %w while connecting to %s", sb.ID, ErrUnknownSandbox, sb.QMP)
 	}
 	if old := r.conns[sb.ID]; old != nil {
 		old.Close()
 	}
-	r.conns[sb.ID] = c
-	return c, nil
+	r.conns[sb.ID], r.models[sb.ID] = c, m
+	return c, m, nil
+}
+
+// Verify makes the next pass over sandbox id observe its VM fully, even
+// when the model of the VM is fresh, and log what the model had wrong.
+// The periodic resync asks it of every sandbox.
+func (r *Reconciler) Verify(id string) {
+	r.mu.Lock()
+	m := r.models[id]
+	r.mu.Unlock()
+	if m != nil {
+		m.mu.Lock()
+		m.verify = true
+		m.mu.Unlock()
+	}
+}
+
+// VerifyAll asks Verify of every registered sandbox.
+func (r *Reconciler) VerifyAll() {
+	r.mu.Lock()
+	ms := slices.Collect(maps.Values(r.models))
+	r.mu.Unlock()
+	for _, m := range ms {
+		m.mu.Lock()
+		m.verify = true
+		m.mu.Unlock()
+	}
+}
+
+// StatusOf returns the last outcome of sandbox id, as Status would list
+// it, without copying and sorting every sandbox's (a pass's caller asks
+// this of each pass).
+func (r *Reconciler) StatusOf(id string) (Status, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.sandboxes[id]
+	if !ok {
+		return Status{}, false
+	}
+	s := r.status[id]
+	s.Sandbox, s.Source = e.sb, e.source
+	return s, true
+}
+
+// forgetModel makes the model of sandbox id's VM unknown: after an error
+// anything may have happened, and the next pass observes fully.
+func (r *Reconciler) forgetModel(id string) {
+	r.mu.Lock()
+	m := r.models[id]
+	r.mu.Unlock()
+	m.forget()
 }
 
 // session is one sandbox opened for a pass: its netns, VM and record.
@@ -323,14 +391,14 @@ func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
 		return nil, fmt.Errorf("sandbox %s: %w", id, err)
 	}
 	s := &session{sb: sb, host: host}
-	c, err := r.client(ctx, sb)
+	c, m, err := r.clientModel(ctx, sb)
 	if err != nil {
 		host.Close()
 		return nil, err
 	}
-	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement}
+	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement, model: m}
 	if s.queues = sb.Queues; s.queues == 0 {
-		n, err := c.VCPUs(ctx)
+		n, err := m.vcpuCount(ctx)
 		if err != nil {
 			host.Close()
 			return nil, fmt.Errorf("sandbox %s: count vCPUs for queues=0: %w", id, err)
@@ -429,10 +497,14 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 	}
 	defer release()
 	var st Status
+	waiting := false // the pass ended waiting for the guest or QEMU, not failed
 	defer func() {
 		st.LastReconcile = time.Now()
 		if err != nil {
 			st.LastError = err.Error()
+			if !waiting {
+				r.forgetModel(id)
+			}
 		}
 		r.mu.Lock()
 		if _, ok := r.sandboxes[id]; ok {
@@ -473,6 +545,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		// The host side is done; the guest's is retried with backoff.
 		return WithCause(CauseAgent, fmt.Errorf("sandbox %s: guest agent at %s: %w", id, s.sb.Agent, guestErr))
 	}
+	waiting = true // the model followed every unplug's outcome
 	if len(out.Pending) > 0 {
 		// Not a failure, but not done: come back (with backoff) until the
 		// guest acknowledges, in case its DEVICE_DELETED is missed.
@@ -577,6 +650,7 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 		return nil
 	}
 	defer release()
+	r.forgetModel(id) // its unplugs go through a VM without the model
 	host, err := datapath.Open(sb.Netns)
 	if err != nil {
 		if _, statErr := os.Stat(sb.Netns); statErr == nil {

@@ -18,17 +18,29 @@ type qmpVM struct {
 	c          *qmp.Client
 	unplugWait time.Duration
 	placement  qmp.Placement
+	// model, when set, is the connection's model of the VM: NICs reads it
+	// when fresh, and plugs and unplugs keep it current (nil: ask QEMU
+	// every time).
+	model *vmModel
 }
 
 func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
+	if v.model != nil {
+		infos, netdevs, ok := v.model.fresh()
+		var err error
+		if !ok {
+			infos, netdevs, err = v.model.observe(ctx)
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		return nicsOf(infos), netdevs, nil
+	}
 	infos, err := v.c.ListNICs(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
-	nics := make([]NIC, 0, len(infos))
-	for _, i := range infos {
-		nics = append(nics, NIC{ID: i.ID, Index: i.Index, Owned: i.Owned, MAC: i.MAC, PCIPath: i.PCIPath})
-	}
+	nics := nicsOf(infos)
 	ids, err := v.c.ListNetdevs(ctx)
 	if err != nil {
 		return nil, nil, err
@@ -40,6 +52,14 @@ func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
 		}
 	}
 	return nics, netdevs, nil
+}
+
+func nicsOf(infos []qmp.NICInfo) []NIC {
+	nics := make([]NIC, 0, len(infos))
+	for _, i := range infos {
+		nics = append(nics, NIC{ID: i.ID, Index: i.Index, Owned: i.Owned, MAC: i.MAC, PCIPath: i.PCIPath})
+	}
+	return nics
 }
 
 // parseNetdevID returns n for qmp.NetdevID(n).
@@ -56,7 +76,13 @@ func parseNetdevID(id string) (int, bool) {
 }
 
 func (v qmpVM) PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, mtu int, q *datapath.Queues) (string, error) {
-	info, err := v.c.AddNIC(ctx, qmp.NIC{Index: index, MAC: mac, TapFDs: q.Tap, VhostFDs: q.Vhost, MTU: mtu, Placement: v.placement})
+	info, err := v.c.AddNIC(ctx, qmp.NIC{Index: index, MAC: mac, TapFDs: q.Tap, VhostFDs: q.Vhost, MTU: mtu, Placement: v.placement,
+		At: v.model.place(index, v.placement)})
+	if err != nil {
+		v.model.forget() // QEMU refused what the model allowed, or left something half-made
+	} else {
+		v.model.plugged(info)
+	}
 	if errors.Is(err, qmp.ErrNetdevOrphaned) {
 		return "", fmt.Errorf("%w: %w", ErrIndexBurned, err)
 	}
@@ -77,6 +103,12 @@ func (v qmpVM) UnplugNICs(ctx context.Context, reqs []Unplug, wait bool) []error
 	}
 	errs := v.c.RemoveNICs(ctx, us, d)
 	for i, err := range errs {
+		switch {
+		case err == nil:
+			v.model.unplugged(reqs[i].Index)
+		case !errors.Is(err, qmp.ErrRemovalPending):
+			v.model.forget()
+		}
 		switch {
 		case errors.Is(err, qmp.ErrRemovalPending):
 			errs[i] = fmt.Errorf("%w: %w", ErrUnplugPending, err)

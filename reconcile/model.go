@@ -1,0 +1,275 @@
+package reconcile
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/qmp"
+)
+
+// vmModel is what tapsync knows of one VM through one QMP connection: its
+// virtio-net devices, our netdevs, its hot-plug slots and vCPU count. A
+// pass that finds the model fresh observes the VM from it, without a QMP
+// round trip (each one waits for QEMU's main loop, slow under TCG).
+//
+// The model starts unknown with each connection: the first pass observes
+// QEMU fully and installs what it saw. From then on our own commands (a
+// plug's result, an unplug's) and QEMU's events (DEVICE_DELETED) keep it
+// current. It falls back to unknown — the next pass observes fully —
+// whenever it could be stale: a pass that ended in an error, a command
+// that failed, an event it does not understand. A verify pass (Verify, the
+// periodic resync) observes fully even when the model is fresh, and logs
+// what differed: that is a bug in the model or another actor on the VM.
+type vmModel struct {
+	mu     sync.Mutex
+	conn   *qmp.Client // the connection the model belongs to
+	known  bool        // nics, netdevs and topo are current
+	verify bool        // the next pass observes fully and compares
+	// version counts changes from events and our commands: a full
+	// observation during which it moved may have missed one, and is not
+	// installed.
+	version uint64
+	nics    []qmp.NICInfo
+	netdevs []int // indexes of our netdevs
+	topo    qmp.Topology
+	vcpus   int // 0: not counted on this connection
+}
+
+// modelIgnored are QMP events that change nothing the model holds.
+var modelIgnored = map[string]bool{
+	"NIC_RX_FILTER_CHANGED": true, "STOP": true, "RESUME": true, "RTC_CHANGE": true,
+	"ACPI_DEVICE_OST": true, "DEVICE_UNPLUG_GUEST_ERROR": true, "POWERDOWN": true,
+	"SUSPEND": true, "WAKEUP": true, "BALLOON_CHANGE": true, "VSERPORT_CHANGE": true,
+}
+
+// event applies one QMP event: a DEVICE_DELETED of a NIC the model holds
+// removes it and frees its slot; any other event that is not known to be
+// harmless makes the model unknown.
+func (m *vmModel) event(e qmp.Event) {
+	if modelIgnored[e.Name] {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.version++
+	if !m.known {
+		return
+	}
+	if e.Name == "DEVICE_DELETED" {
+		path, _ := e.Data["path"].(string)
+		if i := slices.IndexFunc(m.nics, func(n qmp.NICInfo) bool { return n.QOMPath == path }); path != "" && i >= 0 {
+			m.dropNICLocked(i)
+			return
+		}
+		// QEMU 7.2 first reports a NIC's own virtio backend
+		// (<nic>/virtio-backend, no device id), then the NIC.
+		if slices.ContainsFunc(m.nics, func(n qmp.NICInfo) bool { return strings.HasPrefix(path, n.QOMPath+"/") }) {
+			return
+		}
+	}
+	m.known = false
+}
+
+// dropNICLocked removes nics[i] and frees its slot; m.mu must be held.
+func (m *vmModel) dropNICLocked(i int) {
+	n := m.nics[i]
+	if slot, ok := slotOf(n); ok {
+		m.topo.Release(n.Bus, slot)
+	}
+	m.nics = slices.Delete(m.nics, i, i+1)
+}
+
+// slotOf is the slot of a NIC's Addr ("1f.0").
+func slotOf(n qmp.NICInfo) (int, bool) {
+	var slot, fn int
+	if _, err := fmt.Sscanf(n.Addr, "%x.%x", &slot, &fn); err != nil {
+		return 0, false
+	}
+	return slot, true
+}
+
+// forget makes the model unknown: the next pass observes fully.
+func (m *vmModel) forget() {
+	if m == nil {
+		return
+	}
+	m.mu.Lock()
+	m.known = false
+	m.version++
+	m.mu.Unlock()
+}
+
+// fresh returns the model's view when it is known and no verify is due.
+func (m *vmModel) fresh() (nics []qmp.NICInfo, netdevs []int, ok bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.known || m.verify {
+		return nil, nil, false
+	}
+	return slices.Clone(m.nics), slices.Clone(m.netdevs), true
+}
+
+// observe reads QEMU fully and installs what it saw, unless the model
+// changed meanwhile. With a verify due and a model known, what differed
+// is logged.
+//
+// Equivalent to: ListNICs, ListNetdevs and Topology (qom-list,
+// qom-get ×4 per NIC, query-pci, HMP info network).
+func (m *vmModel) observe(ctx context.Context) ([]qmp.NICInfo, []int, error) {
+	m.mu.Lock()
+	v, c := m.version, m.conn
+	m.mu.Unlock()
+	nics, err := c.ListNICs(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	ids, err := c.ListNetdevs(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	var netdevs []int
+	for _, id := range ids {
+		if n, ok := parseNetdevID(id); ok {
+			netdevs = append(netdevs, n)
+		}
+	}
+	topo, err := c.Topology(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.version != v {
+		return nics, netdevs, nil // changed under us: observe again next time
+	}
+	if m.known && m.verify {
+		if diff := m.diffLocked(nics, netdevs, topo); diff != "" {
+			zerolog.Ctx(ctx).Warn().Str("differences", diff).
+				Msg("the model of the VM differed from QEMU (a bug, or another actor changed the VM); replaced")
+		}
+	}
+	m.known, m.verify = true, false
+	m.nics, m.netdevs, m.topo = slices.Clone(nics), slices.Clone(netdevs), topo
+	return nics, netdevs, nil
+}
+
+// diffLocked says how the model differs from what QEMU showed, "" when it
+// does not; m.mu must be held.
+func (m *vmModel) diffLocked(nics []qmp.NICInfo, netdevs []int, topo qmp.Topology) string {
+	var d []string
+	key := func(n qmp.NICInfo) string {
+		return fmt.Sprintf("%s mac=%s netdev=%s bus=%s addr=%s path=%s", n.QOMPath, n.MAC, n.Netdev, n.Bus, n.Addr, n.PCIPath)
+	}
+	have := map[string]bool{}
+	for _, n := range m.nics {
+		have[key(n)] = true
+	}
+	for _, n := range nics {
+		if k := key(n); !have[k] {
+			d = append(d, "unknown NIC "+k)
+		} else {
+			delete(have, k)
+		}
+	}
+	for k := range have {
+		d = append(d, "NIC gone "+k)
+	}
+	a, b := slices.Sorted(slices.Values(m.netdevs)), slices.Sorted(slices.Values(netdevs))
+	if !slices.Equal(a, b) {
+		d = append(d, fmt.Sprintf("netdevs %v, QEMU has %v", a, b))
+	}
+	if !m.topo.Equal(topo) {
+		d = append(d, "hot-plug slots differ")
+	}
+	sort.Strings(d)
+	return strings.Join(d, "; ")
+}
+
+// place chooses where a new NIC goes, when the model is fresh and holds
+// neither the device nor the netdev of index: AddNIC then asks QEMU
+// nothing. nil means "let AddNIC look".
+func (m *vmModel) place(index int, p qmp.Placement) *qmp.Place {
+	if m == nil {
+		return nil
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.known || m.verify || slices.Contains(m.netdevs, index) ||
+		slices.ContainsFunc(m.nics, func(n qmp.NICInfo) bool { return n.Owned && n.Index == index }) {
+		return nil
+	}
+	at, err := m.topo.Choose(p)
+	if err != nil {
+		return nil // AddNIC looks again and says what is full
+	}
+	return &at
+}
+
+// plugged records a NIC that AddNIC made (or found).
+func (m *vmModel) plugged(info qmp.NICInfo) {
+	if m == nil {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.version++
+	if !m.known {
+		return
+	}
+	if slices.ContainsFunc(m.nics, func(n qmp.NICInfo) bool { return n.QOMPath == info.QOMPath }) {
+		if !slices.ContainsFunc(m.nics, func(n qmp.NICInfo) bool {
+			return n.QOMPath == info.QOMPath && bytes.Equal(n.MAC, info.MAC) && n.Bus == info.Bus && n.Addr == info.Addr
+		}) {
+			m.known = false // found made already, elsewhere than the model thought
+		}
+		return
+	}
+	slot, ok := slotOf(info)
+	if !ok {
+		m.known = false
+		return
+	}
+	m.topo.Take(info.Bus, slot)
+	m.nics = append(m.nics, info)
+	if !slices.Contains(m.netdevs, info.Index) {
+		m.netdevs = append(m.netdevs, info.Index)
+	}
+}
+
+// unplugged records that endpoint index's NIC and netdev are gone.
+func (m *vmModel) unplugged(index int) {
+	if m == nil {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.version++
+	if i := slices.IndexFunc(m.nics, func(n qmp.NICInfo) bool { return n.Owned && n.Index == index }); i >= 0 {
+		m.dropNICLocked(i)
+	}
+	m.netdevs = slices.DeleteFunc(m.netdevs, func(n int) bool { return n == index })
+}
+
+// vcpuCount returns the VM's vCPU count, asking QEMU once per connection.
+func (m *vmModel) vcpuCount(ctx context.Context) (int, error) {
+	m.mu.Lock()
+	n, c := m.vcpus, m.conn
+	m.mu.Unlock()
+	if n > 0 {
+		return n, nil
+	}
+	n, err := c.VCPUs(ctx)
+	if err != nil {
+		return 0, err
+	}
+	m.mu.Lock()
+	m.vcpus = n
+	m.mu.Unlock()
+	return n, nil
+}

@@ -1,0 +1,276 @@
+package reconcile
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/e2e/testnet"
+	"github.com/tapsync/tapsync/e2e/testproc"
+	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/state"
+)
+
+// modelVM is a q35 QEMU with four root ports, native PCIe hot-plug and no
+// guest OS: with nobody to power a slot on, QEMU completes an unplug at
+// once and sends DEVICE_DELETED. Besides the sandbox's QMP socket it has a
+// second one for the test, the "outside actor".
+type modelVM struct {
+	qmp     string
+	outside *qmp.Client
+}
+
+func startModelVM(t *testing.T) modelVM {
+	t.Helper()
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("skipping: qemu-system-x86_64 not installed")
+	}
+	dir, err := os.MkdirTemp("", "rcmodel") // short: socket paths are limited to 108 bytes
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock, test := filepath.Join(dir, "qmp.sock"), filepath.Join(dir, "test.sock")
+	args := []string{"-machine", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
+		"-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+		"-qmp", "unix:" + sock + ",server=on,wait=off", "-qmp", "unix:" + test + ",server=on,wait=off"}
+	for n := 1; n <= 4; n++ {
+		args = append(args, "-device", fmt.Sprintf("pcie-root-port,id=rp%d,chassis=%d,bus=pcie.0,addr=%#x", n, n, n+1))
+	}
+	cmd := exec.Command("qemu-system-x86_64", args...)
+	if err := testproc.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err1 := os.Stat(sock)
+		_, err2 := os.Stat(test)
+		if err1 == nil && err2 == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no QMP sockets: %v, %v", err1, err2)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	out, err := qmp.Dial(context.Background(), test, qmp.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { out.Close() })
+	return modelVM{qmp: sock, outside: out}
+}
+
+// do runs a command on the outside monitor.
+func (vm modelVM) do(t *testing.T, cmd string, args map[string]any) {
+	t.Helper()
+	b := fmt.Sprintf(`{"execute": %q}`, cmd)
+	if args != nil {
+		a := ""
+		for k, v := range args {
+			if a != "" {
+				a += ", "
+			}
+			a += fmt.Sprintf("%q: %q", k, v)
+		}
+		b = fmt.Sprintf(`{"execute": %q, "arguments": {%s}}`, cmd, a)
+	}
+	if _, err := vm.outside.Run([]byte(b)); err != nil {
+		t.Fatalf("outside %s: %v", b, err)
+	}
+}
+
+type modelRig struct {
+	r     *Reconciler
+	sb    Sandbox
+	vm    modelVM
+	ns    testnet.NS
+	peer  testnet.NS
+	log   *bytes.Buffer
+	ctx   context.Context
+	store *state.Store
+}
+
+func newModelRig(t *testing.T, links int) *modelRig {
+	t.Helper()
+	testnet.SkipUnlessRoot(t)
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		t.Skip("skipping: no /dev/net/tun")
+	}
+	g := &modelRig{ns: testnet.NewNS(t, "tapsync-model"), peer: testnet.NewNS(t, "tapsync-modelpeer"), log: &bytes.Buffer{}}
+	for i := range links {
+		testnet.Veth(t, g.ns, fmt.Sprintf("net%d", i), macN(i+1), g.peer, fmt.Sprintf("peer%d", i))
+	}
+	g.vm = startModelVM(t)
+	var err error
+	if g.store, err = state.Open(filepath.Join(t.TempDir(), "state")); err != nil {
+		t.Fatal(err)
+	}
+	g.r = New(g.store)
+	t.Cleanup(g.r.Close)
+	g.sb = Sandbox{ID: "model", Netns: g.ns.Path, QMP: g.vm.qmp, Queues: 1, Vhost: datapath.VhostOff, UnplugTimeout: 5 * time.Second,
+		Placement: qmp.Placement{Hotplug: qmp.HotplugRootPort}}
+	if _, err := g.r.Register(g.sb, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+	g.ctx = zerolog.New(g.log).WithContext(context.Background())
+	// Just after QEMU starts its firmware numbers the buses, and a pass
+	// may find no free port: passes are retried.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		err := g.r.Reconcile(g.ctx, g.sb.ID)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d NICs not plugged within a minute: %v", links, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return g
+}
+
+// pass runs one pass and returns its QMP command count.
+func (g *modelRig) pass(t *testing.T) (uint64, error) {
+	t.Helper()
+	c, err := g.r.client(g.ctx, g.sb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := c.Commands()
+	err = g.r.Reconcile(g.ctx, g.sb.ID)
+	return c.Commands() - before, err
+}
+
+func (g *modelRig) model() *vmModel {
+	g.r.mu.Lock()
+	defer g.r.mu.Unlock()
+	return g.r.models[g.sb.ID]
+}
+
+func (g *modelRig) modelNICs() []string {
+	m := g.model()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []string
+	for _, n := range m.nics {
+		out = append(out, n.QOMPath+"@"+n.Bus)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// A pass with nothing to do asks QEMU nothing; an add costs getfd,
+// netdev_add and device_add only.
+func TestModelNoOpPassNoQMP(t *testing.T) {
+	g := newModelRig(t, 2)
+	for range 3 {
+		n, err := g.pass(t)
+		if err != nil || n != 0 {
+			t.Fatalf("a no-op pass: %d QMP commands, err %v; want 0", n, err)
+		}
+	}
+	testnet.Veth(t, g.ns, "net2", macN(3), g.peer, "peer2")
+	n, err := g.pass(t)
+	if err != nil || n != 3 {
+		t.Errorf("a pass adding one NIC: %d QMP commands, err %v; want 3 (getfd, netdev_add, device_add)", n, err)
+	}
+	if n, err := g.pass(t); err != nil || n != 0 {
+		t.Errorf("the pass after: %d QMP commands, err %v; want 0", n, err)
+	}
+	// The verify pass reads QEMU again and finds the model right.
+	g.r.Verify(g.sb.ID)
+	if n, err := g.pass(t); err != nil || n == 0 {
+		t.Errorf("verify pass: %d QMP commands, err %v; want a full observation", n, err)
+	}
+	if strings.Contains(g.log.String(), "differed") {
+		t.Errorf("verify found the model wrong:\n%s", g.log)
+	}
+	if n, err := g.pass(t); err != nil || n != 0 {
+		t.Errorf("the pass after verify: %d QMP commands, err %v; want 0", n, err)
+	}
+}
+
+// An outside device_del: QEMU's DEVICE_DELETED takes the NIC out of the
+// model, and the next ordinary pass plugs it again. An outside device_add
+// is not seen by an ordinary pass, but by the next verify pass, which
+// logs the difference.
+func TestModelOutsideActor(t *testing.T) {
+	g := newModelRig(t, 2)
+	g.vm.do(t, "device_del", map[string]any{"id": qmp.DeviceID(1)})
+	want := "/machine/peripheral/" + qmp.DeviceID(0)
+	deadline := time.Now().Add(10 * time.Second)
+	for nics := g.modelNICs(); len(nics) != 1 || !strings.HasPrefix(nics[0], want+"@"); nics = g.modelNICs() {
+		if time.Now().After(deadline) {
+			t.Fatalf("model NICs after an outside device_del = %q; want only %s", nics, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// The netdev stays (nobody deleted it): the pass deletes and remakes it.
+	if _, err := g.pass(t); err != nil {
+		t.Fatal(err)
+	}
+	if nics := g.modelNICs(); len(nics) != 2 {
+		t.Fatalf("model NICs after the pass = %q; want both back", nics)
+	}
+	if n, err := g.pass(t); err != nil || n != 0 {
+		t.Errorf("no-op pass after the re-plug: %d QMP commands, err %v", n, err)
+	}
+
+	// Another actor plugs a NIC into the last free root port.
+	g.vm.do(t, "device_add", map[string]any{"driver": "virtio-net-pci", "id": "outsider", "bus": "rp1", "romfile": ""})
+	if n, err := g.pass(t); err != nil || n != 0 || len(g.modelNICs()) != 2 {
+		t.Errorf("ordinary pass: %d QMP commands, %v, model %q; want the model trusted", n, err, g.modelNICs())
+	}
+	g.r.Verify(g.sb.ID)
+	if _, err := g.pass(t); err != nil {
+		t.Fatal(err)
+	}
+	if nics := g.modelNICs(); !slices.Contains(nics, "/machine/peripheral/outsider@rp1") {
+		t.Errorf("model NICs after verify = %q; want the outsider's", nics)
+	}
+	if !strings.Contains(g.log.String(), "unknown NIC /machine/peripheral/outsider") {
+		t.Errorf("verify did not log the outsider:\n%s", g.log)
+	}
+}
+
+// A model that is wrong makes a plug fail; the failed pass forgets the
+// model and the next one observes QEMU fully and succeeds.
+func TestModelErrorObservesFully(t *testing.T) {
+	g := newModelRig(t, 1)
+	// The model picks root ports from the top: rp4 went to net0, rp3 is
+	// next. Another actor takes it unseen.
+	g.vm.do(t, "device_add", map[string]any{"driver": "virtio-net-pci", "id": "outsider", "bus": "rp3", "romfile": ""})
+	testnet.Veth(t, g.ns, "net1", macN(2), g.peer, "peer1")
+	n, err := g.pass(t)
+	if err == nil {
+		t.Fatalf("a plug into the outsider's port succeeded (%d commands)", n)
+	}
+	t.Logf("pass with a wrong model: %d commands: %v", n, err)
+	if _, _, ok := g.model().fresh(); ok {
+		t.Fatal("the model is still trusted after a failed pass")
+	}
+	n, err = g.pass(t)
+	if err != nil {
+		t.Fatalf("the pass after the failure: %v", err)
+	}
+	if n <= 3 {
+		t.Errorf("the pass after the failure sent %d commands; want a full observation before the plug", n)
+	}
+	if nics := g.modelNICs(); len(nics) != 3 || !slices.Contains(nics, "/machine/peripheral/outsider@rp3") {
+		t.Errorf("model NICs = %q; want ours two and the outsider", nics)
+	}
+}

@@ -1,0 +1,56 @@
+package reconcile
+
+import (
+	"testing"
+
+	"github.com/tapsync/tapsync/qmp"
+)
+
+func knownModel() *vmModel {
+	m := &vmModel{known: true, netdevs: []int{1, 2}, nics: []qmp.NICInfo{
+		{ID: qmp.DeviceID(1), Index: 1, Owned: true, Bus: "br", Addr: "1f.0", QOMPath: "/machine/peripheral/" + qmp.DeviceID(1)},
+		{ID: qmp.DeviceID(2), Index: 2, Owned: true, Bus: "br", Addr: "1e.0", QOMPath: "/machine/peripheral/" + qmp.DeviceID(2)},
+	}}
+	m.topo.Take("br", 0x1f)
+	m.topo.Take("br", 0x1e)
+	return m
+}
+
+// Events keep the model or make it unknown; none leaves it wrong.
+func TestModelEvents(t *testing.T) {
+	m := knownModel()
+	m.event(qmp.Event{Name: "NIC_RX_FILTER_CHANGED", Data: map[string]any{"path": "/machine/peripheral/" + qmp.DeviceID(1) + "/virtio-backend"}})
+	m.event(qmp.Event{Name: "DEVICE_DELETED", Data: map[string]any{"path": "/machine/peripheral/" + qmp.DeviceID(2) + "/virtio-backend"}})
+	if _, _, ok := m.fresh(); !ok || len(m.nics) != 2 {
+		t.Fatalf("after a harmless event and a backend's DEVICE_DELETED: known %v, nics %+v", ok, m.nics)
+	}
+	m.event(qmp.Event{Name: "DEVICE_DELETED", Data: map[string]any{"device": qmp.DeviceID(2), "path": "/machine/peripheral/" + qmp.DeviceID(2)}})
+	nics, netdevs, ok := m.fresh()
+	if !ok || len(nics) != 1 || nics[0].Index != 1 || len(netdevs) != 2 {
+		t.Fatalf("after NIC 2's DEVICE_DELETED: known %v, nics %+v, netdevs %v; want NIC 1 and both netdevs (netdev_del is ours to send)", ok, nics, netdevs)
+	}
+	if at := m.place(3, qmp.Placement{}); at != nil {
+		t.Errorf("placed at %+v on a model without that bus in its topology", at)
+	}
+	if m.topo.Equal(knownModel().topo) {
+		t.Error("NIC 2's slot still taken")
+	}
+	for _, name := range []string{"RESET", "SHUTDOWN", "SOMETHING_NEW"} {
+		m := knownModel()
+		m.event(qmp.Event{Name: name})
+		if _, _, ok := m.fresh(); ok {
+			t.Errorf("model still trusted after %s", name)
+		}
+	}
+	m = knownModel()
+	m.event(qmp.Event{Name: "DEVICE_DELETED", Data: map[string]any{"path": "/machine/peripheral-anon/device[3]"}})
+	if _, _, ok := m.fresh(); ok {
+		t.Error("model still trusted after a device it does not hold was deleted")
+	}
+	// A verify due: the model is not used until a full observation.
+	m = knownModel()
+	m.verify = true
+	if _, _, ok := m.fresh(); ok || m.place(3, qmp.Placement{}) != nil {
+		t.Error("a model with a verify due was used")
+	}
+}

@@ -564,7 +564,6 @@ func (r *guestRig) streams(guest, gw netip.Addr, dur time.Duration) (out, in tes
 // daemon's log); without limits the streams are at least 5× faster.
 func TestRateLimits(t *testing.T) {
 	const first, second = 20e6, 10e6
-	const dur = 4 * time.Second
 	r := newGuestRig(t, func(vm *testvm.VM) string { return vm.Agent }, "rx_rate = 20000000\ntx_rate = 20000000\n")
 	defer func() {
 		if t.Failed() {
@@ -581,6 +580,13 @@ func TestRateLimits(t *testing.T) {
 	})
 	r.converged(time.Time{})
 	r.pingFromNode(guest)
+	measureRates(t, r, guest, gw, mac, first, second)
+}
+
+// measureRates streams through the guest at the rig's limits (first),
+// after a reload to second, and after a reload without limits.
+func measureRates(t *testing.T, r *guestRig, guest, gw netip.Addr, mac net.HardwareAddr, first, second float64) {
+	const dur = 4 * time.Second
 	nic := nicsWithMAC(r.qmpNICs(), mac)
 	if len(nic) != 1 {
 		t.Fatalf("NICs with %s: %+v", mac, nic)
@@ -648,5 +654,70 @@ func TestRateLimits(t *testing.T) {
 		if res.BitsPerSec() < 5*first {
 			t.Errorf("%s without limits: %v, want at least %.0f Mbit/s", what, res, 5*first/1e6)
 		}
+	}
+}
+
+// TestMacvtapRateLimits is TestRateLimits for the macvtap model: rx
+// through the ifb tsi0 that the container link's ingress is redirected
+// to (what arrives for the macvtap passes no egress qdisc of the pod),
+// tx on the container link's egress (what the guest writes, the macvtap
+// sends through its lower device). Status carries no "not applied"
+// note; after the limits are removed no ifb, filter or HTB is left.
+func TestMacvtapRateLimits(t *testing.T) {
+	const first, second = 20e6, 10e6
+	r := newGuestRig(t, func(vm *testvm.VM) string { return vm.Agent }, "model = \"macvtap\"\nrx_rate = 20000000\ntx_rate = 20000000\n")
+	defer func() {
+		if t.Failed() {
+			t.Logf("status: %v", status(t, r.stateDir))
+		}
+	}()
+	sub := testcni.Subnet4()
+	gw := testcni.Gateway(sub)
+	n := testcni.Bridge(testcni.UniqueName("net"), testcni.UniqueName("br"), sub)
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	res, err := r.cni.Add(ctx, n, "pod", r.pod.Path, "net1")
+	if err != nil {
+		t.Fatalf("CNI ADD: %v", err)
+	}
+	t.Cleanup(func() { _ = r.cni.Del(context.Background(), n, "pod", r.pod.Path, "net1") })
+	var mac net.HardwareAddr
+	for _, i := range res.Interfaces {
+		if i.Name == "net1" && i.Sandbox != "" {
+			mac, _ = net.ParseMAC(i.Mac)
+		}
+	}
+	a, _ := netip.AddrFromSlice(res.IPs[0].Address.IP)
+	ones, _ := res.IPs[0].Address.Mask.Size()
+	addr := netip.PrefixFrom(a.Unmap(), ones)
+	r.guestIface(mac, "is net1 with "+addr.String(), func(i agent.Interface) bool {
+		return i.Name == "net1" && sameAddrs(i.Addrs, []netip.Prefix{addr})
+	})
+	st := r.converged(time.Time{})
+	endpointOf(t, st, state.KindMacvtap, "tsm0")
+	if notes, _ := st["notes"].([]any); len(notes) != 0 {
+		t.Errorf("status notes %v, want none", notes)
+	}
+	limits := func() []datapath.RateLimitOn {
+		ns := openNetns(t, r.pod.Path)
+		defer ns.Close()
+		ls, err := ns.RateLimits()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ls
+	}
+	net1 := r.podLink("net1").Ifindex
+	want := []datapath.RateLimitOn{{Ifindex: net1, Name: "net1", BPS: first}, {Ifindex: net1, Name: "net1", BPS: first, Ingress: true, Ifb: 0}}
+	if got := limits(); !slices.Equal(got, want) {
+		t.Errorf("limits in the pod %+v, want %+v", got, want)
+	}
+	r.pingFromNode(addr.Addr())
+	measureRates(t, r, addr.Addr(), gw, mac, first, second)
+	if got := limits(); len(got) != 0 {
+		t.Errorf("limits left after removal: %+v", got)
+	}
+	if out := testnet.Run(t, "ip", "-n", r.pod.Name, "-br", "link"); strings.Contains(out, "tsi") {
+		t.Errorf("ifb left in the pod:\n%s", out)
 	}
 }

@@ -37,8 +37,11 @@ type vmModel struct {
 	version uint64
 	nics    []qmp.NICInfo
 	netdevs []int // indexes of our netdevs
-	topo    qmp.Topology
-	vcpus   int // 0: not counted on this connection
+	// topo is read when a plug first needs it (a pass with nothing to
+	// plug never asks), and kept from then on like the rest.
+	topo      qmp.Topology
+	topoKnown bool
+	vcpus     int // 0: not counted on this connection
 }
 
 // modelIgnored are QMP events that change nothing the model holds.
@@ -79,7 +82,7 @@ func (m *vmModel) event(e qmp.Event) {
 // dropNICLocked removes nics[i] and frees its slot; m.mu must be held.
 func (m *vmModel) dropNICLocked(i int) {
 	n := m.nics[i]
-	if slot, ok := slotOf(n); ok {
+	if slot, ok := slotOf(n); ok && m.topoKnown {
 		m.topo.Release(n.Bus, slot)
 	}
 	m.nics = slices.Delete(m.nics, i, i+1)
@@ -119,8 +122,9 @@ func (m *vmModel) fresh() (nics []qmp.NICInfo, netdevs []int, ok bool) {
 // changed meanwhile. With a verify due and a model known, what differed
 // is logged.
 //
-// Equivalent to: ListNICs, ListNetdevs and Topology (qom-list,
-// qom-get ×4 per NIC, query-pci, HMP info network).
+// Equivalent to: ListNICs and ListNetdevs (qom-list ×2, qom-get ×4 per
+// NIC, query-pci, HMP info network). The hot-plug slots are read again
+// when a plug needs them.
 func (m *vmModel) observe(ctx context.Context) ([]qmp.NICInfo, []int, error) {
 	m.mu.Lock()
 	v, c := m.version, m.conn
@@ -139,29 +143,26 @@ func (m *vmModel) observe(ctx context.Context) ([]qmp.NICInfo, []int, error) {
 			netdevs = append(netdevs, n)
 		}
 	}
-	topo, err := c.Topology(ctx)
-	if err != nil {
-		return nil, nil, err
-	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.version != v {
 		return nics, netdevs, nil // changed under us: observe again next time
 	}
 	if m.known && m.verify {
-		if diff := m.diffLocked(nics, netdevs, topo); diff != "" {
+		if diff := m.diffLocked(nics, netdevs); diff != "" {
 			zerolog.Ctx(ctx).Warn().Str("differences", diff).
 				Msg("the model of the VM differed from QEMU (a bug, or another actor changed the VM); replaced")
 		}
 	}
 	m.known, m.verify = true, false
-	m.nics, m.netdevs, m.topo = slices.Clone(nics), slices.Clone(netdevs), topo
+	m.nics, m.netdevs = slices.Clone(nics), slices.Clone(netdevs)
+	m.topo, m.topoKnown = qmp.Topology{}, false
 	return nics, netdevs, nil
 }
 
 // diffLocked says how the model differs from what QEMU showed, "" when it
 // does not; m.mu must be held.
-func (m *vmModel) diffLocked(nics []qmp.NICInfo, netdevs []int, topo qmp.Topology) string {
+func (m *vmModel) diffLocked(nics []qmp.NICInfo, netdevs []int) string {
 	var d []string
 	key := func(n qmp.NICInfo) string {
 		return fmt.Sprintf("%s mac=%s netdev=%s bus=%s addr=%s path=%s", n.QOMPath, n.MAC, n.Netdev, n.Bus, n.Addr, n.PCIPath)
@@ -184,31 +185,41 @@ func (m *vmModel) diffLocked(nics []qmp.NICInfo, netdevs []int, topo qmp.Topolog
 	if !slices.Equal(a, b) {
 		d = append(d, fmt.Sprintf("netdevs %v, QEMU has %v", a, b))
 	}
-	if !m.topo.Equal(topo) {
-		d = append(d, "hot-plug slots differ")
-	}
 	sort.Strings(d)
 	return strings.Join(d, "; ")
 }
 
 // place chooses where a new NIC goes, when the model is fresh and holds
 // neither the device nor the netdev of index: AddNIC then asks QEMU
-// nothing. nil means "let AddNIC look".
-func (m *vmModel) place(index int, p qmp.Placement) *qmp.Place {
+// nothing. nil means "let AddNIC look". The hot-plug slots are read from
+// QEMU the first time they are needed; that failing fails the plug.
+func (m *vmModel) place(ctx context.Context, index int, p qmp.Placement) (*qmp.Place, error) {
 	if m == nil {
-		return nil
+		return nil, nil
 	}
 	m.mu.Lock()
+	if !m.topoKnown && m.known && !m.verify {
+		v, c := m.version, m.conn
+		m.mu.Unlock()
+		topo, err := c.Topology(ctx)
+		if err != nil {
+			return nil, err
+		}
+		m.mu.Lock()
+		if m.version == v {
+			m.topo, m.topoKnown = topo, true
+		}
+	}
 	defer m.mu.Unlock()
-	if !m.known || m.verify || slices.Contains(m.netdevs, index) ||
+	if !m.known || m.verify || !m.topoKnown || slices.Contains(m.netdevs, index) ||
 		slices.ContainsFunc(m.nics, func(n qmp.NICInfo) bool { return n.Owned && n.Index == index }) {
-		return nil
+		return nil, nil
 	}
 	at, err := m.topo.Choose(p)
 	if err != nil {
-		return nil // AddNIC looks again and says what is full
+		return nil, nil // AddNIC looks again and says what is full
 	}
-	return &at
+	return &at, nil
 }
 
 // plugged records a NIC that AddNIC made (or found).
@@ -235,7 +246,9 @@ func (m *vmModel) plugged(info qmp.NICInfo) {
 		m.known = false
 		return
 	}
-	m.topo.Take(info.Bus, slot)
+	if m.topoKnown {
+		m.topo.Take(info.Bus, slot)
+	}
 	m.nics = append(m.nics, info)
 	if !slices.Contains(m.netdevs, info.Index) {
 		m.netdevs = append(m.netdevs, info.Index)

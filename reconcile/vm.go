@@ -76,8 +76,14 @@ func parseNetdevID(id string) (int, bool) {
 }
 
 func (v qmpVM) PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, mtu int, q *datapath.Queues) (string, error) {
+	at, err := v.model.place(ctx, index, v.placement)
+	if err != nil {
+		q.Close()
+		v.model.forget()
+		return "", fmt.Errorf("add %s to VM at %s: hot-plug slots: %w", qmp.DeviceID(index), v.c.Path(), err)
+	}
 	info, err := v.c.AddNIC(ctx, qmp.NIC{Index: index, MAC: mac, TapFDs: q.Tap, VhostFDs: q.Vhost, MTU: mtu, Placement: v.placement,
-		At: v.model.place(index, v.placement)})
+		At: at})
 	if err != nil {
 		v.model.forget() // QEMU refused what the model allowed, or left something half-made
 	} else {

@@ -475,12 +475,8 @@ func (d *daemon) pass(ctx context.Context, id string) error {
 }
 
 func (d *daemon) status(id string) reconcile.Status {
-	for _, st := range d.rec.Status() {
-		if st.Sandbox.ID == id {
-			return st
-		}
-	}
-	return reconcile.Status{}
+	st, _ := d.rec.StatusOf(id)
+	return st
 }
 
 // run is `tapsync run`: it returns nil after a clean SIGTERM/SIGINT.
@@ -593,6 +589,9 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 			return stop(sig.String())
 		case <-resync.C:
 			log.Debug().Str("reason", "periodic resync").Msg("resyncing every sandbox")
+			// The safety net: these passes read each VM from QEMU rather
+			// than from the model our commands and its events keep.
+			d.rec.VerifyAll()
 			d.triggerAll("resync")
 			if cfg.Discovery.Proc {
 				d.requestDiscovery("periodic resync")

@@ -141,6 +141,9 @@ func isKataLink(l netlink.Link) bool {
 func isLoopback(l netlink.Link) bool { return l.Attrs().Flags&net.FlagLoopback != 0 }
 
 func (n *Netns) linkList() ([]netlink.Link, error) {
+	if n.links != nil {
+		return n.links, nil
+	}
 	links, err := dump(n.h.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("list links in netns %s: %w", n.path, err)

@@ -17,6 +17,9 @@ type Netns struct {
 	path string
 	ns   netns.NsHandle
 	h    *netlink.Handle
+	// links, while Observe runs, is its one link dump, which every part
+	// of the observation reads (six dumps of the same list before).
+	links []netlink.Link
 }
 
 // Open opens the network namespace at path (for example

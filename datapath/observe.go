@@ -35,6 +35,12 @@ func (n *Netns) Observe() (State, error) {
 		s   State
 		err error
 	)
+	// Equivalent to: ip -n <netns> link show, once for the whole
+	// observation.
+	if n.links, err = n.linkList(); err != nil {
+		return State{}, err
+	}
+	defer func() { n.links = nil }()
 	if s.Links, err = n.ContainerLinks(); err != nil {
 		return State{}, err
 	}

@@ -33,8 +33,10 @@ func TestMain(m *testing.M) {
 }
 
 // reconcileOnce runs one reconcile of the sandbox described by the
-// environment. With TAPSYNC_E2E_CRASH_AFTER=k it SIGKILLs itself right
-// after the k-th completed action. It prints "mutations=N" on success.
+// environment (TAPSYNC_E2E_MODEL: its model), or with
+// TAPSYNC_E2E_TEARDOWN=1 its teardown. With TAPSYNC_E2E_CRASH_AFTER=k it
+// SIGKILLs itself right after the k-th completed action. It prints
+// "mutations=N" on success (0 for a teardown, which ends the sandbox).
 func reconcileOnce() int {
 	log := zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, NoColor: true}).With().Timestamp().Logger()
 	ctx := log.WithContext(context.Background())
@@ -48,7 +50,7 @@ func reconcileOnce() int {
 	queues, _ := strconv.Atoi(os.Getenv("TAPSYNC_E2E_QUEUES"))
 	sb := reconcile.Sandbox{
 		ID: os.Getenv("TAPSYNC_E2E_SANDBOX"), Netns: os.Getenv("TAPSYNC_E2E_NETNS"), QMP: os.Getenv("TAPSYNC_E2E_QMP"),
-		Queues: queues, UnplugTimeout: 20 * time.Second,
+		Queues: queues, UnplugTimeout: 20 * time.Second, Model: os.Getenv("TAPSYNC_E2E_MODEL"),
 	}
 	if _, err := r.Register(sb, reconcile.SourceConfig); err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -63,6 +65,14 @@ func reconcileOnce() int {
 				select {} // never returns
 			}
 		}
+	}
+	if os.Getenv("TAPSYNC_E2E_TEARDOWN") == "1" {
+		if err := r.Teardown(ctx, sb.ID); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		fmt.Println("mutations=0")
+		return 0
 	}
 	if err := r.Reconcile(ctx, sb.ID); err != nil {
 		fmt.Fprintln(os.Stderr, err)

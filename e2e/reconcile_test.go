@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"regexp"
@@ -21,6 +22,7 @@ import (
 	"github.com/tapsync/tapsync/e2e/testnet"
 	"github.com/tapsync/tapsync/e2e/testvm"
 	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/reconcile"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -36,6 +38,8 @@ type rig struct {
 	n        *datapath.Netns
 	links    map[string]net.HardwareAddr // container links that should be wired
 	queues   int
+	model    string // the sandbox's interworking model ("": tcfilter)
+	teardown bool   // the helper tears the sandbox down instead
 }
 
 func newRig(t *testing.T, queues int) *rig {
@@ -83,7 +87,10 @@ func (r *rig) reconcile(crashAfter int) (mutations int, killed bool) {
 	cmd.Env = append(os.Environ(), helperEnv+"=reconcile",
 		"TAPSYNC_E2E_SANDBOX=sb1", "TAPSYNC_E2E_NETNS="+r.sb.Path, "TAPSYNC_E2E_QMP="+r.vm.QMP,
 		"TAPSYNC_E2E_STATE="+r.stateDir, fmt.Sprintf("TAPSYNC_E2E_QUEUES=%d", r.queues),
-		fmt.Sprintf("TAPSYNC_E2E_CRASH_AFTER=%d", crashAfter))
+		fmt.Sprintf("TAPSYNC_E2E_CRASH_AFTER=%d", crashAfter), "TAPSYNC_E2E_MODEL="+r.model)
+	if r.teardown {
+		cmd.Env = append(cmd.Env, "TAPSYNC_E2E_TEARDOWN=1")
+	}
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -132,16 +139,28 @@ func (r *rig) check() {
 	}
 	netdevs = slices.DeleteFunc(netdevs, func(id string) bool { return !strings.HasPrefix(id, "tapsync-") })
 	want := len(r.links)
-	if len(st.Taps) != want || len(nics) != want || len(netdevs) != want {
-		r.t.Errorf("want %d endpoints; taps %v, NICs %+v, netdevs %v", want, st.Taps, nics, netdevs)
+	devices, redirects := len(st.Taps), 2*want
+	if r.model == reconcile.ModelMacvtap {
+		devices, redirects = len(st.Macvtaps), 0
+		if len(st.Taps) != 0 {
+			r.t.Errorf("taps %v in the macvtap model", st.Taps)
+		}
+		for name, mac := range r.links {
+			if l := link(r.t, r.n, name); !bytes.Equal(l.MAC, datapath.HostMAC(mac, macvtapOf(st, l.Ifindex))) || len(globalAddrs(l.Addrs)) != 0 {
+				r.t.Errorf("%s = %s with %v while lent; want its host MAC and no address", name, l.MAC, l.Addrs)
+			}
+		}
+	}
+	if devices != want || len(nics) != want || len(netdevs) != want {
+		r.t.Errorf("want %d endpoints; taps %v, macvtaps %v, NICs %+v, netdevs %v", want, st.Taps, st.Macvtaps, nics, netdevs)
 	}
 	for _, rd := range st.Redirects {
 		if !rd.Owned || rd.ToName == "" {
 			r.t.Errorf("unexpected or dangling redirect %v", rd)
 		}
 	}
-	if len(st.Redirects) != 2*want {
-		r.t.Errorf("want %d redirects, have %v", 2*want, st.Redirects)
+	if len(st.Redirects) != redirects {
+		r.t.Errorf("want %d redirects, have %v", redirects, st.Redirects)
 	}
 	for name, mac := range r.links {
 		if !slices.ContainsFunc(nics, func(n qmp.NICInfo) bool { return n.Owned && n.MAC.String() == mac.String() }) {
@@ -168,6 +187,17 @@ func (r *rig) check() {
 	if !r.vm.Alive() {
 		r.t.Fatal("QEMU died")
 	}
+}
+
+// macvtapOf is the endpoint index of the macvtap on link ifindex (-1:
+// none).
+func macvtapOf(st datapath.State, ifindex int) int {
+	for _, m := range st.Macvtaps {
+		if m.Parent == ifindex {
+			return m.Index
+		}
+	}
+	return -1
 }
 
 // deviceOf returns the QEMU device serving mac.
@@ -301,5 +331,135 @@ func TestReconcileRepairsHandDamage(t *testing.T) {
 	r.check()
 	if now := r.deviceOf(eth0); now.ID == before.ID {
 		t.Errorf("re-created link kept device %s; want a new endpoint", now.ID)
+	}
+}
+
+// lend gives container link name what the macvtap model takes from it
+// and must give back: an address and a route through a gateway on it.
+func (r *rig) lend(name string, n int) {
+	r.t.Helper()
+	testnet.IP(r.t, "-n", r.sb.Name, "addr", "add", fmt.Sprintf("192.168.%d.2/24", 70+n), "dev", name)
+	testnet.IP(r.t, "-n", r.sb.Name, "route", "add", fmt.Sprintf("172.30.%d.0/24", n), "via", fmt.Sprintf("192.168.%d.1", 70+n), "dev", name)
+}
+
+// linkFacts is what must come back exactly when a macvtap endpoint goes:
+// the link's MAC, addresses and routes.
+func (r *rig) linkFacts(name string) string {
+	r.t.Helper()
+	l := link(r.t, r.n, name)
+	routes, err := r.n.Routes()
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	as := slices.Clone(l.Addrs)
+	slices.SortFunc(as, func(a, b netip.Prefix) int { return strings.Compare(a.String(), b.String()) })
+	var rs []string
+	for _, rt := range routes {
+		if rt.LinkIndex == l.Ifindex {
+			rs = append(rs, fmt.Sprintf("%+v", rt))
+		}
+	}
+	slices.Sort(rs)
+	return fmt.Sprintf("%s %v %v", l.MAC, as, rs)
+}
+
+// TestReconcileMacvtapSurvivesCrashes is TestReconcileConvergesAndSurvivesCrashes
+// for the macvtap model: a link with an address and a route is added
+// with a SIGKILL after every step, and the sandbox is torn down with a
+// SIGKILL after every step (the endpoints go, the links stay); a fresh
+// process converges each time, and after each teardown every link has
+// exactly its MAC, addresses and routes back and nothing of ours is left.
+func TestReconcileMacvtapSurvivesCrashes(t *testing.T) {
+	r := newRig(t, 1)
+	r.model = reconcile.ModelMacvtap
+	eth0 := testvm.TestMAC(1)
+	r.addLink("eth0", eth0)
+	r.lend("eth0", 0)
+	off := r.vm.SerialOffset()
+	r.converge()
+	r.waitSerial(off, testvm.NICUpRE(eth0))
+	r.check()
+	if m, _ := r.reconcile(0); m != 0 {
+		t.Fatalf("second reconcile of a converged sandbox made %d mutations", m)
+	}
+	stable := r.deviceOf(eth0)
+
+	net1 := testvm.TestMAC(2)
+	for k := 1; ; k++ { // add path
+		r.addLink("net1", net1)
+		r.lend("net1", 1)
+		off := r.vm.SerialOffset()
+		_, killed := r.reconcile(k)
+		r.converge()
+		r.waitSerial(off, testvm.NICUpRE(net1))
+		r.check()
+		if !killed {
+			t.Logf("add path: %d steps, each crash repaired", k-1)
+			break
+		}
+		off = r.vm.SerialOffset()
+		r.delLink("net1")
+		r.converge()
+		r.waitSerial(off, testvm.NICGoneRE(net1))
+		r.check()
+	}
+	if now := r.deviceOf(eth0); now.ID != stable.ID || now.Bus != stable.Bus || now.Addr != stable.Addr {
+		t.Errorf("eth0's device changed from %+v to %+v", stable, now)
+	}
+
+	// Remove path: the links as they are with nothing lent, then a
+	// teardown killed after every step.
+	links := map[string]net.HardwareAddr{"eth0": eth0, "net1": net1}
+	r.teardown = true
+	r.reconcile(0)
+	r.teardown = false
+	orig := map[string]string{}
+	for name := range links {
+		orig[name] = r.linkFacts(name)
+		if !strings.Contains(orig[name], "192.168.") || !strings.Contains(orig[name], "172.30.") {
+			t.Fatalf("%s before the teardowns: %s; want its address and route", name, orig[name])
+		}
+		t.Logf("%s: %s", name, orig[name])
+	}
+	for k := 1; ; k++ {
+		off := r.vm.SerialOffset()
+		r.converge()
+		for _, mac := range links {
+			r.waitSerial(off, testvm.NICUpRE(mac))
+		}
+		r.check()
+		off = r.vm.SerialOffset()
+		r.teardown = true
+		_, killed := r.reconcile(k)
+		if killed {
+			r.reconcile(0)
+		}
+		r.teardown = false
+		for _, mac := range links {
+			r.waitSerial(off, testvm.NICGoneRE(mac))
+		}
+		st, err := r.n.Observe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		nics, err := r.obs.ListNICs(r.ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st.Macvtaps) != 0 || len(st.RateLimits) != 0 || slices.ContainsFunc(nics, func(n qmp.NICInfo) bool { return n.Owned }) {
+			t.Errorf("teardown killed after step %d left macvtaps %v, limits %v, NICs %+v", k, st.Macvtaps, st.RateLimits, nics)
+		}
+		for name := range links {
+			if now := r.linkFacts(name); now != orig[name] {
+				t.Errorf("teardown killed after step %d: %s is\n%s\nwas\n%s", k, name, now, orig[name])
+			}
+		}
+		if t.Failed() {
+			t.FailNow()
+		}
+		if !killed {
+			t.Logf("teardown: %d steps, each crash repaired", k-1)
+			break
+		}
 	}
 }

@@ -19,7 +19,8 @@ type State struct {
 	// Routes of the main table, both families, unicast only, not proto
 	// kernel (RTPROT_KERNEL): the routes a CNI plugin or admin added.
 	Routes []Route
-	// RateLimits are our egress limits (tsn<N>: rx, container link: tx).
+	// RateLimits are our limits: HTBs on egresses (tsn<N>, container
+	// links) and links' ingresses through our ifbs tsi<N>.
 	RateLimits []RateLimitOn
 	// Neighbors are the permanent (NUD_PERMANENT) entries only, both
 	// families.

@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/qmp"
 )
 
@@ -23,7 +24,9 @@ import (
 // plug's result, an unplug's) and QEMU's events (DEVICE_DELETED) keep it
 // current. It falls back to unknown — the next pass observes fully —
 // whenever it could be stale: a pass that ended in an error, a command
-// that failed, an event it does not understand. A verify pass (Verify, the
+// that failed, an event it does not understand. Kata hot-plugs through its
+// own monitor, unseen: in a netns with Kata links, a change in them or a
+// pass with something to do observes fully too. A verify pass (Verify, the
 // periodic resync) observes fully even when the model is fresh, and logs
 // what differed: that is a bug in the model or another actor on the VM.
 type vmModel struct {
@@ -42,6 +45,33 @@ type vmModel struct {
 	topo      qmp.Topology
 	topoKnown bool
 	vcpus     int // 0: not counted on this connection
+	// kataLinks names the Kata links the netns showed at the last pass:
+	// Kata hot-plugs through a monitor of its own, and QEMU reports no
+	// device_add to the others.
+	kataLinks string
+}
+
+// usable says whether NICs would be read from the model now.
+func (m *vmModel) usable() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.known && !m.verify
+}
+
+// kataChanged records the Kata links of this pass and says whether they
+// differ from the last pass's.
+func (m *vmModel) kataChanged(links []datapath.Link) bool {
+	var keys []string
+	for _, l := range links {
+		keys = append(keys, fmt.Sprintf("%s/%d/%s", l.Name, l.Ifindex, l.MAC))
+	}
+	slices.Sort(keys)
+	key := strings.Join(keys, ",")
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	changed := key != m.kataLinks
+	m.kataLinks = key
+	return changed
 }
 
 // modelIgnored are QMP events that change nothing the model holds.

@@ -422,6 +422,11 @@ func (s *session) observe(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	m := s.vm.model
+	if m != nil && m.kataChanged(hs.KataLinks) {
+		m.forget()
+	}
+	fromModel := m != nil && m.usable()
 	nics, netdevs, err := s.vm.NICs(ctx)
 	if err != nil {
 		return err
@@ -429,6 +434,13 @@ func (s *session) observe(ctx context.Context) error {
 	s.obs = Observed{Links: hs.Links, Taps: hs.Taps, Macvtaps: hs.Macvtaps, RateLimits: hs.RateLimits, KataLinks: hs.KataLinks,
 		Redirects: hs.Redirects, Routes: hs.Routes,
 		Neighbors: hs.Neighbors, NICs: nics, Netdevs: netdevs}
+	if fromModel && len(hs.KataLinks) > 0 && !Compute(s.obs, s.rec, s.options()).Empty() {
+		// Kata may have plugged what the plan is about to act on.
+		m.forget()
+		if s.obs.NICs, s.obs.Netdevs, err = s.vm.NICs(ctx); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 

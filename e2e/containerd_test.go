@@ -23,43 +23,14 @@ import (
 // the guest; a containerd restart is survived with a resync; deleting the
 // container unregisters the sandbox and removes what tapsync made.
 func TestDaemonFollowsContainerd(t *testing.T) {
-	testnet.SkipUnlessRoot(t)
-	ctr := testctr.Start(t)
-	b := make([]byte, 3)
-	rand.Read(b)
-	id := "pod-" + hex.EncodeToString(b)
-
-	base, err := os.MkdirTemp("", "tsc") // short: unix socket paths are limited to 108 bytes
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(base) })
-	sb, host := testnet.NewNS(t, "tapsync-ctr"), testnet.NewNS(t, "tapsync-ctrhost")
-	vmDir := filepath.Join(base, id)
-	if err := os.MkdirAll(vmDir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	vm := testvm.ForTest(t, testvm.Options{NetNS: sb.Path, Dir: vmDir, SelfConfig: true})
+	p := newContainerdPod(t, "tsc", "tapsync-ctr")
+	ctr, id, sb, host, stateDir := p.ctr, p.id, p.sb, p.host, p.stateDir
+	vm := testvm.ForTest(t, testvm.Options{NetNS: sb.Path, Dir: p.vmDir, SelfConfig: true})
 	eth0 := testvm.TestMAC(1)
 	testnet.Veth(t, sb, "eth0", eth0, host, "peth0")
 	testnet.IP(t, "-n", host.Name, "addr", "add", fmt.Sprintf("%s/%d", testvm.PeerIP(eth0), testvm.PrefixLen), "dev", "peth0")
-
-	stateDir := t.TempDir()
-	cfg := writeConfig(t, fmt.Sprintf(`
-netns_dir = "/var/run/netns"
-state_dir = %q
-metrics_address = ""
-[containerd]
-enabled = true
-address = %q
-namespaces = ["tapsync-e2e"]
-runtimes = [%q]
-qmp_socket = %q
-# The guest configures itself (SelfConfig): no agent for this host-side test.
-agent_url = ""
-[discovery]
-proc = false
-`, stateDir, ctr.Address(), testctr.RuntimeRunc, filepath.Join(base, "{id}", "qmp.sock")))
+	// The guest configures itself (SelfConfig): no agent for this host-side test.
+	cfg := writeConfig(t, p.config(""))
 	d := startDaemon(t, "--config", cfg)
 	d.waitLog("tapsync running", nil)
 
@@ -114,4 +85,53 @@ proc = false
 	if ids, _ := store.List(); len(ids) != 0 {
 		t.Errorf("records left: %v", ids)
 	}
+}
+
+// containerdPod is what the containerd tests share: a private containerd,
+// a sandbox id, a pod netns and a host-side netns, the VM directory the
+// [containerd] qmp_socket template points into, and a state dir.
+type containerdPod struct {
+	ctr         *testctr.Containerd
+	id          string
+	base, vmDir string
+	sb, host    testnet.NS
+	stateDir    string
+}
+
+func newContainerdPod(t *testing.T, dirPrefix, nsPrefix string) *containerdPod {
+	t.Helper()
+	testnet.SkipUnlessRoot(t)
+	p := &containerdPod{ctr: testctr.Start(t), stateDir: t.TempDir()}
+	b := make([]byte, 3)
+	rand.Read(b)
+	p.id = "pod-" + hex.EncodeToString(b)
+	var err error
+	if p.base, err = os.MkdirTemp("", dirPrefix); err != nil { // short: unix socket paths are limited to 108 bytes
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(p.base) })
+	p.sb, p.host = testnet.NewNS(t, nsPrefix), testnet.NewNS(t, nsPrefix+"host")
+	p.vmDir = filepath.Join(p.base, p.id)
+	if err := os.MkdirAll(p.vmDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// config is the daemon config following this containerd, plus extra TOML.
+func (p *containerdPod) config(extra string) string {
+	return fmt.Sprintf(`
+netns_dir = "/var/run/netns"
+state_dir = %q
+metrics_address = ""
+[containerd]
+enabled = true
+address = %q
+namespaces = ["tapsync-e2e"]
+runtimes = [%q]
+qmp_socket = %q
+agent_url = ""
+[discovery]
+proc = false
+%s`, p.stateDir, p.ctr.Address(), testctr.RuntimeRunc, filepath.Join(p.base, "{id}", "qmp.sock"), extra)
 }

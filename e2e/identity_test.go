@@ -3,11 +3,7 @@
 package e2e
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -27,46 +23,17 @@ import (
 // netns must be spelled under netns_dir, and containerd's is rewritten
 // to it.)
 func TestDaemonOneSandboxPerNetns(t *testing.T) {
-	testnet.SkipUnlessRoot(t)
-	ctr := testctr.Start(t)
-	b := make([]byte, 3)
-	rand.Read(b)
-	id := "pod-" + hex.EncodeToString(b)
-
-	base, err := os.MkdirTemp("", "tsi") // short: unix socket paths are limited to 108 bytes
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(base) })
-	sb, host := testnet.NewNS(t, "tapsync-id"), testnet.NewNS(t, "tapsync-idhost")
-	vmDir := filepath.Join(base, id)
-	if err := os.MkdirAll(vmDir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	vm := testvm.StartNoGuest(t, testvm.Options{NetNS: sb.Path, Dir: vmDir})
+	p := newContainerdPod(t, "tsi", "tapsync-id")
+	ctr, id, sb, host, stateDir := p.ctr, p.id, p.sb, p.host, p.stateDir
+	vm := testvm.StartNoGuest(t, testvm.Options{NetNS: sb.Path, Dir: p.vmDir})
 	testnet.Veth(t, sb, "eth0", testvm.TestMAC(1), host, "peth0")
-
-	stateDir := t.TempDir()
-	cfg := writeConfig(t, fmt.Sprintf(`
-netns_dir = "/var/run/netns"
-state_dir = %q
-metrics_address = ""
-[containerd]
-enabled = true
-address = %q
-namespaces = ["tapsync-e2e"]
-runtimes = [%q]
-qmp_socket = %q
-agent_url = ""
-[discovery]
-proc = false
-[guest]
+	cfg := writeConfig(t, p.config(fmt.Sprintf(`[guest]
 agent = "none"
 [[sandbox]]
 id = "vm1"
 netns = %q
 qmp = %q
-`, stateDir, ctr.Address(), testctr.RuntimeRunc, filepath.Join(base, "{id}", "qmp.sock"), sb.Path, vm.QMP))
+`, sb.Path, vm.QMP)))
 	d := startDaemon(t, "--config", cfg)
 	d.waitLog("tapsync running", nil)
 	before := time.Now()

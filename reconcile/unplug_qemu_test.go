@@ -19,7 +19,7 @@ import (
 
 // startQEMU starts a q35 QEMU with four root ports and no guest OS (so no
 // unplug is ever acknowledged) and returns its QMP socket.
-func startQEMU(t *testing.T) string {
+func startQEMU(t testing.TB) string {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		t.Skip("skipping: qemu-system-x86_64 not installed")

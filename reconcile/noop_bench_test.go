@@ -1,0 +1,73 @@
+package reconcile
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/e2e/testnet"
+	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/state"
+)
+
+// BenchmarkNoopPass measures a converged pass over a sandbox with two
+// links against the kernel and a real QEMU: what every sandbox costs on
+// each resync when nothing changed (issue 9). Profile it with
+//
+//	go test -run xxx -bench NoopPass -benchmem -cpuprofile cpu.out ./reconcile/
+func BenchmarkNoopPass(b *testing.B) {
+	testnet.SkipUnlessRoot(b)
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		b.Skip("skipping: no /dev/net/tun")
+	}
+	ns := testnet.NewNS(b, "tapsync-noop")
+	peer := testnet.NewNS(b, "tapsync-nooppeer")
+	for i := range 2 {
+		testnet.Veth(b, ns, fmt.Sprintf("net%d", i), macN(i+1), peer, fmt.Sprintf("peer%d", i))
+	}
+	sock := startQEMU(b)
+	store, err := state.Open(filepath.Join(b.TempDir(), "state"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	r := New(store)
+	b.Cleanup(r.Close)
+	sb := Sandbox{ID: "noop", Netns: ns.Path, QMP: sock, Queues: 1, Vhost: datapath.VhostOff,
+		Placement: qmp.Placement{Hotplug: qmp.HotplugRootPort}}
+	if _, err := r.Register(sb, SourceConfig); err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	// Converge first; just after QEMU starts its firmware may not have
+	// numbered the buses yet, so passes are retried.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		err := r.Reconcile(ctx, sb.ID)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("two NICs not plugged within a minute: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// One more pass so that the model of the VM is trusted.
+	if err := r.Reconcile(ctx, sb.ID); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		if err := r.Reconcile(ctx, sb.ID); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	if st, _ := r.StatusOf(sb.ID); st.Mutations != 0 || len(st.Endpoints) != 2 {
+		b.Fatalf("status after the no-op passes: %d mutations, %d endpoints; want 0 and 2", st.Mutations, len(st.Endpoints))
+	}
+}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // Netns is one sandbox network namespace, opened by path. It holds a
@@ -17,9 +18,16 @@ type Netns struct {
 	path string
 	ns   netns.NsHandle
 	h    *netlink.Handle
-	// links, while Observe runs, is its one link dump, which every part
-	// of the observation reads (six dumps of the same list before).
-	links []netlink.Link
+	// While Observe runs, its dumps, which every part of the observation
+	// reads: one link dump (six of the same list before), one qdisc dump
+	// (the kernel dumps every link's qdiscs even when asked for one link's,
+	// so a per-link listing cost a whole dump each) and one ingress filter
+	// dump per link (the kernel has no netns-wide filter dump), shared by
+	// the redirects and the ingress limits. Outside Observe they are nil
+	// and every read dumps afresh: a mutation must see the kernel as it is.
+	links   []netlink.Link
+	qdiscs  []netlink.Qdisc
+	filters map[int][]netlink.Filter // by ifindex; filled as read; non-nil: Observe runs
 }
 
 // Open opens the network namespace at path (for example
@@ -29,7 +37,11 @@ func Open(path string) (*Netns, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open netns %s: %w", path, err)
 	}
-	h, err := netlink.NewHandleAt(ns)
+	// Only rtnetlink: every call of ours is a link, address, route,
+	// neighbour or tc one, and the library's default (a socket for xfrm
+	// and netfilter too, each made by entering the netns) tripled what
+	// opening a netns costs on every pass.
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		ns.Close()
 		return nil, fmt.Errorf("netlink handle in netns %s: %w", path, err)
@@ -125,6 +137,43 @@ func dump[T any](f func() ([]T, error)) ([]T, error) {
 		}
 	}
 	return nil, err
+}
+
+// qdiscsOn lists link's qdiscs, from Observe's dump while it runs.
+func (n *Netns) qdiscsOn(link netlink.Link) ([]netlink.Qdisc, error) {
+	if n.filters == nil {
+		return dump(func() ([]netlink.Qdisc, error) { return n.h.QdiscList(link) })
+	}
+	var out []netlink.Qdisc
+	for _, q := range n.qdiscs {
+		if q.Attrs().LinkIndex == link.Attrs().Index {
+			out = append(out, q)
+		}
+	}
+	return out, nil
+}
+
+// allQdiscs lists every qdisc of the netns, from Observe's dump while it
+// runs. Equivalent to: tc -n <netns> qdisc show
+func (n *Netns) allQdiscs() ([]netlink.Qdisc, error) {
+	if n.filters != nil {
+		return n.qdiscs, nil
+	}
+	return dump(func() ([]netlink.Qdisc, error) { return n.h.QdiscList(nil) })
+}
+
+// ingressFilters lists the filters at parent (link's ingress hook), at
+// most once per link while Observe runs.
+// Equivalent to: tc -n <netns> filter show dev LINK parent PARENT
+func (n *Netns) ingressFilters(link netlink.Link, parent uint32) ([]netlink.Filter, error) {
+	if fs, ok := n.filters[link.Attrs().Index]; ok {
+		return fs, nil
+	}
+	fs, err := dump(func() ([]netlink.Filter, error) { return n.h.FilterList(link, parent) })
+	if err == nil && n.filters != nil {
+		n.filters[link.Attrs().Index] = fs
+	}
+	return fs, err
 }
 
 func isLinkNotFound(err error) bool {

@@ -1,5 +1,11 @@
 package datapath
 
+import (
+	"fmt"
+
+	"github.com/vishvananda/netlink"
+)
+
 // State is what the host side of a sandbox holds right now: the container
 // links (desired endpoints) with their addresses, the endpoint taps, every
 // redirect filter, and the routes and permanent neighbours a guest must
@@ -28,7 +34,9 @@ type State struct {
 }
 
 // Observe reads the whole host-side state of the netns. Each part is a
-// separate dump (one per kind of object, never one per link), so a link
+// separate dump (one per kind of object, but for ingress filters, which
+// the kernel dumps one link at a time: one per link with an ingress
+// hook), so a link
 // that changes in between shows up on the next observation; callers are
 // level-triggered and look again.
 func (n *Netns) Observe() (State, error) {
@@ -41,7 +49,13 @@ func (n *Netns) Observe() (State, error) {
 	if n.links, err = n.linkList(); err != nil {
 		return State{}, err
 	}
-	defer func() { n.links = nil }()
+	defer func() { n.links, n.qdiscs, n.filters = nil, nil, nil }()
+	// Equivalent to: tc -n <netns> qdisc show
+	qs, err := n.allQdiscs()
+	if err != nil {
+		return State{}, fmt.Errorf("list qdiscs in netns %s: %w", n.path, err)
+	}
+	n.qdiscs, n.filters = qs, map[int][]netlink.Filter{}
 	if s.Links, err = n.ContainerLinks(); err != nil {
 		return State{}, err
 	}

@@ -64,7 +64,7 @@ func (n *Netns) RateLimit(ifindex int) (uint64, bool, error) {
 
 // rootQdisc returns link's root qdisc, nil when it has none listed.
 func (n *Netns) rootQdisc(link netlink.Link) (netlink.Qdisc, error) {
-	qs, err := dump(func() ([]netlink.Qdisc, error) { return n.h.QdiscList(link) })
+	qs, err := n.qdiscsOn(link)
 	if err != nil {
 		return nil, fmt.Errorf("list qdiscs: %w", err)
 	}
@@ -237,8 +237,7 @@ func (n *Netns) RateLimits() ([]RateLimitOn, error) {
 // egressLimits lists our HTBs on the egress of every link but our ifbs
 // (whose HTB is the limit of another link's ingress).
 func (n *Netns) egressLimits() ([]RateLimitOn, error) {
-	// Equivalent to: tc -n <netns> qdisc show
-	qs, err := dump(func() ([]netlink.Qdisc, error) { return n.h.QdiscList(nil) })
+	qs, err := n.allQdiscs()
 	if err != nil {
 		return nil, fmt.Errorf("list qdiscs in netns %s: %w", n.path, err)
 	}
@@ -329,7 +328,7 @@ func (n *Netns) ingressLimitFilter(link netlink.Link) (int, error) {
 	if err != nil || parent == 0 {
 		return 0, err
 	}
-	fs, err := dump(func() ([]netlink.Filter, error) { return n.h.FilterList(link, parent) })
+	fs, err := n.ingressFilters(link, parent)
 	if err != nil {
 		return 0, fmt.Errorf("list ingress filters on %s: %w", link.Attrs().Name, err)
 	}

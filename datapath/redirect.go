@@ -30,7 +30,7 @@ func (r Redirect) String() string {
 // ingressParent returns the parent handle for ingress filters on link, or
 // 0 when the link has no ingress hook yet. A clsact qdisc serves as one too.
 func (n *Netns) ingressParent(link netlink.Link) (uint32, error) {
-	qdiscs, err := dump(func() ([]netlink.Qdisc, error) { return n.h.QdiscList(link) })
+	qdiscs, err := n.qdiscsOn(link)
 	if err != nil {
 		return 0, fmt.Errorf("list qdiscs on %s: %w", link.Attrs().Name, err)
 	}
@@ -65,7 +65,7 @@ func (n *Netns) ensureIngress(link netlink.Link) (uint32, error) {
 
 // redirectsOn lists the mirred-redirect u32 filters on link's ingress.
 func (n *Netns) redirectsOn(link netlink.Link, parent uint32) ([]Redirect, error) {
-	filters, err := dump(func() ([]netlink.Filter, error) { return n.h.FilterList(link, parent) })
+	filters, err := n.ingressFilters(link, parent)
 	if err != nil {
 		return nil, fmt.Errorf("list ingress filters on %s: %w", link.Attrs().Name, err)
 	}

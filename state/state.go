@@ -14,11 +14,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -148,7 +150,62 @@ func (r Record) Clone() Record {
 }
 
 // Store is the directory of records.
-type Store struct{ dir string }
+type Store struct {
+	dir string
+	// cache holds the last record Load decoded per sandbox with the
+	// identity of the file it came from: a pass loads its record every
+	// time, and a stat that finds the same file costs far less than
+	// reading and decoding it again. Save, Delete and a set-aside drop
+	// the entry; a file changed or replaced by anyone else no longer
+	// matches and is read again.
+	mu    sync.Mutex
+	cache map[string]cachedRecord
+}
+
+// cachedRecord is a decoded record and the file it was read from.
+type cachedRecord struct {
+	file fileID
+	rec  Record
+}
+
+// fileID tells a file apart from any other or later version of it: Save
+// replaces the file by rename, so every version has its own inode, and
+// an edit in place changes the modification or change time or the size.
+type fileID struct {
+	dev, ino     uint64
+	size         int64
+	mtime, ctime syscall.Timespec
+}
+
+func fileIDOf(fi os.FileInfo) (fileID, bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fileID{}, false
+	}
+	return fileID{dev: uint64(st.Dev), ino: st.Ino, size: st.Size, mtime: st.Mtim, ctime: st.Ctim}, true
+}
+
+func (s *Store) cached(id string, file fileID) (Record, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, ok := s.cache[id]
+	if !ok || c.file != file {
+		return Record{}, false
+	}
+	return c.rec.Clone(), true
+}
+
+func (s *Store) remember(id string, file fileID, r Record) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cache[id] = cachedRecord{file: file, rec: r.Clone()}
+}
+
+func (s *Store) drop(id string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.cache, id)
+}
 
 // Open creates dir (mode 0700) if needed and refuses one that others can
 // read or write: records name namespaces and sockets of every pod, and
@@ -178,7 +235,7 @@ func Open(dir string) (*Store, error) {
 			return nil, fmt.Errorf("state dir %s: tighten mode %v to 0700: %w", dir, fi.Mode().Perm(), err)
 		}
 	}
-	return &Store{dir: dir}, nil
+	return &Store{dir: dir, cache: map[string]cachedRecord{}}, nil
 }
 
 // Dir is the store's directory.
@@ -209,10 +266,27 @@ func (s *Store) Load(ctx context.Context, id string) (Record, error) {
 	}
 	fresh := Record{Version: Version, Sandbox: id}
 	p := s.path(id)
-	b, err := os.ReadFile(p)
+	f, err := os.Open(p)
 	if errors.Is(err, os.ErrNotExist) {
 		return fresh, nil
 	}
+	if err != nil {
+		return Record{}, fmt.Errorf("read record %s: %w", p, err)
+	}
+	defer f.Close()
+	// The identity comes from the open file, so the bytes read below are
+	// the version it names even if the file is replaced meanwhile.
+	fi, err := f.Stat()
+	if err != nil {
+		return Record{}, fmt.Errorf("read record %s: %w", p, err)
+	}
+	file, known := fileIDOf(fi)
+	if known {
+		if r, ok := s.cached(id, file); ok {
+			return r, nil
+		}
+	}
+	b, err := io.ReadAll(f)
 	if err != nil {
 		return Record{}, fmt.Errorf("read record %s: %w", p, err)
 	}
@@ -226,6 +300,9 @@ func (s *Store) Load(ctx context.Context, id string) (Record, error) {
 		why = fmt.Sprintf("names sandbox %q", r.Sandbox)
 	}
 	if why == "" {
+		if known {
+			s.remember(id, file, r)
+		}
 		return r, nil
 	}
 	if readOnly(ctx) {
@@ -233,6 +310,7 @@ func (s *Store) Load(ctx context.Context, id string) (Record, error) {
 			Msg("record unusable; read-only: left in place, showing a fresh record")
 		return fresh, nil
 	}
+	s.drop(id)
 	aside := filepath.Join(s.dir, id+setAsideInfix+time.Now().UTC().Format(setAsideStamp))
 	if err := os.Rename(p, aside); err != nil {
 		return Record{}, fmt.Errorf("set aside bad record %s (%s): %w", p, why, err)
@@ -256,6 +334,7 @@ func (s *Store) Save(r Record) error {
 		return fmt.Errorf("encode record of sandbox %s: %w", r.Sandbox, err)
 	}
 	p := s.path(r.Sandbox)
+	s.drop(r.Sandbox)
 	if err := renameio.WriteFile(p, append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("write record %s: %w", p, err)
 	}
@@ -279,6 +358,7 @@ func (s *Store) Delete(id string) error {
 	if err := ValidID(id); err != nil {
 		return err
 	}
+	s.drop(id)
 	if err := os.Remove(s.path(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("delete record of sandbox %s: %w", id, err)
 	}

@@ -1,0 +1,74 @@
+package state
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// Load reuses a decoded record only while the file is the one it came
+// from: a caller's changes to its copy stay its own, and a file replaced
+// or rewritten by anyone else is read again.
+func TestLoadCacheFollowsTheFile(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state")
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	r := Record{Sandbox: "sb", Netns: "/run/netns/a"}
+	r.Put(Endpoint{Index: 0, LinkName: "eth0", Moved: &Moved{Addrs: []string{"10.0.0.2/24"}}})
+	if err := s.Save(r); err != nil {
+		t.Fatal(err)
+	}
+	first, err := s.Load(ctx, "sb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.Endpoints[0].Moved.Addrs[0] = "changed by the caller"
+	first.Put(Endpoint{Index: 1})
+	again, err := s.Load(ctx, "sb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(again.Endpoints) != 1 || again.Endpoints[0].Moved.Addrs[0] != "10.0.0.2/24" {
+		t.Fatalf("second load %+v: a caller's changes leaked into the store", again)
+	}
+
+	// Another writer (a second Store on the directory, as `tapsync plan`
+	// or a restarted daemon has) replaces the file.
+	other, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Netns = "/run/netns/b"
+	if err := other.Save(r); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Load(ctx, "sb"); err != nil || got.Netns != "/run/netns/b" {
+		t.Fatalf("after another store saved: %+v, %v; want netns /run/netns/b", got, err)
+	}
+
+	// Rewritten in place with garbage: set aside, fresh record.
+	if err := os.WriteFile(filepath.Join(dir, "sb.json"), []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Load(ctx, "sb"); err != nil || len(got.Endpoints) != 0 || got.Netns != "" {
+		t.Fatalf("after the file was corrupted: %+v, %v; want a fresh record", got, err)
+	}
+
+	// Deleted: fresh.
+	if err := s.Save(r); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Load(ctx, "sb"); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.Delete("sb"); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Load(ctx, "sb"); err != nil || len(got.Endpoints) != 0 {
+		t.Fatalf("after another store deleted it: %+v, %v; want a fresh record", got, err)
+	}
+}

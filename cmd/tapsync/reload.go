@@ -78,7 +78,10 @@ func (d *daemon) reloadConfig(ctx context.Context) {
 	}
 	for _, s := range next.Sandboxes {
 		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL, overrides{Model: s.Model, RxRate: rate(s.RxRate), TxRate: rate(s.TxRate)})
-		if old := d.status(s.ID).Sandbox; old.ID != "" && !old.Equal(sb) {
+		st := d.status(s.ID)
+		if old := st.Sandbox; old.ID != "" && st.Source == reconcile.SourceConfig && old.Equal(sb) {
+			continue // unchanged: the resync that follows the reload passes over it, once
+		} else if old.ID != "" {
 			log.Info().Str("sandbox", s.ID).Str("netns", sb.Netns).Str("qmp", sb.QMP).Msg("sandbox updated from the config file")
 		}
 		d.register(ctx, sb, reconcile.SourceConfig, "in config file (reloaded)")

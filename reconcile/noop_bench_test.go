@@ -2,16 +2,11 @@ package reconcile
 
 import (
 	"context"
-	"fmt"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/tapsync/tapsync/datapath"
-	"github.com/tapsync/tapsync/e2e/testnet"
 	"github.com/tapsync/tapsync/qmp"
-	"github.com/tapsync/tapsync/state"
 )
 
 // BenchmarkNoopPass measures a converged pass over a sandbox with two
@@ -20,22 +15,7 @@ import (
 //
 //	go test -run xxx -bench NoopPass -benchmem -cpuprofile cpu.out ./reconcile/
 func BenchmarkNoopPass(b *testing.B) {
-	testnet.SkipUnlessRoot(b)
-	if _, err := os.Stat("/dev/net/tun"); err != nil {
-		b.Skip("skipping: no /dev/net/tun")
-	}
-	ns := testnet.NewNS(b, "tapsync-noop")
-	peer := testnet.NewNS(b, "tapsync-nooppeer")
-	for i := range 2 {
-		testnet.Veth(b, ns, fmt.Sprintf("net%d", i), macN(i+1), peer, fmt.Sprintf("peer%d", i))
-	}
-	sock := startQEMU(b)
-	store, err := state.Open(filepath.Join(b.TempDir(), "state"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	r := New(store)
-	b.Cleanup(r.Close)
+	ns, sock, r := qemuSandbox(b, "tapsync-noop", 2)
 	sb := Sandbox{ID: "noop", Netns: ns.Path, QMP: sock, Queues: 1, Vhost: datapath.VhostOff,
 		Placement: qmp.Placement{Hotplug: qmp.HotplugRootPort}}
 	if _, err := r.Register(sb, SourceConfig); err != nil {

@@ -54,17 +54,18 @@ func startQEMU(t testing.TB) string {
 	}
 }
 
-// The whole pass against the kernel and a real QEMU whose guest never
-// answers: removing four NICs takes one unplug timeout, not four, and the
-// passes that check back take none.
-func TestReconcileUnplugsOnceQEMU(t *testing.T) {
+// qemuSandbox makes a throwaway sandbox netns with links veths (net0…,
+// peers in another netns), a real QEMU without a guest, and a Reconciler
+// on a fresh state dir; it skips unless root with /dev/net/tun.
+func qemuSandbox(t testing.TB, prefix string, links int) (testnet.NS, string, *Reconciler) {
+	t.Helper()
 	testnet.SkipUnlessRoot(t)
 	if _, err := os.Stat("/dev/net/tun"); err != nil {
 		t.Skip("skipping: no /dev/net/tun")
 	}
-	ns := testnet.NewNS(t, "tapsync-unplug")
-	peer := testnet.NewNS(t, "tapsync-unplugpeer")
-	for i := range 4 {
+	ns := testnet.NewNS(t, prefix)
+	peer := testnet.NewNS(t, prefix+"peer")
+	for i := range links {
 		testnet.Veth(t, ns, fmt.Sprintf("net%d", i), macN(i+1), peer, fmt.Sprintf("peer%d", i))
 	}
 	sock := startQEMU(t)
@@ -74,6 +75,14 @@ func TestReconcileUnplugsOnceQEMU(t *testing.T) {
 	}
 	r := New(store)
 	t.Cleanup(r.Close)
+	return ns, sock, r
+}
+
+// The whole pass against the kernel and a real QEMU whose guest never
+// answers: removing four NICs takes one unplug timeout, not four, and the
+// passes that check back take none.
+func TestReconcileUnplugsOnceQEMU(t *testing.T) {
+	ns, sock, r := qemuSandbox(t, "tapsync-unplug", 4)
 	const unplugTimeout = 2 * time.Second
 	sb := Sandbox{ID: "unplug", Netns: ns.Path, QMP: sock, Queues: 1, Vhost: datapath.VhostOff, UnplugTimeout: unplugTimeout,
 		Placement: qmp.Placement{Hotplug: qmp.HotplugRootPort}}
@@ -95,7 +104,7 @@ func TestReconcileUnplugsOnceQEMU(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	rec, err := store.Load(ctx, sb.ID)
+	rec, err := r.store.Load(ctx, sb.ID)
 	if err != nil || len(rec.Endpoints) != 4 {
 		t.Fatalf("record %+v, %v; want four endpoints", rec, err)
 	}
@@ -129,7 +138,7 @@ func TestReconcileUnplugsOnceQEMU(t *testing.T) {
 	if CauseOf(err) != CauseWaiting {
 		t.Errorf("check-back pass: err = %v; want waiting", err)
 	}
-	rec, _ = store.Load(ctx, sb.ID)
+	rec, _ = r.store.Load(ctx, sb.ID)
 	for _, e := range rec.Endpoints {
 		if !e.Removing || !e.UnplugRequested {
 			t.Errorf("recorded %+v; want removing with its unplug requested", e)

@@ -69,8 +69,9 @@ func TestRemoveNICsWaitOnce(t *testing.T) {
 			t.Errorf("NIC %d: err = %v, want ErrRemovalPending naming %s", i, err, DeviceID(i))
 		}
 	}
-	if took < wait || took >= 2*wait {
-		t.Errorf("RemoveNICs of 4 unanswered NICs took %s; want one wait of %s (under %s)", took, wait, 2*wait)
+	// Sequential waits take 4× wait; 3× leaves a loaded machine room.
+	if took < wait || took >= 3*wait {
+		t.Errorf("RemoveNICs of 4 unanswered NICs took %s; want one wait of %s (under %s)", took, wait, 3*wait)
 	}
 	cmds := vm.takeCommands()
 	want := []string{"device_del tapsync-net0", "device_del tapsync-net1", "device_del tapsync-net2", "device_del tapsync-net3"}
@@ -212,8 +213,9 @@ func TestQEMURemoveNICsWaitOnce(t *testing.T) {
 		}
 	}
 	t.Logf("4 unanswered unplugs took %s with wait %s", took.Round(time.Millisecond), wait)
-	if took < wait || took >= 2*wait {
-		t.Errorf("RemoveNICs took %s; want one wait of %s (under %s)", took, wait, 2*wait)
+	// Sequential waits take 4× wait; 3× leaves a loaded machine room.
+	if took < wait || took >= 3*wait {
+		t.Errorf("RemoveNICs took %s; want one wait of %s (under %s)", took, wait, 3*wait)
 	}
 
 	// Retries neither wait nor find anything changed.

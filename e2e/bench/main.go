@@ -58,6 +58,7 @@ func main() {
 	flag.BoolVar(&cfg.skipB1, "skip-b1", false, "skip B1/B1'")
 	flag.BoolVar(&cfg.skipScal, "skip-scale", false, "skip B2–B4")
 	flag.BoolVar(&keep, "keep", false, "keep the work dir (daemon logs, QEMU traces)")
+	flag.StringVar(&perfDir, "perf", "", "record each scale phase with `perf record -a -g` into this dir")
 	flag.Parse()
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()

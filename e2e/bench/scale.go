@@ -200,6 +200,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	// B3: start.
 	b0, tot0 := machineCPU()
 	fmt.Fprintf(os.Stderr, "bench: B3 start (daemon log %s)\n", logPath)
+	stopPerf := profilePhase("start")
 	t0 := time.Now()
 	d, err := startDaemon(cfg.tapsync, conf, metrics, logPath)
 	if err != nil {
@@ -210,6 +211,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		return r, err
 	}
 	r.startCPU = cpuMark{pid: d.pid(), busy: b0, total: tot0}.since()
+	stopPerf()
 	t1 := lastNIC(t0, 2)
 	r.start = t1.Sub(t0)
 	r.startQMP, _ = qmpSince(t0, t1)
@@ -224,6 +226,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		return r, err
 	}
 	_ = pollTraces()
+	stopPerf = profilePhase("sighup")
 	mark := markCPU(d.pid())
 	t0 = time.Now()
 	if err := d.signal(unix.SIGHUP); err != nil {
@@ -242,6 +245,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		return r, err
 	}
 	r.sighupCPU = mark.since()
+	stopPerf()
 	r.sighup = t1b.Sub(t0)
 	m1, err := d.scrape()
 	if err != nil {
@@ -278,6 +282,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	// B3: storm, a third link in every sandbox at once.
 	fmt.Fprintf(os.Stderr, "bench: B3 storm\n")
 	_ = pollTraces()
+	stopPerf = profilePhase("storm")
 	mark = markCPU(d.pid())
 	t0 = time.Now()
 	for i, sb := range sbs {
@@ -290,6 +295,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		return r, err
 	}
 	r.stormCPU = mark.since()
+	stopPerf()
 	r.storm = lastNIC(t0, 1).Sub(t0)
 	if err := quiet(3 * cfg.n); err != nil {
 		return r, err
@@ -299,6 +305,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	fmt.Fprintf(os.Stderr, "bench: B3 storm took %v; B4 SIGKILL and restart\n", r.storm)
 	d.stop(unix.SIGKILL)
 	_ = pollTraces()
+	stopPerf = profilePhase("restart")
 	b0, tot0 = machineCPU()
 	t0 = time.Now()
 	d, err = startDaemon(cfg.tapsync, conf, metrics, logPath)
@@ -318,6 +325,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		return r, err
 	}
 	r.restartCPU = cpuMark{pid: d.pid(), busy: b0, total: tot0}.since()
+	stopPerf()
 	r.restart = t1r.Sub(t0)
 	if err := quiet(3 * cfg.n); err != nil {
 		return r, err

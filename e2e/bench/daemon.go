@@ -245,37 +245,69 @@ func machineCPU() (busy, total uint64) {
 	return busy, total
 }
 
-// phaseCPU is what a measured phase cost: the daemon's own CPU time, and
-// how busy the whole machine was meanwhile (other helpers' work included).
+// phaseCPU is what a measured phase cost: the CPU time of the process
+// under measurement (tapsync or the floor) and of every QEMU, and how busy
+// the whole machine was meanwhile (other helpers' work included).
 type phaseCPU struct {
 	daemon  time.Duration
-	machine float64 // percent of all CPUs
+	qemu    time.Duration // every thread of every sandbox's QEMU (schedstat)
+	machine float64       // percent of all CPUs
 }
 
+// cpuMark is the start of a phase. pid may be 0 when the process under
+// measurement starts with the phase (its CPU time starts at 0): set it
+// before since.
 type cpuMark struct {
 	pid         int
 	daemon      time.Duration
+	qemus       []int
+	qemu        time.Duration
 	busy, total uint64
 }
 
-func markCPU(pid int) cpuMark {
-	m := cpuMark{pid: pid}
-	if s, err := readProc(pid); err == nil {
+func markCPU(pid int, qemus []int) cpuMark {
+	m := cpuMark{pid: pid, qemus: qemus}
+	if s, err := readProc(pid); pid != 0 && err == nil {
 		m.daemon = s.CPU
 	}
+	m.qemu = schedTime(qemus)
 	m.busy, m.total = machineCPU()
 	return m
 }
 
 func (m cpuMark) since() phaseCPU {
-	n := markCPU(m.pid)
-	p := phaseCPU{daemon: n.daemon - m.daemon}
+	n := markCPU(m.pid, m.qemus)
+	p := phaseCPU{daemon: n.daemon - m.daemon, qemu: n.qemu - m.qemu}
 	if n.total > m.total {
 		p.machine = 100 * float64(n.busy-m.busy) / float64(n.total-m.total)
 	}
 	return p
 }
 
+// schedTime sums the time on a CPU of every thread of the processes
+// (/proc/PID/task/*/schedstat, ns); a process or thread that is gone
+// counts nothing.
+func schedTime(pids []int) time.Duration {
+	var sum time.Duration
+	for _, pid := range pids {
+		tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+		if err != nil {
+			continue
+		}
+		for _, t := range tasks {
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/schedstat", pid, t.Name()))
+			if err != nil {
+				continue
+			}
+			if f := strings.Fields(string(b)); len(f) > 0 {
+				ns, _ := strconv.ParseInt(f[0], 10, 64)
+				sum += time.Duration(ns)
+			}
+		}
+	}
+	return sum
+}
+
 func (p phaseCPU) String() string {
-	return fmt.Sprintf("daemon CPU %.0f ms, machine %.0f %% busy", ms(p.daemon), p.machine)
+	return fmt.Sprintf("CPU: own %.0f ms, QEMUs %.0f ms; machine %.0f %% busy", ms(p.daemon), ms(p.qemu), p.machine)
 }

@@ -7,9 +7,12 @@
 //     and for tapsync-floor (e2e/bench/floor: the same datapath primitives
 //     and the three QMP commands, connections already open), in
 //     alternating rounds, each on its own sandbox with a booted TCG guest.
-//   - B2–B4: N sandboxes with paused QEMUs (-S -m 16, no guest OS) and two
+//   - B2–B4: N sandboxes with paused QEMUs (-m 16, no guest OS) and two
 //     links each: daemon start, a SIGHUP resync, memory, goroutines, fds,
 //     idle CPU, a storm of a third link everywhere, SIGKILL and restart.
+//     B3 and B4 also for the floor's scale mode (the same work with a
+//     worker pool and nothing else), first, on the same netns; each phase
+//     with the CPU time of the process and of every QEMU.
 //
 // Times come from timestamps, never from when the bench noticed: QEMU
 // traces every QMP command and reply with wall-clock microseconds
@@ -40,6 +43,7 @@ type benchConfig struct {
 	idle             time.Duration
 	tapsync, floor   string
 	skipB1, skipScal bool
+	skipFloor        bool
 }
 
 // perQEMU is the memory budgeted per paused QEMU (measured RSS ≈ 38 MB,
@@ -57,6 +61,7 @@ func main() {
 	flag.StringVar(&cfg.floor, "floor", "bin/tapsync-floor", "floor binary (e2e/bench/floor)")
 	flag.BoolVar(&cfg.skipB1, "skip-b1", false, "skip B1/B1'")
 	flag.BoolVar(&cfg.skipScal, "skip-scale", false, "skip B2–B4")
+	flag.BoolVar(&cfg.skipFloor, "skip-floor", false, "skip the floor's B3/B4 (tapsync's rows only)")
 	flag.BoolVar(&keep, "keep", false, "keep the work dir (daemon logs, QEMU traces)")
 	flag.StringVar(&perfDir, "perf", "", "record each scale phase with `perf record -a -g` into this dir")
 	flag.Parse()
@@ -182,15 +187,34 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, t
 			"≤ 40 MiB, ≤ 2 goroutines per sandbox")
 		row(fmt.Sprintf("B2: idle CPU of the daemon, converged (%v window)", sc.idleWindow),
 			fmt.Sprintf("**%.3f %%** (%d ticks)", sc.idleCPU, sc.idleTicks), "≤ 0.1 %")
+		f := sc.floor
+		vs := func(t, fl time.Duration, tc, fc phaseCPU) string {
+			if f == nil {
+				return fmt.Sprintf("**%.0f ms** (%s)", ms(t), tc)
+			}
+			return fmt.Sprintf("tapsync **%.0f ms**, floor %.0f ms: **%s** (tapsync %s; floor %s)", ms(t), ms(fl), ratio(ms(t), ms(fl)), tc, fc)
+		}
+		cmds := func(t, fl map[string]int) string {
+			if f == nil {
+				return perSandbox(t, n)
+			}
+			return "tapsync " + perSandbox(t, n) + "; floor " + perSandbox(fl, n)
+		}
+		if f == nil {
+			f = &floorScale{}
+		}
 		row(fmt.Sprintf("B3: daemon start, %d sandboxes → all %d NICs answered", n, 2*n),
-			fmt.Sprintf("**%.0f ms** (%s)", ms(sc.start), sc.startCPU), "≤ 1.5 s")
-		row("B3: QMP commands per sandbox during start", perSandbox(sc.startQMP, n), "-")
+			vs(sc.start, f.start, sc.startCPU, f.startCPU), "≤ 1.5 s")
+		row("B3: QMP commands per sandbox during start", cmds(sc.startQMP, f.startQMP), "-")
 		row(fmt.Sprintf("B3: storm, a third link in all %d → all present", n),
-			fmt.Sprintf("**%.0f ms** (the bench took %.0f ms to add the links; %s)", ms(sc.storm), ms(sc.stormInject), sc.stormCPU), "≤ 1 s")
+			vs(sc.storm, f.storm, sc.stormCPU, f.stormCPU)+fmt.Sprintf("; the bench took %.0f / %.0f ms to add the links", ms(sc.stormInject), ms(f.stormInject)), "≤ 1 s")
 		row("B4: SIGKILL + restart → every sandbox verified",
-			fmt.Sprintf("**%.0f ms**, mutations: %d logged, %d mutating QMP commands (%s)", ms(sc.restart), sc.restartMutations, sc.restartQMPMutations, sc.restartCPU),
+			vs(sc.restart, f.restart, sc.restartCPU, f.restartCPU)+fmt.Sprintf("; mutations: %d logged, %d mutating QMP commands (floor: %d)", sc.restartMutations, sc.restartQMPMutations, f.restartQMPMutations),
 			"≤ 500 ms, 0 mutations")
-		row("B4: QMP commands per sandbox in the restart pass", perSandbox(sc.restartQMP, n), "-")
+		row("B4: QMP commands per sandbox in the restart pass", cmds(sc.restartQMP, f.restartQMP), "-")
+		if sc.floor != nil {
+			row("floor at scale", fmt.Sprintf("%d workers; one netlink socket with NETLINK_LISTEN_ALL_NSID for every netns; B4: qom-list /machine/peripheral and one link dump per sandbox", floorWorkers), "-")
+		}
 	}
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"github.com/tapsync/tapsync/qmp"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // sandbox is one throwaway netns with a QEMU in it and a netlink handle
@@ -51,8 +53,7 @@ func newNetns(name string) (string, netns.NsHandle, error) {
 	return path, h, nil
 }
 
-// newSandbox makes the netns and starts QEMU in it (opts.NetNS and
-// opts.Dir are set here); the QEMU traces its QMP traffic.
+// newSandbox makes the netns and starts QEMU in it (see startVM).
 func newSandbox(ctx context.Context, id, nsName, dir string, opts testvm.Options) (*sandbox, error) {
 	s := &sandbox{id: id, name: nsName}
 	var err error
@@ -63,15 +64,53 @@ func newSandbox(ctx context.Context, id, nsName, dir string, opts testvm.Options
 		s.close()
 		return nil, fmt.Errorf("netlink handle in %s: %w", s.path, err)
 	}
+	if err := s.startVM(ctx, dir, opts); err != nil {
+		s.close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// startVM starts QEMU in the sandbox netns with its files in dir
+// (opts.NetNS and opts.Dir are set here); the QEMU traces its QMP
+// traffic into dir/trace.log, which s.trace reads.
+func (s *sandbox) startVM(ctx context.Context, dir string, opts testvm.Options) error {
 	trace := filepath.Join(dir, "trace.log")
 	opts.NetNS, opts.Dir = s.path, dir
 	opts.Args = append(append([]string(nil), opts.Args...), traceArgs(trace)...)
-	if s.vm, err = testvm.Start(ctx, opts); err != nil {
-		s.close()
-		return nil, fmt.Errorf("sandbox %s: %w", id, err)
+	vm, err := testvm.Start(ctx, opts)
+	if err != nil {
+		return fmt.Errorf("sandbox %s: %w", s.id, err)
 	}
-	s.trace = newTrace(trace)
-	return s, nil
+	s.vm, s.trace = vm, newTrace(trace)
+	return nil
+}
+
+// renew gives the sandbox a clean slate in the same netns: its QEMU is
+// stopped (a paused VM without guest OS never completes a device_del, so
+// one that has NICs plugged cannot be emptied), every link but loopback
+// is deleted (the taps outlive QEMU, being persistent; a veth takes its
+// peer, ingress qdisc and filters with it), and a new QEMU starts with
+// its files in dir. The caller adds the container links again.
+func (s *sandbox) renew(ctx context.Context, dir string, opts testvm.Options) error {
+	if err := s.vm.Stop(); err != nil {
+		return fmt.Errorf("sandbox %s: %w", s.id, err)
+	}
+	s.vm = nil
+	links, err := s.nl.LinkList()
+	if err != nil {
+		return fmt.Errorf("list links in %s: %w", s.path, err)
+	}
+	for _, l := range links {
+		if l.Attrs().Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		// Equivalent to: ip -n NS link del NAME
+		if err := s.nl.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+			return fmt.Errorf("delete %s in %s: %w", l.Attrs().Name, s.path, err)
+		}
+	}
+	return s.startVM(ctx, dir, opts)
 }
 
 func (s *sandbox) close() {

@@ -80,11 +80,101 @@ type scaleResult struct {
 	restartQMPMutations                       int           // mutating QMP commands QEMU received
 	restartQMP                                map[string]int
 	startCPU, sighupCPU, stormCPU, restartCPU phaseCPU
+	floor                                     *floorScale // nil with -skip-floor
 }
 
+// fleet is the N sandboxes of B2–B4.
+type fleet []*sandbox
+
+func (f fleet) pollTraces() error {
+	for _, sb := range f {
+		if err := sb.trace.poll(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (f fleet) qemuPids() []int {
+	pids := make([]int, len(f))
+	for i, sb := range f {
+		pids[i] = sb.vm.Pid
+	}
+	return pids
+}
+
+// nicsSince: every QEMU answered `want` device_adds since t0; the latest
+// answer is when the last NIC was present.
+func (f fleet) nicsSince(t0 time.Time, want int) func() (bool, string, error) {
+	return func() (bool, string, error) {
+		if err := f.pollTraces(); err != nil {
+			return false, "", err
+		}
+		behind := 0
+		for _, sb := range f {
+			if len(okReplies(sb.trace.after(t0), "device_add")) < want {
+				behind++
+			}
+		}
+		return behind == 0, fmt.Sprintf("%d sandboxes short of %d NICs", behind, want), nil
+	}
+}
+
+// lastNIC is the time of the latest of the want-th device_add replies
+// since t0.
+func (f fleet) lastNIC(t0 time.Time, want int) time.Time {
+	var last time.Time
+	for _, sb := range f {
+		if ts := okReplies(sb.trace.after(t0), "device_add"); len(ts) >= want && ts[want-1].After(last) {
+			last = ts[want-1]
+		}
+	}
+	return last
+}
+
+// qmpSince counts the QMP commands QEMUs received in [t0, t1] and sums
+// their request→reply times.
+func (f fleet) qmpSince(t0, t1 time.Time) (map[string]int, time.Duration) {
+	n := map[string]int{}
+	var busy time.Duration
+	for _, sb := range f {
+		var recs []qmpRecord
+		for _, rec := range sb.trace.after(t0) {
+			if rec.T.After(t1) {
+				break
+			}
+			recs = append(recs, rec)
+		}
+		for k, v := range commandCounts(recs) {
+			n[k] += v
+		}
+		busy += monitorBusy(recs)
+	}
+	return n, busy
+}
+
+// addLinks adds the container links eth0..eth<k-1> of sandbox i, their
+// peers in peerNS.
+func (f fleet) addLinks(i, k int, peerNS netns.NsHandle) error {
+	for j := range k {
+		if err := f[i].addLink(fmt.Sprintf("eth%d", j), testvm.TestMAC(1+j), fmt.Sprintf("p%d-%d", i, j), peerNS); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// scaleVM is a paused QEMU without guest OS: adds complete, unplugs never.
+var scaleVM = testvm.Options{RootPorts: 1, MemoryMB: 16, Accel: "tcg"}
+
+// runScale runs the floor's B3/B4 phases (unless -skip-floor), then
+// tapsync's B2–B4, on the same N netns. The floor goes first: its NICs
+// can never be unplugged from the paused QEMUs, so before tapsync every
+// sandbox is renewed (new QEMU, links made again); tapsync's daemon, once
+// started, stays until the end. One QEMU set exists at a time.
 func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.NsHandle) (r scaleResult, err error) {
 	r.n = cfg.n
-	sbs := make([]*sandbox, cfg.n)
+	sbs := make(fleet, cfg.n)
 	defer func() {
 		_ = parallel(len(sbs), 4, func(i int) error {
 			if sbs[i] != nil {
@@ -98,8 +188,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 		defer cancel()
 		sb, err := newSandbox(sctx, fmt.Sprintf("sb%d", i), fmt.Sprintf("tsb%d-%d", os.Getpid(), i),
-			filepath.Join(base, fmt.Sprint(i)),
-			testvm.Options{RootPorts: 1, MemoryMB: 16, Accel: "tcg"})
+			filepath.Join(base, fmt.Sprint(i)), scaleVM)
 		if err != nil {
 			return err
 		}
@@ -107,17 +196,36 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		if err := sb.pauseAfterFirmware(sctx); err != nil {
 			return err
 		}
-		for j := range 2 {
-			if err := sb.addLink(fmt.Sprintf("eth%d", j), testvm.TestMAC(1+j), fmt.Sprintf("p%d-%d", i, j), peerNS); err != nil {
-				return err
-			}
-		}
-		return nil
+		return sbs.addLinks(i, 2, peerNS)
 	})
 	if err != nil {
 		return r, err
 	}
 	fmt.Fprintf(os.Stderr, "bench: %d paused QEMUs with 2 links each ready in %v\n", cfg.n, time.Since(started).Round(time.Second))
+
+	if !cfg.skipFloor {
+		fl, err := runFloorScale(ctx, cfg, base, sbs, peerNS)
+		if err != nil {
+			return r, fmt.Errorf("floor: %w", err)
+		}
+		r.floor = &fl
+		started = time.Now()
+		err = parallel(cfg.n, 4, func(i int) error {
+			sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+			defer cancel()
+			if err := sbs[i].renew(sctx, filepath.Join(base, fmt.Sprint(i), "t"), scaleVM); err != nil {
+				return err
+			}
+			if err := sbs[i].pauseAfterFirmware(sctx); err != nil {
+				return err
+			}
+			return sbs.addLinks(i, 2, peerNS)
+		})
+		if err != nil {
+			return r, err
+		}
+		fmt.Fprintf(os.Stderr, "bench: %d sandboxes renewed for tapsync in %v\n", cfg.n, time.Since(started).Round(time.Second))
+	}
 
 	var confs []sandboxConf
 	for _, sb := range sbs {
@@ -132,57 +240,6 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		return r, err
 	}
 	logPath := filepath.Join(dir, "daemon.log")
-	pollTraces := func() error {
-		for _, sb := range sbs {
-			if err := sb.trace.poll(); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-	// nicsSince: every QEMU answered `want` device_adds since t0; the
-	// latest answer is when the last NIC was present.
-	nicsSince := func(t0 time.Time, want int) func() (bool, string, error) {
-		return func() (bool, string, error) {
-			if err := pollTraces(); err != nil {
-				return false, "", err
-			}
-			behind := 0
-			for _, sb := range sbs {
-				if len(okReplies(sb.trace.after(t0), "device_add")) < want {
-					behind++
-				}
-			}
-			return behind == 0, fmt.Sprintf("%d sandboxes short of %d NICs", behind, want), nil
-		}
-	}
-	lastNIC := func(t0 time.Time, want int) time.Time {
-		var last time.Time
-		for _, sb := range sbs {
-			if ts := okReplies(sb.trace.after(t0), "device_add"); len(ts) >= want && ts[want-1].After(last) {
-				last = ts[want-1]
-			}
-		}
-		return last
-	}
-	qmpSince := func(t0, t1 time.Time) (map[string]int, time.Duration) {
-		n := map[string]int{}
-		var busy time.Duration
-		for _, sb := range sbs {
-			var recs []qmpRecord
-			for _, rec := range sb.trace.after(t0) {
-				if rec.T.After(t1) {
-					break
-				}
-				recs = append(recs, rec)
-			}
-			for k, v := range commandCounts(recs) {
-				n[k] += v
-			}
-			busy += monitorBusy(recs)
-		}
-		return n, busy
-	}
 	quiet := func(wired int) error {
 		return eventually(ctx, 5*time.Minute, 200*time.Millisecond, "daemon quiet", func() (bool, string, error) {
 			m, err := d0scrape(metrics)
@@ -193,28 +250,30 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 			return int(w) == wired && q == 0, fmt.Sprintf("wired %v, queue %v", w, q), nil
 		})
 	}
-	if err := pollTraces(); err != nil {
+	if err := sbs.pollTraces(); err != nil {
 		return r, err
 	}
+	qemus := sbs.qemuPids()
 
 	// B3: start.
-	b0, tot0 := machineCPU()
 	fmt.Fprintf(os.Stderr, "bench: B3 start (daemon log %s)\n", logPath)
 	stopPerf := profilePhase("start")
+	mark := markCPU(0, qemus)
 	t0 := time.Now()
 	d, err := startDaemon(cfg.tapsync, conf, metrics, logPath)
 	if err != nil {
 		return r, err
 	}
 	defer func() { d.stop(unix.SIGTERM) }()
-	if err := eventually(ctx, 10*time.Minute, 50*time.Millisecond, "all 2N NICs after start", nicsSince(t0, 2)); err != nil {
+	if err := eventually(ctx, 10*time.Minute, 50*time.Millisecond, "all 2N NICs after start", sbs.nicsSince(t0, 2)); err != nil {
 		return r, err
 	}
-	r.startCPU = cpuMark{pid: d.pid(), busy: b0, total: tot0}.since()
+	mark.pid = d.pid()
+	r.startCPU = mark.since()
 	stopPerf()
-	t1 := lastNIC(t0, 2)
+	t1 := sbs.lastNIC(t0, 2)
 	r.start = t1.Sub(t0)
-	r.startQMP, _ = qmpSince(t0, t1)
+	r.startQMP, _ = sbs.qmpSince(t0, t1)
 	if err := quiet(2 * cfg.n); err != nil {
 		return r, err
 	}
@@ -225,9 +284,9 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	if err != nil {
 		return r, err
 	}
-	_ = pollTraces()
+	_ = sbs.pollTraces()
 	stopPerf = profilePhase("sighup")
-	mark := markCPU(d.pid())
+	mark = markCPU(d.pid(), qemus)
 	t0 = time.Now()
 	if err := d.signal(unix.SIGHUP); err != nil {
 		return r, err
@@ -252,8 +311,8 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		return r, err
 	}
 	r.sighupPasses = m1["tapsync_reconcile_duration_seconds_count"] - m0["tapsync_reconcile_duration_seconds_count"]
-	_ = pollTraces()
-	r.sighupQMP, r.sighupBusy = qmpSince(t0, t1b)
+	_ = sbs.pollTraces()
+	r.sighupQMP, r.sighupBusy = sbs.qmpSince(t0, t1b)
 
 	// B2: resources and idle CPU, converged.
 	fmt.Fprintf(os.Stderr, "bench: B2 SIGHUP took %v; idle for %v\n", r.sighup, cfg.idle)
@@ -281,22 +340,20 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 
 	// B3: storm, a third link in every sandbox at once.
 	fmt.Fprintf(os.Stderr, "bench: B3 storm\n")
-	_ = pollTraces()
+	_ = sbs.pollTraces()
 	stopPerf = profilePhase("storm")
-	mark = markCPU(d.pid())
+	mark = markCPU(d.pid(), qemus)
 	t0 = time.Now()
-	for i, sb := range sbs {
-		if err := sb.addLink("eth2", testvm.TestMAC(3), fmt.Sprintf("p%d-2", i), peerNS); err != nil {
-			return r, err
-		}
+	if err := sbs.addThird(peerNS); err != nil {
+		return r, err
 	}
 	r.stormInject = time.Since(t0)
-	if err := eventually(ctx, 10*time.Minute, 50*time.Millisecond, "every third NIC", nicsSince(t0, 1)); err != nil {
+	if err := eventually(ctx, 10*time.Minute, 50*time.Millisecond, "every third NIC", sbs.nicsSince(t0, 1)); err != nil {
 		return r, err
 	}
 	r.stormCPU = mark.since()
 	stopPerf()
-	r.storm = lastNIC(t0, 1).Sub(t0)
+	r.storm = sbs.lastNIC(t0, 1).Sub(t0)
 	if err := quiet(3 * cfg.n); err != nil {
 		return r, err
 	}
@@ -304,9 +361,9 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	// B4: SIGKILL and restart.
 	fmt.Fprintf(os.Stderr, "bench: B3 storm took %v; B4 SIGKILL and restart\n", r.storm)
 	d.stop(unix.SIGKILL)
-	_ = pollTraces()
+	_ = sbs.pollTraces()
 	stopPerf = profilePhase("restart")
-	b0, tot0 = machineCPU()
+	mark = markCPU(0, qemus)
 	t0 = time.Now()
 	d, err = startDaemon(cfg.tapsync, conf, metrics, logPath)
 	if err != nil {
@@ -324,21 +381,39 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	}); err != nil {
 		return r, err
 	}
-	r.restartCPU = cpuMark{pid: d.pid(), busy: b0, total: tot0}.since()
+	mark.pid = d.pid()
+	r.restartCPU = mark.since()
 	stopPerf()
 	r.restart = t1r.Sub(t0)
 	if err := quiet(3 * cfg.n); err != nil {
 		return r, err
 	}
 	r.restartMutations, _ = d.counts() // the new daemon's own log
-	_ = pollTraces()
-	r.restartQMP, _ = qmpSince(t0, time.Now())
-	for k, v := range r.restartQMP {
-		if mutating[k] {
-			r.restartQMPMutations += v
+	_ = sbs.pollTraces()
+	r.restartQMP, _ = sbs.qmpSince(t0, time.Now())
+	r.restartQMPMutations = mutations(r.restartQMP)
+	return r, nil
+}
+
+// addThird adds eth2 in every sandbox, one after another.
+func (f fleet) addThird(peerNS netns.NsHandle) error {
+	for i, sb := range f {
+		if err := sb.addLink("eth2", testvm.TestMAC(3), fmt.Sprintf("p%d-2", i), peerNS); err != nil {
+			return err
 		}
 	}
-	return r, nil
+	return nil
+}
+
+// mutations counts the mutating commands among counts.
+func mutations(counts map[string]int) int {
+	n := 0
+	for k, v := range counts {
+		if mutating[k] {
+			n += v
+		}
+	}
+	return n
 }
 
 // d0scrape scrapes a metrics address without a daemon handle.

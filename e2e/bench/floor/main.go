@@ -1,28 +1,34 @@
-// Command tapsync-floor is the floor of the B1/B1' benchmarks: the least
-// work that can wire a container link into a VM with tapsync's design. It
-// subscribes to link events in one sandbox netns and, with the netlink
-// subscription and the QMP connection already open, answers each new link
-// with exactly the primitive calls — tap, ingress qdiscs and redirect filters
-// (datapath), getfd/netdev_add/device_add on a slot it knows in advance — and
-// each vanished link with device_del, the wait for DEVICE_DELETED,
-// netdev_del, the tap's filter and the tap. It observes nothing, records
-// nothing, retries nothing: it is a measuring stick, not a daemon.
+// Command tapsync-floor is the floor of the benchmarks: the least work
+// that can wire container links into VMs with tapsync's design, the same
+// datapath primitives and the same QMP commands, with nothing around them.
+// It observes nothing, records nothing, retries nothing: it is a measuring
+// stick, not a daemon. The bench (e2e/bench) starts it; nothing else should.
 //
-// It prints "ready" on stdout once both connections are open and runs until
-// its stdin closes. The bench (e2e/bench) starts it; nothing else should.
+// B1 mode (-netns, -qmp): one sandbox. With its netlink subscription and
+// QMP connection already open, it answers each new link with tap, ingress
+// qdiscs and redirect filters (datapath), getfd/netdev_add/device_add on a
+// bridge slot known in advance, and each vanished link with device_del,
+// the wait for DEVICE_DELETED, netdev_del, the tap's filter and the tap.
+// It prints "ready" once both are open.
+//
+// Scale mode (-sandboxes FILE, one "NETNS-PATH QMP-SOCKET" a line), for
+// B3 and B4 (see scale.go): it wires every container link of every
+// sandbox at start, prints "started", then wires every link that appears
+// (the storm). With -verify it does the least a restarted daemon must do
+// instead (a QEMU listing and a link dump per sandbox, no mutation) and
+// prints "verified <unix µs>".
+//
+// In every mode it runs until its stdin closes.
 package main
 
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"net"
 	"os"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/tapsync/tapsync/datapath"
@@ -33,14 +39,43 @@ import (
 )
 
 func main() {
-	nsPath := flag.String("netns", "", "sandbox netns path")
-	qmpPath := flag.String("qmp", "", "QMP socket of the VM")
+	nsPath := flag.String("netns", "", "B1 mode: sandbox netns path")
+	qmpPath := flag.String("qmp", "", "B1 mode: QMP socket of the VM")
 	bus := flag.String("bus", "pci-bridge-0", "bus of the hot-plugged NICs (a PCI bridge)")
+	list := flag.String("sandboxes", "", "scale mode: file of \"NETNS-PATH QMP-SOCKET\" lines")
+	workers := flag.Int("workers", 4, "scale mode: sandboxes wired or verified in parallel (tapsync's default workers)")
+	verify := flag.Bool("verify", false, "scale mode: verify every sandbox without mutating, as a restarted daemon must")
 	flag.Parse()
-	if err := run(*nsPath, *qmpPath, *bus); err != nil {
+	var err error
+	switch {
+	case *list != "" && *verify:
+		err = runVerify(*list, *workers)
+	case *list != "":
+		err = runScale(*list, *bus, *workers)
+	default:
+		err = run(*nsPath, *qmpPath, *bus)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "tapsync-floor:", err)
 		os.Exit(1)
 	}
+}
+
+// stdinClosed is closed when the bench closes our stdin: time to go.
+func stdinClosed() <-chan struct{} {
+	ch := make(chan struct{})
+	go func() {
+		_, _ = bufio.NewReader(os.Stdin).ReadString(0)
+		close(ch)
+	}()
+	return ch
+}
+
+// nic is what wiring needs of a container link.
+type nic struct {
+	ifindex int
+	mac     net.HardwareAddr
+	mtu     int
 }
 
 // endpoint is one wired link.
@@ -83,16 +118,12 @@ func run(nsPath, qmpPath, bus string) error {
 	defer mon.close()
 	fmt.Println("ready")
 
-	stdinClosed := make(chan struct{})
-	go func() {
-		_, _ = bufio.NewReader(os.Stdin).ReadString(0)
-		close(stdinClosed)
-	}()
+	stop := stdinClosed()
 
 	wired := map[int]endpoint{} // container ifindex → endpoint
 	for {
 		select {
-		case <-stdinClosed:
+		case <-stop:
 			return nil
 		case err := <-subErr:
 			return fmt.Errorf("link subscription in %s: %w", nsPath, err)
@@ -107,7 +138,7 @@ func run(nsPath, qmpPath, bus string) error {
 			e, have := wired[a.Index]
 			switch {
 			case u.Header.Type == unix.RTM_NEWLINK && !have:
-				e, err := wire(ctx, ns, mon, bus, freeIndex(wired), a)
+				e, err := wire(ctx, ns, mon, bus, freeIndex(wired), nic{a.Index, a.HardwareAddr, a.MTU})
 				if err != nil {
 					return err
 				}
@@ -143,8 +174,8 @@ func freeIndex(wired map[int]endpoint) int {
 // wire is the add path: tap → qdiscs and filters → getfd → netdev_add →
 // device_add into bridge slot 32-index (tapsync's bridge placement takes
 // slots from the top too).
-func wire(ctx context.Context, ns *datapath.Netns, mon *monitor, bus string, index int, link *netlink.LinkAttrs) (endpoint, error) {
-	spec := datapath.TapSpec{Index: index, Queues: 1, MTU: link.MTU}
+func wire(ctx context.Context, ns *datapath.Netns, mon *monitor, bus string, index int, link nic) (endpoint, error) {
+	spec := datapath.TapSpec{Index: index, Queues: 1, MTU: link.mtu}
 	tap, err := ns.EnsureTap(ctx, spec)
 	if err != nil {
 		return endpoint{}, err
@@ -154,7 +185,7 @@ func wire(ctx context.Context, ns *datapath.Netns, mon *monitor, bus string, ind
 		return endpoint{}, err
 	}
 	defer q.Close()
-	if err := ns.EnsureRedirects(link.Index, tap.Ifindex); err != nil {
+	if err := ns.EnsureRedirects(link.ifindex, tap.Ifindex); err != nil {
 		return endpoint{}, err
 	}
 	fd := fmt.Sprintf("floor-fd%d", index)
@@ -170,10 +201,10 @@ func wire(ctx context.Context, ns *datapath.Netns, mon *monitor, bus string, ind
 	}
 	dev := map[string]any{
 		"driver": "virtio-net-pci", "id": qmp.DeviceID(index), "netdev": qmp.NetdevID(index),
-		"mac": link.HardwareAddr.String(), "bus": bus, "addr": fmt.Sprintf("%#x", 32-index), "romfile": "",
+		"mac": link.mac.String(), "bus": bus, "addr": fmt.Sprintf("%#x", 32-index), "romfile": "",
 	}
-	if link.MTU > 0 {
-		dev["host_mtu"] = link.MTU
+	if link.mtu > 0 {
+		dev["host_mtu"] = link.mtu
 	}
 	if err := mon.run("device_add", dev, nil); err != nil {
 		return endpoint{}, err
@@ -201,123 +232,4 @@ func unwire(ctx context.Context, ns *datapath.Netns, mon *monitor, container int
 		return err
 	}
 	return ns.RemoveTap(e.index)
-}
-
-// monitor is the smallest QMP client that can pass fds: qmp.Client
-// passes them only inside AddNIC, which adds its idempotency lookups —
-// exactly the overhead the floor leaves out.
-type monitor struct {
-	conn    *net.UnixConn
-	mu      sync.Mutex
-	next    int
-	replies map[string]chan error
-	deleted map[string]chan struct{}
-	dead    chan struct{}
-	err     error
-}
-
-func dialQMP(path string) (*monitor, error) {
-	c, err := net.DialTimeout("unix", path, 5*time.Second)
-	if err != nil {
-		return nil, fmt.Errorf("dial QMP %s: %w", path, err)
-	}
-	m := &monitor{conn: c.(*net.UnixConn), replies: map[string]chan error{}, deleted: map[string]chan struct{}{}, dead: make(chan struct{})}
-	r := bufio.NewReaderSize(c, 64<<10)
-	if _, err := r.ReadBytes('\n'); err != nil { // the greeting
-		c.Close()
-		return nil, fmt.Errorf("QMP greeting on %s: %w", path, err)
-	}
-	go m.read(r)
-	if err := m.run("qmp_capabilities", nil, nil); err != nil {
-		c.Close()
-		return nil, err
-	}
-	return m, nil
-}
-
-func (m *monitor) close() { m.conn.Close() }
-
-func (m *monitor) read(r *bufio.Reader) {
-	defer close(m.dead)
-	for {
-		line, err := r.ReadBytes('\n')
-		if err != nil {
-			m.err = err
-			return
-		}
-		var msg struct {
-			ID    string `json:"id"`
-			Error *struct {
-				Class string `json:"class"`
-				Desc  string `json:"desc"`
-			} `json:"error"`
-			Event string `json:"event"`
-			Data  struct {
-				Device string `json:"device"`
-			} `json:"data"`
-		}
-		if json.Unmarshal(line, &msg) != nil {
-			continue
-		}
-		m.mu.Lock()
-		if msg.Event == "DEVICE_DELETED" {
-			if ch, ok := m.deleted[msg.Data.Device]; ok {
-				close(ch)
-				delete(m.deleted, msg.Data.Device)
-			}
-		} else if ch, ok := m.replies[msg.ID]; ok {
-			delete(m.replies, msg.ID)
-			if msg.Error != nil {
-				ch <- fmt.Errorf("%s: %s", msg.Error.Class, msg.Error.Desc)
-			} else {
-				ch <- nil
-			}
-		}
-		m.mu.Unlock()
-	}
-}
-
-func (m *monitor) expectDeleted(id string) <-chan struct{} {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	ch := make(chan struct{})
-	m.deleted[id] = ch
-	return ch
-}
-
-// run sends one command, with f's fd in SCM_RIGHTS when f is not nil, and
-// waits for its reply.
-func (m *monitor) run(cmd string, args any, f *os.File) error {
-	m.mu.Lock()
-	m.next++
-	id := fmt.Sprintf("floor-%d", m.next)
-	ch := make(chan error, 1)
-	m.replies[id] = ch
-	m.mu.Unlock()
-	msg := map[string]any{"execute": cmd, "id": id}
-	if args != nil {
-		msg["arguments"] = args
-	}
-	b, err := json.Marshal(msg)
-	if err != nil {
-		return err
-	}
-	var oob []byte
-	if f != nil {
-		oob = unix.UnixRights(int(f.Fd()))
-	}
-	if _, _, err := m.conn.WriteMsgUnix(append(b, '\n'), oob, nil); err != nil {
-		return fmt.Errorf("QMP %s: %w", cmd, err)
-	}
-	select {
-	case err := <-ch:
-		if err != nil {
-			return fmt.Errorf("QMP %s %s: %w", cmd, strings.TrimSpace(string(b)), err)
-		}
-		return nil
-	case <-m.dead:
-		return fmt.Errorf("QMP %s: connection closed: %v", cmd, m.err)
-	case <-time.After(30 * time.Second):
-		return fmt.Errorf("QMP %s: no reply within 30s", cmd)
-	}
 }

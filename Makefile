@@ -46,7 +46,7 @@ test-unit:
 # failures saved in testdata/fuzz) run in every `go test`. FUZZ_TARGETS
 # lists package:FuzzName; add yours with another `FUZZ_TARGETS +=` line.
 FUZZTIME ?= 20s
-FUZZ_TARGETS += ./qmp:FuzzReadMessages ./qmp:FuzzParseInfoNetwork ./qmp:FuzzChoosePlacement
+FUZZ_TARGETS += ./qmp:FuzzReadMessages ./qmp:FuzzParseInfoNetwork ./qmp:FuzzChoosePlacement ./qmp:FuzzParseQtree
 FUZZ_TARGETS += ./watcher:FuzzInDir ./watcher:FuzzUnderDir ./watcher:FuzzQMPSocket ./watcher:FuzzStatusUIDs
 FUZZ_TARGETS += ./state:FuzzLoad ./cmd/tapsync:FuzzConfig
 .PHONY: fuzz

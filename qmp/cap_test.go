@@ -24,7 +24,7 @@ func TestOversizedMessages(t *testing.T) {
 		run  func(c *Client) error
 		send []string
 	}{
-		{"reply", func(c *Client) error { _, err := c.queryPCI(context.Background()); return err },
+		{"reply", func(c *Client) error { _, err := c.VCPUs(context.Background()); return err },
 			[]string{`{"return": "` + huge + `"}`}},
 		{"HMP reply", func(c *Client) error { _, err := c.ListNetdevs(context.Background()); return err },
 			[]string{reply(huge)}},
@@ -112,9 +112,9 @@ func TestEndlessMessage(t *testing.T) {
 		wrote <- total
 	}()
 	c := dialT(t, path, Options{Timeout: 30 * time.Second})
-	_, err = c.queryPCI(context.Background())
+	_, err = c.VCPUs(context.Background())
 	if !errors.Is(c.Err(), ErrMessageTooLarge) {
-		t.Fatalf("queryPCI = %v (Err() = %v), want the connection closed for ErrMessageTooLarge", err, c.Err())
+		t.Fatalf("VCPUs = %v (Err() = %v), want the connection closed for ErrMessageTooLarge", err, c.Err())
 	}
 	if n := <-wrote; n >= 1<<30 {
 		t.Errorf("the client read %d bytes of one message", n)

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path"
 	"slices"
 	"sort"
 	"strings"
@@ -69,7 +68,7 @@ type NICInfo struct {
 	Netdev  string // backend id; "" when none
 	Bus     string // bus name: a port's or bridge's qdev id, pcie.0, pci.0
 	Addr    string // "slot.fn" in hex as QEMU spells addr=, e.g. "00.0", "1f.2"
-	QOMPath string // e.g. /machine/peripheral/tapsync-net3
+	QOMPath string // e.g. /machine/peripheral/tapsync-net3; "" for a device without id
 	PCIPath string // the device's slots from the root bus, as the Kata agent's devicePath takes them ("02/1f"); "" when unknown
 }
 
@@ -112,7 +111,7 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 		place = nic.At.placement()
 	} else {
 		var existing *NICInfo
-		if place, existing, err = c.lookBeforeAdd(ctx, nic, id, netdev, qomPath); err != nil || existing != nil {
+		if place, existing, err = c.lookBeforeAdd(ctx, nic, id, netdev); err != nil || existing != nil {
 			if existing == nil {
 				return NICInfo{}, err
 			}
@@ -207,35 +206,24 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 // lookBeforeAdd makes AddNIC idempotent without a caller's model: it
 // returns the device when it exists already (with the same MAC), deletes a
 // netdev left without its device, and picks a place.
-func (c *Client) lookBeforeAdd(ctx context.Context, nic NIC, id, netdev, qomPath string) (placement, *NICInfo, error) {
-	// Made already, perhaps by a run that crashed before recording it?
-	var typ string
-	switch err := c.qomGet(ctx, qomPath, "type", &typ); {
-	case IsNotFound(err):
-	case err != nil:
+//
+// Equivalent to: ReadVM (HMP info qtree, info network).
+func (c *Client) lookBeforeAdd(ctx context.Context, nic NIC, id, netdev string) (placement, *NICInfo, error) {
+	vm, err := c.ReadVM(ctx)
+	if err != nil {
 		return placement{}, nil, err
-	case isVirtioNet(typ):
-		info, err := c.nicInfo(ctx, qomPath, id)
-		if err != nil {
-			return placement{}, nil, err
-		}
+	}
+	// Made already, perhaps by a run that crashed before recording it?
+	if i := slices.IndexFunc(vm.NICs, func(n NICInfo) bool { return n.ID == id }); i >= 0 {
+		info := vm.NICs[i]
 		if !bytes.Equal(info.MAC, nic.MAC) {
 			return placement{}, nil, fmt.Errorf("device exists with MAC %s, not %s: remove it first", info.MAC, nic.MAC)
 		}
-		buses, err := c.queryPCI(ctx)
-		if err != nil {
-			return placement{}, nil, err
-		}
-		info.PCIPath = pciPathString(buses, info)
 		return placement{}, &info, nil
 	}
 	// Any other device with our id makes device_add fail below.
 
-	netdevs, err := c.ListNetdevs(ctx)
-	if err != nil {
-		return placement{}, nil, err
-	}
-	if slices.Contains(netdevs, netdev) {
+	if slices.Contains(vm.Netdevs, netdev) {
 		// Half-made: the netdev without its device.
 		if err := c.delNetdev(ctx, netdev); err != nil {
 			return placement{}, nil, err
@@ -244,7 +232,7 @@ func (c *Client) lookBeforeAdd(ctx context.Context, nic NIC, id, netdev, qomPath
 
 	// The error names the VM (AddNIC's wrapping) and, for ErrNoFreeSlot,
 	// every bus looked at and the policy.
-	place, err := c.choosePlace(ctx, nic.Placement)
+	place, err := vm.Topology.choose(nic.Placement)
 	return place, nil, err
 }
 
@@ -633,46 +621,46 @@ func (c *Client) checkGone(ctx context.Context, id string) (unplugState, error) 
 }
 
 // ListNICs lists the VM's virtio-net devices: ours (Owned) and any others,
-// such as those Kata cold-plugs at boot (without ids, under
-// /machine/peripheral-anon), so a caller can adopt them.
+// such as those Kata cold-plugs at boot (without ids), so a caller can
+// adopt them. A device without an id has no QOMPath.
 //
-// Equivalent to: qom-list /machine/peripheral and /machine/peripheral-anon,
-// then qom-get mac, netdev, parent_bus and addr of each child<virtio-net-pci>,
-// and query-pci for the slots of the bridges above them (PCIPath).
+// Equivalent to: HMP info qtree (see readTree).
 func (c *Client) ListNICs(ctx context.Context) ([]NICInfo, error) {
-	var nics []NICInfo
-	for _, dir := range []string{peripheral, peripheralAnon} {
-		entries, err := c.qomList(ctx, dir)
-		if err != nil {
-			return nil, fmt.Errorf("list NICs of VM at %s: %w", c.path, err)
-		}
-		for _, e := range entries {
-			if !isVirtioNet(e.childType()) {
-				continue
-			}
-			id := ""
-			if dir == peripheral {
-				id = e.Name
-			}
-			info, err := c.nicInfo(ctx, dir+"/"+e.Name, id)
-			if IsNotFound(err) {
-				continue // unplugged since qom-list
-			}
-			if err != nil {
-				return nil, fmt.Errorf("list NICs of VM at %s: %w", c.path, err)
-			}
-			nics = append(nics, info)
-		}
+	t, err := c.readTree(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list NICs of VM at %s: %w", c.path, err)
 	}
-	if len(nics) > 0 {
-		buses, err := c.queryPCI(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("list NICs of VM at %s: %w", c.path, err)
-		}
-		for i := range nics {
-			nics[i].PCIPath = pciPathString(buses, nics[i])
-		}
+	sortNICs(t.nics)
+	return t.nics, nil
+}
+
+// VMState is one reading of a VM: everything a caller keeping a model of
+// it needs.
+type VMState struct {
+	NICs     []NICInfo // as ListNICs
+	Netdevs  []string  // as ListNetdevs
+	Topology Topology  // as Topology
+}
+
+// ReadVM reads the VM's NICs, netdevs and hot-plug topology in two round
+// trips.
+//
+// Equivalent to: HMP info qtree, HMP info network.
+func (c *Client) ReadVM(ctx context.Context) (VMState, error) {
+	t, err := c.readTree(ctx)
+	if err != nil {
+		return VMState{}, fmt.Errorf("read VM at %s: %w", c.path, err)
 	}
+	netdevs, err := c.ListNetdevs(ctx)
+	if err != nil {
+		return VMState{}, err
+	}
+	sortNICs(t.nics)
+	return VMState{NICs: t.nics, Netdevs: netdevs, Topology: newTopology(t.buses, t.types)}, nil
+}
+
+// sortNICs orders ours first, by index, then the others by PCI path.
+func sortNICs(nics []NICInfo) {
 	sort.Slice(nics, func(i, j int) bool {
 		a, b := nics[i], nics[j]
 		if a.Owned != b.Owned {
@@ -681,52 +669,17 @@ func (c *Client) ListNICs(ctx context.Context) ([]NICInfo, error) {
 		if a.Owned {
 			return a.Index < b.Index
 		}
-		return a.QOMPath < b.QOMPath
+		if a.PCIPath != b.PCIPath {
+			return a.PCIPath < b.PCIPath
+		}
+		return a.Bus+a.Addr < b.Bus+b.Addr
 	})
-	return nics, nil
 }
 
 // isVirtioNet matches virtio-net-pci and its -transitional and
 // -non-transitional variants.
 func isVirtioNet(typ string) bool {
 	return typ == "virtio-net-pci" || strings.HasPrefix(typ, "virtio-net-pci-")
-}
-
-// nicInfo reads one virtio-net device's properties through QOM. parent_bus
-// names the bus even for devices without an id, which query-pci cannot tell
-// apart.
-func (c *Client) nicInfo(ctx context.Context, qomPath, id string) (NICInfo, error) {
-	info := NICInfo{ID: id, Index: -1, QOMPath: qomPath}
-	if n, ok := ParseDeviceID(id); ok {
-		info.Index, info.Owned = n, true
-	}
-	var mac, bus string
-	var devfn int
-	for _, p := range []struct {
-		prop string
-		out  any
-	}{
-		{"mac", &mac},            // "02:00:00:00:00:01"
-		{"netdev", &info.Netdev}, // "tapsync-netdev3", "" when none
-		{"parent_bus", &bus},     // "/machine/peripheral/rp1/rp1", "/machine/i440fx/pci.0"
-		{"addr", &devfn},         // devfn: slot<<3 | function
-	} {
-		if err := c.qomGet(ctx, qomPath, p.prop, p.out); err != nil {
-			return NICInfo{}, err
-		}
-	}
-	hw, err := net.ParseMAC(mac)
-	if err != nil {
-		return NICInfo{}, fmt.Errorf("qom-get %s mac: %w", qomPath, err)
-	}
-	info.MAC = hw
-	if bus != "" {
-		info.Bus = path.Base(bus)
-	}
-	if devfn >= 0 {
-		info.Addr = fmt.Sprintf("%02x.%x", devfn>>3, devfn&7)
-	}
-	return info, nil
 }
 
 // ListNetdevs returns the ids of all netdevs in QEMU, ours and others, in
@@ -819,13 +772,4 @@ func closeFiles(lists ...[]*os.File) {
 			}
 		}
 	}
-}
-
-// pciPathString is the agent's devicePath of a listed NIC, "" if unknown.
-func pciPathString(buses []pciBus, nic NICInfo) string {
-	var slot, fn int
-	if _, err := fmt.Sscanf(nic.Addr, "%x.%x", &slot, &fn); err != nil {
-		return ""
-	}
-	return PCIPath(pciPathOf(buses, nic.Bus, slot))
 }

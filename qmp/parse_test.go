@@ -157,12 +157,7 @@ func TestChoosePlacement(t *testing.T) {
 	// While the firmware numbers buses, QEMU may list another bus's
 	// devices behind a port: only those on the port's secondary bus count.
 	port := pciDevice{Slot: 2, QdevID: "rp1"}
-	port.PCIBridge = &struct {
-		Bus struct {
-			Secondary int `json:"secondary"`
-		} `json:"bus"`
-		Devices []pciDevice `json:"devices"`
-	}{Devices: []pciDevice{{Bus: 0, Slot: 0}, {Bus: 0, Slot: 31}}}
+	port.PCIBridge = &pciBridge{Devices: []pciDevice{{Bus: 0, Slot: 0}, {Bus: 0, Slot: 31}}}
 	port.PCIBridge.Bus.Secondary = 1
 	if got, err := choosePlacement([]pciBus{{Devices: []pciDevice{port}}}, map[string]string{"rp1": "pcie-root-port"}, ports); err != nil || got.bus != "rp1" {
 		t.Errorf("port listing the root bus's devices: choosePlacement = %+v, %v; want rp1", got, err)
@@ -203,4 +198,24 @@ func TestPlacementValidate(t *testing.T) {
 			t.Errorf("ParseHotplug(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
+}
+
+// qomEntry is one element of qom-list's return value, as the tests read
+// captured listings and QEMU's own:
+//
+//	{"name": "rp1", "type": "child<pcie-root-port>"}
+//	{"name": "type", "type": "string"}
+type qomEntry struct {
+	Name string `json:"name"`
+	Type string `json:"type"`
+}
+
+// childType returns T of "child<T>", or "" for properties that are not
+// child objects.
+func (e qomEntry) childType() string {
+	t, ok := strings.CutPrefix(e.Type, "child<")
+	if !ok || !strings.HasSuffix(t, ">") {
+		return ""
+	}
+	return strings.TrimSuffix(t, ">")
 }

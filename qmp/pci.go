@@ -120,12 +120,14 @@ type pciDevice struct {
 		Vendor int `json:"vendor"`
 		Device int `json:"device"`
 	} `json:"id"`
-	PCIBridge *struct {
-		Bus struct {
-			Secondary int `json:"secondary"`
-		} `json:"bus"`
-		Devices []pciDevice `json:"devices"`
-	} `json:"pci_bridge"`
+	PCIBridge *pciBridge `json:"pci_bridge"`
+}
+
+type pciBridge struct {
+	Bus struct {
+		Secondary int `json:"secondary"`
+	} `json:"bus"`
+	Devices []pciDevice `json:"devices"`
 }
 
 // Hot-plug targets by QOM type. A PCIe port has exactly one slot (0) on its
@@ -215,7 +217,7 @@ func (c Capacity) String() string {
 }
 
 // survey lists the buses that take hot-plugged devices, with their free
-// slots under p, as query-pci alone shows them (see Topology).
+// slots under p, as the listing of buses shows them (see Topology).
 func survey(buses []pciBus, types map[string]string, p Placement) Capacity {
 	return newTopology(buses, types).survey(p)
 }
@@ -226,12 +228,12 @@ func survey(buses []pciBus, types map[string]string, p Placement) Capacity {
 // removes devices, and hands the place it chooses to AddNIC (NIC.At), which
 // then asks QEMU nothing before plugging.
 type Topology struct {
-	buses []pciBus                // query-pci: the tree of bridges and ports (their slots, for PCI paths)
-	types map[string]string       // /machine/peripheral ids → QOM types
+	buses []pciBus                // the tree of bridges and ports in query-pci's shape (their slots, for PCI paths)
+	types map[string]string       // device ids → QOM types
 	used  map[string]map[int]bool // bus (a port's or bridge's qdev id, or pci.0) → slots taken
 }
 
-// newTopology takes the slots in use from query-pci's listing of each bus.
+// newTopology takes the slots in use from the listing of each bus.
 func newTopology(buses []pciBus, types map[string]string) Topology {
 	t := Topology{buses: buses, types: types, used: map[string]map[int]bool{}}
 	var walk func(devs []pciDevice)
@@ -513,143 +515,27 @@ func isI440FX(devs []pciDevice) bool {
 	return false
 }
 
-// qomEntry is one element of qom-list's return value:
-//
-//	{"name": "rp1", "type": "child<pcie-root-port>"}
-//	{"name": "type", "type": "string"}
-type qomEntry struct {
-	Name string `json:"name"`
-	Type string `json:"type"`
-}
-
-// childType returns T of "child<T>", or "" for properties that are not
-// child objects.
-func (e qomEntry) childType() string {
-	t, ok := strings.CutPrefix(e.Type, "child<")
-	if !ok || !strings.HasSuffix(t, ">") {
-		return ""
-	}
-	return strings.TrimSuffix(t, ">")
-}
-
-// Equivalent to: {"execute": "qom-list", "arguments": {"path": path}}
-func (c *Client) qomList(ctx context.Context, path string) ([]qomEntry, error) {
-	var entries []qomEntry
-	err := c.runInto(ctx, "qom-list", "path="+path, map[string]any{"path": path}, &entries)
-	return entries, err
-}
-
 // Equivalent to: {"execute": "qom-get", "arguments": {"path": path, "property": prop}}
 func (c *Client) qomGet(ctx context.Context, path, prop string, out any) error {
 	return c.runInto(ctx, "qom-get", "path="+path+" property="+prop,
 		map[string]any{"path": path, "property": prop}, out)
 }
 
-// peripheralTypes maps the ids of user-created devices to their QOM types.
-func (c *Client) peripheralTypes(ctx context.Context) (map[string]string, error) {
-	entries, err := c.qomList(ctx, peripheral)
-	if err != nil {
-		return nil, err
-	}
-	types := make(map[string]string, len(entries))
-	for _, e := range entries {
-		if t := e.childType(); t != "" {
-			types[e.Name] = t
-		}
-	}
-	return types, nil
-}
-
 // Topology asks QEMU for its hot-plug buses and the slots taken on them.
 //
-// query-pci finds a bridge's devices by the bus number the firmware wrote
-// into it: in a VM paused before its firmware ran (-S) every bus number is
-// 0 and no device behind a bridge or port shows, so a slot already in use
-// would look free. The slots of such a bus are read from QOM instead,
-// where a bus links each of its devices (child[N]) and a device's addr is
-// its devfn whatever the firmware did.
-//
-// Equivalent to: qom-list /machine/peripheral, query-pci, and for each
-// bridge or port not numbered yet: qom-list <bridge>/<bus>, qom-get addr of
-// each child.
+// Equivalent to: HMP info qtree (see readTree).
 func (c *Client) Topology(ctx context.Context) (Topology, error) {
-	types, err := c.peripheralTypes(ctx)
+	t, err := c.readTree(ctx)
 	if err != nil {
 		return Topology{}, err
 	}
-	buses, err := c.queryPCI(ctx)
-	if err != nil {
-		return Topology{}, err
-	}
-	t := newTopology(buses, types)
-	var walk func(devs []pciDevice) error
-	walk = func(devs []pciDevice) error {
-		for _, d := range devs {
-			if d.PCIBridge == nil {
-				continue
-			}
-			ty := types[d.QdevID]
-			if d.QdevID != "" && d.PCIBridge.Bus.Secondary == 0 && (singleSlotPorts[ty] || pciBridges[ty]) {
-				slots, err := c.busSlotsQOM(ctx, peripheral+"/"+d.QdevID+"/"+d.QdevID)
-				if err != nil {
-					return err
-				}
-				for _, s := range slots {
-					t.Take(d.QdevID, s)
-				}
-			}
-			if err := walk(d.secondaryDevices()); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-	for _, b := range buses {
-		if err := walk(b.Devices); err != nil {
-			return Topology{}, err
-		}
-	}
-	return t, nil
-}
-
-// busSlotsQOM returns the slots of the devices on the bus at QOM path bus.
-func (c *Client) busSlotsQOM(ctx context.Context, bus string) ([]int, error) {
-	entries, err := c.qomList(ctx, bus)
-	if err != nil {
-		return nil, err
-	}
-	var slots []int
-	for _, e := range entries {
-		if !strings.HasPrefix(e.Name, "child[") || !strings.HasPrefix(e.Type, "link<") {
-			continue
-		}
-		var devfn int
-		switch err := c.qomGet(ctx, bus+"/"+e.Name, "addr", &devfn); {
-		case IsNotFound(err):
-			continue // unplugged since qom-list
-		case err != nil:
-			return nil, err
-		}
-		if devfn >= 0 {
-			slots = append(slots, devfn>>3)
-		}
-	}
-	return slots, nil
-}
-
-// choosePlace asks QEMU for its PCI topology and picks a hot-plug place.
-func (c *Client) choosePlace(ctx context.Context, p Placement) (placement, error) {
-	t, err := c.Topology(ctx)
-	if err != nil {
-		return placement{}, err
-	}
-	return t.choose(p)
+	return newTopology(t.buses, t.types), nil
 }
 
 // HotplugCapacity lists, per bus, the places AddNIC could still take under
 // p, and the buses p leaves alone (for "tapsync check --sandbox").
 //
-// Equivalent to: qom-list /machine/peripheral, then query-pci.
+// Equivalent to: HMP info qtree.
 func (c *Client) HotplugCapacity(ctx context.Context, p Placement) (Capacity, error) {
 	if err := p.Validate(); err != nil {
 		return Capacity{}, err
@@ -703,11 +589,4 @@ func pciPathOf(buses []pciBus, busID string, slot int) []int {
 		}
 	}
 	return nil
-}
-
-// Equivalent to: {"execute": "query-pci"}
-func (c *Client) queryPCI(ctx context.Context) ([]pciBus, error) {
-	var buses []pciBus
-	err := c.runInto(ctx, "query-pci", "", nil, &buses)
-	return buses, err
 }

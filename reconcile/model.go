@@ -40,11 +40,9 @@ type vmModel struct {
 	version uint64
 	nics    []qmp.NICInfo
 	netdevs []int // indexes of our netdevs
-	// topo is read when a plug first needs it (a pass with nothing to
-	// plug never asks), and kept from then on like the rest.
-	topo      qmp.Topology
-	topoKnown bool
-	vcpus     int // 0: not counted on this connection
+	// topo is the VM's hot-plug slots, read with the rest and kept like it.
+	topo  qmp.Topology
+	vcpus int // 0: not counted on this connection
 	// kataLinks names the Kata links the netns showed at the last pass:
 	// Kata hot-plugs through a monitor of its own, and QEMU reports no
 	// device_add to the others.
@@ -102,7 +100,7 @@ func (m *vmModel) event(e qmp.Event) {
 		}
 		// QEMU 7.2 first reports a NIC's own virtio backend
 		// (<nic>/virtio-backend, no device id), then the NIC.
-		if slices.ContainsFunc(m.nics, func(n qmp.NICInfo) bool { return strings.HasPrefix(path, n.QOMPath+"/") }) {
+		if slices.ContainsFunc(m.nics, func(n qmp.NICInfo) bool { return n.QOMPath != "" && strings.HasPrefix(path, n.QOMPath+"/") }) {
 			return
 		}
 	}
@@ -112,7 +110,7 @@ func (m *vmModel) event(e qmp.Event) {
 // dropNICLocked removes nics[i] and frees its slot; m.mu must be held.
 func (m *vmModel) dropNICLocked(i int) {
 	n := m.nics[i]
-	if slot, ok := slotOf(n); ok && m.topoKnown {
+	if slot, ok := slotOf(n); ok {
 		m.topo.Release(n.Bus, slot)
 	}
 	m.nics = slices.Delete(m.nics, i, i+1)
@@ -152,42 +150,32 @@ func (m *vmModel) fresh() (nics []qmp.NICInfo, netdevs []int, ok bool) {
 // changed meanwhile. With a verify due and a model known, what differed
 // is logged.
 //
-// Equivalent to: ListNICs and ListNetdevs (qom-list ×2, qom-get ×4 per
-// NIC, query-pci, HMP info network). The hot-plug slots are read again
-// when a plug needs them.
+// Equivalent to: ReadVM (HMP info qtree, info network): NICs, netdevs and
+// hot-plug slots in two round trips.
 func (m *vmModel) observe(ctx context.Context) ([]qmp.NICInfo, []int, error) {
 	m.mu.Lock()
 	v, c := m.version, m.conn
 	m.mu.Unlock()
-	nics, err := c.ListNICs(ctx)
+	vm, err := c.ReadVM(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
-	ids, err := c.ListNetdevs(ctx)
-	if err != nil {
-		return nil, nil, err
-	}
-	var netdevs []int
-	for _, id := range ids {
-		if n, ok := parseNetdevID(id); ok {
-			netdevs = append(netdevs, n)
-		}
-	}
+	netdevs := netdevIndexes(vm.Netdevs)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.version != v {
-		return nics, netdevs, nil // changed under us: observe again next time
+		return vm.NICs, netdevs, nil // changed under us: observe again next time
 	}
 	if m.known && m.verify {
-		if diff := m.diffLocked(nics, netdevs); diff != "" {
+		if diff := m.diffLocked(vm.NICs, netdevs); diff != "" {
 			zerolog.Ctx(ctx).Warn().Str("differences", diff).
 				Msg("the model of the VM differed from QEMU (a bug, or another actor changed the VM); replaced")
 		}
 	}
 	m.known, m.verify = true, false
-	m.nics, m.netdevs = slices.Clone(nics), slices.Clone(netdevs)
-	m.topo, m.topoKnown = qmp.Topology{}, false
-	return nics, netdevs, nil
+	m.nics, m.netdevs = slices.Clone(vm.NICs), slices.Clone(netdevs)
+	m.topo = vm.Topology
+	return vm.NICs, netdevs, nil
 }
 
 // diffLocked says how the model differs from what QEMU showed, "" when it
@@ -221,35 +209,22 @@ func (m *vmModel) diffLocked(nics []qmp.NICInfo, netdevs []int) string {
 
 // place chooses where a new NIC goes, when the model is fresh and holds
 // neither the device nor the netdev of index: AddNIC then asks QEMU
-// nothing. nil means "let AddNIC look". The hot-plug slots are read from
-// QEMU the first time they are needed; that failing fails the plug.
-func (m *vmModel) place(ctx context.Context, index int, p qmp.Placement) (*qmp.Place, error) {
+// nothing. nil means "let AddNIC look".
+func (m *vmModel) place(index int, p qmp.Placement) *qmp.Place {
 	if m == nil {
-		return nil, nil
+		return nil
 	}
 	m.mu.Lock()
-	if !m.topoKnown && m.known && !m.verify {
-		v, c := m.version, m.conn
-		m.mu.Unlock()
-		topo, err := c.Topology(ctx)
-		if err != nil {
-			return nil, err
-		}
-		m.mu.Lock()
-		if m.version == v {
-			m.topo, m.topoKnown = topo, true
-		}
-	}
 	defer m.mu.Unlock()
-	if !m.known || m.verify || !m.topoKnown || slices.Contains(m.netdevs, index) ||
+	if !m.known || m.verify || slices.Contains(m.netdevs, index) ||
 		slices.ContainsFunc(m.nics, func(n qmp.NICInfo) bool { return n.Owned && n.Index == index }) {
-		return nil, nil
+		return nil
 	}
 	at, err := m.topo.Choose(p)
 	if err != nil {
-		return nil, nil // AddNIC looks again and says what is full
+		return nil // AddNIC looks again and says what is full
 	}
-	return &at, nil
+	return &at
 }
 
 // plugged records a NIC that AddNIC made (or found).
@@ -276,9 +251,7 @@ func (m *vmModel) plugged(info qmp.NICInfo) {
 		m.known = false
 		return
 	}
-	if m.topoKnown {
-		m.topo.Take(info.Bus, slot)
-	}
+	m.topo.Take(info.Bus, slot)
 	m.nics = append(m.nics, info)
 	if !slices.Contains(m.netdevs, info.Index) {
 		m.netdevs = append(m.netdevs, info.Index)

@@ -7,7 +7,7 @@ import (
 )
 
 func knownModel() *vmModel {
-	m := &vmModel{known: true, topoKnown: true, netdevs: []int{1, 2}, nics: []qmp.NICInfo{
+	m := &vmModel{known: true, netdevs: []int{1, 2}, nics: []qmp.NICInfo{
 		{ID: qmp.DeviceID(1), Index: 1, Owned: true, Bus: "br", Addr: "1f.0", QOMPath: "/machine/peripheral/" + qmp.DeviceID(1)},
 		{ID: qmp.DeviceID(2), Index: 2, Owned: true, Bus: "br", Addr: "1e.0", QOMPath: "/machine/peripheral/" + qmp.DeviceID(2)},
 	}}
@@ -29,7 +29,7 @@ func TestModelEvents(t *testing.T) {
 	if !ok || len(nics) != 1 || nics[0].Index != 1 || len(netdevs) != 2 {
 		t.Fatalf("after NIC 2's DEVICE_DELETED: known %v, nics %+v, netdevs %v; want NIC 1 and both netdevs (netdev_del is ours to send)", ok, nics, netdevs)
 	}
-	if at, _ := m.place(t.Context(), 3, qmp.Placement{}); at != nil {
+	if at := m.place(3, qmp.Placement{}); at != nil {
 		t.Errorf("placed at %+v on a model without that bus in its topology", at)
 	}
 	if m.topo.Equal(knownModel().topo) {
@@ -50,7 +50,7 @@ func TestModelEvents(t *testing.T) {
 	// A verify due: the model is not used until a full observation.
 	m = knownModel()
 	m.verify = true
-	if at, _ := m.place(t.Context(), 3, qmp.Placement{}); at != nil {
+	if at := m.place(3, qmp.Placement{}); at != nil {
 		t.Error("a model with a verify due placed a NIC")
 	}
 	if _, _, ok := m.fresh(); ok {

@@ -36,22 +36,22 @@ func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
 		}
 		return nicsOf(infos), netdevs, nil
 	}
-	infos, err := v.c.ListNICs(ctx)
+	vm, err := v.c.ReadVM(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
-	nics := nicsOf(infos)
-	ids, err := v.c.ListNetdevs(ctx)
-	if err != nil {
-		return nil, nil, err
-	}
+	return nicsOf(vm.NICs), netdevIndexes(vm.Netdevs), nil
+}
+
+// netdevIndexes returns the endpoint indexes of our netdevs among ids.
+func netdevIndexes(ids []string) []int {
 	var netdevs []int
 	for _, id := range ids {
 		if n, ok := parseNetdevID(id); ok {
 			netdevs = append(netdevs, n)
 		}
 	}
-	return nics, netdevs, nil
+	return netdevs
 }
 
 func nicsOf(infos []qmp.NICInfo) []NIC {
@@ -76,14 +76,8 @@ func parseNetdevID(id string) (int, bool) {
 }
 
 func (v qmpVM) PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, mtu int, q *datapath.Queues) (string, error) {
-	at, err := v.model.place(ctx, index, v.placement)
-	if err != nil {
-		q.Close()
-		v.model.forget()
-		return "", fmt.Errorf("add %s to VM at %s: hot-plug slots: %w", qmp.DeviceID(index), v.c.Path(), err)
-	}
 	info, err := v.c.AddNIC(ctx, qmp.NIC{Index: index, MAC: mac, TapFDs: q.Tap, VhostFDs: q.Vhost, MTU: mtu, Placement: v.placement,
-		At: at})
+		At: v.model.place(index, v.placement)})
 	if err != nil {
 		v.model.forget() // QEMU refused what the model allowed, or left something half-made
 	} else {

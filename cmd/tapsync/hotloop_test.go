@@ -105,8 +105,8 @@ func (q *oddQEMU) serveConn(conn net.Conn) {
 		switch {
 		case cmd.Execute == "qmp_capabilities":
 			line = reply(`{}`)
-		case cmd.Execute == "qom-list":
-			line = reply(`[]`)
+		case cmd.Execute == "human-monitor-command" && cmd.Arguments["command-line"] == "info qtree":
+			line = reply(qtreeWithBridge)
 		case cmd.Execute == "human-monitor-command" && cmd.Arguments["command-line"] == "info network":
 			line = reply(`""`)
 		case cmd.Execute == "query-cpus-fast":
@@ -120,6 +120,15 @@ func (q *oddQEMU) serveConn(conn net.Conn) {
 		}
 	}
 }
+
+// qtreeWithBridge is HMP "info qtree" of a q35 VM with one empty
+// pci-bridge, as a JSON string.
+var qtreeWithBridge = func() string {
+	b, _ := json.Marshal("bus: main-system-bus\r\n  type System\r\n  dev: q35-pcihost, id \"\"\r\n" +
+		"    bus: pcie.0\r\n      type PCIE\r\n      dev: pci-bridge, id \"br1\"\r\n        addr = 02.0\r\n" +
+		"        bus: br1\r\n          type PCI\r\n")
+	return string(b)
+}()
 
 // passes is how many reconcile passes the daemon has run (the count of
 // its pass duration histogram).

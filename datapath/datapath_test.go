@@ -561,3 +561,43 @@ func TestProbeKernel(t *testing.T) {
 		t.Fatalf("ProbeKernel on a kernel that runs the other tests: %v", err)
 	}
 }
+
+// TestVerifyFollowsThePath keeps a Netns while its path is deleted and
+// then names a new namespace: Verify must notice both, and must not
+// mistake the new namespace for the old one.
+func TestVerifyFollowsThePath(t *testing.T) {
+	s := newSandbox(t)
+	if err := s.n.Verify(); err != nil {
+		t.Fatalf("Verify on a fresh Netns: %v", err)
+	}
+	testnet.IP(t, "netns", "del", s.ns.Name)
+	if err := s.n.Verify(); !errors.Is(err, datapath.ErrNetnsReplaced) {
+		t.Fatalf("Verify after the netns was deleted = %v, want ErrNetnsReplaced", err)
+	}
+	testnet.IP(t, "netns", "add", s.ns.Name)
+	if err := s.n.Verify(); !errors.Is(err, datapath.ErrNetnsReplaced) {
+		t.Fatalf("Verify after another netns took the path = %v, want ErrNetnsReplaced", err)
+	}
+	// The kept handle still reads the namespace it was opened in.
+	if _, err := s.n.ContainerLinks(); err != nil {
+		t.Fatal(err)
+	}
+	if l := s.link(t, "eth0"); l.Ifindex == 0 {
+		t.Fatalf("eth0 of the old namespace not seen through the kept handle")
+	}
+	fresh, err := datapath.Open(s.ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fresh.Close()
+	if err := fresh.Verify(); err != nil {
+		t.Fatalf("Verify on a Netns opened after the replacement: %v", err)
+	}
+	links, err := fresh.ContainerLinks()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(links) != 0 {
+		t.Fatalf("the new namespace has container links %v, want none", links)
+	}
+}

@@ -151,6 +151,25 @@ func (n *Netns) linkList() ([]netlink.Link, error) {
 	return links, nil
 }
 
+// linkByIndex looks the link up in Observe's link dump while it runs (a
+// round trip per limited link before), and asks the kernel otherwise. A
+// link that does not exist is (nil, nil).
+func (n *Netns) linkByIndex(ifindex int) (netlink.Link, error) {
+	if n.links == nil {
+		l, err := n.h.LinkByIndex(ifindex)
+		if isLinkNotFound(err) {
+			return nil, nil
+		}
+		return l, err
+	}
+	for _, l := range n.links {
+		if l.Attrs().Index == ifindex {
+			return l, nil
+		}
+	}
+	return nil, nil
+}
+
 // ContainerLinks lists the links that the runtime or CNI put into the
 // netns: everything but loopback, our endpoint taps (tsn<N>),
 // macvtaps (tsm<N>) and ifbs (tsi<N>), and Kata's taps and macvtaps (tap<N>_kata), each with

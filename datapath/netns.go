@@ -17,6 +17,7 @@ import (
 type Netns struct {
 	path string
 	ns   netns.NsHandle
+	id   [2]uint64 // device and inode of the namespace (nsfs)
 	h    *netlink.Handle
 	// While Observe runs, its dumps, which every part of the observation
 	// reads: one link dump (six of the same list before), one qdisc dump
@@ -37,6 +38,11 @@ func Open(path string) (*Netns, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open netns %s: %w", path, err)
 	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(ns), &st); err != nil {
+		ns.Close()
+		return nil, fmt.Errorf("stat netns %s: %w", path, err)
+	}
 	// Only rtnetlink: every call of ours is a link, address, route,
 	// neighbour or tc one, and the library's default (a socket for xfrm
 	// and netfilter too, each made by entering the netns) tripled what
@@ -53,7 +59,34 @@ func Open(path string) (*Netns, error) {
 		ns.Close()
 		return nil, fmt.Errorf("netlink socket timeout in netns %s: %w", path, err)
 	}
-	return &Netns{path: path, ns: ns, h: h}, nil
+	return &Netns{path: path, ns: ns, id: [2]uint64{st.Dev, st.Ino}, h: h}, nil
+}
+
+// ErrNetnsReplaced says that a Netns's path no longer names the namespace
+// it holds: the namespace was deleted, or another one was mounted there.
+var ErrNetnsReplaced = errors.New("path names another network namespace")
+
+// Verify checks, with one stat, that the path still names the namespace
+// this Netns holds, so that a caller may keep one Netns (and its netlink
+// socket) across passes instead of opening one per pass. On
+// ErrNetnsReplaced the caller closes this Netns and opens the path again
+// (or tears down: the namespace is gone).
+//
+// A kept Netns pins its namespace: the kernel keeps a namespace alive
+// while a socket or descriptor in it is open, and announces its death
+// (RTM_DELNSID) only afterwards. So a Netns must not be kept past the
+// moment its owner learns that the sandbox ended, and a namespace known
+// only by a path that dies with a process (/proc/<pid>/ns/net) is better
+// reopened per pass.
+func (n *Netns) Verify() error {
+	var st unix.Stat_t
+	if err := unix.Stat(n.path, &st); err != nil {
+		return fmt.Errorf("netns %s: %w: %w", n.path, ErrNetnsReplaced, err)
+	}
+	if [2]uint64{st.Dev, st.Ino} != n.id {
+		return fmt.Errorf("netns %s: %w", n.path, ErrNetnsReplaced)
+	}
+	return nil
 }
 
 // Path is the path the namespace was opened from.

@@ -246,12 +246,12 @@ func (n *Netns) egressLimits() ([]RateLimitOn, error) {
 		if q.Attrs().Parent != netlink.HANDLE_ROOT || !isOurRateQdisc(q) {
 			continue
 		}
-		link, err := n.h.LinkByIndex(q.Attrs().LinkIndex)
-		if isLinkNotFound(err) {
-			continue
-		}
+		link, err := n.linkByIndex(q.Attrs().LinkIndex)
 		if err != nil {
 			return nil, fmt.Errorf("netns %s: rate limit on link %d: %w", n.path, q.Attrs().LinkIndex, err)
+		}
+		if link == nil {
+			continue
 		}
 		if isIfbEndpoint(link) {
 			continue

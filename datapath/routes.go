@@ -70,9 +70,13 @@ func (n Neighbor) String() string {
 // which links matter is the caller's decision.
 func (n *Netns) Routes() ([]Route, error) {
 	// Equivalent to: ip -n <netns> route show table main; ip -n <netns> -6 route show table main
-	// One dump of both families: the library drops the other tables.
+	// One dump of both families. Without a table filter the library
+	// skips every route outside the main table before decoding it; with
+	// RT_FILTER_TABLE it decodes the local table's (one per address, link
+	// and broadcast) first, which was a tenth of a no-op pass. toRoute
+	// keeps the main table only either way.
 	rs, err := dump(func() ([]netlink.Route, error) {
-		return n.h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		return n.h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{}, 0)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("list routes in netns %s: %w", n.path, err)

@@ -390,6 +390,7 @@ func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sandbox %s: %w", id, err)
 	}
+	r.reidentify(id, sb.Netns)
 	s := &session{sb: sb, host: host}
 	c, m, err := r.clientModel(ctx, sb)
 	if err != nil {

@@ -49,6 +49,11 @@ type entry struct {
 	// inherit names the sandbox whose record this one takes over at its
 	// next pass: the same VM, registered before under a lesser source's id.
 	inherit string
+	// ident is the identity of sb.Netns as last read: at registration,
+	// and again at every pass. Comparing with it instead of reading every
+	// sandbox's netns keeps a registration or a netns event O(1) in
+	// syscalls, not O(sandboxes) (250 sandboxes starting: 250² reads).
+	ident netnsID
 }
 
 // Registration says what Register did.
@@ -113,6 +118,44 @@ func (a netnsID) same(b netnsID) bool {
 	return a.path == b.path
 }
 
+// samePlace reports whether a and b are the same path, whatever netns
+// is (or was) mounted there.
+func (a netnsID) samePlace(b netnsID) bool {
+	if a.dir != [2]uint64{} && b.dir != [2]uint64{} {
+		return a.dir == b.dir && a.name == b.name
+	}
+	return a.path == b.path
+}
+
+// netnsOf is a registered sandbox's netns path and its identity as last
+// read, copied out of the registry to be compared without its lock.
+type netnsOf struct {
+	path  string
+	ident netnsID
+}
+
+// netnsesLocked copies every sandbox's netnsOf but skip's; r.mu must be held.
+func (r *Reconciler) netnsesLocked(skip string) map[string]netnsOf {
+	out := make(map[string]netnsOf, len(r.sandboxes))
+	for id, e := range r.sandboxes {
+		if id != skip {
+			out[id] = netnsOf{e.sb.Netns, e.ident}
+		}
+	}
+	return out
+}
+
+// compared is the identity to compare with want: the cached one, unless
+// it may be out of date for this comparison — no netns was mounted when
+// it was read, or it is the same place as want (a netns file can be
+// replaced by another at the same path) — then read again.
+func (n netnsOf) compared(want netnsID) netnsID {
+	if n.ident.ns == [2]uint64{} || n.ident.samePlace(want) {
+		return identify(n.path)
+	}
+	return n.ident
+}
+
 // Register adds or updates a sandbox named by source src. Sandboxes are
 // keyed by their netns's identity: one VM is registered once, under the
 // id of the best source that names it (config > containerd > /proc).
@@ -133,18 +176,13 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 	// are serialized so that what was compared is still what is there.
 	r.registering.Lock()
 	defer r.registering.Unlock()
-	r.mu.Lock()
-	paths := map[string]string{}
-	for id, e := range r.sandboxes {
-		if id != sb.ID {
-			paths[id] = e.sb.Netns
-		}
-	}
-	r.mu.Unlock()
 	want := identify(sb.Netns)
+	r.mu.Lock()
+	others := r.netnsesLocked(sb.ID)
+	r.mu.Unlock()
 	var sameNetns []string
-	for id, p := range paths {
-		if identify(p).same(want) {
+	for id, n := range others {
+		if n.compared(want).same(want) {
 			sameNetns = append(sameNetns, id)
 		}
 	}
@@ -186,7 +224,7 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 			r.closeAgentLocked(sb.ID)
 		}
 	}
-	self.sb, self.source = sb.withDefaults(), src
+	self.sb, self.source, self.ident = sb.withDefaults(), src, want
 	r.sandboxes[sb.ID] = self
 	return reg, nil
 }
@@ -221,23 +259,31 @@ func (r *Reconciler) Registered(id string) (Sandbox, Source, bool) {
 }
 
 // InNetns returns the registered sandboxes whose netns is the one at
-// path, compared by identity (a netns that is gone: by its place).
+// path, compared by identity, or whose netns path is path (a netns that
+// is gone, or was replaced by another at the same path).
 func (r *Reconciler) InNetns(path string) []string {
-	r.mu.Lock()
-	paths := map[string]string{}
-	for id, e := range r.sandboxes {
-		paths[id] = e.sb.Netns
-	}
-	r.mu.Unlock()
 	want := identify(path)
+	r.mu.Lock()
+	all := r.netnsesLocked("")
+	r.mu.Unlock()
 	var ids []string
-	for id, p := range paths {
-		if identify(p).same(want) {
+	for id, n := range all {
+		if have := n.compared(want); have.same(want) || have.samePlace(want) {
 			ids = append(ids, id)
 		}
 	}
 	slices.Sort(ids)
 	return ids
+}
+
+// reidentify reads sandbox id's netns identity again (at each pass).
+func (r *Reconciler) reidentify(id, netns string) {
+	ident := identify(netns)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if e := r.sandboxes[id]; e != nil && e.sb.Netns == netns {
+		e.ident = ident
+	}
 }
 
 // Sandboxes lists the registered sandbox ids.

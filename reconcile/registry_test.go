@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"sync/atomic"
@@ -105,6 +106,39 @@ func TestRegisterPrecedence(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// The registry compares a registration with the identities it read
+// before; a netns file replaced by another at the same path is still found
+// to be the one registered there, and a netns event for the path finds it.
+func TestRegisterAfterNetnsReplaced(t *testing.T) {
+	ns := testnet.NewNS(t, "tsrep")
+	r := newTestReconciler(t)
+	if _, err := r.Register(Sandbox{ID: "a", Netns: ns.Path, QMP: "/a.sock"}, SourceProc); err != nil {
+		t.Fatal(err)
+	}
+	before := identify(ns.Path)
+	for _, args := range [][]string{{"netns", "del", ns.Name}, {"netns", "add", ns.Name}} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v: %s", args, err, out)
+		}
+	}
+	if identify(ns.Path).same(before) {
+		t.Fatal("the netns was not replaced")
+	}
+	if ids := r.InNetns("/run/netns/" + ns.Name); !slices.Equal(ids, []string{"a"}) {
+		t.Errorf("InNetns after the replacement = %v, want [a]", ids)
+	}
+	reg, err := r.Register(Sandbox{ID: "b", Netns: "/run/netns/" + ns.Name, QMP: "/b.sock"}, SourceContainerd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reg.Replaced != "a" || !slices.Equal(r.Sandboxes(), []string{"b"}) {
+		t.Errorf("registration = %+v, sandboxes %v; want b replacing a", reg, r.Sandboxes())
+	}
+	if ids := r.InNetns(ns.Path); !slices.Equal(ids, []string{"b"}) {
+		t.Errorf("InNetns = %v, want [b]", ids)
 	}
 }
 

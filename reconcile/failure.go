@@ -10,6 +10,8 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/qmp"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Causes of a failed pass: a small fixed set, so that they can label a
@@ -21,11 +23,12 @@ const (
 	CauseNetns   = "netns"   // the sandbox netns and what tapsync does in it: links, taps, tc
 	CauseAgent   = "agent"   // the guest agent (the host side is done)
 	CauseWaiting = "waiting" // not a failure: waiting for the guest or QEMU
+	CauseChanged = "changed" // not a failure: a link went away during the pass, which runs again
 	CauseOther   = "other"
 )
 
 // Causes lists every cause CauseOf returns.
-var Causes = []string{CauseQMP, CauseNetns, CauseAgent, CauseWaiting, CauseOther}
+var Causes = []string{CauseQMP, CauseNetns, CauseAgent, CauseWaiting, CauseChanged, CauseOther}
 
 // causeError says which side a pass failed on, where the error cannot.
 type causeError struct {
@@ -57,7 +60,7 @@ func CauseOf(err error) string {
 	var ce *causeError
 	marked := errors.As(err, &ce)
 	switch {
-	case marked && (ce.cause == CauseWaiting || ce.cause == CauseAgent):
+	case marked && (ce.cause == CauseWaiting || ce.cause == CauseAgent || ce.cause == CauseChanged):
 		return ce.cause
 	case errors.Is(err, ErrTeardownWaiting) || errors.Is(err, qmp.ErrRemovalPending):
 		return CauseWaiting
@@ -67,6 +70,14 @@ func CauseOf(err error) string {
 		return ce.cause
 	}
 	return CauseOther
+}
+
+// linkVanished says whether err is a link that went away while a pass
+// worked on it: a pod's interface being deleted takes its qdiscs first,
+// and the pass their events start sees the link still listed, then gone.
+func linkVanished(err error) bool {
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf) || errors.Is(err, unix.ENODEV)
 }
 
 func isQMP(err error) bool {
@@ -151,7 +162,7 @@ func (f *FailureLog) Note(id string, err error, now time.Time) Report {
 	}
 	s.failures++
 	r := Report{Cause: CauseOf(err), Failures: s.failures, Since: s.since, Next: now.Add(Backoff(s.failures))}
-	s.failed = s.failed || r.Cause != CauseWaiting
+	s.failed = s.failed || (r.Cause != CauseWaiting && r.Cause != CauseChanged)
 	if key := normalise(err.Error()); key != s.logged {
 		s.logged, r.LogIt = key, true
 	} else {
@@ -185,6 +196,9 @@ func (r Report) Log(log *zerolog.Logger, id string, err error) {
 		log.Info().Int("failures", r.Recovered).Dur("failing_for", time.Since(r.Since).Round(time.Millisecond)).
 			Msgf("sandbox %s reconciled after %d failures", id, r.Recovered)
 	case err == nil || !r.LogIt:
+	case r.Cause == CauseChanged:
+		log.Debug().Err(err).Int("retries", r.Failures).Time("next_attempt", r.Next).Str("cause", r.Cause).
+			Msg("a link went away during the pass; passed again")
 	case r.Cause == CauseWaiting:
 		log.Info().Err(err).Int("retries", r.Failures).Time("next_attempt", r.Next).Str("cause", r.Cause).
 			Msg("pass not finished: waiting, retried with backoff")

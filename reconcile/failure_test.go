@@ -41,6 +41,7 @@ func TestCauseOf(t *testing.T) {
 		{"pending unplug", WithCause(CauseWaiting, fmt.Errorf("unplug pending: %w", qmp.ErrRemovalPending)), CauseWaiting},
 		{"teardown", fmt.Errorf("sandbox a: %w: guest holds NICs", ErrTeardownWaiting), CauseWaiting},
 		{"removal pending from QEMU", fmt.Errorf("x: %w", qmp.ErrRemovalPending), CauseWaiting},
+		{"link went away", WithCause(CauseChanged, fmt.Errorf("sandbox a: endpoint 0: redirect: %w", errors.New("Link not found"))), CauseChanged},
 		{"unknown", errors.New("disk full"), CauseOther},
 	} {
 		if got := CauseOf(c.err); got != c.want {
@@ -115,5 +116,22 @@ func TestFailureLogLines(t *testing.T) {
 	}
 	if !strings.Contains(lines[1], "sandbox pod1 reconciled after 3 failures") {
 		t.Errorf("recovery line: %s", lines[1])
+	}
+}
+
+// A link that went away during a pass is not a failure: no warning, and
+// the pass after it recovers as from waiting.
+func TestFailureLogLinkVanished(t *testing.T) {
+	var buf bytes.Buffer
+	log := zerolog.New(&buf).Level(zerolog.InfoLevel)
+	var f FailureLog
+	err := WithCause(CauseChanged, errors.New("sandbox pod1: endpoint 0: redirect eth0 ⇄ tsn0: Link not found"))
+	r := f.Note("pod1", err, time.Now())
+	r.Log(&log, "pod1", err)
+	if r.Cause != CauseChanged || buf.Len() != 0 {
+		t.Errorf("cause %q, logged at info or above: %q", r.Cause, buf.String())
+	}
+	if r := f.Note("pod1", nil, time.Now()); r.Recovered != 1 || !r.RecoveredW {
+		t.Errorf("recovery %+v, want one pass that only waited", r)
 	}
 }

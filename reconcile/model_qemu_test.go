@@ -3,6 +3,7 @@ package reconcile
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -18,6 +19,8 @@ import (
 	"github.com/tapsync/tapsync/e2e/testproc"
 	"github.com/tapsync/tapsync/qmp"
 	"github.com/tapsync/tapsync/state"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // modelVM is a q35 QEMU with four root ports, native PCIe hot-plug and no
@@ -272,5 +275,43 @@ func TestModelErrorObservesFully(t *testing.T) {
 	}
 	if nics := g.modelNICs(); len(nics) != 3 || !slices.Contains(nics, "/machine/peripheral/outsider@rp3") {
 		t.Errorf("model NICs = %q; want ours two and the outsider", nics)
+	}
+}
+
+// A pass that fails on the host side asks QEMU nothing and leaves the
+// model trusted: only QMP failures make it unknown. Here a container link
+// is named like the tap its endpoint needs (tsn1), so the tap cannot be
+// made.
+func TestModelKeptOverHostFailure(t *testing.T) {
+	g := newModelRig(t, 1)
+	testnet.Veth(t, g.ns, "tsn1", macN(9), g.peer, "squat1")
+	for range 2 {
+		n, err := g.pass(t)
+		if err == nil {
+			t.Fatalf("the pass made a tap tsn1 beside the veth tsn1 (%d commands)", n)
+		}
+		if CauseOf(err) != CauseNetns || n != 0 {
+			t.Errorf("failed pass: cause %q, %d QMP commands; want %q and none: %v", CauseOf(err), n, CauseNetns, err)
+		}
+		if _, _, ok := g.model().fresh(); !ok {
+			t.Fatal("a host-side failure made the model unknown")
+		}
+	}
+}
+
+// linkVanished tells a link deleted under a pass from other failures.
+func TestLinkVanished(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{fmt.Errorf("redirect from link 4: %w", netlink.LinkNotFoundError{}), true},
+		{fmt.Errorf("set mtu: %w", unix.ENODEV), true},
+		{fmt.Errorf("add filter: %w", unix.EEXIST), false},
+		{errors.New("Link not found"), false}, // words are not evidence
+	} {
+		if got := linkVanished(tc.err); got != tc.want {
+			t.Errorf("linkVanished(%v) = %v, want %v", tc.err, got, tc.want)
+		}
 	}
 }

@@ -515,7 +515,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		st.LastReconcile = time.Now()
 		if err != nil {
 			st.LastError = err.Error()
-			if !waiting {
+			if !waiting && (isQMP(err) || ctx.Err() != nil) {
+				// A failed QMP command forgets the model itself (qmpVM);
+				// this is the safety net for what failed around one.
 				r.forgetModel(id)
 			}
 		}
@@ -552,7 +554,11 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		log.Debug().Int("actions", len(p.Actions)).Int("mutations", out.Mutations).Ints("pending", out.Pending).Err(err).Msg("pass failed")
 	}
 	if err != nil {
-		return WithCause(CauseNetns, fmt.Errorf("sandbox %s: %w", id, errors.Join(err, guestErr)))
+		cause := CauseNetns
+		if linkVanished(err) {
+			cause = CauseChanged
+		}
+		return WithCause(cause, fmt.Errorf("sandbox %s: %w", id, errors.Join(err, guestErr)))
 	}
 	if guestErr != nil {
 		// The host side is done; the guest's is retried with backoff.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"sync"
 	"syscall"
 
 	"github.com/vishvananda/netlink"
@@ -14,8 +15,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// listenSocket is one rtnetlink socket in the daemon's own netns (home)
-// that hears, besides home, every netns that has an nsid in home
+// listenSocket is one rtnetlink socket in a netns (home) that hears,
+// besides home, every netns that has an nsid in home
 // (NETLINK_LISTEN_ALL_NSID). Each datagram from another netns carries
 // that nsid in a control message.
 //
@@ -184,6 +185,42 @@ func nsidOf(home string, fd int, assign bool) (int32, error) {
 	return int32(id), nil
 }
 
+// privateHome makes, once per process, a network namespace of its own for
+// the listen socket to live in, and returns a path to it
+// (/proc/self/fd/N; no mount, so it dies with the process). A socket in
+// the daemon's own netns hears every change there (a node's host netns
+// changes with every pod: veths, routes, tc) and, with
+// NETLINK_LISTEN_ALL_NSID, in every netns that has an nsid there (every
+// pod netns with a veth peer on the host), and woke the idle daemon for
+// each. In a netns of its own, where nothing ever changes, the socket
+// hears only the sandbox netns that Watch gives an nsid there.
+//
+// Equivalent to: unshare --net, holding the namespace by descriptor.
+var privateHome = sync.OnceValues(func() (string, error) {
+	fd := -1
+	err := onThread(func() error {
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			return fmt.Errorf("unshare a network namespace: %w", err)
+		}
+		return nil
+	}, func() error {
+		var err error
+		if fd, err = unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0); err != nil {
+			return fmt.Errorf("open the private network namespace: %w", err)
+		}
+		return nil
+	})
+	if err != nil {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+		return "", err
+	}
+	// The descriptor is kept for the life of the process: the namespace
+	// lives as long as it or a socket in it does.
+	return fmt.Sprintf("/proc/self/fd/%d", fd), nil
+})
+
 // handleIn opens a request handle in the netns at home ("" for our own).
 func handleIn(home string) (*netlink.Handle, error) {
 	if home == "" {
@@ -198,33 +235,70 @@ func handleIn(home string) (*netlink.Handle, error) {
 }
 
 // inNetns runs open in the netns at home ("" runs it here). A socket
-// belongs to the netns of the thread that created it; the thread that
-// entered home is never given back to the scheduler, so no other
-// goroutine can run in the wrong netns.
+// belongs to the netns of the thread that created it.
 func inNetns(home string, open func() (int, error)) (int, error) {
 	if home == "" {
 		return open()
 	}
-	type result struct {
-		fd  int
-		err error
+	ns, err := netns.GetFromPath(home)
+	if err != nil {
+		return -1, fmt.Errorf("open netns %s: %w", home, err)
 	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread exits with this goroutine
-		ns, err := netns.GetFromPath(home)
-		if err != nil {
-			ch <- result{-1, fmt.Errorf("open netns %s: %w", home, err)}
-			return
-		}
-		defer ns.Close()
+	defer ns.Close()
+	fd := -1
+	err = onThread(func() error {
 		if err := netns.Set(ns); err != nil {
-			ch <- result{-1, fmt.Errorf("enter netns %s: %w", home, err)}
+			return fmt.Errorf("enter netns %s: %w", home, err)
+		}
+		return nil
+	}, func() error {
+		var err error
+		fd, err = open()
+		return err
+	})
+	if err != nil && fd >= 0 {
+		unix.Close(fd)
+		fd = -1
+	}
+	return fd, err
+}
+
+// onThread runs fn on a locked OS thread that enter has moved into
+// another network namespace, then moves the thread back and unlocks it.
+// A thread that cannot be moved back stays locked, and Go ends it with
+// the goroutine, so no other goroutine ever runs in the wrong netns. (A
+// thread locked for good was the way before; when the goroutine happened
+// to run on the main thread, which Go parks rather than ends, the whole
+// process showed the other netns in /proc/self/ns/net.)
+func onThread(enter, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open the thread's netns: %w", err)
 			return
 		}
-		fd, err := open()
-		ch <- result{fd, err}
+		defer unix.Close(orig)
+		home := func() bool {
+			var a, b unix.Stat_t
+			return unix.Fstat(orig, &a) == nil && unix.Stat("/proc/thread-self/ns/net", &b) == nil && a.Dev == b.Dev && a.Ino == b.Ino
+		}
+		if err := enter(); err != nil {
+			if home() {
+				runtime.UnlockOSThread()
+			}
+			errc <- err
+			return
+		}
+		ferr := fn()
+		if err := unix.Setns(orig, unix.CLONE_NEWNET); err != nil {
+			errc <- errors.Join(ferr, fmt.Errorf("return to the original netns: %w", err))
+			return // the thread stays locked and ends with this goroutine
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
 	}()
-	r := <-ch
-	return r.fd, r.err
+	return <-errc
 }

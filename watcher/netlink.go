@@ -36,7 +36,7 @@ var netlinkGroups = []uint{
 	unix.RTNLGRP_TC,
 }
 
-// listenGroups adds, for the daemon's own netns, RTNLGRP_NSID: its
+// listenGroups adds, for the socket's home netns, RTNLGRP_NSID: its
 // RTM_DELNSID says that a netns with an nsid there has died.
 var listenGroups = append(append([]uint(nil), netlinkGroups...), unix.RTNLGRP_NSID)
 
@@ -46,14 +46,17 @@ var listenGroups = append(append([]uint(nil), netlinkGroups...), unix.RTNLGRP_NS
 // for each message, its Why naming the kind of change and the object.
 // Messages are never decoded into state: a reconcile reads it all again.
 //
-// One netlink socket in the daemon's own netns serves every sandbox: it
+// One netlink socket serves every sandbox. It lives in a netns of its
+// own (home: a private, empty netns of the process, see privateHome) and
 // is opened with NETLINK_LISTEN_ALL_NSID, so it hears every netns that
-// has an nsid in the daemon's netns, and each datagram names its netns by
-// that nsid. Watch gives a sandbox netns an nsid when it has none (as
-// `ip netns set NAME auto` does) and maps it to the sandbox. One goroutine
-// reads the socket, parked in the netpoller while nothing changes: no
-// timer, no per-sandbox socket or goroutine. Netns with an nsid that no
-// watch maps (a veth peer's, the host's) are heard and dropped.
+// has an nsid in home, and each datagram names its netns by that nsid.
+// Watch gives a sandbox netns an nsid in home (as `ip netns set NAME
+// auto` does there) and maps it to the sandbox. Only sandbox netns get
+// one: the host's and other pods' changes never reach the socket, and
+// the idle daemon sleeps through them. One goroutine reads the socket,
+// parked in the netpoller while nothing changes: no timer, no per-sandbox
+// socket or goroutine. A netns with an nsid that no watch maps (one whose
+// watch has ended) is heard and dropped.
 //
 // When the socket fails (the kernel dropped messages with ENOBUFS, or any
 // other receive error) it is replaced by a new one, and every watched
@@ -85,10 +88,13 @@ type NetlinkWatcher struct {
 	byNsid  map[int32]map[string]*netnsWatch // by nsid in home, then sandbox id
 	lst     *listener                        // the socket and its reader; nil while nothing is watched
 
-	// home is the netns whose nsids the socket listens by: "" for the
-	// daemon's own. Tests use a throwaway netns, out of reach of what
-	// others do on the host. Set before the first Watch.
+	// home is the netns whose nsids the socket listens by: "" for a
+	// private one of the process (see privateHome), falling back to the
+	// daemon's own. Tests use a throwaway netns. Set before the first
+	// Watch.
 	home string
+	// fallback logs, once, that no private home could be made.
+	fallback sync.Once
 	// Tunables for tests; set before the first Watch.
 	retryFirst, retryMax time.Duration
 	// rcvBuf, when non-zero, is the socket receive buffer of new
@@ -195,7 +201,8 @@ func (w *NetlinkWatcher) Watch(ctx context.Context, id, netnsPath string) error 
 	}
 	w.mu.Unlock()
 
-	ns, nsid, err := w.resolve(netnsPath)
+	home := w.homeNetns(ctx)
+	ns, nsid, err := w.resolve(home, netnsPath)
 	if err != nil {
 		return fmt.Errorf("watch sandbox %s in netns %s: %w", id, netnsPath, err)
 	}
@@ -219,7 +226,7 @@ func (w *NetlinkWatcher) Watch(ctx context.Context, id, netnsPath string) error 
 	if w.lst == nil {
 		// The socket is open before Watch returns: changes made after it
 		// returns are heard.
-		s, err := openListenSocket(w.home, listenGroups, int(w.rcvBuf.Load()))
+		s, err := openListenSocket(home, listenGroups, int(w.rcvBuf.Load()))
 		if err != nil {
 			w.mu.Unlock()
 			return fmt.Errorf("watch sandbox %s in netns %s: %w", id, netnsPath, err)
@@ -248,9 +255,26 @@ func (w *NetlinkWatcher) Watch(ctx context.Context, id, netnsPath string) error 
 	return nil
 }
 
+// homeNetns is the path of the netns whose nsids the socket listens by:
+// w.home when a test set one, else the process's private netns, else
+// (no private netns could be made) "", the daemon's own.
+func (w *NetlinkWatcher) homeNetns(ctx context.Context) string {
+	if w.home != "" {
+		return w.home
+	}
+	home, err := privateHome()
+	if err != nil {
+		w.fallback.Do(func() {
+			zerolog.Ctx(ctx).Warn().Err(err).Str("source", string(SourceNetlink)).
+				Msg("no private netns for the netlink socket; it listens in the daemon's own and wakes for every change there and in every netns with an nsid there")
+		})
+	}
+	return home
+}
+
 // resolve opens the netns at path and returns its identity and its nsid
 // in home, assigning one when it has none.
-func (w *NetlinkWatcher) resolve(path string) (nsID, int32, error) {
+func (w *NetlinkWatcher) resolve(home, path string) (nsID, int32, error) {
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nsID{}, 0, err
@@ -267,7 +291,7 @@ func (w *NetlinkWatcher) resolve(path string) (nsID, int32, error) {
 	if err := unix.Fstat(fd, &st); err != nil {
 		return nsID{}, 0, err
 	}
-	nsid, err := nsidOf(w.home, fd, true)
+	nsid, err := nsidOf(home, fd, true)
 	if err != nil {
 		return nsID{}, 0, err
 	}
@@ -388,7 +412,7 @@ func (w *NetlinkWatcher) listen(l *listener) {
 				return
 			}
 		case nsid == noNsid:
-			// The daemon's own netns: only the end of an nsid matters.
+			// Home itself: only the end of an nsid matters.
 			for _, m := range msgs {
 				if m.Header.Type != unix.RTM_DELNSID {
 					continue
@@ -462,7 +486,7 @@ func (w *NetlinkWatcher) stillNamed(nw *netnsWatch) bool {
 		return false
 	}
 	defer unix.Close(fd)
-	id, err := nsidOf(w.home, fd, false)
+	id, err := nsidOf(w.homeNetns(context.Background()), fd, false)
 	return err == nil && id == nw.nsid
 }
 
@@ -479,7 +503,7 @@ func (w *NetlinkWatcher) hold() {
 func (w *NetlinkWatcher) resubscribe(l *listener, reason string) bool {
 	delay := w.retryFirst
 	for attempt := 1; ; attempt++ {
-		s, err := openListenSocket(w.home, listenGroups, int(w.rcvBuf.Load()))
+		s, err := openListenSocket(w.homeNetns(context.Background()), listenGroups, int(w.rcvBuf.Load()))
 		if err == nil {
 			if !l.swap(s) {
 				return false

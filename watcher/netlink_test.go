@@ -370,3 +370,51 @@ func TestNetlinkWatcherStaleDelNsid(t *testing.T) {
 	testnet.IP(t, "-n", ns.Name, "link", "add", "s0", "type", "bridge")
 	rec.wait(t, 0, "event for s0", linkEvent("sb", "s0"))
 }
+
+// TestNetlinkWatcherPrivateHome runs the watcher as the daemon does (no
+// home set: a private netns of the process) and checks that its socket
+// wakes for the sandbox it watches and not for a netns that has an nsid
+// in the host's netns (as every pod netns with a veth peer on the host
+// has): on a node, that netns's changes and the host's woke the idle
+// daemon for nothing.
+func TestNetlinkWatcherPrivateHome(t *testing.T) {
+	ns := testnet.NewNS(t, "tslh")
+	foreign := testnet.NewNS(t, "tslf")
+	testnet.IP(t, "netns", "set", foreign.Name, "auto") // an nsid in the host's netns
+	rec := &recorder{}
+	w := NewNetlinkWatcher(rec.sink)
+	ctx, _ := testCtx(t)
+	t.Cleanup(w.StopAll)
+	if err := w.Watch(ctx, "sb1", ns.Path); err != nil {
+		t.Fatal(err)
+	}
+	home, err := privateHome()
+	if err != nil {
+		t.Fatalf("no private home: %v", err)
+	}
+	hid, err := nsIDOf(home)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if own, err := nsIDOf("/proc/self/ns/net"); err != nil || own == hid {
+		t.Fatalf("home %s is the process's own netns (%v, %v)", home, own, err)
+	}
+	// The Watch's own nsid assignment is heard in home: wait until it
+	// has been read before counting.
+	testnet.IP(t, "-n", ns.Name, "link", "add", "d0", "type", "bridge")
+	rec.wait(t, 0, "event for d0", linkEvent("sb1", "d0"))
+	before := w.wakeups.Load()
+	const changes = 5
+	for i := range changes {
+		testnet.IP(t, "-n", foreign.Name, "link", "add", fmt.Sprintf("f%d", i), "type", "bridge")
+	}
+	// Multicast delivery is synchronous: by the time the sandbox's event
+	// is read, every datagram of the foreign changes made before it
+	// would have been read too.
+	n := rec.len()
+	testnet.IP(t, "-n", ns.Name, "link", "add", "d1", "type", "bridge")
+	rec.wait(t, n, "event for d1", linkEvent("sb1", "d1"))
+	if woke := w.wakeups.Load() - before; woke >= changes {
+		t.Fatalf("the socket woke %d times for %d changes in a foreign netns and one in the sandbox's", woke, changes)
+	}
+}

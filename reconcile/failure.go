@@ -115,6 +115,7 @@ type streak struct {
 	since    time.Time // first failure
 	logged   string    // normalised form of the error last logged
 	failed   bool      // some pass of the streak failed rather than waited
+	waited   bool      // some pass of the streak waited (rather than only saw a link go)
 }
 
 // FailureLog logs failed passes so that they show without flooding: each
@@ -138,6 +139,7 @@ type Report struct {
 	// Recovered is the length of the streak a success ended (0: none).
 	Recovered  int
 	RecoveredW bool // the streak ended had only waited
+	RecoveredC bool // the streak ended had only seen links go away during passes
 }
 
 // Note records the outcome of one pass over sandbox id at now and says
@@ -154,7 +156,7 @@ func (f *FailureLog) Note(id string, err error, now time.Time) Report {
 		if s == nil {
 			return Report{}
 		}
-		return Report{Recovered: s.failures, RecoveredW: !s.failed, Since: s.since}
+		return Report{Recovered: s.failures, RecoveredW: !s.failed, RecoveredC: !s.failed && !s.waited, Since: s.since}
 	}
 	if s == nil {
 		s = &streak{since: now}
@@ -163,6 +165,7 @@ func (f *FailureLog) Note(id string, err error, now time.Time) Report {
 	s.failures++
 	r := Report{Cause: CauseOf(err), Failures: s.failures, Since: s.since, Next: now.Add(Backoff(s.failures))}
 	s.failed = s.failed || (r.Cause != CauseWaiting && r.Cause != CauseChanged)
+	s.waited = s.waited || r.Cause == CauseWaiting
 	if key := normalise(err.Error()); key != s.logged {
 		s.logged, r.LogIt = key, true
 	} else {
@@ -189,6 +192,8 @@ func (f *FailureLog) Failing() int {
 // the sandbox field.
 func (r Report) Log(log *zerolog.Logger, id string, err error) {
 	switch {
+	case r.Recovered > 0 && r.RecoveredC:
+		log.Debug().Int("passes", r.Recovered).Msgf("sandbox %s reconciled after links went away during %d passes", id, r.Recovered)
 	case r.Recovered > 0 && r.RecoveredW:
 		log.Info().Int("passes", r.Recovered).Dur("waited", time.Since(r.Since).Round(time.Millisecond)).
 			Msgf("sandbox %s reconciled after waiting %d passes", id, r.Recovered)

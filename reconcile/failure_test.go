@@ -131,7 +131,9 @@ func TestFailureLogLinkVanished(t *testing.T) {
 	if r.Cause != CauseChanged || buf.Len() != 0 {
 		t.Errorf("cause %q, logged at info or above: %q", r.Cause, buf.String())
 	}
-	if r := f.Note("pod1", nil, time.Now()); r.Recovered != 1 || !r.RecoveredW {
-		t.Errorf("recovery %+v, want one pass that only waited", r)
+	r = f.Note("pod1", nil, time.Now())
+	r.Log(&log, "pod1", nil)
+	if r.Recovered != 1 || !r.RecoveredW || !r.RecoveredC || buf.Len() != 0 {
+		t.Errorf("recovery %+v (logged %q), want one pass that only saw a link go, not logged at info", r, buf.String())
 	}
 }

@@ -48,13 +48,16 @@ import (
 // 1.x, and what does not parse as it is an error naming the line, never a
 // guess.
 
-// qtreeDev is one device of the tree.
+// qtreeDev is one device of the tree, with the properties read here.
 type qtreeDev struct {
 	typ, id string
-	props   map[string]string // values as printed, strings unquoted
-	vendor  int               // from the PCI "class ..., pci id VVVV:DDDD" line; -1 when none
-	device  int
-	buses   []*qtreeBus
+	// addr, mac and netdev are those properties as printed (strings
+	// unquoted); the tree prints dozens more per device, not kept.
+	addr, mac, netdev string
+	hasMAC            bool
+	vendor            int // from the PCI "class ..., pci id VVVV:DDDD" line; -1 when none
+	device            int
+	buses             []*qtreeBus
 }
 
 // qtreeBus is one bus of the tree.
@@ -69,7 +72,7 @@ func (b *qtreeBus) isPCI() bool { return b.typ == "PCI" || b.typ == "PCIE" }
 
 // devfn is a PCI device's address on its bus, from its "addr = SS.F" property.
 func (d *qtreeDev) devfn() (slot, fn int, ok bool) {
-	s, f, found := strings.Cut(d.props["addr"], ".")
+	s, f, found := strings.Cut(d.addr, ".")
 	if !found {
 		return 0, 0, false
 	}
@@ -90,7 +93,11 @@ func parseQtree(out string) (*qtreeBus, error) {
 	}
 	var root *qtreeBus
 	var stack []frame
-	for n, line := range strings.Split(out, "\n") {
+	n := 0
+	for rest := out; rest != ""; {
+		var line string
+		line, rest, _ = strings.Cut(rest, "\n")
+		n++
 		line = strings.TrimRight(line, "\r")
 		text := strings.TrimLeft(line, " ")
 		if text == "" {
@@ -105,7 +112,7 @@ func parseQtree(out string) (*qtreeBus, error) {
 			top = stack[len(stack)-1]
 		}
 		bad := func(why string) error {
-			return fmt.Errorf("info qtree line %d %q: %s", n+1, truncate(line, 80), why)
+			return fmt.Errorf("info qtree line %d %q: %s", n, truncate(line, 80), why)
 		}
 		switch {
 		case strings.HasPrefix(text, "bus: "):
@@ -130,7 +137,7 @@ func parseQtree(out string) (*qtreeBus, error) {
 			if !ok || !unquoted || typ == "" {
 				return nil, bad(`want "dev: TYPE, id \"ID\""`)
 			}
-			d := &qtreeDev{typ: typ, id: id, props: map[string]string{}, vendor: -1, device: -1}
+			d := &qtreeDev{typ: typ, id: id, vendor: -1, device: -1}
 			top.bus.devs = append(top.bus.devs, d)
 			stack = append(stack, frame{indent: indent, dev: d})
 		case top.bus != nil && top.indent == indent-2:
@@ -142,7 +149,14 @@ func parseQtree(out string) (*qtreeBus, error) {
 				if s, quoted := unquote(value); quoted {
 					value = s
 				}
-				top.dev.props[name] = value
+				switch name {
+				case "addr":
+					top.dev.addr = value
+				case "mac":
+					top.dev.mac, top.dev.hasMAC = value, true
+				case "netdev":
+					top.dev.netdev = value
+				}
 			} else if _, ids, ok := strings.Cut(text, ", pci id "); ok && strings.HasPrefix(text, "class ") {
 				var v, d int
 				if _, err := fmt.Sscanf(ids, "%x:%x", &v, &d); err == nil {
@@ -215,7 +229,7 @@ func treeOf(root *qtreeBus) (vmTree, error) {
 			}
 			slot, fn, ok := d.devfn()
 			if !ok {
-				return nil, fmt.Errorf("info qtree: %s %q on PCI bus %s has no PCI address (addr = %q)", d.typ, d.id, b.name, d.props["addr"])
+				return nil, fmt.Errorf("info qtree: %s %q on PCI bus %s has no PCI address (addr = %q)", d.typ, d.id, b.name, d.addr)
 			}
 			pd := pciDevice{Bus: num, Slot: slot, Function: fn, QdevID: d.id}
 			pd.ID.Vendor, pd.ID.Device = d.vendor, d.device
@@ -300,11 +314,11 @@ func nicOf(d *qtreeDev, bus string, slot, fn int) (NICInfo, error) {
 	if d.id != "" {
 		info.QOMPath = peripheral + "/" + d.id
 	}
-	mac, netdev := d.props["mac"], d.props["netdev"]
+	mac, netdev := d.mac, d.netdev
 	for _, sub := range d.buses {
 		for _, vd := range sub.devs {
-			if m, ok := vd.props["mac"]; ok {
-				mac, netdev = m, vd.props["netdev"]
+			if vd.hasMAC {
+				mac, netdev = vd.mac, vd.netdev
 			}
 		}
 	}

@@ -182,11 +182,12 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, t
 		row("B2: QMP commands per sandbox in that resync", perSandbox(sc.sighupQMP, n)+
 			fmt.Sprintf("; QEMU busy answering %.2f ms per sandbox", ms(sc.sighupBusy)/float64(n)), "few, if any")
 		row("B2: daemon RSS / goroutines / fds / threads",
-			fmt.Sprintf("**%.1f MiB** (peak %.1f) / %.0f (%.1f per sandbox) / %d / %d", float64(sc.proc.RSSKiB)/1024, float64(sc.proc.HWMKiB)/1024,
+			fmt.Sprintf("**%.1f MiB** (peak %.1f; Go heap in use %.1f MiB, runtime total %.1f MiB) / %.0f (%.1f per sandbox) / %d / %d",
+				float64(sc.proc.RSSKiB)/1024, float64(sc.proc.HWMKiB)/1024, sc.heapInuse/(1<<20), sc.goSys/(1<<20),
 				sc.goroutines, sc.goroutines/float64(n), sc.proc.FDs, sc.proc.Threads),
 			"≤ 40 MiB, ≤ 2 goroutines per sandbox")
 		row(fmt.Sprintf("B2: idle CPU of the daemon, converged (%v window)", sc.idleWindow),
-			fmt.Sprintf("**%.3f %%** (%d ticks)", sc.idleCPU, sc.idleTicks), "≤ 0.1 %")
+			fmt.Sprintf("**%.3f %%** (%d ticks), from the first idle second after the resync (%.0f s after it)", sc.idleCPU, sc.idleTicks, sc.settleTail.Seconds()), "≤ 0.1 %")
 		// The floor's figures, zero with -skip-floor (then not shown).
 		var f floorScale
 		floor := sc.floor != nil

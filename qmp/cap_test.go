@@ -5,10 +5,13 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -120,5 +123,53 @@ func TestEndlessMessage(t *testing.T) {
 		t.Errorf("the client read %d bytes of one message", n)
 	} else {
 		t.Logf("peer wrote %d bytes before the client hung up: %v", n, err)
+	}
+}
+
+// After a large message the reader starts a decoder with a fresh buffer
+// (json.Decoder never shrinks its own); what the old one had read ahead —
+// here an event and the next reply, sent in the same burst — is read
+// first, in order.
+func TestReaderRenewsAfterLargeMessage(t *testing.T) {
+	big := strings.Repeat("x", 3*shrinkAfter)
+	var n atomic.Int32
+	f := startFake(t, greetingOOB, func(cmd fakeCommand) []string {
+		switch cmd.Execute {
+		case "qmp_capabilities":
+			return []string{reply(map[string]any{})}
+		case "human-monitor-command":
+			return []string{reply(big), event("NIC_RX_FILTER_CHANGED", map[string]any{"name": "after-big"})}
+		}
+		return []string{reply(fmt.Sprintf("answer %d", n.Add(1)))}
+	})
+	var events []string
+	var mu sync.Mutex
+	c := dialT(t, f.path, Options{OnEvent: func(e Event) {
+		mu.Lock()
+		events = append(events, e.Name)
+		mu.Unlock()
+	}})
+	ctx := context.Background()
+	for i := 1; i <= 3; i++ {
+		var out string
+		if err := c.runInto(ctx, "human-monitor-command", "", map[string]any{"command-line": "info qtree"}, &out); err != nil || out != big {
+			t.Fatalf("big reply %d: %d bytes, %v", i, len(out), err)
+		}
+		if err := c.runInto(ctx, "query-name", "", nil, &out); err != nil || out != fmt.Sprintf("answer %d", i) {
+			t.Fatalf("reply after the big one: %q, %v", out, err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		mu.Lock()
+		got := len(events)
+		mu.Unlock()
+		if got == 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("events after the big replies: %d, want 3", got)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

@@ -189,6 +189,36 @@ func newDecoder(r io.Reader, max int64) *json.Decoder {
 	return cr.dec
 }
 
+// shrinkAfter is the message size past which the reader starts a new
+// decoder: json.Decoder never shrinks its buffer, and one HMP "info qtree"
+// reply (20–140 KB) would otherwise stay allocated in every connection's
+// decoder, a sandbox's idle connection holding it for good.
+const shrinkAfter = 8 << 10
+
+// stream is the socket as the reader's decoders read it, with what an
+// earlier decoder had read ahead put back in front.
+type stream struct {
+	ahead []byte
+	conn  io.Reader
+}
+
+func (s *stream) Read(p []byte) (int, error) {
+	if len(s.ahead) > 0 {
+		n := copy(p, s.ahead)
+		s.ahead = s.ahead[n:]
+		return n, nil
+	}
+	return s.conn.Read(p)
+}
+
+// renew returns a decoder with a fresh buffer that reads on where dec
+// stopped: what dec had read ahead first.
+func (s *stream) renew(dec *json.Decoder, max int64) *json.Decoder {
+	ahead, _ := io.ReadAll(dec.Buffered())
+	s.ahead = append(ahead, s.ahead...)
+	return newDecoder(s, max)
+}
+
 // readMessage decodes the next JSON object from the stream. Messages need
 // not be one per line (QEMU's qmp-pretty mode spans lines).
 func readMessage(dec *json.Decoder) (message, error) {
@@ -251,7 +281,8 @@ func handshake(ctx context.Context, conn *net.UnixConn, path string, timeout tim
 		return context.DeadlineExceeded
 	}
 
-	dec := newDecoder(conn, MaxMessage)
+	src := &stream{conn: conn}
+	dec := newDecoder(src, MaxMessage)
 	greeting, err := readMessage(dec)
 	switch {
 	case timedOut(err):
@@ -306,7 +337,7 @@ func handshake(ctx context.Context, conn *net.UnixConn, path string, timeout tim
 		waiters:    map[*waiter]struct{}{},
 		streams:    map[chan goqmp.Event]struct{}{},
 	}
-	go c.read(dec, early)
+	go c.read(src, dec, early)
 	return c, nil
 }
 
@@ -364,13 +395,16 @@ func (c *Client) dead() bool {
 
 // read reads the socket for the life of the connection, dispatching events
 // and handing replies to the waiting command.
-func (c *Client) read(dec *json.Decoder, early []message) {
+func (c *Client) read(src *stream, dec *json.Decoder, early []message) {
 	defer close(c.readerDone)
 	for _, m := range early {
 		c.dispatch(m)
 	}
 	for {
 		m, err := readMessage(dec)
+		if len(m.raw) > shrinkAfter {
+			dec = src.renew(dec, MaxMessage)
+		}
 		switch {
 		case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET):
 			// ECONNRESET: QEMU died with unread data (our command) in its socket.

@@ -89,6 +89,9 @@ func (n *Netns) Verify() error {
 	return nil
 }
 
+// ID is the namespace's identity: the device and inode of its nsfs file.
+func (n *Netns) ID() [2]uint64 { return n.id }
+
 // Path is the path the namespace was opened from.
 func (n *Netns) Path() string { return n.path }
 

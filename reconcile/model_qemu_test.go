@@ -315,3 +315,48 @@ func TestLinkVanished(t *testing.T) {
 		}
 	}
 }
+
+// A sandbox's netns (and its netlink socket) is kept from one pass to the
+// next, dropped after a failure on the host side, and closed with the
+// sandbox.
+func TestNetnsKeptBetweenPasses(t *testing.T) {
+	g := newModelRig(t, 1)
+	kept := func() *datapath.Netns {
+		g.r.mu.Lock()
+		defer g.r.mu.Unlock()
+		return g.r.hosts[g.sb.ID]
+	}
+	h := kept()
+	if h == nil {
+		t.Fatal("no netns kept after a pass")
+	}
+	if _, err := g.pass(t); err != nil {
+		t.Fatal(err)
+	}
+	if kept() != h {
+		t.Error("the next pass opened the netns again instead of using the kept one")
+	}
+	testnet.Veth(t, g.ns, "tsn1", macN(9), g.peer, "squat1") // endpoint 1's tap name, taken
+	if _, err := g.pass(t); err == nil || CauseOf(err) != CauseNetns {
+		t.Fatalf("pass: %v; want a host-side failure", err)
+	}
+	if kept() != nil {
+		t.Error("the netns was kept after a host-side failure")
+	}
+	if out, err := exec.Command("ip", "-n", g.ns.Name, "link", "del", "tsn1").CombinedOutput(); err != nil {
+		t.Fatalf("ip link del tsn1: %v: %s", err, out)
+	}
+	if _, err := g.pass(t); err != nil {
+		t.Fatal(err)
+	}
+	if kept() == nil {
+		t.Fatal("no netns kept after the pass that recovered")
+	}
+	g.r.Unregister(g.sb.ID)
+	g.r.mu.Lock()
+	n := len(g.r.hosts)
+	g.r.mu.Unlock()
+	if n != 0 {
+		t.Errorf("%d netns kept after the sandbox was unregistered", n)
+	}
+}

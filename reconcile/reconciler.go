@@ -8,8 +8,10 @@ import (
 	"maps"
 	"net"
 	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -135,6 +137,7 @@ type Reconciler struct {
 	sandboxes map[string]*entry // the registry, by id; one entry per netns (see Register)
 	conns     map[string]*qmp.Client
 	models    map[string]*vmModel      // per sandbox: the model of the VM behind conns[id]
+	hosts     map[string]*datapath.Netns // per sandbox: its netns, kept from one pass to the next (see keepHost)
 	agents    map[string]*agent.Client // dialled when a pass needs the guest, kept while it works
 	dialing   map[string]*dialLock     // per QMP socket: one dial at a time (a QMP socket takes one client)
 	status    map[string]Status
@@ -146,28 +149,81 @@ type Reconciler struct {
 // New returns a Reconciler recording into store.
 func New(store *state.Store) *Reconciler {
 	return &Reconciler{store: store, sandboxes: map[string]*entry{}, conns: map[string]*qmp.Client{}, models: map[string]*vmModel{},
-		agents: map[string]*agent.Client{}, dialing: map[string]*dialLock{}, status: map[string]Status{},
+		hosts: map[string]*datapath.Netns{}, agents: map[string]*agent.Client{}, dialing: map[string]*dialLock{}, status: map[string]Status{},
 		guestLog: map[string]string{}, agentCalls: map[string]int{}}
 }
 
-// Close closes every QMP connection. Endpoints stay as they are: VMs keep
-// their network while tapsync is down.
+// Close closes every QMP connection and kept netns. Endpoints stay as
+// they are: VMs keep their network while tapsync is down.
 func (r *Reconciler) Close() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for id := range r.conns {
 		r.closeConnLocked(id)
 	}
+	for id := range r.hosts {
+		r.closeConnLocked(id)
+	}
 }
 
-// closeConnLocked drops sandbox id's connections; r.mu must be held.
+// closeConnLocked drops sandbox id's connections (QMP, agent, the kept
+// netns and its netlink socket); r.mu must be held.
 func (r *Reconciler) closeConnLocked(id string) {
 	if c := r.conns[id]; c != nil {
 		c.Close()
 		delete(r.conns, id)
 	}
 	delete(r.models, id)
+	if h := r.hosts[id]; h != nil {
+		h.Close()
+		delete(r.hosts, id)
+	}
 	r.closeAgentLocked(id)
+}
+
+// openHost returns sandbox id's netns at path for a pass: the one kept
+// from its last pass while the path still names it (one stat), else a
+// new one.
+func (r *Reconciler) openHost(id, path string) (*datapath.Netns, error) {
+	r.mu.Lock()
+	h := r.hosts[id]
+	delete(r.hosts, id)
+	r.mu.Unlock()
+	if h != nil {
+		if h.Path() == path && h.Verify() == nil {
+			return h, nil
+		}
+		h.Close()
+	}
+	return datapath.Open(path)
+}
+
+// keepHost keeps a pass's netns for the next pass of sandbox id when keep
+// is true, saving a netlink socket and a namespace switch per pass; else
+// it is closed. A netns is never kept past its sandbox (closeConnLocked),
+// nor after a failure on the host side (its socket may hold the rest of
+// an interrupted dump), nor when known by a /proc/<pid>/ns/net path: a
+// kept netns stays alive, and the end of a process-held one is seen only
+// once nobody holds it.
+func (r *Reconciler) keepHost(id string, h *datapath.Netns, keep bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.sandboxes[id]
+	if !keep || e == nil || e.sb.Netns != h.Path() || r.hosts[id] != nil || strings.HasPrefix(filepath.Clean(h.Path()), "/proc/") {
+		h.Close()
+		return
+	}
+	r.hosts[id] = h
+}
+
+// keepable says whether a pass that ended in err leaves its netns fit to
+// keep: a success, or a failure away from the host side.
+func keepable(err error) bool {
+	switch CauseOf(err) {
+	case "", CauseWaiting, CauseAgent, CauseQMP:
+		return true
+	}
+	return false
 }
 
 // closeAgentLocked drops sandbox id's agent connection; r.mu must be held.
@@ -386,11 +442,11 @@ func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
 	if err != nil {
 		return nil, err
 	}
-	host, err := datapath.Open(sb.Netns)
+	host, err := r.openHost(id, sb.Netns)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox %s: %w", id, err)
 	}
-	r.reidentify(id, sb.Netns)
+	r.reidentify(id, sb.Netns, host.ID())
 	s := &session{sb: sb, host: host}
 	c, m, err := r.clientModel(ctx, sb)
 	if err != nil {
@@ -491,7 +547,7 @@ func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
 	if err != nil {
 		return Plan{}, err
 	}
-	defer s.host.Close()
+	defer r.keepHost(id, s.host, true)
 	p, _, _, err := r.planWithGuest(ctx, s)
 	if err != nil {
 		zerolog.Ctx(ctx).Debug().Err(err).Str("sandbox", id).Msg("plan without the guest side: agent unreachable")
@@ -532,7 +588,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		// Its QMP failures say so themselves (CauseOf looks first).
 		return WithCause(CauseNetns, err)
 	}
-	defer s.host.Close()
+	defer func() { r.keepHost(id, s.host, keepable(err)) }()
 	p, guest, client, guestErr := r.planWithGuest(ctx, s)
 	st.Skipped, st.Notes = p.Skipped, p.Notes
 	r.logSkipped(log, id, p.Skipped)
@@ -670,7 +726,7 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 	}
 	defer release()
 	r.forgetModel(id) // its unplugs go through a VM without the model
-	host, err := datapath.Open(sb.Netns)
+	host, err := r.openHost(id, sb.Netns)
 	if err != nil {
 		if _, statErr := os.Stat(sb.Netns); statErr == nil {
 			return fmt.Errorf("sandbox %s: %w", id, err)

@@ -276,8 +276,16 @@ func (r *Reconciler) InNetns(path string) []string {
 	return ids
 }
 
-// reidentify reads sandbox id's netns identity again (at each pass).
-func (r *Reconciler) reidentify(id, netns string) {
+// reidentify brings sandbox id's netns identity up to date at a pass
+// that opened the namespace ns (its nsfs device and inode): read again
+// only when ns differs from the one known.
+func (r *Reconciler) reidentify(id, netns string, ns [2]uint64) {
+	r.mu.Lock()
+	if e := r.sandboxes[id]; e != nil && e.sb.Netns == netns && e.ident.ns == ns {
+		r.mu.Unlock()
+		return
+	}
+	r.mu.Unlock()
 	ident := identify(netns)
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -443,11 +443,10 @@ func (d *daemon) pass(ctx context.Context, id string) error {
 	if !found {
 		return nil // unregistered, or now known by another id
 	}
-	if _, err := os.Stat(sb.Netns); errors.Is(err, os.ErrNotExist) {
+	if ok, err := watcher.IsNetns(sb.Netns); errors.Is(err, os.ErrNotExist) {
 		log.Debug().Str("netns", sb.Netns).Msg("netns does not exist (yet); waiting for it to appear")
 		return nil
-	}
-	if ok, err := watcher.IsNetns(sb.Netns); !ok {
+	} else if !ok {
 		return reconcile.WithCause(reconcile.CauseNetns,
 			fmt.Errorf("sandbox %s: %s is not a network namespace yet (placeholder before its bind mount?): %v", id, sb.Netns, err))
 	}

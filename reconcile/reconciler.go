@@ -136,10 +136,10 @@ type Reconciler struct {
 	mu        sync.Mutex
 	sandboxes map[string]*entry // the registry, by id; one entry per netns (see Register)
 	conns     map[string]*qmp.Client
-	models    map[string]*vmModel      // per sandbox: the model of the VM behind conns[id]
+	models    map[string]*vmModel        // per sandbox: the model of the VM behind conns[id]
 	hosts     map[string]*datapath.Netns // per sandbox: its netns, kept from one pass to the next (see keepHost)
-	agents    map[string]*agent.Client // dialled when a pass needs the guest, kept while it works
-	dialing   map[string]*dialLock     // per QMP socket: one dial at a time (a QMP socket takes one client)
+	agents    map[string]*agent.Client   // dialled when a pass needs the guest, kept while it works
+	dialing   map[string]*dialLock       // per QMP socket: one dial at a time (a QMP socket takes one client)
 	status    map[string]Status
 	guestLog  map[string]string // last guest error logged per sandbox
 	// agentCalls counts the calls made to agents, by method.

@@ -205,7 +205,9 @@ type stream struct {
 func (s *stream) Read(p []byte) (int, error) {
 	if len(s.ahead) > 0 {
 		n := copy(p, s.ahead)
-		s.ahead = s.ahead[n:]
+		if s.ahead = s.ahead[n:]; len(s.ahead) == 0 {
+			s.ahead = nil // let the read-ahead's array go
+		}
 		return n, nil
 	}
 	return s.conn.Read(p)

@@ -67,8 +67,11 @@ type qtreeBus struct {
 }
 
 // isPCI says whether devices on b are PCI functions (q35's pcie.0, pc's
-// pci.0, a bridge's or port's secondary bus).
-func (b *qtreeBus) isPCI() bool { return b.typ == "PCI" || b.typ == "PCIE" }
+// pci.0, a bridge's or port's secondary bus, a PCI expander's bus:
+// pxb-bus, pxb-pcie-bus, pxb-cxl-bus).
+func (b *qtreeBus) isPCI() bool {
+	return b.typ == "PCI" || b.typ == "PCIE" || strings.HasPrefix(b.typ, "pxb-")
+}
 
 // devfn is a PCI device's address on its bus, from its "addr = SS.F" property.
 func (d *qtreeDev) devfn() (slot, fn int, ok bool) {
@@ -242,10 +245,16 @@ func treeOf(root *qtreeBus) (vmTree, error) {
 				nic.PCIPath = PCIPath(here)
 				t.nics = append(t.nics, nic)
 			}
+			pciBuses := 0
 			for _, sub := range d.buses {
 				if !sub.isPCI() {
-					collectIDs(sub, t.types)
+					if err := collectIDs(sub, t.types); err != nil {
+						return nil, err
+					}
 					continue
+				}
+				if pciBuses++; pciBuses > 1 {
+					return nil, fmt.Errorf("info qtree: %s %q opens more than one PCI bus", d.typ, d.id)
 				}
 				next++
 				num := next
@@ -278,6 +287,9 @@ func treeOf(root *qtreeBus) (vmTree, error) {
 			if d.id != "" {
 				t.types[d.id] = d.typ
 			}
+			if isVirtioNet(d.typ) {
+				return fmt.Errorf("info qtree: %s %q on bus %s of type %q, not a PCI bus this reader knows", d.typ, d.id, b.name, b.typ)
+			}
 			for _, sub := range d.buses {
 				if err := walk(sub); err != nil {
 					return err
@@ -292,16 +304,24 @@ func treeOf(root *qtreeBus) (vmTree, error) {
 	return t, nil
 }
 
-// collectIDs records the ids and types of the devices below a non-PCI bus.
-func collectIDs(b *qtreeBus, types map[string]string) {
+// collectIDs records the ids and types of the devices below a non-PCI
+// bus of a PCI device (a virtio bus, i2c, ide). A virtio-net-pci there
+// would be a NIC this reader cannot place: an error, never left out.
+func collectIDs(b *qtreeBus, types map[string]string) error {
 	for _, d := range b.devs {
 		if d.id != "" {
 			types[d.id] = d.typ
 		}
+		if isVirtioNet(d.typ) {
+			return fmt.Errorf("info qtree: %s %q on bus %s of type %q, not a PCI bus this reader knows", d.typ, d.id, b.name, b.typ)
+		}
 		for _, sub := range d.buses {
-			collectIDs(sub, types)
+			if err := collectIDs(sub, types); err != nil {
+				return err
+			}
 		}
 	}
+	return nil
 }
 
 // nicOf reads a virtio-net-pci device of the tree: its MAC and netdev are

@@ -87,6 +87,18 @@ func TestQtreePC(t *testing.T) {
 	}
 }
 
+func TestQtreePXB(t *testing.T) {
+	// q35 with a PCIe expander pxb1 (its bus a second root, pxb-pcie-bus)
+	// and root port rp9 on it holding tapsync-net5: listed, not lost.
+	tree := readQtree(t, "qtree-pxb.txt")
+	if len(tree.nics) != 1 || tree.nics[0].ID != "tapsync-net5" || tree.nics[0].Bus != "rp9" || tree.nics[0].Addr != "00.0" {
+		t.Fatalf("NICs = %+v; want tapsync-net5 on rp9", tree.nics)
+	}
+	if tree.types["pxb1"] != "pxb-pcie" || tree.types["rp9"] != "pcie-root-port" {
+		t.Errorf("types = %v", tree.types)
+	}
+}
+
 func TestQtreeMalformed(t *testing.T) {
 	for _, tc := range []struct{ name, out, why string }{
 		{"empty", "", "no device tree"},
@@ -95,6 +107,7 @@ func TestQtreeMalformed(t *testing.T) {
 		{"device line without id", "bus: main\r\n  type System\r\n  dev: x\r\n", `line 3 "  dev: x": want`},
 		{"bus outside a device", "bus: main\r\n  bus: other\r\n", "line 2"},
 		{"PCI device without addr", "bus: main\r\n  type System\r\n  dev: host, id \"\"\r\n    bus: pcie.0\r\n      type PCIE\r\n      dev: x, id \"a\"\r\n", `x "a" on PCI bus pcie.0 has no PCI address`},
+		{"NIC on a bus of unknown kind", "bus: main\r\n  type System\r\n  dev: virtio-net-pci, id \"tapsync-net1\"\r\n", `virtio-net-pci "tapsync-net1" on bus main of type "System", not a PCI bus this reader knows`},
 		{"NIC without MAC", "bus: main\r\n  type System\r\n  dev: host, id \"\"\r\n    bus: pcie.0\r\n      type PCIE\r\n      dev: virtio-net-pci, id \"tapsync-net1\"\r\n        addr = 02.0\r\n",
 			`virtio-net-pci "tapsync-net1" at pcie.0/02.0: MAC "": not a MAC address`},
 	} {

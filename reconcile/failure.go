@@ -11,7 +11,6 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/qmp"
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 )
 
 // Causes of a failed pass: a small fixed set, so that they can label a
@@ -60,7 +59,7 @@ func CauseOf(err error) string {
 	var ce *causeError
 	marked := errors.As(err, &ce)
 	switch {
-	case marked && (ce.cause == CauseWaiting || ce.cause == CauseAgent || ce.cause == CauseChanged):
+	case marked && (ce.cause == CauseWaiting || ce.cause == CauseAgent):
 		return ce.cause
 	case errors.Is(err, ErrTeardownWaiting) || errors.Is(err, qmp.ErrRemovalPending):
 		return CauseWaiting
@@ -72,12 +71,28 @@ func CauseOf(err error) string {
 	return CauseOther
 }
 
-// linkVanished says whether err is a link that went away while a pass
-// worked on it: a pod's interface being deleted takes its qdiscs first,
-// and the pass their events start sees the link still listed, then gone.
+// linkVanished says whether err is only links that went away while a
+// pass worked on them: a pod's interface being deleted takes its qdiscs
+// first, and the pass their events start sees the link still listed, then
+// gone. Of errors joined together, every one must be such (one real
+// failure beside a vanished link is a failure).
 func linkVanished(err error) bool {
-	var nf netlink.LinkNotFoundError
-	return errors.As(err, &nf) || errors.Is(err, unix.ENODEV)
+	for err != nil {
+		switch e := err.(type) {
+		case netlink.LinkNotFoundError:
+			return true
+		case interface{ Unwrap() []error }:
+			errs := e.Unwrap()
+			for _, x := range errs {
+				if !linkVanished(x) {
+					return false
+				}
+			}
+			return len(errs) > 0
+		}
+		err = errors.Unwrap(err)
+	}
+	return false
 }
 
 func isQMP(err error) bool {

@@ -306,7 +306,9 @@ func TestLinkVanished(t *testing.T) {
 		want bool
 	}{
 		{fmt.Errorf("redirect from link 4: %w", netlink.LinkNotFoundError{}), true},
-		{fmt.Errorf("set mtu: %w", unix.ENODEV), true},
+		{fmt.Errorf("endpoint 0: %w", errors.Join(fmt.Errorf("a: %w", netlink.LinkNotFoundError{}), netlink.LinkNotFoundError{})), true},
+		{errors.Join(fmt.Errorf("a: %w", netlink.LinkNotFoundError{}), fmt.Errorf("add filter: %w", unix.EEXIST)), false},
+		{fmt.Errorf("open /dev/vhost-net: %w", unix.ENODEV), false}, // a driver not loaded: not a link gone
 		{fmt.Errorf("add filter: %w", unix.EEXIST), false},
 		{errors.New("Link not found"), false}, // words are not evidence
 	} {
@@ -351,6 +353,13 @@ func TestNetnsKeptBetweenPasses(t *testing.T) {
 	}
 	if kept() == nil {
 		t.Fatal("no netns kept after the pass that recovered")
+	}
+	g.r.ReleaseNetns(g.sb.ID) // its path went away
+	if kept() != nil {
+		t.Fatal("ReleaseNetns kept the netns")
+	}
+	if _, err := g.pass(t); err != nil || kept() == nil {
+		t.Fatalf("pass after the release: %v, kept %v", err, kept() != nil)
 	}
 	g.r.Unregister(g.sb.ID)
 	g.r.mu.Lock()

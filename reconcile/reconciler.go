@@ -138,6 +138,7 @@ type Reconciler struct {
 	conns     map[string]*qmp.Client
 	models    map[string]*vmModel        // per sandbox: the model of the VM behind conns[id]
 	hosts     map[string]*datapath.Netns // per sandbox: its netns, kept from one pass to the next (see keepHost)
+	closed    bool                       // Close was called: nothing more is kept
 	agents    map[string]*agent.Client   // dialled when a pass needs the guest, kept while it works
 	dialing   map[string]*dialLock       // per QMP socket: one dial at a time (a QMP socket takes one client)
 	status    map[string]Status
@@ -158,6 +159,7 @@ func New(store *state.Store) *Reconciler {
 func (r *Reconciler) Close() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.closed = true
 	for id := range r.conns {
 		r.closeConnLocked(id)
 	}
@@ -209,11 +211,22 @@ func (r *Reconciler) keepHost(id string, h *datapath.Netns, keep bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e := r.sandboxes[id]
-	if !keep || e == nil || e.sb.Netns != h.Path() || r.hosts[id] != nil || strings.HasPrefix(filepath.Clean(h.Path()), "/proc/") {
+	if !keep || r.closed || e == nil || e.sb.Netns != h.Path() || r.hosts[id] != nil || strings.HasPrefix(filepath.Clean(h.Path()), "/proc/") {
 		h.Close()
 		return
 	}
 	r.hosts[id] = h
+}
+
+// ReleaseNetns closes sandbox id's kept netns, if any: call it when its
+// path is gone, since a kept netns stays alive, its links with it.
+func (r *Reconciler) ReleaseNetns(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if h := r.hosts[id]; h != nil {
+		h.Close()
+		delete(r.hosts, id)
+	}
 }
 
 // keepable says whether a pass that ended in err leaves its netns fit to

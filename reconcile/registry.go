@@ -150,7 +150,10 @@ func (r *Reconciler) netnsesLocked(skip string) map[string]netnsOf {
 // it was read, or it is the same place as want (a netns file can be
 // replaced by another at the same path) — then read again.
 func (n netnsOf) compared(want netnsID) netnsID {
-	if n.ident.ns == [2]uint64{} || n.ident.samePlace(want) {
+	if n.ident.ns == [2]uint64{} || n.ident.samePlace(want) || n.ident.ns == want.ns {
+		// Read again also before calling two netns one: the kernel reuses
+		// the inode number of a dead netns, and a sandbox waiting for its
+		// netns to come back still holds the dead one's.
 		return identify(n.path)
 	}
 	return n.ident

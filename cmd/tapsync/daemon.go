@@ -225,6 +225,7 @@ func (d *daemon) handle(e watcher.Event) {
 		}
 	case watcher.KindNetnsGone:
 		for _, id := range d.rec.InNetns(e.Path) {
+			d.rec.ReleaseNetns(id) // held, the namespace would not die
 			if _, by, _ := d.rec.Registered(id); by == reconcile.SourceConfig {
 				d.trigger(id, src) // waits, quietly, for the netns to come back
 				continue
@@ -444,9 +445,11 @@ func (d *daemon) pass(ctx context.Context, id string) error {
 		return nil // unregistered, or now known by another id
 	}
 	if ok, err := watcher.IsNetns(sb.Netns); errors.Is(err, os.ErrNotExist) {
+		d.rec.ReleaseNetns(id)
 		log.Debug().Str("netns", sb.Netns).Msg("netns does not exist (yet); waiting for it to appear")
 		return nil
 	} else if !ok {
+		d.rec.ReleaseNetns(id)
 		return reconcile.WithCause(reconcile.CauseNetns,
 			fmt.Errorf("sandbox %s: %s is not a network namespace yet (placeholder before its bind mount?): %v", id, sb.Netns, err))
 	}

@@ -141,7 +141,7 @@ func runB1(ctx context.Context, cfg benchConfig, base string, peerNS netns.NsHan
 	// The daemon's first pass over the empty sandbox converges nothing;
 	// wait for that pass before the first round.
 	if err := eventually(ctx, time.Minute, 20*time.Millisecond, "tapsync's first pass", func() (bool, string, error) {
-		st, err := daemonStatus(cfg.tapsync, conf)
+		st, err := daemonStatus(filepath.Join(base, "state", "b1"))
 		if err != nil {
 			return false, err.Error(), nil
 		}

@@ -4,8 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -28,16 +29,25 @@ type statusEntry struct {
 	} `json:"endpoints"`
 }
 
-// daemonStatus asks the daemon for its status over the control socket,
-// through the CLI as an operator would.
-func daemonStatus(bin, conf string) ([]statusEntry, error) {
-	out, err := exec.Command(bin, "status", "--json", "--config", conf).Output()
+// daemonStatus asks the daemon in stateDir for its status on its control
+// socket, as `tapsync status --json` does, without a CLI process taking a
+// CPU from the daemon each time the bench looks.
+func daemonStatus(stateDir string) ([]statusEntry, error) {
+	sock := filepath.Join(stateDir, "control.sock")
+	c := http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sock)
+		}}}
+	defer c.CloseIdleConnections()
+	resp, err := c.Get("http://tapsync/v1/status")
 	if err != nil {
-		return nil, fmt.Errorf("tapsync status: %w", err)
+		return nil, fmt.Errorf("status on %s: %w", sock, err)
 	}
+	defer resp.Body.Close()
 	var st []statusEntry
-	if err := json.Unmarshal(out, &st); err != nil {
-		return nil, fmt.Errorf("tapsync status: %w", err)
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		return nil, fmt.Errorf("status on %s: %w", sock, err)
 	}
 	return st, nil
 }
@@ -59,6 +69,22 @@ func allPassedSince(st []statusEntry, n int, t0 time.Time) (time.Time, bool, str
 	return last, len(st) == n && behind == 0, fmt.Sprintf("%d of %d sandboxes listed, %d not passed since the start", len(st), n, behind)
 }
 
+// passEnds is when, after t0, the first, the median and the last
+// sandbox finished its pass: how the resync spreads over its time.
+func passEnds(st []statusEntry, t0 time.Time) [3]time.Duration {
+	var d []time.Duration
+	for _, s := range st {
+		if s.LastReconcile != nil {
+			d = append(d, s.LastReconcile.Sub(t0))
+		}
+	}
+	if len(d) == 0 {
+		return [3]time.Duration{}
+	}
+	slices.Sort(d)
+	return [3]time.Duration{d[0], d[len(d)/2], d[len(d)-1]}
+}
+
 // scaleResult is B2–B4.
 type scaleResult struct {
 	n                                         int
@@ -67,7 +93,8 @@ type scaleResult struct {
 	sighup                                    time.Duration // B2: SIGHUP → every sandbox passed
 	sighupPasses                              float64
 	sighupQMP                                 map[string]int
-	sighupBusy                                time.Duration // summed QEMU request→reply time during the resync
+	sighupBusy                                time.Duration    // summed QEMU request→reply time during the resync
+	sighupEnds                                [3]time.Duration // first, median and last pass end after the signal
 	proc                                      procStats
 	goroutines                                float64
 	heapInuse, goSys                          float64       // go_memstats_heap_inuse_bytes, go_memstats_sys_bytes when converged
@@ -237,7 +264,8 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return r, err
 	}
-	conf, metrics, err := writeConfig(dir, filepath.Join(base, "state", "scale"), confs)
+	stateDir := filepath.Join(base, "state", "scale")
+	conf, metrics, err := writeConfig(dir, stateDir, confs)
 	if err != nil {
 		return r, err
 	}
@@ -295,12 +323,15 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	}
 	var t1b time.Time
 	if err := eventually(ctx, 5*time.Minute, 100*time.Millisecond, "every sandbox passed after SIGHUP", func() (bool, string, error) {
-		st, err := daemonStatus(cfg.tapsync, conf)
+		st, err := daemonStatus(stateDir)
 		if err != nil {
 			return false, err.Error(), nil
 		}
 		last, ok, why := allPassedSince(st, cfg.n, t0)
 		t1b = last
+		if ok {
+			r.sighupEnds = passEnds(st, t0)
+		}
 		return ok, why, nil
 	}); err != nil {
 		return r, err
@@ -400,7 +431,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	}
 	var t1r time.Time
 	if err := eventually(ctx, 5*time.Minute, 50*time.Millisecond, "every sandbox verified after restart", func() (bool, string, error) {
-		st, err := daemonStatus(cfg.tapsync, conf)
+		st, err := daemonStatus(stateDir)
 		if err != nil {
 			return false, err.Error(), nil
 		}

@@ -119,7 +119,9 @@ func parseQtree(out string) (*qtreeBus, error) {
 		}
 		switch {
 		case strings.HasPrefix(text, "bus: "):
-			b := &qtreeBus{name: strings.TrimPrefix(text, "bus: ")}
+			// Clones: what the tree keeps must not hold the whole reply
+			// (a substring does), since a model keeps its tree's names.
+			b := &qtreeBus{name: strings.Clone(strings.TrimPrefix(text, "bus: "))}
 			switch {
 			case b.name == "" || strings.ContainsAny(b.name, " \t"):
 				return nil, bad("a bus without a name")
@@ -140,12 +142,12 @@ func parseQtree(out string) (*qtreeBus, error) {
 			if !ok || !unquoted || typ == "" {
 				return nil, bad(`want "dev: TYPE, id \"ID\""`)
 			}
-			d := &qtreeDev{typ: typ, id: id, vendor: -1, device: -1}
+			d := &qtreeDev{typ: strings.Clone(typ), id: strings.Clone(id), vendor: -1, device: -1}
 			top.bus.devs = append(top.bus.devs, d)
 			stack = append(stack, frame{indent: indent, dev: d})
 		case top.bus != nil && top.indent == indent-2:
 			if t, ok := strings.CutPrefix(text, "type "); ok && top.bus.typ == "" {
-				top.bus.typ = t
+				top.bus.typ = strings.Clone(t)
 			}
 		case top.dev != nil && top.indent == indent-2:
 			if name, value, ok := strings.Cut(text, " = "); ok && !strings.Contains(name, " ") {
@@ -154,11 +156,11 @@ func parseQtree(out string) (*qtreeBus, error) {
 				}
 				switch name {
 				case "addr":
-					top.dev.addr = value
+					top.dev.addr = value // parsed, not kept
 				case "mac":
-					top.dev.mac, top.dev.hasMAC = value, true
+					top.dev.mac, top.dev.hasMAC = value, true // parsed, not kept
 				case "netdev":
-					top.dev.netdev = value
+					top.dev.netdev = strings.Clone(value)
 				}
 			} else if _, ids, ok := strings.Cut(text, ", pci id "); ok && strings.HasPrefix(text, "class ") {
 				var v, d int

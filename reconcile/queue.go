@@ -157,9 +157,10 @@ func (q *Queue) get() (string, bool) {
 }
 
 // done ends a pass over key. A failed pass schedules a retry after the
-// key's backoff, and triggers that came during it wait for that retry; a
-// successful one resets the backoff and runs once more if triggered
-// meanwhile.
+// key's backoff, and triggers that came during it wait for that retry
+// (the first failure of a streak that only met a vanished link is retried
+// at once); a successful one resets the backoff and runs once more if
+// triggered meanwhile.
 func (q *Queue) done(key string, err error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -170,6 +171,14 @@ func (q *Queue) done(key string, err error) {
 	}
 	if err != nil && !q.shutdown {
 		q.failures[key]++
+		if q.failures[key] == 1 && CauseOf(err) == CauseChanged {
+			// A link went away under the pass: the next pass sees the
+			// netns as it is now, so it runs at once — once; a second
+			// such failure in a row waits its backoff like any other.
+			delete(q.dirty, key)
+			q.addLocked(key)
+			return
+		}
 		delete(q.dirty, key) // the retry is the pass they asked for
 		var t *time.Timer
 		t = time.AfterFunc(q.backoff(q.failures[key]), func() {

@@ -315,3 +315,20 @@ func TestQueueStaleRetryIgnored(t *testing.T) {
 	q.mu.Unlock()
 	probe(t, q, l, "sb", 1)
 }
+
+// A pass that met a vanished link is retried at once, once: the second
+// such failure in a row waits its backoff like any failure.
+func TestQueueChangedRetriedOnce(t *testing.T) {
+	q := stretched()
+	l := newPassLog()
+	runQueue(t, q, 1, func(_ context.Context, key string) error {
+		l.start(key)
+		if key == "probe" {
+			return nil
+		}
+		return WithCause(CauseChanged, errors.New("endpoint 0: Link not found"))
+	})
+	q.Add("sb")
+	eventually(t, "the retry at once", func() bool { return q.Failures("sb") >= 2 })
+	probe(t, q, l, "sb", 2)
+}

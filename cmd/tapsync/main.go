@@ -144,13 +144,18 @@ their network while it is down. One daemon runs per state directory.`,
 	return cmd
 }
 
+// logTimeFormat stamps log lines to the millisecond: a pass takes a
+// millisecond or so, and its steps are told apart only at that grain.
+const logTimeFormat = "2006-01-02T15:04:05.000Z07:00"
+
 func newLogger(cfg Config, out interface{ Write([]byte) (int, error) }) zerolog.Logger {
+	zerolog.TimeFieldFormat = logTimeFormat
 	level, _ := zerolog.ParseLevel(cfg.LogLevel)
 	w := out
 	if cfg.LogFormat == "console" {
 		f, isFile := out.(*os.File)
 		color := isFile && isatty.IsTerminal(f.Fd())
-		w = zerolog.ConsoleWriter{Out: out, TimeFormat: time.RFC3339, NoColor: !color}
+		w = zerolog.ConsoleWriter{Out: out, TimeFormat: logTimeFormat, NoColor: !color}
 	}
 	return zerolog.New(w).Level(level).With().Timestamp().Logger()
 }

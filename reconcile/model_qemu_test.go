@@ -16,7 +16,6 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/e2e/testnet"
-	"github.com/tapsync/tapsync/e2e/testproc"
 	"github.com/tapsync/tapsync/qmp"
 	"github.com/tapsync/tapsync/state"
 	"github.com/vishvananda/netlink"
@@ -34,41 +33,7 @@ type modelVM struct {
 
 func startModelVM(t *testing.T) modelVM {
 	t.Helper()
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("skipping: qemu-system-x86_64 not installed")
-	}
-	dir, err := os.MkdirTemp("", "rcmodel") // short: socket paths are limited to 108 bytes
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	sock, test := filepath.Join(dir, "qmp.sock"), filepath.Join(dir, "test.sock")
-	args := []string{"-machine", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
-		"-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
-		"-qmp", "unix:" + sock + ",server=on,wait=off", "-qmp", "unix:" + test + ",server=on,wait=off"}
-	for n := 1; n <= 4; n++ {
-		args = append(args, "-device", fmt.Sprintf("pcie-root-port,id=rp%d,chassis=%d,bus=pcie.0,addr=%#x", n, n, n+1))
-	}
-	cmd := exec.Command("qemu-system-x86_64", args...)
-	if err := testproc.Start(cmd); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		_, err1 := os.Stat(sock)
-		_, err2 := os.Stat(test)
-		if err1 == nil && err2 == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no QMP sockets: %v, %v", err1, err2)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	sock, test := startQEMU(t, "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off")
 	out, err := qmp.Dial(context.Background(), test, qmp.Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -130,19 +95,7 @@ func newModelRig(t *testing.T, links int) *modelRig {
 		t.Fatal(err)
 	}
 	g.ctx = zerolog.New(g.log).WithContext(context.Background())
-	// Just after QEMU starts its firmware numbers the buses, and a pass
-	// may find no free port: passes are retried.
-	deadline := time.Now().Add(time.Minute)
-	for {
-		err := g.r.Reconcile(g.ctx, g.sb.ID)
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d NICs not plugged within a minute: %v", links, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	converge(t, g.ctx, g.r, g.sb.ID)
 	return g
 }
 

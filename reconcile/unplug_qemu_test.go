@@ -18,8 +18,10 @@ import (
 )
 
 // startQEMU starts a q35 QEMU with four root ports and no guest OS (so no
-// unplug is ever acknowledged) and returns its QMP socket.
-func startQEMU(t testing.TB) string {
+// ACPI unplug is ever acknowledged), extra appended to its command line.
+// It returns the QMP socket for the code under test and a second one for
+// the test's own observations.
+func startQEMU(t testing.TB, extra ...string) (sock, test string) {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		t.Skip("skipping: qemu-system-x86_64 not installed")
@@ -29,13 +31,13 @@ func startQEMU(t testing.TB) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	sock := filepath.Join(dir, "qmp.sock")
+	sock, test = filepath.Join(dir, "qmp.sock"), filepath.Join(dir, "test.sock")
 	args := []string{"-machine", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "128",
-		"-qmp", "unix:" + sock + ",server=on,wait=off"}
+		"-qmp", "unix:" + sock + ",server=on,wait=off", "-qmp", "unix:" + test + ",server=on,wait=off"}
 	for n := 1; n <= 4; n++ {
 		args = append(args, "-device", fmt.Sprintf("pcie-root-port,id=rp%d,chassis=%d,bus=pcie.0,addr=%#x", n, n, n+1))
 	}
-	cmd := exec.Command("qemu-system-x86_64", args...)
+	cmd := exec.Command("qemu-system-x86_64", append(args, extra...)...)
 	if err := testproc.Start(cmd); err != nil {
 		t.Fatal(err)
 	}
@@ -45,12 +47,33 @@ func startQEMU(t testing.TB) string {
 	})
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if _, err := os.Stat(sock); err == nil {
-			return sock
-		} else if time.Now().After(deadline) {
-			t.Fatalf("no QMP socket: %v", err)
+		_, err1 := os.Stat(sock)
+		_, err2 := os.Stat(test)
+		if err1 == nil && err2 == nil {
+			return sock, test
 		}
-		time.Sleep(20 * time.Millisecond)
+		if time.Now().After(deadline) {
+			t.Fatalf("no QMP sockets: %v, %v", err1, err2)
+		}
+		time.Sleep(20 * time.Millisecond) // polling for the sockets, bounded by the deadline
+	}
+}
+
+// converge runs passes over sandbox id until one succeeds, for at most a
+// minute: just after QEMU starts, its firmware is still setting the
+// machine up and a first hot-plug may be refused.
+func converge(t testing.TB, ctx context.Context, r *Reconciler, id string) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		err := r.Reconcile(ctx, id)
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sandbox %s not converged within a minute: %v", id, err)
+		}
+		time.Sleep(100 * time.Millisecond) // between retries, bounded by the deadline
 	}
 }
 
@@ -68,7 +91,7 @@ func qemuSandbox(t testing.TB, prefix string, links int) (testnet.NS, string, *R
 	for i := range links {
 		testnet.Veth(t, ns, fmt.Sprintf("net%d", i), macN(i+1), peer, fmt.Sprintf("peer%d", i))
 	}
-	sock := startQEMU(t)
+	sock, _ := startQEMU(t)
 	store, err := state.Open(filepath.Join(t.TempDir(), "state"))
 	if err != nil {
 		t.Fatal(err)
@@ -91,19 +114,7 @@ func TestReconcileUnplugsOnceQEMU(t *testing.T) {
 	}
 	ctx := context.Background()
 
-	// Plug four NICs. Just after QEMU starts, its firmware is numbering
-	// the buses and a pass may find no free port: passes are retried.
-	deadline := time.Now().Add(time.Minute)
-	for {
-		err := r.Reconcile(ctx, sb.ID)
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("four NICs not plugged within a minute: %v", err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	converge(t, ctx, r, sb.ID) // four NICs plugged
 	rec, err := r.store.Load(ctx, sb.ID)
 	if err != nil || len(rec.Endpoints) != 4 {
 		t.Fatalf("record %+v, %v; want four endpoints", rec, err)

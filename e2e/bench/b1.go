@@ -187,18 +187,8 @@ func (w *wirer) addRemove(ctx context.Context, round int, peerNS netns.NsHandle)
 	if err := sb.addLink("eth0", testvm.TestMAC(1+round%200), "p"+w.name[:1], peerNS); err != nil {
 		return err
 	}
-	var added time.Time
-	if err := eventually(ctx, time.Minute, 2*time.Millisecond, "device_add answered", func() (bool, string, error) {
-		if err := sb.trace.poll(); err != nil {
-			return false, "", err
-		}
-		ts := okReplies(sb.trace.after(t0), "device_add")
-		if len(ts) == 0 {
-			return false, fmt.Sprint(sb.trace.after(t0)), nil
-		}
-		added = ts[0]
-		return true, "", nil
-	}); err != nil {
+	added, err := firstReply(ctx, sb, t0, "device_add")
+	if err != nil {
 		return err
 	}
 	if err := w.settle(); err != nil {
@@ -217,23 +207,14 @@ func (w *wirer) addRemove(ctx context.Context, round int, peerNS netns.NsHandle)
 	if err := sb.delLink("eth0"); err != nil {
 		return err
 	}
-	var netdevGone, tapGone time.Time
+	var tapGone time.Time
 	select {
 	case tapGone = <-w.tapGone:
 	case <-time.After(time.Minute):
 		return errors.New("tap not removed within a minute")
 	}
-	if err := eventually(ctx, time.Minute, 2*time.Millisecond, "netdev_del answered", func() (bool, string, error) {
-		if err := sb.trace.poll(); err != nil {
-			return false, "", err
-		}
-		ts := okReplies(sb.trace.after(t1), "netdev_del")
-		if len(ts) == 0 {
-			return false, fmt.Sprint(sb.trace.after(t1)), nil
-		}
-		netdevGone = ts[0]
-		return true, "", nil
-	}); err != nil {
+	netdevGone, err := firstReply(ctx, sb, t1, "netdev_del")
+	if err != nil {
 		return err
 	}
 	if err := w.settle(); err != nil {
@@ -257,6 +238,24 @@ func (w *wirer) addRemove(ctx context.Context, round int, peerNS netns.NsHandle)
 	w.res.remove = append(w.res.remove, ms(end.Sub(t1)-guest))
 	w.res.ack = append(w.res.ack, ms(guest))
 	return nil
+}
+
+// firstReply waits for QEMU's first successful reply to cmd after t in
+// sandbox sb's trace and returns its time.
+func firstReply(ctx context.Context, sb *sandbox, t time.Time, cmd string) (time.Time, error) {
+	var at time.Time
+	err := eventually(ctx, time.Minute, 2*time.Millisecond, cmd+" answered", func() (bool, string, error) {
+		if err := sb.trace.poll(); err != nil {
+			return false, "", err
+		}
+		ts := okReplies(sb.trace.after(t), cmd)
+		if len(ts) == 0 {
+			return false, fmt.Sprint(sb.trace.after(t)), nil
+		}
+		at = ts[0]
+		return true, "", nil
+	})
+	return at, err
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -63,11 +64,15 @@ func writeConfig(t *testing.T, body string) string {
 
 // daemonProc is one `tapsync run` process with its log.
 type daemonProc struct {
-	t    *testing.T
-	cmd  *exec.Cmd
-	mu   sync.Mutex
-	log  []map[string]any
-	done chan struct{}
+	t   *testing.T
+	cmd *exec.Cmd
+	mu  sync.Mutex
+	log []map[string]any
+	// dupes are log lines with a key twice (a logger labelled twice
+	// along a call path); JSON consumers keep one of the two, or reject
+	// the line.
+	dupes []string
+	done  chan struct{}
 }
 
 func startDaemon(t *testing.T, args ...string) *daemonProc {
@@ -96,8 +101,12 @@ func startDaemonEnv(t *testing.T, env []string, args ...string) *daemonProc {
 			if json.Unmarshal(sc.Bytes(), &m) != nil {
 				m = map[string]any{"message": sc.Text()}
 			}
+			dup := duplicateKey(sc.Bytes())
 			d.mu.Lock()
 			d.log = append(d.log, m)
+			if dup != "" {
+				d.dupes = append(d.dupes, fmt.Sprintf("key %q twice in %s", dup, sc.Text()))
+			}
 			d.mu.Unlock()
 		}
 		cmd.Wait()
@@ -105,11 +114,42 @@ func startDaemonEnv(t *testing.T, env []string, args ...string) *daemonProc {
 	}()
 	t.Cleanup(func() {
 		d.stop(syscall.SIGKILL)
+		d.mu.Lock()
+		for _, s := range d.dupes {
+			t.Errorf("daemon log line with a duplicate key: %s", s)
+		}
+		d.mu.Unlock()
 		if t.Failed() {
 			d.dumpLog()
 		}
 	})
 	return d
+}
+
+// duplicateKey returns a key that a JSON object line holds twice at its
+// top level, or "" (also for a line that is no JSON object).
+func duplicateKey(line []byte) string {
+	dec := json.NewDecoder(bytes.NewReader(line))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return ""
+	}
+	seen := map[string]bool{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return ""
+		}
+		k, _ := tok.(string)
+		if seen[k] {
+			return k
+		}
+		seen[k] = true
+		var v json.RawMessage
+		if dec.Decode(&v) != nil {
+			return ""
+		}
+	}
+	return ""
 }
 
 func (d *daemonProc) dumpLog() {

@@ -419,14 +419,16 @@ func (d *daemon) pass(ctx context.Context, id string) error {
 		delete(d.inflight, id)
 		d.mu.Unlock()
 	}()
+	// The reconciler and the link watcher label their lines with the
+	// sandbox themselves: ctx stays unlabelled for them (a second
+	// "sandbox" key would be a duplicate key in each JSON line).
 	log := zerolog.Ctx(ctx).With().Str("sandbox", id).Logger()
-	ctx = log.WithContext(ctx)
 	d.mu.Lock()
 	gone := d.gone[id]
 	dropped := d.dropped[id]
 	d.mu.Unlock()
 	if dropped {
-		return d.unregister(ctx, id)
+		return d.unregister(log.WithContext(ctx), id)
 	}
 	if gone {
 		d.links.Stop(id)

@@ -25,8 +25,12 @@ import (
 type b1Result struct {
 	add, remove []float64
 	ack         []float64 // the guest's share of each removal, left out of remove
-	qmpAdd      map[string]int
-	qmpRemove   map[string]int
+	// A removal in two parts around the guest's share: the link's
+	// deletion → QEMU receives device_del, and DEVICE_DELETED → netdev
+	// deleted and tap gone.
+	toAsk, afterAck []float64
+	qmpAdd          map[string]int
+	qmpRemove       map[string]int
 }
 
 // wirer is what B1 measures: tapsync or the floor, on its own sandbox.
@@ -237,6 +241,8 @@ func (w *wirer) addRemove(ctx context.Context, round int, peerNS netns.NsHandle)
 	guest := acked.Sub(asked[0])
 	w.res.remove = append(w.res.remove, ms(end.Sub(t1)-guest))
 	w.res.ack = append(w.res.ack, ms(guest))
+	w.res.toAsk = append(w.res.toAsk, ms(asked[0].Sub(t1)))
+	w.res.afterAck = append(w.res.afterAck, ms(end.Sub(acked)))
 	return nil
 }
 

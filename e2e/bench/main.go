@@ -168,8 +168,10 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, t
 		}{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "-"}} {
 			a, b := quantile(t.remove, q.p), quantile(f.remove, q.p)
 			row(fmt.Sprintf("B1': link deleted → netdev deleted and tap gone, less the guest's unplug ack, %s", q.name),
-				fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s** (guest ack p50 %.1f / %.1f ms, left out)", a, b, ratio(a, b),
-					quantile(t.ack, 0.5), quantile(f.ack, 0.5)), q.goal)
+				fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s** (deletion → device_del received %.1f / %.1f ms, "+
+					"DEVICE_DELETED → done %.1f / %.1f ms; guest ack %.1f / %.1f ms, left out)", a, b, ratio(a, b),
+					quantile(t.toAsk, q.p), quantile(f.toAsk, q.p), quantile(t.afterAck, q.p), quantile(f.afterAck, q.p),
+					quantile(t.ack, q.p), quantile(f.ack, q.p)), q.goal)
 		}
 		n := float64(len(t.add))
 		row("B1 QMP commands per add (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.qmpAdd, n), perRound(f.qmpAdd, n)), "-")

@@ -167,7 +167,7 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 	log := zerolog.Ctx(ctx)
 	for i, act := range p.Actions {
 		n := act.Endpoint.Index
-		if a.ahead[i] || (n >= 0 && blocked[n]) {
+		if a.ahead[i] || (n >= 0 && blocked[n]) || foldsIntoUnplug(p, i) {
 			continue
 		}
 		if err := ctx.Err(); err != nil {
@@ -251,10 +251,7 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 	spec := datapath.TapSpec{Index: e.Index, Queues: max(e.Queues, 1), MTU: act.MTU}
 	switch act.Op {
 	case OpRecord, OpMarkRemoving:
-		if act.Op == OpMarkRemoving {
-			e.Removing = true
-		}
-		rec.Put(e)
+		recordStep(act, rec)
 		return a.Recorder.Save(*rec)
 	case OpForget:
 		rec.Forget(e.Index)
@@ -418,27 +415,55 @@ func logAction(ctx context.Context, act Action) {
 	ev.Msg(act.String())
 }
 
+// recordStep applies record step act (OpRecord, OpMarkRemoving) to rec,
+// without saving it.
+func recordStep(act Action, rec *state.Record) {
+	e := act.Endpoint
+	if act.Op == OpMarkRemoving {
+		e.Removing = true
+	}
+	rec.Put(e)
+}
+
+// foldsIntoUnplug says whether plan step i is a removal's record step
+// that its fresh unplug follows at once: the unplug batch then writes it
+// together with the request (see unplugBatch), one record write before
+// device_del instead of two.
+func foldsIntoUnplug(p Plan, i int) bool {
+	if i < 0 || i+1 >= len(p.Actions) || p.Actions[i].Op != OpMarkRemoving {
+		return false
+	}
+	next := p.Actions[i+1]
+	return next.Op == OpUnplugNIC && next.Endpoint.Index == p.Actions[i].Endpoint.Index &&
+		next.Endpoint.Index >= 0 && !next.Endpoint.UnplugRequested
+}
+
 // unplugBatch asks for the unplug at plan position i together with the
-// later unplugs of the plan that nothing but record steps precede (those
-// record steps are applied first, ahead of their turn: they write the
-// removal's intent), and stores each outcome in a.unplugs for the loop to
-// take when it reaches the unplug. All the requests go out before any
-// wait, and only the pass's first batch waits, so a plan that removes six
-// NICs from a guest that never answers holds its worker for one unplug
-// timeout, not six.
+// later unplugs of the plan that nothing but record steps precede, and
+// stores each outcome in a.unplugs for the loop to take when it reaches
+// the unplug. All the requests go out before any wait, and only the
+// pass's first batch waits, so a plan that removes six NICs from a guest
+// that never answers holds its worker for one unplug timeout, not six.
 //
 // A fresh unplug batches only with fresh ones: a removal left pending in
 // an earlier pass is checked back after the adds (see Compute), where it
 // cannot hold a new NIC up.
 //
-// Before asking, each removal is recorded as requested: a daemon that
-// dies during the wait then knows, when it comes back, that QEMU was asked
-// and does not ask again at once (a second device_del in quick succession
-// can cancel a native PCIe unplug). An error is returned only when the
-// record cannot be saved.
+// Before asking, each removal is recorded, with its request, in one write:
+// the record steps of the batch's endpoints (the removal's intent, taken
+// ahead of their turn) and the mark that device_del was asked. A daemon
+// that dies during the wait then knows, when it comes back, that QEMU was
+// asked and does not ask again at once (a second device_del in quick
+// succession can cancel a native PCIe unplug). The record steps count as
+// done (AfterAction) once the requests are out: they and the unplug are
+// one step for a crash. An error is returned only when the record cannot
+// be saved.
 func (a *applier) unplugBatch(ctx context.Context, p Plan, i int, rec *state.Record) error {
 	batch := []int{i}
 	var early []int
+	if foldsIntoUnplug(p, i-1) && !a.ahead[i-1] {
+		early = append(early, i-1)
+	}
 	fresh := !p.Actions[i].Endpoint.UnplugRequested
 	for j := i + 1; j < len(p.Actions); j++ {
 		b := p.Actions[j]
@@ -464,20 +489,15 @@ func (a *applier) unplugBatch(ctx context.Context, p Plan, i int, rec *state.Rec
 		}
 	}
 	slices.Sort(early)
+	save := len(early) > 0
 	for _, k := range early {
 		act := p.Actions[k]
 		logAction(ctx, act)
-		if err := a.do(ctx, act, rec); err != nil {
-			return fmt.Errorf("endpoint %d: %s: %w", act.Endpoint.Index, act.Op, err)
-		}
+		recordStep(act, rec)
 		a.ahead[k] = true
-		if a.AfterAction != nil {
-			a.AfterAction(act)
-		}
 	}
 
 	reqs := make([]Unplug, len(batch))
-	intent := false
 	anyFresh := false
 	for q, j := range batch {
 		act := p.Actions[j]
@@ -487,18 +507,23 @@ func (a *applier) unplugBatch(ctx context.Context, p Plan, i int, rec *state.Rec
 		if e, ok := rec.Endpoint(n); ok && e.Removing && !e.UnplugRequested {
 			e.UnplugRequested = true
 			rec.Put(e)
-			intent = true
+			save = true
 		}
 		logAction(ctx, act)
 	}
-	if intent {
+	if save {
 		if err := a.Recorder.Save(*rec); err != nil {
-			return fmt.Errorf("record requested unplugs: %w", err)
+			return fmt.Errorf("record removals and their unplug requests: %w", err)
 		}
 	}
 	wait := !a.waited
 	errs := a.VM.UnplugNICs(ctx, reqs, wait)
 	a.waited = a.waited || (wait && anyFresh)
+	if a.AfterAction != nil {
+		for _, k := range early {
+			a.AfterAction(p.Actions[k])
+		}
+	}
 	for q, j := range batch {
 		var err error
 		if q < len(errs) {

@@ -69,8 +69,9 @@ type origLink struct {
 }
 
 type unplugBatch struct {
-	reqs []Unplug
-	wait bool
+	reqs  []Unplug
+	wait  bool
+	saves int // record writes before this call (world.saves then)
 }
 
 func newWorld() *world {
@@ -390,7 +391,7 @@ func (w *world) UnplugNIC(_ context.Context, index int, _ bool) error {
 // UnplugNICs records each batch (its requests, and whether it may wait)
 // and unplugs NIC by NIC.
 func (w *world) UnplugNICs(ctx context.Context, reqs []Unplug, wait bool) []error {
-	w.unplugBatches = append(w.unplugBatches, unplugBatch{reqs: slices.Clone(reqs), wait: wait})
+	w.unplugBatches = append(w.unplugBatches, unplugBatch{reqs: slices.Clone(reqs), wait: wait, saves: w.saves})
 	errs := make([]error, len(reqs))
 	for i, r := range reqs {
 		if e, ok := w.rec.Endpoint(r.Index); ok && e.Removing && !e.UnplugRequested {

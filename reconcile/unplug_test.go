@@ -86,6 +86,34 @@ func TestUnplugsBatched(t *testing.T) {
 	}
 }
 
+// A removal writes the record once before device_del: its intent and the
+// request in one write (a write costs about as much as QEMU's dispatch of
+// the command), for one NIC and for a batch.
+func TestUnplugIntentOneWrite(t *testing.T) {
+	for _, gone := range []int{1, 3} {
+		t.Run(fmt.Sprintf("%d removed", gone), func(t *testing.T) {
+			w := fourNICs(t)
+			for i := range gone {
+				w.delLink(fmt.Sprintf("net%d", i))
+			}
+			before := w.saves
+			p, _, err := w.reconcile(Options{Queues: 1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(w.unplugBatches) != 1 {
+				t.Fatalf("%d UnplugNICs calls; want 1\nplan:\n%s", len(w.unplugBatches), p)
+			}
+			if n := w.unplugBatches[0].saves - before; n != 1 {
+				t.Errorf("%d record writes before device_del; want 1\nplan:\n%s", n, p)
+			}
+			if bad := w.checkConverged(1); len(bad) > 0 {
+				t.Fatalf("not converged:\n%s", joinLines(bad))
+			}
+		})
+	}
+}
+
 // Fresh removals and new links in one pass: the removals are asked for
 // together ahead of the adds; a removal left pending earlier is checked
 // back after the adds, in its own call that does not wait, so a slow

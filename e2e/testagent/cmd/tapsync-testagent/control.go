@@ -62,7 +62,7 @@ func (s *stream) control(id uint32, size int) (bool, error) {
 	if _, err := s.r.Discard(len(msg)); err != nil {
 		return true, err
 	}
-	if h, ok := trafficMethods[req.Method]; ok {
+	if h, ok := s.calls[req.Method]; ok {
 		gen := s.gen.Load()
 		go func() {
 			resp := trafficCall(req.Method, h, req.Payload)

@@ -14,15 +14,13 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // portPrefix selects the virtio-serial ports this agent serves.
 const portPrefix = "agent."
 
 // pollInterval paces the waits that have no event to wait on: for a port
-// to appear, and for the host to connect to one.
+// to appear, and for a host to send on one.
 const pollInterval = 100 * time.Millisecond
 
 // port is one virtio-serial port, e.g. name "agent.channel.0" at /dev/vport1p1.
@@ -56,7 +54,7 @@ func findPorts() ([]port, error) {
 // Read fails, and close conn when done.
 type sessionServer func(ctx context.Context, conn net.Conn)
 
-// servePort serves p for ever: open it, serve host after host, and open
+// servePort serves p for ever: open it, serve session after session, and open
 // it again when the stream breaks.
 func servePort(ctx context.Context, p port, serve sessionServer) {
 	failing := false // log a failing open once, not every poll
@@ -72,69 +70,37 @@ func servePort(ctx context.Context, p port, serve sessionServer) {
 	}
 }
 
-// servePortOnce is one open of the port: host after host, session after
-// session, until the stream breaks. Closing the port then throws away
-// whatever is left unread, so the next open starts clean.
+// servePortOnce is one open of the port: session after session, until the
+// stream breaks. Closing the port then throws away whatever is left
+// unread, so the next open starts clean.
 func servePortOnce(ctx context.Context, p port, serve sessionServer) error {
 	f, err := os.OpenFile(p.dev, os.O_RDWR, 0)
 	if err != nil {
 		return fmt.Errorf("open %s: %w", p.dev, err)
 	}
 	defer f.Close()
-	s := &stream{f: f, r: bufio.NewReaderSize(f, 64*1024), name: p.name}
-	for {
-		if err := waitHost(ctx, f); err != nil {
-			return fmt.Errorf("wait for the host on %s: %w", p.dev, err)
-		}
-		s.rearm()
-	sessions:
-		for {
-			conn := s.session()
-			serve(ctx, conn)
-			<-conn.closed // the server may return before it closed the conn
-			switch s.end.Load() {
-			case endNext:
-			case endHostLeft:
-				break sessions
-			default:
-				// The stream broke (not ttrpc, out of step, I/O
-				// error), or the server gave up on it by itself.
-				return ctx.Err()
-			}
-		}
-	}
+	return serveStream(ctx, f, p.name, serve)
 }
 
-// waitHost returns once the host side of the port is connected. While no
-// host is connected, a virtio console port polls POLLHUP (and POLLIN:
-// reads return 0 at once); there is no event for "connected", hence the
-// sleep between polls. Data a departed host left behind is not worth
-// waking for: nobody is there to read the reply.
-func waitHost(ctx context.Context, f *os.File) error {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return err
-	}
+// device is an open virtio-serial port as a stream uses it: the device
+// node in the guest, a port that plays the guest kernel's part in tests.
+type device interface {
+	io.ReadWriteCloser
+	SetDeadline(t time.Time) error
+	SetReadDeadline(t time.Time) error
+	SetWriteDeadline(t time.Time) error
+}
+
+// serveStream serves dev, session after session, until the stream breaks.
+func serveStream(ctx context.Context, dev device, name string, serve sessionServer) error {
+	s := &stream{ctx: ctx, f: dev, r: bufio.NewReaderSize(dev, 64*1024), name: name, calls: trafficMethods}
 	for {
-		var revents int16
-		var perr error
-		// Control, not f.Fd(): Fd would put the file back in blocking
-		// mode and take it out of Go's poller.
-		err := rc.Control(func(fd uintptr) {
-			pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-			_, perr = unix.Poll(pfd, 0)
-			revents = pfd[0].Revents
-		})
-		if err == nil {
-			err = perr
-		}
-		if err != nil && !errors.Is(err, unix.EINTR) {
-			return fmt.Errorf("poll: %w", err)
-		}
-		if err == nil && revents&unix.POLLHUP == 0 {
-			return nil
-		}
-		if !sleep(ctx, pollInterval) {
+		conn := s.session()
+		serve(ctx, conn)
+		<-conn.closed // the server may return before it closed the conn
+		if s.end.Load() != endNext {
+			// The stream broke (not ttrpc, out of step, I/O error), or
+			// the server gave up on it by itself.
 			return ctx.Err()
 		}
 	}
@@ -152,20 +118,39 @@ const (
 
 // stream is an open port shared by its successive host sessions.
 //
-// A host that hangs up and connects again quickly may never be seen to
-// leave: the guest learns of both changes together and the port never
-// reads EOF. The new client then talks to a server that has seen its
-// stream IDs already (ttrpc refuses them: "StreamID cannot be re-used").
-// So the reader watches frame boundaries: a request on stream 1 after
-// other messages starts a new session with a new server.
+// Only the bytes on the port tell where a session begins: ttrpc clients
+// number their streams 1, 3, 5, ... from 1 on every connection, so a
+// request on stream 1 after other messages is a new host, and it gets a
+// new server (the last one would refuse its stream IDs: "StreamID cannot
+// be re-used").
+//
+// Whether a host is connected is no guide. The guest takes a port's data
+// in the interrupt handler but learns of the host connecting and hanging
+// up from control messages that a workqueue handles later
+// (drivers/char/virtio_console.c: in_intr vs control_intr), so a new
+// host's first request can be read while the guest still sees the last
+// host connected, or sees none: a read then returns 0 bytes ("no host")
+// although the host that sent the request is there, waiting for the
+// reply. Ending the session there dropped that reply (TCPSink in
+// TestMacvtapRateLimits hung so). Nor is a host that hung up and came
+// back at once always seen to leave. So "no host" only makes the reader
+// wait for more data; replies wait, in the kernel, for a host.
+//
+// The price: a reply owed to a host that left before it was written waits
+// for the next host and may reach it, unless the reader sees that host's
+// first request first (finish then fails the blocked write). That takes a
+// host that gave up on a call; a ttrpc client drops a reply on a stream
+// it is not waiting on.
 type stream struct {
-	f    *os.File
-	r    *bufio.Reader
-	name string
+	ctx   context.Context // ends the waits for a host
+	f     device
+	r     *bufio.Reader
+	name  string
+	calls map[string]func([]byte) (any, error) // the control service's traffic methods
 
 	wmu sync.Mutex    // serialises whole writes, so two sessions' frames never interleave
-	end atomic.Int32  // why the current session ended: endNone, endNext, ...
-	gen atomic.Uint64 // counts sessions, so a late control reply finds whether its session is over
+	end atomic.Int32  // why the current session ended: endNone, endNext, endBroken
+	gen atomic.Uint64 // counts ended sessions, so a late control reply finds whether its session is over
 
 	// Owned by the reading session.
 	left int // bytes of the current message not yet read
@@ -174,64 +159,57 @@ type stream struct {
 
 // Why a session ended.
 const (
-	endNone     int32 = iota // still running, or the server stopped by itself
-	endNext                  // a new host session begins on the same stream
-	endHostLeft              // the host hung up between two messages
-	endBroken                // an I/O error, or a stream that is not ttrpc
+	endNone   int32 = iota // still running, or the server stopped by itself
+	endNext                // a new host session begins on the same stream
+	endBroken              // an I/O error, or a stream that is not ttrpc
 )
 
-// finish records why the session ends. Unless another session follows at
-// once, it also unblocks a writer: writes to a port without a host block
-// until one connects, and a reply owed to a departed client is worth
-// nothing. No lock here: the blocked writer holds wmu.
+// finish records why the session ends. Replies still owed to it are
+// dropped, and a writer blocked for want of a host gives up: its reply
+// would reach the next host. No lock here: the blocked writer holds wmu.
 func (s *stream) finish(why int32) {
-	s.gen.Add(1) // replies still owed to this session are dropped
-	if why != endNext {
-		_ = s.f.SetWriteDeadline(time.Now())
-	}
+	s.gen.Add(1)
+	_ = s.f.SetWriteDeadline(time.Now())
 	s.end.Store(why)
 }
 
-// rearm prepares the stream for a new host: nothing of the last one is
-// buffered (its last read found no data) and writes may block again. A
-// writer still stuck from the last host fails on the deadline and lets go
-// of wmu first.
-func (s *stream) rearm() {
-	s.r.Reset(s.f)
+// session returns the conn for the next host session. A writer of the
+// last session has failed on the deadline that finish set and let go of
+// wmu before writes may block again.
+func (s *stream) session() *sessionConn {
+	s.left, s.seen = 0, 0
 	s.wmu.Lock()
 	_ = s.f.SetWriteDeadline(time.Time{})
 	s.wmu.Unlock()
-}
-
-// session returns the conn for the next host session.
-func (s *stream) session() *sessionConn {
-	s.left, s.seen = 0, 0
-	s.gen.Add(1)
 	s.end.Store(endNone)
 	return &sessionConn{s: s, closed: make(chan struct{})}
 }
 
-// read reads at most len(b) bytes of the current session, io.EOF when the
-// host hung up or a new session begins.
+// read reads at most len(b) bytes of the current session, io.EOF when a
+// new session begins or the stream broke.
 func (s *stream) read(b []byte) (int, error) {
 	for s.left == 0 {
 		h, err := s.r.Peek(frameHeaderLen)
-		if err != nil {
-			if len(h) == 0 && errors.Is(err, io.EOF) {
-				s.finish(endHostLeft)
+		if len(h) == 0 && errors.Is(err, io.EOF) {
+			// No host as the guest sees it, and nothing to read. There
+			// is no event for a host's data or arrival here (the port
+			// polls readable while no host is connected), hence the
+			// sleep.
+			if !sleep(s.ctx, pollInterval) {
+				s.finish(endBroken)
 				return 0, io.EOF
 			}
+			continue
+		}
+		if err != nil {
 			s.finish(endBroken)
-			if errors.Is(err, io.EOF) {
-				return 0, io.ErrUnexpectedEOF
-			}
-			return 0, err
+			return 0, broken(err)
 		}
 		size := binary.BigEndian.Uint32(h[0:4])
 		id := binary.BigEndian.Uint32(h[4:8])
 		if size > frameMaxLen {
 			s.finish(endBroken)
-			return 0, fmt.Errorf("message of %d bytes on stream %d: not ttrpc, or out of step", size, id)
+			return 0, broken(fmt.Errorf("message of %d bytes on stream %d: not ttrpc, or out of step", size, id))
 		}
 		if id == 1 && h[8] == frameTypeRequest && s.seen > 0 {
 			s.finish(endNext)
@@ -241,7 +219,7 @@ func (s *stream) read(b []byte) (int, error) {
 		if h[8] == frameTypeRequest {
 			if done, err := s.control(id, int(size)); err != nil {
 				s.finish(endBroken)
-				return 0, err
+				return 0, broken(err)
 			} else if done {
 				continue
 			}
@@ -252,11 +230,19 @@ func (s *stream) read(b []byte) (int, error) {
 	s.left -= n
 	if err != nil {
 		s.finish(endBroken) // the host left in the middle of a message
-		if errors.Is(err, io.EOF) {
-			err = io.ErrUnexpectedEOF
-		}
+		return n, broken(err)
 	}
 	return n, err
+}
+
+// broken marks err as the end of the stream for the ttrpc server, which
+// closes the connection only on EOF, ErrUnexpectedEOF or ECONNRESET and
+// otherwise waits for ever.
+func broken(err error) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return io.ErrUnexpectedEOF
+	}
+	return fmt.Errorf("%w: %w", io.ErrUnexpectedEOF, err)
 }
 
 // sessionConn is one host session on a stream, as a net.Conn for the

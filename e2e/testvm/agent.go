@@ -9,13 +9,8 @@ import (
 
 	"github.com/containerd/ttrpc"
 	"google.golang.org/protobuf/types/known/emptypb"
-)
 
-// The guest agent's test-only control service; the agent's main spells the
-// same names (TestAgentRestart fails if they drift apart).
-const (
-	agentControlService = "tapsync.testagent.Control"
-	agentRestartMethod  = "Restart"
+	"github.com/tapsync/tapsync/e2e/testagent/control"
 )
 
 // RestartAgent makes the guest agent exit through its test-only control
@@ -38,7 +33,7 @@ func (v *VM) RestartAgent(ctx context.Context) error {
 		return fmt.Errorf("restart guest agent: %w", err)
 	}
 	c := ttrpc.NewClient(conn)
-	err = c.Call(ctx, agentControlService, agentRestartMethod, &emptypb.Empty{}, &emptypb.Empty{})
+	err = c.Call(ctx, control.Service, control.MethodRestart, &emptypb.Empty{}, &emptypb.Empty{})
 	c.Close()
 	if err != nil {
 		return fmt.Errorf("restart guest agent through %s: %w", v.TestAgent, err)

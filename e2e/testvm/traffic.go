@@ -15,13 +15,15 @@ import (
 
 	"github.com/containerd/ttrpc"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/tapsync/tapsync/e2e/testagent/control"
 )
 
 // Traffic through the guest's own NICs, made by the guest agent's test-only
-// control service (tapsync-testagent's traffic.go speaks the other side of
-// these messages; each side refuses JSON fields it does not know, so a
-// drift fails the first call). A test measures with them what tapsync
-// wired: throughput under a rate limit, a ping at an MTU with DF.
+// control service (package e2e/testagent/control has its messages;
+// tapsync-testagent's traffic.go is the other side). A test measures with
+// them what tapsync wired: throughput under a rate limit, a ping at an MTU
+// with DF.
 //
 // Each helper dials VM.TestAgent itself for the length of the call and
 // hangs up after. That socket serves one client at a time: a caller must
@@ -33,12 +35,6 @@ import (
 // and pings with the addresses it is given, through its own routes (a
 // connected route is enough). With Options.SelfConfig those are GuestIP
 // and PeerIP.
-const (
-	agentTCPSinkMethod   = "TCPSink"
-	agentTCPResultMethod = "TCPResult"
-	agentTCPSendMethod   = "TCPSend"
-	agentPingMethod      = "Ping"
-)
 
 // TCPResult is one TCP stream of a test, as counted by its receiver (the
 // guest or the test, depending on the direction). It counts TCP payload:
@@ -66,41 +62,6 @@ func (r TCPResult) String() string {
 	return fmt.Sprintf("%.2f Mbit/s (%d bytes, %d timed over %v)", r.BitsPerSec()/1e6, r.Bytes, r.Timed, r.Elapsed.Round(time.Millisecond))
 }
 
-// The control service's JSON messages; tapsync-testagent's traffic.go
-// documents each.
-type (
-	tcpSinkRequest struct {
-		Listen  string        `json:"listen"`
-		Timeout time.Duration `json:"timeout"`
-	}
-	tcpSinkReply struct {
-		Listen string `json:"listen"`
-	}
-	tcpResultRequest struct {
-		Listen string `json:"listen"`
-	}
-	tcpSendRequest struct {
-		To       string        `json:"to"`
-		From     string        `json:"from"`
-		Duration time.Duration `json:"duration"`
-		Timeout  time.Duration `json:"timeout"`
-	}
-	tcpCount struct {
-		Total   int64         `json:"total"`
-		Timed   int64         `json:"timed"`
-		Elapsed time.Duration `json:"elapsed"`
-	}
-	pingRequest struct {
-		Addr         string        `json:"addr"`
-		Size         int           `json:"size"`
-		DontFragment bool          `json:"dont_fragment"`
-		Timeout      time.Duration `json:"timeout"`
-	}
-	pingReply struct {
-		RTT time.Duration `json:"rtt"`
-	}
-)
-
 // trafficSlack is added to a stream's duration when ctx has no deadline:
 // connecting, draining the buffers, a slow TCG guest.
 const trafficSlack = time.Minute
@@ -119,7 +80,7 @@ func (v *VM) GuestTCPSend(ctx context.Context, from netip.Addr, ln net.Listener,
 		return TCPResult{}, fmt.Errorf("guest TCP send: listener on %s: the guest needs a specific address to connect to", ln.Addr())
 	}
 	type received struct {
-		n   tcpCount
+		n   control.TCPCount
 		err error
 	}
 	got := make(chan received, 1)
@@ -142,13 +103,13 @@ func (v *VM) GuestTCPSend(ctx context.Context, from netip.Addr, ln net.Listener,
 		got <- received{n, err}
 	}()
 
-	req := tcpSendRequest{To: to.String(), Duration: dur, Timeout: remaining(ctx)}
+	req := control.TCPSendRequest{To: to.String(), Duration: dur, Timeout: remaining(ctx)}
 	if from.IsValid() {
 		req.From = from.String()
 	}
-	var sent tcpCount
+	var sent control.TCPCount
 	callErr := v.withControl(ctx, func(call controlCall) error {
-		return call(agentTCPSendMethod, req, &sent)
+		return call(control.MethodTCPSend, req, &sent)
 	})
 	if callErr != nil && canDeadline {
 		_ = dl.SetDeadline(time.Now()) // no connection is coming
@@ -167,7 +128,7 @@ func (v *VM) GuestTCPSend(ctx context.Context, from netip.Addr, ln net.Listener,
 	if r.n.Total != sent.Total {
 		return TCPResult{}, fmt.Errorf("guest TCP send to %s: the guest sent %d bytes, %d arrived", to, sent.Total, r.n.Total)
 	}
-	return r.n.result(), nil
+	return result(r.n), nil
 }
 
 // GuestTCPReceive measures traffic into the guest: the guest listens on at
@@ -180,8 +141,8 @@ func (v *VM) GuestTCPReceive(ctx context.Context, at netip.AddrPort, dur time.Du
 	defer cancel()
 	var res TCPResult
 	err := v.withControl(ctx, func(call controlCall) error {
-		var sink tcpSinkReply
-		if err := call(agentTCPSinkMethod, tcpSinkRequest{Listen: at.String(), Timeout: remaining(ctx)}, &sink); err != nil {
+		var sink control.TCPSinkReply
+		if err := call(control.MethodTCPSink, control.TCPSinkRequest{Listen: at.String(), Timeout: remaining(ctx)}, &sink); err != nil {
 			return err
 		}
 		guest, err := netip.ParseAddrPort(sink.Listen)
@@ -191,14 +152,14 @@ func (v *VM) GuestTCPReceive(ctx context.Context, at netip.AddrPort, dur time.Du
 		// The guest's sink stops waiting at the timeout given above; a
 		// failure here leaves nothing behind for long.
 		sent, sendErr := sendFor(ctx, dial, guest, dur)
-		var n tcpCount
-		if err := call(agentTCPResultMethod, tcpResultRequest{Listen: sink.Listen}, &n); err != nil || sendErr != nil {
+		var n control.TCPCount
+		if err := call(control.MethodTCPResult, control.TCPResultRequest{Listen: sink.Listen}, &n); err != nil || sendErr != nil {
 			return errors.Join(sendErr, err)
 		}
 		if n.Total != sent {
 			return fmt.Errorf("sent %d bytes to %s, the guest read %d", sent, guest, n.Total)
 		}
-		res = n.result()
+		res = result(n)
 		return nil
 	})
 	if err != nil {
@@ -265,10 +226,10 @@ func (v *VM) GuestPing(ctx context.Context, addr netip.Addr, size int, dontFragm
 	if timeout < time.Second {
 		timeout = time.Second
 	}
-	req := pingRequest{Addr: addr.String(), Size: size, DontFragment: dontFragment, Timeout: timeout}
-	var rep pingReply
+	req := control.PingRequest{Addr: addr.String(), Size: size, DontFragment: dontFragment, Timeout: timeout}
+	var rep control.PingReply
 	err := v.withControl(ctx, func(call controlCall) error {
-		return call(agentPingMethod, req, &rep)
+		return call(control.MethodPing, req, &rep)
 	})
 	if err != nil {
 		return fmt.Errorf("guest ping %s: %w", addr, err)
@@ -297,7 +258,7 @@ func (v *VM) withControl(ctx context.Context, f func(controlCall) error) error {
 			return err
 		}
 		var out wrapperspb.BytesValue
-		if err := c.Call(ctx, agentControlService, method, wrapperspb.Bytes(b), &out); err != nil {
+		if err := c.Call(ctx, control.Service, method, wrapperspb.Bytes(b), &out); err != nil {
 			return fmt.Errorf("%s through %s: %w", method, v.TestAgent, err)
 		}
 		dec := json.NewDecoder(bytes.NewReader(out.Value))
@@ -324,32 +285,15 @@ func remaining(ctx context.Context) time.Duration {
 }
 
 // countUntilEOF reads c to its end, timed as TCPResult says.
-func countUntilEOF(c net.Conn) (tcpCount, error) {
-	var n tcpCount
-	var first, last time.Time
-	buf := make([]byte, 256<<10)
-	for {
-		r, err := c.Read(buf)
-		if r > 0 {
-			now := time.Now()
-			if first.IsZero() {
-				first = now
-			} else {
-				n.Timed += int64(r)
-			}
-			last = now
-			n.Total += int64(r)
-		}
-		if err == io.EOF {
-			n.Elapsed = last.Sub(first)
-			return n, nil
-		}
-		if err != nil {
-			return n, fmt.Errorf("read from %s: %w", c.RemoteAddr(), err)
-		}
+func countUntilEOF(c net.Conn) (control.TCPCount, error) {
+	n, err := control.CountUntilEOF(c)
+	if err != nil {
+		return n, fmt.Errorf("read from %s: %w", c.RemoteAddr(), err)
 	}
+	return n, nil
 }
 
-func (n tcpCount) result() TCPResult {
+// result is the count as the package's API gives it.
+func result(n control.TCPCount) TCPResult {
 	return TCPResult{Bytes: n.Total, Timed: n.Timed, Elapsed: n.Elapsed}
 }

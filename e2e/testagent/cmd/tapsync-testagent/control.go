@@ -11,21 +11,8 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
-)
 
-// The test-only control service. e2e/testvm spells the same names
-// (agent.go, traffic.go); its guest tests fail if the two drift apart.
-//
-// Restart takes and returns google.protobuf.Empty. The traffic methods
-// (traffic.go) take and return a google.protobuf.BytesValue holding JSON:
-// test-only messages that need no generated code on either side.
-const (
-	controlService  = "tapsync.testagent.Control"
-	restartMethod   = "Restart"
-	tcpSinkMethod   = "TCPSink"
-	tcpResultMethod = "TCPResult"
-	tcpSendMethod   = "TCPSend"
-	pingMethod      = "Ping"
+	"github.com/tapsync/tapsync/e2e/testagent/control"
 )
 
 // restart is signalled by a Restart call; main then exits.
@@ -56,7 +43,7 @@ func (s *stream) control(id uint32, size int) (bool, error) {
 		return false, nil // let the session's own read report it
 	}
 	var req ttrpc.Request
-	if proto.Unmarshal(msg[frameHeaderLen:], &req) != nil || req.Service != controlService {
+	if proto.Unmarshal(msg[frameHeaderLen:], &req) != nil || req.Service != control.Service {
 		return false, nil
 	}
 	if _, err := s.r.Discard(len(msg)); err != nil {
@@ -74,16 +61,16 @@ func (s *stream) control(id uint32, size int) (bool, error) {
 	}
 	resp := &ttrpc.Response{}
 	switch req.Method {
-	case restartMethod:
+	case control.MethodRestart:
 		payload, _ := proto.Marshal(&emptypb.Empty{})
 		resp.Payload = payload
 	default:
-		resp.Status = &spb.Status{Code: int32(codes.Unimplemented), Message: fmt.Sprintf("%s/%s", controlService, req.Method)}
+		resp.Status = &spb.Status{Code: int32(codes.Unimplemented), Message: fmt.Sprintf("%s/%s", control.Service, req.Method)}
 	}
 	if err := s.respond(s.gen.Load(), id, resp); err != nil {
 		return true, err
 	}
-	if req.Method == restartMethod {
+	if req.Method == control.MethodRestart {
 		select {
 		case restart <- struct{}{}:
 		default: // already asked
@@ -111,7 +98,7 @@ func (s *stream) respond(gen uint64, id uint32, resp *ttrpc.Response) error {
 		return nil
 	}
 	if _, err := s.f.Write(frame); err != nil {
-		return fmt.Errorf("answer %s on stream %d: %w", controlService, id, err)
+		return fmt.Errorf("answer %s on stream %d: %w", control.Service, id, err)
 	}
 	return nil
 }
@@ -121,7 +108,7 @@ func (s *stream) respond(gen uint64, id uint32, resp *ttrpc.Response) error {
 // text.
 func trafficCall(method string, h func([]byte) (any, error), payload []byte) *ttrpc.Response {
 	fail := func(code codes.Code, err error) *ttrpc.Response {
-		return &ttrpc.Response{Status: &spb.Status{Code: int32(code), Message: fmt.Sprintf("%s/%s: %v", controlService, method, err)}}
+		return &ttrpc.Response{Status: &spb.Status{Code: int32(code), Message: fmt.Sprintf("%s/%s: %v", control.Service, method, err)}}
 	}
 	var in wrapperspb.BytesValue
 	if err := proto.Unmarshal(payload, &in); err != nil {

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/tapsync/tapsync/agent/agentpb"
+	"github.com/tapsync/tapsync/e2e/testagent/control"
 )
 
 // fakePort plays the guest kernel's part of a virtio-serial port, with
@@ -290,7 +291,7 @@ func (hc *hostClient) traffic(ctx context.Context, method string, req, resp any)
 		return err
 	}
 	var out wrapperspb.BytesValue
-	if err := hc.c.Call(ctx, controlService, method, wrapperspb.Bytes(b), &out); err != nil {
+	if err := hc.c.Call(ctx, control.Service, method, wrapperspb.Bytes(b), &out); err != nil {
 		return err
 	}
 	return json.Unmarshal(out.Value, resp)
@@ -374,12 +375,12 @@ func TestStreamHostChangeNotices(t *testing.T) {
 				step(o.connected)
 
 				got := make(chan error, 1)
-				var sink tcpSinkReply
+				var sink control.TCPSinkReply
 				go func() {
 					if first == "ttrpc" {
 						got <- b.check(ctx)
 					} else {
-						got <- b.traffic(ctx, tcpSinkMethod, tcpSinkRequest{Listen: "127.0.0.1:0", Timeout: 10 * time.Second}, &sink)
+						got <- b.traffic(ctx, control.MethodTCPSink, control.TCPSinkRequest{Listen: "127.0.0.1:0", Timeout: 10 * time.Second}, &sink)
 					}
 				}()
 				waitRead(t, p)
@@ -397,8 +398,8 @@ func TestStreamHostChangeNotices(t *testing.T) {
 						t.Fatal(err)
 					}
 					c.Close()
-					var n tcpCount
-					if err := b.traffic(ctx, tcpResultMethod, tcpResultRequest{Listen: sink.Listen}, &n); err != nil {
+					var n control.TCPCount
+					if err := b.traffic(ctx, control.MethodTCPResult, control.TCPResultRequest{Listen: sink.Listen}, &n); err != nil {
 						t.Fatalf("host B's second call: %v", err)
 					}
 				}

@@ -14,13 +14,14 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tapsync/tapsync/e2e/testagent/control"
 )
 
 // Test-only traffic tools of the control service: a TCP sink and source
 // and a ping with or without DF, so that a test can measure what crosses
-// the guest's own NIC. e2e/testvm/traffic.go is the host side and spells
-// the same JSON; each side refuses fields it does not know, so a drift
-// fails the first call.
+// the guest's own NIC. Package control has the messages;
+// e2e/testvm/traffic.go is the host side.
 //
 // All of them use only what the test configured: the guest listens on or
 // dials from the address it is given and relies on the guest's routes (a
@@ -29,10 +30,10 @@ import (
 // trafficMethods maps the control service's traffic methods to their
 // handlers: JSON request in, value for the JSON reply out.
 var trafficMethods = map[string]func([]byte) (any, error){
-	tcpSinkMethod:   handle(tcpSink),
-	tcpResultMethod: handle(tcpResult),
-	tcpSendMethod:   handle(tcpSend),
-	pingMethod:      handle(ping),
+	control.MethodTCPSink:   handle(tcpSink),
+	control.MethodTCPResult: handle(tcpResult),
+	control.MethodTCPSend:   handle(tcpSend),
+	control.MethodPing:      handle(ping),
 }
 
 func handle[Req, Resp any](f func(Req) (Resp, error)) func([]byte) (any, error) {
@@ -47,57 +48,6 @@ func handle[Req, Resp any](f func(Req) (Resp, error)) func([]byte) (any, error) 
 	}
 }
 
-// TCPSink: listen on Listen ("ip:port", port 0 for any), accept one
-// connection within Timeout and count what it carries until EOF. Answers
-// once listening, with the address; TCPResult collects the count.
-type tcpSinkRequest struct {
-	Listen  string        `json:"listen"`
-	Timeout time.Duration `json:"timeout"`
-}
-
-type tcpSinkReply struct {
-	Listen string `json:"listen"`
-}
-
-// TCPResult: wait for the sink on Listen (as TCPSink answered it) to see
-// EOF, and return its count.
-type tcpResultRequest struct {
-	Listen string `json:"listen"`
-}
-
-// TCPSend: connect from From (an address of the guest; "" lets the kernel
-// choose) to To ("ip:port"), send for Duration, close the sending side
-// and wait for the receiver to close (at most Timeout after the start).
-type tcpSendRequest struct {
-	To       string        `json:"to"`
-	From     string        `json:"from"`
-	Duration time.Duration `json:"duration"`
-	Timeout  time.Duration `json:"timeout"`
-}
-
-// tcpCount is what one side saw of a stream. The receiver times it from
-// its first read to its last: Timed counts the bytes after the first read,
-// so Timed/Elapsed is the rate. The sender fills in Total only.
-type tcpCount struct {
-	Total   int64         `json:"total"`
-	Timed   int64         `json:"timed"`
-	Elapsed time.Duration `json:"elapsed"`
-}
-
-// Ping: one ICMP echo to Addr (IPv4) with Size bytes of payload (IP packet
-// Size+28), DF set when DontFragment, retried once a second until a reply
-// or Timeout.
-type pingRequest struct {
-	Addr         string        `json:"addr"`
-	Size         int           `json:"size"`
-	DontFragment bool          `json:"dont_fragment"`
-	Timeout      time.Duration `json:"timeout"`
-}
-
-type pingReply struct {
-	RTT time.Duration `json:"rtt"`
-}
-
 // sinks are the open TCPSinks by listening address, until TCPResult
 // collects them.
 var (
@@ -107,20 +57,20 @@ var (
 
 type sink struct {
 	done  chan struct{} // closed once count and err are final
-	count tcpCount
+	count control.TCPCount
 	err   error
 }
 
 // Generous bounds for requests that name none: TCG guests are slow.
 const defaultTrafficTimeout = time.Minute
 
-func tcpSink(req tcpSinkRequest) (tcpSinkReply, error) {
+func tcpSink(req control.TCPSinkRequest) (control.TCPSinkReply, error) {
 	if req.Timeout <= 0 {
 		req.Timeout = defaultTrafficTimeout
 	}
 	ln, err := net.Listen("tcp", req.Listen)
 	if err != nil {
-		return tcpSinkReply{}, err
+		return control.TCPSinkReply{}, err
 	}
 	addr := ln.Addr().String()
 	sk := &sink{done: make(chan struct{})}
@@ -131,34 +81,34 @@ func tcpSink(req tcpSinkRequest) (tcpSinkReply, error) {
 		defer close(sk.done)
 		sk.count, sk.err = acceptAndCount(ln.(*net.TCPListener), req.Timeout)
 	}()
-	return tcpSinkReply{Listen: addr}, nil
+	return control.TCPSinkReply{Listen: addr}, nil
 }
 
 // acceptAndCount takes one connection from ln, which it closes, and counts
 // it until EOF; the whole must end within timeout.
-func acceptAndCount(ln *net.TCPListener, timeout time.Duration) (tcpCount, error) {
+func acceptAndCount(ln *net.TCPListener, timeout time.Duration) (control.TCPCount, error) {
 	deadline := time.Now().Add(timeout)
 	_ = ln.SetDeadline(deadline)
 	c, err := ln.Accept()
 	ln.Close()
 	if err != nil {
-		return tcpCount{}, fmt.Errorf("accept on %s: %w", ln.Addr(), err)
+		return control.TCPCount{}, fmt.Errorf("accept on %s: %w", ln.Addr(), err)
 	}
 	defer c.Close()
 	_ = c.SetDeadline(deadline)
-	n, err := countUntilEOF(c)
+	n, err := control.CountUntilEOF(c)
 	if err != nil {
 		return n, fmt.Errorf("read from %s: %w", c.RemoteAddr(), err)
 	}
 	return n, nil
 }
 
-func tcpResult(req tcpResultRequest) (tcpCount, error) {
+func tcpResult(req control.TCPResultRequest) (control.TCPCount, error) {
 	sinksMu.Lock()
 	sk := sinks[req.Listen]
 	sinksMu.Unlock()
 	if sk == nil {
-		return tcpCount{}, fmt.Errorf("no TCP sink on %q", req.Listen)
+		return control.TCPCount{}, fmt.Errorf("no TCP sink on %q", req.Listen)
 	}
 	<-sk.done // bounded by the sink's own timeout
 	sinksMu.Lock()
@@ -167,7 +117,7 @@ func tcpResult(req tcpResultRequest) (tcpCount, error) {
 	return sk.count, sk.err
 }
 
-func tcpSend(req tcpSendRequest) (tcpCount, error) {
+func tcpSend(req control.TCPSendRequest) (control.TCPCount, error) {
 	if req.Timeout <= 0 {
 		req.Timeout = req.Duration + defaultTrafficTimeout
 	}
@@ -176,16 +126,16 @@ func tcpSend(req tcpSendRequest) (tcpCount, error) {
 	if req.From != "" {
 		ip, err := netip.ParseAddr(req.From)
 		if err != nil {
-			return tcpCount{}, fmt.Errorf("source address: %w", err)
+			return control.TCPCount{}, fmt.Errorf("source address: %w", err)
 		}
 		d.LocalAddr = &net.TCPAddr{IP: ip.AsSlice()}
 	}
 	c, err := d.Dial("tcp", req.To)
 	if err != nil {
-		return tcpCount{}, err
+		return control.TCPCount{}, err
 	}
 	defer c.Close()
-	var n tcpCount
+	var n control.TCPCount
 	buf := make([]byte, 128<<10)
 	_ = c.SetWriteDeadline(time.Now().Add(req.Duration))
 	for {
@@ -210,33 +160,6 @@ func tcpSend(req tcpSendRequest) (tcpCount, error) {
 	return n, nil
 }
 
-// countUntilEOF reads c to its end: see tcpCount.
-func countUntilEOF(c net.Conn) (tcpCount, error) {
-	var n tcpCount
-	var first, last time.Time
-	buf := make([]byte, 256<<10)
-	for {
-		r, err := c.Read(buf)
-		if r > 0 {
-			now := time.Now()
-			if first.IsZero() {
-				first = now
-			} else {
-				n.Timed += int64(r)
-			}
-			last = now
-			n.Total += int64(r)
-		}
-		if err == io.EOF {
-			n.Elapsed = last.Sub(first)
-			return n, nil
-		}
-		if err != nil {
-			return n, err
-		}
-	}
-}
-
 // ICMP message types (RFC 792).
 const (
 	icmpEchoReply   = 0
@@ -256,20 +179,20 @@ var (
 // sets it: IP_PMTUDISC_DO sets DF and makes a packet larger than the
 // route's MTU fail in sendto with EMSGSIZE; IP_PMTUDISC_DONT clears DF and
 // lets the kernel fragment.
-func ping(req pingRequest) (pingReply, error) {
+func ping(req control.PingRequest) (control.PingReply, error) {
 	dst, err := netip.ParseAddr(req.Addr)
 	if err != nil || !dst.Is4() {
-		return pingReply{}, fmt.Errorf("ping %q: an IPv4 address is needed", req.Addr)
+		return control.PingReply{}, fmt.Errorf("ping %q: an IPv4 address is needed", req.Addr)
 	}
 	if req.Size < 0 || req.Size > 65507 {
-		return pingReply{}, fmt.Errorf("ping %s: payload of %d bytes", dst, req.Size)
+		return control.PingReply{}, fmt.Errorf("ping %s: payload of %d bytes", dst, req.Size)
 	}
 	if req.Timeout <= 0 {
 		req.Timeout = 5 * time.Second
 	}
 	pc, err := net.ListenPacket("ip4:icmp", "0.0.0.0")
 	if err != nil {
-		return pingReply{}, fmt.Errorf("open raw ICMP socket: %w", err)
+		return control.PingReply{}, fmt.Errorf("open raw ICMP socket: %w", err)
 	}
 	defer pc.Close()
 	c := pc.(*net.IPConn)
@@ -279,14 +202,14 @@ func ping(req pingRequest) (pingReply, error) {
 	}
 	rc, err := c.SyscallConn()
 	if err != nil {
-		return pingReply{}, err
+		return control.PingReply{}, err
 	}
 	var serr error
 	// Equivalent to: ping -M do|dont
 	if err := rc.Control(func(fd uintptr) {
 		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, mode)
 	}); err != nil || serr != nil {
-		return pingReply{}, fmt.Errorf("set IP_MTU_DISCOVER: %w", errors.Join(err, serr))
+		return control.PingReply{}, fmt.Errorf("set IP_MTU_DISCOVER: %w", errors.Join(err, serr))
 	}
 
 	id := uint16(os.Getpid())
@@ -303,7 +226,7 @@ func ping(req pingRequest) (pingReply, error) {
 		if _, err := c.WriteTo(msg, to); err != nil {
 			// EMSGSIZE with DF: larger than the route's MTU. Retrying
 			// cannot help.
-			return pingReply{}, fmt.Errorf("send echo of %d bytes to %s (DF %v): %w", req.Size, dst, req.DontFragment, err)
+			return control.PingReply{}, fmt.Errorf("send echo of %d bytes to %s (DF %v): %w", req.Size, dst, req.DontFragment, err)
 		}
 		wait := sent.Add(time.Second)
 		if wait.After(deadline) {
@@ -316,7 +239,7 @@ func ping(req pingRequest) (pingReply, error) {
 				break // try again
 			}
 			if err != nil {
-				return pingReply{}, fmt.Errorf("read ICMP: %w", err)
+				return control.PingReply{}, fmt.Errorf("read ICMP: %w", err)
 			}
 			m := buf[:n] // the kernel stripped the IP header
 			if len(m) < 8 {
@@ -326,16 +249,16 @@ func ping(req pingRequest) (pingReply, error) {
 			case m[0] == icmpEchoReply && from.String() == dst.String() &&
 				binary.BigEndian.Uint16(m[4:6]) == id && binary.BigEndian.Uint16(m[6:8]) == seq:
 				if n-8 != req.Size {
-					return pingReply{}, fmt.Errorf("echo reply from %s with %d bytes of payload, sent %d", dst, n-8, req.Size)
+					return control.PingReply{}, fmt.Errorf("echo reply from %s with %d bytes of payload, sent %d", dst, n-8, req.Size)
 				}
-				return pingReply{RTT: time.Since(sent)}, nil
+				return control.PingReply{RTT: time.Since(sent)}, nil
 			case m[0] == icmpUnreachable && quotesEcho(m[8:], id, seq):
 				// Code 4 is "fragmentation needed and DF set".
-				return pingReply{}, fmt.Errorf("echo of %d bytes to %s (DF %v): destination unreachable, code %d, from %s", req.Size, dst, req.DontFragment, m[1], from)
+				return control.PingReply{}, fmt.Errorf("echo of %d bytes to %s (DF %v): destination unreachable, code %d, from %s", req.Size, dst, req.DontFragment, m[1], from)
 			}
 		}
 	}
-	return pingReply{}, fmt.Errorf("no echo reply from %s to %d bytes (DF %v) within %v", dst, req.Size, req.DontFragment, req.Timeout.Round(time.Millisecond))
+	return control.PingReply{}, fmt.Errorf("no echo reply from %s to %d bytes (DF %v) within %v", dst, req.Size, req.DontFragment, req.Timeout.Round(time.Millisecond))
 }
 
 // echo builds an ICMP echo request with size bytes of payload.

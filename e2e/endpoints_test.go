@@ -553,27 +553,17 @@ func (r *guestRig) streams(guest, gw netip.Addr, dur time.Duration) (out, in tes
 	return out, in
 }
 
-// measure runs one stream of dur with its own time budget. A stream that
-// ran out of it is run once more: on a loaded machine the test agent's
-// virtio-serial channel has been seen to miss a new session (a control
-// call then waits for a reply that never comes; seen once in five full
-// runs); a fresh connection starts a fresh session. Whatever else fails,
-// or fails twice, fails the test.
+// measure runs one stream of dur with its own time budget; a failure
+// fails the test.
 func (r *guestRig) measure(what string, dur time.Duration, stream func(context.Context) (testvm.TCPResult, error)) testvm.TCPResult {
 	r.t.Helper()
-	for attempt := 1; ; attempt++ {
-		ctx, cancel := context.WithTimeout(r.t.Context(), dur+time.Minute)
-		res, err := stream(ctx)
-		cancel()
-		switch {
-		case err == nil:
-			return res
-		case attempt == 1 && errors.Is(err, context.DeadlineExceeded):
-			r.t.Logf("%s: %v; once more", what, err)
-		default:
-			r.t.Fatalf("%s: %v", what, err)
-		}
+	ctx, cancel := context.WithTimeout(r.t.Context(), dur+time.Minute)
+	defer cancel()
+	res, err := stream(ctx)
+	if err != nil {
+		r.t.Fatalf("%s: %v", what, err)
 	}
+	return res
 }
 
 // TestRateLimits: rx_rate and tx_rate on a [[sandbox]] (tcfilter model)

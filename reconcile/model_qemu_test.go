@@ -19,6 +19,7 @@ import (
 	"github.com/tapsync/tapsync/qmp"
 	"github.com/tapsync/tapsync/state"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -268,6 +269,58 @@ func TestLinkVanished(t *testing.T) {
 		if got := linkVanished(tc.err); got != tc.want {
 			t.Errorf("linkVanished(%v) = %v, want %v", tc.err, got, tc.want)
 		}
+	}
+}
+
+// A link deleted after a pass observed the netns and noted before the
+// pass acts (the daemon notes each RTM_DELLINK): the pass observes again
+// and its plan removes the endpoint, in the same pass. Without the second
+// look the plan, made while the link was there, would do nothing (or
+// repair a link about to go) and leave the removal to another pass.
+func TestLinkGoneDuringPass(t *testing.T) {
+	g := newModelRig(t, 2)
+	ns, err := netns.GetFromPath(g.ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	net0, err := h.LinkByName("net0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	observations := 0
+	g.r.afterObserve = func(id string) {
+		observations++
+		if observations == 1 {
+			if err := h.LinkDel(net0); err != nil {
+				t.Errorf("delete net0: %v", err)
+			}
+			g.r.NoteLinkGone(id, net0.Attrs().Index)
+		}
+	}
+	t.Cleanup(func() { g.r.afterObserve = nil })
+	if _, err := g.pass(t); err != nil {
+		t.Fatalf("pass: %v\n%s", err, g.log)
+	}
+	rec, err := g.store.Load(g.ctx, g.sb.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range rec.Endpoints {
+		if e.LinkName == "net0" {
+			t.Errorf("net0's endpoint still recorded after the pass: %+v\n%s", e, g.log)
+		}
+	}
+	if nics := g.modelNICs(); len(nics) != 1 {
+		t.Errorf("NICs after the pass: %v; want net1's only", nics)
+	}
+	if !strings.Contains(g.log.String(), "observing again") {
+		t.Errorf("the pass did not say it looked again:\n%s", g.log)
 	}
 }
 

@@ -42,6 +42,18 @@ type Observed struct {
 	Guest *GuestState
 }
 
+// lists says whether the observation holds a link with one of the
+// ifindexes.
+func (o Observed) lists(ifindexes []int) bool {
+	if len(ifindexes) == 0 {
+		return false
+	}
+	has := func(l datapath.Link) bool { return slices.Contains(ifindexes, l.Ifindex) }
+	return slices.ContainsFunc(o.Links, has) || slices.ContainsFunc(o.KataLinks, has) ||
+		slices.ContainsFunc(o.Taps, func(t datapath.Tap) bool { return has(t.Link) }) ||
+		slices.ContainsFunc(o.Macvtaps, func(m datapath.Macvtap) bool { return has(m.Link) })
+}
+
 // Options are the per-sandbox settings plan needs.
 type Options struct {
 	// Queues for new endpoints; 0 is taken as 1. An endpoint keeps the

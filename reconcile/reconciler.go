@@ -131,6 +131,10 @@ type Reconciler struct {
 	// every sandbox (fault injection for crash tests; see Env).
 	AfterAction func(Action)
 
+	// afterObserve, if set, runs after a pass's first observation, before
+	// its plan (fault injection: the netns changing under a pass).
+	afterObserve func(id string)
+
 	registering sync.Mutex // held by Register, around r.mu
 
 	mu        sync.Mutex
@@ -568,6 +572,38 @@ func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
 	return p, nil
 }
 
+// maxLinksGone bounds the deletions noted per sandbox between two
+// observations; past it the rest are not noted (the queue's re-run after
+// the pass still sees them).
+const maxLinksGone = 32
+
+// NoteLinkGone tells the reconciler that the link with ifindex was
+// deleted from sandbox id's netns (a netlink event). A pass whose
+// observation still lists that link looks again before it acts: its plan
+// was made from a netns that no longer is (a link mid-deletion still shows
+// in a dump while its qdiscs are already gone, and a plan to repair them
+// would fail on the link a moment later). It must not block.
+func (r *Reconciler) NoteLinkGone(id string, ifindex int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if e, ok := r.sandboxes[id]; ok && len(e.linksGone) < maxLinksGone && !slices.Contains(e.linksGone, ifindex) {
+		e.linksGone = append(e.linksGone, ifindex)
+	}
+}
+
+// takeLinksGone returns and clears the deletions noted for sandbox id.
+func (r *Reconciler) takeLinksGone(id string) []int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.sandboxes[id]
+	if !ok {
+		return nil
+	}
+	gone := e.linksGone
+	e.linksGone = nil
+	return gone
+}
+
 // Reconcile runs one observe → plan → apply → record pass over sandbox
 // id. It is the queue's work function.
 func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
@@ -596,13 +632,26 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		}
 		r.mu.Unlock()
 	}()
+	r.takeLinksGone(id) // the observation below sees the deletions before it
 	s, err := r.open(ctx, id)
 	if err != nil {
 		// Its QMP failures say so themselves (CauseOf looks first).
 		return WithCause(CauseNetns, err)
 	}
 	defer func() { r.keepHost(id, s.host, keepable(err)) }()
+	if r.afterObserve != nil {
+		r.afterObserve(id)
+	}
 	p, guest, client, guestErr := r.planWithGuest(ctx, s)
+	if gone := r.takeLinksGone(id); s.obs.lists(gone) {
+		// Once: a netns whose links keep going is left to the queue's
+		// re-run.
+		log.Debug().Ints("links_gone", gone).Msg("a link observed has been deleted since: observing again before acting")
+		if err := s.observe(ctx); err != nil {
+			return WithCause(CauseNetns, fmt.Errorf("sandbox %s: observe: %w", id, err))
+		}
+		p, guest, client, guestErr = r.planWithGuest(ctx, s)
+	}
 	st.Skipped, st.Notes = p.Skipped, p.Notes
 	r.logSkipped(log, id, p.Skipped)
 	env := Env{Host: s.host, VM: s.vm, Guest: guest, Recorder: r.store, Vhost: s.sb.Vhost, AfterAction: r.AfterAction,

@@ -54,6 +54,9 @@ type entry struct {
 	// sandbox's netns keeps a registration or a netns event O(1) in
 	// syscalls, not O(sandboxes) (250 sandboxes starting: 250² reads).
 	ident netnsID
+	// linksGone are the ifindexes of links deleted in the netns since the
+	// running (or next) pass began to observe it (see NoteLinkGone).
+	linksGone []int
 }
 
 // Registration says what Register did.

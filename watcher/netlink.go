@@ -404,7 +404,7 @@ func (w *NetlinkWatcher) listen(l *listener) {
 		switch {
 		case errors.Is(err, errTruncated):
 			// Too big to read: still a change in that netns.
-			w.emit(nsid, "netlink message truncated")
+			w.emit(nsid, "netlink message truncated", 0)
 		case err != nil:
 			// ENOBUFS: the kernel dropped messages for us.
 			w.hold()
@@ -425,15 +425,16 @@ func (w *NetlinkWatcher) listen(l *listener) {
 			for _, m := range msgs {
 				if why, ok := describeMessage(m); ok {
 					w.hold()
-					w.emit(nsid, why)
+					w.emit(nsid, why, deletedLink(m))
 				}
 			}
 		}
 	}
 }
 
-// emit sends one event to every sandbox watching the netns with nsid.
-func (w *NetlinkWatcher) emit(nsid int32, why string) {
+// emit sends one event to every sandbox watching the netns with nsid;
+// gone is the ifindex of a link the event reports deleted, or 0.
+func (w *NetlinkWatcher) emit(nsid int32, why string, gone int) {
 	w.emitMu.Lock()
 	defer w.emitMu.Unlock()
 	w.mu.Lock()
@@ -444,7 +445,7 @@ func (w *NetlinkWatcher) emit(nsid int32, why string) {
 	}
 	w.mu.Unlock()
 	for _, id := range ids {
-		w.sink(Event{Kind: KindSandbox, Source: SourceNetlink, ID: id, Why: why})
+		w.sink(Event{Kind: KindSandbox, Source: SourceNetlink, ID: id, Why: why, LinkGone: gone})
 	}
 }
 
@@ -577,6 +578,17 @@ func describeMessage(m syscall.NetlinkMessage) (why string, ok bool) {
 		return "tc action " + what, true
 	}
 	return "", false
+}
+
+// deletedLink is the ifindex of the link an RTM_DELLINK deletes; 0 for
+// any other message. (A DELLINK with a family is a bridge port's
+// AF_BRIDGE notice: the link itself stays.)
+func deletedLink(m syscall.NetlinkMessage) int {
+	if m.Header.Type != unix.RTM_DELLINK || len(m.Data) < unix.SizeofIfInfomsg || m.Data[0] != unix.AF_UNSPEC {
+		return 0
+	}
+	i, _ := ifindexAt(m.Data, 4)
+	return int(max(i, 0))
 }
 
 // attrs parses the attributes after a fixed header of size hdr; nil when

@@ -44,6 +44,20 @@ func newNetlinkWatcher(t *testing.T) (*NetlinkWatcher, *recorder, context.Contex
 	return w, rec, ctx, lb
 }
 
+// ifindexIn is the ifindex of link name in netns nsName.
+func ifindexIn(t *testing.T, nsName, name string) int {
+	t.Helper()
+	out, err := exec.Command("ip", "-n", nsName, "-o", "link", "show", "dev", name).Output()
+	if err != nil {
+		t.Fatalf("ip -n %s link show %s: %v", nsName, name, err)
+	}
+	var i int
+	if _, err := fmt.Sscanf(string(out), "%d:", &i); err != nil {
+		t.Fatalf("ifindex of %s in %q: %v", name, out, err)
+	}
+	return i
+}
+
 func TestNetlinkWatcher(t *testing.T) {
 	ns := testnet.NewNS(t, "tsl")
 	peer := testnet.NewNS(t, "tslp")
@@ -57,9 +71,19 @@ func TestNetlinkWatcher(t *testing.T) {
 		rec.wait(t, 0, "event for d0", linkEvent("sb1", "d0"))
 		testnet.Veth(t, ns, "eth0", nil, peer, "eth0p")
 		rec.wait(t, 0, "event for eth0", linkEvent("sb1", "eth0"))
+		// eth0 in the bridge: deleting d0 also takes eth0 out of it,
+		// an AF_BRIDGE RTM_DELLINK for eth0 that deletes no link.
+		testnet.IP(t, "-n", ns.Name, "link", "set", "eth0", "master", "d0")
+		d0, eth0 := ifindexIn(t, ns.Name, "d0"), ifindexIn(t, ns.Name, "eth0")
 		testnet.IP(t, "-n", ns.Name, "link", "del", "d0")
-		rec.wait(t, 0, "event for d0 removed", func(e Event) bool { return linkEvent("sb1", "d0")(e) && strings.HasSuffix(e.Why, "removed") })
+		rec.wait(t, 0, "event for d0 removed, with its ifindex", func(e Event) bool {
+			return linkEvent("sb1", "d0")(e) && strings.HasSuffix(e.Why, "removed") && e.LinkGone == d0
+		})
 		rec.none(t, 0, "event from another netns", func(e Event) bool { return strings.Contains(e.Why, "eth0p") })
+		rec.none(t, 0, "a deletion reported for a link that stays", func(e Event) bool { return e.LinkGone != 0 && e.LinkGone != d0 })
+		if ifindexIn(t, ns.Name, "eth0") != eth0 {
+			t.Fatal("eth0 changed its ifindex")
+		}
 	})
 
 	t.Run("watching again is a no-op", func(t *testing.T) {

@@ -58,12 +58,17 @@ func (k Kind) String() string {
 
 // Event is one thing a source noticed.
 type Event struct {
-	Kind    Kind
-	Source  Source
-	Why     string  // human-readable reason, for logs
-	Path    string  // KindNetns, KindNetnsGone
-	ID      string  // KindSandbox, KindGone
-	Sandbox Sandbox // KindUpsert
+	Kind   Kind
+	Source Source
+	Why    string // human-readable reason, for logs
+	Path   string // KindNetns, KindNetnsGone
+	ID     string // KindSandbox, KindGone
+	// LinkGone, on a KindSandbox from netlink, is the ifindex of the link
+	// whose deletion (RTM_DELLINK) the event reports; 0 otherwise. A pass
+	// that observed the netns before this event and still lists the link
+	// knows its observation is stale.
+	LinkGone int
+	Sandbox  Sandbox // KindUpsert
 	// Listed, on a KindResyncAll from a source that lists everything it
 	// knows (containerd, after each (re)connect), holds the IDs that
 	// listing found alive. A sandbox registered by that source and missing

@@ -233,6 +233,9 @@ func (d *daemon) handle(e watcher.Event) {
 			d.markGone(id)
 		}
 	case watcher.KindSandbox:
+		if e.LinkGone > 0 {
+			d.rec.NoteLinkGone(e.ID, e.LinkGone)
+		}
 		d.trigger(e.ID, src)
 	case watcher.KindUpsert:
 		s := e.Sandbox

@@ -218,7 +218,7 @@ func testMacvtapModel(t *testing.T, queues int) {
 		t.Errorf("second EnsureMacvtap changed links:\n%s\n%s", links, again)
 	}
 	// tsm4 is ours: not a container link, listed by Observe.
-	st, err := s.n.Observe()
+	st, err := s.n.Observe(datapath.All)
 	if err != nil {
 		t.Fatal(err)
 	}

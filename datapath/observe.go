@@ -33,13 +33,24 @@ type State struct {
 	Neighbors []Neighbor
 }
 
-// Observe reads the whole host-side state of the netns. Each part is a
-// separate dump (one per kind of object, but for ingress filters, which
-// the kernel dumps one link at a time: one per link with an ingress
-// hook), so a link
+// Parts selects what Observe reads besides the links, taps, redirects and
+// rate limits it always reads: a dump costs as much as the kernel's work
+// for a whole removal, so a caller that cannot use a part leaves it out.
+type Parts struct {
+	Routes    bool // State.Routes
+	Neighbors bool // State.Neighbors
+}
+
+// All is every part.
+var All = Parts{Routes: true, Neighbors: true}
+
+// Observe reads the host-side state of the netns: every part but those
+// p leaves out (left empty in the State). Each part is a separate dump
+// (one per kind of object, but for ingress filters, which the kernel
+// dumps one link at a time: one per link with an ingress hook), so a link
 // that changes in between shows up on the next observation; callers are
 // level-triggered and look again.
-func (n *Netns) Observe() (State, error) {
+func (n *Netns) Observe(p Parts) (State, error) {
 	var (
 		s   State
 		err error
@@ -71,14 +82,18 @@ func (n *Netns) Observe() (State, error) {
 	if s.Redirects, err = n.Redirects(); err != nil {
 		return State{}, err
 	}
-	if s.Routes, err = n.Routes(); err != nil {
-		return State{}, err
+	if p.Routes {
+		if s.Routes, err = n.Routes(); err != nil {
+			return State{}, err
+		}
 	}
 	if s.RateLimits, err = n.RateLimits(); err != nil {
 		return State{}, err
 	}
-	if s.Neighbors, err = n.Neighbors(); err != nil {
-		return State{}, err
+	if p.Neighbors {
+		if s.Neighbors, err = n.Neighbors(); err != nil {
+			return State{}, err
+		}
 	}
 	return s, nil
 }

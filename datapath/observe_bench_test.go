@@ -44,7 +44,7 @@ func convergedSandbox(b *testing.B) *sandbox {
 // a converged sandbox with two links (issue 9).
 func BenchmarkObserve(b *testing.B) {
 	s := convergedSandbox(b)
-	st, err := s.n.Observe()
+	st, err := s.n.Observe(datapath.All)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -53,7 +53,7 @@ func BenchmarkObserve(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := s.n.Observe(); err != nil {
+		if _, err := s.n.Observe(datapath.All); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -69,7 +69,7 @@ func BenchmarkOpenObserve(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		if _, err := n.Observe(); err != nil {
+		if _, err := n.Observe(datapath.All); err != nil {
 			b.Fatal(err)
 		}
 		n.Close()
@@ -85,7 +85,7 @@ func BenchmarkVerifyObserve(b *testing.B) {
 		if err := s.n.Verify(); err != nil {
 			b.Fatal(err)
 		}
-		if _, err := s.n.Observe(); err != nil {
+		if _, err := s.n.Observe(datapath.All); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -41,7 +41,7 @@ func TestObserveAddrsRoutesNeighbors(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		var err error
-		if st, err = s.n.Observe(); err != nil {
+		if st, err = s.n.Observe(datapath.All); err != nil {
 			t.Fatal(err)
 		}
 		if slices.Contains(linkOf(t, st, "eth0").Addrs, linkLocal) {
@@ -94,6 +94,18 @@ func TestObserveAddrsRoutesNeighbors(t *testing.T) {
 		t.Errorf("neighbours:\n got %s\nwant %s\nkernel:\n%s", formatList(st.Neighbors), formatList(wantNeigh),
 			testnet.IP(t, "-n", ns, "neigh", "show", "nud", "all"))
 	}
+
+	// The parts left out are not read; the rest is the same.
+	if none, err := s.n.Observe(datapath.Parts{}); err != nil {
+		t.Fatal(err)
+	} else if len(none.Routes) != 0 || len(none.Neighbors) != 0 || !slices.Equal(linkOf(t, none, "eth0").Addrs, eth0.Addrs) {
+		t.Errorf("Observe without routes and neighbours = %+v", none)
+	}
+	if routes, err := s.n.Observe(datapath.Parts{Routes: true}); err != nil {
+		t.Fatal(err)
+	} else if !sameElements(routes.Routes, wantRoutes) || len(routes.Neighbors) != 0 {
+		t.Errorf("Observe with routes only: routes %s, neighbours %s", formatList(routes.Routes), formatList(routes.Neighbors))
+	}
 }
 
 func TestObserveEmptyNetns(t *testing.T) {
@@ -103,7 +115,7 @@ func TestObserveEmptyNetns(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { n.Close() })
-	st, err := n.Observe()
+	st, err := n.Observe(datapath.All)
 	if err != nil {
 		t.Fatal(err)
 	}

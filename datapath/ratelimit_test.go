@@ -183,7 +183,7 @@ func TestRateLimitThroughRedirects(t *testing.T) {
 	if bps, ok, err := g.n.RateLimit(tx); err != nil || !ok || bps != limit {
 		t.Errorf("RateLimit(eth0) = %d, %v, %v; want %d", bps, ok, err, uint64(limit))
 	}
-	st, err := g.n.Observe()
+	st, err := g.n.Observe(datapath.All)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -278,7 +278,7 @@ func TestIngressLimitThroughIfb(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	st, err := s.n.Observe()
+	st, err := s.n.Observe(datapath.All)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -327,7 +327,7 @@ func TestIngressLimitThroughIfb(t *testing.T) {
 	// A crash between making the ifb and redirecting to it leaves an ifb
 	// no link feeds: observed as such, and removable without a link.
 	testnet.IP(t, "-n", s.ns.Name, "link", "add", "tsi4", "type", "ifb")
-	if st, err = s.n.Observe(); err != nil || !slices.Equal(st.RateLimits, []datapath.RateLimitOn{{Ingress: true, Ifb: 4}}) {
+	if st, err = s.n.Observe(datapath.All); err != nil || !slices.Equal(st.RateLimits, []datapath.RateLimitOn{{Ingress: true, Ifb: 4}}) {
 		t.Errorf("observed %+v, %v; want tsi4 fed by nothing", st.RateLimits, err)
 	}
 	for range 2 {

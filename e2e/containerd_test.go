@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/e2e/testctr"
 	"github.com/tapsync/tapsync/e2e/testnet"
 	"github.com/tapsync/tapsync/e2e/testvm"
@@ -74,7 +75,7 @@ func TestDaemonFollowsContainerd(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	ns := openNetns(t, sb.Path)
-	st, err := ns.Observe()
+	st, err := ns.Observe(datapath.All)
 	if err != nil {
 		t.Fatal(err)
 	}

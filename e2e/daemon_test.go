@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/e2e/testnet"
 	"github.com/tapsync/tapsync/e2e/testproc"
 	"github.com/tapsync/tapsync/e2e/testvm"
@@ -446,7 +447,7 @@ func eventuallyChecked(t *testing.T, r *rig) {
 	ctx, cancel := context.WithTimeout(r.ctx, time.Minute)
 	defer cancel()
 	for ctx.Err() == nil {
-		st, err := r.n.Observe()
+		st, err := r.n.Observe(datapath.All)
 		if err == nil && len(st.Taps) == len(r.links) && len(st.Redirects) == 2*len(r.links) {
 			r.check()
 			return

@@ -94,7 +94,7 @@ func TestMacvtapModel(t *testing.T) {
 	}
 	ns := openNetns(t, r.pod.Path)
 	defer ns.Close()
-	hs, err := ns.Observe()
+	hs, err := ns.Observe(datapath.All)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -406,7 +406,7 @@ func TestGuestConfiguredByAgent(t *testing.T) {
 		n := openNetns(t, r.pod.Path)
 		defer n.Close()
 		eventually(t, "nothing of ours left in the pod and the VM", func() string {
-			st, err := n.Observe()
+			st, err := n.Observe(datapath.All)
 			if err != nil {
 				return err.Error()
 			}

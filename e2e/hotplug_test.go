@@ -156,7 +156,7 @@ func tapOf(t *testing.T, n *datapath.Netns, index int) datapath.Tap {
 // is left.
 func assertNothingOurs(t *testing.T, ctx context.Context, n *datapath.Netns, c *qmp.Client) {
 	t.Helper()
-	st, err := n.Observe()
+	st, err := n.Observe(datapath.All)
 	if err != nil {
 		t.Fatal(err)
 	}

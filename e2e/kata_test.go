@@ -347,7 +347,7 @@ func TestKataWiring(t *testing.T) {
 	if taps, _ := k.n.Taps(); len(taps) != 0 {
 		t.Errorf("our taps left after QEMU exited: %v", taps)
 	}
-	if st, _ := k.n.Observe(); slices.ContainsFunc(st.Redirects, func(r datapath.Redirect) bool { return r.Owned && r.FromName == "net1" }) {
+	if st, _ := k.n.Observe(datapath.All); slices.ContainsFunc(st.Redirects, func(r datapath.Redirect) bool { return r.Owned && r.FromName == "net1" }) {
 		t.Errorf("our redirects left on net1: %v", st.Redirects)
 	}
 }

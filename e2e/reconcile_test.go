@@ -125,7 +125,7 @@ func (r *rig) converge() {
 // is left over, and the guest answers on every wired link.
 func (r *rig) check() {
 	r.t.Helper()
-	st, err := r.n.Observe()
+	st, err := r.n.Observe(datapath.All)
 	if err != nil {
 		r.t.Fatal(err)
 	}
@@ -438,7 +438,7 @@ func TestReconcileMacvtapSurvivesCrashes(t *testing.T) {
 		for _, mac := range links {
 			r.waitSerial(off, testvm.NICGoneRE(mac))
 		}
-		st, err := r.n.Observe()
+		st, err := r.n.Observe(datapath.All)
 		if err != nil {
 			t.Fatal(err)
 		}

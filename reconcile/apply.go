@@ -26,7 +26,6 @@ var ErrIndexBurned = errors.New("endpoint index unusable in this VM")
 
 // Host is the host side of one sandbox (implemented by *datapath.Netns).
 type Host interface {
-	Observe() (datapath.State, error)
 	EnsureTap(ctx context.Context, spec datapath.TapSpec) (datapath.Tap, error)
 	EnsureRedirects(container, tap int) error
 	OpenQueues(ctx context.Context, spec datapath.TapSpec, vhost datapath.Vhost) (*datapath.Queues, error)

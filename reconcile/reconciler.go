@@ -491,8 +491,19 @@ func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
 	return s, nil
 }
 
+// parts is what a pass reads of the netns besides its links, taps,
+// redirects and limits: routes and neighbours only when its plan can use
+// them. A guest mirrors both; the macvtap model moves a link's routes
+// (for a new endpoint, or back from a recorded one).
+func (s *session) parts() datapath.Parts {
+	guest := s.sb.guestOn()
+	macvtap := s.sb.Model == ModelMacvtap ||
+		slices.ContainsFunc(s.rec.Endpoints, func(e state.Endpoint) bool { return e.Kind == state.KindMacvtap })
+	return datapath.Parts{Routes: guest || macvtap, Neighbors: guest}
+}
+
 func (s *session) observe(ctx context.Context) error {
-	hs, err := s.host.Observe()
+	hs, err := s.host.Observe(s.parts())
 	if err != nil {
 		return err
 	}
@@ -801,7 +812,7 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	hs, err := host.Observe()
+	hs, err := host.Observe(datapath.All)
 	if err != nil {
 		return fmt.Errorf("sandbox %s: observe: %w", id, err)
 	}

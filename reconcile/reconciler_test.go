@@ -7,6 +7,8 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/tapsync/tapsync/agent"
+	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -44,5 +46,28 @@ func TestCollectGarbage(t *testing.T) {
 	slices.Sort(ids)
 	if !slices.Equal(ids, []string{"alive", "registered"}) {
 		t.Errorf("records left %v, want alive and registered (a registered sandbox waits for its netns)", ids)
+	}
+}
+
+// A pass reads routes and neighbours only when its plan can use them: a
+// dump costs as much as the kernel's own work for a link's removal.
+func TestObservedParts(t *testing.T) {
+	guest := agent.URL{Scheme: "unix", Path: "/run/agent.sock"}
+	macvtapRec := state.Record{Endpoints: []state.Endpoint{{Index: 0, Kind: state.KindMacvtap}}}
+	for _, tc := range []struct {
+		name string
+		sb   Sandbox
+		rec  state.Record
+		want datapath.Parts
+	}{
+		{"host side only, tcfilter", Sandbox{}, state.Record{Endpoints: []state.Endpoint{{Index: 0}}}, datapath.Parts{}},
+		{"guest side", Sandbox{Agent: guest}, state.Record{}, datapath.All},
+		{"macvtap model", Sandbox{Model: ModelMacvtap}, state.Record{}, datapath.Parts{Routes: true}},
+		{"a macvtap endpoint recorded, model now tcfilter", Sandbox{}, macvtapRec, datapath.Parts{Routes: true}},
+	} {
+		s := &session{sb: tc.sb, rec: tc.rec}
+		if got := s.parts(); got != tc.want {
+			t.Errorf("%s: parts %+v, want %+v", tc.name, got, tc.want)
+		}
 	}
 }

@@ -175,13 +175,21 @@ func (n *Netns) linkByIndex(ifindex int) (netlink.Link, error) {
 // macvtaps (tsm<N>) and ifbs (tsi<N>), and Kata's taps and macvtaps (tap<N>_kata), each with
 // its addresses. Which of them can be wired is the caller's decision.
 func (n *Netns) ContainerLinks() ([]Link, error) {
+	return n.containerLinks(true)
+}
+
+// containerLinks is ContainerLinks, with the links' addresses only when
+// withAddrs (a dump of its own).
+func (n *Netns) containerLinks(withAddrs bool) ([]Link, error) {
 	links, err := n.linkList()
 	if err != nil {
 		return nil, err
 	}
-	addrs, err := n.addrsByLink()
-	if err != nil {
-		return nil, err
+	var addrs map[int][]netip.Prefix
+	if withAddrs {
+		if addrs, err = n.addrsByLink(); err != nil {
+			return nil, err
+		}
 	}
 	var out []Link
 	for _, l := range links {

@@ -37,12 +37,13 @@ type State struct {
 // rate limits it always reads: a dump costs as much as the kernel's work
 // for a whole removal, so a caller that cannot use a part leaves it out.
 type Parts struct {
+	Addrs     bool // the Addrs of State.Links
 	Routes    bool // State.Routes
 	Neighbors bool // State.Neighbors
 }
 
 // All is every part.
-var All = Parts{Routes: true, Neighbors: true}
+var All = Parts{Addrs: true, Routes: true, Neighbors: true}
 
 // Observe reads the host-side state of the netns: every part but those
 // p leaves out (left empty in the State). Each part is a separate dump
@@ -67,7 +68,7 @@ func (n *Netns) Observe(p Parts) (State, error) {
 		return State{}, fmt.Errorf("list qdiscs in netns %s: %w", n.path, err)
 	}
 	n.qdiscs, n.filters = qs, map[int][]netlink.Filter{}
-	if s.Links, err = n.ContainerLinks(); err != nil {
+	if s.Links, err = n.containerLinks(p.Addrs); err != nil {
 		return State{}, err
 	}
 	if s.Taps, err = n.Taps(); err != nil {

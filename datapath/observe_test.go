@@ -98,13 +98,14 @@ func TestObserveAddrsRoutesNeighbors(t *testing.T) {
 	// The parts left out are not read; the rest is the same.
 	if none, err := s.n.Observe(datapath.Parts{}); err != nil {
 		t.Fatal(err)
-	} else if len(none.Routes) != 0 || len(none.Neighbors) != 0 || !slices.Equal(linkOf(t, none, "eth0").Addrs, eth0.Addrs) {
-		t.Errorf("Observe without routes and neighbours = %+v", none)
+	} else if len(none.Routes) != 0 || len(none.Neighbors) != 0 || len(linkOf(t, none, "eth0").Addrs) != 0 ||
+		linkOf(t, none, "eth0").Ifindex != eth0.Ifindex {
+		t.Errorf("Observe without addresses, routes and neighbours = %+v", none)
 	}
-	if routes, err := s.n.Observe(datapath.Parts{Routes: true}); err != nil {
+	if part, err := s.n.Observe(datapath.Parts{Addrs: true, Routes: true}); err != nil {
 		t.Fatal(err)
-	} else if !sameElements(routes.Routes, wantRoutes) || len(routes.Neighbors) != 0 {
-		t.Errorf("Observe with routes only: routes %s, neighbours %s", formatList(routes.Routes), formatList(routes.Neighbors))
+	} else if !sameElements(part.Routes, wantRoutes) || len(part.Neighbors) != 0 || !sameElements(linkOf(t, part, "eth0").Addrs, wantAddrs) {
+		t.Errorf("Observe with addresses and routes: %+v", part)
 	}
 }
 

@@ -492,14 +492,15 @@ func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
 }
 
 // parts is what a pass reads of the netns besides its links, taps,
-// redirects and limits: routes and neighbours only when its plan can use
-// them. A guest mirrors both; the macvtap model moves a link's routes
-// (for a new endpoint, or back from a recorded one).
+// redirects and limits: addresses, routes and neighbours only when its
+// plan can use them. A guest mirrors all three; the macvtap model moves a
+// link's addresses and routes (for a new endpoint, or back from a
+// recorded one).
 func (s *session) parts() datapath.Parts {
 	guest := s.sb.guestOn()
 	macvtap := s.sb.Model == ModelMacvtap ||
 		slices.ContainsFunc(s.rec.Endpoints, func(e state.Endpoint) bool { return e.Kind == state.KindMacvtap })
-	return datapath.Parts{Routes: guest || macvtap, Neighbors: guest}
+	return datapath.Parts{Addrs: guest || macvtap, Routes: guest || macvtap, Neighbors: guest}
 }
 
 func (s *session) observe(ctx context.Context) error {

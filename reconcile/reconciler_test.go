@@ -49,7 +49,7 @@ func TestCollectGarbage(t *testing.T) {
 	}
 }
 
-// A pass reads routes and neighbours only when its plan can use them: a
+// A pass reads addresses, routes and neighbours only when its plan can use them: a
 // dump costs as much as the kernel's own work for a link's removal.
 func TestObservedParts(t *testing.T) {
 	guest := agent.URL{Scheme: "unix", Path: "/run/agent.sock"}
@@ -62,8 +62,8 @@ func TestObservedParts(t *testing.T) {
 	}{
 		{"host side only, tcfilter", Sandbox{}, state.Record{Endpoints: []state.Endpoint{{Index: 0}}}, datapath.Parts{}},
 		{"guest side", Sandbox{Agent: guest}, state.Record{}, datapath.All},
-		{"macvtap model", Sandbox{Model: ModelMacvtap}, state.Record{}, datapath.Parts{Routes: true}},
-		{"a macvtap endpoint recorded, model now tcfilter", Sandbox{}, macvtapRec, datapath.Parts{Routes: true}},
+		{"macvtap model", Sandbox{Model: ModelMacvtap}, state.Record{}, datapath.Parts{Addrs: true, Routes: true}},
+		{"a macvtap endpoint recorded, model now tcfilter", Sandbox{}, macvtapRec, datapath.Parts{Addrs: true, Routes: true}},
 	} {
 		s := &session{sb: tc.sb, rec: tc.rec}
 		if got := s.parts(); got != tc.want {

@@ -647,15 +647,33 @@ type VMState struct {
 //
 // Equivalent to: HMP info qtree, HMP info network.
 func (c *Client) ReadVM(ctx context.Context) (VMState, error) {
+	vm, err := c.ReadDevices(ctx)
+	if err != nil {
+		return VMState{}, err
+	}
+	if vm.Netdevs, err = c.ListNetdevs(ctx); err != nil {
+		return VMState{}, err
+	}
+	return vm, nil
+}
+
+// ReadDevices is ReadVM in one round trip, without the netdev listing:
+// Netdevs holds only the netdevs of the NICs read (a netdev without a
+// device does not show).
+//
+// Equivalent to: HMP info qtree.
+func (c *Client) ReadDevices(ctx context.Context) (VMState, error) {
 	t, err := c.readTree(ctx)
 	if err != nil {
 		return VMState{}, fmt.Errorf("read VM at %s: %w", c.path, err)
 	}
-	netdevs, err := c.ListNetdevs(ctx)
-	if err != nil {
-		return VMState{}, err
-	}
 	sortNICs(t.nics)
+	var netdevs []string
+	for _, n := range t.nics {
+		if n.Netdev != "" && !slices.Contains(netdevs, n.Netdev) {
+			netdevs = append(netdevs, n.Netdev)
+		}
+	}
 	return VMState{NICs: t.nics, Netdevs: netdevs, Topology: newTopology(t.buses, t.types)}, nil
 }
 

@@ -649,3 +649,37 @@ func TestQEMUKataBridge(t *testing.T) {
 		t.Errorf("AddNIC without reservation = %+v, %v; want 02/1c", info, err)
 	}
 }
+
+// ReadDevices reads in one round trip what ReadVM reads in two, but for
+// a netdev without a device: its Netdevs are those of the NICs.
+func TestQEMUReadDevices(t *testing.T) {
+	t.Parallel()
+	vm := startVM(t, "q35", 1,
+		"-netdev", "hubport,id=hp0,hubid=0",
+		"-device", "virtio-net-pci,id=kata1,netdev=hp0,mac=02:00:00:00:00:a1,romfile=,bus=rp1",
+		"-netdev", "hubport,id=alone,hubid=0",
+	)
+	c := dialT(t, vm.qmp, Options{})
+	ctx := context.Background()
+	before := c.Commands()
+	dev, err := c.ReadDevices(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := c.Commands() - before; n != 1 {
+		t.Errorf("ReadDevices sent %d commands, want 1", n)
+	}
+	full, err := c.ReadVM(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(dev.Netdevs, []string{"hp0"}) {
+		t.Errorf("ReadDevices netdevs = %q, want the NIC's only", dev.Netdevs)
+	}
+	if got := slices.Sorted(slices.Values(full.Netdevs)); !slices.Equal(got, []string{"alone", "hp0"}) {
+		t.Errorf("ReadVM netdevs = %q, want both", full.Netdevs)
+	}
+	if len(dev.NICs) != 1 || !sameInfo(dev.NICs[0], full.NICs[0]) || len(full.NICs) != 1 {
+		t.Errorf("NICs: ReadDevices %+v, ReadVM %+v", dev.NICs, full.NICs)
+	}
+}

@@ -20,7 +20,8 @@ import (
 // round trip (each one waits for QEMU's main loop, slow under TCG).
 //
 // The model starts unknown with each connection: the first pass observes
-// QEMU fully and installs what it saw. From then on our own commands (a
+// QEMU fully and installs what it saw (listing the netdevs only when the
+// record does not account for the NICs; see observe). From then on our own commands (a
 // plug's result, an unplug's) and QEMU's events (DEVICE_DELETED) keep it
 // current. It falls back to unknown — the next pass observes fully —
 // whenever it could be stale: a pass that ended in an error, a command
@@ -34,6 +35,7 @@ type vmModel struct {
 	conn   *qmp.Client // the connection the model belongs to
 	known  bool        // nics, netdevs and topo are current
 	verify bool        // the next pass observes fully and compares
+	read   bool        // the connection's first reading is done (see observe)
 	// version counts changes from events and our commands: a full
 	// observation during which it moved may have missed one, and is not
 	// installed.
@@ -150,15 +152,26 @@ func (m *vmModel) fresh() (nics []qmp.NICInfo, netdevs []int, ok bool) {
 // changed meanwhile. With a verify due and a model known, what differed
 // is logged.
 //
+// The connection's first reading leaves the netdev listing out when
+// accounted says the caller's record accounts for the NICs read (see
+// accounted): our netdevs are then those of our NICs. Every later
+// reading — after an error, for a verify — lists them.
+//
 // Equivalent to: ReadVM (HMP info qtree, info network): NICs, netdevs and
 // hot-plug slots in two round trips.
-func (m *vmModel) observe(ctx context.Context) ([]qmp.NICInfo, []int, error) {
+func (m *vmModel) observe(ctx context.Context, accounted func([]qmp.NICInfo) bool) ([]qmp.NICInfo, []int, error) {
 	m.mu.Lock()
-	v, c := m.version, m.conn
+	v, c, first := m.version, m.conn, !m.read
+	m.read = true
 	m.mu.Unlock()
-	vm, err := c.ReadVM(ctx)
+	vm, err := c.ReadDevices(ctx)
 	if err != nil {
 		return nil, nil, err
+	}
+	if !first || accounted == nil || !accounted(vm.NICs) {
+		if vm.Netdevs, err = c.ListNetdevs(ctx); err != nil {
+			return nil, nil, err
+		}
 	}
 	netdevs := netdevIndexes(vm.Netdevs)
 	m.mu.Lock()

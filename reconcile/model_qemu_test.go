@@ -161,6 +161,69 @@ func TestModelNoOpPassNoQMP(t *testing.T) {
 	}
 }
 
+// restart stands for a daemon restart: the rig's reconciler closes, a new
+// one on the same record store takes over the sandbox.
+func (g *modelRig) restart(t *testing.T) {
+	t.Helper()
+	g.r.Close()
+	g.r = New(g.store)
+	t.Cleanup(g.r.Close)
+	if _, err := g.r.Register(g.sb, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The first reading of a VM after a restart lists its netdevs only when
+// the record does not account for its NICs: one round trip instead of two
+// for a converged sandbox; a NIC gone under a recorded endpoint (its
+// netdev left behind, as after a crash between netdev_add and device_add)
+// makes the reading list them, and the pass repairs the endpoint.
+func TestFirstReadingNetdevs(t *testing.T) {
+	t.Run("record accounts for every NIC", func(t *testing.T) {
+		g := newModelRig(t, 2)
+		g.restart(t)
+		if n, err := g.pass(t); err != nil || n != 1 {
+			t.Errorf("first pass after a restart: %d QMP commands, err %v; want 1 (info qtree)", n, err)
+		}
+		testnet.Veth(t, g.ns, "net2", macN(3), g.peer, "peer2")
+		if n, err := g.pass(t); err != nil || n != 3 {
+			t.Errorf("a pass adding one NIC: %d QMP commands, err %v; want 3 (getfd, netdev_add, device_add)", n, err)
+		}
+	})
+	t.Run("a recorded endpoint without its NIC", func(t *testing.T) {
+		g := newModelRig(t, 2)
+		g.r.Close() // the daemon is gone (a crash) when the NIC goes
+		g.vm.do(t, "device_del", map[string]any{"id": qmp.DeviceID(1)})
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			raw, err := g.vm.outside.Run([]byte(`{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}`))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(string(raw), qmp.DeviceID(1)) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s still in QEMU: %s", qmp.DeviceID(1), raw)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		g.restart(t)
+		n, err := g.pass(t)
+		if err != nil {
+			t.Fatalf("first pass after a restart, NIC 1 gone and its netdev left: %v (%d commands)\n%s", err, n, g.log)
+		}
+		// info qtree, info network, then lookBeforeAdd's reading, netdev_del,
+		// getfd, netdev_add, device_add.
+		if n < 6 {
+			t.Errorf("first pass: %d QMP commands; want the netdevs listed and NIC 1 plugged again", n)
+		}
+		if nics := g.modelNICs(); len(nics) != 2 {
+			t.Errorf("model NICs after the pass = %q; want both", nics)
+		}
+	})
+}
+
 // An outside device_del: QEMU's DEVICE_DELETED takes the NIC out of the
 // model, and the next ordinary pass plugs it again. An outside device_add
 // is not seen by an ordinary pass, but by the next verify pass, which

@@ -4,6 +4,7 @@ import (
 	"testing"
 
 	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/state"
 )
 
 func knownModel() *vmModel {
@@ -55,5 +56,31 @@ func TestModelEvents(t *testing.T) {
 	}
 	if _, _, ok := m.fresh(); ok {
 		t.Error("a model with a verify due was used")
+	}
+}
+
+// The record accounts for a VM's NICs when each of ours has its endpoint
+// recorded, each recorded endpoint its NIC, and none is mid-change.
+func TestAccounted(t *testing.T) {
+	nic := func(i int) qmp.NICInfo { return qmp.NICInfo{ID: qmp.DeviceID(i), Index: i, Owned: true} }
+	other := qmp.NICInfo{ID: "kata-nic", Index: -1}
+	rec := func(es ...state.Endpoint) state.Record { return state.Record{Endpoints: es} }
+	for _, tc := range []struct {
+		name string
+		rec  state.Record
+		nics []qmp.NICInfo
+		want bool
+	}{
+		{"nothing of ours", rec(), []qmp.NICInfo{other}, true},
+		{"one to one", rec(state.Endpoint{Index: 0}, state.Endpoint{Index: 1}), []qmp.NICInfo{nic(0), other, nic(1)}, true},
+		{"an endpoint without its NIC", rec(state.Endpoint{Index: 0}, state.Endpoint{Index: 1}), []qmp.NICInfo{nic(0)}, false},
+		{"a NIC not recorded", rec(state.Endpoint{Index: 0}), []qmp.NICInfo{nic(0), nic(1)}, false},
+		{"removing", rec(state.Endpoint{Index: 0, Removing: true}), []qmp.NICInfo{nic(0)}, false},
+		{"unplug requested", rec(state.Endpoint{Index: 0, UnplugRequested: true}), []qmp.NICInfo{nic(0)}, false},
+		{"burned", rec(state.Endpoint{Index: 0, Burned: true}), []qmp.NICInfo{nic(0)}, false},
+	} {
+		if got := accounted(tc.rec, tc.nics); got != tc.want {
+			t.Errorf("%s: accounted = %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }

@@ -470,7 +470,8 @@ func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
 		host.Close()
 		return nil, err
 	}
-	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement, model: m}
+	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement, model: m,
+		accounted: func(nics []qmp.NICInfo) bool { return accounted(s.rec, nics) }}
 	if s.queues = sb.Queues; s.queues == 0 {
 		n, err := m.vcpuCount(ctx)
 		if err != nil {

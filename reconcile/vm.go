@@ -11,6 +11,7 @@ import (
 
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/state"
 )
 
 // qmpVM adapts a QMP connection to VM.
@@ -22,6 +23,9 @@ type qmpVM struct {
 	// when fresh, and plugs and unplugs keep it current (nil: ask QEMU
 	// every time).
 	model *vmModel
+	// accounted, when set, says whether the sandbox's record accounts for
+	// the NICs a first reading of the VM found (see accounted).
+	accounted func([]qmp.NICInfo) bool
 }
 
 func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
@@ -29,7 +33,7 @@ func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
 		infos, netdevs, ok := v.model.fresh()
 		var err error
 		if !ok {
-			infos, netdevs, err = v.model.observe(ctx)
+			infos, netdevs, err = v.model.observe(ctx, v.accounted)
 		}
 		if err != nil {
 			return nil, nil, err
@@ -41,6 +45,28 @@ func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
 		return nil, nil, err
 	}
 	return nicsOf(vm.NICs), netdevIndexes(vm.Netdevs), nil
+}
+
+// accounted says whether record rec accounts for our NICs among nics:
+// one recorded endpoint for each, each recorded endpoint with its NIC,
+// none of them being removed, unplugged or moved off a burned index.
+// Then no netdev of ours can be without its device: each is made and
+// deleted under a record of its endpoint, so a plug or a removal cut short
+// (a crash, a failed rollback) leaves an endpoint without its NIC or
+// marked removing. A netdev of ours that the record knows nothing of
+// would make our next netdev_add with its id fail, and that error a full
+// reading.
+func accounted(rec state.Record, nics []qmp.NICInfo) bool {
+	owned := 0
+	for _, n := range nics {
+		if n.Owned {
+			owned++
+			if e, ok := rec.Endpoint(n.Index); !ok || e.Removing || e.UnplugRequested || e.Burned {
+				return false
+			}
+		}
+	}
+	return owned == len(rec.Endpoints)
 }
 
 // netdevIndexes returns the endpoint indexes of our netdevs among ids.

@@ -137,8 +137,9 @@ type applier struct {
 	waited    bool           // an unplug batch of this pass has had its wait
 }
 
-// Apply executes p in order. The record is saved at every record step,
-// so intent is on disk before the mutations that follow it. An endpoint
+// Apply executes p in order. The record is saved at every record step
+// (a removal's with its unplug request; see unplugBatch), so intent is on
+// disk before the mutations that follow it. An endpoint
 // whose step fails, or whose unplug stays pending, skips its remaining
 // steps; other endpoints carry on. Failing to save the record stops
 // everything: nothing is changed without its intent on disk.

@@ -21,9 +21,9 @@ import (
 //
 // The model starts unknown with each connection: the first pass observes
 // QEMU fully and installs what it saw (listing the netdevs only when the
-// record does not account for the NICs; see observe). From then on our own commands (a
-// plug's result, an unplug's) and QEMU's events (DEVICE_DELETED) keep it
-// current. It falls back to unknown — the next pass observes fully —
+// record does not account for the NICs; see observe). From then on our
+// own commands (a plug's result, an unplug's) and QEMU's events
+// (DEVICE_DELETED) keep it current. It falls back to unknown — the next pass observes fully —
 // whenever it could be stale: a pass that ended in an error, a command
 // that failed, an event it does not understand. Kata hot-plugs through its
 // own monitor, unseen: in a netns with Kata links, a change in them or a
@@ -158,7 +158,8 @@ func (m *vmModel) fresh() (nics []qmp.NICInfo, netdevs []int, ok bool) {
 // reading — after an error, for a verify — lists them.
 //
 // Equivalent to: ReadVM (HMP info qtree, info network): NICs, netdevs and
-// hot-plug slots in two round trips.
+// hot-plug slots in two round trips; one (ReadDevices) for a first
+// reading the record accounts for.
 func (m *vmModel) observe(ctx context.Context, accounted func([]qmp.NICInfo) bool) ([]qmp.NICInfo, []int, error) {
 	m.mu.Lock()
 	v, c, first := m.version, m.conn, !m.read

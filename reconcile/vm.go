@@ -53,9 +53,11 @@ func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
 // Then no netdev of ours can be without its device: each is made and
 // deleted under a record of its endpoint, so a plug or a removal cut short
 // (a crash, a failed rollback) leaves an endpoint without its NIC or
-// marked removing. A netdev of ours that the record knows nothing of
-// would make our next netdev_add with its id fail, and that error a full
-// reading.
+// marked removing. Only a netdev the record knows nothing of escapes: a
+// record lost or set aside while no NIC of ours is left. The next full
+// reading finds it (the periodic verify; any reading after a failed QMP
+// command); until then a plug on its index fails (its tap's only queue
+// busy; or netdev_add's duplicate id, whose rollback deletes it).
 func accounted(rec state.Record, nics []qmp.NICInfo) bool {
 	owned := 0
 	for _, n := range nics {

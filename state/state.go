@@ -336,9 +336,10 @@ func (s *Store) Save(r Record) error {
 	}
 	p := s.path(r.Sandbox)
 	s.drop(r.Sandbox)
-	// The temporary file straight into the state dir: renameio would
-	// otherwise try $TMPDIR first (a create, a failing rename and an
-	// unlink more per write, and a pass writes before each step).
+	// The temporary file goes straight into the state dir: without one
+	// named, renameio probes $TMPDIR on every write (a file made there
+	// and one here, a rename between them, unlinks), and a pass writes
+	// before each step.
 	if err := renameio.WriteFile(p, append(b, '\n'), 0o600, renameio.WithTempDir(s.dir)); err != nil {
 		return fmt.Errorf("write record %s: %w", p, err)
 	}

@@ -190,49 +190,65 @@ func TestFirstReadingNetdevs(t *testing.T) {
 			t.Errorf("a pass adding one NIC: %d QMP commands, err %v; want 3 (getfd, netdev_add, device_add)", n, err)
 		}
 	})
-	t.Run("a recorded endpoint without its NIC", func(t *testing.T) {
-		g := newModelRig(t, 2)
-		g.r.Close() // the daemon is gone (a crash) when the NIC goes
-		g.vm.do(t, "device_del", map[string]any{"id": qmp.DeviceID(1)})
-		deadline := time.Now().Add(10 * time.Second)
-		for {
-			raw, err := g.vm.outside.Run([]byte(`{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}`))
+	// The daemon is gone (a crash) when the VM's last NIC goes, its netdev
+	// left; with the record kept (an endpoint without its NIC), then with
+	// the record lost too (the tap without its NIC is all that shows).
+	for _, lost := range []bool{false, true} {
+		name := "a recorded endpoint without its NIC"
+		if lost {
+			name = "a tap of ours without its NIC, the record lost"
+		}
+		t.Run(name, func(t *testing.T) {
+			g := newModelRig(t, 2)
+			g.r.Close()
+			g.vm.do(t, "device_del", map[string]any{"id": qmp.DeviceID(0)})
+			g.vm.do(t, "device_del", map[string]any{"id": qmp.DeviceID(1)})
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				raw, err := g.vm.outside.Run([]byte(`{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}`))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !strings.Contains(string(raw), "tapsync-net") {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("NICs of ours still in QEMU: %s", raw)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			if lost {
+				if err := g.store.Delete(g.sb.ID); err != nil {
+					t.Fatal(err)
+				}
+			}
+			g.restart(t)
+			n, err := g.pass(t)
+			if err != nil {
+				t.Fatalf("first pass after a restart, the NICs gone and their netdevs left: %v (%d commands)\n%s", err, n, g.log)
+			}
+			// info qtree, info network, then lookBeforeAdd's reading,
+			// netdev_del, getfd, netdev_add, device_add.
+			if n < 6 {
+				t.Errorf("first pass: %d QMP commands; want the netdevs listed and both NICs plugged again", n)
+			}
+			// Asked of QEMU, not of the model: the outside device_del's
+			// DEVICE_DELETED may reach the new connection after qom-list
+			// stops showing the NIC, and then rightly leaves the model
+			// unknown.
+			vm, err := g.vm.outside.ReadVM(g.ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !strings.Contains(string(raw), qmp.DeviceID(1)) {
-				break
+			var ids []string
+			for _, n := range vm.NICs {
+				ids = append(ids, n.ID)
 			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s still in QEMU: %s", qmp.DeviceID(1), raw)
+			if slices.Sort(ids); !slices.Equal(ids, []string{qmp.DeviceID(0), qmp.DeviceID(1)}) {
+				t.Errorf("NICs in QEMU after the pass = %q; want both\n%s", ids, g.log)
 			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		g.restart(t)
-		n, err := g.pass(t)
-		if err != nil {
-			t.Fatalf("first pass after a restart, NIC 1 gone and its netdev left: %v (%d commands)\n%s", err, n, g.log)
-		}
-		// info qtree, info network, then lookBeforeAdd's reading, netdev_del,
-		// getfd, netdev_add, device_add.
-		if n < 6 {
-			t.Errorf("first pass: %d QMP commands; want the netdevs listed and NIC 1 plugged again", n)
-		}
-		// Asked of QEMU, not of the model: the outside device_del's
-		// DEVICE_DELETED may reach the new connection after qom-list stops
-		// showing the NIC, and then rightly leaves the model unknown.
-		vm, err := g.vm.outside.ReadVM(g.ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var ids []string
-		for _, n := range vm.NICs {
-			ids = append(ids, n.ID)
-		}
-		if slices.Sort(ids); !slices.Equal(ids, []string{qmp.DeviceID(0), qmp.DeviceID(1)}) {
-			t.Errorf("NICs in QEMU after the pass = %q; want both\n%s", ids, g.log)
-		}
-	})
+		})
+	}
 }
 
 // An outside device_del: QEMU's DEVICE_DELETED takes the NIC out of the

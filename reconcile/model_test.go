@@ -60,7 +60,8 @@ func TestModelEvents(t *testing.T) {
 }
 
 // The record accounts for a VM's NICs when each of ours has its endpoint
-// recorded, each recorded endpoint its NIC, and none is mid-change.
+// recorded, each recorded endpoint its NIC, none is mid-change, and each
+// of our taps has its NIC.
 func TestAccounted(t *testing.T) {
 	nic := func(i int) qmp.NICInfo { return qmp.NICInfo{ID: qmp.DeviceID(i), Index: i, Owned: true} }
 	other := qmp.NICInfo{ID: "kata-nic", Index: -1}
@@ -69,17 +70,21 @@ func TestAccounted(t *testing.T) {
 		name string
 		rec  state.Record
 		nics []qmp.NICInfo
+		taps []int
 		want bool
 	}{
-		{"nothing of ours", rec(), []qmp.NICInfo{other}, true},
-		{"one to one", rec(state.Endpoint{Index: 0}, state.Endpoint{Index: 1}), []qmp.NICInfo{nic(0), other, nic(1)}, true},
-		{"an endpoint without its NIC", rec(state.Endpoint{Index: 0}, state.Endpoint{Index: 1}), []qmp.NICInfo{nic(0)}, false},
-		{"a NIC not recorded", rec(state.Endpoint{Index: 0}), []qmp.NICInfo{nic(0), nic(1)}, false},
-		{"removing", rec(state.Endpoint{Index: 0, Removing: true}), []qmp.NICInfo{nic(0)}, false},
-		{"unplug requested", rec(state.Endpoint{Index: 0, UnplugRequested: true}), []qmp.NICInfo{nic(0)}, false},
-		{"burned", rec(state.Endpoint{Index: 0, Burned: true}), []qmp.NICInfo{nic(0)}, false},
+		{"nothing of ours", rec(), []qmp.NICInfo{other}, nil, true},
+		{"one to one", rec(state.Endpoint{Index: 0}, state.Endpoint{Index: 1}), []qmp.NICInfo{nic(0), other, nic(1)}, []int{1, 0}, true},
+		{"an endpoint without its NIC", rec(state.Endpoint{Index: 0}, state.Endpoint{Index: 1}), []qmp.NICInfo{nic(0)}, []int{0, 1}, false},
+		{"a NIC not recorded", rec(state.Endpoint{Index: 0}), []qmp.NICInfo{nic(0), nic(1)}, []int{0, 1}, false},
+		{"removing", rec(state.Endpoint{Index: 0, Removing: true}), []qmp.NICInfo{nic(0)}, []int{0}, false},
+		{"unplug requested", rec(state.Endpoint{Index: 0, UnplugRequested: true}), []qmp.NICInfo{nic(0)}, []int{0}, false},
+		{"burned", rec(state.Endpoint{Index: 0, Burned: true}), []qmp.NICInfo{nic(0)}, []int{0}, false},
+		// The record lost with the VM's last NIC of ours: the tap it left
+		// (and its netdev may hold) has no NIC.
+		{"a tap of ours without its NIC, nothing recorded", rec(), []qmp.NICInfo{other}, []int{0}, false},
 	} {
-		if got := accounted(tc.rec, tc.nics); got != tc.want {
+		if got := accounted(tc.rec, tc.nics, tc.taps); got != tc.want {
 			t.Errorf("%s: accounted = %v, want %v", tc.name, got, tc.want)
 		}
 	}

@@ -452,6 +452,9 @@ type session struct {
 	rec    state.Record
 	obs    Observed
 	queues int // per endpoint, resolved
+	// taps are the indexes of our taps and macvtaps in the netns, from the
+	// host side of the observation under way (see accounted).
+	taps []int
 }
 
 func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
@@ -471,7 +474,7 @@ func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
 		return nil, err
 	}
 	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement, model: m,
-		accounted: func(nics []qmp.NICInfo) bool { return accounted(s.rec, nics) }}
+		accounted: func(nics []qmp.NICInfo) bool { return accounted(s.rec, nics, s.taps) }}
 	if s.queues = sb.Queues; s.queues == 0 {
 		n, err := m.vcpuCount(ctx)
 		if err != nil {
@@ -508,6 +511,15 @@ func (s *session) observe(ctx context.Context) error {
 	hs, err := s.host.Observe(s.parts())
 	if err != nil {
 		return err
+	}
+	s.taps = s.taps[:0]
+	for _, t := range hs.Taps {
+		s.taps = append(s.taps, t.Index)
+	}
+	for _, m := range hs.Macvtaps {
+		if m.Index >= 0 {
+			s.taps = append(s.taps, m.Index)
+		}
 	}
 	m := s.vm.model
 	if m != nil && m.kataChanged(hs.KataLinks) {

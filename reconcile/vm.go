@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -47,18 +48,17 @@ func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
 	return nicsOf(vm.NICs), netdevIndexes(vm.Netdevs), nil
 }
 
-// accounted says whether record rec accounts for our NICs among nics:
-// one recorded endpoint for each, each recorded endpoint with its NIC,
-// none of them being removed, unplugged or moved off a burned index.
-// Then no netdev of ours can be without its device: each is made and
-// deleted under a record of its endpoint, so a plug or a removal cut short
-// (a crash, a failed rollback) leaves an endpoint without its NIC or
-// marked removing. Only a netdev the record knows nothing of escapes: a
-// record lost or set aside while no NIC of ours is left. The next full
-// reading finds it (the periodic verify; any reading after a failed QMP
-// command); until then a plug on its index fails (its tap's only queue
-// busy; or netdev_add's duplicate id, whose rollback deletes it).
-func accounted(rec state.Record, nics []qmp.NICInfo) bool {
+// accounted says whether record rec and the netns's taps account for
+// our NICs among nics: one recorded endpoint for each NIC, each recorded
+// endpoint with its NIC, none of them being removed, unplugged or moved
+// off a burned index, and a NIC for each of our taps (taps: the indexes
+// of the tsn<N> and tsm<N> observed). Then no netdev of ours can be
+// without its device. Each is made and deleted under a record of its
+// endpoint, so a plug or a removal cut short (a crash, a failed rollback)
+// leaves an endpoint without its NIC or marked removing; and each holds
+// the queues of one of our taps, so one left behind by a record that was
+// lost or set aside shows as a tap without its NIC.
+func accounted(rec state.Record, nics []qmp.NICInfo, taps []int) bool {
 	owned := 0
 	for _, n := range nics {
 		if n.Owned {
@@ -66,6 +66,11 @@ func accounted(rec state.Record, nics []qmp.NICInfo) bool {
 			if e, ok := rec.Endpoint(n.Index); !ok || e.Removing || e.UnplugRequested || e.Burned {
 				return false
 			}
+		}
+	}
+	for _, t := range taps {
+		if !slices.ContainsFunc(nics, func(n qmp.NICInfo) bool { return n.Owned && n.Index == t }) {
+			return false
 		}
 	}
 	return owned == len(rec.Endpoints)

@@ -23,9 +23,11 @@ import (
 // QEMU fully and installs what it saw (listing the netdevs only when the
 // record does not account for the NICs; see observe). From then on our
 // own commands (a plug's result, an unplug's) and QEMU's events
-// (DEVICE_DELETED) keep it current. It falls back to unknown — the next pass observes fully —
-// whenever it could be stale: a pass that ended in an error, a command
-// that failed, an event it does not understand. Kata hot-plugs through its
+// (DEVICE_DELETED) keep it current. It falls back to unknown — the next
+// pass observes fully — whenever it could be stale: a QMP command that
+// failed or timed out (a pass that failed on the host side asked QEMU
+// nothing that could have left it stale), an event it does not
+// understand. Kata hot-plugs through its
 // own monitor, unseen: in a netns with Kata links, a change in them or a
 // pass with something to do observes fully too. A verify pass (Verify, the
 // periodic resync) observes fully even when the model is fresh, and logs

@@ -605,8 +605,9 @@ const maxLinksGone = 32
 // NoteLinkGone tells the reconciler that the link with ifindex was
 // deleted from sandbox id's netns (a netlink event). A pass whose
 // observation still lists that link looks again before it acts: its plan
-// was made from a netns that no longer is (a link mid-deletion still shows
-// in a dump while its qdiscs are already gone, and a plan to repair them
+// was made from a netns that no longer is (an observation is a dump per
+// kind of object: the link dump can list a link that a later dump of the
+// same observation finds without its qdiscs, and a plan to repair them
 // would fail on the link a moment later). It must not block.
 func (r *Reconciler) NoteLinkGone(id string, ifindex int) {
 	r.mu.Lock()

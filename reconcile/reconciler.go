@@ -827,7 +827,8 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	hs, err := host.Observe(datapath.All)
+	// Addresses and routes: what the macvtap model took goes back.
+	hs, err := host.Observe(datapath.Parts{Addrs: true, Routes: true})
 	if err != nil {
 		return fmt.Errorf("sandbox %s: observe: %w", id, err)
 	}

@@ -47,7 +47,7 @@ test-unit:
 # lists package:FuzzName; add yours with another `FUZZ_TARGETS +=` line.
 FUZZTIME ?= 20s
 FUZZ_TARGETS += ./qmp:FuzzReadMessages ./qmp:FuzzParseInfoNetwork ./qmp:FuzzChoosePlacement ./qmp:FuzzParseQtree
-FUZZ_TARGETS += ./watcher:FuzzInDir ./watcher:FuzzUnderDir ./watcher:FuzzQMPSocket ./watcher:FuzzStatusUIDs
+FUZZ_TARGETS += ./watcher:FuzzInDir ./watcher:FuzzUnderDir ./watcher:FuzzQMPSocket ./watcher:FuzzStatusUIDs ./watcher:FuzzNetlinkMessage
 FUZZ_TARGETS += ./state:FuzzLoad ./cmd/tapsync:FuzzConfig
 .PHONY: fuzz
 fuzz:

@@ -1,9 +1,14 @@
 package watcher
 
 import (
+	"encoding/binary"
 	"path/filepath"
+	"slices"
 	"strings"
+	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // The fuzz targets cover what a pod controls: a netns path in an OCI spec
@@ -126,5 +131,43 @@ func FuzzStatusUIDs(f *testing.F) {
 			}
 		}
 		t.Errorf("status %q without a Uid line accepted", status)
+	})
+}
+
+// FuzzNetlinkMessage reads a netlink message as the watcher does, from
+// any netns a pod owns (a pod names its links and addresses): no panic, a
+// description for every change, and a deletion reported only for an
+// RTM_DELLINK, with the ifindex at its place in the ifinfomsg.
+func FuzzNetlinkMessage(f *testing.F) {
+	link := make([]byte, unix.SizeofIfInfomsg)
+	binary.NativeEndian.PutUint32(link[4:], 7)
+	name := append(binary.NativeEndian.AppendUint16(binary.NativeEndian.AppendUint16(nil, 9), unix.IFLA_IFNAME), "eth0\x00"...)
+	for _, s := range []struct {
+		typ  uint16
+		data []byte
+	}{
+		{unix.RTM_DELLINK, append(slices.Clone(link), name...)},
+		{unix.RTM_NEWLINK, link},
+		{unix.RTM_DELLINK, append([]byte{unix.AF_BRIDGE}, link[1:]...)},
+		{unix.RTM_NEWADDR, make([]byte, 8)},
+		{unix.RTM_DELROUTE, make([]byte, 12)},
+		{unix.RTM_NEWTFILTER, make([]byte, 20)},
+	} {
+		f.Add(s.typ, s.data)
+	}
+	f.Fuzz(func(t *testing.T, typ uint16, data []byte) {
+		m := syscall.NetlinkMessage{Header: syscall.NlMsghdr{Type: typ}, Data: data}
+		why, ok := describeMessage(m)
+		if ok && why == "" {
+			t.Errorf("type %d: a change with no description", typ)
+		}
+		gone := deletedLink(m)
+		switch {
+		case gone < 0:
+			t.Errorf("type %d: deleted ifindex %d", typ, gone)
+		case gone > 0 && (typ != unix.RTM_DELLINK || data[0] != unix.AF_UNSPEC ||
+			int32(binary.NativeEndian.Uint32(data[4:8])) != int32(gone)):
+			t.Errorf("type %d, %x: deletion of ifindex %d reported", typ, data, gone)
+		}
 	})
 }

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
-	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
@@ -591,15 +590,26 @@ func deletedLink(m syscall.NetlinkMessage) int {
 	return int(max(i, 0))
 }
 
-// attrs parses the attributes after a fixed header of size hdr; nil when
-// the message is too short or malformed.
+// attrs parses the attributes after a fixed header of size hdr, up to the
+// first malformed one. Not nl.ParseRouteAttr (nor the standard library's
+// parser): both slice past the end of a last attribute whose length is
+// not padded to 4 bytes, a panic in the watcher's only reader (found by
+// FuzzNetlinkMessage).
 func attrs(data []byte, hdr int) []syscall.NetlinkRouteAttr {
 	if len(data) < hdr {
 		return nil
 	}
-	as, err := nl.ParseRouteAttr(data[hdr:])
-	if err != nil {
-		return nil
+	var as []syscall.NetlinkRouteAttr
+	for b := data[hdr:]; len(b) >= unix.SizeofRtAttr; {
+		n := int(binary.NativeEndian.Uint16(b))
+		if n < unix.SizeofRtAttr || n > len(b) {
+			break
+		}
+		as = append(as, syscall.NetlinkRouteAttr{
+			Attr:  syscall.RtAttr{Len: uint16(n), Type: binary.NativeEndian.Uint16(b[2:])},
+			Value: b[unix.SizeofRtAttr:n],
+		})
+		b = b[min((n+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(b)):]
 	}
 	return as
 }

@@ -33,7 +33,8 @@ import (
 const DefaultTimeout = 5 * time.Second
 
 // MaxMessage caps one QMP message from QEMU (a reply, an event, the
-// greeting), and so also one HMP reply, which comes as a string inside one.
+// greeting), and so also one HMP reply, which comes as a string inside one
+// (over DialHMP, the output of one command; its echo is capped apart).
 // Measured on QEMU 7.2: query-pci of a q35 with 29 root ports and a full
 // 31-slot bridge is 33 KB, HMP "info qtree" of it 139 KB, and the largest
 // reply QEMU has, query-qmp-schema, 207 KB. 1 MiB leaves room for bigger
@@ -44,14 +45,14 @@ const MaxMessage = 1 << 20
 var (
 	// ErrClosed is wrapped by every error of a Client whose connection is
 	// dead: QEMU exited or closed the socket, a command got no reply in
-	// time, the stream was not QMP, or Close was called. A dead Client stays
-	// dead; callers redial.
+	// time, the stream was not QMP (or HMP), or Close was called. A dead
+	// Client stays dead; callers redial.
 	ErrClosed = errors.New("qmp connection closed")
 
-	// ErrNoGreeting is wrapped by Dial when the socket accepted the
-	// connection but QEMU sent no greeting before the deadline. QEMU serves
-	// one client per QMP socket and greets the next one only after the
-	// current one disconnects.
+	// ErrNoGreeting is wrapped by Dial (DialHMP) when the socket accepted
+	// the connection but QEMU sent no greeting (banner) before the
+	// deadline. QEMU serves one client per QMP (HMP) socket and greets the
+	// next one only after the current one disconnects.
 	ErrNoGreeting = errors.New("no QMP greeting: another client probably holds the monitor (a QMP socket serves one client at a time)")
 
 	// ErrMessageTooLarge is wrapped (with ErrClosed) when QEMU sends a
@@ -67,14 +68,16 @@ type Options struct {
 	Timeout time.Duration
 
 	// OnEvent, if set, is called with every QMP event, in arrival order, on
-	// the goroutine that reads the socket. It must not block and must not
-	// call the Client: that goroutine also reads the replies, so a blocked
-	// OnEvent stalls every command. Poke a channel.
+	// the goroutine that reads the socket; never over HMP (see
+	// Client.HasEvents). It must not block and must not call the Client:
+	// that goroutine also reads the replies, so a blocked OnEvent stalls
+	// every command. Poke a channel.
 	OnEvent func(Event)
 
 	// CheckConn, if set, vets the connected socket before a byte of QMP
-	// is exchanged (e.g. that the listener is the QEMU process the socket
-	// was found through, by SO_PEERCRED); an error refuses the socket.
+	// (or HMP) is exchanged (e.g. that the listener is the QEMU process
+	// the socket was found through, by SO_PEERCRED); an error refuses the
+	// socket.
 	CheckConn func(*net.UnixConn) error
 }
 
@@ -85,9 +88,13 @@ type Event struct {
 	Time time.Time      // QEMU's timestamp
 }
 
-// Client is one QMP connection to one VM. Its methods are safe for
+// Client is one monitor connection to one VM, over QMP (Dial) or HMP
+// (DialHMP); its methods work the same over both. Over HMP no events are
+// delivered: OnEvent is never called, Events fails, and RemoveNICs learns
+// that a device went by asking (see HasEvents). Its methods are safe for
 // concurrent use; commands go to QEMU one at a time, as QEMU runs them.
 type Client struct {
+	proto   string // ProtocolQMP or ProtocolHMP: the wire run speaks
 	path    string
 	version string
 	timeout time.Duration
@@ -112,8 +119,15 @@ type Client struct {
 }
 
 type call struct {
-	id    string
-	reply chan message // buffered 1
+	id    string        // QMP: the command's "id"
+	line  string        // HMP: the command line, as QEMU echoes it
+	reply chan response // buffered 1
+}
+
+// response is QEMU's answer to one call.
+type response struct {
+	m    message // QMP
+	text string  // HMP: what the command printed, echo and prompt taken off
 }
 
 type waiter struct {
@@ -238,7 +252,8 @@ func readMessage(dec *json.Decoder) (message, error) {
 
 // Dial connects to the QMP socket at path, reads QEMU's greeting and
 // negotiates capabilities, within opts.Timeout or ctx's deadline, whichever
-// comes first.
+// comes first. A path too long for a unix socket address is reached
+// through its directory (see dialUnix).
 func Dial(ctx context.Context, path string, opts Options) (*Client, error) {
 	timeout := opts.Timeout
 	if timeout <= 0 {
@@ -247,12 +262,10 @@ func Dial(ctx context.Context, path string, opts Options) (*Client, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 
-	var d net.Dialer
-	nc, err := d.DialContext(ctx, "unix", path)
+	conn, err := dialUnix(ctx, path)
 	if err != nil {
 		return nil, fmt.Errorf("qmp dial %s: %w", path, err)
 	}
-	conn := nc.(*net.UnixConn)
 	if opts.CheckConn != nil {
 		if err := opts.CheckConn(conn); err != nil {
 			conn.Close()
@@ -326,7 +339,14 @@ func handshake(ctx context.Context, conn *net.UnixConn, path string, timeout tim
 		return nil, err
 	}
 
-	c := &Client{
+	c := newClient(ProtocolQMP, conn, path, version, timeout, onEvent)
+	go c.read(src, dec, early)
+	return c, nil
+}
+
+func newClient(proto string, conn *net.UnixConn, path, version string, timeout time.Duration, onEvent func(Event)) *Client {
+	return &Client{
+		proto:      proto,
 		path:       path,
 		version:    version,
 		timeout:    timeout,
@@ -339,8 +359,6 @@ func handshake(ctx context.Context, conn *net.UnixConn, path string, timeout tim
 		waiters:    map[*waiter]struct{}{},
 		streams:    map[chan goqmp.Event]struct{}{},
 	}
-	go c.read(src, dec, early)
-	return c, nil
 }
 
 // Commands returns how many commands this connection has sent to QEMU,
@@ -350,8 +368,20 @@ func (c *Client) Commands() uint64 { return c.sent.Load() }
 // Path is the socket this Client is connected to.
 func (c *Client) Path() string { return c.path }
 
-// Version is QEMU's version from the greeting, e.g. "7.2.22".
+// Version is QEMU's version, e.g. "7.2.22": from the QMP greeting, or
+// from HMP "info version" when dialled.
 func (c *Client) Version() string { return c.version }
+
+// Protocol says which monitor protocol the Client speaks: ProtocolQMP
+// (Dial) or ProtocolHMP (DialHMP).
+func (c *Client) Protocol() string { return c.proto }
+
+// HasEvents reports whether QEMU's events reach this Client: true over
+// QMP. Over HMP there are none, so a caller cannot keep a model of the VM
+// by events (OnEvent never fires) and must read the VM again instead, and
+// an unplug that RemoveNICs left pending completes unseen: call
+// RemoveNICs again to find out.
+func (c *Client) HasEvents() bool { return c.proto == ProtocolQMP }
 
 // Done is closed when the connection is dead. Every later command fails
 // with ErrClosed; callers redial.
@@ -378,7 +408,7 @@ func (c *Client) Close() error {
 func (c *Client) fail(reason error) {
 	c.closeOnce.Do(func() {
 		c.mu.Lock()
-		c.err = fmt.Errorf("qmp %s: %w: %w", c.path, ErrClosed, reason)
+		c.err = fmt.Errorf("%s %s: %w: %w", c.proto, c.path, ErrClosed, reason)
 		c.closeStreamsLocked()
 		c.mu.Unlock()
 		_ = c.conn.Close()
@@ -463,7 +493,7 @@ func (c *Client) deliver(m message) {
 		return
 	}
 	c.pending = nil
-	p.reply <- m
+	p.reply <- response{m: m}
 }
 
 // waitEvent registers interest in the first event that matches. Register
@@ -484,6 +514,9 @@ func (c *Client) waitEvent(match func(Event) bool) (<-chan Event, func()) {
 // run executes one QMP command and returns its "return" value. what names
 // the command's object in errors ("id=tapsync-net3"). file, if not nil, is
 // passed with the command in SCM_RIGHTS (getfd); the caller keeps its copy.
+// Over HMP the command and its arguments are spelled as an HMP command line
+// and its output taken back to the "return" value QMP would give (see
+// runHMP).
 //
 // A command sent but not answered before its deadline kills the
 // connection: a monitor that does not answer within the timeout is taken
@@ -494,9 +527,38 @@ func (c *Client) run(ctx context.Context, cmd, what string, args any, file *os.F
 	if what != "" {
 		name += " " + what
 	}
-	closed := func() error { return fmt.Errorf("qmp %s: %w", name, c.Err()) }
+	if c.proto == ProtocolHMP {
+		return c.runHMP(ctx, cmd, name, args, file)
+	}
+	p := &call{id: strconv.FormatUint(c.nextID.Add(1), 10), reply: make(chan response, 1)}
+	msg, err := json.Marshal(struct {
+		Execute   string `json:"execute"`
+		Arguments any    `json:"arguments,omitempty"`
+		ID        string `json:"id"`
+	}{cmd, args, p.id})
+	if err != nil {
+		return nil, fmt.Errorf("qmp %s: encode arguments: %w", name, err)
+	}
+	r, err := c.exchange(ctx, name, p, append(msg, '\n'), file)
+	if err != nil {
+		return nil, err
+	}
+	m := r.m
+	if m.Error != nil {
+		return nil, &Error{Cmd: name, Class: classOf(m.Error.Class, m.Error.Desc), Desc: m.Error.Desc}
+	}
+	if m.Return == nil {
+		return nil, fmt.Errorf("qmp %s on %s: malformed reply %.200q", name, c.path, m.raw)
+	}
+	return m.Return, nil
+}
+
+// exchange sends msg as the pending call p, within the Client's timeout,
+// and waits for its reply; the reader goroutine hands it over.
+func (c *Client) exchange(ctx context.Context, name string, p *call, msg []byte, file *os.File) (response, error) {
+	closed := func() error { return fmt.Errorf("%s %s: %w", c.proto, name, c.Err()) }
 	if c.dead() {
-		return nil, closed()
+		return response{}, closed()
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
@@ -506,21 +568,10 @@ func (c *Client) run(ctx context.Context, cmd, what string, args any, file *os.F
 		defer func() { <-c.wire }()
 	case <-ctx.Done():
 		// Nothing was sent: the connection is still good.
-		return nil, fmt.Errorf("qmp %s on %s: waiting for the command before it: %w", name, c.path, ctx.Err())
+		return response{}, fmt.Errorf("%s %s on %s: waiting for the command before it: %w", c.proto, name, c.path, ctx.Err())
 	case <-c.done:
-		return nil, closed()
+		return response{}, closed()
 	}
-
-	p := &call{id: strconv.FormatUint(c.nextID.Add(1), 10), reply: make(chan message, 1)}
-	msg, err := json.Marshal(struct {
-		Execute   string `json:"execute"`
-		Arguments any    `json:"arguments,omitempty"`
-		ID        string `json:"id"`
-	}{cmd, args, p.id})
-	if err != nil {
-		return nil, fmt.Errorf("qmp %s: encode arguments: %w", name, err)
-	}
-	msg = append(msg, '\n')
 
 	c.mu.Lock()
 	c.pending = p
@@ -537,27 +588,20 @@ func (c *Client) run(ctx context.Context, cmd, what string, args any, file *os.F
 	if err := c.write(msg, file, deadline); err != nil {
 		// Part of the command may be on the wire.
 		c.fail(fmt.Errorf("send %s: %w", name, err))
-		return nil, closed()
+		return response{}, closed()
 	}
 
 	c.sent.Add(1)
 
-	var m message
 	select {
-	case m = <-p.reply:
+	case r := <-p.reply:
+		return r, nil
 	case <-ctx.Done():
 		c.fail(fmt.Errorf("%s got no reply in time: %w", name, ctx.Err()))
-		return nil, fmt.Errorf("qmp %s on %s: no reply in time; connection closed, redial: %w", name, c.path, errors.Join(ErrClosed, ctx.Err()))
+		return response{}, fmt.Errorf("%s %s on %s: no reply in time; connection closed, redial: %w", c.proto, name, c.path, errors.Join(ErrClosed, ctx.Err()))
 	case <-c.done:
-		return nil, closed()
+		return response{}, closed()
 	}
-	if m.Error != nil {
-		return nil, &Error{Cmd: name, Class: classOf(m.Error.Class, m.Error.Desc), Desc: m.Error.Desc}
-	}
-	if m.Return == nil {
-		return nil, fmt.Errorf("qmp %s on %s: malformed reply %.200q", name, c.path, m.raw)
-	}
-	return m.Return, nil
 }
 
 // write sends one command; with file, its fd rides along in SCM_RIGHTS.
@@ -601,7 +645,7 @@ func (c *Client) runInto(ctx context.Context, cmd, what string, args any, out an
 		if what != "" {
 			name += " " + what
 		}
-		return fmt.Errorf("qmp %s on %s: unexpected reply %.200q: %w", name, c.path, ret, err)
+		return fmt.Errorf("%s %s on %s: unexpected reply %.200q: %w", c.proto, name, c.path, ret, err)
 	}
 	return nil
 }

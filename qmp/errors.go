@@ -21,11 +21,17 @@ const (
 type Error struct {
 	Cmd   string // command and the arguments that name its object, e.g. "device_del id=tapsync-net3"
 	Class string // QEMU's class, refined by classOf; one of the Class constants or another QEMU class
-	Desc  string // QEMU's description, verbatim
+	Desc  string // QEMU's description, verbatim (over HMP, what it printed, "Error: " taken off)
+
+	hmp bool // the reply came over HMP
 }
 
 func (e *Error) Error() string {
-	return "qmp " + e.Cmd + ": " + e.Class + ": " + e.Desc
+	proto := ProtocolQMP
+	if e.hmp {
+		proto = ProtocolHMP
+	}
+	return proto + " " + e.Cmd + ": " + e.Class + ": " + e.Desc
 }
 
 // IsNotFound reports whether err is QEMU saying that the device, netdev or

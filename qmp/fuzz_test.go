@@ -38,7 +38,7 @@ func FuzzReadMessages(f *testing.F) {
 	const limit = 4 << 10
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c := &Client{path: "fuzz", waiters: map[*waiter]struct{}{}, streams: map[chan goqmpEvent]struct{}{}}
-		p := &call{id: "1", reply: make(chan message, 1)}
+		p := &call{id: "1", reply: make(chan response, 1)}
 		c.pending = p
 		events, stop := c.waitEvent(func(e Event) bool { return e.Name == "DEVICE_DELETED" })
 		defer stop()
@@ -64,8 +64,8 @@ func FuzzReadMessages(f *testing.F) {
 			}
 		}
 		select {
-		case m := <-p.reply:
-			if m.ID != nil && string(m.ID) != `"1"` {
+		case r := <-p.reply:
+			if m := r.m; m.ID != nil && string(m.ID) != `"1"` {
 				t.Errorf("reply with id %s delivered to command 1", m.ID)
 			}
 		default:

@@ -3,6 +3,7 @@ package qmp
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 
 	goqmp "github.com/digitalocean/go-qemu/qmp"
@@ -31,7 +32,10 @@ func (c *Client) Disconnect() error { return c.Close() }
 // {"execute": "...", "arguments": {...}}, and returns QEMU's reply as
 // {"return": ...}. An error reply is returned as *Error. Any "id" in the
 // command is replaced by the Client's own (replies are matched by it).
-// The Client's timeout bounds it, as every command.
+// The Client's timeout bounds it, as every command. Over HMP it runs only
+// the commands this package spells in HMP (getfd, closefd, netdev_add,
+// netdev_del, device_add, device_del, qom-get, human-monitor-command,
+// query-cpus-fast); others fail wrapping errors.ErrUnsupported.
 func (c *Client) Run(command []byte) ([]byte, error) {
 	var cmd struct {
 		Execute   string          `json:"execute"`
@@ -60,8 +64,12 @@ func (c *Client) Run(command []byte) ([]byte, error) {
 // from now on, in arrival order, until ctx is done or the connection
 // dies; then the channel is closed. A stream that falls EventBuffer
 // events behind loses the events that do not fit. Options.OnEvent and
-// every stream see each event.
+// every stream see each event. Over HMP, which has no events, it fails
+// with an error wrapping errors.ErrUnsupported.
 func (c *Client) Events(ctx context.Context) (<-chan goqmp.Event, error) {
+	if !c.HasEvents() {
+		return nil, fmt.Errorf("%s events on %s: %w: HMP delivers no events", c.proto, c.path, errors.ErrUnsupported)
+	}
 	ch := make(chan goqmp.Event, EventBuffer)
 	c.mu.Lock()
 	if c.err != nil {

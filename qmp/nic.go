@@ -76,6 +76,9 @@ type NICInfo struct {
 //
 //	getfd (one per tap fd, then per vhost fd) → netdev_add type=tap fds=a:b → device_add virtio-net-pci
 //
+// Over HMP the same commands go as HMP command lines, each value checked
+// before the first is sent.
+//
 // AddNIC takes ownership of every file in nic, on success and on failure:
 // they are closed before it returns (QEMU holds its own copies).
 //
@@ -119,31 +122,12 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 		}
 	}
 
-	// From here on, undo on failure.
-	var sent []string // fd names passed with getfd
-	netdevTried := false
-	defer func() {
-		if err != nil {
-			err = errors.Join(err, c.rollbackAdd(ctx, netdev, netdevTried, sent))
-		}
-	}()
-
-	var fds, vhostFDs []string
-	for q, f := range nic.TapFDs {
-		name := fdName(nic.Index, q)
-		sent = append(sent, name)
-		if err := c.getFD(ctx, name, f); err != nil {
-			return NICInfo{}, err
-		}
-		fds = append(fds, name)
+	var fds, vhostFDs []string // names in QEMU's fd table (getfd)
+	for q := range nic.TapFDs {
+		fds = append(fds, fdName(nic.Index, q))
 	}
-	for q, f := range nic.VhostFDs {
-		name := vhostFDName(nic.Index, q)
-		sent = append(sent, name)
-		if err := c.getFD(ctx, name, f); err != nil {
-			return NICInfo{}, err
-		}
-		vhostFDs = append(vhostFDs, name)
+	for q := range nic.VhostFDs {
+		vhostFDs = append(vhostFDs, vhostFDName(nic.Index, q))
 	}
 
 	// Equivalent to: netdev_add tap,id=tapsync-netdev3,fds=tapsync-fd3-0:tapsync-fd3-1[,vhost=on,vhostfds=...]
@@ -152,10 +136,6 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 	if len(vhostFDs) > 0 {
 		netdevArgs["vhost"] = true
 		netdevArgs["vhostfds"] = strings.Join(vhostFDs, ":")
-	}
-	netdevTried = true
-	if _, err := c.run(ctx, "netdev_add", "id="+netdev, netdevArgs, nil); err != nil {
-		return NICInfo{}, err
 	}
 
 	// Equivalent to: device_add virtio-net-pci,id=tapsync-net3,netdev=tapsync-netdev3,mac=...,bus=rp1,romfile=[,mq=on,vectors=2q+2]
@@ -181,6 +161,39 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 		devArgs["mq"] = true
 		devArgs["vectors"] = 2*queues + 2
 	}
+	// Over HMP a value that cannot go on a command line (a caller's
+	// NIC.At naming a bus "a,b") is refused before the first command.
+	if err := errors.Join(c.checkHMP("netdev_add", netdevArgs), c.checkHMP("device_add", devArgs)); err != nil {
+		return NICInfo{}, err
+	}
+
+	// From here on, undo on failure.
+	var sent []string // fd names passed with getfd
+	netdevTried := false
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, c.rollbackAdd(ctx, netdev, netdevTried, sent))
+		}
+	}()
+
+	for q, f := range nic.TapFDs {
+		sent = append(sent, fds[q])
+		if err := c.getFD(ctx, fds[q], f); err != nil {
+			return NICInfo{}, err
+		}
+	}
+	for q, f := range nic.VhostFDs {
+		sent = append(sent, vhostFDs[q])
+		if err := c.getFD(ctx, vhostFDs[q], f); err != nil {
+			return NICInfo{}, err
+		}
+	}
+
+	netdevTried = true
+	if _, err := c.run(ctx, "netdev_add", "id="+netdev, netdevArgs, nil); err != nil {
+		return NICInfo{}, err
+	}
+
 	if _, err := c.run(ctx, "device_add", "id="+id, devArgs, nil); err != nil {
 		return NICInfo{}, err
 	}
@@ -453,6 +466,9 @@ const (
 // caller learns of its DEVICE_DELETED as an event and asks again), and its
 // device_del is not repeated before DefaultUnplugResend (see there).
 //
+// Over HMP, which has no events, the wait asks QEMU every 40 ms
+// whether each device is gone (qom-get), with the same results.
+//
 // Unplugging needs the guest's acknowledgement (ACPI or PCIe hot-plug):
 // until then the device and its netdev stay.
 func (c *Client) RemoveNICs(ctx context.Context, nics []Unplug, wait time.Duration) []error {
@@ -531,27 +547,45 @@ func (c *Client) RemoveNICs(ctx context.Context, nics []Unplug, wait time.Durati
 		}
 	}
 	awaiting := func() bool { return slices.Contains(states, unplugAwaited) }
+	awaited := "DEVICE_DELETED"
+	if !c.HasEvents() {
+		awaited = "the device to go"
+	}
 	if awaiting() && wait > 0 {
 		timer := time.NewTimer(wait)
 		defer timer.Stop()
+		var poll <-chan time.Time // over HMP, which has no events: when to ask
+		if !c.HasEvents() {
+			ticker := time.NewTicker(hmpUnplugPoll)
+			defer ticker.Stop()
+			poll = ticker.C
+		}
 	wait:
 		for awaiting() {
 			select {
 			case e := <-w.ch:
 				settle(e)
+			case <-poll:
+				for i := range states {
+					if states[i] == unplugAwaited {
+						if st, err := c.checkGone(ctx, ids[i]); st != unplugInFlight {
+							states[i], errs[i] = st, err
+						}
+					}
+				}
 			case <-timer.C:
 				break wait
 			case <-ctx.Done():
 				for i := range states {
 					if states[i] == unplugAwaited || states[i] == unplugInFlight {
-						states[i], errs[i] = unplugFailed, fmt.Errorf("remove %s from VM at %s: waiting for DEVICE_DELETED: %w", ids[i], c.path, ctx.Err())
+						states[i], errs[i] = unplugFailed, fmt.Errorf("remove %s from VM at %s: waiting for %s: %w", ids[i], c.path, awaited, ctx.Err())
 					}
 				}
 				break wait
 			case <-c.done:
 				for i := range states {
 					if states[i] == unplugAwaited || states[i] == unplugInFlight {
-						states[i], errs[i] = unplugFailed, fmt.Errorf("remove %s: waiting for DEVICE_DELETED: %w", ids[i], c.Err())
+						states[i], errs[i] = unplugFailed, fmt.Errorf("remove %s: waiting for %s: %w", ids[i], awaited, c.Err())
 					}
 				}
 				break wait
@@ -580,6 +614,9 @@ func (c *Client) RemoveNICs(ctx context.Context, nics []Unplug, wait time.Durati
 			// connection): ask.
 			if states[i], errs[i] = c.checkGone(ctx, id); states[i] == unplugInFlight {
 				errs[i] = fmt.Errorf("remove %s from VM at %s: no DEVICE_DELETED within %s: %w", id, c.path, wait, ErrRemovalPending)
+				if !c.HasEvents() {
+					errs[i] = fmt.Errorf("remove %s from VM at %s: still there after %s: %w", id, c.path, wait, ErrRemovalPending)
+				}
 				continue
 			}
 		case unplugInFlight:
@@ -703,7 +740,8 @@ func isVirtioNet(typ string) bool {
 // ListNetdevs returns the ids of all netdevs in QEMU, ours and others, in
 // the order QEMU lists them. QEMU 7.2 has no query-netdev, so this parses
 // the output of the HMP command "info network" (through
-// human-monitor-command); see parseInfoNetwork for its shape.
+// human-monitor-command, or sent as it is over HMP); see parseInfoNetwork
+// for its shape.
 func (c *Client) ListNetdevs(ctx context.Context) ([]string, error) {
 	var out string
 	if err := c.runInto(ctx, "human-monitor-command", "command-line=info network",

@@ -515,7 +515,7 @@ func isI440FX(devs []pciDevice) bool {
 	return false
 }
 
-// Equivalent to: {"execute": "qom-get", "arguments": {"path": path, "property": prop}}
+// Equivalent to: {"execute": "qom-get", "arguments": {"path": path, "property": prop}} (HMP: qom-get PATH PROP)
 func (c *Client) qomGet(ctx context.Context, path, prop string, out any) error {
 	return c.runInto(ctx, "qom-get", "path="+path+" property="+prop,
 		map[string]any{"path": path, "property": prop}, out)

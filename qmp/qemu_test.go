@@ -45,10 +45,11 @@ func requireTaps(t *testing.T) {
 	}
 }
 
-// testVM is a QEMU process with two QMP sockets: qmp for the Client under
-// test, test for the test's own meddling.
+// testVM is a QEMU process with two QMP sockets, qmp for the Client under
+// test and test for the test's own meddling, and an HMP socket, hmp.
 type testVM struct {
 	qmp, test string
+	hmp       string
 	stderr    string // file with QEMU's stderr
 	cmd       *exec.Cmd
 }
@@ -56,6 +57,14 @@ type testVM struct {
 // startVM starts qemu-system-x86_64 with rootPorts pcie-root-ports (q35
 // only) and extra arguments, and kills it when the test ends.
 func startVM(t *testing.T, machine string, rootPorts int, extra ...string) *testVM {
+	t.Helper()
+	return startVMIn(t, "", machine, rootPorts, extra...)
+}
+
+// startVMIn is startVM with QEMU's working directory cwd, when not "",
+// holding its HMP socket as Kata's runtime-rs has it: debug-monitor.sock,
+// named relative to cwd (which may be too long a path for a socket).
+func startVMIn(t *testing.T, cwd, machine string, rootPorts int, extra ...string) *testVM {
 	t.Helper()
 	requireQEMU(t)
 	dir, err := os.MkdirTemp("", "qmpvm") // short: socket paths are limited to 108 bytes
@@ -66,12 +75,18 @@ func startVM(t *testing.T, machine string, rootPorts int, extra ...string) *test
 	vm := &testVM{
 		qmp:    filepath.Join(dir, "qmp.sock"),
 		test:   filepath.Join(dir, "test.sock"),
+		hmp:    filepath.Join(dir, "hmp.sock"),
 		stderr: filepath.Join(dir, "stderr"),
+	}
+	hmpArg := vm.hmp
+	if cwd != "" {
+		vm.hmp, hmpArg = filepath.Join(cwd, "debug-monitor.sock"), "debug-monitor.sock"
 	}
 	args := []string{
 		"-machine", machine, "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "128",
 		"-qmp", "unix:" + vm.qmp + ",server=on,wait=off",
 		"-qmp", "unix:" + vm.test + ",server=on,wait=off",
+		"-monitor", "unix:path=" + hmpArg + ",server=on,wait=off",
 	}
 	for n := 1; n <= rootPorts; n++ {
 		args = append(args, "-device", fmt.Sprintf("pcie-root-port,id=rp%d,chassis=%d,bus=pcie.0,addr=%#x", n, n, n+1))
@@ -83,6 +98,7 @@ func startVM(t *testing.T, machine string, rootPorts int, extra ...string) *test
 	}
 	defer errFile.Close()
 	vm.cmd = exec.Command("qemu-system-x86_64", args...)
+	vm.cmd.Dir = cwd
 	vm.cmd.Stdout, vm.cmd.Stderr = errFile, errFile
 	if err := testproc.Start(vm.cmd); err != nil { // no orphan QEMU if the test binary dies
 		t.Fatal(err)
@@ -96,7 +112,7 @@ func startVM(t *testing.T, machine string, rootPorts int, extra ...string) *test
 		}
 	})
 	eventually(t, 10*time.Second, func() error {
-		for _, p := range []string{vm.qmp, vm.test} {
+		for _, p := range []string{vm.qmp, vm.test, vm.hmp} {
 			if _, err := os.Stat(p); err != nil {
 				return err
 			}

@@ -204,7 +204,7 @@ type vmTree struct {
 
 // readTree asks QEMU for its device tree.
 //
-// Equivalent to: {"execute": "human-monitor-command", "arguments": {"command-line": "info qtree"}}
+// Equivalent to: {"execute": "human-monitor-command", "arguments": {"command-line": "info qtree"}} (HMP: info qtree)
 func (c *Client) readTree(ctx context.Context) (vmTree, error) {
 	var out string
 	if err := c.runInto(ctx, "human-monitor-command", "command-line=info qtree",

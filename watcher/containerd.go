@@ -24,21 +24,34 @@ import (
 )
 
 // ContainerdConfig says which containerd to watch and which of its
-// containers are sandboxes. Zero fields take the defaults.
+// sandboxes are Kata VMs. Zero fields take the defaults.
 type ContainerdConfig struct {
 	Address    string   // default /run/containerd/containerd.sock
 	Namespaces []string // default ["k8s.io"]
-	Runtimes   []string // default ["io.containerd.kata.v2"]: containers of these runtimes are sandboxes
-	QMPSocket  string   // template with {id}, default "/run/vc/vm/{id}/extra-monitor.sock"
+	// Runtimes are patterns (path.Match) of the runtime names whose
+	// sandboxes are VMs; default DefaultRuntimes. SkipRuntimes are left
+	// alone even so, reported with Sandbox.Skip; nil: DefaultSkipRuntimes.
+	Runtimes, SkipRuntimes []string
+	// Kata says where each Kata runtime keeps a sandbox's monitor and
+	// agent address.
+	Kata KataLayout
 	// NetnsDir is where a sandbox's netns must be bound (see CheckNetns);
 	// default /var/run/netns, where CRI puts them.
 	NetnsDir string
+	// Relist, when not nil, asks for a full listing again (the daemon's
+	// SIGHUP and periodic resync): a Sandbox Store record made without a
+	// CRI event is found by it.
+	Relist <-chan struct{}
+	// StorePoll is how often the Sandbox Store is listed again while
+	// CRI's event stream is unavailable (the bounded fallback); default
+	// 10 s.
+	StorePoll time.Duration
 }
 
 const (
 	defaultContainerdAddress = "/run/containerd/containerd.sock"
-	defaultQMPSocket         = "/run/vc/vm/{id}/extra-monitor.sock"
 	defaultNetnsDir          = "/var/run/netns"
+	defaultStorePoll         = 10 * time.Second
 
 	// criContainerType is the OCI annotation the CRI plugin puts on every
 	// container of a pod: "sandbox" for the pod's sandbox container,
@@ -69,10 +82,14 @@ func (c ContainerdConfig) withDefaults() ContainerdConfig {
 		c.Namespaces = []string{"k8s.io"}
 	}
 	if len(c.Runtimes) == 0 {
-		c.Runtimes = []string{"io.containerd.kata.v2"}
+		c.Runtimes = DefaultRuntimes
 	}
-	if c.QMPSocket == "" {
-		c.QMPSocket = defaultQMPSocket
+	if c.SkipRuntimes == nil {
+		c.SkipRuntimes = DefaultSkipRuntimes
+	}
+	c.Kata = c.Kata.withDefaults()
+	if c.StorePoll <= 0 {
+		c.StorePoll = defaultStorePoll
 	}
 	if c.NetnsDir == "" {
 		c.NetnsDir = defaultNetnsDir
@@ -106,11 +123,14 @@ func (c ContainerdConfig) withDefaults() ContainerdConfig {
 // returns nil when ctx ends. It returns an error only for a bad cfg.
 func WatchContainerd(ctx context.Context, cfg ContainerdConfig, sink Sink) error {
 	cfg = cfg.withDefaults()
-	if !strings.Contains(cfg.QMPSocket, "{id}") {
-		return fmt.Errorf("containerd source: QMP socket template %q has no {id}", cfg.QMPSocket)
+	if err := cfg.Kata.Validate(); err != nil {
+		return fmt.Errorf("containerd source: %w", err)
+	}
+	if err := ValidRuntimePatterns(append(slices.Clone(cfg.Runtimes), cfg.SkipRuntimes...)); err != nil {
+		return fmt.Errorf("containerd source: %w", err)
 	}
 	log := zerolog.Ctx(ctx).With().Str("source", string(SourceContainerd)).Str("address", cfg.Address).Logger()
-	w := &ctrWatcher{cfg: cfg, sink: sink, log: &log, known: map[ctrKey]bool{}, rejected: map[ctrKey]string{}}
+	w := newCtrWatcher(cfg, sink, &log)
 
 	backoff := ctrBackoffMin
 	failures := 0
@@ -163,7 +183,7 @@ func ListContainerd(ctx context.Context, cfg ContainerdConfig) ([]Sandbox, error
 			found = append(found, e.Sandbox)
 		}
 	}
-	w := &ctrWatcher{cfg: cfg, sink: sink, log: &log, known: map[ctrKey]bool{}, rejected: map[ctrKey]string{}}
+	w := newCtrWatcher(cfg, sink, &log)
 	cli, err := client.New(cfg.Address, client.WithTimeout(ctrDialTimeout))
 	if err != nil {
 		return nil, fmt.Errorf("containerd at %s: %w", cfg.Address, err)
@@ -192,6 +212,22 @@ type ctrWatcher struct {
 	// logged once); pruned by listings and container deletes. Only the
 	// session goroutine touches it.
 	rejected map[ctrKey]string
+	// live holds the sandboxes reported by KindUpsert and not since by
+	// KindGone; quiet, during a relist, the ones not to report again.
+	// Only the session goroutine touches them.
+	live, quiet map[ctrKey]bool
+	// noStore: containerd has no Sandbox Store (before 1.7).
+	noStore bool
+}
+
+func newCtrWatcher(cfg ContainerdConfig, sink Sink, log *zerolog.Logger) *ctrWatcher {
+	return &ctrWatcher{cfg: cfg, sink: sink, log: log, known: map[ctrKey]bool{}, rejected: map[ctrKey]string{}, live: map[ctrKey]bool{}}
+}
+
+// goneEvent reports sandbox key gone.
+func (w *ctrWatcher) goneEvent(key ctrKey, why string) {
+	delete(w.live, key)
+	w.sink(Event{Kind: KindGone, Source: SourceContainerd, Why: why, ID: key.id})
 }
 
 // session connects, subscribes, lists and then follows events until the
@@ -227,8 +263,31 @@ func (w *ctrWatcher) session(ctx context.Context) (connected bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	w.log.Info().Strs("namespaces", w.cfg.Namespaces).Strs("runtimes", w.cfg.Runtimes).Msg("containerd connected")
+	w.log.Info().Strs("namespaces", w.cfg.Namespaces).Strs("runtimes", w.cfg.Runtimes).Bool("sandbox_store", !w.noStore).Msg("containerd connected")
 	w.sink(Event{Kind: KindResyncAll, Source: SourceContainerd, Why: "containerd (re)connected", Listed: listed})
+
+	// Pods of the shim sandboxer publish no containerd event: follow
+	// CRI's stream, and while it is down list the Sandbox Store every
+	// StorePoll instead.
+	cri := make(chan criEvent, 64)
+	criDone := make(chan error, 1)
+	criUp := false
+	startCRI := func() {
+		if w.noStore || !slices.Contains(w.cfg.Namespaces, criNamespace) || criUp {
+			return
+		}
+		criUp = true
+		go func() {
+			_, err := followCRI(ctx, w.cfg.Address, cri)
+			criDone <- err
+		}()
+	}
+	startCRI()
+	pollTicker := time.NewTicker(w.cfg.StorePoll)
+	pollTicker.Stop()
+	defer pollTicker.Stop()
+	var poll <-chan time.Time // nil while the stream runs
+	criWarned := false
 
 	for {
 		select {
@@ -243,31 +302,81 @@ func (w *ctrWatcher) session(ctx context.Context) (connected bool, err error) {
 			if err := w.handle(ctx, cli, env); err != nil {
 				return true, err
 			}
+		case ev := <-cri:
+			if err := w.storeChanged(ctx, cli, criNamespace, ev.id, criEventWhy(ev.kind)); err != nil {
+				return true, err
+			}
+		case err := <-criDone:
+			criUp = false
+			if ctx.Err() != nil {
+				return true, ctx.Err()
+			}
+			ev := w.log.Debug()
+			if !criWarned {
+				ev, criWarned = w.log.Warn(), true
+			}
+			ev.Err(err).Dur("poll", w.cfg.StorePoll).Msg("CRI's event stream is unavailable: listing the Sandbox Store periodically instead")
+			if poll == nil {
+				pollTicker.Reset(w.cfg.StorePoll)
+				poll = pollTicker.C
+			}
+		case <-poll:
+			if err := w.relist(ctx, cli); err != nil {
+				return true, err
+			}
+			startCRI() // try the stream again
+			if criUp {
+				pollTicker.Stop()
+				poll = nil
+			}
+		case <-w.cfg.Relist:
+			if err := w.relist(ctx, cli); err != nil {
+				return true, err
+			}
 		}
 	}
+}
+
+// relist lists containerd again, reporting only what changed since: new
+// sandboxes (KindUpsert) and the ones no longer listed (KindGone).
+func (w *ctrWatcher) relist(ctx context.Context, cli *client.Client) error {
+	prev := w.live
+	w.live, w.quiet = map[ctrKey]bool{}, prev
+	defer func() { w.quiet = nil }()
+	if _, err := w.list(ctx, cli); err != nil {
+		w.live = prev
+		return err
+	}
+	for k := range prev {
+		if !w.live[k] {
+			w.log.Debug().Str("namespace", k.ns).Str("sandbox", k.id).Msg("sandbox gone: no longer listed")
+			w.goneEvent(k, "no longer listed by containerd")
+		}
+	}
+	return nil
 }
 
 // list emits KindUpsert for every live sandbox in every namespace and
 // remembers all sandbox containers, live or not.
 func (w *ctrWatcher) list(ctx context.Context, cli *client.Client) (listed []string, err error) {
 	listed = []string{} // non-nil: an authoritative (possibly empty) listing
-	var runtimeFilters []string
-	for _, rt := range w.cfg.Runtimes {
-		runtimeFilters = append(runtimeFilters, "runtime.name=="+strconv.Quote(rt))
-	}
 	clear(w.known)
 	present := map[ctrKey]bool{}
 	for _, ns := range w.cfg.Namespaces {
 		nctx, cancel := context.WithTimeout(namespaces.WithNamespace(ctx, ns), ctrCallTimeout)
-		// Equivalent to: ctr -n k8s.io containers ls 'runtime.name=="io.containerd.kata.v2"'
-		recs, err := cli.ContainerService().List(nctx, runtimeFilters...)
+		// Equivalent to: ctr -n k8s.io containers ls
+		// (runtime names are matched here: they are patterns)
+		recs, err := cli.ContainerService().List(nctx)
 		cancel()
 		if err != nil {
 			return nil, fmt.Errorf("list containers of containerd at %s in namespace %s: %w", w.cfg.Address, ns, err)
 		}
 		for _, rec := range recs {
+			if !MatchRuntime(w.cfg.Runtimes, rec.Runtime.Name) {
+				continue
+			}
 			present[ctrKey{ns, rec.ID}] = true
-			sb, skip := w.sandboxOf(rec)
+			sb, skip := w.sandboxOf(ns, rec)
 			if skip.why != "" {
 				w.logSkip(ns, rec.ID, skip)
 				continue
@@ -287,6 +396,11 @@ func (w *ctrWatcher) list(ctx context.Context, cli *client.Client) (listed []str
 			listed = append(listed, sb.ID)
 			w.upsert(ns, sb, "running at (re)connect")
 		}
+		more, err := w.listStore(ctx, cli, ns, present)
+		if err != nil {
+			return nil, err
+		}
+		listed = append(listed, more...)
 	}
 	for k := range w.rejected {
 		if !present[k] {
@@ -359,7 +473,7 @@ func (w *ctrWatcher) started(ctx context.Context, cli *client.Client, ns, id str
 	if err != nil || !found {
 		return err
 	}
-	sb, skip := w.sandboxOf(rec)
+	sb, skip := w.sandboxOf(ns, rec)
 	if skip.why != "" {
 		w.logSkip(ns, id, skip)
 		return nil
@@ -393,7 +507,7 @@ func (w *ctrWatcher) admit(ns string, sb Sandbox, pid uint32) (Sandbox, bool) {
 	}
 	if w.known[key] {
 		delete(w.known, key)
-		w.sink(Event{Kind: KindGone, Source: SourceContainerd, Why: "netns refused: " + why, ID: sb.ID})
+		w.goneEvent(key, "netns refused: "+why)
 	}
 	return Sandbox{}, false
 }
@@ -427,7 +541,7 @@ func (w *ctrWatcher) gone(ctx context.Context, cli *client.Client, ns, id, why s
 			return err
 		}
 		if found {
-			_, skip := w.sandboxOf(rec)
+			_, skip := w.sandboxOf(ns, rec)
 			sandbox = skip.why == ""
 		}
 	}
@@ -435,7 +549,7 @@ func (w *ctrWatcher) gone(ctx context.Context, cli *client.Client, ns, id, why s
 		return nil
 	}
 	w.log.Debug().Str("namespace", ns).Str("sandbox", id).Str("why", why).Msg("sandbox gone")
-	w.sink(Event{Kind: KindGone, Source: SourceContainerd, Why: why, ID: id})
+	w.goneEvent(key, why)
 	return nil
 }
 
@@ -461,10 +575,15 @@ func (w *ctrWatcher) logSkip(ns, id string, s skipReason) {
 	if s.loud {
 		ev = w.log.Warn()
 	}
-	ev.Str("namespace", ns).Str("sandbox", id).Str("why", s.why).Msg("container skipped: not a sandbox we can wire")
+	ev.Str("namespace", ns).Str("sandbox", id).Str("why", s.why).Msg("skipped: not a sandbox we can wire")
 }
 
 func (w *ctrWatcher) upsert(ns string, sb Sandbox, why string) {
+	key := ctrKey{ns, sb.ID}
+	w.live[key] = true
+	if w.quiet[key] {
+		return
+	}
 	w.log.Debug().Str("namespace", ns).Str("sandbox", sb.ID).Str("netns", sb.Netns).Str("why", why).Msg("sandbox found")
 	w.sink(Event{Kind: KindUpsert, Source: SourceContainerd, Why: why, Sandbox: sb})
 }
@@ -505,8 +624,8 @@ func (w *ctrWatcher) rateAnnotation(id string, annotations map[string]string, ke
 
 // sandboxOf returns the sandbox a container record describes, or why it
 // is not one.
-func (w *ctrWatcher) sandboxOf(rec containers.Container) (Sandbox, skipReason) {
-	if !slices.Contains(w.cfg.Runtimes, rec.Runtime.Name) {
+func (w *ctrWatcher) sandboxOf(ns string, rec containers.Container) (Sandbox, skipReason) {
+	if !MatchRuntime(w.cfg.Runtimes, rec.Runtime.Name) {
 		return Sandbox{}, skipReason{why: fmt.Sprintf("runtime %q is not watched", rec.Runtime.Name)}
 	}
 	if rec.Spec == nil {
@@ -531,13 +650,22 @@ func (w *ctrWatcher) sandboxOf(rec containers.Container) (Sandbox, skipReason) {
 			// path: there is nothing for us to watch.
 			return Sandbox{}, skipReason{why: "private network namespace without a path", loud: true}
 		}
-		return Sandbox{
-			ID:     rec.ID,
-			Netns:  n.Path,
-			QMP:    strings.ReplaceAll(w.cfg.QMPSocket, "{id}", rec.ID),
-			RxRate: w.rateAnnotation(rec.ID, spec.Annotations, KataRxRateAnnotation),
-			TxRate: w.rateAnnotation(rec.ID, spec.Annotations, KataTxRateAnnotation),
-		}, skipReason{}
+		sb := w.kataSandbox(ns, rec.ID, rec.Runtime.Name, n.Path)
+		sb.RxRate = w.rateAnnotation(rec.ID, spec.Annotations, KataRxRateAnnotation)
+		sb.TxRate = w.rateAnnotation(rec.ID, spec.Annotations, KataTxRateAnnotation)
+		return sb, skipReason{}
 	}
 	return Sandbox{}, skipReason{why: "no network namespace in the OCI spec (host network)", loud: true}
+}
+
+// kataSandbox is sandbox id of runtime in namespace ns, with netns, its
+// monitor and agent where its Kata runtime keeps them, or marked Skip
+// when its runtime is one to leave alone.
+func (w *ctrWatcher) kataSandbox(ns, id, runtime, netns string) Sandbox {
+	k := w.cfg.Kata.Resolve(ns, id, runtime)
+	sb := Sandbox{ID: id, Netns: netns, QMP: k.Monitor, Protocol: k.Protocol, Runtime: runtime, Flavour: k.Flavour, Bundle: k.Bundle, AgentURL: k.AgentURL}
+	if MatchRuntime(w.cfg.SkipRuntimes, runtime) {
+		sb.Skip = fmt.Sprintf("runtime %s is a confidential handler: its agent policy denies UpdateInterface and UpdateRoutes, so a NIC plugged in would stay unconfigured (containerd skip_runtimes)", runtime)
+	}
+	return sb
 }

@@ -23,7 +23,7 @@ const ctrTestNS = "tapsync-test"
 
 // TestContainerdSandboxOf covers which container records are sandboxes.
 func TestContainerdSandboxOf(t *testing.T) {
-	w := &ctrWatcher{cfg: ContainerdConfig{Runtimes: []string{"io.containerd.kata.v2"}, QMPSocket: "/run/vc/vm/{id}/qmp.sock"}.withDefaults()}
+	w := &ctrWatcher{cfg: ContainerdConfig{Kata: KataLayout{GoMonitor: "/run/vc/vm/{id}/qmp.sock", RsDir: t.TempDir() + "/{id}"}}.withDefaults()}
 	netns := func(path string) specs.LinuxNamespace {
 		return specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: path}
 	}
@@ -37,10 +37,25 @@ func TestContainerdSandboxOf(t *testing.T) {
 		{name: "kata sandbox", runtime: "io.containerd.kata.v2",
 			spec: &specs.Spec{Annotations: map[string]string{criContainerType: "sandbox"},
 				Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace}, netns("/var/run/netns/cni-1")}}},
-			want: Sandbox{ID: "c1", Netns: "/var/run/netns/cni-1", QMP: "/run/vc/vm/c1/qmp.sock"}},
+			want: Sandbox{ID: "c1", Netns: "/var/run/netns/cni-1", QMP: "/run/vc/vm/c1/qmp.sock", Protocol: ProtoQMP,
+				Runtime: "io.containerd.kata.v2", Flavour: FlavourGo}},
 		{name: "no CRI annotation", runtime: "io.containerd.kata.v2",
 			spec: &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{netns("/var/run/netns/x")}}},
-			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: "/run/vc/vm/c1/qmp.sock"}},
+			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: "/run/vc/vm/c1/qmp.sock", Protocol: ProtoQMP,
+				Runtime: "io.containerd.kata.v2", Flavour: FlavourGo}},
+		{name: "kata-deploy Go handler", runtime: "io.containerd.kata-qemu.v2",
+			spec: &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{netns("/var/run/netns/x")}}},
+			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: "/run/vc/vm/c1/qmp.sock", Protocol: ProtoQMP,
+				Runtime: "io.containerd.kata-qemu.v2", Flavour: FlavourGo}},
+		{name: "kata-deploy runtime-rs handler", runtime: "io.containerd.kata-qemu-runtime-rs.v2",
+			spec: &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{netns("/var/run/netns/x")}}},
+			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: "/run/containerd/io.containerd.runtime.v2.task/k8s.io/c1/debug-monitor.sock",
+				Protocol: ProtoHMP, Runtime: "io.containerd.kata-qemu-runtime-rs.v2", Flavour: FlavourRs,
+				Bundle: "/run/containerd/io.containerd.runtime.v2.task/k8s.io/c1"}},
+		{name: "confidential handler", runtime: "io.containerd.kata-qemu-snp.v2",
+			spec: &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{netns("/var/run/netns/x")}}},
+			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: "/run/vc/vm/c1/qmp.sock", Protocol: ProtoQMP,
+				Runtime: "io.containerd.kata-qemu-snp.v2", Flavour: FlavourGo, Skip: "confidential"}},
 		{name: "CRI app container", runtime: "io.containerd.kata.v2",
 			spec: &specs.Spec{Annotations: map[string]string{criContainerType: "container"},
 				Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{netns("/var/run/netns/cni-1")}}}},
@@ -63,7 +78,10 @@ func TestContainerdSandboxOf(t *testing.T) {
 				}
 				rec.Spec = any
 			}
-			got, skip := w.sandboxOf(rec)
+			got, skip := w.sandboxOf("k8s.io", rec)
+			if tt.want.Skip != "" && strings.Contains(got.Skip, tt.want.Skip) {
+				got.Skip = tt.want.Skip
+			}
 			if got != tt.want {
 				t.Errorf("sandbox = %+v, want %+v", got, tt.want)
 			}
@@ -77,13 +95,19 @@ func TestContainerdSandboxOf(t *testing.T) {
 func TestContainerdConfig(t *testing.T) {
 	got := ContainerdConfig{}.withDefaults()
 	want := ContainerdConfig{Address: "/run/containerd/containerd.sock", Namespaces: []string{"k8s.io"},
-		Runtimes: []string{"io.containerd.kata.v2"}, QMPSocket: "/run/vc/vm/{id}/extra-monitor.sock", NetnsDir: "/var/run/netns"}
+		Runtimes: DefaultRuntimes, SkipRuntimes: DefaultSkipRuntimes,
+		Kata:     KataLayout{GoMonitor: DefaultGoMonitor, RsDir: DefaultRsDir, RsMonitor: DefaultRsMonitor, BundleDirs: DefaultBundleDirs},
+		NetnsDir: "/var/run/netns", StorePoll: defaultStorePoll}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("defaults = %+v, want %+v", got, want)
 	}
-	err := WatchContainerd(context.Background(), ContainerdConfig{QMPSocket: "/run/qmp.sock"}, func(Event) {})
+	err := WatchContainerd(context.Background(), ContainerdConfig{Kata: KataLayout{GoMonitor: "/run/qmp.sock"}}, func(Event) {})
 	if err == nil || !strings.Contains(err.Error(), "{id}") {
 		t.Errorf("QMP template without {id}: err = %v, want an error naming {id}", err)
+	}
+	err = WatchContainerd(context.Background(), ContainerdConfig{Runtimes: []string{"io.containerd.kata-[.v2"}}, func(Event) {})
+	if err == nil || !strings.Contains(err.Error(), "kata-[") {
+		t.Errorf("malformed runtime pattern: err = %v, want an error naming it", err)
 	}
 }
 
@@ -135,7 +159,7 @@ func TestContainerdEvents(t *testing.T) {
 			Address:    ctd.Address(),
 			Namespaces: []string{ctrTestNS},
 			Runtimes:   []string{testctr.RuntimeRunc},
-			QMPSocket:  "/tmp/x/{id}.sock",
+			Kata:       KataLayout{GoMonitor: "/tmp/x/{id}.sock"},
 		}, r.sink)
 	}()
 	t.Cleanup(func() { // before the fixture's cleanup: the source logs to t
@@ -151,7 +175,7 @@ func TestContainerdEvents(t *testing.T) {
 	})
 
 	sandbox := func(id string, ns testnet.NS) Sandbox {
-		return Sandbox{ID: id, Netns: ns.Path, QMP: "/tmp/x/" + id + ".sock"}
+		return Sandbox{ID: id, Netns: ns.Path, QMP: "/tmp/x/" + id + ".sock", Protocol: ProtoQMP, Runtime: testctr.RuntimeRunc, Flavour: FlavourGo}
 	}
 	upsert := func(sb Sandbox) func(Event) bool {
 		return func(e Event) bool { return e.Kind == KindUpsert && e.Source == SourceContainerd && e.Sandbox == sb }
@@ -283,8 +307,7 @@ func TestContainerdAdmit(t *testing.T) {
 		t.Fatal(err)
 	}
 	r := &recorder{}
-	w := &ctrWatcher{cfg: ContainerdConfig{NetnsDir: dir}.withDefaults(), sink: r.sink, log: log,
-		known: map[ctrKey]bool{}, rejected: map[ctrKey]string{}}
+	w := newCtrWatcher(ContainerdConfig{NetnsDir: dir}.withDefaults(), r.sink, log)
 
 	for _, tc := range []struct{ id, netns, why string }{
 		{"outside", filepath.Join(outside, "pod"), "outside netns_dir"},
@@ -339,7 +362,7 @@ func TestContainerdAdmit(t *testing.T) {
 func TestContainerdRateAnnotations(t *testing.T) {
 	ctx, logs := testCtx(t)
 	log := zerolog.Ctx(ctx)
-	w := &ctrWatcher{cfg: ContainerdConfig{Runtimes: []string{"io.containerd.kata.v2"}, QMPSocket: "/run/vc/vm/{id}/qmp.sock"}.withDefaults(), log: log}
+	w := &ctrWatcher{cfg: ContainerdConfig{Kata: KataLayout{GoMonitor: "/run/vc/vm/{id}/qmp.sock"}}.withDefaults(), log: log}
 	spec := &specs.Spec{Annotations: map[string]string{criContainerType: "sandbox",
 		KataRxRateAnnotation: "8000000", KataTxRateAnnotation: "-5"},
 		Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.NetworkNamespace, Path: "/var/run/netns/x"}}}}
@@ -347,7 +370,7 @@ func TestContainerdRateAnnotations(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sb, skip := w.sandboxOf(containers.Container{ID: "pod-7", Runtime: containers.RuntimeInfo{Name: "io.containerd.kata.v2"}, Spec: any})
+	sb, skip := w.sandboxOf("k8s.io", containers.Container{ID: "pod-7", Runtime: containers.RuntimeInfo{Name: "io.containerd.kata.v2"}, Spec: any})
 	if skip.why != "" {
 		t.Fatalf("skipped: %s", skip.why)
 	}

@@ -23,7 +23,20 @@ const (
 type Sandbox struct {
 	ID    string
 	Netns string // path of its network namespace
-	QMP   string // path of its QMP unix socket
+	QMP   string // path of its monitor's unix socket (QMP unless Protocol says HMP)
+	// Protocol is the monitor's: ProtoQMP ("" too) or ProtoHMP.
+	Protocol string
+	// Runtime is the containerd runtime name (io.containerd.kata-qemu.v2),
+	// Flavour the Kata runtime serving it (FlavourGo, FlavourRs), and
+	// Bundle the bundle dir its QEMU runs in (runtime-rs), all from
+	// containerd only.
+	Runtime, Flavour, Bundle string
+	// AgentURL is where its guest agent is, as a template of the source's
+	// layout ("" when the source knows none).
+	AgentURL string
+	// Skip, when not "", says why this sandbox is found but left alone
+	// (a confidential handler): the daemon shows it and wires nothing.
+	Skip string
 	// PID, from /proc discovery only, is the QEMU process that must be
 	// listening on QMP: check it with CheckQMPPeer before trusting the
 	// socket. 0 from the other sources.

@@ -1,0 +1,131 @@
+package watcher
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/sandbox"
+	"github.com/containerd/typeurl/v2"
+	"google.golang.org/protobuf/types/known/anypb"
+)
+
+// TestRuntimePatterns: the default patterns take every handler
+// kata-deploy registers and leave its confidential ones out.
+func TestRuntimePatterns(t *testing.T) {
+	for _, tc := range []struct {
+		runtime       string
+		watched, skip bool
+	}{
+		{"io.containerd.kata.v2", true, false},
+		{"io.containerd.kata-qemu.v2", true, false},
+		{"io.containerd.kata-qemu-runtime-rs.v2", true, false},
+		{"io.containerd.kata-clh.v2", true, false},
+		{"io.containerd.kata-fc.v2", true, false},
+		{"io.containerd.kata-qemu-coco-dev.v2", true, true},
+		{"io.containerd.kata-qemu-coco-dev-runtime-rs.v2", true, true},
+		{"io.containerd.kata-qemu-snp.v2", true, true},
+		{"io.containerd.kata-qemu-tdx.v2", true, true},
+		{"io.containerd.kata-qemu-se.v2", true, true},
+		{"io.containerd.kata-qemu-se-runtime-rs.v2", true, true},
+		{"io.containerd.kata-qemu-nvidia-gpu-snp.v2", true, true},
+		{"io.containerd.kata-qemu-nvidia-gpu-tdx.v2", true, true},
+		{"io.containerd.kata-qemu-nvidia-gpu.v2", true, false},
+		{"io.containerd.kata-qemu-sev.v2", true, false}, // not a kata-deploy name; "-se" must not catch it
+		{"io.containerd.runc.v2", false, false},
+		{"io.containerd.kata.v2.evil", false, false},
+		{"io.containerd.katana.v2", false, false},
+	} {
+		if got := MatchRuntime(DefaultRuntimes, tc.runtime); got != tc.watched {
+			t.Errorf("%s watched = %v, want %v", tc.runtime, got, tc.watched)
+		}
+		if got := MatchRuntime(DefaultSkipRuntimes, tc.runtime); got != tc.skip {
+			t.Errorf("%s skipped = %v, want %v", tc.runtime, got, tc.skip)
+		}
+	}
+	if err := ValidRuntimePatterns([]string{"io.containerd.kata-*.v2", "a[b"}); err == nil || !strings.Contains(err.Error(), "a[b") {
+		t.Errorf("malformed pattern: %v, want an error naming it", err)
+	}
+}
+
+// TestKataResolve: the flavour follows what exists on the node.
+func TestKataResolve(t *testing.T) {
+	dir := t.TempDir()
+	l := KataLayout{RsDir: dir + "/kata/{id}", GoMonitor: dir + "/vc/vm/{id}/extra-monitor.sock", GoAgentURL: "kata-shim://" + dir + "/vc/sbs/{id}/shim-monitor.sock",
+		RsAgentURL: "kata-shim://" + dir + "/kata/{id}/shim-monitor.sock",
+		BundleDirs: []string{dir + "/task/{namespace}/{id}", dir + "/shim/{namespace}/{id}"}}
+	if err := l.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	got := l.Resolve("k8s.io", "p1", "io.containerd.kata-qemu.v2")
+	if want := (KataSandbox{Flavour: FlavourGo, Monitor: dir + "/vc/vm/p1/extra-monitor.sock", Protocol: ProtoQMP,
+		AgentURL: "kata-shim://" + dir + "/vc/sbs/p1/shim-monitor.sock"}); got != want {
+		t.Errorf("Go handler = %+v, want %+v", got, want)
+	}
+	// A runtime-rs state dir makes it runtime-rs whatever the name; the
+	// shim sandboxer's bundle dir is taken when it is the one that exists.
+	for _, d := range []string{dir + "/kata/p1", dir + "/shim/k8s.io/p1"} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got = l.Resolve("k8s.io", "p1", "io.containerd.kata.v2")
+	if want := (KataSandbox{Flavour: FlavourRs, Monitor: dir + "/shim/k8s.io/p1/debug-monitor.sock", Protocol: ProtoHMP,
+		Bundle: dir + "/shim/k8s.io/p1", AgentURL: "kata-shim://" + dir + "/kata/p1/shim-monitor.sock"}); got != want {
+		t.Errorf("runtime-rs = %+v, want %+v", got, want)
+	}
+	for _, bad := range []KataLayout{{RsMonitor: "../x.sock"}, {RsMonitor: "/abs.sock"}, {GoMonitor: "rel/{id}"}, {BundleDirs: []string{"/run/no-id"}}} {
+		if err := bad.Validate(); err == nil {
+			t.Errorf("%+v: valid, want refused", bad)
+		}
+	}
+}
+
+// TestStoreSandbox covers which Sandbox Store records are sandboxes.
+func TestStoreSandbox(t *testing.T) {
+	dir := t.TempDir()
+	w := &ctrWatcher{cfg: ContainerdConfig{Kata: KataLayout{RsDir: dir + "/{id}"}}.withDefaults()}
+	meta := func(s string) typeurl.Any {
+		return &anypb.Any{TypeUrl: "github.com/containerd/containerd/v2/internal/cri/store/sandbox/Metadata", Value: []byte(s)}
+	}
+	live := filepath.Join(dir, "netns-live")
+	if err := os.WriteFile(live, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	good := `{"Version":"v1","Metadata":{"ID":"p1","Name":"pod","NetNSPath":"` + live + `","RuntimeHandler":"kata-qemu-runtime-rs"}}`
+	for _, tc := range []struct {
+		name    string
+		runtime string
+		ext     map[string]typeurl.Any
+		live    bool
+		skip    string
+		loud    bool
+	}{
+		{name: "runtime-rs pod", runtime: "io.containerd.kata-qemu-runtime-rs.v2", ext: map[string]typeurl.Any{"metadata": meta(good)}, live: true},
+		{name: "stopped pod", runtime: "io.containerd.kata-qemu-runtime-rs.v2",
+			ext: map[string]typeurl.Any{"metadata": meta(strings.ReplaceAll(good, live, dir+"/gone"))}},
+		{name: "runc pod", runtime: "io.containerd.runc.v2", ext: map[string]typeurl.Any{"metadata": meta(good)}, skip: "not watched"},
+		{name: "no metadata", runtime: "io.containerd.kata-qemu.v2", skip: "no CRI metadata", loud: true},
+		{name: "malformed metadata", runtime: "io.containerd.kata-qemu.v2", ext: map[string]typeurl.Any{"metadata": meta(`{"Metadata":`)}, skip: "malformed", loud: true},
+		{name: "wrong shape", runtime: "io.containerd.kata-qemu.v2", ext: map[string]typeurl.Any{"metadata": meta(`{"Metadata":{"NetNSPath":5}}`)}, skip: "malformed", loud: true},
+		{name: "host network", runtime: "io.containerd.kata-qemu.v2", ext: map[string]typeurl.Any{"metadata": meta(`{"Version":"v1","Metadata":{"ID":"p1"}}`)}, skip: "host network", loud: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rec := sandbox.Sandbox{ID: "p1", Runtime: sandbox.RuntimeOpts{Name: tc.runtime}, Sandboxer: "shim", Extensions: tc.ext}
+			sb, isLive, skip := w.storeSandbox("k8s.io", rec)
+			if !strings.Contains(skip.why, tc.skip) || (tc.skip == "") != (skip.why == "") || skip.loud != tc.loud {
+				t.Fatalf("skip = %+v, want one containing %q (loud %v)", skip, tc.skip, tc.loud)
+			}
+			if tc.skip != "" {
+				return
+			}
+			if isLive != tc.live {
+				t.Errorf("live = %v, want %v", isLive, tc.live)
+			}
+			if sb.ID != "p1" || sb.Flavour != FlavourRs || sb.Protocol != ProtoHMP || sb.Runtime != tc.runtime {
+				t.Errorf("sandbox = %+v, want p1 of runtime-rs over HMP", sb)
+			}
+		})
+	}
+}

@@ -34,7 +34,12 @@ const (
 type Sandbox struct {
 	ID    string
 	Netns string // path of the sandbox network namespace
-	QMP   string // path of the VM's QMP unix socket
+	QMP   string // path of the VM's monitor socket (QMP unless Monitor says HMP)
+	// Monitor is the protocol the socket speaks: MonitorQMP ("" too) or
+	// MonitorHMP (a human monitor: no events, so unplugs are polled).
+	Monitor string
+	// Flavour and Runtime say which runtime made the VM (status only).
+	Flavour, Runtime string
 	// Queues per new endpoint; 0: one per vCPU of the VM, counted when
 	// the endpoint is made. An endpoint keeps its count for its life.
 	Queues        int
@@ -62,6 +67,12 @@ type Sandbox struct {
 	// (a sandbox found through /proc: the QEMU it was found as).
 	CheckQMP func(*net.UnixConn) error
 }
+
+// Monitor protocols.
+const (
+	MonitorQMP = "qmp"
+	MonitorHMP = "hmp"
+)
 
 // Equal reports whether s and o are the same settings (CheckQMP aside:
 // functions do not compare).
@@ -374,7 +385,11 @@ func (r *Reconciler) clientModel(ctx context.Context, sb Sandbox) (*qmp.Client, 
 			on(id, e)
 		}
 	}
-	c, err := qmp.Dial(ctx, sb.QMP, opts)
+	dial := qmp.Dial
+	if sb.Monitor == MonitorHMP {
+		dial = qmp.DialHMP
+	}
+	c, err := dial(ctx, sb.QMP, opts)
 	if err != nil {
 		return nil, nil, fmt.Errorf("sandbox %s: %w", sb.ID, err)
 	}

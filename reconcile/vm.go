@@ -135,6 +135,11 @@ func (v qmpVM) UnplugNICs(ctx context.Context, reqs []Unplug, wait bool) []error
 		us[i] = qmp.Unplug{Index: r.Index, Requested: r.Requested}
 	}
 	errs := v.c.RemoveNICs(ctx, us, d)
+	if !v.c.HasEvents() && slices.ContainsFunc(errs, func(err error) bool { return errors.Is(err, qmp.ErrRemovalPending) }) {
+		// No DEVICE_DELETED will tell the model when the guest lets go:
+		// the next pass reads the VM again.
+		v.model.forget()
+	}
 	for i, err := range errs {
 		switch {
 		case err == nil:

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"net"
 	"os"
+	"strings"
 	"syscall"
 	"time"
 
@@ -138,9 +139,9 @@ func runChecks(ctx context.Context, cfg Config) []checkResult {
 	case cfg.Guest.Agent == GuestAgentNone:
 		add("warn", `[guest] agent = "none": hot-plugged NICs reach the guest unconfigured (no address, routes or MTU)`,
 			`set [guest] agent = "kata" so the Kata agent configures them`)
-	case cfg.Containerd.Enabled && cfg.Containerd.AgentURL == "":
-		add("warn", "[containerd] agent_url is empty: containerd sandboxes get no guest configuration",
-			`set agent_url = "kata-shim:///run/vc/sbs/{id}/shim-monitor.sock"`)
+	case cfg.Containerd.Enabled && (cfg.Containerd.AgentURL == "" || cfg.Containerd.RsAgentURL == ""):
+		add("warn", "[containerd] agent_url or rs_agent_url is empty: the Go runtime's or runtime-rs's sandboxes get no guest configuration",
+			fmt.Sprintf("set agent_url = %q and rs_agent_url = %q", watcher.DefaultGoAgentURL, watcher.DefaultRsAgentURL))
 	}
 	for _, s := range cfg.Sandboxes {
 		if ok, _ := watcher.IsNetns(s.Netns); !ok {
@@ -167,27 +168,31 @@ func runChecks(ctx context.Context, cfg Config) []checkResult {
 	return out
 }
 
-// kataMonitorTodo is what Kata needs to serve the extra monitor that
-// [containerd] qmp_socket names: it serves one only in debug mode.
-const kataMonitorTodo = `in Kata's configuration.toml [hypervisor.qemu]: enable_debug = true and extra_monitor_socket = "qmp" ` +
-	`(new sandboxes get it; running ones keep their VM as it was started), or fix [containerd] qmp_socket`
+// kataMonitorTodo is what a Kata runtime of flavour needs to serve the
+// monitor tapsync looks for: it serves one only in debug mode.
+func kataMonitorTodo(flavour string) string {
+	kind := "qmp"
+	if flavour == watcher.FlavourRs {
+		kind = "hmp"
+	}
+	return fmt.Sprintf(`in a drop-in file in the config.d/ directory beside this handler's Kata configuration.toml (e.g. config.d/60-tapsync.toml): `+
+		`[hypervisor.qemu] enable_debug = true and extra_monitor_socket = %q (new sandboxes get it; running ones keep their VM as it was started)`, kind)
+}
 
-// checkContainerdSandboxes tests the [containerd] qmp_socket template
-// against containerd's running sandboxes: for each, whether its monitor
-// socket exists and answers.
+// checkContainerdSandboxes reports, for each running Kata sandbox of
+// containerd, the runtime flavour, whether its monitor exists and
+// answers, and whether its agent does; and the sandboxes left alone.
 func checkContainerdSandboxes(ctx context.Context, cfg Config) []checkResult {
 	cd := cfg.Containerd
 	lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	sbs, err := watcher.ListContainerd(lctx, watcher.ContainerdConfig{
-		Address: cd.Address, Namespaces: cd.Namespaces, Runtimes: cd.Runtimes, QMPSocket: cd.QMPSocket, NetnsDir: cfg.NetnsDir,
-	})
+	sbs, err := watcher.ListContainerd(lctx, cfg.watcherConfig(nil))
 	cancel()
 	if err != nil {
 		return []checkResult{{"FAIL", "list containerd's sandboxes: " + err.Error(), "start containerd, set [containerd] address, or set enabled = false"}}
 	}
 	if len(sbs) == 0 {
-		return []checkResult{{"info", fmt.Sprintf("no running sandbox of runtimes %v to test qmp_socket %s against", cd.Runtimes, cd.QMPSocket),
-			"Kata sandboxes need QEMU's extra monitor there: " + kataMonitorTodo}}
+		return []checkResult{{"info", fmt.Sprintf("no running sandbox of runtimes %v", cd.Runtimes),
+			"Kata sandboxes need a monitor tapsync can reach: Go runtime: " + kataMonitorTodo(watcher.FlavourGo) + "; runtime-rs: " + kataMonitorTodo(watcher.FlavourRs)}}
 	}
 	daemonUp := false
 	if _, err := newControlClient(controlSocketPath(cfg.StateDir)).status(); err == nil {
@@ -195,61 +200,86 @@ func checkContainerdSandboxes(ctx context.Context, cfg Config) []checkResult {
 	}
 	var out []checkResult
 	for _, sb := range sbs {
-		out = append(out, monitorResult(sb.ID, sb.QMP, probeMonitor(ctx, sb.QMP), daemonUp))
+		if sb.Skip != "" {
+			out = append(out, checkResult{"info", fmt.Sprintf("sandbox %s (%s): left alone: %s", sb.ID, sb.Runtime, sb.Skip), ""})
+			continue
+		}
+		out = append(out, checkResult{"info", fmt.Sprintf("sandbox %s: %s (%s), netns %s", sb.ID, sb.Flavour, sb.Runtime, sb.Netns), ""})
+		out = append(out, monitorResult(sb, probeMonitor(ctx, sb), daemonUp))
+		out = append(out, checkSandboxAgent(ctx, cfg, sb.ID, sb.AgentURL, "[containerd] agent_url / rs_agent_url"))
 	}
 	return out
 }
 
-// probeMonitor dials a QMP socket once and hangs up.
-func probeMonitor(ctx context.Context, path string) error {
-	if _, err := os.Stat(path); err != nil {
+// probeMonitor dials a sandbox's monitor once, as the daemon would
+// (checking who serves it), and hangs up.
+func probeMonitor(ctx context.Context, sb watcher.Sandbox) error {
+	if _, err := os.Stat(sb.QMP); err != nil {
 		return err
 	}
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	c, err := qmp.Dial(cctx, path, qmp.Options{Timeout: 2 * time.Second})
+	dial := qmp.Dial
+	if sb.Protocol == watcher.ProtoHMP {
+		dial = qmp.DialHMP
+	}
+	c, err := dial(cctx, sb.QMP, qmp.Options{Timeout: 2 * time.Second,
+		CheckConn: func(c *net.UnixConn) error { return watcher.CheckMonitorPeer(c, sb.Netns, sb.Bundle) }})
 	if err == nil {
 		c.Close()
 	}
 	return err
 }
 
-// monitorResult says what a probe of sandbox id's monitor socket at path
-// found, and what to do about it. daemonUp: a tapsync daemon answers on
-// its control socket (and so probably holds the monitor).
-func monitorResult(id, path string, probe error, daemonUp bool) checkResult {
+// monitorResult says what a probe of sandbox sb's monitor found, and what
+// to do about it. daemonUp: a tapsync daemon answers on its control
+// socket (and so probably holds the monitor).
+func monitorResult(sb watcher.Sandbox, probe error, daemonUp bool) checkResult {
+	id, path, proto := sb.ID, sb.QMP, strings.ToUpper(sb.Protocol)
+	if proto == "" {
+		proto = "QMP"
+	}
+	todo := kataMonitorTodo(sb.Flavour)
 	switch {
 	case probe == nil:
-		return checkResult{"ok", fmt.Sprintf("sandbox %s: QMP socket %s answers", id, path), ""}
+		return checkResult{"ok", fmt.Sprintf("sandbox %s: %s monitor %s answers", id, proto, path), ""}
 	case errors.Is(probe, fs.ErrNotExist):
-		return checkResult{"FAIL", fmt.Sprintf("sandbox %s: no QMP socket at %s: its VM serves no extra monitor", id, path), kataMonitorTodo}
+		return checkResult{"FAIL", fmt.Sprintf("sandbox %s: no %s monitor at %s: its VM serves none", id, proto, path), todo}
 	case errors.Is(probe, qmp.ErrNoGreeting) && daemonUp:
-		return checkResult{"ok", fmt.Sprintf("sandbox %s: QMP socket %s is held, probably by the running tapsync daemon", id, path), ""}
+		return checkResult{"ok", fmt.Sprintf("sandbox %s: %s monitor %s is held, probably by the running tapsync daemon", id, proto, path), ""}
 	case errors.Is(probe, qmp.ErrNoGreeting):
-		return checkResult{"warn", fmt.Sprintf("sandbox %s: QMP socket %s is busy, held by another client", id, path),
-			"make sure no other tool holds this monitor; Kata's own qmp.sock is taken by Kata (point qmp_socket at the extra monitor)"}
+		return checkResult{"warn", fmt.Sprintf("sandbox %s: %s monitor %s is busy, held by another client", id, proto, path),
+			"make sure no other tool holds this monitor; Kata's own qmp.sock is taken by Kata"}
 	case errors.Is(probe, syscall.ECONNREFUSED):
-		return checkResult{"FAIL", fmt.Sprintf("sandbox %s: QMP socket %s refuses connections: nobody serves it (QEMU exited?)", id, path), kataMonitorTodo}
+		return checkResult{"FAIL", fmt.Sprintf("sandbox %s: %s monitor %s refuses connections: nobody serves it (QEMU exited?)", id, proto, path), todo}
 	}
-	return checkResult{"FAIL", fmt.Sprintf("sandbox %s: QMP socket %s: %v", id, path, probe), "check that the socket is QEMU's monitor; " + kataMonitorTodo}
+	return checkResult{"FAIL", fmt.Sprintf("sandbox %s: %s monitor %s: %v", id, proto, path, probe), "check that the socket is this sandbox's QEMU's monitor; " + todo}
 }
 
 // checkAgent says whether a configured sandbox's guest agent answers a
 // health check.
 func checkAgent(ctx context.Context, cfg Config, s StaticSandbox) checkResult {
-	u, off := cfg.agentFor(s.ID, s.AgentURL)
+	return checkSandboxAgent(ctx, cfg, s.ID, s.AgentURL, "agent_url on the sandbox")
+}
+
+// checkSandboxAgent says whether sandbox id's guest agent, at its
+// configured URL (a template with {id}), answers a health check; key
+// names the setting.
+func checkSandboxAgent(ctx context.Context, cfg Config, id, configured, key string) checkResult {
+	u, off := cfg.agentFor(id, configured)
 	if off != "" {
-		return checkResult{"warn", fmt.Sprintf("sandbox %s: guest side off: %s", s.ID, off), "set agent_url on the sandbox to have its guest interfaces configured"}
+		return checkResult{"warn", fmt.Sprintf("sandbox %s: guest side off: %s", id, off), "set " + key + " to have its guest interfaces configured"}
 	}
 	cctx, cancel := context.WithTimeout(ctx, cfg.Guest.Timeout)
 	defer cancel()
 	c, err := agent.Dial(cctx, u, cfg.Guest.Timeout)
 	if err == nil {
 		err = c.Check(cctx)
+		u = c.URL()
 		c.Close()
 	}
 	if err != nil {
-		return checkResult{"FAIL", fmt.Sprintf("sandbox %s: guest agent at %s: %v", s.ID, u, err), "start the VM's agent, or fix agent_url"}
+		return checkResult{"FAIL", fmt.Sprintf("sandbox %s: guest agent at %s: %v", id, u, err), "start the VM's agent, or fix " + key}
 	}
-	return checkResult{"ok", fmt.Sprintf("sandbox %s: guest agent at %s answers", s.ID, u), ""}
+	return checkResult{"ok", fmt.Sprintf("sandbox %s: guest agent at %s answers", id, u), ""}
 }

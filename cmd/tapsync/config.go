@@ -87,16 +87,45 @@ const (
 	GuestAgentNone = "none"
 )
 
-// ContainerdConfig selects the containerd sandboxes to follow.
+// ContainerdConfig selects the containerd sandboxes to follow, and says
+// where each Kata runtime keeps a sandbox's monitor and agent.
 type ContainerdConfig struct {
 	Enabled    bool     `toml:"enabled"`
 	Address    string   `toml:"address"`
 	Namespaces []string `toml:"namespaces"`
-	Runtimes   []string `toml:"runtimes"`
-	QMPSocket  string   `toml:"qmp_socket"`
-	// AgentURL is where a sandbox's agent is reached; {id} is the sandbox
-	// id. kata-shim://PATH asks Kata's shim for it. Empty: no guest side.
-	AgentURL string `toml:"agent_url"`
+	// Runtimes are patterns of the runtime names whose sandboxes are VMs
+	// (* matches any run of characters); SkipRuntimes are left alone
+	// even so, shown in status (Kata's confidential handlers).
+	Runtimes     []string `toml:"runtimes"`
+	SkipRuntimes []string `toml:"skip_runtimes"`
+	// QMPSocket and AgentURL are the Go runtime's ({id} is the sandbox
+	// id): its QMP extra monitor and its agent. AgentURL empty: no
+	// guest side for its sandboxes.
+	QMPSocket string `toml:"qmp_socket"`
+	AgentURL  string `toml:"agent_url"`
+	// RsDir is runtime-rs's per-sandbox dir (its existence says a
+	// sandbox is runtime-rs's), RsMonitor its HMP debug monitor relative
+	// to the bundle dir (QEMU's cwd), RsAgentURL its agent; BundleDirs
+	// where containerd makes bundle dirs ({namespace}, {id}).
+	RsDir      string   `toml:"rs_dir"`
+	RsMonitor  string   `toml:"rs_monitor"`
+	RsAgentURL string   `toml:"rs_agent_url"`
+	BundleDirs []string `toml:"bundle_dirs"`
+}
+
+// watcherConfig is the containerd source's configuration.
+func (c *Config) watcherConfig(relist <-chan struct{}) watcher.ContainerdConfig {
+	cd := c.Containerd
+	skip := cd.SkipRuntimes
+	if skip == nil {
+		skip = []string{} // none: an empty list in the file means skip nothing
+	}
+	return watcher.ContainerdConfig{
+		Address: cd.Address, Namespaces: cd.Namespaces, Runtimes: cd.Runtimes, SkipRuntimes: skip,
+		Kata: watcher.KataLayout{GoMonitor: cd.QMPSocket, GoAgentURL: cd.AgentURL,
+			RsDir: cd.RsDir, RsMonitor: cd.RsMonitor, RsAgentURL: cd.RsAgentURL, BundleDirs: cd.BundleDirs},
+		NetnsDir: c.NetnsDir, Relist: relist,
+	}
 }
 
 // Discovery enables zero-config sources.
@@ -159,12 +188,17 @@ func DefaultConfig() Config {
 		},
 		Guest: GuestConfig{Agent: GuestAgentKata, Timeout: 5 * time.Second},
 		Containerd: ContainerdConfig{
-			Enabled:    true,
-			Address:    "/run/containerd/containerd.sock",
-			Namespaces: []string{"k8s.io"},
-			Runtimes:   []string{"io.containerd.kata.v2"},
-			QMPSocket:  "/run/vc/vm/{id}/extra-monitor.sock",
-			AgentURL:   "kata-shim:///run/vc/sbs/{id}/shim-monitor.sock",
+			Enabled:      true,
+			Address:      "/run/containerd/containerd.sock",
+			Namespaces:   []string{"k8s.io"},
+			Runtimes:     slices.Clone(watcher.DefaultRuntimes),
+			SkipRuntimes: slices.Clone(watcher.DefaultSkipRuntimes),
+			QMPSocket:    watcher.DefaultGoMonitor,
+			AgentURL:     watcher.DefaultGoAgentURL,
+			RsDir:        watcher.DefaultRsDir,
+			RsMonitor:    watcher.DefaultRsMonitor,
+			RsAgentURL:   watcher.DefaultRsAgentURL,
+			BundleDirs:   slices.Clone(watcher.DefaultBundleDirs),
 		},
 		Discovery: Discovery{Proc: false, QEMUBinaries: slices.Clone(watcher.DefaultQEMUBinaries), QMPDir: watcher.DefaultQMPDir},
 	}
@@ -291,11 +325,15 @@ func (c *Config) Validate() error {
 	if c.Guest.Timeout <= 0 || c.Guest.Timeout > time.Minute {
 		bad("guest.timeout", "%v is outside (0, 1m]", c.Guest.Timeout)
 	}
-	if cd := c.Containerd; cd.Enabled && cd.AgentURL != "" {
-		if !strings.Contains(cd.AgentURL, "{id}") {
-			bad("containerd.agent_url", "%q must contain {id}", cd.AgentURL)
-		} else if _, err := agent.ParseURL(strings.ReplaceAll(cd.AgentURL, "{id}", "sandbox")); err != nil {
-			bad("containerd.agent_url", "%v", err)
+	for _, kv := range [][2]string{{"containerd.agent_url", c.Containerd.AgentURL}, {"containerd.rs_agent_url", c.Containerd.RsAgentURL}} {
+		key, u := kv[0], kv[1]
+		if !c.Containerd.Enabled || u == "" {
+			continue
+		}
+		if !strings.Contains(u, "{id}") {
+			bad(key, "%q must contain {id}", u)
+		} else if _, err := agent.ParseURL(strings.ReplaceAll(u, "{id}", "sandbox")); err != nil {
+			bad(key, "%v", err)
 		}
 	}
 	if cd := c.Containerd; cd.Enabled {
@@ -306,10 +344,30 @@ func (c *Config) Validate() error {
 			bad("containerd.namespaces", "empty: name at least one containerd namespace")
 		}
 		if len(cd.Runtimes) == 0 {
-			bad("containerd.runtimes", "empty: name at least one sandbox runtime")
+			bad("containerd.runtimes", "empty: name at least one sandbox runtime (patterns: io.containerd.kata-*.v2)")
+		}
+		if err := watcher.ValidRuntimePatterns(cd.Runtimes); err != nil {
+			bad("containerd.runtimes", "%v", err)
+		}
+		if err := watcher.ValidRuntimePatterns(cd.SkipRuntimes); err != nil {
+			bad("containerd.skip_runtimes", "%v", err)
 		}
 		if !strings.Contains(cd.QMPSocket, "{id}") || !filepath.IsAbs(cd.QMPSocket) {
 			bad("containerd.qmp_socket", "%q must be an absolute path template containing {id}", cd.QMPSocket)
+		}
+		if !strings.Contains(cd.RsDir, "{id}") || !filepath.IsAbs(cd.RsDir) {
+			bad("containerd.rs_dir", "%q must be an absolute path template containing {id}", cd.RsDir)
+		}
+		if cd.RsMonitor == "" || cd.RsMonitor != filepath.Base(cd.RsMonitor) || cd.RsMonitor == ".." {
+			bad("containerd.rs_monitor", "%q must be a file name (it is relative to the bundle dir)", cd.RsMonitor)
+		}
+		if len(cd.BundleDirs) == 0 {
+			bad("containerd.bundle_dirs", "empty: name where containerd makes bundle dirs")
+		}
+		for _, b := range cd.BundleDirs {
+			if !strings.Contains(b, "{id}") || !filepath.IsAbs(b) {
+				bad("containerd.bundle_dirs", "%q must be an absolute path template containing {id}", b)
+			}
 		}
 	}
 	seen := map[string]bool{}

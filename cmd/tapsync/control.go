@@ -11,11 +11,14 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/reconcile"
 	"github.com/tapsync/tapsync/state"
+	"github.com/tapsync/tapsync/watcher"
 	"golang.org/x/sys/unix"
 )
 
@@ -49,6 +52,10 @@ type (
 		ID            string         `json:"id"`
 		Netns         string         `json:"netns"`
 		QMP           string         `json:"qmp"`
+		Monitor       string         `json:"monitor,omitempty"`    // the socket's protocol: qmp or hmp
+		Flavour       string         `json:"flavour,omitempty"`    // the Kata runtime that made the VM
+		Runtime       string         `json:"runtime,omitempty"`    // its containerd runtime name
+		LeftAlone     string         `json:"left_alone,omitempty"` // why tapsync wires nothing here (a confidential handler)
 		Source        string         `json:"source"`
 		LastReconcile *time.Time     `json:"last_reconcile,omitempty"`
 		LastError     string         `json:"last_error,omitempty"`
@@ -96,7 +103,11 @@ func (d *daemon) statusJSON() []statusJSON {
 	var out []statusJSON
 	for _, st := range d.rec.Status() {
 		id := st.Sandbox.ID
-		s := statusJSON{ID: id, Netns: st.Sandbox.Netns, QMP: st.Sandbox.QMP, Source: string(st.Source),
+		monitor := st.Sandbox.Monitor
+		if monitor == "" {
+			monitor = reconcile.MonitorQMP
+		}
+		s := statusJSON{ID: id, Netns: st.Sandbox.Netns, QMP: st.Sandbox.QMP, Monitor: monitor, Flavour: st.Sandbox.Flavour, Runtime: st.Sandbox.Runtime, Source: string(st.Source),
 			LastError: st.LastError, Mutations: st.Mutations, Retries: d.queue.Failures(id), Pending: st.Pending, Held: st.Held, Skipped: skippedOf(st.Skipped),
 			Endpoints: []endpointJSON{}, Guest: st.Guest, Model: st.Sandbox.Model, RxRate: st.Sandbox.RxRate, TxRate: st.Sandbox.TxRate,
 			Notes: st.Notes}
@@ -113,6 +124,13 @@ func (d *daemon) statusJSON() []statusJSON {
 		}
 		out = append(out, s)
 	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, sb := range d.skipped {
+		out = append(out, statusJSON{ID: sb.ID, Netns: sb.Netns, Flavour: sb.Flavour, Runtime: sb.Runtime,
+			LeftAlone: sb.Skip, Source: string(watcher.SourceContainerd), Endpoints: []endpointJSON{}})
+	}
+	slices.SortFunc(out[len(out)-len(d.skipped):], func(a, b statusJSON) int { return strings.Compare(a.ID, b.ID) })
 	return out
 }
 

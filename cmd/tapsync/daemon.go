@@ -59,6 +59,12 @@ type daemon struct {
 	podRates map[string]overrides // rate limits pods set by annotation, kept over a reload's new defaults
 	inflight map[string]time.Time // passes running now, by start time (for the watchdog)
 	pending  map[string]time.Time // first trigger since the sandbox last converged
+	// skipped holds the sandboxes a source found and tapsync leaves
+	// alone (a confidential handler), with why, for status.
+	skipped map[string]watcher.Sandbox
+	// relist asks the containerd source for a full listing (SIGHUP and
+	// the periodic resync); size 1, pokes coalesce.
+	relist chan struct{}
 
 	baseCtx context.Context // carries the logger for events from sources
 }
@@ -72,6 +78,7 @@ func newDaemon(cfg Config) (*daemon, error) {
 		store: store, rec: reconcile.New(store), queue: reconcile.NewQueue(),
 		gone: map[string]bool{}, pending: map[string]time.Time{},
 		dropped: map[string]bool{}, podRates: map[string]overrides{}, inflight: map[string]time.Time{},
+		skipped: map[string]watcher.Sandbox{}, relist: make(chan struct{}, 1),
 		discoveryRequests: make(chan string, 1),
 		listed:            make(chan struct{}), firstListingWait: firstListingWait,
 	}
@@ -239,12 +246,30 @@ func (d *daemon) handle(e watcher.Event) {
 		d.trigger(e.ID, src)
 	case watcher.KindUpsert:
 		s := e.Sandbox
-		agentURL := ""
-		if e.Source == watcher.SourceContainerd {
-			agentURL = d.config().Containerd.AgentURL
+		d.mu.Lock()
+		delete(d.skipped, s.ID)
+		if s.Skip != "" {
+			d.skipped[s.ID] = s
 		}
-		d.register(ctx(), d.sandboxFor(s.ID, s.Netns, s.QMP, nil, agentURL, d.notePodRates(s)), reconcile.Source(e.Source), e.Why)
+		d.mu.Unlock()
+		if s.Skip != "" {
+			zerolog.Ctx(ctx()).Info().Str("sandbox", s.ID).Str("runtime", s.Runtime).Str("why", s.Skip).Msg("sandbox left alone")
+			d.markGone(s.ID) // registered before under another runtime? let go of it
+			return
+		}
+		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, nil, s.AgentURL, d.notePodRates(s))
+		if e.Source == watcher.SourceContainerd {
+			sb.Monitor, sb.Flavour, sb.Runtime = s.Protocol, s.Flavour, s.Runtime
+			// The monitor is trusted only while root's process in the
+			// pod's netns (in the bundle dir, for runtime-rs) serves it.
+			netns, bundle := s.Netns, s.Bundle
+			sb.CheckQMP = func(c *net.UnixConn) error { return watcher.CheckMonitorPeer(c, netns, bundle) }
+		}
+		d.register(ctx(), sb, reconcile.Source(e.Source), e.Why)
 	case watcher.KindGone:
+		d.mu.Lock()
+		delete(d.skipped, e.ID)
+		d.mu.Unlock()
 		d.markGone(e.ID)
 	case watcher.KindResyncAll:
 		zerolog.Ctx(ctx()).Info().Str("source", src).Str("reason", e.Why).Msg("resyncing every sandbox")
@@ -296,6 +321,10 @@ func (d *daemon) qmpEvent(id string, e qmp.Event) {
 		d.trigger(id, "qmp")
 	}
 }
+
+// hmpUnplugPoll is how often a sandbox reached through a human monitor
+// is looked at while a removal waits for the guest (no event says when).
+const hmpUnplugPoll = 2 * time.Second
 
 // firstListingWait bounds how long the first /proc walk waits for
 // containerd's first listing: a containerd that is down must not keep
@@ -467,6 +496,14 @@ func (d *daemon) pass(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
+	if st := d.status(id); len(st.Pending) > 0 && st.Sandbox.Monitor == reconcile.MonitorHMP {
+		// A human monitor sends no DEVICE_DELETED: look again later.
+		time.AfterFunc(hmpUnplugPoll, func() {
+			if ctx.Err() == nil {
+				d.trigger(id, "hmp-poll")
+			}
+		})
+	}
 	d.mu.Lock()
 	first, ok := d.pending[id]
 	delete(d.pending, id)
@@ -545,12 +582,9 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 		})
 	}
 	source("netns-dir", func() error { return d.watchNetnsDir(ctx) })
-	if cd := cfg.Containerd; cd.Enabled {
+	if cfg.Containerd.Enabled {
 		source("containerd", func() error {
-			return watcher.WatchContainerd(ctx, watcher.ContainerdConfig{
-				Address: cd.Address, Namespaces: cd.Namespaces, Runtimes: cd.Runtimes, QMPSocket: cd.QMPSocket,
-				NetnsDir: cfg.NetnsDir,
-			}, d.handle)
+			return watcher.WatchContainerd(ctx, cfg.watcherConfig(d.relist), d.handle)
 		})
 	}
 	if cfg.Discovery.Proc {
@@ -591,6 +625,7 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 				d.reloadConfig(ctx)
 				log.Info().Str("reason", "SIGHUP").Msg("resyncing every sandbox")
 				d.triggerAll("signal")
+				d.askRelist()
 				continue
 			}
 			return stop(sig.String())
@@ -600,6 +635,7 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 			// than from the model our commands and its events keep.
 			d.rec.VerifyAll()
 			d.triggerAll("resync")
+			d.askRelist()
 			if cfg.Discovery.Proc {
 				d.requestDiscovery("periodic resync")
 			}
@@ -675,6 +711,14 @@ func (d *daemon) watchNetnsDir(ctx context.Context) error {
 		}
 		wait = min(2*wait, 30*time.Second)
 		d.triggerAll(string(watcher.SourceNetnsDir)) // changes may have been missed
+	}
+}
+
+// askRelist asks the containerd source to list again; it never blocks.
+func (d *daemon) askRelist() {
+	select {
+	case d.relist <- struct{}{}:
+	default:
 	}
 }
 

@@ -203,7 +203,15 @@ func printStatus(out interface{ Write([]byte) (int, error) }, st []statusJSON) {
 		if s.LastError != "" {
 			result = "error: " + s.LastError
 		}
-		fmt.Fprintf(out, "sandbox %s (from %s)\n  netns %s\n  qmp   %s\n  last reconcile %s: %s\n", s.ID, s.Source, s.Netns, s.QMP, last, result)
+		if s.LeftAlone != "" {
+			fmt.Fprintf(out, "sandbox %s (from %s, %s)\n  netns %s\n  left alone: %s\n", s.ID, s.Source, s.Runtime, s.Netns, s.LeftAlone)
+			continue
+		}
+		runtime := ""
+		if s.Flavour != "" {
+			runtime = fmt.Sprintf(", %s, %s", s.Flavour, s.Runtime)
+		}
+		fmt.Fprintf(out, "sandbox %s (from %s%s)\n  netns %s\n  %-5s %s\n  last reconcile %s: %s\n", s.ID, s.Source, runtime, s.Netns, s.Monitor, s.QMP, last, result)
 		if s.Retries > 0 {
 			fmt.Fprintf(out, "  retries %d\n", s.Retries)
 		}

@@ -6,6 +6,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/reconcile"
+	"github.com/tapsync/tapsync/watcher"
 )
 
 // restartOnlyKeys are the config keys a reload does not change: they are
@@ -93,12 +94,16 @@ func (d *daemon) reloadConfig(ctx context.Context) {
 			continue
 		case reconcile.SourceContainerd:
 			agentURL = next.Containerd.AgentURL
+			if st.Sandbox.Flavour == watcher.FlavourRs {
+				agentURL = next.Containerd.RsAgentURL
+			}
 		}
 		d.mu.Lock()
 		pod := d.podRates[st.Sandbox.ID]
 		d.mu.Unlock()
 		sb := d.sandboxFor(st.Sandbox.ID, st.Sandbox.Netns, st.Sandbox.QMP, nil, agentURL, pod)
-		sb.CheckQMP = st.Sandbox.CheckQMP // who may serve its QMP socket does not change
+		// Its monitor and who may serve it do not change.
+		sb.CheckQMP, sb.Monitor, sb.Flavour, sb.Runtime = st.Sandbox.CheckQMP, st.Sandbox.Monitor, st.Sandbox.Flavour, st.Sandbox.Runtime
 		if _, err := d.rec.Register(sb, st.Source); err != nil {
 			log.Error().Err(err).Str("sandbox", sb.ID).Msg("sandbox refused with the reloaded defaults")
 		}

@@ -75,6 +75,14 @@ type Options struct {
 	SelfConfig bool
 	// Logf receives decisions worth knowing (the accelerator); nil = none.
 	Logf func(format string, args ...any)
+	// Cwd is QEMU's working directory ("": the test's), where relative
+	// socket paths among Args are bound (runtime-rs binds its monitors
+	// in the bundle dir so). ExtraFiles are passed to QEMU as fds 3, 4, …
+	// (a monitor the caller bound, as a shim passes one). Name is
+	// QEMU's -name (default tapsync-testvm; Kata's is sandbox-<id>).
+	Cwd        string
+	ExtraFiles []*os.File
+	Name       string
 	// Args are appended to QEMU's command line as they are, for callers
 	// that want what no other option offers: a paused VM (-S) for the
 	// benchmarks, QEMU's trace events (-trace, -D, -msg timestamp=on).
@@ -186,8 +194,12 @@ func start(ctx context.Context, opts Options, accel string) (_ *VM, err error) {
 		}
 	}
 
+	name := opts.Name
+	if name == "" {
+		name = "tapsync-testvm"
+	}
 	args := []string{
-		"-name", "tapsync-testvm",
+		"-name", name,
 		"-machine", "q35",
 		"-accel", accel,
 		"-nodefaults", "-no-user-config",
@@ -253,6 +265,7 @@ func start(ctx context.Context, opts Options, accel string) (_ *VM, err error) {
 	// Not CommandContext: the VM lives until Stop, not until ctx ends.
 	cmd := exec.Command(argv[0], append(argv[1:], args...)...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.Dir, cmd.ExtraFiles = opts.Cwd, opts.ExtraFiles
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setpgid:   true,            // a ^C to the test is not QEMU's business; Stop is
 		Pdeathsig: syscall.SIGKILL, // no QEMU outlives a crashed test binary

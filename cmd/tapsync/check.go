@@ -15,6 +15,7 @@ import (
 	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/reconcile"
 	"github.com/tapsync/tapsync/state"
 	"github.com/tapsync/tapsync/watcher"
 )
@@ -148,7 +149,11 @@ func runChecks(ctx context.Context, cfg Config) []checkResult {
 			add("warn", fmt.Sprintf("sandbox %s: %s is not a network namespace (yet)", s.ID, s.Netns), "tapsync waits for it to appear")
 		}
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		c, err := qmp.Dial(cctx, s.QMP, qmp.Options{Timeout: 2 * time.Second})
+		dial := qmp.Dial
+		if s.Monitor == reconcile.MonitorHMP {
+			dial = qmp.DialHMP
+		}
+		c, err := dial(cctx, s.QMP, qmp.Options{Timeout: 2 * time.Second})
 		cancel()
 		switch {
 		case errors.Is(err, qmp.ErrNoGreeting):

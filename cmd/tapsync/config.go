@@ -146,13 +146,16 @@ func (d Discovery) procConfig() watcher.ProcConfig {
 
 // StaticSandbox is a sandbox named in the config file.
 type StaticSandbox struct {
-	ID     string `toml:"id"`
-	Netns  string `toml:"netns"`
-	QMP    string `toml:"qmp"`
-	Model  string `toml:"model"`
-	Queues *int   `toml:"queues"`
-	RxRate *int64 `toml:"rx_rate"`
-	TxRate *int64 `toml:"tx_rate"`
+	ID    string `toml:"id"`
+	Netns string `toml:"netns"`
+	QMP   string `toml:"qmp"`
+	// Monitor is the protocol the qmp socket speaks: "qmp" (default) or
+	// "hmp" (QEMU's human monitor, -monitor unix:…).
+	Monitor string `toml:"monitor"`
+	Model   string `toml:"model"`
+	Queues  *int   `toml:"queues"`
+	RxRate  *int64 `toml:"rx_rate"`
+	TxRate  *int64 `toml:"tx_rate"`
 	// AgentURL is the guest agent: vsock://CID:PORT, hvsock://PATH:PORT,
 	// unix://PATH or kata-shim://PATH. Empty: no guest side.
 	AgentURL string `toml:"agent_url"`
@@ -388,6 +391,11 @@ func (c *Config) Validate() error {
 		}
 		if !filepath.IsAbs(s.QMP) {
 			bad(key+".qmp", "%q is not an absolute path", s.QMP)
+		}
+		switch s.Monitor {
+		case "", reconcile.MonitorQMP, reconcile.MonitorHMP:
+		default:
+			bad(key+".monitor", "%q is not qmp or hmp", s.Monitor)
 		}
 		if other, dup := netnsOf[s.Netns]; dup {
 			bad(key+".netns", "%s is already the netns of sandbox %q", s.Netns, other)

@@ -75,6 +75,14 @@ func TestConfigRefused(t *testing.T) {
 		{"agent url without port", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/a.sock\"\nagent_url = \"vsock://3\"\n", `sandbox "a".agent_url`},
 		{"containerd agent template without id", "[containerd]\nagent_url = \"kata-shim:///run/vc/sbs/x/shim-monitor.sock\"\n", "containerd.agent_url"},
 		{"containerd agent template scheme", "[containerd]\nagent_url = \"tcp://{id}:1024\"\n", "containerd.agent_url"},
+		{"runtime-rs agent template without id", "[containerd]\nrs_agent_url = \"kata-shim:///run/kata/x/shim-monitor.sock\"\n", "containerd.rs_agent_url"},
+		{"malformed runtime pattern", "[containerd]\nruntimes = [\"io.containerd.kata-[.v2\"]\n", "containerd.runtimes"},
+		{"malformed skip pattern", "[containerd]\nskip_runtimes = [\"[\"]\n", "containerd.skip_runtimes"},
+		{"runtime-rs monitor with a dir", "[containerd]\nrs_monitor = \"../debug-monitor.sock\"\n", "containerd.rs_monitor"},
+		{"runtime-rs dir without id", "[containerd]\nrs_dir = \"/run/kata\"\n", "containerd.rs_dir"},
+		{"bundle dir without id", "[containerd]\nbundle_dirs = [\"/run/containerd/{namespace}\"]\n", "containerd.bundle_dirs"},
+		{"no bundle dirs", "[containerd]\nbundle_dirs = []\n", "containerd.bundle_dirs"},
+		{"unknown monitor protocol", "[[sandbox]]\nid = \"a\"\nnetns = \"/var/run/netns/a\"\nqmp = \"/run/a.sock\"\nmonitor = \"telnet\"\n", `sandbox "a".monitor`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := writeConfig(t, tc.body)

@@ -553,6 +553,7 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 
 	for _, s := range cfg.Sandboxes {
 		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL, overrides{Model: s.Model, RxRate: rate(s.RxRate), TxRate: rate(s.TxRate)})
+		sb.Monitor = s.Monitor
 		d.register(ctx, sb, reconcile.SourceConfig, "in config file")
 	}
 	d.collectGarbage(ctx)

@@ -79,6 +79,7 @@ func (d *daemon) reloadConfig(ctx context.Context) {
 	}
 	for _, s := range next.Sandboxes {
 		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL, overrides{Model: s.Model, RxRate: rate(s.RxRate), TxRate: rate(s.TxRate)})
+		sb.Monitor = s.Monitor
 		st := d.status(s.ID)
 		if old := st.Sandbox; old.ID != "" && st.Source == reconcile.SourceConfig && old.Equal(sb) {
 			continue // unchanged: the resync that follows the reload passes over it, once

@@ -570,9 +570,16 @@ func (w *ctrWatcher) get(ctx context.Context, cli *client.Client, ns, id string)
 // logSkip logs why a container is not taken as a sandbox: loudly when it
 // is of a watched runtime and meant to be one (its netns cannot be named),
 // quietly for the everyday other containers.
+//
+// A loud one is logged once per reason (relisting does not repeat it).
 func (w *ctrWatcher) logSkip(ns, id string, s skipReason) {
 	ev := w.log.Debug()
 	if s.loud {
+		key := ctrKey{ns, id}
+		if w.rejected[key] == s.why {
+			return
+		}
+		w.rejected[key] = s.why
 		ev = w.log.Warn()
 	}
 	ev.Str("namespace", ns).Str("sandbox", id).Str("why", s.why).Msg("skipped: not a sandbox we can wire")

@@ -1,6 +1,7 @@
 package watcher
 
 import (
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -8,6 +9,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/sandbox"
 	"github.com/containerd/typeurl/v2"
+	"github.com/tapsync/tapsync/e2e/testnet"
 	"google.golang.org/protobuf/types/known/anypb"
 )
 
@@ -127,5 +129,42 @@ func TestStoreSandbox(t *testing.T) {
 				t.Errorf("sandbox = %+v, want p1 of runtime-rs over HMP", sb)
 			}
 		})
+	}
+}
+
+// TestCheckMonitorPeer: a monitor is trusted only when root's process in
+// the sandbox's netns (and, for runtime-rs, in its bundle dir) serves it.
+// Here this test process serves it, in its own netns and cwd.
+func TestCheckMonitorPeer(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("skipped: needs root (the listener must be root's, and a second netns)")
+	}
+	sock := filepath.Join(t.TempDir(), "m.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	conn := c.(*net.UnixConn)
+	cwd, _ := os.Getwd()
+	other := testnet.NewNS(t, "peer")
+	for _, tc := range []struct {
+		name, netns, cwd, want string
+	}{
+		{"its QEMU", "/proc/self/ns/net", "", ""},
+		{"its QEMU in the bundle dir", "/proc/self/ns/net", cwd, ""},
+		{"another netns", other.Path, "", "not in the sandbox's network namespace"},
+		{"another dir", "/proc/self/ns/net", t.TempDir(), "working directory is not the sandbox's bundle dir"},
+		{"a netns that is gone", filepath.Join(t.TempDir(), "gone"), "", "not in the sandbox's network namespace"},
+	} {
+		err := CheckMonitorPeer(conn, tc.netns, tc.cwd)
+		if (err == nil) != (tc.want == "") || (err != nil && !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
+		}
 	}
 }

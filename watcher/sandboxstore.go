@@ -148,21 +148,21 @@ func (w *ctrWatcher) storeChanged(ctx context.Context, cli *client.Client, ns, i
 	case err != nil:
 		return fmt.Errorf("get sandbox %s from the Sandbox Store of containerd at %s in namespace %s: %w", id, w.cfg.Address, ns, err)
 	}
-	if _, err := w.containerOf(ctx, cli, ns, id); err == nil {
-		return nil // a pause container speaks for it (task events follow it)
-	} else if !errdefs.IsNotFound(err) {
+	if _, found, err := w.get(ctx, cli, ns, id); err != nil {
 		return err
+	} else if found {
+		// A pause container speaks for it. Its task's start is reported
+		// by /tasks/start, but the shim's /tasks/exit and /tasks/delete
+		// race its shutdown and are sometimes lost (containerd 2.4):
+		// CRI's stop is the reliable word that it ended.
+		live, _, err := w.taskLive(ctx, cli, ns, id)
+		if err != nil || live {
+			return err
+		}
+		return w.gone(ctx, cli, ns, id, why, false)
 	}
 	w.storeRecord(ns, rec, why)
 	return nil
-}
-
-// containerOf loads container id, or fails with a not-found error.
-func (w *ctrWatcher) containerOf(ctx context.Context, cli *client.Client, ns, id string) (bool, error) {
-	nctx, cancel := context.WithTimeout(namespaces.WithNamespace(ctx, ns), ctrCallTimeout)
-	defer cancel()
-	_, err := cli.ContainerService().Get(nctx, id)
-	return err == nil, err
 }
 
 func unimplemented(err error) bool {

@@ -66,6 +66,7 @@ state_dir = %q
 metrics_address = ""
 [containerd]
 address = %q
+wrapper_socket = "%[3]s/qmp/{id}.sock"
 qmp_socket = "%[3]s/vc/vm/{id}/extra-monitor.sock"
 agent_url = "kata-shim://%[3]s/vc/sbs/{id}/shim-monitor.sock"
 rs_dir = "%[3]s/kata/{id}"

@@ -38,8 +38,9 @@ type Sandbox struct {
 	// Monitor is the protocol the socket speaks: MonitorQMP ("" too) or
 	// MonitorHMP (a human monitor: no events, so unplugs are polled).
 	Monitor string
-	// Flavour and Runtime say which runtime made the VM (status only).
-	Flavour, Runtime string
+	// Flavour and Runtime say which runtime made the VM, and MonitorNote
+	// why its monitor is the one it is (status only).
+	Flavour, Runtime, MonitorNote string
 	// Queues per new endpoint; 0: one per vCPU of the VM, counted when
 	// the endpoint is made. An endpoint keeps its count for its life.
 	Queues        int

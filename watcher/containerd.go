@@ -670,7 +670,8 @@ func (w *ctrWatcher) sandboxOf(ns string, rec containers.Container) (Sandbox, sk
 // when its runtime is one to leave alone.
 func (w *ctrWatcher) kataSandbox(ns, id, runtime, netns string) Sandbox {
 	k := w.cfg.Kata.Resolve(ns, id, runtime)
-	sb := Sandbox{ID: id, Netns: netns, QMP: k.Monitor, Protocol: k.Protocol, Runtime: runtime, Flavour: k.Flavour, Bundle: k.Bundle, AgentURL: k.AgentURL}
+	sb := Sandbox{ID: id, Netns: netns, QMP: k.Monitor, Protocol: k.Protocol, Runtime: runtime, Flavour: k.Flavour, Bundle: k.Bundle, AgentURL: k.AgentURL,
+		Wrapped: k.Wrapped, MonitorNote: k.WrapperNote}
 	if MatchRuntime(w.cfg.SkipRuntimes, runtime) {
 		sb.Skip = fmt.Sprintf("runtime %s is a confidential handler: its agent policy denies UpdateInterface and UpdateRoutes, so a NIC plugged in would stay unconfigured (containerd skip_runtimes)", runtime)
 	}

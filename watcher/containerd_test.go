@@ -23,7 +23,19 @@ const ctrTestNS = "tapsync-test"
 
 // TestContainerdSandboxOf covers which container records are sandboxes.
 func TestContainerdSandboxOf(t *testing.T) {
-	w := &ctrWatcher{cfg: ContainerdConfig{Kata: KataLayout{GoMonitor: "/run/vc/vm/{id}/qmp.sock", RsDir: t.TempDir() + "/{id}"}}.withDefaults()}
+	// The runtimes' debug monitors exist (as files), the wrapper's does
+	// not: the debug monitors are taken, with a note.
+	dir := t.TempDir()
+	for _, f := range []string{dir + "/vc/c1/qmp.sock", dir + "/task/k8s.io/c1/debug-monitor.sock"} {
+		if err := os.MkdirAll(filepath.Dir(f), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(f, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w := &ctrWatcher{cfg: ContainerdConfig{Kata: KataLayout{Wrapper: dir + "/w/{id}.sock", GoMonitor: dir + "/vc/{id}/qmp.sock", RsDir: dir + "/kata/{id}",
+		BundleDirs: []string{dir + "/task/{namespace}/{id}"}}}.withDefaults()}
 	netns := func(path string) specs.LinuxNamespace {
 		return specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: path}
 	}
@@ -37,24 +49,24 @@ func TestContainerdSandboxOf(t *testing.T) {
 		{name: "kata sandbox", runtime: "io.containerd.kata.v2",
 			spec: &specs.Spec{Annotations: map[string]string{criContainerType: "sandbox"},
 				Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.PIDNamespace}, netns("/var/run/netns/cni-1")}}},
-			want: Sandbox{ID: "c1", Netns: "/var/run/netns/cni-1", QMP: "/run/vc/vm/c1/qmp.sock", Protocol: ProtoQMP,
+			want: Sandbox{ID: "c1", Netns: "/var/run/netns/cni-1", QMP: dir + "/vc/c1/qmp.sock", Protocol: ProtoQMP,
 				Runtime: "io.containerd.kata.v2", Flavour: FlavourGo}},
 		{name: "no CRI annotation", runtime: "io.containerd.kata.v2",
 			spec: &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{netns("/var/run/netns/x")}}},
-			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: "/run/vc/vm/c1/qmp.sock", Protocol: ProtoQMP,
+			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: dir + "/vc/c1/qmp.sock", Protocol: ProtoQMP,
 				Runtime: "io.containerd.kata.v2", Flavour: FlavourGo}},
 		{name: "kata-deploy Go handler", runtime: "io.containerd.kata-qemu.v2",
 			spec: &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{netns("/var/run/netns/x")}}},
-			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: "/run/vc/vm/c1/qmp.sock", Protocol: ProtoQMP,
+			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: dir + "/vc/c1/qmp.sock", Protocol: ProtoQMP,
 				Runtime: "io.containerd.kata-qemu.v2", Flavour: FlavourGo}},
 		{name: "kata-deploy runtime-rs handler", runtime: "io.containerd.kata-qemu-runtime-rs.v2",
 			spec: &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{netns("/var/run/netns/x")}}},
-			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: "/run/containerd/io.containerd.runtime.v2.task/k8s.io/c1/debug-monitor.sock",
+			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: dir + "/task/k8s.io/c1/debug-monitor.sock",
 				Protocol: ProtoHMP, Runtime: "io.containerd.kata-qemu-runtime-rs.v2", Flavour: FlavourRs,
-				Bundle: "/run/containerd/io.containerd.runtime.v2.task/k8s.io/c1"}},
+				Bundle: dir + "/task/k8s.io/c1"}},
 		{name: "confidential handler", runtime: "io.containerd.kata-qemu-snp.v2",
 			spec: &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{netns("/var/run/netns/x")}}},
-			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: "/run/vc/vm/c1/qmp.sock", Protocol: ProtoQMP,
+			want: Sandbox{ID: "c1", Netns: "/var/run/netns/x", QMP: dir + "/vc/c1/qmp.sock", Protocol: ProtoQMP,
 				Runtime: "io.containerd.kata-qemu-snp.v2", Flavour: FlavourGo, Skip: "confidential"}},
 		{name: "CRI app container", runtime: "io.containerd.kata.v2",
 			spec: &specs.Spec{Annotations: map[string]string{criContainerType: "container"},
@@ -82,6 +94,10 @@ func TestContainerdSandboxOf(t *testing.T) {
 			if tt.want.Skip != "" && strings.Contains(got.Skip, tt.want.Skip) {
 				got.Skip = tt.want.Skip
 			}
+			if tt.want.ID != "" && !strings.Contains(got.MonitorNote, "no tapsync-qemu monitor at "+dir+"/w/c1.sock") {
+				t.Errorf("monitor note = %q, want one naming the wrapper's missing socket", got.MonitorNote)
+			}
+			got.MonitorNote = ""
 			if got != tt.want {
 				t.Errorf("sandbox = %+v, want %+v", got, tt.want)
 			}
@@ -96,7 +112,7 @@ func TestContainerdConfig(t *testing.T) {
 	got := ContainerdConfig{}.withDefaults()
 	want := ContainerdConfig{Address: "/run/containerd/containerd.sock", Namespaces: []string{"k8s.io"},
 		Runtimes: DefaultRuntimes, SkipRuntimes: DefaultSkipRuntimes,
-		Kata:     KataLayout{GoMonitor: DefaultGoMonitor, RsDir: DefaultRsDir, RsMonitor: DefaultRsMonitor, BundleDirs: DefaultBundleDirs},
+		Kata:     KataLayout{Wrapper: DefaultWrapper, GoMonitor: DefaultGoMonitor, RsDir: DefaultRsDir, RsMonitor: DefaultRsMonitor, BundleDirs: DefaultBundleDirs},
 		NetnsDir: "/var/run/netns", StorePoll: defaultStorePoll}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("defaults = %+v, want %+v", got, want)
@@ -159,7 +175,7 @@ func TestContainerdEvents(t *testing.T) {
 			Address:    ctd.Address(),
 			Namespaces: []string{ctrTestNS},
 			Runtimes:   []string{testctr.RuntimeRunc},
-			Kata:       KataLayout{GoMonitor: "/tmp/x/{id}.sock"},
+			Kata:       KataLayout{Wrapper: "/tmp/x/w/{id}.sock", GoMonitor: "/tmp/x/{id}.sock"},
 		}, r.sink)
 	}()
 	t.Cleanup(func() { // before the fixture's cleanup: the source logs to t
@@ -175,10 +191,15 @@ func TestContainerdEvents(t *testing.T) {
 	})
 
 	sandbox := func(id string, ns testnet.NS) Sandbox {
-		return Sandbox{ID: id, Netns: ns.Path, QMP: "/tmp/x/" + id + ".sock", Protocol: ProtoQMP, Runtime: testctr.RuntimeRunc, Flavour: FlavourGo}
+		// Neither monitor exists: the wrapper's is waited for.
+		return Sandbox{ID: id, Netns: ns.Path, QMP: "/tmp/x/w/" + id + ".sock", Protocol: ProtoQMP, Wrapped: true, Runtime: testctr.RuntimeRunc, Flavour: FlavourGo}
 	}
 	upsert := func(sb Sandbox) func(Event) bool {
-		return func(e Event) bool { return e.Kind == KindUpsert && e.Source == SourceContainerd && e.Sandbox == sb }
+		return func(e Event) bool {
+			got := e.Sandbox
+			got.MonitorNote = ""
+			return e.Kind == KindUpsert && e.Source == SourceContainerd && got == sb
+		}
 	}
 	upsertOf := func(id string) func(Event) bool {
 		return func(e Event) bool { return e.Kind == KindUpsert && e.Sandbox.ID == id }

@@ -66,6 +66,10 @@ const (
 // agent address. Templates take {id} (the sandbox id) and, for bundle
 // dirs, {namespace}. Zero fields take the defaults.
 type KataLayout struct {
+	// Wrapper is the QMP socket tapsync's QEMU wrapper (tapsync-qemu, at
+	// Kata's [hypervisor.qemu] path) adds to every VM: preferred, for
+	// either runtime, whenever it exists. It needs no debug mode.
+	Wrapper string
 	// GoMonitor is the Go runtime's QMP extra monitor (served with
 	// enable_debug and extra_monitor_socket = "qmp").
 	GoMonitor string
@@ -87,6 +91,7 @@ type KataLayout struct {
 
 // Defaults of KataLayout.
 const (
+	DefaultWrapper    = "/run/tapsync/qmp/{id}.sock"
 	DefaultGoMonitor  = "/run/vc/vm/{id}/extra-monitor.sock"
 	DefaultGoAgentURL = "kata-shim:///run/vc/sbs/{id}/shim-monitor.sock"
 	DefaultRsDir      = "/run/kata/{id}"
@@ -102,6 +107,9 @@ var DefaultBundleDirs = []string{
 }
 
 func (l KataLayout) withDefaults() KataLayout {
+	if l.Wrapper == "" {
+		l.Wrapper = DefaultWrapper
+	}
 	if l.GoMonitor == "" {
 		l.GoMonitor = DefaultGoMonitor
 	}
@@ -125,6 +133,9 @@ func (l KataLayout) Validate() error {
 			return fmt.Errorf("%s: %q must be an absolute path template containing {id}", key, t)
 		}
 		return nil
+	}
+	if err := abs("wrapper monitor", l.Wrapper); err != nil {
+		return err
 	}
 	if err := abs("go monitor", l.GoMonitor); err != nil {
 		return err
@@ -154,6 +165,10 @@ type KataSandbox struct {
 	Flavour  string
 	Monitor  string // socket path
 	Protocol string // ProtoQMP or ProtoHMP
+	// Wrapped: Monitor is the wrapper's. When it is not, WrapperNote says
+	// why the wrapper's was not taken.
+	Wrapped     bool
+	WrapperNote string
 	// Bundle is the bundle dir that is QEMU's cwd (runtime-rs only): the
 	// monitor's listener must have it as its cwd.
 	Bundle   string
@@ -163,9 +178,36 @@ type KataSandbox struct {
 // Resolve says which runtime serves sandbox id of containerd namespace ns
 // running under runtime, by what exists on the node: runtime-rs when its
 // per-sandbox dir exists, or (before it does) when the runtime's name
-// says runtime-rs; the Go runtime otherwise.
+// says runtime-rs; the Go runtime otherwise. The monitor is the wrapper's
+// when its socket exists, else that runtime's debug monitor.
 func (l KataLayout) Resolve(ns, id, runtime string) KataSandbox {
 	l = l.withDefaults()
+	k := l.resolveRuntime(ns, id, runtime)
+	wrapper := expand(l.Wrapper, ns, id)
+	var st unix.Stat_t
+	switch err := unix.Lstat(wrapper, &st); {
+	case err == nil && st.Mode&unix.S_IFMT == unix.S_IFSOCK:
+	case err == nil:
+		k.WrapperNote = fmt.Sprintf("%s is not a socket: using the runtime's debug monitor", wrapper)
+		return k
+	case exists(k.Monitor):
+		k.WrapperNote = fmt.Sprintf("no tapsync-qemu monitor at %s (QEMU's stderr, in Kata's log, says why the wrapper made none; or tapsync install-kata's drop-in is not in force): using the runtime's debug monitor", wrapper)
+		return k
+	default:
+		// Neither yet: wait for the wrapper's, the one production has.
+		k.WrapperNote = fmt.Sprintf("neither tapsync-qemu's monitor %s nor the runtime's debug monitor %s exists", wrapper, k.Monitor)
+	}
+	k.Monitor, k.Protocol, k.Bundle, k.Wrapped = wrapper, ProtoQMP, "", true
+	return k
+}
+
+func exists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
+}
+
+// resolveRuntime is Resolve without the wrapper's monitor.
+func (l KataLayout) resolveRuntime(ns, id, runtime string) KataSandbox {
 	rs := strings.Contains(runtime, "runtime-rs")
 	if fi, err := os.Stat(expand(l.RsDir, ns, id)); err == nil && fi.IsDir() {
 		rs = true

@@ -60,11 +60,36 @@ func TestKataResolve(t *testing.T) {
 	if err := l.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	got := l.Resolve("k8s.io", "p1", "io.containerd.kata-qemu.v2")
-	if want := (KataSandbox{Flavour: FlavourGo, Monitor: dir + "/vc/vm/p1/extra-monitor.sock", Protocol: ProtoQMP,
-		AgentURL: "kata-shim://" + dir + "/vc/sbs/p1/shim-monitor.sock"}); got != want {
-		t.Errorf("Go handler = %+v, want %+v", got, want)
+	l.Wrapper = dir + "/w/{id}.sock"
+	mkfile := func(f string) {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Dir(f), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(f, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
+	check := func(what string, got, want KataSandbox, note string) {
+		t.Helper()
+		if !strings.Contains(got.WrapperNote, note) || (note == "") != (got.WrapperNote == "") {
+			t.Errorf("%s: note %q, want one containing %q", what, got.WrapperNote, note)
+		}
+		got.WrapperNote = ""
+		if got != want {
+			t.Errorf("%s = %+v, want %+v", what, got, want)
+		}
+	}
+	goAgent := "kata-shim://" + dir + "/vc/sbs/p1/shim-monitor.sock"
+	rsAgent := "kata-shim://" + dir + "/kata/p1/shim-monitor.sock"
+
+	// Nothing yet: the wrapper's monitor is waited for.
+	check("Go handler, no monitor", l.Resolve("k8s.io", "p1", "io.containerd.kata-qemu.v2"),
+		KataSandbox{Flavour: FlavourGo, Monitor: dir + "/w/p1.sock", Protocol: ProtoQMP, Wrapped: true, AgentURL: goAgent}, "neither")
+	// The Go runtime's debug monitor.
+	mkfile(dir + "/vc/vm/p1/extra-monitor.sock")
+	check("Go handler, debug monitor", l.Resolve("k8s.io", "p1", "io.containerd.kata-qemu.v2"),
+		KataSandbox{Flavour: FlavourGo, Monitor: dir + "/vc/vm/p1/extra-monitor.sock", Protocol: ProtoQMP, AgentURL: goAgent}, "no tapsync-qemu monitor at "+dir+"/w/p1.sock")
 	// A runtime-rs state dir makes it runtime-rs whatever the name; the
 	// shim sandboxer's bundle dir is taken when it is the one that exists.
 	for _, d := range []string{dir + "/kata/p1", dir + "/shim/k8s.io/p1"} {
@@ -72,11 +97,26 @@ func TestKataResolve(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	got = l.Resolve("k8s.io", "p1", "io.containerd.kata.v2")
-	if want := (KataSandbox{Flavour: FlavourRs, Monitor: dir + "/shim/k8s.io/p1/debug-monitor.sock", Protocol: ProtoHMP,
-		Bundle: dir + "/shim/k8s.io/p1", AgentURL: "kata-shim://" + dir + "/kata/p1/shim-monitor.sock"}); got != want {
-		t.Errorf("runtime-rs = %+v, want %+v", got, want)
+	mkfile(dir + "/shim/k8s.io/p1/debug-monitor.sock")
+	check("runtime-rs, debug monitor", l.Resolve("k8s.io", "p1", "io.containerd.kata.v2"),
+		KataSandbox{Flavour: FlavourRs, Monitor: dir + "/shim/k8s.io/p1/debug-monitor.sock", Protocol: ProtoHMP,
+			Bundle: dir + "/shim/k8s.io/p1", AgentURL: rsAgent}, "no tapsync-qemu monitor")
+	// Not a socket at the wrapper's path: not taken.
+	mkfile(dir + "/w/p1.sock")
+	check("runtime-rs, a file at the wrapper's path", l.Resolve("k8s.io", "p1", "io.containerd.kata.v2"),
+		KataSandbox{Flavour: FlavourRs, Monitor: dir + "/shim/k8s.io/p1/debug-monitor.sock", Protocol: ProtoHMP,
+			Bundle: dir + "/shim/k8s.io/p1", AgentURL: rsAgent}, "is not a socket")
+	// The wrapper's socket: preferred over any debug monitor.
+	os.Remove(dir + "/w/p1.sock")
+	ln, err := net.Listen("unix", dir+"/w/p1.sock")
+	if err != nil {
+		t.Fatal(err)
 	}
+	defer ln.Close()
+	check("runtime-rs, wrapped", l.Resolve("k8s.io", "p1", "io.containerd.kata.v2"),
+		KataSandbox{Flavour: FlavourRs, Monitor: dir + "/w/p1.sock", Protocol: ProtoQMP, Wrapped: true, AgentURL: rsAgent}, "")
+	check("Go, wrapped", l.Resolve("k8s.io", "p1", "io.containerd.kata-qemu.v2"),
+		KataSandbox{Flavour: FlavourRs, Monitor: dir + "/w/p1.sock", Protocol: ProtoQMP, Wrapped: true, AgentURL: rsAgent}, "")
 	for _, bad := range []KataLayout{{RsMonitor: "../x.sock"}, {RsMonitor: "/abs.sock"}, {GoMonitor: "rel/{id}"}, {BundleDirs: []string{"/run/no-id"}}} {
 		if err := bad.Validate(); err == nil {
 			t.Errorf("%+v: valid, want refused", bad)
@@ -125,8 +165,8 @@ func TestStoreSandbox(t *testing.T) {
 			if isLive != tc.live {
 				t.Errorf("live = %v, want %v", isLive, tc.live)
 			}
-			if sb.ID != "p1" || sb.Flavour != FlavourRs || sb.Protocol != ProtoHMP || sb.Runtime != tc.runtime {
-				t.Errorf("sandbox = %+v, want p1 of runtime-rs over HMP", sb)
+			if sb.ID != "p1" || sb.Flavour != FlavourRs || sb.Runtime != tc.runtime {
+				t.Errorf("sandbox = %+v, want p1 of runtime-rs", sb)
 			}
 		})
 	}

@@ -26,6 +26,10 @@ type Sandbox struct {
 	QMP   string // path of its monitor's unix socket (QMP unless Protocol says HMP)
 	// Protocol is the monitor's: ProtoQMP ("" too) or ProtoHMP.
 	Protocol string
+	// Wrapped says the monitor is the one tapsync's QEMU wrapper adds;
+	// MonitorNote, why another was taken (or none exists yet).
+	Wrapped     bool
+	MonitorNote string
 	// Runtime is the containerd runtime name (io.containerd.kata-qemu.v2),
 	// Flavour the Kata runtime serving it (FlavourGo, FlavourRs), and
 	// Bundle the bundle dir its QEMU runs in (runtime-rs), all from

@@ -134,6 +134,7 @@ func runChecks(ctx context.Context, cfg Config) []checkResult {
 			c.Close()
 			add("ok", "containerd reachable at "+cd.Address, "")
 		}
+		out = append(out, checkKataInstall(cfg, DefaultKataDirs, DefaultWrapperPath)...)
 		out = append(out, checkContainerdSandboxes(ctx, cfg)...)
 	}
 	switch {
@@ -173,15 +174,16 @@ func runChecks(ctx context.Context, cfg Config) []checkResult {
 	return out
 }
 
-// kataMonitorTodo is what a Kata runtime of flavour needs to serve the
-// monitor tapsync looks for: it serves one only in debug mode.
+// kataMonitorTodo is what a Kata runtime of flavour needs to serve a
+// monitor tapsync can reach.
 func kataMonitorTodo(flavour string) string {
 	kind := "qmp"
 	if flavour == watcher.FlavourRs {
 		kind = "hmp"
 	}
-	return fmt.Sprintf(`in a drop-in file in the config.d/ directory beside this handler's Kata configuration.toml (e.g. config.d/60-tapsync.toml): `+
-		`[hypervisor.qemu] enable_debug = true and extra_monitor_socket = %q (new sandboxes get it; running ones keep their VM as it was started)`, kind)
+	return fmt.Sprintf(`run tapsync install-kata: Kata then starts QEMU through tapsync-qemu, which gives it a monitor of tapsync's own (no debug mode); `+
+		`or, for debugging only, in a drop-in file in the config.d/ directory beside this handler's Kata configuration.toml: `+
+		`[hypervisor.qemu] enable_debug = true and extra_monitor_socket = %q (new sandboxes get either; running ones keep their VM as it was started)`, kind)
 }
 
 // checkContainerdSandboxes reports, for each running Kata sandbox of
@@ -210,6 +212,9 @@ func checkContainerdSandboxes(ctx context.Context, cfg Config) []checkResult {
 			continue
 		}
 		out = append(out, checkResult{"info", fmt.Sprintf("sandbox %s: %s (%s), netns %s", sb.ID, sb.Flavour, sb.Runtime, sb.Netns), ""})
+		if sb.MonitorNote != "" {
+			out = append(out, checkResult{"info", fmt.Sprintf("sandbox %s: %s", sb.ID, sb.MonitorNote), ""})
+		}
 		out = append(out, monitorResult(sb, probeMonitor(ctx, sb), daemonUp))
 		out = append(out, checkSandboxAgent(ctx, cfg, sb.ID, sb.AgentURL, "[containerd] agent_url / rs_agent_url"))
 	}

@@ -98,6 +98,7 @@ func TestCheckContainerdSandboxes(t *testing.T) {
 	cfg.Containerd.Runtimes = []string{testctr.RuntimeRunc}
 	cfg.Containerd.SkipRuntimes = []string{"io.containerd.runc.v2-never"}
 	cfg.Containerd.QMPSocket = filepath.Join(base, "{id}.sock")
+	cfg.Containerd.WrapperSocket = filepath.Join(base, "w", "{id}.sock")
 	cfg.Containerd.AgentURL = ""
 	results := checkContainerdSandboxes(context.Background(), cfg)
 	var lines []string
@@ -109,7 +110,9 @@ func TestCheckContainerdSandboxes(t *testing.T) {
 	for _, want := range []string{
 		"info sandbox served: kata-go (io.containerd.runc.v2)",
 		"ok sandbox served: QMP monitor " + filepath.Join(base, "served.sock") + " answers",
-		"FAIL sandbox unserved: no QMP monitor at " + filepath.Join(base, "unserved.sock"),
+		"info sandbox served: no tapsync-qemu monitor at " + filepath.Join(base, "w", "served.sock"),
+		"FAIL sandbox unserved: no QMP monitor at " + filepath.Join(base, "w", "unserved.sock"),
+		"run tapsync install-kata",
 		`enable_debug = true and extra_monitor_socket = "qmp"`,
 		"config.d/",
 		"FAIL sandbox impostor: QMP monitor " + filepath.Join(base, "impostor.sock"),

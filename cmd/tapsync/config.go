@@ -98,6 +98,10 @@ type ContainerdConfig struct {
 	// even so, shown in status (Kata's confidential handlers).
 	Runtimes     []string `toml:"runtimes"`
 	SkipRuntimes []string `toml:"skip_runtimes"`
+	// WrapperSocket is the QMP socket tapsync-qemu (the QEMU wrapper
+	// install-kata installs) adds to every Kata VM: preferred to the
+	// runtimes' debug monitors whenever it exists.
+	WrapperSocket string `toml:"wrapper_socket"`
 	// QMPSocket and AgentURL are the Go runtime's ({id} is the sandbox
 	// id): its QMP extra monitor and its agent. AgentURL empty: no
 	// guest side for its sandboxes.
@@ -122,7 +126,7 @@ func (c *Config) watcherConfig(relist <-chan struct{}) watcher.ContainerdConfig 
 	}
 	return watcher.ContainerdConfig{
 		Address: cd.Address, Namespaces: cd.Namespaces, Runtimes: cd.Runtimes, SkipRuntimes: skip,
-		Kata: watcher.KataLayout{GoMonitor: cd.QMPSocket, GoAgentURL: cd.AgentURL,
+		Kata: watcher.KataLayout{Wrapper: cd.WrapperSocket, GoMonitor: cd.QMPSocket, GoAgentURL: cd.AgentURL,
 			RsDir: cd.RsDir, RsMonitor: cd.RsMonitor, RsAgentURL: cd.RsAgentURL, BundleDirs: cd.BundleDirs},
 		NetnsDir: c.NetnsDir, Relist: relist,
 	}
@@ -191,17 +195,18 @@ func DefaultConfig() Config {
 		},
 		Guest: GuestConfig{Agent: GuestAgentKata, Timeout: 5 * time.Second},
 		Containerd: ContainerdConfig{
-			Enabled:      true,
-			Address:      "/run/containerd/containerd.sock",
-			Namespaces:   []string{"k8s.io"},
-			Runtimes:     slices.Clone(watcher.DefaultRuntimes),
-			SkipRuntimes: slices.Clone(watcher.DefaultSkipRuntimes),
-			QMPSocket:    watcher.DefaultGoMonitor,
-			AgentURL:     watcher.DefaultGoAgentURL,
-			RsDir:        watcher.DefaultRsDir,
-			RsMonitor:    watcher.DefaultRsMonitor,
-			RsAgentURL:   watcher.DefaultRsAgentURL,
-			BundleDirs:   slices.Clone(watcher.DefaultBundleDirs),
+			Enabled:       true,
+			Address:       "/run/containerd/containerd.sock",
+			Namespaces:    []string{"k8s.io"},
+			Runtimes:      slices.Clone(watcher.DefaultRuntimes),
+			SkipRuntimes:  slices.Clone(watcher.DefaultSkipRuntimes),
+			WrapperSocket: watcher.DefaultWrapper,
+			QMPSocket:     watcher.DefaultGoMonitor,
+			AgentURL:      watcher.DefaultGoAgentURL,
+			RsDir:         watcher.DefaultRsDir,
+			RsMonitor:     watcher.DefaultRsMonitor,
+			RsAgentURL:    watcher.DefaultRsAgentURL,
+			BundleDirs:    slices.Clone(watcher.DefaultBundleDirs),
 		},
 		Discovery: Discovery{Proc: false, QEMUBinaries: slices.Clone(watcher.DefaultQEMUBinaries), QMPDir: watcher.DefaultQMPDir},
 	}
@@ -357,6 +362,9 @@ func (c *Config) Validate() error {
 		}
 		if !strings.Contains(cd.QMPSocket, "{id}") || !filepath.IsAbs(cd.QMPSocket) {
 			bad("containerd.qmp_socket", "%q must be an absolute path template containing {id}", cd.QMPSocket)
+		}
+		if !strings.Contains(cd.WrapperSocket, "{id}") || !filepath.IsAbs(cd.WrapperSocket) {
+			bad("containerd.wrapper_socket", "%q must be an absolute path template containing {id}", cd.WrapperSocket)
 		}
 		if !strings.Contains(cd.RsDir, "{id}") || !filepath.IsAbs(cd.RsDir) {
 			bad("containerd.rs_dir", "%q must be an absolute path template containing {id}", cd.RsDir)

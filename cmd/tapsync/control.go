@@ -52,10 +52,11 @@ type (
 		ID            string         `json:"id"`
 		Netns         string         `json:"netns"`
 		QMP           string         `json:"qmp"`
-		Monitor       string         `json:"monitor,omitempty"`    // the socket's protocol: qmp or hmp
-		Flavour       string         `json:"flavour,omitempty"`    // the Kata runtime that made the VM
-		Runtime       string         `json:"runtime,omitempty"`    // its containerd runtime name
-		LeftAlone     string         `json:"left_alone,omitempty"` // why tapsync wires nothing here (a confidential handler)
+		Monitor       string         `json:"monitor,omitempty"`      // the socket's protocol: qmp or hmp
+		Flavour       string         `json:"flavour,omitempty"`      // the Kata runtime that made the VM
+		Runtime       string         `json:"runtime,omitempty"`      // its containerd runtime name
+		MonitorNote   string         `json:"monitor_note,omitempty"` // why the monitor is this one (no wrapper socket, …)
+		LeftAlone     string         `json:"left_alone,omitempty"`   // why tapsync wires nothing here (a confidential handler)
 		Source        string         `json:"source"`
 		LastReconcile *time.Time     `json:"last_reconcile,omitempty"`
 		LastError     string         `json:"last_error,omitempty"`
@@ -107,7 +108,7 @@ func (d *daemon) statusJSON() []statusJSON {
 		if monitor == "" {
 			monitor = reconcile.MonitorQMP
 		}
-		s := statusJSON{ID: id, Netns: st.Sandbox.Netns, QMP: st.Sandbox.QMP, Monitor: monitor, Flavour: st.Sandbox.Flavour, Runtime: st.Sandbox.Runtime, Source: string(st.Source),
+		s := statusJSON{ID: id, Netns: st.Sandbox.Netns, QMP: st.Sandbox.QMP, Monitor: monitor, Flavour: st.Sandbox.Flavour, Runtime: st.Sandbox.Runtime, MonitorNote: st.Sandbox.MonitorNote, Source: string(st.Source),
 			LastError: st.LastError, Mutations: st.Mutations, Retries: d.queue.Failures(id), Pending: st.Pending, Held: st.Held, Skipped: skippedOf(st.Skipped),
 			Endpoints: []endpointJSON{}, Guest: st.Guest, Model: st.Sandbox.Model, RxRate: st.Sandbox.RxRate, TxRate: st.Sandbox.TxRate,
 			Notes: st.Notes}

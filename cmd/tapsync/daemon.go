@@ -259,7 +259,7 @@ func (d *daemon) handle(e watcher.Event) {
 		}
 		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, nil, s.AgentURL, d.notePodRates(s))
 		if e.Source == watcher.SourceContainerd {
-			sb.Monitor, sb.Flavour, sb.Runtime = s.Protocol, s.Flavour, s.Runtime
+			sb.Monitor, sb.Flavour, sb.Runtime, sb.MonitorNote = s.Protocol, s.Flavour, s.Runtime, s.MonitorNote
 			// The monitor is trusted only while root's process in the
 			// pod's netns (in the bundle dir, for runtime-rs) serves it.
 			netns, bundle := s.Netns, s.Bundle

@@ -56,7 +56,7 @@ redirects both ways, and a virtio-net device hot-plugged over QMP.`,
 		return newControlClient(controlSocketPath(dir)), nil
 	}
 	root.AddCommand(newRunCmd(&configPath, &stateDir), newStatusCmd(client), newPlanCmd(client), newResyncCmd(client),
-		newCheckCmd(&configPath), &cobra.Command{
+		newCheckCmd(&configPath), newInstallKataCmd(&configPath), newUninstallKataCmd(), &cobra.Command{
 			Use:   "version",
 			Short: "Print the version",
 			Args:  cobra.NoArgs,
@@ -212,6 +212,9 @@ func printStatus(out interface{ Write([]byte) (int, error) }, st []statusJSON) {
 			runtime = fmt.Sprintf(", %s, %s", s.Flavour, s.Runtime)
 		}
 		fmt.Fprintf(out, "sandbox %s (from %s%s)\n  netns %s\n  %-5s %s\n  last reconcile %s: %s\n", s.ID, s.Source, runtime, s.Netns, s.Monitor, s.QMP, last, result)
+		if s.MonitorNote != "" {
+			fmt.Fprintf(out, "  monitor note: %s\n", s.MonitorNote)
+		}
 		if s.Retries > 0 {
 			fmt.Fprintf(out, "  retries %d\n", s.Retries)
 		}

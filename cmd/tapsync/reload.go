@@ -104,7 +104,7 @@ func (d *daemon) reloadConfig(ctx context.Context) {
 		d.mu.Unlock()
 		sb := d.sandboxFor(st.Sandbox.ID, st.Sandbox.Netns, st.Sandbox.QMP, nil, agentURL, pod)
 		// Its monitor and who may serve it do not change.
-		sb.CheckQMP, sb.Monitor, sb.Flavour, sb.Runtime = st.Sandbox.CheckQMP, st.Sandbox.Monitor, st.Sandbox.Flavour, st.Sandbox.Runtime
+		sb.CheckQMP, sb.Monitor, sb.Flavour, sb.Runtime, sb.MonitorNote = st.Sandbox.CheckQMP, st.Sandbox.Monitor, st.Sandbox.Flavour, st.Sandbox.Runtime, st.Sandbox.MonitorNote
 		if _, err := d.rec.Register(sb, st.Source); err != nil {
 			log.Error().Err(err).Str("sandbox", sb.ID).Msg("sandbox refused with the reloaded defaults")
 		}

@@ -16,6 +16,7 @@ import (
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/e2e/testproc"
 	"github.com/tapsync/tapsync/e2e/testvm"
+	"github.com/tapsync/tapsync/qmp"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -25,23 +26,43 @@ import (
 type b1Result struct {
 	add, remove []float64
 	ack         []float64 // the guest's share of each removal, left out of remove
+	whole       []float64 // each removal with the guest's share: deletion → done
 	// A removal in two parts around the guest's share: the link's
-	// deletion → QEMU receives device_del, and DEVICE_DELETED → netdev
-	// deleted and tap gone.
+	// deletion → QEMU receives device_del, and the guest's ack (over QMP
+	// DEVICE_DELETED, over HMP the ACPI eject) → netdev deleted and tap
+	// gone.
 	toAsk, afterAck []float64
-	qmpAdd          map[string]int
-	qmpRemove       map[string]int
+	// The add's monitor time, summed over its commands: QEMU executing
+	// them (received → answered) and between them (answered → next
+	// received: the client, and over HMP QEMU's echo of the next line).
+	busy, between []float64
+	// Over QMP: the ACPI eject (the guest's ack, HMP's mark) →
+	// DEVICE_DELETED (QEMU finalized the device). Over HMP: the eject →
+	// the qom-get that found the device gone (the poll's share of
+	// afterAck).
+	ejectLead, pollLag []float64
+	cmdsAdd            map[string]int // monitor commands, QMP or HMP
+	cmdsRemove         map[string]int
 }
 
-// wirer is what B1 measures: tapsync or the floor, on its own sandbox.
+// b1Pair is B1 for tapsync and the floor over one monitor protocol.
+type b1Pair struct{ tapsync, floor b1Result }
+
+// wirer is what B1 measures: tapsync or the floor, on its own sandbox,
+// over QMP or HMP.
 type wirer struct {
 	name    string
+	monitor string // qmp.ProtocolQMP or qmp.ProtocolHMP
+	sock    string // the monitor socket it is given
+	peer    string // the veth peer's name in the peer netns
 	sb      *sandbox
 	tapGone chan time.Time // DELLINK of a tsn<N> tap in the sandbox
 	settle  func() error   // waits until the wirer finished its pass
 	stop    func()
 	res     b1Result
 }
+
+func (w *wirer) hmp() bool { return w.monitor == qmp.ProtocolHMP }
 
 // watchTaps reports when a tsn<N> tap leaves the sandbox netns.
 func watchTaps(sb *sandbox, done <-chan struct{}) (chan time.Time, error) {
@@ -61,78 +82,59 @@ func watchTaps(sb *sandbox, done <-chan struct{}) (chan time.Time, error) {
 	return gone, nil
 }
 
-// startFloor runs the floor program on sb and waits for its "ready".
-func startFloor(bin string, sb *sandbox) (stop func(), err error) {
-	cmd := exec.Command(bin, "-netns", sb.path, "-qmp", sb.vm.QMP, "-bus", testvm.BridgeID)
+// startFloor runs the floor program on the wirer's sandbox and waits for
+// its "ready".
+func (w *wirer) startFloor(bin string) error {
+	args := []string{"-netns", w.sb.path, "-qmp", w.sock, "-bus", testvm.BridgeID}
+	if w.hmp() {
+		args = append(args, "-hmp")
+	}
+	cmd := exec.Command(bin, args...)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
-		return nil, err
+		return err
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return nil, err
+		return err
 	}
 	cmd.Stderr = os.Stderr
 	if err := testproc.Start(cmd); err != nil {
-		return nil, fmt.Errorf("start %s: %w", bin, err)
+		return fmt.Errorf("start %s: %w", bin, err)
 	}
-	stop = func() { stdin.Close(); _ = cmd.Wait() }
+	stop := func() { stdin.Close(); _ = cmd.Wait() }
 	line, err := bufio.NewReader(stdout).ReadString('\n')
 	if strings.TrimSpace(line) != "ready" {
 		stop()
-		return nil, fmt.Errorf("floor did not get ready: %q %v", line, err)
+		return fmt.Errorf("floor did not get ready: %q %v", line, err)
 	}
 	go io.Copy(io.Discard, stdout)
-	return stop, nil
+	w.stop = stop
+	w.settle = func() error { return nil } // the floor's pass ends with device_add / the tap's removal
+	return nil
 }
 
-// runB1 measures add and remove latency for tapsync and the floor in
-// alternating rounds, each on its own sandbox with a booted TCG guest.
-func runB1(ctx context.Context, cfg benchConfig, base string, peerNS netns.NsHandle) (tapsync, floor b1Result, err error) {
-	bctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-	img, err := testvm.Build(bctx, "", nil)
-	cancel()
+// startTapsync runs the daemon with one static sandbox, the wirer's,
+// state on tmpfs, and waits for its first pass.
+func (w *wirer) startTapsync(ctx context.Context, bin, base string) error {
+	dir, state := filepath.Join(base, "b1-"+w.name), filepath.Join(base, "state", w.name)
+	id := "b1"
+	if w.hmp() {
+		id = "b1-hmp"
+	}
+	conf, metrics, err := writeConfig(dir, state, []sandboxConf{{id: id, netns: w.sb.path, qmp: w.sock, monitor: w.monitor}})
 	if err != nil {
-		return tapsync, floor, err
+		return err
 	}
-	done := make(chan struct{})
-	defer close(done)
-	var ws []*wirer
-	for _, name := range []string{"tapsync", "floor"} {
-		dir := filepath.Join(base, "b1-"+name)
-		sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-		sb, err := newSandbox(sctx, name, fmt.Sprintf("tsb%d-b1%s", os.Getpid(), name), dir, testvm.Options{Image: &img, RootPorts: 1, Accel: "tcg"})
-		if err == nil {
-			defer sb.close()
-			err = sb.vm.WaitReady(sctx)
-		}
-		cancel()
-		if err != nil {
-			return tapsync, floor, err
-		}
-		w := &wirer{name: name, sb: sb}
-		if w.tapGone, err = watchTaps(sb, done); err != nil {
-			return tapsync, floor, err
-		}
-		ws = append(ws, w)
-	}
-
-	// tapsync: the daemon, one static sandbox, state on tmpfs.
-	tw := ws[0]
-	conf, metrics, err := writeConfig(filepath.Join(base, "b1-tapsync"), filepath.Join(base, "state", "b1"), []sandboxConf{{"b1", tw.sb.path, tw.sb.vm.QMP}})
+	d, err := startDaemon(bin, conf, metrics, filepath.Join(dir, "daemon.log"))
 	if err != nil {
-		return tapsync, floor, err
+		return err
 	}
-	d, err := startDaemon(cfg.tapsync, conf, metrics, filepath.Join(base, "b1-tapsync", "daemon.log"))
-	if err != nil {
-		return tapsync, floor, err
-	}
-	tw.stop = func() { d.stop(unix.SIGTERM) }
-	defer tw.stop()
+	w.stop = func() { d.stop(unix.SIGTERM) }
 	// The pass that wired a NIC ends with a "converged" log line; the
 	// next operation starts after it, so a measurement never includes
 	// the tail of the previous pass.
-	tw.settle = func() error {
+	w.settle = func() error {
 		select {
 		case <-d.converged:
 			return nil
@@ -144,54 +146,118 @@ func runB1(ctx context.Context, cfg benchConfig, base string, peerNS netns.NsHan
 	}
 	// The daemon's first pass over the empty sandbox converges nothing;
 	// wait for that pass before the first round.
-	if err := eventually(ctx, time.Minute, 20*time.Millisecond, "tapsync's first pass", func() (bool, string, error) {
-		st, err := daemonStatus(filepath.Join(base, "state", "b1"))
+	return eventually(ctx, time.Minute, 20*time.Millisecond, w.name+"'s first pass", func() (bool, string, error) {
+		st, err := daemonStatus(state)
 		if err != nil {
 			return false, err.Error(), nil
 		}
 		return len(st) == 1 && st[0].LastReconcile != nil, fmt.Sprint(st), nil
-	}); err != nil {
-		return tapsync, floor, err
-	}
+	})
+}
 
-	fw := ws[1]
-	if fw.stop, err = startFloor(cfg.floor, fw.sb); err != nil {
-		return tapsync, floor, err
+// runB1 measures add and remove latency for tapsync and the floor, over
+// QMP and (unless skipped) over HMP, in rounds that rotate their order,
+// each wirer on its own sandbox with a booted TCG guest.
+func runB1(ctx context.Context, cfg benchConfig, base string, peerNS netns.NsHandle) (overQMP, overHMP b1Pair, err error) {
+	bctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	img, err := testvm.Build(bctx, "", nil)
+	cancel()
+	if err != nil {
+		return overQMP, overHMP, err
 	}
-	defer fw.stop()
-	fw.settle = func() error { return nil } // the floor's pass ends with device_add / the tap's removal
-
+	done := make(chan struct{})
+	defer close(done)
+	ws := []*wirer{
+		{name: "tapsync", monitor: qmp.ProtocolQMP, peer: "pt"},
+		{name: "floor", monitor: qmp.ProtocolQMP, peer: "pf"},
+	}
+	if !cfg.skipHMP {
+		ws = append(ws,
+			&wirer{name: "tapsync-hmp", monitor: qmp.ProtocolHMP, peer: "pth"},
+			&wirer{name: "floor-hmp", monitor: qmp.ProtocolHMP, peer: "pfh"})
+	}
 	for _, w := range ws {
-		w.res.qmpAdd, w.res.qmpRemove = map[string]int{}, map[string]int{}
-	}
-	for round := range cfg.rounds {
-		order := ws
-		if round%2 == 1 {
-			order = []*wirer{ws[1], ws[0]}
+		dir := filepath.Join(base, "b1-"+w.name)
+		opts := testvm.Options{Image: &img, RootPorts: 1, Accel: "tcg", Args: ejectTraceArgs()}
+		if w.hmp() {
+			// As Kata's runtime-rs serves its debug monitor.
+			w.sock = filepath.Join(dir, "hmp.sock")
+			opts.Args = append(opts.Args, "-monitor", "unix:path="+w.sock+",server=on,wait=off")
+			opts.Args = append(opts.Args, hmpTraceArgs()...)
 		}
-		for _, w := range order {
+		sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		sb, err := newSandbox(sctx, w.name, fmt.Sprintf("tsb%d-b1%s", os.Getpid(), w.name), dir, opts)
+		if err == nil {
+			defer sb.close()
+			err = sb.vm.WaitReady(sctx)
+		}
+		cancel()
+		if err != nil {
+			return overQMP, overHMP, err
+		}
+		w.sb = sb
+		if !w.hmp() {
+			w.sock = sb.vm.QMP
+		}
+		if w.tapGone, err = watchTaps(sb, done); err != nil {
+			return overQMP, overHMP, err
+		}
+	}
+	for _, w := range ws {
+		if strings.HasPrefix(w.name, "tapsync") {
+			err = w.startTapsync(ctx, cfg.tapsync, base)
+		} else {
+			err = w.startFloor(cfg.floor)
+		}
+		if w.stop != nil {
+			defer w.stop()
+		}
+		if err != nil {
+			return overQMP, overHMP, err
+		}
+		w.res.cmdsAdd, w.res.cmdsRemove = map[string]int{}, map[string]int{}
+	}
+
+	for round := range cfg.rounds {
+		// Each wirer first, second, … in turn (AB, BA with two).
+		k := round % len(ws)
+		for _, w := range append(slices.Clone(ws[k:]), ws[:k]...) {
 			if err := w.addRemove(ctx, round, peerNS); err != nil {
-				return tapsync, floor, fmt.Errorf("B1 %s round %d: %w", w.name, round, err)
+				return overQMP, overHMP, fmt.Errorf("B1 %s round %d: %w", w.name, round, err)
 			}
 		}
 	}
-	return ws[0].res, ws[1].res, nil
+	overQMP = b1Pair{ws[0].res, ws[1].res}
+	if !cfg.skipHMP {
+		overHMP = b1Pair{ws[2].res, ws[3].res}
+	}
+	return overQMP, overHMP, nil
+}
+
+// exchanges returns the wirer's monitor commands QEMU received from t on.
+func (w *wirer) exchanges(t time.Time) []exchange {
+	if w.hmp() {
+		return hmpExchanges(w.sb.trace.hmpAfter(t))
+	}
+	return qmpExchanges(w.sb.trace.after(t))
 }
 
 // addRemove adds eth0 and measures until QEMU answered device_add, then
 // deletes it and measures until netdev_del is answered and the tap is
 // gone, minus the time QEMU waited for the guest to acknowledge the unplug
-// (device_del received → DEVICE_DELETED sent).
+// (device_del received → DEVICE_DELETED sent; over HMP → the ACPI eject).
+// Over HMP, whose trace does not tell success from failure, the VM is
+// asked after each operation whether it did what the trace says.
 func (w *wirer) addRemove(ctx context.Context, round int, peerNS netns.NsHandle) error {
 	sb := w.sb
 	if err := sb.trace.poll(); err != nil {
 		return err
 	}
 	t0 := time.Now()
-	if err := sb.addLink("eth0", testvm.TestMAC(1+round%200), "p"+w.name[:1], peerNS); err != nil {
+	if err := sb.addLink("eth0", testvm.TestMAC(1+round%200), w.peer, peerNS); err != nil {
 		return err
 	}
-	added, err := firstReply(ctx, sb, t0, "device_add")
+	added, err := w.answered(ctx, t0, "device_add")
 	if err != nil {
 		return err
 	}
@@ -199,10 +265,23 @@ func (w *wirer) addRemove(ctx context.Context, round int, peerNS netns.NsHandle)
 		return err
 	}
 	_ = sb.trace.poll()
-	for k, v := range commandCounts(sb.trace.after(t0)) {
-		w.res.qmpAdd[k] += v
+	exs := w.exchanges(t0)
+	if w.hmp() {
+		for k, v := range exchangeCounts(exs) {
+			w.res.cmdsAdd[k] += v
+		}
+		if err := checkVM(ctx, sb, hmpArg(added.Line, "id"), hmpArg(added.Line, "netdev"), true); err != nil {
+			return fmt.Errorf("after device_add: %w", err)
+		}
+	} else {
+		for k, v := range commandCounts(sb.trace.after(t0)) {
+			w.res.cmdsAdd[k] += v
+		}
 	}
-	w.res.add = append(w.res.add, ms(added.Sub(t0)))
+	busy, between := monitorTime(exs, added.Mon)
+	w.res.add = append(w.res.add, ms(added.Ans.Sub(t0)))
+	w.res.busy = append(w.res.busy, ms(busy))
+	w.res.between = append(w.res.between, ms(between))
 
 	for len(w.tapGone) > 0 {
 		<-w.tapGone
@@ -217,7 +296,7 @@ func (w *wirer) addRemove(ctx context.Context, round int, peerNS netns.NsHandle)
 	case <-time.After(time.Minute):
 		return errors.New("tap not removed within a minute")
 	}
-	netdevGone, err := firstReply(ctx, sb, t1, "netdev_del")
+	netdevGone, err := w.answered(ctx, t1, "netdev_del")
 	if err != nil {
 		return err
 	}
@@ -225,43 +304,103 @@ func (w *wirer) addRemove(ctx context.Context, round int, peerNS netns.NsHandle)
 		return err
 	}
 	_ = sb.trace.poll()
-	recs := sb.trace.after(t1)
-	asked := requests(recs, "device_del")
-	acked, ok := deviceDeleted(recs)
-	if len(asked) == 0 || !ok {
-		return fmt.Errorf("no device_del → DEVICE_DELETED in QEMU's trace: %v", recs)
+	exs = w.exchanges(t1)
+	asked, ok := firstExchange(exs, "device_del")
+	if !ok {
+		return fmt.Errorf("no device_del in QEMU's trace: %v", exs)
 	}
-	for k, v := range commandCounts(recs) {
-		w.res.qmpRemove[k] += v
+	eject, ejected := sb.trace.ejectAfter(asked.Req)
+	var acked time.Time
+	if w.hmp() {
+		if !ejected {
+			return errors.New("no ACPI eject after device_del in QEMU's trace")
+		}
+		acked = eject
+		for k, v := range exchangeCounts(exs) {
+			w.res.cmdsRemove[k] += v
+		}
+		// The poll that found the device gone: the last qom-get before
+		// netdev_del.
+		var found time.Time
+		for _, e := range exs {
+			if e.Cmd == "qom-get" && e.Req.Before(netdevGone.Req) {
+				found = e.Req
+			}
+		}
+		if !found.IsZero() {
+			w.res.pollLag = append(w.res.pollLag, ms(found.Sub(eject)))
+		}
+		if err := checkVM(ctx, sb, hmpArg(asked.Line, ""), hmpArg(netdevGone.Line, ""), false); err != nil {
+			return fmt.Errorf("after netdev_del: %w", err)
+		}
+	} else {
+		recs := sb.trace.after(t1)
+		if acked, ok = deviceDeleted(recs); !ok {
+			return fmt.Errorf("no device_del → DEVICE_DELETED in QEMU's trace: %v", recs)
+		}
+		for k, v := range commandCounts(recs) {
+			w.res.cmdsRemove[k] += v
+		}
+		if ejected {
+			w.res.ejectLead = append(w.res.ejectLead, ms(acked.Sub(eject)))
+		}
 	}
-	end := netdevGone
+	end := netdevGone.Ans
 	if tapGone.After(end) {
 		end = tapGone
 	}
-	guest := acked.Sub(asked[0])
+	guest := acked.Sub(asked.Req)
 	w.res.remove = append(w.res.remove, ms(end.Sub(t1)-guest))
 	w.res.ack = append(w.res.ack, ms(guest))
-	w.res.toAsk = append(w.res.toAsk, ms(asked[0].Sub(t1)))
+	w.res.whole = append(w.res.whole, ms(end.Sub(t1)))
+	w.res.toAsk = append(w.res.toAsk, ms(asked.Req.Sub(t1)))
 	w.res.afterAck = append(w.res.afterAck, ms(end.Sub(acked)))
 	return nil
 }
 
-// firstReply waits for QEMU's first successful reply to cmd after t in
-// sandbox sb's trace and returns its time.
-func firstReply(ctx context.Context, sb *sandbox, t time.Time, cmd string) (time.Time, error) {
-	var at time.Time
+// answered waits for QEMU's first successful answer to cmd from t on in
+// the wirer's sandbox's trace and returns that exchange.
+func (w *wirer) answered(ctx context.Context, t time.Time, cmd string) (exchange, error) {
+	var ex exchange
 	err := eventually(ctx, time.Minute, 2*time.Millisecond, cmd+" answered", func() (bool, string, error) {
-		if err := sb.trace.poll(); err != nil {
+		if err := w.sb.trace.poll(); err != nil {
 			return false, "", err
 		}
-		ts := okReplies(sb.trace.after(t), cmd)
-		if len(ts) == 0 {
-			return false, fmt.Sprint(sb.trace.after(t)), nil
+		exs := w.exchanges(t)
+		e, ok := firstExchange(exs, cmd)
+		if !ok {
+			return false, fmt.Sprint(exs), nil
 		}
-		at = ts[0]
+		ex = e
 		return true, "", nil
 	})
-	return at, err
+	return ex, err
+}
+
+// checkVM asks the VM, on its test QMP socket, whether device id (with
+// netdev) and netdev exist (want true) or are both gone (want false). It
+// runs between operations, outside every measured interval.
+//
+// Equivalent to: info qtree; info network (human-monitor-command).
+func checkVM(ctx context.Context, sb *sandbox, id, netdev string, want bool) error {
+	if id == "" || netdev == "" {
+		return fmt.Errorf("device %q, netdev %q: not read from the trace", id, netdev)
+	}
+	c, err := qmp.Dial(ctx, sb.vm.TestQMP, qmp.Options{})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	vm, err := c.ReadVM(ctx)
+	if err != nil {
+		return err
+	}
+	dev := slices.ContainsFunc(vm.NICs, func(n qmp.NICInfo) bool { return n.ID == id && (!want || n.Netdev == netdev) })
+	nd := slices.Contains(vm.Netdevs, netdev)
+	if dev != want || nd != want {
+		return fmt.Errorf("the VM has device %s: %v, netdev %s: %v; want %v for both (an HMP answer in the trace says nothing of success: see the daemon's log or the floor's stderr)", id, dev, netdev, nd, want)
+	}
+	return nil
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -19,8 +19,9 @@ import (
 	"github.com/tapsync/tapsync/e2e/testproc"
 )
 
-// sandboxConf is one [[sandbox]] of the daemon's config.
-type sandboxConf struct{ id, netns, qmp string }
+// sandboxConf is one [[sandbox]] of the daemon's config; monitor is its
+// `monitor` key ("": the default, QMP).
+type sandboxConf struct{ id, netns, qmp, monitor string }
 
 // daemon is one `tapsync run` process under measurement.
 type daemon struct {
@@ -48,6 +49,9 @@ func writeConfig(dir, stateDir string, sbs []sandboxConf) (cfg, metrics string, 
 	fmt.Fprintf(&b, "state_dir = %q\nmetrics_address = %q\nlog_format = \"json\"\n[containerd]\nenabled = false\n[discovery]\nproc = false\n", stateDir, metrics)
 	for _, s := range sbs {
 		fmt.Fprintf(&b, "[[sandbox]]\nid = %q\nnetns = %q\nqmp = %q\n", s.id, s.netns, s.qmp)
+		if s.monitor != "" {
+			fmt.Fprintf(&b, "monitor = %q\n", s.monitor)
+		}
 	}
 	cfg = filepath.Join(dir, "config.toml")
 	return cfg, metrics, os.WriteFile(cfg, []byte(b.String()), 0o600)

@@ -5,8 +5,10 @@
 //     virtio-net device is answered by QEMU (netdev and tap are gone, less
 //     the guest's ACPI acknowledgement), for tapsync (the daemon binary)
 //     and for tapsync-floor (e2e/bench/floor: the same datapath primitives
-//     and the three QMP commands, connections already open), in
-//     alternating rounds, each on its own sandbox with a booted TCG guest.
+//     and the three QMP commands, connections already open), over QMP and
+//     over HMP (QEMU's human monitor, as Kata's runtime-rs serves it), in
+//     rounds that rotate their order, each on its own sandbox with a
+//     booted TCG guest.
 //   - B2–B4: N sandboxes with paused QEMUs (-m 16, no guest OS) and two
 //     links each: daemon start, a SIGHUP resync, memory, goroutines, fds,
 //     idle CPU, a storm of a third link everywhere, SIGKILL and restart.
@@ -16,7 +18,9 @@
 //
 // Times come from timestamps, never from when the bench noticed: QEMU
 // traces every QMP command and reply with wall-clock microseconds
-// (-trace handle_qmp_command,monitor_qmp_respond), the daemon's status
+// (-trace handle_qmp_command,monitor_qmp_respond; for HMP
+// handle_hmp_command,monitor_suspend, and acpi_pci_eject_slot for the
+// guest's unplug acknowledgement), the daemon's status
 // gives each sandbox's last pass end. The bench polls only to know when
 // to look. It is a measurement, not a test: nothing is asserted. Run it as
 // root (`make bench`).
@@ -33,6 +37,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -44,6 +49,7 @@ type benchConfig struct {
 	tapsync, floor   string
 	skipB1, skipScal bool
 	skipFloor        bool
+	skipHMP          bool
 }
 
 // perQEMU is the memory budgeted per paused QEMU (measured RSS ≈ 38 MB,
@@ -60,6 +66,7 @@ func main() {
 	flag.StringVar(&cfg.tapsync, "tapsync", "bin/tapsync", "tapsync binary")
 	flag.StringVar(&cfg.floor, "floor", "bin/tapsync-floor", "floor binary (e2e/bench/floor)")
 	flag.BoolVar(&cfg.skipB1, "skip-b1", false, "skip B1/B1'")
+	flag.BoolVar(&cfg.skipHMP, "skip-hmp", false, "skip B1/B1' over HMP (QMP only)")
 	flag.BoolVar(&cfg.skipScal, "skip-scale", false, "skip B2–B4")
 	flag.BoolVar(&cfg.skipFloor, "skip-floor", false, "skip the floor's B3/B4 (tapsync's rows only)")
 	flag.BoolVar(&keep, "keep", false, "keep the work dir (daemon logs, QEMU traces)")
@@ -122,10 +129,10 @@ func run(ctx context.Context, cfg benchConfig) error {
 	}
 	defer func() { peerNS.Close(); _ = sh("ip", "netns", "del", peerName) }()
 
-	var tapsyncB1, floorB1 b1Result
+	var b1QMP, b1HMP b1Pair
 	if !cfg.skipB1 {
 		fmt.Fprintf(os.Stderr, "bench: B1/B1', %d rounds\n", cfg.rounds)
-		if tapsyncB1, floorB1, err = runB1(ctx, cfg, base, peerNS); err != nil {
+		if b1QMP, b1HMP, err = runB1(ctx, cfg, base, peerNS); err != nil {
 			return err
 		}
 	}
@@ -136,11 +143,11 @@ func run(ctx context.Context, cfg benchConfig) error {
 			return err
 		}
 	}
-	printReport(os.Stdout, cfg, machine, load0, loadavg(), tapsyncB1, floorB1, sc)
+	printReport(os.Stdout, cfg, machine, load0, loadavg(), b1QMP, b1HMP, sc)
 	return nil
 }
 
-func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, t, f b1Result, sc scaleResult) {
+func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, b1QMP, b1HMP b1Pair, sc scaleResult) {
 	fmt.Fprintf(out, "tapsync bench, %s\n\n%s\nload average before/after: %s / %s\n\n", time.Now().Format(time.DateTime), machine, load0, load1)
 	fmt.Fprintln(out, "| measure | value | goal |")
 	fmt.Fprintln(out, "|---|---|---|")
@@ -152,6 +159,7 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, t
 		return fmt.Sprintf("%.2f×", a/b)
 	}
 	if !cfg.skipB1 {
+		t, f := b1QMP.tapsync, b1QMP.floor
 		for _, q := range []struct {
 			name string
 			p    float64
@@ -174,8 +182,11 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, t
 					quantile(t.ack, q.p), quantile(f.ack, q.p)), q.goal)
 		}
 		n := float64(len(t.add))
-		row("B1 QMP commands per add (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.qmpAdd, n), perRound(f.qmpAdd, n)), "-")
-		row("B1' QMP commands per remove (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.qmpRemove, n), perRound(f.qmpRemove, n)), "-")
+		row("B1 QMP commands per add (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.cmdsAdd, n), perRound(f.cmdsAdd, n)), "-")
+		row("B1' QMP commands per remove (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.cmdsRemove, n), perRound(f.cmdsRemove, n)), "-")
+		if !cfg.skipHMP {
+			printHMP(row, ratio, b1QMP, b1HMP)
+		}
 	}
 	if !cfg.skipScal {
 		n := sc.n
@@ -253,6 +264,47 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, t
 			row("floor at scale", fmt.Sprintf("%d workers; one netlink socket with NETLINK_LISTEN_ALL_NSID for every netns; B4: qom-list /machine/peripheral and one link dump per sandbox", floorWorkers), "-")
 		}
 	}
+}
+
+// printHMP prints B1 and B1' over HMP, with QMP's figures beside them.
+func printHMP(row func(m, v, g string), ratio func(a, b float64) string, q, h b1Pair) {
+	t, f := h.tapsync, h.floor
+	for _, p := range []struct {
+		name string
+		p    float64
+		goal string
+	}{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "≤ 1.5× the floor"}} {
+		a, b := quantile(t.add, p.p), quantile(f.add, p.p)
+		qa, qb := quantile(q.tapsync.add, p.p), quantile(q.floor.add, p.p)
+		row(fmt.Sprintf("B1 add via HMP: link appears → device_add answered, %s (%d rounds)", p.name, len(t.add)),
+			fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s** (over QMP %.1f / %.1f ms: HMP costs tapsync %+.1f ms, the floor %+.1f ms)",
+				a, b, ratio(a, b), qa, qb, a-qa, b-qb), p.goal)
+	}
+	row("B1 add: QEMU executing the add's commands / between them (the client's turn; over HMP QEMU reading and echoing the next line), p50",
+		fmt.Sprintf("QMP: tapsync %.2f / %.2f ms, floor %.2f / %.2f ms; HMP: tapsync %.2f / %.2f ms, floor %.2f / %.2f ms",
+			quantile(q.tapsync.busy, 0.5), quantile(q.tapsync.between, 0.5), quantile(q.floor.busy, 0.5), quantile(q.floor.between, 0.5),
+			quantile(t.busy, 0.5), quantile(t.between, 0.5), quantile(f.busy, 0.5), quantile(f.between, 0.5)), "-")
+	for _, p := range []struct {
+		name string
+		p    float64
+		goal string
+	}{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "-"}} {
+		a, b := quantile(t.remove, p.p), quantile(f.remove, p.p)
+		row(fmt.Sprintf("B1' remove via HMP: link deleted → netdev deleted and tap gone, less the guest's unplug ack, %s", p.name),
+			fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s** (over QMP %.1f / %.1f ms; deletion → device_del received %.1f / %.1f ms, "+
+				"ACPI eject → done %.1f / %.1f ms, of it eject → the qom-get that found the device gone %.1f / %.1f ms; "+
+				"guest ack, device_del → eject, %.1f / %.1f ms, left out; the whole removal, guest included, %.1f / %.1f ms, over QMP %.1f / %.1f ms)",
+				a, b, ratio(a, b), quantile(q.tapsync.remove, p.p), quantile(q.floor.remove, p.p),
+				quantile(t.toAsk, p.p), quantile(f.toAsk, p.p), quantile(t.afterAck, p.p), quantile(f.afterAck, p.p),
+				quantile(t.pollLag, p.p), quantile(f.pollLag, p.p), quantile(t.ack, p.p), quantile(f.ack, p.p),
+				quantile(t.whole, p.p), quantile(f.whole, p.p), quantile(q.tapsync.whole, p.p), quantile(q.floor.whole, p.p)), p.goal)
+	}
+	n := float64(len(t.add))
+	row("B1 HMP commands per add (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.cmdsAdd, n), perRound(f.cmdsAdd, n)), "-")
+	row("B1' HMP commands per remove (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.cmdsRemove, n), perRound(f.cmdsRemove, n)), "-")
+	lead := append(slices.Clone(q.tapsync.ejectLead), q.floor.ejectLead...)
+	row("B1' over QMP: ACPI eject (the guest's ack, HMP's mark) → DEVICE_DELETED (QEMU finalized the device), p50 / max",
+		fmt.Sprintf("%.1f / %.1f ms (%d removals)", quantile(lead, 0.5), quantile(lead, 1), len(lead)), "-")
 }
 
 func perRound(counts map[string]int, n float64) string {

@@ -258,7 +258,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 
 	var confs []sandboxConf
 	for _, sb := range sbs {
-		confs = append(confs, sandboxConf{sb.id, sb.path, sb.vm.QMP})
+		confs = append(confs, sandboxConf{id: sb.id, netns: sb.path, qmp: sb.vm.QMP})
 	}
 	dir := filepath.Join(base, "scale")
 	if err := os.MkdirAll(dir, 0o755); err != nil {

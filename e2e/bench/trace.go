@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -18,6 +19,28 @@ func traceArgs(file string) []string {
 	return []string{"-msg", "timestamp=on", "-D", file,
 		"-trace", "handle_qmp_command", "-trace", "monitor_qmp_respond"}
 }
+
+// hmpTraceArgs make QEMU also log what marks the traffic of a human
+// monitor, for which QEMU 7.2 fires neither QMP event above:
+//
+//	handle_hmp_command mon 0x55e0c4d1abb0 cmdline: device_add virtio-net-pci,id=…   the line received, after its echo
+//	monitor_suspend mon 0x55e0c4d1abb0: -1      the monitor takes input again: the command ran, the prompt is written
+//
+// monitor_suspend fires around every QMP command too, and QMP's
+// human-monitor-command runs its line on a monitor of its own (another
+// address, never suspended), so a command's answer is the next
+// monitor_suspend -1 of the same monitor. Neither says whether the
+// command succeeded: the bench asks the VM afterwards (see checkVM).
+func hmpTraceArgs() []string {
+	return []string{"-trace", "handle_hmp_command", "-trace", "monitor_suspend"}
+}
+
+// ejectTraceArgs make QEMU log when the guest ejects a hot-plugged slot
+// through ACPI (acpi_pci_eject_slot bsel: 1 slot: 31), its
+// acknowledgement of a device_del: QEMU unplugs the device there, well
+// before DEVICE_DELETED (sent when it finalizes the device). The first
+// eject after a device_del counts; a guest may eject the emptied slot again.
+func ejectTraceArgs() []string { return []string{"-trace", "acpi_pci_eject_slot"} }
 
 // qmpRecord is one QMP message in a QEMU trace.
 type qmpRecord struct {
@@ -40,6 +63,16 @@ type qemuTrace struct {
 	rest    []byte
 	pending map[string]string // mon+id → command
 	Recs    []qmpRecord
+	HMP     []hmpRecord
+	Ejects  []time.Time // acpi_pci_eject_slot
+}
+
+// hmpRecord is one human monitor line in a QEMU trace: a command line
+// QEMU received, or a monitor taking input again (its answer).
+type hmpRecord struct {
+	T    time.Time
+	Mon  string
+	Line string // the command line; "" for an answer
 }
 
 func newTrace(path string) *qemuTrace {
@@ -90,6 +123,9 @@ func (t *qemuTrace) parse(line []byte) {
 	sec := int64(ts)
 	r := qmpRecord{T: time.Unix(sec, int64((ts-float64(sec))*1e9+0.5)).Round(time.Microsecond)}
 	rest := line[colon+1:]
+	if t.parseHMP(r.T, rest) {
+		return
+	}
 	var kind string
 	switch {
 	case bytes.HasPrefix(rest, []byte("handle_qmp_command mon ")):
@@ -130,6 +166,173 @@ func (t *qemuTrace) parse(line []byte) {
 		delete(t.pending, key)
 	}
 	t.Recs = append(t.Recs, r)
+}
+
+// parseHMP takes a line of hmpTraceArgs or ejectTraceArgs (rest is what
+// follows the timestamp) and reports whether it was one.
+func (t *qemuTrace) parseHMP(at time.Time, rest []byte) bool {
+	switch {
+	case bytes.HasPrefix(rest, []byte("handle_hmp_command mon ")):
+		mon, line, ok := strings.Cut(string(rest[len("handle_hmp_command mon "):]), " cmdline: ")
+		if ok && line != "" {
+			t.HMP = append(t.HMP, hmpRecord{T: at, Mon: mon, Line: line})
+		}
+	case bytes.HasPrefix(rest, []byte("monitor_suspend mon ")):
+		// Only -1 exactly: QEMU writes its own messages into the same
+		// file, and one can follow without a newline.
+		if mon, n, ok := strings.Cut(string(rest[len("monitor_suspend mon "):]), ": "); ok && n == "-1" {
+			t.HMP = append(t.HMP, hmpRecord{T: at, Mon: mon})
+		}
+	case bytes.HasPrefix(rest, []byte("acpi_pci_eject_slot ")):
+		// A guest's write of an empty slot mask traces slot 32 and
+		// ejects nothing.
+		_, slot, _ := strings.Cut(string(rest), " slot: ")
+		if n, err := strconv.Atoi(strings.TrimSpace(slot)); err == nil && n < 32 {
+			t.Ejects = append(t.Ejects, at)
+		}
+	default:
+		return false
+	}
+	return true
+}
+
+// hmpAfter returns the human monitor records from `from` on.
+func (t *qemuTrace) hmpAfter(from time.Time) []hmpRecord {
+	for i, r := range t.HMP {
+		if !r.T.Before(from) {
+			return t.HMP[i:]
+		}
+	}
+	return nil
+}
+
+// ejectAfter returns the first ACPI eject from `from` on.
+func (t *qemuTrace) ejectAfter(from time.Time) (time.Time, bool) {
+	for _, e := range t.Ejects {
+		if !e.Before(from) {
+			return e, true
+		}
+	}
+	return time.Time{}, false
+}
+
+// exchange is one monitor command: when QEMU received it and when it
+// answered. Over HMP the answer says nothing of success (OK is true).
+type exchange struct {
+	Cmd  string // QMP's command; over HMP the line's first word ("info qtree": two)
+	Line string // over HMP, the command line
+	Mon  string
+	Req  time.Time
+	Ans  time.Time
+	OK   bool
+}
+
+// qmpExchanges pairs each QMP command with the next reply to it on the
+// same monitor (a qmp.Client, and the floor, wait for each reply before
+// the next command). A command not answered yet is left out.
+func qmpExchanges(recs []qmpRecord) []exchange {
+	var exs []exchange
+	for i, r := range recs {
+		if !r.Req {
+			continue
+		}
+		for _, a := range recs[i+1:] {
+			if !a.Req && a.Event == "" && a.Mon == r.Mon && a.Cmd == r.Cmd {
+				exs = append(exs, exchange{Cmd: r.Cmd, Mon: r.Mon, Req: r.T, Ans: a.T, OK: a.OK})
+				break
+			}
+		}
+	}
+	return exs
+}
+
+// hmpExchanges pairs each command line with the next answer of its
+// monitor. A line never answered (not yet, or run by QMP's
+// human-monitor-command) is left out.
+func hmpExchanges(recs []hmpRecord) []exchange {
+	var exs []exchange
+	for i, r := range recs {
+		if r.Line == "" {
+			continue
+		}
+		for _, a := range recs[i+1:] {
+			if a.Line == "" && a.Mon == r.Mon {
+				exs = append(exs, exchange{Cmd: hmpCommandName(r.Line), Line: r.Line, Mon: r.Mon, Req: r.T, Ans: a.T, OK: true})
+				break
+			}
+		}
+	}
+	return exs
+}
+
+// hmpCommandName is the command of an HMP line: its first word, or two
+// for info.
+func hmpCommandName(line string) string {
+	f := strings.Fields(line)
+	switch {
+	case len(f) == 0:
+		return ""
+	case f[0] == "info" && len(f) > 1:
+		return "info " + f[1]
+	}
+	return f[0]
+}
+
+// hmpArg returns, from an HMP line, the value of option key of its
+// options argument (device_add virtio-net-pci,id=tapsync-net1,… → "id":
+// tapsync-net1), or its first argument when key is "".
+func hmpArg(line, key string) string {
+	f := strings.Fields(line)
+	if len(f) < 2 {
+		return ""
+	}
+	if key == "" {
+		return f[1]
+	}
+	for _, o := range strings.Split(f[1], ",") {
+		if v, ok := strings.CutPrefix(o, key+"="); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+// firstExchange returns the first answered exchange of cmd that succeeded.
+func firstExchange(exs []exchange, cmd string) (exchange, bool) {
+	for _, e := range exs {
+		if e.Cmd == cmd && e.OK {
+			return e, true
+		}
+	}
+	return exchange{}, false
+}
+
+// monitorTime sums, over the exchanges of monitor mon, QEMU's time from
+// receiving each command to answering it (busy), and the time from each
+// answer to the next command received (between): the client's turn, and
+// over HMP QEMU reading and echoing the next line byte by byte.
+func monitorTime(exs []exchange, mon string) (busy, between time.Duration) {
+	var last time.Time
+	for _, e := range exs {
+		if e.Mon != mon {
+			continue
+		}
+		busy += e.Ans.Sub(e.Req)
+		if !last.IsZero() {
+			between += e.Req.Sub(last)
+		}
+		last = e.Ans
+	}
+	return busy, between
+}
+
+// exchangeCounts counts the exchanges, by command.
+func exchangeCounts(exs []exchange) map[string]int {
+	n := map[string]int{}
+	for _, e := range exs {
+		n[e.Cmd]++
+	}
+	return n
 }
 
 // after returns the records from t on.

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 )
@@ -66,5 +68,64 @@ func TestQuantile(t *testing.T) {
 		if got := quantile(v, p); got != want {
 			t.Errorf("quantile(%v) = %v, want %v", p, got, want)
 		}
+	}
+}
+
+// Lines as QEMU 7.2.22 writes them with hmpTraceArgs and ejectTraceArgs:
+// an HMP socket (0x5638…bb0), a QMP one (0x5638…dd0) whose commands
+// suspend it too, a human-monitor-command run on a monitor of its own
+// (0x7ffd…), and QEMU's own message glued to the last line.
+const hmpTraceSample = `4652@1796590983.115032:monitor_suspend mon 0x56381c812bb0: 1
+4652@1796590983.115045:handle_hmp_command mon 0x56381c812bb0 cmdline: info version
+4652@1796590983.115106:monitor_suspend mon 0x56381c812bb0: -1
+4652@1796590983.116833:monitor_suspend mon 0x56381c812bb0: 1
+4652@1796590983.116837:handle_hmp_command mon 0x56381c812bb0 cmdline: device_add virtio-net-pci,id=tapsync-net1,addr=0x1f,bus=pci-bridge-0,mac=02:00:00:00:00:01,netdev=tapsync-netdev1,romfile=
+4655@1796590983.117000:handle_qmp_command mon 0x56381c812dd0 req: {"execute": "human-monitor-command", "arguments": {"command-line": "info network"}}
+4655@1796590983.117001:monitor_suspend mon 0x56381c812dd0: 1
+4652@1796590983.117100:handle_hmp_command mon 0x7ffd992cd5c0 cmdline: info network
+4652@1796590983.117200:monitor_qmp_respond mon 0x56381c812dd0 resp: {"return": ""}
+4652@1796590983.117210:monitor_suspend mon 0x56381c812dd0: -1
+4652@1796590983.118387:monitor_suspend mon 0x56381c812bb0: -1
+4652@1796590983.200000:handle_hmp_command mon 0x56381c812bb0 cmdline: device_del tapsync-net1
+4652@1796590983.200100:monitor_suspend mon 0x56381c812bb0: -1
+4652@1796590983.250000:acpi_pci_eject_slot bsel: 1 slot: 32
+4652@1796590983.300000:acpi_pci_eject_slot bsel: 1 slot: 31
+4652@1796590983.310000:handle_hmp_command mon 0x56381c812bb0 cmdline: qom-get /machine/peripheral/tapsync-net1 type
+4652@1796590983.310050:monitor_suspend mon 0x56381c812bb0: -12026-12-06T21:03:03.384592Z qemu-system-x86_64: terminating on signal 15
+`
+
+func TestTraceHMP(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "trace.log")
+	if err := os.WriteFile(path, []byte(hmpTraceSample), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tr := newTrace(path)
+	if err := tr.poll(); err != nil {
+		t.Fatal(err)
+	}
+	at := func(us int) time.Time { return time.Unix(1796590983, int64(us)*1000) }
+	exs := hmpExchanges(tr.HMP)
+	var got []string
+	for _, e := range exs {
+		got = append(got, fmt.Sprintf("%s %d→%d", e.Cmd, e.Req.Sub(at(0)).Microseconds(), e.Ans.Sub(at(0)).Microseconds()))
+	}
+	// The glued line is no answer, the human-monitor-command line never
+	// answered, the QMP monitor's suspensions answer nothing.
+	want := []string{"info version 115045→115106", "device_add 116837→118387", "device_del 200000→200100"}
+	if !slices.Equal(got, want) {
+		t.Errorf("exchanges %q, want %q", got, want)
+	}
+	add, ok := firstExchange(exs, "device_add")
+	if !ok || hmpArg(add.Line, "id") != "tapsync-net1" || hmpArg(add.Line, "netdev") != "tapsync-netdev1" || hmpArg(exs[2].Line, "") != "tapsync-net1" {
+		t.Errorf("device_add %+v: id %q netdev %q", add, hmpArg(add.Line, "id"), hmpArg(add.Line, "netdev"))
+	}
+	if busy, between := monitorTime(exs, add.Mon); busy != (61+1550+100)*time.Microsecond || between != (1731+81613)*time.Microsecond {
+		t.Errorf("monitorTime = %v, %v", busy, between)
+	}
+	if e, ok := tr.ejectAfter(add.Req); !ok || !e.Equal(at(300000)) {
+		t.Errorf("eject at %v (%v)", e, ok)
+	}
+	if len(tr.Recs) != 2 {
+		t.Errorf("QMP records %v: the HMP lines leaked into them", tr.Recs)
 	}
 }

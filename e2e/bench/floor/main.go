@@ -9,7 +9,10 @@
 // qdiscs and redirect filters (datapath), getfd/netdev_add/device_add on a
 // bridge slot known in advance, and each vanished link with device_del,
 // the wait for DEVICE_DELETED, netdev_del, the tap's filter and the tap.
-// It prints "ready" once both are open.
+// It prints "ready" once both are open. With -hmp the socket is QEMU's
+// human monitor (Kata runtime-rs's debug monitor), spoken through
+// qmp.DialHMP's Client: the same three commands as HMP lines, and, there
+// being no DEVICE_DELETED, the unplug polled as RemoveNICs polls it.
 //
 // Scale mode (-sandboxes FILE, one "NETNS-PATH QMP-SOCKET" a line), for
 // B3 and B4 (see scale.go): it wires every container link of every
@@ -29,10 +32,8 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"time"
 
 	"github.com/tapsync/tapsync/datapath"
-	"github.com/tapsync/tapsync/qmp"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -41,6 +42,7 @@ import (
 func main() {
 	nsPath := flag.String("netns", "", "B1 mode: sandbox netns path")
 	qmpPath := flag.String("qmp", "", "B1 mode: QMP socket of the VM")
+	hmp := flag.Bool("hmp", false, "B1 mode: the -qmp socket is QEMU's human monitor (-monitor unix:…), spoken through qmp.DialHMP")
 	bus := flag.String("bus", "pci-bridge-0", "bus of the hot-plugged NICs (a PCI bridge)")
 	list := flag.String("sandboxes", "", "scale mode: file of \"NETNS-PATH QMP-SOCKET\" lines")
 	workers := flag.Int("workers", 4, "scale mode: sandboxes wired or verified in parallel (tapsync's default workers)")
@@ -53,7 +55,7 @@ func main() {
 	case *list != "":
 		err = runScale(*list, *bus, *workers)
 	default:
-		err = run(*nsPath, *qmpPath, *bus)
+		err = run(*nsPath, *qmpPath, *bus, *hmp)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "tapsync-floor:", err)
@@ -84,7 +86,7 @@ type endpoint struct {
 	tapIndex int // the tap's ifindex
 }
 
-func run(nsPath, qmpPath, bus string) error {
+func run(nsPath, qmpPath, bus string, hmp bool) error {
 	ctx := context.Background()
 	ns, err := datapath.Open(nsPath)
 	if err != nil {
@@ -111,7 +113,12 @@ func run(nsPath, qmpPath, bus string) error {
 	}); err != nil {
 		return fmt.Errorf("subscribe to links in %s: %w", nsPath, err)
 	}
-	mon, err := dialQMP(qmpPath)
+	var mon plugger
+	if hmp {
+		mon, err = dialHMP(ctx, qmpPath)
+	} else {
+		mon, err = dialQMP(qmpPath)
+	}
 	if err != nil {
 		return err
 	}
@@ -174,7 +181,7 @@ func freeIndex(wired map[int]endpoint) int {
 // wire is the add path: tap → qdiscs and filters → getfd → netdev_add →
 // device_add into bridge slot 32-index (tapsync's bridge placement takes
 // slots from the top too).
-func wire(ctx context.Context, ns *datapath.Netns, mon *monitor, bus string, index int, link nic) (endpoint, error) {
+func wire(ctx context.Context, ns *datapath.Netns, mon plugger, bus string, index int, link nic) (endpoint, error) {
 	spec := datapath.TapSpec{Index: index, Queues: 1, MTU: link.mtu}
 	tap, err := ns.EnsureTap(ctx, spec)
 	if err != nil {
@@ -188,44 +195,19 @@ func wire(ctx context.Context, ns *datapath.Netns, mon *monitor, bus string, ind
 	if err := ns.EnsureRedirects(link.ifindex, tap.Ifindex); err != nil {
 		return endpoint{}, err
 	}
-	fd := fmt.Sprintf("floor-fd%d", index)
-	if err := mon.run("getfd", map[string]any{"fdname": fd}, q.Tap[0]); err != nil {
-		return endpoint{}, err
-	}
-	args := map[string]any{"type": "tap", "id": qmp.NetdevID(index), "fds": fd}
 	if len(q.Vhost) > 0 {
 		return endpoint{}, errors.New("vhost-net fds: the floor passes none (tapsync's default here neither)")
 	}
-	if err := mon.run("netdev_add", args, nil); err != nil {
-		return endpoint{}, err
-	}
-	dev := map[string]any{
-		"driver": "virtio-net-pci", "id": qmp.DeviceID(index), "netdev": qmp.NetdevID(index),
-		"mac": link.mac.String(), "bus": bus, "addr": fmt.Sprintf("%#x", 32-index), "romfile": "",
-	}
-	if link.mtu > 0 {
-		dev["host_mtu"] = link.mtu
-	}
-	if err := mon.run("device_add", dev, nil); err != nil {
+	if err := mon.plug(ctx, index, q.Tap[0], link, bus, 32-index); err != nil {
 		return endpoint{}, err
 	}
 	return endpoint{index: index, tapIndex: tap.Ifindex}, nil
 }
 
-// unwire is the remove path in the design's order: device_del → wait for
-// DEVICE_DELETED → netdev_del → redirects → tap.
-func unwire(ctx context.Context, ns *datapath.Netns, mon *monitor, container int, e endpoint) error {
-	id := qmp.DeviceID(e.index)
-	gone := mon.expectDeleted(id)
-	if err := mon.run("device_del", map[string]any{"id": id}, nil); err != nil {
-		return err
-	}
-	select {
-	case <-gone:
-	case <-time.After(time.Minute):
-		return fmt.Errorf("no DEVICE_DELETED for %s within a minute", id)
-	}
-	if err := mon.run("netdev_del", map[string]any{"id": qmp.NetdevID(e.index)}, nil); err != nil {
+// unwire is the remove path in the design's order: device_del → wait
+// until the device is gone → netdev_del → redirects → tap.
+func unwire(ctx context.Context, ns *datapath.Netns, mon plugger, container int, e endpoint) error {
+	if err := mon.unplug(ctx, e.index); err != nil {
 		return err
 	}
 	if err := ns.RemoveRedirects(container, e.tapIndex); err != nil {

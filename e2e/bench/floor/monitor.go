@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -10,8 +11,21 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tapsync/tapsync/qmp"
 	"golang.org/x/sys/unix"
 )
+
+// plugger is how the floor asks its VM for a NIC and takes it back: over
+// QMP by hand (monitor), over HMP through qmp.Client (hmpMonitor).
+type plugger interface {
+	// plug sends getfd (tap), netdev_add and device_add of endpoint index
+	// into bus at slot.
+	plug(ctx context.Context, index int, tap *os.File, link nic, bus string, slot int) error
+	// unplug sends device_del, waits until the device is gone, and sends
+	// netdev_del.
+	unplug(ctx context.Context, index int) error
+	close()
+}
 
 // monitor is the smallest QMP client that can pass fds: qmp.Client
 // passes them only inside AddNIC, which adds its idempotency lookups —
@@ -142,4 +156,38 @@ func (m *monitor) call(cmd string, args any, f *os.File) (json.RawMessage, error
 	case <-time.After(30 * time.Second):
 		return nil, fmt.Errorf("QMP %s: no reply within 30s", cmd)
 	}
+}
+
+// plug: getfd → netdev_add → device_add.
+func (m *monitor) plug(_ context.Context, index int, tap *os.File, link nic, bus string, slot int) error {
+	fd := fmt.Sprintf("floor-fd%d", index)
+	if err := m.run("getfd", map[string]any{"fdname": fd}, tap); err != nil {
+		return err
+	}
+	if err := m.run("netdev_add", map[string]any{"type": "tap", "id": qmp.NetdevID(index), "fds": fd}, nil); err != nil {
+		return err
+	}
+	dev := map[string]any{
+		"driver": "virtio-net-pci", "id": qmp.DeviceID(index), "netdev": qmp.NetdevID(index),
+		"mac": link.mac.String(), "bus": bus, "addr": fmt.Sprintf("%#x", slot), "romfile": "",
+	}
+	if link.mtu > 0 {
+		dev["host_mtu"] = link.mtu
+	}
+	return m.run("device_add", dev, nil)
+}
+
+// unplug: device_del → DEVICE_DELETED → netdev_del.
+func (m *monitor) unplug(_ context.Context, index int) error {
+	id := qmp.DeviceID(index)
+	gone := m.expectDeleted(id)
+	if err := m.run("device_del", map[string]any{"id": id}, nil); err != nil {
+		return err
+	}
+	select {
+	case <-gone:
+	case <-time.After(time.Minute):
+		return fmt.Errorf("no DEVICE_DELETED for %s within a minute", id)
+	}
+	return m.run("netdev_del", map[string]any{"id": qmp.NetdevID(index)}, nil)
 }

@@ -16,6 +16,7 @@ build:
 	$(GO) build ./...
 	$(GO) build -ldflags "-X main.version=$$(git describe --always --dirty 2>/dev/null || echo dev)" -o $(BIN)/tapsync ./cmd/tapsync
 	$(GO) build -o $(BIN)/tapsync-demo ./e2e/demo
+	$(GO) build -trimpath -ldflags "-s -w" -o $(BIN)/tapsync-qemu ./cmd/tapsync-qemu
 
 # deps installs missing Debian packages; nothing is done when all are present.
 deps:
@@ -53,6 +54,7 @@ FUZZMINIMIZE ?= 5s
 FUZZ_TARGETS += ./qmp:FuzzReadMessages ./qmp:FuzzParseInfoNetwork ./qmp:FuzzChoosePlacement ./qmp:FuzzParseQtree ./qmp:FuzzHMPReply
 FUZZ_TARGETS += ./watcher:FuzzInDir ./watcher:FuzzUnderDir ./watcher:FuzzQMPSocket ./watcher:FuzzStatusUIDs ./watcher:FuzzNetlinkMessage
 FUZZ_TARGETS += ./state:FuzzLoad ./cmd/tapsync:FuzzConfig
+FUZZ_TARGETS += ./cmd/tapsync-qemu:FuzzWrapperArgv
 .PHONY: fuzz
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \

@@ -113,71 +113,103 @@ func fakeShim(t *testing.T, path, agentURL string) {
 	t.Cleanup(func() { srv.Close() })
 }
 
-// startRsVM starts, in a pod whose bundle dir is bundle, a QEMU shaped
-// like runtime-rs's: its cwd is the bundle dir; its QMP monitor is
-// qmp.sock there, bound by a stand-in shim, passed as `-qmp unix:fd=3`
-// and held by the shim for the VM's life (no second QMP client); its HMP
-// debug monitor is debug-monitor.sock, relative to its cwd (what
-// enable_debug and extra_monitor_socket = "hmp" give); and runtime-rs's
-// management socket in <dir>/kata/<id>.
-func (n *kata4Node) startRsVM(id, netns, bundle string) *testvm.VM {
-	t := n.t
+// vmShape says how a stand-in shim starts a pod's QEMU.
+type vmShape struct {
+	// debug: the runtime's debug monitor (enable_debug with
+	// extra_monitor_socket "hmp" for runtime-rs, "qmp" for Go).
+	debug bool
+	// binary is what the shim executes as QEMU (Kata's [hypervisor.qemu]
+	// path): "" for QEMU itself, or tapsync-qemu.
+	binary string
+}
+
+// holdQMP binds qmp.sock in dir as a stand-in shim does (through the
+// directory: dir may be too long a path for sun_path) and returns the
+// listening socket's file, to pass to QEMU as -qmp unix:fd=3.
+func holdQMP(t *testing.T, dir string) *os.File {
 	t.Helper()
-	dirfd, err := unix.Open(bundle, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	dirfd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer unix.Close(dirfd)
-	// The bundle dir is too long a path for sun_path: bind through the fd.
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: fmt.Sprintf("/proc/self/fd/%d/qmp.sock", dirfd), Net: "unix"})
 	if err != nil {
-		t.Fatalf("stand-in shim: bind qmp.sock in %s: %v", bundle, err)
+		t.Fatalf("stand-in shim: bind qmp.sock in %s: %v", dir, err)
 	}
 	t.Cleanup(func() { ln.Close() })
 	lf, err := ln.File()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer lf.Close()
-	vm := testvm.ForTest(t, testvm.Options{NetNS: netns, RootPorts: 2, Cwd: bundle, Name: "sandbox-" + id,
-		ExtraFiles: []*os.File{lf},
-		Args:       []string{"-qmp", "unix:fd=3,server=on,wait=off", "-monitor", "unix:path=debug-monitor.sock,server=on,wait=off"}})
+	t.Cleanup(func() { lf.Close() })
+	return lf
+}
+
+// shimConnect connects the stand-in shim to qmp.sock in dir and holds the
+// connection for the VM's life: no second client can use it.
+func shimConnect(t *testing.T, dir string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	shim, err := qmp.Dial(ctx, filepath.Join(bundle, "qmp.sock"), qmp.Options{})
+	shim, err := qmp.Dial(ctx, filepath.Join(dir, "qmp.sock"), qmp.Options{})
 	if err != nil {
 		t.Fatalf("stand-in shim: QMP on qmp.sock: %v", err)
 	}
 	t.Cleanup(func() { shim.Close() })
+}
+
+// startRsVM starts, in a pod whose bundle dir is bundle, a QEMU shaped
+// like runtime-rs's: Kata's -name; its cwd is the bundle dir; its QMP
+// monitor is qmp.sock there, bound by a stand-in shim, passed as `-qmp
+// unix:fd=3` and held by the shim for the VM's life (no second QMP
+// client); with debug, its HMP debug monitor debug-monitor.sock, relative
+// to its cwd; and runtime-rs's management socket in <dir>/kata/<id>.
+func (n *kata4Node) startRsVM(id, netns, bundle string, shape vmShape) *testvm.VM {
+	t := n.t
+	t.Helper()
+	args := []string{"-qmp", "unix:fd=3,server=on,wait=off"}
+	if shape.debug {
+		args = append(args, "-monitor", "unix:path=debug-monitor.sock,server=on,wait=off")
+	}
+	vm := testvm.ForTest(t, testvm.Options{NetNS: netns, RootPorts: 2, Cwd: bundle, Name: "sandbox-" + id, Binary: shape.binary,
+		ExtraFiles: []*os.File{holdQMP(t, bundle)}, Args: args})
+	shimConnect(t, bundle)
 	fakeShim(t, filepath.Join(n.dir, "kata", id, "shim-monitor.sock"), vm.Agent)
 	return vm
 }
 
-// startGoVM starts, in pod id, a QEMU shaped like the Go runtime's: a QMP
-// extra monitor at /run/vc/vm/<id>/extra-monitor.sock (what enable_debug
-// and extra_monitor_socket = "qmp" give) and the shim's management
-// socket at /run/vc/sbs/<id>.
-func (n *kata4Node) startGoVM(id, netns string) *testvm.VM {
+// startGoVM starts, in pod id, a QEMU shaped like the Go runtime's: Kata's
+// -name and -pidfile; its QMP monitor /run/vc/vm/<id>/qmp.sock bound and
+// held by the shim, passed as an fd; with debug, a QMP extra monitor at
+// /run/vc/vm/<id>/extra-monitor.sock; and the shim's management socket
+// at /run/vc/sbs/<id>.
+func (n *kata4Node) startGoVM(id, netns string, shape vmShape) *testvm.VM {
 	t := n.t
 	t.Helper()
-	mon := filepath.Join(n.dir, "vc", "vm", id, "extra-monitor.sock")
-	if err := os.MkdirAll(filepath.Dir(mon), 0o700); err != nil {
+	vmDir := filepath.Join(n.dir, "vc", "vm", id)
+	if err := os.MkdirAll(vmDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	vm := testvm.ForTest(t, testvm.Options{NetNS: netns, RootPorts: 2, Name: "sandbox-" + id,
-		Args: []string{"-qmp", "unix:" + mon + ",server=on,wait=off"}})
+	args := []string{"-qmp", "unix:fd=3,server=on,wait=off", "-pidfile", filepath.Join(vmDir, "pid")}
+	if shape.debug {
+		args = append(args, "-qmp", "unix:"+filepath.Join(vmDir, "extra-monitor.sock")+",server=on,wait=off")
+	}
+	vm := testvm.ForTest(t, testvm.Options{NetNS: netns, RootPorts: 2, Name: "sandbox-" + id, Binary: shape.binary,
+		ExtraFiles: []*os.File{holdQMP(t, vmDir)}, Args: args})
+	shimConnect(t, vmDir)
 	fakeShim(t, filepath.Join(n.dir, "vc", "sbs", id, "shim-monitor.sock"), vm.Agent)
 	return vm
 }
 
-func (n *kata4Node) runPod(name, handler string) *kataPod {
+func (n *kata4Node) runPod(name, handler string, shape vmShape) *kataPod {
 	n.t.Helper()
 	pod := n.cri.RunPod(name, handler)
 	p := &kataPod{id: pod.ID, netns: pod.NetnsPath, ip: pod.IP}
 	if strings.Contains(handler, "runtime-rs") {
-		p.vm = n.startRsVM(pod.ID, pod.NetnsPath, pod.BundleDir)
+		p.vm = n.startRsVM(pod.ID, pod.NetnsPath, pod.BundleDir, shape)
 	} else {
-		p.vm = n.startGoVM(pod.ID, pod.NetnsPath)
+		p.vm = n.startGoVM(pod.ID, pod.NetnsPath, shape)
 	}
 	p.probe = dialTestAgent(n.t, p.vm)
 	return p
@@ -287,8 +319,8 @@ func guestNICs(t *testing.T, vm *testvm.VM) []qmp.NICInfo {
 // stops and removes the pods.
 func TestKata4NodeThroughCRI(t *testing.T) {
 	n := newKata4Node(t)
-	rs := n.runPod("rs", "kata-qemu-runtime-rs")
-	gp := n.runPod("go", "kata-qemu")
+	rs := n.runPod("rs", "kata-qemu-runtime-rs", vmShape{debug: true})
+	gp := n.runPod("go", "kata-qemu", vmShape{debug: true})
 
 	// Before the daemon runs, check reports what it finds on the node.
 	out, err := exec.Command(tapsyncBinary(t), "check", "--config", n.config).CombinedOutput()
@@ -447,7 +479,7 @@ func TestKata4SandboxStoreOnly(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(n.dir, "kata", id), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	vm := n.startRsVM(id, pod.Path, bundle)
+	vm := n.startRsVM(id, pod.Path, bundle, vmShape{debug: true})
 	probe := dialTestAgent(t, vm)
 
 	secret := newID()
@@ -485,4 +517,81 @@ func TestKata4SandboxStoreOnly(t *testing.T) {
 		}
 		return ""
 	})
+}
+
+// wrapperBinary builds cmd/tapsync-qemu into a new directory with a conf
+// naming the real QEMU and sockDir, as tapsync install-kata installs it.
+func wrapperBinary(t *testing.T, sockDir string) string {
+	t.Helper()
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "tapsync-qemu")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/tapsync/tapsync/cmd/tapsync-qemu").CombinedOutput(); err != nil {
+		t.Fatalf("go build tapsync-qemu: %v\n%s", err, out)
+	}
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin+".conf", fmt.Appendf(nil, "qemu = %s\ndir = %s\n", qemu, sockDir), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return bin
+}
+
+// TestKata4WithoutDebugMode: Kata's runtimes start QEMU through
+// tapsync-qemu (what tapsync install-kata's drop-in does), with no debug
+// monitor at all; tapsync, with its default config, wires a runtime-rs
+// pod and a Go pod through the wrapper's QMP socket. A wrapper that
+// cannot make its socket still starts the VM, and status says why that
+// pod has no monitor.
+func TestKata4WithoutDebugMode(t *testing.T) {
+	n := newKata4Node(t)
+	wrapper := wrapperBinary(t, filepath.Join(n.dir, "qmp"))
+	bad := filepath.Join(n.dir, "badqmp")
+	if err := os.Mkdir(bad, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(bad, 0o777) // past the umask: a directory anyone can write
+	badWrapper := wrapperBinary(t, bad)
+
+	rs := n.runPod("rs", "kata-qemu-runtime-rs", vmShape{binary: wrapper})
+	gp := n.runPod("go", "kata-qemu", vmShape{binary: wrapper})
+	unwrapped := n.runPod("unwrapped", "kata-qemu", vmShape{binary: badWrapper})
+	n.start()
+
+	qemu, _ := exec.LookPath("qemu-system-x86_64")
+	for _, p := range []*kataPod{rs, gp} {
+		st := n.wired(p.id, "eth0")
+		if sock := filepath.Join(n.dir, "qmp", p.id+".sock"); st["qmp"] != sock || st["monitor"] != "qmp" || st["monitor_note"] != nil {
+			t.Errorf("pod %s: monitor %v %v (note %v), want qmp %s", p.id, st["monitor"], st["qmp"], st["monitor_note"], sock)
+		}
+		guestHas(t, p.probe, p.ip)
+		pingable(t, n.cri.NodeNetns(), p.ip.AsSlice())
+		// The runtime's pid is QEMU's: the wrapper exec'd it.
+		if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", p.vm.Pid)); err != nil || exe != qemu {
+			t.Errorf("pod %s: the process the shim started is %q (%v), want QEMU %s", p.id, exe, err, qemu)
+		}
+	}
+
+	// The VM whose wrapper could not make its socket runs, unwired, and
+	// says why in QEMU's stderr (Kata's log) and in status.
+	if !unwrapped.vm.Alive() {
+		t.Fatal("the VM whose wrapper had no usable socket dir did not start")
+	}
+	if log, _ := os.ReadFile(unwrapped.vm.Log); !bytes.Contains(log, []byte("tapsync-qemu: no tapsync monitor for this VM")) {
+		t.Errorf("QEMU's stderr does not say why there is no tapsync monitor:\n%s", log)
+	}
+	eventually(t, "status of the unwrapped pod says why it has no monitor", func() string {
+		st := n.sandbox(unwrapped.id)
+		if st == nil {
+			return "not in status"
+		}
+		note, _ := st["monitor_note"].(string)
+		e, _ := st["last_error"].(string)
+		if !strings.Contains(note, "neither tapsync-qemu's monitor") || !strings.Contains(e, filepath.Join(n.dir, "qmp", unwrapped.id+".sock")) {
+			return fmt.Sprintf("monitor note %q, last error %q", note, e)
+		}
+		return ""
+	})
+	n.d.stop(syscall.SIGTERM)
 }

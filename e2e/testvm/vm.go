@@ -83,6 +83,10 @@ type Options struct {
 	Cwd        string
 	ExtraFiles []*os.File
 	Name       string
+	// Binary is what is executed as QEMU ("": qemu-system-x86_64 from
+	// PATH), e.g. a wrapper that execs it, as Kata's [hypervisor.qemu]
+	// path may name one.
+	Binary string
 	// Args are appended to QEMU's command line as they are, for callers
 	// that want what no other option offers: a paused VM (-S) for the
 	// benchmarks, QEMU's trace events (-trace, -D, -msg timestamp=on).
@@ -134,6 +138,9 @@ func start(ctx context.Context, opts Options, accel string) (_ *VM, err error) {
 	qemu, err := exec.LookPath("qemu-system-x86_64")
 	if err != nil {
 		return nil, fmt.Errorf("find QEMU: %w (install qemu-system-x86)", err)
+	}
+	if opts.Binary != "" {
+		qemu = opts.Binary
 	}
 	argv := []string{qemu}
 	if opts.NetNS != "" {

@@ -233,20 +233,9 @@ func (l KataLayout) resolveRuntime(ns, id, runtime string) KataSandbox {
 // comes from SO_PEERCRED (recorded by the kernel at listen(2)), so check
 // the connection that then carries the monitor.
 func CheckMonitorPeer(conn *net.UnixConn, netns, cwd string) error {
-	raw, err := conn.SyscallConn()
+	cred, err := peerCred(conn)
 	if err != nil {
 		return fmt.Errorf("monitor peer check: %w", err)
-	}
-	var cred *unix.Ucred
-	var credErr error
-	if err := raw.Control(func(fd uintptr) {
-		// Equivalent to: getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &ucred)
-		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return fmt.Errorf("monitor peer check: %w", err)
-	}
-	if credErr != nil {
-		return fmt.Errorf("monitor peer check: SO_PEERCRED: %w", credErr)
 	}
 	if cred.Uid != 0 {
 		return fmt.Errorf("monitor %s is served by pid %d running as uid %d, not root", conn.RemoteAddr(), cred.Pid, cred.Uid)

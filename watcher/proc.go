@@ -399,9 +399,22 @@ func socketUnder(dir, sock string) error {
 // accepts the connection. Use it on the connection that will then carry
 // QMP, so that nothing can swap the socket between check and use.
 func CheckQMPPeer(conn *net.UnixConn, pid int) error {
-	raw, err := conn.SyscallConn()
+	cred, err := peerCred(conn)
 	if err != nil {
 		return fmt.Errorf("QMP peer check: %w", err)
+	}
+	if pid <= 0 || int(cred.Pid) != pid {
+		return fmt.Errorf("QMP socket %s is served by pid %d (uid %d), not by QEMU pid %d", conn.RemoteAddr(), cred.Pid, cred.Uid, pid)
+	}
+	return nil
+}
+
+// peerCred returns the credentials the kernel recorded for the listener
+// at the other end of conn when it called listen(2).
+func peerCred(conn *net.UnixConn) (*unix.Ucred, error) {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return nil, err
 	}
 	var cred *unix.Ucred
 	var credErr error
@@ -409,15 +422,12 @@ func CheckQMPPeer(conn *net.UnixConn, pid int) error {
 		// Equivalent to: getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &ucred)
 		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	}); err != nil {
-		return fmt.Errorf("QMP peer check: %w", err)
+		return nil, err
 	}
 	if credErr != nil {
-		return fmt.Errorf("QMP peer check: SO_PEERCRED: %w", credErr)
+		return nil, fmt.Errorf("SO_PEERCRED: %w", credErr)
 	}
-	if pid <= 0 || int(cred.Pid) != pid {
-		return fmt.Errorf("QMP socket %s is served by pid %d (uid %d), not by QEMU pid %d", conn.RemoteAddr(), cred.Pid, cred.Uid, pid)
-	}
-	return nil
+	return cred, nil
 }
 
 // VerifyQMPPeer connects to the unix socket at path, checks with

@@ -65,6 +65,14 @@ type daemon struct {
 	// relist asks the containerd source for a full listing (SIGHUP and
 	// the periodic resync); size 1, pokes coalesce.
 	relist chan struct{}
+	// pings carry /healthz's questions to the event loop, which closes
+	// each channel it receives: a closed one says the loop is alive.
+	pings chan chan struct{}
+	// ready is closed once the first full resync is done (/readyz);
+	// until then firstPasses holds the sandboxes that have had a pass.
+	ready       chan struct{}
+	readyOnce   sync.Once
+	firstPasses map[string]bool
 
 	baseCtx context.Context // carries the logger for events from sources
 }
@@ -79,6 +87,7 @@ func newDaemon(cfg Config) (*daemon, error) {
 		gone: map[string]bool{}, pending: map[string]time.Time{},
 		dropped: map[string]bool{}, podRates: map[string]overrides{}, inflight: map[string]time.Time{},
 		skipped: map[string]watcher.Sandbox{}, relist: make(chan struct{}, 1),
+		pings: make(chan chan struct{}), ready: make(chan struct{}), firstPasses: map[string]bool{},
 		discoveryRequests: make(chan string, 1),
 		listed:            make(chan struct{}), firstListingWait: firstListingWait,
 	}
@@ -428,6 +437,11 @@ func (d *daemon) registerDiscovered(ctx context.Context, found []watcher.Sandbox
 // outcome is logged (see reconcile.FailureLog) and counted by cause.
 func (d *daemon) work(ctx context.Context, id string) error {
 	err := d.pass(ctx, id)
+	d.mu.Lock()
+	if d.firstPasses != nil {
+		d.firstPasses[id] = true
+	}
+	d.mu.Unlock()
 	r := d.failures.Note(id, err, time.Now())
 	if err != nil {
 		d.m.reconcileErrors.WithLabelValues(r.Cause).Inc()
@@ -617,10 +631,13 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 		d.rec.Close()
 		return nil
 	}
+	go d.awaitReady(ctx, cfg.Containerd.Enabled)
 	for {
 		select {
 		case <-ctx.Done():
 			return stop("context canceled")
+		case p := <-d.pings:
+			close(p)
 		case sig := <-signals:
 			if sig == syscall.SIGHUP {
 				d.reloadConfig(ctx)
@@ -665,6 +682,78 @@ func (d *daemon) collectGarbage(ctx context.Context) {
 // 1 min and 5 min by config), so only a deadlock gets this far.
 const stuckPass = 30 * time.Minute
 
+// stuck names a sandbox whose pass has run for longer than stuckPass, or
+// is "".
+func (d *daemon) stuck() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for id, start := range d.inflight {
+		if time.Since(start) > stuckPass {
+			return id
+		}
+	}
+	return ""
+}
+
+// alive says whether the daemon is alive: its event loop answers within
+// wait and no pass is stuck (/healthz; the watchdog's test).
+func (d *daemon) alive(wait time.Duration) error {
+	p := make(chan struct{})
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case d.pings <- p:
+	case <-t.C:
+		return fmt.Errorf("the event loop did not answer within %v", wait)
+	}
+	<-p
+	if id := d.stuck(); id != "" {
+		return fmt.Errorf("the pass of sandbox %s has run for more than %v", id, stuckPass)
+	}
+	return nil
+}
+
+// awaitReady closes d.ready once the first full resync is done: the
+// first containerd listing registered (or given up on after
+// firstListingWait; none when containerd is off), and every sandbox
+// registered then has had a pass.
+func (d *daemon) awaitReady(ctx context.Context, containerd bool) {
+	if containerd {
+		t := time.NewTimer(d.firstListingWait)
+		select {
+		case <-d.listed:
+		case <-ctx.Done():
+		case <-t.C: // a containerd that is down must not keep us unready
+		}
+		t.Stop()
+	}
+	ids := d.rec.Sandboxes()
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		ids = slices.DeleteFunc(ids, func(id string) bool {
+			_, _, registered := d.rec.Registered(id)
+			return !registered
+		})
+		d.mu.Lock()
+		ids = slices.DeleteFunc(ids, func(id string) bool { return d.firstPasses[id] })
+		if len(ids) == 0 {
+			d.firstPasses = nil
+		}
+		d.mu.Unlock()
+		if len(ids) == 0 {
+			d.readyOnce.Do(func() { close(d.ready) })
+			zerolog.Ctx(ctx).Info().Msg("ready: the first full resync is done")
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
 // watchdog pings systemd at half its interval, on its own goroutine (a
 // slow notify socket must never stall signal handling), unless a pass has
 // been running for longer than stuckPass: then systemd restarts us.
@@ -677,15 +766,7 @@ func (d *daemon) watchdog(ctx context.Context, interval time.Duration) {
 			return
 		case <-t.C:
 		}
-		stuck := ""
-		d.mu.Lock()
-		for id, start := range d.inflight {
-			if time.Since(start) > stuckPass {
-				stuck = id
-			}
-		}
-		d.mu.Unlock()
-		if stuck == "" {
+		if stuck := d.stuck(); stuck == "" {
 			sddaemon.SdNotify(false, sddaemon.SdNotifyWatchdog)
 		} else {
 			zerolog.Ctx(ctx).Error().Str("sandbox", stuck).Dur("running_for", stuckPass).Msg("a reconcile pass is stuck; withholding the watchdog so that systemd restarts tapsync")

@@ -4,6 +4,10 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/tapsync/tapsync/e2e/testnet"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
@@ -272,5 +276,39 @@ func TestRestartOnlyKeys(t *testing.T) {
 	}
 	if next.ResyncInterval != time.Hour || next.Defaults.Queues != 2 {
 		t.Errorf("reloadable keys lost: resync %v, queues %d", next.ResyncInterval, next.Defaults.Queues)
+	}
+}
+
+// /healthz answers while a pass hangs on a monitor that never greets;
+// /readyz only once every sandbox has had its first pass.
+func TestHealthAndReadiness(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	ns := testnet.NewNS(t, "tsready")
+	sock := filepath.Join(shortDir(t), "mute.sock")
+	ln, err := net.Listen("unix", sock) // accepts, never greets
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	cfg := quietConfig(t)
+	cfg.NetnsDir = "/var/run/netns"
+	cfg.Defaults.QMPTimeout = 2 * time.Second
+	cfg.Sandboxes = []StaticSandbox{{ID: "mute", Netns: ns.Path, QMP: sock}}
+	s := serveDaemon(t, cfg, nil)
+	h := s.d.metricsHandler()
+	get := func(path string) int {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
+		return rec.Code
+	}
+	if c := get("/readyz"); c != http.StatusServiceUnavailable {
+		t.Errorf("/readyz during the first pass = %d, want 503", c)
+	}
+	if c := get("/healthz"); c != http.StatusOK {
+		t.Errorf("/healthz during a hanging pass = %d, want 200", c)
+	}
+	eventually(t, "ready after the first pass", func() bool { return get("/readyz") == http.StatusOK }, func() string { return s.log.String() })
+	if c := get("/healthz"); c != http.StatusOK {
+		t.Errorf("/healthz = %d, want 200", c)
 	}
 }

@@ -134,7 +134,12 @@ type installPlan struct {
 // planInstall decides install-kata's files: the wrapper (copied from
 // from), its conf (the real QEMU, the socket dir) and a drop-in per QEMU
 // configuration that is not a confidential handler's.
-func planInstall(cfg Config, configs []kataConfig, wrapper, from string) (installPlan, error) {
+//
+// root is where the node's file system is (a DaemonSet's init container
+// sees the host's under a mount): files are written under it, while what
+// they say (the wrapper's path, the real QEMU, the socket dir) is as Kata
+// on the host sees it.
+func planInstall(cfg Config, configs []kataConfig, wrapper, from, root string) (installPlan, error) {
 	p := installPlan{write: map[string][]byte{}, mode: map[string]fs.FileMode{}}
 	var qemus []string
 	var targets []kataConfig
@@ -168,9 +173,10 @@ func planInstall(cfg Config, configs []kataConfig, wrapper, from string) (instal
 	if err != nil {
 		return p, fmt.Errorf("read the wrapper to install: %w (build it with make build: bin/tapsync-qemu, or name it with --from)", err)
 	}
-	p.write[wrapper], p.mode[wrapper] = bin, 0o755
-	p.write[wrapper+".conf"] = fmt.Appendf(nil, "%s\n# The QEMU Kata's configurations named, and where tapsync-qemu binds each VM's monitor.\nqemu = %s\ndir = %s\n", dropInMark, qemus[0], sockDir)
-	p.mode[wrapper+".conf"] = 0o644
+	onHost := func(path string) string { return filepath.Join(root, path) }
+	p.write[onHost(wrapper)], p.mode[onHost(wrapper)] = bin, 0o755
+	p.write[onHost(wrapper)+".conf"] = fmt.Appendf(nil, "%s\n# The QEMU Kata's configurations named, and where tapsync-qemu binds each VM's monitor.\nqemu = %s\ndir = %s\n", dropInMark, qemus[0], sockDir)
+	p.mode[onHost(wrapper)+".conf"] = 0o644
 	for _, k := range targets {
 		p.write[k.dropIn()] = fmt.Appendf(nil, "%s\n# Kata starts QEMU through tapsync-qemu, which execs %s with one more QMP\n# monitor, tapsync's own (%s): no debug mode needed.\n[hypervisor.qemu]\npath = %q\n",
 			dropInMark, qemus[0], cfg.Containerd.WrapperSocket, wrapper)
@@ -204,7 +210,7 @@ func writeIfChanged(path string, content []byte, mode fs.FileMode) (changed bool
 
 func newInstallKataCmd(configPath *string) *cobra.Command {
 	var dirs []string
-	var wrapper, from string
+	var wrapper, from, root string
 	var dryRun bool
 	cmd := &cobra.Command{
 		Use:   "install-kata",
@@ -232,11 +238,11 @@ tapsync uninstall-kata undoes it.`,
 				}
 				from = filepath.Join(filepath.Dir(exe), "tapsync-qemu")
 			}
-			configs, err := findKataConfigs(dirs, wrapper)
+			configs, err := findKataConfigs(underRoot(root, dirs), wrapper)
 			if err != nil {
 				return err
 			}
-			p, err := planInstall(cfg, configs, wrapper, from)
+			p, err := planInstall(cfg, configs, wrapper, from, root)
 			out := cmd.OutOrStdout()
 			for _, n := range p.notes {
 				fmt.Fprintln(out, n)
@@ -250,8 +256,18 @@ tapsync uninstall-kata undoes it.`,
 	cmd.Flags().StringSliceVar(&dirs, "kata-dir", DefaultKataDirs, "directories holding Kata's configurations")
 	cmd.Flags().StringVar(&wrapper, "wrapper", DefaultWrapperPath, "where to install tapsync-qemu (Kata's [hypervisor.qemu] path)")
 	cmd.Flags().StringVar(&from, "from", "", "the tapsync-qemu binary to install (default: the one beside this tapsync)")
+	cmd.Flags().StringVar(&root, "host-root", "/", "where the node's file system is mounted (a DaemonSet's init container); paths in the files stay the node's")
 	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "print what would change, change nothing")
 	return cmd
+}
+
+// underRoot returns dirs as seen under root.
+func underRoot(root string, dirs []string) []string {
+	out := make([]string, len(dirs))
+	for i, d := range dirs {
+		out[i] = filepath.Join(root, d)
+	}
+	return out
 }
 
 // applyInstall writes the plan's files, printing each change.
@@ -281,7 +297,7 @@ func applyInstall(out io.Writer, p installPlan, dryRun bool) error {
 
 func newUninstallKataCmd() *cobra.Command {
 	var dirs []string
-	var wrapper string
+	var wrapper, root string
 	var dryRun bool
 	cmd := &cobra.Command{
 		Use:   "uninstall-kata",
@@ -292,7 +308,7 @@ the wrapper's conf and the wrapper. New VMs start Kata's QEMU directly again;
 running ones keep theirs. Idempotent; every change is printed.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			configs, err := findKataConfigs(dirs, wrapper)
+			configs, err := findKataConfigs(underRoot(root, dirs), wrapper)
 			if err != nil {
 				return err
 			}
@@ -319,13 +335,15 @@ running ones keep theirs. Idempotent; every change is printed.`,
 			for _, k := range configs {
 				remove(k.dropIn(), true)
 			}
-			remove(wrapper+".conf", true)
-			remove(wrapper, false)
+			onHost := filepath.Join(root, wrapper)
+			remove(onHost+".conf", true)
+			remove(onHost, false)
 			return errors.Join(errs...)
 		},
 	}
 	cmd.Flags().StringSliceVar(&dirs, "kata-dir", DefaultKataDirs, "directories holding Kata's configurations")
 	cmd.Flags().StringVar(&wrapper, "wrapper", DefaultWrapperPath, "where install-kata put tapsync-qemu")
+	cmd.Flags().StringVar(&root, "host-root", "/", "where the node's file system is mounted (a DaemonSet's init container)")
 	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "print what would change, change nothing")
 	return cmd
 }

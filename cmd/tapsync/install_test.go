@@ -177,3 +177,28 @@ func TestInstallKataRefused(t *testing.T) {
 		})
 	}
 }
+
+// With --host-root (a DaemonSet's init container, the node's file system
+// mounted at /host), files go under the root and say the node's paths.
+func TestInstallKataHostRoot(t *testing.T) {
+	root := t.TempDir()
+	kataTree(t, filepath.Join(root, "opt/kata/share/defaults/kata-containers"))
+	from := filepath.Join(t.TempDir(), "tapsync-qemu")
+	os.WriteFile(from, []byte("#!wrapper"), 0o755)
+	cfg := writeConfig(t, "")
+	out, err := runCmd(t, "install-kata", "--config", cfg, "--host-root", root, "--from", from)
+	if err != nil {
+		t.Fatalf("install-kata: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(filepath.Join(root, DefaultWrapperPath)); err != nil {
+		t.Errorf("wrapper not under the host root: %v\n%s", err, out)
+	}
+	drop, err := os.ReadFile(filepath.Join(root, "opt/kata/share/defaults/kata-containers/runtimes/qemu/config.d", dropInName))
+	if err != nil || !strings.Contains(string(drop), `path = "`+DefaultWrapperPath+`"`) {
+		t.Errorf("drop-in %v:\n%s", err, drop)
+	}
+	out, err = runCmd(t, "uninstall-kata", "--host-root", root)
+	if err != nil || strings.Count(out, "removed ") != 4 {
+		t.Errorf("uninstall-kata --host-root: %v\n%s", err, out)
+	}
+}

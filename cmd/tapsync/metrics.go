@@ -1,7 +1,9 @@
 package main
 
 import (
+	"fmt"
 	"net/http"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -68,6 +70,23 @@ func newMetrics(d *daemon) *metrics {
 func (d *daemon) metricsHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(d.m.reg, promhttp.HandlerOpts{}))
+	// Liveness: the event loop answers and no pass is stuck.
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		if err := d.alive(2 * time.Second); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	// Readiness: the first full resync is done.
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-d.ready:
+			fmt.Fprintln(w, "ok")
+		default:
+			http.Error(w, "the first full resync is not done yet", http.StatusServiceUnavailable)
+		}
+	})
 	return mux
 }
 

@@ -6,7 +6,9 @@
 //     the guest's ACPI acknowledgement), for tapsync (the daemon binary)
 //     and for tapsync-floor (e2e/bench/floor: the same datapath primitives
 //     and the three QMP commands, connections already open), over QMP and
-//     over HMP (QEMU's human monitor, as Kata's runtime-rs serves it), in
+//     over HMP (QEMU's human monitor, as Kata's runtime-rs serves it), and
+//     over the QMP socket tapsync-qemu (cmd/tapsync-qemu) adds to a VM
+//     started through it, the only monitor the wirer is given there, in
 //     rounds that rotate their order, each on its own sandbox with a
 //     booted TCG guest.
 //   - B2–B4: N sandboxes with paused QEMUs (-m 16, no guest OS) and two
@@ -47,9 +49,11 @@ type benchConfig struct {
 	n, rounds        int
 	idle             time.Duration
 	tapsync, floor   string
+	wrapper          string // tapsync-qemu
 	skipB1, skipScal bool
 	skipFloor        bool
 	skipHMP          bool
+	skipWrapper      bool
 }
 
 // perQEMU is the memory budgeted per paused QEMU (measured RSS ≈ 38 MB,
@@ -65,8 +69,10 @@ func main() {
 	flag.DurationVar(&cfg.idle, "idle", 10*time.Second, "window for the idle CPU measurement")
 	flag.StringVar(&cfg.tapsync, "tapsync", "bin/tapsync", "tapsync binary")
 	flag.StringVar(&cfg.floor, "floor", "bin/tapsync-floor", "floor binary (e2e/bench/floor)")
+	flag.StringVar(&cfg.wrapper, "tapsync-qemu", "bin/tapsync-qemu", "QEMU wrapper binary (cmd/tapsync-qemu), for B1 through its socket")
 	flag.BoolVar(&cfg.skipB1, "skip-b1", false, "skip B1/B1'")
-	flag.BoolVar(&cfg.skipHMP, "skip-hmp", false, "skip B1/B1' over HMP (QMP only)")
+	flag.BoolVar(&cfg.skipHMP, "skip-hmp", false, "skip B1/B1' over HMP")
+	flag.BoolVar(&cfg.skipWrapper, "skip-wrapper", false, "skip B1/B1' through tapsync-qemu's socket")
 	flag.BoolVar(&cfg.skipScal, "skip-scale", false, "skip B2–B4")
 	flag.BoolVar(&cfg.skipFloor, "skip-floor", false, "skip the floor's B3/B4 (tapsync's rows only)")
 	flag.BoolVar(&keep, "keep", false, "keep the work dir (daemon logs, QEMU traces)")
@@ -84,7 +90,7 @@ func run(ctx context.Context, cfg benchConfig) error {
 	if os.Geteuid() != 0 {
 		return errors.New("run as root: network namespaces, taps, QEMU")
 	}
-	for _, b := range []*string{&cfg.tapsync, &cfg.floor} {
+	for _, b := range []*string{&cfg.tapsync, &cfg.floor, &cfg.wrapper} {
 		abs, err := filepath.Abs(*b)
 		if err != nil {
 			return err
@@ -129,10 +135,10 @@ func run(ctx context.Context, cfg benchConfig) error {
 	}
 	defer func() { peerNS.Close(); _ = sh("ip", "netns", "del", peerName) }()
 
-	var b1QMP, b1HMP b1Pair
+	var b1 b1Set
 	if !cfg.skipB1 {
 		fmt.Fprintf(os.Stderr, "bench: B1/B1', %d rounds\n", cfg.rounds)
-		if b1QMP, b1HMP, err = runB1(ctx, cfg, base, peerNS); err != nil {
+		if b1, err = runB1(ctx, cfg, base, peerNS); err != nil {
 			return err
 		}
 	}
@@ -143,11 +149,11 @@ func run(ctx context.Context, cfg benchConfig) error {
 			return err
 		}
 	}
-	printReport(os.Stdout, cfg, machine, load0, loadavg(), b1QMP, b1HMP, sc)
+	printReport(os.Stdout, cfg, machine, load0, loadavg(), b1, sc)
 	return nil
 }
 
-func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, b1QMP, b1HMP b1Pair, sc scaleResult) {
+func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, b1 b1Set, sc scaleResult) {
 	fmt.Fprintf(out, "tapsync bench, %s\n\n%s\nload average before/after: %s / %s\n\n", time.Now().Format(time.DateTime), machine, load0, load1)
 	fmt.Fprintln(out, "| measure | value | goal |")
 	fmt.Fprintln(out, "|---|---|---|")
@@ -159,7 +165,7 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, b
 		return fmt.Sprintf("%.2f×", a/b)
 	}
 	if !cfg.skipB1 {
-		t, f := b1QMP.tapsync, b1QMP.floor
+		t, f := b1.qmp.tapsync, b1.qmp.floor
 		for _, q := range []struct {
 			name string
 			p    float64
@@ -185,7 +191,10 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, b
 		row("B1 QMP commands per add (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.cmdsAdd, n), perRound(f.cmdsAdd, n)), "-")
 		row("B1' QMP commands per remove (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.cmdsRemove, n), perRound(f.cmdsRemove, n)), "-")
 		if !cfg.skipHMP {
-			printHMP(row, ratio, b1QMP, b1HMP)
+			printHMP(row, ratio, b1.qmp, b1.hmp)
+		}
+		if !cfg.skipWrapper {
+			printWrapper(row, ratio, b1.qmp, b1.wrapper)
 		}
 	}
 	if !cfg.skipScal {
@@ -305,6 +314,44 @@ func printHMP(row func(m, v, g string), ratio func(a, b float64) string, q, h b1
 	lead := append(slices.Clone(q.tapsync.ejectLead), q.floor.ejectLead...)
 	row("B1' over QMP: ACPI eject (the guest's ack, HMP's mark) → DEVICE_DELETED (QEMU finalized the device), p50 / max",
 		fmt.Sprintf("%.1f / %.1f ms (%d removals)", quantile(lead, 0.5), quantile(lead, 1), len(lead)), "-")
+}
+
+// printWrapper prints B1 and B1' over tapsync-qemu's QMP socket, with
+// the figures over the QMP socket on QEMU's own command line beside them.
+func printWrapper(row func(m, v, g string), ratio func(a, b float64) string, q, w b1Pair) {
+	t, f := w.tapsync, w.floor
+	for _, p := range []struct {
+		name string
+		p    float64
+		goal string
+	}{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "≤ 1.5× the floor"}} {
+		a, b := quantile(t.add, p.p), quantile(f.add, p.p)
+		qa, qb := quantile(q.tapsync.add, p.p), quantile(q.floor.add, p.p)
+		v := fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s** (over QMP on QEMU's command line %.1f / %.1f ms: the wrapper's socket %+.1f / %+.1f ms",
+			a, b, ratio(a, b), qa, qb, a-qa, b-qb)
+		if p.p == 0.5 {
+			v += fmt.Sprintf("; QEMU executing / between the add's commands: tapsync %.2f / %.2f ms, floor %.2f / %.2f ms, on the command line's socket %.2f / %.2f, %.2f / %.2f ms",
+				quantile(t.busy, p.p), quantile(t.between, p.p), quantile(f.busy, p.p), quantile(f.between, p.p),
+				quantile(q.tapsync.busy, p.p), quantile(q.tapsync.between, p.p), quantile(q.floor.busy, p.p), quantile(q.floor.between, p.p))
+		}
+		row(fmt.Sprintf("B1 add via tapsync-qemu: link appears → device_add answered, %s (%d rounds)", p.name, len(t.add)), v+")", p.goal)
+	}
+	for _, p := range []struct {
+		name string
+		p    float64
+		goal string
+	}{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "-"}} {
+		a, b := quantile(t.remove, p.p), quantile(f.remove, p.p)
+		row(fmt.Sprintf("B1' remove via tapsync-qemu: link deleted → netdev deleted and tap gone, less the guest's unplug ack, %s", p.name),
+			fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s** (over QMP on QEMU's command line %.1f / %.1f ms; deletion → device_del received %.1f / %.1f ms, "+
+				"DEVICE_DELETED → done %.1f / %.1f ms; guest ack %.1f / %.1f ms, left out)",
+				a, b, ratio(a, b), quantile(q.tapsync.remove, p.p), quantile(q.floor.remove, p.p),
+				quantile(t.toAsk, p.p), quantile(f.toAsk, p.p), quantile(t.afterAck, p.p), quantile(f.afterAck, p.p),
+				quantile(t.ack, p.p), quantile(f.ack, p.p)), p.goal)
+	}
+	n := float64(len(t.add))
+	row("B1 / B1' via tapsync-qemu: QMP commands per add, per remove (tapsync / floor)",
+		fmt.Sprintf("%s / %s; %s / %s", perRound(t.cmdsAdd, n), perRound(f.cmdsAdd, n), perRound(t.cmdsRemove, n), perRound(f.cmdsRemove, n)), "-")
 }
 
 func perRound(counts map[string]int, n float64) string {

@@ -255,53 +255,20 @@ func readMessage(dec *json.Decoder) (message, error) {
 // comes first. A path too long for a unix socket address is reached
 // through its directory (see dialUnix).
 func Dial(ctx context.Context, path string, opts Options) (*Client, error) {
-	timeout := opts.Timeout
-	if timeout <= 0 {
-		timeout = DefaultTimeout
-	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-
-	conn, err := dialUnix(ctx, path)
-	if err != nil {
-		return nil, fmt.Errorf("qmp dial %s: %w", path, err)
-	}
-	if opts.CheckConn != nil {
-		if err := opts.CheckConn(conn); err != nil {
-			conn.Close()
-			return nil, fmt.Errorf("qmp dial %s: refused: %w", path, err)
-		}
-	}
-	c, err := handshake(ctx, conn, path, timeout, opts.OnEvent)
-	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("qmp dial %s: %w", path, err)
-	}
-	return c, nil
+	return dialMonitor(ctx, ProtocolQMP, path, opts, func(h *handshaking) (*Client, error) {
+		return handshake(h, opts.OnEvent)
+	})
 }
 
-func handshake(ctx context.Context, conn *net.UnixConn, path string, timeout time.Duration, onEvent func(Event)) (*Client, error) {
-	deadline, _ := ctx.Deadline()
-	if err := conn.SetDeadline(deadline); err != nil {
-		return nil, err
-	}
-	// A cancelled (rather than expired) ctx ends a blocked read too.
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-	timedOut := func(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
-	ctxErr := func() error { // the socket's deadline may fire a hair before ctx's
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		return context.DeadlineExceeded
-	}
-
+// handshake reads QEMU's QMP greeting and negotiates capabilities.
+func handshake(h *handshaking, onEvent func(Event)) (*Client, error) {
+	conn := h.conn
 	src := &stream{conn: conn}
 	dec := newDecoder(src, MaxMessage)
 	greeting, err := readMessage(dec)
 	switch {
 	case timedOut(err):
-		return nil, fmt.Errorf("%w: waited %s: %w", ErrNoGreeting, timeout, ctxErr())
+		return nil, fmt.Errorf("%w: waited %s: %w", ErrNoGreeting, h.timeout, h.ctxErr())
 	case err != nil:
 		return nil, fmt.Errorf("read greeting: %w", err)
 	case greeting.QMP == nil:
@@ -319,7 +286,7 @@ func handshake(ctx context.Context, conn *net.UnixConn, path string, timeout tim
 		m, err := readMessage(dec)
 		switch {
 		case timedOut(err):
-			return nil, fmt.Errorf("QEMU %s greeted but did not answer qmp_capabilities: %w", version, ctxErr())
+			return nil, fmt.Errorf("QEMU %s greeted but did not answer qmp_capabilities: %w", version, h.ctxErr())
 		case err != nil:
 			return nil, fmt.Errorf("read qmp_capabilities reply: %w", err)
 		case m.Event != "":
@@ -332,14 +299,11 @@ func handshake(ctx context.Context, conn *net.UnixConn, path string, timeout tim
 		}
 		break
 	}
-	if !stop() {
-		return nil, fmt.Errorf("after qmp_capabilities: %w", ctxErr())
-	}
-	if err := conn.SetDeadline(time.Time{}); err != nil {
+	if err := h.finish("qmp_capabilities"); err != nil {
 		return nil, err
 	}
 
-	c := newClient(ProtocolQMP, conn, path, version, timeout, onEvent)
+	c := newClient(ProtocolQMP, conn, h.path, version, h.timeout, onEvent)
 	go c.read(src, dec, early)
 	return c, nil
 }

@@ -2,11 +2,13 @@ package qmp
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"strconv"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -48,3 +50,78 @@ func dialUnix(ctx context.Context, path string) (*net.UnixConn, error) {
 	}
 	return nc.(*net.UnixConn), nil
 }
+
+// dialMonitor is Dial and DialHMP but for their protocol's handshake: it
+// connects to the monitor socket at path, lets opts.CheckConn refuse the
+// peer, and runs handshake on the connection, all within opts.Timeout or
+// ctx's deadline, whichever comes first. Its errors start "<proto> dial
+// <path>:".
+func dialMonitor(ctx context.Context, proto, path string, opts Options, handshake func(*handshaking) (*Client, error)) (*Client, error) {
+	timeout := opts.Timeout
+	if timeout <= 0 {
+		timeout = DefaultTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+
+	conn, err := dialUnix(ctx, path)
+	if err != nil {
+		return nil, fmt.Errorf("%s dial %s: %w", proto, path, err)
+	}
+	if opts.CheckConn != nil {
+		if err := opts.CheckConn(conn); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("%s dial %s: refused: %w", proto, path, err)
+		}
+	}
+	c, err := startHandshake(ctx, conn, path, timeout, handshake)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("%s dial %s: %w", proto, path, err)
+	}
+	return c, nil
+}
+
+// handshaking is a monitor connection while its handshake runs: reads and
+// writes fail at ctx's deadline, or as soon as ctx is cancelled.
+type handshaking struct {
+	ctx     context.Context
+	conn    *net.UnixConn
+	path    string
+	timeout time.Duration // the dial's, for the Client
+	stop    func() bool   // unregisters the cancellation
+}
+
+func startHandshake(ctx context.Context, conn *net.UnixConn, path string, timeout time.Duration, handshake func(*handshaking) (*Client, error)) (*Client, error) {
+	deadline, _ := ctx.Deadline()
+	if err := conn.SetDeadline(deadline); err != nil {
+		return nil, err
+	}
+	// A cancelled (rather than expired) ctx ends a blocked read too.
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	return handshake(&handshaking{ctx: ctx, conn: conn, path: path, timeout: timeout, stop: stop})
+}
+
+// ctxErr says why a read or write timed out: the socket's deadline may
+// fire a hair before ctx's.
+func (h *handshaking) ctxErr() error {
+	if err := h.ctx.Err(); err != nil {
+		return err
+	}
+	return context.DeadlineExceeded
+}
+
+// finish ends the handshake after its last step: the connection loses its
+// deadline and ctx's hold on it, for the Client. It fails when ctx ended
+// first.
+func (h *handshaking) finish(step string) error {
+	if !h.stop() {
+		return fmt.Errorf("after %s: %w", step, h.ctxErr())
+	}
+	return h.conn.SetDeadline(time.Time{})
+}
+
+// timedOut reports whether err is a read or write past the handshake's
+// deadline.
+func timedOut(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }

@@ -30,53 +30,21 @@ type fakeCommand struct {
 // the raw lines handle returns: events and a reply, or nothing at all. Like
 // QEMU it copies the command's id into replies (JSON objects without
 // "event" and without an "id" of their own); other lines go out verbatim.
-// qmp_capabilities is answered by default. It serves one client at a time,
-// like QEMU.
+// qmp_capabilities is answered by default.
 type fakeServer struct {
-	path     string
+	fakeSocket
 	greeting string
 	handle   func(cmd fakeCommand) []string
-
-	ln    net.Listener
-	mu    sync.Mutex
-	conns []net.Conn
-	wg    sync.WaitGroup
 }
 
 func startFake(t *testing.T, greeting string, handle func(cmd fakeCommand) []string) *fakeServer {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "qmpfake") // t.TempDir can exceed the 108-byte socket path limit
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	f := &fakeServer{path: filepath.Join(dir, "qmp.sock"), greeting: greeting, handle: handle}
-	f.ln, err = net.Listen("unix", f.path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.wg.Add(1)
-	go f.serve()
-	t.Cleanup(f.stop)
+	f := &fakeServer{greeting: greeting, handle: handle}
+	f.listen(t, "qmp.sock", f.serveConn)
 	return f
 }
 
-func (f *fakeServer) serve() {
-	defer f.wg.Done()
-	for {
-		conn, err := f.ln.Accept()
-		if err != nil {
-			return
-		}
-		f.mu.Lock()
-		f.conns = append(f.conns, conn)
-		f.mu.Unlock()
-		f.serveConn(conn)
-		conn.Close()
-	}
-}
-
-func (f *fakeServer) serveConn(conn net.Conn) {
+func (f *fakeServer) serveConn(conn *net.UnixConn) {
 	w := bufio.NewWriter(conn)
 	send := func(lines []string) bool {
 		for _, l := range lines {
@@ -109,19 +77,86 @@ func (f *fakeServer) serveConn(conn net.Conn) {
 	}
 }
 
+// fakeSocket is where a fake monitor (fakeServer, fakeHMP) listens. Like
+// QEMU's monitor it serves one client at a time; every connection it
+// accepted is closed when the test ends.
+type fakeSocket struct {
+	path  string
+	ln    *net.UnixListener
+	mu    sync.Mutex // guards conns, and the state of the fake it is part of
+	conns []net.Conn
+	wg    sync.WaitGroup
+}
+
+// listen serves at s.path, or at name in a new directory when s.path is ""
+// (t.TempDir can exceed the 108-byte socket path limit), handing each
+// client in turn to serveConn until the test ends.
+func (s *fakeSocket) listen(t *testing.T, name string, serveConn func(*net.UnixConn)) {
+	t.Helper()
+	if s.path == "" {
+		dir, err := os.MkdirTemp("", "qmpfake")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		s.path = filepath.Join(dir, name)
+	}
+	s.ln = listenUnix(t, s.path)
+	s.wg.Add(1)
+	go s.serve(serveConn)
+	t.Cleanup(s.stop)
+}
+
+func (s *fakeSocket) serve(serveConn func(*net.UnixConn)) {
+	defer s.wg.Done()
+	for {
+		conn, err := s.ln.AcceptUnix()
+		if err != nil {
+			return
+		}
+		s.mu.Lock()
+		s.conns = append(s.conns, conn)
+		s.mu.Unlock()
+		serveConn(conn)
+		conn.Close()
+	}
+}
+
+// listenUnix listens at path, through its directory when path is too long
+// for a socket address (as dialUnix connects).
+func listenUnix(t *testing.T, path string) *net.UnixListener {
+	t.Helper()
+	addr := path
+	if len(path) > maxSunPath {
+		dir, err := os.Open(filepath.Dir(path))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer dir.Close()
+		addr = fmt.Sprintf("/proc/self/fd/%d/%s", dir.Fd(), filepath.Base(path))
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: addr, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.SetUnlinkOnClose(false) // the name through /proc is gone by then
+	t.Cleanup(func() { os.Remove(path) })
+	return ln
+}
+
 // dropClients closes the server side of every connection so far.
-func (f *fakeServer) dropClients() {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for _, c := range f.conns {
+func (s *fakeSocket) dropClients() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range s.conns {
 		c.Close()
 	}
 }
 
-func (f *fakeServer) stop() {
-	f.ln.Close()
-	f.dropClients()
-	f.wg.Wait()
+func (s *fakeSocket) stop() {
+	s.ln.Close()
+	s.dropClients()
+	s.wg.Wait()
 }
 
 func withID(line string, id json.RawMessage) string {
@@ -155,7 +190,14 @@ func qmpError(class, desc string) string {
 
 func dialT(t *testing.T, path string, opts Options) *Client {
 	t.Helper()
-	c, err := Dial(context.Background(), path, opts)
+	return dialWith(t, Dial, path, opts)
+}
+
+// dialWith connects to path with dial (Dial or DialHMP), failing t if it
+// cannot, and closes the Client when t ends.
+func dialWith(t *testing.T, dial func(context.Context, string, Options) (*Client, error), path string, opts Options) *Client {
+	t.Helper()
+	c, err := dial(context.Background(), path, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

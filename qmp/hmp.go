@@ -59,56 +59,21 @@ const hmpUnplugPoll = 40 * time.Millisecond
 // one from Dial, but for events (see HasEvents) and the raw QMP of Run,
 // which it takes only for the commands this package spells in HMP.
 func DialHMP(ctx context.Context, path string, opts Options) (*Client, error) {
-	timeout := opts.Timeout
-	if timeout <= 0 {
-		timeout = DefaultTimeout
-	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-
-	conn, err := dialUnix(ctx, path)
-	if err != nil {
-		return nil, fmt.Errorf("hmp dial %s: %w", path, err)
-	}
-	if opts.CheckConn != nil {
-		if err := opts.CheckConn(conn); err != nil {
-			conn.Close()
-			return nil, fmt.Errorf("hmp dial %s: refused: %w", path, err)
-		}
-	}
-	c, err := handshakeHMP(ctx, conn, path, timeout)
-	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("hmp dial %s: %w", path, err)
-	}
-	return c, nil
+	return dialMonitor(ctx, ProtocolHMP, path, opts, handshakeHMP)
 }
 
-func handshakeHMP(ctx context.Context, conn *net.UnixConn, path string, timeout time.Duration) (*Client, error) {
-	deadline, _ := ctx.Deadline()
-	if err := conn.SetDeadline(deadline); err != nil {
-		return nil, err
-	}
-	// A cancelled (rather than expired) ctx ends a blocked read too.
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-	timedOut := func(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
-	ctxErr := func() error {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		return context.DeadlineExceeded
-	}
-
+// handshakeHMP reads QEMU's HMP banner and asks its version.
+func handshakeHMP(h *handshaking) (*Client, error) {
+	conn := h.conn
 	br := bufio.NewReader(conn) // 4 KB for the life of the connection; replies are read byte by byte
 	// Like a QMP socket, an HMP one serves one client at a time: the next
 	// gets its banner when the current one disconnects.
 	banner, err := readHMPOutput(br, hmpBannerMax)
 	switch {
 	case timedOut(err) && banner == "":
-		return nil, &noBanner{timeout: timeout, err: ctxErr()}
+		return nil, &noBanner{timeout: h.timeout, err: h.ctxErr()}
 	case timedOut(err):
-		return nil, fmt.Errorf("not an HMP monitor: it sent %.200q and no prompt: %w", banner, ctxErr())
+		return nil, fmt.Errorf("not an HMP monitor: it sent %.200q and no prompt: %w", banner, h.ctxErr())
 	case err != nil:
 		return nil, fmt.Errorf("read HMP banner: %w", err)
 	case !strings.HasPrefix(banner, "QEMU ") || !strings.Contains(banner, " monitor"):
@@ -123,7 +88,7 @@ func handshakeHMP(ctx context.Context, conn *net.UnixConn, path string, timeout 
 	out, err := readHMPReply(br, line, hmpBannerMax)
 	switch {
 	case timedOut(err):
-		return nil, fmt.Errorf("QEMU sent its HMP banner but did not answer %s: %w", line, ctxErr())
+		return nil, fmt.Errorf("QEMU sent its HMP banner but did not answer %s: %w", line, h.ctxErr())
 	case err != nil:
 		return nil, fmt.Errorf("read %s reply: %w", line, err)
 	}
@@ -131,13 +96,10 @@ func handshakeHMP(ctx context.Context, conn *net.UnixConn, path string, timeout 
 	if !ok {
 		return nil, fmt.Errorf("%s: unexpected reply %.200q", line, out)
 	}
-	if !stop() {
-		return nil, fmt.Errorf("after %s: %w", line, ctxErr())
-	}
-	if err := conn.SetDeadline(time.Time{}); err != nil {
+	if err := h.finish(line); err != nil {
 		return nil, err
 	}
-	c := newClient(ProtocolHMP, conn, path, version, timeout, nil)
+	c := newClient(ProtocolHMP, conn, h.path, version, h.timeout, nil)
 	go c.readHMP(br)
 	return c, nil
 }

@@ -37,18 +37,13 @@ func hmpEchoOf(line string) string {
 // when nil; "info version" always gets its true echo and an answer) and
 // then what handle returns (the output and a prompt, usually: see
 // answer), as QEMU's readline does. fds counts the fds that came in
-// SCM_RIGHTS with the line. It serves one client at a time, like QEMU.
+// SCM_RIGHTS with the line.
 type fakeHMP struct {
-	path   string
+	fakeSocket
 	banner string
 	echo   func(line string) string
 	handle func(line string, fds int) string
-
-	ln    *net.UnixListener
-	mu    sync.Mutex
-	conns []net.Conn
-	lines []string // every line received
-	wg    sync.WaitGroup
+	lines  []string // every line received, guarded by mu
 }
 
 // answer is what QEMU sends after the echo: the output, then the prompt.
@@ -63,56 +58,8 @@ func startFakeHMP(t *testing.T, handle func(line string, fds int) string) *fakeH
 // "" (f.path may be too long for sun_path).
 func serveFakeHMP(t *testing.T, f *fakeHMP) *fakeHMP {
 	t.Helper()
-	if f.path == "" {
-		dir, err := os.MkdirTemp("", "hmpfake")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(dir) })
-		f.path = filepath.Join(dir, "hmp.sock")
-	}
-	f.ln = listenUnix(t, f.path)
-	f.wg.Add(1)
-	go f.serve()
-	t.Cleanup(f.stop)
+	f.listen(t, "hmp.sock", f.serveConn)
 	return f
-}
-
-// listenUnix listens at path, through its directory when path is too long
-// for a socket address (as dialUnix connects).
-func listenUnix(t *testing.T, path string) *net.UnixListener {
-	t.Helper()
-	addr := path
-	if len(path) > maxSunPath {
-		dir, err := os.Open(filepath.Dir(path))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer dir.Close()
-		addr = fmt.Sprintf("/proc/self/fd/%d/%s", dir.Fd(), filepath.Base(path))
-	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: addr, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln.SetUnlinkOnClose(false) // the name through /proc is gone by then
-	t.Cleanup(func() { os.Remove(path) })
-	return ln
-}
-
-func (f *fakeHMP) serve() {
-	defer f.wg.Done()
-	for {
-		conn, err := f.ln.AcceptUnix()
-		if err != nil {
-			return
-		}
-		f.mu.Lock()
-		f.conns = append(f.conns, conn)
-		f.mu.Unlock()
-		f.serveConn(conn)
-		conn.Close()
-	}
 }
 
 func (f *fakeHMP) serveConn(conn *net.UnixConn) {
@@ -173,24 +120,9 @@ func (f *fakeHMP) received() []string {
 	return slices.Clone(f.lines)
 }
 
-func (f *fakeHMP) stop() {
-	f.ln.Close()
-	f.mu.Lock()
-	for _, c := range f.conns {
-		c.Close()
-	}
-	f.mu.Unlock()
-	f.wg.Wait()
-}
-
 func dialHMPT(t *testing.T, path string, opts Options) *Client {
 	t.Helper()
-	c, err := DialHMP(context.Background(), path, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
+	return dialWith(t, DialHMP, path, opts)
 }
 
 // hmpCapture is a reply captured from QEMU 7.2.22 (Debian 12) on an HMP
@@ -671,7 +603,7 @@ func TestHMPGetFD(t *testing.T) {
 // directory, over both protocols.
 func TestDialLongPath(t *testing.T) {
 	dir := longDir(t)
-	f := serveFakeHMP(t, &fakeHMP{path: filepath.Join(dir, "debug-monitor.sock"), banner: hmpBanner})
+	f := serveFakeHMP(t, &fakeHMP{fakeSocket: fakeSocket{path: filepath.Join(dir, "debug-monitor.sock")}, banner: hmpBanner})
 	if len(f.path) <= maxSunPath {
 		t.Fatalf("path of %d bytes is not too long", len(f.path))
 	}

@@ -34,17 +34,9 @@ func TestQEMUHMPKataBridge(t *testing.T) {
 	}
 
 	mac1, mac2 := mustMAC(t, "02:00:00:00:00:01"), mustMAC(t, "02:00:00:00:00:02")
-	taps := openTap(t, 1)
-	info, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mac1, TapFDs: taps, MTU: 1400})
-	if err != nil {
-		t.Fatal(err)
-	}
-	checkClosed(t, taps)
 	want := NICInfo{ID: "tapsync-net1", Index: 1, Owned: true, MAC: mac1, Netdev: "tapsync-netdev1",
 		Bus: "pci-bridge-0", Addr: "1f.0", QOMPath: "/machine/peripheral/tapsync-net1", PCIPath: "02/1f"}
-	if !sameInfo(info, want) {
-		t.Errorf("AddNIC = %+v\nwant      %+v", info, want)
-	}
+	addNICT(t, c, NIC{Index: 1, MAC: mac1, MTU: 1400}, want)
 	info2, err := c.AddNIC(ctx, NIC{Index: 2, MAC: mac2, TapFDs: openTap(t, 2)})
 	if err != nil {
 		t.Fatal(err)
@@ -89,11 +81,7 @@ func TestQEMUHMPKataBridge(t *testing.T) {
 
 	// Again: a no-op that still takes (closes) the new fds.
 	before := c.Commands()
-	taps2 := openTap(t, 1)
-	if again, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mac1, TapFDs: taps2}); err != nil || !sameInfo(again, want) {
-		t.Errorf("second AddNIC = %+v, %v", again, err)
-	}
-	checkClosed(t, taps2)
+	addNICT(t, c, NIC{Index: 1, MAC: mac1}, want)
 	if n := c.Commands() - before; n != 2 { // info qtree, info network
 		t.Errorf("second AddNIC sent %d commands, want the 2 of ReadVM", n)
 	}
@@ -136,12 +124,7 @@ func TestQEMUHMPKataBridge(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("RemoveNICs did not see the devices go")
 	}
-	if nics, err := test.ListNICs(ctx); err != nil || len(nics) != 0 {
-		t.Errorf("NICs left: %+v, %v", nics, err)
-	}
-	if netdevs, err := test.ListNetdevs(ctx); err != nil || len(netdevs) != 0 {
-		t.Errorf("netdevs left: %q, %v", netdevs, err)
-	}
+	checkNoNICs(t, test, "after the reset: ")
 	// Removing twice succeeds.
 	if errs := c.RemoveNICs(ctx, unplugs(false, 1, 2), time.Second); errs[0] != nil || errs[1] != nil {
 		t.Errorf("second RemoveNICs: %v", errs)
@@ -244,9 +227,7 @@ func TestQEMUHMPErrors(t *testing.T) {
 	if _, err := c.run(ctx, "human-monitor-command", "", map[string]any{"command-line": "info nothing"}, nil); !hasClass(err, ClassGeneric) && !hasClass(err, ClassCommandNotFound) {
 		t.Errorf("info nothing: %v", err)
 	}
-	if nics, err := c.ListNICs(ctx); err != nil || len(nics) != 0 {
-		t.Errorf("ListNICs = %+v, %v; want none", nics, err)
-	}
+	checkNoNICs(t, c, "")
 }
 
 // With native PCIe hot-plug and no guest to power the slot on, QEMU
@@ -256,25 +237,7 @@ func TestQEMUHMPUnplugAcknowledged(t *testing.T) {
 	requireTaps(t)
 	t.Parallel()
 	vm := startVM(t, "q35", 2, "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off")
-	c := dialHMPT(t, vm.hmp, Options{})
-	test := dialT(t, vm.test, Options{})
-	ctx := context.Background()
-	for round := 1; round <= 2; round++ {
-		if _, err := c.AddNIC(ctx, NIC{Index: 2, MAC: mustMAC(t, "02:00:00:00:00:02"), TapFDs: openTap(t, 2), Placement: rootPorts}); err != nil {
-			t.Fatalf("round %d: %v", round, err)
-		}
-		start := time.Now()
-		if err := c.RemoveNIC(ctx, 2, 10*time.Second); err != nil {
-			t.Fatalf("round %d: RemoveNIC: %v", round, err)
-		}
-		t.Logf("round %d: gone after %s", round, time.Since(start).Round(time.Millisecond))
-		if nics, err := test.ListNICs(ctx); err != nil || len(nics) != 0 {
-			t.Errorf("round %d: ListNICs = %+v, %v", round, nics, err)
-		}
-		if netdevs, err := test.ListNetdevs(ctx); err != nil || len(netdevs) != 0 {
-			t.Errorf("round %d: ListNetdevs = %q, %v", round, netdevs, err)
-		}
-	}
+	addRemoveRounds(t, dialHMPT(t, vm.hmp, Options{}), dialT(t, vm.test, Options{}), rootPorts)
 }
 
 // Kata's bundle dir is too long a path for a socket: QEMU, in it, names
@@ -332,12 +295,5 @@ func TestQEMUHMPBusyAndExit(t *testing.T) {
 	}
 	t.Log(err)
 
-	if err := vm.cmd.Process.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	waitClosed(t, c.Done(), 5*time.Second, "Done() after QEMU died")
-	if _, err := c.ListNICs(context.Background()); !errors.Is(err, ErrClosed) {
-		t.Errorf("ListNICs = %v, want ErrClosed", err)
-	}
-	t.Log(c.Err())
+	killQEMU(t, vm, c)
 }

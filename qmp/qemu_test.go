@@ -264,6 +264,21 @@ func sameInfo(a, b NICInfo) bool {
 		a.Netdev == b.Netdev && a.Bus == b.Bus && a.Addr == b.Addr && a.QOMPath == b.QOMPath && a.PCIPath == b.PCIPath
 }
 
+// addNICT adds nic through c with the fds of a new single-queue tap, and
+// fails t unless AddNIC took (closed) the fds and reports want.
+func addNICT(t *testing.T, c *Client, nic NIC, want NICInfo) {
+	t.Helper()
+	nic.TapFDs = openTap(t, 1)
+	info, err := c.AddNIC(context.Background(), nic)
+	if err != nil {
+		t.Fatalf("AddNIC %d: %v", nic.Index, err)
+	}
+	checkClosed(t, nic.TapFDs)
+	if !sameInfo(info, want) {
+		t.Errorf("AddNIC = %+v\nwant      %+v", info, want)
+	}
+}
+
 func TestQEMUAddListRemove(t *testing.T) {
 	requireTaps(t)
 	t.Parallel()
@@ -272,18 +287,10 @@ func TestQEMUAddListRemove(t *testing.T) {
 	ctx := context.Background()
 	mac := mustMAC(t, "02:00:00:00:00:01")
 
-	taps := openTap(t, 1)
-	info, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mac, TapFDs: taps, MTU: 1400, Placement: rootPorts})
-	if err != nil {
-		t.Fatal(err)
-	}
-	checkClosed(t, taps)
 	// rp4 sits in root slot 5 (rp<i> at addr i+1): the agent's devicePath.
 	want := NICInfo{ID: "tapsync-net1", Index: 1, Owned: true, MAC: mac, Netdev: "tapsync-netdev1",
 		Bus: "rp4", Addr: "00.0", QOMPath: "/machine/peripheral/tapsync-net1", PCIPath: "05/00"}
-	if !sameInfo(info, want) {
-		t.Errorf("AddNIC = %+v\nwant      %+v", info, want)
-	}
+	addNICT(t, c, NIC{Index: 1, MAC: mac, MTU: 1400, Placement: rootPorts}, want)
 	nics, err := c.ListNICs(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -301,12 +308,7 @@ func TestQEMUAddListRemove(t *testing.T) {
 	}
 
 	// Again: a no-op that still takes (closes) the new fds.
-	taps2 := openTap(t, 1)
-	again, err := c.AddNIC(ctx, NIC{Index: 1, MAC: mac, TapFDs: taps2, Placement: rootPorts})
-	if err != nil || !sameInfo(again, want) {
-		t.Errorf("second AddNIC = %+v, %v", again, err)
-	}
-	checkClosed(t, taps2)
+	addNICT(t, c, NIC{Index: 1, MAC: mac, Placement: rootPorts}, want)
 	if nics, _ := c.ListNICs(ctx); len(nics) != 1 {
 		t.Errorf("after second AddNIC: %d NICs", len(nics))
 	}
@@ -415,9 +417,7 @@ func TestQEMUFailedDeviceAddRollsBack(t *testing.T) {
 			t.Errorf("fd name %s still in QEMU's table", fdName(5, q))
 		}
 	}
-	if nics, err := c.ListNICs(ctx); err != nil || len(nics) != 0 {
-		t.Errorf("ListNICs = %+v, %v; want none", nics, err)
-	}
+	checkNoNICs(t, c, "")
 }
 
 func TestQEMUUnplugAcknowledged(t *testing.T) {
@@ -434,30 +434,7 @@ func TestQEMUUnplugAcknowledged(t *testing.T) {
 		default:
 		}
 	}})
-	ctx := context.Background()
-	mac := mustMAC(t, "02:00:00:00:00:02")
-
-	for round := 1; round <= 2; round++ { // the id is free for reuse after DEVICE_DELETED
-		if _, err := c.AddNIC(ctx, NIC{Index: 2, MAC: mac, TapFDs: openTap(t, 2), Placement: Placement{Hotplug: HotplugAny}}); err != nil {
-			t.Fatalf("round %d: %v", round, err)
-		}
-		start := time.Now()
-		if err := c.RemoveNIC(ctx, 2, 10*time.Second); err != nil {
-			t.Fatalf("round %d: RemoveNIC: %v", round, err)
-		}
-		t.Logf("round %d: removal acknowledged after %s", round, time.Since(start).Round(time.Millisecond))
-		nics, err := c.ListNICs(ctx)
-		if err != nil || len(nics) != 0 {
-			t.Errorf("round %d: ListNICs = %+v, %v; want none", round, nics, err)
-		}
-		netdevs, err := c.ListNetdevs(ctx)
-		if err != nil || len(netdevs) != 0 {
-			t.Errorf("round %d: ListNetdevs = %q, %v; want none", round, netdevs, err)
-		}
-		if err := c.RemoveNIC(ctx, 2, time.Second); err != nil {
-			t.Errorf("round %d: second RemoveNIC: %v", round, err)
-		}
-	}
+	addRemoveRounds(t, c, c, Placement{Hotplug: HotplugAny})
 	seen := false
 	for len(events) > 0 {
 		if e := <-events; e.Name == "DEVICE_DELETED" && e.Data["device"] == "tapsync-net2" {
@@ -466,6 +443,42 @@ func TestQEMUUnplugAcknowledged(t *testing.T) {
 	}
 	if !seen {
 		t.Error("OnEvent never saw DEVICE_DELETED for tapsync-net2")
+	}
+}
+
+// addRemoveRounds adds NIC 2 through c at placement and removes it, in two
+// rounds (its ids are free for reuse once QEMU deleted the device). Each
+// removal must complete within 10 s, leave nothing that look sees, and
+// succeed again when repeated.
+func addRemoveRounds(t *testing.T, c, look *Client, placement Placement) {
+	t.Helper()
+	ctx := context.Background()
+	for round := 1; round <= 2; round++ {
+		if _, err := c.AddNIC(ctx, NIC{Index: 2, MAC: mustMAC(t, "02:00:00:00:00:02"), TapFDs: openTap(t, 2), Placement: placement}); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		start := time.Now()
+		if err := c.RemoveNIC(ctx, 2, 10*time.Second); err != nil {
+			t.Fatalf("round %d: RemoveNIC: %v", round, err)
+		}
+		t.Logf("round %d: gone after %s", round, time.Since(start).Round(time.Millisecond))
+		checkNoNICs(t, look, fmt.Sprintf("round %d: ", round))
+		if err := c.RemoveNIC(ctx, 2, time.Second); err != nil {
+			t.Errorf("round %d: second RemoveNIC: %v", round, err)
+		}
+	}
+}
+
+// checkNoNICs fails t unless c finds no NIC and no netdev in its VM; prefix
+// says when.
+func checkNoNICs(t *testing.T, c *Client, prefix string) {
+	t.Helper()
+	ctx := context.Background()
+	if nics, err := c.ListNICs(ctx); err != nil || len(nics) != 0 {
+		t.Errorf("%sListNICs = %+v, %v; want none", prefix, nics, err)
+	}
+	if netdevs, err := c.ListNetdevs(ctx); err != nil || len(netdevs) != 0 {
+		t.Errorf("%sListNetdevs = %q, %v; want none", prefix, netdevs, err)
 	}
 }
 
@@ -576,7 +589,13 @@ func TestQEMUListsForeignNICs(t *testing.T) {
 func TestQEMUExit(t *testing.T) {
 	t.Parallel()
 	vm := startVM(t, "q35", 0)
-	c := dialT(t, vm.qmp, Options{})
+	killQEMU(t, vm, dialT(t, vm.qmp, Options{}))
+}
+
+// killQEMU kills vm's QEMU and fails t unless c finds its connection dead:
+// Done closed, commands failing with ErrClosed.
+func killQEMU(t *testing.T, vm *testVM, c *Client) {
+	t.Helper()
 	if err := vm.cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}

@@ -6,7 +6,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -22,9 +21,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	"golang.org/x/sys/unix"
 
-	"github.com/tapsync/tapsync/e2e/testvm"
+	"github.com/tapsync/tapsync/e2e/testcache"
 )
 
 const (
@@ -38,8 +36,7 @@ const (
 	// because no registry is reachable.
 	PauseImage = "localhost/tapsync-e2e/pause:3.10"
 
-	// cacheSubdir is testcri's part of the e2e cache (testvm.DefaultCacheDir
-	// or $TAPSYNC_E2E_CACHE).
+	// cacheSubdir is testcri's part of the e2e cache (testcache.Dir).
 	cacheSubdir = "testcri"
 	// recipeVersion changes when the way this file builds something
 	// changes in a way the hashed inputs do not show.
@@ -112,10 +109,7 @@ var built struct {
 // cacheDir is testcri's cache directory: $TAPSYNC_E2E_CACHE/testcri, or
 // /var/cache/tapsync-e2e/testcri.
 func cacheDir() string {
-	dir := os.Getenv(testvm.EnvCache)
-	if dir == "" {
-		dir = testvm.DefaultCacheDir
-	}
+	dir := testcache.Dir()
 	if abs, err := filepath.Abs(dir); err == nil {
 		dir = abs
 	}
@@ -181,7 +175,7 @@ func ensureGoBuild(ctx context.Context, cache string, b goBuild, logf func(strin
 	if complete() {
 		return entry, nil
 	}
-	unlock, err := lockFile(ctx, filepath.Join(cache, ".lock"))
+	unlock, err := testcache.Lock(ctx, cache)
 	if err != nil {
 		return "", err
 	}
@@ -213,7 +207,7 @@ func ensureGoBuild(ctx context.Context, cache string, b goBuild, logf func(strin
 	for _, p := range b.packages {
 		args = append(args, b.module+"/"+p+"@"+b.version)
 	}
-	cmd := exec.CommandContext(ctx, goTool(), args...)
+	cmd := exec.CommandContext(ctx, testcache.GoTool(), args...)
 	// Outside any module, so that pkg@version builds with the module's own
 	// go.mod; GOFLAGS from the caller (say -mod=vendor) would not apply.
 	cmd.Dir = scratch
@@ -224,10 +218,10 @@ func ensureGoBuild(ctx context.Context, cache string, b goBuild, logf func(strin
 	manifest := fmt.Sprintf("module: %s@%s\npackages: %s\ntags: %s\nldflags: %s\ngo: %s\nbuilt: %s in %v\n",
 		b.module, b.version, strings.Join(b.packages, " "), b.tags, b.ldflags, goVersion(ctx),
 		time.Now().UTC().Format(time.RFC3339), time.Since(start).Round(time.Second))
-	if err := writeFileSync(filepath.Join(out, manifestFile), []byte(manifest), 0o644); err != nil {
+	if err := testcache.WriteFileSync(filepath.Join(out, manifestFile), []byte(manifest), 0o644); err != nil {
 		return "", err
 	}
-	if err := publish(out, entry); err != nil {
+	if err := testcache.Publish(out, entry); err != nil {
 		return "", err
 	}
 	logf("testcri: built %s in %v", filepath.Base(entry), time.Since(start).Round(time.Millisecond))
@@ -252,7 +246,7 @@ func ensurePauseImage(ctx context.Context, cache string, logf func(string, ...an
 	if fileExists(path) {
 		return path, nil
 	}
-	unlock, err := lockFile(ctx, filepath.Join(cache, ".lock"))
+	unlock, err := testcache.Lock(ctx, cache)
 	if err != nil {
 		return "", err
 	}
@@ -265,10 +259,10 @@ func ensurePauseImage(ctx context.Context, cache string, logf func(string, ...an
 		return "", err
 	}
 	tmp := path + ".tmp"
-	if err := writeFileSync(tmp, buf.Bytes(), 0o644); err != nil {
+	if err := testcache.WriteFileSync(tmp, buf.Bytes(), 0o644); err != nil {
 		return "", err
 	}
-	if err := publish(tmp, path); err != nil {
+	if err := testcache.Publish(tmp, path); err != nil {
 		return "", err
 	}
 	logf("testcri: wrote pause image %s (%s)", PauseImage, path)
@@ -328,9 +322,9 @@ func writePauseImage(w io.Writer, bin []byte) error {
 //
 // Equivalent to: CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags='-s -w' -o pause ./e2e/testcri/pause
 func buildPause(ctx context.Context) ([]byte, error) {
-	root, err := moduleRoot(ctx)
+	root, err := testcache.ModuleRoot(ctx)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("find the module to build pause from: %w", err)
 	}
 	tmp, err := os.MkdirTemp("", "testcri-pause-")
 	if err != nil {
@@ -338,7 +332,7 @@ func buildPause(ctx context.Context) ([]byte, error) {
 	}
 	defer os.RemoveAll(tmp)
 	out := filepath.Join(tmp, "pause")
-	cmd := exec.CommandContext(ctx, goTool(), "build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", out, pausePackage)
+	cmd := exec.CommandContext(ctx, testcache.GoTool(), "build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", out, pausePackage)
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if _, err := runCmd(cmd); err != nil {
@@ -351,58 +345,12 @@ func buildPause(ctx context.Context) ([]byte, error) {
 	return bin, nil
 }
 
-// moduleRoot finds the tapsync module's directory from this source file
-// (go test builds without -trimpath), else from the working directory.
-func moduleRoot(ctx context.Context) (string, error) {
-	dir := ""
-	if _, file, _, ok := runtime.Caller(0); ok && filepath.IsAbs(file) {
-		if st, err := os.Stat(filepath.Dir(file)); err == nil && st.IsDir() {
-			dir = filepath.Dir(file)
-		}
-	}
-	cmd := exec.CommandContext(ctx, goTool(), "env", "GOMOD")
-	cmd.Dir = dir
-	out, err := runCmd(cmd)
-	if err != nil {
-		return "", fmt.Errorf("find the module to build pause from: %w", err)
-	}
-	gomod := strings.TrimSpace(string(out))
-	if gomod == "" || gomod == os.DevNull {
-		return "", fmt.Errorf("find the module to build pause from: not inside a Go module (dir %q)", dir)
-	}
-	return filepath.Dir(gomod), nil
-}
-
-// goTool is the go command: from $PATH, else the toolchain this binary was
-// built with (sudo often drops /usr/local/go/bin from $PATH).
-func goTool() string {
-	if p, err := exec.LookPath("go"); err == nil {
-		return p
-	}
-	if p := filepath.Join(runtime.GOROOT(), "bin", "go"); runtime.GOROOT() != "" && fileExists(p) {
-		return p
-	}
-	return "go"
-}
-
 func goVersion(ctx context.Context) string {
-	out, err := exec.CommandContext(ctx, goTool(), "env", "GOVERSION").Output()
+	out, err := exec.CommandContext(ctx, testcache.GoTool(), "env", "GOVERSION").Output()
 	if err != nil {
 		return "unknown"
 	}
 	return strings.TrimSpace(string(out))
-}
-
-// publish renames from to to and makes the rename durable.
-func publish(from, to string) error {
-	if err := os.Rename(from, to); err != nil {
-		return fmt.Errorf("install %s: %w", to, err)
-	}
-	if d, err := os.Open(filepath.Dir(to)); err == nil {
-		_ = d.Sync()
-		d.Close()
-	}
-	return nil
 }
 
 // removeStaleScratch removes what a killed build left; call it holding
@@ -413,55 +361,6 @@ func removeStaleScratch(cache string) {
 	for _, s := range append(stale, tmps...) {
 		_ = os.RemoveAll(s)
 	}
-}
-
-// lockFile takes an exclusive flock, polling so that ctx can cancel the
-// wait. The lock dies with the process, so a killed build never wedges
-// the cache.
-func lockFile(ctx context.Context, path string) (unlock func(), err error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("open lock %s: %w", path, err)
-	}
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil // closing the fd releases the lock
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, err)
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("wait for lock %s (another build running?): %w", path, ctx.Err())
-		case <-tick.C:
-		}
-	}
-}
-
-// writeFileSync writes and fsyncs, so that the rename that publishes a
-// file never exposes data still in flight.
-func writeFileSync(path string, data []byte, mode os.FileMode) error {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, mode)
-	if err != nil {
-		return fmt.Errorf("create %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("sync %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", path, err)
-	}
-	return nil
 }
 
 // runCmd runs cmd with a stable locale and returns its stdout; the error

@@ -27,7 +27,6 @@
 package testcri
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -35,24 +34,21 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"golang.org/x/sys/unix"
 
 	"github.com/tapsync/tapsync/e2e/testcni"
+	"github.com/tapsync/tapsync/e2e/testctr"
 	"github.com/tapsync/tapsync/e2e/testnet"
 	"github.com/tapsync/tapsync/e2e/testproc"
 )
@@ -85,12 +81,10 @@ type CRI struct {
 	netName   string       // CNI network name, unique per harness
 	bridge    string       // the network's bridge, in node
 	subnet    netip.Prefix // the network's range
+	ctr       *testctr.Daemon
 
-	mu     sync.Mutex
-	cmd    *exec.Cmd
-	exited chan struct{} // closed when cmd has been waited for
-	client *client.Client
-	pods   map[string]Pod // made here, by id; for leftover cleanup
+	mu   sync.Mutex
+	pods map[string]Pod // made here, by id; for leftover cleanup
 }
 
 // Pod is a pod sandbox as RunPod made it.
@@ -141,16 +135,18 @@ func Start(t testing.TB) *CRI {
 		t.Fatalf("testcri: %v", err)
 	}
 	bridge := testcni.UniqueName("tcri")
+	sock := filepath.Join(dir, "containerd.sock")
 	c := &CRI{
 		t:         t,
 		dir:       dir,
-		sock:      filepath.Join(dir, "containerd.sock"),
+		sock:      sock,
 		node:      node,
 		bins:      bins,
 		cniBinDir: cniBinDir,
 		netName:   "testcri-" + bridge,
 		bridge:    bridge,
 		subnet:    testcni.Subnet4(),
+		ctr:       testctr.NewDaemon(t, "testcri", sock, filepath.Join(dir, logFile)),
 		pods:      map[string]Pod{},
 	}
 	t.Cleanup(c.cleanup)
@@ -189,11 +185,7 @@ func (c *CRI) NodeNetns() testnet.NS { return c.node }
 // Client is a containerd client of this containerd, in no namespace (use
 // namespaces.WithNamespace(ctx, Namespace)). The harness owns it: do not
 // close it.
-func (c *CRI) Client() *client.Client {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.client
-}
+func (c *CRI) Client() *client.Client { return c.ctr.Client() }
 
 // Crictl runs crictl against this containerd and returns its stdout; the
 // error carries stderr. It runs in the node netns, where CRI's streaming
@@ -319,75 +311,18 @@ func (c *CRI) inspectPod(p Pod) (Pod, error) {
 // start runs containerd in the node netns and waits until it answers.
 func (c *CRI) start() error {
 	began := time.Now()
-	logf, err := os.OpenFile(c.path(logFile), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return err
-	}
-	defer logf.Close() // the child has its own copy
 	// nsenter enters the node's network namespace only (not its mount
 	// namespace, as `ip netns exec` would: CRI's netns bind mounts must
 	// be visible to the host) and execs containerd in the same process.
 	// Equivalent to: nsenter --net=/var/run/netns/<node> containerd --config <dir>/config.toml
 	cmd := exec.Command("nsenter", "--net="+c.node.Path, "--", c.bins.containerd, "--config", c.path(configFile))
-	cmd.Stdout, cmd.Stderr = logf, logf
 	// The CNI plugins containerd runs find iptables and friends on PATH.
 	cmd.Env = append(os.Environ(), "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-	// Its own process group: a ^C to the test does not reach it before
-	// the cleanup does. It dies with the test binary (its shims, which
-	// daemonize, do not: the cleanup handles those).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := testproc.Start(cmd); err != nil {
-		return fmt.Errorf("start containerd: %w", err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	c.mu.Lock()
-	c.cmd, c.exited = cmd, exited
-	c.mu.Unlock()
-
-	deadline := time.Now().Add(startTimeout)
-	var last error
-	for time.Now().Before(deadline) {
-		select {
-		case <-exited:
-			return fmt.Errorf("containerd exited during startup (%v); log:\n%s", cmd.ProcessState, c.logTail(30))
-		default:
-		}
-		if last = c.ping(); last == nil {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if last != nil {
-		return fmt.Errorf("containerd at %s not answering after %v: %v; log:\n%s", c.sock, startTimeout, last, c.logTail(30))
-	}
-	cli, err := client.New(c.sock, client.WithTimeout(callTimeout))
-	if err != nil {
+	if err := c.ctr.Start(cmd, startTimeout, 20*time.Millisecond); err != nil {
 		return err
 	}
-	c.mu.Lock()
-	c.client = cli
-	c.mu.Unlock()
-	c.t.Logf("testcri: containerd %s ready in %v (pid %d, netns %s)", c.sock, time.Since(began).Round(time.Millisecond), cmd.Process.Pid, c.node.Name)
+	c.t.Logf("testcri: containerd %s ready in %v (pid %d, netns %s)", c.sock, time.Since(began).Round(time.Millisecond), c.ctr.Pid(), c.node.Name)
 	return nil
-}
-
-// ping asks containerd its version over a fresh connection.
-func (c *CRI) ping() error {
-	conn, err := net.DialTimeout("unix", c.sock, time.Second)
-	if err != nil {
-		return err
-	}
-	conn.Close()
-	cli, err := client.New(c.sock, client.WithTimeout(time.Second))
-	if err != nil {
-		return err
-	}
-	defer cli.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	_, err = cli.Version(ctx)
-	return err
 }
 
 // importPause imports the pause image into the k8s.io namespace and
@@ -438,7 +373,7 @@ func (c *CRI) waitReady() error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	return fmt.Errorf("CRI not ready after %v: %s; log:\n%s", startTimeout, last, c.logTail(30))
+	return fmt.Errorf("CRI not ready after %v: %s; log:\n%s", startTimeout, last, c.ctr.LogTail(30))
 }
 
 // notReady says why `crictl info` output is not ready, or "".
@@ -470,66 +405,38 @@ func notReady(info string) string {
 	return ""
 }
 
-// kill signals containerd and waits for it to exit; SIGKILL follows
-// after 10 s. It does nothing when containerd is not running.
-func (c *CRI) kill(sig syscall.Signal) {
-	c.mu.Lock()
-	cmd, exited := c.cmd, c.exited
-	c.cmd = nil
-	c.mu.Unlock()
-	if cmd == nil {
-		return
-	}
-	cmd.Process.Signal(sig)
-	select {
-	case <-exited:
-		return
-	case <-time.After(10 * time.Second):
-	}
-	c.t.Logf("testcri: containerd pid %d ignored %v for 10s; SIGKILL", cmd.Process.Pid, sig)
-	cmd.Process.Kill()
-	<-exited
-}
-
-func (c *CRI) running() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.cmd != nil
-}
-
 // cleanup removes everything, in the order that leaves nothing behind:
 // pods through CRI (CNI DEL, netns removal), containerd, then whatever
 // survived (runc containers, shims, pod netns, mounts, cgroups, CNI
 // cache entries), then the directory. The node netns goes after, in its
 // own cleanup.
 func (c *CRI) cleanup() {
-	if c.running() {
+	if c.ctr.Running() {
 		if err := c.removeAllPods(); err != nil {
-			c.t.Logf("testcri: cleanup: %v", err)
+			c.cleanupLogf("%v", err)
 		}
 	}
-	c.kill(syscall.SIGTERM)
+	c.ctr.Close()
 	c.mu.Lock()
-	if c.client != nil {
-		c.client.Close()
-		c.client = nil
-	}
 	pods := make([]Pod, 0, len(c.pods))
 	for _, p := range c.pods {
 		pods = append(pods, p)
 	}
 	c.mu.Unlock()
-	if c.t.Failed() {
-		c.t.Logf("testcri: containerd log (tail):\n%s", c.logTail(40))
-	}
 	c.killLeftovers(pods)
 	c.removeLeftoverNetns(pods)
-	c.unmountAll()
-	c.removeCgroups()
+	testproc.UnmountBelow(c.dir, c.cleanupLogf)
+	testproc.RemoveCgroup(c.cgroupParent(), c.cleanupLogf)
 	c.removeCNICache(pods)
 	if err := os.RemoveAll(c.dir); err != nil {
-		c.t.Logf("testcri: cleanup: %v", err)
+		c.cleanupLogf("%v", err)
 	}
+}
+
+// cleanupLogf logs what the cleanup found or failed to remove.
+func (c *CRI) cleanupLogf(format string, args ...any) {
+	c.t.Helper()
+	c.t.Logf("testcri: cleanup: "+format, args...)
 }
 
 // removeAllPods stops and removes every pod this containerd has,
@@ -563,40 +470,16 @@ func (c *CRI) removeAllPods() error {
 // id: that root is shared), and shims whose command line names our
 // socket, hence started by our containerd.
 func (c *CRI) killLeftovers(pods []Pod) {
-	del := func(root, id string) {
-		c.t.Logf("testcri: cleanup: leftover container %s in %s", id, root)
-		if out, err := exec.Command("runc", "--root", root, "delete", "--force", id).CombinedOutput(); err != nil {
-			c.t.Logf("testcri: cleanup: runc delete --force %s: %v: %s", id, err, out)
-		}
-	}
 	roots, _ := filepath.Glob(filepath.Join(c.path(runcRootDir), "*"))
 	for _, root := range roots {
-		out, err := exec.Command("runc", "--root", root, "list", "-q").Output()
-		if err != nil {
-			continue
-		}
-		for _, id := range strings.Fields(string(out)) {
-			del(root, id)
-		}
+		testproc.RuncDeleteAll(root, c.cleanupLogf)
 	}
 	for _, p := range pods {
 		if _, err := os.Stat(filepath.Join(kataRuncRoot, p.ID)); err == nil {
-			del(kataRuncRoot, p.ID)
+			testproc.RuncDelete(kataRuncRoot, p.ID, c.cleanupLogf)
 		}
 	}
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		if err != nil || !bytes.Contains(b, []byte("\x00"+c.sock+"\x00")) {
-			continue
-		}
-		var pid int
-		if _, err := fmt.Sscanf(p, "/proc/%d/cmdline", &pid); err != nil || pid == os.Getpid() {
-			continue
-		}
-		c.t.Logf("testcri: cleanup: killing leftover %q (pid %d)", strings.ReplaceAll(string(b), "\x00", " "), pid)
-		syscall.Kill(pid, syscall.SIGKILL)
-	}
+	testproc.KillNaming(c.sock, c.cleanupLogf)
 }
 
 // removeLeftoverNetns unmounts and removes the netns of our pods that CRI
@@ -609,13 +492,11 @@ func (c *CRI) removeLeftoverNetns(pods []Pod) {
 		if _, err := os.Lstat(p.NetnsPath); err != nil {
 			continue
 		}
-		c.t.Logf("testcri: cleanup: removing leftover netns %s of pod %s", p.NetnsPath, p.ID)
+		c.cleanupLogf("removing leftover netns %s of pod %s", p.NetnsPath, p.ID)
 		// Equivalent to: umount -l P; rm P
-		if err := unix.Unmount(p.NetnsPath, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-			c.t.Logf("testcri: cleanup: unmount %s: %v", p.NetnsPath, err)
-		}
+		testproc.Unmount(p.NetnsPath, c.cleanupLogf)
 		if err := os.Remove(p.NetnsPath); err != nil && !errors.Is(err, os.ErrNotExist) {
-			c.t.Logf("testcri: cleanup: %v", err)
+			c.cleanupLogf("%v", err)
 		}
 	}
 }
@@ -631,33 +512,9 @@ func (c *CRI) removeCNICache(pods []Pod) {
 	}
 	slices.Sort(cached)
 	for _, f := range slices.Compact(cached) {
-		c.t.Logf("testcri: cleanup: removing leftover CNI cache entry %s", f)
+		c.cleanupLogf("removing leftover CNI cache entry %s", f)
 		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
-			c.t.Logf("testcri: cleanup: %v", err)
-		}
-	}
-}
-
-// unmountAll lazily unmounts everything mounted below our directory,
-// deepest first.
-func (c *CRI) unmountAll() {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return
-	}
-	defer f.Close()
-	var points []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) > 4 && strings.HasPrefix(fields[4], c.dir+"/") {
-			points = append(points, fields[4])
-		}
-	}
-	sort.Sort(sort.Reverse(sort.StringSlice(points)))
-	for _, p := range points {
-		if err := unix.Unmount(p, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-			c.t.Logf("testcri: cleanup: unmount %s: %v", p, err)
+			c.cleanupLogf("%v", err)
 		}
 	}
 }
@@ -666,33 +523,6 @@ func (c *CRI) unmountAll() {
 // this harness's pods.
 func (c *CRI) cgroupParent() string {
 	return "/" + filepath.Base(c.dir)
-}
-
-// removeCgroups removes our cgroup parent from every hierarchy, deepest
-// first (rmdir only succeeds on empty cgroups; runc removed the leaves).
-func (c *CRI) removeCgroups() {
-	roots, _ := filepath.Glob("/sys/fs/cgroup" + c.cgroupParent())
-	more, _ := filepath.Glob("/sys/fs/cgroup/*" + c.cgroupParent())
-	for _, root := range append(roots, more...) {
-		var dirs []string
-		filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
-			if err == nil && d.IsDir() {
-				dirs = append(dirs, p)
-			}
-			return nil
-		})
-		for i := len(dirs) - 1; i >= 0; i-- {
-			if err := os.Remove(dirs[i]); err != nil {
-				c.t.Logf("testcri: cleanup: remove cgroup %s: %v", dirs[i], err)
-			}
-		}
-	}
-}
-
-// logTail returns the last n lines of containerd's log.
-func (c *CRI) logTail(n int) string {
-	b, _ := os.ReadFile(c.path(logFile))
-	return strings.Join(lastLines(string(b), n), "\n")
 }
 
 func (c *CRI) path(elem ...string) string {

@@ -103,7 +103,7 @@ func TestCleanupAfterCrash(t *testing.T) {
 	t.Run("crash", func(t *testing.T) {
 		c = Start(t)
 		p = c.RunPod("crash", HandlerRuntimeRs)
-		c.kill(syscall.SIGKILL)
+		c.ctr.Kill(syscall.SIGKILL)
 	})
 	if c == nil {
 		t.Skip("testcri: skipped with its subtest")

@@ -1,8 +1,10 @@
 // Package testctr runs a private containerd for privileged tests, with
 // busybox containers (no image pull) that join a given network namespace,
 // so that tapsync's containerd source and the daemon can be tested against
-// the real event stream. It is test support only: nothing in the daemon
-// imports it.
+// the real event stream. Its Daemon, the containerd process itself
+// (started, polled until it answers, stopped, its log), runs testcri's
+// containerd too. It is test support only: nothing in the daemon imports
+// it.
 //
 // Everything lives in one temporary directory (config, sockets, root,
 // state, runc state, FIFOs, logs) plus one cgroup parent, both removed when
@@ -14,16 +16,12 @@
 package testctr
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -34,7 +32,6 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/tapsync/tapsync/e2e/testproc"
-	"golang.org/x/sys/unix"
 )
 
 const (
@@ -54,11 +51,9 @@ type Containerd struct {
 	t    testing.TB
 	dir  string // everything below here
 	sock string
+	d    *Daemon
 
 	mu     sync.Mutex
-	cmd    *exec.Cmd
-	exited chan struct{} // closed when cmd has been waited for
-	client *client.Client
 	rootfs string
 }
 
@@ -80,7 +75,8 @@ func Start(t testing.TB) *Containerd {
 	if err != nil {
 		t.Fatalf("testctr: %v", err)
 	}
-	c := &Containerd{t: t, dir: dir, sock: filepath.Join(dir, "containerd.sock")}
+	sock := filepath.Join(dir, "containerd.sock")
+	c := &Containerd{t: t, dir: dir, sock: sock, d: NewDaemon(t, "testctr", sock, filepath.Join(dir, "containerd.log"))}
 	t.Cleanup(c.cleanup)
 	if err := c.setup(); err != nil {
 		t.Fatalf("testctr: %v", err)
@@ -99,18 +95,14 @@ func (c *Containerd) Dir() string { return c.dir }
 
 // Client is a client of this containerd; a new one after each Restart.
 // The fixture owns it: do not close it.
-func (c *Containerd) Client() *client.Client {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.client
-}
+func (c *Containerd) Client() *client.Client { return c.d.Client() }
 
 // Restart kills containerd with SIGKILL, as a crash would, and starts it
 // again on the same directories and socket. Running containers survive:
 // their shims outlive containerd, and it reconnects to them.
 func (c *Containerd) Restart() {
 	c.t.Helper()
-	c.kill(syscall.SIGKILL)
+	c.d.Kill(syscall.SIGKILL)
 	if err := c.start(); err != nil {
 		c.t.Fatalf("testctr: restart: %v", err)
 	}
@@ -120,7 +112,7 @@ func (c *Containerd) Restart() {
 // keep running in their shims; Restart or the test's cleanup deals with
 // them.
 func (c *Containerd) Stop() {
-	c.kill(syscall.SIGTERM)
+	c.d.Kill(syscall.SIGTERM)
 }
 
 // setup writes the config and the extra runtime's shim link.
@@ -175,109 +167,20 @@ disabled_plugins = [
 // start runs containerd and waits until it answers.
 func (c *Containerd) start() error {
 	began := time.Now()
-	logf, err := os.OpenFile(filepath.Join(c.dir, "containerd.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return err
-	}
-	defer logf.Close() // the child has its own copy
-	fmt.Fprintf(logf, "=== testctr: starting containerd at %s\n", time.Now().Format(time.RFC3339Nano))
 	cmd := exec.Command("containerd",
 		"--config", filepath.Join(c.dir, "config.toml"),
 		"--address", c.sock,
 		"--root", filepath.Join(c.dir, "root"),
 		"--state", filepath.Join(c.dir, "state"))
-	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = append(os.Environ(), "PATH="+filepath.Join(c.dir, "bin")+":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-	// Its own process group: a ^C to the test does not reach it before
-	// the cleanup does. It dies with the test binary (its shims, which
-	// daemonize, do not: the cleanup handles those).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := testproc.Start(cmd); err != nil {
-		return fmt.Errorf("start containerd: %w", err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	c.mu.Lock()
-	c.cmd, c.exited = cmd, exited
-	c.mu.Unlock()
-
-	// Poll: first for the socket to accept, then for an answer.
-	deadline := time.Now().Add(startTimeout)
-	var last error
-	for time.Now().Before(deadline) {
-		select {
-		case <-exited:
-			return fmt.Errorf("containerd exited during startup (%v); log:\n%s", cmd.ProcessState, c.logTail(30))
-		default:
-		}
-		if last = c.ping(); last == nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if last != nil {
-		return fmt.Errorf("containerd at %s not answering after %v: %v; log:\n%s", c.sock, startTimeout, last, c.logTail(30))
-	}
-	cli, err := client.New(c.sock, client.WithTimeout(callTimeout))
-	if err != nil {
+	if err := c.d.Start(cmd, startTimeout, 10*time.Millisecond); err != nil {
 		return err
 	}
-	c.mu.Lock()
-	old := c.client
-	c.client = cli
-	c.mu.Unlock()
-	if old != nil {
-		old.Close()
-	}
-	c.t.Logf("testctr: containerd %s ready in %v (pid %d)", c.sock, time.Since(began).Round(time.Millisecond), cmd.Process.Pid)
+	c.t.Logf("testctr: containerd %s ready in %v (pid %d)", c.sock, time.Since(began).Round(time.Millisecond), c.d.Pid())
 	return nil
 }
 
-// ping asks containerd its version over a fresh connection (a cached one
-// would sit in gRPC's reconnect backoff).
-func (c *Containerd) ping() error {
-	conn, err := net.DialTimeout("unix", c.sock, time.Second)
-	if err != nil {
-		return err
-	}
-	conn.Close()
-	cli, err := client.New(c.sock, client.WithTimeout(time.Second))
-	if err != nil {
-		return err
-	}
-	defer cli.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	_, err = cli.Version(ctx)
-	return err
-}
-
-// kill signals containerd and waits for it to exit; SIGKILL follows
-// after 10 s. It does nothing when containerd is not running.
-func (c *Containerd) kill(sig syscall.Signal) {
-	c.mu.Lock()
-	cmd, exited := c.cmd, c.exited
-	c.cmd = nil
-	c.mu.Unlock()
-	if cmd == nil {
-		return
-	}
-	cmd.Process.Signal(sig)
-	select {
-	case <-exited:
-		return
-	case <-time.After(10 * time.Second):
-	}
-	c.t.Logf("testctr: containerd pid %d ignored %v for 10s; SIGKILL", cmd.Process.Pid, sig)
-	cmd.Process.Kill()
-	<-exited
-}
-
-func (c *Containerd) running() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.cmd != nil
-}
+func (c *Containerd) running() bool { return c.d.Running() }
 
 // cleanup removes everything, in the order that leaves nothing behind:
 // containers through containerd, containerd, then whatever survived
@@ -285,29 +188,26 @@ func (c *Containerd) running() bool {
 func (c *Containerd) cleanup() {
 	if c.running() {
 		if err := c.deleteAll(); err != nil {
-			c.t.Logf("testctr: cleanup: %v", err)
+			c.cleanupLogf("%v", err)
 		}
 	}
-	c.kill(syscall.SIGTERM)
-	c.mu.Lock()
-	if c.client != nil {
-		c.client.Close()
-		c.client = nil
-	}
-	c.mu.Unlock()
-	if c.t.Failed() {
-		c.t.Logf("testctr: containerd log (tail):\n%s", c.logTail(40))
-	}
+	c.d.Close()
 	shimSockets := c.shimSockets()
 	c.killLeftovers()
 	for _, s := range shimSockets {
 		os.Remove(s)
 	}
-	c.unmountAll()
-	c.removeCgroups()
+	testproc.UnmountBelow(c.dir, c.cleanupLogf)
+	testproc.RemoveCgroup(c.cgroupParent(), c.cleanupLogf)
 	if err := os.RemoveAll(c.dir); err != nil {
-		c.t.Logf("testctr: cleanup: %v", err)
+		c.cleanupLogf("%v", err)
 	}
+}
+
+// cleanupLogf logs what the cleanup found or failed to remove.
+func (c *Containerd) cleanupLogf(format string, args ...any) {
+	c.t.Helper()
+	c.t.Logf("testctr: cleanup: "+format, args...)
 }
 
 // deleteAll deletes every task and container in every namespace.
@@ -378,89 +278,13 @@ func (c *Containerd) shimSockets() []string {
 func (c *Containerd) killLeftovers() {
 	roots, _ := filepath.Glob(filepath.Join(c.dir, "runc", "*"))
 	for _, root := range roots {
-		out, err := exec.Command("runc", "--root", root, "list", "-q").Output()
-		if err != nil {
-			continue
-		}
-		for _, id := range strings.Fields(string(out)) {
-			c.t.Logf("testctr: cleanup: leftover container %s in %s", id, root)
-			if out, err := exec.Command("runc", "--root", root, "delete", "--force", id).CombinedOutput(); err != nil {
-				c.t.Logf("testctr: cleanup: runc delete --force %s: %v: %s", id, err, out)
-			}
-		}
+		testproc.RuncDeleteAll(root, c.cleanupLogf)
 	}
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		if err != nil || !bytes.Contains(b, []byte("\x00"+c.sock+"\x00")) {
-			continue
-		}
-		var pid int
-		if _, err := fmt.Sscanf(p, "/proc/%d/cmdline", &pid); err != nil || pid == os.Getpid() {
-			continue
-		}
-		c.t.Logf("testctr: cleanup: killing leftover %q (pid %d)", strings.ReplaceAll(string(b), "\x00", " "), pid)
-		syscall.Kill(pid, syscall.SIGKILL)
-	}
-}
-
-// unmountAll lazily unmounts everything mounted below our directory,
-// deepest first.
-func (c *Containerd) unmountAll() {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return
-	}
-	defer f.Close()
-	var points []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) > 4 && strings.HasPrefix(fields[4], c.dir+"/") {
-			points = append(points, fields[4])
-		}
-	}
-	sort.Sort(sort.Reverse(sort.StringSlice(points)))
-	for _, p := range points {
-		if err := unix.Unmount(p, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-			c.t.Logf("testctr: cleanup: unmount %s: %v", p, err)
-		}
-	}
+	testproc.KillNaming(c.sock, c.cleanupLogf)
 }
 
 // cgroupParent is the cgroup (below each hierarchy's root) that holds
 // this containerd's containers.
 func (c *Containerd) cgroupParent() string {
 	return "/" + filepath.Base(c.dir)
-}
-
-// removeCgroups removes our cgroup parent from every hierarchy, deepest
-// first (rmdir only succeeds on empty cgroups; runc removed the leaves).
-func (c *Containerd) removeCgroups() {
-	roots, _ := filepath.Glob("/sys/fs/cgroup" + c.cgroupParent())
-	more, _ := filepath.Glob("/sys/fs/cgroup/*" + c.cgroupParent())
-	for _, root := range append(roots, more...) {
-		var dirs []string
-		filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
-			if err == nil && d.IsDir() {
-				dirs = append(dirs, p)
-			}
-			return nil
-		})
-		for i := len(dirs) - 1; i >= 0; i-- {
-			if err := os.Remove(dirs[i]); err != nil {
-				c.t.Logf("testctr: cleanup: remove cgroup %s: %v", dirs[i], err)
-			}
-		}
-	}
-}
-
-// logTail returns the last n lines of containerd's log.
-func (c *Containerd) logTail(n int) string {
-	b, _ := os.ReadFile(filepath.Join(c.dir, "containerd.log"))
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }

@@ -1,6 +1,9 @@
-// Package testproc starts the helper processes of tests (QEMU,
+// Package testproc owns the processes of tests and the kernel objects a
+// test daemon leaves behind: it starts helper processes (QEMU,
 // containerd) so that they die with the test binary, even when it is
-// killed before its cleanups run. Test support only.
+// killed before its cleanups run, and removes what outlives a daemon
+// (processes naming its socket, runc containers, mounts below its
+// directory, its cgroups). Test support only.
 package testproc
 
 import (

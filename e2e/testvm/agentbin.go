@@ -6,8 +6,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"strings"
+
+	"github.com/tapsync/tapsync/e2e/testcache"
 )
 
 const (
@@ -42,9 +42,9 @@ func buildAgent(ctx context.Context) ([]byte, error) {
 		}
 		return bin, nil
 	}
-	root, err := moduleRoot(ctx)
+	root, err := testcache.ModuleRoot(ctx)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("find the module to build the guest agent from: %w; run from the tapsync source tree (go installed) or set $%s", err, EnvAgent)
 	}
 	tmp, err := os.MkdirTemp("", "tapsync-testagent-")
 	if err != nil {
@@ -52,7 +52,7 @@ func buildAgent(ctx context.Context) ([]byte, error) {
 	}
 	defer os.RemoveAll(tmp)
 	out := filepath.Join(tmp, "tapsync-testagent")
-	cmd := exec.CommandContext(ctx, goTool(), "build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", out, agentPackage)
+	cmd := exec.CommandContext(ctx, testcache.GoTool(), "build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", out, agentPackage)
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
 	if _, err := runCmd(cmd, "golang (or set $"+EnvAgent+")"); err != nil {
@@ -66,46 +66,4 @@ func buildAgent(ctx context.Context) ([]byte, error) {
 		return nil, fmt.Errorf("built guest agent: %w", err)
 	}
 	return bin, nil
-}
-
-// moduleRoot finds the tapsync module's directory: from this source file
-// when the binary was built without -trimpath (go test), else from the
-// working directory.
-func moduleRoot(ctx context.Context) (string, error) {
-	dir := ""
-	if _, file, _, ok := runtime.Caller(0); ok && filepath.IsAbs(file) {
-		if st, err := os.Stat(filepath.Dir(file)); err == nil && st.IsDir() {
-			dir = filepath.Dir(file)
-		}
-	}
-	cmd := exec.CommandContext(ctx, goTool(), "env", "GOMOD")
-	cmd.Dir = dir
-	out, err := runCmd(cmd, "golang")
-	if err != nil {
-		return "", fmt.Errorf("find the module to build the guest agent from: %w", err)
-	}
-	gomod := strings.TrimSpace(string(out))
-	if gomod == "" || gomod == os.DevNull {
-		return "", fmt.Errorf("find the module to build the guest agent from: not inside a Go module (dir %q); run from the tapsync source tree or set $%s", dir, EnvAgent)
-	}
-	return filepath.Dir(gomod), nil
-}
-
-// goTool is the go command: from $PATH, else the toolchain this binary was
-// built with (sudo often drops /usr/local/go/bin from $PATH).
-func goTool() string {
-	if p, err := exec.LookPath("go"); err == nil {
-		return p
-	}
-	if root := runtime.GOROOT(); root != "" {
-		if p := filepath.Join(root, "bin", "go"); fileExists(p) {
-			return p
-		}
-	}
-	return "go" // fails in runCmd with "install golang"
-}
-
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
 }

@@ -16,7 +16,7 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/tapsync/tapsync/e2e/testcache"
 )
 
 // Image is a bootable guest: a kernel and an initramfs holding busybox,
@@ -29,11 +29,11 @@ type Image struct {
 }
 
 const (
-	// EnvCache overrides the default cache directory.
-	EnvCache = "TAPSYNC_E2E_CACHE"
+	// EnvCache overrides the default cache directory (testcache.EnvDir).
+	EnvCache = testcache.EnvDir
 	// DefaultCacheDir holds built images when neither Build's argument nor
-	// EnvCache names a directory.
-	DefaultCacheDir = "/var/cache/tapsync-e2e"
+	// EnvCache names a directory (testcache.DefaultDir).
+	DefaultCacheDir = testcache.DefaultDir
 
 	// kernelMetaPackage depends on the current versioned cloud kernel. The
 	// cloud flavour is small and has virtio, ACPI PCI hotplug and the 8250
@@ -71,10 +71,7 @@ var errAptStale = errors.New("apt package lists missing or stale")
 func Build(ctx context.Context, cacheDir string, logf func(format string, args ...any)) (Image, error) {
 	logf = orDiscard(logf)
 	if cacheDir == "" {
-		cacheDir = os.Getenv(EnvCache)
-	}
-	if cacheDir == "" {
-		cacheDir = DefaultCacheDir
+		cacheDir = testcache.Dir()
 	}
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
 		return Image{}, fmt.Errorf("create image cache %s: %w", cacheDir, err)
@@ -184,7 +181,7 @@ func buildOnce(ctx context.Context, cacheDir string, r recipe, logf func(string,
 		return img, nil
 	}
 
-	unlock, err := lockFile(ctx, filepath.Join(cacheDir, ".lock"))
+	unlock, err := testcache.Lock(ctx, cacheDir)
 	if err != nil {
 		return Image{}, err
 	}
@@ -214,14 +211,8 @@ func buildOnce(ctx context.Context, cacheDir string, r recipe, logf func(string,
 	if err := assemble(ctx, k, r, scratch, out); err != nil {
 		return Image{}, fmt.Errorf("build guest image %s: %w", filepath.Base(entry), err)
 	}
-	if err := os.Rename(out, entry); err != nil {
-		return Image{}, fmt.Errorf("install guest image %s: %w", entry, err)
-	}
-	// Make the rename itself durable, so a crash cannot leave a directory
-	// entry without the files' data behind it.
-	if d, err := os.Open(cacheDir); err == nil {
-		_ = d.Sync()
-		d.Close()
+	if err := testcache.Publish(out, entry); err != nil {
+		return Image{}, fmt.Errorf("guest image: %w", err)
 	}
 	img, ok := cachedImage(entry)
 	if !ok {
@@ -249,33 +240,6 @@ func cachedImage(entry string) (Image, bool) {
 		Initrd: filepath.Join(entry, entryInitrd),
 		Name:   filepath.Base(entry),
 	}, true
-}
-
-// lockFile takes an exclusive flock, polling so that ctx can cancel the wait.
-// The lock dies with the process, so a killed build never wedges the cache.
-func lockFile(ctx context.Context, path string) (unlock func(), err error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("open lock %s: %w", path, err)
-	}
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil // closing the fd releases the lock
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, err)
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("wait for lock %s (another build running?): %w", path, ctx.Err())
-		case <-tick.C:
-		}
-	}
 }
 
 // resolveKernel asks apt which versioned package the cloud metapackage's
@@ -390,7 +354,7 @@ func assemble(ctx context.Context, k kernelPackage, r recipe, scratch, out strin
 		fmt.Fprintf(&m, " %s", c.option)
 	}
 	m.WriteString("\n")
-	return writeFileSync(filepath.Join(out, entryManifest), []byte(m.String()))
+	return testcache.WriteFileSync(filepath.Join(out, entryManifest), []byte(m.String()), 0o644)
 }
 
 func copyFile(from, to string) error {
@@ -398,28 +362,7 @@ func copyFile(from, to string) error {
 	if err != nil {
 		return fmt.Errorf("read %s: %w", from, err)
 	}
-	return writeFileSync(to, data)
-}
-
-// writeFileSync writes and fsyncs, so that the rename that publishes the
-// entry never exposes a file whose data is still in flight.
-func writeFileSync(path string, data []byte) error {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
-	if err != nil {
-		return fmt.Errorf("create %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("sync %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", path, err)
-	}
-	return nil
+	return testcache.WriteFileSync(to, data, 0o644)
 }
 
 // runTool runs a host tool with a stable locale and returns its stdout; the

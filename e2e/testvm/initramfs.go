@@ -10,6 +10,8 @@ import (
 	"slices"
 	"sort"
 	"strings"
+
+	"github.com/tapsync/tapsync/e2e/testcache"
 )
 
 // writeInitramfs writes the gzip'd newc archive: a minimal FHS skeleton,
@@ -82,5 +84,5 @@ func writeInitramfs(ctx context.Context, path string, r recipe, mods []kmod) err
 	if err := zw.Close(); err != nil {
 		return fmt.Errorf("compress initramfs: %w", err)
 	}
-	return writeFileSync(path, buf.Bytes())
+	return testcache.WriteFileSync(path, buf.Bytes(), 0o644)
 }

@@ -121,6 +121,10 @@ type vmShape struct {
 	// binary is what the shim executes as QEMU (Kata's [hypervisor.qemu]
 	// path): "" for QEMU itself, or tapsync-qemu.
 	binary string
+	// inVC (Go runtime only) puts the VM's sockets in its /run/vc/vm/<id>
+	// and has the shim name the agent's socket as a container that
+	// mounts the node's /run/vc there sees it.
+	inVC bool
 }
 
 // holdQMP binds qmp.sock in dir as a stand-in shim does (through the
@@ -195,10 +199,18 @@ func (n *kata4Node) startGoVM(id, netns string, shape vmShape) *testvm.VM {
 	if shape.debug {
 		args = append(args, "-qmp", "unix:"+filepath.Join(vmDir, "extra-monitor.sock")+",server=on,wait=off")
 	}
-	vm := testvm.ForTest(t, testvm.Options{NetNS: netns, RootPorts: 2, Name: "sandbox-" + id, Binary: shape.binary,
-		ExtraFiles: []*os.File{holdQMP(t, vmDir)}, Args: args})
+	opts := testvm.Options{NetNS: netns, RootPorts: 2, Name: "sandbox-" + id, Binary: shape.binary,
+		ExtraFiles: []*os.File{holdQMP(t, vmDir)}, Args: args}
+	if shape.inVC {
+		opts.Dir = vmDir
+	}
+	vm := testvm.ForTest(t, opts)
 	shimConnect(t, vmDir)
-	fakeShim(t, filepath.Join(n.dir, "vc", "sbs", id, "shim-monitor.sock"), vm.Agent)
+	agentURL := vm.Agent
+	if shape.inVC {
+		agentURL = "unix://" + filepath.Join("/run/vc/vm", id, filepath.Base(strings.TrimPrefix(vm.Agent, "unix://")))
+	}
+	fakeShim(t, filepath.Join(n.dir, "vc", "sbs", id, "shim-monitor.sock"), agentURL)
 	return vm
 }
 

@@ -189,7 +189,9 @@ func (c *CRI) conflist() ([]byte, error) {
 }
 
 // podConfig is the PodSandboxConfig crictl runp reads (CRI's JSON names).
-func (c *CRI) podConfig(name, uid string) ([]byte, error) {
+// podConfig is the pod config of pod name; host puts it in the node's
+// network and pid namespaces (NamespaceMode NODE).
+func (c *CRI) podConfig(name, uid string, host bool) ([]byte, error) {
 	cfg := map[string]any{
 		"metadata": map[string]any{
 			"name":      name,
@@ -204,6 +206,11 @@ func (c *CRI) podConfig(name, uid string) ([]byte, error) {
 			// Our cgroup parent (cgroupfs driver), removed at cleanup.
 			"cgroup_parent": c.cgroupParent(),
 		},
+	}
+	if host {
+		// The node's UTS namespace too, whose hostname is not the pod's to set.
+		delete(cfg, "hostname")
+		cfg["linux"].(map[string]any)["security_context"] = map[string]any{"namespace_options": map[string]any{"network": 2, "pid": 2}}
 	}
 	return json.MarshalIndent(cfg, "", "  ")
 }

@@ -97,6 +97,8 @@ type Pod struct {
 	IP        netip.Addr // eth0's address (CRI pod status, from the CNI result)
 	BundleDir string     // <state>/io.containerd.runtime.v2.task/k8s.io/<id>
 	PID       int        // the pause task's pid
+	// ConfigPath is the pod config runp was given (crictl create wants it).
+	ConfigPath string
 }
 
 // Start starts a private containerd with CRI, building containerd,
@@ -211,8 +213,13 @@ func (c *CRI) Crictl(args ...string) (string, error) {
 // from the test's goroutine.
 func (c *CRI) RunPod(name, handler string) Pod {
 	c.t.Helper()
+	return c.runPod(name, handler, false)
+}
+
+func (c *CRI) runPod(name, handler string, host bool) Pod {
+	c.t.Helper()
 	uid := randomHex(8)
-	cfg, err := c.podConfig(name, uid)
+	cfg, err := c.podConfig(name, uid, host)
 	if err != nil {
 		c.t.Fatalf("testcri: pod %s: %v", name, err)
 	}
@@ -225,13 +232,47 @@ func (c *CRI) RunPod(name, handler string) Pod {
 		c.t.Fatalf("testcri: run pod %s (%s): %v", name, handler, err)
 	}
 	id := strings.TrimSpace(out)
-	p := Pod{ID: id, Name: name, UID: uid, Handler: handler}
+	p := Pod{ID: id, Name: name, UID: uid, Handler: handler, ConfigPath: cfgPath}
 	c.remember(p)
 	if p, err = c.inspectPod(p); err != nil {
 		c.t.Fatalf("testcri: pod %s (%s): %v", name, id, err)
 	}
 	c.remember(p)
 	return p
+}
+
+// RunHostPod makes a pod named name in the node's network and pid
+// namespaces (hostNetwork, hostPID), under the runc handler, as kubelet
+// does for a DaemonSet's pod.
+func (c *CRI) RunHostPod(name string) Pod {
+	c.t.Helper()
+	return c.runPod(name, HandlerRunc, true)
+}
+
+// RunContainer creates and starts a container in pod p from cfg (CRI's
+// ContainerConfig as crictl reads it: metadata, image, command, args,
+// mounts, linux.security_context, …), as kubelet does, and returns its
+// id.
+//
+// Equivalent to: crictl create POD container.json pod.json && crictl start ID
+func (c *CRI) RunContainer(p Pod, cfg map[string]any) (string, error) {
+	b, err := json.MarshalIndent(cfg, "", "  ")
+	if err != nil {
+		return "", err
+	}
+	path := c.path(podsDir, fmt.Sprintf("%s-%s-ctr-%s.json", p.Name, p.UID, randomHex(4)))
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		return "", err
+	}
+	out, err := c.Crictl("create", p.ID, path, p.ConfigPath)
+	if err != nil {
+		return "", err
+	}
+	id := strings.TrimSpace(out)
+	if _, err := c.Crictl("start", id); err != nil {
+		return id, err
+	}
+	return id, nil
 }
 
 // StopPod stops pod id (crictl stopp): its pause task is killed, CNI DEL
@@ -325,34 +366,44 @@ func (c *CRI) start() error {
 	return nil
 }
 
-// importPause imports the pause image into the k8s.io namespace and
-// unpacks it for the overlayfs snapshotter, as a pull would.
-//
-// Equivalent to: ctr -n k8s.io images import pause.tar
+// importPause imports the pause image into the k8s.io namespace.
 func (c *CRI) importPause() error {
-	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), Namespace), callTimeout)
-	defer cancel()
-	f, err := os.Open(c.bins.pauseTar)
+	names, err := c.ImportImage(c.bins.pauseTar)
 	if err != nil {
 		return err
-	}
-	defer f.Close()
-	cli := c.Client()
-	imgs, err := cli.Import(ctx, f)
-	if err != nil {
-		return fmt.Errorf("import %s: %w", c.bins.pauseTar, err)
-	}
-	var names []string
-	for _, img := range imgs {
-		names = append(names, img.Name)
-		if err := client.NewImage(cli, img).Unpack(ctx, "overlayfs"); err != nil {
-			return fmt.Errorf("unpack %s: %w", img.Name, err)
-		}
 	}
 	if !slices.Contains(names, PauseImage) {
 		return fmt.Errorf("import %s gave images %v, not %s", c.bins.pauseTar, names, PauseImage)
 	}
 	return nil
+}
+
+// ImportImage imports an image tarball (docker-archive or OCI) into the
+// k8s.io namespace and unpacks it for the overlayfs snapshotter, as a
+// pull would, and returns the names it gave.
+//
+// Equivalent to: ctr -n k8s.io images import IMAGE.tar
+func (c *CRI) ImportImage(tar string) ([]string, error) {
+	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), Namespace), callTimeout)
+	defer cancel()
+	f, err := os.Open(tar)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	cli := c.Client()
+	imgs, err := cli.Import(ctx, f)
+	if err != nil {
+		return nil, fmt.Errorf("import %s: %w", tar, err)
+	}
+	var names []string
+	for _, img := range imgs {
+		names = append(names, img.Name)
+		if err := client.NewImage(cli, img).Unpack(ctx, "overlayfs"); err != nil {
+			return nil, fmt.Errorf("unpack %s: %w", img.Name, err)
+		}
+	}
+	return names, nil
 }
 
 // waitReady polls `crictl info` until CRI reports its runtime and its

@@ -7,16 +7,26 @@ BIN       := bin
 # Debian packages the privileged tests, the e2e guest and the demo need.
 DEB_PKGS  := qemu-system-x86 busybox-static iproute2 iputils-ping util-linux ca-certificates containerd runc containernetworking-plugins
 TEST_TIMEOUT ?= 40m
+# VERSION is what `tapsync version` prints and the image's tag.
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+IMAGE_REPO ?= tapsync/tapsync
 
-.PHONY: all build deps test test-unit vet demo bench clean generate
+.PHONY: all build deps test test-unit vet demo bench clean generate image
 
 all: build
 
 build:
 	$(GO) build ./...
-	$(GO) build -ldflags "-X main.version=$$(git describe --always --dirty 2>/dev/null || echo dev)" -o $(BIN)/tapsync ./cmd/tapsync
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN)/tapsync ./cmd/tapsync
 	$(GO) build -o $(BIN)/tapsync-demo ./e2e/demo
 	$(GO) build -trimpath -ldflags "-s -w" -o $(BIN)/tapsync-qemu ./cmd/tapsync-qemu
+
+# image builds the container image without Docker (deploy/image):
+# $(BIN)/image/ (OCI layout), $(BIN)/tapsync-image.tar (for ctr images
+# import and crane push) and $(BIN)/daemonset.yaml naming its tag
+# $(IMAGE_REPO):$(VERSION). One commit gives one digest.
+image:
+	$(GO) run ./deploy/image -out $(BIN) -version $(VERSION) -repo $(IMAGE_REPO) -daemonset deploy/daemonset.yaml
 
 # deps installs missing Debian packages; nothing is done when all are present.
 deps:

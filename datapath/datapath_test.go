@@ -65,6 +65,28 @@ func TestTapName(t *testing.T) {
 	}
 }
 
+// ParseEndpointName knows every name an endpoint's devices take, and no
+// other.
+func TestParseEndpointName(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		n    int
+		ok   bool
+	}{
+		{"tsn3", 3, true}, {"tsm4", 4, true}, {"tsi5", 5, true},
+		{"tsx1", 0, false}, {"tsn01", 0, false}, {"tap0_kata", 0, false}, {"eth0", 0, false},
+	} {
+		if n, ok := datapath.ParseEndpointName(tc.name); n != tc.n || ok != tc.ok {
+			t.Errorf("ParseEndpointName(%q) = %d, %v; want %d, %v", tc.name, n, ok, tc.n, tc.ok)
+		}
+	}
+	for _, name := range []func(int) string{datapath.TapName, datapath.MacvtapName, datapath.IfbName} {
+		if n, ok := datapath.ParseEndpointName(name(7)); !ok || n != 7 {
+			t.Errorf("ParseEndpointName(%q) = %d, %v; want 7, true", name(7), n, ok)
+		}
+	}
+}
+
 // sandbox is a throwaway sandbox netns with a veth eth0 whose peer host0
 // lives in a second netns standing in for the node.
 type sandbox struct {

@@ -13,8 +13,11 @@ import (
 
 // Link is a network interface as seen inside a sandbox netns.
 type Link struct {
-	Name    string
-	Ifindex int
+	Name string
+	// AltNames are the link's alternative names (ip link property add
+	// altname): the kernel gives them to no other link either.
+	AltNames []string
+	Ifindex  int
 	// Kind is the rtnetlink kind (veth, macvlan, ipvlan, macvtap, vlan, …),
 	// with tuntap split into "tap" and "tun"; "device" for links without
 	// a kind, such as loopback or a physical NIC moved into the netns.
@@ -77,6 +80,18 @@ func ParseKataTapName(name string) (int, bool) {
 	return parseIndex(s)
 }
 
+// ParseEndpointName returns N for a name that one of endpoint N's devices
+// takes: tsn<N> (tap), tsm<N> (macvtap) or tsi<N> (ifb), whatever kind of
+// link carries it now.
+func ParseEndpointName(name string) (int, bool) {
+	for _, parse := range []func(string) (int, bool){ParseTapName, ParseMacvtapName, ParseIfbName} {
+		if n, ok := parse(name); ok {
+			return n, true
+		}
+	}
+	return 0, false
+}
+
 // parseIndex parses a decimal index without sign or leading zeros, so
 // that each index has exactly one name.
 func parseIndex(s string) (int, bool) {
@@ -110,6 +125,7 @@ func toLink(l netlink.Link) Link {
 		Parent:    parent,
 		Master:    a.MasterIndex,
 		Name:      a.Name,
+		AltNames:  a.AltNames,
 		Ifindex:   a.Index,
 		Kind:      linkKind(l),
 		MAC:       a.HardwareAddr,

@@ -323,12 +323,13 @@ func TestModelErrorObservesFully(t *testing.T) {
 }
 
 // A pass that fails on the host side asks QEMU nothing and leaves the
-// model trusted: only QMP failures make it unknown. Here a container link
-// is named like the tap its endpoint needs (tsn1), so the tap cannot be
-// made.
+// model trusted: only QMP failures make it unknown. Here a link takes the
+// name of the tap a new endpoint needs (tsn1) after the observation, so
+// the tap cannot be made.
 func TestModelKeptOverHostFailure(t *testing.T) {
 	g := newModelRig(t, 1)
-	testnet.Veth(t, g.ns, "tsn1", macN(9), g.peer, "squat1")
+	testnet.Veth(t, g.ns, "net1", macN(2), g.peer, "peer1")
+	g.squatAfterObserve(t, "tsn1")
 	for range 2 {
 		n, err := g.pass(t)
 		if err == nil {
@@ -434,7 +435,8 @@ func TestNetnsKeptBetweenPasses(t *testing.T) {
 	if kept() != h {
 		t.Error("the next pass opened the netns again instead of using the kept one")
 	}
-	testnet.Veth(t, g.ns, "tsn1", macN(9), g.peer, "squat1") // endpoint 1's tap name, taken
+	testnet.Veth(t, g.ns, "net1", macN(2), g.peer, "peer1")
+	g.squatAfterObserve(t, "tsn1") // endpoint 1's tap name, taken
 	if _, err := g.pass(t); err == nil || CauseOf(err) != CauseNetns {
 		t.Fatalf("pass: %v; want a host-side failure", err)
 	}

@@ -999,12 +999,25 @@ func linkOf(v view, n int) (datapath.Link, bool) {
 }
 
 // usedIndexes are the indexes a new endpoint must not take: recorded ones
-// (pending removals included), and any tsn<N> tap, device or netdev of
-// that index. Kata's tap<N>_kata are another name space.
+// (pending removals included); any tap, macvtap, ifb, device or netdev of
+// ours of that index; and any whose device names (tsn<N>, tsm<N>, tsi<N>)
+// a container link has as its name or an altname, since a pod names its
+// links as it likes and the kernel refuses a name that is taken. Kata's
+// tap<N>_kata are another name space.
 func usedIndexes(v view, rec state.Record) map[int]bool {
 	used := map[int]bool{}
 	for _, e := range rec.Endpoints {
 		used[e.Index] = true
+	}
+	for _, l := range v.links {
+		for _, name := range append([]string{l.Name}, l.AltNames...) {
+			if n, ok := datapath.ParseEndpointName(name); ok {
+				used[n] = true
+			}
+		}
+	}
+	for n := range v.ifbs {
+		used[n] = true
 	}
 	for n := range v.taps {
 		used[n] = true

@@ -736,3 +736,40 @@ func TestTeardown(t *testing.T) {
 		}
 	})
 }
+
+// A pod may name its links as we name our devices (a Multus interface
+// tsn1, a macvlan tsm2, an altname): a new endpoint never takes an index
+// whose tap, macvtap or ifb name a link of the netns has, in either model,
+// and an endpoint keeps its index when such a link appears after it.
+func TestIndexStepsAroundPodLinkNames(t *testing.T) {
+	for _, model := range []string{ModelTCFilter, ModelMacvtap} {
+		t.Run(model, func(t *testing.T) {
+			w := newWorld()
+			w.model = model
+			w.addLink("eth0", "veth", macN(1), 1500)
+			mustConverge(t, w, 1)
+			w.addLink("tsn1", "veth", macN(2), 1500)
+			w.addLink("tsm2", "macvlan", macN(3), 1500)
+			w.addLink("tsi3", "veth", macN(4), 1500)
+			w.addLink("tsm0", "veth", macN(5), 1500)
+			w.addLink("net5", "veth", macN(6), 1500)
+			w.links[len(w.links)-1].AltNames = []string{"tsn8"}
+			mustConverge(t, w, 1)
+			got := map[string]int{}
+			for _, e := range w.rec.Endpoints {
+				got[e.LinkName] = e.Index
+				for _, dev := range []string{datapath.TapName(e.Index), datapath.MacvtapName(e.Index), datapath.IfbName(e.Index)} {
+					if e.LinkName != "eth0" && slices.ContainsFunc(w.links, func(l datapath.Link) bool {
+						return l.Name == dev || slices.Contains(l.AltNames, dev)
+					}) {
+						t.Errorf("endpoint %d of %s: its device name %s is a pod link's", e.Index, e.LinkName, dev)
+					}
+				}
+			}
+			want := map[string]int{"eth0": 0, "tsn1": 4, "tsm2": 5, "tsi3": 6, "tsm0": 7, "net5": 9}
+			if fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Errorf("endpoint indexes %v, want %v", got, want)
+			}
+		})
+	}
+}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/state"
 	"github.com/vishvananda/netlink"
 )
 
@@ -20,6 +21,7 @@ import (
 const (
 	CauseQMP     = "qmp"     // QEMU's monitor: missing, busy, refusing, or answering oddly
 	CauseNetns   = "netns"   // the sandbox netns and what tapsync does in it: links, taps, tc
+	CauseState   = "state"   // the state dir: a record cannot be read or written (a full disk)
 	CauseAgent   = "agent"   // the guest agent (the host side is done)
 	CauseWaiting = "waiting" // not a failure: waiting for the guest or QEMU
 	CauseChanged = "changed" // not a failure: a link went away during the pass, which runs again
@@ -27,7 +29,7 @@ const (
 )
 
 // Causes lists every cause CauseOf returns.
-var Causes = []string{CauseQMP, CauseNetns, CauseAgent, CauseWaiting, CauseChanged, CauseOther}
+var Causes = []string{CauseQMP, CauseNetns, CauseState, CauseAgent, CauseWaiting, CauseChanged, CauseOther}
 
 // causeError says which side a pass failed on, where the error cannot.
 type causeError struct {
@@ -49,9 +51,10 @@ func WithCause(cause string, err error) error {
 
 // CauseOf classifies a pass's error into one of Causes, cheaply: waiting
 // and agent marks first (a guest failure is reported only when the host
-// side worked), then anything QMP in the chain (its sentinels, a QEMU
-// error reply, a failed dial of a unix socket: the usual face of a missing
-// Kata extra monitor), then the mark the pass put on it.
+// side worked), then the state dir failing (state.ErrStore), then
+// anything QMP in the chain (its sentinels, a QEMU error reply, a failed
+// dial of a unix socket: the usual face of a missing Kata extra monitor),
+// then the mark the pass put on it.
 func CauseOf(err error) string {
 	if err == nil {
 		return ""
@@ -63,6 +66,8 @@ func CauseOf(err error) string {
 		return ce.cause
 	case errors.Is(err, ErrTeardownWaiting) || errors.Is(err, qmp.ErrRemovalPending):
 		return CauseWaiting
+	case errors.Is(err, state.ErrStore):
+		return CauseState
 	case isQMP(err):
 		return CauseQMP
 	case marked:

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/state"
 )
 
 func TestCauseOf(t *testing.T) {
@@ -23,6 +25,19 @@ func TestCauseOf(t *testing.T) {
 		t.Fatal("dial of a missing socket succeeded")
 	}
 	_, netErr := net.Dial("unix", filepath.Join(t.TempDir(), "none.sock"))
+	// A real failed write of a record: its state dir is gone.
+	dir := filepath.Join(t.TempDir(), "state")
+	store, err := state.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	saveErr := store.Save(state.Record{Sandbox: "a"})
+	if saveErr == nil {
+		t.Fatal("a record saved into a removed state dir")
+	}
 	for _, c := range []struct {
 		name string
 		err  error
@@ -42,6 +57,8 @@ func TestCauseOf(t *testing.T) {
 		{"teardown", fmt.Errorf("sandbox a: %w: guest holds NICs", ErrTeardownWaiting), CauseWaiting},
 		{"removal pending from QEMU", fmt.Errorf("x: %w", qmp.ErrRemovalPending), CauseWaiting},
 		{"link went away", WithCause(CauseChanged, fmt.Errorf("sandbox a: endpoint 0: redirect: %w", errors.New("Link not found"))), CauseChanged},
+		{"state dir", WithCause(CauseNetns, fmt.Errorf("sandbox a: endpoint 0: record: %w", saveErr)), CauseState},
+		{"state dir beside a QEMU error", errors.Join(&qmp.Error{Cmd: "device_add", Class: "GenericError"}, saveErr), CauseState},
 		{"unknown", errors.New("disk full"), CauseOther},
 	} {
 		if got := CauseOf(c.err); got != c.want {

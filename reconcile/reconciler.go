@@ -249,7 +249,7 @@ func (r *Reconciler) ReleaseNetns(id string) {
 // keep: a success, or a failure away from the host side.
 func keepable(err error) bool {
 	switch CauseOf(err) {
-	case "", CauseWaiting, CauseAgent, CauseQMP:
+	case "", CauseWaiting, CauseAgent, CauseQMP, CauseState:
 		return true
 	}
 	return false

@@ -31,7 +31,7 @@ const KeepSetAside = 24 * time.Hour
 func (s *Store) CollectSetAside(ctx context.Context, cutoff time.Time) ([]string, error) {
 	ents, err := os.ReadDir(s.dir)
 	if err != nil {
-		return nil, fmt.Errorf("list state dir %s: %w", s.dir, err)
+		return nil, fmt.Errorf("%w: list state dir %s: %w", ErrStore, s.dir, err)
 	}
 	var gone []string
 	var errs []error
@@ -46,7 +46,7 @@ func (s *Store) CollectSetAside(ctx context.Context, cutoff time.Time) ([]string
 		}
 		p := filepath.Join(s.dir, e.Name())
 		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("delete set-aside record %s: %w", p, err))
+			errs = append(errs, fmt.Errorf("%w: delete set-aside record %s: %w", ErrStore, p, err))
 			continue
 		}
 		zerolog.Ctx(ctx).Info().Str("sandbox", id).Str("record", p).Time("set_aside_at", at).

@@ -29,6 +29,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// ErrStore marks a failure of the state directory itself, not of what a
+// record says: a record that cannot be read, written or deleted (a full
+// or read-only disk, a directory gone). Such errors read
+// "state: write record …: no space left on device".
+var ErrStore = errors.New("state")
+
 // Version is the record schema this build writes and reads.
 const Version = 1
 
@@ -272,14 +278,14 @@ func (s *Store) Load(ctx context.Context, id string) (Record, error) {
 		return fresh, nil
 	}
 	if err != nil {
-		return Record{}, fmt.Errorf("read record %s: %w", p, err)
+		return Record{}, fmt.Errorf("%w: read record %s: %w", ErrStore, p, err)
 	}
 	defer f.Close()
 	// The identity comes from the open file, so the bytes read below are
 	// the version it names even if the file is replaced meanwhile.
 	fi, err := f.Stat()
 	if err != nil {
-		return Record{}, fmt.Errorf("read record %s: %w", p, err)
+		return Record{}, fmt.Errorf("%w: read record %s: %w", ErrStore, p, err)
 	}
 	file, known := fileIDOf(fi)
 	if known {
@@ -289,7 +295,7 @@ func (s *Store) Load(ctx context.Context, id string) (Record, error) {
 	}
 	b, err := io.ReadAll(f)
 	if err != nil {
-		return Record{}, fmt.Errorf("read record %s: %w", p, err)
+		return Record{}, fmt.Errorf("%w: read record %s: %w", ErrStore, p, err)
 	}
 	var r Record
 	why := ""
@@ -314,7 +320,7 @@ func (s *Store) Load(ctx context.Context, id string) (Record, error) {
 	s.drop(id)
 	aside := filepath.Join(s.dir, id+setAsideInfix+time.Now().UTC().Format(setAsideStamp))
 	if err := os.Rename(p, aside); err != nil {
-		return Record{}, fmt.Errorf("set aside bad record %s (%s): %w", p, why, err)
+		return Record{}, fmt.Errorf("%w: set aside bad record %s (%s): %w", ErrStore, p, why, err)
 	}
 	zerolog.Ctx(ctx).Warn().Str("sandbox", id).Str("record", p).Str("moved_to", aside).Str("reason", why).
 		Msg("record unusable; set aside, rebuilding from what the kernel and QEMU show")
@@ -341,7 +347,7 @@ func (s *Store) Save(r Record) error {
 	// and one here, a rename between them, unlinks), and a pass writes
 	// before each step.
 	if err := renameio.WriteFile(p, append(b, '\n'), 0o600, renameio.WithTempDir(s.dir)); err != nil {
-		return fmt.Errorf("write record %s: %w", p, err)
+		return fmt.Errorf("%w: write record %s: %w", ErrStore, p, err)
 	}
 	return s.syncDir()
 }
@@ -352,11 +358,11 @@ func (s *Store) Save(r Record) error {
 func (s *Store) syncDir() error {
 	fd, err := unix.Open(s.dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("sync state dir %s: %w", s.dir, err)
+		return fmt.Errorf("%w: sync state dir %s: %w", ErrStore, s.dir, err)
 	}
 	defer unix.Close(fd)
 	if err := unix.Fsync(fd); err != nil {
-		return fmt.Errorf("sync state dir %s: %w", s.dir, err)
+		return fmt.Errorf("%w: sync state dir %s: %w", ErrStore, s.dir, err)
 	}
 	return nil
 }
@@ -368,7 +374,7 @@ func (s *Store) Delete(id string) error {
 	}
 	s.drop(id)
 	if err := os.Remove(s.path(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("delete record of sandbox %s: %w", id, err)
+		return fmt.Errorf("%w: delete record of sandbox %s: %w", ErrStore, id, err)
 	}
 	return s.syncDir()
 }
@@ -377,7 +383,7 @@ func (s *Store) Delete(id string) error {
 func (s *Store) List() ([]string, error) {
 	ents, err := os.ReadDir(s.dir)
 	if err != nil {
-		return nil, fmt.Errorf("list state dir %s: %w", s.dir, err)
+		return nil, fmt.Errorf("%w: list state dir %s: %w", ErrStore, s.dir, err)
 	}
 	var ids []string
 	for _, e := range ents {

@@ -39,7 +39,7 @@ func newMetrics(d *daemon) *metrics {
 		}),
 		reconcileErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tapsync_reconcile_errors_total",
-			Help: "Passes that failed or were left waiting (retried with backoff), by cause: qmp, netns, agent, waiting, other.",
+			Help: "Passes that failed or were left waiting (retried with backoff), by cause: qmp, netns, state, agent, waiting, changed, other.",
 		}, []string{"cause"}),
 		retries: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tapsync_reconcile_retries_total", Help: "Failed passes of sandboxes that had already failed before.",

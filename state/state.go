@@ -94,6 +94,10 @@ type Endpoint struct {
 	// PlugMTU is the MTU the NIC was plugged with (QEMU's host_mtu, which
 	// caps the guest driver's MTU); 0: unknown or none.
 	PlugMTU int `json:"plug_mtu,omitempty"`
+	// Plugs counts the NIC's plugs, each recorded before it is made: to
+	// the guest every plug is a new device, and what tapsync believes of
+	// the guest names the plug it was confirmed for.
+	Plugs int `json:"plugs,omitempty"`
 }
 
 // Endpoint kinds.

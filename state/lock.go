@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -26,10 +27,12 @@ type DirLock struct{ f *os.File }
 // Lock takes the state directory for this process, before it touches the
 // control socket or any record: two daemons on one directory would each
 // unlink the other's socket and rewrite the other's records. The holder's
-// pid is written into the lock file so that a refused daemon can name it.
+// pid is written into the lock file so that a refused daemon can name it;
+// the file always holds one whole pid, never an empty or partial one.
 func (s *Store) Lock() (*DirLock, error) {
 	p := filepath.Join(s.dir, LockName)
-	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0o600)
+	pid := []byte(strconv.Itoa(os.Getpid()) + "\n")
+	f, err := openLockFile(p, pid)
 	if err != nil {
 		return nil, fmt.Errorf("lock state dir %s: %w", s.dir, err)
 	}
@@ -41,9 +44,11 @@ func (s *Store) Lock() (*DirLock, error) {
 		}
 		return nil, fmt.Errorf("lock state dir %s: %w", s.dir, err)
 	}
-	pid := strconv.Itoa(os.Getpid()) + "\n"
-	if err := f.Truncate(0); err == nil {
-		_, err = f.WriteAt([]byte(pid), 0)
+	// Over the old pid, then cut to length: a reader finds the old pid,
+	// the new one, or the new one's line before the old one's tail, and
+	// reads the first line. Truncating first would show an empty file.
+	if _, err = f.WriteAt(pid, 0); err == nil {
+		err = f.Truncate(int64(len(pid)))
 	}
 	if err != nil {
 		f.Close()
@@ -52,16 +57,59 @@ func (s *Store) Lock() (*DirLock, error) {
 	return &DirLock{f: f}, nil
 }
 
-// holder names the process in a lock file, as well as it can be known:
-// the holder writes its pid just after taking the lock.
-func holder(f *os.File) string {
-	b := make([]byte, 32)
-	n, _ := f.ReadAt(b, 0)
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b[:n])))
-	if err != nil || pid <= 0 {
-		return "a process that has not written its pid yet"
+// openLockFile opens the lock file at p, making it with content when it
+// does not exist: written under a temporary name and linked into place,
+// so that it never exists empty. The flock is taken on what it opens.
+func openLockFile(p string, content []byte) (*os.File, error) {
+	for {
+		f, err := os.OpenFile(p, os.O_RDWR|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+		if !errors.Is(err, os.ErrNotExist) {
+			return f, err
+		}
+		tmp, err := os.CreateTemp(filepath.Dir(p), "."+LockName+"-*")
+		if err != nil {
+			return nil, err
+		}
+		_, err = tmp.Write(content)
+		if cerr := tmp.Close(); err == nil {
+			err = cerr
+		}
+		if err == nil {
+			// Equivalent to: ln .tapsync.lock-XXX tapsync.lock (another
+			// daemon's link in between is as good as ours)
+			if err = os.Link(tmp.Name(), p); errors.Is(err, os.ErrExist) {
+				err = nil
+			}
+		}
+		os.Remove(tmp.Name())
+		if err != nil {
+			return nil, err
+		}
 	}
-	return "pid " + strconv.Itoa(pid)
+}
+
+// holderWait bounds how long a refused daemon waits for the holder's pid:
+// a holder writes it just after taking the lock, over its predecessor's.
+const holderWait = 200 * time.Millisecond
+
+// holder names the process in a lock file, as well as it can be known: a
+// pid that names no running process is a predecessor's, which the holder
+// has not written over yet.
+func holder(f *os.File) string {
+	deadline := time.Now().Add(holderWait)
+	for {
+		b := make([]byte, 32)
+		n, _ := f.ReadAt(b, 0)
+		line, _, _ := strings.Cut(string(b[:n]), "\n")
+		// Equivalent to: kill -0 PID (EPERM: it runs, as another user)
+		if pid, err := strconv.Atoi(line); err == nil && pid > 0 && !errors.Is(unix.Kill(pid, 0), unix.ESRCH) {
+			return "pid " + strconv.Itoa(pid)
+		}
+		if time.Now().After(deadline) {
+			return "a process that has not written its pid yet"
+		}
+		time.Sleep(5 * time.Millisecond) // polling for the pid, bounded by holderWait
+	}
 }
 
 // Close releases the lock. The file stays (see LockName).

@@ -366,6 +366,11 @@ func TestKata4NodeThroughCRI(t *testing.T) {
 		guestHas(t, c.pod.probe, c.pod.ip)
 		pingable(t, n.cri.NodeNetns(), c.pod.ip.AsSlice())
 	}
+	// Each pod is found twice (its pause container and its Sandbox Store
+	// record) and is one sandbox.
+	if st := status(t, n.stateDir); len(st) != 2 {
+		t.Errorf("status lists %d sandboxes, want the 2 pods: %v", len(st), st)
+	}
 	// With the daemon running, check finds each monitor held by it.
 	out, _ = exec.Command(tapsyncBinary(t), "check", "--config", n.config).CombinedOutput()
 	for _, want := range []string{"sandbox " + rs.id + ": HMP monitor", "sandbox " + gp.id + ": QMP monitor", "held, probably by the running tapsync daemon"} {

@@ -3,6 +3,7 @@ package reconcile
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -45,10 +46,18 @@ func startQEMU(t testing.TB, extra ...string) (sock, test string) {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 	})
+	// QEMU binds each socket (the file appears) before it listens on it:
+	// wait until both take a connection, not only until both exist.
+	listening := func(path string) error {
+		c, err := net.Dial("unix", path)
+		if err == nil {
+			c.Close()
+		}
+		return err
+	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		_, err1 := os.Stat(sock)
-		_, err2 := os.Stat(test)
+		err1, err2 := listening(sock), listening(test)
 		if err1 == nil && err2 == nil {
 			return sock, test
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"maps"
 	"net"
@@ -139,6 +140,10 @@ type Reconciler struct {
 	// event of every sandbox. It runs on the connection's reader and must
 	// not block (poke a queue).
 	OnEvent func(sandbox string, e qmp.Event)
+	// OnMonitorClosed, when set before the first reconcile, is called when
+	// QEMU ends a sandbox's monitor connection (it exited, or closed the
+	// socket), never when tapsync does. It must not block (poke a queue).
+	OnMonitorClosed func(sandbox string)
 	// AfterAction, if set, is called after every completed action of
 	// every sandbox (fault injection for crash tests; see Env).
 	AfterAction func(Action)
@@ -407,7 +412,27 @@ func (r *Reconciler) clientModel(ctx context.Context, sb Sandbox) (*qmp.Client, 
 		old.Close()
 	}
 	r.conns[sb.ID], r.models[sb.ID] = c, m
+	if closed := r.OnMonitorClosed; closed != nil {
+		go r.watchMonitor(sb.ID, c, closed)
+	}
 	return c, m, nil
+}
+
+// watchMonitor calls closed(id) when QEMU ends c while it is still
+// sandbox id's connection: a QEMU that exits between passes is noticed
+// then, not at the next trigger. A connection tapsync closed (dropped,
+// replaced, or failed by a command's timeout) is not QEMU's doing.
+func (r *Reconciler) watchMonitor(id string, c *qmp.Client, closed func(string)) {
+	<-c.Done()
+	if err := c.Err(); !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
+		return
+	}
+	r.mu.Lock()
+	current := r.conns[id] == c
+	r.mu.Unlock()
+	if current {
+		closed(id)
+	}
 }
 
 // Verify makes the next pass over sandbox id observe its VM fully, even
@@ -467,7 +492,7 @@ type session struct {
 	vm     qmpVM
 	rec    state.Record
 	obs    Observed
-	queues int // per endpoint, resolved
+	queues int // per new endpoint, resolved (see countQueues)
 	// taps are the indexes of our taps and macvtaps in the netns, from the
 	// host side of the observation under way (see accounted).
 	taps []int
@@ -491,14 +516,6 @@ func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
 	}
 	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement, model: m,
 		accounted: func(nics []qmp.NICInfo) bool { return accounted(s.rec, nics, s.taps) }}
-	if s.queues = sb.Queues; s.queues == 0 {
-		n, err := m.vcpuCount(ctx)
-		if err != nil {
-			host.Close()
-			return nil, fmt.Errorf("sandbox %s: count vCPUs for queues=0: %w", id, err)
-		}
-		s.queues = min(max(n, 1), datapath.MaxQueues)
-	}
 	if s.rec, err = r.loadRecord(ctx, id); err != nil {
 		host.Close()
 		return nil, err
@@ -556,7 +573,7 @@ func (s *session) observe(ctx context.Context) error {
 			return err
 		}
 	}
-	return nil
+	return s.countQueues(ctx)
 }
 
 func (s *session) options() Options {

@@ -99,6 +99,7 @@ func newDaemon(cfg Config) (*daemon, error) {
 	d.links = watcher.NewNetlinkWatcher(d.handle)
 	d.m = newMetrics(d)
 	d.rec.OnEvent = d.qmpEvent
+	d.rec.OnMonitorClosed = d.monitorClosed
 	return d, nil
 }
 
@@ -330,6 +331,11 @@ func (d *daemon) qmpEvent(id string, e qmp.Event) {
 		d.trigger(id, "qmp")
 	}
 }
+
+// monitorClosed turns the end of a VM's monitor connection into a pass:
+// QEMU exited or closed it, and status says so at once, not at the next
+// trigger.
+func (d *daemon) monitorClosed(id string) { d.trigger(id, "qmp") }
 
 // hmpUnplugPoll is how often a sandbox reached through a human monitor
 // is looked at while a removal waits for the guest (no event says when).

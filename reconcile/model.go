@@ -15,7 +15,7 @@ import (
 )
 
 // vmModel is what tapsync knows of one VM through one QMP connection: its
-// virtio-net devices, our netdevs, its hot-plug slots and vCPU count. A
+// virtio-net devices, our netdevs and its hot-plug slots. A
 // pass that finds the model fresh observes the VM from it, without a QMP
 // round trip (each one waits for QEMU's main loop, slow under TCG).
 //
@@ -45,8 +45,7 @@ type vmModel struct {
 	nics    []qmp.NICInfo
 	netdevs []int // indexes of our netdevs
 	// topo is the VM's hot-plug slots, read with the rest and kept like it.
-	topo  qmp.Topology
-	vcpus int // 0: not counted on this connection
+	topo qmp.Topology
 	// kataLinks names the Kata links the netns showed at the last pass:
 	// Kata hot-plugs through a monitor of its own, and QEMU reports no
 	// device_add to the others.
@@ -288,20 +287,25 @@ func (m *vmModel) unplugged(index int) {
 	m.netdevs = slices.DeleteFunc(m.netdevs, func(n int) bool { return n == index })
 }
 
-// vcpuCount returns the VM's vCPU count, asking QEMU once per connection.
-func (m *vmModel) vcpuCount(ctx context.Context) (int, error) {
-	m.mu.Lock()
-	n, c := m.vcpus, m.conn
-	m.mu.Unlock()
-	if n > 0 {
-		return n, nil
+// countQueues resolves queues = 0 (one per vCPU) for the endpoints the
+// pass would make: the vCPUs are counted then, and only then, since Kata
+// hot-adds them after the VM starts. An endpoint keeps its count.
+func (s *session) countQueues(ctx context.Context) error {
+	s.queues = s.sb.Queues
+	if s.queues > 0 {
+		return nil
 	}
-	n, err := c.VCPUs(ctx)
+	p := Compute(s.obs, s.rec, s.options())
+	if !slices.ContainsFunc(p.Actions, func(a Action) bool {
+		_, recorded := s.rec.Endpoint(a.Endpoint.Index)
+		return a.Op == OpRecord && !recorded
+	}) {
+		return nil
+	}
+	n, err := s.vm.c.VCPUs(ctx)
 	if err != nil {
-		return 0, err
+		return fmt.Errorf("count vCPUs for queues=0: %w", err)
 	}
-	m.mu.Lock()
-	m.vcpus = n
-	m.mu.Unlock()
-	return n, nil
+	s.queues = min(max(n, 1), datapath.MaxQueues)
+	return nil
 }

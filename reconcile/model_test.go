@@ -1,6 +1,7 @@
 package reconcile
 
 import (
+	"net"
 	"testing"
 
 	"github.com/tapsync/tapsync/qmp"
@@ -60,31 +61,38 @@ func TestModelEvents(t *testing.T) {
 }
 
 // The record accounts for a VM's NICs when each of ours has its endpoint
-// recorded, each recorded endpoint its NIC, none is mid-change, and each
-// of our taps has its NIC.
+// recorded, each recorded endpoint its NIC, none is mid-change, each of
+// our taps has its NIC, and each tap link a NIC with its MAC.
 func TestAccounted(t *testing.T) {
 	nic := func(i int) qmp.NICInfo { return qmp.NICInfo{ID: qmp.DeviceID(i), Index: i, Owned: true} }
-	other := qmp.NICInfo{ID: "kata-nic", Index: -1}
+	other := qmp.NICInfo{ID: "kata-nic", Index: -1, MAC: net.HardwareAddr{2, 0, 0, 0, 0, 9}}
 	rec := func(es ...state.Endpoint) state.Record { return state.Record{Endpoints: es} }
+	tapLink := net.HardwareAddr{2, 0, 0, 0, 0, 1}
+	withMAC := func(n qmp.NICInfo, mac net.HardwareAddr) qmp.NICInfo { n.MAC = mac; return n }
 	for _, tc := range []struct {
-		name string
-		rec  state.Record
-		nics []qmp.NICInfo
-		taps []int
-		want bool
+		name     string
+		rec      state.Record
+		nics     []qmp.NICInfo
+		taps     []int
+		tapLinks []net.HardwareAddr
+		want     bool
 	}{
-		{"nothing of ours", rec(), []qmp.NICInfo{other}, nil, true},
-		{"one to one", rec(state.Endpoint{Index: 0}, state.Endpoint{Index: 1}), []qmp.NICInfo{nic(0), other, nic(1)}, []int{1, 0}, true},
-		{"an endpoint without its NIC", rec(state.Endpoint{Index: 0}, state.Endpoint{Index: 1}), []qmp.NICInfo{nic(0)}, []int{0, 1}, false},
-		{"a NIC not recorded", rec(state.Endpoint{Index: 0}), []qmp.NICInfo{nic(0), nic(1)}, []int{0, 1}, false},
-		{"removing", rec(state.Endpoint{Index: 0, Removing: true}), []qmp.NICInfo{nic(0)}, []int{0}, false},
-		{"unplug requested", rec(state.Endpoint{Index: 0, UnplugRequested: true}), []qmp.NICInfo{nic(0)}, []int{0}, false},
-		{"burned", rec(state.Endpoint{Index: 0, Burned: true}), []qmp.NICInfo{nic(0)}, []int{0}, false},
+		{"nothing of ours", rec(), []qmp.NICInfo{other}, nil, nil, true},
+		{"one to one", rec(state.Endpoint{Index: 0}, state.Endpoint{Index: 1}), []qmp.NICInfo{nic(0), other, nic(1)}, []int{1, 0}, nil, true},
+		{"an endpoint without its NIC", rec(state.Endpoint{Index: 0}, state.Endpoint{Index: 1}), []qmp.NICInfo{nic(0)}, []int{0, 1}, nil, false},
+		{"a NIC not recorded", rec(state.Endpoint{Index: 0}), []qmp.NICInfo{nic(0), nic(1)}, []int{0, 1}, nil, false},
+		{"removing", rec(state.Endpoint{Index: 0, Removing: true}), []qmp.NICInfo{nic(0)}, []int{0}, nil, false},
+		{"unplug requested", rec(state.Endpoint{Index: 0, UnplugRequested: true}), []qmp.NICInfo{nic(0)}, []int{0}, nil, false},
+		{"burned", rec(state.Endpoint{Index: 0, Burned: true}), []qmp.NICInfo{nic(0)}, []int{0}, nil, false},
 		// The record lost with the VM's last NIC of ours: the tap it left
 		// (and its netdev may hold) has no NIC.
-		{"a tap of ours without its NIC, nothing recorded", rec(), []qmp.NICInfo{other}, []int{0}, false},
+		{"a tap of ours without its NIC, nothing recorded", rec(), []qmp.NICInfo{other}, []int{0}, nil, false},
+		{"a tap link with its NIC", rec(state.Endpoint{Index: 0}), []qmp.NICInfo{withMAC(nic(0), tapLink)}, nil, []net.HardwareAddr{tapLink}, true},
+		{"a tap link adopted", rec(), []qmp.NICInfo{withMAC(other, tapLink)}, nil, []net.HardwareAddr{tapLink}, true},
+		// The same for a tap link handed to QEMU: its netdev may hold it.
+		{"a tap link without a NIC, nothing recorded", rec(), []qmp.NICInfo{other}, nil, []net.HardwareAddr{tapLink}, false},
 	} {
-		if got := accounted(tc.rec, tc.nics, tc.taps); got != tc.want {
+		if got := accounted(tc.rec, tc.nics, tc.taps, tc.tapLinks); got != tc.want {
 			t.Errorf("%s: accounted = %v, want %v", tc.name, got, tc.want)
 		}
 	}

@@ -493,9 +493,11 @@ type session struct {
 	rec    state.Record
 	obs    Observed
 	queues int // per new endpoint, resolved (see countQueues)
-	// taps are the indexes of our taps and macvtaps in the netns, from the
+	// taps are the indexes of our taps and macvtaps in the netns, and
+	// tapLinks the MACs of its tap and macvtap container links, from the
 	// host side of the observation under way (see accounted).
-	taps []int
+	taps     []int
+	tapLinks []net.HardwareAddr
 }
 
 func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
@@ -515,7 +517,7 @@ func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
 		return nil, err
 	}
 	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement, model: m,
-		accounted: func(nics []qmp.NICInfo) bool { return accounted(s.rec, nics, s.taps) }}
+		accounted: func(nics []qmp.NICInfo) bool { return accounted(s.rec, nics, s.taps, s.tapLinks) }}
 	if s.rec, err = r.loadRecord(ctx, id); err != nil {
 		host.Close()
 		return nil, err
@@ -552,6 +554,12 @@ func (s *session) observe(ctx context.Context) error {
 	for _, m := range hs.Macvtaps {
 		if m.Index >= 0 {
 			s.taps = append(s.taps, m.Index)
+		}
+	}
+	s.tapLinks = s.tapLinks[:0]
+	for _, l := range hs.Links {
+		if l.Kind == "tap" || l.Kind == "macvtap" {
+			s.tapLinks = append(s.tapLinks, l.MAC)
 		}
 	}
 	m := s.vm.model

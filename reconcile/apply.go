@@ -276,6 +276,17 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 		if err != nil {
 			return fmt.Errorf("recorded MAC %q: %w", e.LinkMAC, err)
 		}
+		if r, ok := rec.Endpoint(e.Index); ok {
+			// Intent first: the plug is counted (guest digests name the
+			// plug they were confirmed for, see nicKey), with the
+			// host_mtu that caps the guest's MTU (see brokenReason).
+			r.Plugs++
+			r.PlugMTU = act.MTU
+			rec.Put(r)
+			if err := a.Recorder.Save(*rec); err != nil {
+				return err
+			}
+		}
 		q, err := a.openQueues(ctx, e, spec, act.MTU)
 		if err != nil {
 			return err
@@ -285,12 +296,6 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 			return err
 		}
 		a.paths[e.Index] = path
-		if r, ok := rec.Endpoint(e.Index); ok && r.PlugMTU != act.MTU {
-			// The NIC's host_mtu caps the guest's MTU (see brokenReason).
-			r.PlugMTU = act.MTU
-			rec.Put(r)
-			return a.Recorder.Save(*rec)
-		}
 		return nil
 	case OpEnsureMacvtap:
 		_, moved, err := a.Host.EnsureMacvtap(ctx, macvtapSpec(e, act.MTU))

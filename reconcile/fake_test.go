@@ -41,6 +41,10 @@ type world struct {
 	routes      []datapath.Route
 	neighbors   []datapath.Neighbor
 	guest       *fakeGuest
+	// plugSerial numbers each plug of a NIC, by device id (MAC for a
+	// device without one): the guest's netdevice is the plug, not the MAC.
+	plugSerial map[string]int
+	plugs      int
 	// unplugBatches are the VM.UnplugNICs calls so far.
 	unplugBatches []unplugBatch
 	macvtaps      map[int]*datapath.Macvtap // ours, by endpoint index
@@ -110,6 +114,7 @@ func (w *world) clone() *world {
 	c.limits = maps.Clone(w.limits)
 	c.ifbs = maps.Clone(w.ifbs)
 	c.orig = maps.Clone(w.orig)
+	c.plugSerial = maps.Clone(w.plugSerial)
 	return &c
 }
 
@@ -259,12 +264,26 @@ func (w *world) NICs(context.Context) ([]NIC, []int, error) {
 	return slices.Clone(w.nics), slices.Sorted(mapKeys(w.netdevs)), nil
 }
 
+// observed is what a pass observes of the host and QEMU; the guest is
+// looked at only when the plan asks for it (see plan).
 func (w *world) observed() Observed {
 	s, _ := w.Observe()
 	nics, netdevs, _ := w.NICs(context.Background())
-	g := w.guest.state()
 	return Observed{Links: s.Links, Taps: s.Taps, Macvtaps: s.Macvtaps, RateLimits: s.RateLimits, KataLinks: s.KataLinks,
-		Redirects: s.Redirects, Routes: s.Routes, Neighbors: s.Neighbors, NICs: nics, Netdevs: netdevs, Guest: &g}
+		Redirects: s.Redirects, Routes: s.Routes, Neighbors: s.Neighbors, NICs: nics, Netdevs: netdevs}
+}
+
+// plan computes a pass's plan as the reconciler does: the guest's view is
+// asked for only when the record cannot show the guest converged.
+func (w *world) plan(opts Options) Plan {
+	obs := w.observed()
+	p := Compute(obs, w.rec, opts)
+	if opts.Guest && p.NeedsGuest() {
+		g := w.guest.state()
+		obs.Guest = &g
+		p = Compute(obs, w.rec, opts)
+	}
+	return p
 }
 
 func (w *world) EnsureTap(_ context.Context, spec datapath.TapSpec) (datapath.Tap, error) {
@@ -378,6 +397,7 @@ func (w *world) UnplugNIC(_ context.Context, index int, _ bool) error {
 		w.mutations++
 	}
 	w.nics = slices.DeleteFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == index })
+	delete(w.plugSerial, fmt.Sprintf("tapsync-net%d", index))
 	if w.orphaned[index] {
 		return fmt.Errorf("netdev tapsync-netdev%d: %w", index, ErrIndexBurned)
 	}
@@ -629,7 +649,7 @@ func (w *world) options(opts Options) Options {
 // reconcile runs observe → plan → apply once against w.
 func (w *world) reconcile(opts Options) (Plan, Outcome, error) {
 	opts = w.options(opts)
-	p := Compute(w.observed(), w.rec, opts)
+	p := w.plan(opts)
 	_, out, err := Apply(context.Background(), p, w.rec, w.observed(), w.env())
 	return p, out, err
 }
@@ -658,7 +678,7 @@ func (w *world) converge(opts Options) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("no convergence; last plan:\n%s", Compute(w.observed(), w.rec, w.options(opts)))
+	return fmt.Errorf("no convergence; last plan:\n%s", w.plan(w.options(opts)))
 }
 
 // checkConverged says what is wrong with w as a converged sandbox: every
@@ -760,7 +780,7 @@ func (w *world) checkConverged(queues int) []string {
 	if w.guestOn {
 		bad = append(bad, w.guest.check()...)
 	}
-	if p := Compute(w.observed(), w.rec, w.options(Options{Queues: queues, Guest: w.guestOn})); !w.settled(p) {
+	if p := w.plan(w.options(Options{Queues: queues, Guest: w.guestOn})); !w.settled(p) {
 		bad = append(bad, "converged sandbox still plans:\n"+p.String())
 	}
 	return bad
@@ -874,28 +894,41 @@ func (w *world) checkRestored(live, pending map[int]bool) []string {
 	return bad
 }
 
-// fakeGuest is the VM's guest as its agent sees it: one interface per
-// virtio-net device of the world (named ethN, unconfigured, until the
-// agent is told otherwise), and a route table that loses a device's routes
-// with the device.
+// fakeGuest is the VM's guest as its agent sees it, kept the way a guest
+// kernel keeps it: each plug of a virtio-net device of the world is a
+// netdevice of its own (named ethN, down and unconfigured until the agent
+// is told otherwise), and routes and neighbours belong to a netdevice:
+// they leave with it, and with it going down. The agent takes an up link
+// down to configure it, as Kata's does. A reboot forgets everything.
 type fakeGuest struct {
 	w       *world
-	ifaces  map[string]*agent.Interface // by MAC
+	devs    []*guestDev // the guest's netdevices, oldest first
 	routes  []agent.Route
 	neigh   []agent.Neighbor
 	calls   map[string]int // guest-changing calls
 	next    int
 	slow    int  // the next UpdateInterface calls find no link
 	noNeigh bool // AddARPNeighbors is unimplemented
+	// halfway: the next UpdateInterface takes its link down, then fails
+	// (an agent that timed out in the middle of the call).
+	halfway bool
+}
+
+// guestDev is one netdevice of the guest: the plug of a world NIC it is
+// (plugKey), and its configuration.
+type guestDev struct {
+	plug  string
+	iface agent.Interface
+	up    bool
 }
 
 func (g *fakeGuest) clone(w *world) *fakeGuest {
 	c := *g
 	c.w = w
-	c.ifaces = map[string]*agent.Interface{}
-	for k, v := range g.ifaces {
-		i := *v
-		c.ifaces[k] = &i
+	c.devs = nil
+	for _, d := range g.devs {
+		dd := *d
+		c.devs = append(c.devs, &dd)
 	}
 	c.routes = slices.Clone(g.routes)
 	c.neigh = slices.Clone(g.neigh)
@@ -903,25 +936,95 @@ func (g *fakeGuest) clone(w *world) *fakeGuest {
 	return &c
 }
 
-// sync makes the guest's interfaces follow the VM's devices.
-func (g *fakeGuest) sync() {
-	if g.ifaces == nil {
-		g.ifaces = map[string]*agent.Interface{}
+// plugKey names one plug of a world NIC: a NIC unplugged and plugged
+// again, even with the same id and MAC, is another device to the guest.
+func (w *world) plugKey(n NIC) string {
+	id := nicID(n)
+	if w.plugSerial == nil {
+		w.plugSerial = map[string]int{}
 	}
-	macs := map[string]bool{}
+	if _, ok := w.plugSerial[id]; !ok {
+		w.plugs++
+		w.plugSerial[id] = w.plugs
+	}
+	return fmt.Sprintf("%s#%d", id, w.plugSerial[id])
+}
+
+// nicID tells a world NIC from the others: its device id, or for a
+// device without one (the runtime's) its MAC.
+func nicID(n NIC) string {
+	if n.ID != "" {
+		return n.ID
+	}
+	return "mac " + n.MAC.String()
+}
+
+// sync makes the guest's netdevices follow the VM's devices.
+func (g *fakeGuest) sync() {
+	for id := range g.w.plugSerial {
+		if !slices.ContainsFunc(g.w.nics, func(n NIC) bool { return nicID(n) == id }) {
+			delete(g.w.plugSerial, id)
+		}
+	}
+	present := map[string]bool{}
 	for _, n := range g.w.nics {
-		m := n.MAC.String()
-		macs[m] = true
-		if g.ifaces[m] == nil {
-			g.ifaces[m] = &agent.Interface{Name: fmt.Sprintf("eth%d", g.next), MAC: n.MAC, MTU: 1500}
+		k := g.w.plugKey(n)
+		present[k] = true
+		if !slices.ContainsFunc(g.devs, func(d *guestDev) bool { return d.plug == k }) {
+			g.devs = append(g.devs, &guestDev{plug: k, iface: agent.Interface{Name: fmt.Sprintf("eth%d", g.next), MAC: n.MAC, MTU: 1500}})
 			g.next++
 		}
 	}
-	for m, i := range g.ifaces {
-		if !macs[m] {
-			g.routes = slices.DeleteFunc(g.routes, func(r agent.Route) bool { return r.Device == i.Name })
-			g.neigh = slices.DeleteFunc(g.neigh, func(n agent.Neighbor) bool { return n.Device == i.Name })
-			delete(g.ifaces, m)
+	g.devs = slices.DeleteFunc(g.devs, func(d *guestDev) bool {
+		if present[d.plug] {
+			return false
+		}
+		g.flushDevice(d.iface.Name)
+		return true
+	})
+}
+
+// flushDevice drops the routes and neighbours through a device, as the
+// kernel does when the device goes down or away.
+func (g *fakeGuest) flushDevice(name string) {
+	g.routes = slices.DeleteFunc(g.routes, func(r agent.Route) bool { return r.Device == name })
+	g.neigh = slices.DeleteFunc(g.neigh, func(n agent.Neighbor) bool { return n.Device == name })
+}
+
+// dev is the guest's netdevice with mac, nil if none.
+func (g *fakeGuest) dev(mac net.HardwareAddr) *guestDev {
+	g.sync()
+	i := slices.IndexFunc(g.devs, func(d *guestDev) bool { return bytes.Equal(d.iface.MAC, mac) })
+	if i < 0 {
+		return nil
+	}
+	return g.devs[i]
+}
+
+// iface is the guest interface with mac, nil if none.
+func (g *fakeGuest) iface(mac net.HardwareAddr) *agent.Interface {
+	if d := g.dev(mac); d != nil {
+		return &d.iface
+	}
+	return nil
+}
+
+// reboot restarts the guest: every device comes back unconfigured and
+// down, with no routes and no neighbours; the agent remembers nothing.
+func (g *fakeGuest) reboot() {
+	g.devs, g.routes, g.neigh, g.next = nil, nil, nil, 0
+	g.sync()
+}
+
+// flushAddrs removes the addresses of the guest interface name, as a
+// workload's `ip addr flush` does; with its last IPv4 address the kernel
+// drops the routes and neighbours through it.
+func (g *fakeGuest) flushAddrs(name string) {
+	g.sync()
+	for _, d := range g.devs {
+		if d.iface.Name == name {
+			d.iface.Addrs = nil
+			g.flushDevice(name)
 		}
 	}
 }
@@ -929,8 +1032,8 @@ func (g *fakeGuest) sync() {
 func (g *fakeGuest) state() GuestState {
 	g.sync()
 	var s GuestState
-	for _, m := range slices.Sorted(maps.Keys(g.ifaces)) {
-		s.Interfaces = append(s.Interfaces, *g.ifaces[m])
+	for _, d := range g.devs {
+		s.Interfaces = append(s.Interfaces, d.iface)
 	}
 	s.Routes = slices.Clone(g.routes)
 	return s
@@ -948,29 +1051,33 @@ func (g *fakeGuest) UpdateInterface(_ context.Context, want agent.Interface) (ag
 	if err := g.w.fail(OpConfigureGuest); err != nil {
 		return agent.Interface{}, err
 	}
-	i := g.ifaces[want.MAC.String()]
-	if g.slow > 0 || i == nil {
+	d := g.dev(want.MAC)
+	if g.slow > 0 || d == nil {
 		g.slow = max(g.slow-1, 0)
 		return agent.Interface{}, fmt.Errorf("link with MAC %s: %w", want.MAC, agent.ErrLinkNotFound)
 	}
 	g.w.mutations++
-	old := i.Name
-	*i = want
-	i.DevicePath = ""
-	for k := range g.routes {
-		if g.routes[k].Device == old {
-			g.routes[k].Device = want.Name
-		}
+	if d.up {
+		// Kata's agent sets an up link down before it configures it.
+		d.up = false
+		g.flushDevice(d.iface.Name)
 	}
-	return *i, nil
+	if g.halfway {
+		g.halfway = false
+		return agent.Interface{}, fmt.Errorf("UpdateInterface %s: no answer within 5s: %w", want.MAC, context.DeadlineExceeded)
+	}
+	d.iface = want
+	d.iface.DevicePath = ""
+	d.up = true
+	return d.iface, nil
 }
 
 func (g *fakeGuest) UpdateRoutes(_ context.Context, rs []agent.Route) ([]agent.Route, error) {
 	g.sync()
 	g.calls["UpdateRoutes"]++
 	for _, r := range rs {
-		if !slices.ContainsFunc(slices.Collect(maps.Values(g.ifaces)), func(i *agent.Interface) bool { return i.Name == r.Device }) {
-			return nil, fmt.Errorf("route %s: no device %s", routeKey(r), r.Device)
+		if !slices.ContainsFunc(g.devs, func(d *guestDev) bool { return d.iface.Name == r.Device && d.up }) {
+			return nil, fmt.Errorf("route %s: no device %s up", routeKey(r), r.Device)
 		}
 	}
 	g.w.mutations++
@@ -987,13 +1094,22 @@ func (g *fakeGuest) AddARPNeighbors(_ context.Context, ns []agent.Neighbor) erro
 	if g.noNeigh {
 		return errUnimplemented
 	}
+	for _, n := range ns {
+		if !slices.ContainsFunc(g.devs, func(d *guestDev) bool { return d.iface.Name == n.Device }) {
+			return fmt.Errorf("neighbour %s: no device %s", n.IP, n.Device)
+		}
+	}
 	g.w.mutations++
-	g.neigh = append(g.neigh, ns...)
+	for _, n := range ns { // replace, as `ip neigh replace`
+		g.neigh = slices.DeleteFunc(g.neigh, func(h agent.Neighbor) bool { return h.Device == n.Device && h.IP == n.IP })
+		g.neigh = append(g.neigh, n)
+	}
 	return nil
 }
 
 // check says how the guest differs from the netns: each wired link's
-// interface (name, addresses, MTU) and every route on a wired link.
+// interface (name, addresses, MTU), every route on a wired link with all
+// its attributes, and every permanent neighbour on one.
 func (g *fakeGuest) check() []string {
 	g.sync()
 	var bad []string
@@ -1007,7 +1123,7 @@ func (g *fakeGuest) check() []string {
 				routes = append(routes, movedOf(e).Routes...)
 			}
 		}
-		i := g.ifaces[l.MAC.String()]
+		i := g.iface(l.MAC)
 		if r, _ := unwireable(v, l); r != "" || i == nil {
 			continue
 		}
@@ -1022,9 +1138,18 @@ func (g *fakeGuest) check() []string {
 		if !ok || (r.Dst.IsValid() && (r.Dst.Addr().IsLinkLocalUnicast() || r.Dst.Addr().IsMulticast())) {
 			continue
 		}
-		key := routeKey(agent.Route{Dest: r.Dst, Gateway: r.Gateway, Device: name, IPv6: r.IPv6})
-		if !slices.ContainsFunc(g.routes, func(h agent.Route) bool { return routeKey(h) == key }) {
-			bad = append(bad, "guest lacks route "+key)
+		want := routeText(agent.Route{Dest: r.Dst, Gateway: r.Gateway, Device: name, Source: r.Src, Scope: r.Scope, IPv6: r.IPv6, MTU: r.MTU})
+		if !slices.ContainsFunc(g.routes, func(h agent.Route) bool { return routeText(h) == want }) {
+			bad = append(bad, "guest lacks route "+want)
+		}
+	}
+	for _, n := range g.w.neighbors {
+		name, ok := wiredNames[n.LinkIndex]
+		if !ok || g.noNeigh {
+			continue
+		}
+		if !slices.ContainsFunc(g.neigh, func(h agent.Neighbor) bool { return h.Device == name && h.IP == n.IP && bytes.Equal(h.MAC, n.MAC) }) {
+			bad = append(bad, fmt.Sprintf("guest lacks neighbour %s lladdr %s dev %s", n.IP, n.MAC, name))
 		}
 	}
 	return bad

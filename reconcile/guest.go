@@ -6,6 +6,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"maps"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -22,15 +24,21 @@ import (
 //
 // What was last confirmed in the guest is remembered in the record as a
 // digest of what was asked for (Endpoint.Guest, Record.GuestRoutes,
-// Record.GuestNeighbors). A pass whose desired guest state has the
-// recorded digests plans no guest step and makes no agent call: a resync
-// or a restart of the daemon on a converged sandbox never reaches the
-// agent. Only when a digest differs does the session ask the agent what
-// the guest has (Observed.Guest), and a guest that already matches is
-// recorded (confirm) instead of being configured again. A NIC that is
-// plugged again loses its guest configuration with it: its digests are
-// reset in the record before the plug, so a crash in between cannot leave
-// a stale "configured".
+// Record.GuestNeighbors), keyed to the NIC it describes: each digest
+// names the plug (endpoint, MAC, plug count) of every device it covers,
+// so a replugged NIC, which the guest sees as a new device without
+// routes or neighbours, matches none of them. A pass whose desired guest
+// state has the recorded digests plans no guest step and makes no agent
+// call: a resync or a restart of the daemon on a converged sandbox never
+// reaches the agent. Only when a digest differs does the session ask the
+// agent what the guest has (Observed.Guest), and a guest that already
+// matches is recorded (confirm) instead of being configured again. What
+// no key can see (a reboot, an agent restart, a workload changing the
+// guest) drops digests through the events of beliefs.go.
+//
+// The agent takes an up interface down to configure it, and the kernel
+// then drops the routes and neighbours through it: whenever an interface
+// is configured, the routes and neighbours through it are sent again.
 
 // GuestState is what the agent reports of the guest.
 type GuestState struct {
@@ -39,17 +47,20 @@ type GuestState struct {
 }
 
 // GuestRoute is one route for the guest and the endpoint whose link it
-// uses (-1: a link the runtime wired, adopted).
+// uses (-1: a link the runtime wired, adopted), with that link's NIC
+// plug (see nicKey).
 type GuestRoute struct {
 	Route    agent.Route
 	Endpoint int
+	NIC      string
 }
 
 // GuestNeighbor is one permanent neighbour for the guest and the endpoint
-// whose link it sits on (-1: adopted).
+// whose link it sits on (-1: adopted), with that link's NIC plug.
 type GuestNeighbor struct {
 	Neighbor agent.Neighbor
 	Endpoint int
+	NIC      string
 }
 
 // desiredInterface is what the guest NIC of container link l must look
@@ -74,12 +85,33 @@ func digest(text string) string {
 	return hex.EncodeToString(sum[:8])
 }
 
-func interfaceDigest(i agent.Interface) string {
+func interfaceText(i agent.Interface) string {
 	addrs := make([]string, len(i.Addrs))
 	for n, a := range i.Addrs {
 		addrs[n] = a.String()
 	}
-	return digest(fmt.Sprintf("if %s %s mtu %d noarp %v addrs %s", i.Name, i.MAC, i.MTU, i.NoARP, strings.Join(addrs, ",")))
+	return fmt.Sprintf("if %s %s mtu %d noarp %v addrs %s", i.Name, i.MAC, i.MTU, i.NoARP, strings.Join(addrs, ","))
+}
+
+func interfaceDigest(i agent.Interface) string { return digest(interfaceText(i)) }
+
+// nicKey names one plug of endpoint e's NIC, with mac for the guest:
+// what a guest digest was confirmed for. plugging: the plan makes that
+// plug (OpPlugNIC counts it in the record before the NIC is plugged).
+func nicKey(e state.Endpoint, mac net.HardwareAddr, plugging bool) string {
+	plugs := e.Plugs
+	if plugging {
+		plugs++
+	}
+	return fmt.Sprintf("nic %d %s plug %d", e.Index, mac, plugs)
+}
+
+// runtimeNICKey names the NIC of a link the runtime wired.
+func runtimeNICKey(mac net.HardwareAddr) string { return "runtime nic " + mac.String() }
+
+// endpointDigest is the digest of guest interface i on the NIC plug key.
+func endpointDigest(key string, i agent.Interface) string {
+	return digest(key + ": " + interfaceText(i))
 }
 
 // routeKey is how two routes are told apart: destination (a default route
@@ -110,7 +142,7 @@ func routeText(r agent.Route) string {
 func routesDigest(rs []GuestRoute) string {
 	lines := make([]string, len(rs))
 	for i, r := range rs {
-		lines[i] = routeText(r.Route)
+		lines[i] = routeText(r.Route) + " on " + r.NIC
 	}
 	return digest(strings.Join(lines, "\n"))
 }
@@ -118,7 +150,8 @@ func routesDigest(rs []GuestRoute) string {
 func neighborsDigest(ns []GuestNeighbor) string {
 	lines := make([]string, len(ns))
 	for i, n := range ns {
-		lines[i] = fmt.Sprintf("%s lladdr %s dev %s state %d flags %d", n.Neighbor.IP, n.Neighbor.MAC, n.Neighbor.Device, n.Neighbor.State, n.Neighbor.Flags)
+		lines[i] = fmt.Sprintf("%s lladdr %s dev %s state %d flags %d on %s", n.Neighbor.IP, n.Neighbor.MAC, n.Neighbor.Device,
+			n.Neighbor.State, n.Neighbor.Flags, n.NIC)
 	}
 	return digest(strings.Join(lines, "\n"))
 }
@@ -136,14 +169,15 @@ func guestHas(g *GuestState, want agent.Interface) bool {
 	return false
 }
 
-// guestHasRoutes reports whether every route of want is in the guest.
+// guestHasRoutes reports whether every route of want is in the guest,
+// with all the attributes the digest covers (source, scope, MTU).
 func guestHasRoutes(g *GuestState, want []GuestRoute) bool {
 	have := map[string]bool{}
 	for _, r := range g.Routes {
-		have[routeKey(r)] = true
+		have[routeText(r)] = true
 	}
 	for _, r := range want {
-		if !have[routeKey(r.Route)] {
+		if !have[routeText(r.Route)] {
 			return false
 		}
 	}
@@ -159,19 +193,31 @@ type wiredLink struct {
 	plugged  bool // the NIC is (re)plugged in this plan: the guest has nothing of it
 }
 
+// guestDevice is a wired link as the guest's routes and neighbours name
+// it.
+type guestDevice struct {
+	name     string
+	endpoint int    // -1: the runtime's
+	nic      string // its NIC plug (see nicKey)
+	// configured: this plan configures its interface, and the agent takes
+	// it down to do so: the kernel drops the routes and neighbours
+	// through it.
+	configured bool
+}
+
 // planGuest appends the guest steps for the wired links, in order:
 // interfaces, then routes (they name the interfaces), then neighbours.
 func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
-	configured := map[int]bool{} // link ifindexes whose guest interface is, or will be, configured
-	reset := false
+	devs := map[int]guestDevice{} // by link ifindex
 	for _, w := range wired {
 		if w.adopted {
-			configured[w.link.Ifindex] = true
+			devs[w.link.Ifindex] = guestDevice{name: w.link.Name, endpoint: -1, nic: runtimeNICKey(w.link.MAC)}
 			continue
 		}
 		e := w.endpoint
+		dev := guestDevice{name: w.link.Name, endpoint: e.Index, nic: nicKey(e, w.link.MAC, w.plugged)}
 		want := desiredInterface(w.link)
-		d := interfaceDigest(want)
+		d := endpointDigest(dev.nic, want)
 		switch {
 		case !w.plugged && e.Guest == d:
 		case !w.plugged && obs.Guest != nil && guestHas(obs.Guest, want):
@@ -185,27 +231,18 @@ func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 				why = fmt.Sprintf("%s changed", w.link.Name)
 			}
 			p.Actions = append(p.Actions, Action{Op: OpConfigureGuest, Endpoint: e, Guest: want, Digest: d, Reason: why})
+			dev.configured = true
 		}
-		configured[w.link.Ifindex] = true
-		reset = reset || (w.plugged && e.Guest != "")
+		devs[w.link.Ifindex] = dev
 	}
-	names := map[int]string{}
-	owner := map[int]int{}
-	for _, w := range wired {
-		names[w.link.Ifindex] = w.link.Name
-		owner[w.link.Ifindex] = -1
-		if !w.adopted {
-			owner[w.link.Ifindex] = w.endpoint.Index
-		}
+	reconfigured := func(device string) bool {
+		return slices.ContainsFunc(slices.Collect(maps.Values(devs)), func(d guestDevice) bool { return d.configured && d.name == device })
 	}
 
-	routes := guestRoutes(obs.Routes, configured, names, owner)
-	recorded := rec.GuestRoutes
-	if reset {
-		recorded = ""
-	}
-	if d := routesDigest(routes); d != recorded {
-		if obs.Guest != nil && guestHasRoutes(obs.Guest, routes) && !anyPlugged(wired) {
+	routes := guestRoutes(obs.Routes, devs)
+	flushed := slices.ContainsFunc(routes, func(r GuestRoute) bool { return reconfigured(r.Route.Device) })
+	if d := routesDigest(routes); d != rec.GuestRoutes || flushed {
+		if obs.Guest != nil && !flushed && guestHasRoutes(obs.Guest, routes) {
 			p.Actions = append(p.Actions, Action{Op: OpConfirmGuestRoutes, Endpoint: sandboxWide, Digest: d, Reason: "the guest already has them"})
 		} else {
 			p.Actions = append(p.Actions, Action{Op: OpUpdateGuestRoutes, Endpoint: sandboxWide, Routes: routes, Digest: d})
@@ -214,20 +251,17 @@ func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 
 	var neigh []GuestNeighbor
 	for _, n := range obs.Neighbors {
-		if configured[n.LinkIndex] && n.IP.IsValid() && len(n.MAC) > 0 {
-			neigh = append(neigh, GuestNeighbor{Endpoint: owner[n.LinkIndex],
-				Neighbor: agent.Neighbor{IP: n.IP, MAC: n.MAC, Device: names[n.LinkIndex], State: n.State, Flags: n.Flags}})
+		if dev, ok := devs[n.LinkIndex]; ok && n.IP.IsValid() && len(n.MAC) > 0 {
+			neigh = append(neigh, GuestNeighbor{Endpoint: dev.endpoint, NIC: dev.nic,
+				Neighbor: agent.Neighbor{IP: n.IP, MAC: n.MAC, Device: dev.name, State: n.State, Flags: n.Flags}})
 		}
 	}
 	slices.SortFunc(neigh, func(a, b GuestNeighbor) int {
 		return cmp.Or(strings.Compare(a.Neighbor.Device, b.Neighbor.Device), a.Neighbor.IP.Compare(b.Neighbor.IP))
 	})
-	recorded = rec.GuestNeighbors
-	if reset {
-		recorded = ""
-	}
 	// There is no call to remove a neighbour: a smaller set is not pushed.
-	if d := neighborsDigest(neigh); len(neigh) > 0 && d != recorded {
+	flushed = slices.ContainsFunc(neigh, func(n GuestNeighbor) bool { return reconfigured(n.Neighbor.Device) })
+	if d := neighborsDigest(neigh); len(neigh) > 0 && (d != rec.GuestNeighbors || flushed) {
 		p.Actions = append(p.Actions, Action{Op: OpAddGuestNeighbors, Endpoint: sandboxWide, Neighbors: neigh, Digest: d})
 	}
 }
@@ -235,26 +269,23 @@ func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 // sandboxWide is the endpoint of steps that concern the whole guest.
 var sandboxWide = state.Endpoint{Index: -1}
 
-func anyPlugged(wired []wiredLink) bool {
-	return slices.ContainsFunc(wired, func(w wiredLink) bool { return w.plugged })
-}
-
 // guestRoutes turns the sandbox's routes on configured links into the
 // guest's: device names are the container link names (the agent renames
 // the guest NIC to them). Link-local and multicast destinations are the
 // guest kernel's own. Routes without a gateway come first: a gateway must
 // be reachable when its route is added.
-func guestRoutes(routes []datapath.Route, configured map[int]bool, names map[int]string, owner map[int]int) []GuestRoute {
+func guestRoutes(routes []datapath.Route, devs map[int]guestDevice) []GuestRoute {
 	var out []GuestRoute
 	for _, r := range routes {
-		if !configured[r.LinkIndex] {
+		dev, ok := devs[r.LinkIndex]
+		if !ok {
 			continue
 		}
 		if r.Dst.IsValid() && (r.Dst.Addr().IsLinkLocalUnicast() || r.Dst.Addr().IsMulticast()) {
 			continue
 		}
-		out = append(out, GuestRoute{Endpoint: owner[r.LinkIndex], Route: agent.Route{
-			Dest: r.Dst, Gateway: r.Gateway, Device: names[r.LinkIndex], Source: r.Src, Scope: r.Scope, IPv6: r.IPv6, MTU: r.MTU,
+		out = append(out, GuestRoute{Endpoint: dev.endpoint, NIC: dev.nic, Route: agent.Route{
+			Dest: r.Dst, Gateway: r.Gateway, Device: dev.name, Source: r.Src, Scope: r.Scope, IPv6: r.IPv6, MTU: r.MTU,
 		}})
 	}
 	slices.SortStableFunc(out, func(a, b GuestRoute) int {

@@ -62,7 +62,7 @@ func TestGuestConfiguredAfterPlug(t *testing.T) {
 	if got, want := ops(p), "record/0 create-tap/0 add-redirects/0 plug-nic/0 configure-guest/0 update-guest-routes/-1"; got != want {
 		t.Errorf("plan = %s\nwant   %s", got, want)
 	}
-	g := w.guest.ifaces[macN(1).String()]
+	g := w.guest.iface(macN(1))
 	if g == nil || g.Name != "eth0" || g.MTU != 1450 || len(g.Addrs) != 2 {
 		t.Fatalf("guest interface = %+v", g)
 	}
@@ -112,20 +112,25 @@ func maps2str(m map[string]int) string {
 	return strings.Join(s, ",")
 }
 
+// A changed interface is configured again, and the routes and neighbours
+// through it sent again (the agent takes it down to configure it, and the
+// kernel drops them); a changed route set is sent alone.
 func TestGuestChangesPushOnlyWhatChanged(t *testing.T) {
-	w := podWorld()
+	w := neighWorld()
+	j := w.addLink("net1", "macvlan", macN(2), 1500)
+	w.routes = append(w.routes, datapath.Route{Dst: netip.MustParsePrefix("10.9.0.0/16"), LinkIndex: j})
 	mustConvergeGuest(t, w)
 	w.links[0].Addrs = append(w.links[0].Addrs, netip.MustParsePrefix("10.1.0.6/24"))
-	if p, _, err := w.reconcile(guestOn); err != nil || guestOps(p) != "configure-guest" {
+	if p, _, err := w.reconcile(guestOn); err != nil || guestOps(p) != "configure-guest update-guest-routes add-guest-neighbors" {
 		t.Errorf("address added: plan %q, %v", guestOps(p), err)
 	}
 	w.routes = append(w.routes, datapath.Route{Dst: netip.MustParsePrefix("10.3.0.0/16"), Gateway: netip.MustParseAddr("10.1.0.1"), LinkIndex: w.links[0].Ifindex})
 	if p, _, err := w.reconcile(guestOn); err != nil || guestOps(p) != "update-guest-routes" {
 		t.Errorf("route added: plan %q, %v", guestOps(p), err)
 	}
-	w.links[0].MTU = 1400
-	if p, _, err := w.reconcile(guestOn); err != nil || !strings.Contains(ops(p), "fix-tap/0 configure-guest/0") || strings.Contains(ops(p), "routes") {
-		t.Errorf("MTU changed: plan %q, %v", ops(p), err)
+	w.links[1].MTU = 1400
+	if p, _, err := w.reconcile(guestOn); err != nil || ops(p) != "fix-tap/1 configure-guest/1 update-guest-routes/-1" {
+		t.Errorf("MTU of net1 changed: plan %q, %v (its route sent again, not eth0's neighbour)", ops(p), err)
 	}
 	mustConvergeGuest(t, w)
 }
@@ -225,10 +230,9 @@ func TestGuestOffPlansNoGuestSteps(t *testing.T) {
 func TestAdoptedLinksRoutesAndNeighbours(t *testing.T) {
 	w := podWorld()
 	w.kataColdPlug("eth0", 0)
-	w.guest.sync()
-	g := w.guest.ifaces[macN(1).String()]
-	*g = desiredInterface(w.links[0]) // Kata configured its own NIC at boot, and its routes
-	for _, r := range guestRoutes(w.routes, map[int]bool{w.links[0].Ifindex: true}, map[int]string{w.links[0].Ifindex: "eth0"}, map[int]int{}) {
+	g := w.guest.dev(macN(1))
+	g.iface, g.up = desiredInterface(w.links[0]), true // Kata configured its own NIC at boot, and its routes
+	for _, r := range guestRoutes(w.routes, map[int]guestDevice{w.links[0].Ifindex: {name: "eth0", endpoint: -1}}) {
 		w.guest.routes = append(w.guest.routes, r.Route)
 	}
 	w.neighbors = []datapath.Neighbor{{IP: netip.MustParseAddr("10.1.0.1"), MAC: macN(9), LinkIndex: w.links[0].Ifindex, State: 0x80}}

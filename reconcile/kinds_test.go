@@ -520,7 +520,7 @@ func TestMacvtapGuestGetsWhatTheLinkLent(t *testing.T) {
 	if bad := w.checkConverged(1); len(bad) > 0 {
 		t.Fatal(joinLines(bad))
 	}
-	i := w.guest.ifaces[macN(1).String()]
+	i := w.guest.iface(macN(1))
 	if i == nil || i.Name != "eth0" || len(i.Addrs) != 1 || i.Addrs[0].String() != "10.1.0.5/24" {
 		t.Fatalf("guest interface %+v, want eth0 with 10.1.0.5/24", i)
 	}

@@ -50,7 +50,7 @@ func TestRenameFollowedByRecordAndGuest(t *testing.T) {
 	if d := w.mutations - before; d != guestCalls || d == 0 {
 		t.Errorf("%d mutations, %d of them guest calls; want only guest calls", d, guestCalls)
 	}
-	if g := w.guest.ifaces[macN(1).String()]; g == nil || g.Name != "net1" {
+	if g := w.guest.iface(macN(1)); g == nil || g.Name != "net1" {
 		t.Errorf("guest interface = %+v; want it named net1", g)
 	}
 	mustConvergeGuest(t, w)

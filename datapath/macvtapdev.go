@@ -44,9 +44,10 @@ func (n *Netns) OpenMacvtapQueues(ctx context.Context, spec MacvtapSpec, vhost V
 // one vanishes when the other is deleted (seen on 6.18). So the device
 // numbers are read from the netns's own sysfs, the /dev node is used only
 // when it has exactly those numbers, and otherwise a node is made in a
-// private, unattached tmpfs that disappears with its last fd. Each fd is
-// then asked which device it reached, so a macvtap replaced under the
-// same name in between is never handed out.
+// private, unattached tmpfs that disappears with its last fd. After the
+// opens the numbers are read again and each fd asked whether it is still
+// attached, so a queue of a macvtap that took the numbers in between
+// (another pod's, of any name) is never handed out.
 func (n *Netns) OpenMacvtapLinkQueues(ctx context.Context, name string, queues int, vhost Vhost) (*Queues, error) {
 	if queues < 1 || queues > MaxQueues {
 		return nil, fmt.Errorf("netns %s: macvtap %s: %d queues is outside 1..%d", n.path, name, queues, MaxQueues)
@@ -58,12 +59,19 @@ func (n *Netns) OpenMacvtapLinkQueues(ctx context.Context, name string, queues i
 	return n.openMacvtap(ctx, m, queues, vhost)
 }
 
+// macvtapOpening, when set (tests only), runs between reading a macvtap's
+// device numbers and opening them.
+var macvtapOpening func(name string)
+
 func (n *Netns) openMacvtap(ctx context.Context, m *netlink.Macvtap, queues int, vhost Vhost) (*Queues, error) {
 	name, ifindex := m.Attrs().Name, m.Attrs().Index
 	wrap := func(err error) error { return fmt.Errorf("netns %s: open queues of macvtap %s: %w", n.path, name, err) }
 	dev, err := n.macvtapDevNum(name, ifindex)
 	if err != nil {
 		return nil, wrap(err)
+	}
+	if macvtapOpening != nil {
+		macvtapOpening(name)
 	}
 	flags := uint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
 	if queues > 1 {
@@ -72,24 +80,11 @@ func (n *Netns) openMacvtap(ctx context.Context, m *netlink.Macvtap, queues int,
 	q := &Queues{}
 	err = openCharDev(dev, "tap"+strconv.Itoa(ifindex), queues, func(f *os.File) error {
 		q.Tap = append(q.Tap, f)
-		ifr, err := unix.NewIfreq("")
-		if err != nil {
-			return err
-		}
-		// The macvtap driver reports its device's name here: proof
-		// that this minor still belongs to the link we looked up.
-		if err := unix.IoctlIfreq(int(f.Fd()), unix.TUNGETIFF, ifr); err != nil {
-			return fmt.Errorf("TUNGETIFF: %w", err)
-		}
-		if got := ifr.Name(); got != name {
-			return fmt.Errorf("device %d:%d is %q now, not %s", unix.Major(dev), unix.Minor(dev), got, name)
-		}
-		ifr.SetUint16(flags)
-		if err := unix.IoctlIfreq(int(f.Fd()), unix.TUNSETIFF, ifr); err != nil {
-			return fmt.Errorf("TUNSETIFF: %w", err)
-		}
 		return nil
 	})
+	if err == nil {
+		err = n.claimMacvtapQueues(q.Tap, name, ifindex, dev, flags)
+	}
 	if err == nil {
 		err = openVhost(ctx, q, queues, vhost)
 	}
@@ -98,6 +93,46 @@ func (n *Netns) openMacvtap(ctx context.Context, m *netlink.Macvtap, queues int,
 		return nil, wrap(err)
 	}
 	return q, nil
+}
+
+// claimMacvtapQueues proves that fds, opened by the device numbers dev,
+// are queues of the macvtap name (ifindex) of this netns, and sets their
+// flags. A macvtap's minor is freed when it is deleted, fds open or not
+// (their queues are detached), and may go to another netns's macvtap of
+// any name at once. So the numbers are read again after the opens: if
+// this netns's macvtap has dev still and each fd is still attached, each
+// reached it, since a device it reached instead would have had to be
+// deleted, detaching the fd, for this one to get dev.
+func (n *Netns) claimMacvtapQueues(fds []*os.File, name string, ifindex int, dev uint64, flags uint16) error {
+	now, err := n.macvtapDevNum(name, ifindex)
+	if err != nil {
+		return fmt.Errorf("device %d:%d opened, then the link was not found again (deleted or re-created meanwhile?): %w",
+			unix.Major(dev), unix.Minor(dev), err)
+	}
+	if now != dev {
+		return fmt.Errorf("device %d:%d opened, but the link has %d:%d now (re-created meanwhile)",
+			unix.Major(dev), unix.Minor(dev), unix.Major(now), unix.Minor(now))
+	}
+	for i, f := range fds {
+		ifr, err := unix.NewIfreq("")
+		if err != nil {
+			return err
+		}
+		// Equivalent to: ioctl(fd, TUNGETIFF), which the macvtap driver
+		// answers with its device's name, or ENOLINK once the queue's
+		// device is gone.
+		if err := unix.IoctlIfreq(int(f.Fd()), unix.TUNGETIFF, ifr); err != nil {
+			return fmt.Errorf("queue %d: device %d:%d: TUNGETIFF: %w", i, unix.Major(dev), unix.Minor(dev), err)
+		}
+		if got := ifr.Name(); got != name {
+			return fmt.Errorf("queue %d: device %d:%d is %q, not %s", i, unix.Major(dev), unix.Minor(dev), got, name)
+		}
+		ifr.SetUint16(flags)
+		if err := unix.IoctlIfreq(int(f.Fd()), unix.TUNSETIFF, ifr); err != nil {
+			return fmt.Errorf("queue %d: TUNSETIFF: %w", i, err)
+		}
+	}
+	return nil
 }
 
 // macvtapDevNum reads the device numbers of a macvtap's character device

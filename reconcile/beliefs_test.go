@@ -1,11 +1,20 @@
 package reconcile
 
 import (
+	"context"
+	"errors"
+	"net"
 	"net/netip"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
+	"time"
 
+	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/state"
 )
 
 // neighWorld is podWorld with a permanent neighbour on eth0.
@@ -68,4 +77,202 @@ func TestGuestRouteAttributeChangeIsSent(t *testing.T) {
 		t.Errorf("route MTU and source changed: plan %q, %v; want update-guest-routes", guestOps(p), err)
 	}
 	mustConvergeGuest(t, w)
+}
+
+// beliefCase is a way the guest changes behind tapsync's back, and the
+// event the reconciler notes for it.
+type beliefCase struct {
+	name   string
+	event  guestEvent
+	happen func(t *testing.T, w *world)
+}
+
+var beliefCases = []beliefCase{
+	{"guest rebooted", eventReset, func(t *testing.T, w *world) { w.guest.reboot() }},
+	{"agent restarted, the guest kernel kept its state", eventAgentLost, func(t *testing.T, w *world) {}},
+	{"agent call cut short after taking the link down", eventAgentFailed, func(t *testing.T, w *world) {
+		w.links[0].Addrs = append(w.links[0].Addrs, netip.MustParsePrefix("10.1.0.6/24"))
+		w.guest.halfway = true
+		if _, out, err := w.reconcile(guestOn); err == nil || !out.GuestFailed {
+			t.Fatalf("pass with a call cut short: %v, guest failed %v", err, out.GuestFailed)
+		}
+	}},
+	{"a workload flushed the guest's addresses", eventVerify, func(t *testing.T, w *world) { w.guest.flushAddrs("eth0") }},
+	{"PCI rescan in the guest", eventVerify, func(t *testing.T, w *world) {
+		// Every device is removed and found again: new netdevices.
+		nics := w.nics
+		w.nics = nil
+		w.guest.sync()
+		w.nics = nics
+	}},
+}
+
+// TestGuestBeliefRules goes through every event that drops beliefs of the
+// guest (guestDrops): after what it stands for has happened to the guest
+// and the event is noted, one more pass leaves the guest as the netns
+// says. A replug needs no event: see TestReplacementNICKeepsGuestRoutesAndNeighbours.
+func TestGuestBeliefRules(t *testing.T) {
+	for ev := range guestDrops {
+		if !slices.ContainsFunc(beliefCases, func(c beliefCase) bool { return c.event == ev }) {
+			t.Errorf("no case for the event %q", ev)
+		}
+	}
+	for _, c := range beliefCases {
+		t.Run(c.name, func(t *testing.T) {
+			w := neighWorld()
+			mustConvergeGuest(t, w)
+			changing := w.guest.calls["UpdateInterface"] + w.guest.calls["UpdateRoutes"] + w.guest.calls["AddARPNeighbors"]
+			c.happen(t, w)
+			lost := len(w.guest.check()) > 0
+			if _, ok := guestDrops[c.event]; !ok {
+				t.Fatalf("event %q is not in guestDrops", c.event)
+			}
+			w.noteGuest(c.event)
+			if _, _, err := w.reconcile(guestOn); err != nil {
+				t.Fatal(err)
+			}
+			if bad := w.checkConverged(1); len(bad) > 0 {
+				t.Fatalf("one pass after the event:\n%s", joinLines(bad))
+			}
+			now := w.guest.calls["UpdateInterface"] + w.guest.calls["UpdateRoutes"] + w.guest.calls["AddARPNeighbors"]
+			if !lost && c.event != eventAgentFailed && now != changing {
+				t.Errorf("the guest had lost nothing, yet %d guest-changing calls were made", now-changing)
+			}
+		})
+	}
+}
+
+// The guest state of an endpoint whose belief was dropped is unverified
+// until a pass has looked, not configured.
+func TestGuestStatusUnverified(t *testing.T) {
+	w := podWorld()
+	mustConvergeGuest(t, w)
+	sb := Sandbox{Agent: agent.URL{Scheme: "unix", Path: "/run/agent.sock"}}
+	errAgentDown := errors.New("dial agent unix:///run/agent.sock: connection refused")
+	_, eps := guestStatus(sb, w.rec, Outcome{}, nil, nil)
+	if eps[0] != GuestConfigured {
+		t.Fatalf("converged: guest %q", eps[0])
+	}
+	dropped := dropGuestBeliefs(&w.rec, []guestEvent{eventReset})
+	if !slices.Equal(dropped, []int{0}) {
+		t.Errorf("dropped %v, want endpoint 0", dropped)
+	}
+	unverified := map[int]guestEvent{0: eventReset}
+	_, eps = guestStatus(sb, w.rec, Outcome{}, nil, unverified)
+	if !strings.HasPrefix(eps[0], GuestUnverified) || !strings.Contains(eps[0], string(eventReset)) {
+		t.Errorf("after a reset: guest %q, want %s naming the reset", eps[0], GuestUnverified)
+	}
+	_, eps = guestStatus(sb, w.rec, Outcome{}, errAgentDown, unverified)
+	if !strings.HasPrefix(eps[0], GuestUnverified) || !strings.Contains(eps[0], errAgentDown.Error()) {
+		t.Errorf("after a reset, agent unreachable: guest %q, want %s and why", eps[0], GuestUnverified)
+	}
+}
+
+// TestGuestEventsNoted: each event is noted where it happens — a RESET on
+// the VM's monitor, the periodic verify, a failed agent call, an agent
+// connection found broken — taken once by the next pass, which drops the
+// beliefs, records it, and shows the endpoints unverified until a pass
+// confirms them.
+func TestGuestEventsNoted(t *testing.T) {
+	store, err := state.Open(filepath.Join(t.TempDir(), "state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := New(store)
+	defer r.Close()
+	sock := filepath.Join(t.TempDir(), "agent.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	sb := Sandbox{ID: "sb", Netns: filepath.Join(t.TempDir(), "netns"), QMP: "/nonexistent.sock",
+		Agent: agent.URL{Scheme: "unix", Path: sock}, GuestTimeout: time.Second}
+	if _, err := r.Register(sb, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+	sb, _ = r.sandbox("sb")
+	m := &vmModel{}
+	r.mu.Lock()
+	r.models["sb"] = m
+	r.mu.Unlock()
+	ctx := context.Background()
+	take := func() []guestEvent { return r.takeGuestEvents("sb", m) }
+
+	if evs := take(); len(evs) != 0 {
+		t.Fatalf("nothing happened, yet %v", evs)
+	}
+	m.event(qmp.Event{Name: "RESET"})
+	if evs := take(); !slices.Equal(evs, []guestEvent{eventReset}) {
+		t.Errorf("after RESET: %v", evs)
+	}
+	r.VerifyAll()
+	if evs := take(); !slices.Equal(evs, []guestEvent{eventVerify}) {
+		t.Errorf("after VerifyAll: %v", evs)
+	}
+	c, err := r.agentClient(ctx, sb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	r.dropAgent("sb", c)
+	if evs := take(); !slices.Equal(evs, []guestEvent{eventAgentFailed}) {
+		t.Errorf("after a failed call: %v", evs)
+	}
+	// The agent goes away (restarts): its end of the connection closes.
+	if _, err := r.agentClient(ctx, sb); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	var evs []guestEvent
+	for len(evs) == 0 && time.Now().Before(deadline) {
+		evs = take()
+		time.Sleep(10 * time.Millisecond) // polling for the client to see the close, bounded
+	}
+	if !slices.Equal(evs, []guestEvent{eventAgentLost}) {
+		t.Errorf("after the agent closed the connection: %v", evs)
+	}
+
+	// A pass takes a noted event once: the beliefs go, on disk too, and the
+	// endpoint is unverified until a pass confirms it.
+	w := podWorld()
+	mustConvergeGuest(t, w)
+	rec := w.rec.Clone()
+	rec.Sandbox = "sb"
+	m.event(qmp.Event{Name: "RESET"})
+	s := &session{sb: sb, rec: rec, vm: qmpVM{model: m}}
+	if err := r.applyGuestEvents(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	onDisk, err := store.Load(ctx, "sb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, _ := onDisk.Endpoint(0); e.Guest != "" || onDisk.GuestRoutes != "" || onDisk.GuestNeighbors != "" {
+		t.Errorf("record after a reset: %+v; want no guest digest left", onDisk)
+	}
+	if _, eps := r.guestStatus("sb", sb, s.rec, Outcome{}, nil); !strings.HasPrefix(eps[0], GuestUnverified) {
+		t.Errorf("after a reset: guest %q, want %s", eps[0], GuestUnverified)
+	}
+	if err := r.applyGuestEvents(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	if _, eps := r.guestStatus("sb", sb, s.rec, Outcome{}, nil); !strings.HasPrefix(eps[0], GuestUnverified) {
+		t.Errorf("a pass without events, nothing confirmed: guest %q, want still %s", eps[0], GuestUnverified)
+	}
+	if _, eps := r.guestStatus("sb", sb, w.rec, Outcome{}, nil); eps[0] != GuestConfigured {
+		t.Errorf("confirmed again: guest %q, want %s", eps[0], GuestConfigured)
+	}
+	if _, eps := r.guestStatus("sb", sb, s.rec, Outcome{}, nil); eps[0] != GuestPending {
+		t.Errorf("once confirmed, the mark is gone: guest %q, want %s", eps[0], GuestPending)
+	}
 }

@@ -45,6 +45,9 @@ type world struct {
 	// device without one): the guest's netdevice is the plug, not the MAC.
 	plugSerial map[string]int
 	plugs      int
+	// events are what happened to the guest that the reconciler would
+	// have noted for the next pass (see noteGuest).
+	events []guestEvent
 	// unplugBatches are the VM.UnplugNICs calls so far.
 	unplugBatches []unplugBatch
 	macvtaps      map[int]*datapath.Macvtap // ours, by endpoint index
@@ -115,6 +118,7 @@ func (w *world) clone() *world {
 	c.ifbs = maps.Clone(w.ifbs)
 	c.orig = maps.Clone(w.orig)
 	c.plugSerial = maps.Clone(w.plugSerial)
+	c.events = slices.Clone(w.events)
 	return &c
 }
 
@@ -285,6 +289,10 @@ func (w *world) plan(opts Options) Plan {
 	}
 	return p
 }
+
+// noteGuest notes something that happened to the guest, as the
+// reconciler does between passes.
+func (w *world) noteGuest(ev guestEvent) { w.events = append(w.events, ev) }
 
 func (w *world) EnsureTap(_ context.Context, spec datapath.TapSpec) (datapath.Tap, error) {
 	if err := w.fail(OpCreateTap); err != nil {
@@ -646,11 +654,19 @@ func (w *world) options(opts Options) Options {
 	return opts
 }
 
-// reconcile runs observe → plan → apply once against w.
+// reconcile runs observe → plan → apply once against w, dropping first
+// what the events noted since the last pass void, as the reconciler does.
 func (w *world) reconcile(opts Options) (Plan, Outcome, error) {
 	opts = w.options(opts)
+	if len(w.events) > 0 {
+		dropGuestBeliefs(&w.rec, w.events)
+		w.events = nil
+	}
 	p := w.plan(opts)
 	_, out, err := Apply(context.Background(), p, w.rec, w.observed(), w.env())
+	if out.GuestFailed {
+		w.noteGuest(eventAgentFailed) // the reconciler drops the connection
+	}
 	return p, out, err
 }
 

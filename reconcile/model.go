@@ -46,6 +46,9 @@ type vmModel struct {
 	netdevs []int // indexes of our netdevs
 	// topo is the VM's hot-plug slots, read with the rest and kept like it.
 	topo qmp.Topology
+	// resets counts the RESETs QEMU reported: the guest rebooted (see
+	// takeResets).
+	resets int
 	// kataLinks names the Kata links the netns showed at the last pass:
 	// Kata hot-plugs through a monitor of its own, and QEMU reports no
 	// device_add to the others.
@@ -92,6 +95,9 @@ func (m *vmModel) event(e qmp.Event) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.version++
+	if e.Name == "RESET" {
+		m.resets++
+	}
 	if !m.known {
 		return
 	}
@@ -108,6 +114,15 @@ func (m *vmModel) event(e qmp.Event) {
 		}
 	}
 	m.known = false
+}
+
+// takeResets returns and clears the count of RESETs seen.
+func (m *vmModel) takeResets() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := m.resets
+	m.resets = 0
+	return n
 }
 
 // dropNICLocked removes nics[i] and frees its slot; m.mu must be held.

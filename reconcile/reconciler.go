@@ -129,6 +129,10 @@ type Status struct {
 const (
 	GuestConfigured = "configured"
 	GuestPending    = "pending"
+	// GuestUnverified: an event (a reset, the agent's connection lost, the
+	// periodic verify) dropped what tapsync knew of the guest, and no pass
+	// has asked the agent since. Status adds the event.
+	GuestUnverified = "unverified"
 )
 
 // Reconciler makes sandboxes' VMs mirror their netns. It holds the
@@ -308,12 +312,13 @@ func (r *Reconciler) agentClient(ctx context.Context, sb Sandbox) (*agent.Client
 }
 
 // dropAgent closes c if it is still sandbox id's agent connection: after
-// a failed call the next pass dials afresh.
+// a failed call the next pass dials afresh, and asks what the guest has.
 func (r *Reconciler) dropAgent(id string, c *agent.Client) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.agents[id] == c {
 		r.closeAgentLocked(id)
+		r.noteGuestLocked(id, eventAgentFailed)
 	}
 }
 
@@ -436,11 +441,13 @@ func (r *Reconciler) watchMonitor(id string, c *qmp.Client, closed func(string))
 }
 
 // Verify makes the next pass over sandbox id observe its VM fully, even
-// when the model of the VM is fresh, and log what the model had wrong.
-// The periodic resync asks it of every sandbox.
+// when the model of the VM is fresh, and log what the model had wrong,
+// and ask the guest's agent what the guest has. The periodic resync asks
+// it of every sandbox.
 func (r *Reconciler) Verify(id string) {
 	r.mu.Lock()
 	m := r.models[id]
+	r.noteGuestLocked(id, eventVerify)
 	r.mu.Unlock()
 	if m != nil {
 		m.mu.Lock()
@@ -452,12 +459,10 @@ func (r *Reconciler) Verify(id string) {
 // VerifyAll asks Verify of every registered sandbox.
 func (r *Reconciler) VerifyAll() {
 	r.mu.Lock()
-	ms := slices.Collect(maps.Values(r.models))
+	ids := slices.Collect(maps.Keys(r.sandboxes))
 	r.mu.Unlock()
-	for _, m := range ms {
-		m.mu.Lock()
-		m.verify = true
-		m.mu.Unlock()
+	for _, id := range ids {
+		r.Verify(id)
 	}
 }
 
@@ -709,6 +714,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 	if r.afterObserve != nil {
 		r.afterObserve(id)
 	}
+	if err := r.applyGuestEvents(ctx, s); err != nil {
+		return err
+	}
 	p, guest, client, guestErr := r.planWithGuest(ctx, s)
 	if gone := r.takeLinksGone(id); s.obs.lists(gone) {
 		// Once: a netns whose links keep going is left to the queue's
@@ -728,7 +736,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 	if client != nil && out.GuestFailed {
 		r.dropAgent(id, client) // a call failed or timed out: dial afresh next time
 	}
-	st.Guest, st.GuestEndpoints = guestStatus(s.sb, rec, out, guestErr)
+	st.Guest, st.GuestEndpoints = r.guestStatus(id, s.sb, rec, out, guestErr)
 	r.logGuest(log, id, guestErr)
 	switch {
 	case !p.Empty() && err == nil:
@@ -759,39 +767,6 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		return WithCause(CauseWaiting, fmt.Errorf("sandbox %s: plug of endpoints %v held until the NICs they replace are gone", id, out.Held))
 	}
 	return nil
-}
-
-// guestStatus describes the guest side of a sandbox after a pass.
-func guestStatus(sb Sandbox, rec state.Record, out Outcome, guestErr error) (string, map[int]string) {
-	sandbox := ""
-	switch {
-	case !sb.guestOn():
-		sandbox = "off: " + sb.GuestOff
-	case guestErr != nil:
-		sandbox = "agent unreachable: " + guestErr.Error()
-	}
-	eps := map[int]string{}
-	for _, e := range rec.Endpoints {
-		if e.Removing {
-			continue
-		}
-		err, failed := out.Failed[e.Index]
-		switch {
-		case !sb.guestOn():
-			eps[e.Index] = "off"
-		case failed && errors.Is(err, ErrGuestLinkMissing):
-			eps[e.Index] = "waiting for the link: " + err.Error()
-		case failed:
-			eps[e.Index] = "failed: " + err.Error()
-		case e.Guest != "" && guestErr == nil:
-			eps[e.Index] = GuestConfigured
-		case guestErr != nil:
-			eps[e.Index] = sandbox
-		default:
-			eps[e.Index] = GuestPending
-		}
-	}
-	return sandbox, eps
 }
 
 // logGuest logs an unreachable agent once per distinct error, and its

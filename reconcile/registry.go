@@ -57,6 +57,9 @@ type entry struct {
 	// linksGone are the ifindexes of links deleted in the netns since the
 	// running (or next) pass began to observe it (see NoteLinkGone).
 	linksGone []int
+	// guest is what happened to the guest since the last pass, and what
+	// is unverified of it (see beliefs.go).
+	guest guestWatch
 }
 
 // Registration says what Register did.

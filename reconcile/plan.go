@@ -451,10 +451,11 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 	recoverOrphans(v, &rec, &p)
 
 	// Each recorded endpoint: keep and repair it, or remove it.
-	claimed := map[int]bool{}     // link ifindexes served by a live endpoint
-	removing := map[int]bool{}    // endpoints on their way out
-	limitWanted := map[int]bool{} // container links whose limit a live endpoint decides
-	var wired []wiredLink         // live endpoints and adopted links, for the guest
+	claimed := map[int]bool{}       // link ifindexes served by a live endpoint
+	macOwner := map[string]string{} // guest MAC → the container link whose NIC carries it (see sharesMAC)
+	removing := map[int]bool{}      // endpoints on their way out
+	limitWanted := map[int]bool{}   // container links whose limit a live endpoint decides
+	var wired []wiredLink           // live endpoints and adopted links, for the guest
 	for _, e := range rec.Endpoints {
 		l, linkOK := v.links[e.LinkIfindex]
 		why := ""
@@ -468,6 +469,9 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 			why = fmt.Sprintf("container link %s was re-created (MAC %s, was %s)", l.Name, l.MAC, e.LinkMAC)
 		case claimed[l.Ifindex]:
 			why = fmt.Sprintf("container link %s already has an endpoint", l.Name)
+		case macOwner[guestMAC(e).String()] != "":
+			// Wired twice before this rule: the first endpoint keeps the NIC.
+			why = sharesMAC(guestMAC(e), macOwner[guestMAC(e).String()])
 		default:
 			if r, _ := unwireable(v, l); r != "" {
 				why = r
@@ -477,6 +481,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 		}
 		if !e.Removing && why == "" {
 			claimed[l.Ifindex] = true
+			macOwner[guestMAC(e).String()] = l.Name
 			if e.LinkName != l.Name {
 				// Renamed in place (same ifindex and MAC): the same
 				// endpoint, under its new name in the record (status,
@@ -548,10 +553,15 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 				Reason: fmt.Sprintf("the VM already has a NIC with MAC %s (%s), adopted for another link; not plugging a second", l.MAC, other)})
 			continue
 		}
+		if owner := macOwner[l.MAC.String()]; owner != "" {
+			p.Skipped = append(p.Skipped, Skipped{Link: l, Reason: sharesMAC(l.MAC, owner)})
+			continue
+		}
 		if why := beingRestored(v, rec, removing, l); why != "" {
 			p.Skipped = append(p.Skipped, Skipped{Link: l, Reason: why})
 			continue
 		}
+		macOwner[l.MAC.String()] = l.Name
 		idx := lowestFree(used)
 		used[idx] = true
 		e := endpointFor(idx, l, queues)
@@ -620,6 +630,15 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 	}
 	p.Actions = append(p.Actions, retries.Actions...)
 	return p
+}
+
+// sharesMAC is why a container link with mac gets no NIC: container link
+// owner's NIC carries that MAC, and the guest never holds two NICs with
+// one MAC (the agent finds a guest link by its MAC). Of the links sharing
+// a MAC (ipvlan slaves carry their parent's), the one wired keeps the
+// NIC, else the one with the lowest ifindex gets it.
+func sharesMAC(mac net.HardwareAddr, owner string) string {
+	return fmt.Sprintf("shares MAC %s with %s, wired; the agent finds guest links by MAC", mac, owner)
 }
 
 // ComputeTeardown plans the end of a sandbox whose pod is going away:

@@ -155,6 +155,9 @@ type Reconciler struct {
 	// afterObserve, if set, runs after a pass's first observation, before
 	// its plan (fault injection: the netns changing under a pass).
 	afterObserve func(id string)
+	// passWait, if set, runs when a pass or a plan finds sandbox id's pass
+	// lock taken, before it waits for it.
+	passWait func(id string)
 
 	registering sync.Mutex // held by Register, around r.mu
 
@@ -209,20 +212,21 @@ func (r *Reconciler) closeConnLocked(id string) {
 }
 
 // openHost returns sandbox id's netns at path for a pass: the one kept
-// from its last pass while the path still names it (one stat), else a
-// new one.
-func (r *Reconciler) openHost(id, path string) (*datapath.Netns, error) {
+// from its last pass while the path still names it (one stat; kept),
+// else a new one.
+func (r *Reconciler) openHost(id, path string) (h *datapath.Netns, kept bool, err error) {
 	r.mu.Lock()
-	h := r.hosts[id]
+	h = r.hosts[id]
 	delete(r.hosts, id)
 	r.mu.Unlock()
 	if h != nil {
 		if h.Path() == path && h.Verify() == nil {
-			return h, nil
+			return h, true, nil
 		}
 		h.Close()
 	}
-	return datapath.Open(path)
+	h, err = datapath.Open(path)
+	return h, false, err
 }
 
 // keepHost keeps a pass's netns for the next pass of sandbox id when keep
@@ -492,12 +496,19 @@ func (r *Reconciler) forgetModel(id string) {
 
 // session is one sandbox opened for a pass: its netns, VM and record.
 type session struct {
-	sb     Sandbox
-	host   *datapath.Netns
-	vm     qmpVM
-	rec    state.Record
-	obs    Observed
-	queues int // per new endpoint, resolved (see countQueues)
+	sb   Sandbox
+	host *datapath.Netns
+	vm   qmpVM
+	// forPlan: the session of a plan (Plan), which reads what passes keep
+	// between them and changes none of it. hostKept says its netns is the
+	// one kept for the passes, and ownAgent is the plan's own agent
+	// connection, if it made one (see endPlan).
+	forPlan  bool
+	hostKept bool
+	ownAgent *agent.Client
+	rec      state.Record
+	obs      Observed
+	queues   int // per new endpoint, resolved (see countQueues)
 	// taps are the indexes of our taps and macvtaps in the netns, and
 	// tapLinks the MACs of its tap and macvtap container links, from the
 	// host side of the observation under way (see accounted).
@@ -505,34 +516,52 @@ type session struct {
 	tapLinks []net.HardwareAddr
 }
 
-func (r *Reconciler) open(ctx context.Context, id string) (*session, error) {
+// open opens sandbox id for a pass, or for a plan (forPlan; see session).
+func (r *Reconciler) open(ctx context.Context, id string, forPlan bool) (*session, error) {
 	sb, err := r.sandbox(id)
 	if err != nil {
 		return nil, err
 	}
-	host, err := r.openHost(id, sb.Netns)
+	host, kept, err := r.openHost(id, sb.Netns)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox %s: %w", id, err)
 	}
 	r.reidentify(id, sb.Netns, host.ID())
-	s := &session{sb: sb, host: host}
+	s := &session{sb: sb, host: host, forPlan: forPlan, hostKept: kept}
 	c, m, err := r.clientModel(ctx, sb)
 	if err != nil {
-		host.Close()
+		r.endPlan(s)
 		return nil, err
 	}
 	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement, model: m,
 		accounted: func(nics []qmp.NICInfo) bool { return accounted(s.rec, nics, s.taps, s.tapLinks) }}
 	if s.rec, err = r.loadRecord(ctx, id); err != nil {
-		host.Close()
+		r.endPlan(s)
 		return nil, err
 	}
 	s.rec.Netns = sb.Netns
 	if err := s.observe(ctx); err != nil {
-		host.Close()
+		// Not kept after a failure on the host side (see keepHost).
+		s.hostKept = false
+		r.endPlan(s)
 		return nil, fmt.Errorf("sandbox %s: observe: %w", id, err)
 	}
 	return s, nil
+}
+
+// endPlan closes what session s opened for itself, and gives the netns
+// kept for the passes back to them. A pass's session is ended by
+// Reconcile itself (keepHost) once open has returned it.
+func (r *Reconciler) endPlan(s *session) {
+	switch {
+	case s.forPlan && s.hostKept:
+		r.keepHost(s.sb.ID, s.host, true)
+	default:
+		s.host.Close()
+	}
+	if s.ownAgent != nil {
+		s.ownAgent.Close()
+	}
 }
 
 // parts is what a pass reads of the netns besides its links, taps,
@@ -568,11 +597,16 @@ func (s *session) observe(ctx context.Context) error {
 		}
 	}
 	m := s.vm.model
-	if m != nil && m.kataChanged(hs.KataLinks) {
-		m.forget()
+	var fromModel bool
+	if s.forPlan {
+		fromModel = m != nil && m.usable() && kataSeen(m, hs.KataLinks)
+	} else {
+		if m != nil && m.kataChanged(hs.KataLinks) {
+			m.forget()
+		}
+		fromModel = m != nil && m.usable()
 	}
-	fromModel := m != nil && m.usable()
-	nics, netdevs, err := s.vm.NICs(ctx)
+	nics, netdevs, err := s.nics(ctx, fromModel)
 	if err != nil {
 		return err
 	}
@@ -581,12 +615,45 @@ func (s *session) observe(ctx context.Context) error {
 		Neighbors: hs.Neighbors, NICs: nics, Netdevs: netdevs}
 	if fromModel && len(hs.KataLinks) > 0 && !Compute(s.obs, s.rec, s.options()).Empty() {
 		// Kata may have plugged what the plan is about to act on.
-		m.forget()
-		if s.obs.NICs, s.obs.Netdevs, err = s.vm.NICs(ctx); err != nil {
+		if !s.forPlan {
+			m.forget()
+		}
+		if s.obs.NICs, s.obs.Netdevs, err = s.nics(ctx, false); err != nil {
 			return err
 		}
 	}
 	return s.countQueues(ctx)
+}
+
+// nics reads the VM's NICs and our netdevs. A pass reads them through the
+// model (see qmpVM.NICs). A plan reads the model only when fromModel and
+// it is fresh, else QEMU directly: what it reads is not installed in the
+// model, nor does it take the model's first reading or a verify due.
+func (s *session) nics(ctx context.Context, fromModel bool) ([]NIC, []int, error) {
+	if !s.forPlan {
+		return s.vm.NICs(ctx)
+	}
+	if fromModel {
+		if infos, netdevs, ok := s.vm.model.fresh(); ok {
+			return nicsOf(infos), netdevs, nil
+		}
+	}
+	vm, err := s.vm.c.ReadVM(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	return nicsOf(vm.NICs), netdevIndexes(vm.Netdevs), nil
+}
+
+// kataSeen says whether links are the Kata links model m saw at the last
+// pass, recording nothing: kataChanged asked of a model holding only that
+// memory. A plan that recorded them would hide Kata's hot-plug from the
+// next pass.
+func kataSeen(m *vmModel, links []datapath.Link) bool {
+	m.mu.Lock()
+	probe := vmModel{kataLinks: m.kataLinks}
+	m.mu.Unlock()
+	return !probe.kataChanged(links)
 }
 
 func (s *session) options() Options {
@@ -605,7 +672,13 @@ func (r *Reconciler) planWithGuest(ctx context.Context, s *session) (Plan, Guest
 	if !slices.ContainsFunc(p.Actions, func(a Action) bool { return a.Op.Guestward() }) {
 		return p, nil, nil, nil
 	}
-	c, err := r.agentClient(ctx, s.sb)
+	var c *agent.Client
+	var err error
+	if s.forPlan {
+		c, err = r.agentForPlan(ctx, s)
+	} else {
+		c, err = r.agentClient(ctx, s.sb)
+	}
 	if err == nil && p.NeedsGuest() {
 		var g GuestState
 		cg := countingGuest{Client: c, r: r}
@@ -617,7 +690,7 @@ func (r *Reconciler) planWithGuest(ctx context.Context, s *session) (Plan, Guest
 		if err == nil {
 			s.obs.Guest = &g
 			p = Compute(s.obs, s.rec, opts)
-		} else {
+		} else if !s.forPlan {
 			r.dropAgent(s.sb.ID, c)
 		}
 	}
@@ -628,14 +701,46 @@ func (r *Reconciler) planWithGuest(ctx context.Context, s *session) (Plan, Guest
 	return p, countingGuest{Client: c, r: r}, c, nil
 }
 
+// agentForPlan returns the passes' agent connection to sandbox s while
+// it works, else a connection of the plan's own (closed by endPlan): a
+// plan never replaces or drops theirs, so that the next pass still finds
+// a lost connection lost (see takeGuestEvents).
+func (r *Reconciler) agentForPlan(ctx context.Context, s *session) (*agent.Client, error) {
+	r.mu.Lock()
+	c := r.agents[s.sb.ID]
+	r.mu.Unlock()
+	if c != nil {
+		select {
+		case <-c.Done():
+		default:
+			return c, nil
+		}
+	}
+	c, err := agent.Dial(ctx, s.sb.Agent, s.sb.GuestTimeout)
+	if err != nil {
+		return nil, err
+	}
+	s.ownAgent = c
+	return c, nil
+}
+
 // Plan computes what a reconcile of sandbox id would do now, changing
-// nothing.
+// nothing. It waits for a pass under way, or for ctx to end: beside a
+// pass it would plan from a sandbox half-changed, through the netns,
+// model and agent connection that pass is using. What passes keep between
+// them (the netns, the model of the VM, the agent connection) it reads
+// and leaves as it found it.
 func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
-	s, err := r.open(ctx, id)
+	_, release, err := r.lockPass(ctx, id)
 	if err != nil {
 		return Plan{}, err
 	}
-	defer r.keepHost(id, s.host, true)
+	defer release()
+	s, err := r.open(ctx, id, true)
+	if err != nil {
+		return Plan{}, err
+	}
+	defer r.endPlan(s)
 	p, _, _, err := r.planWithGuest(ctx, s)
 	if err != nil {
 		zerolog.Ctx(ctx).Debug().Err(err).Str("sandbox", id).Msg("plan without the guest side: agent unreachable")
@@ -705,7 +810,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		r.mu.Unlock()
 	}()
 	r.takeLinksGone(id) // the observation below sees the deletions before it
-	s, err := r.open(ctx, id)
+	s, err := r.open(ctx, id, false)
 	if err != nil {
 		// Its QMP failures say so themselves (CauseOf looks first).
 		return WithCause(CauseNetns, err)
@@ -830,7 +935,7 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 	}
 	defer release()
 	r.forgetModel(id) // its unplugs go through a VM without the model
-	host, err := r.openHost(id, sb.Netns)
+	host, _, err := r.openHost(id, sb.Netns)
 	if err != nil {
 		if _, statErr := os.Stat(sb.Netns); statErr == nil {
 			return fmt.Errorf("sandbox %s: %w", id, err)

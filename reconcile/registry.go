@@ -41,11 +41,11 @@ func (s Source) rank() int {
 type entry struct {
 	sb     Sandbox
 	source Source
-	// pass is held by every pass that changes the sandbox (Reconcile,
-	// Teardown). It belongs to the VM, not to its id: when a better
-	// source renames the VM, a pass under the old id and one under the
-	// new never overlap.
-	pass sync.Mutex
+	// pass is held by every pass over the sandbox (Reconcile, Teardown)
+	// and by a plan (Plan), which reads what passes keep between them. It
+	// belongs to the VM, not to its id: when a better source renames the
+	// VM, a pass under the old id and one under the new never overlap.
+	pass passLock
 	// inherit names the sandbox whose record this one takes over at its
 	// next pass: the same VM, registered before under a lesser source's id.
 	inherit string
@@ -224,7 +224,7 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 		}
 	}
 	if self == nil {
-		self = &entry{}
+		self = &entry{pass: make(passLock, 1)}
 	} else if reg.Replaced == "" {
 		if self.sb.QMP != sb.QMP {
 			r.closeConnLocked(sb.ID)
@@ -329,27 +329,56 @@ func (r *Reconciler) Status() []Status {
 	return out
 }
 
+// passLock is a sandbox's pass lock: a mutex whose waiters give up when
+// their context ends.
+type passLock chan struct{}
+
+// lockPass takes sandbox id's pass lock, waiting for the pass or plan
+// that holds it, unless ctx ends first. The caller runs release when done.
+func (r *Reconciler) lockPass(ctx context.Context, id string) (e *entry, release func(), err error) {
+	r.mu.Lock()
+	e = r.sandboxes[id]
+	r.mu.Unlock()
+	if e == nil {
+		return nil, nil, fmt.Errorf("sandbox %s: %w", id, ErrUnknownSandbox)
+	}
+	select {
+	case e.pass <- struct{}{}:
+	default:
+		if r.passWait != nil {
+			r.passWait(id)
+		}
+		select {
+		case e.pass <- struct{}{}:
+		case <-ctx.Done():
+			return nil, nil, fmt.Errorf("sandbox %s: waiting for the pass under way: %w", id, context.Cause(ctx))
+		}
+	}
+	release = func() { <-e.pass }
+	r.mu.Lock()
+	cur := r.sandboxes[id]
+	r.mu.Unlock()
+	if cur != e {
+		release()
+		return nil, nil, fmt.Errorf("sandbox %s: %w (unregistered while waiting for its pass)", id, ErrUnknownSandbox)
+	}
+	return e, release, nil
+}
+
 // beginPass takes sandbox id's pass lock, and hands it the record of the
 // sandbox it replaced if it has not taken it yet. The caller runs release
 // when the pass ends.
 func (r *Reconciler) beginPass(ctx context.Context, id string) (release func(), err error) {
-	r.mu.Lock()
-	e := r.sandboxes[id]
-	r.mu.Unlock()
-	if e == nil {
-		return nil, fmt.Errorf("sandbox %s: %w", id, ErrUnknownSandbox)
+	e, release, err := r.lockPass(ctx, id)
+	if err != nil {
+		return nil, err
 	}
-	e.pass.Lock()
 	r.mu.Lock()
-	cur, from := r.sandboxes[id], e.inherit
+	from := e.inherit
 	r.mu.Unlock()
-	if cur != e {
-		e.pass.Unlock()
-		return nil, fmt.Errorf("sandbox %s: %w (unregistered while waiting for its pass)", id, ErrUnknownSandbox)
-	}
 	if from != "" {
 		if err := r.inheritRecord(ctx, id, from); err != nil {
-			e.pass.Unlock()
+			release()
 			return nil, err
 		}
 		r.mu.Lock()
@@ -358,7 +387,7 @@ func (r *Reconciler) beginPass(ctx context.Context, id string) (release func(), 
 		}
 		r.mu.Unlock()
 	}
-	return e.pass.Unlock, nil
+	return release, nil
 }
 
 // inheritRecord moves the record of sandbox from to id: the endpoint

@@ -198,10 +198,10 @@ func TestRegisterRenameKeepsRecord(t *testing.T) {
 		t.Errorf("pod's record as a plan sees it = %+v, %v; want proc-ns's endpoint", rec, err)
 	}
 	// The new name's pass waits for the old name's: one VM, one pass lock.
-	r.mu.Lock()
-	e := r.sandboxes["pod"]
-	r.mu.Unlock()
-	if e.pass.TryLock() {
+	done, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, rel, err := r.lockPass(done, "pod"); err == nil {
+		rel()
 		t.Fatal("pod's pass could start while proc-ns's runs")
 	}
 	release()

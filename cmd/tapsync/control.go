@@ -212,7 +212,7 @@ func (d *daemon) serveControl(ctx context.Context) (io.Closer, error) {
 		out := []planJSON{}
 		for _, id := range ids {
 			pj := planJSON{Sandbox: id, Actions: []string{}}
-			p, err := d.planLocked(r.Context(), id)
+			p, err := d.plan(r.Context(), id)
 			if err != nil {
 				pj.Error = err.Error()
 			}
@@ -256,10 +256,11 @@ func (d *daemon) serveControl(ctx context.Context) (io.Closer, error) {
 	return srv, nil
 }
 
-// planLocked computes a sandbox's plan without applying it. It changes
-// nothing on disk either: a record that cannot be read is shown as empty
-// but left for the next pass to set aside.
-func (d *daemon) planLocked(ctx context.Context, id string) (reconcile.Plan, error) {
+// plan computes a sandbox's plan without applying it, once a pass under
+// way has ended (reconcile's Plan). It changes nothing on disk either: a
+// record that cannot be read is shown as empty but left for the next pass
+// to set aside.
+func (d *daemon) plan(ctx context.Context, id string) (reconcile.Plan, error) {
 	ctx = state.ReadOnly(ctx)
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()

@@ -52,7 +52,7 @@ func TestPlanHasNoSideEffects(t *testing.T) {
 	beforeLinks, beforeDir := links(), dir()
 
 	for range 2 {
-		p, err := d.planLocked(context.Background(), "sb")
+		p, err := d.plan(context.Background(), "sb")
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -383,6 +383,12 @@ wrapper_socket = "%s/qmp/{id}.sock"
 	since := time.Now()
 	again := k.run(spec.Containers[0], 1)
 	t.Cleanup(func() { n.cri.Crictl("stop", "--timeout", "10", again) })
+	eventually(t, "tapsync ready again (/readyz)", func() string {
+		if code, body := probe(t, n.cri.NodeNetns().Path, port, "/readyz"); code != http.StatusOK {
+			return fmt.Sprintf("%d %s", code, body)
+		}
+		return ""
+	})
 	st = waitReconciled(t, state, since)
 	if st["last_mutations"].(float64) != 0 || st["last_error"] != nil {
 		t.Errorf("first pass after the restart: %v, want no mutation", st)

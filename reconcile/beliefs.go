@@ -136,20 +136,32 @@ func (r *Reconciler) applyGuestEvents(ctx context.Context, s *session) error {
 	}
 	cause := guestEvent(strings.Join(why, "; "))
 	r.mu.Lock()
-	if e := r.sandboxes[s.sb.ID]; e != nil {
-		for _, n := range dropped {
-			if e.guest.unverified == nil {
-				e.guest.unverified = map[int]guestEvent{}
-			}
-			e.guest.unverified[n] = cause
+	if e := r.sandboxes[s.sb.ID]; e != nil && len(dropped) > 0 {
+		if e.guest.unverified == nil {
+			e.guest.unverified = map[int]guestEvent{}
 		}
+		// Status says so now, not when the pass ends: the agent may take
+		// its timeout to answer (a guest still booting).
+		st := r.status[s.sb.ID]
+		st.GuestEndpoints = maps.Clone(st.GuestEndpoints)
+		if st.GuestEndpoints == nil {
+			st.GuestEndpoints = map[int]string{}
+		}
+		for _, n := range dropped {
+			e.guest.unverified[n] = cause
+			st.GuestEndpoints[n] = fmt.Sprintf("%s: %s", GuestUnverified, cause)
+		}
+		r.status[s.sb.ID] = st
 	}
 	r.mu.Unlock()
 	if before.GuestRoutes == s.rec.GuestRoutes && before.GuestNeighbors == s.rec.GuestNeighbors && len(dropped) == 0 {
 		return nil
 	}
-	zerolog.Ctx(ctx).Info().Str("cause", string(cause)).Ints("endpoints", dropped).
-		Msg("what tapsync knew of the guest is unverified: asking its agent again")
+	ev := zerolog.Ctx(ctx).Info()
+	if slices.Equal(evs, []guestEvent{eventVerify}) {
+		ev = zerolog.Ctx(ctx).Debug() // routine
+	}
+	ev.Str("cause", string(cause)).Ints("endpoints", dropped).Msg("what tapsync knew of the guest is unverified: asking its agent again")
 	if err := r.store.Save(s.rec); err != nil {
 		return fmt.Errorf("sandbox %s: record the guest unverified: %w", s.sb.ID, err)
 	}

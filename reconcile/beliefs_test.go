@@ -260,6 +260,9 @@ func TestGuestEventsNoted(t *testing.T) {
 	if e, _ := onDisk.Endpoint(0); e.Guest != "" || onDisk.GuestRoutes != "" || onDisk.GuestNeighbors != "" {
 		t.Errorf("record after a reset: %+v; want no guest digest left", onDisk)
 	}
+	if st, _ := r.StatusOf("sb"); !strings.HasPrefix(st.GuestEndpoints[0], GuestUnverified) {
+		t.Errorf("status during the pass that took the reset: guest %q, want %s at once", st.GuestEndpoints[0], GuestUnverified)
+	}
 	if _, eps := r.guestStatus("sb", sb, s.rec, Outcome{}, nil); !strings.HasPrefix(eps[0], GuestUnverified) {
 		t.Errorf("after a reset: guest %q, want %s", eps[0], GuestUnverified)
 	}

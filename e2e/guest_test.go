@@ -43,6 +43,12 @@ type guestRig struct {
 
 func newGuestRig(t *testing.T, agentURL func(vm *testvm.VM) string, extra string) *guestRig {
 	t.Helper()
+	return newGuestRigTop(t, agentURL, "", extra)
+}
+
+// newGuestRigTop is newGuestRig with top-level config keys (top) too.
+func newGuestRigTop(t *testing.T, agentURL func(vm *testvm.VM) string, top, extra string) *guestRig {
+	t.Helper()
 	r := &guestRig{t: t, cni: testcni.New(t), pod: testnet.NewNS(t, "gpod"), stateDir: t.TempDir()}
 	r.vm = testvm.ForTest(t, testvm.Options{NetNS: r.pod.Path, RootPorts: 8})
 	u, err := agent.ParseURL(r.vm.TestAgent)
@@ -55,7 +61,7 @@ func newGuestRig(t *testing.T, agentURL func(vm *testvm.VM) string, extra string
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { r.probe.Close() })
-	r.config = writeConfig(t, fmt.Sprintf(`
+	r.config = writeConfig(t, fmt.Sprintf(`%s
 netns_dir = "/var/run/netns"
 state_dir = %q
 metrics_address = "127.0.0.1:0"
@@ -68,7 +74,7 @@ id = "pod"
 netns = %q
 qmp = %q
 agent_url = %q
-%s`, r.stateDir, r.pod.Path, r.vm.QMP, agentURL(r.vm), extra))
+%s`, top, r.stateDir, r.pod.Path, r.vm.QMP, agentURL(r.vm), extra))
 	r.start()
 	return r
 }

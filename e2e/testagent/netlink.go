@@ -56,7 +56,7 @@ func (s *Server) linkByMAC(mac net.HardwareAddr) (netlink.Link, error) {
 
 // updateInterface configures the link with the request's MAC.
 //
-// Equivalent to: ip link set DEV down; ip link set DEV name NAME;
+// Equivalent to: ip link set DEV down (if up); ip link set DEV name NAME;
 // ip link set NAME mtu MTU arp on|off; ip addr replace A dev NAME (and
 // ip addr del for others); ip link set NAME up.
 func (s *Server) updateInterface(ctx context.Context, req *agentpb.UpdateInterfaceRequest) (*agentpb.Interface, error) {
@@ -88,12 +88,15 @@ func (s *Server) updateInterface(ctx context.Context, req *agentpb.UpdateInterfa
 	}
 	name := link.Attrs().Name
 
-	// Renaming needs the link down. Do it first: taking a link down
-	// flushes its IPv6 addresses.
-	if n := want.GetName(); n != "" && n != name {
+	// Kata's agent takes an up link down before it configures it (and a
+	// rename needs it down): the kernel drops the routes and neighbours
+	// through it, and its IPv6 addresses. Do it first.
+	if link.Attrs().Flags&net.FlagUp != 0 {
 		if err := s.nl.LinkSetDown(link); err != nil {
 			return nil, fmt.Errorf("set %s down: %w", name, err)
 		}
+	}
+	if n := want.GetName(); n != "" && n != name {
 		if err := s.nl.LinkSetName(link, n); err != nil {
 			return nil, fmt.Errorf("rename %s to %s: %w", name, n, err)
 		}

@@ -302,6 +302,28 @@ func TestRoutesAndNeighbors(t *testing.T) {
 	if !found {
 		t.Errorf("neighbour not in the kernel: %v", neighs)
 	}
+
+	// Configured again, as Kata's agent does it (the up link taken down
+	// first), the interface loses its routes and neighbours.
+	if _, err := c.UpdateInterface(ctx, agent.Interface{Name: "eth0", MAC: m, Addrs: prefixes("10.1.0.5/24", "fd00:1::5/64")}); err != nil {
+		t.Fatal(err)
+	}
+	if listed, err = c.ListRoutes(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range want {
+		if slices.Contains(listed, r) {
+			t.Errorf("after the interface was configured again, ListRoutes still has %v", r)
+		}
+	}
+	if neighs, err = g.nl.NeighList(link.Attrs().Index, netlink.FAMILY_V4); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range neighs {
+		if e.IP.Equal(net.ParseIP("10.1.0.9")) {
+			t.Errorf("after the interface was configured again, the kernel still has neighbour %v", e)
+		}
+	}
 }
 
 // TestServeConn serves one open stream at a time, again and again, as the

@@ -51,9 +51,10 @@ var (
 
 	// ErrNoGreeting is wrapped by Dial (DialHMP) when the socket accepted
 	// the connection but QEMU sent no greeting (banner) before the
-	// deadline. QEMU serves one client per QMP (HMP) socket and greets the
-	// next one only after the current one disconnects.
-	ErrNoGreeting = errors.New("no QMP greeting: another client probably holds the monitor (a QMP socket serves one client at a time)")
+	// deadline: QEMU is stopped or stuck, or serving another client (it
+	// serves one per QMP or HMP socket, and greets the next one only after
+	// the current one disconnects). The error says which was seen.
+	ErrNoGreeting = errors.New("no QMP greeting")
 
 	// ErrMessageTooLarge is wrapped (with ErrClosed) when QEMU sends a
 	// message larger than MaxMessage: the connection is closed rather than
@@ -268,7 +269,7 @@ func handshake(h *handshaking, onEvent func(Event)) (*Client, error) {
 	greeting, err := readMessage(dec)
 	switch {
 	case timedOut(err):
-		return nil, fmt.Errorf("%w: waited %s: %w", ErrNoGreeting, h.timeout, h.ctxErr())
+		return nil, fmt.Errorf("%w in %s: %s: %w", ErrNoGreeting, h.timeout, silence(conn), h.ctxErr())
 	case err != nil:
 		return nil, fmt.Errorf("read greeting: %w", err)
 	case greeting.QMP == nil:

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -125,3 +126,64 @@ func (h *handshaking) finish(step string) error {
 // timedOut reports whether err is a read or write past the handshake's
 // deadline.
 func timedOut(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
+
+// silence says what a monitor that sent nothing before the deadline was
+// seen doing: the listening process (the socket's peer, by SO_PEERCRED)
+// and its state in /proc/<pid>/stat. A stopped or uninterruptible QEMU
+// never greets; one that runs is most likely serving another client (a
+// monitor socket serves one at a time).
+func silence(conn *net.UnixConn) string {
+	const busy = "another client probably holds the monitor (a monitor socket serves one client at a time)"
+	pid := peerPID(conn)
+	if pid <= 0 {
+		return busy
+	}
+	comm, state, err := procState("/proc", pid)
+	if err != nil {
+		return fmt.Sprintf("its listener, pid %d, cannot be read (%v); %s", pid, err, busy)
+	}
+	who := fmt.Sprintf("pid %d (%s)", pid, comm)
+	switch state {
+	case 'T', 't':
+		return who + " is stopped (state " + string(state) + ": SIGSTOP or a tracer)"
+	case 'D':
+		return who + " is in uninterruptible sleep (state D)"
+	case 'Z', 'X':
+		return who + " has exited (state " + string(state) + ")"
+	}
+	return who + " is running (state " + string(state) + "): " + busy
+}
+
+// peerPID is the pid of the process that listens on conn's socket, or 0
+// when it cannot be told (a listener in a pid namespace this one cannot
+// see).
+func peerPID(conn *net.UnixConn) int {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	var cred *unix.Ucred
+	// Equivalent to: ss -xp (the peer of a connected unix socket)
+	if err := raw.Control(func(fd uintptr) {
+		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil || cred == nil {
+		return 0
+	}
+	return int(cred.Pid)
+}
+
+// procState reads the command name and state letter of pid from
+// <proc>/<pid>/stat ("1234 (qemu-system-x86) T ...": the name may hold
+// spaces and parentheses, so the state follows the last ')').
+func procState(proc string, pid int) (comm string, state byte, err error) {
+	b, err := os.ReadFile(filepath.Join(proc, strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return "", 0, err
+	}
+	s := string(b)
+	open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+	if open < 0 || end < open || len(s) < end+3 {
+		return "", 0, fmt.Errorf("unexpected %s/%d/stat %.100q", proc, pid, s)
+	}
+	return s[open+1 : end], s[end+2], nil
+}

@@ -71,7 +71,7 @@ func handshakeHMP(h *handshaking) (*Client, error) {
 	banner, err := readHMPOutput(br, hmpBannerMax)
 	switch {
 	case timedOut(err) && banner == "":
-		return nil, &noBanner{timeout: h.timeout, err: h.ctxErr()}
+		return nil, &noBanner{timeout: h.timeout, seen: silence(conn), err: h.ctxErr()}
 	case timedOut(err):
 		return nil, fmt.Errorf("not an HMP monitor: it sent %.200q and no prompt: %w", banner, h.ctxErr())
 	case err != nil:
@@ -107,11 +107,12 @@ func handshakeHMP(h *handshaking) (*Client, error) {
 // noBanner is DialHMP's ErrNoGreeting.
 type noBanner struct {
 	timeout time.Duration
-	err     error // the context's
+	seen    string // what the monitor's listener was seen doing (see silence)
+	err     error  // the context's
 }
 
 func (e *noBanner) Error() string {
-	return fmt.Sprintf("no HMP banner in %s: another client probably holds the monitor (an HMP socket serves one client at a time): %v", e.timeout, e.err)
+	return fmt.Sprintf("no HMP banner in %s: %s: %v", e.timeout, e.seen, e.err)
 }
 
 func (e *noBanner) Unwrap() []error { return []error{ErrNoGreeting, e.err} }

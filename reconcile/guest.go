@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -29,12 +28,13 @@ import (
 // so a replugged NIC, which the guest sees as a new device without
 // routes or neighbours, matches none of them. A pass whose desired guest
 // state has the recorded digests plans no guest step and makes no agent
-// call: a resync or a restart of the daemon on a converged sandbox never
+// call: a SIGHUP or a restart of the daemon on a converged sandbox never
 // reaches the agent. Only when a digest differs does the session ask the
 // agent what the guest has (Observed.Guest), and a guest that already
 // matches is recorded (confirm) instead of being configured again. What
 // no key can see (a reboot, an agent restart, a workload changing the
-// guest) drops digests through the events of beliefs.go.
+// guest) drops digests through the events of beliefs.go, the periodic
+// verify among them.
 //
 // The agent takes an up interface down to configure it, and the kernel
 // then drops the routes and neighbours through it: whenever an interface
@@ -199,16 +199,16 @@ type guestDevice struct {
 	name     string
 	endpoint int    // -1: the runtime's
 	nic      string // its NIC plug (see nicKey)
-	// configured: this plan configures its interface, and the agent takes
-	// it down to do so: the kernel drops the routes and neighbours
-	// through it.
-	configured bool
 }
 
 // planGuest appends the guest steps for the wired links, in order:
 // interfaces, then routes (they name the interfaces), then neighbours.
 func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 	devs := map[int]guestDevice{} // by link ifindex
+	// Devices whose interface the plan configures: the agent takes them
+	// down to do so, and the kernel drops the routes and neighbours
+	// through them.
+	reconfigured := map[string]bool{}
 	for _, w := range wired {
 		if w.adopted {
 			devs[w.link.Ifindex] = guestDevice{name: w.link.Name, endpoint: -1, nic: runtimeNICKey(w.link.MAC)}
@@ -231,16 +231,13 @@ func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 				why = fmt.Sprintf("%s changed", w.link.Name)
 			}
 			p.Actions = append(p.Actions, Action{Op: OpConfigureGuest, Endpoint: e, Guest: want, Digest: d, Reason: why})
-			dev.configured = true
+			reconfigured[dev.name] = true
 		}
 		devs[w.link.Ifindex] = dev
 	}
-	reconfigured := func(device string) bool {
-		return slices.ContainsFunc(slices.Collect(maps.Values(devs)), func(d guestDevice) bool { return d.configured && d.name == device })
-	}
 
 	routes := guestRoutes(obs.Routes, devs)
-	flushed := slices.ContainsFunc(routes, func(r GuestRoute) bool { return reconfigured(r.Route.Device) })
+	flushed := slices.ContainsFunc(routes, func(r GuestRoute) bool { return reconfigured[r.Route.Device] })
 	if d := routesDigest(routes); d != rec.GuestRoutes || flushed {
 		if obs.Guest != nil && !flushed && guestHasRoutes(obs.Guest, routes) {
 			p.Actions = append(p.Actions, Action{Op: OpConfirmGuestRoutes, Endpoint: sandboxWide, Digest: d, Reason: "the guest already has them"})
@@ -260,7 +257,7 @@ func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 		return cmp.Or(strings.Compare(a.Neighbor.Device, b.Neighbor.Device), a.Neighbor.IP.Compare(b.Neighbor.IP))
 	})
 	// There is no call to remove a neighbour: a smaller set is not pushed.
-	flushed = slices.ContainsFunc(neigh, func(n GuestNeighbor) bool { return reconfigured(n.Neighbor.Device) })
+	flushed = slices.ContainsFunc(neigh, func(n GuestNeighbor) bool { return reconfigured[n.Neighbor.Device] })
 	if d := neighborsDigest(neigh); len(neigh) > 0 && (d != rec.GuestNeighbors || flushed) {
 		p.Actions = append(p.Actions, Action{Op: OpAddGuestNeighbors, Endpoint: sandboxWide, Neighbors: neigh, Digest: d})
 	}

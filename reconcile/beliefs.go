@@ -61,11 +61,10 @@ func dropGuestBeliefs(rec *state.Record, evs []guestEvent) []int {
 	}
 	var dropped []int
 	if drop&beliefInterfaces != 0 {
-		for _, e := range rec.Endpoints {
+		for i, e := range rec.Endpoints {
 			if e.Guest != "" && !e.Removing {
 				dropped = append(dropped, e.Index)
-				e.Guest = ""
-				rec.Put(e)
+				rec.Endpoints[i].Guest = ""
 			}
 		}
 	}
@@ -163,6 +162,11 @@ func (r *Reconciler) applyGuestEvents(ctx context.Context, s *session) error {
 	}
 	ev.Str("cause", string(cause)).Ints("endpoints", dropped).Msg("what tapsync knew of the guest is unverified: asking its agent again")
 	if err := r.store.Save(s.rec); err != nil {
+		r.mu.Lock()
+		for _, ev := range evs { // for the next pass: the record still has the beliefs
+			r.noteGuestLocked(s.sb.ID, ev)
+		}
+		r.mu.Unlock()
 		return fmt.Errorf("sandbox %s: record the guest unverified: %w", s.sb.ID, err)
 	}
 	return nil

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -174,7 +175,8 @@ func TestGuestStatusUnverified(t *testing.T) {
 // beliefs, records it, and shows the endpoints unverified until a pass
 // confirms them.
 func TestGuestEventsNoted(t *testing.T) {
-	store, err := state.Open(filepath.Join(t.TempDir(), "state"))
+	stateDir := filepath.Join(t.TempDir(), "state")
+	store, err := state.Open(stateDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -277,5 +279,18 @@ func TestGuestEventsNoted(t *testing.T) {
 	}
 	if _, eps := r.guestStatus("sb", sb, s.rec, Outcome{}, nil); eps[0] != GuestPending {
 		t.Errorf("once confirmed, the mark is gone: guest %q, want %s", eps[0], GuestPending)
+	}
+
+	// A drop that cannot be recorded stays for the next pass.
+	if err := os.RemoveAll(stateDir); err != nil {
+		t.Fatal(err)
+	}
+	m.event(qmp.Event{Name: "RESET"})
+	s = &session{sb: sb, rec: w.rec.Clone(), vm: qmpVM{model: m}}
+	if err := r.applyGuestEvents(ctx, s); !errors.Is(err, state.ErrStore) {
+		t.Errorf("dropping into a state dir that is gone: %v, want state.ErrStore", err)
+	}
+	if evs := take(); !slices.Equal(evs, []guestEvent{eventReset}) {
+		t.Errorf("after a drop that could not be recorded: %v, want the reset again", evs)
 	}
 }

@@ -2,6 +2,7 @@ package reconcile
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 )
@@ -160,7 +161,8 @@ func (q *Queue) get() (string, bool) {
 // key's backoff, and triggers that came during it wait for that retry
 // (the first failure of a streak that only met a vanished link is retried
 // at once); a successful one resets the backoff and runs once more if
-// triggered meanwhile.
+// triggered meanwhile. A pass that ended connecting (ErrConnecting) is
+// neither: its count stays, and it runs once more if triggered meanwhile.
 func (q *Queue) done(key string, err error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -168,6 +170,12 @@ func (q *Queue) done(key string, err error) {
 	if t := q.retry[key]; t != nil {
 		t.Stop()
 		delete(q.retry, key)
+	}
+	if errors.Is(err, ErrConnecting) {
+		// Neither a failure nor a success: the dial's end asks for the
+		// next pass, which the failure count still spaces if it fails.
+		q.requeueLocked(key)
+		return
 	}
 	if err != nil && !q.shutdown {
 		q.failures[key]++
@@ -191,6 +199,12 @@ func (q *Queue) done(key string, err error) {
 	}
 	delete(q.failures, key)
 	delete(q.kicked, key)
+	q.requeueLocked(key)
+}
+
+// requeueLocked hands key, done, back to the workers if it was triggered
+// during its pass; q.mu must be held.
+func (q *Queue) requeueLocked(key string) {
 	if q.dirty[key] {
 		q.ready = append(q.ready, key)
 		q.cond.Signal()

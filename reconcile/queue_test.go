@@ -332,3 +332,26 @@ func TestQueueChangedRetriedOnce(t *testing.T) {
 	eventually(t, "the retry at once", func() bool { return q.Failures("sb") >= 2 })
 	probe(t, q, l, "sb", 2)
 }
+
+// A pass that ends connecting (ErrConnecting) is neither a failure nor a
+// success: the failure count stays, no retry is scheduled (Add is not
+// absorbed by one), and a trigger during it runs one more pass.
+func TestQueueConnectingIsNoFailure(t *testing.T) {
+	q := NewQueue()
+	q.processing["a"] = true
+	q.failures["a"] = 2
+	q.done("a", ErrConnecting)
+	if q.failures["a"] != 2 || q.retry["a"] != nil || len(q.ready) != 0 {
+		t.Fatalf("after a connecting pass: failures %d, retry %v, ready %v; want 2, none, none", q.failures["a"], q.retry["a"], q.ready)
+	}
+	q.Add("a") // the dial's end
+	if len(q.ready) != 1 {
+		t.Fatalf("ready = %v after Add; want a", q.ready)
+	}
+	key, _ := q.get()
+	q.Add("a") // during the pass
+	q.done(key, ErrConnecting)
+	if len(q.ready) != 1 || q.failures["a"] != 2 {
+		t.Errorf("ready = %v, failures %d after a trigger during a connecting pass; want a once more, 2", q.ready, q.failures["a"])
+	}
+}

@@ -148,6 +148,14 @@ type Reconciler struct {
 	// QEMU ends a sandbox's monitor connection (it exited, or closed the
 	// socket), never when tapsync does. It must not block (poke a queue).
 	OnMonitorClosed func(sandbox string)
+	// OnDialDone, when set before the first reconcile, makes a pass that
+	// finds no live QMP connection start a dial in the background and end
+	// at once with ErrConnecting, rather than hold its worker through a
+	// greeting that a stopped QEMU never sends. It is called with the
+	// sandbox when that dial ends, connected or not: the next pass uses
+	// the connection, or fails with the dial's error. It must not block
+	// (poke a queue).
+	OnDialDone func(sandbox string)
 	// AfterAction, if set, is called after every completed action of
 	// every sandbox (fault injection for crash tests; see Env).
 	AfterAction func(Action)
@@ -169,6 +177,7 @@ type Reconciler struct {
 	closed    bool                       // Close was called: nothing more is kept
 	agents    map[string]*agent.Client   // dialled when a pass needs the guest, kept while it works
 	dialing   map[string]*dialLock       // per QMP socket: one dial at a time (a QMP socket takes one client)
+	dials     map[string]*backgroundDial // per sandbox: its dial under way or ended, with OnDialDone set
 	status    map[string]Status
 	guestLog  map[string]string // last guest error logged per sandbox
 	// agentCalls counts the calls made to agents, by method.
@@ -178,7 +187,7 @@ type Reconciler struct {
 // New returns a Reconciler recording into store.
 func New(store *state.Store) *Reconciler {
 	return &Reconciler{store: store, sandboxes: map[string]*entry{}, conns: map[string]*qmp.Client{}, models: map[string]*vmModel{},
-		hosts: map[string]*datapath.Netns{}, agents: map[string]*agent.Client{}, dialing: map[string]*dialLock{}, status: map[string]Status{},
+		hosts: map[string]*datapath.Netns{}, agents: map[string]*agent.Client{}, dialing: map[string]*dialLock{}, dials: map[string]*backgroundDial{}, status: map[string]Status{},
 		guestLog: map[string]string{}, agentCalls: map[string]int{}}
 }
 
@@ -188,6 +197,9 @@ func (r *Reconciler) Close() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.closed = true
+	for _, d := range r.dials {
+		d.cancel()
+	}
 	for id := range r.conns {
 		r.closeConnLocked(id)
 	}
@@ -199,6 +211,10 @@ func (r *Reconciler) Close() {
 // closeConnLocked drops sandbox id's connections (QMP, agent, the kept
 // netns and its netlink socket); r.mu must be held.
 func (r *Reconciler) closeConnLocked(id string) {
+	if d := r.dials[id]; d != nil {
+		d.cancel()
+		delete(r.dials, id)
+	}
 	if c := r.conns[id]; c != nil {
 		c.Close()
 		delete(r.conns, id)
@@ -373,6 +389,79 @@ func (r *Reconciler) client(ctx context.Context, sb Sandbox) (*qmp.Client, error
 	return c, err
 }
 
+// ErrConnecting ends a pass that found no live QMP connection and
+// started a dial in the background (see Reconciler.OnDialDone). It is not
+// a failure: the queue neither counts it nor backs off, and the dial's
+// end triggers the next pass.
+var ErrConnecting = errors.New("connecting to the VM's monitor")
+
+// backgroundDial is a sandbox's dial started by a pass (see passClient).
+type backgroundDial struct {
+	sock   string // the QMP socket dialled
+	cancel context.CancelFunc
+	done   bool
+	err    error // why it failed, for the next pass to report
+}
+
+// passClient is clientModel for a pass. With OnDialDone set, it never
+// waits for a dial: a sandbox without a live connection gets one dial in
+// the background (one at a time, bounded by its QMP timeout) and
+// ErrConnecting now; the pass after the dial ended gets the connection,
+// or the dial's error (once: the pass after it dials again).
+func (r *Reconciler) passClient(ctx context.Context, sb Sandbox) (*qmp.Client, *vmModel, error) {
+	done := r.OnDialDone
+	if done == nil {
+		return r.clientModel(ctx, sb)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if c, m := r.liveLocked(sb.ID); c != nil {
+		return c, m, nil
+	}
+	if d := r.dials[sb.ID]; d != nil {
+		if !d.done {
+			return nil, nil, fmt.Errorf("sandbox %s: %w %s: a dial is under way", sb.ID, ErrConnecting, sb.QMP)
+		}
+		delete(r.dials, sb.ID)
+		if d.err != nil && d.sock == sb.QMP {
+			return nil, nil, d.err
+		}
+		// Connected, and the connection has died since (or the socket
+		// changed): dial again.
+	}
+	if r.closed {
+		return nil, nil, fmt.Errorf("sandbox %s: %w", sb.ID, qmp.ErrClosed)
+	}
+	// The dial outlives the pass; Close ends it.
+	dctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	d := &backgroundDial{sock: sb.QMP, cancel: cancel}
+	r.dials[sb.ID] = d
+	go func() {
+		defer cancel()
+		_, _, err := r.clientModel(dctx, sb)
+		r.mu.Lock()
+		d.done, d.err = true, err
+		r.mu.Unlock()
+		done(sb.ID)
+	}()
+	return nil, nil, fmt.Errorf("sandbox %s: %w %s: dial started", sb.ID, ErrConnecting, sb.QMP)
+}
+
+// liveLocked returns sandbox id's connection and its model while the
+// connection lives; r.mu must be held.
+func (r *Reconciler) liveLocked(id string) (*qmp.Client, *vmModel) {
+	c, m := r.conns[id], r.models[id]
+	if c == nil || m == nil || m.conn != c {
+		return nil, nil
+	}
+	select {
+	case <-c.Done():
+		return nil, nil
+	default:
+		return c, m
+	}
+}
+
 // clientModel is client, and the connection's model of the VM: a new
 // connection comes with a new, unknown model.
 func (r *Reconciler) clientModel(ctx context.Context, sb Sandbox) (*qmp.Client, *vmModel, error) {
@@ -380,14 +469,10 @@ func (r *Reconciler) clientModel(ctx context.Context, sb Sandbox) (*qmp.Client, 
 	// the second would wait for a greeting that never comes.
 	defer r.lockDial(sb.QMP)()
 	r.mu.Lock()
-	c, m := r.conns[sb.ID], r.models[sb.ID]
+	c, m := r.liveLocked(sb.ID)
 	r.mu.Unlock()
-	if c != nil && m != nil && m.conn == c {
-		select {
-		case <-c.Done():
-		default:
-			return c, m, nil
-		}
+	if c != nil {
+		return c, m, nil
 	}
 	// Events from the first one on change the model (and their count
 	// keeps a full observation that overlapped one from being trusted).
@@ -528,7 +613,15 @@ func (r *Reconciler) open(ctx context.Context, id string, forPlan bool) (*sessio
 	}
 	r.reidentify(id, sb.Netns, host.ID())
 	s := &session{sb: sb, host: host, forPlan: forPlan, hostKept: kept}
-	c, m, err := r.clientModel(ctx, sb)
+	client := r.passClient
+	if forPlan {
+		client = r.clientModel
+	}
+	c, m, err := client(ctx, sb)
+	if errors.Is(err, ErrConnecting) {
+		r.keepHost(id, host, true) // for the pass the dial's end starts
+		return nil, err
+	}
 	if err != nil {
 		r.endPlan(s)
 		return nil, err
@@ -804,6 +897,12 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 			}
 		}
 		r.mu.Lock()
+		if errors.Is(err, ErrConnecting) {
+			// Nothing was observed: what the last pass found stands.
+			last := r.status[id]
+			last.LastReconcile, last.LastError = st.LastReconcile, st.LastError
+			st = last
+		}
 		if _, ok := r.sandboxes[id]; ok {
 			r.status[id] = st
 		}
@@ -1001,10 +1100,12 @@ func (r *Reconciler) endSandbox(id string) error {
 // evidence either way, and the teardown waits: deleting a tap under a
 // live QEMU is what the order exists to avoid.
 func (r *Reconciler) vmForTeardown(ctx context.Context, sb Sandbox) (*qmp.Client, bool, error) {
-	c, err := r.client(ctx, sb)
+	c, _, err := r.passClient(ctx, sb)
 	switch {
 	case err == nil:
 		return c, false, nil
+	case errors.Is(err, ErrConnecting):
+		return nil, false, err
 	case errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, fs.ErrNotExist):
 		r.mu.Lock()
 		r.closeConnLocked(sb.ID)

@@ -443,6 +443,11 @@ func (d *daemon) registerDiscovered(ctx context.Context, found []watcher.Sandbox
 // outcome is logged (see reconcile.FailureLog) and counted by cause.
 func (d *daemon) work(ctx context.Context, id string) error {
 	err := d.pass(ctx, id)
+	if errors.Is(err, reconcile.ErrConnecting) {
+		// Not a pass yet: the dial's end starts it.
+		zerolog.Ctx(ctx).Debug().Str("sandbox", id).Err(err).Msg("waiting for the monitor connection")
+		return err
+	}
 	d.mu.Lock()
 	if d.firstPasses != nil {
 		d.firstPasses[id] = true
@@ -617,6 +622,10 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 		})
 		d.requestDiscovery("startup scan")
 	}
+	// A pass never waits for a monitor's greeting: a sandbox without a
+	// connection has it dialled in the background, and the dial's end
+	// starts its next pass. Hung QEMUs then hold no worker.
+	d.rec.OnDialDone = func(id string) { d.trigger(id, "qmp-dial") }
 	wg.Go(func() { d.queue.Run(ctx, cfg.Workers, d.work) })
 
 	sddaemon.SdNotify(false, sddaemon.SdNotifyReady)

@@ -52,6 +52,12 @@ type MacvtapSpec struct {
 	MAC       net.HardwareAddr
 	Queues    int // queues that OpenMacvtapQueues opens; 1..MaxQueues
 	MTU       int // 0 = the container link's MTU
+	// Keep, if set, is given the addresses EnsureMacvtap is about to take
+	// from the container link, and the routes that go with them, before
+	// any is deleted, so that the caller records them first: once taken,
+	// they exist nowhere else. An error from Keep stops EnsureMacvtap
+	// before it deletes anything.
+	Keep func(Moved) error
 }
 
 func (s MacvtapSpec) validate() error {
@@ -153,14 +159,17 @@ func (n *Netns) macvtap(name string) (*netlink.Macvtap, error) {
 
 // Moved is what EnsureMacvtap took from a container link, and what
 // RestoreContainerLink gives back: its own MAC (now the guest's), its
-// addresses (they would make the host answer ARP and neighbour
-// discovery for the guest), and the routes through it that the kernel
-// deleted with the addresses (an IPv4 default route goes with the last
-// IPv4 address of its link).
+// addresses (they would make the host answer ARP and neighbour discovery
+// for the guest) and the routes of every table that go with them, each
+// with every attribute it had.
 type Moved struct {
-	MAC    net.HardwareAddr
-	Addrs  []netip.Prefix
-	Routes []Route
+	MAC   net.HardwareAddr
+	Addrs []MovedAddr // in the kernel's order
+	// Routes are the routes through the link, in any table, and those
+	// with one of its addresses as preferred source: the kernel deletes an
+	// IPv4 route with the last IPv4 address of its device or with its
+	// preferred source, and strips an IPv6 route of its preferred source.
+	Routes []MovedRoute
 }
 
 // EnsureMacvtap wires endpoint spec.Index in the macvtap model, in this
@@ -170,13 +179,12 @@ type Moved struct {
 //     other MAC than these two is refused with ErrMacvtapMismatch);
 //  2. tsm<N> exists: a bridge-mode macvtap on the container link, with
 //     spec.MAC, the container link's MTU (or spec.MTU), up;
-//  3. the container link has no addresses left.
+//  3. the container link has no addresses left: they are read with the
+//     routes that go with them, handed to spec.Keep, then deleted.
 //
 // It returns what steps 1 and 3 took away in this call; a repeated call
-// returns spec.MAC and no addresses. The addresses and routes exist
-// nowhere else once removed, so the caller records the container link's
-// addresses and routes (from Observe) before the first call: a crash
-// inside step 3 must not lose them.
+// returns spec.MAC and no addresses. A link with a route that could not
+// be given back as it was (ErrCannotGiveBack) keeps its addresses.
 func (n *Netns) EnsureMacvtap(ctx context.Context, spec MacvtapSpec) (Macvtap, Moved, error) {
 	if err := spec.validate(); err != nil {
 		return Macvtap{}, Moved{}, fmt.Errorf("netns %s: %w", n.path, err)
@@ -252,9 +260,9 @@ func (n *Netns) EnsureMacvtap(ctx context.Context, spec MacvtapSpec) (Macvtap, M
 	}
 
 	moved := Moved{MAC: slices.Clone(spec.MAC)}
-	moved.Addrs, moved.Routes, err = n.clearAddrs(c)
+	moved.Addrs, moved.Routes, err = n.takeAddrs(c, spec)
 	if err != nil {
-		return Macvtap{}, moved, wrap("move addresses", err)
+		return Macvtap{}, moved, wrap("take addresses", err)
 	}
 	if m, err = n.macvtap(name); err != nil {
 		return Macvtap{}, moved, wrap("read back", err)
@@ -274,60 +282,39 @@ func macvtapMismatch(m *netlink.Macvtap, spec MacvtapSpec) string {
 	return ""
 }
 
-// clearAddrs deletes every address of link and returns them with the
-// routes through link (main table, not the kernel's own) that vanished
-// with them.
-func (n *Netns) clearAddrs(link netlink.Link) ([]netip.Prefix, []Route, error) {
-	addrs, err := dump(func() ([]netlink.Addr, error) { return n.h.AddrList(link, netlink.FAMILY_ALL) })
-	if err != nil {
-		return nil, nil, fmt.Errorf("list addresses: %w", err)
-	}
-	if len(addrs) == 0 {
-		return nil, nil, nil
-	}
-	before, err := n.routesVia(link.Attrs().Index)
+// takeAddrs deletes every address of link after handing them, and the
+// routes that go with them, to spec.Keep; it returns what it took.
+func (n *Netns) takeAddrs(link netlink.Link, spec MacvtapSpec) ([]MovedAddr, []MovedRoute, error) {
+	r, err := n.openRtnl()
 	if err != nil {
 		return nil, nil, err
 	}
-	var out []netip.Prefix
-	for _, a := range addrs {
-		p, ok := prefixOf(a.IPNet)
-		if !ok {
-			continue
-		}
-		// Equivalent to: ip address del P dev CONTAINER
-		if err := n.h.AddrDel(link, &a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
-			return out, nil, fmt.Errorf("delete address %s: %w", p, err)
-		}
-		out = append(out, p)
+	defer r.close()
+	now := monotonic()
+	addrs, routes, err := r.lent(link.Attrs().Index, link.Attrs().Name, now)
+	if err != nil || len(addrs) == 0 {
+		return nil, nil, err
 	}
-	after, err := n.routesVia(link.Attrs().Index)
-	if err != nil {
-		return out, nil, err
-	}
-	var gone []Route
-	for _, r := range before {
-		if !slices.Contains(after, r) {
-			gone = append(gone, r)
+	if spec.Keep != nil {
+		if err := spec.Keep(Moved{MAC: slices.Clone(spec.MAC), Addrs: addrs, Routes: routes}); err != nil {
+			return nil, nil, fmt.Errorf("record before taking: %w", err)
 		}
 	}
-	return out, gone, nil
-}
-
-func (n *Netns) routesVia(ifindex int) ([]Route, error) {
-	all, err := n.Routes()
-	if err != nil {
-		return nil, err
+	if err := r.take(link.Attrs().Index, addrs, now); err != nil {
+		return nil, nil, err
 	}
-	return slices.DeleteFunc(all, func(r Route) bool { return r.LinkIndex != ifindex }), nil
+	return addrs, routes, nil
 }
 
 // RestoreContainerLink gives a container link back what EnsureMacvtap
 // took: its MAC, then its addresses, then the routes that went with them
-// (routes need their gateway reachable through an address). Addresses and
-// routes that are already there are success. An IPv6 link-local address
-// that the kernel derived from the borrowed host MAC (after a link flap)
-// is removed, so the link ends with exactly what it had.
+// (routes need their gateway reachable through an address), each as it
+// was; then it reads them back and returns an error naming what differs.
+// What is there already as it was is left alone. An IPv6 link-local
+// address that the kernel derived from the borrowed host MAC (after a
+// link flap) is removed, so the link ends with exactly what it had. An
+// address whose lifetime ran out meanwhile stays away, and comes back
+// with what is left of it otherwise.
 func (n *Netns) RestoreContainerLink(ifindex int, m Moved) error {
 	link, err := n.h.LinkByIndex(ifindex)
 	if err != nil {
@@ -344,58 +331,25 @@ func (n *Netns) RestoreContainerLink(ifindex int, m Moved) error {
 		if err := n.h.LinkSetHardwareAddr(link, m.MAC); err != nil {
 			return wrap(fmt.Errorf("set mac %s: %w", m.MAC, err))
 		}
-		if ll, ok := eui64LinkLocal(cur); ok && !slices.Contains(m.Addrs, ll) {
+		if ll, ok := eui64LinkLocal(cur); ok && !slices.ContainsFunc(m.Addrs, func(a MovedAddr) bool { return a.Prefix == ll }) {
 			a := &netlink.Addr{IPNet: &net.IPNet{IP: ll.Addr().AsSlice(), Mask: net.CIDRMask(64, 128)}}
 			if err := n.h.AddrDel(link, a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
 				return wrap(fmt.Errorf("delete link-local address %s: %w", ll, err))
 			}
 		}
 	}
-	for _, p := range m.Addrs {
-		// Equivalent to: ip address add P dev CONTAINER
-		a := &netlink.Addr{IPNet: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
-		if err := n.h.AddrAdd(link, a); err != nil && !errors.Is(err, unix.EEXIST) {
-			return wrap(fmt.Errorf("add address %s: %w", p, err))
-		}
+	if len(m.Addrs) == 0 && len(m.Routes) == 0 {
+		return nil
 	}
-	for _, r := range m.Routes {
-		nr := r.netlink(ifindex)
-		// Equivalent to: ip route add DST via GW dev CONTAINER …
-		if err := n.h.RouteAdd(nr); err != nil && !errors.Is(err, unix.EEXIST) {
-			return wrap(fmt.Errorf("add route %s: %w", r, err))
-		}
+	r, err := n.openRtnl()
+	if err != nil {
+		return wrap(err)
+	}
+	defer r.close()
+	if err := r.giveBack(ifindex, name, m, monotonic()); err != nil {
+		return wrap(err)
 	}
 	return nil
-}
-
-// netlink converts r back for re-adding through ifindex.
-func (r Route) netlink(ifindex int) *netlink.Route {
-	nr := &netlink.Route{
-		LinkIndex: ifindex,
-		Table:     unix.RT_TABLE_MAIN,
-		Type:      unix.RTN_UNICAST,
-		Scope:     netlink.Scope(r.Scope),
-		Protocol:  netlink.RouteProtocol(r.Protocol),
-		MTU:       r.MTU,
-		Family:    netlink.FAMILY_V4,
-	}
-	if r.IPv6 {
-		nr.Family = netlink.FAMILY_V6
-	}
-	if r.Dst.IsValid() {
-		nr.Dst = &net.IPNet{IP: r.Dst.Addr().AsSlice(), Mask: net.CIDRMask(r.Dst.Bits(), r.Dst.Addr().BitLen())}
-	} else if r.IPv6 {
-		nr.Dst = &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
-	} else {
-		nr.Dst = &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
-	}
-	if r.Gateway.IsValid() {
-		nr.Gw = r.Gateway.AsSlice()
-	}
-	if r.Src.IsValid() {
-		nr.Src = r.Src.AsSlice()
-	}
-	return nr
 }
 
 // eui64LinkLocal is the fe80::/64 address the kernel derives from mac

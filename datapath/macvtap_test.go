@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -73,6 +74,14 @@ func (s *sandbox) routesOf(t *testing.T, ifindex int) []datapath.Route {
 		t.Fatal(err)
 	}
 	return slices.DeleteFunc(rs, func(r datapath.Route) bool { return r.LinkIndex != ifindex })
+}
+
+func prefixes(as []datapath.MovedAddr) []netip.Prefix {
+	out := make([]netip.Prefix, len(as))
+	for i, a := range as {
+		out[i] = a.Prefix
+	}
+	return out
 }
 
 func sameSet[T comparable](a, b []T) bool {
@@ -196,12 +205,20 @@ func testMacvtapModel(t *testing.T, queues int) {
 	if !bytes.Equal(eth0.MAC, datapath.HostMAC(containerMAC, 4)) || len(eth0.Addrs) != 0 {
 		t.Errorf("eth0 after EnsureMacvtap = %s %v, want %s and no addresses", eth0.MAC, eth0.Addrs, datapath.HostMAC(containerMAC, 4))
 	}
-	if !bytes.Equal(moved.MAC, containerMAC) || !sameSet(moved.Addrs, before.Addrs) {
+	if !bytes.Equal(moved.MAC, containerMAC) || !sameSet(prefixes(moved.Addrs), before.Addrs) {
 		t.Errorf("moved = %+v, want MAC %s and addresses %v", moved, containerMAC, before.Addrs)
 	}
-	// Every route through eth0 went with its addresses, and is reported.
-	if left := s.routesOf(t, before.Ifindex); !sameSet(moved.Routes, slices.DeleteFunc(slices.Clone(beforeRoutes), func(r datapath.Route) bool { return slices.Contains(left, r) })) {
-		t.Errorf("moved routes %v; before %v, left %v", moved.Routes, beforeRoutes, left)
+	// Every route through eth0 is reported; the IPv4 ones went with its
+	// addresses.
+	var movedRoutes []datapath.Route
+	for _, r := range moved.Routes {
+		if rt, ok := r.Route(); ok {
+			movedRoutes = append(movedRoutes, rt)
+		}
+	}
+	left := s.routesOf(t, before.Ifindex)
+	if !sameSet(movedRoutes, beforeRoutes) || slices.ContainsFunc(left, func(r datapath.Route) bool { return !r.IPv6 }) {
+		t.Errorf("moved routes %v; before %v, left %v", movedRoutes, beforeRoutes, left)
 	}
 
 	// Again: nothing changes, nothing more is reported moved.

@@ -77,7 +77,7 @@ func TestObserveAddrsRoutesNeighbors(t *testing.T) {
 		{Gateway: netip.MustParseAddr("10.20.0.1"), LinkIndex: idx, Scope: unix.RT_SCOPE_UNIVERSE, Protocol: unix.RTPROT_BOOT},
 		{Dst: netip.MustParsePrefix("10.30.0.0/16"), LinkIndex: idx, Src: netip.MustParseAddr("10.20.0.5"),
 			Scope: unix.RT_SCOPE_LINK, Protocol: unix.RTPROT_STATIC, MTU: 1400},
-		{Gateway: netip.MustParseAddr("fd00:20::1"), LinkIndex: idx, Scope: unix.RT_SCOPE_UNIVERSE, IPv6: true, Protocol: unix.RTPROT_BOOT},
+		{Gateway: netip.MustParseAddr("fd00:20::1"), LinkIndex: idx, Scope: unix.RT_SCOPE_UNIVERSE, IPv6: true, Protocol: unix.RTPROT_BOOT, Metric: 1024},
 	}
 	// Absent: 10.20.0.0/24, fd00:20::/64, fe80::/64 (proto kernel, from
 	// the addresses) and the local table.

@@ -20,6 +20,7 @@ type Route struct {
 	IPv6      bool
 	Protocol  int // RTPROT_*
 	MTU       int // RTAX_MTU metric, 0 = none
+	Metric    int // priority
 }
 
 func (r Route) String() string {
@@ -40,6 +41,9 @@ func (r Route) String() string {
 	s += fmt.Sprintf(" proto %d scope %d", r.Protocol, r.Scope)
 	if r.MTU != 0 {
 		s += fmt.Sprintf(" mtu %d", r.MTU)
+	}
+	if r.Metric != 0 {
+		s += fmt.Sprintf(" metric %d", r.Metric)
 	}
 	return s
 }
@@ -103,6 +107,7 @@ func toRoute(r netlink.Route) (Route, bool) {
 		IPv6:      r.Family == netlink.FAMILY_V6,
 		Protocol:  int(r.Protocol),
 		MTU:       r.MTU,
+		Metric:    r.Priority,
 		Gateway:   addrOf(r.Gw),
 		Src:       addrOf(r.Src),
 	}

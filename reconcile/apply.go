@@ -298,7 +298,11 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 		a.paths[e.Index] = path
 		return nil
 	case OpEnsureMacvtap:
-		_, moved, err := a.Host.EnsureMacvtap(ctx, macvtapSpec(e, act.MTU))
+		// Intent first: what is taken exists only in the record
+		// afterwards, so it is recorded before, as the link has it.
+		spec := macvtapSpec(e, act.MTU)
+		spec.Keep = func(m datapath.Moved) error { return a.recordMoved(rec, e.Index, m) }
+		_, moved, err := a.Host.EnsureMacvtap(ctx, spec)
 		if err != nil {
 			return err
 		}
@@ -376,28 +380,14 @@ func (a *applier) openQueues(ctx context.Context, e state.Endpoint, spec datapat
 	return a.Host.OpenQueues(ctx, spec, a.Vhost)
 }
 
-// recordMoved adds to endpoint n's record what EnsureMacvtap took that
-// the record lacks (an address added between observing and taking).
+// recordMoved adds to endpoint n's record what EnsureMacvtap takes or
+// took that the record lacks.
 func (a *applier) recordMoved(rec *state.Record, n int, m datapath.Moved) error {
 	e, ok := rec.Endpoint(n)
 	if !ok {
 		return nil
 	}
-	moved := state.Moved{}
-	if e.Moved != nil {
-		moved = state.Moved{Addrs: slices.Clone(e.Moved.Addrs), Routes: slices.Clone(e.Moved.Routes)}
-	}
-	changed := false
-	for _, p := range m.Addrs {
-		if s := p.String(); !slices.Contains(moved.Addrs, s) {
-			moved.Addrs, changed = append(moved.Addrs, s), true
-		}
-	}
-	for _, r := range m.Routes {
-		if sr := stateRoute(r); !slices.Contains(moved.Routes, sr) {
-			moved.Routes, changed = append(moved.Routes, sr), true
-		}
-	}
+	moved, changed := mergeMoved(e.Moved, m)
 	if !changed {
 		return nil
 	}

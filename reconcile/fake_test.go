@@ -497,18 +497,25 @@ func (w *world) EnsureMacvtap(_ context.Context, spec datapath.MacvtapSpec) (dat
 		w.mutations++
 		m.MTU, m.Up = spec.MTU, true
 	}
-	moved := datapath.Moved{MAC: spec.MAC, Addrs: l.Addrs}
+	moved := datapath.Moved{MAC: spec.MAC}
 	if len(l.Addrs) > 0 {
+		for _, a := range l.Addrs {
+			moved.Addrs = append(moved.Addrs, datapath.MovedAddr{Prefix: a})
+		}
+		for _, r := range w.routes {
+			if r.LinkIndex == l.Ifindex {
+				moved.Routes = append(moved.Routes, movedRouteOf(r))
+			}
+		}
+		if spec.Keep != nil {
+			if err := spec.Keep(moved); err != nil {
+				return datapath.Macvtap{}, datapath.Moved{}, err
+			}
+		}
 		w.mutations++
 		l.Addrs = nil
 		idx := l.Ifindex
-		w.routes = slices.DeleteFunc(w.routes, func(r datapath.Route) bool {
-			if r.LinkIndex == idx && !r.IPv6 {
-				moved.Routes = append(moved.Routes, r)
-				return true
-			}
-			return false
-		})
+		w.routes = slices.DeleteFunc(w.routes, func(r datapath.Route) bool { return r.LinkIndex == idx && !r.IPv6 })
 	}
 	return *m, moved, nil
 }
@@ -549,13 +556,14 @@ func (w *world) RestoreContainerLink(ifindex int, m datapath.Moved) error {
 		l.MAC = m.MAC
 	}
 	for _, a := range m.Addrs {
-		if !slices.Contains(l.Addrs, a) {
+		if !slices.Contains(l.Addrs, a.Prefix) {
 			w.mutations++
-			l.Addrs = append(l.Addrs, a)
+			l.Addrs = append(l.Addrs, a.Prefix)
 		}
 	}
-	for _, r := range m.Routes {
-		if !slices.Contains(w.routes, r) {
+	for _, mr := range m.Routes {
+		r, ok := mr.Route()
+		if ok && !slices.Contains(w.routes, r) {
 			w.mutations++
 			w.routes = append(w.routes, r)
 		}
@@ -825,7 +833,7 @@ func (w *world) checkEndpoint(e state.Endpoint, l datapath.Link) []string {
 		}
 		o := w.orig[l.Ifindex]
 		for _, a := range o.addrs {
-			if e.Moved == nil || !slices.Contains(e.Moved.Addrs, a.String()) {
+			if !slices.Contains(movedAddrs(e), a) {
 				bad = append(bad, fmt.Sprintf("%s: address %s moved away but not recorded", l.Name, a))
 			}
 		}
@@ -1136,7 +1144,7 @@ func (g *fakeGuest) check() []string {
 		for _, e := range g.w.rec.Endpoints {
 			if !e.Removing && e.Kind == state.KindMacvtap && sameLink(e, l) {
 				l = guestLink(e, l) // the guest has what the link lent
-				routes = append(routes, movedOf(e).Routes...)
+				routes = append(routes, movedRoutes(e)...)
 			}
 		}
 		i := g.iface(l.MAC)

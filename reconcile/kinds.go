@@ -89,14 +89,7 @@ func guestLink(e state.Endpoint, l datapath.Link) datapath.Link {
 	}
 	g := l
 	g.MAC = guestMAC(e)
-	g.Addrs = nil
-	if e.Moved != nil {
-		for _, a := range e.Moved.Addrs {
-			if p, err := netip.ParsePrefix(a); err == nil {
-				g.Addrs = append(g.Addrs, p)
-			}
-		}
-	}
+	g.Addrs = movedAddrs(e)
 	for _, a := range l.Addrs {
 		if !slices.Contains(g.Addrs, a) {
 			g.Addrs = append(g.Addrs, a)
@@ -119,87 +112,6 @@ func strayAddrs(l datapath.Link) []netip.Prefix {
 	return out
 }
 
-// movedFrom is what the macvtap model takes from link l: prev (what is
-// recorded already) with the link's addresses and routes added. The
-// first time every address goes into it, link-local included, so that
-// the link is given back exactly.
-func movedFrom(v view, l datapath.Link, prev *state.Moved) *state.Moved {
-	m := &state.Moved{}
-	addrs := l.Addrs
-	if prev != nil {
-		m.Addrs, m.Routes = slices.Clone(prev.Addrs), slices.Clone(prev.Routes)
-		addrs = strayAddrs(l)
-	}
-	for _, a := range addrs {
-		if s := a.String(); !slices.Contains(m.Addrs, s) {
-			m.Addrs = append(m.Addrs, s)
-		}
-	}
-	for _, r := range v.routes {
-		if r.LinkIndex != l.Ifindex {
-			continue
-		}
-		if sr := stateRoute(r); !slices.Contains(m.Routes, sr) {
-			m.Routes = append(m.Routes, sr)
-		}
-	}
-	return m
-}
-
-func stateRoute(r datapath.Route) state.Route {
-	s := state.Route{Scope: r.Scope, IPv6: r.IPv6, Protocol: r.Protocol, MTU: r.MTU}
-	if r.Dst.IsValid() {
-		s.Dst = r.Dst.String()
-	}
-	if r.Gateway.IsValid() {
-		s.Gateway = r.Gateway.String()
-	}
-	if r.Src.IsValid() {
-		s.Src = r.Src.String()
-	}
-	return s
-}
-
-func datapathRoute(s state.Route, ifindex int) (datapath.Route, bool) {
-	r := datapath.Route{LinkIndex: ifindex, Scope: s.Scope, IPv6: s.IPv6, Protocol: s.Protocol, MTU: s.MTU}
-	var err error
-	if s.Dst != "" {
-		if r.Dst, err = netip.ParsePrefix(s.Dst); err != nil {
-			return r, false
-		}
-	}
-	if s.Gateway != "" {
-		if r.Gateway, err = netip.ParseAddr(s.Gateway); err != nil {
-			return r, false
-		}
-	}
-	if s.Src != "" {
-		if r.Src, err = netip.ParseAddr(s.Src); err != nil {
-			return r, false
-		}
-	}
-	return r, true
-}
-
-// movedOf converts what endpoint e's record says it took from its link.
-func movedOf(e state.Endpoint) datapath.Moved {
-	m := datapath.Moved{MAC: guestMAC(e)}
-	if e.Moved == nil {
-		return m
-	}
-	for _, a := range e.Moved.Addrs {
-		if p, err := netip.ParsePrefix(a); err == nil {
-			m.Addrs = append(m.Addrs, p)
-		}
-	}
-	for _, s := range e.Moved.Routes {
-		if r, ok := datapathRoute(s, e.LinkIfindex); ok {
-			m.Routes = append(m.Routes, r)
-		}
-	}
-	return m
-}
-
 // macvtapBroken says why macvtap endpoint e must be re-made ("" if it can
 // be repaired in place).
 func macvtapBroken(v view, e state.Endpoint, l datapath.Link) string {
@@ -217,8 +129,8 @@ func macvtapBroken(v view, e state.Endpoint, l datapath.Link) string {
 }
 
 // repairMacvtap plans the missing host-side steps of a macvtap endpoint:
-// one idempotent ensure-macvtap, after recording addresses that appeared
-// on the link since (they go too, and must come back on removal).
+// one idempotent ensure-macvtap, which records addresses that appeared on
+// the link since before it takes them (they must come back on removal).
 func repairMacvtap(v view, e state.Endpoint, l datapath.Link, p *Plan) {
 	m, ok := v.macvtaps[e.Index]
 	stray := strayAddrs(l)
@@ -238,33 +150,33 @@ func repairMacvtap(v view, e state.Endpoint, l datapath.Link, p *Plan) {
 	if why == "" {
 		return
 	}
-	if moved := movedFrom(v, l, e.Moved); e.Moved == nil || len(moved.Addrs) != len(e.Moved.Addrs) || len(moved.Routes) != len(e.Moved.Routes) {
-		e.Moved = moved
-		p.Actions = append(p.Actions, Action{Op: OpRecord, Endpoint: e, Reason: "addresses and routes to move"})
-	}
 	p.Actions = append(p.Actions, Action{Op: OpEnsureMacvtap, Endpoint: e, MTU: l.MTU, Reason: why})
 }
 
-// needsRestore says whether link l still lacks what macvtap endpoint e
-// took from it.
+// needsRestore says whether link l may still lack what macvtap endpoint
+// e took from it: its MAC, an address, a route the observation shows
+// missing; or a route the observation cannot show (another table,
+// another link), which only the give-back itself can check.
 func needsRestore(v view, e state.Endpoint, l datapath.Link) bool {
-	if lentMAC(e, l) {
+	if lentMAC(e, l) || unobservable(e) {
 		return true
 	}
-	m := movedOf(e)
-	for _, a := range m.Addrs {
+	for _, a := range movedAddrs(e) {
 		if !slices.Contains(l.Addrs, a) {
 			return true
 		}
 	}
-	for _, r := range m.Routes {
-		if !slices.ContainsFunc(v.routes, func(o datapath.Route) bool {
-			return o.LinkIndex == r.LinkIndex && o.Dst == r.Dst && o.Gateway == r.Gateway && o.IPv6 == r.IPv6
-		}) {
+	for _, r := range movedRoutes(e) {
+		if !slices.Contains(v.routes, r) {
 			return true
 		}
 	}
 	return false
+}
+
+// sameGuestRoute reports whether a and b are one route to the guest.
+func sameGuestRoute(a, b datapath.Route) bool {
+	return a.LinkIndex == b.LinkIndex && a.Dst == b.Dst && a.Gateway == b.Gateway && a.IPv6 == b.IPv6 && a.Metric == b.Metric
 }
 
 // removeMacvtap plans the host side of a macvtap endpoint's removal:
@@ -279,7 +191,9 @@ func removeMacvtap(v view, e state.Endpoint, p *Plan) {
 	if !ok || !needsRestore(v, e, l) {
 		return
 	}
-	r := movedOf(e)
+	// A record entry that does not parse (edited by hand) cannot be given
+	// back; the rest is.
+	r, _ := movedOf(e)
 	if !lentMAC(e, l) && !bytes.Equal(l.MAC, r.MAC) {
 		r.MAC = l.MAC
 	}
@@ -307,10 +221,8 @@ func withMovedRoutes(v view, wired []wiredLink) []datapath.Route {
 		if w.adopted || w.endpoint.Kind != state.KindMacvtap {
 			continue
 		}
-		for _, r := range movedOf(w.endpoint).Routes {
-			if !slices.ContainsFunc(out, func(o datapath.Route) bool {
-				return o.LinkIndex == r.LinkIndex && o.Dst == r.Dst && o.Gateway == r.Gateway && o.IPv6 == r.IPv6
-			}) {
+		for _, r := range movedRoutes(w.endpoint) {
+			if !slices.ContainsFunc(out, func(o datapath.Route) bool { return sameGuestRoute(o, r) }) {
 				out = append(out, r)
 			}
 		}

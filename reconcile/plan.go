@@ -566,11 +566,6 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 		used[idx] = true
 		e := endpointFor(idx, l, queues)
 		e.Kind = kindFor(l, opts.Model)
-		if e.Kind == state.KindMacvtap {
-			// Intent first: once taken, the addresses and routes exist
-			// only in the record.
-			e.Moved = movedFrom(v, l, nil)
-		}
 		adds.Actions = append(adds.Actions, Action{Op: OpRecord, Endpoint: e, Reason: "new container link " + l.Name})
 		add(v, e, l, opts, &adds)
 		limitWanted[l.Ifindex] = true

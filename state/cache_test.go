@@ -18,7 +18,8 @@ func TestLoadCacheFollowsTheFile(t *testing.T) {
 	}
 	ctx := context.Background()
 	r := Record{Sandbox: "sb", Netns: "/run/netns/a"}
-	r.Put(Endpoint{Index: 0, LinkName: "eth0", Moved: &Moved{Addrs: []string{"10.0.0.2/24"}}})
+	r.Put(Endpoint{Index: 0, LinkName: "eth0", Moved: &Moved{Addrs: []Addr{{Prefix: "10.0.0.2/24"}},
+		Routes: []Route{{Table: 254, Metrics: map[string]uint32{"mtu": 1400}, Hops: []Hop{{Dev: 3}}}}}})
 	if err := s.Save(r); err != nil {
 		t.Fatal(err)
 	}
@@ -26,13 +27,15 @@ func TestLoadCacheFollowsTheFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	first.Endpoints[0].Moved.Addrs[0] = "changed by the caller"
+	first.Endpoints[0].Moved.Addrs[0].Prefix = "changed by the caller"
+	first.Endpoints[0].Moved.Routes[0].Metrics["mtu"] = 9000
+	first.Endpoints[0].Moved.Routes[0].Hops[0].Dev = 9
 	first.Put(Endpoint{Index: 1})
 	again, err := s.Load(ctx, "sb")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(again.Endpoints) != 1 || again.Endpoints[0].Moved.Addrs[0] != "10.0.0.2/24" {
+	if m := again.Endpoints[0].Moved; len(again.Endpoints) != 1 || m.Addrs[0].Prefix != "10.0.0.2/24" || m.Routes[0].Metrics["mtu"] != 1400 || m.Routes[0].Hops[0].Dev != 3 {
 		t.Fatalf("second load %+v: a caller's changes leaked into the store", again)
 	}
 

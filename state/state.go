@@ -3,7 +3,8 @@
 // link identity an endpoint was made for, removals QEMU left pending).
 //
 // Records are JSON with a schema version, one file per sandbox, replaced
-// atomically. The kernel and QEMU stay the truth: a record that cannot be
+// atomically. A record of an older schema version is migrated when it is
+// loaded. The kernel and QEMU stay the truth: a record that cannot be
 // read is set aside and rebuilt from observation, never a reason to stop.
 // This package decides nothing about endpoints and touches no network
 // object.
@@ -15,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -35,8 +37,9 @@ import (
 // "state: write record …: no space left on device".
 var ErrStore = errors.New("state")
 
-// Version is the record schema this build writes and reads.
-const Version = 1
+// Version is the record schema this build writes and reads; it reads
+// the older ones too (see migrate).
+const Version = 2
 
 // DefaultDir lives on tmpfs: records must not survive a reboot, because
 // the namespaces and VMs they describe do not.
@@ -108,23 +111,77 @@ const (
 	KindMacvtapLink = "macvtap-link" // the container link is a macvtap: its queues handed to QEMU
 )
 
-// Moved is a container link's addresses and routes while the macvtap
-// model has taken them away, in text form (this package knows no
+// Moved is what the macvtap model took from a container link, with what
+// it takes to give it back as it was, in text form (this package knows no
 // network types).
 type Moved struct {
-	Addrs  []string `json:"addrs,omitempty"` // prefixes, 10.1.2.3/24
-	Routes []Route  `json:"routes,omitempty"`
+	Addrs  []Addr  `json:"addrs,omitempty"`  // in the kernel's order
+	Routes []Route `json:"routes,omitempty"` // of every table
 }
 
-// Route is one route through a container link, as recorded.
+// Addr is one address taken from a container link, with its attributes.
+type Addr struct {
+	Prefix    string `json:"prefix"`              // local address and prefix length: 10.1.2.3/24
+	Peer      string `json:"peer,omitempty"`      // point-to-point peer address
+	Broadcast string `json:"broadcast,omitempty"` // "" = none
+	Label     string `json:"label,omitempty"`     // "" = the link's name
+	Scope     uint8  `json:"scope,omitempty"`
+	Flags     uint32 `json:"flags,omitempty"`  // IFA_F_* as set (nodad, noprefixroute, …)
+	Metric    uint32 `json:"metric,omitempty"` // of its prefix route
+	Proto     uint8  `json:"proto,omitempty"`
+	// ValidUntil and PreferredUntil end finite lifetimes: nanoseconds on
+	// CLOCK_MONOTONIC, the clock the kernel counts lifetimes on (records
+	// do not outlive a boot). 0 = forever.
+	ValidUntil     int64 `json:"valid_until,omitempty"`
+	PreferredUntil int64 `json:"preferred_until,omitempty"`
+}
+
+// Route is one route that went, or may go, with a container link's
+// addresses, with its attributes.
 type Route struct {
-	Dst      string `json:"dst,omitempty"` // "" = default route
-	Gateway  string `json:"gateway,omitempty"`
-	Src      string `json:"src,omitempty"`
-	Scope    uint8  `json:"scope,omitempty"`
 	IPv6     bool   `json:"ipv6,omitempty"`
-	Protocol int    `json:"protocol,omitempty"`
-	MTU      int    `json:"mtu,omitempty"`
+	Table    uint32 `json:"table"`
+	Dst      string `json:"dst,omitempty"`  // "" = default route
+	From     string `json:"from,omitempty"` // source prefix
+	Tos      uint8  `json:"tos,omitempty"`
+	Protocol uint8  `json:"protocol,omitempty"`
+	Scope    uint8  `json:"scope,omitempty"`
+	Type     uint8  `json:"type"`
+	Flags    uint32 `json:"flags,omitempty"`
+	Metric   uint32 `json:"metric,omitempty"`
+	Dev      int    `json:"dev,omitempty"` // ifindex; 0 for a multipath route
+	Gateway  string `json:"gateway,omitempty"`
+	Src      string `json:"src,omitempty"` // preferred source
+	Hops     []Hop  `json:"hops,omitempty"`
+	// Metrics are the route's RTAX_* metrics by iproute2's names (mtu,
+	// advmss, lock, …).
+	Metrics map[string]uint32 `json:"metrics,omitempty"`
+	CongCtl string            `json:"congctl,omitempty"`
+	Pref    uint8             `json:"pref,omitempty"` // IPv6 router preference
+	Realm   uint32            `json:"realm,omitempty"`
+	// ExpiresAt is when an IPv6 route expires: nanoseconds on
+	// CLOCK_MONOTONIC. 0 = never.
+	ExpiresAt int64 `json:"expires_at,omitempty"`
+}
+
+// Hop is one nexthop of a multipath route.
+type Hop struct {
+	Dev     int    `json:"dev"`
+	Gateway string `json:"gateway,omitempty"`
+	Weight  int    `json:"weight,omitempty"`
+	Flags   uint8  `json:"flags,omitempty"`
+	Realm   uint32 `json:"realm,omitempty"`
+}
+
+// Clone returns a deep copy.
+func (m Moved) Clone() Moved {
+	m.Addrs = slices.Clone(m.Addrs)
+	m.Routes = slices.Clone(m.Routes)
+	for i, r := range m.Routes {
+		m.Routes[i].Hops = slices.Clone(r.Hops)
+		m.Routes[i].Metrics = maps.Clone(r.Metrics)
+	}
+	return m
 }
 
 // Endpoint returns the endpoint with index n.
@@ -153,7 +210,7 @@ func (r Record) Clone() Record {
 	r.Endpoints = slices.Clone(r.Endpoints)
 	for i, e := range r.Endpoints {
 		if e.Moved != nil {
-			m := Moved{Addrs: slices.Clone(e.Moved.Addrs), Routes: slices.Clone(e.Moved.Routes)}
+			m := e.Moved.Clone()
 			r.Endpoints[i].Moved = &m
 		}
 	}
@@ -267,10 +324,12 @@ func ValidID(id string) error {
 func (s *Store) path(id string) string { return filepath.Join(s.dir, id+".json") }
 
 // Load returns the record of sandbox id; a missing one is a new, empty
-// record. A record that cannot be parsed, or has another schema version,
-// is renamed to <id>.json.bad-<time> with a log line and an empty record
-// is returned, so the caller rebuilds from observation. Under a context
-// from ReadOnly the bad record is left where it is.
+// record. A record of an older schema version is migrated to this one
+// (and written as this one by the next Save). A record that cannot be
+// parsed, or has a schema version this build does not know, is renamed
+// to <id>.json.bad-<time> with a log line and an empty record is
+// returned, so the caller rebuilds from observation. Under a context from
+// ReadOnly the bad record is left where it is.
 func (s *Store) Load(ctx context.Context, id string) (Record, error) {
 	if err := ValidID(id); err != nil {
 		return Record{}, err
@@ -301,16 +360,18 @@ func (s *Store) Load(ctx context.Context, id string) (Record, error) {
 	if err != nil {
 		return Record{}, fmt.Errorf("%w: read record %s: %w", ErrStore, p, err)
 	}
-	var r Record
+	r, from, err := decode(b)
 	why := ""
-	if err := json.Unmarshal(b, &r); err != nil {
-		why = "unparsable: " + err.Error()
-	} else if r.Version != Version {
-		why = fmt.Sprintf("schema version %d, this build reads %d", r.Version, Version)
+	if err != nil {
+		why = err.Error()
 	} else if r.Sandbox != id {
 		why = fmt.Sprintf("names sandbox %q", r.Sandbox)
 	}
 	if why == "" {
+		if from != Version {
+			zerolog.Ctx(ctx).Info().Str("sandbox", id).Str("record", p).Int("from_version", from).Int("version", Version).
+				Msg("record of an older schema migrated")
+		}
 		if known {
 			s.remember(id, file, r)
 		}

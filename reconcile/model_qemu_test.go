@@ -62,6 +62,26 @@ func (vm modelVM) do(t *testing.T, cmd string, args map[string]any) {
 	}
 }
 
+// awaitNoNICs waits until QEMU's peripherals hold no NIC of ours, as
+// after an outside device_del.
+func (vm modelVM) awaitNoNICs(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		raw, err := vm.outside.Run([]byte(`{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(raw), "tapsync-net") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("NICs of ours still in QEMU: %s", raw)
+		}
+		time.Sleep(20 * time.Millisecond) // polling for the unplug, bounded by the deadline
+	}
+}
+
 type modelRig struct {
 	r     *Reconciler
 	sb    Sandbox
@@ -203,20 +223,7 @@ func TestFirstReadingNetdevs(t *testing.T) {
 			g.r.Close()
 			g.vm.do(t, "device_del", map[string]any{"id": qmp.DeviceID(0)})
 			g.vm.do(t, "device_del", map[string]any{"id": qmp.DeviceID(1)})
-			deadline := time.Now().Add(10 * time.Second)
-			for {
-				raw, err := g.vm.outside.Run([]byte(`{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}`))
-				if err != nil {
-					t.Fatal(err)
-				}
-				if !strings.Contains(string(raw), "tapsync-net") {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("NICs of ours still in QEMU: %s", raw)
-				}
-				time.Sleep(20 * time.Millisecond)
-			}
+			g.vm.awaitNoNICs(t)
 			if lost {
 				if err := g.store.Delete(g.sb.ID); err != nil {
 					t.Fatal(err)

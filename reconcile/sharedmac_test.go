@@ -219,17 +219,7 @@ func TestSharedMACOneNIC(t *testing.T) {
 			if bad := checkOneNICPerMAC(w, 1); len(bad) > 0 {
 				t.Fatalf("not converged:\n%s", joinLines(bad))
 			}
-			// Steady: nothing more to do, and no mutation however often.
-			mutations, saves := w.mutations, w.saves
-			for range 3 {
-				p, out, err := w.reconcile(Options{})
-				if err != nil || !p.Empty() || out.Mutations != 0 {
-					t.Fatalf("steady reconcile: plan %q, %d mutations, %v", ops(p), out.Mutations, err)
-				}
-			}
-			if w.mutations != mutations || w.saves != saves {
-				t.Errorf("steady state changed the world: %d mutations, %d saves", w.mutations-mutations, w.saves-saves)
-			}
+			checkSteady(t, w)
 		})
 	}
 }

@@ -2,9 +2,7 @@ package reconcile
 
 import (
 	"bytes"
-	"strings"
 	"testing"
-	"time"
 
 	"github.com/tapsync/tapsync/e2e/testnet"
 	"github.com/tapsync/tapsync/qmp"
@@ -30,20 +28,7 @@ func TestFirstReadingNetdevsBehindTapLink(t *testing.T) {
 	}
 	g.r.Close()
 	g.vm.do(t, "device_del", map[string]any{"id": qmp.DeviceID(0)})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		raw, err := g.vm.outside.Run([]byte(`{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}`))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !strings.Contains(string(raw), "tapsync-net") {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("NIC of ours still in QEMU: %s", raw)
-		}
-		time.Sleep(20 * time.Millisecond) // polling for the unplug, bounded by the deadline
-	}
+	g.vm.awaitNoNICs(t)
 	if err := g.store.Delete(g.sb.ID); err != nil {
 		t.Fatal(err)
 	}

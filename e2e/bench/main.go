@@ -165,31 +165,7 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, b
 		return fmt.Sprintf("%.2f×", a/b)
 	}
 	if !cfg.skipB1 {
-		t, f := b1.qmp.tapsync, b1.qmp.floor
-		for _, q := range []struct {
-			name string
-			p    float64
-			goal string
-		}{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "≤ 1.5× the floor"}} {
-			a, b := quantile(t.add, q.p), quantile(f.add, q.p)
-			row(fmt.Sprintf("B1: link appears → device_add answered, %s (%d rounds)", q.name, len(t.add)),
-				fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s**", a, b, ratio(a, b)), q.goal)
-		}
-		for _, q := range []struct {
-			name string
-			p    float64
-			goal string
-		}{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "-"}} {
-			a, b := quantile(t.remove, q.p), quantile(f.remove, q.p)
-			row(fmt.Sprintf("B1': link deleted → netdev deleted and tap gone, less the guest's unplug ack, %s", q.name),
-				fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s** (deletion → device_del received %.1f / %.1f ms, "+
-					"DEVICE_DELETED → done %.1f / %.1f ms; guest ack %.1f / %.1f ms, left out)", a, b, ratio(a, b),
-					quantile(t.toAsk, q.p), quantile(f.toAsk, q.p), quantile(t.afterAck, q.p), quantile(f.afterAck, q.p),
-					quantile(t.ack, q.p), quantile(f.ack, q.p)), q.goal)
-		}
-		n := float64(len(t.add))
-		row("B1 QMP commands per add (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.cmdsAdd, n), perRound(f.cmdsAdd, n)), "-")
-		row("B1' QMP commands per remove (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.cmdsRemove, n), perRound(f.cmdsRemove, n)), "-")
+		printQMP(row, ratio, b1.qmp)
 		if !cfg.skipHMP {
 			printHMP(row, ratio, b1.qmp, b1.hmp)
 		}
@@ -275,83 +251,132 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, b
 	}
 }
 
+// b1Rows is how one monitor's B1 and B1' rows read; printB1 prints them.
+type b1Rows struct {
+	add, remove string // the rows' measures begin with these: "B1", "B1' remove via HMP"
+	// addNote follows the ratio in an add row at quantile p, where a and b
+	// are tapsync's and the floor's add; nil for nothing.
+	addNote func(p, a, b float64) string
+	// removeNote is said in parentheses after the ratio in a removal row.
+	removeNote func(p float64) string
+	afterAdd   func(row func(m, v, g string)) // rows between the add's and the removal's; nil for none
+	after      func(row func(m, v, g string)) // rows after the removal's
+}
+
+// printB1 prints B1 (p50, p90) and B1' (p50, p90) over one monitor, then
+// that monitor's own rows.
+func printB1(row func(m, v, g string), ratio func(a, b float64) string, r b1Pair, rs b1Rows) {
+	t, f := r.tapsync, r.floor
+	type at struct {
+		name string
+		p    float64
+		goal string
+	}
+	for _, p := range []at{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "≤ 1.5× the floor"}} {
+		a, b := quantile(t.add, p.p), quantile(f.add, p.p)
+		v := fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s**", a, b, ratio(a, b))
+		if rs.addNote != nil {
+			v += rs.addNote(p.p, a, b)
+		}
+		row(fmt.Sprintf("%s: link appears → device_add answered, %s (%d rounds)", rs.add, p.name, len(t.add)), v, p.goal)
+	}
+	if rs.afterAdd != nil {
+		rs.afterAdd(row)
+	}
+	for _, p := range []at{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "-"}} {
+		a, b := quantile(t.remove, p.p), quantile(f.remove, p.p)
+		row(fmt.Sprintf("%s: link deleted → netdev deleted and tap gone, less the guest's unplug ack, %s", rs.remove, p.name),
+			fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s** (%s)", a, b, ratio(a, b), rs.removeNote(p.p)), p.goal)
+	}
+	rs.after(row)
+}
+
+// qmpRemoval is a removal over QMP in its parts, at quantile p.
+func qmpRemoval(t, f b1Result, p float64) string {
+	return fmt.Sprintf("deletion → device_del received %.1f / %.1f ms, DEVICE_DELETED → done %.1f / %.1f ms; guest ack %.1f / %.1f ms, left out",
+		quantile(t.toAsk, p), quantile(f.toAsk, p), quantile(t.afterAck, p), quantile(f.afterAck, p),
+		quantile(t.ack, p), quantile(f.ack, p))
+}
+
+// monitorCommands prints the monitor commands per add and per remove.
+func monitorCommands(row func(m, v, g string), monitor string, t, f b1Result) {
+	n := float64(len(t.add))
+	row(fmt.Sprintf("B1 %s commands per add (tapsync / floor)", monitor), fmt.Sprintf("%s / %s", perRound(t.cmdsAdd, n), perRound(f.cmdsAdd, n)), "-")
+	row(fmt.Sprintf("B1' %s commands per remove (tapsync / floor)", monitor), fmt.Sprintf("%s / %s", perRound(t.cmdsRemove, n), perRound(f.cmdsRemove, n)), "-")
+}
+
+// printQMP prints B1 and B1' over the QMP socket on QEMU's command line.
+func printQMP(row func(m, v, g string), ratio func(a, b float64) string, q b1Pair) {
+	t, f := q.tapsync, q.floor
+	printB1(row, ratio, q, b1Rows{
+		add:        "B1",
+		remove:     "B1'",
+		removeNote: func(p float64) string { return qmpRemoval(t, f, p) },
+		after:      func(row func(m, v, g string)) { monitorCommands(row, "QMP", t, f) },
+	})
+}
+
 // printHMP prints B1 and B1' over HMP, with QMP's figures beside them.
 func printHMP(row func(m, v, g string), ratio func(a, b float64) string, q, h b1Pair) {
 	t, f := h.tapsync, h.floor
-	for _, p := range []struct {
-		name string
-		p    float64
-		goal string
-	}{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "≤ 1.5× the floor"}} {
-		a, b := quantile(t.add, p.p), quantile(f.add, p.p)
-		qa, qb := quantile(q.tapsync.add, p.p), quantile(q.floor.add, p.p)
-		row(fmt.Sprintf("B1 add via HMP: link appears → device_add answered, %s (%d rounds)", p.name, len(t.add)),
-			fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s** (over QMP %.1f / %.1f ms: HMP costs tapsync %+.1f ms, the floor %+.1f ms)",
-				a, b, ratio(a, b), qa, qb, a-qa, b-qb), p.goal)
-	}
-	row("B1 add: QEMU executing the add's commands / between them (the client's turn; over HMP QEMU reading and echoing the next line), p50",
-		fmt.Sprintf("QMP: tapsync %.2f / %.2f ms, floor %.2f / %.2f ms; HMP: tapsync %.2f / %.2f ms, floor %.2f / %.2f ms",
-			quantile(q.tapsync.busy, 0.5), quantile(q.tapsync.between, 0.5), quantile(q.floor.busy, 0.5), quantile(q.floor.between, 0.5),
-			quantile(t.busy, 0.5), quantile(t.between, 0.5), quantile(f.busy, 0.5), quantile(f.between, 0.5)), "-")
-	for _, p := range []struct {
-		name string
-		p    float64
-		goal string
-	}{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "-"}} {
-		a, b := quantile(t.remove, p.p), quantile(f.remove, p.p)
-		row(fmt.Sprintf("B1' remove via HMP: link deleted → netdev deleted and tap gone, less the guest's unplug ack, %s", p.name),
-			fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s** (over QMP %.1f / %.1f ms; deletion → device_del received %.1f / %.1f ms, "+
+	printB1(row, ratio, h, b1Rows{
+		add:    "B1 add via HMP",
+		remove: "B1' remove via HMP",
+		addNote: func(p, a, b float64) string {
+			qa, qb := quantile(q.tapsync.add, p), quantile(q.floor.add, p)
+			return fmt.Sprintf(" (over QMP %.1f / %.1f ms: HMP costs tapsync %+.1f ms, the floor %+.1f ms)", qa, qb, a-qa, b-qb)
+		},
+		afterAdd: func(row func(m, v, g string)) {
+			row("B1 add: QEMU executing the add's commands / between them (the client's turn; over HMP QEMU reading and echoing the next line), p50",
+				fmt.Sprintf("QMP: tapsync %.2f / %.2f ms, floor %.2f / %.2f ms; HMP: tapsync %.2f / %.2f ms, floor %.2f / %.2f ms",
+					quantile(q.tapsync.busy, 0.5), quantile(q.tapsync.between, 0.5), quantile(q.floor.busy, 0.5), quantile(q.floor.between, 0.5),
+					quantile(t.busy, 0.5), quantile(t.between, 0.5), quantile(f.busy, 0.5), quantile(f.between, 0.5)), "-")
+		},
+		removeNote: func(p float64) string {
+			return fmt.Sprintf("over QMP %.1f / %.1f ms; deletion → device_del received %.1f / %.1f ms, "+
 				"ACPI eject → done %.1f / %.1f ms, of it eject → the qom-get that found the device gone %.1f / %.1f ms; "+
-				"guest ack, device_del → eject, %.1f / %.1f ms, left out; the whole removal, guest included, %.1f / %.1f ms, over QMP %.1f / %.1f ms)",
-				a, b, ratio(a, b), quantile(q.tapsync.remove, p.p), quantile(q.floor.remove, p.p),
-				quantile(t.toAsk, p.p), quantile(f.toAsk, p.p), quantile(t.afterAck, p.p), quantile(f.afterAck, p.p),
-				quantile(t.pollLag, p.p), quantile(f.pollLag, p.p), quantile(t.ack, p.p), quantile(f.ack, p.p),
-				quantile(t.whole, p.p), quantile(f.whole, p.p), quantile(q.tapsync.whole, p.p), quantile(q.floor.whole, p.p)), p.goal)
-	}
-	n := float64(len(t.add))
-	row("B1 HMP commands per add (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.cmdsAdd, n), perRound(f.cmdsAdd, n)), "-")
-	row("B1' HMP commands per remove (tapsync / floor)", fmt.Sprintf("%s / %s", perRound(t.cmdsRemove, n), perRound(f.cmdsRemove, n)), "-")
-	lead := append(slices.Clone(q.tapsync.ejectLead), q.floor.ejectLead...)
-	row("B1' over QMP: ACPI eject (the guest's ack, HMP's mark) → DEVICE_DELETED (QEMU finalized the device), p50 / max",
-		fmt.Sprintf("%.1f / %.1f ms (%d removals)", quantile(lead, 0.5), quantile(lead, 1), len(lead)), "-")
+				"guest ack, device_del → eject, %.1f / %.1f ms, left out; the whole removal, guest included, %.1f / %.1f ms, over QMP %.1f / %.1f ms",
+				quantile(q.tapsync.remove, p), quantile(q.floor.remove, p),
+				quantile(t.toAsk, p), quantile(f.toAsk, p), quantile(t.afterAck, p), quantile(f.afterAck, p),
+				quantile(t.pollLag, p), quantile(f.pollLag, p), quantile(t.ack, p), quantile(f.ack, p),
+				quantile(t.whole, p), quantile(f.whole, p), quantile(q.tapsync.whole, p), quantile(q.floor.whole, p))
+		},
+		after: func(row func(m, v, g string)) {
+			monitorCommands(row, "HMP", t, f)
+			lead := append(slices.Clone(q.tapsync.ejectLead), q.floor.ejectLead...)
+			row("B1' over QMP: ACPI eject (the guest's ack, HMP's mark) → DEVICE_DELETED (QEMU finalized the device), p50 / max",
+				fmt.Sprintf("%.1f / %.1f ms (%d removals)", quantile(lead, 0.5), quantile(lead, 1), len(lead)), "-")
+		},
+	})
 }
 
 // printWrapper prints B1 and B1' over tapsync-qemu's QMP socket, with
 // the figures over the QMP socket on QEMU's own command line beside them.
 func printWrapper(row func(m, v, g string), ratio func(a, b float64) string, q, w b1Pair) {
 	t, f := w.tapsync, w.floor
-	for _, p := range []struct {
-		name string
-		p    float64
-		goal string
-	}{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "≤ 1.5× the floor"}} {
-		a, b := quantile(t.add, p.p), quantile(f.add, p.p)
-		qa, qb := quantile(q.tapsync.add, p.p), quantile(q.floor.add, p.p)
-		v := fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s** (over QMP on QEMU's command line %.1f / %.1f ms: the wrapper's socket %+.1f / %+.1f ms",
-			a, b, ratio(a, b), qa, qb, a-qa, b-qb)
-		if p.p == 0.5 {
-			v += fmt.Sprintf("; QEMU executing / between the add's commands: tapsync %.2f / %.2f ms, floor %.2f / %.2f ms, on the command line's socket %.2f / %.2f, %.2f / %.2f ms",
-				quantile(t.busy, p.p), quantile(t.between, p.p), quantile(f.busy, p.p), quantile(f.between, p.p),
-				quantile(q.tapsync.busy, p.p), quantile(q.tapsync.between, p.p), quantile(q.floor.busy, p.p), quantile(q.floor.between, p.p))
-		}
-		row(fmt.Sprintf("B1 add via tapsync-qemu: link appears → device_add answered, %s (%d rounds)", p.name, len(t.add)), v+")", p.goal)
-	}
-	for _, p := range []struct {
-		name string
-		p    float64
-		goal string
-	}{{"p50", 0.5, "≤ 1.2× the floor"}, {"p90", 0.9, "-"}} {
-		a, b := quantile(t.remove, p.p), quantile(f.remove, p.p)
-		row(fmt.Sprintf("B1' remove via tapsync-qemu: link deleted → netdev deleted and tap gone, less the guest's unplug ack, %s", p.name),
-			fmt.Sprintf("tapsync %.1f ms, floor %.1f ms: **%s** (over QMP on QEMU's command line %.1f / %.1f ms; deletion → device_del received %.1f / %.1f ms, "+
-				"DEVICE_DELETED → done %.1f / %.1f ms; guest ack %.1f / %.1f ms, left out)",
-				a, b, ratio(a, b), quantile(q.tapsync.remove, p.p), quantile(q.floor.remove, p.p),
-				quantile(t.toAsk, p.p), quantile(f.toAsk, p.p), quantile(t.afterAck, p.p), quantile(f.afterAck, p.p),
-				quantile(t.ack, p.p), quantile(f.ack, p.p)), p.goal)
-	}
-	n := float64(len(t.add))
-	row("B1 / B1' via tapsync-qemu: QMP commands per add, per remove (tapsync / floor)",
-		fmt.Sprintf("%s / %s; %s / %s", perRound(t.cmdsAdd, n), perRound(f.cmdsAdd, n), perRound(t.cmdsRemove, n), perRound(f.cmdsRemove, n)), "-")
+	printB1(row, ratio, w, b1Rows{
+		add:    "B1 add via tapsync-qemu",
+		remove: "B1' remove via tapsync-qemu",
+		addNote: func(p, a, b float64) string {
+			qa, qb := quantile(q.tapsync.add, p), quantile(q.floor.add, p)
+			v := fmt.Sprintf(" (over QMP on QEMU's command line %.1f / %.1f ms: the wrapper's socket %+.1f / %+.1f ms", qa, qb, a-qa, b-qb)
+			if p == 0.5 {
+				v += fmt.Sprintf("; QEMU executing / between the add's commands: tapsync %.2f / %.2f ms, floor %.2f / %.2f ms, on the command line's socket %.2f / %.2f, %.2f / %.2f ms",
+					quantile(t.busy, p), quantile(t.between, p), quantile(f.busy, p), quantile(f.between, p),
+					quantile(q.tapsync.busy, p), quantile(q.tapsync.between, p), quantile(q.floor.busy, p), quantile(q.floor.between, p))
+			}
+			return v + ")"
+		},
+		removeNote: func(p float64) string {
+			return fmt.Sprintf("over QMP on QEMU's command line %.1f / %.1f ms; ", quantile(q.tapsync.remove, p), quantile(q.floor.remove, p)) +
+				qmpRemoval(t, f, p)
+		},
+		after: func(row func(m, v, g string)) {
+			n := float64(len(t.add))
+			row("B1 / B1' via tapsync-qemu: QMP commands per add, per remove (tapsync / floor)",
+				fmt.Sprintf("%s / %s; %s / %s", perRound(t.cmdsAdd, n), perRound(f.cmdsAdd, n), perRound(t.cmdsRemove, n), perRound(f.cmdsRemove, n)), "-")
+		},
+	})
 }
 
 func perRound(counts map[string]int, n float64) string {

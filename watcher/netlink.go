@@ -233,7 +233,7 @@ func (w *NetlinkWatcher) Watch(ctx context.Context, id, netnsPath string) error 
 		// The socket serves every sandbox: its lines carry none of the
 		// fields of the Watch that happened to open it.
 		l := &listener{
-			log:  zerolog.Ctx(ctx).With().Reset().Timestamp().Str("source", string(SourceNetlink)).Logger(),
+			log:  zerolog.Ctx(ctx).With().Reset().Str("source", string(SourceNetlink)).Logger(),
 			done: make(chan struct{}), quit: make(chan struct{}), sock: s,
 		}
 		w.lst = l

@@ -51,8 +51,9 @@ test: deps vet
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) -tags e2e ./...
 
 # faults runs issue 17's slow fault scenarios (e2e/faults_test.go, build
-# tag faults; run it before each stop): QEMU killed 0–16 ms into an add, a
-# 3000-link netlink burst that overflows the socket, a churn soak of
+# tag faults; run it before each stop): QEMU killed as it enters
+# netdev_add and 0–16 ms after a link appears, a 3000-link netlink
+# burst that overflows the socket, a churn soak of
 # FAULTS_SOAK (default 3m) with no fd or goroutine leak, and 10
 # simultaneous starts on one state dir. The fast ones stay in `make test`:
 # cmd/tapsync TestFullStateDirIsCauseState (state dir full),

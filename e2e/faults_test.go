@@ -174,42 +174,68 @@ func openFDs(t *testing.T, pid int) int {
 	return len(ents)
 }
 
-// TestFaultQEMUKilledDuringAdd: QEMU is SIGKILLed 0–16 ms after a link
-// appears. The daemon survives, status shows the error, and once a new
-// QEMU serves the same socket every link is wired again with no stray
-// tap, redirect, NIC or record entry.
+// TestFaultQEMUKilledDuringAdd: QEMU is SIGKILLed while the daemon adds
+// a link. In the first case the kill follows QEMU's trace of entering
+// netdev_add (-trace qmp_enter_netdev_add in its log), so it lands with
+// the add in flight: after getfd and netdev_add reached QEMU, as a rule
+// before the NIC is added. The other cases kill 0–16 ms after a link
+// appears, which lands before or around the add. Either way the daemon
+// survives, status shows the error, and once a new QEMU serves the same
+// socket every link is wired again with no stray tap, redirect, NIC or
+// record entry.
 func TestFaultQEMUKilledDuringAdd(t *testing.T) {
 	testnet.SkipUnlessRoot(t)
 	ctx := t.Context()
 	sb, host := testnet.NewNS(t, "tapsync-fk"), testnet.NewNS(t, "tapsync-fkhost")
 	vmDir, stateDir := t.TempDir(), t.TempDir()
 	startVM := func() *testvm.VM {
-		return testvm.StartNoGuest(t, testvm.Options{NetNS: sb.Path, Dir: vmDir, RootPorts: 8})
+		return testvm.StartNoGuest(t, testvm.Options{NetNS: sb.Path, Dir: vmDir, RootPorts: 8,
+			Args: []string{"-trace", "qmp_enter_netdev_add"}})
+	}
+	// netdevAdds is how many netdev_adds the running QEMU has entered.
+	netdevAdds := func(vm *testvm.VM) int {
+		b, _ := os.ReadFile(vm.Log)
+		return bytes.Count(b, []byte("qmp_enter_netdev_add"))
 	}
 	vm := startVM()
 	n := openNetns(t, sb.Path)
 	d := startDaemon(t, "--config", faultConfig(t, stateDir, sb.Path, vm.QMP))
 	d.waitLog("tapsync running", nil)
 
+	const atNetdevAdd = -1 // kill once QEMU entered netdev_add
 	var want []string
-	for i, offset := range []time.Duration{0, 2 * time.Millisecond, 4 * time.Millisecond, 8 * time.Millisecond, 16 * time.Millisecond} {
+	for i, offset := range []time.Duration{atNetdevAdd, 0, 2 * time.Millisecond, 4 * time.Millisecond, 8 * time.Millisecond, 16 * time.Millisecond} {
 		name := fmt.Sprintf("k%d", i)
+		adds := netdevAdds(vm)
 		testnet.Veth(t, sb, name, testvm.TestMAC(10+i), host, "p"+name)
 		want = append(want, name)
-		// The fault, injected at a fixed offset into the add (not a wait).
-		time.Sleep(offset)
+		if offset == atNetdevAdd {
+			// Polls QEMU's log as fast as it can: the kill is to land
+			// while the add is in flight, not at some time.
+			deadline := time.Now().Add(time.Minute)
+			for netdevAdds(vm) == adds {
+				if time.Now().After(deadline) {
+					log, _ := os.ReadFile(vm.Log)
+					t.Fatalf("QEMU entered no netdev_add for %s within a minute; its log:\n%s", name, log)
+				}
+				time.Sleep(100 * time.Microsecond)
+			}
+		} else {
+			// The fault, injected at a fixed offset into the add (not a wait).
+			time.Sleep(offset)
+		}
 		if err := syscall.Kill(vm.Pid, syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
 		<-vm.Exited()
-		eventually(t, fmt.Sprintf("status shows the dead QEMU's error (kill %v after %s appeared)", offset, name), func() string {
+		eventually(t, fmt.Sprintf("status shows the dead QEMU's error (kill %v after %s appeared; -1: at netdev_add)", offset, name), func() string {
 			st := sandboxStatus(t, stateDir, "sb1")
 			if e, _ := st["last_error"].(string); e == "" {
 				return fmt.Sprintf("no last_error; status %v", st)
 			}
 			return ""
 		})
-		t.Logf("kill %v after %s: status error %q", offset, name, sandboxStatus(t, stateDir, "sb1")["last_error"])
+		t.Logf("kill %v after %s (-1ns: as QEMU entered netdev_add): status error %q", offset, name, sandboxStatus(t, stateDir, "sb1")["last_error"])
 		if err := vm.Stop(); err != nil {
 			t.Fatal(err)
 		}

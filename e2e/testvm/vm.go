@@ -558,6 +558,10 @@ func chooseAccel(ctx context.Context, opts Options) (string, error) {
 		return "", fmt.Errorf("accelerator %q from %s: want tcg, kvm or auto", mode, from)
 	}
 
+	if opts.Image == nil {
+		// No guest runs and firmware does not care, while a KVM guest aborts on some hosts (kvm_buf_set_msrs): always TCG.
+		return "tcg", nil
+	}
 	autoAccel.mu.Lock()
 	defer autoAccel.mu.Unlock()
 	if autoAccel.accel != "" {
@@ -568,10 +572,6 @@ func chooseAccel(ctx context.Context, opts Options) (string, error) {
 		autoAccel.accel = "tcg"
 		logf("testvm: accelerator tcg (no /dev/kvm)")
 		return autoAccel.accel, nil
-	}
-	if opts.Image == nil {
-		// Nothing to probe with; firmware does not care. Decide later.
-		return "tcg", nil
 	}
 	pctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()

@@ -8,12 +8,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/tapsync/tapsync/state"
 	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -446,9 +448,20 @@ func eventuallyChecked(t *testing.T, r *rig) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(r.ctx, time.Minute)
 	defer cancel()
+	// The record is read as well: a removal's last step forgets the
+	// endpoint after its tap is gone, so the netns converges first.
+	recorded := func() bool {
+		store, err := state.Open(r.stateDir)
+		if err != nil {
+			return false
+		}
+		rec, err := store.Load(r.ctx, "sb1")
+		return err == nil && len(rec.Endpoints) == len(r.links) &&
+			!slices.ContainsFunc(rec.Endpoints, func(e state.Endpoint) bool { return e.Removing })
+	}
 	for ctx.Err() == nil {
 		st, err := r.n.Observe(datapath.All)
-		if err == nil && len(st.Taps) == len(r.links) && len(st.Redirects) == 2*len(r.links) {
+		if err == nil && len(st.Taps) == len(r.links) && len(st.Redirects) == 2*len(r.links) && recorded() {
 			r.check()
 			return
 		}

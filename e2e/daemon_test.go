@@ -55,6 +55,25 @@ func tapsyncBinary(t *testing.T) string {
 	return binPath
 }
 
+// oneSandboxConfig writes a daemon config for one sandbox "sb1" from the
+// config file, with no agent, containerd or /proc discovery.
+func oneSandboxConfig(t *testing.T, stateDir, netns, qmpPath string) string {
+	t.Helper()
+	return writeConfig(t, fmt.Sprintf(`
+netns_dir = "/var/run/netns"
+state_dir = %q
+metrics_address = "127.0.0.1:0"
+[containerd]
+enabled = false
+[discovery]
+proc = false
+[[sandbox]]
+id = "sb1"
+netns = %q
+qmp = %q
+`, stateDir, netns, qmpPath))
+}
+
 // writeConfig writes a tapsync config file for test t and returns its path.
 func writeConfig(t *testing.T, body string) string {
 	t.Helper()
@@ -273,19 +292,7 @@ func waitReconciled(t *testing.T, stateDir string, since time.Time) map[string]a
 func TestDaemon(t *testing.T) {
 	testnet.SkipUnlessRoot(t)
 	r := newRig(t, 1)
-	cfg := writeConfig(t, fmt.Sprintf(`
-netns_dir = "/var/run/netns"
-state_dir = %q
-metrics_address = "127.0.0.1:0"
-[containerd]
-enabled = false
-[discovery]
-proc = false
-[[sandbox]]
-id = "sb1"
-netns = %q
-qmp = %q
-`, r.stateDir, r.sb.Path, r.vm.QMP))
+	cfg := oneSandboxConfig(t, r.stateDir, r.sb.Path, r.vm.QMP)
 
 	// systemd's notify socket: the daemon says READY=1 once it runs and
 	// pings the watchdog.

@@ -33,24 +33,6 @@ import (
 	"github.com/tapsync/tapsync/state"
 )
 
-// faultConfig is a daemon config for one sandbox "sb1" with no agent.
-func faultConfig(t *testing.T, stateDir, netns, qmpPath string) string {
-	t.Helper()
-	return writeConfig(t, fmt.Sprintf(`
-netns_dir = "/var/run/netns"
-state_dir = %q
-metrics_address = "127.0.0.1:0"
-[containerd]
-enabled = false
-[discovery]
-proc = false
-[[sandbox]]
-id = "sb1"
-netns = %q
-qmp = %q
-`, stateDir, netns, qmpPath))
-}
-
 // sandboxStatus is sandbox id's entry in `tapsync status`, nil if absent.
 func sandboxStatus(t *testing.T, stateDir, id string) map[string]any {
 	t.Helper()
@@ -199,7 +181,7 @@ func TestFaultQEMUKilledDuringAdd(t *testing.T) {
 	}
 	vm := startVM()
 	n := openNetns(t, sb.Path)
-	d := startDaemon(t, "--config", faultConfig(t, stateDir, sb.Path, vm.QMP))
+	d := startDaemon(t, "--config", oneSandboxConfig(t, stateDir, sb.Path, vm.QMP))
 	d.waitLog("tapsync running", nil)
 
 	const atNetdevAdd = -1 // kill once QEMU entered netdev_add
@@ -265,7 +247,7 @@ func TestFaultNetlinkBurstOverflow(t *testing.T) {
 	vm := testvm.StartNoGuest(t, testvm.Options{NetNS: sb.Path, RootPorts: 8})
 	n := openNetns(t, sb.Path)
 	stateDir := t.TempDir()
-	d := startDaemon(t, "--config", faultConfig(t, stateDir, sb.Path, vm.QMP))
+	d := startDaemon(t, "--config", oneSandboxConfig(t, stateDir, sb.Path, vm.QMP))
 	metrics := d.waitLog("serving metrics", nil)["address"].(string)
 	d.waitLog("tapsync running", nil)
 	testnet.Veth(t, sb, "v0", testvm.TestMAC(1), host, "pv0")
@@ -355,7 +337,7 @@ func TestFaultChurnSoak(t *testing.T) {
 	vm := testvm.ForTest(t, testvm.Options{NetNS: sb.Path, RootPorts: 8, SelfConfig: true})
 	n := openNetns(t, sb.Path)
 	stateDir := t.TempDir()
-	d := startDaemon(t, "--config", faultConfig(t, stateDir, sb.Path, vm.QMP))
+	d := startDaemon(t, "--config", oneSandboxConfig(t, stateDir, sb.Path, vm.QMP))
 	metrics := d.waitLog("serving metrics", nil)["address"].(string)
 	d.waitLog("tapsync running", nil)
 	pid := d.cmd.Process.Pid

@@ -223,6 +223,9 @@ func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 		case !w.plugged && obs.Guest != nil && guestHas(obs.Guest, want):
 			p.Actions = append(p.Actions, Action{Op: OpConfirmGuest, Endpoint: e, Digest: d, Reason: "the guest already has it"})
 		default:
+			// A NIC this plan plugs is new to the guest: nothing the agent
+			// says can spare its configuration.
+			p.askGuest = p.askGuest || !w.plugged
 			why := "guest interface not configured"
 			switch {
 			case w.plugged:
@@ -242,6 +245,7 @@ func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 		if obs.Guest != nil && !flushed && guestHasRoutes(obs.Guest, routes) {
 			p.Actions = append(p.Actions, Action{Op: OpConfirmGuestRoutes, Endpoint: sandboxWide, Digest: d, Reason: "the guest already has them"})
 		} else {
+			p.askGuest = p.askGuest || !flushed
 			p.Actions = append(p.Actions, Action{Op: OpUpdateGuestRoutes, Endpoint: sandboxWide, Routes: routes, Digest: d})
 		}
 	}
@@ -300,9 +304,7 @@ func boolInt(b bool) int {
 }
 
 // NeedsGuest reports whether the plan has guest steps that the agent's
-// view of the guest could turn into confirmations.
-func (p Plan) NeedsGuest() bool {
-	return slices.ContainsFunc(p.Actions, func(a Action) bool {
-		return a.Op == OpConfigureGuest || a.Op == OpUpdateGuestRoutes
-	})
-}
+// view of the guest could turn into confirmations. Steps for a NIC the
+// plan plugs, and routes through an interface it configures, cannot be:
+// the guest has nothing of them yet, so asking would only delay them.
+func (p Plan) NeedsGuest() bool { return p.askGuest }

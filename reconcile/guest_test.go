@@ -98,6 +98,32 @@ func TestGuestConvergedMakesNoAgentCalls(t *testing.T) {
 	}
 }
 
+// A NIC the pass plugs is new to the guest, and so are the routes through
+// it: the plan goes ahead without first asking the agent what the guest
+// has (two calls before the plug, each a round trip to the VM). A record
+// that lost its digests still asks (TestGuestAlreadyConfiguredIsConfirmed).
+func TestGuestNotAskedBeforeAPlug(t *testing.T) {
+	w := podWorld()
+	if p := Compute(w.observed(), w.rec, guestOn); p.NeedsGuest() {
+		t.Errorf("first plug of eth0: plan %q asks the guest first", ops(p))
+	}
+	mustConvergeGuest(t, w)
+	j := w.addLink("net1", "veth", macN(2), 1500)
+	w.links[len(w.links)-1].Addrs = []netip.Prefix{netip.MustParsePrefix("10.9.0.5/24")}
+	w.routes = append(w.routes, datapath.Route{Dst: netip.MustParsePrefix("10.9.0.0/24"), LinkIndex: j})
+	p := Compute(w.observed(), w.rec, guestOn)
+	if !strings.Contains(ops(p), "plug-nic/1 configure-guest/1 update-guest-routes/-1") || p.NeedsGuest() {
+		t.Errorf("net1 added: plan %q, asks the guest first: %v", ops(p), p.NeedsGuest())
+	}
+	// An address added to a wired link can be in the guest already.
+	w = podWorld()
+	mustConvergeGuest(t, w)
+	w.links[0].Addrs = append(w.links[0].Addrs, netip.MustParsePrefix("10.1.0.6/24"))
+	if p := Compute(w.observed(), w.rec, guestOn); !p.NeedsGuest() {
+		t.Errorf("address added to eth0: plan %q does not ask the guest", ops(p))
+	}
+}
+
 func maps2str(m map[string]int) string {
 	var s []string
 	for _, k := range slices.Sorted(func(yield func(string) bool) {

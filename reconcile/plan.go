@@ -281,6 +281,8 @@ type Plan struct {
 	// Notes are what the plan cannot do for wired links (a rate limit
 	// their kind cannot carry), for status and logs.
 	Notes []string
+
+	askGuest bool // see NeedsGuest
 }
 
 // Empty reports whether the plan changes nothing.

@@ -123,6 +123,11 @@ type Env struct {
 	// without error. It exists for fault injection: crash tests kill the
 	// process here to prove that every intermediate state is repaired.
 	AfterAction func(Action)
+	// Refresh, if set, reads the sandbox's container links (with their
+	// addresses), routes and permanent neighbours again. A pass that
+	// plugs a NIC sends its guest steps with what it reads then (see
+	// refreshGuest).
+	Refresh func(ctx context.Context) (Observed, error)
 }
 
 // applier runs one plan against one sandbox.
@@ -135,6 +140,7 @@ type applier struct {
 	ahead     map[int]bool   // plan positions applied ahead of their turn (see unplugBatch)
 	unplugs   map[int]error  // plan position of an unplug asked in a batch → its outcome
 	waited    bool           // an unplug batch of this pass has had its wait
+	plugs     int            // NICs plugged in this pass
 }
 
 // Apply executes p in order. The record is saved at every record step
@@ -190,6 +196,13 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 			err = a.unplugs[i]
 			a.unplugged[n] = err == nil
 		} else {
+			if act.Op.Guestward() && p.guest != nil && a.plugs > 0 && a.Refresh != nil {
+				act = a.refreshGuest(ctx, p.guest, act)
+			}
+			if (act.ifChanged && act.Digest == rec.GuestRoutes) || (act.Op == OpAddGuestNeighbors && len(act.Neighbors) == 0) {
+				log.Debug().Str("action", act.Op.String()).Msg("guest step not sent: nothing has changed")
+				continue
+			}
 			logAction(ctx, act)
 			err = a.do(ctx, act, &rec)
 		}
@@ -296,6 +309,7 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 			return err
 		}
 		a.paths[e.Index] = path
+		a.plugs++
 		return nil
 	case OpEnsureMacvtap:
 		// Intent first: what is taken exists only in the record

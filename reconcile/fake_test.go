@@ -635,7 +635,11 @@ func (w *world) Save(r state.Record) error {
 }
 
 func (w *world) env() Env {
-	return Env{Host: w, VM: w, Guest: w.guest, Recorder: w, Vhost: datapath.VhostOff, GuestLinkWait: 200 * time.Millisecond}
+	return Env{Host: w, VM: w, Guest: w.guest, Recorder: w, Vhost: datapath.VhostOff, GuestLinkWait: 200 * time.Millisecond,
+		Refresh: func(context.Context) (Observed, error) {
+			o := w.observed()
+			return Observed{Links: o.Links, Routes: o.Routes, Neighbors: o.Neighbors}, nil
+		}}
 }
 
 // teardown runs the teardown plan once against w; vmGone also empties

@@ -203,21 +203,22 @@ type guestDevice struct {
 
 // planGuest appends the guest steps for the wired links, in order:
 // interfaces, then routes (they name the interfaces), then neighbours.
+// A plan that plugs a NIC keeps what it planned from in p.guest, and
+// always has a routes step: its guest steps are brought up to date when
+// sent (see refreshGuest).
 func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
-	devs := map[int]guestDevice{} // by link ifindex
 	// Devices whose interface the plan configures: the agent takes them
 	// down to do so, and the kernel drops the routes and neighbours
 	// through them.
 	reconfigured := map[string]bool{}
+	plugging := false
 	for _, w := range wired {
 		if w.adopted {
-			devs[w.link.Ifindex] = guestDevice{name: w.link.Name, endpoint: -1, nic: runtimeNICKey(w.link.MAC)}
 			continue
 		}
 		e := w.endpoint
-		dev := guestDevice{name: w.link.Name, endpoint: e.Index, nic: nicKey(e, w.link.MAC, w.plugged)}
 		want := desiredInterface(w.link)
-		d := endpointDigest(dev.nic, want)
+		d := endpointDigest(deviceOf(w).nic, want)
 		switch {
 		case !w.plugged && e.Guest == d:
 		case !w.plugged && obs.Guest != nil && guestHas(obs.Guest, want):
@@ -226,6 +227,7 @@ func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 			// A NIC this plan plugs is new to the guest: nothing the agent
 			// says can spare its configuration.
 			p.askGuest = p.askGuest || !w.plugged
+			plugging = plugging || w.plugged
 			why := "guest interface not configured"
 			switch {
 			case w.plugged:
@@ -234,24 +236,60 @@ func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 				why = fmt.Sprintf("%s changed", w.link.Name)
 			}
 			p.Actions = append(p.Actions, Action{Op: OpConfigureGuest, Endpoint: e, Guest: want, Digest: d, Reason: why})
-			reconfigured[dev.name] = true
+			reconfigured[w.link.Name] = true
 		}
-		devs[w.link.Ifindex] = dev
 	}
+	devs := guestDevices(wired)
 
 	routes := guestRoutes(obs.Routes, devs)
 	flushed := slices.ContainsFunc(routes, func(r GuestRoute) bool { return reconfigured[r.Route.Device] })
-	if d := routesDigest(routes); d != rec.GuestRoutes || flushed {
-		if obs.Guest != nil && !flushed && guestHasRoutes(obs.Guest, routes) {
-			p.Actions = append(p.Actions, Action{Op: OpConfirmGuestRoutes, Endpoint: sandboxWide, Digest: d, Reason: "the guest already has them"})
-		} else {
-			p.askGuest = p.askGuest || !flushed
-			p.Actions = append(p.Actions, Action{Op: OpUpdateGuestRoutes, Endpoint: sandboxWide, Routes: routes, Digest: d})
-		}
+	switch d := routesDigest(routes); {
+	case d == rec.GuestRoutes && !flushed && plugging:
+		// CNI gives a new link its addresses and routes after making
+		// it, often while its NIC is being plugged.
+		p.Actions = append(p.Actions, Action{Op: OpUpdateGuestRoutes, Endpoint: sandboxWide, Routes: routes, Digest: d,
+			Reason: "NIC plugged: sent if the routes have changed by then", ifChanged: true})
+	case d == rec.GuestRoutes && !flushed:
+	case obs.Guest != nil && !flushed && guestHasRoutes(obs.Guest, routes):
+		p.Actions = append(p.Actions, Action{Op: OpConfirmGuestRoutes, Endpoint: sandboxWide, Digest: d, Reason: "the guest already has them"})
+	default:
+		p.askGuest = p.askGuest || !flushed
+		p.Actions = append(p.Actions, Action{Op: OpUpdateGuestRoutes, Endpoint: sandboxWide, Routes: routes, Digest: d})
 	}
 
+	neigh := guestNeighbors(obs.Neighbors, devs)
+	// There is no call to remove a neighbour: a smaller set is not pushed.
+	flushed = slices.ContainsFunc(neigh, func(n GuestNeighbor) bool { return reconfigured[n.Neighbor.Device] })
+	if d := neighborsDigest(neigh); len(neigh) > 0 && (d != rec.GuestNeighbors || flushed) {
+		p.Actions = append(p.Actions, Action{Op: OpAddGuestNeighbors, Endpoint: sandboxWide, Neighbors: neigh, Digest: d})
+	}
+	if plugging {
+		p.guest = &guestInputs{wired: wired}
+	}
+}
+
+// deviceOf is wired link w as the guest's routes and neighbours name it.
+func deviceOf(w wiredLink) guestDevice {
+	if w.adopted {
+		return guestDevice{name: w.link.Name, endpoint: -1, nic: runtimeNICKey(w.link.MAC)}
+	}
+	return guestDevice{name: w.link.Name, endpoint: w.endpoint.Index, nic: nicKey(w.endpoint, w.link.MAC, w.plugged)}
+}
+
+// guestDevices are the wired links by ifindex.
+func guestDevices(wired []wiredLink) map[int]guestDevice {
+	devs := map[int]guestDevice{}
+	for _, w := range wired {
+		devs[w.link.Ifindex] = deviceOf(w)
+	}
+	return devs
+}
+
+// guestNeighbors turns the sandbox's permanent neighbours on wired links
+// into the guest's, in a stable order.
+func guestNeighbors(neighbors []datapath.Neighbor, devs map[int]guestDevice) []GuestNeighbor {
 	var neigh []GuestNeighbor
-	for _, n := range obs.Neighbors {
+	for _, n := range neighbors {
 		if dev, ok := devs[n.LinkIndex]; ok && n.IP.IsValid() && len(n.MAC) > 0 {
 			neigh = append(neigh, GuestNeighbor{Endpoint: dev.endpoint, NIC: dev.nic,
 				Neighbor: agent.Neighbor{IP: n.IP, MAC: n.MAC, Device: dev.name, State: n.State, Flags: n.Flags}})
@@ -260,11 +298,7 @@ func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 	slices.SortFunc(neigh, func(a, b GuestNeighbor) int {
 		return cmp.Or(strings.Compare(a.Neighbor.Device, b.Neighbor.Device), a.Neighbor.IP.Compare(b.Neighbor.IP))
 	})
-	// There is no call to remove a neighbour: a smaller set is not pushed.
-	flushed = slices.ContainsFunc(neigh, func(n GuestNeighbor) bool { return reconfigured[n.Neighbor.Device] })
-	if d := neighborsDigest(neigh); len(neigh) > 0 && (d != rec.GuestNeighbors || flushed) {
-		p.Actions = append(p.Actions, Action{Op: OpAddGuestNeighbors, Endpoint: sandboxWide, Neighbors: neigh, Digest: d})
-	}
+	return neigh
 }
 
 // sandboxWide is the endpoint of steps that concern the whole guest.

@@ -124,6 +124,41 @@ func TestGuestNotAskedBeforeAPlug(t *testing.T) {
 	}
 }
 
+// CNI gives a new link its address and routes a moment after making it.
+// When they come while the NIC is being plugged, the same pass sends them
+// to the guest, with one configuration of the interface, and the next
+// pass has nothing to do.
+func TestGuestGetsWhatCNISetDuringThePlug(t *testing.T) {
+	w := podWorld()
+	mustConvergeGuest(t, w)
+	j := w.addLink("net1", "veth", macN(2), 1500) // no address yet
+	p := w.plan(guestOn)
+	env := w.env()
+	env.AfterAction = func(a Action) {
+		if a.Op == OpPlugNIC && a.Endpoint.LinkIfindex == j {
+			w.links[len(w.links)-1].Addrs = []netip.Prefix{netip.MustParsePrefix("10.9.0.5/24")}
+			w.routes = append(w.routes, datapath.Route{Dst: netip.MustParsePrefix("10.8.0.0/16"), Gateway: netip.MustParseAddr("10.9.0.1"), LinkIndex: j})
+		}
+	}
+	configs := w.guest.calls["UpdateInterface"]
+	if _, _, err := Apply(context.Background(), p, w.rec, w.observed(), env); err != nil {
+		t.Fatalf("plan %q: %v", ops(p), err)
+	}
+	if n := w.guest.calls["UpdateInterface"] - configs; n != 1 {
+		t.Errorf("net1 configured %d times in the pass, want 1", n)
+	}
+	if g := w.guest.iface(macN(2)); g == nil || !slices.Contains(g.Addrs, netip.MustParsePrefix("10.9.0.5/24")) {
+		t.Errorf("guest net1 = %+v, want the address CNI set during the plug", g)
+	}
+	if !slices.ContainsFunc(w.guest.routes, func(r agent.Route) bool { return r.Dest == netip.MustParsePrefix("10.8.0.0/16") }) {
+		t.Errorf("guest routes = %+v, want 10.8.0.0/16 via net1", w.guest.routes)
+	}
+	if p := w.plan(guestOn); !p.Empty() {
+		t.Errorf("the next pass: plan %q, want nothing", ops(p))
+	}
+	mustConvergeGuest(t, w)
+}
+
 func maps2str(m map[string]int) string {
 	var s []string
 	for _, k := range slices.Sorted(func(yield func(string) bool) {

@@ -142,6 +142,7 @@ type Action struct {
 	Routes    []GuestRoute    // OpUpdateGuestRoutes
 	Neighbors []GuestNeighbor // OpAddGuestNeighbors
 	Digest    string          // guest ops: what the record keeps once done
+	ifChanged bool            // OpUpdateGuestRoutes: skipped if, when sent, the digest is the record's
 
 	// AwaitUnplug (OpPlugNIC) names endpoints whose NIC has the same MAC
 	// and is being removed: the plug waits until their unplug has
@@ -282,7 +283,8 @@ type Plan struct {
 	// their kind cannot carry), for status and logs.
 	Notes []string
 
-	askGuest bool // see NeedsGuest
+	askGuest bool         // see NeedsGuest
+	guest    *guestInputs // what the guest steps were planned from, when the plan plugs a NIC
 }
 
 // Empty reports whether the plan changes nothing.

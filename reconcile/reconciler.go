@@ -669,6 +669,25 @@ func (s *session) parts() datapath.Parts {
 	return datapath.Parts{Addrs: guest || macvtap, Routes: guest || macvtap, Neighbors: guest}
 }
 
+// refresh reads the netns's container links, routes and neighbours
+// again, for guest steps sent later in the pass (Env.Refresh).
+func (s *session) refresh(context.Context) (Observed, error) {
+	var (
+		o   Observed
+		err error
+	)
+	if o.Links, err = s.host.ContainerLinks(); err != nil {
+		return Observed{}, err
+	}
+	if o.Routes, err = s.host.Routes(); err != nil {
+		return Observed{}, err
+	}
+	if o.Neighbors, err = s.host.Neighbors(); err != nil {
+		return Observed{}, err
+	}
+	return o, nil
+}
+
 func (s *session) observe(ctx context.Context) error {
 	hs, err := s.host.Observe(s.parts())
 	if err != nil {
@@ -934,7 +953,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 	st.Skipped, st.Notes = p.Skipped, p.Notes
 	r.logSkipped(log, id, p.Skipped)
 	env := Env{Host: s.host, VM: s.vm, Guest: guest, Recorder: r.store, Vhost: s.sb.Vhost, AfterAction: r.AfterAction,
-		GuestLinkWait: s.sb.GuestTimeout}
+		GuestLinkWait: s.sb.GuestTimeout, Refresh: s.refresh}
 	rec, out, err := Apply(ctx, p, s.rec, s.obs, env)
 	st.Mutations, st.Pending, st.Held, st.Endpoints = out.Mutations, out.Pending, out.Held, rec.Endpoints
 	if client != nil && out.GuestFailed {

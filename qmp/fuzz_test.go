@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -96,6 +97,15 @@ func FuzzParseInfoNetwork(f *testing.F) {
 				t.Fatalf("parseInfoNetwork(%q) gave id %q (dup %v)", out, id, seen[id])
 			}
 			seen[id] = true
+		}
+		nics, _ := parseNetwork(out)
+		for i, n := range nics {
+			if len(n.MAC) != 6 || slices.ContainsFunc(nics[:i], func(o NICInfo) bool { return o.ID == n.ID }) {
+				t.Fatalf("parseNetwork(%q) gave NIC %+v (MAC of 6 bytes, ids unique)", out, n)
+			}
+			if idx, owned := ParseDeviceID(n.ID); owned != n.Owned || owned && n.Index != idx {
+				t.Fatalf("parseNetwork(%q) gave NIC %+v: ownership not its id's", out, n)
+			}
 		}
 	})
 }

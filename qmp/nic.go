@@ -714,6 +714,26 @@ func (c *Client) ReadDevices(ctx context.Context) (VMState, error) {
 	return VMState{NICs: t.nics, Netdevs: netdevs, Topology: newTopology(t.buses, t.types)}, nil
 }
 
+// ReadNetwork reads the VM's NICs and every netdev in one round trip that
+// asks QEMU for no more than that: each NIC's id, MAC and netdev, as QEMU's
+// network layer lists them (a reply of a few hundred bytes, where ReadVM's
+// device tree is tens of KB). It is a verification's reading, not a
+// placement's: the Topology is empty, and the NICs have no Bus, Addr or
+// PCIPath. A NIC's MAC is the one it uses now: the guest's, should the
+// guest have changed it (ReadVM's is the one it was plugged with).
+//
+// Equivalent to: HMP info network.
+func (c *Client) ReadNetwork(ctx context.Context) (VMState, error) {
+	var out string
+	if err := c.runInto(ctx, "human-monitor-command", "command-line=info network",
+		map[string]any{"command-line": "info network"}, &out); err != nil {
+		return VMState{}, fmt.Errorf("read network of VM at %s: %w", c.path, err)
+	}
+	nics, netdevs := parseNetwork(out)
+	sortNICs(nics)
+	return VMState{NICs: nics, Netdevs: netdevs}, nil
+}
+
 // sortNICs orders ours first, by index, then the others by PCI path.
 func sortNICs(nics []NICInfo) {
 	sort.Slice(nics, func(i, j int) bool {
@@ -727,7 +747,10 @@ func sortNICs(nics []NICInfo) {
 		if a.PCIPath != b.PCIPath {
 			return a.PCIPath < b.PCIPath
 		}
-		return a.Bus+a.Addr < b.Bus+b.Addr
+		if a.Bus+a.Addr != b.Bus+b.Addr {
+			return a.Bus+a.Addr < b.Bus+b.Addr
+		}
+		return a.ID < b.ID // ReadNetwork's, which have no place
 	})
 }
 
@@ -804,6 +827,87 @@ func parseInfoNetwork(out string) []string {
 		}
 	}
 	return ids
+}
+
+// parseNetwork reads the virtio-net NICs and the netdevs of HMP "info
+// network" (see parseInfoNetwork for its shape). A NIC is a client of type
+// nic whose model is a virtio-net-pci: its name is its device's id (QEMU
+// names a NIC made without an id "<model>.<n>", which is never one of
+// ours), its MAC is in the first queue's line, and its netdev is the
+// client printed under it (" \ "), or the hub port it is printed under
+// (" \ hp0: NIC: ...").
+func parseNetwork(out string) (nics []NICInfo, netdevs []string) {
+	netdevs = parseInfoNetwork(out)
+	last := -1 // the NIC whose queue was the last client line at the left margin
+	inHub := false
+	for _, line := range strings.Split(out, "\n") {
+		line = strings.TrimRight(line, "\r")
+		if strings.HasPrefix(line, "hub ") {
+			inHub, last = true, -1
+			continue
+		}
+		rest, indented := strings.CutPrefix(line, " \\ ")
+		if indented && !inHub {
+			// The netdev of the NIC above, or of one of its queues.
+			if name, typ, ok := parseNetClient(rest); ok && typ != "nic" && last >= 0 && nics[last].Netdev == "" {
+				nics[last].Netdev = name
+			}
+			continue
+		}
+		port := ""
+		if !indented {
+			inHub = false
+		} else if p, peer, ok := strings.Cut(rest, ": "); ok {
+			port, rest = p, peer // a hub port, then its NIC
+		}
+		name, info, ok := parseNetClientInfo(rest)
+		if !ok {
+			continue // "filters:" and its list, junk
+		}
+		if !indented {
+			last = -1
+		}
+		if info["type"] != "nic" || !isVirtioNet(info["model"]) {
+			continue
+		}
+		i := slices.IndexFunc(nics, func(n NICInfo) bool { return n.ID == name })
+		if i < 0 {
+			n := NICInfo{ID: name, Index: -1, Netdev: port}
+			if idx, owned := ParseDeviceID(name); owned {
+				n.Index, n.Owned, n.QOMPath = idx, true, peripheral+"/"+name
+			}
+			nics = append(nics, n)
+			i = len(nics) - 1
+		}
+		if mac, err := net.ParseMAC(info["macaddr"]); err == nil && len(mac) == 6 && nics[i].MAC == nil {
+			nics[i].MAC = mac
+		}
+		if !indented {
+			last = i
+		}
+	}
+	// A NIC without a readable MAC is not one this reader can vouch for:
+	// leave it out rather than guess (a caller comparing MACs then sees a
+	// difference, and reads the VM fully).
+	nics = slices.DeleteFunc(nics, func(n NICInfo) bool { return n.MAC == nil })
+	return nics, netdevs
+}
+
+// parseNetClientInfo splits "<name>: index=<q>,type=<type>,<k>=<v>,..."
+// into the name and its key=value fields.
+func parseNetClientInfo(s string) (string, map[string]string, bool) {
+	name, typ, ok := parseNetClient(s)
+	if !ok {
+		return "", nil, false
+	}
+	_, rest, _ := strings.Cut(s, ": ")
+	info := map[string]string{"type": typ}
+	for _, field := range strings.Split(rest, ",") {
+		if k, v, ok := strings.Cut(field, "="); ok && k != "type" {
+			info[k] = v
+		}
+	}
+	return name, info, true
 }
 
 // parseNetClient splits "<name>: index=<q>,type=<type>,<info>".

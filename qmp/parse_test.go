@@ -46,6 +46,48 @@ func TestParseInfoNetwork(t *testing.T) {
 	}
 }
 
+func TestParseNetwork(t *testing.T) {
+	var captured string // QEMU 7.2: hubs, a 2-queue tap NIC, a NIC without netdev
+	readJSON(t, "info-network-q35.json", &captured)
+	type nic struct{ id, mac, netdev string }
+	for _, tc := range []struct {
+		name, out string
+		want      []nic
+	}{
+		{"captured", captured, []nic{
+			{"tapsync-net1", "02:00:00:00:00:01", "tapsync-netdev1"},
+			{"kata0", "02:00:00:00:00:03", "hp1"}, // its hub port
+			{"virtio-net-pci.2", "02:00:00:00:00:02", ""},
+		}},
+		{"empty", "", nil},
+		{"not virtio", "nic0: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:56\r\n \\ net0: index=0,type=tap,fd=3\r\n", nil},
+		{"filters between a NIC and its netdev",
+			"tapsync-net2: index=0,type=nic,model=virtio-net-pci-non-transitional,macaddr=02:00:00:00:00:05\r\nfilters:\r\n  - f0: type=filter-dump\r\n \\ tapsync-netdev2: index=0,type=tap,fd=9\r\n",
+			[]nic{{"tapsync-net2", "02:00:00:00:00:05", "tapsync-netdev2"}}},
+		{"a netdev under no NIC line is not a NIC's", "tapsync-netdev3: index=0,type=tap,fd=13\r\n \\ tapsync-netdev4: index=0,type=tap,fd=14\r\n", nil},
+		{"MAC unreadable: left out", "tapsync-net1: index=0,type=nic,model=virtio-net-pci,macaddr=zz\r\n", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			nics, _ := parseNetwork(tc.out)
+			var got []nic
+			for _, n := range nics {
+				got = append(got, nic{n.ID, n.MAC.String(), n.Netdev})
+				idx, owned := ParseDeviceID(n.ID)
+				if n.Owned != owned || (owned && (n.Index != idx || n.QOMPath != peripheral+"/"+n.ID)) || (!owned && (n.Index != -1 || n.QOMPath != "")) {
+					t.Errorf("NIC %+v: ownership, index or QOM path inconsistent with its id", n)
+				}
+			}
+			sortNICsByID := func(a, b nic) int { return strings.Compare(a.id, b.id) }
+			slices.SortFunc(got, sortNICsByID)
+			want := slices.Clone(tc.want)
+			slices.SortFunc(want, sortNICsByID)
+			if !slices.Equal(got, want) {
+				t.Errorf("parseNetwork NICs = %v, want %v", got, want)
+			}
+		})
+	}
+}
+
 func TestChoosePlacement(t *testing.T) {
 	// q35 with root ports rp1..rp4 (tapsync-net1 on rp1, kata0 on rp3) and
 	// a pci-bridge br1 (slots 1 and 2 used).

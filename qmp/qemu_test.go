@@ -718,3 +718,62 @@ func TestQEMUReadDevices(t *testing.T) {
 		t.Errorf("NICs: ReadDevices %+v, ReadVM %+v", dev.NICs, full.NICs)
 	}
 }
+
+// TestQEMUReadNetwork: info network, in one command, gives the NICs (ids,
+// MACs, netdevs) and the netdevs that the device tree and the netdev
+// listing give in two, for ours (multiqueue), Kata's cold-plugged ones
+// (with and without an id, on hub ports) and a netdev without a NIC.
+func TestQEMUReadNetwork(t *testing.T) {
+	requireTaps(t)
+	t.Parallel()
+	vm := startVM(t, "q35", 2,
+		"-netdev", "hubport,id=hp0,hubid=0",
+		"-device", "virtio-net-pci,netdev=hp0,mac=02:00:00:00:00:a0,romfile=,bus=rp1",
+		"-netdev", "hubport,id=hp1,hubid=1",
+		"-device", "virtio-net-pci,id=kata1,netdev=hp1,mac=02:00:00:00:00:a1,romfile=,bus=pcie.0,addr=0x7",
+		"-netdev", "hubport,id=alone,hubid=2",
+	)
+	c := dialT(t, vm.qmp, Options{})
+	ctx := context.Background()
+	if _, err := c.AddNIC(ctx, NIC{Index: 2, MAC: mustMAC(t, "02:00:00:00:00:02"), TapFDs: openTap(t, 2), Placement: rootPorts}); err != nil {
+		t.Fatal(err)
+	}
+	before := c.Commands()
+	got, err := c.ReadNetwork(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := c.Commands() - before; n != 1 {
+		t.Errorf("ReadNetwork sent %d commands, want 1", n)
+	}
+	full, err := c.ReadVM(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a, b := slices.Sorted(slices.Values(got.Netdevs)), slices.Sorted(slices.Values(full.Netdevs)); !slices.Equal(a, b) {
+		t.Errorf("netdevs: ReadNetwork %q, ReadVM %q", a, b)
+	}
+	if len(got.NICs) != len(full.NICs) || len(full.NICs) != 3 {
+		t.Fatalf("NICs: ReadNetwork %+v\nReadVM %+v", got.NICs, full.NICs)
+	}
+	if !got.NICs[0].Owned || got.NICs[0].Index != 2 {
+		t.Errorf("ReadNetwork lists %+v first, want ours", got.NICs[0])
+	}
+	for _, n := range full.NICs {
+		i := slices.IndexFunc(got.NICs, func(g NICInfo) bool { return bytes.Equal(g.MAC, n.MAC) })
+		if i < 0 {
+			t.Errorf("ReadNetwork has no NIC with MAC %s: %+v", n.MAC, got.NICs)
+			continue
+		}
+		g := got.NICs[i]
+		if n.ID == "" {
+			n.ID = g.ID // QEMU names a NIC without an id after its model
+		}
+		if !n.Owned {
+			n.QOMPath = "" // only an id of ours is known to be the device's
+		}
+		if g.ID != n.ID || g.Index != n.Index || g.Owned != n.Owned || g.Netdev != n.Netdev || g.QOMPath != n.QOMPath {
+			t.Errorf("NIC %s: ReadNetwork %+v, ReadVM %+v", n.MAC, g, n)
+		}
+	}
+}

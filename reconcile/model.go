@@ -20,8 +20,9 @@ import (
 // round trip (each one waits for QEMU's main loop, slow under TCG).
 //
 // The model starts unknown with each connection: the first pass observes
-// QEMU fully and installs what it saw (listing the netdevs only when the
-// record does not account for the NICs; see observe). From then on our
+// QEMU and installs what it saw (a record with endpoints is verified
+// against QEMU's NICs and netdevs alone, without their places; see
+// observe). From then on our
 // own commands (a plug's result, an unplug's) and QEMU's events
 // (DEVICE_DELETED) keep it current. It falls back to unknown — the next
 // pass observes fully — whenever it could be stale: a QMP command that
@@ -38,6 +39,11 @@ type vmModel struct {
 	known  bool        // nics, netdevs and topo are current
 	verify bool        // the next pass observes fully and compares
 	read   bool        // the connection's first reading is done (see observe)
+	// partial: nics and netdevs are current, topo and the NICs' places
+	// (Bus, Addr, PCIPath) are not known: the first reading only verified
+	// the record (see observe). A pass that has something to do reads the
+	// VM fully first (see needsFullReading).
+	partial bool
 	// version counts changes from events and our commands: a full
 	// observation during which it moved may have missed one, and is not
 	// installed.
@@ -164,28 +170,41 @@ func (m *vmModel) fresh() (nics []qmp.NICInfo, netdevs []int, ok bool) {
 	return slices.Clone(m.nics), slices.Clone(m.netdevs), true
 }
 
-// observe reads QEMU fully and installs what it saw, unless the model
-// changed meanwhile. With a verify due and a model known, what differed
-// is logged.
+// observe reads QEMU and installs what it saw, unless the model changed
+// meanwhile. With a verify due and a full model known, what differed is
+// logged.
 //
-// The connection's first reading leaves the netdev listing out when
-// accounted says the caller's record accounts for the NICs read (see
-// accounted): our netdevs are then those of our NICs. Every later
-// reading — after an error, for a verify — lists them.
+// The connection's first reading asks QEMU for no more than its use
+// needs. When recorded says the caller's record has endpoints (a restart:
+// the pass is most likely a verification), it reads the NICs and netdevs
+// only (ReadNetwork) and the model is partial: enough to plan, not to
+// act (see needsFullReading). Otherwise it reads the device tree and
+// leaves the netdev listing out when accounted says the record accounts
+// for the NICs read (see accounted): our netdevs are then those of our
+// NICs. Every later reading — after an error, for a verify, for a pass
+// with something to do after a partial one — is full.
 //
 // Equivalent to: ReadVM (HMP info qtree, info network): NICs, netdevs and
-// hot-plug slots in two round trips; one (ReadDevices) for a first
-// reading the record accounts for.
-func (m *vmModel) observe(ctx context.Context, accounted func([]qmp.NICInfo) bool) ([]qmp.NICInfo, []int, error) {
+// hot-plug slots in two round trips; one for a first reading: HMP info
+// network (ReadNetwork) with a record to verify, else info qtree
+// (ReadDevices) when the record accounts for the NICs.
+func (m *vmModel) observe(ctx context.Context, recorded func() bool, accounted func([]qmp.NICInfo) bool) ([]qmp.NICInfo, []int, error) {
 	m.mu.Lock()
 	v, c, first := m.version, m.conn, !m.read
 	m.read = true
 	m.mu.Unlock()
-	vm, err := c.ReadDevices(ctx)
+	var vm qmp.VMState
+	var err error
+	partial := first && recorded != nil && recorded()
+	if partial {
+		vm, err = c.ReadNetwork(ctx)
+	} else {
+		vm, err = c.ReadDevices(ctx)
+	}
 	if err != nil {
 		return nil, nil, err
 	}
-	if !first || accounted == nil || !accounted(vm.NICs) {
+	if !partial && (!first || accounted == nil || !accounted(vm.NICs)) {
 		if vm.Netdevs, err = c.ListNetdevs(ctx); err != nil {
 			return nil, nil, err
 		}
@@ -196,16 +215,56 @@ func (m *vmModel) observe(ctx context.Context, accounted func([]qmp.NICInfo) boo
 	if m.version != v {
 		return vm.NICs, netdevs, nil // changed under us: observe again next time
 	}
-	if m.known && m.verify {
+	if m.known && m.verify && !m.partial && !partial {
 		if diff := m.diffLocked(vm.NICs, netdevs); diff != "" {
 			zerolog.Ctx(ctx).Warn().Str("differences", diff).
 				Msg("the model of the VM differed from QEMU (a bug, or another actor changed the VM); replaced")
 		}
 	}
-	m.known, m.verify = true, false
+	m.known, m.verify, m.partial = true, false, partial
 	m.nics, m.netdevs = slices.Clone(vm.NICs), slices.Clone(netdevs)
 	m.topo = vm.Topology
 	return vm.NICs, netdevs, nil
+}
+
+// complete makes a partial model full (see observe) with the device tree
+// alone, one round trip: the netdevs stay those the partial reading
+// listed, since nothing changed the model in between. ok is false when
+// something did (an event, a command): the model is then unknown, and
+// the caller observes again.
+//
+// Equivalent to: ReadDevices (HMP info qtree).
+func (m *vmModel) complete(ctx context.Context) (nics []qmp.NICInfo, netdevs []int, ok bool, err error) {
+	m.mu.Lock()
+	v, c := m.version, m.conn
+	m.mu.Unlock()
+	vm, err := c.ReadDevices(ctx)
+	if err != nil {
+		m.forget()
+		return nil, nil, false, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.version != v || !m.known || !m.partial {
+		m.known = false
+		m.version++
+		return nil, nil, false, nil
+	}
+	m.partial = false
+	m.nics, m.topo = slices.Clone(vm.NICs), vm.Topology
+	return vm.NICs, slices.Clone(m.netdevs), true, nil
+}
+
+// needsFullReading says whether the model is partial (see observe): a
+// pass that acts completes it first, since plugging needs the free slots,
+// and the guest the NICs' PCI paths.
+func (m *vmModel) needsFullReading() bool {
+	if m == nil {
+		return false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.known && m.partial
 }
 
 // diffLocked says how the model differs from what QEMU showed, "" when it
@@ -246,7 +305,7 @@ func (m *vmModel) place(index int, p qmp.Placement) *qmp.Place {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if !m.known || m.verify || slices.Contains(m.netdevs, index) ||
+	if !m.known || m.verify || m.partial || slices.Contains(m.netdevs, index) ||
 		slices.ContainsFunc(m.nics, func(n qmp.NICInfo) bool { return n.Owned && n.Index == index }) {
 		return nil
 	}
@@ -266,6 +325,10 @@ func (m *vmModel) plugged(info qmp.NICInfo) {
 	defer m.mu.Unlock()
 	m.version++
 	if !m.known {
+		return
+	}
+	if m.partial {
+		m.known = false // the slot it took is not in a topology the model has
 		return
 	}
 	if slices.ContainsFunc(m.nics, func(n qmp.NICInfo) bool { return n.QOMPath == info.QOMPath }) {

@@ -3,6 +3,7 @@ package reconcile
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -30,17 +31,51 @@ import (
 type modelVM struct {
 	qmp     string
 	outside *qmp.Client
+	trace   string // QEMU's trace of the QMP commands it receives
 }
 
 func startModelVM(t *testing.T) modelVM {
 	t.Helper()
-	sock, test := startQEMU(t, "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off")
+	trace := filepath.Join(t.TempDir(), "trace.log")
+	sock, test := startQEMU(t, "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+		"-trace", "handle_qmp_command", "-D", trace)
 	out, err := qmp.Dial(context.Background(), test, qmp.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { out.Close() })
-	return modelVM{qmp: sock, outside: out}
+	return modelVM{qmp: sock, outside: out, trace: trace}
+}
+
+// commands returns the QMP commands QEMU has received so far, in order,
+// each as its name, and for human-monitor-command its command line:
+// "human-monitor-command info network". QEMU writes each trace line as
+// it takes the command, before it answers.
+func (vm modelVM) commands(t *testing.T) []string {
+	t.Helper()
+	b, err := os.ReadFile(vm.trace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cmds []string
+	for _, line := range strings.Split(string(b), "\n") {
+		_, req, ok := strings.Cut(line, "handle_qmp_command mon ")
+		if !ok {
+			continue
+		}
+		_, req, _ = strings.Cut(req, "req: ")
+		var m struct {
+			Execute   string `json:"execute"`
+			Arguments struct {
+				CommandLine string `json:"command-line"`
+			} `json:"arguments"`
+		}
+		if err := json.Unmarshal([]byte(req), &m); err != nil {
+			t.Fatalf("trace line %q: %v", line, err)
+		}
+		cmds = append(cmds, strings.TrimSpace(m.Execute+" "+m.Arguments.CommandLine))
+	}
+	return cmds
 }
 
 // do runs a command on the outside monitor.
@@ -203,11 +238,11 @@ func TestFirstReadingNetdevs(t *testing.T) {
 		g := newModelRig(t, 2)
 		g.restart(t)
 		if n, err := g.pass(t); err != nil || n != 1 {
-			t.Errorf("first pass after a restart: %d QMP commands, err %v; want 1 (info qtree)", n, err)
+			t.Errorf("first pass after a restart: %d QMP commands, err %v; want 1 (info network)", n, err)
 		}
 		testnet.Veth(t, g.ns, "net2", macN(3), g.peer, "peer2")
-		if n, err := g.pass(t); err != nil || n != 3 {
-			t.Errorf("a pass adding one NIC: %d QMP commands, err %v; want 3 (getfd, netdev_add, device_add)", n, err)
+		if n, err := g.pass(t); err != nil || n != 4 {
+			t.Errorf("a pass adding one NIC: %d QMP commands, err %v; want 4 (info qtree, getfd, netdev_add, device_add)", n, err)
 		}
 	})
 	// The daemon is gone (a crash) when the VM's last NIC goes, its netdev
@@ -256,6 +291,41 @@ func TestFirstReadingNetdevs(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A restart's pass verifies the record, changing nothing, with the
+// connection's greeting and one reading of the VM's NICs and netdevs
+// (info network): no device tree. The first pass after it that acts reads
+// the device tree once (the free slots), then plugs; the pass after that
+// asks QEMU nothing.
+func TestRestartPassCommands(t *testing.T) {
+	g := newModelRig(t, 2)
+	check := func(what string, from int, want ...string) int {
+		t.Helper()
+		cmds := g.vm.commands(t)
+		if got := cmds[from:]; !slices.Equal(got, want) {
+			t.Errorf("%s: QEMU received %q; want %q", what, got, want)
+		}
+		return len(cmds)
+	}
+	from := len(g.vm.commands(t))
+	g.restart(t)
+	if _, err := g.pass(t); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := g.r.StatusOf(g.sb.ID); st.Mutations != 0 || len(st.Endpoints) != 2 {
+		t.Errorf("restart pass: %d mutations, endpoints %+v; want none, both recorded", st.Mutations, st.Endpoints)
+	}
+	from = check("restart pass", from, "qmp_capabilities", "human-monitor-command info network")
+	testnet.Veth(t, g.ns, "net2", macN(3), g.peer, "peer2")
+	if _, err := g.pass(t); err != nil {
+		t.Fatal(err)
+	}
+	from = check("the add after it", from, "human-monitor-command info qtree", "getfd", "netdev_add", "device_add")
+	if _, err := g.pass(t); err != nil {
+		t.Fatal(err)
+	}
+	check("the pass after the add", from)
 }
 
 // An outside device_del: QEMU's DEVICE_DELETED takes the NIC out of the

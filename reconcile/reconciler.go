@@ -627,6 +627,7 @@ func (r *Reconciler) open(ctx context.Context, id string, forPlan bool) (*sessio
 		return nil, err
 	}
 	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement, model: m,
+		recorded:  func() bool { return len(s.rec.Endpoints) > 0 },
 		accounted: func(nics []qmp.NICInfo) bool { return accounted(s.rec, nics, s.taps, s.tapLinks) }}
 	if s.rec, err = r.loadRecord(ctx, id); err != nil {
 		r.endPlan(s)
@@ -940,6 +941,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 	if err := r.applyGuestEvents(ctx, s); err != nil {
 		return err
 	}
+	if _, err := s.readFully(ctx, func() Plan { return Compute(s.obs, s.rec, s.options()) }); err != nil {
+		return WithCause(CauseNetns, fmt.Errorf("sandbox %s: observe: %w", id, err))
+	}
 	p, guest, client, guestErr := r.planWithGuest(ctx, s)
 	if gone := r.takeLinksGone(id); s.obs.lists(gone) {
 		// Once: a netns whose links keep going is left to the queue's
@@ -948,6 +952,11 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		if err := s.observe(ctx); err != nil {
 			return WithCause(CauseNetns, fmt.Errorf("sandbox %s: observe: %w", id, err))
 		}
+		p, guest, client, guestErr = r.planWithGuest(ctx, s)
+	}
+	if again, err := s.readFully(ctx, func() Plan { return p }); err != nil {
+		return WithCause(CauseNetns, fmt.Errorf("sandbox %s: observe: %w", id, err))
+	} else if again {
 		p, guest, client, guestErr = r.planWithGuest(ctx, s)
 	}
 	st.Skipped, st.Notes = p.Skipped, p.Notes

@@ -25,8 +25,10 @@ type qmpVM struct {
 	// when fresh, and plugs and unplugs keep it current (nil: ask QEMU
 	// every time).
 	model *vmModel
-	// accounted, when set, says whether the sandbox's record accounts for
-	// the NICs a first reading of the VM found (see accounted).
+	// recorded, when set, says whether the sandbox's record has endpoints
+	// for a first reading of the VM to verify, and accounted whether it
+	// accounts for the NICs a first reading found (see vmModel.observe).
+	recorded  func() bool
 	accounted func([]qmp.NICInfo) bool
 }
 
@@ -35,7 +37,7 @@ func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
 		infos, netdevs, ok := v.model.fresh()
 		var err error
 		if !ok {
-			infos, netdevs, err = v.model.observe(ctx, v.accounted)
+			infos, netdevs, err = v.model.observe(ctx, v.recorded, v.accounted)
 		}
 		if err != nil {
 			return nil, nil, err
@@ -47,6 +49,26 @@ func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
 		return nil, nil, err
 	}
 	return nicsOf(vm.NICs), netdevIndexes(vm.Netdevs), nil
+}
+
+// readFully reads the VM fully when the model is partial (the
+// connection's first reading only verified the record; see
+// vmModel.observe) and the pass's plan acts: plugging needs the VM's free
+// slots, the guest its NICs' PCI paths. The observation then holds the
+// full reading's NICs. It says whether it read.
+func (s *session) readFully(ctx context.Context, plan func() Plan) (bool, error) {
+	if s.forPlan || !s.vm.model.needsFullReading() || plan().Empty() {
+		return false, nil
+	}
+	nics, netdevs, ok, err := s.vm.model.complete(ctx)
+	if err != nil {
+		return true, err
+	}
+	if !ok {
+		return true, s.observe(ctx) // the model changed meanwhile: all again
+	}
+	s.obs.NICs, s.obs.Netdevs = nicsOf(nics), netdevs
+	return true, nil
 }
 
 // accounted says whether record rec and the netns's taps account for

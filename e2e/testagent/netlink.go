@@ -7,21 +7,21 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/tapsync/tapsync/agent/agentpb"
+	"github.com/tapsync/tapsync/e2e/testagent/control"
 )
 
 // linkWait is how long UpdateInterface waits for the link when the request
 // names a devicePath: the NIC was just hot-plugged and the guest kernel
-// may not have made the link yet. Kata's agent waits similarly.
+// may not have made the link yet. Kata's agent waits similarly, on
+// events (uevents for the PCI path); this one on link events (waitLink).
 const linkWait = 5 * time.Second
-
-// linkPoll is the interval of that wait.
-const linkPoll = 50 * time.Millisecond
 
 // iffNoARP is IFF_NOARP from <linux/if.h>.
 const iffNoARP = 0x80
@@ -59,11 +59,21 @@ func (s *Server) linkByMAC(mac net.HardwareAddr) (netlink.Link, error) {
 // Equivalent to: ip link set DEV down (if up); ip link set DEV name NAME;
 // ip link set NAME mtu MTU arp on|off; ip addr replace A dev NAME (and
 // ip addr del for others); ip link set NAME up.
-func (s *Server) updateInterface(ctx context.Context, req *agentpb.UpdateInterfaceRequest) (*agentpb.Interface, error) {
+func (s *Server) updateInterface(ctx context.Context, req *agentpb.UpdateInterfaceRequest) (_ *agentpb.Interface, err error) {
 	want := req.GetInterface()
 	if want == nil {
 		return nil, fmt.Errorf("%w: no interface", errInvalid)
 	}
+	tl := s.timeline.Load()
+	tl.Record(control.EventUpdateInterface, want.GetHwAddr(), fmt.Sprintf("name %s addresses %s devicePath %q",
+		want.GetName(), addrsText(want.GetIPAddresses()), want.GetDevicePath()))
+	defer func() {
+		done := "addresses " + addrsText(want.GetIPAddresses())
+		if err != nil {
+			done = "error: " + err.Error()
+		}
+		tl.Record(control.EventUpdateInterfaceDone, want.GetHwAddr(), done)
+	}()
 	mac, err := net.ParseMAC(want.GetHwAddr())
 	if err != nil {
 		return nil, fmt.Errorf("%w: hwAddr %q: %v", errInvalid, want.GetHwAddr(), err)
@@ -75,9 +85,11 @@ func (s *Server) updateInterface(ctx context.Context, req *agentpb.UpdateInterfa
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	link, err := s.linkByMAC(mac)
-	if err == nil && link == nil && want.GetDevicePath() != "" {
+	var link netlink.Link
+	if want.GetDevicePath() != "" {
 		link, err = s.waitLink(ctx, mac)
+	} else {
+		link, err = s.linkByMAC(mac)
 	}
 	if err != nil {
 		return nil, err
@@ -87,6 +99,7 @@ func (s *Server) updateInterface(ctx context.Context, req *agentpb.UpdateInterfa
 		return nil, fmt.Errorf("Link not found (hwAddr %s)", mac)
 	}
 	name := link.Attrs().Name
+	tl.Record(control.EventInterfaceLinkFound, want.GetHwAddr(), "name "+name)
 
 	// Kata's agent takes an up link down before it configures it (and a
 	// rename needs it down): the kernel drops the routes and neighbours
@@ -129,21 +142,59 @@ func (s *Server) updateInterface(ctx context.Context, req *agentpb.UpdateInterfa
 	return s.interfaceToPB(link)
 }
 
+// waitLink finds the link with mac, waiting up to linkWait (or until ctx
+// ends) for it to appear: it looks again after every link event. It
+// answers nil, nil when the link did not come.
 func (s *Server) waitLink(ctx context.Context, mac net.HardwareAddr) (netlink.Link, error) {
 	ctx, cancel := context.WithTimeout(ctx, linkWait)
 	defer cancel()
-	t := time.NewTicker(linkPoll)
-	defer t.Stop()
 	for {
-		select {
-		case <-ctx.Done():
-			return nil, nil
-		case <-t.C:
-		}
+		changed := s.links.changed() // before looking: an event after the look wakes us
 		if l, err := s.linkByMAC(mac); err != nil || l != nil {
 			return l, err
 		}
+		select {
+		case <-ctx.Done():
+			return nil, nil
+		case <-changed:
+		}
 	}
+}
+
+// addrsText spells a request's addresses for the timeline: "[a/n b/m]".
+func addrsText(pbs []*agentpb.IPAddress) string {
+	var b strings.Builder
+	b.WriteByte('[')
+	for i, a := range pbs {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(a.GetAddress() + "/" + a.GetMask())
+	}
+	b.WriteByte(']')
+	return b.String()
+}
+
+// routesText spells a request's routes for the timeline.
+func routesText(pbs []*agentpb.Route) string {
+	var b strings.Builder
+	b.WriteByte('[')
+	for i, r := range pbs {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		dst := r.GetDest()
+		if dst == "" {
+			dst = "default"
+		}
+		b.WriteString(dst)
+		if gw := r.GetGateway(); gw != "" {
+			b.WriteString(" via " + gw)
+		}
+		b.WriteString(" dev " + r.GetDevice())
+	}
+	b.WriteByte(']')
+	return b.String()
 }
 
 // replaceAddrs makes the link's addresses exactly addrs, except for
@@ -314,7 +365,16 @@ func (s *Server) listRoutes() (*agentpb.Routes, error) {
 // routes now in the main table.
 //
 // Equivalent to: ip route replace DEST via GW dev DEV src SRC scope S mtu M
-func (s *Server) updateRoutes(_ context.Context, req *agentpb.UpdateRoutesRequest) (*agentpb.Routes, error) {
+func (s *Server) updateRoutes(_ context.Context, req *agentpb.UpdateRoutesRequest) (_ *agentpb.Routes, err error) {
+	tl := s.timeline.Load()
+	asked := routesText(req.GetRoutes().GetRoutes())
+	tl.Record(control.EventUpdateRoutes, "", asked)
+	defer func() {
+		if err != nil {
+			asked = "error: " + err.Error()
+		}
+		tl.Record(control.EventUpdateRoutesDone, "", asked)
+	}()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, pb := range req.GetRoutes().GetRoutes() {

@@ -3,9 +3,11 @@
 // (UpdateInterface, UpdateRoutes, ListInterfaces, ListRoutes,
 // AddARPNeighbors) and grpc.Health on ttrpc and does the work with netlink
 // in one network namespace, the way Kata's agent does: the guest link is
-// found by MAC, configured, renamed and brought up. It counts calls so that
-// tests can assert what the daemon asked for. It has no cgo and builds
-// statically for the guest's busybox initramfs.
+// found by MAC (waiting on link events for a hot-plugged one),
+// configured, renamed and brought up. It counts calls so that tests can
+// assert what the daemon asked for, and records what it sees on a
+// Timeline when given one. It has no cgo and builds statically for the
+// guest's busybox initramfs.
 package testagent
 
 import (
@@ -14,6 +16,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 
 	"github.com/containerd/ttrpc"
 	"github.com/vishvananda/netlink"
@@ -23,6 +26,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/tapsync/tapsync/agent/agentpb"
+	"github.com/tapsync/tapsync/e2e/testagent/control"
 )
 
 // Method names as they travel on the wire.
@@ -40,7 +44,11 @@ var mutating = []string{MethodUpdateInterface, MethodUpdateRoutes, MethodAddARPN
 
 // Server answers agent calls with the kernel of one network namespace.
 type Server struct {
-	nl *netlink.Handle
+	nl    *netlink.Handle
+	ns    *netns.NsHandle // NewServerAt's, our own copy; nil for NewServer
+	links *linkWatch
+
+	timeline atomic.Pointer[Timeline]
 
 	// mu serialises the handlers that change links, addresses, routes
 	// and neighbours, as one agent process would.
@@ -59,22 +67,50 @@ func NewServer() (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("netlink handle: %w", err)
 	}
-	return &Server{nl: h, calls: map[string]int{}}, nil
+	s := &Server{nl: h, calls: map[string]int{}}
+	if s.links, err = startLinkWatch(nil, s.timeline.Load); err != nil {
+		h.Close()
+		return nil, err
+	}
+	return s, nil
 }
 
 // NewServerAt serves the network namespace ns, whichever namespace its
-// goroutines run in (the netlink socket is bound to ns).
+// goroutines run in (the netlink sockets are bound to ns). ns stays the
+// caller's: the server keeps a copy of its own.
 func NewServerAt(ns netns.NsHandle) (*Server, error) {
-	h, err := netlink.NewHandleAt(ns)
+	fd, err := unix.FcntlInt(uintptr(ns), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
+		return nil, fmt.Errorf("netns %s: dup: %w", ns, err)
+	}
+	own := netns.NsHandle(fd)
+	h, err := netlink.NewHandleAt(own)
+	if err != nil {
+		own.Close()
 		return nil, fmt.Errorf("netlink handle in netns %s: %w", ns, err)
 	}
-	return &Server{nl: h, calls: map[string]int{}}, nil
+	s := &Server{nl: h, ns: &own, calls: map[string]int{}}
+	if s.links, err = startLinkWatch(s.ns, s.timeline.Load); err != nil {
+		h.Close()
+		own.Close()
+		return nil, fmt.Errorf("netns %s: %w", ns, err)
+	}
+	return s, nil
 }
 
-// Close releases the netlink socket. Serve and ServeConn must have returned.
+// SetTimeline makes the server record on t what it sees and does: link
+// events, and each UpdateInterface and UpdateRoutes received, its link
+// found and its end. nil records nothing (the default).
+func (s *Server) SetTimeline(t *Timeline) { s.timeline.Store(t) }
+
+// Close releases the netlink sockets. Serve and ServeConn must have
+// returned.
 func (s *Server) Close() error {
+	s.links.stop()
 	s.nl.Close()
+	if s.ns != nil {
+		s.ns.Close()
+	}
 	return nil
 }
 
@@ -199,6 +235,11 @@ func handler[Req any, PReq interface {
 }, Resp proto.Message](s *Server, method string, h func(context.Context, PReq) (Resp, error)) ttrpc.Method {
 	return func(ctx context.Context, unmarshal func(any) error) (any, error) {
 		s.count(method)
+		if method != MethodUpdateInterface && method != MethodUpdateRoutes { // those record their own steps
+			tl := s.timeline.Load()
+			tl.Record(control.EventAgentCall, "", method)
+			defer tl.Record(control.EventAgentCallDone, "", method)
+		}
 		req := PReq(new(Req))
 		if err := unmarshal(req); err != nil {
 			return nil, err

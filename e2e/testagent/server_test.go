@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -14,6 +16,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/tapsync/tapsync/agent"
+	"github.com/tapsync/tapsync/e2e/testagent/control"
 	"github.com/tapsync/tapsync/e2e/testnet"
 )
 
@@ -211,9 +214,12 @@ func TestLinkNotFound(t *testing.T) {
 }
 
 // TestWaitForDevice: with a devicePath the agent waits for the link to
-// appear (a NIC being hot-plugged) instead of failing at once.
+// appear (a NIC being hot-plugged) instead of failing at once, woken by
+// the link's RTM_NEWLINK; its timeline has the call's steps in order.
 func TestWaitForDevice(t *testing.T) {
 	g := newGuest(t)
+	tl := NewTimeline()
+	g.srv.SetTimeline(tl)
 	peer := testnet.NewNS(t, "tspeer")
 	c := g.dial(t)
 	m := mac("02:00:5e:00:10:02")
@@ -238,6 +244,49 @@ func TestWaitForDevice(t *testing.T) {
 	}
 	if _, err := g.nl.LinkByName("eth2"); err != nil {
 		t.Errorf("link not renamed: %v", err)
+	}
+	// The order of the call's steps; link events (the rename among them)
+	// may come in between.
+	want := []string{control.EventUpdateInterface, control.EventNewLink, control.EventInterfaceLinkFound, control.EventUpdateInterfaceDone}
+	var got []string
+	for _, e := range tl.Since(0).Events {
+		if e.MAC != m.String() {
+			continue
+		}
+		if len(got) < len(want) && e.Kind == want[len(got)] {
+			got = append(got, e.Kind)
+		}
+		if e.Kind == control.EventUpdateInterfaceDone && !strings.Contains(e.Detail, "10.3.0.2/24") {
+			t.Errorf("done event %q: want the address set", e.Detail)
+		}
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("timeline of the call: %v in order, want %v; all: %+v", got, want, tl.Since(0).Events)
+	}
+}
+
+// TestTimelineSince: events come back after a sequence number, oldest
+// first; what the bound pushed out is counted as dropped.
+func TestTimelineSince(t *testing.T) {
+	tl := NewTimeline()
+	for i := range timelineCap + 10 {
+		tl.Record("k", "", strconv.Itoa(i))
+	}
+	all := tl.Since(0)
+	if len(all.Events) != timelineCap || all.Dropped != 10 || all.Events[0].Detail != "10" {
+		t.Fatalf("Since(0): %d events from %q, %d dropped; want %d from \"10\", 10 dropped", len(all.Events), all.Events[0].Detail, all.Dropped, timelineCap)
+	}
+	last := all.Events[len(all.Events)-1].Seq
+	if r := tl.Since(last - 2); len(r.Events) != 2 || r.Dropped != 0 || r.Events[0].Seq != last-1 {
+		t.Errorf("Since(last-2) = %+v, want the last two", r)
+	}
+	if r := tl.Since(last); len(r.Events) != 0 {
+		t.Errorf("Since(last) = %+v, want nothing", r)
+	}
+	var none *Timeline
+	none.Record("k", "", "") // a nil timeline records nothing
+	if r := none.Since(0); len(r.Events) != 0 {
+		t.Errorf("nil timeline: %+v", r)
 	}
 }
 

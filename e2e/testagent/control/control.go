@@ -6,9 +6,10 @@
 // apart. It does no I/O of its own beyond reading the stream it is given.
 //
 // Restart takes and returns google.protobuf.Empty. The traffic methods
-// take and return a google.protobuf.BytesValue holding JSON: test-only
-// messages that need no generated code on either side. Each side decodes
-// with unknown fields refused.
+// and the measuring methods (Clock, Timeline) take and return a
+// google.protobuf.BytesValue holding JSON: test-only messages that need
+// no generated code on either side. Each side decodes with unknown fields
+// refused.
 package control
 
 import (
@@ -24,6 +25,8 @@ const (
 	MethodTCPResult = "TCPResult"
 	MethodTCPSend   = "TCPSend"
 	MethodPing      = "Ping"
+	MethodClock     = "Clock"
+	MethodTimeline  = "Timeline"
 )
 
 // TCPSinkRequest: listen on Listen ("ip:port", port 0 for any), accept one
@@ -66,18 +69,121 @@ type TCPCount struct {
 }
 
 // PingRequest: one ICMP echo to Addr (IPv4) with Size bytes of payload
-// (IP packet Size+28), DF set when DontFragment, retried once a second
-// until a reply or Timeout.
+// (IP packet Size+28), DF set when DontFragment, retried every Interval
+// (0: once a second) until a reply or Timeout. With From (an IPv4
+// address of the guest, or a prefix: any of the guest's addresses in it)
+// the guest first waits, on a netlink subscription, until one of its
+// links has such an address, and sends from it: a ping asked for before
+// the address exists goes out the moment it does, and through the link
+// that holds it.
 type PingRequest struct {
 	Addr         string        `json:"addr"`
+	From         string        `json:"from,omitempty"`
 	Size         int           `json:"size"`
 	DontFragment bool          `json:"dont_fragment"`
+	Interval     time.Duration `json:"interval,omitempty"`
 	Timeout      time.Duration `json:"timeout"`
 }
 
+// PingReply: the round trip of the echo answered, and, on the guest's
+// clock (CLOCK_REALTIME), when From was seen on a link (zero without
+// From), when the first echo went out and when the reply came. Tries
+// counts the echoes sent.
 type PingReply struct {
-	RTT time.Duration `json:"rtt"`
+	RTT       time.Duration `json:"rtt"`
+	AddrSeen  time.Time     `json:"addr_seen,omitzero"`
+	FirstSent time.Time     `json:"first_sent"`
+	Replied   time.Time     `json:"replied"`
+	Tries     int           `json:"tries"`
 }
+
+// ClockRequest asks for the guest's clock; it has no fields.
+type ClockRequest struct{}
+
+// ClockReply is the guest's CLOCK_REALTIME when it handled the call. The
+// caller brackets the call with its own clock to find the offset (see
+// ClockSample).
+type ClockReply struct {
+	Realtime time.Time `json:"realtime"`
+}
+
+// ClockSample is one Clock call as the host saw it: sent and received on
+// the host's clock, the guest's answer in between.
+type ClockSample struct {
+	Sent, Received time.Time
+	Guest          time.Time
+}
+
+// Offset is guest − host: the guest's reading less the midpoint of the
+// call on the host's clock.
+func (c ClockSample) Offset() time.Duration {
+	mid := c.Sent.Add(c.Received.Sub(c.Sent) / 2)
+	return c.Guest.Sub(mid)
+}
+
+// Uncertainty bounds Offset's error: half the round trip (the guest read
+// its clock somewhere between sending and receiving).
+func (c ClockSample) Uncertainty() time.Duration { return c.Received.Sub(c.Sent) / 2 }
+
+// Host maps a time on the guest's clock to the host's.
+func (c ClockSample) Host(guest time.Time) time.Time { return guest.Add(-c.Offset()) }
+
+// TimelineRequest asks for the timeline's events with a sequence number
+// above After (0: all the guest still holds).
+type TimelineRequest struct {
+	After uint64 `json:"after"`
+}
+
+// TimelineReply holds the events in order. Dropped counts events older
+// than the first returned that the guest no longer holds (it keeps the
+// last few thousand).
+type TimelineReply struct {
+	Events  []Event `json:"events"`
+	Dropped uint64  `json:"dropped,omitempty"`
+}
+
+// Event is one step the guest agent saw, at T on the guest's clock
+// (CLOCK_REALTIME).
+type Event struct {
+	Seq    uint64    `json:"seq"`
+	T      time.Time `json:"t"`
+	Kind   string    `json:"kind"`
+	MAC    string    `json:"mac,omitempty"`    // the link's, for link and agent call events
+	Detail string    `json:"detail,omitempty"` // what happened, in words (a kernel message, a link's name and flags, addresses)
+}
+
+// Kinds of Event.
+const (
+	// EventKernel is a guest kernel message (/dev/kmsg) logged after
+	// the agent started; T is its printk timestamp mapped to
+	// CLOCK_REALTIME (see EventKernelClock), Detail the message.
+	EventKernel = "kernel"
+	// EventKernelClock is a calibration of that mapping: Detail is
+	// "offset <ns> uncertainty <ns> monotonic offset <ns>": realtime −
+	// printk time, from a marker the agent wrote into the log, and
+	// realtime − CLOCK_MONOTONIC for comparison.
+	EventKernelClock = "kernel-clock"
+	// EventNewLink is an RTM_NEWLINK the agent's subscription received;
+	// Detail is "ifindex <n> name <name> flags <flags>".
+	EventNewLink = "newlink"
+	// EventDelLink is an RTM_DELLINK, as EventNewLink.
+	EventDelLink = "dellink"
+	// The agent's calls: UpdateInterface received (Detail: the
+	// requested name, addresses and devicePath), its link found (Detail:
+	// the link's name then), done (Detail: the addresses set, or the
+	// error); UpdateRoutes received and done (Detail: the routes asked
+	// for, or the error).
+	EventUpdateInterface     = "update-interface"
+	EventInterfaceLinkFound  = "update-interface-link-found"
+	EventUpdateInterfaceDone = "update-interface-done"
+	EventUpdateRoutes        = "update-routes"
+	EventUpdateRoutesDone    = "update-routes-done"
+	// EventAgentCall and EventAgentCallDone are the agent's other calls
+	// (ListInterfaces, ListRoutes, AddARPNeighbors, Check) received and
+	// answered; Detail is the method.
+	EventAgentCall     = "agent-call"
+	EventAgentCallDone = "agent-call-done"
+)
 
 // CountUntilEOF reads r to its end and counts it as TCPCount says. The
 // error is the read's, as it is.

@@ -25,15 +25,29 @@ const maxControlFrame = 4096
 // frameTypeResponse is ttrpc's message type of a reply.
 const frameTypeResponse = 2
 
+// controlCalls are the control service's methods that take and answer
+// JSON, each answered from its own goroutine: the traffic tools and the
+// measuring methods.
+var controlCalls = func() map[string]func([]byte) (any, error) {
+	m := map[string]func([]byte) (any, error){}
+	for _, calls := range []map[string]func([]byte) (any, error){trafficMethods, measureMethods} {
+		for k, v := range calls {
+			m[k] = v
+		}
+	}
+	return m
+}()
+
 // control answers a request for the control service itself, so that the
 // agent library (e2e/testagent, which registers only the agent's own
 // services) needs no hook for it. The message at the head of s.r, of
 // size payload bytes on stream id, is a request; control reports whether it
 // was for the control service and so consumed.
 //
-// Restart is answered at once. The traffic methods run for seconds, so they
-// are answered from their own goroutine while the session goes on reading;
-// a reply that finishes after its session ended is dropped.
+// Restart is answered at once. The JSON methods (controlCalls) may run
+// for seconds, so they are answered from their own goroutine while the
+// session goes on reading; a reply that finishes after its session ended
+// is dropped.
 func (s *stream) control(id uint32, size int) (bool, error) {
 	if size > maxControlFrame {
 		return false, nil

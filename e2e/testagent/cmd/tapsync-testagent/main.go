@@ -4,9 +4,10 @@
 // e2e/testagent on every virtio-serial port whose name starts with
 // "agent.", one host session at a time per port, surviving the host
 // disconnecting and reconnecting, plus a test-only control service
-// (tapsync.testagent.Control): Restart makes the process exit, and the
+// (tapsync.testagent.Control): Restart makes the process exit, the
 // traffic tools (TCPSink, TCPResult, TCPSend, Ping; traffic.go) let a test
-// measure what crosses the guest's NICs.
+// measure what crosses the guest's NICs, and Clock and Timeline
+// (measure.go) let a benchmark time a hot-plug inside the guest.
 //
 // It never configures anything on its own: the guest's interfaces change
 // only when a client asks, and it sends traffic only when a test asks.
@@ -25,6 +26,7 @@ const exitDelay = 200 * time.Millisecond
 
 func main() {
 	ctx := context.Background()
+	go watchKernel()
 	serve, err := newSessionServer()
 	if err != nil {
 		logf("%v", err)

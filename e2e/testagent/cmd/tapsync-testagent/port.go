@@ -93,7 +93,7 @@ type device interface {
 
 // serveStream serves dev, session after session, until the stream breaks.
 func serveStream(ctx context.Context, dev device, name string, serve sessionServer) error {
-	s := &stream{ctx: ctx, f: dev, r: bufio.NewReaderSize(dev, 64*1024), name: name, calls: trafficMethods}
+	s := &stream{ctx: ctx, f: dev, r: bufio.NewReaderSize(dev, 64*1024), name: name, calls: controlCalls}
 	for {
 		conn := s.session()
 		serve(ctx, conn)
@@ -146,7 +146,7 @@ type stream struct {
 	f     device
 	r     *bufio.Reader
 	name  string
-	calls map[string]func([]byte) (any, error) // the control service's traffic methods
+	calls map[string]func([]byte) (any, error) // the control service's JSON methods (controlCalls)
 
 	wmu sync.Mutex    // serialises whole writes, so two sessions' frames never interleave
 	end atomic.Int32  // why the current session ended: endNone, endNext, endBroken

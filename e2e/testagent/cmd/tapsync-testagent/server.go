@@ -14,6 +14,7 @@ func newSessionServer() (sessionServer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create agent server: %w", err)
 	}
+	srv.SetTimeline(timeline)
 	return func(ctx context.Context, conn net.Conn) {
 		_ = srv.ServeConn(ctx, conn) // nil or a setup error; either way the session is over
 	}, nil

@@ -178,21 +178,42 @@ var (
 // header). DF comes from the socket's path-MTU mode, as ping -M do|dont
 // sets it: IP_PMTUDISC_DO sets DF and makes a packet larger than the
 // route's MTU fail in sendto with EMSGSIZE; IP_PMTUDISC_DONT clears DF and
-// lets the kernel fragment.
+// lets the kernel fragment. A reply to any echo of the call counts, so a
+// retry does not throw away a reply that was late.
 func ping(req control.PingRequest) (control.PingReply, error) {
+	var rep control.PingReply
 	dst, err := netip.ParseAddr(req.Addr)
 	if err != nil || !dst.Is4() {
-		return control.PingReply{}, fmt.Errorf("ping %q: an IPv4 address is needed", req.Addr)
+		return rep, fmt.Errorf("ping %q: an IPv4 address is needed", req.Addr)
 	}
 	if req.Size < 0 || req.Size > 65507 {
-		return control.PingReply{}, fmt.Errorf("ping %s: payload of %d bytes", dst, req.Size)
+		return rep, fmt.Errorf("ping %s: payload of %d bytes", dst, req.Size)
 	}
 	if req.Timeout <= 0 {
 		req.Timeout = 5 * time.Second
 	}
-	pc, err := net.ListenPacket("ip4:icmp", "0.0.0.0")
+	if req.Interval <= 0 {
+		req.Interval = time.Second
+	}
+	deadline := time.Now().Add(req.Timeout)
+	bind := "0.0.0.0"
+	if req.From != "" {
+		from, err := netip.ParsePrefix(req.From)
+		if a, aerr := netip.ParseAddr(req.From); aerr == nil {
+			from, err = netip.PrefixFrom(a, a.BitLen()), nil
+		}
+		if err != nil || !from.Addr().Is4() {
+			return rep, fmt.Errorf("ping from %q: an IPv4 address or prefix is needed", req.From)
+		}
+		var src netip.Addr
+		if src, rep.AddrSeen, err = waitAddr(from.Masked(), deadline); err != nil {
+			return rep, fmt.Errorf("ping %s from %s: %w", dst, from, err)
+		}
+		bind = src.String()
+	}
+	pc, err := net.ListenPacket("ip4:icmp", bind)
 	if err != nil {
-		return control.PingReply{}, fmt.Errorf("open raw ICMP socket: %w", err)
+		return rep, fmt.Errorf("open raw ICMP socket on %s: %w", bind, err)
 	}
 	defer pc.Close()
 	c := pc.(*net.IPConn)
@@ -202,20 +223,20 @@ func ping(req control.PingRequest) (control.PingReply, error) {
 	}
 	rc, err := c.SyscallConn()
 	if err != nil {
-		return control.PingReply{}, err
+		return rep, err
 	}
 	var serr error
 	// Equivalent to: ping -M do|dont
 	if err := rc.Control(func(fd uintptr) {
 		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, mode)
 	}); err != nil || serr != nil {
-		return control.PingReply{}, fmt.Errorf("set IP_MTU_DISCOVER: %w", errors.Join(err, serr))
+		return rep, fmt.Errorf("set IP_MTU_DISCOVER: %w", errors.Join(err, serr))
 	}
 
 	id := uint16(os.Getpid())
-	deadline := time.Now().Add(req.Timeout)
 	to := &net.IPAddr{IP: dst.AsSlice()}
 	buf := make([]byte, 65536)
+	sentAt := map[uint16]time.Time{} // the echoes of this call by sequence number
 	for time.Now().Before(deadline) {
 		pingMu.Lock()
 		pingSeq++
@@ -226,39 +247,100 @@ func ping(req control.PingRequest) (control.PingReply, error) {
 		if _, err := c.WriteTo(msg, to); err != nil {
 			// EMSGSIZE with DF: larger than the route's MTU. Retrying
 			// cannot help.
-			return control.PingReply{}, fmt.Errorf("send echo of %d bytes to %s (DF %v): %w", req.Size, dst, req.DontFragment, err)
+			return rep, fmt.Errorf("send echo of %d bytes to %s (DF %v): %w", req.Size, dst, req.DontFragment, err)
 		}
-		wait := sent.Add(time.Second)
+		sentAt[seq] = sent
+		if rep.Tries == 0 {
+			rep.FirstSent = sent
+		}
+		rep.Tries++
+		wait := sent.Add(req.Interval)
 		if wait.After(deadline) {
 			wait = deadline
 		}
 		_ = c.SetReadDeadline(wait)
 		for {
 			n, from, err := c.ReadFrom(buf)
+			now := time.Now()
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				break // try again
 			}
 			if err != nil {
-				return control.PingReply{}, fmt.Errorf("read ICMP: %w", err)
+				return rep, fmt.Errorf("read ICMP: %w", err)
 			}
 			m := buf[:n] // the kernel stripped the IP header
 			if len(m) < 8 {
 				continue
 			}
 			switch {
-			case m[0] == icmpEchoReply && from.String() == dst.String() &&
-				binary.BigEndian.Uint16(m[4:6]) == id && binary.BigEndian.Uint16(m[6:8]) == seq:
-				if n-8 != req.Size {
-					return control.PingReply{}, fmt.Errorf("echo reply from %s with %d bytes of payload, sent %d", dst, n-8, req.Size)
+			case m[0] == icmpEchoReply && from.String() == dst.String() && binary.BigEndian.Uint16(m[4:6]) == id:
+				at, ours := sentAt[binary.BigEndian.Uint16(m[6:8])]
+				if !ours {
+					continue
 				}
-				return control.PingReply{RTT: time.Since(sent)}, nil
-			case m[0] == icmpUnreachable && quotesEcho(m[8:], id, seq):
+				if n-8 != req.Size {
+					return rep, fmt.Errorf("echo reply from %s with %d bytes of payload, sent %d", dst, n-8, req.Size)
+				}
+				rep.RTT, rep.Replied = now.Sub(at), now
+				return rep, nil
+			case m[0] == icmpUnreachable && quotesEcho(m[8:], id, sentAt):
 				// Code 4 is "fragmentation needed and DF set".
-				return control.PingReply{}, fmt.Errorf("echo of %d bytes to %s (DF %v): destination unreachable, code %d, from %s", req.Size, dst, req.DontFragment, m[1], from)
+				return rep, fmt.Errorf("echo of %d bytes to %s (DF %v): destination unreachable, code %d, from %s", req.Size, dst, req.DontFragment, m[1], from)
 			}
 		}
 	}
-	return control.PingReply{}, fmt.Errorf("no echo reply from %s to %d bytes (DF %v) within %v", dst, req.Size, req.DontFragment, req.Timeout.Round(time.Millisecond))
+	return rep, fmt.Errorf("no echo reply from %s to %d bytes (DF %v) within %v", dst, req.Size, req.DontFragment, req.Timeout.Round(time.Millisecond))
+}
+
+// waitAddr waits until a link of the guest has an address in p, or
+// deadline: it looks once subscribed to address events and again after
+// each one (no polling). It answers the address and when it saw it.
+//
+// Equivalent to: ip monitor address, until an address in p shows.
+func waitAddr(p netip.Prefix, deadline time.Time) (netip.Addr, time.Time, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
+	if err != nil {
+		return netip.Addr{}, time.Time{}, fmt.Errorf("netlink socket: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: unix.RTMGRP_IPV4_IFADDR}); err != nil {
+		unix.Close(fd)
+		return netip.Addr{}, time.Time{}, fmt.Errorf("subscribe to addresses: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "netlink addresses") // read through Go's poller, with a deadline
+	defer f.Close()
+	_ = f.SetReadDeadline(deadline)
+	buf := make([]byte, 16<<10)
+	at := time.Now()
+	for {
+		a, err := addrIn(p)
+		if err != nil || a.IsValid() {
+			return a, at, err
+		}
+		_, err = f.Read(buf) // an address event, or lost ones: look again
+		at = time.Now()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return netip.Addr{}, time.Time{}, fmt.Errorf("no address in %s on any link", p)
+		}
+		if err != nil && !errors.Is(err, unix.ENOBUFS) {
+			return netip.Addr{}, time.Time{}, fmt.Errorf("address events: %w", err)
+		}
+	}
+}
+
+// addrIn returns an address of the guest's links in p, or the zero Addr.
+func addrIn(p netip.Prefix) (netip.Addr, error) {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(n.IP); ok && p.Contains(ip.Unmap()) {
+				return ip.Unmap(), nil
+			}
+		}
+	}
+	return netip.Addr{}, nil
 }
 
 // echo builds an ICMP echo request with size bytes of payload.
@@ -290,8 +372,9 @@ func checksum(b []byte) uint16 {
 }
 
 // quotesEcho reports whether the quoted datagram of an ICMP error (its IP
-// header and at least 8 bytes of its payload) is our echo id/seq.
-func quotesEcho(q []byte, id, seq uint16) bool {
+// header and at least 8 bytes of its payload) is one of our echoes: id
+// and a sequence number in seqs.
+func quotesEcho(q []byte, id uint16, seqs map[uint16]time.Time) bool {
 	if len(q) < 20 {
 		return false
 	}
@@ -300,5 +383,6 @@ func quotesEcho(q []byte, id, seq uint16) bool {
 		return false
 	}
 	e := q[ihl:]
-	return e[0] == icmpEcho && binary.BigEndian.Uint16(e[4:6]) == id && binary.BigEndian.Uint16(e[6:8]) == seq
+	_, ours := seqs[binary.BigEndian.Uint16(e[6:8])]
+	return e[0] == icmpEcho && binary.BigEndian.Uint16(e[4:6]) == id && ours
 }

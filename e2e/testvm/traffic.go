@@ -1,9 +1,7 @@
 package testvm
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,7 +12,6 @@ import (
 	"time"
 
 	"github.com/containerd/ttrpc"
-	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/tapsync/tapsync/e2e/testagent/control"
 )
@@ -253,20 +250,7 @@ func (v *VM) withControl(ctx context.Context, f func(controlCall) error) error {
 	c := ttrpc.NewClient(conn)
 	defer c.Close()
 	return f(func(method string, req, resp any) error {
-		b, err := json.Marshal(req)
-		if err != nil {
-			return err
-		}
-		var out wrapperspb.BytesValue
-		if err := c.Call(ctx, control.Service, method, wrapperspb.Bytes(b), &out); err != nil {
-			return fmt.Errorf("%s through %s: %w", method, v.TestAgent, err)
-		}
-		dec := json.NewDecoder(bytes.NewReader(out.Value))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(resp); err != nil {
-			return fmt.Errorf("%s: decode reply %q: %w", method, out.Value, err)
-		}
-		return nil
+		return callJSON(ctx, c, v.TestAgent, method, req, resp)
 	})
 }
 

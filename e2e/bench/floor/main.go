@@ -9,7 +9,11 @@
 // qdiscs and redirect filters (datapath), getfd/netdev_add/device_add on a
 // bridge slot known in advance, and each vanished link with device_del,
 // the wait for DEVICE_DELETED, netdev_del, the tap's filter and the tap.
-// It prints "ready" once both are open. With -hmp the socket is QEMU's
+// It prints "ready" once both are open. With -agent (B5) it also dials
+// the guest's agent in advance and, after each plug, configures the guest
+// as tapsync would (agent.go): it prints "configured NAME" after the
+// guest's routes are sent and "unwired NAME" after a removal. With -hmp
+// the socket is QEMU's
 // human monitor (Kata runtime-rs's debug monitor), spoken through
 // qmp.DialHMP's Client: the same three commands as HMP lines, and, there
 // being no DEVICE_DELETED, the unplug polled as RemoveNICs polls it.
@@ -44,6 +48,8 @@ func main() {
 	qmpPath := flag.String("qmp", "", "B1 mode: QMP socket of the VM")
 	hmp := flag.Bool("hmp", false, "B1 mode: the -qmp socket is QEMU's human monitor (-monitor unix:…), spoken through qmp.DialHMP")
 	bus := flag.String("bus", "pci-bridge-0", "bus of the hot-plugged NICs (a PCI bridge)")
+	agentURL := flag.String("agent", "", "B5 mode: the guest agent's URL; configure the guest after each plug")
+	busPath := flag.String("bus-path", "1e", "B5 mode: the PCI path of -bus from the root bus (the agent's devicePath less the slot)")
 	list := flag.String("sandboxes", "", "scale mode: file of \"NETNS-PATH QMP-SOCKET\" lines")
 	workers := flag.Int("workers", 4, "scale mode: sandboxes wired or verified in parallel (tapsync's default workers)")
 	verify := flag.Bool("verify", false, "scale mode: verify every sandbox without mutating, as a restarted daemon must")
@@ -55,7 +61,7 @@ func main() {
 	case *list != "":
 		err = runScale(*list, *bus, *workers)
 	default:
-		err = run(*nsPath, *qmpPath, *bus, *hmp)
+		err = run(*nsPath, *qmpPath, *bus, *hmp, *agentURL, *busPath)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "tapsync-floor:", err)
@@ -78,15 +84,17 @@ type nic struct {
 	ifindex int
 	mac     net.HardwareAddr
 	mtu     int
+	noARP   bool
 }
 
 // endpoint is one wired link.
 type endpoint struct {
 	index    int // tsn<index>, tapsync-net<index>
 	tapIndex int // the tap's ifindex
+	name     string
 }
 
-func run(nsPath, qmpPath, bus string, hmp bool) error {
+func run(nsPath, qmpPath, bus string, hmp bool, agentURL, busPath string) error {
 	ctx := context.Background()
 	ns, err := datapath.Open(nsPath)
 	if err != nil {
@@ -123,6 +131,32 @@ func run(nsPath, qmpPath, bus string, hmp bool) error {
 		return err
 	}
 	defer mon.close()
+	var guest *guestSide
+	if agentURL != "" {
+		c, err := dialGuest(ctx, agentURL)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		nl, err := netlink.NewHandleAt(h)
+		if err != nil {
+			return fmt.Errorf("netlink handle in %s: %w", nsPath, err)
+		}
+		defer nl.Close()
+		addrs := make(chan netlink.AddrUpdate, 256)
+		if err := netlink.AddrSubscribeWithOptions(addrs, done, netlink.AddrSubscribeOptions{
+			Namespace: &h,
+			ErrorCallback: func(err error) {
+				select {
+				case subErr <- err:
+				default:
+				}
+			},
+		}); err != nil {
+			return fmt.Errorf("subscribe to addresses in %s: %w", nsPath, err)
+		}
+		guest = &guestSide{agent: c, nl: nl, addrs: addrs, busPath: busPath}
+	}
 	fmt.Println("ready")
 
 	stop := stdinClosed()
@@ -145,16 +179,28 @@ func run(nsPath, qmpPath, bus string, hmp bool) error {
 			e, have := wired[a.Index]
 			switch {
 			case u.Header.Type == unix.RTM_NEWLINK && !have:
-				e, err := wire(ctx, ns, mon, bus, freeIndex(wired), nic{a.Index, a.HardwareAddr, a.MTU})
+				link := nic{a.Index, a.HardwareAddr, a.MTU, noARP(a)}
+				index := freeIndex(wired)
+				e, err := wire(ctx, ns, mon, bus, index, link)
 				if err != nil {
 					return err
 				}
+				e.name = a.Name
 				wired[a.Index] = e
+				if guest != nil {
+					if err := guest.configure(ctx, ns, e, link, 32-index, wired); err != nil {
+						return err
+					}
+					fmt.Println("configured", a.Name)
+				}
 			case u.Header.Type == unix.RTM_DELLINK && have:
 				if err := unwire(ctx, ns, mon, a.Index, e); err != nil {
 					return err
 				}
 				delete(wired, a.Index)
+				if guest != nil {
+					fmt.Println("unwired", a.Name)
+				}
 			}
 		}
 	}

@@ -134,7 +134,7 @@ func runScale(list, bus string, workers int) error {
 					continue
 				}
 				queued[nsid][a.Index] = true
-				jobs <- job{s, nic{a.Index, a.HardwareAddr, a.MTU}}
+				jobs <- job{s, nic{ifindex: a.Index, mac: a.HardwareAddr, mtu: a.MTU}}
 			}
 		}
 	}()
@@ -181,7 +181,7 @@ func (s *sandbox) start(ctx context.Context, bus string) error {
 		if l.Kind != "veth" {
 			continue
 		}
-		if err := s.wireLocked(ctx, bus, nic{l.Ifindex, l.MAC, l.MTU}); err != nil {
+		if err := s.wireLocked(ctx, bus, nic{ifindex: l.Ifindex, mac: l.MAC, mtu: l.MTU}); err != nil {
 			return err
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,8 +21,16 @@ import (
 )
 
 // sandboxConf is one [[sandbox]] of the daemon's config; monitor is its
-// `monitor` key ("": the default, QMP).
-type sandboxConf struct{ id, netns, qmp, monitor string }
+// `monitor` key ("": the default, QMP), agent its `agent_url` ("": none).
+type sandboxConf struct{ id, netns, qmp, monitor, agent string }
+
+// logLine is one line of the daemon's log, as B5 reads the passes.
+type logLine struct {
+	T       time.Time
+	Message string
+	Action  string  // an applied step's action ("plug-nic"); "" for other lines
+	Latency float64 // a "converged" line's latency_ms: from the pass's first trigger
+}
 
 // daemon is one `tapsync run` process under measurement.
 type daemon struct {
@@ -33,6 +42,7 @@ type daemon struct {
 	converged chan float64 // latency_ms of "converged" log lines
 	mutations int          // sum of "mutations" over log lines that carry it
 	errors    int          // log lines at level error
+	lines     []logLine    // every line since the last takeLines
 }
 
 // writeConfig writes the daemon's config: static sandboxes only, no
@@ -51,6 +61,9 @@ func writeConfig(dir, stateDir string, sbs []sandboxConf) (cfg, metrics string, 
 		fmt.Fprintf(&b, "[[sandbox]]\nid = %q\nnetns = %q\nqmp = %q\n", s.id, s.netns, s.qmp)
 		if s.monitor != "" {
 			fmt.Fprintf(&b, "monitor = %q\n", s.monitor)
+		}
+		if s.agent != "" {
+			fmt.Fprintf(&b, "agent_url = %q\n", s.agent)
 		}
 	}
 	cfg = filepath.Join(dir, "config.toml")
@@ -90,8 +103,10 @@ func (d *daemon) read(r io.Reader) {
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		var m struct {
+			Time      string  `json:"time"`
 			Level     string  `json:"level"`
 			Message   string  `json:"message"`
+			Action    string  `json:"action"`
 			Latency   float64 `json:"latency_ms"`
 			Mutations *int    `json:"mutations"`
 		}
@@ -99,6 +114,9 @@ func (d *daemon) read(r io.Reader) {
 			continue
 		}
 		d.mu.Lock()
+		if t, err := time.Parse(daemonTimeFormat, m.Time); err == nil && len(d.lines) < maxLogLines {
+			d.lines = append(d.lines, logLine{T: t, Message: m.Message, Action: m.Action, Latency: m.Latency})
+		}
 		if m.Mutations != nil && m.Message != "converged" { // "converged" repeats the pass's count
 			d.mutations += *m.Mutations
 		}
@@ -113,6 +131,30 @@ func (d *daemon) read(r io.Reader) {
 			}
 		}
 	}
+}
+
+// daemonTimeFormat is the daemon's log time stamp (cmd/tapsync's
+// logTimeFormat: milliseconds).
+const daemonTimeFormat = "2006-01-02T15:04:05.000Z07:00"
+
+// maxLogLines bounds the lines kept between two takeLines.
+const maxLogLines = 100000
+
+// takeLines returns the log lines read since the last call.
+func (d *daemon) takeLines() []logLine {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	l := d.lines
+	d.lines = nil
+	return l
+}
+
+// peekLines returns a copy of the log lines read since the last
+// takeLines, leaving them.
+func (d *daemon) peekLines() []logLine {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Clone(d.lines)
 }
 
 // counts returns the mutations and error lines logged so far.

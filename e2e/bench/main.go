@@ -54,6 +54,8 @@ type benchConfig struct {
 	skipFloor        bool
 	skipHMP          bool
 	skipWrapper      bool
+	skipB5           bool
+	b5Rounds         int
 }
 
 // perQEMU is the memory budgeted per paused QEMU (measured RSS ≈ 38 MB,
@@ -74,6 +76,9 @@ func main() {
 	flag.BoolVar(&cfg.skipHMP, "skip-hmp", false, "skip B1/B1' over HMP")
 	flag.BoolVar(&cfg.skipWrapper, "skip-wrapper", false, "skip B1/B1' through tapsync-qemu's socket")
 	flag.BoolVar(&cfg.skipScal, "skip-scale", false, "skip B2–B4")
+	flag.BoolVar(&cfg.skipB5, "skip-b5", false, "skip B5 (time to a usable network)")
+	flag.IntVar(&cfg.b5Rounds, "b5-rounds", b5Rounds, "B5 rounds (CNI ADD and DEL of a second network) per wirer")
+	flag.BoolVar(&verbose, "b5-verbose", false, "print each B5 round's timeline on stderr")
 	flag.BoolVar(&cfg.skipFloor, "skip-floor", false, "skip the floor's B3/B4 (tapsync's rows only)")
 	flag.BoolVar(&keep, "keep", false, "keep the work dir (daemon logs, QEMU traces)")
 	flag.StringVar(&perfDir, "perf", "", "record each scale phase with `perf record -a -g` into this dir")
@@ -142,6 +147,13 @@ func run(ctx context.Context, cfg benchConfig) error {
 			return err
 		}
 	}
+	var b5 b5Pair
+	if !cfg.skipB5 {
+		fmt.Fprintf(os.Stderr, "bench: B5, %d rounds\n", cfg.b5Rounds)
+		if b5, err = runB5(ctx, cfg, base); err != nil {
+			return err
+		}
+	}
 	var sc scaleResult
 	if !cfg.skipScal {
 		fmt.Fprintf(os.Stderr, "bench: B2–B4 with N=%d\n", cfg.n)
@@ -149,11 +161,11 @@ func run(ctx context.Context, cfg benchConfig) error {
 			return err
 		}
 	}
-	printReport(os.Stdout, cfg, machine, load0, loadavg(), b1, sc)
+	printReport(os.Stdout, cfg, machine, load0, loadavg(), b1, b5, sc)
 	return nil
 }
 
-func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, b1 b1Set, sc scaleResult) {
+func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, b1 b1Set, b5 b5Pair, sc scaleResult) {
 	fmt.Fprintf(out, "tapsync bench, %s\n\n%s\nload average before/after: %s / %s\n\n", time.Now().Format(time.DateTime), machine, load0, load1)
 	fmt.Fprintln(out, "| measure | value | goal |")
 	fmt.Fprintln(out, "|---|---|---|")
@@ -172,6 +184,9 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, b
 		if !cfg.skipWrapper {
 			printWrapper(row, ratio, b1.qmp, b1.wrapper)
 		}
+	}
+	if !cfg.skipB5 {
+		printB5(row, ratio, b5)
 	}
 	if !cfg.skipScal {
 		n := sc.n

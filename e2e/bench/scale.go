@@ -24,8 +24,12 @@ type statusEntry struct {
 	LastReconcile *time.Time `json:"last_reconcile"`
 	LastError     string     `json:"last_error"`
 	Mutations     int        `json:"last_mutations"`
+	Pending       []int      `json:"pending_removals"`
+	Guest         string     `json:"guest"`
 	Endpoints     []struct {
-		Removing bool `json:"removing"`
+		Link     string `json:"link"`
+		Removing bool   `json:"removing"`
+		Guest    string `json:"guest"`
 	} `json:"endpoints"`
 }
 

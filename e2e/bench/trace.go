@@ -42,6 +42,23 @@ func hmpTraceArgs() []string {
 // eject after a device_del counts; a guest may eject the emptied slot again.
 func ejectTraceArgs() []string { return []string{"-trace", "acpi_pci_eject_slot"} }
 
+// acpiTraceArgs make QEMU log the guest's accesses to the ACPI PCI
+// hot-plug registers: after a device_add QEMU raises the hot-plug GPE,
+// and the guest's ACPI handler (the PCNT method) selects each hot-plug
+// bus (acpi_pci_sel_write) and reads which of its slots gained a device
+// (acpi_pci_up_read): the first access after a device_add is the guest's
+// handler running.
+func acpiTraceArgs() []string {
+	return []string{"-trace", "acpi_pci_sel_write", "-trace", "acpi_pci_up_read"}
+}
+
+// acpiRecord is one guest access to the ACPI PCI hot-plug registers.
+type acpiRecord struct {
+	T     time.Time
+	Event string // acpi_pci_sel_write or acpi_pci_up_read
+	Args  string // the trace line's arguments, as QEMU wrote them
+}
+
 // qmpRecord is one QMP message in a QEMU trace.
 type qmpRecord struct {
 	T      time.Time
@@ -65,6 +82,7 @@ type qemuTrace struct {
 	Recs    []qmpRecord
 	HMP     []hmpRecord
 	Ejects  []time.Time // acpi_pci_eject_slot
+	ACPI    []acpiRecord
 }
 
 // hmpRecord is one human monitor line in a QEMU trace: a command line
@@ -168,8 +186,8 @@ func (t *qemuTrace) parse(line []byte) {
 	t.Recs = append(t.Recs, r)
 }
 
-// parseHMP takes a line of hmpTraceArgs or ejectTraceArgs (rest is what
-// follows the timestamp) and reports whether it was one.
+// parseHMP takes a line of hmpTraceArgs, ejectTraceArgs or acpiTraceArgs
+// (rest is what follows the timestamp) and reports whether it was one.
 func (t *qemuTrace) parseHMP(at time.Time, rest []byte) bool {
 	switch {
 	case bytes.HasPrefix(rest, []byte("handle_hmp_command mon ")):
@@ -190,10 +208,24 @@ func (t *qemuTrace) parseHMP(at time.Time, rest []byte) bool {
 		if n, err := strconv.Atoi(strings.TrimSpace(slot)); err == nil && n < 32 {
 			t.Ejects = append(t.Ejects, at)
 		}
+	case bytes.HasPrefix(rest, []byte("acpi_pci_sel_write ")), bytes.HasPrefix(rest, []byte("acpi_pci_up_read ")):
+		ev, args, _ := strings.Cut(string(rest), " ")
+		t.ACPI = append(t.ACPI, acpiRecord{T: at, Event: ev, Args: strings.TrimSpace(args)})
 	default:
 		return false
 	}
 	return true
+}
+
+// acpiAfter returns the first guest access to the ACPI PCI hot-plug
+// registers from `from` on.
+func (t *qemuTrace) acpiAfter(from time.Time) (acpiRecord, bool) {
+	for _, a := range t.ACPI {
+		if !a.T.Before(from) {
+			return a, true
+		}
+	}
+	return acpiRecord{}, false
 }
 
 // hmpAfter returns the human monitor records from `from` on.

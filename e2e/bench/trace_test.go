@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -127,5 +128,57 @@ func TestTraceHMP(t *testing.T) {
 	}
 	if len(tr.Recs) != 2 {
 		t.Errorf("QMP records %v: the HMP lines leaked into them", tr.Recs)
+	}
+}
+
+// TestTraceACPI: the guest's accesses to the ACPI PCI hot-plug registers
+// (acpiTraceArgs) are kept with their arguments; the first at or after a
+// time is the guest's handler running.
+func TestTraceACPI(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "trace.log")
+	lines := `8223@1796600506.737626:acpi_pci_sel_write 0x10 <== 0
+8223@1796600506.737759:acpi_pci_up_read 2147483648
+8223@1796600506.738949:acpi_pci_sel_write 0x10 <== 1
+`
+	if err := os.WriteFile(path, []byte(lines), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tr := newTrace(path)
+	if err := tr.poll(); err != nil {
+		t.Fatal(err)
+	}
+	if len(tr.ACPI) != 3 || tr.ACPI[1] != (acpiRecord{T: time.Unix(1796600506, 737759000), Event: "acpi_pci_up_read", Args: "2147483648"}) {
+		t.Fatalf("ACPI records %+v", tr.ACPI)
+	}
+	if a, ok := tr.acpiAfter(time.Unix(1796600506, 737700000)); !ok || a.Event != "acpi_pci_up_read" {
+		t.Errorf("first access from .737700: %+v %v", a, ok)
+	}
+	if _, ok := tr.acpiAfter(time.Unix(1796600507, 0)); ok {
+		t.Error("an access after the last one")
+	}
+}
+
+// TestConfiguredWith: tapsync is done with an add once a pass that
+// configured the guest interface with its address has ended; a pass that
+// configured it without the address does not count.
+func TestConfiguredWith(t *testing.T) {
+	addr := netip.MustParseAddr("10.1.2.3")
+	cfg := func(msg string) logLine { return logLine{Action: "configure-guest", Message: msg} }
+	end := logLine{Message: "reconciled"}
+	for _, c := range []struct {
+		name  string
+		lines []logLine
+		want  bool
+	}{
+		{"none", nil, false},
+		{"without the address", []logLine{cfg("configure guest interface net1 (aa): no address, mtu 1500: NIC plugged"), end}, false},
+		{"not ended", []logLine{cfg("configure guest interface net1 (aa): 10.1.2.3/24, mtu 1500: net1 changed")}, false},
+		{"another link", []logLine{cfg("configure guest interface eth0 (aa): 10.1.2.3/24, mtu 1500"), end}, false},
+		{"done", []logLine{cfg("configure guest interface net1 (aa): no address, mtu 1500"), end,
+			cfg("configure guest interface net1 (aa): 10.1.2.3/24, mtu 1500: net1 changed"), {Action: "update-guest-routes"}, end}, true},
+	} {
+		if got := configuredWith(c.lines, "net1", addr); got != c.want {
+			t.Errorf("%s: configuredWith = %v, want %v", c.name, got, c.want)
+		}
 	}
 }

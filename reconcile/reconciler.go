@@ -395,12 +395,16 @@ func (r *Reconciler) client(ctx context.Context, sb Sandbox) (*qmp.Client, error
 // end triggers the next pass.
 var ErrConnecting = errors.New("connecting to the VM's monitor")
 
-// backgroundDial is a sandbox's dial started by a pass (see passClient).
+// backgroundDial is a sandbox's dial started by a pass (see passClient)
+// or ahead of its first pass (see Connect).
 type backgroundDial struct {
 	sock   string // the QMP socket dialled
 	cancel context.CancelFunc
 	done   bool
 	err    error // why it failed, for the next pass to report
+	// waited: a pass ended with ErrConnecting on this dial, and its end
+	// calls OnDialDone for the next one.
+	waited bool
 }
 
 // passClient is clientModel for a pass. With OnDialDone set, it never
@@ -420,6 +424,7 @@ func (r *Reconciler) passClient(ctx context.Context, sb Sandbox) (*qmp.Client, *
 	}
 	if d := r.dials[sb.ID]; d != nil {
 		if !d.done {
+			d.waited = true
 			return nil, nil, fmt.Errorf("sandbox %s: %w %s: a dial is under way", sb.ID, ErrConnecting, sb.QMP)
 		}
 		delete(r.dials, sb.ID)
@@ -432,18 +437,7 @@ func (r *Reconciler) passClient(ctx context.Context, sb Sandbox) (*qmp.Client, *
 	if r.closed {
 		return nil, nil, fmt.Errorf("sandbox %s: %w", sb.ID, qmp.ErrClosed)
 	}
-	// The dial outlives the pass; Close ends it.
-	dctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	d := &backgroundDial{sock: sb.QMP, cancel: cancel}
-	r.dials[sb.ID] = d
-	go func() {
-		defer cancel()
-		_, _, err := r.clientModel(dctx, sb)
-		r.mu.Lock()
-		d.done, d.err = true, err
-		r.mu.Unlock()
-		done(sb.ID)
-	}()
+	r.dialLocked(ctx, sb, done, true)
 	return nil, nil, fmt.Errorf("sandbox %s: %w %s: dial started", sb.ID, ErrConnecting, sb.QMP)
 }
 

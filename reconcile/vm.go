@@ -51,6 +51,54 @@ func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
 	return nicsOf(vm.NICs), netdevIndexes(vm.Netdevs), nil
 }
 
+// Connect starts the dial of sandbox id's monitor in the background, as
+// its first pass would (see OnDialDone), when it has neither a live
+// connection nor a dial under way: called at registration, the dial runs
+// while the sandbox waits for a worker, and the pass finds it connected
+// instead of ending with ErrConnecting and waiting for another. Its end
+// calls OnDialDone only if a pass found it under way. Without OnDialDone
+// it does nothing.
+func (r *Reconciler) Connect(ctx context.Context, id string) {
+	done := r.OnDialDone
+	if done == nil {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.sandboxes[id]
+	if !ok || r.closed {
+		return
+	}
+	if c, _ := r.liveLocked(id); c != nil {
+		return
+	}
+	if d := r.dials[id]; d != nil && !d.done {
+		return
+	}
+	r.dialLocked(ctx, e.sb, done, false)
+}
+
+// dialLocked starts a dial of sandbox sb's monitor in the background,
+// bounded by its QMP timeout; r.mu must be held. It outlives ctx (Close
+// ends it). waited says a pass ends waiting for it; a pass that finds it
+// under way later says so too (passClient), and then its end calls done.
+func (r *Reconciler) dialLocked(ctx context.Context, sb Sandbox, done func(string), waited bool) {
+	dctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	d := &backgroundDial{sock: sb.QMP, cancel: cancel, waited: waited}
+	r.dials[sb.ID] = d
+	go func() {
+		defer cancel()
+		_, _, err := r.clientModel(dctx, sb)
+		r.mu.Lock()
+		d.done, d.err = true, err
+		waited := d.waited
+		r.mu.Unlock()
+		if waited {
+			done(sb.ID)
+		}
+	}()
+}
+
 // readFully reads the VM fully when the model is partial (the
 // connection's first reading only verified the record; see
 // vmModel.observe) and the pass's plan acts: plugging needs the VM's free

@@ -195,6 +195,9 @@ func (d *daemon) register(ctx context.Context, sb reconcile.Sandbox, src reconci
 	if reg.New {
 		log.Info().Str("netns", sb.Netns).Str("qmp", sb.QMP).Str("reason", why).Msg("sandbox registered")
 	}
+	// Dialled while it waits for a worker: its pass then finds the monitor
+	// connected rather than ending to wait for the dial.
+	d.rec.Connect(ctx, sb.ID)
 	d.trigger(sb.ID, string(src))
 }
 
@@ -576,6 +579,11 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 	}
 	defer lock.Close()
 
+	// A pass never waits for a monitor's greeting: a sandbox without a
+	// connection has it dialled in the background (from its registration
+	// on), and a pass that finds the dial under way ends; the dial's end
+	// starts its next pass. Hung QEMUs then hold no worker.
+	d.rec.OnDialDone = func(id string) { d.trigger(id, "qmp-dial") }
 	for _, s := range cfg.Sandboxes {
 		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL, overrides{Model: s.Model, RxRate: rate(s.RxRate), TxRate: rate(s.TxRate)})
 		sb.Monitor = s.Monitor
@@ -622,10 +630,6 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 		})
 		d.requestDiscovery("startup scan")
 	}
-	// A pass never waits for a monitor's greeting: a sandbox without a
-	// connection has it dialled in the background, and the dial's end
-	// starts its next pass. Hung QEMUs then hold no worker.
-	d.rec.OnDialDone = func(id string) { d.trigger(id, "qmp-dial") }
 	wg.Go(func() { d.queue.Run(ctx, cfg.Workers, d.work) })
 
 	sddaemon.SdNotify(false, sddaemon.SdNotifyReady)

@@ -23,6 +23,13 @@ const portPrefix = "agent."
 // to appear, and for a host to send on one.
 const pollInterval = 100 * time.Millisecond
 
+// firstHostPoll is the first of the looks for a host's data once the port
+// has none: the looks double from it up to pollInterval, so that a host
+// that comes back soon after leaving (a client that redials after a
+// failed call) waits a few ms, not up to pollInterval, while an idle port
+// settles at pollInterval.
+const firstHostPoll = 2 * time.Millisecond
+
 // port is one virtio-serial port, e.g. name "agent.channel.0" at /dev/vport1p1.
 type port struct{ name, dev string }
 
@@ -153,8 +160,9 @@ type stream struct {
 	gen atomic.Uint64 // counts ended sessions, so a late control reply finds whether its session is over
 
 	// Owned by the reading session.
-	left int // bytes of the current message not yet read
-	seen int // messages read in the current session
+	left int           // bytes of the current message not yet read
+	seen int           // messages read in the current session
+	idle time.Duration // the next look for a host's data (firstHostPoll … pollInterval); 0 after data
 }
 
 // Why a session ended.
@@ -194,8 +202,9 @@ func (s *stream) read(b []byte) (int, error) {
 			// No host as the guest sees it, and nothing to read. There
 			// is no event for a host's data or arrival here (the port
 			// polls readable while no host is connected), hence the
-			// sleep.
-			if !sleep(s.ctx, pollInterval) {
+			// sleep, short at first (firstHostPoll).
+			s.idle = min(max(2*s.idle, firstHostPoll), pollInterval)
+			if !sleep(s.ctx, s.idle) {
 				s.finish(endBroken)
 				return 0, io.EOF
 			}
@@ -205,6 +214,7 @@ func (s *stream) read(b []byte) (int, error) {
 			s.finish(endBroken)
 			return 0, broken(err)
 		}
+		s.idle = 0
 		size := binary.BigEndian.Uint32(h[0:4])
 		id := binary.BigEndian.Uint32(h[4:8])
 		if size > frameMaxLen {

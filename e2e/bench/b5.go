@@ -697,7 +697,7 @@ var verbose bool
 func (w *b5Wirer) printRound(round int, clock control.ClockSample, added, returned, newlink time.Time, plug exchange,
 	pong control.PingReply, pts []point, events []control.Event, lines []logLine) {
 	all := []point{{"CNI ADD called", added}, {"bench: RTM_NEWLINK net1", newlink}, {"CNI ADD returned", returned},
-		{"device_add received", plug.Req}, {"device_add answered", plug.Ans},
+		{"device_add answered", plug.Ans},
 		{"guest ping: address seen", clock.Host(pong.AddrSeen)},
 		{fmt.Sprintf("guest ping: first echo sent (%d sent, rtt %.3f ms)", pong.Tries, ms(pong.RTT)), clock.Host(pong.FirstSent)}}
 	all = append(all, pts...)

@@ -11,6 +11,11 @@
 //     started through it, the only monitor the wirer is given there, in
 //     rounds that rotate their order, each on its own sandbox with a
 //     booted TCG guest.
+//   - B5: time to a usable network (b5.go): a real CNI ADD of a second
+//     network into a running sandbox, wired by tapsync (with the guest's
+//     agent) or by the floor's B5 mode, until the guest interface has its
+//     address and answers a ping, and where that time goes in QEMU, the
+//     guest kernel, the guest agent and tapsync's passes.
 //   - B2–B4: N sandboxes with paused QEMUs (-m 16, no guest OS) and two
 //     links each: daemon start, a SIGHUP resync, memory, goroutines, fds,
 //     idle CPU, a storm of a third link everywhere, SIGKILL and restart.
@@ -22,9 +27,11 @@
 // traces every QMP command and reply with wall-clock microseconds
 // (-trace handle_qmp_command,monitor_qmp_respond; for HMP
 // handle_hmp_command,monitor_suspend, and acpi_pci_eject_slot for the
-// guest's unplug acknowledgement), the daemon's status
-// gives each sandbox's last pass end. The bench polls only to know when
-// to look. It is a measurement, not a test: nothing is asserted. Run it as
+// guest's unplug acknowledgement; for B5 the guest's accesses to the
+// ACPI hot-plug registers), the daemon's status gives each sandbox's
+// last pass end, and B5's guest agent keeps a timeline on the guest's
+// clock, whose skew to the host's the bench measures each round. The
+// bench polls only to know when to look. It is a measurement, not a test: nothing is asserted. Run it as
 // root (`make bench`).
 package main
 

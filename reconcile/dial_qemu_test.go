@@ -126,3 +126,37 @@ func TestConnectUnderWayWaited(t *testing.T) {
 		t.Fatalf("the pass after the dial: %v; want the dial's error", err)
 	}
 }
+
+// A dial made ahead of the passes that failed (no monitor yet) is not
+// reported by a later pass: that pass dials again, and reports that
+// dial's outcome.
+func TestConnectFailedDialedAgain(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	ns := testnet.NewNS(t, "tapsync-dial")
+	store, err := state.Open(filepath.Join(t.TempDir(), "state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := New(store)
+	t.Cleanup(r.Close)
+	called := make(chan string, 4)
+	r.OnDialDone = func(id string) { called <- id }
+	sb := Sandbox{ID: "early", Netns: ns.Path, QMP: filepath.Join(t.TempDir(), "none.sock")}
+	if _, err := r.Register(sb, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	r.Connect(ctx, sb.ID)
+	dialEnded(t, r, sb.ID)
+	if err := r.Reconcile(ctx, sb.ID); !errors.Is(err, ErrConnecting) {
+		t.Fatalf("pass after a failed early dial: %v; want ErrConnecting (a new dial)", err)
+	}
+	select {
+	case <-called:
+	case <-time.After(time.Minute):
+		t.Fatal("the new dial's end did not call OnDialDone")
+	}
+	if err := r.Reconcile(ctx, sb.ID); err == nil || errors.Is(err, ErrConnecting) {
+		t.Fatalf("the pass after the new dial: %v; want its error", err)
+	}
+}

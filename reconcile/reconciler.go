@@ -428,11 +428,12 @@ func (r *Reconciler) passClient(ctx context.Context, sb Sandbox) (*qmp.Client, *
 			return nil, nil, fmt.Errorf("sandbox %s: %w %s: a dial is under way", sb.ID, ErrConnecting, sb.QMP)
 		}
 		delete(r.dials, sb.ID)
-		if d.err != nil && d.sock == sb.QMP {
+		if d.err != nil && d.sock == sb.QMP && d.waited {
 			return nil, nil, d.err
 		}
 		// Connected, and the connection has died since (or the socket
-		// changed): dial again.
+		// changed), or a dial ahead of the passes (Connect) failed,
+		// perhaps long ago: dial again.
 	}
 	if r.closed {
 		return nil, nil, fmt.Errorf("sandbox %s: %w", sb.ID, qmp.ErrClosed)

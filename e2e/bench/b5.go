@@ -281,9 +281,10 @@ func (w *b5Wirer) startTapsync(ctx context.Context, bin, base string) (func(), e
 	}
 	w.d = d
 	// Done: a pass made changes ("converged", as B1 waits for); after an
-	// add, a pass that configured the guest interface with addr has
-	// ended ("reconciled": the passes before it may configure it without
-	// its address, CNI not having set it yet); and status shows every
+	// add, a pass has ended ("reconciled") after the guest interface was
+	// configured with addr and the routes through it were sent (the
+	// passes before may configure it without its address or send the
+	// routes before CNI has added them); and status shows every
 	// endpoint wired, its guest configured and nothing pending, with an
 	// endpoint on ifname after an add and none after a deletion.
 	w.settle = func(ctx context.Context, ifname string, added bool, addr netip.Addr) error {
@@ -478,15 +479,18 @@ func (w *b5Wirer) round(ctx context.Context, round int) error {
 	return w.settle(actx, "net1", false, netip.Addr{})
 }
 
-// configuredWith reports whether tapsync's log has a pass that
-// configured the guest's ifname with addr and then ended.
+// configuredWith reports whether tapsync's log has a pass that ended
+// after the guest's ifname was configured with addr and routes through
+// ifname were sent (B5's networks all have one).
 func configuredWith(lines []logLine, ifname string, addr netip.Addr) bool {
-	configured := false
+	configured, routed := false, false
 	for _, l := range lines {
 		switch {
 		case l.Action == "configure-guest" && strings.Contains(l.Message, " "+ifname+" ") && strings.Contains(l.Message, addr.String()+"/"):
 			configured = true
-		case configured && (l.Message == "reconciled" || l.Message == "pass failed"):
+		case l.Action == "update-guest-routes" && configured && strings.Contains(l.Message, " dev "+ifname):
+			routed = true
+		case routed && (l.Message == "reconciled" || l.Message == "pass failed"):
 			return true
 		}
 	}

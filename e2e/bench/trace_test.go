@@ -158,13 +158,15 @@ func TestTraceACPI(t *testing.T) {
 	}
 }
 
-// TestConfiguredWith: tapsync is done with an add once a pass that
-// configured the guest interface with its address has ended; a pass that
-// configured it without the address does not count.
+// TestConfiguredWith: tapsync is done with an add once a pass has ended
+// after the guest interface was configured with its address and the
+// routes through it sent; a pass that configured it without the address,
+// or sent no route through it after, does not count.
 func TestConfiguredWith(t *testing.T) {
 	addr := netip.MustParseAddr("10.1.2.3")
 	cfg := func(msg string) logLine { return logLine{Action: "configure-guest", Message: msg} }
 	end := logLine{Message: "reconciled"}
+	routes := logLine{Action: "update-guest-routes", Message: "set the guest's routes (2): 0.0.0.0/0 via 10.1.1.1 dev eth0; 10.196.0.0/16 via 10.1.2.1 dev net1"}
 	for _, c := range []struct {
 		name  string
 		lines []logLine
@@ -172,10 +174,11 @@ func TestConfiguredWith(t *testing.T) {
 	}{
 		{"none", nil, false},
 		{"without the address", []logLine{cfg("configure guest interface net1 (aa): no address, mtu 1500: NIC plugged"), end}, false},
-		{"not ended", []logLine{cfg("configure guest interface net1 (aa): 10.1.2.3/24, mtu 1500: net1 changed")}, false},
-		{"another link", []logLine{cfg("configure guest interface eth0 (aa): 10.1.2.3/24, mtu 1500"), end}, false},
+		{"not ended", []logLine{cfg("configure guest interface net1 (aa): 10.1.2.3/24, mtu 1500: net1 changed"), routes}, false},
+		{"another link", []logLine{cfg("configure guest interface eth0 (aa): 10.1.2.3/24, mtu 1500"), routes, end}, false},
+		{"no routes after", []logLine{routes, cfg("configure guest interface net1 (aa): 10.1.2.3/24, mtu 1500"), end}, false},
 		{"done", []logLine{cfg("configure guest interface net1 (aa): no address, mtu 1500"), end,
-			cfg("configure guest interface net1 (aa): 10.1.2.3/24, mtu 1500: net1 changed"), {Action: "update-guest-routes"}, end}, true},
+			cfg("configure guest interface net1 (aa): 10.1.2.3/24, mtu 1500: net1 changed"), routes, end}, true},
 	} {
 		if got := configuredWith(c.lines, "net1", addr); got != c.want {
 			t.Errorf("%s: configuredWith = %v, want %v", c.name, got, c.want)

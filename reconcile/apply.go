@@ -141,6 +141,10 @@ type applier struct {
 	unplugs   map[int]error  // plan position of an unplug asked in a batch → its outcome
 	waited    bool           // an unplug batch of this pass has had its wait
 	plugs     int            // NICs plugged in this pass
+	// configured is what this pass's configure-guest steps sent, by
+	// endpoint (see refreshGuest).
+	configured map[int]agent.Interface
+	extra      int // mutations made by steps outside the plan (Action.again)
 }
 
 // Apply executes p in order. The record is saved at every record step
@@ -155,7 +159,7 @@ type applier struct {
 // asked for together, and waited for once (see unplugBatch).
 func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env) (state.Record, Outcome, error) {
 	a := &applier{Env: env, taps: map[int]int{}, paths: map[int]string{}, blocked: map[int]bool{}, unplugged: map[int]bool{},
-		ahead: map[int]bool{}, unplugs: map[int]error{}}
+		ahead: map[int]bool{}, unplugs: map[int]error{}, configured: map[int]agent.Interface{}}
 	for _, t := range obs.Taps {
 		a.taps[t.Index] = t.Ifindex
 	}
@@ -199,7 +203,7 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 			if act.Op.Guestward() && p.guest != nil && a.plugs > 0 && a.Refresh != nil {
 				act = a.refreshGuest(ctx, p.guest, act)
 			}
-			if (act.ifChanged && act.Digest == rec.GuestRoutes) || (act.Op == OpAddGuestNeighbors && len(act.Neighbors) == 0) {
+			if len(act.again) == 0 && ((act.ifChanged && act.Digest == rec.GuestRoutes) || (act.Op == OpAddGuestNeighbors && len(act.Neighbors) == 0)) {
 				log.Debug().Str("action", act.Op.String()).Msg("guest step not sent: nothing has changed")
 				continue
 			}
@@ -256,6 +260,7 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 			}
 		}
 	}
+	out.Mutations += a.extra
 	return rec, out, errors.Join(errs...)
 }
 
@@ -361,11 +366,18 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 		if err := a.configureGuest(ctx, e.Index, act.Guest); err != nil {
 			return err
 		}
+		a.configured[e.Index] = act.Guest
 		a.recordGuest(rec, e.Index, act.Digest)
 		return a.Recorder.Save(*rec)
 	case OpUpdateGuestRoutes:
+		if err := a.configureAgain(ctx, act, rec); err != nil {
+			return err
+		}
 		return a.updateGuestRoutes(ctx, act.Routes, rec)
 	case OpAddGuestNeighbors:
+		if err := a.configureAgain(ctx, act, rec); err != nil {
+			return err
+		}
 		return a.addGuestNeighbors(ctx, act.Neighbors, rec)
 	}
 	return fmt.Errorf("unknown action %d", act.Op)

@@ -159,6 +159,45 @@ func TestGuestGetsWhatCNISetDuringThePlug(t *testing.T) {
 	mustConvergeGuest(t, w)
 }
 
+// When CNI is slower than the guest and sets the address after the new
+// interface was configured, the pass configures it again before the
+// routes (a route via net1's gateway is unreachable while the guest's
+// net1 has no address), and the next pass has nothing to do.
+func TestGuestGetsWhatCNISetAfterTheConfigure(t *testing.T) {
+	w := podWorld()
+	mustConvergeGuest(t, w)
+	j := w.addLink("net1", "veth", macN(2), 1500) // no address yet
+	p := w.plan(guestOn)
+	env := w.env()
+	env.AfterAction = func(a Action) {
+		if a.Op == OpConfigureGuest && a.Endpoint.LinkIfindex == j && len(a.Guest.Addrs) == 0 {
+			w.links[len(w.links)-1].Addrs = []netip.Prefix{netip.MustParsePrefix("10.9.0.5/24")}
+			w.routes = append(w.routes, datapath.Route{Dst: netip.MustParsePrefix("10.8.0.0/16"), Gateway: netip.MustParseAddr("10.9.0.1"), LinkIndex: j})
+		}
+	}
+	configs := w.guest.calls["UpdateInterface"]
+	_, out, err := Apply(context.Background(), p, w.rec, w.observed(), env)
+	if err != nil {
+		t.Fatalf("plan %q: %v", ops(p), err)
+	}
+	if n := w.guest.calls["UpdateInterface"] - configs; n != 2 {
+		t.Errorf("net1 configured %d times in the pass, want 2 (without the address, then with it)", n)
+	}
+	if out.Mutations != 6 {
+		t.Errorf("%d mutations, want 6 (tap, redirects, plug, two configures, routes)", out.Mutations)
+	}
+	if g := w.guest.iface(macN(2)); g == nil || !slices.Contains(g.Addrs, netip.MustParsePrefix("10.9.0.5/24")) {
+		t.Errorf("guest net1 = %+v, want the address CNI set after its configure", g)
+	}
+	if !slices.ContainsFunc(w.guest.routes, func(r agent.Route) bool { return r.Dest == netip.MustParsePrefix("10.8.0.0/16") }) {
+		t.Errorf("guest routes = %+v, want 10.8.0.0/16 via net1", w.guest.routes)
+	}
+	if p := w.plan(guestOn); !p.Empty() {
+		t.Errorf("the next pass: plan %q, want nothing", ops(p))
+	}
+	mustConvergeGuest(t, w)
+}
+
 func maps2str(m map[string]int) string {
 	var s []string
 	for _, k := range slices.Sorted(func(yield func(string) bool) {

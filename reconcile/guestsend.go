@@ -2,6 +2,7 @@ package reconcile
 
 import (
 	"context"
+	"fmt"
 	"strings"
 
 	"github.com/rs/zerolog"
@@ -19,6 +20,10 @@ import (
 // before each guest step and sends what it finds then: the guest gets
 // the address and routes CNI set in that same pass, instead of an
 // interface without address now and a second pass to configure it again.
+// When CNI is slower than the guest and sets the address after the
+// interface was configured, the routes and neighbours step configures it
+// again first, in the same pass: a route via the new link's gateway is
+// unreachable until the guest link has its address.
 
 // guestInputs is what a plan's guest steps were computed from.
 type guestInputs struct {
@@ -74,13 +79,48 @@ func (a *applier) refreshGuest(ctx context.Context, in *guestInputs, act Action)
 			}
 		}
 	case OpUpdateGuestRoutes:
+		act.again = a.changedSinceConfigured(wired)
 		if !in.moved() {
 			act.Routes = guestRoutes(fresh.Routes, guestDevices(wired))
 			act.Digest = routesDigest(act.Routes)
 		}
 	case OpAddGuestNeighbors:
+		act.again = a.changedSinceConfigured(wired)
 		act.Neighbors = guestNeighbors(fresh.Neighbors, guestDevices(wired))
 		act.Digest = neighborsDigest(act.Neighbors)
 	}
 	return act
+}
+
+// changedSinceConfigured are configure-guest steps for the interfaces this
+// pass configured whose link has changed since.
+func (a *applier) changedSinceConfigured(wired []wiredLink) []Action {
+	var again []Action
+	for _, w := range wired {
+		sent, ok := a.configured[w.endpoint.Index]
+		if w.adopted || !ok || w.endpoint.Kind == state.KindMacvtap {
+			continue
+		}
+		if want := desiredInterface(w.link); interfaceText(want) != interfaceText(sent) {
+			again = append(again, Action{Op: OpConfigureGuest, Endpoint: w.endpoint, Guest: want,
+				Digest: endpointDigest(deviceOf(w).nic, want), Reason: w.link.Name + " changed while it was configured"})
+		}
+	}
+	return again
+}
+
+// configureAgain sends act.again, the configure-guest steps that must go
+// before act (see changedSinceConfigured).
+func (a *applier) configureAgain(ctx context.Context, act Action, rec *state.Record) error {
+	for _, c := range act.again {
+		if a.blocked[c.Endpoint.Index] {
+			continue
+		}
+		logAction(ctx, c)
+		if err := a.do(ctx, c, rec); err != nil {
+			return fmt.Errorf("endpoint %d: %s: %w", c.Endpoint.Index, c, err)
+		}
+		a.extra++
+	}
+	return nil
 }

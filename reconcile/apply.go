@@ -207,8 +207,10 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 				log.Debug().Str("action", act.Op.String()).Msg("guest step not sent: nothing has changed")
 				continue
 			}
-			logAction(ctx, act)
-			err = a.do(ctx, act, &rec)
+			if err = a.configureAgain(ctx, act, &rec); err == nil {
+				logAction(ctx, act)
+				err = a.do(ctx, act, &rec)
+			}
 		}
 		switch {
 		case errors.Is(err, ErrUnplugPending):
@@ -370,14 +372,8 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 		a.recordGuest(rec, e.Index, act.Digest)
 		return a.Recorder.Save(*rec)
 	case OpUpdateGuestRoutes:
-		if err := a.configureAgain(ctx, act, rec); err != nil {
-			return err
-		}
 		return a.updateGuestRoutes(ctx, act.Routes, rec)
 	case OpAddGuestNeighbors:
-		if err := a.configureAgain(ctx, act, rec); err != nil {
-			return err
-		}
 		return a.addGuestNeighbors(ctx, act.Neighbors, rec)
 	}
 	return fmt.Errorf("unknown action %d", act.Op)

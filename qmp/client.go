@@ -108,8 +108,12 @@ type Client struct {
 	addSem  chan struct{} // held by AddNIC: choosing a slot and device_add must not interleave
 	unplugs unplugLog     // when device_del was last sent, per device (see RemoveNICs)
 
-	closeOnce  sync.Once
-	done       chan struct{} // closed when the connection is dead
+	closeOnce sync.Once
+	done      chan struct{} // closed when the connection is dead
+	// dying is cancelled with done, for AfterClose: context.AfterFunc
+	// holds no goroutine until then.
+	dying      context.Context
+	killed     context.CancelFunc
 	readerDone chan struct{} // closed when the reader goroutine has returned
 
 	mu      sync.Mutex
@@ -310,6 +314,7 @@ func handshake(h *handshaking, onEvent func(Event)) (*Client, error) {
 }
 
 func newClient(proto string, conn *net.UnixConn, path, version string, timeout time.Duration, onEvent func(Event)) *Client {
+	dying, killed := context.WithCancel(context.Background())
 	return &Client{
 		proto:      proto,
 		path:       path,
@@ -321,6 +326,8 @@ func newClient(proto string, conn *net.UnixConn, path, version string, timeout t
 		addSem:     make(chan struct{}, 1),
 		done:       make(chan struct{}),
 		readerDone: make(chan struct{}),
+		dying:      dying,
+		killed:     killed,
 		waiters:    map[*waiter]struct{}{},
 		streams:    map[chan goqmp.Event]struct{}{},
 	}
@@ -378,7 +385,15 @@ func (c *Client) fail(reason error) {
 		c.mu.Unlock()
 		_ = c.conn.Close()
 		close(c.done)
+		c.killed()
 	})
+}
+
+// AfterClose arranges for f to run in its own goroutine once the
+// connection is dead (Done), as context.AfterFunc does: no goroutine
+// waits meanwhile. stop cancels it, reporting whether it did.
+func (c *Client) AfterClose(f func()) (stop func() bool) {
+	return context.AfterFunc(c.dying, f)
 }
 
 func (c *Client) dead() bool {

@@ -430,6 +430,31 @@ func TestContextCancelClosesConnection(t *testing.T) {
 	waitClosed(t, c.Done(), 2*time.Second, "Done()")
 }
 
+// AfterClose runs its function once the connection dies, and no sooner;
+// a stopped one never runs.
+func TestAfterClose(t *testing.T) {
+	f := startFake(t, greetingOOB, nil)
+	c := dialT(t, f.path, Options{})
+	ran, stopped := make(chan struct{}), make(chan struct{})
+	c.AfterClose(func() { close(ran) })
+	stop := c.AfterClose(func() { close(stopped) })
+	if !stop() {
+		t.Fatal("stop() = false on a live connection")
+	}
+	select {
+	case <-ran:
+		t.Fatal("ran while the connection was alive")
+	case <-time.After(50 * time.Millisecond):
+	}
+	f.dropClients()
+	waitClosed(t, ran, 5*time.Second, "AfterClose's function after the server closed the socket")
+	select {
+	case <-stopped:
+		t.Error("a stopped AfterClose ran")
+	case <-time.After(50 * time.Millisecond):
+	}
+}
+
 func TestServerGoesAway(t *testing.T) {
 	f := startFake(t, greetingOOB, nil)
 	c := dialT(t, f.path, Options{})

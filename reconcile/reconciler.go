@@ -502,17 +502,18 @@ func (r *Reconciler) clientModel(ctx context.Context, sb Sandbox) (*qmp.Client, 
 	}
 	r.conns[sb.ID], r.models[sb.ID] = c, m
 	if closed := r.OnMonitorClosed; closed != nil {
-		go r.watchMonitor(sb.ID, c, closed)
+		c.AfterClose(func() { r.monitorClosed(sb.ID, c, closed) })
 	}
 	return c, m, nil
 }
 
-// watchMonitor calls closed(id) when QEMU ends c while it is still
-// sandbox id's connection: a QEMU that exits between passes is noticed
-// then, not at the next trigger. A connection tapsync closed (dropped,
-// replaced, or failed by a command's timeout) is not QEMU's doing.
-func (r *Reconciler) watchMonitor(id string, c *qmp.Client, closed func(string)) {
-	<-c.Done()
+// monitorClosed, run once c is dead (qmp.Client.AfterClose: no goroutine
+// waits per connection), calls closed(id) when QEMU ended c while it was
+// still sandbox id's connection: a QEMU that exits between passes is
+// noticed then, not at the next trigger. A connection tapsync closed
+// (dropped, replaced, or failed by a command's timeout) is not QEMU's
+// doing.
+func (r *Reconciler) monitorClosed(id string, c *qmp.Client, closed func(string)) {
 	if err := c.Err(); !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
 		return
 	}

@@ -434,6 +434,44 @@ func TestRedirectsIdempotentAndRemovable(t *testing.T) {
 	}
 }
 
+// The hook is added before it is looked for: a link that already has
+// one (a clsact, whose ingress parent is another handle; an ingress whose
+// filter of ours was deleted by hand) is found through the add's EEXIST
+// and repaired in place.
+func TestRedirectsOnExistingHooks(t *testing.T) {
+	s := newSandbox(t)
+	tp, err := s.n.EnsureTap(context.Background(), datapath.TapSpec{Index: 0, Queues: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testnet.Run(t, "tc", "-n", s.ns.Name, "qdisc", "add", "dev", "eth0", "clsact")
+	for i := range 2 {
+		if err := s.n.EnsureRedirects(s.eth0.Ifindex, tp.Ifindex); err != nil {
+			t.Fatalf("EnsureRedirects #%d: %v", i+1, err)
+		}
+	}
+	want := []datapath.Redirect{
+		{From: s.eth0.Ifindex, To: tp.Ifindex, FromName: "eth0", ToName: "tsn0", Priority: datapath.FilterPriority, Owned: true},
+		{From: tp.Ifindex, To: s.eth0.Ifindex, FromName: "tsn0", ToName: "eth0", Priority: datapath.FilterPriority, Owned: true},
+	}
+	if got := ownedRedirects(s.redirects(t)); !slices.Equal(got, want) {
+		t.Errorf("owned redirects on clsact = %v, want %v", got, want)
+	}
+	if out := testnet.Run(t, "tc", "-n", s.ns.Name, "qdisc", "show", "dev", "eth0"); strings.Contains(out, "qdisc ingress") {
+		t.Errorf("an ingress qdisc was added beside the clsact:\n%s", out)
+	}
+	testnet.Run(t, "tc", "-n", s.ns.Name, "filter", "del", "dev", datapath.TapName(0), "ingress", "pref", "29779")
+	if got := ownedRedirects(s.redirects(t)); len(got) != 1 {
+		t.Fatalf("after deleting the tap's filter: owned redirects %v, want eth0's alone", got)
+	}
+	if err := s.n.EnsureRedirects(s.eth0.Ifindex, tp.Ifindex); err != nil {
+		t.Fatal(err)
+	}
+	if got := ownedRedirects(s.redirects(t)); !slices.Equal(got, want) {
+		t.Errorf("owned redirects after repair = %v, want %v", got, want)
+	}
+}
+
 func TestRemoveAfterTapVanished(t *testing.T) {
 	// The tap disappears first (as a non-persistent one does after
 	// netdev_del): eth0's filter then redirects to nothing. Removal must

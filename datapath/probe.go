@@ -46,10 +46,10 @@ func probeHere() error {
 	if err != nil {
 		return err
 	}
-	if _, err := n.ensureIngress(link); err != nil {
+	if _, _, err := n.ensureIngress(link); err != nil {
 		return fmt.Errorf("ingress qdisc (CONFIG_NET_SCH_INGRESS): %w", err)
 	}
-	if err := n.ensureRedirect(link.Attrs().Index, tap.Attrs().Index); err != nil {
+	if err := n.ensureRedirect(link, tap); err != nil {
 		return fmt.Errorf("u32 filter with mirred redirect (CONFIG_NET_CLS_U32, CONFIG_NET_ACT_MIRRED): %w", err)
 	}
 	return nil

@@ -413,7 +413,7 @@ func (n *Netns) EnsureIngressLimit(ifindex, index int, bps uint64) error {
 			return wrap(err)
 		}
 	}
-	parent, err := n.ensureIngress(link)
+	parent, _, err := n.ensureIngress(link)
 	if err != nil {
 		return wrap(err)
 	}

@@ -46,21 +46,31 @@ func (n *Netns) ingressParent(link netlink.Link) (uint32, error) {
 }
 
 // ensureIngress returns the ingress parent of link, adding an ingress
-// qdisc when it has none. Equivalent to: tc qdisc add dev LINK ingress
-func (n *Netns) ensureIngress(link netlink.Link) (uint32, error) {
-	parent, err := n.ingressParent(link)
-	if err != nil || parent != 0 {
-		return parent, err
-	}
+// qdisc when it has none, and whether it added it: a hook just added
+// holds no filter yet. The add comes first: on a link without a hook
+// (every new endpoint's tap and container link) it is the only call, and
+// its EEXIST (an ingress or a clsact qdisc is there: both take handle
+// ffff:) sends us to the qdisc listing to tell which.
+// Equivalent to: tc qdisc add dev LINK ingress
+func (n *Netns) ensureIngress(link netlink.Link) (parent uint32, added bool, err error) {
 	q := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{
 		LinkIndex: link.Attrs().Index,
 		Handle:    netlink.MakeHandle(0xffff, 0),
 		Parent:    netlink.HANDLE_INGRESS,
 	}}
-	if err := n.h.QdiscAdd(q); err != nil && !errors.Is(err, unix.EEXIST) {
-		return 0, fmt.Errorf("add ingress qdisc on %s: %w", link.Attrs().Name, err)
+	err = n.h.QdiscAdd(q)
+	if err == nil {
+		return netlink.MakeHandle(0xffff, 0), true, nil
 	}
-	return netlink.MakeHandle(0xffff, 0), nil
+	if !errors.Is(err, unix.EEXIST) {
+		return 0, false, fmt.Errorf("add ingress qdisc on %s: %w", link.Attrs().Name, err)
+	}
+	if parent, err = n.ingressParent(link); err != nil || parent != 0 {
+		return parent, false, err
+	}
+	// Another qdisc of the link holds handle ffff:. The filter added at
+	// this parent fails and says so.
+	return netlink.MakeHandle(0xffff, 0), false, nil
 }
 
 // redirectsOn lists the mirred-redirect u32 filters on link's ingress.
@@ -128,29 +138,32 @@ func (n *Netns) Redirects() ([]Redirect, error) {
 // re-created with a new ifindex) is replaced, and filters at other
 // priorities are never touched.
 func (n *Netns) EnsureRedirects(container, tap int) error {
-	return errors.Join(n.ensureRedirect(container, tap), n.ensureRedirect(tap, container))
+	c, err := n.h.LinkByIndex(container)
+	if err != nil {
+		return fmt.Errorf("netns %s: redirect from link %d: %w", n.path, container, err)
+	}
+	t, err := n.h.LinkByIndex(tap)
+	if err != nil {
+		return fmt.Errorf("netns %s: redirect to link %d: %w", n.path, tap, err)
+	}
+	return errors.Join(n.ensureRedirect(c, t), n.ensureRedirect(t, c))
 }
 
-func (n *Netns) ensureRedirect(from, to int) error {
-	fromLink, err := n.h.LinkByIndex(from)
-	if err != nil {
-		return fmt.Errorf("netns %s: redirect from link %d: %w", n.path, from, err)
-	}
-	toLink, err := n.h.LinkByIndex(to)
-	if err != nil {
-		return fmt.Errorf("netns %s: redirect to link %d: %w", n.path, to, err)
-	}
+func (n *Netns) ensureRedirect(fromLink, toLink netlink.Link) error {
+	from, to := fromLink.Attrs().Index, toLink.Attrs().Index
 	fromName, toName := fromLink.Attrs().Name, toLink.Attrs().Name
 	wrap := func(err error) error {
 		return fmt.Errorf("netns %s: redirect %s→%s: %w", n.path, fromName, toName, err)
 	}
-	parent, err := n.ensureIngress(fromLink)
+	parent, added, err := n.ensureIngress(fromLink)
 	if err != nil {
 		return wrap(err)
 	}
-	existing, err := n.redirectsOn(fromLink, parent)
-	if err != nil {
-		return wrap(err)
+	var existing []Redirect
+	if !added { // a hook just added has no filters to look at
+		if existing, err = n.redirectsOn(fromLink, parent); err != nil {
+			return wrap(err)
+		}
 	}
 	var ours []Redirect
 	for _, r := range existing {

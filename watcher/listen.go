@@ -163,6 +163,11 @@ func nsidOf(home string, fd int, assign bool) (int32, error) {
 		return 0, err
 	}
 	defer h.Close()
+	return nsidIn(h, fd, assign)
+}
+
+// nsidIn is nsidOf through h, a route netlink handle in home.
+func nsidIn(h *netlink.Handle, fd int, assign bool) (int32, error) {
 	id, err := h.GetNetNsIdByFd(fd)
 	if err != nil {
 		return 0, fmt.Errorf("get nsid: %w", err)

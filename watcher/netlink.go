@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -94,6 +95,15 @@ type NetlinkWatcher struct {
 	home string
 	// fallback logs, once, that no private home could be made.
 	fallback sync.Once
+
+	// nsidH is a route netlink handle in nsidHome, kept while something
+	// is watched, through which Watch reads and assigns nsids: a handle
+	// made per Watch (a socket made inside home: two setns) was the bulk
+	// of a watch's cost. Dropped after a failed request and when the
+	// watcher goes idle.
+	nsidMu   sync.Mutex
+	nsidH    *netlink.Handle
+	nsidHome string
 	// Tunables for tests; set before the first Watch.
 	retryFirst, retryMax time.Duration
 	// rcvBuf, when non-zero, is the socket receive buffer of new
@@ -290,11 +300,45 @@ func (w *NetlinkWatcher) resolve(home, path string) (nsID, int32, error) {
 	if err := unix.Fstat(fd, &st); err != nil {
 		return nsID{}, 0, err
 	}
-	nsid, err := nsidOf(home, fd, true)
+	nsid, err := w.nsidOf(home, fd, true)
 	if err != nil {
 		return nsID{}, 0, err
 	}
 	return nsID{st.Dev, st.Ino}, nsid, nil
+}
+
+// nsidOf is the package's nsidOf through the watcher's kept handle in
+// home.
+func (w *NetlinkWatcher) nsidOf(home string, fd int, assign bool) (int32, error) {
+	w.nsidMu.Lock()
+	defer w.nsidMu.Unlock()
+	if w.nsidH != nil && w.nsidHome != home {
+		w.nsidH.Close()
+		w.nsidH = nil
+	}
+	if w.nsidH == nil {
+		h, err := handleIn(home)
+		if err != nil {
+			return 0, err
+		}
+		w.nsidH, w.nsidHome = h, home
+	}
+	id, err := nsidIn(w.nsidH, fd, assign)
+	if err != nil {
+		w.nsidH.Close()
+		w.nsidH = nil
+	}
+	return id, err
+}
+
+// dropNsidHandle closes the kept nsid handle, if any.
+func (w *NetlinkWatcher) dropNsidHandle() {
+	w.nsidMu.Lock()
+	defer w.nsidMu.Unlock()
+	if w.nsidH != nil {
+		w.nsidH.Close()
+		w.nsidH = nil
+	}
 }
 
 // dropLocked unregisters nw (w.mu held).
@@ -321,6 +365,7 @@ func (w *NetlinkWatcher) idleLocked() *listener {
 	l := w.lst
 	w.lst = nil
 	l.halt()
+	w.dropNsidHandle() // lock order: w.mu, then nsidMu
 	return l
 }
 
@@ -486,7 +531,7 @@ func (w *NetlinkWatcher) stillNamed(nw *netnsWatch) bool {
 		return false
 	}
 	defer unix.Close(fd)
-	id, err := nsidOf(w.homeNetns(context.Background()), fd, false)
+	id, err := w.nsidOf(w.homeNetns(context.Background()), fd, false)
 	return err == nil && id == nw.nsid
 }
 

@@ -442,3 +442,44 @@ func TestNetlinkWatcherPrivateHome(t *testing.T) {
 		t.Fatalf("the socket woke %d times for %d changes in a foreign netns and one in the sandbox's", woke, changes)
 	}
 }
+
+// Watches share one netlink handle in home for their nsids, kept while
+// something is watched and closed when nothing is.
+func TestNetlinkWatcherKeepsNsidHandle(t *testing.T) {
+	w, _, ctx, _ := newNetlinkWatcher(t)
+	a, b := testnet.NewNS(t, "tswa"), testnet.NewNS(t, "tswb")
+	if err := w.Watch(ctx, "a", a.Path); err != nil {
+		t.Fatal(err)
+	}
+	w.nsidMu.Lock()
+	first := w.nsidH
+	w.nsidMu.Unlock()
+	if first == nil {
+		t.Fatal("no nsid handle kept after a Watch")
+	}
+	if err := w.Watch(ctx, "b", b.Path); err != nil {
+		t.Fatal(err)
+	}
+	w.nsidMu.Lock()
+	second := w.nsidH
+	w.nsidMu.Unlock()
+	if second != first {
+		t.Error("the second Watch made a handle of its own")
+	}
+	if w.byNsidOf("a") == w.byNsidOf("b") {
+		t.Errorf("two netns got the same nsid %d", w.byNsidOf("a"))
+	}
+	w.StopAll()
+	w.nsidMu.Lock()
+	defer w.nsidMu.Unlock()
+	if w.nsidH != nil {
+		t.Error("nsid handle still open after StopAll")
+	}
+}
+
+// byNsidOf is the nsid of sandbox id's watch (for tests).
+func (w *NetlinkWatcher) byNsidOf(id string) int32 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.watches[id].nsid
+}

@@ -2,6 +2,7 @@ package state
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"testing"
@@ -73,5 +74,54 @@ func TestLoadCacheFollowsTheFile(t *testing.T) {
 	}
 	if got, err := s.Load(ctx, "sb"); err != nil || len(got.Endpoints) != 0 {
 		t.Fatalf("after another store deleted it: %+v, %v; want a fresh record", got, err)
+	}
+}
+
+// Save leaves in the cache what Load would decode from the file it
+// wrote, and only while the file is that one.
+func TestSaveFillsTheCache(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state")
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	r := Record{Sandbox: "sb", Netns: "/run/netns/a", GuestRoutes: "digest"}
+	r.Put(Endpoint{Index: 0, LinkName: "eth0", LinkMAC: "02:00:00:00:00:01", Plugs: 2, Moved: &Moved{Addrs: []Addr{{Prefix: "10.0.0.2/24"}},
+		Routes: []Route{{Table: 254, Metrics: map[string]uint32{"mtu": 1400}, Hops: []Hop{{Dev: 3}}}}}})
+	r.Put(Endpoint{Index: 1, LinkName: "net1", Removing: true})
+	if err := s.Save(r); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	_, cached := s.cache["sb"]
+	s.mu.Unlock()
+	if !cached {
+		t.Fatal("Save left nothing in the cache")
+	}
+	fromCache, err := s.Load(ctx, "sb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromFile, err := other.Load(ctx, "sb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := json.Marshal(fromCache)
+	b, _ := json.Marshal(fromFile)
+	if string(a) != string(b) || !fromCache.Updated.Equal(fromFile.Updated) {
+		t.Fatalf("cached after Save:\n%s\ndecoded from the file:\n%s", a, b)
+	}
+
+	// Written in place after the Save: read again.
+	if err := os.WriteFile(filepath.Join(dir, "sb.json"), []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Load(ctx, "sb"); err != nil || len(got.Endpoints) != 0 {
+		t.Fatalf("after the saved file was rewritten: %+v, %v; want a fresh record", got, err)
 	}
 }

@@ -223,9 +223,10 @@ type Store struct {
 	// cache holds the last record Load decoded per sandbox with the
 	// identity of the file it came from: a pass loads its record every
 	// time, and a stat that finds the same file costs far less than
-	// reading and decoding it again. Save, Delete and a set-aside drop
-	// the entry; a file changed or replaced by anyone else no longer
-	// matches and is read again.
+	// reading and decoding it again. Save puts what it wrote there
+	// (what Load would decode from it); Delete and a set-aside drop the
+	// entry; a file changed or replaced by anyone else no longer matches
+	// and is read again.
 	mu    sync.Mutex
 	cache map[string]cachedRecord
 }
@@ -407,14 +408,66 @@ func (s *Store) Save(r Record) error {
 	}
 	p := s.path(r.Sandbox)
 	s.drop(r.Sandbox)
-	// The temporary file goes straight into the state dir: without one
-	// named, renameio probes $TMPDIR on every write (a file made there
-	// and one here, a rename between them, unlinks), and a pass writes
-	// before each step.
-	if err := renameio.WriteFile(p, append(b, '\n'), 0o600, renameio.WithTempDir(s.dir)); err != nil {
+	file, known, err := s.replace(p, append(b, '\n'))
+	if err != nil {
 		return fmt.Errorf("%w: write record %s: %w", ErrStore, p, err)
 	}
-	return s.syncDir()
+	if err := s.syncDir(); err != nil {
+		return err
+	}
+	if known {
+		// The next pass loads what this one saved: from the cache, as
+		// long as the file is this one.
+		s.remember(r.Sandbox, file, r)
+	}
+	return nil
+}
+
+// replace writes b to a temporary file in the state dir, fsyncs it and
+// renames it to p. The temporary file goes straight into the state dir:
+// without one named, renameio probes $TMPDIR on every write (a file made
+// there and one here, a rename between them, unlinks), and a pass writes
+// before each step. It returns the identity of the file now at p as the
+// rename left it (the rename changes its ctime), known only when nothing
+// wrote to it between the write and that look.
+func (s *Store) replace(p string, b []byte) (fileID, bool, error) {
+	f, err := renameio.NewPendingFile(p, renameio.WithTempDir(s.dir), renameio.WithPermissions(0o600))
+	if err != nil {
+		return fileID{}, false, err
+	}
+	defer f.Cleanup()
+	if _, err := f.Write(b); err != nil {
+		return fileID{}, false, err
+	}
+	written, err := f.Stat()
+	if err != nil {
+		return fileID{}, false, err
+	}
+	// A second descriptor of the file, to look at it after the rename
+	// (which closes the first).
+	sc, err := f.SyscallConn()
+	if err != nil {
+		return fileID{}, false, err
+	}
+	fd := -1
+	_ = sc.Control(func(raw uintptr) { fd, _ = unix.FcntlInt(raw, unix.F_DUPFD_CLOEXEC, 0) })
+	if fd >= 0 {
+		defer unix.Close(fd)
+	}
+	if err := f.CloseAtomicallyReplace(); err != nil {
+		return fileID{}, false, err
+	}
+	var st unix.Stat_t
+	if fd < 0 || unix.Fstat(fd, &st) != nil {
+		return fileID{}, false, nil
+	}
+	before, ok := fileIDOf(written)
+	after := fileID{dev: st.Dev, ino: st.Ino, size: st.Size,
+		mtime: syscall.Timespec(st.Mtim), ctime: syscall.Timespec(st.Ctim)}
+	if !ok || before.dev != after.dev || before.ino != after.ino || before.size != after.size || before.mtime != after.mtime {
+		return fileID{}, false, nil
+	}
+	return after, true, nil
 }
 
 // syncDir makes the state dir's entries (a rename, a removal) durable.

@@ -666,12 +666,31 @@ func ifindexAt(data []byte, off int) (int32, bool) {
 	return int32(binary.NativeEndian.Uint32(data[off:])), true
 }
 
+// attrValue is the value of the first attribute of type typ after a
+// fixed header of size hdr, parsed as attrs parses, without building the
+// list (a link message has dozens of attributes, and one arrives for
+// every change of every link watched).
+func attrValue(data []byte, hdr int, typ uint16) ([]byte, bool) {
+	if len(data) < hdr {
+		return nil, false
+	}
+	for b := data[hdr:]; len(b) >= unix.SizeofRtAttr; {
+		n := int(binary.NativeEndian.Uint16(b))
+		if n < unix.SizeofRtAttr || n > len(b) {
+			break
+		}
+		if binary.NativeEndian.Uint16(b[2:]) == typ {
+			return b[unix.SizeofRtAttr:n], true
+		}
+		b = b[min((n+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(b)):]
+	}
+	return nil, false
+}
+
 // linkName is the IFLA_IFNAME of an ifinfomsg, or "index N".
 func linkName(data []byte) string {
-	for _, a := range attrs(data, unix.SizeofIfInfomsg) {
-		if a.Attr.Type == unix.IFLA_IFNAME {
-			return string(trimNUL(a.Value))
-		}
+	if v, ok := attrValue(data, unix.SizeofIfInfomsg, unix.IFLA_IFNAME); ok {
+		return string(trimNUL(v))
 	}
 	if i, ok := ifindexAt(data, 4); ok {
 		return fmt.Sprintf("index %d", i)

@@ -119,6 +119,7 @@ func TestGuestRepairedAfterResetAndFlush(t *testing.T) {
 		}
 		defer c.Close()
 		mark := r.d.mark()
+		off := r.vm.SerialOffset()
 		r.withoutProbe(func() {
 			// testvm runs QEMU with -no-reboot, which turns a reset into
 			// an exit; a guest reboot needs the reset action back.
@@ -140,6 +141,14 @@ func TestGuestRepairedAfterResetAndFlush(t *testing.T) {
 				return "net1 guest " + g
 			})
 			t.Logf("status while the guest rebooted: %s", seen)
+			// The probe dials again once the guest is up: a request
+			// written while it boots waits for its agent, longer than a
+			// call's timeout on a loaded machine (failed once so).
+			rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+			defer cancel()
+			if _, err := r.vm.WaitSerialFrom(rctx, off, testvm.ReadyRE()); err != nil {
+				t.Fatalf("guest after the reset: %v", err)
+			}
 		})
 		r.d.waitLogAfter(mark, "what tapsync knew of the guest is unverified", nil)
 		r.guestIface(mac, "is net1 again", func(i agent.Interface) bool { return i.Name == "net1" && len(i.Addrs) > 0 })

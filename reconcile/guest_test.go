@@ -126,76 +126,58 @@ func TestGuestNotAskedBeforeAPlug(t *testing.T) {
 
 // CNI gives a new link its address and routes a moment after making it.
 // When they come while the NIC is being plugged, the same pass sends them
-// to the guest, with one configuration of the interface, and the next
-// pass has nothing to do.
-func TestGuestGetsWhatCNISetDuringThePlug(t *testing.T) {
-	w := podWorld()
-	mustConvergeGuest(t, w)
-	j := w.addLink("net1", "veth", macN(2), 1500) // no address yet
-	p := w.plan(guestOn)
-	env := w.env()
-	env.AfterAction = func(a Action) {
-		if a.Op == OpPlugNIC && a.Endpoint.LinkIfindex == j {
-			w.links[len(w.links)-1].Addrs = []netip.Prefix{netip.MustParsePrefix("10.9.0.5/24")}
-			w.routes = append(w.routes, datapath.Route{Dst: netip.MustParsePrefix("10.8.0.0/16"), Gateway: netip.MustParseAddr("10.9.0.1"), LinkIndex: j})
-		}
+// to the guest with one configuration of the interface. When CNI is
+// slower than the guest and sets them after the interface was configured,
+// the pass configures it again before the routes (a route via net1's
+// gateway is unreachable while the guest's net1 has no address). Either
+// way the next pass has nothing to do.
+func TestGuestGetsWhatCNISetDuringThePass(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		cniSetsNow func(a Action, link int) bool // after which step CNI sets the address
+		configures int
+		mutations  int
+	}{
+		{"during the plug", func(a Action, link int) bool { return a.Op == OpPlugNIC && a.Endpoint.LinkIfindex == link }, 1, 5},
+		{"after the configure", func(a Action, link int) bool {
+			return a.Op == OpConfigureGuest && a.Endpoint.LinkIfindex == link && len(a.Guest.Addrs) == 0
+		}, 2, 6},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := podWorld()
+			mustConvergeGuest(t, w)
+			j := w.addLink("net1", "veth", macN(2), 1500) // no address yet
+			p := w.plan(guestOn)
+			env := w.env()
+			env.AfterAction = func(a Action) {
+				if tc.cniSetsNow(a, j) {
+					w.links[len(w.links)-1].Addrs = []netip.Prefix{netip.MustParsePrefix("10.9.0.5/24")}
+					w.routes = append(w.routes, datapath.Route{Dst: netip.MustParsePrefix("10.8.0.0/16"), Gateway: netip.MustParseAddr("10.9.0.1"), LinkIndex: j})
+				}
+			}
+			configs := w.guest.calls["UpdateInterface"]
+			_, out, err := Apply(context.Background(), p, w.rec, w.observed(), env)
+			if err != nil {
+				t.Fatalf("plan %q: %v", ops(p), err)
+			}
+			if n := w.guest.calls["UpdateInterface"] - configs; n != tc.configures {
+				t.Errorf("net1 configured %d times in the pass, want %d", n, tc.configures)
+			}
+			if out.Mutations != tc.mutations {
+				t.Errorf("%d mutations, want %d (tap, redirects, plug, configures, routes)", out.Mutations, tc.mutations)
+			}
+			if g := w.guest.iface(macN(2)); g == nil || !slices.Contains(g.Addrs, netip.MustParsePrefix("10.9.0.5/24")) {
+				t.Errorf("guest net1 = %+v, want the address CNI set", g)
+			}
+			if !slices.ContainsFunc(w.guest.routes, func(r agent.Route) bool { return r.Dest == netip.MustParsePrefix("10.8.0.0/16") }) {
+				t.Errorf("guest routes = %+v, want 10.8.0.0/16 via net1", w.guest.routes)
+			}
+			if p := w.plan(guestOn); !p.Empty() {
+				t.Errorf("the next pass: plan %q, want nothing", ops(p))
+			}
+			mustConvergeGuest(t, w)
+		})
 	}
-	configs := w.guest.calls["UpdateInterface"]
-	if _, _, err := Apply(context.Background(), p, w.rec, w.observed(), env); err != nil {
-		t.Fatalf("plan %q: %v", ops(p), err)
-	}
-	if n := w.guest.calls["UpdateInterface"] - configs; n != 1 {
-		t.Errorf("net1 configured %d times in the pass, want 1", n)
-	}
-	if g := w.guest.iface(macN(2)); g == nil || !slices.Contains(g.Addrs, netip.MustParsePrefix("10.9.0.5/24")) {
-		t.Errorf("guest net1 = %+v, want the address CNI set during the plug", g)
-	}
-	if !slices.ContainsFunc(w.guest.routes, func(r agent.Route) bool { return r.Dest == netip.MustParsePrefix("10.8.0.0/16") }) {
-		t.Errorf("guest routes = %+v, want 10.8.0.0/16 via net1", w.guest.routes)
-	}
-	if p := w.plan(guestOn); !p.Empty() {
-		t.Errorf("the next pass: plan %q, want nothing", ops(p))
-	}
-	mustConvergeGuest(t, w)
-}
-
-// When CNI is slower than the guest and sets the address after the new
-// interface was configured, the pass configures it again before the
-// routes (a route via net1's gateway is unreachable while the guest's
-// net1 has no address), and the next pass has nothing to do.
-func TestGuestGetsWhatCNISetAfterTheConfigure(t *testing.T) {
-	w := podWorld()
-	mustConvergeGuest(t, w)
-	j := w.addLink("net1", "veth", macN(2), 1500) // no address yet
-	p := w.plan(guestOn)
-	env := w.env()
-	env.AfterAction = func(a Action) {
-		if a.Op == OpConfigureGuest && a.Endpoint.LinkIfindex == j && len(a.Guest.Addrs) == 0 {
-			w.links[len(w.links)-1].Addrs = []netip.Prefix{netip.MustParsePrefix("10.9.0.5/24")}
-			w.routes = append(w.routes, datapath.Route{Dst: netip.MustParsePrefix("10.8.0.0/16"), Gateway: netip.MustParseAddr("10.9.0.1"), LinkIndex: j})
-		}
-	}
-	configs := w.guest.calls["UpdateInterface"]
-	_, out, err := Apply(context.Background(), p, w.rec, w.observed(), env)
-	if err != nil {
-		t.Fatalf("plan %q: %v", ops(p), err)
-	}
-	if n := w.guest.calls["UpdateInterface"] - configs; n != 2 {
-		t.Errorf("net1 configured %d times in the pass, want 2 (without the address, then with it)", n)
-	}
-	if out.Mutations != 6 {
-		t.Errorf("%d mutations, want 6 (tap, redirects, plug, two configures, routes)", out.Mutations)
-	}
-	if g := w.guest.iface(macN(2)); g == nil || !slices.Contains(g.Addrs, netip.MustParsePrefix("10.9.0.5/24")) {
-		t.Errorf("guest net1 = %+v, want the address CNI set after its configure", g)
-	}
-	if !slices.ContainsFunc(w.guest.routes, func(r agent.Route) bool { return r.Dest == netip.MustParsePrefix("10.8.0.0/16") }) {
-		t.Errorf("guest routes = %+v, want 10.8.0.0/16 via net1", w.guest.routes)
-	}
-	if p := w.plan(guestOn); !p.Empty() {
-		t.Errorf("the next pass: plan %q, want nothing", ops(p))
-	}
-	mustConvergeGuest(t, w)
 }
 
 func maps2str(m map[string]int) string {

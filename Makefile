@@ -89,8 +89,9 @@ demo: deps build
 	./$(BIN)/tapsync-demo -tapsync $(BIN)/tapsync
 
 # bench prints issue 9's table (docs/benchmarks.md): B1/B1' for tapsync
-# and the floor program side by side, B2–B4 at N sandboxes (default 250,
-# fewer when memory is short). A measurement, not a test; takes minutes.
+# and the floor program side by side, B5 (CNI ADD → a usable address in
+# the guest), B2–B4 at N sandboxes (default 250, fewer when memory is
+# short). A measurement, not a test; takes minutes.
 bench: deps build
 	$(GO) build -o $(BIN)/tapsync-bench ./e2e/bench
 	$(GO) build -o $(BIN)/tapsync-floor ./e2e/bench/floor

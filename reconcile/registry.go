@@ -303,6 +303,21 @@ func (r *Reconciler) reidentify(id, netns string, ns [2]uint64) {
 	}
 }
 
+// NetnsHeld says whether the netns kept from sandbox id's last pass is
+// the one at path now (one stat, see datapath.Netns.Verify). A kept netns
+// was entered when it was opened (its netlink handle lives in it), and
+// it pins the namespace: its identity at path says that path is a
+// network namespace, which a caller then need not inspect again.
+func (r *Reconciler) NetnsHeld(id, path string) bool {
+	r.mu.Lock()
+	h := r.hosts[id]
+	r.mu.Unlock()
+	// Path and identity are fixed at Open: Verify is safe on a netns
+	// that a concurrent ReleaseNetns has just closed, and then says no
+	// more than a stat made a moment before the close.
+	return h != nil && h.Path() == path && h.Verify() == nil
+}
+
 // Sandboxes lists the registered sandbox ids.
 func (r *Reconciler) Sandboxes() []string {
 	r.mu.Lock()

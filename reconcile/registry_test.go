@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/e2e/testnet"
 	"github.com/tapsync/tapsync/state"
 )
@@ -305,5 +306,37 @@ func TestDialLocks(t *testing.T) {
 	<-second
 	if n := dialLocks(); n != 0 {
 		t.Errorf("%d dial locks left, want 0", n)
+	}
+}
+
+// NetnsHeld vouches for a path only while the netns kept from the last
+// pass is the one there.
+func TestNetnsHeld(t *testing.T) {
+	r := newTestReconciler(t)
+	a, b := testnet.NewNS(t, "tsheld"), testnet.NewNS(t, "tsheldb")
+	if r.NetnsHeld("sb", a.Path) {
+		t.Error("held with nothing kept")
+	}
+	h, err := datapath.Open(a.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.mu.Lock()
+	r.hosts["sb"] = h
+	r.mu.Unlock()
+	if !r.NetnsHeld("sb", a.Path) {
+		t.Error("the kept netns at its own path is not held")
+	}
+	if r.NetnsHeld("sb", b.Path) || r.NetnsHeld("other", a.Path) {
+		t.Error("held for another path or another sandbox")
+	}
+	// The path now names another netns (deleted, then made again).
+	testnet.IP(t, "netns", "del", a.Name)
+	if r.NetnsHeld("sb", a.Path) {
+		t.Error("held after the path was deleted")
+	}
+	testnet.IP(t, "netns", "add", a.Name)
+	if r.NetnsHeld("sb", a.Path) {
+		t.Error("held after the path was given to a new netns")
 	}
 }

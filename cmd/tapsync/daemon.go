@@ -506,14 +506,18 @@ func (d *daemon) pass(ctx context.Context, id string) error {
 	if !found {
 		return nil // unregistered, or now known by another id
 	}
-	if ok, err := watcher.IsNetns(sb.Netns); errors.Is(err, os.ErrNotExist) {
-		d.rec.ReleaseNetns(id)
-		log.Debug().Str("netns", sb.Netns).Msg("netns does not exist (yet); waiting for it to appear")
-		return nil
-	} else if !ok {
-		d.rec.ReleaseNetns(id)
-		return reconcile.WithCause(reconcile.CauseNetns,
-			fmt.Errorf("sandbox %s: %s is not a network namespace yet (placeholder before its bind mount?): %v", id, sb.Netns, err))
+	// The netns kept from the last pass, still at the path, needs no
+	// inspection.
+	if !d.rec.NetnsHeld(id, sb.Netns) {
+		if ok, err := watcher.IsNetns(sb.Netns); errors.Is(err, os.ErrNotExist) {
+			d.rec.ReleaseNetns(id)
+			log.Debug().Str("netns", sb.Netns).Msg("netns does not exist (yet); waiting for it to appear")
+			return nil
+		} else if !ok {
+			d.rec.ReleaseNetns(id)
+			return reconcile.WithCause(reconcile.CauseNetns,
+				fmt.Errorf("sandbox %s: %s is not a network namespace yet (placeholder before its bind mount?): %v", id, sb.Netns, err))
+		}
 	}
 	if err := d.links.Watch(ctx, id, sb.Netns); err != nil {
 		return reconcile.WithCause(reconcile.CauseNetns, fmt.Errorf("sandbox %s: watch links: %w", id, err))

@@ -238,6 +238,12 @@ func (d *daemon) handle(e watcher.Event) {
 	switch e.Kind {
 	case watcher.KindNetns:
 		for _, id := range d.rec.InNetns(e.Path) {
+			if d.rec.NetnsHeld(id, e.Path) {
+				// The netns its last pass observed, still at the path
+				// (the netns dir's scan at start, after that pass):
+				// nothing new for it.
+				continue
+			}
 			d.trigger(id, src)
 		}
 		if d.config().Discovery.Proc {

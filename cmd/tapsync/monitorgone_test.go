@@ -6,6 +6,7 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 	"github.com/tapsync/tapsync/e2e/testnet"
+	"github.com/tapsync/tapsync/watcher"
 )
 
 // A QEMU that exits while its sandbox is idle is noticed at once: the end
@@ -42,6 +43,43 @@ func qmpTriggers(t *testing.T, d *daemon) float64 {
 	t.Helper()
 	var m dto.Metric
 	if err := d.m.triggers.WithLabelValues("qmp").Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
+}
+
+// A netns dir event for the netns that a sandbox's last pass kept, still
+// at that path (the dir's scan at start, after that pass), starts no
+// pass; one naming it by another path does.
+func TestNetnsEventForHeldNetnsIsNoNews(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	ns := testnet.NewNS(t, "tsheld")
+	qemu := startOddQEMU(t)
+	cfg := quietConfig(t)
+	one := 1
+	cfg.Sandboxes = []StaticSandbox{{ID: "held", Netns: ns.Path, QMP: qemu.path, Queues: &one}}
+	s := serveDaemon(t, cfg, nil)
+	eventually(t, "a first pass that succeeded and kept its netns", func() bool {
+		st := s.d.status("held")
+		return !st.LastReconcile.IsZero() && st.LastError == "" && s.d.rec.NetnsHeld("held", ns.Path)
+	}, s.log.String)
+	src := string(watcher.SourceNetnsDir)
+	before := triggersFrom(t, s.d, src)
+	s.d.handle(watcher.Event{Kind: watcher.KindNetns, Source: watcher.SourceNetnsDir, Path: ns.Path})
+	if got := triggersFrom(t, s.d, src); got != before {
+		t.Errorf("%v triggers from %s for the held netns, want none", got-before, src)
+	}
+	s.d.handle(watcher.Event{Kind: watcher.KindNetns, Source: watcher.SourceNetnsDir, Path: "/run/netns/" + ns.Name})
+	if got := triggersFrom(t, s.d, src); got != before+1 {
+		t.Errorf("%v triggers from %s for the netns by another path, want 1", got-before, src)
+	}
+}
+
+// triggersFrom reads tapsync_triggers_total{source=src}.
+func triggersFrom(t *testing.T, d *daemon, src string) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := d.m.triggers.WithLabelValues(src).Write(&m); err != nil {
 		t.Fatal(err)
 	}
 	return m.GetCounter().GetValue()

@@ -100,6 +100,19 @@ func TestConnectUnderWayWaited(t *testing.T) {
 			t.Cleanup(func() { c.Close() }) // held, silent: no greeting
 		}
 	}()
+	sb := Sandbox{ID: "silent", Netns: ns.Path, QMP: sock, QMPTimeout: 300 * time.Millisecond}
+	r, called := connectRig(t, sb)
+	ctx := context.Background()
+	if err := r.Reconcile(ctx, sb.ID); !errors.Is(err, ErrConnecting) {
+		t.Fatalf("pass during the dial: %v; want ErrConnecting", err)
+	}
+	passAfterDial(t, r, sb.ID, called)
+}
+
+// connectRig registers sb with a reconciler of its own whose OnDialDone
+// reports on called, and starts its dial ahead of the passes (Connect).
+func connectRig(t *testing.T, sb Sandbox) (*Reconciler, chan string) {
+	t.Helper()
 	store, err := state.Open(filepath.Join(t.TempDir(), "state"))
 	if err != nil {
 		t.Fatal(err)
@@ -108,21 +121,23 @@ func TestConnectUnderWayWaited(t *testing.T) {
 	t.Cleanup(r.Close)
 	called := make(chan string, 4)
 	r.OnDialDone = func(id string) { called <- id }
-	sb := Sandbox{ID: "silent", Netns: ns.Path, QMP: sock, QMPTimeout: 300 * time.Millisecond}
 	if _, err := r.Register(sb, SourceConfig); err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
-	r.Connect(ctx, sb.ID)
-	if err := r.Reconcile(ctx, sb.ID); !errors.Is(err, ErrConnecting) {
-		t.Fatalf("pass during the dial: %v; want ErrConnecting", err)
-	}
+	r.Connect(context.Background(), sb.ID)
+	return r, called
+}
+
+// passAfterDial waits for the dial's end to call OnDialDone; the pass
+// after it must report the dial's error.
+func passAfterDial(t *testing.T, r *Reconciler, id string, called chan string) {
+	t.Helper()
 	select {
 	case <-called:
 	case <-time.After(time.Minute):
 		t.Fatal("the dial's end did not call OnDialDone")
 	}
-	if err := r.Reconcile(ctx, sb.ID); err == nil || errors.Is(err, ErrConnecting) {
+	if err := r.Reconcile(context.Background(), id); err == nil || errors.Is(err, ErrConnecting) {
 		t.Fatalf("the pass after the dial: %v; want the dial's error", err)
 	}
 }
@@ -133,30 +148,11 @@ func TestConnectUnderWayWaited(t *testing.T) {
 func TestConnectFailedDialedAgain(t *testing.T) {
 	testnet.SkipUnlessRoot(t)
 	ns := testnet.NewNS(t, "tapsync-dial")
-	store, err := state.Open(filepath.Join(t.TempDir(), "state"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := New(store)
-	t.Cleanup(r.Close)
-	called := make(chan string, 4)
-	r.OnDialDone = func(id string) { called <- id }
 	sb := Sandbox{ID: "early", Netns: ns.Path, QMP: filepath.Join(t.TempDir(), "none.sock")}
-	if _, err := r.Register(sb, SourceConfig); err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	r.Connect(ctx, sb.ID)
+	r, called := connectRig(t, sb)
 	dialEnded(t, r, sb.ID)
-	if err := r.Reconcile(ctx, sb.ID); !errors.Is(err, ErrConnecting) {
+	if err := r.Reconcile(context.Background(), sb.ID); !errors.Is(err, ErrConnecting) {
 		t.Fatalf("pass after a failed early dial: %v; want ErrConnecting (a new dial)", err)
 	}
-	select {
-	case <-called:
-	case <-time.After(time.Minute):
-		t.Fatal("the new dial's end did not call OnDialDone")
-	}
-	if err := r.Reconcile(ctx, sb.ID); err == nil || errors.Is(err, ErrConnecting) {
-		t.Fatalf("the pass after the new dial: %v; want its error", err)
-	}
+	passAfterDial(t, r, sb.ID, called)
 }

@@ -110,14 +110,15 @@ func run(nsPath, qmpPath, bus string, hmp bool, agentURL, busPath string) error 
 	done := make(chan struct{})
 	defer close(done)
 	subErr := make(chan error, 1)
+	// keepErr keeps a subscription's first error for the loop below.
+	keepErr := func(err error) {
+		select {
+		case subErr <- err:
+		default:
+		}
+	}
 	if err := netlink.LinkSubscribeWithOptions(updates, done, netlink.LinkSubscribeOptions{
-		Namespace: &h,
-		ErrorCallback: func(err error) {
-			select {
-			case subErr <- err:
-			default:
-			}
-		},
+		Namespace: &h, ErrorCallback: keepErr,
 	}); err != nil {
 		return fmt.Errorf("subscribe to links in %s: %w", nsPath, err)
 	}
@@ -145,13 +146,7 @@ func run(nsPath, qmpPath, bus string, hmp bool, agentURL, busPath string) error 
 		defer nl.Close()
 		addrs := make(chan netlink.AddrUpdate, 256)
 		if err := netlink.AddrSubscribeWithOptions(addrs, done, netlink.AddrSubscribeOptions{
-			Namespace: &h,
-			ErrorCallback: func(err error) {
-				select {
-				case subErr <- err:
-				default:
-				}
-			},
+			Namespace: &h, ErrorCallback: keepErr,
 		}); err != nil {
 			return fmt.Errorf("subscribe to addresses in %s: %w", nsPath, err)
 		}

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/tapsync/tapsync/e2e/testnet"
-	"github.com/tapsync/tapsync/state"
 )
 
 // dialEnded waits until sandbox id's background dial has ended; then its
@@ -113,12 +112,7 @@ func TestConnectUnderWayWaited(t *testing.T) {
 // reports on called, and starts its dial ahead of the passes (Connect).
 func connectRig(t *testing.T, sb Sandbox) (*Reconciler, chan string) {
 	t.Helper()
-	store, err := state.Open(filepath.Join(t.TempDir(), "state"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := New(store)
-	t.Cleanup(r.Close)
+	r := newTestReconciler(t)
 	called := make(chan string, 4)
 	r.OnDialDone = func(id string) { called <- id }
 	if _, err := r.Register(sb, SourceConfig); err != nil {

@@ -9,7 +9,6 @@ import (
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/e2e/testnet"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -69,16 +68,7 @@ func TestMacvtapGivesBackExactly(t *testing.T) {
 
 func addrsOf(t *testing.T, ns testnet.NS, dev string) []netlink.Addr {
 	t.Helper()
-	nsh, err := netns.GetFromPath(ns.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nsh.Close()
-	h, err := netlink.NewHandleAt(nsh, unix.NETLINK_ROUTE)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	h := testnet.Handle(t, ns)
 	l, err := h.LinkByName(dev)
 	if err != nil {
 		t.Fatal(err)

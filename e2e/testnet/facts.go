@@ -80,14 +80,8 @@ func WaitDAD(t testing.TB, ns NS, dev string) {
 	}
 }
 
-// Facts describes, through netlink, the link dev in ns and everything of
-// the netns that routes: the link's addresses with every attribute (in
-// the kernel's order), the routes of every table of both families, and
-// the rules; then the same as iproute2 shows it (ip -d addr, ip -d route
-// show table all, ip rule), for what the netlink library does not decode
-// (address metrics and protocols, route preferences). Remaining lifetimes
-// read "finite": they count down.
-func Facts(t testing.TB, ns NS, dev string) string {
+// Handle is a route netlink handle in ns, closed when t ends.
+func Handle(t testing.TB, ns NS) *netlink.Handle {
 	t.Helper()
 	nsh, err := netns.GetFromPath(ns.Path)
 	if err != nil {
@@ -98,7 +92,20 @@ func Facts(t testing.TB, ns NS, dev string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer h.Close()
+	t.Cleanup(h.Close)
+	return h
+}
+
+// Facts describes, through netlink, the link dev in ns and everything of
+// the netns that routes: the link's addresses with every attribute (in
+// the kernel's order), the routes of every table of both families, and
+// the rules; then the same as iproute2 shows it (ip -d addr, ip -d route
+// show table all, ip rule), for what the netlink library does not decode
+// (address metrics and protocols, route preferences). Remaining lifetimes
+// read "finite": they count down.
+func Facts(t testing.TB, ns NS, dev string) string {
+	t.Helper()
+	h := Handle(t, ns)
 	link, err := h.LinkByName(dev)
 	if err != nil {
 		t.Fatal(err)

@@ -19,19 +19,7 @@ import (
 // is migrated, not set aside: nothing of what was taken is lost, and
 // what version 1 did not record is what its give-back made.
 func TestLoadMigratesVersion1(t *testing.T) {
-	old, err := os.ReadFile("testdata/v1-macvtap.json")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	s, err := state.Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := filepath.Join(dir, "sb1.json")
-	if err := os.WriteFile(p, old, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	s, p, _ := v1Store(t)
 	var log bytes.Buffer
 	r, err := s.Load(ctxWithLog(&log), "sb1")
 	if err != nil {
@@ -87,19 +75,7 @@ func TestLoadMigratesVersion1(t *testing.T) {
 // A read-only load (tapsync plan) migrates in memory and leaves the file
 // as it is.
 func TestReadOnlyLoadMigratesInMemory(t *testing.T) {
-	old, err := os.ReadFile("testdata/v1-macvtap.json")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	s, err := state.Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := filepath.Join(dir, "sb1.json")
-	if err := os.WriteFile(p, old, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	s, p, old := v1Store(t)
 	r, err := s.Load(state.ReadOnly(context.Background()), "sb1")
 	if err != nil || len(r.Endpoints) != 1 || r.Endpoints[0].Moved == nil || len(r.Endpoints[0].Moved.Addrs) != 3 {
 		t.Fatalf("read-only load = %+v, %v", r, err)
@@ -107,4 +83,23 @@ func TestReadOnlyLoadMigratesInMemory(t *testing.T) {
 	if now, _ := os.ReadFile(p); !bytes.Equal(now, old) {
 		t.Error("a read-only load changed the file")
 	}
+}
+
+// v1Store is a store holding, as sb1.json at p, the version 1 record old
+// (testdata/v1-macvtap.json).
+func v1Store(t *testing.T) (s *state.Store, p string, old []byte) {
+	t.Helper()
+	old, err := os.ReadFile("testdata/v1-macvtap.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if s, err = state.Open(dir); err != nil {
+		t.Fatal(err)
+	}
+	p = filepath.Join(dir, "sb1.json")
+	if err := os.WriteFile(p, old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return s, p, old
 }

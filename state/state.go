@@ -443,28 +443,18 @@ func (s *Store) replace(p string, b []byte) (fileID, bool, error) {
 	if err != nil {
 		return fileID{}, false, err
 	}
-	// A second descriptor of the file, to look at it after the rename
-	// (which closes the first).
-	sc, err := f.SyscallConn()
-	if err != nil {
-		return fileID{}, false, err
-	}
-	fd := -1
-	_ = sc.Control(func(raw uintptr) { fd, _ = unix.FcntlInt(raw, unix.F_DUPFD_CLOEXEC, 0) })
-	if fd >= 0 {
-		defer unix.Close(fd)
-	}
 	if err := f.CloseAtomicallyReplace(); err != nil {
 		return fileID{}, false, err
 	}
-	var st unix.Stat_t
-	if fd < 0 || unix.Fstat(fd, &st) != nil {
+	// The file at p now: ours while it has our write's inode, size and
+	// mtime (another writer's rename or rewrite in between shows).
+	fi, err := os.Stat(p)
+	if err != nil {
 		return fileID{}, false, nil
 	}
 	before, ok := fileIDOf(written)
-	after := fileID{dev: st.Dev, ino: st.Ino, size: st.Size,
-		mtime: syscall.Timespec(st.Mtim), ctime: syscall.Timespec(st.Ctim)}
-	if !ok || before.dev != after.dev || before.ino != after.ino || before.size != after.size || before.mtime != after.mtime {
+	after, ok2 := fileIDOf(fi)
+	if !ok || !ok2 || before.dev != after.dev || before.ino != after.ino || before.size != after.size || before.mtime != after.mtime {
 		return fileID{}, false, nil
 	}
 	return after, true, nil

@@ -371,12 +371,13 @@ wrapper_socket = "%s/qmp/{id}.sock"
 	if g := spec.TerminationGracePeriodSeconds; g != nil {
 		grace = *g
 	}
-	began := time.Now()
+	// A daemon still running at the end of the grace period is SIGKILLed:
+	// exit code 137, not 0.
 	if _, err := n.cri.Crictl("stop", "--timeout", fmt.Sprint(grace), main); err != nil {
 		t.Fatal(err)
 	}
-	if st, code := k.state(main); st != "CONTAINER_EXITED" || code != 0 || time.Since(began) > time.Duration(grace)*time.Second {
-		t.Errorf("after SIGTERM: state %s, exit code %d after %v; want a clean exit within %ds", st, code, time.Since(began).Round(time.Millisecond), grace)
+	if st, code := k.state(main); st != "CONTAINER_EXITED" || code != 0 {
+		t.Errorf("after SIGTERM: state %s, exit code %d; want a clean exit within the %ds grace period", st, code, grace)
 	}
 	pingable(t, n.cri.NodeNetns(), p.ip.AsSlice())
 	// kubelet starts it again (a new attempt): nothing to do.

@@ -28,6 +28,7 @@ import (
 
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/e2e/testnet"
+	"github.com/tapsync/tapsync/e2e/testproc"
 	"github.com/tapsync/tapsync/e2e/testvm"
 	"github.com/tapsync/tapsync/qmp"
 	"github.com/tapsync/tapsync/state"
@@ -401,7 +402,7 @@ func TestFaultSimultaneousStarts(t *testing.T) {
 	// Started back to back, before any can have taken the lock.
 	var wg sync.WaitGroup
 	for _, r := range runs {
-		if err := r.cmd.Start(); err != nil {
+		if err := testproc.Start(r.cmd); err != nil {
 			t.Fatal(err)
 		}
 		wg.Add(1)

@@ -44,7 +44,7 @@ const (
 // are sent again with the interface they sit on (see planGuest), so only
 // a reset, which forgets them for sure, drops them outright. A replug
 // needs no entry (keys), nor does a new QMP connection: the guest does not
-// change with it, and the model of the VM belongs to its connection.
+// change with it (a RESET seen on the old one is kept: noteReset).
 var guestDrops = map[guestEvent]guestBelief{
 	eventReset:       beliefInterfaces | beliefRoutes | beliefNeighbors,
 	eventAgentLost:   beliefInterfaces | beliefRoutes,
@@ -92,11 +92,27 @@ func (r *Reconciler) noteGuestLocked(id string, ev guestEvent) {
 	}
 }
 
+// noteReset notes a RESET of sandbox id's VM. It is called from the QMP
+// reader (vmModel.event), which must not wait for r.mu (Close waits for
+// the reader under it): the mark has a lock of its own, and outlives the
+// connection that saw it (a connection replaced before the next pass).
+func (r *Reconciler) noteReset(id string) {
+	r.resetMu.Lock()
+	defer r.resetMu.Unlock()
+	if r.resetSeen == nil {
+		r.resetSeen = map[string]bool{}
+	}
+	r.resetSeen[id] = true
+}
+
 // takeGuestEvents returns and clears what happened to sandbox id's guest
-// since its last pass: the events noted, a RESET of the VM behind model
-// m, an agent connection found broken (it is dropped).
-func (r *Reconciler) takeGuestEvents(id string, m *vmModel) []guestEvent {
-	reset := m != nil && m.takeResets() > 0
+// since its last pass: the events noted, a RESET of its VM, an agent
+// connection found broken (it is dropped).
+func (r *Reconciler) takeGuestEvents(id string) []guestEvent {
+	r.resetMu.Lock()
+	reset := r.resetSeen[id]
+	delete(r.resetSeen, id)
+	r.resetMu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e := r.sandboxes[id]
@@ -123,7 +139,7 @@ func (r *Reconciler) takeGuestEvents(id string, m *vmModel) []guestEvent {
 // the last pass void of sandbox s's guest, and records it before the pass
 // goes on (a crash then leaves no belief that should have gone).
 func (r *Reconciler) applyGuestEvents(ctx context.Context, s *session) error {
-	evs := r.takeGuestEvents(s.sb.ID, s.vm.model)
+	evs := r.takeGuestEvents(s.sb.ID)
 	if len(evs) == 0 || !s.sb.guestOn() {
 		return nil
 	}

@@ -98,6 +98,13 @@ var beliefCases = []beliefCase{
 			t.Fatalf("pass with a call cut short: %v, guest failed %v", err, out.GuestFailed)
 		}
 	}},
+	{"agent call done, its answer lost", eventAgentFailed, func(t *testing.T, w *world) {
+		w.links[0].Addrs = append(w.links[0].Addrs, netip.MustParsePrefix("10.1.0.6/24"))
+		w.guest.replyLost = true
+		if _, out, err := w.reconcile(guestOn); err == nil || !out.GuestFailed {
+			t.Fatalf("pass with an answer lost: %v, guest failed %v", err, out.GuestFailed)
+		}
+	}},
 	{"a workload flushed the guest's addresses", eventVerify, func(t *testing.T, w *world) { w.guest.flushAddrs("eth0") }},
 	{"PCI rescan in the guest", eventVerify, func(t *testing.T, w *world) {
 		// Every device is removed and found again: new netdevices.
@@ -194,12 +201,12 @@ func TestGuestEventsNoted(t *testing.T) {
 		t.Fatal(err)
 	}
 	sb, _ = r.sandbox("sb")
-	m := &vmModel{}
+	m := &vmModel{onReset: func() { r.noteReset("sb") }}
 	r.mu.Lock()
 	r.models["sb"] = m
 	r.mu.Unlock()
 	ctx := context.Background()
-	take := func() []guestEvent { return r.takeGuestEvents("sb", m) }
+	take := func() []guestEvent { return r.takeGuestEvents("sb") }
 
 	if evs := take(); len(evs) != 0 {
 		t.Fatalf("nothing happened, yet %v", evs)
@@ -207,6 +214,16 @@ func TestGuestEventsNoted(t *testing.T) {
 	m.event(qmp.Event{Name: "RESET"})
 	if evs := take(); !slices.Equal(evs, []guestEvent{eventReset}) {
 		t.Errorf("after RESET: %v", evs)
+	}
+	// A RESET outlives the connection that saw it (replaced before the
+	// next pass: a command's timeout, the monitor closed).
+	m.event(qmp.Event{Name: "RESET"})
+	r.forgetModel("sb")
+	r.mu.Lock()
+	delete(r.models, "sb")
+	r.mu.Unlock()
+	if evs := take(); !slices.Equal(evs, []guestEvent{eventReset}) {
+		t.Errorf("after RESET and a new connection: %v", evs)
 	}
 	r.VerifyAll()
 	if evs := take(); !slices.Equal(evs, []guestEvent{eventVerify}) {

@@ -940,6 +940,9 @@ type fakeGuest struct {
 	// halfway: the next UpdateInterface takes its link down, then fails
 	// (an agent that timed out in the middle of the call).
 	halfway bool
+	// replyLost: the next UpdateInterface does all its work, then its
+	// answer is lost (a timeout).
+	replyLost bool
 }
 
 // guestDev is one netdevice of the guest: the plug of a world NIC it is
@@ -1097,6 +1100,10 @@ func (g *fakeGuest) UpdateInterface(_ context.Context, want agent.Interface) (ag
 	d.iface = want
 	d.iface.DevicePath = ""
 	d.up = true
+	if g.replyLost {
+		g.replyLost = false
+		return agent.Interface{}, fmt.Errorf("UpdateInterface %s: no answer within 5s: %w", want.MAC, context.DeadlineExceeded)
+	}
 	return d.iface, nil
 }
 

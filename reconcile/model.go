@@ -52,9 +52,10 @@ type vmModel struct {
 	netdevs []int // indexes of our netdevs
 	// topo is the VM's hot-plug slots, read with the rest and kept like it.
 	topo qmp.Topology
-	// resets counts the RESETs QEMU reported: the guest rebooted (see
-	// takeResets).
-	resets int
+	// onReset is told of each RESET QEMU reports (the guest rebooted).
+	// What it means for the guest belongs to the sandbox, not to this
+	// connection's model (see Reconciler.noteReset).
+	onReset func()
 	// kataLinks names the Kata links the netns showed at the last pass:
 	// Kata hot-plugs through a monitor of its own, and QEMU reports no
 	// device_add to the others.
@@ -101,8 +102,8 @@ func (m *vmModel) event(e qmp.Event) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.version++
-	if e.Name == "RESET" {
-		m.resets++
+	if e.Name == "RESET" && m.onReset != nil {
+		m.onReset()
 	}
 	if !m.known {
 		return
@@ -120,15 +121,6 @@ func (m *vmModel) event(e qmp.Event) {
 		}
 	}
 	m.known = false
-}
-
-// takeResets returns and clears the count of RESETs seen.
-func (m *vmModel) takeResets() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	n := m.resets
-	m.resets = 0
-	return n
 }
 
 // dropNICLocked removes nics[i] and frees its slot; m.mu must be held.

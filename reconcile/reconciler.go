@@ -169,6 +169,9 @@ type Reconciler struct {
 
 	registering sync.Mutex // held by Register, around r.mu
 
+	resetMu   sync.Mutex
+	resetSeen map[string]bool // sandboxes whose VM reported a RESET since their last pass (noteReset)
+
 	mu        sync.Mutex
 	sandboxes map[string]*entry // the registry, by id; one entry per netns (see Register)
 	conns     map[string]*qmp.Client
@@ -471,9 +474,9 @@ func (r *Reconciler) clientModel(ctx context.Context, sb Sandbox) (*qmp.Client, 
 	}
 	// Events from the first one on change the model (and their count
 	// keeps a full observation that overlapped one from being trusted).
-	m = &vmModel{}
-	opts := qmp.Options{Timeout: sb.QMPTimeout, CheckConn: sb.CheckQMP}
 	on, id := r.OnEvent, sb.ID
+	m = &vmModel{onReset: func() { r.noteReset(id) }}
+	opts := qmp.Options{Timeout: sb.QMPTimeout, CheckConn: sb.CheckQMP}
 	opts.OnEvent = func(e qmp.Event) {
 		m.event(e)
 		if on != nil {

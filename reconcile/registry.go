@@ -254,6 +254,9 @@ func (r *Reconciler) unregisterLocked(id string) {
 	delete(r.sandboxes, id)
 	delete(r.status, id)
 	delete(r.guestLog, id)
+	r.resetMu.Lock()
+	delete(r.resetSeen, id)
+	r.resetMu.Unlock()
 }
 
 // Registered returns sandbox id's settings and source.

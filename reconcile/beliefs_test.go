@@ -311,3 +311,35 @@ func TestGuestEventsNoted(t *testing.T) {
 		t.Errorf("after a drop that could not be recorded: %v, want the reset again", evs)
 	}
 }
+
+// A sandbox re-registered with another monitor (another VM) or another
+// agent drops what was believed of its guest, as a reset or a lost agent
+// session would.
+func TestReRegisteredElsewhereDropsBeliefs(t *testing.T) {
+	r := newTestReconciler(t)
+	sb := Sandbox{ID: "sb", Netns: filepath.Join(t.TempDir(), "netns"), QMP: "/run/vm1/qmp.sock",
+		Agent: agent.URL{Scheme: "unix", Path: "/run/vm1/agent.sock"}}
+	if _, err := r.Register(sb, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Register(sb, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+	if evs := r.takeGuestEvents("sb"); len(evs) != 0 {
+		t.Errorf("registered again unchanged: %v", evs)
+	}
+	sb.QMP = "/run/vm2/qmp.sock"
+	if _, err := r.Register(sb, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+	if evs := r.takeGuestEvents("sb"); !slices.Equal(evs, []guestEvent{eventReset}) {
+		t.Errorf("another monitor: %v, want a reset", evs)
+	}
+	sb.Agent.Path = "/run/vm2/agent.sock"
+	if _, err := r.Register(sb, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+	if evs := r.takeGuestEvents("sb"); !slices.Equal(evs, []guestEvent{eventAgentLost}) {
+		t.Errorf("another agent: %v, want the agent session lost", evs)
+	}
+}

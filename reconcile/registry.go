@@ -226,11 +226,16 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 	if self == nil {
 		self = &entry{pass: make(passLock, 1)}
 	} else if reg.Replaced == "" {
+		// Another monitor is another VM, as far as anyone can tell, and
+		// another agent another session: what was believed of the guest
+		// goes (beliefs.go).
 		if self.sb.QMP != sb.QMP {
 			r.closeConnLocked(sb.ID)
+			r.noteGuestLocked(sb.ID, eventReset)
 		}
 		if self.sb.Agent != sb.Agent {
 			r.closeAgentLocked(sb.ID)
+			r.noteGuestLocked(sb.ID, eventAgentLost)
 		}
 	}
 	self.sb, self.source, self.ident = sb.withDefaults(), src, want

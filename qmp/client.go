@@ -109,11 +109,10 @@ type Client struct {
 	unplugs unplugLog     // when device_del was last sent, per device (see RemoveNICs)
 
 	closeOnce sync.Once
-	done      chan struct{} // closed when the connection is dead
-	// dying is cancelled with done, for AfterClose: context.AfterFunc
-	// holds no goroutine until then.
-	dying      context.Context
-	killed     context.CancelFunc
+	// gone is cancelled when the connection dies (Done; AfterClose:
+	// context.AfterFunc holds no goroutine until then).
+	gone       context.Context
+	kill       context.CancelFunc
 	readerDone chan struct{} // closed when the reader goroutine has returned
 
 	mu      sync.Mutex
@@ -314,7 +313,7 @@ func handshake(h *handshaking, onEvent func(Event)) (*Client, error) {
 }
 
 func newClient(proto string, conn *net.UnixConn, path, version string, timeout time.Duration, onEvent func(Event)) *Client {
-	dying, killed := context.WithCancel(context.Background())
+	gone, kill := context.WithCancel(context.Background())
 	return &Client{
 		proto:      proto,
 		path:       path,
@@ -324,10 +323,9 @@ func newClient(proto string, conn *net.UnixConn, path, version string, timeout t
 		conn:       conn,
 		wire:       make(chan struct{}, 1),
 		addSem:     make(chan struct{}, 1),
-		done:       make(chan struct{}),
 		readerDone: make(chan struct{}),
-		dying:      dying,
-		killed:     killed,
+		gone:       gone,
+		kill:       kill,
 		waiters:    map[*waiter]struct{}{},
 		streams:    map[chan goqmp.Event]struct{}{},
 	}
@@ -357,7 +355,7 @@ func (c *Client) HasEvents() bool { return c.proto == ProtocolQMP }
 
 // Done is closed when the connection is dead. Every later command fails
 // with ErrClosed; callers redial.
-func (c *Client) Done() <-chan struct{} { return c.done }
+func (c *Client) Done() <-chan struct{} { return c.gone.Done() }
 
 // Err says why the connection died (wrapping ErrClosed), or nil while it is
 // alive.
@@ -384,8 +382,7 @@ func (c *Client) fail(reason error) {
 		c.closeStreamsLocked()
 		c.mu.Unlock()
 		_ = c.conn.Close()
-		close(c.done)
-		c.killed()
+		c.kill()
 	})
 }
 
@@ -393,12 +390,12 @@ func (c *Client) fail(reason error) {
 // connection is dead (Done), as context.AfterFunc does: no goroutine
 // waits meanwhile. stop cancels it, reporting whether it did.
 func (c *Client) AfterClose(f func()) (stop func() bool) {
-	return context.AfterFunc(c.dying, f)
+	return context.AfterFunc(c.gone, f)
 }
 
 func (c *Client) dead() bool {
 	select {
-	case <-c.done:
+	case <-c.gone.Done():
 		return true
 	default:
 		return false
@@ -549,7 +546,7 @@ func (c *Client) exchange(ctx context.Context, name string, p *call, msg []byte,
 	case <-ctx.Done():
 		// Nothing was sent: the connection is still good.
 		return response{}, fmt.Errorf("%s %s on %s: waiting for the command before it: %w", c.proto, name, c.path, ctx.Err())
-	case <-c.done:
+	case <-c.gone.Done():
 		return response{}, closed()
 	}
 
@@ -579,7 +576,7 @@ func (c *Client) exchange(ctx context.Context, name string, p *call, msg []byte,
 	case <-ctx.Done():
 		c.fail(fmt.Errorf("%s got no reply in time: %w", name, ctx.Err()))
 		return response{}, fmt.Errorf("%s %s on %s: no reply in time; connection closed, redial: %w", c.proto, name, c.path, errors.Join(ErrClosed, ctx.Err()))
-	case <-c.done:
+	case <-c.gone.Done():
 		return response{}, closed()
 	}
 }

@@ -104,7 +104,7 @@ func (c *Client) AddNIC(ctx context.Context, nic NIC) (_ NICInfo, err error) {
 		defer func() { <-c.addSem }()
 	case <-ctx.Done():
 		return NICInfo{}, ctx.Err()
-	case <-c.done:
+	case <-c.gone.Done():
 		return NICInfo{}, c.Err()
 	}
 
@@ -582,7 +582,7 @@ func (c *Client) RemoveNICs(ctx context.Context, nics []Unplug, wait time.Durati
 					}
 				}
 				break wait
-			case <-c.done:
+			case <-c.gone.Done():
 				for i := range states {
 					if states[i] == unplugAwaited || states[i] == unplugInFlight {
 						states[i], errs[i] = unplugFailed, fmt.Errorf("remove %s: waiting for %s: %w", ids[i], awaited, c.Err())

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -89,14 +90,30 @@ func TestConnectUnderWayWaited(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
+	var (
+		mu    sync.Mutex
+		held  []net.Conn // accepted, silent: no greeting
+		ended = make(chan struct{})
+	)
+	t.Cleanup(func() {
+		ln.Close()
+		<-ended
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+	})
 	go func() {
+		defer close(ended)
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			t.Cleanup(func() { c.Close() }) // held, silent: no greeting
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
 		}
 	}()
 	sb := Sandbox{ID: "silent", Netns: ns.Path, QMP: sock, QMPTimeout: 300 * time.Millisecond}

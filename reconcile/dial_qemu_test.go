@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -90,16 +89,11 @@ func TestConnectUnderWayWaited(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var (
-		mu    sync.Mutex
-		held  []net.Conn // accepted, silent: no greeting
-		ended = make(chan struct{})
-	)
+	var held []net.Conn // accepted, silent: no greeting; the accept loop's until it ends
+	ended := make(chan struct{})
 	t.Cleanup(func() {
 		ln.Close()
 		<-ended
-		mu.Lock()
-		defer mu.Unlock()
 		for _, c := range held {
 			c.Close()
 		}
@@ -111,9 +105,7 @@ func TestConnectUnderWayWaited(t *testing.T) {
 			if err != nil {
 				return
 			}
-			mu.Lock()
 			held = append(held, c)
-			mu.Unlock()
 		}
 	}()
 	sb := Sandbox{ID: "silent", Netns: ns.Path, QMP: sock, QMPTimeout: 300 * time.Millisecond}

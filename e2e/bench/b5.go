@@ -249,7 +249,7 @@ func runB5(ctx context.Context, cfg benchConfig, base string) (pair b5Pair, err 
 		res, err := cni.Add(actx, w.eth0, w.id, w.sb.path, "eth0")
 		if err == nil {
 			var addr netip.Addr
-			if _, addr, _, err = b5FromResult(res, w.sb.path, "eth0"); err == nil {
+			if _, addr, err = b5FromResult(res, w.sb.path, "eth0"); err == nil {
 				err = w.settle(actx, "eth0", true, addr)
 			}
 		}
@@ -437,7 +437,7 @@ func (w *b5Wirer) round(ctx context.Context, round int) error {
 	if err != nil {
 		return err
 	}
-	mac, addr, _, err := b5FromResult(res, sb.path, "net1")
+	mac, addr, err := b5FromResult(res, sb.path, "net1")
 	if err != nil {
 		return err
 	}
@@ -459,6 +459,10 @@ func (w *b5Wirer) round(ctx context.Context, round int) error {
 	tl, err := w.ctl.Timeline(ctx, w.seq)
 	if err != nil {
 		return err
+	}
+	if tl.Dropped > 0 {
+		// The guest's buffer overflowed: the round's steps are not all there.
+		return fmt.Errorf("round %d: the guest's timeline lost %d events", round, tl.Dropped)
 	}
 	if n := len(tl.Events); n > 0 {
 		w.seq = tl.Events[n-1].Seq
@@ -501,26 +505,24 @@ func configuredWith(lines []logLine, ifname string, addr netip.Addr) bool {
 	return false
 }
 
-// b5FromResult reads the pod link's MAC, its IPv4 address and gateway
-// from a CNI result.
-func b5FromResult(res *types100.Result, netnsPath, ifname string) (mac string, addr, gw netip.Addr, err error) {
+// b5FromResult reads the pod link's MAC and its IPv4 address from a CNI
+// result.
+func b5FromResult(res *types100.Result, netnsPath, ifname string) (mac string, addr netip.Addr, err error) {
 	for _, i := range res.Interfaces {
 		if i.Sandbox == netnsPath && i.Name == ifname {
 			mac = strings.ToLower(i.Mac)
 		}
 	}
 	for _, ip := range res.IPs {
-		a, ok := netip.AddrFromSlice(ip.Address.IP)
-		g, gok := netip.AddrFromSlice(ip.Gateway)
-		if ok && gok && a.Unmap().Is4() {
-			addr, gw = a.Unmap(), g.Unmap()
+		if a, ok := netip.AddrFromSlice(ip.Address.IP); ok && a.Unmap().Is4() {
+			addr = a.Unmap()
 			break
 		}
 	}
 	if mac == "" || !addr.IsValid() {
-		return "", addr, gw, fmt.Errorf("CNI result without %s's MAC or IPv4 address and gateway: %v", ifname, res)
+		return "", addr, fmt.Errorf("CNI result without %s's MAC or IPv4 address: %v", ifname, res)
 	}
-	return mac, addr, gw, nil
+	return mac, addr, nil
 }
 
 // firstNewLink takes the link events that came and returns the first

@@ -250,6 +250,17 @@ func (d *daemonProc) waitLogAfter(mark int, msg string, fields map[string]any) m
 	}
 }
 
+// sandboxStatus is sandbox id's entry in `tapsync status`, nil if absent.
+func sandboxStatus(t *testing.T, stateDir, id string) map[string]any {
+	t.Helper()
+	for _, st := range status(t, stateDir) {
+		if st["id"] == id {
+			return st
+		}
+	}
+	return nil
+}
+
 // status runs `tapsync status --json` against the daemon.
 func status(t *testing.T, stateDir string) []map[string]any {
 	t.Helper()

@@ -34,17 +34,6 @@ import (
 	"github.com/tapsync/tapsync/state"
 )
 
-// sandboxStatus is sandbox id's entry in `tapsync status`, nil if absent.
-func sandboxStatus(t *testing.T, stateDir, id string) map[string]any {
-	t.Helper()
-	for _, st := range status(t, stateDir) {
-		if st["id"] == id {
-			return st
-		}
-	}
-	return nil
-}
-
 // endpointLinks are the container links of st's endpoints, sorted.
 func endpointLinks(st map[string]any) []string {
 	var links []string

@@ -109,14 +109,7 @@ func (r *guestRig) withoutProbe(f func()) {
 }
 
 // status is sandbox id's entry in `tapsync status`, nil if absent.
-func (r *guestRig) status(id string) map[string]any {
-	for _, st := range status(r.t, r.stateDir) {
-		if st["id"] == id {
-			return st
-		}
-	}
-	return nil
-}
+func (r *guestRig) status(id string) map[string]any { return sandboxStatus(r.t, r.stateDir, id) }
 
 // start runs the daemon and waits until it serves.
 func (r *guestRig) start() {

@@ -244,14 +244,7 @@ func dialTestAgent(t *testing.T, vm *testvm.VM) *agent.Client {
 }
 
 // sandbox is id's entry in `tapsync status`, nil if absent.
-func (n *kata4Node) sandbox(id string) map[string]any {
-	for _, st := range status(n.t, n.stateDir) {
-		if st["id"] == id {
-			return st
-		}
-	}
-	return nil
-}
+func (n *kata4Node) sandbox(id string) map[string]any { return sandboxStatus(n.t, n.stateDir, id) }
 
 // wired waits until sandbox id is listed, its last pass succeeded, and it
 // has a configured endpoint for each of links; it returns that status.

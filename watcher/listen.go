@@ -151,22 +151,12 @@ func nsidAttr(m syscall.NetlinkMessage) (int32, bool) {
 	return 0, false
 }
 
-// nsidOf returns the nsid that the netns open as fd has in the netns at
-// home (noNsid when it has none), assigning one when it has none and
-// assign is set. Without an nsid in home a
-// netns reports nothing to a listenSocket there.
+// nsidIn returns the nsid that the netns open as fd has in the netns of
+// h, a route netlink handle (noNsid when it has none), assigning one when
+// it has none and assign is set. Without an nsid in that netns a netns
+// reports nothing to a listenSocket there.
 //
 // Equivalent to: ip netns set <name> auto; ip netns list-id
-func nsidOf(home string, fd int, assign bool) (int32, error) {
-	h, err := handleIn(home)
-	if err != nil {
-		return 0, err
-	}
-	defer h.Close()
-	return nsidIn(h, fd, assign)
-}
-
-// nsidIn is nsidOf through h, a route netlink handle in home.
 func nsidIn(h *netlink.Handle, fd int, assign bool) (int32, error) {
 	id, err := h.GetNetNsIdByFd(fd)
 	if err != nil {

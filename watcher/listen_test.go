@@ -101,13 +101,18 @@ func TestListenAllNsid(t *testing.T) {
 	t.Cleanup(s.close)
 
 	fd := nsFd(t, heard.Path)
-	id, err := nsidOf(home.Path, fd, true)
+	h, err := handleIn(home.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	again, err := nsidOf(home.Path, fd, true)
+	defer h.Close()
+	id, err := nsidIn(h, fd, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := nsidIn(h, fd, true)
 	if err != nil || again != id {
-		t.Fatalf("second nsidOf = %d, %v; want the same nsid %d", again, err, id)
+		t.Fatalf("second nsidIn = %d, %v; want the same nsid %d", again, err, id)
 	}
 	t.Logf("nsid of %s in %s: %d", heard.Name, home.Name, id)
 

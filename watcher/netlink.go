@@ -307,8 +307,7 @@ func (w *NetlinkWatcher) resolve(home, path string) (nsID, int32, error) {
 	return nsID{st.Dev, st.Ino}, nsid, nil
 }
 
-// nsidOf is the package's nsidOf through the watcher's kept handle in
-// home.
+// nsidOf is nsidIn through the watcher's kept handle in home.
 func (w *NetlinkWatcher) nsidOf(home string, fd int, assign bool) (int32, error) {
 	w.nsidMu.Lock()
 	defer w.nsidMu.Unlock()

@@ -231,10 +231,7 @@ func (r *rtnl) lent(ifindex int, name string, now time.Duration) ([]MovedAddr, [
 	addrs := make([]MovedAddr, len(read))
 	mine := map[netip.Addr]bool{}
 	for i, a := range read {
-		if a.Label == name {
-			a.Label = ""
-		}
-		addrs[i] = a.MovedAddr
+		addrs[i] = asTaken(a, name)
 		mine[a.Prefix.Addr()] = true
 	}
 	all, err := r.routes(now)

@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+
+	"golang.org/x/sys/unix"
 )
 
 // A record is migrated, not set aside, when this build knows its schema
@@ -69,14 +71,9 @@ type (
 // added with the netlink library's defaults (an IPv4 broadcast address
 // when the prefix has room for one, lifetimes forever, no flags), a
 // route in the main table (254) as unicast (1), at the kernel's default
-// metric (0 for IPv4, 1024 for IPv6).
-const (
-	tableMain   = 254
-	typeUnicast = 1
-	metricIPv6  = 1024
-	scopeLink   = 253 // the scope the kernel gives an IPv6 link-local address
-	scopeHost   = 254 // and loopback
-)
+// metric (0 for IPv4, 1024 for IPv6); an IPv6 link-local address at
+// scope link, loopback's at scope host, as the kernel gives them.
+const metricIPv6 = 1024
 
 func from1(b []byte) (Record, error) {
 	var old record1
@@ -118,9 +115,9 @@ func addrFrom1(s string) Addr {
 		}
 		a.Broadcast = netip.AddrFrom4(b).String()
 	case ip.Is6() && ip.IsLinkLocalUnicast():
-		a.Scope = scopeLink
+		a.Scope = unix.RT_SCOPE_LINK
 	case ip.Is6() && ip.IsLoopback():
-		a.Scope = scopeHost
+		a.Scope = unix.RT_SCOPE_HOST
 	}
 	return a
 }
@@ -132,7 +129,7 @@ func mask(bits, i int) byte {
 }
 
 func routeFrom1(o route1, dev int) Route {
-	r := Route{IPv6: o.IPv6, Table: tableMain, Type: typeUnicast, Dst: o.Dst, Gateway: o.Gateway, Src: o.Src,
+	r := Route{IPv6: o.IPv6, Table: unix.RT_TABLE_MAIN, Type: unix.RTN_UNICAST, Dst: o.Dst, Gateway: o.Gateway, Src: o.Src,
 		Scope: o.Scope, Protocol: uint8(o.Protocol), Dev: dev}
 	if o.IPv6 {
 		r.Metric = metricIPv6

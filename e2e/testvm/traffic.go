@@ -8,10 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"strings"
 	"time"
-
-	"github.com/containerd/ttrpc"
 
 	"github.com/tapsync/tapsync/e2e/testagent/control"
 )
@@ -240,18 +237,12 @@ type controlCall func(method string, req, resp any) error
 // withControl runs f with one connection to TestAgent, taking its turn
 // with the other helpers of v.
 func (v *VM) withControl(ctx context.Context, f func(controlCall) error) error {
-	v.testAgentMu.Lock()
-	defer v.testAgentMu.Unlock()
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", strings.TrimPrefix(v.TestAgent, "unix://"))
+	c, err := v.OpenControl(ctx)
 	if err != nil {
-		return fmt.Errorf("dial test agent: %w", err)
+		return err
 	}
-	c := ttrpc.NewClient(conn)
 	defer c.Close()
-	return f(func(method string, req, resp any) error {
-		return callJSON(ctx, c, v.TestAgent, method, req, resp)
-	})
+	return f(func(method string, req, resp any) error { return c.call(ctx, method, req, resp) })
 }
 
 // trafficContext bounds a stream of dur when ctx has no deadline.

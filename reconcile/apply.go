@@ -124,10 +124,10 @@ type Env struct {
 	// process here to prove that every intermediate state is repaired.
 	AfterAction func(Action)
 	// Refresh, if set, reads the sandbox's container links (with their
-	// addresses), routes and permanent neighbours again. A pass that
-	// plugs a NIC sends its guest steps with what it reads then (see
-	// refreshGuest).
-	Refresh func(ctx context.Context) (Observed, error)
+	// addresses) again, and its routes and permanent neighbours as parts
+	// asks. A pass that plugs a NIC sends its guest steps with what it
+	// reads then (see refreshGuest).
+	Refresh func(ctx context.Context, parts datapath.Parts) (Observed, error)
 }
 
 // applier runs one plan against one sandbox.

@@ -636,9 +636,16 @@ func (w *world) Save(r state.Record) error {
 
 func (w *world) env() Env {
 	return Env{Host: w, VM: w, Guest: w.guest, Recorder: w, Vhost: datapath.VhostOff, GuestLinkWait: 200 * time.Millisecond,
-		Refresh: func(context.Context) (Observed, error) {
+		Refresh: func(_ context.Context, parts datapath.Parts) (Observed, error) {
 			o := w.observed()
-			return Observed{Links: o.Links, Routes: o.Routes, Neighbors: o.Neighbors}, nil
+			fresh := Observed{Links: o.Links}
+			if parts.Routes {
+				fresh.Routes = o.Routes
+			}
+			if parts.Neighbors {
+				fresh.Neighbors = o.Neighbors
+			}
+			return fresh, nil
 		}}
 }
 

@@ -64,7 +64,8 @@ func (in *guestInputs) moved() bool {
 // refreshGuest returns guest step act as the netns is now (Env.Refresh),
 // with its digest; act itself when the netns cannot be read again.
 func (a *applier) refreshGuest(ctx context.Context, in *guestInputs, act Action) Action {
-	fresh, err := a.Refresh(ctx)
+	parts := datapath.Parts{Addrs: true, Routes: act.Op == OpUpdateGuestRoutes, Neighbors: act.Op == OpAddGuestNeighbors}
+	fresh, err := a.Refresh(ctx, parts)
 	if err != nil {
 		zerolog.Ctx(ctx).Debug().Err(err).Str("action", act.Op.String()).Msg("guest step sent as planned: the netns could not be read again")
 		return act

@@ -669,9 +669,10 @@ func (s *session) parts() datapath.Parts {
 	return datapath.Parts{Addrs: guest || macvtap, Routes: guest || macvtap, Neighbors: guest}
 }
 
-// refresh reads the netns's container links, routes and neighbours
-// again, for guest steps sent later in the pass (Env.Refresh).
-func (s *session) refresh(context.Context) (Observed, error) {
+// refresh reads the netns's container links again, and the routes and
+// neighbours parts asks for, for guest steps sent later in the pass
+// (Env.Refresh).
+func (s *session) refresh(_ context.Context, parts datapath.Parts) (Observed, error) {
 	var (
 		o   Observed
 		err error
@@ -679,11 +680,15 @@ func (s *session) refresh(context.Context) (Observed, error) {
 	if o.Links, err = s.host.ContainerLinks(); err != nil {
 		return Observed{}, err
 	}
-	if o.Routes, err = s.host.Routes(); err != nil {
-		return Observed{}, err
+	if parts.Routes {
+		if o.Routes, err = s.host.Routes(); err != nil {
+			return Observed{}, err
+		}
 	}
-	if o.Neighbors, err = s.host.Neighbors(); err != nil {
-		return Observed{}, err
+	if parts.Neighbors {
+		if o.Neighbors, err = s.host.Neighbors(); err != nil {
+			return Observed{}, err
+		}
 	}
 	return o, nil
 }

@@ -160,7 +160,7 @@ func (n *Netns) linkList() ([]netlink.Link, error) {
 	if n.links != nil {
 		return n.links, nil
 	}
-	links, err := dump(n.h.LinkList)
+	links, err := n.dumpLinks()
 	if err != nil {
 		return nil, fmt.Errorf("list links in netns %s: %w", n.path, err)
 	}

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -19,6 +20,9 @@ type Netns struct {
 	ns   netns.NsHandle
 	id   [2]uint64 // device and inode of the namespace (nsfs)
 	h    *netlink.Handle
+	// dumper is a second route socket, for the dumps this package decodes
+	// itself (dumpLinks).
+	dumper *nl.SocketHandle
 	// While Observe runs, its dumps, which every part of the observation
 	// reads: one link dump (six of the same list before), one qdisc dump
 	// (the kernel dumps every link's qdiscs even when asked for one link's,
@@ -43,23 +47,59 @@ func Open(path string) (*Netns, error) {
 		ns.Close()
 		return nil, fmt.Errorf("stat netns %s: %w", path, err)
 	}
-	// Only rtnetlink: every call of ours is a link, address, route,
-	// neighbour or tc one, and the library's default (a socket for xfrm
-	// and netfilter too, each made by entering the netns) tripled what
-	// opening a netns costs on every pass.
-	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	n := &Netns{path: path, ns: ns, id: [2]uint64{st.Dev, st.Ino}}
+	// Both sockets are made on one thread inside the netns (a socket stays
+	// in the netns it was made in). Only rtnetlink: every call of ours is
+	// a link, address, route, neighbour or tc one, and the library's
+	// default (a socket for xfrm and netfilter too, each made by entering
+	// the netns) tripled what opening a netns costs on every pass.
+	err = n.Do(func() error {
+		var err error
+		if n.h, err = netlink.NewHandleAt(netns.None(), unix.NETLINK_ROUTE); err != nil {
+			return err
+		}
+		s, err := routeSocket()
+		if err != nil {
+			n.h.Close()
+			return err
+		}
+		n.dumper = &nl.SocketHandle{Socket: s}
+		return nil
+	})
 	if err != nil {
 		ns.Close()
-		return nil, fmt.Errorf("netlink handle in netns %s: %w", path, err)
+		return nil, fmt.Errorf("netlink sockets in netns %s: %w", path, err)
 	}
 	// A dump that the kernel interrupts is retried by us (see dump); a
 	// socket timeout keeps one wedged namespace from hanging its caller.
-	if err := h.SetSocketTimeout(5 * time.Second); err != nil {
-		h.Close()
-		ns.Close()
+	if err := n.h.SetSocketTimeout(socketTimeout); err != nil {
+		n.Close()
 		return nil, fmt.Errorf("netlink socket timeout in netns %s: %w", path, err)
 	}
-	return &Netns{path: path, ns: ns, id: [2]uint64{st.Dev, st.Ino}, h: h}, nil
+	return n, nil
+}
+
+// socketTimeout bounds each send and receive on a netlink socket of ours.
+const socketTimeout = 5 * time.Second
+
+// routeSocket opens a route netlink socket in the calling thread's netns,
+// with socketTimeout and the kernel's reasons in errors.
+func routeSocket() (*nl.NetlinkSocket, error) {
+	s, err := nl.GetNetlinkSocketAt(netns.None(), netns.None(), unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, err
+	}
+	tv := unix.NsecToTimeval(socketTimeout.Nanoseconds())
+	if err := s.SetSendTimeout(&tv); err != nil {
+		s.Close()
+		return nil, err
+	}
+	if err := s.SetReceiveTimeout(&tv); err != nil {
+		s.Close()
+		return nil, err
+	}
+	_ = s.SetExtAck(true) // the kernel's reason in errors, where it gives one
+	return s, nil
 }
 
 // ErrNetnsReplaced says that a Netns's path no longer names the namespace
@@ -98,6 +138,7 @@ func (n *Netns) Path() string { return n.path }
 // Close releases the netlink handle and the namespace reference.
 func (n *Netns) Close() error {
 	n.h.Close()
+	n.dumper.Close()
 	return n.ns.Close()
 }
 
@@ -195,7 +236,7 @@ func (n *Netns) allQdiscs() ([]netlink.Qdisc, error) {
 	if n.filters != nil {
 		return n.qdiscs, nil
 	}
-	return dump(func() ([]netlink.Qdisc, error) { return n.h.QdiscList(nil) })
+	return n.dumpQdiscs()
 }
 
 // ingressFilters lists the filters at parent (link's ingress hook), at
@@ -205,7 +246,7 @@ func (n *Netns) ingressFilters(link netlink.Link, parent uint32) ([]netlink.Filt
 	if fs, ok := n.filters[link.Attrs().Index]; ok {
 		return fs, nil
 	}
-	fs, err := dump(func() ([]netlink.Filter, error) { return n.h.FilterList(link, parent) })
+	fs, err := n.dumpFilters(link, parent)
 	if err == nil && n.filters != nil {
 		n.filters[link.Attrs().Index] = fs
 	}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
@@ -23,11 +24,17 @@ func ProbeKernel() error {
 
 // probeHere runs on a thread inside the throwaway namespace.
 func probeHere() error {
-	h, err := netlink.NewHandle()
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink: %w", err)
 	}
 	defer h.Close()
+	s, err := routeSocket()
+	if err != nil {
+		return fmt.Errorf("netlink: %w", err)
+	}
+	dumper := &nl.SocketHandle{Socket: s}
+	defer dumper.Close()
 	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}, PeerName: "probe1"}
 	if err := h.LinkAdd(veth); err != nil {
 		return fmt.Errorf("veth (CONFIG_VETH): %w", err)
@@ -37,7 +44,7 @@ func probeHere() error {
 		return fmt.Errorf("multiqueue tap (CONFIG_TUN, /dev/net/tun): %w", err)
 	}
 	defer f.Close()
-	n := &Netns{path: "(probe)", h: h}
+	n := &Netns{path: "(probe)", h: h, dumper: dumper}
 	tap, err := h.LinkByName(TapName(0))
 	if err != nil {
 		return fmt.Errorf("tap: %w", err)

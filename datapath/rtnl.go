@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink/nl"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -27,25 +26,15 @@ type rtnl struct {
 func (n *Netns) openRtnl() (*rtnl, error) {
 	var s *nl.NetlinkSocket
 	// Equivalent to: socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE) on a
-	// thread inside the netns (a socket stays in the netns it was made in).
+	// thread inside the netns.
 	err := n.Do(func() error {
 		var err error
-		s, err = nl.GetNetlinkSocketAt(netns.None(), netns.None(), unix.NETLINK_ROUTE)
+		s, err = routeSocket()
 		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("route netlink socket in netns %s: %w", n.path, err)
 	}
-	tv := unix.NsecToTimeval((5 * time.Second).Nanoseconds())
-	if err := s.SetSendTimeout(&tv); err != nil {
-		s.Close()
-		return nil, fmt.Errorf("route netlink socket in netns %s: %w", n.path, err)
-	}
-	if err := s.SetReceiveTimeout(&tv); err != nil {
-		s.Close()
-		return nil, fmt.Errorf("route netlink socket in netns %s: %w", n.path, err)
-	}
-	_ = s.SetExtAck(true) // the kernel's reason in errors, where it gives one
 	return &rtnl{path: n.path, sh: &nl.SocketHandle{Socket: s}}, nil
 }
 
@@ -149,7 +138,7 @@ func parseAddr(m []byte, now time.Duration) (addrRead, error) {
 		case unix.IFA_BROADCAST:
 			a.Broadcast = addrOf(v)
 		case unix.IFA_LABEL:
-			a.Label = strings.TrimRight(string(v), "\x00")
+			a.Label = cstring(v)
 		case unix.IFA_FLAGS:
 			if len(v) >= 4 {
 				a.flags = binary.NativeEndian.Uint32(v)
@@ -359,7 +348,7 @@ func parseRoute(m []byte, now time.Duration) (routeRead, error) {
 			for _, mt := range ms {
 				mtype := mt.typ
 				if mtype == unix.RTAX_CC_ALGO {
-					r.CongCtl = strings.TrimRight(string(mt.v), "\x00")
+					r.CongCtl = cstring(mt.v)
 					continue
 				}
 				if r.Metrics == nil {
@@ -438,15 +427,27 @@ type attr struct {
 // fit.
 func parseAttrs(b []byte) ([]attr, error) {
 	var out []attr
+	err := walkAttrs(b, func(typ uint16, v []byte) error {
+		out = append(out, attr{typ: typ, v: v})
+		return nil
+	})
+	return out, err
+}
+
+// walkAttrs calls fn with each attribute in b, in order, its type without
+// the NLA_F_* bits, until fn or the decoding fails.
+func walkAttrs(b []byte, fn func(typ uint16, v []byte) error) error {
 	for len(b) >= unix.SizeofRtAttr {
 		l := int(binary.NativeEndian.Uint16(b))
 		if l < unix.SizeofRtAttr || l > len(b) {
-			return nil, fmt.Errorf("attribute of %d bytes in %d", l, len(b))
+			return fmt.Errorf("attribute of %d bytes in %d", l, len(b))
 		}
-		out = append(out, attr{typ: binary.NativeEndian.Uint16(b[2:]) & attrTypeMask, v: b[unix.SizeofRtAttr:l]})
+		if err := fn(binary.NativeEndian.Uint16(b[2:])&attrTypeMask, b[unix.SizeofRtAttr:l]); err != nil {
+			return err
+		}
 		b = b[min(len(b), (l+unix.RTA_ALIGNTO-1) & ^(unix.RTA_ALIGNTO-1)):]
 	}
-	return out, nil
+	return nil
 }
 
 func u32(b []byte) uint32 {

@@ -1,0 +1,386 @@
+package datapath
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+	"slices"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
+)
+
+// rtextFilterSkipStats (RTEXT_FILTER_SKIP_STATS) asks the kernel to leave
+// a link's counters out of a link dump: nothing here reads them.
+const rtextFilterSkipStats = 1 << 3
+
+// dumpLinks lists the links of the netns in one dump on the Netns's own
+// socket, decoded by parseLink.
+// Equivalent to: ip -n <netns> link show
+func (n *Netns) dumpLinks() ([]netlink.Link, error) {
+	return dump(func() ([]netlink.Link, error) {
+		req := nl.NewNetlinkRequest(unix.RTM_GETLINK, unix.NLM_F_DUMP)
+		req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: n.dumper}
+		req.AddData(nl.NewIfInfomsg(unix.AF_UNSPEC))
+		req.AddData(nl.NewRtAttr(unix.IFLA_EXT_MASK, nl.Uint32Attr(rtextFilterSkipStats)))
+		var (
+			out  []netlink.Link
+			perr error
+		)
+		err := req.ExecuteIter(unix.NETLINK_ROUTE, unix.RTM_NEWLINK, func(m []byte) bool {
+			l, err := parseLink(m)
+			if err != nil {
+				perr = err
+				return false
+			}
+			out = append(out, l)
+			return true
+		})
+		if perr != nil {
+			return nil, perr
+		}
+		return out, err
+	})
+}
+
+// parseLink decodes an RTM_NEWLINK message into the netlink library's
+// types, with the fields this package reads: the attributes of every link,
+// a tap's or tun's flags and queues, a macvtap's mode, and the kind, which
+// Type() returns as the library's own decoding would. It copies what it
+// keeps, so the message's buffer may be reused.
+func parseLink(m []byte) (netlink.Link, error) {
+	if len(m) < unix.SizeofIfInfomsg {
+		return nil, fmt.Errorf("short link message (%d bytes)", len(m))
+	}
+	msg := nl.DeserializeIfInfomsg(m)
+	a := netlink.NewLinkAttrs()
+	a.Index, a.RawFlags, a.Flags = int(msg.Index), msg.Flags, linkFlags(msg.Flags)
+	var kind string
+	var data []byte
+	err := walkAttrs(m[unix.SizeofIfInfomsg:], func(typ uint16, v []byte) error {
+		switch typ {
+		case unix.IFLA_IFNAME:
+			a.Name = cstring(v)
+		case unix.IFLA_ADDRESS:
+			if slices.ContainsFunc(v, func(b byte) bool { return b != 0 }) {
+				a.HardwareAddr = net.HardwareAddr(append([]byte(nil), v...))
+			}
+		case unix.IFLA_MTU:
+			a.MTU = int(u32(v))
+		case unix.IFLA_LINK:
+			a.ParentIndex = int(u32(v))
+		case unix.IFLA_MASTER:
+			a.MasterIndex = int(u32(v))
+		case unix.IFLA_TXQLEN:
+			a.TxQLen = int(u32(v))
+		case unix.IFLA_NUM_TX_QUEUES:
+			a.NumTxQueues = int(u32(v))
+		case unix.IFLA_NUM_RX_QUEUES:
+			a.NumRxQueues = int(u32(v))
+		case unix.IFLA_OPERSTATE:
+			if len(v) >= 1 {
+				a.OperState = netlink.LinkOperState(v[0])
+			}
+		case unix.IFLA_LINK_NETNSID:
+			if len(v) >= 4 {
+				a.NetNsID = int(int32(u32(v)))
+			}
+		case unix.IFLA_PROP_LIST:
+			a.AltNames = []string{}
+			return walkAttrs(v, func(typ uint16, v []byte) error {
+				if typ == unix.IFLA_ALT_IFNAME {
+					a.AltNames = append(a.AltNames, cstring(v))
+				}
+				return nil
+			})
+		case unix.IFLA_LINKINFO:
+			return walkAttrs(v, func(typ uint16, v []byte) error {
+				switch typ {
+				case unix.IFLA_INFO_KIND:
+					kind = cstring(v)
+				case unix.IFLA_INFO_DATA:
+					data = v
+				}
+				return nil
+			})
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("link message for ifindex %d (%s): %w", msg.Index, a.Name, err)
+	}
+	switch kind {
+	case "":
+		return &netlink.Device{LinkAttrs: a}, nil
+	case "tun":
+		return tuntapOf(a, data)
+	case "macvtap":
+		m := &netlink.Macvtap{Macvlan: netlink.Macvlan{LinkAttrs: a}}
+		err := walkAttrs(data, func(typ uint16, v []byte) error {
+			if typ == unix.IFLA_MACVLAN_MODE {
+				m.Mode = macvlanModeOf[u32(v)]
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("link %s: macvtap data: %w", a.Name, err)
+		}
+		return m, nil
+	}
+	return &netlink.GenericLink{LinkAttrs: a, LinkType: kind}, nil
+}
+
+// tuntapOf is a tun or tap device with its IFLA_TUN_* data.
+func tuntapOf(a netlink.LinkAttrs, data []byte) (*netlink.Tuntap, error) {
+	t := &netlink.Tuntap{LinkAttrs: a}
+	on := func(v []byte) bool { return len(v) >= 1 && v[0] == 1 }
+	err := walkAttrs(data, func(typ uint16, v []byte) error {
+		switch typ {
+		case unix.IFLA_TUN_OWNER:
+			t.Owner = u32(v)
+		case unix.IFLA_TUN_GROUP:
+			t.Group = u32(v)
+		case unix.IFLA_TUN_TYPE:
+			if len(v) >= 1 {
+				t.Mode = netlink.TuntapMode(v[0])
+			}
+		case unix.IFLA_TUN_PI:
+			if len(v) >= 1 && v[0] == 0 {
+				t.Flags |= netlink.TUNTAP_NO_PI
+			}
+		case unix.IFLA_TUN_VNET_HDR:
+			if on(v) {
+				t.Flags |= netlink.TUNTAP_VNET_HDR
+			}
+		case unix.IFLA_TUN_PERSIST:
+			t.NonPersist = len(v) >= 1 && v[0] == 0
+		case unix.IFLA_TUN_MULTI_QUEUE:
+			if on(v) {
+				t.Flags |= netlink.TUNTAP_MULTI_QUEUE
+			}
+		case unix.IFLA_TUN_NUM_QUEUES:
+			t.Queues = int(u32(v))
+		case unix.IFLA_TUN_NUM_DISABLED_QUEUES:
+			t.DisabledQueues = int(u32(v))
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("link %s: tun data: %w", a.Name, err)
+	}
+	return t, nil
+}
+
+// dumpQdiscs lists every qdisc of the netns in one dump on the Netns's
+// own socket, each as a GenericQdisc: its link, handle, parent and kind
+// are all this package reads of a listing.
+// Equivalent to: tc -n <netns> qdisc show
+func (n *Netns) dumpQdiscs() ([]netlink.Qdisc, error) {
+	return dump(func() ([]netlink.Qdisc, error) {
+		req := nl.NewNetlinkRequest(unix.RTM_GETQDISC, unix.NLM_F_DUMP)
+		req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: n.dumper}
+		req.AddData(&nl.TcMsg{Family: unix.AF_UNSPEC})
+		var (
+			out  []netlink.Qdisc
+			perr error
+		)
+		err := req.ExecuteIter(unix.NETLINK_ROUTE, unix.RTM_NEWQDISC, func(m []byte) bool {
+			q, err := parseQdisc(m)
+			if err != nil {
+				perr = err
+				return false
+			}
+			out = append(out, q)
+			return true
+		})
+		if perr != nil {
+			return nil, perr
+		}
+		return out, err
+	})
+}
+
+// parseQdisc decodes an RTM_NEWQDISC message.
+func parseQdisc(m []byte) (netlink.Qdisc, error) {
+	if len(m) < nl.SizeofTcMsg {
+		return nil, fmt.Errorf("short qdisc message (%d bytes)", len(m))
+	}
+	msg := nl.DeserializeTcMsg(m)
+	q := &netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{
+		LinkIndex: int(msg.Ifindex), Handle: msg.Handle, Parent: msg.Parent, Refcnt: msg.Info,
+	}}
+	err := walkAttrs(m[nl.SizeofTcMsg:], func(typ uint16, v []byte) error {
+		if typ == unix.TCA_KIND {
+			q.QdiscType = cstring(v)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("qdisc %s on link %d: %w", netlink.HandleStr(msg.Handle), msg.Ifindex, err)
+	}
+	return q, nil
+}
+
+// dumpFilters lists the filters at parent on link in one dump on the
+// Netns's own socket: u32 filters with their mirred actions (what this
+// package adds and reads), any other kind as a GenericFilter.
+// Equivalent to: tc -n <netns> filter show dev LINK parent PARENT
+func (n *Netns) dumpFilters(link netlink.Link, parent uint32) ([]netlink.Filter, error) {
+	return dump(func() ([]netlink.Filter, error) {
+		req := nl.NewNetlinkRequest(unix.RTM_GETTFILTER, unix.NLM_F_DUMP)
+		req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: n.dumper}
+		req.AddData(&nl.TcMsg{Family: unix.AF_UNSPEC, Ifindex: int32(link.Attrs().Index), Parent: parent})
+		var (
+			out  []netlink.Filter
+			perr error
+		)
+		err := req.ExecuteIter(unix.NETLINK_ROUTE, unix.RTM_NEWTFILTER, func(m []byte) bool {
+			f, err := parseFilter(m)
+			if err != nil {
+				perr = err
+				return false
+			}
+			if f != nil {
+				out = append(out, f)
+			}
+			return true
+		})
+		if perr != nil {
+			return nil, perr
+		}
+		return out, err
+	})
+}
+
+// parseFilter decodes an RTM_NEWTFILTER message: its attributes, and for
+// a u32 filter its mirred actions (other actions are left out). It is
+// nil for a message that describes no filter.
+func parseFilter(m []byte) (netlink.Filter, error) {
+	if len(m) < nl.SizeofTcMsg {
+		return nil, fmt.Errorf("short filter message (%d bytes)", len(m))
+	}
+	msg := nl.DeserializeTcMsg(m)
+	fa := netlink.FilterAttrs{LinkIndex: int(msg.Ifindex), Handle: msg.Handle, Parent: msg.Parent}
+	fa.Priority, fa.Protocol = netlink.MajorMinor(msg.Info)
+	fa.Protocol = nl.Swap16(fa.Protocol)
+	var (
+		kind    string
+		actions []netlink.Action
+		// A message without options (a u32 without a selector: a hash
+		// table) is a chain's or table's, not a filter's: skipped, as
+		// the library skips it.
+		filter bool
+	)
+	err := walkAttrs(m[nl.SizeofTcMsg:], func(typ uint16, v []byte) error {
+		switch typ {
+		case unix.TCA_KIND:
+			kind = cstring(v)
+		case unix.TCA_CHAIN:
+			if len(v) >= 4 {
+				c := u32(v)
+				fa.Chain = &c
+			}
+		case unix.TCA_OPTIONS:
+			if kind != "u32" {
+				filter = true
+				return nil
+			}
+			return walkAttrs(v, func(typ uint16, v []byte) error {
+				switch typ {
+				case nl.TCA_U32_SEL:
+					filter = true
+					return nil
+				case nl.TCA_U32_ACT:
+				default:
+					return nil
+				}
+				return walkAttrs(v, func(_ uint16, v []byte) error {
+					a, err := parseMirred(v)
+					if a != nil {
+						actions = append(actions, a)
+					}
+					return err
+				})
+			})
+		}
+		return nil
+	})
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("filter prio %d on link %d: %w", fa.Priority, msg.Ifindex, err)
+	case !filter:
+		return nil, nil
+	case kind == "u32":
+		return &netlink.U32{FilterAttrs: fa, Actions: actions}, nil
+	}
+	return &netlink.GenericFilter{FilterAttrs: fa, FilterType: kind}, nil
+}
+
+// parseMirred decodes one action of a filter's action list: a mirred
+// action, or nil for any other kind.
+func parseMirred(b []byte) (*netlink.MirredAction, error) {
+	var (
+		kind string
+		opts []byte
+	)
+	if err := walkAttrs(b, func(typ uint16, v []byte) error {
+		switch typ {
+		case nl.TCA_ACT_KIND:
+			kind = cstring(v)
+		case nl.TCA_ACT_OPTIONS:
+			opts = v
+		}
+		return nil
+	}); err != nil || kind != "mirred" {
+		return nil, err
+	}
+	a := &netlink.MirredAction{}
+	err := walkAttrs(opts, func(typ uint16, v []byte) error {
+		if typ != nl.TCA_MIRRED_PARMS {
+			return nil
+		}
+		// struct tc_mirred: index, capab, action, refcnt, bindcnt,
+		// eaction, ifindex.
+		if len(v) < 7*4 {
+			return fmt.Errorf("mirred parameters of %d bytes", len(v))
+		}
+		f := func(i int) uint32 { return binary.NativeEndian.Uint32(v[4*i:]) }
+		a.ActionAttrs = netlink.ActionAttrs{Index: int(f(0)), Capab: int(f(1)), Action: netlink.TcAct(int32(f(2))),
+			Refcnt: int(int32(f(3))), Bindcnt: int(int32(f(4)))}
+		a.MirredAction, a.Ifindex = netlink.MirredAct(int32(f(5))), int(f(6))
+		return nil
+	})
+	return a, err
+}
+
+// macvlanModeOf maps the kernel's MACVLAN_MODE_* bits to the library's
+// modes.
+var macvlanModeOf = map[uint32]netlink.MacvlanMode{
+	nl.MACVLAN_MODE_PRIVATE:  netlink.MACVLAN_MODE_PRIVATE,
+	nl.MACVLAN_MODE_VEPA:     netlink.MACVLAN_MODE_VEPA,
+	nl.MACVLAN_MODE_BRIDGE:   netlink.MACVLAN_MODE_BRIDGE,
+	nl.MACVLAN_MODE_PASSTHRU: netlink.MACVLAN_MODE_PASSTHRU,
+	nl.MACVLAN_MODE_SOURCE:   netlink.MACVLAN_MODE_SOURCE,
+}
+
+// linkFlags turns a link's IFF_* flags into net.Flags.
+func linkFlags(raw uint32) net.Flags {
+	var f net.Flags
+	for _, b := range [...]struct {
+		iff  uint32
+		flag net.Flags
+	}{
+		{unix.IFF_UP, net.FlagUp}, {unix.IFF_BROADCAST, net.FlagBroadcast}, {unix.IFF_LOOPBACK, net.FlagLoopback},
+		{unix.IFF_POINTOPOINT, net.FlagPointToPoint}, {unix.IFF_MULTICAST, net.FlagMulticast}, {unix.IFF_RUNNING, net.FlagRunning},
+	} {
+		if raw&b.iff != 0 {
+			f |= b.flag
+		}
+	}
+	return f
+}
+
+// cstring is a NUL-terminated attribute as a string.
+func cstring(v []byte) string { return strings.TrimRight(string(v), "\x00") }

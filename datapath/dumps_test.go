@@ -1,0 +1,248 @@
+package datapath
+
+import (
+	"net"
+	"reflect"
+	"testing"
+
+	"github.com/tapsync/tapsync/e2e/testnet"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
+)
+
+// linkView is what this package reads of a link: parseLink must agree
+// with the netlink library's own decoding on all of it.
+type linkView struct {
+	Link           Link
+	Type           string
+	Tap            *Tap
+	MacvtapMode    string
+	TxQLen, TxQs   int
+	NetNsID, Owner int
+}
+
+func viewOf(l netlink.Link) linkView {
+	v := linkView{Link: toLink(l), Type: l.Type(), TxQLen: l.Attrs().TxQLen, TxQs: l.Attrs().NumTxQueues, NetNsID: l.Attrs().NetNsID}
+	if t, ok := l.(*netlink.Tuntap); ok {
+		tp := toTap(t, 0)
+		v.Tap, v.Owner = &tp, int(t.Owner)
+	}
+	if m, ok := l.(*netlink.Macvtap); ok {
+		v.MacvtapMode = macvlanModes[m.Mode]
+	}
+	return v
+}
+
+// richNetns is a netns with every kind of link a sandbox netns may hold
+// here, and qdiscs of every kind this package reads.
+func richNetns(t *testing.T) *Netns {
+	t.Helper()
+	testnet.SkipUnlessRoot(t)
+	ns, host := testnet.NewNS(t, "tapsync-lmsg"), testnet.NewNS(t, "tapsync-lmsghost")
+	testnet.Veth(t, ns, "eth0", net.HardwareAddr{0x02, 0, 0, 0, 0, 1}, host, "host0")
+	testnet.Veth(t, ns, "eth1", net.HardwareAddr{0x02, 0, 0, 0, 0, 2}, ns, "peer1")
+	testnet.Veth(t, ns, "eth2", net.HardwareAddr{0x02, 0, 0, 0, 0, 3}, host, "host2")
+	for _, args := range [][]string{
+		{"link", "set", "eth0", "up", "mtu", "1400"},
+		{"link", "property", "add", "dev", "eth0", "altname", "ctr-primary"},
+		{"tuntap", "add", "tap0_ts", "mode", "tap", "multi_queue", "vnet_hdr", "user", "1000"},
+		{"tuntap", "add", "tun3", "mode", "tun", "one_queue"},
+		{"link", "set", "tap0_ts", "up", "txqueuelen", "500"},
+		{"link", "add", "link", "eth2", "name", "mvt0", "type", "macvtap", "mode", "passthru"},
+		{"link", "add", "link", "peer1", "name", "mvt1", "type", "macvtap", "mode", "bridge"},
+		{"link", "add", "link", "eth1", "name", "mvl0", "type", "macvlan", "mode", "private"},
+		{"link", "add", "tsi0", "type", "ifb"},
+		{"link", "add", "br0", "type", "bridge"},
+		{"link", "set", "eth0", "master", "br0"},
+	} {
+		testnet.IP(t, append([]string{"-n", ns.Name}, args...)...)
+	}
+	for _, args := range [][]string{
+		{"qdisc", "add", "dev", "eth1", "ingress"},
+		{"qdisc", "add", "dev", "peer1", "clsact"},
+		{"qdisc", "add", "dev", "tap0_ts", "root", "handle", "7453:", "htb"},
+		{"qdisc", "add", "dev", "tsi0", "root", "handle", "1:", "pfifo_fast"},
+		{"filter", "add", "dev", "eth1", "parent", "ffff:", "prio", "29779", "protocol", "all", "u32", "match", "u32", "0", "0",
+			"action", "mirred", "egress", "redirect", "dev", "tap0_ts"},
+		{"filter", "add", "dev", "eth1", "parent", "ffff:", "prio", "100", "protocol", "ip", "u32", "match", "u32", "0", "0",
+			"classid", "1:1"},
+		{"filter", "add", "dev", "eth1", "parent", "ffff:", "prio", "200", "protocol", "all", "u32", "match", "u32", "0", "0",
+			"action", "mirred", "egress", "mirror", "dev", "tsi0", "pipe", "action", "mirred", "egress", "redirect", "dev", "tap0_ts"},
+		{"filter", "add", "dev", "peer1", "ingress", "prio", "7", "protocol", "all", "u32", "match", "u32", "0", "0",
+			"action", "mirred", "ingress", "redirect", "dev", "eth1"},
+	} {
+		testnet.Run(t, "tc", append([]string{"-n", ns.Name}, args...)...)
+	}
+	n, err := Open(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	return n
+}
+
+// Every kind of link a sandbox netns may hold reads the same through
+// parseLink as through the library.
+func TestParseLinkAgreesWithLibrary(t *testing.T) {
+	n := richNetns(t)
+	lib, err := n.h.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ours, err := n.dumpLinks()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ours) != len(lib) || len(lib) < 12 {
+		t.Fatalf("dump: %d links, library: %d; want the same, at least 12", len(ours), len(lib))
+	}
+	byIndex := map[int]netlink.Link{}
+	for _, l := range lib {
+		byIndex[l.Attrs().Index] = l
+	}
+	kinds := map[string]bool{}
+	for _, l := range ours {
+		want, ok := byIndex[l.Attrs().Index]
+		if !ok {
+			t.Errorf("%s (ifindex %d): not in the library's dump", l.Attrs().Name, l.Attrs().Index)
+			continue
+		}
+		if got, want := viewOf(l), viewOf(want); !reflect.DeepEqual(got, want) {
+			t.Errorf("%s:\n parseLink %+v\n library   %+v", want.Link.Name, got, want)
+		}
+		kinds[viewOf(l).Link.Kind] = true
+	}
+	for _, k := range []string{"device", "veth", "tap", "tun", "macvtap", "macvlan", "ifb", "bridge"} {
+		if !kinds[k] {
+			t.Errorf("no %s among the links read: the test covers less than it says", k)
+		}
+	}
+}
+
+// Every qdisc reads the same through parseQdisc as through the library:
+// link, handle, parent and kind.
+func TestParseQdiscAgreesWithLibrary(t *testing.T) {
+	n := richNetns(t)
+	lib, err := n.h.QdiscList(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ours, err := n.dumpQdiscs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	type view struct {
+		Link           int
+		Handle, Parent uint32
+		Type           string
+	}
+	views := func(qs []netlink.Qdisc) []view {
+		var out []view
+		for _, q := range qs {
+			a := q.Attrs()
+			out = append(out, view{a.LinkIndex, a.Handle, a.Parent, q.Type()})
+		}
+		return out
+	}
+	got, want := views(ours), views(lib)
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("parseQdisc:\n %+v\nlibrary:\n %+v", got, want)
+	}
+	kinds := map[string]bool{}
+	for _, v := range got {
+		kinds[v.Type] = true
+	}
+	for _, k := range []string{"ingress", "clsact", "htb", "pfifo_fast", "noqueue"} {
+		if !kinds[k] {
+			t.Errorf("no %s qdisc read: the test covers less than it says", k)
+		}
+	}
+}
+
+// Every filter at an ingress hook reads the same through parseFilter as
+// through the library, for all this package reads: kind, attributes, and
+// a u32's mirred actions.
+func TestParseFilterAgreesWithLibrary(t *testing.T) {
+	n := richNetns(t)
+	type view struct {
+		Type    string
+		Attrs   netlink.FilterAttrs
+		Mirreds []netlink.MirredAction
+	}
+	views := func(fs []netlink.Filter) []view {
+		var out []view
+		for _, f := range fs {
+			v := view{Type: f.Type(), Attrs: *f.Attrs()}
+			if u, ok := f.(*netlink.U32); ok {
+				for _, a := range u.Actions {
+					if m, ok := a.(*netlink.MirredAction); ok {
+						m := *m
+						m.Statistics, m.Timestamp = nil, nil
+						v.Mirreds = append(v.Mirreds, m)
+					}
+				}
+			}
+			out = append(out, v)
+		}
+		return out
+	}
+	mirreds := 0
+	for _, c := range []struct {
+		link   string
+		parent uint32
+	}{{"eth1", netlink.MakeHandle(0xffff, 0)}, {"peer1", netlink.HANDLE_MIN_INGRESS}} {
+		link, err := n.h.LinkByName(c.link)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lib, err := n.h.FilterList(link, c.parent)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ours, err := n.dumpFilters(link, c.parent)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, want := views(ours), views(lib)
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: parseFilter:\n %#v\nlibrary:\n %#v", c.link, got, want) // %#v: Chain is a pointer
+		}
+		for _, v := range got {
+			mirreds += len(v.Mirreds)
+		}
+	}
+	if mirreds != 4 {
+		t.Errorf("%d mirred actions read; want 4", mirreds)
+	}
+}
+
+// FuzzParseLink feeds arbitrary bytes to the link, qdisc and filter
+// message decoders: they return a value or an error, never panic.
+func FuzzParseLink(f *testing.F) {
+	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	msg.Index = 3
+	info := nl.NewRtAttr(unix.IFLA_LINKINFO, nil)
+	info.AddRtAttr(nl.IFLA_INFO_KIND, nl.ZeroTerminated("tun"))
+	data := info.AddRtAttr(nl.IFLA_INFO_DATA, nil)
+	data.AddRtAttr(nl.IFLA_TUN_TYPE, []byte{2})
+	data.AddRtAttr(nl.IFLA_TUN_MULTI_QUEUE, []byte{1})
+	data.AddRtAttr(nl.IFLA_TUN_NUM_QUEUES, nl.Uint32Attr(2))
+	props := nl.NewRtAttr(unix.IFLA_PROP_LIST|unix.NLA_F_NESTED, nil)
+	props.AddRtAttr(unix.IFLA_ALT_IFNAME, nl.ZeroTerminated("alt"))
+	f.Add(serialize([]nl.NetlinkRequestData{msg, nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated("tap0_ts")),
+		nl.NewRtAttr(unix.IFLA_ADDRESS, []byte{2, 0, 0, 0, 0, 1}), info, props}))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		l, err := parseLink(b)
+		if err == nil {
+			_ = viewOf(l)
+		}
+		if q, err := parseQdisc(b); err == nil {
+			_ = q.Type()
+		}
+		if f, err := parseFilter(b); err == nil && f != nil {
+			_ = f.Type()
+		}
+	})
+}

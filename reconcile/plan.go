@@ -76,60 +76,11 @@ type Options struct {
 	teardown bool // the sandbox is going away: remove every endpoint
 }
 
-// Op is the kind of one step.
-type Op int
-
-const (
-	OpRecord             Op = iota // write the endpoint to the record (intent or recovery)
-	OpMarkRemoving                 // record that the endpoint's removal has started
-	OpForget                       // drop the endpoint from the record, after its removal
-	OpCreateTap                    // create tsn<N>
-	OpFixTap                       // bring the tap up, at the container link's MTU
-	OpAddRedirects                 // tc redirects link ⇄ tap
-	OpPlugNIC                      // open the tap's queues, hot-add the NIC
-	OpUnplugNIC                    // hot-remove the NIC and its netdev (may stay pending)
-	OpRemoveRedirects              // delete our filters from link and tap
-	OpDeleteTap                    // delete tsn<N>
-	OpResetGuest                   // record that the endpoint's guest configuration goes with its NIC
-	OpConfirmGuest                 // record that the guest interface already is as wanted
-	OpConfirmGuestRoutes           // record that the guest already has the routes
-	OpConfigureGuest               // agent: UpdateInterface
-	OpUpdateGuestRoutes            // agent: UpdateRoutes with the full set
-	OpAddGuestNeighbors            // agent: AddARPNeighbors
-	OpRepairAdopted                // our redirects between a link the runtime wired and its tap
-	OpEnsureMacvtap                // macvtap model: tsm<N> takes the link's MAC, the link's addresses go
-	OpRemoveMacvtap                // delete tsm<N>
-	OpRestoreLink                  // give the container link back its MAC, addresses and routes
-	OpSetRateLimit                 // an rx or tx limit (0: none)
-)
-
 // Interworking models.
 const (
 	ModelTCFilter = "tcfilter"
 	ModelMacvtap  = "macvtap"
 )
-
-var opNames = [...]string{"record", "mark-removing", "forget", "create-tap", "fix-tap", "add-redirects",
-	"plug-nic", "unplug-nic", "remove-redirects", "delete-tap",
-	"reset-guest", "confirm-guest", "confirm-guest-routes", "configure-guest", "update-guest-routes", "add-guest-neighbors",
-	"repair-adopted", "ensure-macvtap", "remove-macvtap", "restore-link", "set-rate-limit"}
-
-func (o Op) String() string { return opNames[o] }
-
-// Mutates reports whether the op changes the kernel, QEMU or the guest
-// (as opposed to only the record).
-func (o Op) Mutates() bool {
-	switch o {
-	case OpRecord, OpMarkRemoving, OpForget, OpResetGuest, OpConfirmGuest, OpConfirmGuestRoutes:
-		return false
-	}
-	return true
-}
-
-// Guestward reports whether the op is a call to the guest's agent.
-func (o Op) Guestward() bool {
-	return o == OpConfigureGuest || o == OpUpdateGuestRoutes || o == OpAddGuestNeighbors
-}
 
 // Action is one ordered step of a plan.
 type Action struct {
@@ -166,104 +117,11 @@ type Action struct {
 }
 
 func (a Action) String() string {
-	e := a.Endpoint
-	tap := datapath.TapName(e.Index)
-	var s string
-	switch a.Op {
-	case OpRecord:
-		s = fmt.Sprintf("record endpoint %d for %s (ifindex %d, %s, %s", e.Index, e.LinkName, e.LinkIfindex, e.LinkMAC, queuesStr(e.Queues))
-		if e.Kind != state.KindTap {
-			s += ", " + e.Kind
-		}
-		if e.Moved != nil {
-			s += fmt.Sprintf(", moving %d addresses and %d routes", len(e.Moved.Addrs), len(e.Moved.Routes))
-		}
-		s += ")"
-	case OpMarkRemoving:
-		s = fmt.Sprintf("record removal of endpoint %d (%s)", e.Index, e.LinkName)
-	case OpForget:
-		s = fmt.Sprintf("forget endpoint %d (%s)", e.Index, e.LinkName)
-	case OpCreateTap:
-		s = fmt.Sprintf("create %s (%s, mtu %d)", tap, queuesStr(e.Queues), a.MTU)
-	case OpFixTap:
-		s = fmt.Sprintf("set %s up, mtu %d", tap, a.MTU)
-	case OpAddRedirects:
-		s = fmt.Sprintf("redirect %s ⇄ %s", e.LinkName, tap)
-	case OpPlugNIC:
-		s = fmt.Sprintf("hot-add NIC %d (%s) on %s", e.Index, e.LinkMAC, DeviceName(e))
-		if len(a.AwaitUnplug) > 0 {
-			s += fmt.Sprintf(" once NIC %v with that MAC is gone", a.AwaitUnplug)
-		}
-	case OpUnplugNIC:
-		s = fmt.Sprintf("hot-remove NIC %d", e.Index)
-		if e.UnplugRequested {
-			s += " (asked before; checking back)"
-		}
-	case OpRemoveRedirects:
-		s = fmt.Sprintf("remove redirects %s ⇄ %s", e.LinkName, tap)
-	case OpDeleteTap:
-		s = fmt.Sprintf("delete %s", tap)
-	case OpResetGuest:
-		s = fmt.Sprintf("forget the guest configuration of endpoint %d (%s)", e.Index, e.LinkName)
-	case OpConfirmGuest:
-		s = fmt.Sprintf("record guest interface %s of endpoint %d as configured", e.LinkName, e.Index)
-	case OpConfirmGuestRoutes:
-		s = "record the guest's routes as configured"
-	case OpConfigureGuest:
-		g := a.Guest
-		addrs := make([]string, len(g.Addrs))
-		for i, p := range g.Addrs {
-			addrs[i] = p.String()
-		}
-		if len(addrs) == 0 {
-			addrs = []string{"no address"}
-		}
-		s = fmt.Sprintf("configure guest interface %s (%s): %s, mtu %d", g.Name, g.MAC, strings.Join(addrs, " "), g.MTU)
-		if g.NoARP {
-			s += ", noarp"
-		}
-	case OpUpdateGuestRoutes:
-		rs := make([]string, len(a.Routes))
-		for i, r := range a.Routes {
-			rs[i] = routeKey(r.Route)
-		}
-		s = fmt.Sprintf("set the guest's routes (%d): %s", len(rs), strings.Join(rs, "; "))
-	case OpAddGuestNeighbors:
-		s = fmt.Sprintf("add %d permanent neighbours in the guest", len(a.Neighbors))
-	case OpRepairAdopted:
-		s = fmt.Sprintf("redirect %s ⇄ %s (the runtime's tap)", e.LinkName, a.KataTap.Name)
-	case OpEnsureMacvtap:
-		s = fmt.Sprintf("macvtap %s on %s with %s (mtu %d), %s takes %s and gives up its addresses", datapath.MacvtapName(e.Index),
-			e.LinkName, e.LinkMAC, a.MTU, e.LinkName, hostMAC(e))
-	case OpRemoveMacvtap:
-		s = fmt.Sprintf("delete %s", datapath.MacvtapName(e.Index))
-	case OpRestoreLink:
-		s = fmt.Sprintf("give %s back %s, %d addresses and %d routes", e.LinkName, a.Restore.MAC, len(a.Restore.Addrs), len(a.Restore.Routes))
-	case OpSetRateLimit:
-		on := e.LinkName
-		switch {
-		case a.Ingress:
-			on = fmt.Sprintf("%s's ingress via %s", e.LinkName, datapath.IfbName(e.Index))
-		case a.RateOn == 0:
-			on = tap
-		}
-		if a.Rate == 0 {
-			s = fmt.Sprintf("remove the %s limit of endpoint %d from %s", a.RateDir, e.Index, on)
-		} else {
-			s = fmt.Sprintf("limit %s of endpoint %d to %d bit/s on %s", a.RateDir, e.Index, a.Rate, on)
-		}
-	}
+	s := a.Op.spec().text(a)
 	if a.Reason != "" {
 		s += ": " + a.Reason
 	}
 	return s
-}
-
-func queuesStr(n int) string {
-	if n == 1 {
-		return "1 queue"
-	}
-	return fmt.Sprintf("%d queues", n)
 }
 
 // Skipped is a container link that plan leaves alone, and why.

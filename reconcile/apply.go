@@ -271,29 +271,6 @@ func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
 	return act.Op.spec().apply(a, ctx, act, rec)
 }
 
-// macvtapSpec is the macvtap of macvtap endpoint e.
-func macvtapSpec(e state.Endpoint, mtu int) datapath.MacvtapSpec {
-	return datapath.MacvtapSpec{Index: e.Index, Container: e.LinkIfindex, MAC: guestMAC(e), Queues: max(e.Queues, 1), MTU: mtu}
-}
-
-// openQueues opens the queues endpoint e's NIC is plugged on.
-func (a *applier) openQueues(ctx context.Context, e state.Endpoint, spec datapath.TapSpec, mtu int) (*datapath.Queues, error) {
-	switch e.Kind {
-	case state.KindMacvtap:
-		return a.Host.OpenMacvtapQueues(ctx, macvtapSpec(e, mtu), a.Vhost)
-	case state.KindMacvtapLink:
-		return a.Host.OpenMacvtapLinkQueues(ctx, e.LinkName, spec.Queues, a.Vhost)
-	case state.KindTapLink:
-		_, q, err := a.Host.OpenTapLink(ctx, e.LinkName, spec.Queues, a.Vhost)
-		if errors.Is(err, datapath.ErrTapMismatch) && spec.Queues > 1 {
-			// The CNI made it single-queue: one queue is what it takes.
-			_, q, err = a.Host.OpenTapLink(ctx, e.LinkName, 1, a.Vhost)
-		}
-		return q, err
-	}
-	return a.Host.OpenQueues(ctx, spec, a.Vhost)
-}
-
 // recordMoved adds to endpoint n's record what EnsureMacvtap takes or
 // took that the record lacks.
 func (a *applier) recordMoved(rec *state.Record, n int, m datapath.Moved) error {

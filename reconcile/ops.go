@@ -173,7 +173,7 @@ var opSpecs = [numOps]opSpec{
 					return err
 				}
 			}
-			q, err := a.openQueues(ctx, e, tapSpec(act), act.MTU)
+			q, err := kindOf(e).openQueues(ctx, a.Host, a.Vhost, e, tapSpec(act))
 			if err != nil {
 				return err
 			}

@@ -212,7 +212,7 @@ func sameLink(e state.Endpoint, l datapath.Link) bool {
 // lentMAC reports whether l carries the MAC the macvtap model gives a
 // link while endpoint e has its own.
 func lentMAC(e state.Endpoint, l datapath.Link) bool {
-	return e.Kind == state.KindMacvtap && e.LinkIfindex == l.Ifindex && bytes.Equal(l.MAC, hostMAC(e))
+	return kindOf(e).borrowsLink() && e.LinkIfindex == l.Ifindex && bytes.Equal(l.MAC, hostMAC(e))
 }
 
 func endpointFor(index int, l datapath.Link, queues int) state.Endpoint {
@@ -292,11 +292,6 @@ func (v view) pairLeft(link, tap int) bool {
 		return r.Owned && ((tap > 0 && r.From == tap) || (r.From == link && ((tap > 0 && r.To == tap) || !v.exists(r.To))))
 	})
 }
-
-// ourTap reports whether tsn<N> has the shape tapsync gives its taps
-// (persistent, vnet_hdr, no PI); one of another shape was made by someone
-// else under our name and is never deleted.
-func ourTap(t datapath.Tap) bool { return t.Persistent && t.VnetHdr && t.NoPI && t.Kind == "tap" }
 
 // Compute plans one sandbox: what to do so that the VM mirrors the
 // container links, given what is observed and what the record says. It is
@@ -526,44 +521,12 @@ func brokenReason(v view, e state.Endpoint, l datapath.Link) string {
 		// device's host_mtu cannot be changed: only a new NIC goes higher.
 		return fmt.Sprintf("mtu %d is above the %d VM NIC %s was plugged with (the guest driver's maximum)", l.MTU, e.PlugMTU, nic.ID)
 	}
-	switch e.Kind {
-	case state.KindMacvtap:
-		return macvtapBroken(v, e, l)
-	case state.KindTapLink, state.KindMacvtapLink:
-		if nic, ok := v.nics[e.Index]; ok && !bytes.Equal(nic.MAC, l.MAC) {
-			return fmt.Sprintf("VM NIC %s has MAC %s, link has %s", nic.ID, nic.MAC, l.MAC)
-		}
-		return ""
-	}
-	tap, tapOK := v.taps[e.Index]
-	nic, nicOK := v.nics[e.Index]
-	switch {
-	case tapOK && !ourTap(tap):
-		return fmt.Sprintf("%s is not a tap tapsync made", tap.Name)
-	case tapOK && tap.MultiQueue != (e.Queues > 1):
-		return fmt.Sprintf("%s multiqueue=%v does not fit %d queues", tap.Name, tap.MultiQueue, e.Queues)
-	case nicOK && !bytes.Equal(nic.MAC, l.MAC):
-		return fmt.Sprintf("VM NIC %s has MAC %s, link has %s", nic.ID, nic.MAC, l.MAC)
-	case nicOK && !tapOK:
-		return fmt.Sprintf("VM NIC %s lost its tap", nic.ID)
-	case nicOK && tap.Attached == 0 && (tap.Up || tap.MultiQueue):
-		// A single-queue tap shows attachment by its carrier, which an
-		// administratively down tap lacks anyway: repair that first.
-		return fmt.Sprintf("VM NIC %s is not attached to %s (tap re-created)", nic.ID, tap.Name)
-	}
-	return ""
+	return kindOf(e).broken(v, e, l)
 }
 
 // repair plans the missing steps of a live endpoint, in add order.
 func repair(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan) {
-	switch e.Kind {
-	case state.KindMacvtap:
-		repairMacvtap(v, e, l, p)
-	case state.KindTapLink, state.KindMacvtapLink:
-		// The link is the VM's device: nothing of ours on the host side.
-	default:
-		repairTap(v, e, l, p)
-	}
+	kindOf(e).repair(v, e, l, p)
 	planLimits(v, e, l, opts, p)
 	if _, ok := v.nics[e.Index]; !ok {
 		if v.netdevs[e.Index] {
@@ -576,23 +539,6 @@ func repair(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan) {
 			p.Actions = append(p.Actions, Action{Op: OpResetGuest, Endpoint: e, Reason: "a new NIC starts unconfigured"})
 		}
 		p.Actions = append(p.Actions, Action{Op: OpPlugNIC, Endpoint: e, MTU: l.MTU, Reason: "NIC not in VM"})
-	}
-}
-
-// repairTap plans the missing host-side steps of a tcfilter endpoint.
-func repairTap(v view, e state.Endpoint, l datapath.Link, p *Plan) {
-	tap, tapOK := v.taps[e.Index]
-	if !tapOK {
-		p.Actions = append(p.Actions, Action{Op: OpCreateTap, Endpoint: e, MTU: l.MTU, Reason: "tap missing"})
-	} else if tap.MTU != l.MTU || !tap.Up {
-		why := fmt.Sprintf("%s mtu changed from %d", l.Name, tap.MTU)
-		if !tap.Up {
-			why = tap.Name + " is down"
-		}
-		p.Actions = append(p.Actions, Action{Op: OpFixTap, Endpoint: e, MTU: l.MTU, Reason: why})
-	}
-	if !tapOK || !v.ownedRedirect(l.Ifindex, tap.Ifindex) || !v.ownedRedirect(tap.Ifindex, l.Ifindex) {
-		p.Actions = append(p.Actions, Action{Op: OpAddRedirects, Endpoint: e, Reason: "redirects missing or stale"})
 	}
 }
 
@@ -773,29 +719,9 @@ func remove(v view, e state.Endpoint, why string, p *Plan) {
 	if nicOK || (v.netdevs[e.Index] && !e.Burned) {
 		p.Actions = append(p.Actions, Action{Op: OpUnplugNIC, Endpoint: e})
 	}
-	switch e.Kind {
-	case state.KindMacvtap:
-		removeMacvtap(v, e, p)
-	case state.KindTapLink, state.KindMacvtapLink:
-		// The CNI's link: never changed, never deleted.
-	default:
-		removeTap(v, e, p)
-	}
+	kindOf(e).remove(v, e, p)
 	if !e.Burned { // a burned index stays reserved while QEMU holds its leftover
 		p.Actions = append(p.Actions, Action{Op: OpForget, Endpoint: e})
-	}
-}
-
-// removeTap plans the host side of a tcfilter endpoint's removal.
-func removeTap(v view, e state.Endpoint, p *Plan) {
-	tap, tapOK := v.taps[e.Index]
-	if v.pairLeft(e.LinkIfindex, tap.Ifindex) {
-		p.Actions = append(p.Actions, Action{Op: OpRemoveRedirects, Endpoint: e})
-	}
-	// A burned index's leftover netdev may still hold the tap's first
-	// queue: deleting the tap under QEMU is what the order exists to avoid.
-	if tapOK && ourTap(tap) && !(e.Burned && v.netdevs[e.Index]) {
-		p.Actions = append(p.Actions, Action{Op: OpDeleteTap, Endpoint: e})
 	}
 }
 
@@ -826,26 +752,15 @@ func recoverOrphans(v view, rec *state.Record, p *Plan) {
 		}
 		e := state.Endpoint{Index: n, Removing: true, Queues: 1}
 		reason := "owned objects with no record and no container link"
-		if m, ok := v.macvtaps[n]; ok {
-			// The addresses it moved are lost with the record: removal
-			// gives the link back its MAC only.
-			e.Kind, e.LinkMAC, e.LinkIfindex = state.KindMacvtap, m.MAC.String(), m.Parent
-		}
-		if l, ok := linkOf(v, n); ok {
+		l, linked := linkOf(v, n)
+		if linked {
 			e = endpointFor(n, l, 1)
-			switch m, isMacvtap := v.macvtaps[n]; {
-			case isMacvtap:
-				e.Kind, e.LinkMAC = state.KindMacvtap, m.MAC.String()
-			case v.taps[n].Ifindex == 0 && l.Kind == "tap":
-				e.Kind = state.KindTapLink
-			case v.taps[n].Ifindex == 0 && l.Kind == "macvtap":
-				e.Kind = state.KindMacvtapLink
-			}
 			if t, ok := v.taps[n]; ok && t.MultiQueue {
 				e.Queues = max(t.Attached, 2)
 			}
 			reason = "owned objects found for " + l.Name + " with no record"
 		}
+		e = recoveredKind(v, e, l)
 		rec.Put(e)
 		p.Actions = append(p.Actions, Action{Op: OpRecord, Endpoint: e, Reason: "recovered: " + reason})
 	}

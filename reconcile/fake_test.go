@@ -859,8 +859,8 @@ func (w *world) checkEndpoint(e state.Endpoint, l datapath.Link) []string {
 // checkLimits checks a live endpoint's rate limits.
 func (w *world) checkLimits(e state.Endpoint, l datapath.Link) []string {
 	var bad []string
-	rx, _ := rateSites(e.Kind)
-	egress, ingress, _, _ := siteRates(e.Kind, Options{RxRate: w.rxRate, TxRate: w.txRate})
+	rx, _ := kindOf(e).rateSites()
+	egress, ingress, _, _ := siteRates(kindOf(e), Options{RxRate: w.rxRate, TxRate: w.txRate})
 	if w.limits[l.Ifindex] != applied(egress) {
 		bad = append(bad, fmt.Sprintf("%s: limit %d, want %d", l.Name, w.limits[l.Ifindex], egress))
 	}

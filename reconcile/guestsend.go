@@ -37,7 +37,7 @@ func (in *guestInputs) current(fresh []datapath.Link) []wiredLink {
 	out := make([]wiredLink, len(in.wired))
 	for i, w := range in.wired {
 		out[i] = w
-		if w.adopted || w.endpoint.Kind == state.KindMacvtap {
+		if w.adopted || kindOf(w.endpoint).borrowsLink() {
 			continue
 		}
 		for _, l := range fresh {
@@ -54,7 +54,7 @@ func (in *guestInputs) current(fresh []datapath.Link) []wiredLink {
 // are the record's (withMovedRoutes), not the netns's.
 func (in *guestInputs) moved() bool {
 	for _, w := range in.wired {
-		if !w.adopted && w.endpoint.Kind == state.KindMacvtap {
+		if !w.adopted && kindOf(w.endpoint).borrowsLink() {
 			return true
 		}
 	}
@@ -74,7 +74,7 @@ func (a *applier) refreshGuest(ctx context.Context, in *guestInputs, act Action)
 	switch act.Op {
 	case OpConfigureGuest:
 		for _, w := range wired {
-			if !w.adopted && w.endpoint.Index == act.Endpoint.Index && w.endpoint.Kind != state.KindMacvtap {
+			if !w.adopted && w.endpoint.Index == act.Endpoint.Index && !kindOf(w.endpoint).borrowsLink() {
 				act.Guest = desiredInterface(w.link)
 				act.Digest = endpointDigest(deviceOf(w).nic, act.Guest)
 			}
@@ -99,7 +99,7 @@ func (a *applier) changedSinceConfigured(wired []wiredLink) []Action {
 	var again []Action
 	for _, w := range wired {
 		sent, ok := a.configured[w.endpoint.Index]
-		if w.adopted || !ok || w.endpoint.Kind == state.KindMacvtap {
+		if w.adopted || !ok || kindOf(w.endpoint).borrowsLink() {
 			continue
 		}
 		if want := desiredInterface(w.link); interfaceText(want) != interfaceText(sent) {

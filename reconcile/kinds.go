@@ -2,68 +2,143 @@ package reconcile
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"net"
-	"net/netip"
 	"slices"
 
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/state"
 )
 
-// Endpoint kinds beyond the tcfilter tap. Which one a new endpoint gets
-// depends on its container link and the sandbox's model:
-//
-//   - a tap link (a CNI's tap) is the VM's device already: QEMU gets its
-//     queues, nothing is redirected, nothing of it is ever deleted;
-//   - a macvtap link likewise, through its /dev/tap<ifindex> queues;
-//   - in the macvtap model, a veth, macvlan or vlan link gets a macvtap
-//     tsm<N> on top that carries the link's MAC; the link carries
-//     datapath.HostMAC meanwhile and gives up its addresses, which the
-//     record keeps (they are the guest's) and the removal gives back;
-//   - everything else (ipvlan included, whose MAC is its parent's and
-//     cannot be lent) is wired by the tcfilter model.
+// endpointKind is how one kind of endpoint (state.Endpoint.Kind) is
+// wired: what its host side is made of, how it is repaired and removed,
+// where its NIC's queues come from and where its rate limits sit. Each
+// kind is one type in a kind_*.go file, listed in kinds.
+type endpointKind interface {
+	// name is the kind as the record keeps it.
+	name() string
+	// claims reports whether a new endpoint on link l under interworking
+	// model is of this kind.
+	claims(l datapath.Link, model string) bool
+	// recovered reports whether the objects observed for the index of
+	// unrecorded endpoint e (serving link l; zero if none) show this
+	// kind, and returns e as one.
+	recovered(v view, e state.Endpoint, l datapath.Link) (state.Endpoint, bool)
+	// add plans the host-side steps of new endpoint e on link l.
+	add(v view, e state.Endpoint, l datapath.Link, p *Plan)
+	// broken says why live endpoint e on link l must be re-made rather
+	// than repaired in place ("" if it can be repaired).
+	broken(v view, e state.Endpoint, l datapath.Link) string
+	// repair plans the missing host-side steps of live endpoint e, in
+	// add order.
+	repair(v view, e state.Endpoint, l datapath.Link, p *Plan)
+	// remove plans the host side of e's removal, once QEMU has let go.
+	remove(v view, e state.Endpoint, p *Plan)
+	// device names the device whose queues e's NIC uses.
+	device(e state.Endpoint) string
+	// openQueues opens the queues e's NIC is plugged on.
+	openQueues(ctx context.Context, h Host, vhost datapath.Vhost, e state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error)
+	// rateSites says where the kind's rx and tx limits go.
+	rateSites() (rx, tx rateSite)
+	// borrowsLink reports whether the endpoint takes its container link's
+	// MAC, addresses and routes for the guest while it lives and gives
+	// them back on removal: its guest interface is made of what the
+	// record keeps, not of the link as it is.
+	borrowsLink() bool
+}
 
-// macvtapKinds are the links the macvtap model puts a macvtap on.
-var macvtapKinds = map[string]bool{"veth": true, "macvlan": true, "vlan": true}
+// kinds are the endpoint kinds in the order they are tried: the first
+// that claims a new link, or recognises recovered objects, is the
+// endpoint's kind. tapKind, last, takes any link.
+var kinds = []endpointKind{macvtapKind{}, tapLinkKind{}, macvtapLinkKind{}, tapKind{}}
+
+// kindOf is endpoint e's kind.
+func kindOf(e state.Endpoint) endpointKind {
+	for _, k := range kinds {
+		if k.name() == e.Kind {
+			return k
+		}
+	}
+	return unknownKind{kind: e.Kind}
+}
 
 // kindFor is the kind of a new endpoint for link l under model.
 func kindFor(l datapath.Link, model string) string {
-	switch {
-	case l.Kind == "tap":
-		return state.KindTapLink
-	case l.Kind == "macvtap":
-		return state.KindMacvtapLink
-	case model == ModelMacvtap && macvtapKinds[l.Kind] && l.MAC[0]&1 == 0:
-		return state.KindMacvtap
+	for _, k := range kinds {
+		if k.claims(l, model) {
+			return k.name()
+		}
 	}
 	return state.KindTap
 }
 
+// recoveredKind is endpoint e, recovered from the objects of its index,
+// with the kind those objects show on link l (zero: none found).
+func recoveredKind(v view, e state.Endpoint, l datapath.Link) state.Endpoint {
+	for _, k := range kinds {
+		if r, ok := k.recovered(v, e, l); ok {
+			return r
+		}
+	}
+	return e
+}
+
+// unknownKind is a kind this build does not know (a record written by a
+// newer tapsync): its endpoint is repaired and removed as a tcfilter
+// tap is, and carries no rate limit. It is never in kinds, so no new endpoint gets it.
+type unknownKind struct {
+	tapKind
+	kind string
+}
+
+func (k unknownKind) name() string { return k.kind }
+
+func (unknownKind) rateSites() (rx, tx rateSite) { return siteNone, siteNone }
+
+// linkIsDevice is the part of a kind whose container link is the VM's
+// device already: there is nothing of ours on the host side to add,
+// repair or remove, and the link itself is never changed or deleted.
+type linkIsDevice struct{}
+
+func (linkIsDevice) add(view, state.Endpoint, datapath.Link, *Plan) {}
+
+func (linkIsDevice) repair(view, state.Endpoint, datapath.Link, *Plan) {}
+
+func (linkIsDevice) remove(view, state.Endpoint, *Plan) {}
+
+func (linkIsDevice) device(e state.Endpoint) string { return e.LinkName }
+
+func (linkIsDevice) borrowsLink() bool { return false }
+
+// recoveredAs is unrecorded endpoint e as kind, if the link its objects
+// serve is of link kind linkKind and no tap of ours has its index.
+func (linkIsDevice) recoveredAs(v view, e state.Endpoint, l datapath.Link, linkKind, kind string) (state.Endpoint, bool) {
+	if v.taps[e.Index].Ifindex != 0 || l.Kind != linkKind {
+		return e, false
+	}
+	e.Kind = kind
+	return e, true
+}
+
+// broken: only a NIC whose MAC is no longer the link's.
+func (linkIsDevice) broken(v view, e state.Endpoint, l datapath.Link) string {
+	if nic, ok := v.nics[e.Index]; ok && !bytes.Equal(nic.MAC, l.MAC) {
+		return fmt.Sprintf("VM NIC %s has MAC %s, link has %s", nic.ID, nic.MAC, l.MAC)
+	}
+	return ""
+}
+
 // add plans the steps of a new endpoint after its record step.
 func add(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan) {
-	switch e.Kind {
-	case state.KindMacvtap:
-		p.Actions = append(p.Actions, Action{Op: OpEnsureMacvtap, Endpoint: e, MTU: l.MTU})
-	case state.KindTapLink, state.KindMacvtapLink:
-	default:
-		p.Actions = append(p.Actions, Action{Op: OpCreateTap, Endpoint: e, MTU: l.MTU}, Action{Op: OpAddRedirects, Endpoint: e})
-	}
+	kindOf(e).add(v, e, l, p)
 	planLimits(v, e, l, opts, p)
 	p.Actions = append(p.Actions, Action{Op: OpPlugNIC, Endpoint: e, MTU: l.MTU})
 }
 
 // DeviceName names the device whose queues endpoint e's NIC uses: our
 // tap or macvtap, or the container link itself.
-func DeviceName(e state.Endpoint) string {
-	switch e.Kind {
-	case state.KindMacvtap:
-		return datapath.MacvtapName(e.Index)
-	case state.KindTapLink, state.KindMacvtapLink:
-		return e.LinkName
-	}
-	return datapath.TapName(e.Index)
-}
+func DeviceName(e state.Endpoint) string { return kindOf(e).device(e) }
 
 // guestMAC is the MAC endpoint e's NIC gets.
 func guestMAC(e state.Endpoint) net.HardwareAddr {
@@ -71,20 +146,11 @@ func guestMAC(e state.Endpoint) net.HardwareAddr {
 	return mac
 }
 
-// hostMAC is what the container link of macvtap endpoint e carries.
-func hostMAC(e state.Endpoint) net.HardwareAddr {
-	mac := guestMAC(e)
-	if len(mac) != 6 {
-		return nil
-	}
-	return datapath.HostMAC(mac, e.Index)
-}
-
 // guestLink is what the guest interface of endpoint e on link l mirrors:
 // the link itself, or for the macvtap model the link as it was before it
 // lent its MAC and addresses.
 func guestLink(e state.Endpoint, l datapath.Link) datapath.Link {
-	if e.Kind != state.KindMacvtap {
+	if !kindOf(e).borrowsLink() {
 		return l
 	}
 	g := l
@@ -96,61 +162,6 @@ func guestLink(e state.Endpoint, l datapath.Link) datapath.Link {
 		}
 	}
 	return g
-}
-
-// strayAddrs are the addresses of a link whose addresses the macvtap
-// model moved away: ones that appeared since. An IPv6 link-local address
-// is the kernel's (derived from the MAC the link carries now), not the
-// pod's.
-func strayAddrs(l datapath.Link) []netip.Prefix {
-	var out []netip.Prefix
-	for _, a := range l.Addrs {
-		if !(a.Addr().Is6() && a.Addr().IsLinkLocalUnicast()) {
-			out = append(out, a)
-		}
-	}
-	return out
-}
-
-// macvtapBroken says why macvtap endpoint e must be re-made ("" if it can
-// be repaired in place).
-func macvtapBroken(v view, e state.Endpoint, l datapath.Link) string {
-	m, mOK := v.macvtaps[e.Index]
-	nic, nicOK := v.nics[e.Index]
-	switch {
-	case mOK && (m.Parent != l.Ifindex || m.Mode != "bridge" || !bytes.Equal(m.MAC, guestMAC(e))):
-		return fmt.Sprintf("%s is not the macvtap tapsync made (on %d, %s, %s)", m.Name, m.Parent, m.Mode, m.MAC)
-	case nicOK && !bytes.Equal(nic.MAC, guestMAC(e)):
-		return fmt.Sprintf("VM NIC %s has MAC %s, endpoint has %s", nic.ID, nic.MAC, e.LinkMAC)
-	case nicOK && !mOK:
-		return fmt.Sprintf("VM NIC %s lost its macvtap", nic.ID)
-	}
-	return ""
-}
-
-// repairMacvtap plans the missing host-side steps of a macvtap endpoint:
-// one idempotent ensure-macvtap, which records addresses that appeared on
-// the link since before it takes them (they must come back on removal).
-func repairMacvtap(v view, e state.Endpoint, l datapath.Link, p *Plan) {
-	m, ok := v.macvtaps[e.Index]
-	stray := strayAddrs(l)
-	why := ""
-	switch {
-	case !ok:
-		why = "macvtap missing"
-	case !lentMAC(e, l):
-		why = l.Name + " still carries the guest's MAC"
-	case len(stray) > 0:
-		why = fmt.Sprintf("%s has addresses again (%v)", l.Name, stray)
-	case m.MTU != l.MTU:
-		why = fmt.Sprintf("%s mtu changed from %d", l.Name, m.MTU)
-	case !m.Up:
-		why = m.Name + " is down"
-	}
-	if why == "" {
-		return
-	}
-	p.Actions = append(p.Actions, Action{Op: OpEnsureMacvtap, Endpoint: e, MTU: l.MTU, Reason: why})
 }
 
 // needsRestore says whether link l may still lack what macvtap endpoint
@@ -179,34 +190,13 @@ func sameGuestRoute(a, b datapath.Route) bool {
 	return a.LinkIndex == b.LinkIndex && a.Dst == b.Dst && a.Gateway == b.Gateway && a.IPv6 == b.IPv6 && a.Metric == b.Metric
 }
 
-// removeMacvtap plans the host side of a macvtap endpoint's removal:
-// the macvtap goes (QEMU has let go of its queues), then the link gets
-// back what it lent. A link whose MAC someone changed meanwhile keeps
-// that MAC: it is the link's new identity, not ours to undo.
-func removeMacvtap(v view, e state.Endpoint, p *Plan) {
-	if _, ok := v.macvtaps[e.Index]; ok && !(e.Burned && v.netdevs[e.Index]) {
-		p.Actions = append(p.Actions, Action{Op: OpRemoveMacvtap, Endpoint: e})
-	}
-	l, ok := v.links[e.LinkIfindex]
-	if !ok || !needsRestore(v, e, l) {
-		return
-	}
-	// A record entry that does not parse (edited by hand) cannot be given
-	// back; the rest is.
-	r, _ := movedOf(e)
-	if !lentMAC(e, l) && !bytes.Equal(l.MAC, r.MAC) {
-		r.MAC = l.MAC
-	}
-	p.Actions = append(p.Actions, Action{Op: OpRestoreLink, Endpoint: e, Restore: r})
-}
-
 // beingRestored says why link l must wait before it gets a new endpoint
 // ("" if it need not): a macvtap endpoint of it is being removed and has
 // not given it back its MAC and addresses yet. Wired now, the new endpoint
 // would record the borrowed MAC and miss the addresses.
 func beingRestored(v view, rec state.Record, removing map[int]bool, l datapath.Link) string {
 	for _, e := range rec.Endpoints {
-		if e.Kind == state.KindMacvtap && e.LinkIfindex == l.Ifindex && (e.Removing || removing[e.Index]) && needsRestore(v, e, l) {
+		if kindOf(e).borrowsLink() && e.LinkIfindex == l.Ifindex && (e.Removing || removing[e.Index]) && needsRestore(v, e, l) {
 			return fmt.Sprintf("endpoint %d (macvtap model) is giving %s back its MAC and addresses; wired again once it has", e.Index, l.Name)
 		}
 	}
@@ -218,7 +208,7 @@ func beingRestored(v view, rec state.Record, removing map[int]bool, l datapath.L
 func withMovedRoutes(v view, wired []wiredLink) []datapath.Route {
 	out := slices.Clone(v.routes)
 	for _, w := range wired {
-		if w.adopted || w.endpoint.Kind != state.KindMacvtap {
+		if w.adopted || !kindOf(w.endpoint).borrowsLink() {
 			continue
 		}
 		for _, r := range movedRoutes(w.endpoint) {
@@ -233,20 +223,8 @@ func withMovedRoutes(v view, wired []wiredLink) []datapath.Route {
 // Rate limits. Kata's semantics: rx is traffic into the VM, tx out of
 // it. A limit is an HTB on the egress the traffic is queued on, or, where
 // the traffic passes no egress qdisc of the netns, on the egress of an
-// ifb tsi<N> that the link's ingress is redirected to:
-//   - tcfilter: rx on the tap (the redirect from the link enqueues there),
-//     tx on the container link (the redirect from the tap);
-//   - tap link: rx on the tap link's egress (what the netns sends it goes
-//     to the VM), tx on its ingress (what the VM writes enters the stack
-//     there);
-//   - macvtap model: rx on the container link's ingress (frames for the
-//     macvtap arrive there and go to its queues from the receive path,
-//     past no egress), tx on the container link's egress (what the guest
-//     writes is sent by the macvtap through its lower device);
-//   - macvtap link: the same on the macvtap link itself (its frames come
-//     from the receive path too; what the guest writes leaves through
-//     the macvtap's own egress).
-// e2e TestMacvtapRateLimits measures the macvtap model with a guest.
+// ifb tsi<N> that the link's ingress is redirected to. Each kind says
+// where its limits go (endpointKind.rateSites).
 
 // rateSite is where one direction's limit of an endpoint goes.
 type rateSite int
@@ -258,23 +236,10 @@ const (
 	siteLinkIngress          // the container link's ingress, through tsi<N>
 )
 
-// rateSites says where kind's rx and tx limits go.
-func rateSites(kind string) (rx, tx rateSite) {
-	switch kind {
-	case state.KindTap:
-		return siteTapEgress, siteLinkEgress
-	case state.KindTapLink:
-		return siteLinkEgress, siteLinkIngress
-	case state.KindMacvtap, state.KindMacvtapLink:
-		return siteLinkIngress, siteLinkEgress
-	}
-	return siteNone, siteNone
-}
-
-// siteRates is what endpoint kind wants at each site of its link: the
+// siteRates is what endpoint kind k wants at each site of its link: the
 // limit (0: none) and its direction.
-func siteRates(kind string, opts Options) (egress, ingress uint64, egressDir, ingressDir string) {
-	rx, tx := rateSites(kind)
+func siteRates(k endpointKind, opts Options) (egress, ingress uint64, egressDir, ingressDir string) {
+	rx, tx := k.rateSites()
 	egressDir, ingressDir = "tx", "rx"
 	switch {
 	case rx == siteLinkEgress:
@@ -306,7 +271,8 @@ func (v view) ingressLimit(index, ifindex int) uint64 {
 
 // planLimits plans the rate limits of live endpoint e on link l.
 func planLimits(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan) {
-	rx, _ := rateSites(e.Kind)
+	k := kindOf(e)
+	rx, _ := k.rateSites()
 	if rx == siteTapEgress {
 		have := uint64(0)
 		if t, ok := v.taps[e.Index]; ok {
@@ -317,7 +283,7 @@ func planLimits(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan
 				Reason: fmt.Sprintf("limit is %d bit/s", have)})
 		}
 	}
-	egress, ingress, egressDir, ingressDir := siteRates(e.Kind, opts)
+	egress, ingress, egressDir, ingressDir := siteRates(k, opts)
 	if have := v.limits[l.Ifindex]; have != applied(egress) {
 		p.Actions = append(p.Actions, Action{Op: OpSetRateLimit, Endpoint: e, Rate: egress, RateDir: egressDir, RateOn: l.Ifindex,
 			Reason: fmt.Sprintf("limit is %d bit/s", have)})
@@ -340,7 +306,7 @@ func rateNotes(wired []wiredLink, opts Options) []string {
 		if w.adopted {
 			continue
 		}
-		rx, tx := rateSites(w.endpoint.Kind)
+		rx, tx := kindOf(w.endpoint).rateSites()
 		kind := w.endpoint.Kind
 		if kind == state.KindTap {
 			kind = ModelTCFilter

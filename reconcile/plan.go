@@ -76,60 +76,11 @@ type Options struct {
 	teardown bool // the sandbox is going away: remove every endpoint
 }
 
-// Op is the kind of one step.
-type Op int
-
-const (
-	OpRecord             Op = iota // write the endpoint to the record (intent or recovery)
-	OpMarkRemoving                 // record that the endpoint's removal has started
-	OpForget                       // drop the endpoint from the record, after its removal
-	OpCreateTap                    // create tsn<N>
-	OpFixTap                       // bring the tap up, at the container link's MTU
-	OpAddRedirects                 // tc redirects link ⇄ tap
-	OpPlugNIC                      // open the tap's queues, hot-add the NIC
-	OpUnplugNIC                    // hot-remove the NIC and its netdev (may stay pending)
-	OpRemoveRedirects              // delete our filters from link and tap
-	OpDeleteTap                    // delete tsn<N>
-	OpResetGuest                   // record that the endpoint's guest configuration goes with its NIC
-	OpConfirmGuest                 // record that the guest interface already is as wanted
-	OpConfirmGuestRoutes           // record that the guest already has the routes
-	OpConfigureGuest               // agent: UpdateInterface
-	OpUpdateGuestRoutes            // agent: UpdateRoutes with the full set
-	OpAddGuestNeighbors            // agent: AddARPNeighbors
-	OpRepairAdopted                // our redirects between a link the runtime wired and its tap
-	OpEnsureMacvtap                // macvtap model: tsm<N> takes the link's MAC, the link's addresses go
-	OpRemoveMacvtap                // delete tsm<N>
-	OpRestoreLink                  // give the container link back its MAC, addresses and routes
-	OpSetRateLimit                 // an rx or tx limit (0: none)
-)
-
 // Interworking models.
 const (
 	ModelTCFilter = "tcfilter"
 	ModelMacvtap  = "macvtap"
 )
-
-var opNames = [...]string{"record", "mark-removing", "forget", "create-tap", "fix-tap", "add-redirects",
-	"plug-nic", "unplug-nic", "remove-redirects", "delete-tap",
-	"reset-guest", "confirm-guest", "confirm-guest-routes", "configure-guest", "update-guest-routes", "add-guest-neighbors",
-	"repair-adopted", "ensure-macvtap", "remove-macvtap", "restore-link", "set-rate-limit"}
-
-func (o Op) String() string { return opNames[o] }
-
-// Mutates reports whether the op changes the kernel, QEMU or the guest
-// (as opposed to only the record).
-func (o Op) Mutates() bool {
-	switch o {
-	case OpRecord, OpMarkRemoving, OpForget, OpResetGuest, OpConfirmGuest, OpConfirmGuestRoutes:
-		return false
-	}
-	return true
-}
-
-// Guestward reports whether the op is a call to the guest's agent.
-func (o Op) Guestward() bool {
-	return o == OpConfigureGuest || o == OpUpdateGuestRoutes || o == OpAddGuestNeighbors
-}
 
 // Action is one ordered step of a plan.
 type Action struct {
@@ -166,104 +117,11 @@ type Action struct {
 }
 
 func (a Action) String() string {
-	e := a.Endpoint
-	tap := datapath.TapName(e.Index)
-	var s string
-	switch a.Op {
-	case OpRecord:
-		s = fmt.Sprintf("record endpoint %d for %s (ifindex %d, %s, %s", e.Index, e.LinkName, e.LinkIfindex, e.LinkMAC, queuesStr(e.Queues))
-		if e.Kind != state.KindTap {
-			s += ", " + e.Kind
-		}
-		if e.Moved != nil {
-			s += fmt.Sprintf(", moving %d addresses and %d routes", len(e.Moved.Addrs), len(e.Moved.Routes))
-		}
-		s += ")"
-	case OpMarkRemoving:
-		s = fmt.Sprintf("record removal of endpoint %d (%s)", e.Index, e.LinkName)
-	case OpForget:
-		s = fmt.Sprintf("forget endpoint %d (%s)", e.Index, e.LinkName)
-	case OpCreateTap:
-		s = fmt.Sprintf("create %s (%s, mtu %d)", tap, queuesStr(e.Queues), a.MTU)
-	case OpFixTap:
-		s = fmt.Sprintf("set %s up, mtu %d", tap, a.MTU)
-	case OpAddRedirects:
-		s = fmt.Sprintf("redirect %s ⇄ %s", e.LinkName, tap)
-	case OpPlugNIC:
-		s = fmt.Sprintf("hot-add NIC %d (%s) on %s", e.Index, e.LinkMAC, DeviceName(e))
-		if len(a.AwaitUnplug) > 0 {
-			s += fmt.Sprintf(" once NIC %v with that MAC is gone", a.AwaitUnplug)
-		}
-	case OpUnplugNIC:
-		s = fmt.Sprintf("hot-remove NIC %d", e.Index)
-		if e.UnplugRequested {
-			s += " (asked before; checking back)"
-		}
-	case OpRemoveRedirects:
-		s = fmt.Sprintf("remove redirects %s ⇄ %s", e.LinkName, tap)
-	case OpDeleteTap:
-		s = fmt.Sprintf("delete %s", tap)
-	case OpResetGuest:
-		s = fmt.Sprintf("forget the guest configuration of endpoint %d (%s)", e.Index, e.LinkName)
-	case OpConfirmGuest:
-		s = fmt.Sprintf("record guest interface %s of endpoint %d as configured", e.LinkName, e.Index)
-	case OpConfirmGuestRoutes:
-		s = "record the guest's routes as configured"
-	case OpConfigureGuest:
-		g := a.Guest
-		addrs := make([]string, len(g.Addrs))
-		for i, p := range g.Addrs {
-			addrs[i] = p.String()
-		}
-		if len(addrs) == 0 {
-			addrs = []string{"no address"}
-		}
-		s = fmt.Sprintf("configure guest interface %s (%s): %s, mtu %d", g.Name, g.MAC, strings.Join(addrs, " "), g.MTU)
-		if g.NoARP {
-			s += ", noarp"
-		}
-	case OpUpdateGuestRoutes:
-		rs := make([]string, len(a.Routes))
-		for i, r := range a.Routes {
-			rs[i] = routeKey(r.Route)
-		}
-		s = fmt.Sprintf("set the guest's routes (%d): %s", len(rs), strings.Join(rs, "; "))
-	case OpAddGuestNeighbors:
-		s = fmt.Sprintf("add %d permanent neighbours in the guest", len(a.Neighbors))
-	case OpRepairAdopted:
-		s = fmt.Sprintf("redirect %s ⇄ %s (the runtime's tap)", e.LinkName, a.KataTap.Name)
-	case OpEnsureMacvtap:
-		s = fmt.Sprintf("macvtap %s on %s with %s (mtu %d), %s takes %s and gives up its addresses", datapath.MacvtapName(e.Index),
-			e.LinkName, e.LinkMAC, a.MTU, e.LinkName, hostMAC(e))
-	case OpRemoveMacvtap:
-		s = fmt.Sprintf("delete %s", datapath.MacvtapName(e.Index))
-	case OpRestoreLink:
-		s = fmt.Sprintf("give %s back %s, %d addresses and %d routes", e.LinkName, a.Restore.MAC, len(a.Restore.Addrs), len(a.Restore.Routes))
-	case OpSetRateLimit:
-		on := e.LinkName
-		switch {
-		case a.Ingress:
-			on = fmt.Sprintf("%s's ingress via %s", e.LinkName, datapath.IfbName(e.Index))
-		case a.RateOn == 0:
-			on = tap
-		}
-		if a.Rate == 0 {
-			s = fmt.Sprintf("remove the %s limit of endpoint %d from %s", a.RateDir, e.Index, on)
-		} else {
-			s = fmt.Sprintf("limit %s of endpoint %d to %d bit/s on %s", a.RateDir, e.Index, a.Rate, on)
-		}
-	}
+	s := a.Op.spec().text(a)
 	if a.Reason != "" {
 		s += ": " + a.Reason
 	}
 	return s
-}
-
-func queuesStr(n int) string {
-	if n == 1 {
-		return "1 queue"
-	}
-	return fmt.Sprintf("%d queues", n)
 }
 
 // Skipped is a container link that plan leaves alone, and why.
@@ -354,7 +212,7 @@ func sameLink(e state.Endpoint, l datapath.Link) bool {
 // lentMAC reports whether l carries the MAC the macvtap model gives a
 // link while endpoint e has its own.
 func lentMAC(e state.Endpoint, l datapath.Link) bool {
-	return e.Kind == state.KindMacvtap && e.LinkIfindex == l.Ifindex && bytes.Equal(l.MAC, hostMAC(e))
+	return kindOf(e).borrowsLink() && e.LinkIfindex == l.Ifindex && bytes.Equal(l.MAC, hostMAC(e))
 }
 
 func endpointFor(index int, l datapath.Link, queues int) state.Endpoint {
@@ -434,11 +292,6 @@ func (v view) pairLeft(link, tap int) bool {
 		return r.Owned && ((tap > 0 && r.From == tap) || (r.From == link && ((tap > 0 && r.To == tap) || !v.exists(r.To))))
 	})
 }
-
-// ourTap reports whether tsn<N> has the shape tapsync gives its taps
-// (persistent, vnet_hdr, no PI); one of another shape was made by someone
-// else under our name and is never deleted.
-func ourTap(t datapath.Tap) bool { return t.Persistent && t.VnetHdr && t.NoPI && t.Kind == "tap" }
 
 // Compute plans one sandbox: what to do so that the VM mirrors the
 // container links, given what is observed and what the record says. It is
@@ -668,44 +521,12 @@ func brokenReason(v view, e state.Endpoint, l datapath.Link) string {
 		// device's host_mtu cannot be changed: only a new NIC goes higher.
 		return fmt.Sprintf("mtu %d is above the %d VM NIC %s was plugged with (the guest driver's maximum)", l.MTU, e.PlugMTU, nic.ID)
 	}
-	switch e.Kind {
-	case state.KindMacvtap:
-		return macvtapBroken(v, e, l)
-	case state.KindTapLink, state.KindMacvtapLink:
-		if nic, ok := v.nics[e.Index]; ok && !bytes.Equal(nic.MAC, l.MAC) {
-			return fmt.Sprintf("VM NIC %s has MAC %s, link has %s", nic.ID, nic.MAC, l.MAC)
-		}
-		return ""
-	}
-	tap, tapOK := v.taps[e.Index]
-	nic, nicOK := v.nics[e.Index]
-	switch {
-	case tapOK && !ourTap(tap):
-		return fmt.Sprintf("%s is not a tap tapsync made", tap.Name)
-	case tapOK && tap.MultiQueue != (e.Queues > 1):
-		return fmt.Sprintf("%s multiqueue=%v does not fit %d queues", tap.Name, tap.MultiQueue, e.Queues)
-	case nicOK && !bytes.Equal(nic.MAC, l.MAC):
-		return fmt.Sprintf("VM NIC %s has MAC %s, link has %s", nic.ID, nic.MAC, l.MAC)
-	case nicOK && !tapOK:
-		return fmt.Sprintf("VM NIC %s lost its tap", nic.ID)
-	case nicOK && tap.Attached == 0 && (tap.Up || tap.MultiQueue):
-		// A single-queue tap shows attachment by its carrier, which an
-		// administratively down tap lacks anyway: repair that first.
-		return fmt.Sprintf("VM NIC %s is not attached to %s (tap re-created)", nic.ID, tap.Name)
-	}
-	return ""
+	return kindOf(e).broken(v, e, l)
 }
 
 // repair plans the missing steps of a live endpoint, in add order.
 func repair(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan) {
-	switch e.Kind {
-	case state.KindMacvtap:
-		repairMacvtap(v, e, l, p)
-	case state.KindTapLink, state.KindMacvtapLink:
-		// The link is the VM's device: nothing of ours on the host side.
-	default:
-		repairTap(v, e, l, p)
-	}
+	kindOf(e).repair(v, e, l, p)
 	planLimits(v, e, l, opts, p)
 	if _, ok := v.nics[e.Index]; !ok {
 		if v.netdevs[e.Index] {
@@ -718,23 +539,6 @@ func repair(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan) {
 			p.Actions = append(p.Actions, Action{Op: OpResetGuest, Endpoint: e, Reason: "a new NIC starts unconfigured"})
 		}
 		p.Actions = append(p.Actions, Action{Op: OpPlugNIC, Endpoint: e, MTU: l.MTU, Reason: "NIC not in VM"})
-	}
-}
-
-// repairTap plans the missing host-side steps of a tcfilter endpoint.
-func repairTap(v view, e state.Endpoint, l datapath.Link, p *Plan) {
-	tap, tapOK := v.taps[e.Index]
-	if !tapOK {
-		p.Actions = append(p.Actions, Action{Op: OpCreateTap, Endpoint: e, MTU: l.MTU, Reason: "tap missing"})
-	} else if tap.MTU != l.MTU || !tap.Up {
-		why := fmt.Sprintf("%s mtu changed from %d", l.Name, tap.MTU)
-		if !tap.Up {
-			why = tap.Name + " is down"
-		}
-		p.Actions = append(p.Actions, Action{Op: OpFixTap, Endpoint: e, MTU: l.MTU, Reason: why})
-	}
-	if !tapOK || !v.ownedRedirect(l.Ifindex, tap.Ifindex) || !v.ownedRedirect(tap.Ifindex, l.Ifindex) {
-		p.Actions = append(p.Actions, Action{Op: OpAddRedirects, Endpoint: e, Reason: "redirects missing or stale"})
 	}
 }
 
@@ -915,29 +719,9 @@ func remove(v view, e state.Endpoint, why string, p *Plan) {
 	if nicOK || (v.netdevs[e.Index] && !e.Burned) {
 		p.Actions = append(p.Actions, Action{Op: OpUnplugNIC, Endpoint: e})
 	}
-	switch e.Kind {
-	case state.KindMacvtap:
-		removeMacvtap(v, e, p)
-	case state.KindTapLink, state.KindMacvtapLink:
-		// The CNI's link: never changed, never deleted.
-	default:
-		removeTap(v, e, p)
-	}
+	kindOf(e).remove(v, e, p)
 	if !e.Burned { // a burned index stays reserved while QEMU holds its leftover
 		p.Actions = append(p.Actions, Action{Op: OpForget, Endpoint: e})
-	}
-}
-
-// removeTap plans the host side of a tcfilter endpoint's removal.
-func removeTap(v view, e state.Endpoint, p *Plan) {
-	tap, tapOK := v.taps[e.Index]
-	if v.pairLeft(e.LinkIfindex, tap.Ifindex) {
-		p.Actions = append(p.Actions, Action{Op: OpRemoveRedirects, Endpoint: e})
-	}
-	// A burned index's leftover netdev may still hold the tap's first
-	// queue: deleting the tap under QEMU is what the order exists to avoid.
-	if tapOK && ourTap(tap) && !(e.Burned && v.netdevs[e.Index]) {
-		p.Actions = append(p.Actions, Action{Op: OpDeleteTap, Endpoint: e})
 	}
 }
 
@@ -968,26 +752,15 @@ func recoverOrphans(v view, rec *state.Record, p *Plan) {
 		}
 		e := state.Endpoint{Index: n, Removing: true, Queues: 1}
 		reason := "owned objects with no record and no container link"
-		if m, ok := v.macvtaps[n]; ok {
-			// The addresses it moved are lost with the record: removal
-			// gives the link back its MAC only.
-			e.Kind, e.LinkMAC, e.LinkIfindex = state.KindMacvtap, m.MAC.String(), m.Parent
-		}
-		if l, ok := linkOf(v, n); ok {
+		l, linked := linkOf(v, n)
+		if linked {
 			e = endpointFor(n, l, 1)
-			switch m, isMacvtap := v.macvtaps[n]; {
-			case isMacvtap:
-				e.Kind, e.LinkMAC = state.KindMacvtap, m.MAC.String()
-			case v.taps[n].Ifindex == 0 && l.Kind == "tap":
-				e.Kind = state.KindTapLink
-			case v.taps[n].Ifindex == 0 && l.Kind == "macvtap":
-				e.Kind = state.KindMacvtapLink
-			}
 			if t, ok := v.taps[n]; ok && t.MultiQueue {
 				e.Queues = max(t.Attached, 2)
 			}
 			reason = "owned objects found for " + l.Name + " with no record"
 		}
+		e = recoveredKind(v, e, l)
 		rec.Put(e)
 		p.Actions = append(p.Actions, Action{Op: OpRecord, Endpoint: e, Reason: "recovered: " + reason})
 	}

@@ -665,7 +665,7 @@ func (r *Reconciler) endPlan(s *session) {
 func (s *session) parts() datapath.Parts {
 	guest := s.sb.guestOn()
 	macvtap := s.sb.Model == ModelMacvtap ||
-		slices.ContainsFunc(s.rec.Endpoints, func(e state.Endpoint) bool { return e.Kind == state.KindMacvtap })
+		slices.ContainsFunc(s.rec.Endpoints, func(e state.Endpoint) bool { return kindOf(e).borrowsLink() })
 	return datapath.Parts{Addrs: guest || macvtap, Routes: guest || macvtap, Neighbors: guest}
 }
 

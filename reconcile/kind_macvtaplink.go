@@ -1,0 +1,29 @@
+package reconcile
+
+import (
+	"context"
+
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/state"
+)
+
+// macvtapLinkKind is a container link that is a macvtap
+// (state.KindMacvtapLink): the VM's device already, whose
+// /dev/tap<ifindex> queues QEMU gets.
+type macvtapLinkKind struct{ linkIsDevice }
+
+func (macvtapLinkKind) name() string { return state.KindMacvtapLink }
+
+func (macvtapLinkKind) claims(l datapath.Link, _ string) bool { return l.Kind == "macvtap" }
+
+func (k macvtapLinkKind) recovered(v view, e state.Endpoint, l datapath.Link) (state.Endpoint, bool) {
+	return k.recoveredAs(v, e, l, "macvtap", k.name())
+}
+
+func (macvtapLinkKind) openQueues(ctx context.Context, h Host, vhost datapath.Vhost, e state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error) {
+	return h.OpenMacvtapLinkQueues(ctx, e.LinkName, spec.Queues, vhost)
+}
+
+// Its frames come from the receive path, past no egress (rx on its
+// ingress); what the guest writes leaves through its own egress (tx).
+func (macvtapLinkKind) rateSites() (rx, tx rateSite) { return siteLinkIngress, siteLinkEgress }

@@ -16,26 +16,31 @@ import (
 // a link's counters out of a link dump: nothing here reads them.
 const rtextFilterSkipStats = 1 << 3
 
-// dumpLinks lists the links of the netns in one dump on the Netns's own
-// socket, decoded by parseLink.
-// Equivalent to: ip -n <netns> link show
-func (n *Netns) dumpLinks() ([]netlink.Link, error) {
-	return dump(func() ([]netlink.Link, error) {
-		req := nl.NewNetlinkRequest(unix.RTM_GETLINK, unix.NLM_F_DUMP)
+// decodedDump runs one dump of typ on the Netns's own socket, with the
+// request data data, and decodes each answer of type resType with parse
+// (a nil result is skipped), repeated while the kernel reports the dump
+// interrupted.
+func decodedDump[T comparable](n *Netns, typ int, resType uint16, parse func([]byte) (T, error), data ...nl.NetlinkRequestData) ([]T, error) {
+	return dump(func() ([]T, error) {
+		req := nl.NewNetlinkRequest(typ, unix.NLM_F_DUMP)
 		req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: n.dumper}
-		req.AddData(nl.NewIfInfomsg(unix.AF_UNSPEC))
-		req.AddData(nl.NewRtAttr(unix.IFLA_EXT_MASK, nl.Uint32Attr(rtextFilterSkipStats)))
+		for _, d := range data {
+			req.AddData(d)
+		}
 		var (
-			out  []netlink.Link
+			out  []T
 			perr error
+			none T
 		)
-		err := req.ExecuteIter(unix.NETLINK_ROUTE, unix.RTM_NEWLINK, func(m []byte) bool {
-			l, err := parseLink(m)
+		err := req.ExecuteIter(unix.NETLINK_ROUTE, resType, func(m []byte) bool {
+			v, err := parse(m)
 			if err != nil {
 				perr = err
 				return false
 			}
-			out = append(out, l)
+			if v != none {
+				out = append(out, v)
+			}
 			return true
 		})
 		if perr != nil {
@@ -43,6 +48,14 @@ func (n *Netns) dumpLinks() ([]netlink.Link, error) {
 		}
 		return out, err
 	})
+}
+
+// dumpLinks lists the links of the netns in one dump on the Netns's own
+// socket, decoded by parseLink.
+// Equivalent to: ip -n <netns> link show
+func (n *Netns) dumpLinks() ([]netlink.Link, error) {
+	return decodedDump(n, unix.RTM_GETLINK, unix.RTM_NEWLINK, parseLink,
+		nl.NewIfInfomsg(unix.AF_UNSPEC), nl.NewRtAttr(unix.IFLA_EXT_MASK, nl.Uint32Attr(rtextFilterSkipStats)))
 }
 
 // parseLink decodes an RTM_NEWLINK message into the netlink library's
@@ -178,28 +191,7 @@ func tuntapOf(a netlink.LinkAttrs, data []byte) (*netlink.Tuntap, error) {
 // are all this package reads of a listing.
 // Equivalent to: tc -n <netns> qdisc show
 func (n *Netns) dumpQdiscs() ([]netlink.Qdisc, error) {
-	return dump(func() ([]netlink.Qdisc, error) {
-		req := nl.NewNetlinkRequest(unix.RTM_GETQDISC, unix.NLM_F_DUMP)
-		req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: n.dumper}
-		req.AddData(&nl.TcMsg{Family: unix.AF_UNSPEC})
-		var (
-			out  []netlink.Qdisc
-			perr error
-		)
-		err := req.ExecuteIter(unix.NETLINK_ROUTE, unix.RTM_NEWQDISC, func(m []byte) bool {
-			q, err := parseQdisc(m)
-			if err != nil {
-				perr = err
-				return false
-			}
-			out = append(out, q)
-			return true
-		})
-		if perr != nil {
-			return nil, perr
-		}
-		return out, err
-	})
+	return decodedDump(n, unix.RTM_GETQDISC, unix.RTM_NEWQDISC, parseQdisc, &nl.TcMsg{Family: unix.AF_UNSPEC})
 }
 
 // parseQdisc decodes an RTM_NEWQDISC message.
@@ -228,30 +220,8 @@ func parseQdisc(m []byte) (netlink.Qdisc, error) {
 // package adds and reads), any other kind as a GenericFilter.
 // Equivalent to: tc -n <netns> filter show dev LINK parent PARENT
 func (n *Netns) dumpFilters(link netlink.Link, parent uint32) ([]netlink.Filter, error) {
-	return dump(func() ([]netlink.Filter, error) {
-		req := nl.NewNetlinkRequest(unix.RTM_GETTFILTER, unix.NLM_F_DUMP)
-		req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: n.dumper}
-		req.AddData(&nl.TcMsg{Family: unix.AF_UNSPEC, Ifindex: int32(link.Attrs().Index), Parent: parent})
-		var (
-			out  []netlink.Filter
-			perr error
-		)
-		err := req.ExecuteIter(unix.NETLINK_ROUTE, unix.RTM_NEWTFILTER, func(m []byte) bool {
-			f, err := parseFilter(m)
-			if err != nil {
-				perr = err
-				return false
-			}
-			if f != nil {
-				out = append(out, f)
-			}
-			return true
-		})
-		if perr != nil {
-			return nil, perr
-		}
-		return out, err
-	})
+	return decodedDump(n, unix.RTM_GETTFILTER, unix.RTM_NEWTFILTER, parseFilter,
+		&nl.TcMsg{Family: unix.AF_UNSPEC, Ifindex: int32(link.Attrs().Index), Parent: parent})
 }
 
 // parseFilter decodes an RTM_NEWTFILTER message: its attributes, and for

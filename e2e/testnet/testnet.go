@@ -55,6 +55,23 @@ func Run(t testing.TB, name string, args ...string) string {
 	return string(out)
 }
 
+// Output runs a command and returns its standard output alone; it fails
+// t with its error output if it fails. iproute2 writes notes about
+// namespaces other than the one shown to stderr (an nsid of a netns that
+// another process is still mounting: "Peer netns reference is invalid"):
+// they are not what the command shows.
+func Output(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	var stderr strings.Builder
+	cmd := exec.Command(name, args...)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s%s", name, strings.Join(args, " "), err, out, stderr.String())
+	}
+	return string(out)
+}
+
 // IP runs the ip command.
 func IP(t testing.TB, args ...string) string {
 	t.Helper()

@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/state"
@@ -35,31 +34,6 @@ func (s Source) rank() int {
 		return 1
 	}
 	return 0
-}
-
-// entry is one registered sandbox: one VM, whatever it is called.
-type entry struct {
-	sb     Sandbox
-	source Source
-	// pass is held by every pass over the sandbox (Reconcile, Teardown)
-	// and by a plan (Plan), which reads what passes keep between them. It
-	// belongs to the VM, not to its id: when a better source renames the
-	// VM, a pass under the old id and one under the new never overlap.
-	pass passLock
-	// inherit names the sandbox whose record this one takes over at its
-	// next pass: the same VM, registered before under a lesser source's id.
-	inherit string
-	// ident is the identity of sb.Netns as last read: at registration,
-	// and again at every pass. Comparing with it instead of reading every
-	// sandbox's netns keeps a registration or a netns event O(1) in
-	// syscalls, not O(sandboxes) (250 sandboxes starting: 250² reads).
-	ident netnsID
-	// linksGone are the ifindexes of links deleted in the netns since the
-	// running (or next) pass began to observe it (see NoteLinkGone).
-	linksGone []int
-	// guest is what happened to the guest since the last pass, and what
-	// is unverified of it (see beliefs.go).
-	guest guestWatch
 }
 
 // Registration says what Register did.
@@ -311,21 +285,6 @@ func (r *Reconciler) reidentify(id, netns string, ns [2]uint64) {
 	}
 }
 
-// NetnsHeld says whether the netns kept from sandbox id's last pass is
-// the one at path now (one stat, see datapath.Netns.Verify). A kept netns
-// was entered when it was opened (its netlink handle lives in it), and
-// it pins the namespace: its identity at path says that path is a
-// network namespace, which a caller then need not inspect again.
-func (r *Reconciler) NetnsHeld(id, path string) bool {
-	r.mu.Lock()
-	h := r.hosts[id]
-	r.mu.Unlock()
-	// Path and identity are fixed at Open: Verify is safe on a netns
-	// that a concurrent ReleaseNetns has just closed, and then says no
-	// more than a stat made a moment before the close.
-	return h != nil && h.Path() == path && h.Verify() == nil
-}
-
 // Sandboxes lists the registered sandbox ids.
 func (r *Reconciler) Sandboxes() []string {
 	r.mu.Lock()
@@ -459,37 +418,4 @@ func (r *Reconciler) loadRecord(ctx context.Context, id string) (state.Record, e
 	}
 	old.Sandbox = id
 	return old, nil
-}
-
-// dialLock is one QMP socket's dial lock with its users.
-type dialLock struct {
-	sync.Mutex
-	users int // holding or waiting; the lock is dropped from the map at zero
-}
-
-// lockDial serializes dials of one QMP socket (it serves one client at a
-// time: a second dial would wait for a greeting that never comes). The
-// lock is keyed by the socket, so a sandbox renamed or registered again
-// while a dial is in flight still waits for it; it is dropped when nobody
-// holds or waits for it, so the map does not grow with every sandbox ever
-// seen.
-func (r *Reconciler) lockDial(sock string) (unlock func()) {
-	key := filepath.Clean(sock)
-	r.mu.Lock()
-	l := r.dialing[key]
-	if l == nil {
-		l = &dialLock{}
-		r.dialing[key] = l
-	}
-	l.users++
-	r.mu.Unlock()
-	l.Lock()
-	return func() {
-		l.Unlock()
-		r.mu.Lock()
-		if l.users--; l.users == 0 {
-			delete(r.dialing, key)
-		}
-		r.mu.Unlock()
-	}
 }

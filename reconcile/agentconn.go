@@ -8,11 +8,30 @@ import (
 	"github.com/tapsync/tapsync/agent"
 )
 
-// closeAgentLocked drops sandbox id's agent connection; r.mu must be held.
-func (r *Reconciler) closeAgentLocked(id string) {
-	if c := r.agents[id]; c != nil {
-		c.Close()
-		delete(r.agents, id)
+// closeAgentLocked closes rt's agent connection; r.mu must be held.
+func (rt *sandboxRuntime) closeAgentLocked() {
+	if rt.agent != nil {
+		rt.agent.Close()
+		rt.agent = nil
+	}
+}
+
+// liveAgent returns sandbox id's agent connection while it lives, else nil.
+func (r *Reconciler) liveAgent(id string) *agent.Client {
+	var c *agent.Client
+	r.mu.Lock()
+	if rt := r.sandboxes[id]; rt != nil {
+		c = rt.agent
+	}
+	r.mu.Unlock()
+	if c == nil {
+		return nil
+	}
+	select {
+	case <-c.Done():
+		return nil
+	default:
+		return c
 	}
 }
 
@@ -28,15 +47,8 @@ func (r *Reconciler) AgentCalls() map[string]int {
 // agentClient returns the sandbox's live agent connection, dialling one
 // when there is none or the last one died.
 func (r *Reconciler) agentClient(ctx context.Context, sb Sandbox) (*agent.Client, error) {
-	r.mu.Lock()
-	c := r.agents[sb.ID]
-	r.mu.Unlock()
-	if c != nil {
-		select {
-		case <-c.Done():
-		default:
-			return c, nil
-		}
+	if c := r.liveAgent(sb.ID); c != nil {
+		return c, nil
 	}
 	c, err := agent.Dial(ctx, sb.Agent, sb.GuestTimeout)
 	if err != nil {
@@ -44,14 +56,13 @@ func (r *Reconciler) agentClient(ctx context.Context, sb Sandbox) (*agent.Client
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if cur, ok := r.sandboxes[sb.ID]; !ok || cur.sb.Agent != sb.Agent {
+	rt := r.sandboxes[sb.ID]
+	if rt == nil || rt.sb.Agent != sb.Agent {
 		c.Close()
 		return nil, fmt.Errorf("sandbox %s: %w while connecting to its agent", sb.ID, ErrUnknownSandbox)
 	}
-	if old := r.agents[sb.ID]; old != nil {
-		old.Close()
-	}
-	r.agents[sb.ID] = c
+	rt.closeAgentLocked()
+	rt.agent = c
 	return c, nil
 }
 
@@ -60,8 +71,8 @@ func (r *Reconciler) agentClient(ctx context.Context, sb Sandbox) (*agent.Client
 func (r *Reconciler) dropAgent(id string, c *agent.Client) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.agents[id] == c {
-		r.closeAgentLocked(id)
+	if rt := r.sandboxes[id]; rt != nil && rt.agent == c {
+		rt.closeAgentLocked()
 		r.noteGuestLocked(id, eventAgentFailed)
 	}
 }
@@ -98,15 +109,8 @@ func (g countingGuest) AddARPNeighbors(ctx context.Context, ns []agent.Neighbor)
 // plan never replaces or drops theirs, so that the next pass still finds
 // a lost connection lost (see takeGuestEvents).
 func (r *Reconciler) agentForPlan(ctx context.Context, s *session) (*agent.Client, error) {
-	r.mu.Lock()
-	c := r.agents[s.sb.ID]
-	r.mu.Unlock()
-	if c != nil {
-		select {
-		case <-c.Done():
-		default:
-			return c, nil
-		}
+	if c := r.liveAgent(s.sb.ID); c != nil {
+		return c, nil
 	}
 	c, err := agent.Dial(ctx, s.sb.Agent, s.sb.GuestTimeout)
 	if err != nil {

@@ -131,14 +131,14 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 			}
 		}
 		r.mu.Lock()
-		if errors.Is(err, ErrConnecting) {
-			// Nothing was observed: what the last pass found stands.
-			last := r.status[id]
-			last.LastReconcile, last.LastError = st.LastReconcile, st.LastError
-			st = last
-		}
-		if _, ok := r.sandboxes[id]; ok {
-			r.status[id] = st
+		if rt := r.sandboxes[id]; rt != nil {
+			if errors.Is(err, ErrConnecting) {
+				// Nothing was observed: what the last pass found stands.
+				last := rt.status
+				last.LastReconcile, last.LastError = st.LastReconcile, st.LastError
+				st = last
+			}
+			rt.status = st
 		}
 		r.mu.Unlock()
 	}()
@@ -222,9 +222,11 @@ func (r *Reconciler) logGuest(log zerolog.Logger, id string, guestErr error) {
 	if guestErr != nil {
 		msg = guestErr.Error()
 	}
+	prev := ""
 	r.mu.Lock()
-	prev := r.guestLog[id]
-	r.guestLog[id] = msg
+	if rt := r.sandboxes[id]; rt != nil {
+		prev, rt.guestLog = rt.guestLog, msg
+	}
 	r.mu.Unlock()
 	switch {
 	case msg == prev:
@@ -237,8 +239,11 @@ func (r *Reconciler) logGuest(log zerolog.Logger, id string, guestErr error) {
 
 // logSkipped explains skipped links once, when the set changes.
 func (r *Reconciler) logSkipped(log zerolog.Logger, id string, skipped []Skipped) {
+	var prev []Skipped
 	r.mu.Lock()
-	prev := r.status[id].Skipped
+	if rt := r.sandboxes[id]; rt != nil {
+		prev = rt.status.Skipped
+	}
 	r.mu.Unlock()
 	for _, s := range skipped {
 		if slices.ContainsFunc(prev, func(p Skipped) bool { return p.Link.Ifindex == s.Link.Ifindex && p.Reason == s.Reason }) {

@@ -49,15 +49,19 @@ func (r *Reconciler) passClient(ctx context.Context, sb Sandbox) (*qmp.Client, *
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if c, m := r.liveLocked(sb.ID); c != nil {
+	rt := r.sandboxes[sb.ID]
+	if rt == nil {
+		return nil, nil, fmt.Errorf("sandbox %s: %w while connecting to %s", sb.ID, ErrUnknownSandbox, sb.QMP)
+	}
+	if c, m := rt.liveLocked(); c != nil {
 		return c, m, nil
 	}
-	if d := r.dials[sb.ID]; d != nil {
+	if d := rt.dial; d != nil {
 		if !d.done {
 			d.waited = true
 			return nil, nil, fmt.Errorf("sandbox %s: %w %s: a dial is under way", sb.ID, ErrConnecting, sb.QMP)
 		}
-		delete(r.dials, sb.ID)
+		rt.dial = nil
 		if d.err != nil && d.sock == sb.QMP && d.waited {
 			return nil, nil, d.err
 		}
@@ -68,14 +72,14 @@ func (r *Reconciler) passClient(ctx context.Context, sb Sandbox) (*qmp.Client, *
 	if r.closed {
 		return nil, nil, fmt.Errorf("sandbox %s: %w", sb.ID, qmp.ErrClosed)
 	}
-	r.dialLocked(ctx, sb, done, true)
+	r.dialLocked(ctx, rt, sb, done, true)
 	return nil, nil, fmt.Errorf("sandbox %s: %w %s: dial started", sb.ID, ErrConnecting, sb.QMP)
 }
 
-// liveLocked returns sandbox id's connection and its model while the
-// connection lives; r.mu must be held.
-func (r *Reconciler) liveLocked(id string) (*qmp.Client, *vmModel) {
-	c, m := r.conns[id], r.models[id]
+// liveLocked returns rt's connection and its model while the connection
+// lives; r.mu must be held.
+func (rt *sandboxRuntime) liveLocked() (*qmp.Client, *vmModel) {
+	c, m := rt.conn, rt.model
 	if c == nil || m == nil || m.conn != c {
 		return nil, nil
 	}
@@ -88,21 +92,34 @@ func (r *Reconciler) liveLocked(id string) (*qmp.Client, *vmModel) {
 }
 
 // clientModel is client, and the connection's model of the VM: a new
-// connection comes with a new, unknown model.
+// connection comes with a new, unknown model. The connection is sandbox
+// sb's only while its registration (its runtime) and its socket are the
+// ones it was dialled for.
 func (r *Reconciler) clientModel(ctx context.Context, sb Sandbox) (*qmp.Client, *vmModel, error) {
 	// Two passes (a reconcile and a `tapsync plan`) must not both dial:
 	// the second would wait for a greeting that never comes.
 	defer r.lockDial(sb.QMP)()
+	unknown := func() error {
+		return fmt.Errorf("sandbox %s: %w while connecting to %s", sb.ID, ErrUnknownSandbox, sb.QMP)
+	}
 	r.mu.Lock()
-	c, m := r.liveLocked(sb.ID)
+	rt := r.sandboxes[sb.ID]
+	var c *qmp.Client
+	var m *vmModel
+	if rt != nil {
+		c, m = rt.liveLocked()
+	}
 	r.mu.Unlock()
+	if rt == nil {
+		return nil, nil, unknown()
+	}
 	if c != nil {
 		return c, m, nil
 	}
 	// Events from the first one on change the model (and their count
 	// keeps a full observation that overlapped one from being trusted).
 	on, id := r.OnEvent, sb.ID
-	m = &vmModel{onReset: func() { r.noteReset(id) }}
+	m = &vmModel{onReset: rt.noteReset}
 	opts := qmp.Options{Timeout: sb.QMPTimeout, CheckConn: sb.CheckQMP}
 	opts.OnEvent = func(e qmp.Event) {
 		m.event(e)
@@ -123,14 +140,14 @@ func (r *Reconciler) clientModel(ctx context.Context, sb Sandbox) (*qmp.Client, 
 	m.mu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if cur, ok := r.sandboxes[sb.ID]; !ok || cur.sb.QMP != sb.QMP {
+	if r.sandboxes[sb.ID] != rt || rt.sb.QMP != sb.QMP {
 		c.Close() // unregistered or re-pointed while we dialled
-		return nil, nil, fmt.Errorf("sandbox %s: %w while connecting to %s", sb.ID, ErrUnknownSandbox, sb.QMP)
+		return nil, nil, unknown()
 	}
-	if old := r.conns[sb.ID]; old != nil {
+	if old := rt.conn; old != nil {
 		old.Close()
 	}
-	r.conns[sb.ID], r.models[sb.ID] = c, m
+	rt.conn, rt.model = c, m
 	if closed := r.OnMonitorClosed; closed != nil {
 		c.AfterClose(func() { r.monitorClosed(sb.ID, c, closed) })
 	}
@@ -148,7 +165,8 @@ func (r *Reconciler) monitorClosed(id string, c *qmp.Client, closed func(string)
 		return
 	}
 	r.mu.Lock()
-	current := r.conns[id] == c
+	rt := r.sandboxes[id]
+	current := rt != nil && rt.conn == c
 	r.mu.Unlock()
 	if current {
 		closed(id)
@@ -216,27 +234,28 @@ func (r *Reconciler) Connect(ctx context.Context, id string) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	e, ok := r.sandboxes[id]
-	if !ok || r.closed {
+	rt := r.sandboxes[id]
+	if rt == nil || r.closed {
 		return
 	}
-	if c, _ := r.liveLocked(id); c != nil {
+	if c, _ := rt.liveLocked(); c != nil {
 		return
 	}
-	if d := r.dials[id]; d != nil && !d.done {
+	if d := rt.dial; d != nil && !d.done {
 		return
 	}
-	r.dialLocked(ctx, e.sb, done, false)
+	r.dialLocked(ctx, rt, rt.sb, done, false)
 }
 
-// dialLocked starts a dial of sandbox sb's monitor in the background,
-// bounded by its QMP timeout; r.mu must be held. It outlives ctx (Close
-// ends it). waited says a pass ends waiting for it; a pass that finds it
-// under way later says so too (passClient), and then its end calls done.
-func (r *Reconciler) dialLocked(ctx context.Context, sb Sandbox, done func(string), waited bool) {
+// dialLocked starts a dial of sandbox sb's monitor in the background for
+// its runtime rt, bounded by its QMP timeout; r.mu must be held. It
+// outlives ctx (closing rt ends it). waited says a pass ends waiting for
+// it; a pass that finds it under way later says so too (passClient), and
+// then its end calls done.
+func (r *Reconciler) dialLocked(ctx context.Context, rt *sandboxRuntime, sb Sandbox, done func(string), waited bool) {
 	dctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	d := &backgroundDial{sock: sb.QMP, cancel: cancel, waited: waited}
-	r.dials[sb.ID] = d
+	rt.dial = d
 	go func() {
 		defer cancel()
 		_, _, err := r.clientModel(dctx, sb)

@@ -161,45 +161,30 @@ type Reconciler struct {
 
 	registering sync.Mutex // held by Register, around r.mu
 
-	resetMu   sync.Mutex
-	resetSeen map[string]bool // sandboxes whose VM reported a RESET since their last pass (noteReset)
-
-	mu        sync.Mutex
-	sandboxes map[string]*entry // the registry, by id; one entry per netns (see Register)
-	conns     map[string]*qmp.Client
-	models    map[string]*vmModel        // per sandbox: the model of the VM behind conns[id]
-	hosts     map[string]*datapath.Netns // per sandbox: its netns, kept from one pass to the next (see keepHost)
-	closed    bool                       // Close was called: nothing more is kept
-	agents    map[string]*agent.Client   // dialled when a pass needs the guest, kept while it works
-	dialing   map[string]*dialLock       // per QMP socket: one dial at a time (a QMP socket takes one client)
-	dials     map[string]*backgroundDial // per sandbox: its dial under way or ended, with OnDialDone set
-	status    map[string]Status
-	guestLog  map[string]string // last guest error logged per sandbox
+	mu sync.Mutex
+	// sandboxes is the registry, by id: one runtime per netns (see
+	// Register), holding all that is kept of the sandbox (runtime.go).
+	sandboxes map[string]*sandboxRuntime
+	closed    bool                 // Close was called: nothing more is kept
+	dialing   map[string]*dialLock // per QMP socket: one dial at a time (a QMP socket takes one client)
 	// agentCalls counts the calls made to agents, by method.
 	agentCalls map[string]int
 }
 
 // New returns a Reconciler recording into store.
 func New(store *state.Store) *Reconciler {
-	return &Reconciler{store: store, sandboxes: map[string]*entry{}, conns: map[string]*qmp.Client{}, models: map[string]*vmModel{},
-		hosts: map[string]*datapath.Netns{}, agents: map[string]*agent.Client{}, dialing: map[string]*dialLock{}, dials: map[string]*backgroundDial{}, status: map[string]Status{},
-		guestLog: map[string]string{}, agentCalls: map[string]int{}}
+	return &Reconciler{store: store, sandboxes: map[string]*sandboxRuntime{}, dialing: map[string]*dialLock{}, agentCalls: map[string]int{}}
 }
 
-// Close closes every QMP connection and kept netns. Endpoints stay as
-// they are: VMs keep their network while tapsync is down.
+// Close closes every QMP connection, agent connection and kept netns.
+// Endpoints stay as they are: VMs keep their network while tapsync is
+// down.
 func (r *Reconciler) Close() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.closed = true
-	for _, d := range r.dials {
-		d.cancel()
-	}
-	for id := range r.conns {
-		r.closeConnLocked(id)
-	}
-	for id := range r.hosts {
-		r.closeConnLocked(id)
+	for _, rt := range r.sandboxes {
+		rt.closeLocked()
 	}
 }
 
@@ -221,8 +206,11 @@ func (r *Reconciler) sandbox(id string) (Sandbox, error) {
 // and ask the guest's agent what the guest has. The periodic resync asks
 // it of every sandbox.
 func (r *Reconciler) Verify(id string) {
+	var m *vmModel
 	r.mu.Lock()
-	m := r.models[id]
+	if rt := r.sandboxes[id]; rt != nil {
+		m = rt.model
+	}
 	r.noteGuestLocked(id, eventVerify)
 	r.mu.Unlock()
 	if m != nil {
@@ -248,20 +236,23 @@ func (r *Reconciler) VerifyAll() {
 func (r *Reconciler) StatusOf(id string) (Status, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	e, ok := r.sandboxes[id]
-	if !ok {
+	rt := r.sandboxes[id]
+	if rt == nil {
 		return Status{}, false
 	}
-	s := r.status[id]
-	s.Sandbox, s.Source = e.sb, e.source
+	s := rt.status
+	s.Sandbox, s.Source = rt.sb, rt.source
 	return s, true
 }
 
 // forgetModel makes the model of sandbox id's VM unknown: after an error
 // anything may have happened, and the next pass observes fully.
 func (r *Reconciler) forgetModel(id string) {
+	var m *vmModel
 	r.mu.Lock()
-	m := r.models[id]
+	if rt := r.sandboxes[id]; rt != nil {
+		m = rt.model
+	}
 	r.mu.Unlock()
 	m.forget()
 }

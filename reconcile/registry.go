@@ -192,23 +192,23 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 		if reg.Replaced == "" {
 			reg.Replaced = id
 			if self == nil {
-				self = e // the same VM: its pass lock carries over
+				self = e.renamed() // the same VM
 			}
 			self.inherit = id
 		}
 	}
 	if self == nil {
-		self = &entry{pass: make(passLock, 1)}
+		self = newRuntime()
 	} else if reg.Replaced == "" {
 		// Another monitor is another VM, as far as anyone can tell, and
 		// another agent another session: what was believed of the guest
 		// goes (beliefs.go).
 		if self.sb.QMP != sb.QMP {
-			r.closeConnLocked(sb.ID)
+			self.closeLocked()
 			r.noteGuestLocked(sb.ID, eventReset)
 		}
 		if self.sb.Agent != sb.Agent {
-			r.closeAgentLocked(sb.ID)
+			self.closeAgentLocked()
 			r.noteGuestLocked(sb.ID, eventAgentLost)
 		}
 	}
@@ -225,17 +225,6 @@ func (r *Reconciler) Unregister(id string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.unregisterLocked(id)
-}
-
-// unregisterLocked drops id from the registry; r.mu must be held.
-func (r *Reconciler) unregisterLocked(id string) {
-	r.closeConnLocked(id)
-	delete(r.sandboxes, id)
-	delete(r.status, id)
-	delete(r.guestLog, id)
-	r.resetMu.Lock()
-	delete(r.resetSeen, id)
-	r.resetMu.Unlock()
 }
 
 // Registered returns sandbox id's settings and source.
@@ -302,9 +291,9 @@ func (r *Reconciler) Status() []Status {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	out := make([]Status, 0, len(r.sandboxes))
-	for id, e := range r.sandboxes {
-		s := r.status[id]
-		s.Sandbox, s.Source = e.sb, e.source
+	for _, rt := range r.sandboxes {
+		s := rt.status
+		s.Sandbox, s.Source = rt.sb, rt.source
 		out = append(out, s)
 	}
 	slices.SortFunc(out, func(a, b Status) int { return strings.Compare(a.Sandbox.ID, b.Sandbox.ID) })
@@ -317,7 +306,7 @@ type passLock chan struct{}
 
 // lockPass takes sandbox id's pass lock, waiting for the pass or plan
 // that holds it, unless ctx ends first. The caller runs release when done.
-func (r *Reconciler) lockPass(ctx context.Context, id string) (e *entry, release func(), err error) {
+func (r *Reconciler) lockPass(ctx context.Context, id string) (e *sandboxRuntime, release func(), err error) {
 	r.mu.Lock()
 	e = r.sandboxes[id]
 	r.mu.Unlock()

@@ -3,27 +3,100 @@ package reconcile
 import (
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 
+	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/qmp"
 )
 
-// closeConnLocked drops sandbox id's connections (QMP, agent, the kept
-// netns and its netlink socket); r.mu must be held.
-func (r *Reconciler) closeConnLocked(id string) {
-	if d := r.dials[id]; d != nil {
-		d.cancel()
-		delete(r.dials, id)
+// sandboxRuntime is everything tapsync holds for one registered sandbox:
+// its registration, its pass lock, what passes keep open between them,
+// what happened since the last pass and the last pass's outcome.
+// Register creates it, passes open and use what it keeps, closeLocked
+// closes that, and unregisterLocked closes it and forgets the runtime: a
+// sandbox registered again gets a new one.
+//
+// r.mu guards every field but pass (a lock of its own) and reset (noted
+// by the QMP reader, which must not wait for r.mu).
+type sandboxRuntime struct {
+	sb     Sandbox
+	source Source
+	// ident is the identity of sb.Netns as last read: at registration,
+	// and again at every pass. Comparing with it instead of reading every
+	// sandbox's netns keeps a registration or a netns event O(1) in
+	// syscalls.
+	ident netnsID
+	// inherit names the sandbox whose record this one takes over at its
+	// next pass: the same VM, registered before under a lesser source's id.
+	inherit string
+	// pass is held by every pass over the sandbox (Reconcile, Teardown)
+	// and by a plan (Plan), which reads what passes keep between them. It
+	// belongs to the VM, not to its id: when a better source renames the
+	// VM, a pass under the old id and one under the new never overlap.
+	pass passLock
+
+	// What passes keep open between them; closeLocked closes it.
+	conn  *qmp.Client     // the VM's monitor connection
+	model *vmModel        // the model of the VM behind conn (model.go)
+	dial  *backgroundDial // its dial under way or ended, with OnDialDone set
+	host  *datapath.Netns // its netns, kept from one pass to the next (see keepHost)
+	agent *agent.Client   // dialled when a pass needs the guest, kept while it works
+
+	// What happened since the last pass began.
+	// linksGone are the ifindexes of links deleted in the netns since the
+	// running (or next) pass began to observe it (see NoteLinkGone).
+	linksGone []int
+	// guest is what happened to the guest since the last pass, and what
+	// is unverified of it (see beliefs.go).
+	guest guestWatch
+	// reset: the VM reported a RESET since the last pass (noteReset).
+	reset atomic.Bool
+
+	// The last pass's outcome.
+	status   Status
+	guestLog string // the last guest error logged ("" none)
+}
+
+// newRuntime returns the runtime of a sandbox registered anew.
+func newRuntime() *sandboxRuntime {
+	return &sandboxRuntime{pass: make(passLock, 1)}
+}
+
+// renamed returns a runtime for rt's VM under another id: the pass lock
+// and what was noted for the next pass carry over, nothing else (rt is
+// unregistered).
+func (rt *sandboxRuntime) renamed() *sandboxRuntime {
+	return &sandboxRuntime{pass: rt.pass, linksGone: rt.linksGone, guest: rt.guest}
+}
+
+// closeLocked closes what rt keeps open for its passes: the dial under
+// way, the QMP connection (its model goes with it), the kept netns and the
+// agent connection; r.mu must be held.
+func (rt *sandboxRuntime) closeLocked() {
+	if rt.dial != nil {
+		rt.dial.cancel()
+		rt.dial = nil
 	}
-	if c := r.conns[id]; c != nil {
-		c.Close()
-		delete(r.conns, id)
+	if rt.conn != nil {
+		rt.conn.Close()
+		rt.conn = nil
 	}
-	delete(r.models, id)
-	if h := r.hosts[id]; h != nil {
-		h.Close()
-		delete(r.hosts, id)
+	rt.model = nil
+	if rt.host != nil {
+		rt.host.Close()
+		rt.host = nil
 	}
-	r.closeAgentLocked(id)
+	rt.closeAgentLocked()
+}
+
+// unregisterLocked closes what sandbox id keeps open and forgets it;
+// r.mu must be held.
+func (r *Reconciler) unregisterLocked(id string) {
+	if rt := r.sandboxes[id]; rt != nil {
+		rt.closeLocked()
+		delete(r.sandboxes, id)
+	}
 }
 
 // openHost returns sandbox id's netns at path for a pass: the one kept
@@ -31,8 +104,9 @@ func (r *Reconciler) closeConnLocked(id string) {
 // else a new one.
 func (r *Reconciler) openHost(id, path string) (h *datapath.Netns, kept bool, err error) {
 	r.mu.Lock()
-	h = r.hosts[id]
-	delete(r.hosts, id)
+	if rt := r.sandboxes[id]; rt != nil {
+		h, rt.host = rt.host, nil
+	}
 	r.mu.Unlock()
 	if h != nil {
 		if h.Path() == path && h.Verify() == nil {
@@ -46,7 +120,7 @@ func (r *Reconciler) openHost(id, path string) (h *datapath.Netns, kept bool, er
 
 // keepHost keeps a pass's netns for the next pass of sandbox id when keep
 // is true, saving a netlink socket and a namespace switch per pass; else
-// it is closed. A netns is never kept past its sandbox (closeConnLocked),
+// it is closed. A netns is never kept past its sandbox (closeLocked),
 // nor after a failure on the host side (its socket may hold the rest of
 // an interrupted dump), nor when known by a /proc/<pid>/ns/net path: a
 // kept netns stays alive, and the end of a process-held one is seen only
@@ -54,12 +128,12 @@ func (r *Reconciler) openHost(id, path string) (h *datapath.Netns, kept bool, er
 func (r *Reconciler) keepHost(id string, h *datapath.Netns, keep bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	e := r.sandboxes[id]
-	if !keep || r.closed || e == nil || e.sb.Netns != h.Path() || r.hosts[id] != nil || strings.HasPrefix(filepath.Clean(h.Path()), "/proc/") {
+	rt := r.sandboxes[id]
+	if !keep || r.closed || rt == nil || rt.sb.Netns != h.Path() || rt.host != nil || strings.HasPrefix(filepath.Clean(h.Path()), "/proc/") {
 		h.Close()
 		return
 	}
-	r.hosts[id] = h
+	rt.host = h
 }
 
 // ReleaseNetns closes sandbox id's kept netns, if any: call it when its
@@ -67,9 +141,9 @@ func (r *Reconciler) keepHost(id string, h *datapath.Netns, keep bool) {
 func (r *Reconciler) ReleaseNetns(id string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if h := r.hosts[id]; h != nil {
-		h.Close()
-		delete(r.hosts, id)
+	if rt := r.sandboxes[id]; rt != nil && rt.host != nil {
+		rt.host.Close()
+		rt.host = nil
 	}
 }
 
@@ -83,39 +157,17 @@ func keepable(err error) bool {
 	return false
 }
 
-// entry is one registered sandbox: one VM, whatever it is called.
-type entry struct {
-	sb     Sandbox
-	source Source
-	// pass is held by every pass over the sandbox (Reconcile, Teardown)
-	// and by a plan (Plan), which reads what passes keep between them. It
-	// belongs to the VM, not to its id: when a better source renames the
-	// VM, a pass under the old id and one under the new never overlap.
-	pass passLock
-	// inherit names the sandbox whose record this one takes over at its
-	// next pass: the same VM, registered before under a lesser source's id.
-	inherit string
-	// ident is the identity of sb.Netns as last read: at registration,
-	// and again at every pass. Comparing with it instead of reading every
-	// sandbox's netns keeps a registration or a netns event O(1) in
-	// syscalls, not O(sandboxes) (250 sandboxes starting: 250² reads).
-	ident netnsID
-	// linksGone are the ifindexes of links deleted in the netns since the
-	// running (or next) pass began to observe it (see NoteLinkGone).
-	linksGone []int
-	// guest is what happened to the guest since the last pass, and what
-	// is unverified of it (see beliefs.go).
-	guest guestWatch
-}
-
 // NetnsHeld says whether the netns kept from sandbox id's last pass is
 // the one at path now (one stat, see datapath.Netns.Verify). A kept netns
 // was entered when it was opened (its netlink handle lives in it), and
 // it pins the namespace: its identity at path says that path is a
 // network namespace, which a caller then need not inspect again.
 func (r *Reconciler) NetnsHeld(id, path string) bool {
+	var h *datapath.Netns
 	r.mu.Lock()
-	h := r.hosts[id]
+	if rt := r.sandboxes[id]; rt != nil {
+		h = rt.host
+	}
 	r.mu.Unlock()
 	// Path and identity are fixed at Open: Verify is safe on a netns
 	// that a concurrent ReleaseNetns has just closed, and then says no

@@ -110,7 +110,9 @@ func (r *Reconciler) vmForTeardown(ctx context.Context, sb Sandbox) (*qmp.Client
 		return nil, false, err
 	case errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, fs.ErrNotExist):
 		r.mu.Lock()
-		r.closeConnLocked(sb.ID)
+		if rt := r.sandboxes[sb.ID]; rt != nil {
+			rt.closeLocked()
+		}
 		r.mu.Unlock()
 		return nil, true, nil
 	}

@@ -77,7 +77,7 @@ func dropGuestBeliefs(rec *state.Record, evs []guestEvent) []int {
 	return dropped
 }
 
-// guestWatch is what a sandbox's entry keeps of its guest between passes.
+// guestWatch is what a sandbox's runtime keeps of its guest between passes.
 type guestWatch struct {
 	events []guestEvent
 	// unverified are the endpoints whose belief an event dropped and no
@@ -92,40 +92,31 @@ func (r *Reconciler) noteGuestLocked(id string, ev guestEvent) {
 	}
 }
 
-// noteReset notes a RESET of sandbox id's VM. It is called from the QMP
+// noteReset notes a RESET of the sandbox's VM. It is called from the QMP
 // reader (vmModel.event), which must not wait for r.mu (Close waits for
-// the reader under it): the mark has a lock of its own, and outlives the
-// connection that saw it (a connection replaced before the next pass).
-func (r *Reconciler) noteReset(id string) {
-	r.resetMu.Lock()
-	defer r.resetMu.Unlock()
-	if r.resetSeen == nil {
-		r.resetSeen = map[string]bool{}
-	}
-	r.resetSeen[id] = true
+// the reader under it): the mark is atomic, and outlives the connection
+// that saw it (a connection replaced before the next pass).
+func (rt *sandboxRuntime) noteReset() {
+	rt.reset.Store(true)
 }
 
 // takeGuestEvents returns and clears what happened to sandbox id's guest
 // since its last pass: the events noted, a RESET of its VM, an agent
 // connection found broken (it is dropped).
 func (r *Reconciler) takeGuestEvents(id string) []guestEvent {
-	r.resetMu.Lock()
-	reset := r.resetSeen[id]
-	delete(r.resetSeen, id)
-	r.resetMu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e := r.sandboxes[id]
 	if e == nil {
 		return nil
 	}
-	if reset {
+	if e.reset.Swap(false) {
 		r.noteGuestLocked(id, eventReset)
 	}
-	if c := r.agents[id]; c != nil {
+	if c := e.agent; c != nil {
 		select {
 		case <-c.Done():
-			r.closeAgentLocked(id)
+			e.closeAgentLocked()
 			r.noteGuestLocked(id, eventAgentLost)
 		default:
 		}
@@ -157,7 +148,7 @@ func (r *Reconciler) applyGuestEvents(ctx context.Context, s *session) error {
 		}
 		// Status says so now, not when the pass ends: the agent may take
 		// its timeout to answer (a guest still booting).
-		st := r.status[s.sb.ID]
+		st := e.status
 		st.GuestEndpoints = maps.Clone(st.GuestEndpoints)
 		if st.GuestEndpoints == nil {
 			st.GuestEndpoints = map[int]string{}
@@ -166,7 +157,7 @@ func (r *Reconciler) applyGuestEvents(ctx context.Context, s *session) error {
 			e.guest.unverified[n] = cause
 			st.GuestEndpoints[n] = fmt.Sprintf("%s: %s", GuestUnverified, cause)
 		}
-		r.status[s.sb.ID] = st
+		e.status = st
 	}
 	r.mu.Unlock()
 	if before.GuestRoutes == s.rec.GuestRoutes && before.GuestNeighbors == s.rec.GuestNeighbors && len(dropped) == 0 {

@@ -201,10 +201,11 @@ func TestGuestEventsNoted(t *testing.T) {
 		t.Fatal(err)
 	}
 	sb, _ = r.sandbox("sb")
-	m := &vmModel{onReset: func() { r.noteReset("sb") }}
-	r.mu.Lock()
-	r.models["sb"] = m
-	r.mu.Unlock()
+	var m *vmModel
+	withRuntime(r, "sb", func(rt *sandboxRuntime) {
+		m = &vmModel{onReset: rt.noteReset}
+		rt.model = m
+	})
 	ctx := context.Background()
 	take := func() []guestEvent { return r.takeGuestEvents("sb") }
 
@@ -219,9 +220,7 @@ func TestGuestEventsNoted(t *testing.T) {
 	// next pass: a command's timeout, the monitor closed).
 	m.event(qmp.Event{Name: "RESET"})
 	r.forgetModel("sb")
-	r.mu.Lock()
-	delete(r.models, "sb")
-	r.mu.Unlock()
+	withRuntime(r, "sb", func(rt *sandboxRuntime) { rt.model = nil })
 	if evs := take(); !slices.Equal(evs, []guestEvent{eventReset}) {
 		t.Errorf("after RESET and a new connection: %v", evs)
 	}

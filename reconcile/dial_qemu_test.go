@@ -17,10 +17,8 @@ func dialEnded(t *testing.T, r *Reconciler, id string) {
 	t.Helper()
 	deadline := time.Now().Add(time.Minute)
 	for {
-		r.mu.Lock()
-		d := r.dials[id]
-		ended := d == nil || d.done
-		r.mu.Unlock()
+		var ended bool
+		withRuntime(r, id, func(rt *sandboxRuntime) { ended = rt == nil || rt.dial == nil || rt.dial.done })
 		if ended {
 			return
 		}

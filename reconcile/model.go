@@ -54,7 +54,7 @@ type vmModel struct {
 	topo qmp.Topology
 	// onReset is told of each RESET QEMU reports (the guest rebooted).
 	// What it means for the guest belongs to the sandbox, not to this
-	// connection's model (see Reconciler.noteReset).
+	// connection's model (see sandboxRuntime.noteReset).
 	onReset func()
 	// kataLinks names the Kata links the netns showed at the last pass:
 	// Kata hot-plugs through a monitor of its own, and QEMU reports no

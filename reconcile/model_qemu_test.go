@@ -167,10 +167,13 @@ func (g *modelRig) pass(t *testing.T) (uint64, error) {
 	return c.Commands() - before, err
 }
 
-func (g *modelRig) model() *vmModel {
-	g.r.mu.Lock()
-	defer g.r.mu.Unlock()
-	return g.r.models[g.sb.ID]
+func (g *modelRig) model() (m *vmModel) {
+	withRuntime(g.r, g.sb.ID, func(rt *sandboxRuntime) {
+		if rt != nil {
+			m = rt.model
+		}
+	})
+	return m
 }
 
 func (g *modelRig) modelNICs() []string {
@@ -497,10 +500,13 @@ func TestLinkGoneDuringPass(t *testing.T) {
 // sandbox.
 func TestNetnsKeptBetweenPasses(t *testing.T) {
 	g := newModelRig(t, 1)
-	kept := func() *datapath.Netns {
-		g.r.mu.Lock()
-		defer g.r.mu.Unlock()
-		return g.r.hosts[g.sb.ID]
+	kept := func() (h *datapath.Netns) {
+		withRuntime(g.r, g.sb.ID, func(rt *sandboxRuntime) {
+			if rt != nil {
+				h = rt.host
+			}
+		})
+		return h
 	}
 	h := kept()
 	if h == nil {
@@ -536,11 +542,30 @@ func TestNetnsKeptBetweenPasses(t *testing.T) {
 	if _, err := g.pass(t); err != nil || kept() == nil {
 		t.Fatalf("pass after the release: %v, kept %v", err, kept() != nil)
 	}
+	held := netnsFDs(t, g.ns.Path)
 	g.r.Unregister(g.sb.ID)
-	g.r.mu.Lock()
-	n := len(g.r.hosts)
-	g.r.mu.Unlock()
-	if n != 0 {
-		t.Errorf("%d netns kept after the sandbox was unregistered", n)
+	if n := netnsFDs(t, g.ns.Path); n != held-1 {
+		t.Errorf("%d descriptors of the netns open after the sandbox was unregistered, %d before; want its kept netns closed", n, held)
 	}
+}
+
+// netnsFDs counts this process's descriptors of the netns at path.
+func netnsFDs(t *testing.T, path string) int {
+	t.Helper()
+	var want unix.Stat_t
+	if err := unix.Stat(path, &want); err != nil {
+		t.Fatal(err)
+	}
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, fd := range fds {
+		var st unix.Stat_t
+		if unix.Stat(filepath.Join("/proc/self/fd", fd.Name()), &st) == nil && st.Dev == want.Dev && st.Ino == want.Ino {
+			n++
+		}
+	}
+	return n
 }

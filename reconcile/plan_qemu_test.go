@@ -75,10 +75,13 @@ type passState struct {
 }
 
 func (g *modelRig) passState() passState {
-	g.r.mu.Lock()
-	st := passState{host: g.r.hosts[g.sb.ID], agent: g.r.agents[g.sb.ID]}
-	m := g.r.models[g.sb.ID]
-	g.r.mu.Unlock()
+	var st passState
+	var m *vmModel
+	withRuntime(g.r, g.sb.ID, func(rt *sandboxRuntime) {
+		if rt != nil {
+			st.host, st.agent, m = rt.host, rt.agent, rt.model
+		}
+	})
 	if m != nil {
 		m.mu.Lock()
 		st.kataLinks = m.kataLinks

@@ -71,3 +71,11 @@ func TestObservedParts(t *testing.T) {
 		}
 	}
 }
+
+// withRuntime runs f on sandbox id's runtime (nil when id is not
+// registered) under r.mu.
+func withRuntime(r *Reconciler, id string, f func(rt *sandboxRuntime)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	f(r.sandboxes[id])
+}

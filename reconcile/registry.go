@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/state"
@@ -35,31 +34,6 @@ func (s Source) rank() int {
 		return 1
 	}
 	return 0
-}
-
-// entry is one registered sandbox: one VM, whatever it is called.
-type entry struct {
-	sb     Sandbox
-	source Source
-	// pass is held by every pass over the sandbox (Reconcile, Teardown)
-	// and by a plan (Plan), which reads what passes keep between them. It
-	// belongs to the VM, not to its id: when a better source renames the
-	// VM, a pass under the old id and one under the new never overlap.
-	pass passLock
-	// inherit names the sandbox whose record this one takes over at its
-	// next pass: the same VM, registered before under a lesser source's id.
-	inherit string
-	// ident is the identity of sb.Netns as last read: at registration,
-	// and again at every pass. Comparing with it instead of reading every
-	// sandbox's netns keeps a registration or a netns event O(1) in
-	// syscalls, not O(sandboxes) (250 sandboxes starting: 250² reads).
-	ident netnsID
-	// linksGone are the ifindexes of links deleted in the netns since the
-	// running (or next) pass began to observe it (see NoteLinkGone).
-	linksGone []int
-	// guest is what happened to the guest since the last pass, and what
-	// is unverified of it (see beliefs.go).
-	guest guestWatch
 }
 
 // Registration says what Register did.
@@ -218,23 +192,23 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 		if reg.Replaced == "" {
 			reg.Replaced = id
 			if self == nil {
-				self = e // the same VM: its pass lock carries over
+				self = e.renamed() // the same VM
 			}
 			self.inherit = id
 		}
 	}
 	if self == nil {
-		self = &entry{pass: make(passLock, 1)}
+		self = newRuntime()
 	} else if reg.Replaced == "" {
 		// Another monitor is another VM, as far as anyone can tell, and
 		// another agent another session: what was believed of the guest
 		// goes (beliefs.go).
 		if self.sb.QMP != sb.QMP {
-			r.closeConnLocked(sb.ID)
+			self.closeLocked()
 			r.noteGuestLocked(sb.ID, eventReset)
 		}
 		if self.sb.Agent != sb.Agent {
-			r.closeAgentLocked(sb.ID)
+			self.closeAgentLocked()
 			r.noteGuestLocked(sb.ID, eventAgentLost)
 		}
 	}
@@ -251,17 +225,6 @@ func (r *Reconciler) Unregister(id string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.unregisterLocked(id)
-}
-
-// unregisterLocked drops id from the registry; r.mu must be held.
-func (r *Reconciler) unregisterLocked(id string) {
-	r.closeConnLocked(id)
-	delete(r.sandboxes, id)
-	delete(r.status, id)
-	delete(r.guestLog, id)
-	r.resetMu.Lock()
-	delete(r.resetSeen, id)
-	r.resetMu.Unlock()
 }
 
 // Registered returns sandbox id's settings and source.
@@ -311,21 +274,6 @@ func (r *Reconciler) reidentify(id, netns string, ns [2]uint64) {
 	}
 }
 
-// NetnsHeld says whether the netns kept from sandbox id's last pass is
-// the one at path now (one stat, see datapath.Netns.Verify). A kept netns
-// was entered when it was opened (its netlink handle lives in it), and
-// it pins the namespace: its identity at path says that path is a
-// network namespace, which a caller then need not inspect again.
-func (r *Reconciler) NetnsHeld(id, path string) bool {
-	r.mu.Lock()
-	h := r.hosts[id]
-	r.mu.Unlock()
-	// Path and identity are fixed at Open: Verify is safe on a netns
-	// that a concurrent ReleaseNetns has just closed, and then says no
-	// more than a stat made a moment before the close.
-	return h != nil && h.Path() == path && h.Verify() == nil
-}
-
 // Sandboxes lists the registered sandbox ids.
 func (r *Reconciler) Sandboxes() []string {
 	r.mu.Lock()
@@ -343,9 +291,9 @@ func (r *Reconciler) Status() []Status {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	out := make([]Status, 0, len(r.sandboxes))
-	for id, e := range r.sandboxes {
-		s := r.status[id]
-		s.Sandbox, s.Source = e.sb, e.source
+	for _, rt := range r.sandboxes {
+		s := rt.status
+		s.Sandbox, s.Source = rt.sb, rt.source
 		out = append(out, s)
 	}
 	slices.SortFunc(out, func(a, b Status) int { return strings.Compare(a.Sandbox.ID, b.Sandbox.ID) })
@@ -358,7 +306,7 @@ type passLock chan struct{}
 
 // lockPass takes sandbox id's pass lock, waiting for the pass or plan
 // that holds it, unless ctx ends first. The caller runs release when done.
-func (r *Reconciler) lockPass(ctx context.Context, id string) (e *entry, release func(), err error) {
+func (r *Reconciler) lockPass(ctx context.Context, id string) (e *sandboxRuntime, release func(), err error) {
 	r.mu.Lock()
 	e = r.sandboxes[id]
 	r.mu.Unlock()
@@ -459,37 +407,4 @@ func (r *Reconciler) loadRecord(ctx context.Context, id string) (state.Record, e
 	}
 	old.Sandbox = id
 	return old, nil
-}
-
-// dialLock is one QMP socket's dial lock with its users.
-type dialLock struct {
-	sync.Mutex
-	users int // holding or waiting; the lock is dropped from the map at zero
-}
-
-// lockDial serializes dials of one QMP socket (it serves one client at a
-// time: a second dial would wait for a greeting that never comes). The
-// lock is keyed by the socket, so a sandbox renamed or registered again
-// while a dial is in flight still waits for it; it is dropped when nobody
-// holds or waits for it, so the map does not grow with every sandbox ever
-// seen.
-func (r *Reconciler) lockDial(sock string) (unlock func()) {
-	key := filepath.Clean(sock)
-	r.mu.Lock()
-	l := r.dialing[key]
-	if l == nil {
-		l = &dialLock{}
-		r.dialing[key] = l
-	}
-	l.users++
-	r.mu.Unlock()
-	l.Lock()
-	return func() {
-		l.Unlock()
-		r.mu.Lock()
-		if l.users--; l.users == 0 {
-			delete(r.dialing, key)
-		}
-		r.mu.Unlock()
-	}
 }

@@ -314,6 +314,9 @@ func TestDialLocks(t *testing.T) {
 func TestNetnsHeld(t *testing.T) {
 	r := newTestReconciler(t)
 	a, b := testnet.NewNS(t, "tsheld"), testnet.NewNS(t, "tsheldb")
+	if _, err := r.Register(Sandbox{ID: "sb", Netns: a.Path, QMP: "/nonexistent.sock"}, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
 	if r.NetnsHeld("sb", a.Path) {
 		t.Error("held with nothing kept")
 	}
@@ -321,9 +324,7 @@ func TestNetnsHeld(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.mu.Lock()
-	r.hosts["sb"] = h
-	r.mu.Unlock()
+	withRuntime(r, "sb", func(rt *sandboxRuntime) { rt.host = h })
 	if !r.NetnsHeld("sb", a.Path) {
 		t.Error("the kept netns at its own path is not held")
 	}

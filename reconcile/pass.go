@@ -1,0 +1,259 @@
+package reconcile
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/agent"
+)
+
+// planWithGuest computes the plan, asking the agent for the guest's state
+// only when the record cannot show the guest converged. It returns the
+// agent to apply the plan with (nil when the plan needs none), and the
+// reason the guest side could not be reached: then the plan has no guest
+// steps and the host side goes ahead alone.
+func (r *Reconciler) planWithGuest(ctx context.Context, s *session) (Plan, Guest, *agent.Client, error) {
+	opts := s.options()
+	p := Compute(s.obs, s.rec, opts)
+	if !slices.ContainsFunc(p.Actions, func(a Action) bool { return a.Op.Guestward() }) {
+		return p, nil, nil, nil
+	}
+	var c *agent.Client
+	var err error
+	if s.forPlan {
+		c, err = r.agentForPlan(ctx, s)
+	} else {
+		c, err = r.agentClient(ctx, s.sb)
+	}
+	if err == nil && p.NeedsGuest() {
+		var g GuestState
+		cg := countingGuest{Client: c, r: r}
+		cg.count("ListInterfaces")
+		if g.Interfaces, err = c.ListInterfaces(ctx); err == nil {
+			cg.count("ListRoutes")
+			g.Routes, err = c.ListRoutes(ctx)
+		}
+		if err == nil {
+			s.obs.Guest = &g
+			p = Compute(s.obs, s.rec, opts)
+		} else if !s.forPlan {
+			r.dropAgent(s.sb.ID, c)
+		}
+	}
+	if err != nil {
+		opts.Guest = false
+		return Compute(s.obs, s.rec, opts), nil, nil, err
+	}
+	return p, countingGuest{Client: c, r: r}, c, nil
+}
+
+// Plan computes what a reconcile of sandbox id would do now, changing
+// nothing. It waits for a pass under way, or for ctx to end: beside a
+// pass it would plan from a sandbox half-changed, through the netns,
+// model and agent connection that pass is using. What passes keep between
+// them (the netns, the model of the VM, the agent connection) it reads
+// and leaves as it found it.
+func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
+	_, release, err := r.lockPass(ctx, id)
+	if err != nil {
+		return Plan{}, err
+	}
+	defer release()
+	s, err := r.open(ctx, id, true)
+	if err != nil {
+		return Plan{}, err
+	}
+	defer r.endPlan(s)
+	p, _, _, err := r.planWithGuest(ctx, s)
+	if err != nil {
+		zerolog.Ctx(ctx).Debug().Err(err).Str("sandbox", id).Msg("plan without the guest side: agent unreachable")
+	}
+	return p, nil
+}
+
+// maxLinksGone bounds the deletions noted per sandbox between two
+// observations; past it the rest are not noted (the queue's re-run after
+// the pass still sees them).
+const maxLinksGone = 32
+
+// NoteLinkGone tells the reconciler that the link with ifindex was
+// deleted from sandbox id's netns (a netlink event). A pass whose
+// observation still lists that link looks again before it acts: its plan
+// was made from a netns that no longer is (an observation is a dump per
+// kind of object: the link dump can list a link that a later dump of the
+// same observation finds without its qdiscs, and a plan to repair them
+// would fail on the link a moment later). It must not block.
+func (r *Reconciler) NoteLinkGone(id string, ifindex int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if e, ok := r.sandboxes[id]; ok && len(e.linksGone) < maxLinksGone && !slices.Contains(e.linksGone, ifindex) {
+		e.linksGone = append(e.linksGone, ifindex)
+	}
+}
+
+// takeLinksGone returns and clears the deletions noted for sandbox id.
+func (r *Reconciler) takeLinksGone(id string) []int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.sandboxes[id]
+	if !ok {
+		return nil
+	}
+	gone := e.linksGone
+	e.linksGone = nil
+	return gone
+}
+
+// Reconcile runs one observe → plan → apply → record pass over sandbox
+// id. It is the queue's work function.
+func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
+	log := zerolog.Ctx(ctx).With().Str("sandbox", id).Logger()
+	ctx = log.WithContext(ctx)
+	release, err := r.beginPass(ctx, id)
+	if err != nil {
+		return err
+	}
+	defer release()
+	var st Status
+	waiting := false // the pass ended waiting for the guest or QEMU, not failed
+	defer func() {
+		st.LastReconcile = time.Now()
+		if err != nil {
+			st.LastError = err.Error()
+			if !waiting && (isQMP(err) || ctx.Err() != nil) {
+				// A failed QMP command forgets the model itself (qmpVM);
+				// this is the safety net for what failed around one.
+				r.forgetModel(id)
+			}
+		}
+		r.mu.Lock()
+		if rt := r.sandboxes[id]; rt != nil {
+			if errors.Is(err, ErrConnecting) {
+				// Nothing was observed: what the last pass found stands.
+				last := rt.status
+				last.LastReconcile, last.LastError = st.LastReconcile, st.LastError
+				st = last
+			}
+			rt.status = st
+		}
+		r.mu.Unlock()
+	}()
+	r.takeLinksGone(id) // the observation below sees the deletions before it
+	s, err := r.open(ctx, id, false)
+	if err != nil {
+		// Its QMP failures say so themselves (CauseOf looks first).
+		return WithCause(CauseNetns, err)
+	}
+	defer func() { r.keepHost(id, s.host, keepable(err)) }()
+	if r.afterObserve != nil {
+		r.afterObserve(id)
+	}
+	if err := r.applyGuestEvents(ctx, s); err != nil {
+		return err
+	}
+	if _, err := s.readFully(ctx, func() Plan { return Compute(s.obs, s.rec, s.options()) }); err != nil {
+		return WithCause(CauseNetns, fmt.Errorf("sandbox %s: observe: %w", id, err))
+	}
+	p, guest, client, guestErr := r.planWithGuest(ctx, s)
+	if gone := r.takeLinksGone(id); s.obs.lists(gone) {
+		// Once: a netns whose links keep going is left to the queue's
+		// re-run.
+		log.Debug().Ints("links_gone", gone).Msg("a link observed has been deleted since: observing again before acting")
+		if err := s.observe(ctx); err != nil {
+			return WithCause(CauseNetns, fmt.Errorf("sandbox %s: observe: %w", id, err))
+		}
+		p, guest, client, guestErr = r.planWithGuest(ctx, s)
+	}
+	if again, err := s.readFully(ctx, func() Plan { return p }); err != nil {
+		return WithCause(CauseNetns, fmt.Errorf("sandbox %s: observe: %w", id, err))
+	} else if again {
+		p, guest, client, guestErr = r.planWithGuest(ctx, s)
+	}
+	st.Skipped, st.Notes = p.Skipped, p.Notes
+	r.logSkipped(log, id, p.Skipped)
+	env := Env{Host: s.host, VM: s.vm, Guest: guest, Recorder: r.store, Vhost: s.sb.Vhost, AfterAction: r.AfterAction,
+		GuestLinkWait: s.sb.GuestTimeout, Refresh: s.refresh}
+	rec, out, err := Apply(ctx, p, s.rec, s.obs, env)
+	st.Mutations, st.Pending, st.Held, st.Endpoints = out.Mutations, out.Pending, out.Held, rec.Endpoints
+	if client != nil && out.GuestFailed {
+		r.dropAgent(id, client) // a call failed or timed out: dial afresh next time
+	}
+	st.Guest, st.GuestEndpoints = r.guestStatus(id, s.sb, rec, out, guestErr)
+	r.logGuest(log, id, guestErr)
+	switch {
+	case !p.Empty() && err == nil:
+		log.Info().Int("actions", len(p.Actions)).Int("mutations", out.Mutations).Ints("pending", out.Pending).Msg("reconciled")
+	case !p.Empty():
+		// The queue's work function logs failures, once per distinct error
+		// rather than per pass (see FailureLog).
+		log.Debug().Int("actions", len(p.Actions)).Int("mutations", out.Mutations).Ints("pending", out.Pending).Err(err).Msg("pass failed")
+	}
+	if err != nil {
+		cause := CauseNetns
+		if linkVanished(err) {
+			cause = CauseChanged
+		}
+		return WithCause(cause, fmt.Errorf("sandbox %s: %w", id, errors.Join(err, guestErr)))
+	}
+	if guestErr != nil {
+		// The host side is done; the guest's is retried with backoff.
+		return WithCause(CauseAgent, fmt.Errorf("sandbox %s: guest agent at %s: %w", id, s.sb.Agent, guestErr))
+	}
+	waiting = true // the model followed every unplug's outcome
+	if len(out.Pending) > 0 {
+		// Not a failure, but not done: come back (with backoff) until the
+		// guest acknowledges, in case its DEVICE_DELETED is missed.
+		return WithCause(CauseWaiting, fmt.Errorf("sandbox %s: unplug of endpoints %v pending", id, out.Pending))
+	}
+	if len(out.Held) > 0 {
+		return WithCause(CauseWaiting, fmt.Errorf("sandbox %s: plug of endpoints %v held until the NICs they replace are gone", id, out.Held))
+	}
+	return nil
+}
+
+// logGuest logs an unreachable agent once per distinct error, and its
+// recovery.
+func (r *Reconciler) logGuest(log zerolog.Logger, id string, guestErr error) {
+	msg := ""
+	if guestErr != nil {
+		msg = guestErr.Error()
+	}
+	prev := ""
+	r.mu.Lock()
+	if rt := r.sandboxes[id]; rt != nil {
+		prev, rt.guestLog = rt.guestLog, msg
+	}
+	r.mu.Unlock()
+	switch {
+	case msg == prev:
+	case msg != "":
+		log.Warn().Err(guestErr).Msg("guest agent unreachable: the host side is wired, the guest's is retried with backoff")
+	default:
+		log.Info().Msg("guest agent reachable again")
+	}
+}
+
+// logSkipped explains skipped links once, when the set changes.
+func (r *Reconciler) logSkipped(log zerolog.Logger, id string, skipped []Skipped) {
+	var prev []Skipped
+	r.mu.Lock()
+	if rt := r.sandboxes[id]; rt != nil {
+		prev = rt.status.Skipped
+	}
+	r.mu.Unlock()
+	for _, s := range skipped {
+		if slices.ContainsFunc(prev, func(p Skipped) bool { return p.Link.Ifindex == s.Link.Ifindex && p.Reason == s.Reason }) {
+			continue
+		}
+		ev := log.Warn()
+		if s.Adopted && !s.Broken {
+			ev = log.Info()
+		}
+		ev.Str("link", s.Link.Name).Str("kind", s.Link.Kind).Bool("adopted", s.Adopted).Bool("broken", s.Broken).
+			Str("reason", s.Reason).Msg("container link not wired by tapsync")
+	}
+}

@@ -1,0 +1,81 @@
+package reconcile
+
+import (
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// A sandbox's runtime lives from its registration to its unregistration:
+// a VM renamed by a better source, or a sandbox registered again, starts
+// from a new runtime with no outcome, and what reaches the old one (a
+// RESET from its connection's reader) does not reach the new.
+func TestRuntimeLifecycle(t *testing.T) {
+	r := newTestReconciler(t)
+	netns := filepath.Join(t.TempDir(), "ns")
+	runtimeOf := func(id string) (rt *sandboxRuntime) {
+		withRuntime(r, id, func(cur *sandboxRuntime) { rt = cur })
+		return rt
+	}
+	if _, err := r.Register(Sandbox{ID: "proc-ns", Netns: netns, QMP: "/q.sock"}, SourceProc); err != nil {
+		t.Fatal(err)
+	}
+	first := runtimeOf("proc-ns")
+	withRuntime(r, "proc-ns", func(rt *sandboxRuntime) { rt.status.LastError = "boom" })
+	if st, _ := r.StatusOf("proc-ns"); st.LastError != "boom" {
+		t.Fatalf("status = %+v; want the pass's outcome", st)
+	}
+
+	if reg, err := r.Register(Sandbox{ID: "pod", Netns: netns, QMP: "/q.sock"}, SourceContainerd); err != nil || reg.Replaced != "proc-ns" {
+		t.Fatalf("registration = %+v, %v; want proc-ns replaced", reg, err)
+	}
+	renamed := runtimeOf("pod")
+	if runtimeOf("proc-ns") != nil || renamed == nil || renamed == first {
+		t.Fatalf("after the rename: proc-ns %p, pod %p (proc-ns's was %p); want pod alone, on a runtime of its own",
+			runtimeOf("proc-ns"), renamed, first)
+	}
+	if st, _ := r.StatusOf("pod"); st.LastError != "" {
+		t.Errorf("pod's status = %+v; want none (proc-ns's outcome stays with it)", st)
+	}
+
+	r.Unregister("pod")
+	if _, err := r.Register(Sandbox{ID: "pod", Netns: netns, QMP: "/q.sock"}, SourceContainerd); err != nil {
+		t.Fatal(err)
+	}
+	again := runtimeOf("pod")
+	if again == renamed {
+		t.Fatal("registered again onto the runtime that was unregistered")
+	}
+	renamed.noteReset() // the old connection's reader, late
+	if evs := r.takeGuestEvents("pod"); len(evs) != 0 {
+		t.Errorf("guest events %v after a RESET noted by the unregistered runtime; want none", evs)
+	}
+	again.noteReset()
+	if evs := r.takeGuestEvents("pod"); len(evs) != 1 || evs[0] != eventReset {
+		t.Errorf("guest events %v; want the RESET", evs)
+	}
+}
+
+// The QMP reader notes a RESET while r.mu is held elsewhere (Close holds
+// it while it waits for the reader to end).
+func TestNoteResetDoesNotWaitForTheRegistry(t *testing.T) {
+	r := newTestReconciler(t)
+	if _, err := r.Register(Sandbox{ID: "vm", Netns: filepath.Join(t.TempDir(), "ns"), QMP: "/q.sock"}, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+	var rt *sandboxRuntime
+	withRuntime(r, "vm", func(cur *sandboxRuntime) { rt = cur })
+	noted := make(chan struct{})
+	r.mu.Lock()
+	go func() {
+		rt.noteReset()
+		close(noted)
+	}()
+	select {
+	case <-noted:
+	case <-time.After(10 * time.Second):
+		t.Error("noteReset waited for r.mu")
+	}
+	r.mu.Unlock()
+	<-noted
+}

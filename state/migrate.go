@@ -16,13 +16,18 @@ import (
 // decode reads a record of any schema version this build knows and
 // returns it in this one, with the version it was written in.
 func decode(b []byte) (Record, int, error) {
+	// A record of this build's version, the common case, is read once.
+	var r Record
+	if json.Unmarshal(b, &r) == nil && r.Version == Version {
+		return r, Version, nil
+	}
+	r = Record{}
 	var v struct {
 		Version int `json:"version"`
 	}
 	if err := json.Unmarshal(b, &v); err != nil {
 		return Record{}, 0, fmt.Errorf("unparsable: %w", err)
 	}
-	var r Record
 	var err error
 	switch v.Version {
 	case Version:

@@ -341,3 +341,39 @@ func TestNetnsHeld(t *testing.T) {
 		t.Error("held after the path was given to a new netns")
 	}
 }
+
+// The netns a pass has opened is held while the pass runs: a netns event
+// for it then asks for no second pass (the daemon's netns dir scan at
+// start lands during the first passes). Held no more once the pass ends
+// without keeping it.
+func TestNetnsHeldDuringPass(t *testing.T) {
+	g := newModelRig(t, 1)
+	held := 0
+	g.r.afterObserve = func(id string) {
+		if g.r.NetnsHeld(id, g.ns.Path) {
+			held++
+		}
+	}
+	t.Cleanup(func() { g.r.afterObserve = nil })
+	// Not kept between passes: what is held is the pass's own.
+	g.r.ReleaseNetns(g.sb.ID)
+	if g.r.NetnsHeld(g.sb.ID, g.ns.Path) {
+		t.Fatal("held before the pass")
+	}
+	if _, err := g.pass(t); err != nil {
+		t.Fatalf("pass: %v\n%s", err, g.log)
+	}
+	if held != 1 {
+		t.Errorf("the netns was held in %d of 1 passes while they ran", held)
+	}
+	// A plan's netns is not a pass's.
+	g.r.ReleaseNetns(g.sb.ID)
+	if _, err := g.r.Plan(g.ctx, g.sb.ID); err != nil {
+		t.Fatal(err)
+	}
+	withRuntime(g.r, g.sb.ID, func(rt *sandboxRuntime) {
+		if rt.passHost != nil {
+			t.Error("a pass's netns still noted after the pass and a plan")
+		}
+	})
+}

@@ -41,7 +41,10 @@ type sandboxRuntime struct {
 	model *vmModel        // the model of the VM behind conn (model.go)
 	dial  *backgroundDial // its dial under way or ended, with OnDialDone set
 	host  *datapath.Netns // its netns, kept from one pass to the next (see keepHost)
-	agent *agent.Client   // dialled when a pass needs the guest, kept while it works
+	// passHost is the netns the pass under way has opened, until it ends
+	// (keepHost, endPlan); owned by that pass, read by NetnsHeld.
+	passHost *datapath.Netns
+	agent    *agent.Client // dialled when a pass needs the guest, kept while it works
 
 	// What happened since the last pass began.
 	// linksGone are the ifindexes of links deleted in the netns since the
@@ -129,6 +132,9 @@ func (r *Reconciler) keepHost(id string, h *datapath.Netns, keep bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	rt := r.sandboxes[id]
+	if rt != nil && rt.passHost == h {
+		rt.passHost = nil
+	}
 	if !keep || r.closed || rt == nil || rt.sb.Netns != h.Path() || rt.host != nil || strings.HasPrefix(filepath.Clean(h.Path()), "/proc/") {
 		h.Close()
 		return
@@ -157,20 +163,37 @@ func keepable(err error) bool {
 	return false
 }
 
-// NetnsHeld says whether the netns kept from sandbox id's last pass is
-// the one at path now (one stat, see datapath.Netns.Verify). A kept netns
-// was entered when it was opened (its netlink handle lives in it), and
-// it pins the namespace: its identity at path says that path is a
-// network namespace, which a caller then need not inspect again.
+// NetnsHeld says whether the netns kept from sandbox id's last pass, or
+// opened by its pass under way, is the one at path now (one stat, see
+// datapath.Netns.Verify). Such a netns was entered when it was opened
+// (its netlink handle lives in it) and it pins the namespace: its
+// identity at path says that path is a network namespace, which a
+// caller then need not inspect again, nor pass over again for it.
 func (r *Reconciler) NetnsHeld(id, path string) bool {
-	var h *datapath.Netns
+	var hs [2]*datapath.Netns
 	r.mu.Lock()
 	if rt := r.sandboxes[id]; rt != nil {
-		h = rt.host
+		hs = [2]*datapath.Netns{rt.host, rt.passHost}
 	}
 	r.mu.Unlock()
 	// Path and identity are fixed at Open: Verify is safe on a netns
-	// that a concurrent ReleaseNetns has just closed, and then says no
-	// more than a stat made a moment before the close.
-	return h != nil && h.Path() == path && h.Verify() == nil
+	// that a concurrent ReleaseNetns or the end of its pass has just
+	// closed, and then says no more than a stat made a moment before the
+	// close.
+	for _, h := range hs {
+		if h != nil && h.Path() == path && h.Verify() == nil {
+			return true
+		}
+	}
+	return false
+}
+
+// notePassHost records h as the netns the pass under way over sandbox id
+// has opened, until keepHost or endPlan ends it.
+func (r *Reconciler) notePassHost(id string, h *datapath.Netns) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if rt := r.sandboxes[id]; rt != nil {
+		rt.passHost = h
+	}
 }

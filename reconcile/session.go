@@ -46,6 +46,11 @@ func (r *Reconciler) open(ctx context.Context, id string, forPlan bool) (*sessio
 		return nil, fmt.Errorf("sandbox %s: %w", id, err)
 	}
 	r.reidentify(id, sb.Netns, host.ID())
+	if !forPlan {
+		// A netns event for this netns from now on is one this pass
+		// observes (NetnsHeld).
+		r.notePassHost(id, host)
+	}
 	s := &session{sb: sb, host: host, forPlan: forPlan, hostKept: kept}
 	client := r.passClient
 	if forPlan {
@@ -85,7 +90,7 @@ func (r *Reconciler) endPlan(s *session) {
 	case s.forPlan && s.hostKept:
 		r.keepHost(s.sb.ID, s.host, true)
 	default:
-		s.host.Close()
+		r.keepHost(s.sb.ID, s.host, false)
 	}
 	if s.ownAgent != nil {
 		s.ownAgent.Close()

@@ -236,7 +236,7 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, b
 		}
 		row(fmt.Sprintf("B3: storm, a third link in all %d → all present", n),
 			vs(sc.storm, f.storm, sc.stormCPU, f.stormCPU)+inject, "≤ 1 s")
-		mut := fmt.Sprintf("; mutations: %d logged, %d mutating QMP commands", sc.restartMutations, sc.restartQMPMutations)
+		mut := fmt.Sprintf("; %.0f passes; mutations: %d logged, %d mutating QMP commands", sc.restartPasses, sc.restartMutations, sc.restartQMPMutations)
 		if floor {
 			mut += fmt.Sprintf(" (floor: %d)", f.restartQMPMutations)
 		}

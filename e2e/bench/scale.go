@@ -110,6 +110,7 @@ type scaleResult struct {
 	stormInject                               time.Duration // the bench adding the N links
 	restart                                   time.Duration // B4: exec → every sandbox passed
 	restartMutations                          int           // logged by the daemon
+	restartPasses                             float64       // passes the new daemon had made when the last sandbox passed
 	restartQMPMutations                       int           // mutating QMP commands QEMU received
 	restartQMP                                map[string]int
 	startCPU, sighupCPU, stormCPU, restartCPU phaseCPU
@@ -449,6 +450,9 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	r.restartCPU = mark.since()
 	stopPerf()
 	r.restart = t1r.Sub(t0)
+	if m, err := d.scrape(); err == nil {
+		r.restartPasses = m["tapsync_reconcile_duration_seconds_count"]
+	}
 	if err := quiet(3 * cfg.n); err != nil {
 		return r, err
 	}

@@ -268,7 +268,7 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 
 // do applies one action other than an unplug (see unplugBatch).
 func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
-	return act.Op.spec().apply(a, ctx, act, rec)
+	return applierOf(act.Op)(a, ctx, act, rec)
 }
 
 // recordMoved adds to endpoint n's record what EnsureMacvtap takes or

@@ -49,33 +49,28 @@ func (o Op) Mutates() bool { return o.spec().mutates }
 // Guestward reports whether the op is a call to the guest's agent.
 func (o Op) Guestward() bool { return o.spec().guestward }
 
-// opSpec is everything one Op is: its name in logs and plans, what it
-// touches, how an Action of it reads and how it is applied.
+// opSpec is what one Op is: its name in logs and plans, what it touches
+// and how an Action of it reads. How it is applied is its appliers entry.
 type opSpec struct {
 	name      string
 	mutates   bool // changes the kernel, QEMU or the guest, not only the record
 	guestward bool // a call to the guest's agent
 	// text is how an Action of the op reads, without its reason.
 	text func(a Action) string
-	// apply carries the action out, saving rec where the op records.
-	apply func(a *applier, ctx context.Context, act Action, rec *state.Record) error
 }
 
-// spec is o's declaration. An Op outside opSpecs reads as nothing,
-// counts as a mutation and fails when applied.
+// spec is o's declaration. An Op outside opSpecs reads as nothing and
+// counts as a mutation.
 func (o Op) spec() opSpec {
 	if o < 0 || o >= numOps {
-		return opSpec{mutates: true, text: func(Action) string { return "" },
-			apply: func(_ *applier, _ context.Context, act Action, _ *state.Record) error {
-				return fmt.Errorf("unknown action %d", act.Op)
-			}}
+		return opSpec{mutates: true, text: func(Action) string { return "" }}
 	}
 	return opSpecs[o]
 }
 
-// opSpecs declares every Op. Adding an operation is adding its constant
-// and its entry here, and the planner code that emits it; TestOpSpecs
-// checks that no entry is missing.
+// opSpecs declares every Op. Adding an operation is adding its constant,
+// its entry here and its appliers entry, and the planner code that emits
+// it; TestOpSpecs and TestAppliers check that no entry is missing.
 var opSpecs = [numOps]opSpec{
 	OpRecord: {
 		name: "record",
@@ -90,23 +85,17 @@ var opSpecs = [numOps]opSpec{
 			}
 			return s + ")"
 		},
-		apply: applyRecordStep,
 	},
 	OpMarkRemoving: {
 		name: "mark-removing",
 		text: func(a Action) string {
 			return fmt.Sprintf("record removal of endpoint %d (%s)", a.Endpoint.Index, a.Endpoint.LinkName)
 		},
-		apply: applyRecordStep,
 	},
 	OpForget: {
 		name: "forget",
 		text: func(a Action) string {
 			return fmt.Sprintf("forget endpoint %d (%s)", a.Endpoint.Index, a.Endpoint.LinkName)
-		},
-		apply: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
-			rec.Forget(act.Endpoint.Index)
-			return a.Recorder.Save(*rec)
 		},
 	},
 	OpCreateTap: {
@@ -114,36 +103,17 @@ var opSpecs = [numOps]opSpec{
 		text: func(a Action) string {
 			return fmt.Sprintf("create %s (%s, mtu %d)", datapath.TapName(a.Endpoint.Index), queuesStr(a.Endpoint.Queues), a.MTU)
 		},
-		apply: func(a *applier, ctx context.Context, act Action, _ *state.Record) error {
-			t, err := a.Host.EnsureTap(ctx, tapSpec(act))
-			if err == nil {
-				a.taps[act.Endpoint.Index] = t.Ifindex
-			}
-			return err
-		},
 	},
 	OpFixTap: {
 		name: "fix-tap", mutates: true,
 		text: func(a Action) string {
 			return fmt.Sprintf("set %s up, mtu %d", datapath.TapName(a.Endpoint.Index), a.MTU)
 		},
-		apply: func(a *applier, ctx context.Context, act Action, _ *state.Record) error {
-			_, err := a.Host.EnsureTap(ctx, tapSpec(act))
-			return err
-		},
 	},
 	OpAddRedirects: {
 		name: "add-redirects", mutates: true,
 		text: func(a Action) string {
 			return fmt.Sprintf("redirect %s ⇄ %s", a.Endpoint.LinkName, datapath.TapName(a.Endpoint.Index))
-		},
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			e := act.Endpoint
-			tap, ok := a.taps[e.Index]
-			if !ok {
-				return fmt.Errorf("%s does not exist", datapath.TapName(e.Index))
-			}
-			return a.Host.EnsureRedirects(e.LinkIfindex, tap)
 		},
 	},
 	OpPlugNIC: {
@@ -156,38 +126,8 @@ var opSpecs = [numOps]opSpec{
 			}
 			return s
 		},
-		apply: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
-			e := act.Endpoint
-			mac, err := net.ParseMAC(e.LinkMAC)
-			if err != nil {
-				return fmt.Errorf("recorded MAC %q: %w", e.LinkMAC, err)
-			}
-			if r, ok := rec.Endpoint(e.Index); ok {
-				// Intent first: the plug is counted (guest digests name the
-				// plug they were confirmed for, see nicKey), with the
-				// host_mtu that caps the guest's MTU (see brokenReason).
-				r.Plugs++
-				r.PlugMTU = act.MTU
-				rec.Put(r)
-				if err := a.Recorder.Save(*rec); err != nil {
-					return err
-				}
-			}
-			q, err := kindOf(e).openQueues(ctx, a.Host, a.Vhost, e, tapSpec(act))
-			if err != nil {
-				return err
-			}
-			path, err := a.VM.PlugNIC(ctx, e.Index, mac, act.MTU, q)
-			if err != nil {
-				return err
-			}
-			a.paths[e.Index] = path
-			a.plugs++
-			return nil
-		},
 	},
 	OpUnplugNIC: {
-		// Applied in batches by Apply (see unplugBatch), never one by one.
 		name: "unplug-nic", mutates: true,
 		text: func(a Action) string {
 			s := fmt.Sprintf("hot-remove NIC %d", a.Endpoint.Index)
@@ -196,35 +136,21 @@ var opSpecs = [numOps]opSpec{
 			}
 			return s
 		},
-		apply: func(_ *applier, _ context.Context, act Action, _ *state.Record) error {
-			return fmt.Errorf("unknown action %d", act.Op)
-		},
 	},
 	OpRemoveRedirects: {
 		name: "remove-redirects", mutates: true,
 		text: func(a Action) string {
 			return fmt.Sprintf("remove redirects %s ⇄ %s", a.Endpoint.LinkName, datapath.TapName(a.Endpoint.Index))
 		},
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			return a.Host.RemoveRedirects(act.Endpoint.LinkIfindex, a.taps[act.Endpoint.Index])
-		},
 	},
 	OpDeleteTap: {
 		name: "delete-tap", mutates: true,
 		text: func(a Action) string { return fmt.Sprintf("delete %s", datapath.TapName(a.Endpoint.Index)) },
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			return a.Host.RemoveTap(act.Endpoint.Index)
-		},
 	},
 	OpResetGuest: {
 		name: "reset-guest",
 		text: func(a Action) string {
 			return fmt.Sprintf("forget the guest configuration of endpoint %d (%s)", a.Endpoint.Index, a.Endpoint.LinkName)
-		},
-		apply: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
-			a.recordGuest(rec, act.Endpoint.Index, "")
-			rec.GuestRoutes, rec.GuestNeighbors = "", ""
-			return a.Recorder.Save(*rec)
 		},
 	},
 	OpConfirmGuest: {
@@ -232,18 +158,10 @@ var opSpecs = [numOps]opSpec{
 		text: func(a Action) string {
 			return fmt.Sprintf("record guest interface %s of endpoint %d as configured", a.Endpoint.LinkName, a.Endpoint.Index)
 		},
-		apply: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
-			a.recordGuest(rec, act.Endpoint.Index, act.Digest)
-			return a.Recorder.Save(*rec)
-		},
 	},
 	OpConfirmGuestRoutes: {
 		name: "confirm-guest-routes",
 		text: func(Action) string { return "record the guest's routes as configured" },
-		apply: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
-			rec.GuestRoutes = act.Digest
-			return a.Recorder.Save(*rec)
-		},
 	},
 	OpConfigureGuest: {
 		name: "configure-guest", mutates: true, guestward: true,
@@ -262,15 +180,6 @@ var opSpecs = [numOps]opSpec{
 			}
 			return s
 		},
-		apply: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
-			n := act.Endpoint.Index
-			if err := a.configureGuest(ctx, n, act.Guest); err != nil {
-				return err
-			}
-			a.configured[n] = act.Guest
-			a.recordGuest(rec, n, act.Digest)
-			return a.Recorder.Save(*rec)
-		},
 	},
 	OpUpdateGuestRoutes: {
 		name: "update-guest-routes", mutates: true, guestward: true,
@@ -281,29 +190,17 @@ var opSpecs = [numOps]opSpec{
 			}
 			return fmt.Sprintf("set the guest's routes (%d): %s", len(rs), strings.Join(rs, "; "))
 		},
-		apply: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
-			return a.updateGuestRoutes(ctx, act.Routes, rec)
-		},
 	},
 	OpAddGuestNeighbors: {
 		name: "add-guest-neighbors", mutates: true, guestward: true,
 		text: func(a Action) string {
 			return fmt.Sprintf("add %d permanent neighbours in the guest", len(a.Neighbors))
 		},
-		apply: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
-			return a.addGuestNeighbors(ctx, act.Neighbors, rec)
-		},
 	},
 	OpRepairAdopted: {
 		name: "repair-adopted", mutates: true,
 		text: func(a Action) string {
 			return fmt.Sprintf("redirect %s ⇄ %s (the runtime's tap)", a.Endpoint.LinkName, a.KataTap.Name)
-		},
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			// Ours, at our priority: they win over the runtime's dangling
-			// filters (lower priority number first) and Kata deletes every u32
-			// filter on the link when it detaches it, ours included.
-			return a.Host.EnsureRedirects(act.Endpoint.LinkIfindex, act.KataTap.Ifindex)
 		},
 	},
 	OpEnsureMacvtap: {
@@ -313,33 +210,15 @@ var opSpecs = [numOps]opSpec{
 			return fmt.Sprintf("macvtap %s on %s with %s (mtu %d), %s takes %s and gives up its addresses", datapath.MacvtapName(e.Index),
 				e.LinkName, e.LinkMAC, a.MTU, e.LinkName, hostMAC(e))
 		},
-		apply: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
-			// Intent first: what is taken exists only in the record
-			// afterwards, so it is recorded before, as the link has it.
-			e := act.Endpoint
-			spec := macvtapSpec(e, act.MTU)
-			spec.Keep = func(m datapath.Moved) error { return a.recordMoved(rec, e.Index, m) }
-			_, moved, err := a.Host.EnsureMacvtap(ctx, spec)
-			if err != nil {
-				return err
-			}
-			return a.recordMoved(rec, e.Index, moved)
-		},
 	},
 	OpRemoveMacvtap: {
 		name: "remove-macvtap", mutates: true,
 		text: func(a Action) string { return fmt.Sprintf("delete %s", datapath.MacvtapName(a.Endpoint.Index)) },
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			return a.Host.RemoveMacvtap(act.Endpoint.Index)
-		},
 	},
 	OpRestoreLink: {
 		name: "restore-link", mutates: true,
 		text: func(a Action) string {
 			return fmt.Sprintf("give %s back %s, %d addresses and %d routes", a.Endpoint.LinkName, a.Restore.MAC, len(a.Restore.Addrs), len(a.Restore.Routes))
-		},
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			return a.Host.RestoreContainerLink(act.Endpoint.LinkIfindex, act.Restore)
 		},
 	},
 	OpSetRateLimit: {
@@ -358,22 +237,156 @@ var opSpecs = [numOps]opSpec{
 			}
 			return fmt.Sprintf("limit %s of endpoint %d to %d bit/s on %s", a.RateDir, e.Index, a.Rate, on)
 		},
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			e := act.Endpoint
-			if act.Ingress {
-				return a.Host.EnsureIngressLimit(act.RateOn, e.Index, act.Rate)
-			}
-			on := act.RateOn
-			if on == 0 {
-				tap, ok := a.taps[e.Index]
-				if !ok {
-					return fmt.Errorf("%s does not exist", datapath.TapName(e.Index))
-				}
-				on = tap
-			}
-			return a.Host.EnsureRateLimit(on, act.Rate)
-		},
 	},
+}
+
+// applyFunc carries act out, saving rec where its op records.
+type applyFunc func(a *applier, ctx context.Context, act Action, rec *state.Record) error
+
+// appliers applies each Op (declared in opSpecs); TestAppliers checks
+// that none is missing.
+var appliers = [numOps]applyFunc{
+	OpRecord:       applyRecordStep,
+	OpMarkRemoving: applyRecordStep,
+	OpForget: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
+		rec.Forget(act.Endpoint.Index)
+		return a.Recorder.Save(*rec)
+	},
+	OpCreateTap: func(a *applier, ctx context.Context, act Action, _ *state.Record) error {
+		t, err := a.Host.EnsureTap(ctx, tapSpec(act))
+		if err == nil {
+			a.taps[act.Endpoint.Index] = t.Ifindex
+		}
+		return err
+	},
+	OpFixTap: func(a *applier, ctx context.Context, act Action, _ *state.Record) error {
+		_, err := a.Host.EnsureTap(ctx, tapSpec(act))
+		return err
+	},
+	OpAddRedirects: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		e := act.Endpoint
+		tap, ok := a.taps[e.Index]
+		if !ok {
+			return fmt.Errorf("%s does not exist", datapath.TapName(e.Index))
+		}
+		return a.Host.EnsureRedirects(e.LinkIfindex, tap)
+	},
+	OpPlugNIC: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
+		e := act.Endpoint
+		mac, err := net.ParseMAC(e.LinkMAC)
+		if err != nil {
+			return fmt.Errorf("recorded MAC %q: %w", e.LinkMAC, err)
+		}
+		if r, ok := rec.Endpoint(e.Index); ok {
+			// Intent first: the plug is counted (guest digests name the
+			// plug they were confirmed for, see nicKey), with the
+			// host_mtu that caps the guest's MTU (see brokenReason).
+			r.Plugs++
+			r.PlugMTU = act.MTU
+			rec.Put(r)
+			if err := a.Recorder.Save(*rec); err != nil {
+				return err
+			}
+		}
+		q, err := kindOf(e).openQueues(ctx, a.Host, a.Vhost, e, tapSpec(act))
+		if err != nil {
+			return err
+		}
+		path, err := a.VM.PlugNIC(ctx, e.Index, mac, act.MTU, q)
+		if err != nil {
+			return err
+		}
+		a.paths[e.Index] = path
+		a.plugs++
+		return nil
+	},
+	// Applied in batches by Apply (see unplugBatch), never one by one.
+	OpUnplugNIC: func(_ *applier, _ context.Context, act Action, _ *state.Record) error {
+		return fmt.Errorf("unknown action %d", act.Op)
+	},
+	OpRemoveRedirects: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		return a.Host.RemoveRedirects(act.Endpoint.LinkIfindex, a.taps[act.Endpoint.Index])
+	},
+	OpDeleteTap: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		return a.Host.RemoveTap(act.Endpoint.Index)
+	},
+	OpResetGuest: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
+		a.recordGuest(rec, act.Endpoint.Index, "")
+		rec.GuestRoutes, rec.GuestNeighbors = "", ""
+		return a.Recorder.Save(*rec)
+	},
+	OpConfirmGuest: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
+		a.recordGuest(rec, act.Endpoint.Index, act.Digest)
+		return a.Recorder.Save(*rec)
+	},
+	OpConfirmGuestRoutes: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
+		rec.GuestRoutes = act.Digest
+		return a.Recorder.Save(*rec)
+	},
+	OpConfigureGuest: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
+		n := act.Endpoint.Index
+		if err := a.configureGuest(ctx, n, act.Guest); err != nil {
+			return err
+		}
+		a.configured[n] = act.Guest
+		a.recordGuest(rec, n, act.Digest)
+		return a.Recorder.Save(*rec)
+	},
+	OpUpdateGuestRoutes: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
+		return a.updateGuestRoutes(ctx, act.Routes, rec)
+	},
+	OpAddGuestNeighbors: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
+		return a.addGuestNeighbors(ctx, act.Neighbors, rec)
+	},
+	OpRepairAdopted: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		// Ours, at our priority: they win over the runtime's dangling
+		// filters (lower priority number first) and Kata deletes every u32
+		// filter on the link when it detaches it, ours included.
+		return a.Host.EnsureRedirects(act.Endpoint.LinkIfindex, act.KataTap.Ifindex)
+	},
+	OpEnsureMacvtap: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
+		// Intent first: what is taken exists only in the record
+		// afterwards, so it is recorded before, as the link has it.
+		e := act.Endpoint
+		spec := macvtapSpec(e, act.MTU)
+		spec.Keep = func(m datapath.Moved) error { return a.recordMoved(rec, e.Index, m) }
+		_, moved, err := a.Host.EnsureMacvtap(ctx, spec)
+		if err != nil {
+			return err
+		}
+		return a.recordMoved(rec, e.Index, moved)
+	},
+	OpRemoveMacvtap: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		return a.Host.RemoveMacvtap(act.Endpoint.Index)
+	},
+	OpRestoreLink: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		return a.Host.RestoreContainerLink(act.Endpoint.LinkIfindex, act.Restore)
+	},
+	OpSetRateLimit: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		e := act.Endpoint
+		if act.Ingress {
+			return a.Host.EnsureIngressLimit(act.RateOn, e.Index, act.Rate)
+		}
+		on := act.RateOn
+		if on == 0 {
+			tap, ok := a.taps[e.Index]
+			if !ok {
+				return fmt.Errorf("%s does not exist", datapath.TapName(e.Index))
+			}
+			on = tap
+		}
+		return a.Host.EnsureRateLimit(on, act.Rate)
+	},
+}
+
+// applierOf is how o is applied. An Op outside appliers fails.
+func applierOf(o Op) applyFunc {
+	if o < 0 || o >= numOps || appliers[o] == nil {
+		return func(_ *applier, _ context.Context, act Action, _ *state.Record) error {
+			return fmt.Errorf("unknown action %d", act.Op)
+		}
+	}
+	return appliers[o]
 }
 
 // applyRecordStep puts the endpoint of record step act (OpRecord,

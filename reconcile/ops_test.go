@@ -1,15 +1,17 @@
 package reconcile
 
-import "testing"
+import (
+	"context"
+	"testing"
+)
 
 // TestOpSpecs: every Op is declared in opSpecs, under a name of its own,
-// with how it reads and how it is applied; a call to the agent changes
-// the guest.
+// with how it reads; a call to the agent changes the guest.
 func TestOpSpecs(t *testing.T) {
 	seen := map[string]Op{}
 	for o := range numOps {
 		s := opSpecs[o]
-		if s.name == "" || s.text == nil || s.apply == nil {
+		if s.name == "" || s.text == nil {
 			t.Errorf("Op %d has no complete entry in opSpecs: %+v", o, s)
 			continue
 		}
@@ -20,5 +22,18 @@ func TestOpSpecs(t *testing.T) {
 		if s.guestward && !s.mutates {
 			t.Errorf("%s calls the agent but is not counted as a mutation", s.name)
 		}
+	}
+}
+
+// TestAppliers: every Op has an entry in appliers, and one outside them
+// fails when applied instead of doing nothing.
+func TestAppliers(t *testing.T) {
+	for o := range numOps {
+		if appliers[o] == nil {
+			t.Errorf("%s has no entry in appliers", o)
+		}
+	}
+	if err := applierOf(numOps)(nil, context.Background(), Action{Op: numOps}, nil); err == nil {
+		t.Errorf("an Op outside appliers applied without error")
 	}
 }

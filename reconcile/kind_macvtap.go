@@ -2,7 +2,6 @@ package reconcile
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"net"
 	"net/netip"
@@ -103,10 +102,6 @@ func (macvtapKind) remove(v view, e state.Endpoint, p *Plan) {
 
 func (macvtapKind) device(e state.Endpoint) string { return datapath.MacvtapName(e.Index) }
 
-func (macvtapKind) openQueues(ctx context.Context, h Host, vhost datapath.Vhost, e state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error) {
-	return h.OpenMacvtapQueues(ctx, macvtapSpec(e, spec.MTU), vhost)
-}
-
 // Frames for the macvtap arrive at the link's ingress and go to its
 // queues from the receive path, past no egress (rx); what the guest
 // writes is sent through the link (tx on its egress).
@@ -114,11 +109,6 @@ func (macvtapKind) openQueues(ctx context.Context, h Host, vhost datapath.Vhost,
 func (macvtapKind) rateSites() (rx, tx rateSite) { return siteLinkIngress, siteLinkEgress }
 
 func (macvtapKind) borrowsLink() bool { return true }
-
-// macvtapSpec is the macvtap of macvtap endpoint e.
-func macvtapSpec(e state.Endpoint, mtu int) datapath.MacvtapSpec {
-	return datapath.MacvtapSpec{Index: e.Index, Container: e.LinkIfindex, MAC: guestMAC(e), Queues: max(e.Queues, 1), MTU: mtu}
-}
 
 // hostMAC is what the container link of macvtap endpoint e carries.
 func hostMAC(e state.Endpoint) net.HardwareAddr {

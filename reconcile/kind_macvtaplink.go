@@ -1,8 +1,6 @@
 package reconcile
 
 import (
-	"context"
-
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/state"
 )
@@ -18,10 +16,6 @@ func (macvtapLinkKind) claims(l datapath.Link, _ string) bool { return l.Kind ==
 
 func (k macvtapLinkKind) recovered(v view, e state.Endpoint, l datapath.Link) (state.Endpoint, bool) {
 	return k.recoveredAs(v, e, l, "macvtap", k.name())
-}
-
-func (macvtapLinkKind) openQueues(ctx context.Context, h Host, vhost datapath.Vhost, e state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error) {
-	return h.OpenMacvtapLinkQueues(ctx, e.LinkName, spec.Queues, vhost)
 }
 
 // Its frames come from the receive path, past no egress (rx on its

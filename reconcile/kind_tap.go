@@ -2,7 +2,6 @@ package reconcile
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 
 	"github.com/tapsync/tapsync/datapath"
@@ -75,10 +74,6 @@ func (tapKind) remove(v view, e state.Endpoint, p *Plan) {
 }
 
 func (tapKind) device(e state.Endpoint) string { return datapath.TapName(e.Index) }
-
-func (tapKind) openQueues(ctx context.Context, h Host, vhost datapath.Vhost, _ state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error) {
-	return h.OpenQueues(ctx, spec, vhost)
-}
 
 // The redirect from the link enqueues rx on the tap; the one from the
 // tap enqueues tx on the link.

@@ -1,9 +1,6 @@
 package reconcile
 
 import (
-	"context"
-	"errors"
-
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/state"
 )
@@ -18,15 +15,6 @@ func (tapLinkKind) claims(l datapath.Link, _ string) bool { return l.Kind == "ta
 
 func (k tapLinkKind) recovered(v view, e state.Endpoint, l datapath.Link) (state.Endpoint, bool) {
 	return k.recoveredAs(v, e, l, "tap", k.name())
-}
-
-func (tapLinkKind) openQueues(ctx context.Context, h Host, vhost datapath.Vhost, e state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error) {
-	_, q, err := h.OpenTapLink(ctx, e.LinkName, spec.Queues, vhost)
-	if errors.Is(err, datapath.ErrTapMismatch) && spec.Queues > 1 {
-		// The CNI made it single-queue: one queue is what it takes.
-		_, q, err = h.OpenTapLink(ctx, e.LinkName, 1, vhost)
-	}
-	return q, err
 }
 
 // What the netns sends the tap link goes to the VM (rx on its egress);

@@ -3,6 +3,7 @@ package reconcile
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"slices"
@@ -12,9 +13,10 @@ import (
 )
 
 // endpointKind is how one kind of endpoint (state.Endpoint.Kind) is
-// wired: what its host side is made of, how it is repaired and removed,
-// where its NIC's queues come from and where its rate limits sit. Each
-// kind is one type in a kind_*.go file, listed in kinds.
+// planned: what its host side is made of, how it is repaired and removed
+// and where its rate limits sit. Each kind is one type in a kind_*.go
+// file, listed in kinds; where its NIC's queues come from is its
+// queueOpeners entry.
 type endpointKind interface {
 	// name is the kind as the record keeps it.
 	name() string
@@ -37,8 +39,6 @@ type endpointKind interface {
 	remove(v view, e state.Endpoint, p *Plan)
 	// device names the device whose queues e's NIC uses.
 	device(e state.Endpoint) string
-	// openQueues opens the queues e's NIC is plugged on.
-	openQueues(ctx context.Context, h Host, vhost datapath.Vhost, e state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error)
 	// rateSites says where the kind's rx and tx limits go.
 	rateSites() (rx, tx rateSite)
 	// borrowsLink reports whether the endpoint takes its container link's
@@ -319,4 +319,56 @@ func rateNotes(wired []wiredLink, opts Options) []string {
 		}
 	}
 	return notes
+}
+
+// openQueuesFunc opens the queues endpoint e's NIC is plugged on.
+type openQueuesFunc func(ctx context.Context, h Host, vhost datapath.Vhost, e state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error)
+
+// queueOpeners opens the queues of each endpoint kind, by its name;
+// TestQueueOpeners checks that every kind has its entry.
+var queueOpeners = map[string]openQueuesFunc{
+	state.KindTap:         openTapQueues,
+	state.KindTapLink:     openTapLinkQueues,
+	state.KindMacvtap:     openMacvtapQueues,
+	state.KindMacvtapLink: openMacvtapLinkQueues,
+}
+
+// queueOpenerOf is how endpoint e's queues are opened. A kind this build
+// does not know opens as a tcfilter tap, as it is repaired (unknownKind).
+func queueOpenerOf(e state.Endpoint) openQueuesFunc {
+	if f, ok := queueOpeners[e.Kind]; ok {
+		return f
+	}
+	return openTapQueues
+}
+
+// openTapQueues attaches new queues to our tap tsn<N>.
+func openTapQueues(ctx context.Context, h Host, vhost datapath.Vhost, _ state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error) {
+	return h.OpenQueues(ctx, spec, vhost)
+}
+
+// openTapLinkQueues opens the queues of a tap link a CNI made.
+func openTapLinkQueues(ctx context.Context, h Host, vhost datapath.Vhost, e state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error) {
+	_, q, err := h.OpenTapLink(ctx, e.LinkName, spec.Queues, vhost)
+	if errors.Is(err, datapath.ErrTapMismatch) && spec.Queues > 1 {
+		// The CNI made it single-queue: one queue is what it takes.
+		_, q, err = h.OpenTapLink(ctx, e.LinkName, 1, vhost)
+	}
+	return q, err
+}
+
+// openMacvtapQueues opens the queues of our macvtap tsm<N>.
+func openMacvtapQueues(ctx context.Context, h Host, vhost datapath.Vhost, e state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error) {
+	return h.OpenMacvtapQueues(ctx, macvtapSpec(e, spec.MTU), vhost)
+}
+
+// openMacvtapLinkQueues opens the /dev/tap<ifindex> queues of a macvtap
+// link.
+func openMacvtapLinkQueues(ctx context.Context, h Host, vhost datapath.Vhost, e state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error) {
+	return h.OpenMacvtapLinkQueues(ctx, e.LinkName, spec.Queues, vhost)
+}
+
+// macvtapSpec is the macvtap of macvtap endpoint e.
+func macvtapSpec(e state.Endpoint, mtu int) datapath.MacvtapSpec {
+	return datapath.MacvtapSpec{Index: e.Index, Container: e.LinkIfindex, MAC: guestMAC(e), Queues: max(e.Queues, 1), MTU: mtu}
 }

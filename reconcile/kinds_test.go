@@ -571,3 +571,20 @@ func TestKindTypes(t *testing.T) {
 		}
 	}
 }
+
+// TestQueueOpeners: every endpoint kind has its queueOpeners entry, and
+// every entry is a kind.
+func TestQueueOpeners(t *testing.T) {
+	names := map[string]bool{}
+	for _, k := range kinds {
+		names[k.name()] = true
+		if queueOpeners[k.name()] == nil {
+			t.Errorf("kind %q has no entry in queueOpeners", k.name())
+		}
+	}
+	for kind := range queueOpeners {
+		if !names[kind] {
+			t.Errorf("queueOpeners has an entry for %q, which is no kind", kind)
+		}
+	}
+}

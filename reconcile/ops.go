@@ -288,7 +288,7 @@ var appliers = [numOps]applyFunc{
 				return err
 			}
 		}
-		q, err := kindOf(e).openQueues(ctx, a.Host, a.Vhost, e, tapSpec(act))
+		q, err := queueOpenerOf(e)(ctx, a.Host, a.Vhost, e, tapSpec(act))
 		if err != nil {
 			return err
 		}

@@ -126,7 +126,7 @@ type Env struct {
 	// Refresh, if set, reads the sandbox's container links (with their
 	// addresses) again, and its routes and permanent neighbours as parts
 	// asks. A pass that plugs a NIC sends its guest steps with what it
-	// reads then (see refreshGuest).
+	// reads then (see Plan.Refreshed).
 	Refresh func(ctx context.Context, parts datapath.Parts) (Observed, error)
 }
 
@@ -142,9 +142,9 @@ type applier struct {
 	waited    bool           // an unplug batch of this pass has had its wait
 	plugs     int            // NICs plugged in this pass
 	// configured is what this pass's configure-guest steps sent, by
-	// endpoint (see refreshGuest).
+	// endpoint (see Plan.Refreshed).
 	configured map[int]agent.Interface
-	extra      int // mutations made by steps outside the plan (Action.again)
+	extra      int // mutations made by steps outside the plan (Action.Again)
 }
 
 // Apply executes p in order. The record is saved at every record step
@@ -200,10 +200,10 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 			err = a.unplugs[i]
 			a.unplugged[n] = err == nil
 		} else {
-			if act.Op.Guestward() && p.guest != nil && a.plugs > 0 && a.Refresh != nil {
-				act = a.refreshGuest(ctx, p.guest, act)
+			if act.Op.Guestward() && p.RefreshesGuest() && a.plugs > 0 && a.Refresh != nil {
+				act = a.refreshGuest(ctx, p, act)
 			}
-			if len(act.again) == 0 && ((act.ifChanged && act.Digest == rec.GuestRoutes) || (act.Op == OpAddGuestNeighbors && len(act.Neighbors) == 0)) {
+			if act.NothingNew(rec) {
 				log.Debug().Str("action", act.Op.String()).Msg("guest step not sent: nothing has changed")
 				continue
 			}

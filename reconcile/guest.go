@@ -205,7 +205,7 @@ type guestDevice struct {
 // interfaces, then routes (they name the interfaces), then neighbours.
 // A plan that plugs a NIC keeps what it planned from in p.guest, and
 // always has a routes step: its guest steps are brought up to date when
-// sent (see refreshGuest).
+// sent (see Refreshed).
 func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 	// Devices whose interface the plan configures: the agent takes them
 	// down to do so, and the kernel drops the routes and neighbours

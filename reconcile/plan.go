@@ -94,7 +94,7 @@ type Action struct {
 	Neighbors []GuestNeighbor // OpAddGuestNeighbors
 	Digest    string          // guest ops: what the record keeps once done
 	ifChanged bool            // OpUpdateGuestRoutes: skipped if, when sent, the digest is the record's
-	again     []Action        // configure-guest steps sent first: their link changed since (see refreshGuest)
+	again     []Action        // configure-guest steps sent first: their link changed since (see Refreshed)
 
 	// AwaitUnplug (OpPlugNIC) names endpoints whose NIC has the same MAC
 	// and is being removed: the plug waits until their unplug has

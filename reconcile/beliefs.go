@@ -41,7 +41,7 @@ const (
 )
 
 // guestDrops is what each event drops. Neighbours cannot be listed: they
-// are sent again with the interface they sit on (see planGuest), so only
+// are sent again with the interface they sit on (see the planner's planGuest), so only
 // a reset, which forgets them for sure, drops them outright. A replug
 // needs no entry (keys), nor does a new QMP connection: the guest does not
 // change with it (a RESET seen on the old one is kept: noteReset).

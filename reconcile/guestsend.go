@@ -7,6 +7,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/reconcile/planner"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -17,7 +18,7 @@ import (
 // (Env.Refresh, Plan.Refreshed); act itself when the netns cannot be read
 // again.
 func (a *applier) refreshGuest(ctx context.Context, p Plan, act Action) Action {
-	parts := datapath.Parts{Addrs: true, Routes: act.Op == OpUpdateGuestRoutes, Neighbors: act.Op == OpAddGuestNeighbors}
+	parts := datapath.Parts{Addrs: true, Routes: act.Op == planner.OpUpdateGuestRoutes, Neighbors: act.Op == planner.OpAddGuestNeighbors}
 	fresh, err := a.Refresh(ctx, parts)
 	if err != nil {
 		zerolog.Ctx(ctx).Debug().Err(err).Str("action", act.Op.String()).Msg("guest step sent as planned: the netns could not be read again")

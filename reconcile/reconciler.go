@@ -21,6 +21,7 @@ import (
 	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/reconcile/planner"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -665,7 +666,7 @@ func (r *Reconciler) endPlan(s *session) {
 func (s *session) parts() datapath.Parts {
 	guest := s.sb.guestOn()
 	macvtap := s.sb.Model == ModelMacvtap ||
-		slices.ContainsFunc(s.rec.Endpoints, func(e state.Endpoint) bool { return kindOf(e).borrowsLink() })
+		slices.ContainsFunc(s.rec.Endpoints, func(e state.Endpoint) bool { return planner.BorrowsLink(e) })
 	return datapath.Parts{Addrs: guest || macvtap, Routes: guest || macvtap, Neighbors: guest}
 }
 
@@ -949,7 +950,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		return WithCause(CauseNetns, fmt.Errorf("sandbox %s: observe: %w", id, err))
 	}
 	p, guest, client, guestErr := r.planWithGuest(ctx, s)
-	if gone := r.takeLinksGone(id); s.obs.lists(gone) {
+	if gone := r.takeLinksGone(id); s.obs.Lists(gone) {
 		// Once: a netns whose links keep going is left to the queue's
 		// re-run.
 		log.Debug().Ints("links_gone", gone).Msg("a link observed has been deleted since: observing again before acting")

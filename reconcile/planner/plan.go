@@ -1,4 +1,4 @@
-package reconcile
+package planner
 
 import (
 	"bytes"
@@ -8,8 +8,8 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/tapsync/tapsync/agent"
-	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/agent/guestnet"
+	"github.com/tapsync/tapsync/datapath/hostnet"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -25,16 +25,16 @@ type NIC struct {
 // Observed is the actual state of one sandbox: the host side from the
 // netns, the VM side from QEMU. Plan reads nothing else.
 type Observed struct {
-	Links     []datapath.Link    // container links (desired endpoints)
-	Taps      []datapath.Tap     // ours (tsn<N>)
-	Macvtaps  []datapath.Macvtap // ours (tsm<N>, macvtap model)
-	KataLinks []datapath.Link    // Kata's taps and macvtaps (tap<N>_kata)
-	Redirects []datapath.Redirect
+	Links     []hostnet.Link    // container links (desired endpoints)
+	Taps      []hostnet.Tap     // ours (tsn<N>)
+	Macvtaps  []hostnet.Macvtap // ours (tsm<N>, macvtap model)
+	KataLinks []hostnet.Link    // Kata's taps and macvtaps (tap<N>_kata)
+	Redirects []hostnet.Redirect
 	// RateLimits are our egress limits: on taps (rx) and container links
 	// (tx, or rx for a tap link).
-	RateLimits []datapath.RateLimitOn
-	Routes     []datapath.Route    // the sandbox's routes (not the kernel's own)
-	Neighbors  []datapath.Neighbor // permanent neighbours
+	RateLimits []hostnet.RateLimitOn
+	Routes     []hostnet.Route    // the sandbox's routes (not the kernel's own)
+	Neighbors  []hostnet.Neighbor // permanent neighbours
 	NICs       []NIC
 	Netdevs    []int // indexes of tapsync-netdev<N> present in QEMU
 	// Guest is the agent's view of the guest; nil when not asked (the
@@ -42,16 +42,16 @@ type Observed struct {
 	Guest *GuestState
 }
 
-// lists says whether the observation holds a link with one of the
+// Lists reports whether the observation holds a link with one of the
 // ifindexes.
-func (o Observed) lists(ifindexes []int) bool {
+func (o Observed) Lists(ifindexes []int) bool {
 	if len(ifindexes) == 0 {
 		return false
 	}
-	has := func(l datapath.Link) bool { return slices.Contains(ifindexes, l.Ifindex) }
+	has := func(l hostnet.Link) bool { return slices.Contains(ifindexes, l.Ifindex) }
 	return slices.ContainsFunc(o.Links, has) || slices.ContainsFunc(o.KataLinks, has) ||
-		slices.ContainsFunc(o.Taps, func(t datapath.Tap) bool { return has(t.Link) }) ||
-		slices.ContainsFunc(o.Macvtaps, func(m datapath.Macvtap) bool { return has(m.Link) })
+		slices.ContainsFunc(o.Taps, func(t hostnet.Tap) bool { return has(t.Link) }) ||
+		slices.ContainsFunc(o.Macvtaps, func(m hostnet.Macvtap) bool { return has(m.Link) })
 }
 
 // Options are the per-sandbox settings plan needs.
@@ -89,12 +89,12 @@ type Action struct {
 	MTU      int            // OpCreateTap, OpFixTap, OpPlugNIC
 	Reason   string
 
-	Guest     agent.Interface // OpConfigureGuest (its DevicePath is filled in when applied)
-	Routes    []GuestRoute    // OpUpdateGuestRoutes
-	Neighbors []GuestNeighbor // OpAddGuestNeighbors
-	Digest    string          // guest ops: what the record keeps once done
-	ifChanged bool            // OpUpdateGuestRoutes: skipped if, when sent, the digest is the record's
-	again     []Action        // configure-guest steps sent first: their link changed since (see Refreshed)
+	Guest     guestnet.Interface // OpConfigureGuest (its DevicePath is filled in when applied)
+	Routes    []GuestRoute       // OpUpdateGuestRoutes
+	Neighbors []GuestNeighbor    // OpAddGuestNeighbors
+	Digest    string             // guest ops: what the record keeps once done
+	ifChanged bool               // OpUpdateGuestRoutes: skipped if, when sent, the digest is the record's
+	again     []Action           // configure-guest steps sent first: their link changed since (see Refreshed)
 
 	// AwaitUnplug (OpPlugNIC) names endpoints whose NIC has the same MAC
 	// and is being removed: the plug waits until their unplug has
@@ -102,9 +102,9 @@ type Action struct {
 	AwaitUnplug []int
 	// KataTap is the runtime's tap that OpRepairAdopted joins to the
 	// link (Endpoint.LinkIfindex).
-	KataTap datapath.Link
+	KataTap hostnet.Link
 	// Restore is what OpRestoreLink gives the container link back.
-	Restore datapath.Moved
+	Restore hostnet.Moved
 	// OpSetRateLimit: Rate bits/s (0 removes the limit) in direction
 	// RateDir ("rx": into the VM, "tx": out of it) on RateOn's egress
 	// (an ifindex; 0: the endpoint's tap, known once it is made).
@@ -126,7 +126,7 @@ func (a Action) String() string {
 
 // Skipped is a container link that plan leaves alone, and why.
 type Skipped struct {
-	Link    datapath.Link
+	Link    hostnet.Link
 	Adopted bool // wired by someone else (Kata): never wired a second time
 	// Broken: adopted, but the runtime's wiring lacks what Reason names
 	// (traffic does not flow). Repaired only with Options.RepairAdopted.
@@ -176,6 +176,12 @@ var (
 // frames, not their own: a redirect on a port would take them from it.
 var portMasters = map[string]bool{"bridge": true, "bond": true, "team": true, "openvswitch": true}
 
+// Unwireable says why container link l of observation o cannot be an
+// endpoint ("" if it can), and whether plans stay silent about it.
+func Unwireable(o Observed, l hostnet.Link) (reason string, silent bool) {
+	return unwireable(newView(o), l)
+}
+
 // unwireable says why link l cannot be an endpoint ("" if it can) and
 // whether to stay silent about it. Besides its kind, a link can be the
 // pod's own plumbing: a port of a bridge or bond in the netns (a tap
@@ -183,7 +189,7 @@ var portMasters = map[string]bool{"bridge": true, "bond": true, "team": true, "o
 // option, is still the VM's device), or the lower device of a macvtap
 // link the VM gets. A redirect on such a link's ingress runs before the
 // bridge, bond or macvtap sees a frame, and would take all of them.
-func unwireable(v view, l datapath.Link) (reason string, silent bool) {
+func unwireable(v view, l hostnet.Link) (reason string, silent bool) {
 	switch {
 	case tunnelKinds[l.Kind]:
 		return "tunnel device, not a pod NIC", true
@@ -203,45 +209,45 @@ func unwireable(v view, l datapath.Link) (reason string, silent bool) {
 	return "", false
 }
 
-// sameLink reports whether l is the link e was made for. A link whose
+// SameLink reports whether l is the link e was made for. A link whose
 // MAC the macvtap model lent to the guest carries HostMAC meanwhile.
-func sameLink(e state.Endpoint, l datapath.Link) bool {
+func SameLink(e state.Endpoint, l hostnet.Link) bool {
 	return e.LinkIfindex == l.Ifindex && (strings.EqualFold(e.LinkMAC, l.MAC.String()) || lentMAC(e, l))
 }
 
 // lentMAC reports whether l carries the MAC the macvtap model gives a
 // link while endpoint e has its own.
-func lentMAC(e state.Endpoint, l datapath.Link) bool {
+func lentMAC(e state.Endpoint, l hostnet.Link) bool {
 	return kindOf(e).borrowsLink() && e.LinkIfindex == l.Ifindex && bytes.Equal(l.MAC, hostMAC(e))
 }
 
-func endpointFor(index int, l datapath.Link, queues int) state.Endpoint {
+func endpointFor(index int, l hostnet.Link, queues int) state.Endpoint {
 	return state.Endpoint{Index: index, LinkName: l.Name, LinkIfindex: l.Ifindex, LinkMAC: l.MAC.String(), Queues: queues}
 }
 
 // view indexes an observation for planning.
 type view struct {
-	links   map[int]datapath.Link // by ifindex
-	taps    map[int]datapath.Tap  // by endpoint index
-	nics    map[int]NIC           // owned, by endpoint index
+	links   map[int]hostnet.Link // by ifindex
+	taps    map[int]hostnet.Tap  // by endpoint index
+	nics    map[int]NIC          // owned, by endpoint index
 	netdevs map[int]bool
-	redirs  []datapath.Redirect
-	foreign []NIC           // virtio-net devices without our ids
-	kata    []datapath.Link // Kata's taps and macvtaps
+	redirs  []hostnet.Redirect
+	foreign []NIC          // virtio-net devices without our ids
+	kata    []hostnet.Link // Kata's taps and macvtaps
 	// macvtaps are ours by endpoint index; limits our rate limits by
 	// ifindex, in bit/s.
-	macvtaps map[int]datapath.Macvtap
+	macvtaps map[int]hostnet.Macvtap
 	limits   map[int]uint64
 	// ifbs are our ifbs tsi<N> by N, each with the link whose ingress
 	// it limits (Ifindex 0: none) and its limit.
-	ifbs   map[int]datapath.RateLimitOn
-	routes []datapath.Route
+	ifbs   map[int]hostnet.RateLimitOn
+	routes []hostnet.Route
 }
 
 func newView(o Observed) view {
-	v := view{links: map[int]datapath.Link{}, taps: map[int]datapath.Tap{}, nics: map[int]NIC{}, netdevs: map[int]bool{},
-		redirs: o.Redirects, kata: o.KataLinks, macvtaps: map[int]datapath.Macvtap{}, limits: map[int]uint64{},
-		ifbs: map[int]datapath.RateLimitOn{}, routes: o.Routes}
+	v := view{links: map[int]hostnet.Link{}, taps: map[int]hostnet.Tap{}, nics: map[int]NIC{}, netdevs: map[int]bool{},
+		redirs: o.Redirects, kata: o.KataLinks, macvtaps: map[int]hostnet.Macvtap{}, limits: map[int]uint64{},
+		ifbs: map[int]hostnet.RateLimitOn{}, routes: o.Routes}
 	for _, m := range o.Macvtaps {
 		if m.Index >= 0 {
 			v.macvtaps[m.Index] = m
@@ -275,20 +281,20 @@ func newView(o Observed) view {
 
 // ownedRedirect finds our redirect from ifindex from to ifindex to.
 func (v view) ownedRedirect(from, to int) bool {
-	return slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool { return r.Owned && r.From == from && r.To == to })
+	return slices.ContainsFunc(v.redirs, func(r hostnet.Redirect) bool { return r.Owned && r.From == from && r.To == to })
 }
 
 // ownedRedirectsTouch reports whether any of our redirects sits on a link.
 func (v view) ownedRedirectsOn(ifindexes ...int) bool {
-	return slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool { return r.Owned && slices.Contains(ifindexes, r.From) })
+	return slices.ContainsFunc(v.redirs, func(r hostnet.Redirect) bool { return r.Owned && slices.Contains(ifindexes, r.From) })
 }
 
 // pairLeft reports whether any of an endpoint's redirects remain, in the
-// terms of Host.RemoveRedirects: ours on its tap (tap 0: unknown), or ours
+// terms of reconcile's Host.RemoveRedirects: ours on its tap (tap 0: unknown), or ours
 // on its link pointing at its tap or at nothing. A filter of ours on the
 // link pointing at another tap belongs to a newer endpoint.
 func (v view) pairLeft(link, tap int) bool {
-	return slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool {
+	return slices.ContainsFunc(v.redirs, func(r hostnet.Redirect) bool {
 		return r.Owned && ((tap > 0 && r.From == tap) || (r.From == link && ((tap > 0 && r.To == tap) || !v.exists(r.To))))
 	})
 }
@@ -323,13 +329,13 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 			why = "the sandbox is going away"
 		case !linkOK:
 			why = fmt.Sprintf("container link %s (ifindex %d) is gone", e.LinkName, e.LinkIfindex)
-		case !sameLink(e, l):
+		case !SameLink(e, l):
 			why = fmt.Sprintf("container link %s was re-created (MAC %s, was %s)", l.Name, l.MAC, e.LinkMAC)
 		case claimed[l.Ifindex]:
 			why = fmt.Sprintf("container link %s already has an endpoint", l.Name)
-		case macOwner[guestMAC(e).String()] != "":
+		case macOwner[GuestMAC(e).String()] != "":
 			// Wired twice before this rule: the first endpoint keeps the NIC.
-			why = sharesMAC(guestMAC(e), macOwner[guestMAC(e).String()])
+			why = sharesMAC(GuestMAC(e), macOwner[GuestMAC(e).String()])
 		default:
 			if r, _ := unwireable(v, l); r != "" {
 				why = r
@@ -339,7 +345,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 		}
 		if !e.Removing && why == "" {
 			claimed[l.Ifindex] = true
-			macOwner[guestMAC(e).String()] = l.Name
+			macOwner[GuestMAC(e).String()] = l.Name
 			if e.LinkName != l.Name {
 				// Renamed in place (same ifindex and MAC): the same
 				// endpoint, under its new name in the record (status,
@@ -349,7 +355,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 				adds.Actions = append(adds.Actions, Action{Op: OpRecord, Endpoint: e, Reason: fmt.Sprintf("container link %s renamed to %s", old, l.Name)})
 			}
 			_, nicOK := v.nics[e.Index]
-			wired = append(wired, wiredLink{link: guestLink(e, l), endpoint: e, plugged: !nicOK})
+			wired = append(wired, wiredLink{link: GuestLink(e, l), endpoint: e, plugged: !nicOK})
 			repair(v, e, l, opts, &adds)
 			limitWanted[l.Ifindex] = true
 			continue
@@ -447,7 +453,7 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 			r := v.ifbs[n]
 			e := state.Endpoint{Index: n, LinkName: r.Name, LinkIfindex: r.Ifindex}
 			adds.Actions = append(adds.Actions, Action{Op: OpSetRateLimit, Endpoint: e, RateOn: r.Ifindex, Ingress: true, RateDir: "any",
-				Reason: "no endpoint limits through " + datapath.IfbName(n)})
+				Reason: "no endpoint limits through " + hostnet.IfbName(n)})
 		}
 	}
 	p.Notes = rateNotes(wired, opts)
@@ -515,7 +521,7 @@ func ComputeTeardown(obs Observed, rec state.Record, vmGone bool) Plan {
 // reason: it was decided when the endpoint was made (recorded), and a
 // default that moved since (queues = 0 follows the vCPUs, which Kata
 // hot-adds) must not re-plug every NIC of the sandbox.
-func brokenReason(v view, e state.Endpoint, l datapath.Link) string {
+func brokenReason(v view, e state.Endpoint, l hostnet.Link) string {
 	if nic, ok := v.nics[e.Index]; ok && e.PlugMTU > 0 && l.MTU > e.PlugMTU {
 		// QEMU's host_mtu is the guest driver's max_mtu, and a realized
 		// device's host_mtu cannot be changed: only a new NIC goes higher.
@@ -525,7 +531,7 @@ func brokenReason(v view, e state.Endpoint, l datapath.Link) string {
 }
 
 // repair plans the missing steps of a live endpoint, in add order.
-func repair(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan) {
+func repair(v view, e state.Endpoint, l hostnet.Link, opts Options, p *Plan) {
 	kindOf(e).repair(v, e, l, p)
 	planLimits(v, e, l, opts, p)
 	if _, ok := v.nics[e.Index]; !ok {
@@ -544,18 +550,18 @@ func repair(v view, e state.Endpoint, l datapath.Link, opts Options, p *Plan) {
 
 // sortedLinks returns the container links by ifindex: plans are the same
 // for the same observation.
-func (v view) sortedLinks() []datapath.Link {
+func (v view) sortedLinks() []hostnet.Link {
 	links := slices.Collect(maps.Values(v.links))
-	slices.SortFunc(links, func(a, b datapath.Link) int { return a.Ifindex - b.Ifindex })
+	slices.SortFunc(links, func(a, b hostnet.Link) int { return a.Ifindex - b.Ifindex })
 	return links
 }
 
 // adoption is how the runtime's own wiring of a container link stands.
 type adoption struct {
-	nic     *int          // index in v.foreign of the VM's NIC for the link; nil if none
-	tap     datapath.Link // the runtime's tap or macvtap for it (Ifindex 0: unknown)
-	missing []string      // what traffic lacks; empty: intact
-	repair  bool          // redirects between the link and tap would mend it
+	nic     *int         // index in v.foreign of the VM's NIC for the link; nil if none
+	tap     hostnet.Link // the runtime's tap or macvtap for it (Ifindex 0: unknown)
+	missing []string     // what traffic lacks; empty: intact
+	repair  bool         // redirects between the link and tap would mend it
 }
 
 // runtimeWiring says whether the runtime wired container link l (ok) and
@@ -571,7 +577,7 @@ type adoption struct {
 // is intact (a link re-created with the same MAC loses Kata's filters with
 // the old link; a filter deleted by hand) decides only whether the link
 // is reported broken. taken are foreign NICs matched to other links.
-func (v view) runtimeWiring(l datapath.Link, taken map[int]bool) (adoption, bool) {
+func (v view) runtimeWiring(l hostnet.Link, taken map[int]bool) (adoption, bool) {
 	for _, k := range v.kata {
 		if k.Kind != "macvtap" || k.Parent != l.Ifindex {
 			continue
@@ -589,7 +595,7 @@ func (v view) runtimeWiring(l datapath.Link, taken map[int]bool) (adoption, bool
 		return adoption{}, false
 	}
 	a := adoption{nic: &n}
-	var taps []datapath.Link
+	var taps []hostnet.Link
 	for _, k := range v.kata {
 		if k.Kind == "tap" {
 			taps = append(taps, k)
@@ -604,7 +610,7 @@ func (v view) runtimeWiring(l datapath.Link, taken map[int]bool) (adoption, bool
 	// Which of Kata's taps feeds the NIC? One joined to l in either
 	// direction; else the only one whose redirects lead nowhere (its
 	// link was re-created).
-	var cands []datapath.Link
+	var cands []hostnet.Link
 	for _, k := range taps {
 		if v.redirected(l.Ifindex, k.Ifindex) || v.redirected(k.Ifindex, l.Ifindex) {
 			cands = append(cands, k)
@@ -612,7 +618,7 @@ func (v view) runtimeWiring(l datapath.Link, taken map[int]bool) (adoption, bool
 	}
 	if len(cands) == 0 {
 		for _, k := range taps {
-			if !slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool { return r.From == k.Ifindex && v.exists(r.To) }) {
+			if !slices.ContainsFunc(v.redirs, func(r hostnet.Redirect) bool { return r.From == k.Ifindex && v.exists(r.To) }) {
 				cands = append(cands, k)
 			}
 		}
@@ -640,7 +646,7 @@ func (v view) runtimeWiring(l datapath.Link, taken map[int]bool) (adoption, bool
 
 // adopt reports link l as the runtime's and, when allowed and possible,
 // plans the repair of its redirects.
-func adopt(v view, l datapath.Link, a adoption, repairOK bool, p *Plan) Skipped {
+func adopt(v view, l hostnet.Link, a adoption, repairOK bool, p *Plan) Skipped {
 	dev := "no VM NIC"
 	if a.nic != nil {
 		dev = fmt.Sprintf("VM device %q", v.foreign[*a.nic].ID)
@@ -695,7 +701,7 @@ func (v view) foreignWithMAC(mac net.HardwareAddr) string {
 // redirected reports whether any redirect (anyone's) leads from ifindex
 // from to ifindex to.
 func (v view) redirected(from, to int) bool {
-	return slices.ContainsFunc(v.redirs, func(r datapath.Redirect) bool { return r.From == from && r.To == to })
+	return slices.ContainsFunc(v.redirs, func(r hostnet.Redirect) bool { return r.From == from && r.To == to })
 }
 
 // exists reports whether ifindex i names a link of the netns.
@@ -703,9 +709,9 @@ func (v view) exists(i int) bool {
 	if _, ok := v.links[i]; ok {
 		return true
 	}
-	return slices.ContainsFunc(slices.Collect(maps.Values(v.taps)), func(t datapath.Tap) bool { return t.Ifindex == i }) ||
-		slices.ContainsFunc(slices.Collect(maps.Values(v.macvtaps)), func(m datapath.Macvtap) bool { return m.Ifindex == i }) ||
-		slices.ContainsFunc(v.kata, func(k datapath.Link) bool { return k.Ifindex == i })
+	return slices.ContainsFunc(slices.Collect(maps.Values(v.taps)), func(t hostnet.Tap) bool { return t.Ifindex == i }) ||
+		slices.ContainsFunc(slices.Collect(maps.Values(v.macvtaps)), func(m hostnet.Macvtap) bool { return m.Ifindex == i }) ||
+		slices.ContainsFunc(v.kata, func(k hostnet.Link) bool { return k.Ifindex == i })
 }
 
 // remove plans the removal of endpoint e in the safe order: QEMU lets go
@@ -768,7 +774,7 @@ func recoverOrphans(v view, rec *state.Record, p *Plan) {
 
 // linkOf finds the container link that endpoint n's objects serve: the
 // source of our redirect into tap n, or the link with the NIC's MAC.
-func linkOf(v view, n int) (datapath.Link, bool) {
+func linkOf(v view, n int) (hostnet.Link, bool) {
 	if m, ok := v.macvtaps[n]; ok {
 		l, ok := v.links[m.Parent]
 		return l, ok
@@ -787,7 +793,7 @@ func linkOf(v view, n int) (datapath.Link, bool) {
 			}
 		}
 	}
-	return datapath.Link{}, false
+	return hostnet.Link{}, false
 }
 
 // usedIndexes are the indexes a new endpoint must not take: recorded ones
@@ -803,7 +809,7 @@ func usedIndexes(v view, rec state.Record) map[int]bool {
 	}
 	for _, l := range v.links {
 		for _, name := range append([]string{l.Name}, l.AltNames...) {
-			if n, ok := datapath.ParseEndpointName(name); ok {
+			if n, ok := hostnet.ParseEndpointName(name); ok {
 				used[n] = true
 			}
 		}

@@ -1,7 +1,7 @@
-package reconcile
+package planner
 
 import (
-	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/datapath/hostnet"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -12,12 +12,12 @@ type macvtapLinkKind struct{ linkIsDevice }
 
 func (macvtapLinkKind) name() string { return state.KindMacvtapLink }
 
-func (macvtapLinkKind) claims(l datapath.Link, _ string) bool { return l.Kind == "macvtap" }
+func (macvtapLinkKind) claims(l hostnet.Link, _ string) bool { return l.Kind == "macvtap" }
 
-func (k macvtapLinkKind) recovered(v view, e state.Endpoint, l datapath.Link) (state.Endpoint, bool) {
+func (k macvtapLinkKind) recovered(v view, e state.Endpoint, l hostnet.Link) (state.Endpoint, bool) {
 	return k.recoveredAs(v, e, l, "macvtap", k.name())
 }
 
 // Its frames come from the receive path, past no egress (rx on its
 // ingress); what the guest writes leaves through its own egress (tx).
-func (macvtapLinkKind) rateSites() (rx, tx rateSite) { return siteLinkIngress, siteLinkEgress }
+func (macvtapLinkKind) rateSites() (rx, tx RateSite) { return SiteLinkIngress, SiteLinkEgress }

@@ -1,10 +1,10 @@
-package reconcile
+package planner
 
 import (
 	"strings"
 
-	"github.com/tapsync/tapsync/agent"
-	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/agent/guestnet"
+	"github.com/tapsync/tapsync/datapath/hostnet"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -30,7 +30,7 @@ type guestInputs struct {
 // current is the wired links with each link as fresh shows it now, where
 // it is still the same link (ifindex, name and MAC). A macvtap
 // endpoint's guest link is made of what the record moved, and stays.
-func (in *guestInputs) current(fresh []datapath.Link) []wiredLink {
+func (in *guestInputs) current(fresh []hostnet.Link) []wiredLink {
 	out := make([]wiredLink, len(in.wired))
 	for i, w := range in.wired {
 		out[i] = w
@@ -68,7 +68,7 @@ func (p Plan) RefreshesGuest() bool { return p.guest != nil }
 // endpoint: a routes or neighbours step configures again first those
 // whose link has changed since (Again). A plan that plugs no NIC keeps
 // act as it is.
-func (p Plan) Refreshed(act Action, fresh Observed, sent map[int]agent.Interface) Action {
+func (p Plan) Refreshed(act Action, fresh Observed, sent map[int]guestnet.Interface) Action {
 	in := p.guest
 	if in == nil {
 		return act
@@ -78,7 +78,7 @@ func (p Plan) Refreshed(act Action, fresh Observed, sent map[int]agent.Interface
 	case OpConfigureGuest:
 		for _, w := range wired {
 			if !w.adopted && w.endpoint.Index == act.Endpoint.Index && !kindOf(w.endpoint).borrowsLink() {
-				act.Guest = desiredInterface(w.link)
+				act.Guest = DesiredInterface(w.link)
 				act.Digest = endpointDigest(deviceOf(w).nic, act.Guest)
 			}
 		}
@@ -86,26 +86,26 @@ func (p Plan) Refreshed(act Action, fresh Observed, sent map[int]agent.Interface
 		act.again = changedSinceConfigured(wired, sent)
 		if !in.moved() {
 			act.Routes = guestRoutes(fresh.Routes, guestDevices(wired))
-			act.Digest = routesDigest(act.Routes)
+			act.Digest = RoutesDigest(act.Routes)
 		}
 	case OpAddGuestNeighbors:
 		act.again = changedSinceConfigured(wired, sent)
 		act.Neighbors = guestNeighbors(fresh.Neighbors, guestDevices(wired))
-		act.Digest = neighborsDigest(act.Neighbors)
+		act.Digest = NeighborsDigest(act.Neighbors)
 	}
 	return act
 }
 
 // changedSinceConfigured are configure-guest steps for the interfaces sent
 // in this pass whose link has changed since.
-func changedSinceConfigured(wired []wiredLink, sent map[int]agent.Interface) []Action {
+func changedSinceConfigured(wired []wiredLink, sent map[int]guestnet.Interface) []Action {
 	var again []Action
 	for _, w := range wired {
 		i, ok := sent[w.endpoint.Index]
 		if w.adopted || !ok || kindOf(w.endpoint).borrowsLink() {
 			continue
 		}
-		if want := desiredInterface(w.link); interfaceText(want) != interfaceText(i) {
+		if want := DesiredInterface(w.link); interfaceText(want) != interfaceText(i) {
 			again = append(again, Action{Op: OpConfigureGuest, Endpoint: w.endpoint, Guest: want,
 				Digest: endpointDigest(deviceOf(w).nic, want), Reason: w.link.Name + " changed while it was configured"})
 		}

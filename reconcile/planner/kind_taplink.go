@@ -1,7 +1,7 @@
-package reconcile
+package planner
 
 import (
-	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/datapath/hostnet"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -11,12 +11,12 @@ type tapLinkKind struct{ linkIsDevice }
 
 func (tapLinkKind) name() string { return state.KindTapLink }
 
-func (tapLinkKind) claims(l datapath.Link, _ string) bool { return l.Kind == "tap" }
+func (tapLinkKind) claims(l hostnet.Link, _ string) bool { return l.Kind == "tap" }
 
-func (k tapLinkKind) recovered(v view, e state.Endpoint, l datapath.Link) (state.Endpoint, bool) {
+func (k tapLinkKind) recovered(v view, e state.Endpoint, l hostnet.Link) (state.Endpoint, bool) {
 	return k.recoveredAs(v, e, l, "tap", k.name())
 }
 
 // What the netns sends the tap link goes to the VM (rx on its egress);
 // what the VM writes enters the stack at its ingress (tx).
-func (tapLinkKind) rateSites() (rx, tx rateSite) { return siteLinkEgress, siteLinkIngress }
+func (tapLinkKind) rateSites() (rx, tx RateSite) { return SiteLinkEgress, SiteLinkIngress }

@@ -13,7 +13,7 @@ import (
 )
 
 // What tapsync believes of the guest without looking (the digests of
-// guest.go) names the NIC plugs it describes, so a replug outdates it by
+// planner/guest.go) names the NIC plugs it describes, so a replug outdates it by
 // key. What no key can see is an event below: noted when it happens,
 // applied at the start of the next pass by dropGuestBeliefs, the one place
 // where beliefs of the guest are dropped. That pass asks the agent what

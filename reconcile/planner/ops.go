@@ -8,8 +8,8 @@ import (
 	"github.com/tapsync/tapsync/state"
 )
 
-// Op is the kind of one step; what each Op is and does is its entry in
-// opSpecs.
+// Op is the kind of one step. What each Op is, is its entry in opSpecs;
+// how it is applied, its entry in reconcile's appliers.
 type Op int
 
 const (

@@ -302,8 +302,8 @@ func logAction(ctx context.Context, act Action) {
 	ev.Msg(act.String())
 }
 
-// recordStep applies record step act (planner.OpRecord, planner.OpMarkRemoving) to rec,
-// without saving it.
+// recordStep applies record step act (planner.OpRecord,
+// planner.OpMarkRemoving) to rec, without saving it.
 func recordStep(act Action, rec *state.Record) {
 	e := act.Endpoint
 	if act.Op == planner.OpMarkRemoving {

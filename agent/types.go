@@ -8,41 +8,21 @@ import (
 	"strings"
 
 	"github.com/tapsync/tapsync/agent/agentpb"
+	"github.com/tapsync/tapsync/agent/guestnet"
+)
+
+// The values the agent configures are guestnet's, so that a package that
+// only decides them need not import ttrpc. These names keep them where
+// callers have always found them.
+type (
+	Interface = guestnet.Interface
+	Route     = guestnet.Route
+	Neighbor  = guestnet.Neighbor
 )
 
 // iffNoARP is IFF_NOARP from <linux/if.h>: the only bit of raw_flags the
 // agent acts upon.
 const iffNoARP = 0x80
-
-// Interface is a guest NIC as the agent configures it.
-type Interface struct {
-	Name       string
-	MAC        net.HardwareAddr
-	Addrs      []netip.Prefix // address with its prefix length
-	MTU        int
-	NoARP      bool
-	DevicePath string // "bb/ss" (hex PCI slots), "" = do not wait for a device
-}
-
-// Route is a guest route in the main table.
-type Route struct {
-	Dest    netip.Prefix // !Dest.IsValid() = default route of Family
-	Gateway netip.Addr   // zero = none
-	Device  string
-	Source  netip.Addr // zero = none
-	Scope   uint8
-	IPv6    bool // family
-	MTU     int
-}
-
-// Neighbor is a static guest neighbour (ARP or NDP) entry.
-type Neighbor struct {
-	IP     netip.Addr
-	MAC    net.HardwareAddr
-	Device string
-	State  int // NUD_* bits
-	Flags  int
-}
 
 func family(v6 bool) agentpb.IPFamily {
 	if v6 {
@@ -227,29 +207,6 @@ func routeFromPB(pb *agentpb.Route) (Route, error) {
 		return Route{}, err
 	}
 	return r, nil
-}
-
-// String is the route as `ip route` would show it, for errors and logs.
-func (r Route) String() string {
-	var b strings.Builder
-	switch {
-	case r.Dest.IsValid() && r.Dest.Bits() > 0:
-		b.WriteString(r.Dest.String())
-	case r.IPv6:
-		b.WriteString("default (v6)")
-	default:
-		b.WriteString("default")
-	}
-	if r.Gateway.IsValid() {
-		b.WriteString(" via " + r.Gateway.String())
-	}
-	if r.Device != "" {
-		b.WriteString(" dev " + r.Device)
-	}
-	if r.Source.IsValid() {
-		b.WriteString(" src " + r.Source.String())
-	}
-	return b.String()
 }
 
 func neighborToPB(n Neighbor) (*agentpb.ARPNeighbor, error) {

@@ -11,4 +11,8 @@
 // is its own (tsn/tsm name prefix, fixed filter priority and handle, qdisc
 // handle 7453:). Kata's tap<N>_kata devices are listed as Kata's, never as
 // container links.
+//
+// The values it returns and the names of its devices are package
+// hostnet's, which imports no netlink, so that a package that only decides
+// from them need not import this one.
 package datapath

@@ -12,142 +12,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// MovedAddr is one address the macvtap model took from a container link,
-// with everything it takes to add it back as it was.
-type MovedAddr struct {
-	Prefix    netip.Prefix // the local address and the prefix length
-	Peer      netip.Addr   // the other end of a point-to-point address; zero: none
-	Broadcast netip.Addr   // IPv4; zero: none
-	Label     string       // IPv4, when it is not the link's own name
-	Scope     uint8
-	Flags     uint32 // the IFA_F_* bits that are set, not the kernel's state (see addrFlagsSet)
-	Metric    uint32 // of the address's prefix route (IFA_RT_PRIORITY)
-	Proto     uint8  // who made it (IFA_PROTO)
-	// ValidUntil and PreferredUntil end the address's lifetimes, as
-	// instants on CLOCK_MONOTONIC (the kernel counts lifetimes on that
-	// clock); zero: forever. An address is given back with what is left
-	// of them, and not at all once its valid lifetime is over.
-	ValidUntil, PreferredUntil time.Duration
-}
-
-func (a MovedAddr) String() string {
-	s := a.Prefix.String()
-	if a.Peer.IsValid() {
-		s = fmt.Sprintf("%s peer %s/%d", a.Prefix.Addr(), a.Peer, a.Prefix.Bits())
-	}
-	if a.Broadcast.IsValid() {
-		s += " brd " + a.Broadcast.String()
-	}
-	s += fmt.Sprintf(" scope %d", a.Scope)
-	if a.Label != "" {
-		s += " label " + a.Label
-	}
-	if a.Flags != 0 {
-		s += fmt.Sprintf(" flags %#x", a.Flags)
-	}
-	if a.Metric != 0 {
-		s += fmt.Sprintf(" metric %d", a.Metric)
-	}
-	if a.Proto != 0 {
-		s += fmt.Sprintf(" proto %d", a.Proto)
-	}
-	if a.ValidUntil != 0 {
-		s += " valid_lft finite"
-	}
-	if a.PreferredUntil != 0 {
-		s += " preferred_lft finite"
-	}
-	return s
-}
-
 // sameAddr tells one address from another as the kernel does (local
 // address, prefix length, peer).
 func sameAddr(a, b MovedAddr) bool { return a.Prefix == b.Prefix && a.Peer == b.Peer }
 
-// equal reports whether a, as read from a link, is b: every attribute,
-// lifetimes by whether they end.
-func (a MovedAddr) equal(b MovedAddr) bool {
+// addrEqual reports whether a, as read from a link, is b: every
+// attribute, lifetimes by whether they end.
+func addrEqual(a, b MovedAddr) bool {
 	return sameAddr(a, b) && a.Broadcast == b.Broadcast && a.Label == b.Label && a.Scope == b.Scope && a.Flags == b.Flags &&
 		a.Metric == b.Metric && a.Proto == b.Proto && (a.ValidUntil == 0) == (b.ValidUntil == 0) && (a.PreferredUntil == 0) == (b.PreferredUntil == 0)
-}
-
-// MovedRoute is one route that went, or may go, with a container link's
-// addresses: a route of any table through the link, or with one of its
-// addresses as preferred source; with everything it takes to add it back
-// as it was.
-type MovedRoute struct {
-	Family   uint8 // unix.AF_INET, unix.AF_INET6
-	Table    uint32
-	Dst      netip.Prefix // 0.0.0.0/0 or ::/0 for a default route
-	From     netip.Prefix // source prefix (IPv6 source-specific routing); zero: none
-	Tos      uint8
-	Protocol uint8
-	Scope    uint8
-	Type     uint8  // RTN_*
-	Flags    uint32 // the RTNH_F_* that are set (onlink, pervasive), not the kernel's state
-	Metric   uint32 // priority
-	Dev      int    // ifindex; 0 for a multipath route
-	Gateway  netip.Addr
-	PrefSrc  netip.Addr
-	Hops     []Hop             // a multipath route's nexthops
-	Metrics  map[string]uint32 // RTAX_* by iproute2's names (mtu, advmss, lock, …)
-	CongCtl  string            // RTAX_CC_ALGO
-	Pref     uint8             // IPv6 router preference (RTA_PREF)
-	Realm    uint32            // RTA_FLOW
-	// ExpiresAt is when an IPv6 route expires, on CLOCK_MONOTONIC; zero:
-	// never.
-	ExpiresAt time.Duration
-}
-
-// Hop is one nexthop of a multipath route.
-type Hop struct {
-	Dev     int
-	Gateway netip.Addr
-	Weight  int
-	Flags   uint8
-	Realm   uint32
-}
-
-func (r MovedRoute) String() string {
-	s := fmt.Sprintf("%s table %d", r.Dst, r.Table)
-	if r.From.IsValid() {
-		s += " from " + r.From.String()
-	}
-	if r.Gateway.IsValid() {
-		s += " via " + r.Gateway.String()
-	}
-	if r.Dev != 0 {
-		s += fmt.Sprintf(" dev %d", r.Dev)
-	}
-	for _, h := range r.Hops {
-		s += fmt.Sprintf(" nexthop via %s dev %d weight %d", h.Gateway, h.Dev, h.Weight)
-	}
-	if r.PrefSrc.IsValid() {
-		s += " src " + r.PrefSrc.String()
-	}
-	s += fmt.Sprintf(" type %d proto %d scope %d metric %d", r.Type, r.Protocol, r.Scope, r.Metric)
-	if r.Tos != 0 {
-		s += fmt.Sprintf(" tos %d", r.Tos)
-	}
-	if r.Flags != 0 {
-		s += fmt.Sprintf(" flags %#x", r.Flags)
-	}
-	for _, k := range slices.Sorted(maps.Keys(r.Metrics)) {
-		s += fmt.Sprintf(" %s %d", k, r.Metrics[k])
-	}
-	if r.CongCtl != "" {
-		s += " congctl " + r.CongCtl
-	}
-	if r.Pref != 0 {
-		s += fmt.Sprintf(" pref %d", r.Pref)
-	}
-	if r.Realm != 0 {
-		s += fmt.Sprintf(" realm %d", r.Realm)
-	}
-	if r.ExpiresAt != 0 {
-		s += " expires"
-	}
-	return s
 }
 
 // samePlace reports whether a and b are at one place of the routing
@@ -164,9 +37,9 @@ func sameNexthops(a, b MovedRoute) bool {
 	})
 }
 
-// equal reports whether a, as read from the kernel, is b: every
+// routeEqual reports whether a, as read from the kernel, is b: every
 // attribute, the expiry by whether there is one.
-func (a MovedRoute) equal(b MovedRoute) bool {
+func routeEqual(a, b MovedRoute) bool {
 	return samePlace(a, b) && a.Protocol == b.Protocol && a.Scope == b.Scope && a.Type == b.Type && a.Flags == b.Flags &&
 		a.Dev == b.Dev && a.Gateway == b.Gateway && a.PrefSrc == b.PrefSrc && slices.Equal(a.Hops, b.Hops) &&
 		maps.Equal(a.Metrics, b.Metrics) && a.CongCtl == b.CongCtl && a.Pref == b.Pref && a.Realm == b.Realm &&
@@ -174,26 +47,8 @@ func (a MovedRoute) equal(b MovedRoute) bool {
 }
 
 // through reports whether r sends traffic through link ifindex.
-func (r MovedRoute) through(ifindex int) bool {
+func through(r MovedRoute, ifindex int) bool {
 	return r.Dev == ifindex || slices.ContainsFunc(r.Hops, func(h Hop) bool { return h.Dev == ifindex })
-}
-
-// Route is r as Routes reports it, if Routes reports it: a unicast route
-// of the main table that the kernel did not derive by itself.
-func (r MovedRoute) Route() (Route, bool) {
-	if r.Table != unix.RT_TABLE_MAIN || r.Type != unix.RTN_UNICAST || r.Protocol == unix.RTPROT_KERNEL ||
-		(r.Family != unix.AF_INET && r.Family != unix.AF_INET6) {
-		return Route{}, false
-	}
-	out := Route{LinkIndex: r.Dev, Gateway: r.Gateway, Src: r.PrefSrc, Scope: r.Scope, IPv6: r.Family == unix.AF_INET6,
-		Protocol: int(r.Protocol), MTU: int(r.Metrics["mtu"]), Metric: int(r.Metric)}
-	if r.Dst.Bits() > 0 {
-		out.Dst = r.Dst
-	}
-	if len(r.Hops) > 0 && r.Dev == 0 {
-		out.LinkIndex, out.Gateway = r.Hops[0].Dev, r.Hops[0].Gateway
-	}
-	return out, true
 }
 
 // ErrCannotGiveBack marks a container link that carries what the macvtap
@@ -240,7 +95,7 @@ func (r *rtnl) lent(ifindex int, name string, now time.Duration) ([]MovedAddr, [
 	}
 	var routes []MovedRoute
 	for _, rt := range all {
-		if derived(rt.MovedRoute) || !(rt.through(ifindex) || mine[rt.PrefSrc]) {
+		if derived(rt.MovedRoute) || !(through(rt.MovedRoute, ifindex) || mine[rt.PrefSrc]) {
 			continue
 		}
 		if len(rt.unknown) > 0 {
@@ -256,7 +111,7 @@ func (r *rtnl) lent(ifindex int, name string, now time.Duration) ([]MovedAddr, [
 func (r *rtnl) take(ifindex int, addrs []MovedAddr, now time.Duration) error {
 	for _, a := range slices.Backward(addrs) {
 		// Equivalent to: ip address del ADDR dev CONTAINER
-		if err := r.request(unix.RTM_DELADDR, 0, a.msg(ifindex, now, true)...); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+		if err := r.request(unix.RTM_DELADDR, 0, addrMsg(a, ifindex, now, true)...); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
 			return fmt.Errorf("delete address %s: %w", a, err)
 		}
 	}
@@ -320,16 +175,16 @@ func (r *rtnl) giveAddrs(ifindex int, name string, addrs []MovedAddr, now time.D
 	slices.Reverse(v6)
 	for _, a := range append(v4, v6...) {
 		if i := slices.IndexFunc(have, func(h addrRead) bool { return sameAddr(h.MovedAddr, a) }); i >= 0 {
-			if asTaken(have[i], name).equal(a) {
+			if addrEqual(asTaken(have[i], name), a) {
 				continue
 			}
 			// Equivalent to: ip address del ADDR dev CONTAINER
-			if err := r.request(unix.RTM_DELADDR, 0, a.msg(ifindex, now, true)...); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+			if err := r.request(unix.RTM_DELADDR, 0, addrMsg(a, ifindex, now, true)...); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
 				return fmt.Errorf("replace address %s (is %s): %w", a, have[i].MovedAddr, err)
 			}
 		}
 		// Equivalent to: ip address add ADDR [peer P] [brd B] scope S [label L] [metric M] [proto P] [FLAGS] [valid_lft V preferred_lft P] dev CONTAINER
-		if err := r.request(unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_EXCL, a.msg(ifindex, now, false)...); err != nil {
+		if err := r.request(unix.RTM_NEWADDR, unix.NLM_F_CREATE|unix.NLM_F_EXCL, addrMsg(a, ifindex, now, false)...); err != nil {
 			return fmt.Errorf("add address %s: %w", a, err)
 		}
 		// Deleting a primary IPv4 address takes its secondaries with it.
@@ -414,7 +269,7 @@ func (r *rtnl) giveRoutes(ifindex int, routes []MovedRoute, expired bool, now ti
 		}
 		var stuck []error
 		for i, rt := range failed {
-			gone := (errors.Is(errs[i], unix.ENODEV) && !rt.through(ifindex)) ||
+			gone := (errors.Is(errs[i], unix.ENODEV) && !through(rt, ifindex)) ||
 				(expired && (errors.Is(errs[i], unix.ENETUNREACH) || errors.Is(errs[i], unix.EINVAL)))
 			if gone {
 				given = slices.DeleteFunc(given, func(g MovedRoute) bool { return samePlace(g, rt) })
@@ -433,17 +288,17 @@ func (r *rtnl) giveRoute(rt MovedRoute, have []routeRead, now time.Duration) err
 	i := slices.IndexFunc(have, func(h routeRead) bool { return samePlace(h.MovedRoute, rt) })
 	if i < 0 {
 		// Equivalent to: ip route add …
-		return r.request(unix.RTM_NEWROUTE, unix.NLM_F_CREATE|unix.NLM_F_EXCL, rt.msg(now)...)
+		return r.request(unix.RTM_NEWROUTE, unix.NLM_F_CREATE|unix.NLM_F_EXCL, routeMsg(rt, now)...)
 	}
 	cur := have[i].MovedRoute
-	if cur.equal(rt) {
+	if routeEqual(cur, rt) {
 		return nil
 	}
 	if !sameNexthops(cur, rt) {
 		return fmt.Errorf("%w: %s holds its place; left as it is", unix.EEXIST, cur)
 	}
 	// Equivalent to: ip route replace …
-	return r.request(unix.RTM_NEWROUTE, unix.NLM_F_CREATE|unix.NLM_F_REPLACE, rt.msg(now)...)
+	return r.request(unix.RTM_NEWROUTE, unix.NLM_F_CREATE|unix.NLM_F_REPLACE, routeMsg(rt, now)...)
 }
 
 // compare reads link ifindex's addresses and the routes back and says
@@ -460,7 +315,7 @@ func (r *rtnl) compare(ifindex int, name string, addrs []MovedAddr, routes []Mov
 		switch {
 		case i < 0:
 			diffs = append(diffs, "address "+a.String()+" missing")
-		case !asTaken(have[i], name).equal(a):
+		case !addrEqual(asTaken(have[i], name), a):
 			diffs = append(diffs, fmt.Sprintf("address %s is %s", a, asTaken(have[i], name)))
 		case a.Prefix.Addr().Is4() && i < last:
 			diffs = append(diffs, fmt.Sprintf("address %s moved before another", a))
@@ -477,7 +332,7 @@ func (r *rtnl) compare(ifindex int, name string, addrs []MovedAddr, routes []Mov
 		switch {
 		case i < 0:
 			diffs = append(diffs, "route "+rt.String()+" missing")
-		case !all[i].equal(rt):
+		case !routeEqual(all[i].MovedRoute, rt):
 			diffs = append(diffs, fmt.Sprintf("route %s is %s", rt, all[i].MovedRoute))
 		}
 	}

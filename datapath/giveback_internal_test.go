@@ -101,16 +101,16 @@ func FuzzParseRtnl(f *testing.F) {
 	route := MovedRoute{Family: 2, Table: 100, Dst: netip.MustParsePrefix("10.0.0.0/8"), Type: 1, Metric: 100, Dev: 2,
 		Gateway: netip.MustParseAddr("10.1.0.1"), Metrics: map[string]uint32{"mtu": 1400, "lock": 4},
 		Hops: []Hop{{Dev: 2, Gateway: netip.MustParseAddr("10.1.0.2"), Weight: 2}}}
-	f.Add(serialize(route.msg(0)))
+	f.Add(serialize(routeMsg(route, 0)))
 	addr := MovedAddr{Prefix: netip.MustParsePrefix("10.1.0.5/24"), Broadcast: netip.MustParseAddr("10.1.0.255"), Label: "eth0:1", Metric: 5, ValidUntil: time.Minute}
-	f.Add(serialize(addr.msg(2, 0, false)))
+	f.Add(serialize(addrMsg(addr, 2, 0, false)))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if r, err := parseRoute(b, time.Hour); err == nil && r.Dst.IsValid() {
-			_ = serialize(r.msg(time.Hour))
+			_ = serialize(routeMsg(r.MovedRoute, time.Hour))
 		}
 		if a, err := parseAddr(b, time.Hour); err == nil && a.Prefix.IsValid() {
-			_ = serialize(a.msg(1, time.Hour, false))
+			_ = serialize(addrMsg(a.MovedAddr, 1, time.Hour, false))
 		}
 	})
 }

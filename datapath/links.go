@@ -4,106 +4,10 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"strconv"
-	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
-
-// Link is a network interface as seen inside a sandbox netns.
-type Link struct {
-	Name string
-	// AltNames are the link's alternative names (ip link property add
-	// altname): the kernel gives them to no other link either.
-	AltNames []string
-	Ifindex  int
-	// Kind is the rtnetlink kind (veth, macvlan, ipvlan, macvtap, vlan, …),
-	// with tuntap split into "tap" and "tun"; "device" for links without
-	// a kind, such as loopback or a physical NIC moved into the netns.
-	Kind      string
-	MAC       net.HardwareAddr
-	MTU       int
-	OperState string
-	Up        bool // administratively up
-	// Addrs is every address of the link with its prefix length, IPv4
-	// and IPv6, link-local included, in the kernel's dump order (the
-	// primary IPv4 address first); callers filter. Filled for container
-	// links only, nil for taps.
-	Addrs []netip.Prefix
-	NoARP bool // IFF_NOARP
-	// Parent is the ifindex of the lower device of a macvlan, macvtap,
-	// ipvlan or vlan link (0: none, or in another netns).
-	Parent int
-	// Master is the ifindex of the device l is enslaved to (a bridge,
-	// bond, VRF, …; 0: none).
-	Master int
-}
-
-func (l Link) String() string {
-	return fmt.Sprintf("%s(%d %s %s)", l.Name, l.Ifindex, l.Kind, l.MAC)
-}
-
-// Tap names. Ours are tsn<N>: a prefix of our own, because Kata names its
-// taps tap<N>_kata and picks N without looking at what else is in the
-// netns; sharing its names would let a Kata hot-add fail on our tap, or
-// attach to it. Three letters leave twelve bytes of IFNAMSIZ for N, so
-// every index that can be allocated fits.
-const (
-	tapPrefix     = "tsn"
-	kataTapPrefix = "tap"
-	kataTapSuffix = "_kata"
-)
-
-// TapName is the name of endpoint N's tap device.
-func TapName(index int) string { return tapPrefix + strconv.Itoa(index) }
-
-// ParseTapName returns N for a name of the form tsn<N>.
-func ParseTapName(name string) (int, bool) {
-	s, ok := strings.CutPrefix(name, tapPrefix)
-	if !ok {
-		return 0, false
-	}
-	return parseIndex(s)
-}
-
-// ParseKataTapName returns N for a name of the form tap<N>_kata: Kata's
-// tap (tcfilter model) or macvtap (macvtap model) for its endpoint N.
-func ParseKataTapName(name string) (int, bool) {
-	s, ok := strings.CutPrefix(name, kataTapPrefix)
-	if !ok {
-		return 0, false
-	}
-	if s, ok = strings.CutSuffix(s, kataTapSuffix); !ok {
-		return 0, false
-	}
-	return parseIndex(s)
-}
-
-// ParseEndpointName returns N for a name that one of endpoint N's devices
-// takes: tsn<N> (tap), tsm<N> (macvtap) or tsi<N> (ifb), whatever kind of
-// link carries it now.
-func ParseEndpointName(name string) (int, bool) {
-	for _, parse := range []func(string) (int, bool){ParseTapName, ParseMacvtapName, ParseIfbName} {
-		if n, ok := parse(name); ok {
-			return n, true
-		}
-	}
-	return 0, false
-}
-
-// parseIndex parses a decimal index without sign or leading zeros, so
-// that each index has exactly one name.
-func parseIndex(s string) (int, bool) {
-	if s == "" || (len(s) > 1 && s[0] == '0') || s[0] < '0' || s[0] > '9' {
-		return 0, false
-	}
-	n, err := strconv.Atoi(s)
-	if err != nil || n < 0 {
-		return 0, false
-	}
-	return n, true
-}
 
 func linkKind(l netlink.Link) string {
 	if t, ok := l.(*netlink.Tuntap); ok {

@@ -2,38 +2,16 @@ package datapath
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"slices"
-	"strconv"
-	"strings"
 
 	"github.com/rs/zerolog"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
-
-// Macvtap names. Ours are tsm<N>: a prefix of our own for the same reason
-// as tsn<N> (Kata names its macvtaps tap<N>_kata and picks N blindly),
-// and distinct from tsn<N> so that a name alone says which model an
-// endpoint device belongs to; a tap and a macvtap of one index never
-// collide.
-const macvtapPrefix = "tsm"
-
-// MacvtapName is the name of endpoint N's macvtap device (macvtap model).
-func MacvtapName(index int) string { return macvtapPrefix + strconv.Itoa(index) }
-
-// ParseMacvtapName returns N for a name of the form tsm<N>.
-func ParseMacvtapName(name string) (int, bool) {
-	s, ok := strings.CutPrefix(name, macvtapPrefix)
-	if !ok {
-		return 0, false
-	}
-	return parseIndex(s)
-}
 
 // ErrMacvtapMismatch reports an existing tsm<N> whose fixed properties
 // (kind, lower device, mode, MAC) differ from what was asked. It is not
@@ -77,35 +55,6 @@ func (s MacvtapSpec) validate() error {
 		return fmt.Errorf("macvtap %s: negative MTU %d", name, s.MTU)
 	}
 	return nil
-}
-
-// HostMAC is the MAC a container link carries while its own MAC is lent
-// to endpoint index's macvtap: a locally administered unicast address
-// derived from the guest MAC and the index.
-//
-// Derived, not random: a crash between creating the macvtap and
-// changing the container link's MAC converges to the same address
-// without recording anything more, and RemoveMacvtap's caller can tell
-// the link's state from its MAC. Derived from the guest MAC and not from
-// the index alone: guest MACs are unique on the pod network, so the
-// host-side MACs of two sandboxes never collide on a shared L2 (an index
-// alone would give every sandbox's first endpoint the same MAC).
-func HostMAC(guest net.HardwareAddr, index int) net.HardwareAddr {
-	sum := sha256.Sum256([]byte("tapsync macvtap host mac\x00" + guest.String() + "\x00" + strconv.Itoa(index)))
-	mac := net.HardwareAddr(sum[:6])
-	mac[0] = mac[0]&^0x01 | 0x02 // unicast, locally administered
-	if slices.Equal(mac, guest) {
-		mac[5] ^= 0x01
-	}
-	return mac
-}
-
-// Macvtap is a macvtap device in the netns: one of ours (Index ≥ 0) or
-// a container link of kind macvtap.
-type Macvtap struct {
-	Link
-	Index int    // endpoint index N of tsm<N>; -1 when not ours
-	Mode  string // bridge, vepa, private, passthru, source
 }
 
 var macvlanModes = map[netlink.MacvlanMode]string{
@@ -155,21 +104,6 @@ func (n *Netns) macvtap(name string) (*netlink.Macvtap, error) {
 		return nil, fmt.Errorf("%w: %s is a %s, not a macvtap", ErrMacvtapMismatch, name, l.Type())
 	}
 	return m, nil
-}
-
-// Moved is what EnsureMacvtap took from a container link, and what
-// RestoreContainerLink gives back: its own MAC (now the guest's), its
-// addresses (they would make the host answer ARP and neighbour discovery
-// for the guest) and the routes of every table that go with them, each
-// with every attribute it had.
-type Moved struct {
-	MAC   net.HardwareAddr
-	Addrs []MovedAddr // in the kernel's order
-	// Routes are the routes through the link, in any table, and those
-	// with one of its addresses as preferred source: the kernel deletes an
-	// IPv4 route with the last IPv4 address of its device or with its
-	// preferred source, and strips an IPv6 route of its preferred source.
-	Routes []MovedRoute
 }
 
 // EnsureMacvtap wires endpoint spec.Index in the macvtap model, in this

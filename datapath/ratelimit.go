@@ -4,8 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"strconv"
-	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -203,18 +201,6 @@ func (n *Netns) noOurQdisc(link netlink.Link) bool {
 	return err == nil && !isOurRateQdisc(root)
 }
 
-// RateLimitOn is one of our limits as observed: a link and its egress
-// limit in bits per second, or with Ingress its ingress limit through
-// ifb tsi<Ifb> (Ifindex 0: no link's ingress is redirected to the ifb;
-// BPS 0: the ifb carries no limit).
-type RateLimitOn struct {
-	Ifindex int
-	Name    string
-	BPS     uint64
-	Ingress bool
-	Ifb     int
-}
-
 // RateLimits lists our limits on every link of the netns, from one
 // qdisc dump and a class dump per limited link, then one filter dump
 // per link with an ingress hook for the limits through our ifbs.
@@ -275,8 +261,7 @@ func (n *Netns) egressLimits() ([]RateLimitOn, error) {
 // filter on the link's ingress redirects every frame to the ifb, whose
 // egress carries the same HTB as any other limit, and the ifb hands each
 // frame back to the receive path of the link it came from, past tc.
-// Each endpoint has at most one such limit; its ifb is tsi<N>.
-const ifbPrefix = "tsi"
+// Each endpoint has at most one such limit; its ifb is tsi<N> (IfbName).
 
 // IngressPriority is the tc priority of our ingress-limit filter. It
 // differs from FilterPriority (the tcfilter model's redirects) so that
@@ -289,18 +274,6 @@ const IngressPriority uint16 = 0x7454
 // leaf queue: the kernel's default for an ifb (32) drops a TCP window's
 // burst and makes the measured rate fall well below the limit.
 const ifbQueueLen = 1000
-
-// IfbName is the name of endpoint N's ifb device.
-func IfbName(index int) string { return ifbPrefix + strconv.Itoa(index) }
-
-// ParseIfbName returns N for a name of the form tsi<N>.
-func ParseIfbName(name string) (int, bool) {
-	s, ok := strings.CutPrefix(name, ifbPrefix)
-	if !ok {
-		return 0, false
-	}
-	return parseIndex(s)
-}
 
 // isIfbEndpoint says whether l is one of our ifbs: never a container link.
 func isIfbEndpoint(l netlink.Link) bool {

@@ -14,19 +14,6 @@ import (
 // turns into 49152, so the two never collide.
 const FilterPriority uint16 = 0x7453
 
-// Redirect is one u32 match-all filter with a mirred egress redirect
-// action, found on the ingress hook of From.
-type Redirect struct {
-	From, To         int // ifindexes; To may name a device that no longer exists
-	FromName, ToName string
-	Priority         uint16
-	Owned            bool // at FilterPriority: created by tapsync
-}
-
-func (r Redirect) String() string {
-	return fmt.Sprintf("%s→%s(prio %d)", r.FromName, r.ToName, r.Priority)
-}
-
 // ingressParent returns the parent handle for ingress filters on link, or
 // 0 when the link has no ingress hook yet. A clsact qdisc serves as one too.
 func (n *Netns) ingressParent(link netlink.Link) (uint32, error) {

@@ -9,58 +9,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Route is a route of the sandbox's main table that a CNI plugin or an
-// administrator added (not one the kernel derived from an address).
-type Route struct {
-	Dst       netip.Prefix // invalid (zero) = default route
-	Gateway   netip.Addr   // zero = none
-	LinkIndex int
-	Src       netip.Addr // preferred source, zero = none
-	Scope     uint8      // netlink.Scope value
-	IPv6      bool
-	Protocol  int // RTPROT_*
-	MTU       int // RTAX_MTU metric, 0 = none
-	Metric    int // priority
-}
-
-func (r Route) String() string {
-	dst := "default"
-	switch {
-	case r.Dst.IsValid():
-		dst = r.Dst.String()
-	case r.IPv6:
-		dst = "default (ipv6)"
-	}
-	s := fmt.Sprintf("%s dev %d", dst, r.LinkIndex)
-	if r.Gateway.IsValid() {
-		s += " via " + r.Gateway.String()
-	}
-	if r.Src.IsValid() {
-		s += " src " + r.Src.String()
-	}
-	s += fmt.Sprintf(" proto %d scope %d", r.Protocol, r.Scope)
-	if r.MTU != 0 {
-		s += fmt.Sprintf(" mtu %d", r.MTU)
-	}
-	if r.Metric != 0 {
-		s += fmt.Sprintf(" metric %d", r.Metric)
-	}
-	return s
-}
-
-// Neighbor is a permanent neighbour entry (ARP or NDP) of the sandbox.
-type Neighbor struct {
-	IP        netip.Addr
-	MAC       net.HardwareAddr
-	LinkIndex int
-	State     int // NUD_* bits
-	Flags     int // NTF_* bits
-}
-
-func (n Neighbor) String() string {
-	return fmt.Sprintf("%s lladdr %s dev %d nud %#x flags %#x", n.IP, n.MAC, n.LinkIndex, n.State, n.Flags)
-}
-
 // Routes lists the routes of the main table, IPv4 and IPv6, that are
 // unicast and not installed by the kernel itself (RTPROT_KERNEL: the prefix
 // routes that follow addresses, the IPv6 link-local routes). Those are the

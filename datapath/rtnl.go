@@ -185,7 +185,7 @@ func until(left uint32, unit, now time.Duration) time.Duration {
 
 // addrMsg is the message that adds a (or, with delete, removes it) on
 // link ifindex, its lifetimes counted from now.
-func (a MovedAddr) msg(ifindex int, now time.Duration, del bool) []nl.NetlinkRequestData {
+func addrMsg(a MovedAddr, ifindex int, now time.Duration, del bool) []nl.NetlinkRequestData {
 	family := unix.AF_INET
 	if a.Prefix.Addr().Is6() {
 		family = unix.AF_INET6
@@ -486,8 +486,8 @@ func gateway(family uint8, gw netip.Addr) *nl.RtAttr {
 	return nl.NewRtAttr(unix.RTA_VIA, append(b, gw.AsSlice()...))
 }
 
-// msg is the message that adds r, its expiry counted from now.
-func (r MovedRoute) msg(now time.Duration) []nl.NetlinkRequestData {
+// routeMsg is the message that adds r, its expiry counted from now.
+func routeMsg(r MovedRoute, now time.Duration) []nl.NetlinkRequestData {
 	m := &nl.RtMsg{RtMsg: unix.RtMsg{Family: r.Family, Dst_len: uint8(r.Dst.Bits()), Tos: r.Tos,
 		Protocol: r.Protocol, Scope: r.Scope, Type: r.Type, Flags: r.Flags}}
 	if r.Table < 256 {

@@ -28,21 +28,6 @@ type TapSpec struct {
 	MTU    int // 0 = leave the kernel default
 }
 
-// Tap is an endpoint tap as observed in the netns.
-type Tap struct {
-	Link
-	Index      int // endpoint index N of tsn<N>
-	MultiQueue bool
-	VnetHdr    bool
-	NoPI       bool
-	Persistent bool // false for taps that live only as long as their fds (Kata's)
-	// Attached counts the queues held open (typically by QEMU), enabled
-	// or not. The kernel reports queue counts only for multiqueue taps;
-	// for a single-queue tap it is 1 when it has carrier, which the tun
-	// driver turns on exactly while a queue is attached (and the tap is up).
-	Attached int
-}
-
 func toTap(l *netlink.Tuntap, index int) Tap {
 	return Tap{
 		Link:       toLink(l),

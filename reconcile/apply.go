@@ -11,6 +11,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/reconcile/planner"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -126,7 +127,7 @@ type Env struct {
 	// Refresh, if set, reads the sandbox's container links (with their
 	// addresses) again, and its routes and permanent neighbours as parts
 	// asks. A pass that plugs a NIC sends its guest steps with what it
-	// reads then (see refreshGuest).
+	// reads then (see Plan.Refreshed).
 	Refresh func(ctx context.Context, parts datapath.Parts) (Observed, error)
 }
 
@@ -142,9 +143,9 @@ type applier struct {
 	waited    bool           // an unplug batch of this pass has had its wait
 	plugs     int            // NICs plugged in this pass
 	// configured is what this pass's configure-guest steps sent, by
-	// endpoint (see refreshGuest).
+	// endpoint (see Plan.Refreshed).
 	configured map[int]agent.Interface
-	extra      int // mutations made by steps outside the plan (Action.again)
+	extra      int // mutations made by steps outside the plan (Action.Again)
 }
 
 // Apply executes p in order. The record is saved at every record step
@@ -191,7 +192,7 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 			continue
 		}
 		var err error
-		if act.Op == OpUnplugNIC {
+		if act.Op == planner.OpUnplugNIC {
 			if _, asked := a.unplugs[i]; !asked {
 				if err := a.unplugBatch(ctx, p, i, &rec); err != nil {
 					return rec, out, errors.Join(append(errs, err)...)
@@ -200,10 +201,10 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 			err = a.unplugs[i]
 			a.unplugged[n] = err == nil
 		} else {
-			if act.Op.Guestward() && p.guest != nil && a.plugs > 0 && a.Refresh != nil {
-				act = a.refreshGuest(ctx, p.guest, act)
+			if act.Op.Guestward() && p.RefreshesGuest() && a.plugs > 0 && a.Refresh != nil {
+				act = a.refreshGuest(ctx, p, act)
 			}
-			if len(act.again) == 0 && ((act.ifChanged && act.Digest == rec.GuestRoutes) || (act.Op == OpAddGuestNeighbors && len(act.Neighbors) == 0)) {
+			if act.NothingNew(rec) {
 				log.Debug().Str("action", act.Op.String()).Msg("guest step not sent: nothing has changed")
 				continue
 			}
@@ -268,7 +269,7 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 
 // do applies one action other than an unplug (see unplugBatch).
 func (a *applier) do(ctx context.Context, act Action, rec *state.Record) error {
-	return act.Op.spec().apply(a, ctx, act, rec)
+	return applierOf(act.Op)(a, ctx, act, rec)
 }
 
 // recordMoved adds to endpoint n's record what EnsureMacvtap takes or
@@ -278,7 +279,7 @@ func (a *applier) recordMoved(rec *state.Record, n int, m datapath.Moved) error 
 	if !ok {
 		return nil
 	}
-	moved, changed := mergeMoved(e.Moved, m)
+	moved, changed := planner.MergeMoved(e.Moved, m)
 	if !changed {
 		return nil
 	}
@@ -301,11 +302,11 @@ func logAction(ctx context.Context, act Action) {
 	ev.Msg(act.String())
 }
 
-// recordStep applies record step act (OpRecord, OpMarkRemoving) to rec,
-// without saving it.
+// recordStep applies record step act (planner.OpRecord,
+// planner.OpMarkRemoving) to rec, without saving it.
 func recordStep(act Action, rec *state.Record) {
 	e := act.Endpoint
-	if act.Op == OpMarkRemoving {
+	if act.Op == planner.OpMarkRemoving {
 		e.Removing = true
 	}
 	rec.Put(e)
@@ -316,11 +317,11 @@ func recordStep(act Action, rec *state.Record) {
 // together with the request (see unplugBatch), one record write before
 // device_del instead of two.
 func foldsIntoUnplug(p Plan, i int) bool {
-	if i < 0 || i+1 >= len(p.Actions) || p.Actions[i].Op != OpMarkRemoving {
+	if i < 0 || i+1 >= len(p.Actions) || p.Actions[i].Op != planner.OpMarkRemoving {
 		return false
 	}
 	next := p.Actions[i+1]
-	return next.Op == OpUnplugNIC && next.Endpoint.Index == p.Actions[i].Endpoint.Index &&
+	return next.Op == planner.OpUnplugNIC && next.Endpoint.Index == p.Actions[i].Endpoint.Index &&
 		next.Endpoint.Index >= 0 && !next.Endpoint.UnplugRequested
 }
 
@@ -354,7 +355,7 @@ func (a *applier) unplugBatch(ctx context.Context, p Plan, i int, rec *state.Rec
 	for j := i + 1; j < len(p.Actions); j++ {
 		b := p.Actions[j]
 		n := b.Endpoint.Index
-		if b.Op != OpUnplugNIC || n < 0 || a.blocked[n] || (fresh && b.Endpoint.UnplugRequested) {
+		if b.Op != planner.OpUnplugNIC || n < 0 || a.blocked[n] || (fresh && b.Endpoint.UnplugRequested) {
 			continue
 		}
 		var pre []int
@@ -363,7 +364,7 @@ func (a *applier) unplugBatch(ctx context.Context, p Plan, i int, rec *state.Rec
 			c := p.Actions[k]
 			switch {
 			case c.Endpoint.Index != n || a.ahead[k]:
-			case c.Op == OpRecord || c.Op == OpMarkRemoving:
+			case c.Op == planner.OpRecord || c.Op == planner.OpMarkRemoving:
 				pre = append(pre, k)
 			default:
 				ready = false
@@ -475,7 +476,7 @@ func (a *applier) updateGuestRoutes(ctx context.Context, routes []GuestRoute, re
 	if _, err := a.Guest.UpdateRoutes(ctx, rs); err != nil {
 		return err
 	}
-	rec.GuestRoutes = routesDigest(sent)
+	rec.GuestRoutes = planner.RoutesDigest(sent)
 	return a.Recorder.Save(*rec)
 }
 
@@ -495,6 +496,6 @@ func (a *applier) addGuestNeighbors(ctx context.Context, neigh []GuestNeighbor, 
 	} else if err != nil {
 		return err
 	}
-	rec.GuestNeighbors = neighborsDigest(sent)
+	rec.GuestNeighbors = planner.NeighborsDigest(sent)
 	return a.Recorder.Save(*rec)
 }

@@ -13,7 +13,7 @@ import (
 )
 
 // What tapsync believes of the guest without looking (the digests of
-// guest.go) names the NIC plugs it describes, so a replug outdates it by
+// planner/guest.go) names the NIC plugs it describes, so a replug outdates it by
 // key. What no key can see is an event below: noted when it happens,
 // applied at the start of the next pass by dropGuestBeliefs, the one place
 // where beliefs of the guest are dropped. That pass asks the agent what
@@ -41,7 +41,7 @@ const (
 )
 
 // guestDrops is what each event drops. Neighbours cannot be listed: they
-// are sent again with the interface they sit on (see planGuest), so only
+// are sent again with the interface they sit on (see the planner's planGuest), so only
 // a reset, which forgets them for sure, drops them outright. A replug
 // needs no entry (keys), nor does a new QMP connection: the guest does not
 // change with it (a RESET seen on the old one is kept: noteReset).

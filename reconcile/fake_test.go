@@ -14,6 +14,7 @@ import (
 
 	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/reconcile/planner"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -295,7 +296,7 @@ func (w *world) plan(opts Options) Plan {
 func (w *world) noteGuest(ev guestEvent) { w.events = append(w.events, ev) }
 
 func (w *world) EnsureTap(_ context.Context, spec datapath.TapSpec) (datapath.Tap, error) {
-	if err := w.fail(OpCreateTap); err != nil {
+	if err := w.fail(planner.OpCreateTap); err != nil {
 		return datapath.Tap{}, err
 	}
 	t, ok := w.taps[spec.Index]
@@ -351,7 +352,7 @@ func (w *world) ensureRedirect(from, to int) error {
 }
 
 func (w *world) EnsureRedirects(container, tap int) error {
-	if err := w.fail(OpAddRedirects); err != nil {
+	if err := w.fail(planner.OpAddRedirects); err != nil {
 		return err
 	}
 	if err := w.ensureRedirect(container, tap); err != nil {
@@ -374,7 +375,7 @@ func (w *world) OpenQueues(_ context.Context, spec datapath.TapSpec, _ datapath.
 }
 
 func (w *world) PlugNIC(_ context.Context, index int, mac net.HardwareAddr, _ int, q *datapath.Queues) (string, error) {
-	if err := w.fail(OpPlugNIC); err != nil {
+	if err := w.fail(planner.OpPlugNIC); err != nil {
 		return "", err
 	}
 	if slices.ContainsFunc(w.nics, func(n NIC) bool { return n.Owned && n.Index == index }) {
@@ -465,7 +466,7 @@ func (w *world) linkIndex(ifindex int) int {
 // exists with the guest MAC, the link's addresses go and the kernel takes
 // its IPv4 routes with them.
 func (w *world) EnsureMacvtap(_ context.Context, spec datapath.MacvtapSpec) (datapath.Macvtap, datapath.Moved, error) {
-	if err := w.fail(OpEnsureMacvtap); err != nil {
+	if err := w.fail(planner.OpEnsureMacvtap); err != nil {
 		return datapath.Macvtap{}, datapath.Moved{}, err
 	}
 	i := w.linkIndex(spec.Container)
@@ -543,7 +544,7 @@ func (w *world) RemoveMacvtap(index int) error {
 }
 
 func (w *world) RestoreContainerLink(ifindex int, m datapath.Moved) error {
-	if err := w.fail(OpRestoreLink); err != nil {
+	if err := w.fail(planner.OpRestoreLink); err != nil {
 		return err
 	}
 	i := w.linkIndex(ifindex)
@@ -587,7 +588,7 @@ func (w *world) OpenMacvtapLinkQueues(_ context.Context, name string, queues int
 }
 
 func (w *world) EnsureRateLimit(ifindex int, bps uint64) error {
-	if err := w.fail(OpSetRateLimit); err != nil {
+	if err := w.fail(planner.OpSetRateLimit); err != nil {
 		return err
 	}
 	if bps == 0 {
@@ -608,7 +609,7 @@ func (w *world) EnsureRateLimit(ifindex int, bps uint64) error {
 }
 
 func (w *world) EnsureIngressLimit(ifindex, index int, bps uint64) error {
-	if err := w.fail(OpSetRateLimit); err != nil {
+	if err := w.fail(planner.OpSetRateLimit); err != nil {
 		return err
 	}
 	if bps == 0 {
@@ -694,7 +695,7 @@ func (w *world) reconcile(opts Options) (Plan, Outcome, error) {
 // the plugs held behind them.
 func (w *world) settled(p Plan) bool {
 	unplugs := func(n int) bool {
-		return slices.ContainsFunc(p.Actions, func(b Action) bool { return b.Op == OpUnplugNIC && b.Endpoint.Index == n })
+		return slices.ContainsFunc(p.Actions, func(b Action) bool { return b.Op == planner.OpUnplugNIC && b.Endpoint.Index == n })
 	}
 	pending := func(a Action) bool {
 		return w.hangUnplug && (unplugs(a.Endpoint.Index) || slices.ContainsFunc(a.AwaitUnplug, unplugs))
@@ -722,9 +723,9 @@ func (w *world) converge(opts Options) error {
 func (w *world) checkConverged(queues int) []string {
 	var bad []string
 	live := map[int]bool{}
-	v := newView(w.observed())
+	obs := w.observed()
 	for _, l := range w.links {
-		if r, _ := unwireable(v, l); r != "" {
+		if r, _ := planner.Unwireable(obs, l); r != "" {
 			continue
 		}
 		if slices.ContainsFunc(w.nics, func(n NIC) bool { return !n.Owned && bytes.Equal(n.MAC, l.MAC) }) ||
@@ -733,7 +734,7 @@ func (w *world) checkConverged(queues int) []string {
 		}
 		var eps []state.Endpoint
 		for _, e := range w.rec.Endpoints {
-			if !e.Removing && sameLink(e, l) {
+			if !e.Removing && planner.SameLink(e, l) {
 				eps = append(eps, e)
 			}
 		}
@@ -828,7 +829,7 @@ func (w *world) checkEndpoint(e state.Endpoint, l datapath.Link) []string {
 	var bad []string
 	mac := l.MAC
 	if e.Kind == state.KindMacvtap {
-		mac = guestMAC(e)
+		mac = planner.GuestMAC(e)
 		m, ok := w.macvtaps[e.Index]
 		switch {
 		case !ok:
@@ -844,7 +845,7 @@ func (w *world) checkEndpoint(e state.Endpoint, l datapath.Link) []string {
 		}
 		o := w.orig[l.Ifindex]
 		for _, a := range o.addrs {
-			if !slices.Contains(movedAddrs(e), a) {
+			if !slices.Contains(planner.MovedAddrs(e), a) {
 				bad = append(bad, fmt.Sprintf("%s: address %s moved away but not recorded", l.Name, a))
 			}
 		}
@@ -859,8 +860,10 @@ func (w *world) checkEndpoint(e state.Endpoint, l datapath.Link) []string {
 // checkLimits checks a live endpoint's rate limits.
 func (w *world) checkLimits(e state.Endpoint, l datapath.Link) []string {
 	var bad []string
-	rx, _ := kindOf(e).rateSites()
-	egress, ingress, _, _ := siteRates(kindOf(e), Options{RxRate: w.rxRate, TxRate: w.txRate})
+	rx, tx := planner.RateSites(e)
+	rate := map[planner.RateSite]uint64{rx: w.rxRate, tx: w.txRate}
+	egress, ingress := rate[planner.SiteLinkEgress], rate[planner.SiteLinkIngress]
+	applied := func(bps uint64) uint64 { return bps / 8 * 8 } // as EnsureRateLimit keeps it
 	if w.limits[l.Ifindex] != applied(egress) {
 		bad = append(bad, fmt.Sprintf("%s: limit %d, want %d", l.Name, w.limits[l.Ifindex], egress))
 	}
@@ -871,7 +874,7 @@ func (w *world) checkLimits(e state.Endpoint, l datapath.Link) []string {
 	case ingress > 0 && (f.from != l.Ifindex || f.bps != applied(ingress)):
 		bad = append(bad, fmt.Sprintf("%s: ingress limit %+v, want %d", l.Name, f, ingress))
 	}
-	if t, ok := w.taps[e.Index]; ok && rx == siteTapEgress && w.limits[t.Ifindex] != applied(w.rxRate) {
+	if t, ok := w.taps[e.Index]; ok && rx == planner.SiteTapEgress && w.limits[t.Ifindex] != applied(w.rxRate) {
 		bad = append(bad, fmt.Sprintf("%s: limit %d, want %d", t.Name, w.limits[t.Ifindex], w.rxRate))
 	}
 	return bad
@@ -1086,7 +1089,7 @@ func (g *fakeGuest) ListRoutes(context.Context) ([]agent.Route, error) { return 
 func (g *fakeGuest) UpdateInterface(_ context.Context, want agent.Interface) (agent.Interface, error) {
 	g.sync()
 	g.calls["UpdateInterface"]++
-	if err := g.w.fail(OpConfigureGuest); err != nil {
+	if err := g.w.fail(planner.OpConfigureGuest); err != nil {
 		return agent.Interface{}, err
 	}
 	d := g.dev(want.MAC)
@@ -1119,12 +1122,12 @@ func (g *fakeGuest) UpdateRoutes(_ context.Context, rs []agent.Route) ([]agent.R
 	g.calls["UpdateRoutes"]++
 	for _, r := range rs {
 		if !slices.ContainsFunc(g.devs, func(d *guestDev) bool { return d.iface.Name == r.Device && d.up }) {
-			return nil, fmt.Errorf("route %s: no device %s up", routeKey(r), r.Device)
+			return nil, fmt.Errorf("route %s: no device %s up", r, r.Device)
 		}
 	}
 	g.w.mutations++
 	for _, r := range rs { // add or replace, as agents since 3.15 do
-		g.routes = slices.DeleteFunc(g.routes, func(h agent.Route) bool { return routeKey(h) == routeKey(r) })
+		g.routes = slices.DeleteFunc(g.routes, func(h agent.Route) bool { return sameAgentRoute(h, r) })
 		g.routes = append(g.routes, r)
 	}
 	return slices.Clone(g.routes), nil
@@ -1157,21 +1160,21 @@ func (g *fakeGuest) check() []string {
 	var bad []string
 	wiredNames := map[int]string{}
 	routes := slices.Clone(g.w.routes)
-	v := newView(g.w.observed())
+	obs := g.w.observed()
 	for _, l := range g.w.links {
 		for _, e := range g.w.rec.Endpoints {
-			if !e.Removing && e.Kind == state.KindMacvtap && sameLink(e, l) {
-				l = guestLink(e, l) // the guest has what the link lent
-				routes = append(routes, movedRoutes(e)...)
+			if !e.Removing && e.Kind == state.KindMacvtap && planner.SameLink(e, l) {
+				l = planner.GuestLink(e, l) // the guest has what the link lent
+				routes = append(routes, planner.MovedRoutes(e)...)
 			}
 		}
 		i := g.iface(l.MAC)
-		if r, _ := unwireable(v, l); r != "" || i == nil {
+		if r, _ := planner.Unwireable(obs, l); r != "" || i == nil {
 			continue
 		}
 		wiredNames[l.Ifindex] = l.Name
-		want := desiredInterface(l)
-		if interfaceDigest(*i) != interfaceDigest(want) {
+		want := planner.DesiredInterface(l)
+		if !sameGuestInterface(*i, want) {
 			bad = append(bad, fmt.Sprintf("guest interface %+v, want %+v", *i, want))
 		}
 	}
@@ -1180,9 +1183,9 @@ func (g *fakeGuest) check() []string {
 		if !ok || (r.Dst.IsValid() && (r.Dst.Addr().IsLinkLocalUnicast() || r.Dst.Addr().IsMulticast())) {
 			continue
 		}
-		want := routeText(agent.Route{Dest: r.Dst, Gateway: r.Gateway, Device: name, Source: r.Src, Scope: r.Scope, IPv6: r.IPv6, MTU: r.MTU})
-		if !slices.ContainsFunc(g.routes, func(h agent.Route) bool { return routeText(h) == want }) {
-			bad = append(bad, "guest lacks route "+want)
+		want := guestRoute(r, name)
+		if !slices.Contains(g.routes, want) {
+			bad = append(bad, fmt.Sprintf("guest lacks route %s (%+v)", want, want))
 		}
 	}
 	for _, n := range g.w.neighbors {
@@ -1195,4 +1198,22 @@ func (g *fakeGuest) check() []string {
 		}
 	}
 	return bad
+}
+
+// guestRoute is netns route r as the guest has it through device dev.
+func guestRoute(r datapath.Route, dev string) agent.Route {
+	return agent.Route{Dest: r.Dst, Gateway: r.Gateway, Device: dev, Source: r.Src, Scope: r.Scope, IPv6: r.IPv6, MTU: r.MTU}
+}
+
+// sameAgentRoute reports whether a and b are one route to the agent, which
+// replaces a route of the same destination, gateway and device.
+func sameAgentRoute(a, b agent.Route) bool {
+	return a.Dest.Masked() == b.Dest.Masked() && a.IPv6 == b.IPv6 && a.Gateway == b.Gateway && a.Device == b.Device
+}
+
+// sameGuestInterface reports whether the guest's interface have is want:
+// name, MAC, MTU, NOARP and addresses.
+func sameGuestInterface(have, want agent.Interface) bool {
+	return have.Name == want.Name && bytes.Equal(have.MAC, want.MAC) && have.MTU == want.MTU && have.NoARP == want.NoARP &&
+		slices.Equal(have.Addrs, want.Addrs)
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/reconcile/planner"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -36,7 +37,7 @@ func podWorld() *world {
 func guestOps(p Plan) string {
 	var s []string
 	for _, a := range p.Actions {
-		if a.Op >= OpResetGuest {
+		if a.Op >= planner.OpResetGuest {
 			s = append(s, a.Op.String())
 		}
 	}
@@ -71,7 +72,7 @@ func TestGuestConfiguredAfterPlug(t *testing.T) {
 	}
 	mustConvergeGuest(t, w)
 	// The action carried the device's PCI path to the agent.
-	i := slices.IndexFunc(p.Actions, func(a Action) bool { return a.Op == OpConfigureGuest })
+	i := slices.IndexFunc(p.Actions, func(a Action) bool { return a.Op == planner.OpConfigureGuest })
 	if p.Actions[i].Guest.DevicePath != "" {
 		t.Error("the plan cannot know the PCI path of a NIC it has yet to plug")
 	}
@@ -138,9 +139,9 @@ func TestGuestGetsWhatCNISetDuringThePass(t *testing.T) {
 		configures int
 		mutations  int
 	}{
-		{"during the plug", func(a Action, link int) bool { return a.Op == OpPlugNIC && a.Endpoint.LinkIfindex == link }, 1, 5},
+		{"during the plug", func(a Action, link int) bool { return a.Op == planner.OpPlugNIC && a.Endpoint.LinkIfindex == link }, 1, 5},
 		{"after the configure", func(a Action, link int) bool {
-			return a.Op == OpConfigureGuest && a.Endpoint.LinkIfindex == link && len(a.Guest.Addrs) == 0
+			return a.Op == planner.OpConfigureGuest && a.Endpoint.LinkIfindex == link && len(a.Guest.Addrs) == 0
 		}, 2, 6},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -313,9 +314,11 @@ func TestAdoptedLinksRoutesAndNeighbours(t *testing.T) {
 	w := podWorld()
 	w.kataColdPlug("eth0", 0)
 	g := w.guest.dev(macN(1))
-	g.iface, g.up = desiredInterface(w.links[0]), true // Kata configured its own NIC at boot, and its routes
-	for _, r := range guestRoutes(w.routes, map[int]guestDevice{w.links[0].Ifindex: {name: "eth0", endpoint: -1}}) {
-		w.guest.routes = append(w.guest.routes, r.Route)
+	g.iface, g.up = planner.DesiredInterface(w.links[0]), true // Kata configured its own NIC at boot, and its routes
+	for _, r := range w.routes {
+		if r.LinkIndex == w.links[0].Ifindex {
+			w.guest.routes = append(w.guest.routes, guestRoute(r, "eth0"))
+		}
 	}
 	w.neighbors = []datapath.Neighbor{{IP: netip.MustParseAddr("10.1.0.1"), MAC: macN(9), LinkIndex: w.links[0].Ifindex, State: 0x80}}
 	w.guest.noNeigh = true

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/reconcile/planner"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -44,7 +45,7 @@ func TestPlanKinds(t *testing.T) {
 			return w
 		}, "record/0 ensure-macvtap/0 plug-nic/0", func(t *testing.T, w *world) {
 			e, _ := w.rec.Endpoint(0)
-			if e.Kind != state.KindMacvtap || !slices.Equal(movedAddrs(e), []netip.Prefix{netip.MustParsePrefix("10.1.0.5/24")}) || len(e.Moved.Routes) != 1 {
+			if e.Kind != state.KindMacvtap || !slices.Equal(planner.MovedAddrs(e), []netip.Prefix{netip.MustParsePrefix("10.1.0.5/24")}) || len(e.Moved.Routes) != 1 {
 				t.Errorf("record %+v (moved %+v), want the address and route moved", e, e.Moved)
 			}
 			if n := w.nics[0]; n.MAC.String() != macN(1).String() {
@@ -67,7 +68,7 @@ func TestPlanKinds(t *testing.T) {
 			w.addAddr("eth0", "10.2.0.5/24", "")
 			return w
 		}, "ensure-macvtap/0", func(t *testing.T, w *world) {
-			if e, _ := w.rec.Endpoint(0); !slices.Contains(movedAddrs(e), netip.MustParsePrefix("10.2.0.5/24")) {
+			if e, _ := w.rec.Endpoint(0); !slices.Contains(planner.MovedAddrs(e), netip.MustParsePrefix("10.2.0.5/24")) {
 				t.Errorf("moved %v lacks the new address", e.Moved.Addrs)
 			}
 		}},
@@ -325,9 +326,6 @@ func TestRateNotes(t *testing.T) {
 	if len(w.limits) != 3 || len(w.ifbs) != 3 {
 		t.Errorf("limits %v, ifbs %v; want one of each per endpoint", w.limits, w.ifbs)
 	}
-	if len(rateNotes([]wiredLink{{link: w.link("eth0"), endpoint: state.Endpoint{Kind: "vhost-user"}}}, Options{RxRate: 8})) != 1 {
-		t.Error("a kind without a site for the rx limit is not named")
-	}
 }
 
 var kindScenarios = []scenario{
@@ -535,39 +533,19 @@ func TestMacvtapGuestGetsWhatTheLinkLent(t *testing.T) {
 	}
 }
 
-// TestKindTypes: every endpoint kind a record can hold has a type of its
-// own, found by kindOf, and a new link gets the kind its link kind and
-// the model call for, whatever the order of kinds.
-func TestKindTypes(t *testing.T) {
-	seen := map[string]bool{}
-	for _, k := range kinds {
-		if seen[k.name()] {
-			t.Errorf("kind %q is listed twice in kinds", k.name())
-		}
-		seen[k.name()] = true
-	}
-	for _, kind := range []string{state.KindTap, state.KindMacvtap, state.KindTapLink, state.KindMacvtapLink} {
-		k := kindOf(state.Endpoint{Kind: kind})
-		if _, unknown := k.(unknownKind); unknown || k.name() != kind {
-			t.Errorf("kindOf(%q) = %T named %q, want the kind's own type", kind, k, k.name())
+// TestQueueOpeners: every endpoint kind has its queueOpeners entry, and
+// every entry is a kind.
+func TestQueueOpeners(t *testing.T) {
+	names := map[string]bool{}
+	for _, kind := range planner.Kinds() {
+		names[kind] = true
+		if queueOpeners[kind] == nil {
+			t.Errorf("kind %q has no entry in queueOpeners", kind)
 		}
 	}
-	if k := kindOf(state.Endpoint{Kind: "from-a-newer-tapsync"}); k.name() != "from-a-newer-tapsync" {
-		t.Errorf("an unknown kind reads as %q", k.name())
-	}
-	for _, c := range []struct{ link, model, want string }{
-		{"tap", ModelTCFilter, state.KindTapLink},
-		{"tap", ModelMacvtap, state.KindTapLink},
-		{"macvtap", ModelTCFilter, state.KindMacvtapLink},
-		{"macvtap", ModelMacvtap, state.KindMacvtapLink},
-		{"veth", ModelTCFilter, state.KindTap},
-		{"veth", ModelMacvtap, state.KindMacvtap},
-		{"vlan", ModelMacvtap, state.KindMacvtap},
-		{"ipvlan", ModelMacvtap, state.KindTap},
-	} {
-		l := datapath.Link{Name: "l", Kind: c.link, MAC: macN(1)}
-		if got := kindFor(l, c.model); got != c.want {
-			t.Errorf("kindFor(%s link, model %s) = %q, want %q", c.link, c.model, got, c.want)
+	for kind := range queueOpeners {
+		if !names[kind] {
+			t.Errorf("queueOpeners has an entry for %q, which is no kind", kind)
 		}
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/reconcile/planner"
 )
 
 // vmModel is what tapsync knows of one VM through one QMP connection: its
@@ -368,7 +369,7 @@ func (s *session) countQueues(ctx context.Context) error {
 	p := Compute(s.obs, s.rec, s.options())
 	if !slices.ContainsFunc(p.Actions, func(a Action) bool {
 		_, recorded := s.rec.Endpoint(a.Endpoint.Index)
-		return a.Op == OpRecord && !recorded
+		return a.Op == planner.OpRecord && !recorded
 	}) {
 		return nil
 	}

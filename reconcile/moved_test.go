@@ -4,12 +4,12 @@ import (
 	"context"
 	"errors"
 	"net/netip"
-	"reflect"
 	"slices"
 	"strings"
 	"testing"
 
 	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/reconcile/planner"
 	"github.com/tapsync/tapsync/state"
 	"golang.org/x/sys/unix"
 )
@@ -63,7 +63,7 @@ func TestMacvtapRecordsBeforeTaking(t *testing.T) {
 	}
 	mustConverge(t, w, 1)
 	e, _ := w.rec.Endpoint(0)
-	if len(w.link("eth0").Addrs) != 0 || !slices.Equal(movedAddrs(e), []netip.Prefix{netip.MustParsePrefix("10.1.0.5/24")}) || len(e.Moved.Routes) != 1 {
+	if len(w.link("eth0").Addrs) != 0 || !slices.Equal(planner.MovedAddrs(e), []netip.Prefix{netip.MustParsePrefix("10.1.0.5/24")}) || len(e.Moved.Routes) != 1 {
 		t.Errorf("converged: eth0 %+v, record %+v", w.link("eth0"), e.Moved)
 	}
 }
@@ -89,36 +89,5 @@ func TestMacvtapRemovalGivesBackWhatObserveCannotSee(t *testing.T) {
 		if got, want := strings.Contains(ops(p), "restore-link/0"), other; got != want {
 			t.Errorf("another table's route recorded: %v; plan %s, want a give-back: %v", other, ops(p), want)
 		}
-	}
-}
-
-// A later take adds to the record what it lacks and keeps what it has:
-// what was recorded first is what the link had before anything was
-// taken (the kernel strips a route of a preferred source it took).
-func TestMergeMovedKeepsTheFirst(t *testing.T) {
-	first := datapath.Moved{
-		Addrs:  []datapath.MovedAddr{{Prefix: netip.MustParsePrefix("10.1.0.5/24"), Scope: 0}},
-		Routes: []datapath.MovedRoute{{Family: unix.AF_INET6, Table: 254, Dst: netip.MustParsePrefix("fd00::/64"), Metric: 1024, Type: 1, Dev: 3, PrefSrc: netip.MustParseAddr("fd01::2")}},
-	}
-	m, changed := mergeMoved(nil, first)
-	if !changed || len(m.Addrs) != 1 || len(m.Routes) != 1 {
-		t.Fatalf("first merge = %+v, %v", m, changed)
-	}
-	later := datapath.Moved{
-		Addrs: []datapath.MovedAddr{{Prefix: netip.MustParsePrefix("10.1.0.5/24"), Scope: 253}, {Prefix: netip.MustParsePrefix("10.2.0.5/24")}},
-		Routes: []datapath.MovedRoute{{Family: unix.AF_INET6, Table: 254, Dst: netip.MustParsePrefix("fd00::/64"), Metric: 1024, Type: 1, Dev: 3},
-			{Family: unix.AF_INET6, Table: 254, Dst: netip.MustParsePrefix("fd00::/64"), Metric: 100, Type: 1, Dev: 3}},
-	}
-	m2, changed := mergeMoved(&m, later)
-	if !changed || len(m2.Addrs) != 2 || m2.Addrs[0].Scope != 0 || len(m2.Routes) != 2 || m2.Routes[0].Src != "fd01::2" {
-		t.Errorf("later merge = %+v, want the first address and route kept, the new ones added", m2)
-	}
-	if _, changed := mergeMoved(&m2, later); changed {
-		t.Error("merging what the record has changed it")
-	}
-	// Converted back, every attribute is there.
-	got, err := movedOf(state.Endpoint{LinkMAC: macN(1).String(), Moved: &m2})
-	if err != nil || !reflect.DeepEqual(got.Routes[0], first.Routes[0]) {
-		t.Errorf("movedOf = %+v, %v; want %+v first", got.Routes, err, first.Routes[0])
 	}
 }

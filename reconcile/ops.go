@@ -4,380 +4,163 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"strings"
 
 	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/reconcile/planner"
 	"github.com/tapsync/tapsync/state"
 )
 
-// Op is the kind of one step; what each Op is and does is its entry in
-// opSpecs.
-type Op int
+// applyFunc carries act out, saving rec where its op records.
+type applyFunc func(a *applier, ctx context.Context, act Action, rec *state.Record) error
 
-const (
-	OpRecord             Op = iota // write the endpoint to the record (intent or recovery)
-	OpMarkRemoving                 // record that the endpoint's removal has started
-	OpForget                       // drop the endpoint from the record, after its removal
-	OpCreateTap                    // create tsn<N>
-	OpFixTap                       // bring the tap up, at the container link's MTU
-	OpAddRedirects                 // tc redirects link ⇄ tap
-	OpPlugNIC                      // open the tap's queues, hot-add the NIC
-	OpUnplugNIC                    // hot-remove the NIC and its netdev (may stay pending)
-	OpRemoveRedirects              // delete our filters from link and tap
-	OpDeleteTap                    // delete tsn<N>
-	OpResetGuest                   // record that the endpoint's guest configuration goes with its NIC
-	OpConfirmGuest                 // record that the guest interface already is as wanted
-	OpConfirmGuestRoutes           // record that the guest already has the routes
-	OpConfigureGuest               // agent: UpdateInterface
-	OpUpdateGuestRoutes            // agent: UpdateRoutes with the full set
-	OpAddGuestNeighbors            // agent: AddARPNeighbors
-	OpRepairAdopted                // our redirects between a link the runtime wired and its tap
-	OpEnsureMacvtap                // macvtap model: tsm<N> takes the link's MAC, the link's addresses go
-	OpRemoveMacvtap                // delete tsm<N>
-	OpRestoreLink                  // give the container link back its MAC, addresses and routes
-	OpSetRateLimit                 // an rx or tx limit (0: none)
-
-	numOps // not an Op: how many there are
-)
-
-func (o Op) String() string { return opSpecs[o].name }
-
-// Mutates reports whether the op changes the kernel, QEMU or the guest
-// (as opposed to only the record).
-func (o Op) Mutates() bool { return o.spec().mutates }
-
-// Guestward reports whether the op is a call to the guest's agent.
-func (o Op) Guestward() bool { return o.spec().guestward }
-
-// opSpec is everything one Op is: its name in logs and plans, what it
-// touches, how an Action of it reads and how it is applied.
-type opSpec struct {
-	name      string
-	mutates   bool // changes the kernel, QEMU or the guest, not only the record
-	guestward bool // a call to the guest's agent
-	// text is how an Action of the op reads, without its reason.
-	text func(a Action) string
-	// apply carries the action out, saving rec where the op records.
-	apply func(a *applier, ctx context.Context, act Action, rec *state.Record) error
-}
-
-// spec is o's declaration. An Op outside opSpecs reads as nothing,
-// counts as a mutation and fails when applied.
-func (o Op) spec() opSpec {
-	if o < 0 || o >= numOps {
-		return opSpec{mutates: true, text: func(Action) string { return "" },
-			apply: func(_ *applier, _ context.Context, act Action, _ *state.Record) error {
-				return fmt.Errorf("unknown action %d", act.Op)
-			}}
-	}
-	return opSpecs[o]
-}
-
-// opSpecs declares every Op. Adding an operation is adding its constant
-// and its entry here, and the planner code that emits it; TestOpSpecs
-// checks that no entry is missing.
-var opSpecs = [numOps]opSpec{
-	OpRecord: {
-		name: "record",
-		text: func(a Action) string {
-			e := a.Endpoint
-			s := fmt.Sprintf("record endpoint %d for %s (ifindex %d, %s, %s", e.Index, e.LinkName, e.LinkIfindex, e.LinkMAC, queuesStr(e.Queues))
-			if e.Kind != state.KindTap {
-				s += ", " + e.Kind
-			}
-			if e.Moved != nil {
-				s += fmt.Sprintf(", moving %d addresses and %d routes", len(e.Moved.Addrs), len(e.Moved.Routes))
-			}
-			return s + ")"
-		},
-		apply: applyRecordStep,
+// appliers applies each Op (declared in the planner's opSpecs);
+// TestAppliers checks that none is missing.
+var appliers = [planner.NumOps]applyFunc{
+	planner.OpRecord:       applyRecordStep,
+	planner.OpMarkRemoving: applyRecordStep,
+	planner.OpForget: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
+		rec.Forget(act.Endpoint.Index)
+		return a.Recorder.Save(*rec)
 	},
-	OpMarkRemoving: {
-		name: "mark-removing",
-		text: func(a Action) string {
-			return fmt.Sprintf("record removal of endpoint %d (%s)", a.Endpoint.Index, a.Endpoint.LinkName)
-		},
-		apply: applyRecordStep,
+	planner.OpCreateTap: func(a *applier, ctx context.Context, act Action, _ *state.Record) error {
+		t, err := a.Host.EnsureTap(ctx, tapSpec(act))
+		if err == nil {
+			a.taps[act.Endpoint.Index] = t.Ifindex
+		}
+		return err
 	},
-	OpForget: {
-		name: "forget",
-		text: func(a Action) string {
-			return fmt.Sprintf("forget endpoint %d (%s)", a.Endpoint.Index, a.Endpoint.LinkName)
-		},
-		apply: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
-			rec.Forget(act.Endpoint.Index)
-			return a.Recorder.Save(*rec)
-		},
+	planner.OpFixTap: func(a *applier, ctx context.Context, act Action, _ *state.Record) error {
+		_, err := a.Host.EnsureTap(ctx, tapSpec(act))
+		return err
 	},
-	OpCreateTap: {
-		name: "create-tap", mutates: true,
-		text: func(a Action) string {
-			return fmt.Sprintf("create %s (%s, mtu %d)", datapath.TapName(a.Endpoint.Index), queuesStr(a.Endpoint.Queues), a.MTU)
-		},
-		apply: func(a *applier, ctx context.Context, act Action, _ *state.Record) error {
-			t, err := a.Host.EnsureTap(ctx, tapSpec(act))
-			if err == nil {
-				a.taps[act.Endpoint.Index] = t.Ifindex
+	planner.OpAddRedirects: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		e := act.Endpoint
+		tap, ok := a.taps[e.Index]
+		if !ok {
+			return fmt.Errorf("%s does not exist", datapath.TapName(e.Index))
+		}
+		return a.Host.EnsureRedirects(e.LinkIfindex, tap)
+	},
+	planner.OpPlugNIC: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
+		e := act.Endpoint
+		mac, err := net.ParseMAC(e.LinkMAC)
+		if err != nil {
+			return fmt.Errorf("recorded MAC %q: %w", e.LinkMAC, err)
+		}
+		if r, ok := rec.Endpoint(e.Index); ok {
+			// Intent first: the plug is counted (guest digests name the
+			// plug they were confirmed for, see the planner's nicKey), with
+			// the host_mtu that caps the guest's MTU (its brokenReason).
+			r.Plugs++
+			r.PlugMTU = act.MTU
+			rec.Put(r)
+			if err := a.Recorder.Save(*rec); err != nil {
+				return err
 			}
+		}
+		q, err := queueOpenerOf(e)(ctx, a.Host, a.Vhost, e, tapSpec(act))
+		if err != nil {
 			return err
-		},
-	},
-	OpFixTap: {
-		name: "fix-tap", mutates: true,
-		text: func(a Action) string {
-			return fmt.Sprintf("set %s up, mtu %d", datapath.TapName(a.Endpoint.Index), a.MTU)
-		},
-		apply: func(a *applier, ctx context.Context, act Action, _ *state.Record) error {
-			_, err := a.Host.EnsureTap(ctx, tapSpec(act))
+		}
+		path, err := a.VM.PlugNIC(ctx, e.Index, mac, act.MTU, q)
+		if err != nil {
 			return err
-		},
+		}
+		a.paths[e.Index] = path
+		a.plugs++
+		return nil
 	},
-	OpAddRedirects: {
-		name: "add-redirects", mutates: true,
-		text: func(a Action) string {
-			return fmt.Sprintf("redirect %s ⇄ %s", a.Endpoint.LinkName, datapath.TapName(a.Endpoint.Index))
-		},
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			e := act.Endpoint
+	// Applied in batches by Apply (see unplugBatch), never one by one.
+	planner.OpUnplugNIC: func(_ *applier, _ context.Context, act Action, _ *state.Record) error {
+		return fmt.Errorf("unknown action %d", act.Op)
+	},
+	planner.OpRemoveRedirects: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		return a.Host.RemoveRedirects(act.Endpoint.LinkIfindex, a.taps[act.Endpoint.Index])
+	},
+	planner.OpDeleteTap: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		return a.Host.RemoveTap(act.Endpoint.Index)
+	},
+	planner.OpResetGuest: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
+		a.recordGuest(rec, act.Endpoint.Index, "")
+		rec.GuestRoutes, rec.GuestNeighbors = "", ""
+		return a.Recorder.Save(*rec)
+	},
+	planner.OpConfirmGuest: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
+		a.recordGuest(rec, act.Endpoint.Index, act.Digest)
+		return a.Recorder.Save(*rec)
+	},
+	planner.OpConfirmGuestRoutes: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
+		rec.GuestRoutes = act.Digest
+		return a.Recorder.Save(*rec)
+	},
+	planner.OpConfigureGuest: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
+		n := act.Endpoint.Index
+		if err := a.configureGuest(ctx, n, act.Guest); err != nil {
+			return err
+		}
+		a.configured[n] = act.Guest
+		a.recordGuest(rec, n, act.Digest)
+		return a.Recorder.Save(*rec)
+	},
+	planner.OpUpdateGuestRoutes: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
+		return a.updateGuestRoutes(ctx, act.Routes, rec)
+	},
+	planner.OpAddGuestNeighbors: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
+		return a.addGuestNeighbors(ctx, act.Neighbors, rec)
+	},
+	planner.OpRepairAdopted: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		// Ours, at our priority: they win over the runtime's dangling
+		// filters (lower priority number first) and Kata deletes every u32
+		// filter on the link when it detaches it, ours included.
+		return a.Host.EnsureRedirects(act.Endpoint.LinkIfindex, act.KataTap.Ifindex)
+	},
+	planner.OpEnsureMacvtap: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
+		// Intent first: what is taken exists only in the record
+		// afterwards, so it is recorded before, as the link has it.
+		e := act.Endpoint
+		spec := macvtapSpec(e, act.MTU)
+		spec.Keep = func(m datapath.Moved) error { return a.recordMoved(rec, e.Index, m) }
+		_, moved, err := a.Host.EnsureMacvtap(ctx, spec)
+		if err != nil {
+			return err
+		}
+		return a.recordMoved(rec, e.Index, moved)
+	},
+	planner.OpRemoveMacvtap: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		return a.Host.RemoveMacvtap(act.Endpoint.Index)
+	},
+	planner.OpRestoreLink: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		return a.Host.RestoreContainerLink(act.Endpoint.LinkIfindex, act.Restore)
+	},
+	planner.OpSetRateLimit: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
+		e := act.Endpoint
+		if act.Ingress {
+			return a.Host.EnsureIngressLimit(act.RateOn, e.Index, act.Rate)
+		}
+		on := act.RateOn
+		if on == 0 {
 			tap, ok := a.taps[e.Index]
 			if !ok {
 				return fmt.Errorf("%s does not exist", datapath.TapName(e.Index))
 			}
-			return a.Host.EnsureRedirects(e.LinkIfindex, tap)
-		},
-	},
-	OpPlugNIC: {
-		name: "plug-nic", mutates: true,
-		text: func(a Action) string {
-			e := a.Endpoint
-			s := fmt.Sprintf("hot-add NIC %d (%s) on %s", e.Index, e.LinkMAC, DeviceName(e))
-			if len(a.AwaitUnplug) > 0 {
-				s += fmt.Sprintf(" once NIC %v with that MAC is gone", a.AwaitUnplug)
-			}
-			return s
-		},
-		apply: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
-			e := act.Endpoint
-			mac, err := net.ParseMAC(e.LinkMAC)
-			if err != nil {
-				return fmt.Errorf("recorded MAC %q: %w", e.LinkMAC, err)
-			}
-			if r, ok := rec.Endpoint(e.Index); ok {
-				// Intent first: the plug is counted (guest digests name the
-				// plug they were confirmed for, see nicKey), with the
-				// host_mtu that caps the guest's MTU (see brokenReason).
-				r.Plugs++
-				r.PlugMTU = act.MTU
-				rec.Put(r)
-				if err := a.Recorder.Save(*rec); err != nil {
-					return err
-				}
-			}
-			q, err := kindOf(e).openQueues(ctx, a.Host, a.Vhost, e, tapSpec(act))
-			if err != nil {
-				return err
-			}
-			path, err := a.VM.PlugNIC(ctx, e.Index, mac, act.MTU, q)
-			if err != nil {
-				return err
-			}
-			a.paths[e.Index] = path
-			a.plugs++
-			return nil
-		},
-	},
-	OpUnplugNIC: {
-		// Applied in batches by Apply (see unplugBatch), never one by one.
-		name: "unplug-nic", mutates: true,
-		text: func(a Action) string {
-			s := fmt.Sprintf("hot-remove NIC %d", a.Endpoint.Index)
-			if a.Endpoint.UnplugRequested {
-				s += " (asked before; checking back)"
-			}
-			return s
-		},
-		apply: func(_ *applier, _ context.Context, act Action, _ *state.Record) error {
-			return fmt.Errorf("unknown action %d", act.Op)
-		},
-	},
-	OpRemoveRedirects: {
-		name: "remove-redirects", mutates: true,
-		text: func(a Action) string {
-			return fmt.Sprintf("remove redirects %s ⇄ %s", a.Endpoint.LinkName, datapath.TapName(a.Endpoint.Index))
-		},
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			return a.Host.RemoveRedirects(act.Endpoint.LinkIfindex, a.taps[act.Endpoint.Index])
-		},
-	},
-	OpDeleteTap: {
-		name: "delete-tap", mutates: true,
-		text: func(a Action) string { return fmt.Sprintf("delete %s", datapath.TapName(a.Endpoint.Index)) },
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			return a.Host.RemoveTap(act.Endpoint.Index)
-		},
-	},
-	OpResetGuest: {
-		name: "reset-guest",
-		text: func(a Action) string {
-			return fmt.Sprintf("forget the guest configuration of endpoint %d (%s)", a.Endpoint.Index, a.Endpoint.LinkName)
-		},
-		apply: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
-			a.recordGuest(rec, act.Endpoint.Index, "")
-			rec.GuestRoutes, rec.GuestNeighbors = "", ""
-			return a.Recorder.Save(*rec)
-		},
-	},
-	OpConfirmGuest: {
-		name: "confirm-guest",
-		text: func(a Action) string {
-			return fmt.Sprintf("record guest interface %s of endpoint %d as configured", a.Endpoint.LinkName, a.Endpoint.Index)
-		},
-		apply: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
-			a.recordGuest(rec, act.Endpoint.Index, act.Digest)
-			return a.Recorder.Save(*rec)
-		},
-	},
-	OpConfirmGuestRoutes: {
-		name: "confirm-guest-routes",
-		text: func(Action) string { return "record the guest's routes as configured" },
-		apply: func(a *applier, _ context.Context, act Action, rec *state.Record) error {
-			rec.GuestRoutes = act.Digest
-			return a.Recorder.Save(*rec)
-		},
-	},
-	OpConfigureGuest: {
-		name: "configure-guest", mutates: true, guestward: true,
-		text: func(a Action) string {
-			g := a.Guest
-			addrs := make([]string, len(g.Addrs))
-			for i, p := range g.Addrs {
-				addrs[i] = p.String()
-			}
-			if len(addrs) == 0 {
-				addrs = []string{"no address"}
-			}
-			s := fmt.Sprintf("configure guest interface %s (%s): %s, mtu %d", g.Name, g.MAC, strings.Join(addrs, " "), g.MTU)
-			if g.NoARP {
-				s += ", noarp"
-			}
-			return s
-		},
-		apply: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
-			n := act.Endpoint.Index
-			if err := a.configureGuest(ctx, n, act.Guest); err != nil {
-				return err
-			}
-			a.configured[n] = act.Guest
-			a.recordGuest(rec, n, act.Digest)
-			return a.Recorder.Save(*rec)
-		},
-	},
-	OpUpdateGuestRoutes: {
-		name: "update-guest-routes", mutates: true, guestward: true,
-		text: func(a Action) string {
-			rs := make([]string, len(a.Routes))
-			for i, r := range a.Routes {
-				rs[i] = routeKey(r.Route)
-			}
-			return fmt.Sprintf("set the guest's routes (%d): %s", len(rs), strings.Join(rs, "; "))
-		},
-		apply: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
-			return a.updateGuestRoutes(ctx, act.Routes, rec)
-		},
-	},
-	OpAddGuestNeighbors: {
-		name: "add-guest-neighbors", mutates: true, guestward: true,
-		text: func(a Action) string {
-			return fmt.Sprintf("add %d permanent neighbours in the guest", len(a.Neighbors))
-		},
-		apply: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
-			return a.addGuestNeighbors(ctx, act.Neighbors, rec)
-		},
-	},
-	OpRepairAdopted: {
-		name: "repair-adopted", mutates: true,
-		text: func(a Action) string {
-			return fmt.Sprintf("redirect %s ⇄ %s (the runtime's tap)", a.Endpoint.LinkName, a.KataTap.Name)
-		},
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			// Ours, at our priority: they win over the runtime's dangling
-			// filters (lower priority number first) and Kata deletes every u32
-			// filter on the link when it detaches it, ours included.
-			return a.Host.EnsureRedirects(act.Endpoint.LinkIfindex, act.KataTap.Ifindex)
-		},
-	},
-	OpEnsureMacvtap: {
-		name: "ensure-macvtap", mutates: true,
-		text: func(a Action) string {
-			e := a.Endpoint
-			return fmt.Sprintf("macvtap %s on %s with %s (mtu %d), %s takes %s and gives up its addresses", datapath.MacvtapName(e.Index),
-				e.LinkName, e.LinkMAC, a.MTU, e.LinkName, hostMAC(e))
-		},
-		apply: func(a *applier, ctx context.Context, act Action, rec *state.Record) error {
-			// Intent first: what is taken exists only in the record
-			// afterwards, so it is recorded before, as the link has it.
-			e := act.Endpoint
-			spec := macvtapSpec(e, act.MTU)
-			spec.Keep = func(m datapath.Moved) error { return a.recordMoved(rec, e.Index, m) }
-			_, moved, err := a.Host.EnsureMacvtap(ctx, spec)
-			if err != nil {
-				return err
-			}
-			return a.recordMoved(rec, e.Index, moved)
-		},
-	},
-	OpRemoveMacvtap: {
-		name: "remove-macvtap", mutates: true,
-		text: func(a Action) string { return fmt.Sprintf("delete %s", datapath.MacvtapName(a.Endpoint.Index)) },
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			return a.Host.RemoveMacvtap(act.Endpoint.Index)
-		},
-	},
-	OpRestoreLink: {
-		name: "restore-link", mutates: true,
-		text: func(a Action) string {
-			return fmt.Sprintf("give %s back %s, %d addresses and %d routes", a.Endpoint.LinkName, a.Restore.MAC, len(a.Restore.Addrs), len(a.Restore.Routes))
-		},
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			return a.Host.RestoreContainerLink(act.Endpoint.LinkIfindex, act.Restore)
-		},
-	},
-	OpSetRateLimit: {
-		name: "set-rate-limit", mutates: true,
-		text: func(a Action) string {
-			e := a.Endpoint
-			on := e.LinkName
-			switch {
-			case a.Ingress:
-				on = fmt.Sprintf("%s's ingress via %s", e.LinkName, datapath.IfbName(e.Index))
-			case a.RateOn == 0:
-				on = datapath.TapName(e.Index)
-			}
-			if a.Rate == 0 {
-				return fmt.Sprintf("remove the %s limit of endpoint %d from %s", a.RateDir, e.Index, on)
-			}
-			return fmt.Sprintf("limit %s of endpoint %d to %d bit/s on %s", a.RateDir, e.Index, a.Rate, on)
-		},
-		apply: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
-			e := act.Endpoint
-			if act.Ingress {
-				return a.Host.EnsureIngressLimit(act.RateOn, e.Index, act.Rate)
-			}
-			on := act.RateOn
-			if on == 0 {
-				tap, ok := a.taps[e.Index]
-				if !ok {
-					return fmt.Errorf("%s does not exist", datapath.TapName(e.Index))
-				}
-				on = tap
-			}
-			return a.Host.EnsureRateLimit(on, act.Rate)
-		},
+			on = tap
+		}
+		return a.Host.EnsureRateLimit(on, act.Rate)
 	},
 }
 
-// applyRecordStep puts the endpoint of record step act (OpRecord,
-// OpMarkRemoving) into rec and saves it.
+// applierOf is how o is applied. An Op outside appliers fails.
+func applierOf(o Op) applyFunc {
+	if o < 0 || o >= planner.NumOps || appliers[o] == nil {
+		return func(_ *applier, _ context.Context, act Action, _ *state.Record) error {
+			return fmt.Errorf("unknown action %d", act.Op)
+		}
+	}
+	return appliers[o]
+}
+
+// applyRecordStep puts the endpoint of record step act (planner.OpRecord,
+// planner.OpMarkRemoving) into rec and saves it.
 func applyRecordStep(a *applier, _ context.Context, act Action, rec *state.Record) error {
 	recordStep(act, rec)
 	return a.Recorder.Save(*rec)
@@ -386,11 +169,4 @@ func applyRecordStep(a *applier, _ context.Context, act Action, rec *state.Recor
 // tapSpec is the tap of the endpoint act concerns, at act's MTU.
 func tapSpec(act Action) datapath.TapSpec {
 	return datapath.TapSpec{Index: act.Endpoint.Index, Queues: max(act.Endpoint.Queues, 1), MTU: act.MTU}
-}
-
-func queuesStr(n int) string {
-	if n == 1 {
-		return "1 queue"
-	}
-	return fmt.Sprintf("%d queues", n)
 }

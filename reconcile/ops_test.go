@@ -1,24 +1,21 @@
 package reconcile
 
-import "testing"
+import (
+	"context"
+	"testing"
 
-// TestOpSpecs: every Op is declared in opSpecs, under a name of its own,
-// with how it reads and how it is applied; a call to the agent changes
-// the guest.
-func TestOpSpecs(t *testing.T) {
-	seen := map[string]Op{}
-	for o := range numOps {
-		s := opSpecs[o]
-		if s.name == "" || s.text == nil || s.apply == nil {
-			t.Errorf("Op %d has no complete entry in opSpecs: %+v", o, s)
-			continue
+	"github.com/tapsync/tapsync/reconcile/planner"
+)
+
+// TestAppliers: every Op has an entry in appliers, and one outside them
+// fails when applied instead of doing nothing.
+func TestAppliers(t *testing.T) {
+	for o := range planner.NumOps {
+		if appliers[o] == nil {
+			t.Errorf("%s has no entry in appliers", o)
 		}
-		if prev, ok := seen[s.name]; ok {
-			t.Errorf("Ops %d and %d are both named %q", prev, o, s.name)
-		}
-		seen[s.name] = o
-		if s.guestward && !s.mutates {
-			t.Errorf("%s calls the agent but is not counted as a mutation", s.name)
-		}
+	}
+	if err := applierOf(planner.NumOps)(nil, context.Background(), Action{Op: planner.NumOps}, nil); err == nil {
+		t.Errorf("an Op outside appliers applied without error")
 	}
 }

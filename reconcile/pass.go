@@ -159,7 +159,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		return WithCause(CauseNetns, fmt.Errorf("sandbox %s: observe: %w", id, err))
 	}
 	p, guest, client, guestErr := r.planWithGuest(ctx, s)
-	if gone := r.takeLinksGone(id); s.obs.lists(gone) {
+	if gone := r.takeLinksGone(id); s.obs.Lists(gone) {
 		// Once: a netns whose links keep going is left to the queue's
 		// re-run.
 		log.Debug().Ints("links_gone", gone).Msg("a link observed has been deleted since: observing again before acting")

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/reconcile/planner"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -130,7 +131,7 @@ func TestPlanTable(t *testing.T) {
 		{"half-made: record only", func() *world {
 			w := newWorld()
 			l := w.link(w.linkName(w.addLink("eth0", "veth", macN(1), 1500)))
-			w.rec.Put(endpointFor(0, l, 1))
+			w.rec.Put(state.Endpoint{Index: 0, LinkName: l.Name, LinkIfindex: l.Ifindex, LinkMAC: l.MAC.String(), Queues: 1})
 			return w
 		}, "create-tap/0 add-redirects/0 plug-nic/0"},
 		{"half-made: tap without redirects", func() *world {
@@ -286,7 +287,7 @@ func TestFailureIsolatedToItsEndpoint(t *testing.T) {
 	w := newWorld()
 	w.addLink("eth0", "veth", macN(1), 1500)
 	w.addLink("net1", "veth", macN(2), 1500)
-	w.failOp, w.failNext = OpPlugNIC, true
+	w.failOp, w.failNext = planner.OpPlugNIC, true
 	_, _, err := w.reconcile(Options{})
 	if err == nil || !strings.Contains(err.Error(), "endpoint 0") {
 		t.Fatalf("reconcile = %v, want the injected failure naming endpoint 0", err)
@@ -709,7 +710,7 @@ func TestTeardown(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if slices.ContainsFunc(p.Actions, func(a Action) bool { return a.Op == OpUnplugNIC }) {
+		if slices.ContainsFunc(p.Actions, func(a Action) bool { return a.Op == planner.OpUnplugNIC }) {
 			t.Errorf("plan for an exited QEMU asks it something: %q", ops(p))
 		}
 		nothingOurs(t, w)

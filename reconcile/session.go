@@ -10,6 +10,7 @@ import (
 	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/qmp"
+	"github.com/tapsync/tapsync/reconcile/planner"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -105,7 +106,7 @@ func (r *Reconciler) endPlan(s *session) {
 func (s *session) parts() datapath.Parts {
 	guest := s.sb.guestOn()
 	macvtap := s.sb.Model == ModelMacvtap ||
-		slices.ContainsFunc(s.rec.Endpoints, func(e state.Endpoint) bool { return kindOf(e).borrowsLink() })
+		slices.ContainsFunc(s.rec.Endpoints, planner.BorrowsLink)
 	return datapath.Parts{Addrs: guest || macvtap, Routes: guest || macvtap, Neighbors: guest}
 }
 

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/reconcile/planner"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -54,7 +55,7 @@ func checkOneNICPerMAC(w *world, queues int) []string {
 	}
 	if w.guestOn {
 		for _, e := range w.rec.Endpoints {
-			if i := w.guest.iface(guestMAC(e)); !e.Removing && (i == nil || i.Name != e.LinkName) {
+			if i := w.guest.iface(planner.GuestMAC(e)); !e.Removing && (i == nil || i.Name != e.LinkName) {
 				bad = append(bad, fmt.Sprintf("guest interface with MAC %s is %+v, want %s's", e.LinkMAC, i, e.LinkName))
 			}
 		}
@@ -74,10 +75,10 @@ func checkOneNICPerMAC(w *world, queues int) []string {
 		macs[n.MAC.String()] = n.ID
 	}
 	for _, l := range w.links {
-		if r, _ := unwireable(newView(w.observed()), l); r != "" {
+		if r, _ := planner.Unwireable(w.observed(), l); r != "" {
 			continue
 		}
-		live := slices.ContainsFunc(w.rec.Endpoints, func(e state.Endpoint) bool { return !e.Removing && sameLink(e, l) })
+		live := slices.ContainsFunc(w.rec.Endpoints, func(e state.Endpoint) bool { return !e.Removing && planner.SameLink(e, l) })
 		s, owner := sharedMACSkip(p, l.Name)
 		switch {
 		case live && owner != "":
@@ -209,7 +210,7 @@ func TestSharedMACOneNIC(t *testing.T) {
 				t.Errorf("skipped for a shared MAC: %v, want %v\n%s", skipped, tc.skipped, p)
 			}
 			for _, a := range p.Actions {
-				if a.Op == OpPlugNIC && !slices.Equal(a.AwaitUnplug, tc.await) {
+				if a.Op == planner.OpPlugNIC && !slices.Equal(a.AwaitUnplug, tc.await) {
 					t.Errorf("%s awaits %v, want %v", a, a.AwaitUnplug, tc.await)
 				}
 			}

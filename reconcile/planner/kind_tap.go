@@ -1,11 +1,10 @@
-package reconcile
+package planner
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 
-	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/datapath/hostnet"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -16,17 +15,17 @@ type tapKind struct{}
 
 func (tapKind) name() string { return state.KindTap }
 
-func (tapKind) claims(datapath.Link, string) bool { return true }
+func (tapKind) claims(hostnet.Link, string) bool { return true }
 
-func (tapKind) recovered(_ view, e state.Endpoint, _ datapath.Link) (state.Endpoint, bool) {
+func (tapKind) recovered(_ view, e state.Endpoint, _ hostnet.Link) (state.Endpoint, bool) {
 	return e, true
 }
 
-func (tapKind) add(_ view, e state.Endpoint, l datapath.Link, p *Plan) {
+func (tapKind) add(_ view, e state.Endpoint, l hostnet.Link, p *Plan) {
 	p.Actions = append(p.Actions, Action{Op: OpCreateTap, Endpoint: e, MTU: l.MTU}, Action{Op: OpAddRedirects, Endpoint: e})
 }
 
-func (tapKind) broken(v view, e state.Endpoint, l datapath.Link) string {
+func (tapKind) broken(v view, e state.Endpoint, l hostnet.Link) string {
 	tap, tapOK := v.taps[e.Index]
 	nic, nicOK := v.nics[e.Index]
 	switch {
@@ -46,7 +45,7 @@ func (tapKind) broken(v view, e state.Endpoint, l datapath.Link) string {
 	return ""
 }
 
-func (tapKind) repair(v view, e state.Endpoint, l datapath.Link, p *Plan) {
+func (tapKind) repair(v view, e state.Endpoint, l hostnet.Link, p *Plan) {
 	tap, tapOK := v.taps[e.Index]
 	if !tapOK {
 		p.Actions = append(p.Actions, Action{Op: OpCreateTap, Endpoint: e, MTU: l.MTU, Reason: "tap missing"})
@@ -74,19 +73,15 @@ func (tapKind) remove(v view, e state.Endpoint, p *Plan) {
 	}
 }
 
-func (tapKind) device(e state.Endpoint) string { return datapath.TapName(e.Index) }
-
-func (tapKind) openQueues(ctx context.Context, h Host, vhost datapath.Vhost, _ state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error) {
-	return h.OpenQueues(ctx, spec, vhost)
-}
+func (tapKind) device(e state.Endpoint) string { return hostnet.TapName(e.Index) }
 
 // The redirect from the link enqueues rx on the tap; the one from the
 // tap enqueues tx on the link.
-func (tapKind) rateSites() (rx, tx rateSite) { return siteTapEgress, siteLinkEgress }
+func (tapKind) rateSites() (rx, tx RateSite) { return SiteTapEgress, SiteLinkEgress }
 
 func (tapKind) borrowsLink() bool { return false }
 
 // ourTap reports whether tsn<N> has the shape tapsync gives its taps
 // (persistent, vnet_hdr, no PI); one of another shape was made by someone
 // else under our name and is never deleted.
-func ourTap(t datapath.Tap) bool { return t.Persistent && t.VnetHdr && t.NoPI && t.Kind == "tap" }
+func ourTap(t hostnet.Tap) bool { return t.Persistent && t.VnetHdr && t.NoPI && t.Kind == "tap" }

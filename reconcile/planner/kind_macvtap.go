@@ -1,19 +1,18 @@
-package reconcile
+package planner
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"net"
 	"net/netip"
 
-	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/datapath/hostnet"
 	"github.com/tapsync/tapsync/state"
 )
 
 // macvtapKind is the macvtap model (state.KindMacvtap): our macvtap tsm<N>
 // on the container link carries the link's MAC; the link carries
-// datapath.HostMAC meanwhile and gives up its addresses and routes, which
+// hostnet.HostMAC meanwhile and gives up its addresses and routes, which
 // the record keeps (they are the guest's) and the removal gives back.
 type macvtapKind struct{}
 
@@ -23,13 +22,13 @@ var macvtapKinds = map[string]bool{"veth": true, "macvlan": true, "vlan": true}
 
 func (macvtapKind) name() string { return state.KindMacvtap }
 
-func (macvtapKind) claims(l datapath.Link, model string) bool {
+func (macvtapKind) claims(l hostnet.Link, model string) bool {
 	return model == ModelMacvtap && macvtapKinds[l.Kind] && l.MAC[0]&1 == 0
 }
 
 // The addresses a macvtap moved are lost with the record: its removal
 // gives the link back its MAC only.
-func (k macvtapKind) recovered(v view, e state.Endpoint, _ datapath.Link) (state.Endpoint, bool) {
+func (k macvtapKind) recovered(v view, e state.Endpoint, _ hostnet.Link) (state.Endpoint, bool) {
 	m, ok := v.macvtaps[e.Index]
 	if !ok {
 		return e, false
@@ -38,17 +37,17 @@ func (k macvtapKind) recovered(v view, e state.Endpoint, _ datapath.Link) (state
 	return e, true
 }
 
-func (macvtapKind) add(_ view, e state.Endpoint, l datapath.Link, p *Plan) {
+func (macvtapKind) add(_ view, e state.Endpoint, l hostnet.Link, p *Plan) {
 	p.Actions = append(p.Actions, Action{Op: OpEnsureMacvtap, Endpoint: e, MTU: l.MTU})
 }
 
-func (macvtapKind) broken(v view, e state.Endpoint, l datapath.Link) string {
+func (macvtapKind) broken(v view, e state.Endpoint, l hostnet.Link) string {
 	m, mOK := v.macvtaps[e.Index]
 	nic, nicOK := v.nics[e.Index]
 	switch {
-	case mOK && (m.Parent != l.Ifindex || m.Mode != "bridge" || !bytes.Equal(m.MAC, guestMAC(e))):
+	case mOK && (m.Parent != l.Ifindex || m.Mode != "bridge" || !bytes.Equal(m.MAC, GuestMAC(e))):
 		return fmt.Sprintf("%s is not the macvtap tapsync made (on %d, %s, %s)", m.Name, m.Parent, m.Mode, m.MAC)
-	case nicOK && !bytes.Equal(nic.MAC, guestMAC(e)):
+	case nicOK && !bytes.Equal(nic.MAC, GuestMAC(e)):
 		return fmt.Sprintf("VM NIC %s has MAC %s, endpoint has %s", nic.ID, nic.MAC, e.LinkMAC)
 	case nicOK && !mOK:
 		return fmt.Sprintf("VM NIC %s lost its macvtap", nic.ID)
@@ -59,7 +58,7 @@ func (macvtapKind) broken(v view, e state.Endpoint, l datapath.Link) string {
 // repair is one idempotent ensure-macvtap, which records addresses that
 // appeared on the link since before it takes them (they must come back
 // on removal).
-func (macvtapKind) repair(v view, e state.Endpoint, l datapath.Link, p *Plan) {
+func (macvtapKind) repair(v view, e state.Endpoint, l hostnet.Link, p *Plan) {
 	m, ok := v.macvtaps[e.Index]
 	stray := strayAddrs(l)
 	why := ""
@@ -101,39 +100,30 @@ func (macvtapKind) remove(v view, e state.Endpoint, p *Plan) {
 	p.Actions = append(p.Actions, Action{Op: OpRestoreLink, Endpoint: e, Restore: r})
 }
 
-func (macvtapKind) device(e state.Endpoint) string { return datapath.MacvtapName(e.Index) }
-
-func (macvtapKind) openQueues(ctx context.Context, h Host, vhost datapath.Vhost, e state.Endpoint, spec datapath.TapSpec) (*datapath.Queues, error) {
-	return h.OpenMacvtapQueues(ctx, macvtapSpec(e, spec.MTU), vhost)
-}
+func (macvtapKind) device(e state.Endpoint) string { return hostnet.MacvtapName(e.Index) }
 
 // Frames for the macvtap arrive at the link's ingress and go to its
 // queues from the receive path, past no egress (rx); what the guest
 // writes is sent through the link (tx on its egress).
 // e2e TestMacvtapRateLimits measures this with a guest.
-func (macvtapKind) rateSites() (rx, tx rateSite) { return siteLinkIngress, siteLinkEgress }
+func (macvtapKind) rateSites() (rx, tx RateSite) { return SiteLinkIngress, SiteLinkEgress }
 
 func (macvtapKind) borrowsLink() bool { return true }
 
-// macvtapSpec is the macvtap of macvtap endpoint e.
-func macvtapSpec(e state.Endpoint, mtu int) datapath.MacvtapSpec {
-	return datapath.MacvtapSpec{Index: e.Index, Container: e.LinkIfindex, MAC: guestMAC(e), Queues: max(e.Queues, 1), MTU: mtu}
-}
-
 // hostMAC is what the container link of macvtap endpoint e carries.
 func hostMAC(e state.Endpoint) net.HardwareAddr {
-	mac := guestMAC(e)
+	mac := GuestMAC(e)
 	if len(mac) != 6 {
 		return nil
 	}
-	return datapath.HostMAC(mac, e.Index)
+	return hostnet.HostMAC(mac, e.Index)
 }
 
 // strayAddrs are the addresses of a link whose addresses the macvtap
 // model moved away: ones that appeared since. An IPv6 link-local address
 // is the kernel's (derived from the MAC the link carries now), not the
 // pod's.
-func strayAddrs(l datapath.Link) []netip.Prefix {
+func strayAddrs(l hostnet.Link) []netip.Prefix {
 	var out []netip.Prefix
 	for _, a := range l.Addrs {
 		if !(a.Addr().Is6() && a.Addr().IsLinkLocalUnicast()) {

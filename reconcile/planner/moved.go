@@ -1,4 +1,4 @@
-package reconcile
+package planner
 
 import (
 	"fmt"
@@ -7,17 +7,17 @@ import (
 	"slices"
 	"time"
 
-	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/datapath/hostnet"
 	"github.com/tapsync/tapsync/state"
 	"golang.org/x/sys/unix"
 )
 
 // What the macvtap model took from a container link lives in the record
 // (state.Moved, text) from before it is taken until it is given back
-// (datapath.Moved): these convert between the two, and add what a take
+// (hostnet.Moved): these convert between the two, and add what a take
 // reports to what the record holds.
 
-func stateAddr(a datapath.MovedAddr) state.Addr {
+func stateAddr(a hostnet.MovedAddr) state.Addr {
 	s := state.Addr{Prefix: a.Prefix.String(), Label: a.Label, Scope: a.Scope, Flags: a.Flags, Metric: a.Metric, Proto: a.Proto,
 		ValidUntil: int64(a.ValidUntil), PreferredUntil: int64(a.PreferredUntil)}
 	if a.Peer.IsValid() {
@@ -29,8 +29,8 @@ func stateAddr(a datapath.MovedAddr) state.Addr {
 	return s
 }
 
-func movedAddr(s state.Addr) (datapath.MovedAddr, error) {
-	a := datapath.MovedAddr{Label: s.Label, Scope: s.Scope, Flags: s.Flags, Metric: s.Metric, Proto: s.Proto,
+func movedAddr(s state.Addr) (hostnet.MovedAddr, error) {
+	a := hostnet.MovedAddr{Label: s.Label, Scope: s.Scope, Flags: s.Flags, Metric: s.Metric, Proto: s.Proto,
 		ValidUntil: time.Duration(s.ValidUntil), PreferredUntil: time.Duration(s.PreferredUntil)}
 	var err error
 	if a.Prefix, err = netip.ParsePrefix(s.Prefix); err != nil {
@@ -43,7 +43,7 @@ func movedAddr(s state.Addr) (datapath.MovedAddr, error) {
 	return a, err
 }
 
-func stateRoute(r datapath.MovedRoute) state.Route {
+func stateRoute(r hostnet.MovedRoute) state.Route {
 	s := state.Route{IPv6: r.Family == unix.AF_INET6, Table: r.Table, Tos: r.Tos, Protocol: r.Protocol, Scope: r.Scope,
 		Type: r.Type, Flags: r.Flags, Metric: r.Metric, Dev: r.Dev, Metrics: maps.Clone(r.Metrics), CongCtl: r.CongCtl,
 		Pref: r.Pref, Realm: r.Realm, ExpiresAt: int64(r.ExpiresAt)}
@@ -69,8 +69,8 @@ func stateRoute(r datapath.MovedRoute) state.Route {
 	return s
 }
 
-func movedRoute(s state.Route) (datapath.MovedRoute, error) {
-	r := datapath.MovedRoute{Family: unix.AF_INET, Table: s.Table, Tos: s.Tos, Protocol: s.Protocol, Scope: s.Scope, Type: s.Type,
+func movedRoute(s state.Route) (hostnet.MovedRoute, error) {
+	r := hostnet.MovedRoute{Family: unix.AF_INET, Table: s.Table, Tos: s.Tos, Protocol: s.Protocol, Scope: s.Scope, Type: s.Type,
 		Flags: s.Flags, Metric: s.Metric, Dev: s.Dev, Metrics: maps.Clone(s.Metrics), CongCtl: s.CongCtl, Pref: s.Pref,
 		Realm: s.Realm, ExpiresAt: time.Duration(s.ExpiresAt)}
 	r.Dst = netip.PrefixFrom(netip.IPv4Unspecified(), 0)
@@ -95,7 +95,7 @@ func movedRoute(s state.Route) (datapath.MovedRoute, error) {
 		return r, err
 	}
 	for _, sh := range s.Hops {
-		h := datapath.Hop{Dev: sh.Dev, Weight: sh.Weight, Flags: sh.Flags, Realm: sh.Realm}
+		h := hostnet.Hop{Dev: sh.Dev, Weight: sh.Weight, Flags: sh.Flags, Realm: sh.Realm}
 		if h.Gateway, err = parseAddr(sh.Gateway); err != nil {
 			return r, err
 		}
@@ -115,8 +115,8 @@ func parseAddr(s string) (netip.Addr, error) {
 // movedOf converts what endpoint e's record says it took from its link.
 // An entry that does not parse (the record was edited by hand) is left
 // out, and named in the error.
-func movedOf(e state.Endpoint) (datapath.Moved, error) {
-	m := datapath.Moved{MAC: guestMAC(e)}
+func movedOf(e state.Endpoint) (hostnet.Moved, error) {
+	m := hostnet.Moved{MAC: GuestMAC(e)}
 	if e.Moved == nil {
 		return m, nil
 	}
@@ -143,8 +143,8 @@ func movedOf(e state.Endpoint) (datapath.Moved, error) {
 	return m, nil
 }
 
-// movedAddrs are the prefixes endpoint e took from its link.
-func movedAddrs(e state.Endpoint) []netip.Prefix {
+// MovedAddrs are the prefixes endpoint e took from its link.
+func MovedAddrs(e state.Endpoint) []netip.Prefix {
 	m, _ := movedOf(e)
 	out := make([]netip.Prefix, len(m.Addrs))
 	for i, a := range m.Addrs {
@@ -153,11 +153,11 @@ func movedAddrs(e state.Endpoint) []netip.Prefix {
 	return out
 }
 
-// movedRoutes are the routes endpoint e took from its link as Observe
-// shows routes (the main table's, through the link): the guest's.
-func movedRoutes(e state.Endpoint) []datapath.Route {
+// MovedRoutes are the routes endpoint e took from its link as datapath's
+// Observe shows routes (the main table's, through the link): the guest's.
+func MovedRoutes(e state.Endpoint) []hostnet.Route {
 	m, _ := movedOf(e)
-	var out []datapath.Route
+	var out []hostnet.Route
 	for _, r := range m.Routes {
 		if rt, ok := r.Route(); ok && rt.LinkIndex == e.LinkIfindex {
 			out = append(out, rt)
@@ -171,16 +171,16 @@ func movedRoutes(e state.Endpoint) []datapath.Route {
 // all back only the give-back itself can tell.
 func unobservable(e state.Endpoint) bool {
 	m, _ := movedOf(e)
-	return slices.ContainsFunc(m.Routes, func(r datapath.MovedRoute) bool {
+	return slices.ContainsFunc(m.Routes, func(r hostnet.MovedRoute) bool {
 		rt, ok := r.Route()
 		return !ok || rt.LinkIndex != e.LinkIfindex
 	})
 }
 
-// mergeMoved adds to prev what m took that prev lacks, and says whether
+// MergeMoved adds to prev what m took that prev lacks, and says whether
 // it added anything. What prev holds is kept as it is: it was recorded
 // first, as the link had it before anything was taken.
-func mergeMoved(prev *state.Moved, m datapath.Moved) (state.Moved, bool) {
+func MergeMoved(prev *state.Moved, m hostnet.Moved) (state.Moved, bool) {
 	var out state.Moved
 	if prev != nil {
 		out = prev.Clone()
@@ -214,8 +214,8 @@ func mergeMoved(prev *state.Moved, m datapath.Moved) (state.Moved, bool) {
 
 // addrKey and movedRouteKey name an address and a route as the kernel tells
 // them apart.
-func addrKey(a datapath.MovedAddr) string { return fmt.Sprintf("addr %s peer %s", a.Prefix, a.Peer) }
+func addrKey(a hostnet.MovedAddr) string { return fmt.Sprintf("addr %s peer %s", a.Prefix, a.Peer) }
 
-func movedRouteKey(r datapath.MovedRoute) string {
+func movedRouteKey(r hostnet.MovedRoute) string {
 	return fmt.Sprintf("route %d %d %s from %s tos %d metric %d", r.Family, r.Table, r.Dst, r.From, r.Tos, r.Metric)
 }

@@ -1,4 +1,4 @@
-package reconcile
+package planner
 
 import (
 	"bytes"
@@ -11,8 +11,8 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/tapsync/tapsync/agent"
-	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/agent/guestnet"
+	"github.com/tapsync/tapsync/datapath/hostnet"
 	"github.com/tapsync/tapsync/state"
 )
 
@@ -29,12 +29,12 @@ import (
 // routes or neighbours, matches none of them. A pass whose desired guest
 // state has the recorded digests plans no guest step and makes no agent
 // call: a SIGHUP or a restart of the daemon on a converged sandbox never
-// reaches the agent. Only when a digest differs does the session ask the
+// reaches the agent. Only when a digest differs does the pass ask the
 // agent what the guest has (Observed.Guest), and a guest that already
 // matches is recorded (confirm) instead of being configured again. What
 // no key can see (a reboot, an agent restart, a workload changing the
-// guest) drops digests through the events of beliefs.go, the periodic
-// verify among them.
+// guest) drops digests through the events of reconcile's beliefs.go, the
+// periodic verify among them.
 //
 // The agent takes an up interface down to configure it, and the kernel
 // then drops the routes and neighbours through it: whenever an interface
@@ -42,15 +42,15 @@ import (
 
 // GuestState is what the agent reports of the guest.
 type GuestState struct {
-	Interfaces []agent.Interface
-	Routes     []agent.Route
+	Interfaces []guestnet.Interface
+	Routes     []guestnet.Route
 }
 
 // GuestRoute is one route for the guest and the endpoint whose link it
 // uses (-1: a link the runtime wired, adopted), with that link's NIC
 // plug (see nicKey).
 type GuestRoute struct {
-	Route    agent.Route
+	Route    guestnet.Route
 	Endpoint int
 	NIC      string
 }
@@ -58,14 +58,14 @@ type GuestRoute struct {
 // GuestNeighbor is one permanent neighbour for the guest and the endpoint
 // whose link it sits on (-1: adopted), with that link's NIC plug.
 type GuestNeighbor struct {
-	Neighbor agent.Neighbor
+	Neighbor guestnet.Neighbor
 	Endpoint int
 	NIC      string
 }
 
-// desiredInterface is what the guest NIC of container link l must look
+// DesiredInterface is what the guest NIC of container link l must look
 // like. IPv6 link-local addresses are the guest kernel's own business.
-func desiredInterface(l datapath.Link) agent.Interface {
+func DesiredInterface(l hostnet.Link) guestnet.Interface {
 	var addrs []netip.Prefix
 	for _, a := range l.Addrs {
 		if !a.Addr().IsLinkLocalUnicast() || a.Addr().Is4() {
@@ -73,7 +73,7 @@ func desiredInterface(l datapath.Link) agent.Interface {
 		}
 	}
 	slices.SortFunc(addrs, func(a, b netip.Prefix) int { return strings.Compare(a.String(), b.String()) })
-	return agent.Interface{Name: l.Name, MAC: l.MAC, Addrs: addrs, MTU: l.MTU, NoARP: l.NoARP}
+	return guestnet.Interface{Name: l.Name, MAC: l.MAC, Addrs: addrs, MTU: l.MTU, NoARP: l.NoARP}
 }
 
 // digest is a short fingerprint of canonical text; "" stays "".
@@ -85,7 +85,7 @@ func digest(text string) string {
 	return hex.EncodeToString(sum[:8])
 }
 
-func interfaceText(i agent.Interface) string {
+func interfaceText(i guestnet.Interface) string {
 	addrs := make([]string, len(i.Addrs))
 	for n, a := range i.Addrs {
 		addrs[n] = a.String()
@@ -93,7 +93,7 @@ func interfaceText(i agent.Interface) string {
 	return fmt.Sprintf("if %s %s mtu %d noarp %v addrs %s", i.Name, i.MAC, i.MTU, i.NoARP, strings.Join(addrs, ","))
 }
 
-func interfaceDigest(i agent.Interface) string { return digest(interfaceText(i)) }
+func interfaceDigest(i guestnet.Interface) string { return digest(interfaceText(i)) }
 
 // nicKey names one plug of endpoint e's NIC, with mac for the guest:
 // what a guest digest was confirmed for. plugging: the plan makes that
@@ -110,13 +110,13 @@ func nicKey(e state.Endpoint, mac net.HardwareAddr, plugging bool) string {
 func runtimeNICKey(mac net.HardwareAddr) string { return "runtime nic " + mac.String() }
 
 // endpointDigest is the digest of guest interface i on the NIC plug key.
-func endpointDigest(key string, i agent.Interface) string {
+func endpointDigest(key string, i guestnet.Interface) string {
 	return digest(key + ": " + interfaceText(i))
 }
 
 // routeKey is how two routes are told apart: destination (a default route
 // spelt as 0.0.0.0/0 or ::/0), gateway and device.
-func routeKey(r agent.Route) string {
+func routeKey(r guestnet.Route) string {
 	dst := r.Dest
 	if !dst.IsValid() {
 		dst = netip.PrefixFrom(netip.IPv4Unspecified(), 0)
@@ -131,7 +131,7 @@ func routeKey(r agent.Route) string {
 	return fmt.Sprintf("%s via %s dev %s", dst.Masked(), gw, r.Device)
 }
 
-func routeText(r agent.Route) string {
+func routeText(r guestnet.Route) string {
 	src := ""
 	if r.Source.IsValid() {
 		src = r.Source.String()
@@ -139,7 +139,9 @@ func routeText(r agent.Route) string {
 	return fmt.Sprintf("%s src %s scope %d mtu %d", routeKey(r), src, r.Scope, r.MTU)
 }
 
-func routesDigest(rs []GuestRoute) string {
+// RoutesDigest is what the record keeps (Record.GuestRoutes) once the
+// guest has routes rs, each on the NIC plug it names.
+func RoutesDigest(rs []GuestRoute) string {
 	lines := make([]string, len(rs))
 	for i, r := range rs {
 		lines[i] = routeText(r.Route) + " on " + r.NIC
@@ -147,7 +149,9 @@ func routesDigest(rs []GuestRoute) string {
 	return digest(strings.Join(lines, "\n"))
 }
 
-func neighborsDigest(ns []GuestNeighbor) string {
+// NeighborsDigest is what the record keeps (Record.GuestNeighbors) once
+// the guest has neighbours ns, each on the NIC plug it names.
+func NeighborsDigest(ns []GuestNeighbor) string {
 	lines := make([]string, len(ns))
 	for i, n := range ns {
 		lines[i] = fmt.Sprintf("%s lladdr %s dev %s state %d flags %d on %s", n.Neighbor.IP, n.Neighbor.MAC, n.Neighbor.Device,
@@ -158,12 +162,12 @@ func neighborsDigest(ns []GuestNeighbor) string {
 
 // guestHas reports whether the guest already has an interface that is
 // want: same MAC, name, MTU, NOARP and addresses (IPv6 link-local aside).
-func guestHas(g *GuestState, want agent.Interface) bool {
+func guestHas(g *GuestState, want guestnet.Interface) bool {
 	for _, have := range g.Interfaces {
 		if !bytes.Equal(have.MAC, want.MAC) {
 			continue
 		}
-		got := desiredInterface(datapath.Link{Name: have.Name, MAC: have.MAC, MTU: have.MTU, NoARP: have.NoARP, Addrs: have.Addrs})
+		got := DesiredInterface(hostnet.Link{Name: have.Name, MAC: have.MAC, MTU: have.MTU, NoARP: have.NoARP, Addrs: have.Addrs})
 		return interfaceDigest(got) == interfaceDigest(want)
 	}
 	return false
@@ -187,7 +191,7 @@ func guestHasRoutes(g *GuestState, want []GuestRoute) bool {
 // wiredLink is a container link whose guest NIC exists or is being made:
 // an endpoint of ours (Endpoint ≥ 0) or one the runtime wired (-1).
 type wiredLink struct {
-	link     datapath.Link
+	link     hostnet.Link
 	endpoint state.Endpoint
 	adopted  bool
 	plugged  bool // the NIC is (re)plugged in this plan: the guest has nothing of it
@@ -205,7 +209,7 @@ type guestDevice struct {
 // interfaces, then routes (they name the interfaces), then neighbours.
 // A plan that plugs a NIC keeps what it planned from in p.guest, and
 // always has a routes step: its guest steps are brought up to date when
-// sent (see refreshGuest).
+// sent (see Refreshed).
 func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 	// Devices whose interface the plan configures: the agent takes them
 	// down to do so, and the kernel drops the routes and neighbours
@@ -217,7 +221,7 @@ func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 			continue
 		}
 		e := w.endpoint
-		want := desiredInterface(w.link)
+		want := DesiredInterface(w.link)
 		d := endpointDigest(deviceOf(w).nic, want)
 		switch {
 		case !w.plugged && e.Guest == d:
@@ -243,7 +247,7 @@ func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 
 	routes := guestRoutes(obs.Routes, devs)
 	flushed := slices.ContainsFunc(routes, func(r GuestRoute) bool { return reconfigured[r.Route.Device] })
-	switch d := routesDigest(routes); {
+	switch d := RoutesDigest(routes); {
 	case d == rec.GuestRoutes && !flushed && plugging:
 		// CNI gives a new link its addresses and routes after making
 		// it, often while its NIC is being plugged.
@@ -260,7 +264,7 @@ func planGuest(obs Observed, rec state.Record, wired []wiredLink, p *Plan) {
 	neigh := guestNeighbors(obs.Neighbors, devs)
 	// There is no call to remove a neighbour: a smaller set is not pushed.
 	flushed = slices.ContainsFunc(neigh, func(n GuestNeighbor) bool { return reconfigured[n.Neighbor.Device] })
-	if d := neighborsDigest(neigh); len(neigh) > 0 && (d != rec.GuestNeighbors || flushed) {
+	if d := NeighborsDigest(neigh); len(neigh) > 0 && (d != rec.GuestNeighbors || flushed) {
 		p.Actions = append(p.Actions, Action{Op: OpAddGuestNeighbors, Endpoint: sandboxWide, Neighbors: neigh, Digest: d})
 	}
 	if plugging {
@@ -287,12 +291,12 @@ func guestDevices(wired []wiredLink) map[int]guestDevice {
 
 // guestNeighbors turns the sandbox's permanent neighbours on wired links
 // into the guest's, in a stable order.
-func guestNeighbors(neighbors []datapath.Neighbor, devs map[int]guestDevice) []GuestNeighbor {
+func guestNeighbors(neighbors []hostnet.Neighbor, devs map[int]guestDevice) []GuestNeighbor {
 	var neigh []GuestNeighbor
 	for _, n := range neighbors {
 		if dev, ok := devs[n.LinkIndex]; ok && n.IP.IsValid() && len(n.MAC) > 0 {
 			neigh = append(neigh, GuestNeighbor{Endpoint: dev.endpoint, NIC: dev.nic,
-				Neighbor: agent.Neighbor{IP: n.IP, MAC: n.MAC, Device: dev.name, State: n.State, Flags: n.Flags}})
+				Neighbor: guestnet.Neighbor{IP: n.IP, MAC: n.MAC, Device: dev.name, State: n.State, Flags: n.Flags}})
 		}
 	}
 	slices.SortFunc(neigh, func(a, b GuestNeighbor) int {
@@ -309,7 +313,7 @@ var sandboxWide = state.Endpoint{Index: -1}
 // the guest NIC to them). Link-local and multicast destinations are the
 // guest kernel's own. Routes without a gateway come first: a gateway must
 // be reachable when its route is added.
-func guestRoutes(routes []datapath.Route, devs map[int]guestDevice) []GuestRoute {
+func guestRoutes(routes []hostnet.Route, devs map[int]guestDevice) []GuestRoute {
 	var out []GuestRoute
 	for _, r := range routes {
 		dev, ok := devs[r.LinkIndex]
@@ -319,7 +323,7 @@ func guestRoutes(routes []datapath.Route, devs map[int]guestDevice) []GuestRoute
 		if r.Dst.IsValid() && (r.Dst.Addr().IsLinkLocalUnicast() || r.Dst.Addr().IsMulticast()) {
 			continue
 		}
-		out = append(out, GuestRoute{Endpoint: dev.endpoint, NIC: dev.nic, Route: agent.Route{
+		out = append(out, GuestRoute{Endpoint: dev.endpoint, NIC: dev.nic, Route: guestnet.Route{
 			Dest: r.Dst, Gateway: r.Gateway, Device: dev.name, Source: r.Src, Scope: r.Scope, IPv6: r.IPv6, MTU: r.MTU,
 		}})
 	}

@@ -1,0 +1,84 @@
+package hostnet
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+)
+
+// Redirect is one u32 match-all filter with a mirred egress redirect
+// action, found on the ingress hook of From.
+type Redirect struct {
+	From, To         int // ifindexes; To may name a device that no longer exists
+	FromName, ToName string
+	Priority         uint16
+	Owned            bool // at datapath.FilterPriority: created by tapsync
+}
+
+func (r Redirect) String() string {
+	return fmt.Sprintf("%s→%s(prio %d)", r.FromName, r.ToName, r.Priority)
+}
+
+// RateLimitOn is one of our limits as observed: a link and its egress
+// limit in bits per second, or with Ingress its ingress limit through
+// ifb tsi<Ifb> (Ifindex 0: no link's ingress is redirected to the ifb;
+// BPS 0: the ifb carries no limit).
+type RateLimitOn struct {
+	Ifindex int
+	Name    string
+	BPS     uint64
+	Ingress bool
+	Ifb     int
+}
+
+// Route is a route of the sandbox's main table that a CNI plugin or an
+// administrator added (not one the kernel derived from an address).
+type Route struct {
+	Dst       netip.Prefix // invalid (zero) = default route
+	Gateway   netip.Addr   // zero = none
+	LinkIndex int
+	Src       netip.Addr // preferred source, zero = none
+	Scope     uint8      // RT_SCOPE_* value
+	IPv6      bool
+	Protocol  int // RTPROT_*
+	MTU       int // RTAX_MTU metric, 0 = none
+	Metric    int // priority
+}
+
+func (r Route) String() string {
+	dst := "default"
+	switch {
+	case r.Dst.IsValid():
+		dst = r.Dst.String()
+	case r.IPv6:
+		dst = "default (ipv6)"
+	}
+	s := fmt.Sprintf("%s dev %d", dst, r.LinkIndex)
+	if r.Gateway.IsValid() {
+		s += " via " + r.Gateway.String()
+	}
+	if r.Src.IsValid() {
+		s += " src " + r.Src.String()
+	}
+	s += fmt.Sprintf(" proto %d scope %d", r.Protocol, r.Scope)
+	if r.MTU != 0 {
+		s += fmt.Sprintf(" mtu %d", r.MTU)
+	}
+	if r.Metric != 0 {
+		s += fmt.Sprintf(" metric %d", r.Metric)
+	}
+	return s
+}
+
+// Neighbor is a permanent neighbour entry (ARP or NDP) of the sandbox.
+type Neighbor struct {
+	IP        netip.Addr
+	MAC       net.HardwareAddr
+	LinkIndex int
+	State     int // NUD_* bits
+	Flags     int // NTF_* bits
+}
+
+func (n Neighbor) String() string {
+	return fmt.Sprintf("%s lladdr %s dev %d nud %#x flags %#x", n.IP, n.MAC, n.LinkIndex, n.State, n.Flags)
+}

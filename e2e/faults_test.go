@@ -388,8 +388,17 @@ func TestFaultSimultaneousStarts(t *testing.T) {
 		r.cmd.Stdout, r.cmd.Stderr = &r.out, &r.out
 		runs[i] = r
 	}
-	// Started back to back, before any can have taken the lock.
+	// Started back to back, before any can have taken the lock; killed at
+	// the end even if a later start fails.
 	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		for _, r := range runs {
+			if r.cmd.Process != nil {
+				r.cmd.Process.Kill()
+			}
+		}
+		wg.Wait()
+	})
 	for _, r := range runs {
 		if err := testproc.Start(r.cmd); err != nil {
 			t.Fatal(err)
@@ -401,12 +410,6 @@ func TestFaultSimultaneousStarts(t *testing.T) {
 			close(r.done)
 		}()
 	}
-	t.Cleanup(func() {
-		for _, r := range runs {
-			r.cmd.Process.Kill()
-		}
-		wg.Wait()
-	})
 
 	exited := func() (n int) {
 		for _, r := range runs {

@@ -13,7 +13,6 @@ import (
 
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/tapsync/tapsync/e2e/testnet"
@@ -98,7 +97,7 @@ func TestNetworks(t *testing.T) {
 			if err := p.Del(ctx, network, "ctr-a", pod.Path, "net1"); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := podHandle(t, pod).LinkByName("net1"); !isNotFound(err) {
+			if _, err := testnet.Handle(t, pod).LinkByName("net1"); !isNotFound(err) {
 				t.Fatalf("net1 in %s after DEL: err=%v, want link not found", pod.Name, err)
 			}
 			if l, err := p.Leases(network); err != nil || len(l) != 0 {
@@ -150,7 +149,7 @@ func TestSecondNetwork(t *testing.T) {
 	if err := p.Del(ctx, n2, "ctr", pod.Path, "net1"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := podHandle(t, pod).LinkByName("eth0"); err != nil {
+	if _, err := testnet.Handle(t, pod).LinkByName("eth0"); err != nil {
 		t.Fatalf("eth0 after DEL of net1: %v", err)
 	}
 	if err := p.Ping(ctx, netip.MustParseAddr(r1.IPs[0].Address.IP.String())); err != nil {
@@ -180,7 +179,7 @@ func TestDelAfterNetnsGone(t *testing.T) {
 
 func check(t *testing.T, pod testnet.NS, ifname string, res *types100.Result, w want) {
 	t.Helper()
-	h := podHandle(t, pod)
+	h := testnet.Handle(t, pod)
 	link, err := h.LinkByName(ifname)
 	if err != nil {
 		t.Fatalf("%s in %s: %v", ifname, pod.Name, err)
@@ -293,21 +292,6 @@ func pingL2(ctx context.Context, t *testing.T, p *Plugins, pod testnet.NS, netwo
 		t.Fatal(err)
 	}
 	testnet.IP(t, "-n", pod.Name, "addr", "del", netip.PrefixFrom(podAddr, 30).String(), "dev", "net1")
-}
-
-func podHandle(t *testing.T, pod testnet.NS) *netlink.Handle {
-	t.Helper()
-	ns, err := netns.GetFromPath(pod.Path)
-	if err != nil {
-		t.Fatalf("open netns %s: %v", pod.Path, err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatalf("netlink handle in %s: %v", pod.Path, err)
-	}
-	t.Cleanup(h.Close)
-	return h
 }
 
 func isNotFound(err error) bool {

@@ -83,16 +83,23 @@ func WaitDAD(t testing.TB, ns NS, dev string) {
 // Handle is a route netlink handle in ns, closed when t ends.
 func Handle(t testing.TB, ns NS) *netlink.Handle {
 	t.Helper()
+	h := openHandle(t, ns)
+	t.Cleanup(h.Close)
+	return h
+}
+
+// openHandle is a route netlink handle in ns, for the caller to close.
+func openHandle(t testing.TB, ns NS) *netlink.Handle {
+	t.Helper()
 	nsh, err := netns.GetFromPath(ns.Path)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("open netns %s: %v", ns.Path, err)
 	}
 	defer nsh.Close()
 	h, err := netlink.NewHandleAt(nsh, unix.NETLINK_ROUTE)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("netlink handle in %s: %v", ns.Path, err)
 	}
-	t.Cleanup(h.Close)
 	return h
 }
 
@@ -105,7 +112,9 @@ func Handle(t testing.TB, ns NS) *netlink.Handle {
 // read "finite": they count down.
 func Facts(t testing.TB, ns NS, dev string) string {
 	t.Helper()
-	h := Handle(t, ns)
+	// Closed here: a test may ask for the facts many times.
+	h := openHandle(t, ns)
+	defer h.Close()
 	link, err := h.LinkByName(dev)
 	if err != nil {
 		t.Fatal(err)

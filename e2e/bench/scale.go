@@ -73,6 +73,10 @@ func allPassedSince(st []statusEntry, n int, t0 time.Time) (time.Time, bool, str
 	return last, len(st) == n && behind == 0, fmt.Sprintf("%d of %d sandboxes listed, %d not passed since the start", len(st), n, behind)
 }
 
+// passesMetric counts the daemon's passes (the reconcile duration
+// histogram's count).
+const passesMetric = "tapsync_reconcile_duration_seconds_count"
+
 // passEnds is when, after t0, the first, the median and the last
 // sandbox finished its pass: how the resync spreads over its time.
 func passEnds(st []statusEntry, t0 time.Time) [3]time.Duration {
@@ -110,7 +114,7 @@ type scaleResult struct {
 	stormInject                               time.Duration // the bench adding the N links
 	restart                                   time.Duration // B4: exec → every sandbox passed
 	restartMutations                          int           // logged by the daemon
-	restartPasses                             float64       // passes the new daemon had made when the last sandbox passed
+	restartPasses                             float64       // passes the new daemon had made at the scrape after every sandbox passed
 	restartQMPMutations                       int           // mutating QMP commands QEMU received
 	restartQMP                                map[string]int
 	startCPU, sighupCPU, stormCPU, restartCPU phaseCPU
@@ -348,7 +352,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	if err != nil {
 		return r, err
 	}
-	r.sighupPasses = m1["tapsync_reconcile_duration_seconds_count"] - m0["tapsync_reconcile_duration_seconds_count"]
+	r.sighupPasses = m1[passesMetric] - m0[passesMetric]
 	_ = sbs.pollTraces()
 	r.sighupQMP, r.sighupBusy = sbs.qmpSince(t0, t1b)
 
@@ -450,9 +454,11 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	r.restartCPU = mark.since()
 	stopPerf()
 	r.restart = t1r.Sub(t0)
-	if m, err := d.scrape(); err == nil {
-		r.restartPasses = m["tapsync_reconcile_duration_seconds_count"]
+	m, err := d.scrape()
+	if err != nil {
+		return r, err
 	}
+	r.restartPasses = m[passesMetric]
 	if err := quiet(3 * cfg.n); err != nil {
 		return r, err
 	}

@@ -22,7 +22,7 @@ import (
 // the floor waits for them on its address subscription), MTU and the
 // device's PCI path (so the agent waits for the device, as tapsync's
 // request makes it), then UpdateRoutes with the routes tapsync would send
-// (reconcile's guestRoutes: the sandbox's main-table routes that are not
+// (the planner's guestRoutes: the sandbox's main-table routes that are not
 // the kernel's, on wired links, named by the container link, those
 // without a gateway first).
 
@@ -117,7 +117,7 @@ func (g *guestSide) waitAddrs(ctx context.Context, ifindex int) ([]netip.Prefix,
 	}
 }
 
-// guestRoutes are the routes tapsync sends the guest (reconcile's
+// guestRoutes are the routes tapsync sends the guest (the planner's
 // guestRoutes): main-table unicast routes not made by the kernel, through
 // wired links, named as the container link; link-local and multicast
 // destinations left to the guest's kernel; those without a gateway first

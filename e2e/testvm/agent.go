@@ -3,11 +3,8 @@ package testvm
 import (
 	"context"
 	"fmt"
-	"net"
-	"strings"
 	"time"
 
-	"github.com/containerd/ttrpc"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/tapsync/tapsync/e2e/testagent/control"
@@ -24,16 +21,12 @@ func (v *VM) RestartAgent(ctx context.Context) error {
 		ctx, cancel = context.WithTimeout(ctx, time.Minute)
 		defer cancel()
 	}
-	v.testAgentMu.Lock()
-	defer v.testAgentMu.Unlock()
-	off := v.SerialOffset()
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", strings.TrimPrefix(v.TestAgent, "unix://"))
+	c, err := v.OpenControl(ctx)
 	if err != nil {
 		return fmt.Errorf("restart guest agent: %w", err)
 	}
-	c := ttrpc.NewClient(conn)
-	err = c.Call(ctx, control.Service, control.MethodRestart, &emptypb.Empty{}, &emptypb.Empty{})
+	off := v.SerialOffset()
+	err = c.c.Call(ctx, control.Service, control.MethodRestart, &emptypb.Empty{}, &emptypb.Empty{})
 	c.Close()
 	if err != nil {
 		return fmt.Errorf("restart guest agent through %s: %w", v.TestAgent, err)

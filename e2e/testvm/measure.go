@@ -57,18 +57,13 @@ func (c *Control) Close() error {
 
 // call calls a JSON method of the control service.
 func (c *Control) call(ctx context.Context, method string, req, resp any) error {
-	return callJSON(ctx, c.c, c.v.TestAgent, method, req, resp)
-}
-
-// callJSON calls a JSON method of the control service on client c.
-func callJSON(ctx context.Context, c *ttrpc.Client, url, method string, req, resp any) error {
 	b, err := json.Marshal(req)
 	if err != nil {
 		return err
 	}
 	var out wrapperspb.BytesValue
-	if err := c.Call(ctx, control.Service, method, wrapperspb.Bytes(b), &out); err != nil {
-		return fmt.Errorf("%s through %s: %w", method, url, err)
+	if err := c.c.Call(ctx, control.Service, method, wrapperspb.Bytes(b), &out); err != nil {
+		return fmt.Errorf("%s through %s: %w", method, c.v.TestAgent, err)
 	}
 	dec := json.NewDecoder(bytes.NewReader(out.Value))
 	dec.DisallowUnknownFields()

@@ -258,12 +258,10 @@ func parseFilter(m []byte) (netlink.Filter, error) {
 				return nil
 			}
 			return walkAttrs(v, func(typ uint16, v []byte) error {
-				switch typ {
-				case nl.TCA_U32_SEL:
+				if typ == nl.TCA_U32_SEL {
 					filter = true
-					return nil
-				case nl.TCA_U32_ACT:
-				default:
+				}
+				if typ != nl.TCA_U32_ACT {
 					return nil
 				}
 				return walkAttrs(v, func(_ uint16, v []byte) error {

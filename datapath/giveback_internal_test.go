@@ -31,11 +31,7 @@ func TestGiveBackCountsLifetimesDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	idx := eth0.Attrs().Index
-	r, err := n.openRtnl()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.close()
+	r := n.rtnl()
 
 	take := func() Moved {
 		t.Helper()

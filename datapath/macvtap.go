@@ -219,11 +219,7 @@ func macvtapMismatch(m *netlink.Macvtap, spec MacvtapSpec) string {
 // takeAddrs deletes every address of link after handing them, and the
 // routes that go with them, to spec.Keep; it returns what it took.
 func (n *Netns) takeAddrs(link netlink.Link, spec MacvtapSpec) ([]MovedAddr, []MovedRoute, error) {
-	r, err := n.openRtnl()
-	if err != nil {
-		return nil, nil, err
-	}
-	defer r.close()
+	r := n.rtnl()
 	now := monotonic()
 	addrs, routes, err := r.lent(link.Attrs().Index, link.Attrs().Name, now)
 	if err != nil || len(addrs) == 0 {
@@ -275,11 +271,7 @@ func (n *Netns) RestoreContainerLink(ifindex int, m Moved) error {
 	if len(m.Addrs) == 0 && len(m.Routes) == 0 {
 		return nil
 	}
-	r, err := n.openRtnl()
-	if err != nil {
-		return wrap(err)
-	}
-	defer r.close()
+	r := n.rtnl()
 	if err := r.giveBack(ifindex, name, m, monotonic()); err != nil {
 		return wrap(err)
 	}

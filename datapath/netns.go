@@ -55,18 +55,15 @@ func Open(path string) (*Netns, error) {
 	// the netns) tripled what opening a netns costs on every pass.
 	err = n.Do(func() error {
 		var err error
-		if n.h, err = netlink.NewHandleAt(netns.None(), unix.NETLINK_ROUTE); err != nil {
-			return err
-		}
-		s, err := routeSocket()
-		if err != nil {
-			n.h.Close()
-			return err
-		}
-		n.dumper = &nl.SocketHandle{Socket: s}
-		return nil
+		n.h, n.dumper, err = socketsHere()
+		return err
 	})
 	if err != nil {
+		// The sockets, if made on a thread that then failed to return home.
+		if n.h != nil {
+			n.h.Close()
+			n.dumper.Close()
+		}
 		ns.Close()
 		return nil, fmt.Errorf("netlink sockets in netns %s: %w", path, err)
 	}
@@ -81,6 +78,21 @@ func Open(path string) (*Netns, error) {
 
 // socketTimeout bounds each send and receive on a netlink socket of ours.
 const socketTimeout = 5 * time.Second
+
+// socketsHere opens a Netns's two route sockets in the calling thread's
+// netns: the library's handle and the dumper.
+func socketsHere() (*netlink.Handle, *nl.SocketHandle, error) {
+	h, err := netlink.NewHandleAt(netns.None(), unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, nil, err
+	}
+	s, err := routeSocket()
+	if err != nil {
+		h.Close()
+		return nil, nil, err
+	}
+	return h, &nl.SocketHandle{Socket: s}, nil
+}
 
 // routeSocket opens a route netlink socket in the calling thread's netns,
 // with socketTimeout and the kernel's reasons in errors.
@@ -216,13 +228,16 @@ func dump[T any](f func() ([]T, error)) ([]T, error) {
 	return nil, err
 }
 
-// qdiscsOn lists link's qdiscs, from Observe's dump while it runs.
+// qdiscsOn lists link's qdiscs, from Observe's dump while it runs, else
+// from a dump of its own (the kernel dumps every link's qdiscs even when
+// asked for one link's).
 func (n *Netns) qdiscsOn(link netlink.Link) ([]netlink.Qdisc, error) {
-	if n.filters == nil {
-		return dump(func() ([]netlink.Qdisc, error) { return n.h.QdiscList(link) })
+	qs, err := n.allQdiscs()
+	if err != nil {
+		return nil, err
 	}
 	var out []netlink.Qdisc
-	for _, q := range n.qdiscs {
+	for _, q := range qs {
 		if q.Attrs().LinkIndex == link.Attrs().Index {
 			out = append(out, q)
 		}

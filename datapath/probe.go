@@ -4,7 +4,6 @@ import (
 	"fmt"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
@@ -24,16 +23,11 @@ func ProbeKernel() error {
 
 // probeHere runs on a thread inside the throwaway namespace.
 func probeHere() error {
-	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	h, dumper, err := socketsHere()
 	if err != nil {
 		return fmt.Errorf("netlink: %w", err)
 	}
 	defer h.Close()
-	s, err := routeSocket()
-	if err != nil {
-		return fmt.Errorf("netlink: %w", err)
-	}
-	dumper := &nl.SocketHandle{Socket: s}
 	defer dumper.Close()
 	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}, PeerName: "probe1"}
 	if err := h.LinkAdd(veth); err != nil {

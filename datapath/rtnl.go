@@ -12,33 +12,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// rtnl is a route netlink socket inside a sandbox netns, for the address
+// rtnl speaks on the Netns's own route socket (the dumper) the address
 // and route messages whose attributes the netlink library does not carry
 // (an address's metric and protocol; a route's source prefix, preference,
 // expiry, hop weights, every metric and lock). The macvtap model reads
-// what it takes from a container link and gives it back through it; it
-// is opened for that and closed after.
+// what it takes from a container link and gives it back through it.
 type rtnl struct {
 	path string
 	sh   *nl.SocketHandle
 }
 
-func (n *Netns) openRtnl() (*rtnl, error) {
-	var s *nl.NetlinkSocket
-	// Equivalent to: socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE) on a
-	// thread inside the netns.
-	err := n.Do(func() error {
-		var err error
-		s, err = routeSocket()
-		return err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("route netlink socket in netns %s: %w", n.path, err)
-	}
-	return &rtnl{path: n.path, sh: &nl.SocketHandle{Socket: s}}, nil
-}
-
-func (r *rtnl) close() { r.sh.Close() }
+func (n *Netns) rtnl() *rtnl { return &rtnl{path: n.path, sh: n.dumper} }
 
 // request sends one message and waits for the kernel's acknowledgement.
 func (r *rtnl) request(typ, flags int, data ...nl.NetlinkRequestData) error {

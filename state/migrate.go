@@ -18,9 +18,11 @@ import (
 func decode(b []byte) (Record, int, error) {
 	// A record of this build's version, the common case, is read once.
 	var r Record
-	if json.Unmarshal(b, &r) == nil && r.Version == Version {
+	err := json.Unmarshal(b, &r)
+	if err == nil && r.Version == Version {
 		return r, Version, nil
 	}
+	current := err // what reading it as this version said
 	r = Record{}
 	var v struct {
 		Version int `json:"version"`
@@ -28,10 +30,9 @@ func decode(b []byte) (Record, int, error) {
 	if err := json.Unmarshal(b, &v); err != nil {
 		return Record{}, 0, fmt.Errorf("unparsable: %w", err)
 	}
-	var err error
 	switch v.Version {
 	case Version:
-		err = json.Unmarshal(b, &r)
+		err = current
 	case 1:
 		r, err = from1(b)
 	default:

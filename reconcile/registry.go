@@ -183,6 +183,7 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 		}
 	}
 	reg := Registration{ID: sb.ID, Source: src, New: self == nil}
+	existed := self != nil
 	for _, id := range sameNetns {
 		e := r.sandboxes[id]
 		if e == nil {
@@ -197,12 +198,14 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 			self.inherit = id
 		}
 	}
-	if self == nil {
+	switch {
+	case self == nil:
 		self = newRuntime()
-	} else if reg.Replaced == "" {
+	case existed:
 		// Another monitor is another VM, as far as anyone can tell, and
 		// another agent another session: what was believed of the guest
-		// goes (beliefs.go).
+		// goes (beliefs.go), whether or not this registration also takes
+		// over another id's VM.
 		if self.sb.QMP != sb.QMP {
 			self.closeLocked()
 			r.noteGuestLocked(sb.ID, eventReset)

@@ -67,10 +67,13 @@ func newRuntime() *sandboxRuntime {
 }
 
 // renamed returns a runtime for rt's VM under another id: the pass lock
-// and what was noted for the next pass carry over, nothing else (rt is
-// unregistered).
+// and what was noted for the next pass (links gone, guest events, a RESET)
+// carry over, nothing else (rt is unregistered).
 func (rt *sandboxRuntime) renamed() *sandboxRuntime {
-	return &sandboxRuntime{pass: rt.pass, linksGone: rt.linksGone, guest: rt.guest}
+	n := &sandboxRuntime{pass: rt.pass, linksGone: rt.linksGone, guest: rt.guest}
+	// Final: unregistering rt closed its connection, whose reader notes.
+	n.reset.Store(rt.reset.Load())
+	return n
 }
 
 // closeLocked closes what rt keeps open for its passes: the dial under

@@ -2,6 +2,7 @@ package reconcile
 
 import (
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 )
@@ -22,6 +23,7 @@ func TestRuntimeLifecycle(t *testing.T) {
 	}
 	first := runtimeOf("proc-ns")
 	withRuntime(r, "proc-ns", func(rt *sandboxRuntime) { rt.status.LastError = "boom" })
+	first.noteReset() // not yet taken by a pass when the VM is renamed
 	if st, _ := r.StatusOf("proc-ns"); st.LastError != "boom" {
 		t.Fatalf("status = %+v; want the pass's outcome", st)
 	}
@@ -36,6 +38,9 @@ func TestRuntimeLifecycle(t *testing.T) {
 	}
 	if st, _ := r.StatusOf("pod"); st.LastError != "" {
 		t.Errorf("pod's status = %+v; want none (proc-ns's outcome stays with it)", st)
+	}
+	if evs := r.takeGuestEvents("pod"); len(evs) != 1 || evs[0] != eventReset {
+		t.Errorf("guest events of the renamed VM %v; want the RESET noted under its old id", evs)
 	}
 
 	r.Unregister("pod")
@@ -78,4 +83,27 @@ func TestNoteResetDoesNotWaitForTheRegistry(t *testing.T) {
 	}
 	r.mu.Unlock()
 	<-noted
+}
+
+// A sandbox registered again with another monitor forgets what it
+// believed of the guest even when the registration also takes over
+// another id's VM.
+func TestReregisteredElsewhereWithAnotherMonitor(t *testing.T) {
+	r := newTestReconciler(t)
+	dir := t.TempDir()
+	nsA, nsB := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	if _, err := r.Register(Sandbox{ID: "pod", Netns: nsA, QMP: "/q1.sock"}, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Register(Sandbox{ID: "proc", Netns: nsB, QMP: "/q2.sock"}, SourceProc); err != nil {
+		t.Fatal(err)
+	}
+	r.takeGuestEvents("pod")
+	reg, err := r.Register(Sandbox{ID: "pod", Netns: nsB, QMP: "/q2.sock"}, SourceConfig)
+	if err != nil || reg.Replaced != "proc" {
+		t.Fatalf("registration = %+v, %v; want proc replaced", reg, err)
+	}
+	if evs := r.takeGuestEvents("pod"); !slices.Contains(evs, eventReset) {
+		t.Errorf("guest events %v; want a reset (another monitor is another VM)", evs)
+	}
 }

@@ -38,7 +38,7 @@ const (
 	NumOps // not an Op: how many there are
 )
 
-func (o Op) String() string { return opSpecs[o].name }
+func (o Op) String() string { return o.spec().name }
 
 // Mutates reports whether the op changes the kernel, QEMU or the guest
 // (as opposed to only the record).

@@ -24,15 +24,10 @@ func (r *Reconciler) liveAgent(id string) *agent.Client {
 		c = rt.agent
 	}
 	r.mu.Unlock()
-	if c == nil {
+	if c == nil || agentGone(c) {
 		return nil
 	}
-	select {
-	case <-c.Done():
-		return nil
-	default:
-		return c
-	}
+	return c
 }
 
 // AgentCalls returns how many agent calls were made, by method name
@@ -61,9 +56,24 @@ func (r *Reconciler) agentClient(ctx context.Context, sb Sandbox) (*agent.Client
 		c.Close()
 		return nil, fmt.Errorf("sandbox %s: %w while connecting to its agent", sb.ID, ErrUnknownSandbox)
 	}
+	if rt.agent != nil && agentGone(rt.agent) {
+		// The session ended since the last pass took its events: the
+		// next pass must not trust what this one could not see end.
+		r.noteGuestLocked(sb.ID, eventAgentLost)
+	}
 	rt.closeAgentLocked()
 	rt.agent = c
 	return c, nil
+}
+
+// agentGone says whether agent connection c has ended.
+func agentGone(c *agent.Client) bool {
+	select {
+	case <-c.Done():
+		return true
+	default:
+		return false
+	}
 }
 
 // dropAgent closes c if it is still sandbox id's agent connection: after

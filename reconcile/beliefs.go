@@ -113,13 +113,9 @@ func (r *Reconciler) takeGuestEvents(id string) []guestEvent {
 	if e.reset.Swap(false) {
 		r.noteGuestLocked(id, eventReset)
 	}
-	if c := e.agent; c != nil {
-		select {
-		case <-c.Done():
-			e.closeAgentLocked()
-			r.noteGuestLocked(id, eventAgentLost)
-		default:
-		}
+	if c := e.agent; c != nil && agentGone(c) {
+		e.closeAgentLocked()
+		r.noteGuestLocked(id, eventAgentLost)
 	}
 	evs := e.guest.events
 	e.guest.events = nil

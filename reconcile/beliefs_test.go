@@ -259,6 +259,32 @@ func TestGuestEventsNoted(t *testing.T) {
 	if !slices.Equal(evs, []guestEvent{eventAgentLost}) {
 		t.Errorf("after the agent closed the connection: %v", evs)
 	}
+	// It goes away again, and a pass dials anew before its events are
+	// taken: the session's end is noted all the same.
+	c, err = r.agentClient(ctx, sb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if conn, err = l.Accept(); err != nil {
+		t.Fatal(err)
+	}
+	conn.Close()
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the client did not see the agent close the connection")
+	}
+	if _, err := r.agentClient(ctx, sb); err != nil {
+		t.Fatal(err)
+	}
+	last, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer last.Close()
+	if evs := take(); !slices.Equal(evs, []guestEvent{eventAgentLost}) {
+		t.Errorf("after the agent closed the connection and a pass dialled again: %v", evs)
+	}
 
 	// A pass takes a noted event once: the beliefs go, on disk too, and the
 	// endpoint is unverified until a pass confirms it.

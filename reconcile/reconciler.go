@@ -165,6 +165,7 @@ type Reconciler struct {
 	// sandboxes is the registry, by id: one runtime per netns (see
 	// Register), holding all that is kept of the sandbox (runtime.go).
 	sandboxes map[string]*sandboxRuntime
+	netnses   netnsIndex           // the sandboxes by netns identity (netnsid.go)
 	closed    bool                 // Close was called: nothing more is kept
 	dialing   map[string]*dialLock // per QMP socket: one dial at a time (a QMP socket takes one client)
 	// agentCalls counts the calls made to agents, by method.
@@ -173,7 +174,7 @@ type Reconciler struct {
 
 // New returns a Reconciler recording into store.
 func New(store *state.Store) *Reconciler {
-	return &Reconciler{store: store, sandboxes: map[string]*sandboxRuntime{}, dialing: map[string]*dialLock{}, agentCalls: map[string]int{}}
+	return &Reconciler{store: store, sandboxes: map[string]*sandboxRuntime{}, netnses: newNetnsIndex(), dialing: map[string]*dialLock{}, agentCalls: map[string]int{}}
 }
 
 // Close closes every QMP connection, agent connection and kept netns.

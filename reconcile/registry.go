@@ -3,13 +3,11 @@ package reconcile
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"slices"
 	"strings"
 
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/state"
-	"golang.org/x/sys/unix"
 )
 
 // Source is where a sandbox's registration came from. Several sources can
@@ -51,94 +49,6 @@ type Registration struct {
 	Outranked bool
 }
 
-// netnsID identifies a netns file however its path is spelled.
-// /run/netns/x and /var/run/netns/x are one, and so are a bind mount and
-// /proc/<pid>/ns/net of the same namespace.
-type netnsID struct {
-	ns   [2]uint64 // device and inode of the nsfs inode; zero when the path is no netns (yet)
-	dir  [2]uint64 // device and inode of the directory holding the path; zero when it cannot be read
-	name string    // the last component of the path
-	path string    // the cleaned path: the last resort, when not even the directory exists
-}
-
-// identify reads the identity of the netns at path. A netns that is gone
-// or not mounted yet (an empty placeholder) has no namespace identity;
-// it is then known by its place: directory identity and name.
-func identify(path string) netnsID {
-	id := netnsID{path: filepath.Clean(path), name: filepath.Base(path)}
-	// One O_PATH descriptor for both questions, so that they are about
-	// the same inode. Equivalent to: stat -L -c %d:%i P; stat -f -c %T P (nsfs)
-	if fd, err := unix.Open(path, unix.O_PATH|unix.O_CLOEXEC, 0); err == nil {
-		var st unix.Stat_t
-		var fs unix.Statfs_t
-		if unix.Fstat(fd, &st) == nil && unix.Fstatfs(fd, &fs) == nil && fs.Type == unix.NSFS_MAGIC {
-			id.ns = [2]uint64{st.Dev, st.Ino}
-		}
-		unix.Close(fd)
-	}
-	var st unix.Stat_t
-	if unix.Stat(filepath.Dir(id.path), &st) == nil {
-		id.dir = [2]uint64{st.Dev, st.Ino}
-	}
-	return id
-}
-
-// same reports whether a and b are one netns: the same namespace, or,
-// when either has no namespace yet, the same file.
-func (a netnsID) same(b netnsID) bool {
-	if a.ns != [2]uint64{} && a.ns == b.ns {
-		return true
-	}
-	if a.ns != [2]uint64{} && b.ns != [2]uint64{} {
-		return false
-	}
-	if a.dir != [2]uint64{} && b.dir != [2]uint64{} {
-		return a.dir == b.dir && a.name == b.name
-	}
-	return a.path == b.path
-}
-
-// samePlace reports whether a and b are the same path, whatever netns
-// is (or was) mounted there.
-func (a netnsID) samePlace(b netnsID) bool {
-	if a.dir != [2]uint64{} && b.dir != [2]uint64{} {
-		return a.dir == b.dir && a.name == b.name
-	}
-	return a.path == b.path
-}
-
-// netnsOf is a registered sandbox's netns path and its identity as last
-// read, copied out of the registry to be compared without its lock.
-type netnsOf struct {
-	path  string
-	ident netnsID
-}
-
-// netnsesLocked copies every sandbox's netnsOf but skip's; r.mu must be held.
-func (r *Reconciler) netnsesLocked(skip string) map[string]netnsOf {
-	out := make(map[string]netnsOf, len(r.sandboxes))
-	for id, e := range r.sandboxes {
-		if id != skip {
-			out[id] = netnsOf{e.sb.Netns, e.ident}
-		}
-	}
-	return out
-}
-
-// compared is the identity to compare with want: the cached one, unless
-// it may be out of date for this comparison — no netns was mounted when
-// it was read, or it is the same place as want (a netns file can be
-// replaced by another at the same path) — then read again.
-func (n netnsOf) compared(want netnsID) netnsID {
-	if n.ident.ns == [2]uint64{} || n.ident.samePlace(want) || n.ident.ns == want.ns {
-		// Read again also before calling two netns one: the kernel reuses
-		// the inode number of a dead netns, and a sandbox waiting for its
-		// netns to come back still holds the dead one's.
-		return identify(n.path)
-	}
-	return n.ident
-}
-
 // Register adds or updates a sandbox named by source src. Sandboxes are
 // keyed by their netns's identity: one VM is registered once, under the
 // id of the best source that names it (config > containerd > /proc).
@@ -161,7 +71,7 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 	defer r.registering.Unlock()
 	want := identify(sb.Netns)
 	r.mu.Lock()
-	others := r.netnsesLocked(sb.ID)
+	others := r.netnsesLocked(want, sb.ID)
 	r.mu.Unlock()
 	var sameNetns []string
 	for id, n := range others {
@@ -217,6 +127,7 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 	}
 	self.sb, self.source, self.ident = sb.withDefaults(), src, want
 	r.sandboxes[sb.ID] = self
+	r.netnses.set(sb.ID, want)
 	return reg, nil
 }
 
@@ -247,7 +158,7 @@ func (r *Reconciler) Registered(id string) (Sandbox, Source, bool) {
 func (r *Reconciler) InNetns(path string) []string {
 	want := identify(path)
 	r.mu.Lock()
-	all := r.netnsesLocked("")
+	all := r.netnsesLocked(want, "")
 	r.mu.Unlock()
 	var ids []string
 	for id, n := range all {
@@ -274,6 +185,7 @@ func (r *Reconciler) reidentify(id, netns string, ns [2]uint64) {
 	defer r.mu.Unlock()
 	if e := r.sandboxes[id]; e != nil && e.sb.Netns == netns {
 		e.ident = ident
+		r.netnses.set(id, ident)
 	}
 }
 

@@ -102,6 +102,7 @@ func (r *Reconciler) unregisterLocked(id string) {
 	if rt := r.sandboxes[id]; rt != nil {
 		rt.closeLocked()
 		delete(r.sandboxes, id)
+		r.netnses.drop(id)
 	}
 }
 

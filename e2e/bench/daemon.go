@@ -182,6 +182,17 @@ func (d *daemon) stop(sig syscall.Signal) {
 var httpClient = &http.Client{Timeout: 5 * time.Second}
 
 // scrape reads the daemon's /metrics into "name{labels}" → value.
+// ready asks the daemon's /readyz whether its first full resync is done.
+func (d *daemon) ready() (bool, string) {
+	resp, err := httpClient.Get("http://" + d.metrics + "/readyz")
+	if err != nil {
+		return false, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode == http.StatusOK, strings.TrimSpace(string(b))
+}
+
 func (d *daemon) scrape() (map[string]float64, error) {
 	resp, err := httpClient.Get("http://" + d.metrics + "/metrics")
 	if err != nil {

@@ -16,6 +16,10 @@ import (
 // `--comm tapsync` the daemon's own profile (Go keeps frame pointers).
 var perfDir string
 
+// perfFreq is perf's sampling rate (-perf-freq); a restart of ~0.5 s
+// needs a few kHz for a profile worth reading.
+var perfFreq = 499
+
 // profilePhase starts perf for one phase and returns what stops it. When
 // -perf is not given, or perf is missing, it does nothing.
 func profilePhase(phase string) (stop func()) {
@@ -23,7 +27,7 @@ func profilePhase(phase string) (stop func()) {
 		return func() {}
 	}
 	out := filepath.Join(perfDir, phase+".data")
-	cmd := exec.Command("perf", "record", "-a", "-g", "-F", "499", "-o", out)
+	cmd := exec.Command("perf", "record", "-a", "-g", "-F", fmt.Sprint(perfFreq), "-o", out)
 	cmd.Stdout, cmd.Stderr = nil, nil
 	if err := cmd.Start(); err != nil {
 		fmt.Fprintf(os.Stderr, "bench: perf for %s: %v (phase not profiled)\n", phase, err)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -77,6 +78,27 @@ func allPassedSince(st []statusEntry, n int, t0 time.Time) (time.Time, bool, str
 // histogram's count).
 const passesMetric = "tapsync_reconcile_duration_seconds_count"
 
+// triggersBySource lists the daemon's tapsync_triggers_total samples of a
+// scrape as "source n" pairs, most first.
+func triggersBySource(m map[string]float64) string {
+	type count struct {
+		source string
+		n      float64
+	}
+	var cs []count
+	for k, v := range m {
+		if src, ok := strings.CutPrefix(k, `tapsync_triggers_total{source="`); ok {
+			cs = append(cs, count{strings.TrimSuffix(src, `"}`), v})
+		}
+	}
+	slices.SortFunc(cs, func(a, b count) int { return cmp.Or(cmp.Compare(b.n, a.n), cmp.Compare(a.source, b.source)) })
+	var out []string
+	for _, c := range cs {
+		out = append(out, fmt.Sprintf("%s %.0f", c.source, c.n))
+	}
+	return strings.Join(out, ", ")
+}
+
 // passEnds is when, after t0, the first, the median and the last
 // sandbox finished its pass: how the resync spreads over its time.
 func passEnds(st []statusEntry, t0 time.Time) [3]time.Duration {
@@ -115,6 +137,7 @@ type scaleResult struct {
 	restart                                   time.Duration // B4: exec → every sandbox passed
 	restartMutations                          int           // logged by the daemon
 	restartPasses                             float64       // passes the new daemon had made at the scrape after every sandbox passed
+	restartTriggers                           string        // its triggers by source then: why it made those passes
 	restartQMPMutations                       int           // mutating QMP commands QEMU received
 	restartQMP                                map[string]int
 	startCPU, sighupCPU, stormCPU, restartCPU phaseCPU
@@ -439,7 +462,14 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		return r, err
 	}
 	var t1r time.Time
+	// The daemon is asked whether it is ready (/readyz, a few bytes)
+	// until it is, and only then for every sandbox's status: the status of
+	// 250 sandboxes every 50 ms cost the daemon ~5 % of its restart CPU,
+	// a load the floor, which prints when it is done, does not bear.
 	if err := eventually(ctx, 5*time.Minute, 50*time.Millisecond, "every sandbox verified after restart", func() (bool, string, error) {
+		if ok, why := d.ready(); !ok {
+			return false, why, nil
+		}
 		st, err := daemonStatus(stateDir)
 		if err != nil {
 			return false, err.Error(), nil
@@ -459,6 +489,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		return r, err
 	}
 	r.restartPasses = m[passesMetric]
+	r.restartTriggers = triggersBySource(m)
 	if err := quiet(3 * cfg.n); err != nil {
 		return r, err
 	}

@@ -22,8 +22,9 @@
 // B3 and B4 (see scale.go): it wires every container link of every
 // sandbox at start, prints "started", then wires every link that appears
 // (the storm). With -verify it does the least a restarted daemon must do
-// instead (a QEMU listing and a link dump per sandbox, no mutation) and
-// prints "verified <unix µs>".
+// instead (a QEMU listing and a link dump per sandbox, no mutation; with
+// -verify-datapath also each endpoint's redirects and a subscription to
+// every netns's link events) and prints "verified <unix µs>".
 //
 // In every mode it runs until its stdin closes.
 package main
@@ -53,11 +54,12 @@ func main() {
 	list := flag.String("sandboxes", "", "scale mode: file of \"NETNS-PATH QMP-SOCKET\" lines")
 	workers := flag.Int("workers", 4, "scale mode: sandboxes wired or verified in parallel (tapsync's default workers)")
 	verify := flag.Bool("verify", false, "scale mode: verify every sandbox without mutating, as a restarted daemon must")
+	verifyDatapath := flag.Bool("verify-datapath", false, "with -verify: also check every endpoint's redirects and subscribe to every netns's link events")
 	flag.Parse()
 	var err error
 	switch {
 	case *list != "" && *verify:
-		err = runVerify(*list, *workers)
+		err = runVerify(*list, *workers, *verifyDatapath)
 	case *list != "":
 		err = runScale(*list, *bus, *workers)
 	default:

@@ -216,13 +216,28 @@ func (s *sandbox) wireLocked(ctx context.Context, bus string, link nic) error {
 // least before it can say that every sandbox is as it should be —
 // connect to every QMP, one listing of the VM's devices
 // (qom-list /machine/peripheral) and one link dump of the netns, and see
-// that container links, taps and NICs agree in number. It mutates
-// nothing. It prints "verified <unix µs>" when every sandbox is done,
-// and then holds its connections, as a daemon would, until stdin closes.
-func runVerify(list string, workers int) error {
+// that container links, taps and NICs agree in number. With checkDatapath it
+// also sees that the datapath carries frames — one ingress filter dump
+// per container link and per tap, each holding a mirred redirect to a
+// link of the other side — and hears every netns's link events from then
+// on (an nsid each, one NETLINK_LISTEN_ALL_NSID socket), as a daemon
+// back in service must. It mutates nothing. It prints
+// "verified <unix µs>" when every sandbox is done, and then holds its
+// connections, as a daemon would, until stdin closes.
+func runVerify(list string, workers int, checkDatapath bool) error {
 	sbs, err := readSandboxes(list)
 	if err != nil {
 		return err
+	}
+	if checkDatapath {
+		fd, err := listenAllNsid()
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		if _, err := assignNsids(sbs); err != nil {
+			return err
+		}
 	}
 	handles := make([]*netlink.Handle, len(sbs))
 	defer func() {
@@ -284,6 +299,9 @@ func runVerify(list string, workers int) error {
 		if containers != taps || taps != nics {
 			return fmt.Errorf("netns %s: %d container links, %d taps, %d NICs", s.path, containers, taps, nics)
 		}
+		if checkDatapath {
+			return checkRedirects(handles[i], s.path, links)
+		}
 		return nil
 	})
 	if err != nil {
@@ -292,6 +310,52 @@ func runVerify(list string, workers int) error {
 	fmt.Printf("verified %d\n", time.Now().UnixMicro())
 	<-stdinClosed()
 	return nil
+}
+
+// checkRedirects sees that every container link and every tap among
+// links has a mirred redirect on its ingress to a link of the other kind.
+//
+// Equivalent to: tc -n NS filter show dev LINK ingress, per link
+func checkRedirects(h *netlink.Handle, path string, links []netlink.Link) error {
+	kinds := map[int]bool{} // ifindex → a container link (else a tap)
+	for _, l := range links {
+		if containerLink(l) {
+			kinds[l.Attrs().Index] = true
+		} else if _, ok := datapath.ParseTapName(l.Attrs().Name); ok {
+			kinds[l.Attrs().Index] = false
+		}
+	}
+	for _, l := range links {
+		container, ok := kinds[l.Attrs().Index]
+		if !ok {
+			continue
+		}
+		filters, err := h.FilterList(l, netlink.MakeHandle(0xffff, 0))
+		if err != nil {
+			return fmt.Errorf("netns %s: ingress filters of %s: %w", path, l.Attrs().Name, err)
+		}
+		if !redirectsTo(filters, func(to int) bool { c, ok := kinds[to]; return ok && c != container }) {
+			return fmt.Errorf("netns %s: %s redirects to no link of the other side", path, l.Attrs().Name)
+		}
+	}
+	return nil
+}
+
+// redirectsTo reports whether a u32 filter among filters has a mirred
+// redirect to a link that to accepts.
+func redirectsTo(filters []netlink.Filter, to func(ifindex int) bool) bool {
+	for _, f := range filters {
+		u, ok := f.(*netlink.U32)
+		if !ok {
+			continue
+		}
+		for _, a := range u.Actions {
+			if m, ok := a.(*netlink.MirredAction); ok && m.MirredAction == netlink.TCA_EGRESS_REDIR && to(m.Ifindex) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // listenAllNsid opens a rtnetlink socket in our netns that hears link

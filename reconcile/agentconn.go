@@ -59,7 +59,7 @@ func (r *Reconciler) agentClient(ctx context.Context, sb Sandbox) (*agent.Client
 	if rt.agent != nil && agentGone(rt.agent) {
 		// The session ended since the last pass took its events: the
 		// next pass must not trust what this one could not see end.
-		r.noteGuestLocked(sb.ID, eventAgentLost)
+		r.noteLocked(sb.ID, causeAgentLost)
 	}
 	rt.closeAgentLocked()
 	rt.agent = c
@@ -82,8 +82,7 @@ func (r *Reconciler) dropAgent(id string, c *agent.Client) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if rt := r.sandboxes[id]; rt != nil && rt.agent == c {
-		rt.closeAgentLocked()
-		r.noteGuestLocked(id, eventAgentFailed)
+		r.noteLocked(id, causeAgentFailed)
 	}
 }
 

@@ -12,55 +12,141 @@ import (
 	"github.com/tapsync/tapsync/state"
 )
 
-// What tapsync believes of the guest without looking (the digests of
-// planner/guest.go) names the NIC plugs it describes, so a replug outdates it by
-// key. What no key can see is an event below: noted when it happens,
-// applied at the start of the next pass by dropGuestBeliefs, the one place
-// where beliefs of the guest are dropped. That pass asks the agent what
-// the guest has and confirms or repairs it; until one has, the endpoint's
-// guest is unverified.
-
-// guestEvent is something that may have changed the guest behind
-// tapsync's back.
-type guestEvent string
+// A belief is a fact tapsync holds between passes without observing it
+// each pass. Each is keyed by the identity of what it describes, so that a
+// new key (a replug, a new connection) outdates it without anyone
+// dropping it; what no key can see is a cause below, and beliefRules says
+// what each cause drops. Nothing else drops a belief: the places where a
+// cause happens call noteLocked (for a sandbox) or vmModel.drop (for the
+// model of one connection), and both read the table.
+type belief uint8
 
 const (
-	eventReset       guestEvent = "guest reset (QMP RESET)"
-	eventAgentLost   guestEvent = "agent connection lost (the agent may have restarted)"
-	eventAgentFailed guestEvent = "an agent call failed"
-	eventVerify      guestEvent = "periodic verify"
+	// beliefGuestInterface is Endpoint.Guest: the guest's configuration
+	// of an endpoint's NIC, keyed by the NIC plug (index, MAC and plug
+	// count; planner's nicKey).
+	beliefGuestInterface belief = 1 << iota
+	// beliefGuestRoutes is Record.GuestRoutes, keyed by the NIC plugs the
+	// routes go through.
+	beliefGuestRoutes
+	// beliefGuestNeighbors is Record.GuestNeighbors, keyed likewise.
+	beliefGuestNeighbors
+	// beliefVMModel is the model of the VM (model.go): its NICs, netdevs
+	// and slots, keyed by the QMP connection it was read through.
+	beliefVMModel
+	// beliefAgentSession is the agent connection kept between passes,
+	// keyed by the agent's address: the guest's configuration is trusted
+	// while that session lasts.
+	beliefAgentSession
+
+	beliefsGuest = beliefGuestInterface | beliefGuestRoutes | beliefGuestNeighbors
 )
 
-// guestBelief is a kind of fact kept of the guest.
-type guestBelief uint8
-
-const (
-	beliefInterfaces guestBelief = 1 << iota // Endpoint.Guest
-	beliefRoutes                             // Record.GuestRoutes
-	beliefNeighbors                          // Record.GuestNeighbors
-)
-
-// guestDrops is what each event drops. Neighbours cannot be listed: they
-// are sent again with the interface they sit on (see the planner's planGuest), so only
-// a reset, which forgets them for sure, drops them outright. A replug
-// needs no entry (keys), nor does a new QMP connection: the guest does not
-// change with it (a RESET seen on the old one is kept: noteReset).
-var guestDrops = map[guestEvent]guestBelief{
-	eventReset:       beliefInterfaces | beliefRoutes | beliefNeighbors,
-	eventAgentLost:   beliefInterfaces | beliefRoutes,
-	eventAgentFailed: beliefInterfaces | beliefRoutes,
-	eventVerify:      beliefInterfaces | beliefRoutes,
+var beliefNames = map[belief]string{
+	beliefGuestInterface: "guest interfaces", beliefGuestRoutes: "guest routes", beliefGuestNeighbors: "guest neighbours",
+	beliefVMModel: "model of the VM", beliefAgentSession: "agent session",
 }
 
-// dropGuestBeliefs drops from rec what the events void, and returns the
-// live endpoints whose interface belief went.
-func dropGuestBeliefs(rec *state.Record, evs []guestEvent) []int {
-	var drop guestBelief
-	for _, ev := range evs {
-		drop |= guestDrops[ev]
+func (b belief) String() string {
+	var names []string
+	for bit := belief(1); bit != 0 && bit <= b; bit <<= 1 {
+		if b&bit != 0 {
+			names = append(names, beliefNames[bit])
+		}
+	}
+	return strings.Join(names, ", ")
+}
+
+// cause is something that may outdate beliefs; its text says what
+// happened, in logs and in an endpoint's guest status.
+type cause string
+
+const (
+	causeReplug         cause = "the NIC was plugged again"
+	causeReconnect      cause = "a new QMP connection"
+	causeReset          cause = "guest reset (QMP RESET)"
+	causeAgentLost      cause = "agent connection lost (the agent may have restarted)"
+	causeAgentFailed    cause = "an agent call failed"
+	causeVerify         cause = "periodic verify"
+	causeQMPFailed      cause = "a QMP command failed or timed out"
+	causeQMPEvent       cause = "QEMU reported an event the model does not follow"
+	causeContradicted   cause = "QEMU's answer contradicted the model"
+	causeRaced          cause = "the VM changed while it was read"
+	causePartialPlug    cause = "a plug into a VM whose slots were not read yet"
+	causeUnplugUnheard  cause = "an unplug whose end QEMU will not report"
+	causeKata           cause = "Kata's links changed, or Kata may have plugged what the pass acts on"
+	causeTeardown       cause = "a teardown unplugs without the model"
+	causeMonitorChanged cause = "registered again with another monitor"
+	causeAgentChanged   cause = "registered again with another agent"
+)
+
+// beliefRule is what one cause does: the beliefs it drops, and those it
+// outdates by giving them a new key (nothing to drop: what was believed
+// names the old one).
+type beliefRule struct{ drops, byKey belief }
+
+// beliefRules is the one table of invalidations. Neighbours cannot be
+// listed from the guest: they are sent again with the interface they sit
+// on, so only what forgets them for sure (a reset, another VM) drops
+// them. A verify keeps the model to compare with what it observes, and
+// logs what differed.
+var beliefRules = map[cause]beliefRule{
+	causeReplug:         {byKey: beliefsGuest},
+	causeReconnect:      {byKey: beliefVMModel},
+	causeReset:          {drops: beliefsGuest | beliefVMModel},
+	causeAgentLost:      {drops: beliefGuestInterface | beliefGuestRoutes | beliefAgentSession},
+	causeAgentFailed:    {drops: beliefGuestInterface | beliefGuestRoutes | beliefAgentSession},
+	causeVerify:         {drops: beliefGuestInterface | beliefGuestRoutes | beliefVMModel},
+	causeQMPFailed:      {drops: beliefVMModel},
+	causeQMPEvent:       {drops: beliefVMModel},
+	causeContradicted:   {drops: beliefVMModel},
+	causeRaced:          {drops: beliefVMModel},
+	causePartialPlug:    {drops: beliefVMModel},
+	causeUnplugUnheard:  {drops: beliefVMModel},
+	causeKata:           {drops: beliefVMModel},
+	causeTeardown:       {drops: beliefVMModel},
+	causeMonitorChanged: {drops: beliefsGuest | beliefAgentSession, byKey: beliefVMModel},
+	causeAgentChanged:   {drops: beliefGuestInterface | beliefGuestRoutes, byKey: beliefAgentSession},
+}
+
+// noteLocked applies cause c to sandbox id: the model and the agent
+// session go now, and what c drops of the guest is noted for the next
+// pass, which drops it from the record (applyGuestEvents); r.mu must be
+// held.
+func (r *Reconciler) noteLocked(id string, c cause) {
+	rt := r.sandboxes[id]
+	if rt == nil {
+		return
+	}
+	drops := beliefRules[c].drops
+	if drops&beliefVMModel != 0 {
+		rt.model.drop(c)
+	}
+	if drops&beliefAgentSession != 0 {
+		rt.closeAgentLocked()
+	}
+	if drops&beliefsGuest != 0 {
+		rt.queueGuestLocked(c)
+	}
+}
+
+// queueGuestLocked notes c for the next pass's applyGuestEvents; r.mu
+// must be held.
+func (rt *sandboxRuntime) queueGuestLocked(c cause) {
+	if !slices.Contains(rt.guest.events, c) {
+		rt.guest.events = append(rt.guest.events, c)
+	}
+}
+
+// dropGuestBeliefs drops from rec what the causes drop of the guest, and
+// returns the live endpoints whose interface belief went.
+func dropGuestBeliefs(rec *state.Record, cs []cause) []int {
+	var drop belief
+	for _, c := range cs {
+		drop |= beliefRules[c].drops
 	}
 	var dropped []int
-	if drop&beliefInterfaces != 0 {
+	if drop&beliefGuestInterface != 0 {
 		for i, e := range rec.Endpoints {
 			if e.Guest != "" && !e.Removing {
 				dropped = append(dropped, e.Index)
@@ -68,10 +154,10 @@ func dropGuestBeliefs(rec *state.Record, evs []guestEvent) []int {
 			}
 		}
 	}
-	if drop&beliefRoutes != 0 {
+	if drop&beliefGuestRoutes != 0 {
 		rec.GuestRoutes = ""
 	}
-	if drop&beliefNeighbors != 0 {
+	if drop&beliefGuestNeighbors != 0 {
 		rec.GuestNeighbors = ""
 	}
 	return dropped
@@ -79,17 +165,10 @@ func dropGuestBeliefs(rec *state.Record, evs []guestEvent) []int {
 
 // guestWatch is what a sandbox's runtime keeps of its guest between passes.
 type guestWatch struct {
-	events []guestEvent
-	// unverified are the endpoints whose belief an event dropped and no
-	// pass has confirmed since, with the event.
-	unverified map[int]guestEvent
-}
-
-// noteGuestLocked notes ev for sandbox id's next pass; r.mu must be held.
-func (r *Reconciler) noteGuestLocked(id string, ev guestEvent) {
-	if e := r.sandboxes[id]; e != nil && !slices.Contains(e.guest.events, ev) {
-		e.guest.events = append(e.guest.events, ev)
-	}
+	events []cause
+	// unverified are the endpoints whose belief a cause dropped and no
+	// pass has confirmed since, with the cause.
+	unverified map[int]cause
 }
 
 // noteReset notes a RESET of the sandbox's VM. It is called from the QMP
@@ -103,7 +182,7 @@ func (rt *sandboxRuntime) noteReset() {
 // takeGuestEvents returns and clears what happened to sandbox id's guest
 // since its last pass: the events noted, a RESET of its VM, an agent
 // connection found broken (it is dropped).
-func (r *Reconciler) takeGuestEvents(id string) []guestEvent {
+func (r *Reconciler) takeGuestEvents(id string) []cause {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e := r.sandboxes[id]
@@ -111,11 +190,10 @@ func (r *Reconciler) takeGuestEvents(id string) []guestEvent {
 		return nil
 	}
 	if e.reset.Swap(false) {
-		r.noteGuestLocked(id, eventReset)
+		r.noteLocked(id, causeReset)
 	}
 	if c := e.agent; c != nil && agentGone(c) {
-		e.closeAgentLocked()
-		r.noteGuestLocked(id, eventAgentLost)
+		r.noteLocked(id, causeAgentLost)
 	}
 	evs := e.guest.events
 	e.guest.events = nil
@@ -136,11 +214,11 @@ func (r *Reconciler) applyGuestEvents(ctx context.Context, s *session) error {
 	for i, ev := range evs {
 		why[i] = string(ev)
 	}
-	cause := guestEvent(strings.Join(why, "; "))
+	joined := cause(strings.Join(why, "; "))
 	r.mu.Lock()
 	if e := r.sandboxes[s.sb.ID]; e != nil && len(dropped) > 0 {
 		if e.guest.unverified == nil {
-			e.guest.unverified = map[int]guestEvent{}
+			e.guest.unverified = map[int]cause{}
 		}
 		// Status says so now, not when the pass ends: the agent may take
 		// its timeout to answer (a guest still booting).
@@ -150,8 +228,8 @@ func (r *Reconciler) applyGuestEvents(ctx context.Context, s *session) error {
 			st.GuestEndpoints = map[int]string{}
 		}
 		for _, n := range dropped {
-			e.guest.unverified[n] = cause
-			st.GuestEndpoints[n] = fmt.Sprintf("%s: %s", GuestUnverified, cause)
+			e.guest.unverified[n] = joined
+			st.GuestEndpoints[n] = fmt.Sprintf("%s: %s", GuestUnverified, joined)
 		}
 		e.status = st
 	}
@@ -160,14 +238,16 @@ func (r *Reconciler) applyGuestEvents(ctx context.Context, s *session) error {
 		return nil
 	}
 	ev := zerolog.Ctx(ctx).Info()
-	if slices.Equal(evs, []guestEvent{eventVerify}) {
+	if slices.Equal(evs, []cause{causeVerify}) {
 		ev = zerolog.Ctx(ctx).Debug() // routine
 	}
-	ev.Str("cause", string(cause)).Ints("endpoints", dropped).Msg("what tapsync knew of the guest is unverified: asking its agent again")
+	ev.Str("cause", string(joined)).Ints("endpoints", dropped).Msg("what tapsync knew of the guest is unverified: asking its agent again")
 	if err := r.store.Save(s.rec); err != nil {
 		r.mu.Lock()
-		for _, ev := range evs { // for the next pass: the record still has the beliefs
-			r.noteGuestLocked(s.sb.ID, ev)
+		if e := r.sandboxes[s.sb.ID]; e != nil { // for the next pass: the record still has the beliefs
+			for _, c := range evs {
+				e.queueGuestLocked(c)
+			}
 		}
 		r.mu.Unlock()
 		return fmt.Errorf("sandbox %s: record the guest unverified: %w", s.sb.ID, err)
@@ -180,7 +260,7 @@ func (r *Reconciler) applyGuestEvents(ctx context.Context, s *session) error {
 func (r *Reconciler) guestStatus(id string, sb Sandbox, rec state.Record, out Outcome, guestErr error) (string, map[int]string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	var unverified map[int]guestEvent
+	var unverified map[int]cause
 	if e := r.sandboxes[id]; e != nil {
 		for n := range e.guest.unverified {
 			if ep, ok := rec.Endpoint(n); !ok || ep.Removing || ep.Guest != "" {
@@ -194,7 +274,7 @@ func (r *Reconciler) guestStatus(id string, sb Sandbox, rec state.Record, out Ou
 
 // guestStatus describes the guest side of a sandbox after a pass, given
 // the endpoints whose belief was dropped and not confirmed since.
-func guestStatus(sb Sandbox, rec state.Record, out Outcome, guestErr error, unverified map[int]guestEvent) (string, map[int]string) {
+func guestStatus(sb Sandbox, rec state.Record, out Outcome, guestErr error, unverified map[int]cause) (string, map[int]string) {
 	sandbox := ""
 	switch {
 	case !sb.guestOn():

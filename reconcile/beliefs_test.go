@@ -84,29 +84,31 @@ func TestGuestRouteAttributeChangeIsSent(t *testing.T) {
 // event the reconciler notes for it.
 type beliefCase struct {
 	name   string
-	event  guestEvent
+	event  cause
 	happen func(t *testing.T, w *world)
 }
 
 var beliefCases = []beliefCase{
-	{"guest rebooted", eventReset, func(t *testing.T, w *world) { w.guest.reboot() }},
-	{"agent restarted, the guest kernel kept its state", eventAgentLost, func(t *testing.T, w *world) {}},
-	{"agent call cut short after taking the link down", eventAgentFailed, func(t *testing.T, w *world) {
+	{"guest rebooted", causeReset, func(t *testing.T, w *world) { w.guest.reboot() }},
+	{"agent restarted, the guest kernel kept its state", causeAgentLost, func(t *testing.T, w *world) {}},
+	{"registered again with another monitor: another VM", causeMonitorChanged, func(t *testing.T, w *world) { w.guest.reboot() }},
+	{"registered again with another agent", causeAgentChanged, func(t *testing.T, w *world) {}},
+	{"agent call cut short after taking the link down", causeAgentFailed, func(t *testing.T, w *world) {
 		w.links[0].Addrs = append(w.links[0].Addrs, netip.MustParsePrefix("10.1.0.6/24"))
 		w.guest.halfway = true
 		if _, out, err := w.reconcile(guestOn); err == nil || !out.GuestFailed {
 			t.Fatalf("pass with a call cut short: %v, guest failed %v", err, out.GuestFailed)
 		}
 	}},
-	{"agent call done, its answer lost", eventAgentFailed, func(t *testing.T, w *world) {
+	{"agent call done, its answer lost", causeAgentFailed, func(t *testing.T, w *world) {
 		w.links[0].Addrs = append(w.links[0].Addrs, netip.MustParsePrefix("10.1.0.6/24"))
 		w.guest.replyLost = true
 		if _, out, err := w.reconcile(guestOn); err == nil || !out.GuestFailed {
 			t.Fatalf("pass with an answer lost: %v, guest failed %v", err, out.GuestFailed)
 		}
 	}},
-	{"a workload flushed the guest's addresses", eventVerify, func(t *testing.T, w *world) { w.guest.flushAddrs("eth0") }},
-	{"PCI rescan in the guest", eventVerify, func(t *testing.T, w *world) {
+	{"a workload flushed the guest's addresses", causeVerify, func(t *testing.T, w *world) { w.guest.flushAddrs("eth0") }},
+	{"PCI rescan in the guest", causeVerify, func(t *testing.T, w *world) {
 		// Every device is removed and found again: new netdevices.
 		nics := w.nics
 		w.nics = nil
@@ -116,11 +118,14 @@ var beliefCases = []beliefCase{
 }
 
 // TestGuestBeliefRules goes through every event that drops beliefs of the
-// guest (guestDrops): after what it stands for has happened to the guest
+// guest (beliefRules): after what it stands for has happened to the guest
 // and the event is noted, one more pass leaves the guest as the netns
 // says. A replug needs no event: see TestReplacementNICKeepsGuestRoutesAndNeighbours.
 func TestGuestBeliefRules(t *testing.T) {
-	for ev := range guestDrops {
+	for ev, rule := range beliefRules {
+		if rule.drops&beliefsGuest == 0 {
+			continue
+		}
 		if !slices.ContainsFunc(beliefCases, func(c beliefCase) bool { return c.event == ev }) {
 			t.Errorf("no case for the event %q", ev)
 		}
@@ -132,8 +137,8 @@ func TestGuestBeliefRules(t *testing.T) {
 			changing := w.guest.calls["UpdateInterface"] + w.guest.calls["UpdateRoutes"] + w.guest.calls["AddARPNeighbors"]
 			c.happen(t, w)
 			lost := len(w.guest.check()) > 0
-			if _, ok := guestDrops[c.event]; !ok {
-				t.Fatalf("event %q is not in guestDrops", c.event)
+			if beliefRules[c.event].drops&beliefsGuest == 0 {
+				t.Fatalf("cause %q drops no belief of the guest in beliefRules", c.event)
 			}
 			w.noteGuest(c.event)
 			if _, _, err := w.reconcile(guestOn); err != nil {
@@ -143,7 +148,7 @@ func TestGuestBeliefRules(t *testing.T) {
 				t.Fatalf("one pass after the event:\n%s", joinLines(bad))
 			}
 			now := w.guest.calls["UpdateInterface"] + w.guest.calls["UpdateRoutes"] + w.guest.calls["AddARPNeighbors"]
-			if !lost && c.event != eventAgentFailed && now != changing {
+			if !lost && c.event != causeAgentFailed && now != changing {
 				t.Errorf("the guest had lost nothing, yet %d guest-changing calls were made", now-changing)
 			}
 		})
@@ -161,13 +166,13 @@ func TestGuestStatusUnverified(t *testing.T) {
 	if eps[0] != GuestConfigured {
 		t.Fatalf("converged: guest %q", eps[0])
 	}
-	dropped := dropGuestBeliefs(&w.rec, []guestEvent{eventReset})
+	dropped := dropGuestBeliefs(&w.rec, []cause{causeReset})
 	if !slices.Equal(dropped, []int{0}) {
 		t.Errorf("dropped %v, want endpoint 0", dropped)
 	}
-	unverified := map[int]guestEvent{0: eventReset}
+	unverified := map[int]cause{0: causeReset}
 	_, eps = guestStatus(sb, w.rec, Outcome{}, nil, unverified)
-	if !strings.HasPrefix(eps[0], GuestUnverified) || !strings.Contains(eps[0], string(eventReset)) {
+	if !strings.HasPrefix(eps[0], GuestUnverified) || !strings.Contains(eps[0], string(causeReset)) {
 		t.Errorf("after a reset: guest %q, want %s naming the reset", eps[0], GuestUnverified)
 	}
 	_, eps = guestStatus(sb, w.rec, Outcome{}, errAgentDown, unverified)
@@ -207,25 +212,25 @@ func TestGuestEventsNoted(t *testing.T) {
 		rt.model = m
 	})
 	ctx := context.Background()
-	take := func() []guestEvent { return r.takeGuestEvents("sb") }
+	take := func() []cause { return r.takeGuestEvents("sb") }
 
 	if evs := take(); len(evs) != 0 {
 		t.Fatalf("nothing happened, yet %v", evs)
 	}
 	m.event(qmp.Event{Name: "RESET"})
-	if evs := take(); !slices.Equal(evs, []guestEvent{eventReset}) {
+	if evs := take(); !slices.Equal(evs, []cause{causeReset}) {
 		t.Errorf("after RESET: %v", evs)
 	}
 	// A RESET outlives the connection that saw it (replaced before the
 	// next pass: a command's timeout, the monitor closed).
 	m.event(qmp.Event{Name: "RESET"})
-	r.forgetModel("sb")
+	r.dropModel("sb", causeQMPFailed)
 	withRuntime(r, "sb", func(rt *sandboxRuntime) { rt.model = nil })
-	if evs := take(); !slices.Equal(evs, []guestEvent{eventReset}) {
+	if evs := take(); !slices.Equal(evs, []cause{causeReset}) {
 		t.Errorf("after RESET and a new connection: %v", evs)
 	}
 	r.VerifyAll()
-	if evs := take(); !slices.Equal(evs, []guestEvent{eventVerify}) {
+	if evs := take(); !slices.Equal(evs, []cause{causeVerify}) {
 		t.Errorf("after VerifyAll: %v", evs)
 	}
 	c, err := r.agentClient(ctx, sb)
@@ -238,7 +243,7 @@ func TestGuestEventsNoted(t *testing.T) {
 	}
 	defer first.Close()
 	r.dropAgent("sb", c)
-	if evs := take(); !slices.Equal(evs, []guestEvent{eventAgentFailed}) {
+	if evs := take(); !slices.Equal(evs, []cause{causeAgentFailed}) {
 		t.Errorf("after a failed call: %v", evs)
 	}
 	// The agent goes away (restarts): its end of the connection closes.
@@ -251,12 +256,12 @@ func TestGuestEventsNoted(t *testing.T) {
 	}
 	conn.Close()
 	deadline := time.Now().Add(10 * time.Second)
-	var evs []guestEvent
+	var evs []cause
 	for len(evs) == 0 && time.Now().Before(deadline) {
 		evs = take()
 		time.Sleep(10 * time.Millisecond) // polling for the client to see the close, bounded
 	}
-	if !slices.Equal(evs, []guestEvent{eventAgentLost}) {
+	if !slices.Equal(evs, []cause{causeAgentLost}) {
 		t.Errorf("after the agent closed the connection: %v", evs)
 	}
 	// It goes away again, and a pass dials anew before its events are
@@ -282,7 +287,7 @@ func TestGuestEventsNoted(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer last.Close()
-	if evs := take(); !slices.Equal(evs, []guestEvent{eventAgentLost}) {
+	if evs := take(); !slices.Equal(evs, []cause{causeAgentLost}) {
 		t.Errorf("after the agent closed the connection and a pass dialled again: %v", evs)
 	}
 
@@ -332,7 +337,7 @@ func TestGuestEventsNoted(t *testing.T) {
 	if err := r.applyGuestEvents(ctx, s); !errors.Is(err, state.ErrStore) {
 		t.Errorf("dropping into a state dir that is gone: %v, want state.ErrStore", err)
 	}
-	if evs := take(); !slices.Equal(evs, []guestEvent{eventReset}) {
+	if evs := take(); !slices.Equal(evs, []cause{causeReset}) {
 		t.Errorf("after a drop that could not be recorded: %v, want the reset again", evs)
 	}
 }
@@ -357,14 +362,14 @@ func TestReRegisteredElsewhereDropsBeliefs(t *testing.T) {
 	if _, err := r.Register(sb, SourceConfig); err != nil {
 		t.Fatal(err)
 	}
-	if evs := r.takeGuestEvents("sb"); !slices.Equal(evs, []guestEvent{eventReset}) {
-		t.Errorf("another monitor: %v, want a reset", evs)
+	if evs := r.takeGuestEvents("sb"); !slices.Equal(evs, []cause{causeMonitorChanged}) {
+		t.Errorf("another monitor: %v, want %q", evs, causeMonitorChanged)
 	}
 	sb.Agent.Path = "/run/vm2/agent.sock"
 	if _, err := r.Register(sb, SourceConfig); err != nil {
 		t.Fatal(err)
 	}
-	if evs := r.takeGuestEvents("sb"); !slices.Equal(evs, []guestEvent{eventAgentLost}) {
-		t.Errorf("another agent: %v, want the agent session lost", evs)
+	if evs := r.takeGuestEvents("sb"); !slices.Equal(evs, []cause{causeAgentChanged}) {
+		t.Errorf("another agent: %v, want %q", evs, causeAgentChanged)
 	}
 }

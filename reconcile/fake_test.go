@@ -48,7 +48,7 @@ type world struct {
 	plugs      int
 	// events are what happened to the guest that the reconciler would
 	// have noted for the next pass (see noteGuest).
-	events []guestEvent
+	events []cause
 	// unplugBatches are the VM.UnplugNICs calls so far.
 	unplugBatches []unplugBatch
 	macvtaps      map[int]*datapath.Macvtap // ours, by endpoint index
@@ -293,7 +293,7 @@ func (w *world) plan(opts Options) Plan {
 
 // noteGuest notes something that happened to the guest, as the
 // reconciler does between passes.
-func (w *world) noteGuest(ev guestEvent) { w.events = append(w.events, ev) }
+func (w *world) noteGuest(ev cause) { w.events = append(w.events, ev) }
 
 func (w *world) EnsureTap(_ context.Context, spec datapath.TapSpec) (datapath.Tap, error) {
 	if err := w.fail(planner.OpCreateTap); err != nil {
@@ -685,7 +685,7 @@ func (w *world) reconcile(opts Options) (Plan, Outcome, error) {
 	p := w.plan(opts)
 	_, out, err := Apply(context.Background(), p, w.rec, w.observed(), w.env())
 	if out.GuestFailed {
-		w.noteGuest(eventAgentFailed) // the reconciler drops the connection
+		w.noteGuest(causeAgentFailed) // the reconciler drops the connection
 	}
 	return p, out, err
 }

@@ -16,29 +16,18 @@ import (
 )
 
 // vmModel is what tapsync knows of one VM through one QMP connection: its
-// virtio-net devices, our netdevs and its hot-plug slots. A
-// pass that finds the model fresh observes the VM from it, without a QMP
-// round trip (each one waits for QEMU's main loop, slow under TCG).
-//
-// The model starts unknown with each connection: the first pass observes
-// QEMU and installs what it saw (a record with endpoints is verified
-// against QEMU's NICs and netdevs alone, without their places; see
-// observe). From then on our
-// own commands (a plug's result, an unplug's) and QEMU's events
-// (DEVICE_DELETED) keep it current. It falls back to unknown — the next
-// pass observes fully — whenever it could be stale: a QMP command that
-// failed or timed out (a pass that failed on the host side asked QEMU
-// nothing that could have left it stale), an event it does not
-// understand. Kata hot-plugs through its
-// own monitor, unseen: in a netns with Kata links, a change in them or a
-// pass with something to do observes fully too. A verify pass (Verify, the
-// periodic resync) observes fully even when the model is fresh, and logs
-// what differed: that is a bug in the model or another actor on the VM.
+// virtio-net devices, our netdevs and its hot-plug slots. A pass that
+// finds it usable observes the VM from it, without a QMP round trip. It
+// starts unknown with each connection, is kept current by our own
+// commands and by DEVICE_DELETED, and is dropped by the causes
+// beliefRules lists for beliefVMModel (beliefs.go); a verify observes
+// fully and logs what the model had wrong.
 type vmModel struct {
 	mu     sync.Mutex
 	conn   *qmp.Client // the connection the model belongs to
 	known  bool        // nics, netdevs and topo are current
 	verify bool        // the next pass observes fully and compares
+	why    cause       // what last outdated the model (drop)
 	read   bool        // the connection's first reading is done (see observe)
 	// partial: nics and netdevs are current, topo and the NICs' places
 	// (Bus, Addr, PCIPath) are not known: the first reading only verified
@@ -121,7 +110,11 @@ func (m *vmModel) event(e qmp.Event) {
 			return
 		}
 	}
-	m.known = false
+	if e.Name == "RESET" {
+		m.dropLocked(causeReset)
+		return
+	}
+	m.dropLocked(causeQMPEvent)
 }
 
 // dropNICLocked removes nics[i] and frees its slot; m.mu must be held.
@@ -142,15 +135,43 @@ func slotOf(n qmp.NICInfo) (int, bool) {
 	return slot, true
 }
 
-// forget makes the model unknown: the next pass observes fully.
-func (m *vmModel) forget() {
-	if m == nil {
+// drop outdates the model when beliefRules says cause c drops it: the
+// next pass observes the VM fully, and a verify compares that with the
+// model and logs what differed. why keeps c for that pass's log.
+func (m *vmModel) drop(c cause) {
+	if m == nil || beliefRules[c].drops&beliefVMModel == 0 {
 		return
 	}
 	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.dropLocked(c)
+}
+
+// dropLocked is drop with m.mu held.
+func (m *vmModel) dropLocked(c cause) {
+	if beliefRules[c].drops&beliefVMModel == 0 {
+		return
+	}
+	m.why = c
+	if c == causeVerify {
+		m.verify = true // kept, to be compared: what it holds did not change
+		return
+	}
 	m.known = false
 	m.version++
-	m.mu.Unlock()
+}
+
+// outdated says why the model cannot be used now ("" when it can).
+func (m *vmModel) outdated() cause {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch {
+	case !m.read:
+		return causeReconnect
+	case m.known && !m.verify:
+		return ""
+	}
+	return m.why
 }
 
 // fresh returns the model's view when it is known and no verify is due.
@@ -233,14 +254,13 @@ func (m *vmModel) complete(ctx context.Context) (nics []qmp.NICInfo, netdevs []i
 	m.mu.Unlock()
 	vm, err := c.ReadDevices(ctx)
 	if err != nil {
-		m.forget()
+		m.drop(causeQMPFailed)
 		return nil, nil, false, err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.version != v || !m.known || !m.partial {
-		m.known = false
-		m.version++
+		m.dropLocked(causeRaced)
 		return nil, nil, false, nil
 	}
 	m.partial = false
@@ -321,20 +341,20 @@ func (m *vmModel) plugged(info qmp.NICInfo) {
 		return
 	}
 	if m.partial {
-		m.known = false // the slot it took is not in a topology the model has
+		m.dropLocked(causePartialPlug) // the slot it took is in no topology the model has
 		return
 	}
 	if slices.ContainsFunc(m.nics, func(n qmp.NICInfo) bool { return n.QOMPath == info.QOMPath }) {
 		if !slices.ContainsFunc(m.nics, func(n qmp.NICInfo) bool {
 			return n.QOMPath == info.QOMPath && bytes.Equal(n.MAC, info.MAC) && n.Bus == info.Bus && n.Addr == info.Addr
 		}) {
-			m.known = false // found made already, elsewhere than the model thought
+			m.dropLocked(causeContradicted) // found made already, elsewhere than the model thought
 		}
 		return
 	}
 	slot, ok := slotOf(info)
 	if !ok {
-		m.known = false
+		m.dropLocked(causeContradicted)
 		return
 	}
 	m.topo.Take(info.Bus, slot)

@@ -127,7 +127,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 			if !waiting && (isQMP(err) || ctx.Err() != nil) {
 				// A failed QMP command forgets the model itself (qmpVM);
 				// this is the safety net for what failed around one.
-				r.forgetModel(id)
+				r.dropModel(id, causeQMPFailed)
 			}
 		}
 		r.mu.Lock()

@@ -207,18 +207,9 @@ func (r *Reconciler) sandbox(id string) (Sandbox, error) {
 // and ask the guest's agent what the guest has. The periodic resync asks
 // it of every sandbox.
 func (r *Reconciler) Verify(id string) {
-	var m *vmModel
 	r.mu.Lock()
-	if rt := r.sandboxes[id]; rt != nil {
-		m = rt.model
-	}
-	r.noteGuestLocked(id, eventVerify)
-	r.mu.Unlock()
-	if m != nil {
-		m.mu.Lock()
-		m.verify = true
-		m.mu.Unlock()
-	}
+	defer r.mu.Unlock()
+	r.noteLocked(id, causeVerify)
 }
 
 // VerifyAll asks Verify of every registered sandbox.
@@ -246,14 +237,14 @@ func (r *Reconciler) StatusOf(id string) (Status, bool) {
 	return s, true
 }
 
-// forgetModel makes the model of sandbox id's VM unknown: after an error
-// anything may have happened, and the next pass observes fully.
-func (r *Reconciler) forgetModel(id string) {
+// dropModel applies cause c, which drops the model of sandbox id's VM
+// (beliefRules), to that model alone.
+func (r *Reconciler) dropModel(id string, c cause) {
 	var m *vmModel
 	r.mu.Lock()
 	if rt := r.sandboxes[id]; rt != nil {
 		m = rt.model
 	}
 	r.mu.Unlock()
-	m.forget()
+	m.drop(c)
 }

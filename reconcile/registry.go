@@ -118,11 +118,11 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 		// over another id's VM.
 		if self.sb.QMP != sb.QMP {
 			self.closeLocked()
-			r.noteGuestLocked(sb.ID, eventReset)
+			r.noteLocked(sb.ID, causeMonitorChanged)
 		}
 		if self.sb.Agent != sb.Agent {
 			self.closeAgentLocked()
-			r.noteGuestLocked(sb.ID, eventAgentLost)
+			r.noteLocked(sb.ID, causeAgentChanged)
 		}
 	}
 	self.sb, self.source, self.ident = sb.withDefaults(), src, want

@@ -39,7 +39,7 @@ func TestRuntimeLifecycle(t *testing.T) {
 	if st, _ := r.StatusOf("pod"); st.LastError != "" {
 		t.Errorf("pod's status = %+v; want none (proc-ns's outcome stays with it)", st)
 	}
-	if evs := r.takeGuestEvents("pod"); len(evs) != 1 || evs[0] != eventReset {
+	if evs := r.takeGuestEvents("pod"); len(evs) != 1 || evs[0] != causeReset {
 		t.Errorf("guest events of the renamed VM %v; want the RESET noted under its old id", evs)
 	}
 
@@ -56,7 +56,7 @@ func TestRuntimeLifecycle(t *testing.T) {
 		t.Errorf("guest events %v after a RESET noted by the unregistered runtime; want none", evs)
 	}
 	again.noteReset()
-	if evs := r.takeGuestEvents("pod"); len(evs) != 1 || evs[0] != eventReset {
+	if evs := r.takeGuestEvents("pod"); len(evs) != 1 || evs[0] != causeReset {
 		t.Errorf("guest events %v; want the RESET", evs)
 	}
 }
@@ -103,7 +103,7 @@ func TestReregisteredElsewhereWithAnotherMonitor(t *testing.T) {
 	if err != nil || reg.Replaced != "proc" {
 		t.Fatalf("registration = %+v, %v; want proc replaced", reg, err)
 	}
-	if evs := r.takeGuestEvents("pod"); !slices.Contains(evs, eventReset) {
-		t.Errorf("guest events %v; want a reset (another monitor is another VM)", evs)
+	if evs := r.takeGuestEvents("pod"); !slices.Contains(evs, causeMonitorChanged) {
+		t.Errorf("guest events %v; want %q (another monitor is another VM)", evs, causeMonitorChanged)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"net"
 	"slices"
 
+	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/qmp"
@@ -160,9 +161,12 @@ func (s *session) observe(ctx context.Context) error {
 		fromModel = m != nil && m.usable() && kataSeen(m, hs.KataLinks)
 	} else {
 		if m != nil && m.kataChanged(hs.KataLinks) {
-			m.forget()
+			m.drop(causeKata)
 		}
 		fromModel = m != nil && m.usable()
+		if m != nil && !fromModel {
+			zerolog.Ctx(ctx).Debug().Str("cause", string(m.outdated())).Msg("reading the VM through QMP: the model of it is outdated")
+		}
 	}
 	nics, netdevs, err := s.nics(ctx, fromModel)
 	if err != nil {
@@ -174,7 +178,7 @@ func (s *session) observe(ctx context.Context) error {
 	if fromModel && len(hs.KataLinks) > 0 && !Compute(s.obs, s.rec, s.options()).Empty() {
 		// Kata may have plugged what the plan is about to act on.
 		if !s.forPlan {
-			m.forget()
+			m.drop(causeKata)
 		}
 		if s.obs.NICs, s.obs.Netdevs, err = s.nics(ctx, false); err != nil {
 			return err

@@ -35,7 +35,7 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 		return nil
 	}
 	defer release()
-	r.forgetModel(id) // its unplugs go through a VM without the model
+	r.dropModel(id, causeTeardown) // its unplugs go through a VM without the model
 	host, _, err := r.openHost(id, sb.Netns)
 	if err != nil {
 		if _, statErr := os.Stat(sb.Netns); statErr == nil {

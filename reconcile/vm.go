@@ -122,7 +122,7 @@ func (v qmpVM) PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, mtu
 	info, err := v.c.AddNIC(ctx, qmp.NIC{Index: index, MAC: mac, TapFDs: q.Tap, VhostFDs: q.Vhost, MTU: mtu, Placement: v.placement,
 		At: v.model.place(index, v.placement)})
 	if err != nil {
-		v.model.forget() // QEMU refused what the model allowed, or left something half-made
+		v.model.drop(causeQMPFailed) // QEMU refused what the model allowed, or left something half-made
 	} else {
 		v.model.plugged(info)
 	}
@@ -148,14 +148,14 @@ func (v qmpVM) UnplugNICs(ctx context.Context, reqs []Unplug, wait bool) []error
 	if !v.c.HasEvents() && slices.ContainsFunc(errs, func(err error) bool { return errors.Is(err, qmp.ErrRemovalPending) }) {
 		// No DEVICE_DELETED will tell the model when the guest lets go:
 		// the next pass reads the VM again.
-		v.model.forget()
+		v.model.drop(causeUnplugUnheard)
 	}
 	for i, err := range errs {
 		switch {
 		case err == nil:
 			v.model.unplugged(reqs[i].Index)
 		case !errors.Is(err, qmp.ErrRemovalPending):
-			v.model.forget()
+			v.model.drop(causeQMPFailed)
 		}
 		switch {
 		case errors.Is(err, qmp.ErrRemovalPending):

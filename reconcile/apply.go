@@ -58,16 +58,14 @@ type VM interface {
 	// devicePath, "" if unknown). It owns q from the call on, whatever the
 	// outcome; a half-made NIC is rolled back.
 	PlugNIC(ctx context.Context, index int, mac net.HardwareAddr, mtu int, q *datapath.Queues) (pciPath string, err error)
-	// UnplugNICs hot-removes the NICs of several endpoints together, and
-	// the netdev of each NIC that went, returning one error per request in
-	// order: nil when gone (gone already included), ErrUnplugPending while
-	// the guest has not acknowledged, ErrIndexBurned for a netdev QEMU
-	// cannot delete. Every request goes out before any wait, and with
-	// wait the call waits once, up to the unplug timeout, for the NICs
-	// asked for the first time; a request asked before (Requested) is
-	// only checked, and not repeated for a long while (see
-	// qmp.DefaultUnplugResend), since a repeat can cancel a native PCIe
-	// unplug.
+	// UnplugNICs hot-removes the NICs of several endpoints, and the netdev
+	// of each NIC that went, returning one error per request in order: nil
+	// when gone (gone already included), ErrUnplugPending while the guest
+	// has not acknowledged, ErrIndexBurned for a netdev QEMU cannot delete.
+	// Every request goes out before any wait; with wait the call waits
+	// once, up to the unplug timeout, for the NICs asked for the first time.
+	// A request asked before (Requested) is only checked, and not repeated
+	// within qmp.DefaultUnplugResend.
 	UnplugNICs(ctx context.Context, reqs []Unplug, wait bool) []error
 }
 
@@ -148,16 +146,12 @@ type applier struct {
 	extra      int // mutations made by steps outside the plan (Action.Again)
 }
 
-// Apply executes p in order. The record is saved at every record step
-// (a removal's with its unplug request; see unplugBatch), so intent is on
-// disk before the mutations that follow it. An endpoint
-// whose step fails, or whose unplug stays pending, skips its remaining
-// steps; other endpoints carry on. Failing to save the record stops
-// everything: nothing is changed without its intent on disk.
-//
-// Unplugs are the exception to the order: waiting for a guest to let go
-// of a NIC can take the whole unplug timeout, so the unplugs of a plan are
-// asked for together, and waited for once (see unplugBatch).
+// Apply executes p in order, saving the record at every record step
+// before the mutations that follow it; failing to save stops everything.
+// An endpoint whose step fails, or whose unplug stays pending, skips its
+// remaining steps while the others carry on. Unplugs are the exception to
+// the order: a plan's unplugs are asked for together and waited for once
+// (see unplugBatch).
 func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env) (state.Record, Outcome, error) {
 	a := &applier{Env: env, taps: map[int]int{}, paths: map[int]string{}, blocked: map[int]bool{}, unplugged: map[int]bool{},
 		ahead: map[int]bool{}, unplugs: map[int]error{}, configured: map[int]agent.Interface{}}
@@ -326,25 +320,12 @@ func foldsIntoUnplug(p Plan, i int) bool {
 }
 
 // unplugBatch asks for the unplug at plan position i together with the
-// later unplugs of the plan that nothing but record steps precede, and
-// stores each outcome in a.unplugs for the loop to take when it reaches
-// the unplug. All the requests go out before any wait, and only the
-// pass's first batch waits, so a plan that removes six NICs from a guest
-// that never answers holds its worker for one unplug timeout, not six.
-//
-// A fresh unplug batches only with fresh ones: a removal left pending in
-// an earlier pass is checked back after the adds (see Compute), where it
-// cannot hold a new NIC up.
-//
-// Before asking, each removal is recorded, with its request, in one write:
-// the record steps of the batch's endpoints (the removal's intent, taken
-// ahead of their turn) and the mark that device_del was asked. A daemon
-// that dies during the wait then knows, when it comes back, that QEMU was
-// asked and does not ask again at once (a second device_del in quick
-// succession can cancel a native PCIe unplug). The record steps count as
-// done (AfterAction) once the requests are out: they and the unplug are
-// one step for a crash. An error is returned only when the record cannot
-// be saved.
+// plan's later unplugs that only record steps precede (a fresh unplug only
+// with fresh ones), and stores each outcome in a.unplugs for Apply's loop;
+// only the pass's first batch waits. Before asking it saves, in one write,
+// the batch's record steps (taken ahead of their turn, and passed to
+// AfterAction once the requests are out) and each endpoint's
+// UnplugRequested. It returns an error only when the record cannot be saved.
 func (a *applier) unplugBatch(ctx context.Context, p Plan, i int, rec *state.Record) error {
 	batch := []int{i}
 	var early []int
@@ -432,8 +413,8 @@ func (a *applier) recordGuest(rec *state.Record, n int, d string) {
 }
 
 // configureGuest asks the agent to configure endpoint n's guest NIC. A
-// guest that has not found the NIC yet (it was plugged a moment ago) is
-// asked again with backoff for a while; Kata's runtime does the same.
+// guest that has not found the NIC yet is asked again with backoff, up to
+// GuestLinkWait, then the call fails with ErrGuestLinkMissing.
 func (a *applier) configureGuest(ctx context.Context, n int, want agent.Interface) error {
 	if a.Guest == nil {
 		return errors.New("no guest agent")

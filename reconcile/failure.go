@@ -77,10 +77,9 @@ func CauseOf(err error) string {
 }
 
 // linkVanished says whether err is only links that went away while a
-// pass worked on them: a pod's interface being deleted takes its qdiscs
-// first, and the pass their events start sees the link still listed, then
-// gone. Of errors joined together, every one must be such (one real
-// failure beside a vanished link is a failure).
+// pass worked on them (netlink.LinkNotFoundError). Of errors joined
+// together, every one must be such: one real failure beside a vanished
+// link is a failure.
 func linkVanished(err error) bool {
 	for err != nil {
 		switch e := err.(type) {
@@ -116,9 +115,7 @@ var digits = regexp.MustCompile(`[0-9]+`)
 func normalise(msg string) string { return digits.ReplaceAllString(msg, "#") }
 
 // relog reports whether failure number n of a streak of one error is
-// logged again: at 8, 16 and 32 failures (about 1.3 s, 4.7 min and 37 min
-// into the streak with the default backoff, which is at its 2 min ceiling
-// from failure 15 on), then every 30th failure (an hour at the ceiling).
+// logged again: at failures 8, 16 and 32, then every 30th failure.
 func relog(n int) bool {
 	switch {
 	case n == 8 || n == 16 || n == 32:

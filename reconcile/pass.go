@@ -52,11 +52,10 @@ func (r *Reconciler) planWithGuest(ctx context.Context, s *session) (Plan, Guest
 }
 
 // Plan computes what a reconcile of sandbox id would do now, changing
-// nothing. It waits for a pass under way, or for ctx to end: beside a
-// pass it would plan from a sandbox half-changed, through the netns,
-// model and agent connection that pass is using. What passes keep between
-// them (the netns, the model of the VM, the agent connection) it reads
-// and leaves as it found it.
+// nothing. It waits for a pass under way, or for ctx to end, so that it
+// never plans from a sandbox half-changed; what passes keep between them
+// (the netns, the model of the VM, the agent connection) it leaves as it
+// found it.
 func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
 	_, release, err := r.lockPass(ctx, id)
 	if err != nil {
@@ -81,12 +80,9 @@ func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
 const maxLinksGone = 32
 
 // NoteLinkGone tells the reconciler that the link with ifindex was
-// deleted from sandbox id's netns (a netlink event). A pass whose
-// observation still lists that link looks again before it acts: its plan
-// was made from a netns that no longer is (an observation is a dump per
-// kind of object: the link dump can list a link that a later dump of the
-// same observation finds without its qdiscs, and a plan to repair them
-// would fail on the link a moment later). It must not block.
+// deleted from sandbox id's netns (a netlink event); it does not block. A
+// pass whose observation still lists that link observes again, once,
+// before it acts.
 func (r *Reconciler) NoteLinkGone(id string, ifindex int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

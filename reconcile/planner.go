@@ -5,9 +5,8 @@ import (
 	"github.com/tapsync/tapsync/state"
 )
 
-// The planner's names, where the runtime and its callers have always found
-// them: a plan is package planner's, and reconcile observes, applies and
-// records around it.
+// The planner's names, for reconcile's callers: a plan is package
+// planner's, and reconcile observes, applies and records around it.
 type (
 	Plan          = planner.Plan
 	Action        = planner.Action

@@ -154,12 +154,10 @@ func (r *Reconciler) clientModel(ctx context.Context, sb Sandbox) (*qmp.Client, 
 	return c, m, nil
 }
 
-// monitorClosed, run once c is dead (qmp.Client.AfterClose: no goroutine
-// waits per connection), calls closed(id) when QEMU ended c while it was
-// still sandbox id's connection: a QEMU that exits between passes is
-// noticed then, not at the next trigger. A connection tapsync closed
-// (dropped, replaced, or failed by a command's timeout) is not QEMU's
-// doing.
+// monitorClosed, run once c is dead (qmp.Client.AfterClose), calls
+// closed(id) when QEMU ended c (EOF, connection reset) while it was still
+// sandbox id's connection. A connection tapsync closed (dropped, replaced,
+// or failed by a command's timeout) is not QEMU's doing and calls nothing.
 func (r *Reconciler) monitorClosed(id string, c *qmp.Client, closed func(string)) {
 	if err := c.Err(); !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
 		return
@@ -193,12 +191,11 @@ type dialLock struct {
 	users int // holding or waiting; the lock is dropped from the map at zero
 }
 
-// lockDial serializes dials of one QMP socket (it serves one client at a
-// time: a second dial would wait for a greeting that never comes). The
+// lockDial serializes dials of one QMP socket, which serves one client at
+// a time (a second dial would wait for a greeting that never comes). The
 // lock is keyed by the socket, so a sandbox renamed or registered again
-// while a dial is in flight still waits for it; it is dropped when nobody
-// holds or waits for it, so the map does not grow with every sandbox ever
-// seen.
+// mid-dial still waits for it, and is dropped when nobody holds or waits
+// for it.
 func (r *Reconciler) lockDial(sock string) (unlock func()) {
 	key := filepath.Clean(sock)
 	r.mu.Lock()
@@ -221,12 +218,9 @@ func (r *Reconciler) lockDial(sock string) (unlock func()) {
 }
 
 // Connect starts the dial of sandbox id's monitor in the background, as
-// its first pass would (see OnDialDone), when it has neither a live
-// connection nor a dial under way: called at registration, the dial runs
-// while the sandbox waits for a worker, and the pass finds it connected
-// instead of ending with ErrConnecting and waiting for another. Its end
-// calls OnDialDone only if a pass found it under way. Without OnDialDone
-// it does nothing.
+// its first pass would, when it has neither a live connection nor a dial
+// under way; without OnDialDone it does nothing. The dial's end calls
+// OnDialDone only if a pass found it under way.
 func (r *Reconciler) Connect(ctx context.Context, id string) {
 	done := r.OnDialDone
 	if done == nil {

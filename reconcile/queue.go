@@ -24,19 +24,12 @@ func Backoff(failures int) time.Duration {
 	return min(d, BackoffMax)
 }
 
-// Queue holds sandbox keys waiting to be reconciled. Triggers for the same
-// key coalesce; a key is never handed to two workers at once; a trigger
-// that arrives while its key is being worked on causes exactly one more
-// pass. Nothing polls: workers sleep until a trigger or a backoff timer.
-//
-// A key whose last pass failed waits out its backoff whatever triggers it:
-// Add during the wait is absorbed by the retry already scheduled (which
-// reads the whole truth again, so nothing is lost), and a trigger that
-// arrives during a failing pass is absorbed the same way. Without this a
-// failing pass that itself causes an event (a hot-add that opens and
-// closes a tap's queues: a carrier change on netlink) restarts at once,
-// hundreds of times a second. Kick may shorten one wait, for a change that
-// the pass cannot have caused (an operator's resync, a QEMU event).
+// Queue holds sandbox keys waiting to be reconciled. Triggers for one key
+// coalesce, a key is never handed to two workers at once, a trigger during
+// its pass causes exactly one more pass, and nothing polls. A key whose
+// last pass failed waits out its backoff whatever triggers it (its
+// scheduled retry is the pass they ask for); only Kick may cut one wait
+// short.
 type Queue struct {
 	mu         sync.Mutex
 	cond       *sync.Cond

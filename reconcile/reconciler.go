@@ -142,11 +142,8 @@ type Reconciler struct {
 	OnMonitorClosed func(sandbox string)
 	// OnDialDone, when set before the first reconcile, makes a pass that
 	// finds no live QMP connection start a dial in the background and end
-	// at once with ErrConnecting, rather than hold its worker through a
-	// greeting that a stopped QEMU never sends. It is called with the
-	// sandbox when that dial ends, connected or not: the next pass uses
-	// the connection, or fails with the dial's error. It must not block
-	// (poke a queue).
+	// at once with ErrConnecting; it is called with the sandbox when that
+	// dial ends, connected or not. It must not block (poke a queue).
 	OnDialDone func(sandbox string)
 	// AfterAction, if set, is called after every completed action of
 	// every sandbox (fault injection for crash tests; see Env).

@@ -19,10 +19,10 @@ import (
 var ErrTeardownWaiting = errors.New("teardown waiting for QEMU")
 
 // Teardown ends sandbox id whose pod is going away (task exit or delete):
-// every endpoint is removed through the planner in the safe order, then
-// the record and the registration go. While QEMU answers, its NICs are
-// unplugged first; a tap is deleted only once QEMU has let go of it or
-// has exited. A netns that is already gone took everything with it.
+// every endpoint is removed through the planner in the safe order (a tap
+// only once QEMU has let go of it or exited), then the record and the
+// registration go; a netns already gone took everything with it. It
+// returns ErrTeardownWaiting while it cannot finish safely yet.
 func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 	sb, err := r.sandbox(id)
 	if err != nil {
@@ -93,14 +93,11 @@ func (r *Reconciler) endSandbox(id string) error {
 	return nil
 }
 
-// vmForTeardown decides whether QEMU still runs. Alive: it answers on its
-// QMP socket (a connection is returned). Gone: the socket refuses
-// connections or no longer exists — nobody listens on it, which for a
-// monitor socket QEMU holds for its whole life means QEMU has exited (or
-// at least can no longer use a tap). Anything else (a dial that times
-// out: QEMU hung, or another client holds the single-client socket) is no
-// evidence either way, and the teardown waits: deleting a tap under a
-// live QEMU is what the order exists to avoid.
+// vmForTeardown decides whether QEMU still runs: alive, it answers on its
+// QMP socket (the connection is returned); gone (true), the socket refuses
+// connections or no longer exists. Anything else, a dial that times out
+// among them, is no evidence either way and returns ErrTeardownWaiting (or
+// ErrConnecting while a background dial is under way).
 func (r *Reconciler) vmForTeardown(ctx context.Context, sb Sandbox) (*qmp.Client, bool, error) {
 	c, _, err := r.passClient(ctx, sb)
 	switch {

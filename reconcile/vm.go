@@ -51,18 +51,12 @@ func (v qmpVM) NICs(ctx context.Context) ([]NIC, []int, error) {
 	return nicsOf(vm.NICs), netdevIndexes(vm.Netdevs), nil
 }
 
-// accounted says whether record rec and the netns's taps account for
-// our NICs among nics: one recorded endpoint for each NIC, each recorded
-// endpoint with its NIC, none of them being removed, unplugged or moved
-// off a burned index, a NIC for each of our taps (taps: the indexes of
-// the tsn<N> and tsm<N> observed), and a NIC with the MAC of each tap or
-// macvtap container link (tapLinks: their MACs; such a link is the VM's
-// device itself). Then no netdev of ours can be without its device. Each
-// is made and deleted under a record of its endpoint, so a plug or a
-// removal cut short (a crash, a failed rollback) leaves an endpoint
-// without its NIC or marked removing; and each holds the queues of one of
-// our taps or of a tap link, so one left behind by a record that was lost
-// or set aside shows as a tap or a tap link without its NIC.
+// accounted says whether record rec and the netns's taps account for our
+// NICs among nics, so that no netdev of ours can be without its device:
+// each owned NIC has its recorded endpoint (not removing, unplug-requested
+// or burned) and each recorded endpoint its NIC; each of our taps (taps:
+// the tsn<N> and tsm<N> indexes observed) has its NIC; and each tap or
+// macvtap container link (tapLinks: their MACs) has a NIC with its MAC.
 func accounted(rec state.Record, nics []qmp.NICInfo, taps []int, tapLinks []net.HardwareAddr) bool {
 	owned := 0
 	for _, n := range nics {

@@ -17,19 +17,11 @@ type adoption struct {
 	repair  bool         // redirects between the link and tap would mend it
 }
 
-// runtimeWiring says whether the runtime wired container link l (ok) and
-// how that wiring stands. Kata wires a link in one of two ways:
-//   - macvtap model: a macvtap tap<N>_kata on top of l, carrying the
-//     guest NIC's MAC (l itself gets a random one). l is Kata's lower
-//     device, never an endpoint of ours.
-//   - tcfilter model: a VM NIC without our ids with l's MAC, fed by a
-//     tap<N>_kata and redirects l ⇄ tap at priority 49152.
-//
-// A VM NIC with l's MAC is enough to call l wired: plugging ours beside it
-// would put two NICs with one MAC into the guest. Whether Kata's redirect
-// is intact (a link re-created with the same MAC loses Kata's filters with
-// the old link; a filter deleted by hand) decides only whether the link
-// is reported broken. taken are foreign NICs matched to other links.
+// runtimeWiring says whether the runtime wired container link l (ok), in
+// either of Kata's models, and how that wiring stands; taken are foreign
+// NICs already matched to other links. A VM NIC with l's MAC is enough to
+// call l wired; whether Kata's redirects are intact decides only whether
+// the link is reported broken.
 func (v view) runtimeWiring(l hostnet.Link, taken map[int]bool) (adoption, bool) {
 	for _, k := range v.kata {
 		if k.Kind != "macvtap" || k.Parent != l.Ifindex {

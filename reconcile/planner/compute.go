@@ -206,21 +206,17 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 
 // sharesMAC is why a container link with mac gets no NIC: container link
 // owner's NIC carries that MAC, and the guest never holds two NICs with
-// one MAC (the agent finds a guest link by its MAC). Of the links sharing
-// a MAC (ipvlan slaves carry their parent's), the one wired keeps the
-// NIC, else the one with the lowest ifindex gets it.
+// one MAC (the agent finds a guest link by its MAC).
 func sharesMAC(mac net.HardwareAddr, owner string) string {
 	return fmt.Sprintf("shares MAC %s with %s, wired; the agent finds guest links by MAC", mac, owner)
 }
 
-// ComputeTeardown plans the end of a sandbox whose pod is going away:
-// every endpoint is removed, in the same safe order as a link that went
-// away. While QEMU runs, its NICs are unplugged before their taps and
-// redirects go. vmGone says QEMU has exited: it holds nothing any more,
-// so nothing is unplugged and the host objects go at once. Kata's own
-// objects are never touched, and the guest is not asked for anything.
-// The container links stay in the observation: they say which link an
-// unrecorded tap of ours served, so its filter there goes too.
+// ComputeTeardown plans the removal of every endpoint of a sandbox whose
+// pod is going away, in the safe order: NICs are unplugged before their
+// taps and redirects go, unless vmGone says QEMU has exited, when the host
+// objects go at once. Kata's objects and the guest are never touched; obs
+// must keep the container links, which say which link an unrecorded tap
+// of ours served, so that its filter there goes too.
 func ComputeTeardown(obs Observed, rec state.Record, vmGone bool) Plan {
 	obs.Guest = nil
 	if vmGone {
@@ -230,10 +226,9 @@ func ComputeTeardown(obs Observed, rec state.Record, vmGone bool) Plan {
 }
 
 // brokenReason says why a live endpoint must be re-made rather than
-// repaired in place ("" if it can be repaired). The queue count is not a
-// reason: it was decided when the endpoint was made (recorded), and a
-// default that moved since (queues = 0 follows the vCPUs, which Kata
-// hot-adds) must not re-plug every NIC of the sandbox.
+// repaired in place ("" if it can be repaired). The recorded queue count
+// is never a reason: a default that moved since must not re-plug every NIC
+// of the sandbox (TestQueueDefaultNeverReplugs).
 func brokenReason(v view, e state.Endpoint, l hostnet.Link) string {
 	if nic, ok := v.nics[e.Index]; ok && e.PlugMTU > 0 && l.MTU > e.PlugMTU {
 		// QEMU's host_mtu is the guest driver's max_mtu, and a realized

@@ -16,29 +16,13 @@ import (
 	"github.com/tapsync/tapsync/state"
 )
 
-// The guest side. Only the agent in the VM configures guest interfaces, so
-// for every endpoint tapsync plugs it also tells the agent what the
-// container link looks like: its name, MAC, addresses, MTU and NOARP flag;
-// then the sandbox's routes on wired links, then permanent neighbours.
-//
-// What was last confirmed in the guest is remembered in the record as a
-// digest of what was asked for (Endpoint.Guest, Record.GuestRoutes,
-// Record.GuestNeighbors), keyed to the NIC it describes: each digest
-// names the plug (endpoint, MAC, plug count) of every device it covers,
-// so a replugged NIC, which the guest sees as a new device without
-// routes or neighbours, matches none of them. A pass whose desired guest
-// state has the recorded digests plans no guest step and makes no agent
-// call: a SIGHUP or a restart of the daemon on a converged sandbox never
-// reaches the agent. Only when a digest differs does the pass ask the
-// agent what the guest has (Observed.Guest), and a guest that already
-// matches is recorded (confirm) instead of being configured again. What
-// no key can see (a reboot, an agent restart, a workload changing the
-// guest) drops digests through the events of reconcile's beliefs.go, the
-// periodic verify among them.
-//
-// The agent takes an up interface down to configure it, and the kernel
-// then drops the routes and neighbours through it: whenever an interface
-// is configured, the routes and neighbours through it are sent again.
+// The guest side: for every endpoint tapsync plugs, the agent is told what
+// the container link looks like, then the sandbox's routes on wired links,
+// then permanent neighbours. What was last confirmed is kept in the record
+// as digests keyed to the NIC plug they describe, and a pass whose desired
+// guest state has the recorded digests makes no agent call. Whenever an
+// interface is configured, the routes and neighbours through it are sent
+// again. docs/reconcile.md ("Guest digests") has the rules.
 
 // GuestState is what the agent reports of the guest.
 type GuestState struct {

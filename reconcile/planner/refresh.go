@@ -8,19 +8,11 @@ import (
 	"github.com/tapsync/tapsync/state"
 )
 
-// Guest steps brought up to date when sent. CNI makes a link first and
-// gives it its addresses and routes a few milliseconds later, while
-// tapsync is already plugging the link's NIC; and the agent answers the
-// configure step of a new NIC only once the guest has found the device,
-// a hundred milliseconds and more later under TCG. A pass that plugs a
-// NIC therefore reads the netns's links, routes and neighbours again
-// before each guest step and sends what it finds then: the guest gets
-// the address and routes CNI set in that same pass, instead of an
-// interface without address now and a second pass to configure it again.
-// When CNI is slower than the guest and sets the address after the
-// interface was configured, the routes and neighbours step configures it
-// again first, in the same pass: a route via the new link's gateway is
-// unreachable until the guest link has its address.
+// Guest steps brought up to date when sent: a pass that plugs a NIC reads
+// the netns's links, routes and neighbours again before each guest step
+// and sends what it finds then. A routes or neighbours step first
+// configures again an interface whose link changed after it was
+// configured. docs/reconcile.md ("Guest steps refreshed") says why.
 
 // guestInputs is what a plan's guest steps were computed from.
 type guestInputs struct {
@@ -62,12 +54,11 @@ func (in *guestInputs) moved() bool {
 // date as they are sent (see Refreshed): it plugs a NIC.
 func (p Plan) RefreshesGuest() bool { return p.guest != nil }
 
-// Refreshed is guest step act as fresh, the netns's links (and routes or
-// neighbours, for their steps) read again as it is sent, shows it, with
-// its digest. sent are the interfaces this pass has configured, by
-// endpoint: a routes or neighbours step configures again first those
-// whose link has changed since (Again). A plan that plugs no NIC keeps
-// act as it is.
+// Refreshed is guest step act, with its digest, as fresh (the netns read
+// again as act is sent) shows it; a plan that plugs no NIC returns act as
+// it is. sent are the interfaces this pass has configured, by endpoint: a
+// routes or neighbours step gets in Again a configure step for each whose
+// link has changed since.
 func (p Plan) Refreshed(act Action, fresh Observed, sent map[int]guestnet.Interface) Action {
 	in := p.guest
 	if in == nil {

@@ -32,12 +32,11 @@ func Unwireable(o Observed, l hostnet.Link) (reason string, silent bool) {
 }
 
 // unwireable says why link l cannot be an endpoint ("" if it can) and
-// whether to stay silent about it. Besides its kind, a link can be the
-// pod's own plumbing: a port of a bridge or bond in the netns (a tap
-// made a bridge port by a CNI, e.g. the reference tap plugin's bridge
-// option, is still the VM's device), or the lower device of a macvtap
-// link the VM gets. A redirect on such a link's ingress runs before the
-// bridge, bond or macvtap sees a frame, and would take all of them.
+// whether to stay silent about it: its kind, or its being the pod's own
+// plumbing, a port of a bridge or bond (a tap or macvtap port excepted: it
+// is still the VM's device) or the lower device of a macvtap link. A
+// redirect on such a link's ingress would take every frame before the
+// bridge, bond or macvtap sees it.
 func unwireable(v view, l hostnet.Link) (reason string, silent bool) {
 	switch {
 	case tunnelKinds[l.Kind]:
@@ -129,7 +128,8 @@ func (v view) ownedRedirect(from, to int) bool {
 	return slices.ContainsFunc(v.redirs, func(r hostnet.Redirect) bool { return r.Owned && r.From == from && r.To == to })
 }
 
-// ownedRedirectsTouch reports whether any of our redirects sits on a link.
+// ownedRedirectsOn reports whether any of our redirects sits on one of
+// the links ifindexes.
 func (v view) ownedRedirectsOn(ifindexes ...int) bool {
 	return slices.ContainsFunc(v.redirs, func(r hostnet.Redirect) bool { return r.Owned && slices.Contains(ifindexes, r.From) })
 }

@@ -185,18 +185,11 @@ func (m *vmModel) fresh() (nics []qmp.NICInfo, netdevs []int, ok bool) {
 }
 
 // observe reads QEMU and installs what it saw, unless the model changed
-// meanwhile. With a verify due and a full model known, what differed is
-// logged.
-//
-// The connection's first reading asks QEMU for no more than its use
-// needs. When recorded says the caller's record has endpoints (a restart:
-// the pass is most likely a verification), it reads the NICs and netdevs
-// only (ReadNetwork) and the model is partial: enough to plan, not to
-// act (see needsFullReading). Otherwise it reads the device tree and
-// leaves the netdev listing out when accounted says the record accounts
-// for the NICs read (see accounted): our netdevs are then those of our
-// NICs. Every later reading — after an error, for a verify, for a pass
-// with something to do after a partial one — is full.
+// meanwhile; with a verify due and a full model known, what differed is
+// logged. A connection's first reading asks no more than its use needs
+// (docs/reconcile.md, "A connection's first reading"): with a record to
+// verify (recorded) the model it installs is partial, enough to plan but
+// not to act (needsFullReading); every later reading is full.
 //
 // Equivalent to: ReadVM (HMP info qtree, info network): NICs, netdevs and
 // hot-plug slots in two round trips; one for a first reading: HMP info

@@ -18,7 +18,9 @@ import (
 // dropping it; what no key can see is a cause below, and beliefRules says
 // what each cause drops. Nothing else drops a belief: the places where a
 // cause happens call noteLocked (for a sandbox) or vmModel.drop (for the
-// model of one connection), and both read the table.
+// model of one connection), and both read the table. Not beliefs: an
+// endpoint's PlugMTU, the record of our own plug, rewritten at each one;
+// the vCPU count, read when an endpoint is made (countQueues).
 type belief uint8
 
 const (

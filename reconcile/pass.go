@@ -15,10 +15,16 @@ import (
 // only when the record cannot show the guest converged. It returns the
 // agent to apply the plan with (nil when the plan needs none), and the
 // reason the guest side could not be reached: then the plan has no guest
-// steps and the host side goes ahead alone.
-func (r *Reconciler) planWithGuest(ctx context.Context, s *session) (Plan, Guest, *agent.Client, error) {
+// steps and the host side goes ahead alone. known, when not nil, is the
+// plan of s as it stands, computed already.
+func (r *Reconciler) planWithGuest(ctx context.Context, s *session, known *Plan) (Plan, Guest, *agent.Client, error) {
 	opts := s.options()
-	p := Compute(s.obs, s.rec, opts)
+	var p Plan
+	if known != nil {
+		p = *known
+	} else {
+		p = Compute(s.obs, s.rec, opts)
+	}
 	if !slices.ContainsFunc(p.Actions, func(a Action) bool { return a.Op.Guestward() }) {
 		return p, nil, nil, nil
 	}
@@ -67,7 +73,7 @@ func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
 		return Plan{}, err
 	}
 	defer r.endPlan(s)
-	p, _, _, err := r.planWithGuest(ctx, s)
+	p, _, _, err := r.planWithGuest(ctx, s, nil)
 	if err != nil {
 		zerolog.Ctx(ctx).Debug().Err(err).Str("sandbox", id).Msg("plan without the guest side: agent unreachable")
 	}
@@ -151,10 +157,19 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 	if err := r.applyGuestEvents(ctx, s); err != nil {
 		return err
 	}
-	if _, err := s.readFully(ctx, func() Plan { return Compute(s.obs, s.rec, s.options()) }); err != nil {
+	var first *Plan // the plan readFully computed, while the observation stands
+	read, err := s.readFully(ctx, func() Plan {
+		p := Compute(s.obs, s.rec, s.options())
+		first = &p
+		return p
+	})
+	if err != nil {
 		return WithCause(CauseNetns, fmt.Errorf("sandbox %s: observe: %w", id, err))
 	}
-	p, guest, client, guestErr := r.planWithGuest(ctx, s)
+	if read {
+		first = nil
+	}
+	p, guest, client, guestErr := r.planWithGuest(ctx, s, first)
 	if gone := r.takeLinksGone(id); s.obs.Lists(gone) {
 		// Once: a netns whose links keep going is left to the queue's
 		// re-run.
@@ -162,12 +177,12 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		if err := s.observe(ctx); err != nil {
 			return WithCause(CauseNetns, fmt.Errorf("sandbox %s: observe: %w", id, err))
 		}
-		p, guest, client, guestErr = r.planWithGuest(ctx, s)
+		p, guest, client, guestErr = r.planWithGuest(ctx, s, nil)
 	}
 	if again, err := s.readFully(ctx, func() Plan { return p }); err != nil {
 		return WithCause(CauseNetns, fmt.Errorf("sandbox %s: observe: %w", id, err))
 	} else if again {
-		p, guest, client, guestErr = r.planWithGuest(ctx, s)
+		p, guest, client, guestErr = r.planWithGuest(ctx, s, nil)
 	}
 	st.Skipped, st.Notes = p.Skipped, p.Notes
 	r.logSkipped(log, id, p.Skipped)

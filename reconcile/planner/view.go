@@ -72,6 +72,7 @@ func lentMAC(e state.Endpoint, l hostnet.Link) bool {
 // view indexes an observation for planning.
 type view struct {
 	links   map[int]hostnet.Link // by ifindex
+	sorted  []hostnet.Link       // links by ifindex (sortedLinks)
 	taps    map[int]hostnet.Tap  // by endpoint index
 	nics    map[int]NIC          // owned, by endpoint index
 	netdevs map[int]bool
@@ -107,6 +108,8 @@ func newView(o Observed) view {
 	for _, l := range o.Links {
 		v.links[l.Ifindex] = l
 	}
+	v.sorted = slices.Collect(maps.Values(v.links))
+	slices.SortFunc(v.sorted, func(a, b hostnet.Link) int { return a.Ifindex - b.Ifindex })
 	for _, t := range o.Taps {
 		v.taps[t.Index] = t
 	}
@@ -144,13 +147,9 @@ func (v view) pairLeft(link, tap int) bool {
 	})
 }
 
-// sortedLinks returns the container links by ifindex: plans are the same
-// for the same observation.
-func (v view) sortedLinks() []hostnet.Link {
-	links := slices.Collect(maps.Values(v.links))
-	slices.SortFunc(links, func(a, b hostnet.Link) int { return a.Ifindex - b.Ifindex })
-	return links
-}
+// sortedLinks returns the container links by ifindex, so that plans are
+// the same for the same observation. The slice is the view's: read only.
+func (v view) sortedLinks() []hostnet.Link { return v.sorted }
 
 // foreignNIC returns the index in v.foreign of a NIC with mac not yet
 // taken, or -1.
@@ -184,7 +183,15 @@ func (v view) exists(i int) bool {
 	if _, ok := v.links[i]; ok {
 		return true
 	}
-	return slices.ContainsFunc(slices.Collect(maps.Values(v.taps)), func(t hostnet.Tap) bool { return t.Ifindex == i }) ||
-		slices.ContainsFunc(slices.Collect(maps.Values(v.macvtaps)), func(m hostnet.Macvtap) bool { return m.Ifindex == i }) ||
-		slices.ContainsFunc(v.kata, func(k hostnet.Link) bool { return k.Ifindex == i })
+	for _, t := range v.taps {
+		if t.Ifindex == i {
+			return true
+		}
+	}
+	for _, m := range v.macvtaps {
+		if m.Ifindex == i {
+			return true
+		}
+	}
+	return slices.ContainsFunc(v.kata, func(k hostnet.Link) bool { return k.Ifindex == i })
 }

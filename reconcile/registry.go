@@ -117,7 +117,7 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 		// goes (beliefs.go), whether or not this registration also takes
 		// over another id's VM.
 		if self.sb.QMP != sb.QMP {
-			self.closeLocked()
+			self.closeVMLocked() // the netns stays: it is still the sandbox's
 			r.noteLocked(sb.ID, causeMonitorChanged)
 		}
 		if self.sb.Agent != sb.Agent {

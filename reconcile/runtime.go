@@ -76,10 +76,20 @@ func (rt *sandboxRuntime) renamed() *sandboxRuntime {
 	return n
 }
 
-// closeLocked closes what rt keeps open for its passes: the dial under
-// way, the QMP connection (its model goes with it), the kept netns and the
-// agent connection; r.mu must be held.
+// closeLocked closes what rt keeps open for its passes: its VM's
+// connections (closeVMLocked) and the kept netns; r.mu must be held.
 func (rt *sandboxRuntime) closeLocked() {
+	rt.closeVMLocked()
+	if rt.host != nil {
+		rt.host.Close()
+		rt.host = nil
+	}
+}
+
+// closeVMLocked closes what rt keeps open of its VM: the dial under way,
+// the QMP connection (its model goes with it) and the agent connection;
+// r.mu must be held.
+func (rt *sandboxRuntime) closeVMLocked() {
 	if rt.dial != nil {
 		rt.dial.cancel()
 		rt.dial = nil
@@ -89,10 +99,6 @@ func (rt *sandboxRuntime) closeLocked() {
 		rt.conn = nil
 	}
 	rt.model = nil
-	if rt.host != nil {
-		rt.host.Close()
-		rt.host = nil
-	}
 	rt.closeAgentLocked()
 }
 

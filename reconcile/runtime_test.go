@@ -5,6 +5,9 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/tapsync/tapsync/datapath"
+	"github.com/tapsync/tapsync/e2e/testnet"
 )
 
 // A sandbox's runtime lives from its registration to its unregistration:
@@ -105,5 +108,36 @@ func TestReregisteredElsewhereWithAnotherMonitor(t *testing.T) {
 	}
 	if evs := r.takeGuestEvents("pod"); !slices.Contains(evs, causeMonitorChanged) {
 		t.Errorf("guest events %v; want %q (another monitor is another VM)", evs, causeMonitorChanged)
+	}
+}
+
+// Registered again with another monitor, a sandbox drops its VM's
+// connections and keeps its netns: the netns is still the sandbox's, and
+// the next pass uses it.
+func TestAnotherMonitorKeepsTheNetns(t *testing.T) {
+	ns := testnet.NewNS(t, "tsmon")
+	r := newTestReconciler(t)
+	sb := Sandbox{ID: "pod", Netns: ns.Path, QMP: "/q1.sock"}
+	if _, err := r.Register(sb, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+	host, err := datapath.Open(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.keepHost("pod", host, true)
+	sb.QMP = "/q2.sock"
+	if _, err := r.Register(sb, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+	withRuntime(r, "pod", func(rt *sandboxRuntime) {
+		if rt.host != host {
+			t.Errorf("kept netns after another monitor: %v; want the one kept before", rt.host)
+		}
+	})
+	if got, kept, err := r.openHost("pod", ns.Path); err != nil || !kept || got != host {
+		t.Errorf("openHost = %v, kept %v, %v; want the kept netns", got, kept, err)
+	} else {
+		r.keepHost("pod", got, true)
 	}
 }

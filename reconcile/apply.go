@@ -143,7 +143,6 @@ type applier struct {
 	// configured is what this pass's configure-guest steps sent, by
 	// endpoint (see Plan.Refreshed).
 	configured map[int]agent.Interface
-	extra      int // mutations made by steps outside the plan (Action.Again)
 }
 
 // Apply executes p in order, saving the record at every record step
@@ -202,63 +201,79 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 				log.Debug().Str("action", act.Op.String()).Msg("guest step not sent: nothing has changed")
 				continue
 			}
-			if err = a.configureAgain(ctx, act, &rec); err == nil {
+			var stop error
+			if err, stop = a.configureAgain(ctx, act, &rec, &out, &errs); stop != nil {
+				return rec, out, stop
+			}
+			if err == nil {
 				logAction(ctx, act)
 				err = a.do(ctx, act, &rec)
 			}
 		}
-		switch {
-		case errors.Is(err, ErrUnplugPending):
-			blocked[n] = true
-			out.Pending = append(out.Pending, n)
-			if e, ok := rec.Endpoint(n); !ok || !e.UnplugRequested || !e.Removing {
-				// An unplug asked outside a removal (a leftover netdev):
-				// from now on it is one.
-				if !ok {
-					e = act.Endpoint
-				}
-				e.Removing, e.UnplugRequested = true, true
-				rec.Put(e)
-				if err := a.Recorder.Save(rec); err != nil {
-					return rec, out, errors.Join(append(errs, fmt.Errorf("endpoint %d: record pending unplug: %w", n, err))...)
-				}
-			}
-			log.Warn().Int("endpoint", n).Str("action", act.Op.String()).Msg("unplug pending: the guest has not acknowledged yet; the endpoint stays recorded and its index reserved")
-		case errors.Is(err, ErrIndexBurned):
-			blocked[n] = true
-			errs = append(errs, fmt.Errorf("endpoint %d: %s: %w", n, act, err))
-			e := act.Endpoint
-			e.Removing, e.Burned = true, true
-			rec.Put(e)
-			if err := a.Recorder.Save(rec); err != nil {
-				return rec, out, errors.Join(append(errs, fmt.Errorf("endpoint %d: record burned index: %w", n, err))...)
-			}
-			log.Warn().Int("endpoint", n).Msg("QEMU cannot reuse this endpoint's ids; the link moves to a new index on the next pass")
-		case err != nil && !act.Op.Mutates():
-			return rec, out, errors.Join(append(errs, fmt.Errorf("endpoint %d: %s: %w", n, act.Op, err))...)
-		case err != nil && n < 0:
-			out.GuestFailed = out.GuestFailed || act.Op.Guestward()
-			errs = append(errs, fmt.Errorf("%s: %w", act.Op, err))
-		case err != nil:
-			blocked[n] = true
-			// A guest still looking for its new NIC is no fault of the connection.
-			out.GuestFailed = out.GuestFailed || (act.Op.Guestward() && !errors.Is(err, ErrGuestLinkMissing))
-			if out.Failed == nil {
-				out.Failed = map[int]error{}
-			}
-			out.Failed[n] = err
-			errs = append(errs, fmt.Errorf("endpoint %d: %s: %w", n, act, err))
-		default:
-			if act.Op.Mutates() {
-				out.Mutations++
-			}
-			if a.AfterAction != nil {
-				a.AfterAction(act)
-			}
+		if stop := a.settle(ctx, act, err, &rec, &out, &errs); stop != nil {
+			return rec, out, stop
 		}
 	}
-	out.Mutations += a.extra
 	return rec, out, errors.Join(errs...)
+}
+
+// settle takes the outcome err of action act (planned, or sent again
+// before one: Action.Again) into the record, the outcome and errs: an
+// endpoint that failed or waits skips its remaining steps, a step done
+// is counted and reported (AfterAction). A non-nil result stops Apply.
+func (a *applier) settle(ctx context.Context, act Action, err error, rec *state.Record, out *Outcome, errs *[]error) error {
+	n := act.Endpoint.Index
+	log := zerolog.Ctx(ctx)
+	switch {
+	case errors.Is(err, ErrUnplugPending):
+		a.blocked[n] = true
+		out.Pending = append(out.Pending, n)
+		if e, ok := rec.Endpoint(n); !ok || !e.UnplugRequested || !e.Removing {
+			// An unplug asked outside a removal (a leftover netdev):
+			// from now on it is one.
+			if !ok {
+				e = act.Endpoint
+			}
+			e.Removing, e.UnplugRequested = true, true
+			rec.Put(e)
+			if err := a.Recorder.Save(*rec); err != nil {
+				return errors.Join(append(*errs, fmt.Errorf("endpoint %d: record pending unplug: %w", n, err))...)
+			}
+		}
+		log.Warn().Int("endpoint", n).Str("action", act.Op.String()).Msg("unplug pending: the guest has not acknowledged yet; the endpoint stays recorded and its index reserved")
+	case errors.Is(err, ErrIndexBurned):
+		a.blocked[n] = true
+		*errs = append(*errs, fmt.Errorf("endpoint %d: %s: %w", n, act, err))
+		e := act.Endpoint
+		e.Removing, e.Burned = true, true
+		rec.Put(e)
+		if err := a.Recorder.Save(*rec); err != nil {
+			return errors.Join(append(*errs, fmt.Errorf("endpoint %d: record burned index: %w", n, err))...)
+		}
+		log.Warn().Int("endpoint", n).Msg("QEMU cannot reuse this endpoint's ids; the link moves to a new index on the next pass")
+	case err != nil && !act.Op.Mutates():
+		return errors.Join(append(*errs, fmt.Errorf("endpoint %d: %s: %w", n, act.Op, err))...)
+	case err != nil && n < 0:
+		out.GuestFailed = out.GuestFailed || act.Op.Guestward()
+		*errs = append(*errs, fmt.Errorf("%s: %w", act.Op, err))
+	case err != nil:
+		a.blocked[n] = true
+		// A guest still looking for its new NIC is no fault of the connection.
+		out.GuestFailed = out.GuestFailed || (act.Op.Guestward() && !errors.Is(err, ErrGuestLinkMissing))
+		if out.Failed == nil {
+			out.Failed = map[int]error{}
+		}
+		out.Failed[n] = err
+		*errs = append(*errs, fmt.Errorf("endpoint %d: %s: %w", n, act, err))
+	default:
+		if act.Op.Mutates() {
+			out.Mutations++
+		}
+		if a.AfterAction != nil {
+			a.AfterAction(act)
+		}
+	}
+	return nil
 }
 
 // do applies one action other than an unplug (see unplugBatch).

@@ -28,17 +28,21 @@ func (a *applier) refreshGuest(ctx context.Context, p Plan, act Action) Action {
 }
 
 // configureAgain sends act's Again, the configure-guest steps that must
-// go before it.
-func (a *applier) configureAgain(ctx context.Context, act Action, rec *state.Record) error {
+// go before it, each settled as a step of its own. err says that one
+// failed, so act is not to be sent; stop, that Apply must stop.
+func (a *applier) configureAgain(ctx context.Context, act Action, rec *state.Record, out *Outcome, errs *[]error) (err, stop error) {
 	for _, c := range act.Again() {
 		if a.blocked[c.Endpoint.Index] {
 			continue
 		}
 		logAction(ctx, c)
-		if err := a.do(ctx, c, rec); err != nil {
-			return fmt.Errorf("endpoint %d: %s: %w", c.Endpoint.Index, c, err)
+		cerr := a.do(ctx, c, rec)
+		if stop := a.settle(ctx, c, cerr, rec, out, errs); stop != nil {
+			return nil, stop
 		}
-		a.extra++
+		if cerr != nil && err == nil {
+			err = fmt.Errorf("not sent: endpoint %d's interface could not be configured again", c.Endpoint.Index)
+		}
 	}
-	return nil
+	return err, nil
 }

@@ -72,7 +72,7 @@ var appliers = [planner.NumOps]applyFunc{
 	},
 	// Applied in batches by Apply (see unplugBatch), never one by one.
 	planner.OpUnplugNIC: func(_ *applier, _ context.Context, act Action, _ *state.Record) error {
-		return fmt.Errorf("unknown action %d", act.Op)
+		return fmt.Errorf("%s reached the one-by-one applier: a bug (unplugs go through unplugBatch)", act.Op)
 	},
 	planner.OpRemoveRedirects: func(a *applier, _ context.Context, act Action, _ *state.Record) error {
 		return a.Host.RemoveRedirects(act.Endpoint.LinkIfindex, a.taps[act.Endpoint.Index])

@@ -106,6 +106,9 @@ type NetlinkWatcher struct {
 	nsidHome string
 	// Tunables for tests; set before the first Watch.
 	retryFirst, retryMax time.Duration
+	// groups are the multicast groups new sockets join (listenGroups; a
+	// test names one that does not exist to make opening fail).
+	groups []uint
 	// rcvBuf, when non-zero, is the socket receive buffer of new
 	// sockets (SO_RCVBUFFORCE; the kernel's minimum is about 2 KiB).
 	rcvBuf atomic.Int64
@@ -187,7 +190,7 @@ func (l *listener) isHalted() bool {
 func NewNetlinkWatcher(sink Sink) *NetlinkWatcher {
 	return &NetlinkWatcher{
 		sink: sink, watches: map[string]*netnsWatch{}, byNsid: map[int32]map[string]*netnsWatch{},
-		retryFirst: resubRetryFirst, retryMax: resubRetryMax,
+		retryFirst: resubRetryFirst, retryMax: resubRetryMax, groups: listenGroups,
 	}
 }
 
@@ -235,8 +238,9 @@ func (w *NetlinkWatcher) Watch(ctx context.Context, id, netnsPath string) error 
 	if w.lst == nil {
 		// The socket is open before Watch returns: changes made after it
 		// returns are heard.
-		s, err := openListenSocket(home, listenGroups, int(w.rcvBuf.Load()))
+		s, err := openListenSocket(home, w.groups, int(w.rcvBuf.Load()))
 		if err != nil {
+			w.idleLocked() // nothing is watched: resolve's nsid handle goes
 			w.mu.Unlock()
 			return fmt.Errorf("watch sandbox %s in netns %s: %w", id, netnsPath, err)
 		}
@@ -354,17 +358,22 @@ func (w *NetlinkWatcher) dropLocked(nw *netnsWatch) {
 	nw.unhook()
 }
 
-// idleLocked (w.mu held), when nothing is watched any more, detaches the
-// listener and halts it, and returns it so that the caller can wait for
-// its reader (see settle); nil otherwise.
+// idleLocked (w.mu held), when nothing is watched any more, closes the
+// kept nsid handle and detaches the listener and halts it, and returns
+// the listener so that the caller can wait for its reader (see settle);
+// nil otherwise. Whatever used the nsid handle calls it afterwards: the
+// last watch may have ended, and closed the handle, while it used one.
 func (w *NetlinkWatcher) idleLocked() *listener {
-	if len(w.watches) > 0 || w.lst == nil {
+	if len(w.watches) > 0 {
 		return nil
 	}
+	w.dropNsidHandle() // lock order: w.mu, then nsidMu
 	l := w.lst
+	if l == nil {
+		return nil
+	}
 	w.lst = nil
 	l.halt()
-	w.dropNsidHandle() // lock order: w.mu, then nsidMu
 	return l
 }
 
@@ -531,6 +540,11 @@ func (w *NetlinkWatcher) stillNamed(nw *netnsWatch) bool {
 	}
 	defer unix.Close(fd)
 	id, err := w.nsidOf(w.homeNetns(context.Background()), fd, false)
+	// The last watch may have ended (a Stop after nsidDeleted picked nw)
+	// and closed the handle that nsidOf has just opened again.
+	w.mu.Lock()
+	w.idleLocked()
+	w.mu.Unlock()
 	return err == nil && id == nw.nsid
 }
 
@@ -547,7 +561,7 @@ func (w *NetlinkWatcher) hold() {
 func (w *NetlinkWatcher) resubscribe(l *listener, reason string) bool {
 	delay := w.retryFirst
 	for attempt := 1; ; attempt++ {
-		s, err := openListenSocket(w.homeNetns(context.Background()), listenGroups, int(w.rcvBuf.Load()))
+		s, err := openListenSocket(w.homeNetns(context.Background()), w.groups, int(w.rcvBuf.Load()))
 		if err == nil {
 			if !l.swap(s) {
 				return false

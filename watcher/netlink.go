@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"iter"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -648,28 +649,30 @@ func deletedLink(m syscall.NetlinkMessage) int {
 	return int(max(i, 0))
 }
 
-// attrs parses the attributes after a fixed header of size hdr, up to the
-// first malformed one. Not nl.ParseRouteAttr (nor the standard library's
-// parser): both slice past the end of a last attribute whose length is
-// not padded to 4 bytes, a panic in the watcher's only reader (found by
+// attrs yields the type and value of each attribute after a fixed header
+// of size hdr, up to the first malformed one. Ranging over it builds no
+// list (a link message has dozens of attributes, and one arrives for every
+// change of every link watched), and a loop that has found its attribute
+// stops there. Not nl.ParseRouteAttr (nor the standard library's parser):
+// both slice past the end of a last attribute whose length is not padded
+// to 4 bytes, a panic in the watcher's only reader (found by
 // FuzzNetlinkMessage).
-func attrs(data []byte, hdr int) []syscall.NetlinkRouteAttr {
-	if len(data) < hdr {
-		return nil
-	}
-	var as []syscall.NetlinkRouteAttr
-	for b := data[hdr:]; len(b) >= unix.SizeofRtAttr; {
-		n := int(binary.NativeEndian.Uint16(b))
-		if n < unix.SizeofRtAttr || n > len(b) {
-			break
+func attrs(data []byte, hdr int) iter.Seq2[uint16, []byte] {
+	return func(yield func(typ uint16, value []byte) bool) {
+		if len(data) < hdr {
+			return
 		}
-		as = append(as, syscall.NetlinkRouteAttr{
-			Attr:  syscall.RtAttr{Len: uint16(n), Type: binary.NativeEndian.Uint16(b[2:])},
-			Value: b[unix.SizeofRtAttr:n],
-		})
-		b = b[min((n+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(b)):]
+		for b := data[hdr:]; len(b) >= unix.SizeofRtAttr; {
+			n := int(binary.NativeEndian.Uint16(b))
+			if n < unix.SizeofRtAttr || n > len(b) {
+				return
+			}
+			if !yield(binary.NativeEndian.Uint16(b[2:]), b[unix.SizeofRtAttr:n]) {
+				return
+			}
+			b = b[min((n+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(b)):]
+		}
 	}
-	return as
 }
 
 func ifindexAt(data []byte, off int) (int32, bool) {
@@ -679,31 +682,12 @@ func ifindexAt(data []byte, off int) (int32, bool) {
 	return int32(binary.NativeEndian.Uint32(data[off:])), true
 }
 
-// attrValue is the value of the first attribute of type typ after a
-// fixed header of size hdr, parsed as attrs parses, without building the
-// list (a link message has dozens of attributes, and one arrives for
-// every change of every link watched).
-func attrValue(data []byte, hdr int, typ uint16) ([]byte, bool) {
-	if len(data) < hdr {
-		return nil, false
-	}
-	for b := data[hdr:]; len(b) >= unix.SizeofRtAttr; {
-		n := int(binary.NativeEndian.Uint16(b))
-		if n < unix.SizeofRtAttr || n > len(b) {
-			break
-		}
-		if binary.NativeEndian.Uint16(b[2:]) == typ {
-			return b[unix.SizeofRtAttr:n], true
-		}
-		b = b[min((n+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(b)):]
-	}
-	return nil, false
-}
-
 // linkName is the IFLA_IFNAME of an ifinfomsg, or "index N".
 func linkName(data []byte) string {
-	if v, ok := attrValue(data, unix.SizeofIfInfomsg, unix.IFLA_IFNAME); ok {
-		return string(trimNUL(v))
+	for typ, v := range attrs(data, unix.SizeofIfInfomsg) {
+		if typ == unix.IFLA_IFNAME {
+			return string(trimNUL(v))
+		}
 	}
 	if i, ok := ifindexAt(data, 4); ok {
 		return fmt.Sprintf("index %d", i)
@@ -719,13 +703,13 @@ func addrName(data []byte) string {
 	plen := data[1]
 	idx, _ := ifindexAt(data, 4)
 	var ip net.IP
-	for _, a := range attrs(data, unix.SizeofIfAddrmsg) {
-		switch a.Attr.Type {
+	for typ, v := range attrs(data, unix.SizeofIfAddrmsg) {
+		switch typ {
 		case unix.IFA_LOCAL:
-			ip = net.IP(a.Value) // the address itself on point-to-point links
+			ip = net.IP(v) // the address itself on point-to-point links
 		case unix.IFA_ADDRESS:
 			if ip == nil {
-				ip = net.IP(a.Value)
+				ip = net.IP(v)
 			}
 		}
 	}
@@ -740,13 +724,13 @@ func routeName(data []byte) string {
 	}
 	family, dstLen, table := data[0], data[1], uint32(data[4])
 	dst := "default"
-	for _, a := range attrs(data, unix.SizeofRtMsg) {
-		switch a.Attr.Type {
+	for typ, v := range attrs(data, unix.SizeofRtMsg) {
+		switch typ {
 		case unix.RTA_DST:
-			dst = fmt.Sprintf("%s/%d", net.IP(a.Value), dstLen)
+			dst = fmt.Sprintf("%s/%d", net.IP(v), dstLen)
 		case unix.RTA_TABLE:
-			if len(a.Value) >= 4 {
-				table = binary.NativeEndian.Uint32(a.Value)
+			if len(v) >= 4 {
+				table = binary.NativeEndian.Uint32(v)
 			}
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"reflect"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -659,5 +660,34 @@ func TestVerifyFollowsThePath(t *testing.T) {
 	}
 	if len(links) != 0 {
 		t.Fatalf("the new namespace has container links %v, want none", links)
+	}
+}
+
+// Handle ffff: is where an ingress hook goes (ingress and clsact both
+// take it). On a link where another qdisc holds it (here an HTB at the
+// root of its egress) EnsureRedirects fails naming the link and the
+// qdisc's kind, and leaves the link's qdiscs and filters as they were.
+func TestRedirectsIngressHandleTaken(t *testing.T) {
+	s := newSandbox(t)
+	tp, err := s.n.EnsureTap(context.Background(), datapath.TapSpec{Index: 0, Queues: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testnet.Run(t, "tc", "-n", s.ns.Name, "qdisc", "add", "dev", "eth0", "root", "handle", "ffff:", "htb", "default", "1")
+	// Its packet counter aside: the kernel's own IPv6 packets (DAD, router
+	// solicitations) may leave through it meanwhile.
+	counter := regexp.MustCompile(`direct_packets_stat \d+`)
+	show := func() string {
+		return counter.ReplaceAllString(testnet.Run(t, "tc", "-n", s.ns.Name, "qdisc", "show", "dev", "eth0"), "direct_packets_stat N") +
+			testnet.Run(t, "tc", "-n", s.ns.Name, "filter", "show", "dev", "eth0", "parent", "ffff:") +
+			testnet.Run(t, "tc", "-n", s.ns.Name, "filter", "show", "dev", "eth0", "ingress")
+	}
+	before := show()
+	err = s.n.EnsureRedirects(s.eth0.Ifindex, tp.Ifindex)
+	if err == nil || !strings.Contains(err.Error(), "eth0") || !strings.Contains(err.Error(), "htb") {
+		t.Errorf("EnsureRedirects with ffff: held by an htb = %v, want an error naming eth0 and htb", err)
+	}
+	if after := show(); after != before {
+		t.Errorf("eth0's tc state changed:\n--- before\n%s\n--- after\n%s", before, after)
 	}
 }

@@ -294,13 +294,9 @@ func (n *Netns) ifb(index int) (netlink.Link, error) {
 	return l, nil
 }
 
-// ingressLimitFilter returns the ifindex our ingress-limit filter on
-// link redirects to (0: no filter of ours).
-func (n *Netns) ingressLimitFilter(link netlink.Link) (int, error) {
-	parent, err := n.ingressParent(link)
-	if err != nil || parent == 0 {
-		return 0, err
-	}
+// ingressLimitFilter returns the ifindex our ingress-limit filter at
+// parent, link's ingress hook, redirects to (0: no filter of ours).
+func (n *Netns) ingressLimitFilter(link netlink.Link, parent uint32) (int, error) {
 	fs, err := n.ingressFilters(link, parent)
 	if err != nil {
 		return 0, fmt.Errorf("list ingress filters on %s: %w", link.Attrs().Name, err)
@@ -319,13 +315,10 @@ func (n *Netns) ingressLimitFilter(link netlink.Link) (int, error) {
 	return 0, nil
 }
 
-// delIngressLimitFilter deletes our ingress-limit filter on link.
+// delIngressLimitFilter deletes our ingress-limit filter at parent,
+// link's ingress hook.
 // Equivalent to: tc filter del dev LINK parent ffff: prio 29780
-func (n *Netns) delIngressLimitFilter(link netlink.Link) error {
-	parent, err := n.ingressParent(link)
-	if err != nil || parent == 0 {
-		return err
-	}
+func (n *Netns) delIngressLimitFilter(link netlink.Link, parent uint32) error {
 	f := &netlink.U32{FilterAttrs: netlink.FilterAttrs{
 		LinkIndex: link.Attrs().Index, Parent: parent, Priority: IngressPriority, Protocol: unix.ETH_P_ALL,
 	}}
@@ -374,21 +367,23 @@ func (n *Netns) EnsureIngressLimit(ifindex, index int, bps uint64) error {
 	if err := n.EnsureRateLimit(ifb.Attrs().Index, bps); err != nil {
 		return err
 	}
-	to, err := n.ingressLimitFilter(link)
+	parent, added, err := n.ensureIngress(link)
 	if err != nil {
 		return wrap(err)
 	}
-	if to == ifb.Attrs().Index {
-		return nil
-	}
-	if to != 0 {
-		if err := n.delIngressLimitFilter(link); err != nil {
+	if !added { // a hook just added has no filters to look at
+		to, err := n.ingressLimitFilter(link, parent)
+		if err != nil {
 			return wrap(err)
 		}
-	}
-	parent, _, err := n.ensureIngress(link)
-	if err != nil {
-		return wrap(err)
+		if to == ifb.Attrs().Index {
+			return nil
+		}
+		if to != 0 {
+			if err := n.delIngressLimitFilter(link, parent); err != nil {
+				return wrap(err)
+			}
+		}
 	}
 	// Equivalent to: tc filter add dev LINK parent ffff: prio 29780 protocol all
 	//   u32 match u8 0 0 action mirred egress redirect dev tsiN
@@ -417,9 +412,13 @@ func (n *Netns) EnsureIngressLimit(ifindex, index int, bps uint64) error {
 func (n *Netns) RemoveIngressLimit(ifindex, index int) error {
 	name := IfbName(index)
 	if ifindex != 0 {
+		var parent uint32
 		link, err := n.h.LinkByIndex(ifindex)
 		if err == nil {
-			err = n.delIngressLimitFilter(link)
+			parent, err = n.ingressParent(link)
+		}
+		if err == nil && parent != 0 {
+			err = n.delIngressLimitFilter(link, parent)
 		}
 		if err != nil && !isLinkNotFound(err) {
 			return fmt.Errorf("netns %s: remove ingress limit on link %d via %s: %w", n.path, ifindex, name, err)
@@ -444,7 +443,14 @@ func (n *Netns) RemoveIngressLimit(ifindex, index int) error {
 func (n *Netns) ingressLimits(links []netlink.Link) ([]RateLimitOn, error) {
 	from := map[int]netlink.Link{}
 	for _, l := range links {
-		to, err := n.ingressLimitFilter(l)
+		parent, err := n.ingressParent(l)
+		if err != nil {
+			return nil, fmt.Errorf("netns %s: %w", n.path, err)
+		}
+		if parent == 0 {
+			continue
+		}
+		to, err := n.ingressLimitFilter(l, parent)
 		if err != nil {
 			return nil, fmt.Errorf("netns %s: %w", n.path, err)
 		}

@@ -345,3 +345,31 @@ func TestIngressLimitThroughIfb(t *testing.T) {
 		t.Errorf("RemoveIngressLimit of a missing link and ifb = %v", err)
 	}
 }
+
+// An ingress limit moved to another endpoint's ifb finds our filter on
+// eth0 pointing at the first one and replaces it: eth0 keeps one filter
+// of ours, at the new ifb, and the first ifb is fed by nothing.
+func TestIngressLimitMovesToAnotherIfb(t *testing.T) {
+	s := newSandbox(t)
+	const limit = 20e6
+	for _, ifb := range []int{3, 4, 4} {
+		if err := s.n.EnsureIngressLimit(s.eth0.Ifindex, ifb, limit); err != nil {
+			t.Fatalf("EnsureIngressLimit via tsi%d: %v", ifb, err)
+		}
+	}
+	st, err := s.n.Observe(datapath.All)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []datapath.RateLimitOn{
+		{BPS: limit, Ingress: true, Ifb: 3},
+		{Ifindex: s.eth0.Ifindex, Name: "eth0", BPS: limit, Ingress: true, Ifb: 4},
+	}
+	if !slices.Equal(st.RateLimits, want) {
+		t.Errorf("observed limits %+v, want %+v", st.RateLimits, want)
+	}
+	out := testnet.Run(t, "tc", "-n", s.ns.Name, "filter", "show", "dev", "eth0", "ingress")
+	if n := strings.Count(out, "Egress Redirect to device"); n != 1 || !strings.Contains(out, "device tsi4") {
+		t.Errorf("eth0's ingress filters, want one redirect, to tsi4:\n%s", out)
+	}
+}

@@ -14,6 +14,10 @@ import (
 // turns into 49152, so the two never collide.
 const FilterPriority uint16 = 0x7453
 
+// ingressHandle is the handle of a link's ingress hook: an ingress or a
+// clsact qdisc, whichever the link has, takes it.
+var ingressHandle = netlink.MakeHandle(0xffff, 0)
+
 // ingressParent returns the parent handle for ingress filters on link, or
 // 0 when the link has no ingress hook yet. A clsact qdisc serves as one too.
 func (n *Netns) ingressParent(link netlink.Link) (uint32, error) {
@@ -21,43 +25,61 @@ func (n *Netns) ingressParent(link netlink.Link) (uint32, error) {
 	if err != nil {
 		return 0, fmt.Errorf("list qdiscs on %s: %w", link.Attrs().Name, err)
 	}
+	return ingressParentOf(qdiscs), nil
+}
+
+// ingressParentOf is ingressParent given the link's qdiscs.
+func ingressParentOf(qdiscs []netlink.Qdisc) uint32 {
 	for _, q := range qdiscs {
 		switch q.Type() {
 		case "ingress":
-			return netlink.MakeHandle(0xffff, 0), nil
+			return ingressHandle
 		case "clsact":
-			return netlink.HANDLE_MIN_INGRESS, nil
+			return netlink.HANDLE_MIN_INGRESS
 		}
 	}
-	return 0, nil
+	return 0
 }
 
 // ensureIngress returns the ingress parent of link, adding an ingress
 // qdisc when it has none, and whether it added it: a hook just added
 // holds no filter yet. The add comes first: on a link without a hook
 // (every new endpoint's tap and container link) it is the only call, and
-// its EEXIST (an ingress or a clsact qdisc is there: both take handle
-// ffff:) sends us to the qdisc listing to tell which.
+// when it fails the qdisc listing tells why. A link whose handle ffff: is
+// held by a qdisc other than an ingress or a clsact has no room for the
+// hook: that is an error naming the qdisc, and the link is left as it is.
 // Equivalent to: tc qdisc add dev LINK ingress
 func (n *Netns) ensureIngress(link netlink.Link) (parent uint32, added bool, err error) {
+	name := link.Attrs().Name
 	q := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{
 		LinkIndex: link.Attrs().Index,
-		Handle:    netlink.MakeHandle(0xffff, 0),
+		Handle:    ingressHandle,
 		Parent:    netlink.HANDLE_INGRESS,
 	}}
 	err = n.h.QdiscAdd(q)
 	if err == nil {
-		return netlink.MakeHandle(0xffff, 0), true, nil
+		return ingressHandle, true, nil
 	}
-	if !errors.Is(err, unix.EEXIST) {
-		return 0, false, fmt.Errorf("add ingress qdisc on %s: %w", link.Attrs().Name, err)
+	// EEXIST: an ingress or a clsact is there, or (older kernels) another
+	// qdisc holds ffff:; EINVAL: (newer kernels) another qdisc holds
+	// ffff: ("Cannot move an existing qdisc to a different parent").
+	if !errors.Is(err, unix.EEXIST) && !errors.Is(err, unix.EINVAL) {
+		return 0, false, fmt.Errorf("add ingress qdisc on %s: %w", name, err)
 	}
-	if parent, err = n.ingressParent(link); err != nil || parent != 0 {
-		return parent, false, err
+	qdiscs, lerr := n.qdiscsOn(link)
+	if lerr != nil {
+		return 0, false, fmt.Errorf("add ingress qdisc on %s: %w; list qdiscs: %w", name, err, lerr)
 	}
-	// Another qdisc of the link holds handle ffff:. The filter added at
-	// this parent fails and says so.
-	return netlink.MakeHandle(0xffff, 0), false, nil
+	if parent := ingressParentOf(qdiscs); parent != 0 {
+		return parent, false, nil
+	}
+	for _, q := range qdiscs {
+		if q.Attrs().Handle == ingressHandle {
+			return 0, false, fmt.Errorf("add ingress qdisc on %s: handle ffff: is held by its %s qdisc (parent %s), not an ingress hook; left alone",
+				name, q.Type(), netlink.HandleStr(q.Attrs().Parent))
+		}
+	}
+	return 0, false, fmt.Errorf("add ingress qdisc on %s: %w", name, err)
 }
 
 // redirectsOn lists the mirred-redirect u32 filters on link's ingress.

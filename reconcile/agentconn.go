@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"net"
 
 	"github.com/tapsync/tapsync/agent"
 )
@@ -51,6 +52,10 @@ func (r *Reconciler) agentClient(ctx context.Context, sb Sandbox) (*agent.Client
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.closed {
+		c.Close() // Close has run: nothing else would
+		return nil, fmt.Errorf("sandbox %s: connecting to its agent: %w", sb.ID, net.ErrClosed)
+	}
 	rt := r.sandboxes[sb.ID]
 	if rt == nil || rt.sb.Agent != sb.Agent {
 		c.Close()

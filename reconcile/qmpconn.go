@@ -140,6 +140,10 @@ func (r *Reconciler) clientModel(ctx context.Context, sb Sandbox) (*qmp.Client, 
 	m.mu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.closed {
+		c.Close() // Close has run: nothing else would
+		return nil, nil, fmt.Errorf("sandbox %s: %w", sb.ID, qmp.ErrClosed)
+	}
 	if r.sandboxes[sb.ID] != rt || rt.sb.QMP != sb.QMP {
 		c.Close() // unregistered or re-pointed while we dialled
 		return nil, nil, unknown()

@@ -143,9 +143,9 @@ var errTruncated = errors.New("netlink datagram truncated")
 
 // nsidAttr is the NETNSA_NSID of an RTM_NEWNSID/RTM_DELNSID message.
 func nsidAttr(m syscall.NetlinkMessage) (int32, bool) {
-	for _, a := range attrs(m.Data, sizeofRtGenMsg) {
-		if a.Attr.Type == unix.NETNSA_NSID && len(a.Value) >= 4 {
-			return int32(binary.NativeEndian.Uint32(a.Value)), true
+	for typ, v := range attrs(m.Data, sizeofRtGenMsg) {
+		if typ == unix.NETNSA_NSID && len(v) >= 4 {
+			return int32(binary.NativeEndian.Uint32(v)), true
 		}
 	}
 	return 0, false

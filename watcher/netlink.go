@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"iter"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -106,6 +107,9 @@ type NetlinkWatcher struct {
 	nsidHome string
 	// Tunables for tests; set before the first Watch.
 	retryFirst, retryMax time.Duration
+	// groups are the multicast groups new sockets join (listenGroups; a
+	// test names one that does not exist to make opening fail).
+	groups []uint
 	// rcvBuf, when non-zero, is the socket receive buffer of new
 	// sockets (SO_RCVBUFFORCE; the kernel's minimum is about 2 KiB).
 	rcvBuf atomic.Int64
@@ -187,7 +191,7 @@ func (l *listener) isHalted() bool {
 func NewNetlinkWatcher(sink Sink) *NetlinkWatcher {
 	return &NetlinkWatcher{
 		sink: sink, watches: map[string]*netnsWatch{}, byNsid: map[int32]map[string]*netnsWatch{},
-		retryFirst: resubRetryFirst, retryMax: resubRetryMax,
+		retryFirst: resubRetryFirst, retryMax: resubRetryMax, groups: listenGroups,
 	}
 }
 
@@ -235,8 +239,9 @@ func (w *NetlinkWatcher) Watch(ctx context.Context, id, netnsPath string) error 
 	if w.lst == nil {
 		// The socket is open before Watch returns: changes made after it
 		// returns are heard.
-		s, err := openListenSocket(home, listenGroups, int(w.rcvBuf.Load()))
+		s, err := openListenSocket(home, w.groups, int(w.rcvBuf.Load()))
 		if err != nil {
+			w.idleLocked() // nothing is watched: resolve's nsid handle goes
 			w.mu.Unlock()
 			return fmt.Errorf("watch sandbox %s in netns %s: %w", id, netnsPath, err)
 		}
@@ -354,17 +359,22 @@ func (w *NetlinkWatcher) dropLocked(nw *netnsWatch) {
 	nw.unhook()
 }
 
-// idleLocked (w.mu held), when nothing is watched any more, detaches the
-// listener and halts it, and returns it so that the caller can wait for
-// its reader (see settle); nil otherwise.
+// idleLocked (w.mu held), when nothing is watched any more, closes the
+// kept nsid handle and detaches the listener and halts it, and returns
+// the listener so that the caller can wait for its reader (see settle);
+// nil otherwise. Whatever used the nsid handle calls it afterwards: the
+// last watch may have ended, and closed the handle, while it used one.
 func (w *NetlinkWatcher) idleLocked() *listener {
-	if len(w.watches) > 0 || w.lst == nil {
+	if len(w.watches) > 0 {
 		return nil
 	}
+	w.dropNsidHandle() // lock order: w.mu, then nsidMu
 	l := w.lst
+	if l == nil {
+		return nil
+	}
 	w.lst = nil
 	l.halt()
-	w.dropNsidHandle() // lock order: w.mu, then nsidMu
 	return l
 }
 
@@ -531,6 +541,11 @@ func (w *NetlinkWatcher) stillNamed(nw *netnsWatch) bool {
 	}
 	defer unix.Close(fd)
 	id, err := w.nsidOf(w.homeNetns(context.Background()), fd, false)
+	// The last watch may have ended (a Stop after nsidDeleted picked nw)
+	// and closed the handle that nsidOf has just opened again.
+	w.mu.Lock()
+	w.idleLocked()
+	w.mu.Unlock()
 	return err == nil && id == nw.nsid
 }
 
@@ -547,7 +562,7 @@ func (w *NetlinkWatcher) hold() {
 func (w *NetlinkWatcher) resubscribe(l *listener, reason string) bool {
 	delay := w.retryFirst
 	for attempt := 1; ; attempt++ {
-		s, err := openListenSocket(w.homeNetns(context.Background()), listenGroups, int(w.rcvBuf.Load()))
+		s, err := openListenSocket(w.homeNetns(context.Background()), w.groups, int(w.rcvBuf.Load()))
 		if err == nil {
 			if !l.swap(s) {
 				return false
@@ -634,28 +649,30 @@ func deletedLink(m syscall.NetlinkMessage) int {
 	return int(max(i, 0))
 }
 
-// attrs parses the attributes after a fixed header of size hdr, up to the
-// first malformed one. Not nl.ParseRouteAttr (nor the standard library's
-// parser): both slice past the end of a last attribute whose length is
-// not padded to 4 bytes, a panic in the watcher's only reader (found by
+// attrs yields the type and value of each attribute after a fixed header
+// of size hdr, up to the first malformed one. Ranging over it builds no
+// list (a link message has dozens of attributes, and one arrives for every
+// change of every link watched), and a loop that has found its attribute
+// stops there. Not nl.ParseRouteAttr (nor the standard library's parser):
+// both slice past the end of a last attribute whose length is not padded
+// to 4 bytes, a panic in the watcher's only reader (found by
 // FuzzNetlinkMessage).
-func attrs(data []byte, hdr int) []syscall.NetlinkRouteAttr {
-	if len(data) < hdr {
-		return nil
-	}
-	var as []syscall.NetlinkRouteAttr
-	for b := data[hdr:]; len(b) >= unix.SizeofRtAttr; {
-		n := int(binary.NativeEndian.Uint16(b))
-		if n < unix.SizeofRtAttr || n > len(b) {
-			break
+func attrs(data []byte, hdr int) iter.Seq2[uint16, []byte] {
+	return func(yield func(typ uint16, value []byte) bool) {
+		if len(data) < hdr {
+			return
 		}
-		as = append(as, syscall.NetlinkRouteAttr{
-			Attr:  syscall.RtAttr{Len: uint16(n), Type: binary.NativeEndian.Uint16(b[2:])},
-			Value: b[unix.SizeofRtAttr:n],
-		})
-		b = b[min((n+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(b)):]
+		for b := data[hdr:]; len(b) >= unix.SizeofRtAttr; {
+			n := int(binary.NativeEndian.Uint16(b))
+			if n < unix.SizeofRtAttr || n > len(b) {
+				return
+			}
+			if !yield(binary.NativeEndian.Uint16(b[2:]), b[unix.SizeofRtAttr:n]) {
+				return
+			}
+			b = b[min((n+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(b)):]
+		}
 	}
-	return as
 }
 
 func ifindexAt(data []byte, off int) (int32, bool) {
@@ -665,31 +682,12 @@ func ifindexAt(data []byte, off int) (int32, bool) {
 	return int32(binary.NativeEndian.Uint32(data[off:])), true
 }
 
-// attrValue is the value of the first attribute of type typ after a
-// fixed header of size hdr, parsed as attrs parses, without building the
-// list (a link message has dozens of attributes, and one arrives for
-// every change of every link watched).
-func attrValue(data []byte, hdr int, typ uint16) ([]byte, bool) {
-	if len(data) < hdr {
-		return nil, false
-	}
-	for b := data[hdr:]; len(b) >= unix.SizeofRtAttr; {
-		n := int(binary.NativeEndian.Uint16(b))
-		if n < unix.SizeofRtAttr || n > len(b) {
-			break
-		}
-		if binary.NativeEndian.Uint16(b[2:]) == typ {
-			return b[unix.SizeofRtAttr:n], true
-		}
-		b = b[min((n+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(b)):]
-	}
-	return nil, false
-}
-
 // linkName is the IFLA_IFNAME of an ifinfomsg, or "index N".
 func linkName(data []byte) string {
-	if v, ok := attrValue(data, unix.SizeofIfInfomsg, unix.IFLA_IFNAME); ok {
-		return string(trimNUL(v))
+	for typ, v := range attrs(data, unix.SizeofIfInfomsg) {
+		if typ == unix.IFLA_IFNAME {
+			return string(trimNUL(v))
+		}
 	}
 	if i, ok := ifindexAt(data, 4); ok {
 		return fmt.Sprintf("index %d", i)
@@ -705,13 +703,13 @@ func addrName(data []byte) string {
 	plen := data[1]
 	idx, _ := ifindexAt(data, 4)
 	var ip net.IP
-	for _, a := range attrs(data, unix.SizeofIfAddrmsg) {
-		switch a.Attr.Type {
+	for typ, v := range attrs(data, unix.SizeofIfAddrmsg) {
+		switch typ {
 		case unix.IFA_LOCAL:
-			ip = net.IP(a.Value) // the address itself on point-to-point links
+			ip = net.IP(v) // the address itself on point-to-point links
 		case unix.IFA_ADDRESS:
 			if ip == nil {
-				ip = net.IP(a.Value)
+				ip = net.IP(v)
 			}
 		}
 	}
@@ -726,13 +724,13 @@ func routeName(data []byte) string {
 	}
 	family, dstLen, table := data[0], data[1], uint32(data[4])
 	dst := "default"
-	for _, a := range attrs(data, unix.SizeofRtMsg) {
-		switch a.Attr.Type {
+	for typ, v := range attrs(data, unix.SizeofRtMsg) {
+		switch typ {
 		case unix.RTA_DST:
-			dst = fmt.Sprintf("%s/%d", net.IP(a.Value), dstLen)
+			dst = fmt.Sprintf("%s/%d", net.IP(v), dstLen)
 		case unix.RTA_TABLE:
-			if len(a.Value) >= 4 {
-				table = binary.NativeEndian.Uint32(a.Value)
+			if len(v) >= 4 {
+				table = binary.NativeEndian.Uint32(v)
 			}
 		}
 	}

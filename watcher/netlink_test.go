@@ -483,3 +483,44 @@ func (w *NetlinkWatcher) byNsidOf(id string) int32 {
 	defer w.mu.Unlock()
 	return w.watches[id].nsid
 }
+
+// A Watch that fails after its netns got an nsid (here its socket cannot
+// join its groups) leaves nothing open: with nothing watched, the nsid
+// handle it used goes too.
+func TestNetlinkWatcherFailedWatchLeavesNoFd(t *testing.T) {
+	ns := testnet.NewNS(t, "tswf")
+	w, _, ctx, _ := newNetlinkWatcher(t)
+	w.groups = []uint{0} // no such group: joining it fails (EINVAL)
+	before, _ := openFds(t)
+	if err := w.Watch(ctx, "sb", ns.Path); err == nil {
+		t.Fatal("Watch succeeded with a socket that cannot join its groups")
+	}
+	if after, _ := openFds(t); after != before {
+		t.Errorf("a failed Watch left %d fds open (%d before, %d after)", after-before, before, after)
+	}
+	if w.running("sb") {
+		t.Error("a failed Watch left a watch running")
+	}
+}
+
+// An RTM_DELNSID read as the last watch is stopped: the reader that
+// picked the watch before the Stop asks for its netns's nsid after it
+// (stillNamed), and leaves no nsid handle open behind the Stop.
+func TestNetlinkWatcherStillNamedAfterStopLeavesNoFd(t *testing.T) {
+	ns := testnet.NewNS(t, "tswn")
+	w, _, ctx, _ := newNetlinkWatcher(t)
+	if err := w.Watch(ctx, "sb", ns.Path); err != nil {
+		t.Fatal(err)
+	}
+	w.mu.Lock()
+	nw := w.watches["sb"] // as nsidDeleted picks it
+	w.mu.Unlock()
+	w.Stop("sb")
+	before, _ := openFds(t)
+	if !w.stillNamed(nw) {
+		t.Error("stillNamed: the live netns lost its nsid")
+	}
+	if after, _ := openFds(t); after != before {
+		t.Errorf("stillNamed after the last Stop left %d fds open (%d before, %d after)", after-before, before, after)
+	}
+}

@@ -198,6 +198,9 @@ func runFloorScale(ctx context.Context, cfg benchConfig, base string, sbs fleet,
 	// B4: SIGKILL and the least verification, then the same with the
 	// datapath checked and the events heard (floor -verify-datapath).
 	fmt.Fprintf(os.Stderr, "bench: floor B3 storm took %v; B4 SIGKILL and verify\n", r.storm)
+	// As for tapsync (atRest): the storm's links finish IPv6 duplicate
+	// address detection before the restart, not during it.
+	time.Sleep(3 * time.Second)
 	p.stop(unix.SIGKILL)
 	if r.restart, r.restartCPU, r.restartQMP, err = floorVerify(cfg, list, sbs, qemus, "floor-restart"); err != nil {
 		return r, err

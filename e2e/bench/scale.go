@@ -449,6 +449,13 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	if err := quiet(3 * cfg.n); err != nil {
 		return r, err
 	}
+	// The storm's links finish IPv6 duplicate address detection a second
+	// or two after they came up, and each such address event is a pass:
+	// B4 restarts a node at rest, so it waits until no pass has run for
+	// 3 s (at most 30 s).
+	if err := atRest(ctx, metrics, 3*time.Second, 30*time.Second); err != nil {
+		return r, err
+	}
 
 	// B4: SIGKILL and restart.
 	fmt.Fprintf(os.Stderr, "bench: B3 storm took %v; B4 SIGKILL and restart\n", r.storm)
@@ -519,6 +526,31 @@ func mutations(counts map[string]int) int {
 		}
 	}
 	return n
+}
+
+// atRest waits until the daemon at metrics has made no pass for rest, or
+// gives up after limit (the restart is then measured all the same).
+func atRest(ctx context.Context, metrics string, rest, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	last, since := -1.0, time.Now()
+	for time.Now().Before(deadline) {
+		m, err := d0scrape(metrics)
+		if err != nil {
+			return fmt.Errorf("waiting for the daemon at rest: %w", err)
+		}
+		if n := m[passesMetric]; n != last {
+			last, since = n, time.Now()
+		} else if time.Since(since) >= rest {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond): // polling interval
+		}
+	}
+	fmt.Fprintf(os.Stderr, "bench: the daemon still made passes after %v; restarting it all the same\n", limit)
+	return nil
 }
 
 // d0scrape scrapes a metrics address without a daemon handle.

@@ -442,21 +442,15 @@ func (n *Netns) RemoveIngressLimit(ifindex, index int) error {
 // redirects to each (Ifindex 0: none does; BPS 0: no HTB on it yet).
 func (n *Netns) ingressLimits(links []netlink.Link) ([]RateLimitOn, error) {
 	from := map[int]netlink.Link{}
-	for _, l := range links {
-		parent, err := n.ingressParent(l)
-		if err != nil {
-			return nil, fmt.Errorf("netns %s: %w", n.path, err)
-		}
-		if parent == 0 {
-			continue
-		}
+	err := n.eachIngress(links, func(l netlink.Link, parent uint32) error {
 		to, err := n.ingressLimitFilter(l, parent)
-		if err != nil {
-			return nil, fmt.Errorf("netns %s: %w", n.path, err)
-		}
 		if to != 0 {
 			from[to] = l
 		}
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 	var out []RateLimitOn
 	for _, l := range links {

@@ -121,24 +121,34 @@ func (n *Netns) Redirects() ([]Redirect, error) {
 		names[l.Attrs().Index] = l.Attrs().Name
 	}
 	var out []Redirect
-	for _, l := range links {
-		parent, err := n.ingressParent(l)
-		if err != nil {
-			return nil, fmt.Errorf("netns %s: %w", n.path, err)
-		}
-		if parent == 0 {
-			continue
-		}
+	err = n.eachIngress(links, func(l netlink.Link, parent uint32) error {
 		rs, err := n.redirectsOn(l, parent)
-		if err != nil {
-			return nil, fmt.Errorf("netns %s: %w", n.path, err)
-		}
 		for _, r := range rs {
 			r.ToName = names[r.To] // "" when the target vanished
 			out = append(out, r)
 		}
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
+}
+
+// eachIngress calls fn for each of links that has an ingress hook, with
+// the hook's parent handle; the first error stops it, named with the
+// netns.
+func (n *Netns) eachIngress(links []netlink.Link, fn func(l netlink.Link, parent uint32) error) error {
+	for _, l := range links {
+		parent, err := n.ingressParent(l)
+		if err == nil && parent != 0 {
+			err = fn(l, parent)
+		}
+		if err != nil {
+			return fmt.Errorf("netns %s: %w", n.path, err)
+		}
+	}
+	return nil
 }
 
 // EnsureRedirects joins a container link and its tap in both directions:

@@ -116,25 +116,9 @@ func TestQMPDialAfterCloseIsClosed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	type result struct {
-		c   *qmp.Client
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		c, err := r.client(context.Background(), sb)
-		done <- result{c, err}
-	}()
-	wait(t, peer.asked, "qmp_capabilities from the dial")
-	r.Close()
-	peer.release()
-	res := <-done
-	if res.err == nil {
-		res.c.Close()
-		t.Fatal("a dial completed after Close returned a connection; want it closed and an error")
-	}
-	if !errors.Is(res.err, qmp.ErrClosed) {
-		t.Errorf("dial after Close: %v; want qmp.ErrClosed", res.err)
+	err = dialAcrossClose(t, r, peer, "qmp_capabilities", func() (*qmp.Client, error) { return r.client(context.Background(), sb) })
+	if !errors.Is(err, qmp.ErrClosed) {
+		t.Errorf("dial after Close: %v; want qmp.ErrClosed", err)
 	}
 	withRuntime(r, "sb", func(rt *sandboxRuntime) {
 		if rt != nil && rt.conn != nil {
@@ -159,27 +143,36 @@ func TestAgentDialAfterCloseIsClosed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	type result struct {
-		c   *agent.Client
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		c, err := r.agentClient(context.Background(), sb)
-		done <- result{c, err}
-	}()
-	wait(t, peer.asked, "CONNECT from the dial")
-	r.Close()
-	peer.release()
-	res := <-done
-	if res.err == nil {
-		res.c.Close()
-		t.Fatal("an agent dial completed after Close returned a connection; want it closed and an error")
-	}
+	dialAcrossClose(t, r, peer, "CONNECT", func() (*agent.Client, error) { return r.agentClient(context.Background(), sb) })
 	withRuntime(r, "sb", func(rt *sandboxRuntime) {
 		if rt != nil && rt.agent != nil {
 			t.Error("the closed reconciler holds the agent connection dialled across Close")
 		}
 	})
 	wait(t, peer.closed, "EOF at the agent's socket: the connection dialled across Close is still open")
+}
+
+// dialAcrossClose runs dial until the peer has been asked its handshake
+// (asked names it), closes r, lets the peer answer, and returns the
+// dial's error; a dial that returns a connection fails the test.
+func dialAcrossClose[C interface{ Close() error }](t *testing.T, r *Reconciler, peer *slowPeer, asked string, dial func() (C, error)) error {
+	t.Helper()
+	type result struct {
+		c   C
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		c, err := dial()
+		done <- result{c, err}
+	}()
+	wait(t, peer.asked, asked+" from the dial")
+	r.Close()
+	peer.release()
+	res := <-done
+	if res.err == nil {
+		res.c.Close()
+		t.Fatal("a dial completed after Close returned a connection; want it closed and an error")
+	}
+	return res.err
 }

@@ -2,6 +2,7 @@ package reconcile
 
 import (
 	"path/filepath"
+	"slices"
 
 	"golang.org/x/sys/unix"
 )
@@ -80,6 +81,19 @@ func (r *Reconciler) netnsesLocked(want netnsID, skip string) map[string]netnsOf
 		}
 	})
 	return out
+}
+
+// inNetns returns, sorted, the sandboxes among all whose netns is want
+// or at want's place.
+func inNetns(all map[string]netnsOf, want netnsID) []string {
+	var ids []string
+	for id, n := range all {
+		if have := n.compared(want); have.same(want) || have.samePlace(want) {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	return ids
 }
 
 // compared is the identity to compare with want: the cached one, unless

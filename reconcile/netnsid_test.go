@@ -56,14 +56,7 @@ func TestNetnsIndexAgreesWithScan(t *testing.T) {
 			all[id] = netnsOf{e.sb.Netns, e.ident}
 		}
 		r.mu.Unlock()
-		var ids []string
-		for id, n := range all {
-			if have := n.compared(want); have.same(want) || have.samePlace(want) {
-				ids = append(ids, id)
-			}
-		}
-		slices.Sort(ids)
-		return ids
+		return inNetns(all, want)
 	}
 	sources := []Source{SourceProc, SourceContainerd, SourceConfig}
 	for seed := range uint64(20) {

@@ -160,14 +160,7 @@ func (r *Reconciler) InNetns(path string) []string {
 	r.mu.Lock()
 	all := r.netnsesLocked(want, "")
 	r.mu.Unlock()
-	var ids []string
-	for id, n := range all {
-		if have := n.compared(want); have.same(want) || have.samePlace(want) {
-			ids = append(ids, id)
-		}
-	}
-	slices.Sort(ids)
-	return ids
+	return inNetns(all, want)
 }
 
 // reidentify brings sandbox id's netns identity up to date at a pass

@@ -158,23 +158,19 @@ func nsidAttr(m syscall.NetlinkMessage) (int32, bool) {
 //
 // Equivalent to: ip netns set <name> auto; ip netns list-id
 func nsidIn(h *netlink.Handle, fd int, assign bool) (int32, error) {
+	if assign {
+		// -1 asks the kernel to pick a free id; EEXIST: the netns has one
+		// (the home is private: a Watch before, ours). Asking first saves
+		// a lookup for each netns of a start, when none has one yet.
+		if err := h.SetNetNsIdByFd(fd, -1); err != nil && !errors.Is(err, unix.EEXIST) {
+			return 0, fmt.Errorf("assign nsid: %w", err)
+		}
+	}
 	id, err := h.GetNetNsIdByFd(fd)
 	if err != nil {
 		return 0, fmt.Errorf("get nsid: %w", err)
 	}
-	if id >= 0 || !assign {
-		return int32(id), nil
-	}
-	// -1 asks the kernel to pick a free id; EEXIST: another process
-	// assigned one since (ip netns set, or a veth moved across).
-	if err := h.SetNetNsIdByFd(fd, -1); err != nil && !errors.Is(err, unix.EEXIST) {
-		return 0, fmt.Errorf("assign nsid: %w", err)
-	}
-	id, err = h.GetNetNsIdByFd(fd)
-	if err != nil {
-		return 0, fmt.Errorf("get nsid: %w", err)
-	}
-	if id < 0 {
+	if id < 0 && assign {
 		return 0, errors.New("assign nsid: kernel assigned none")
 	}
 	return int32(id), nil

@@ -76,7 +76,7 @@ FUZZTIME ?= 20s
 FUZZMINIMIZE ?= 5s
 FUZZ_TARGETS += ./qmp:FuzzReadMessages ./qmp:FuzzParseInfoNetwork ./qmp:FuzzChoosePlacement ./qmp:FuzzParseQtree ./qmp:FuzzHMPReply
 FUZZ_TARGETS += ./watcher:FuzzInDir ./watcher:FuzzUnderDir ./watcher:FuzzQMPSocket ./watcher:FuzzStatusUIDs ./watcher:FuzzNetlinkMessage
-FUZZ_TARGETS += ./state:FuzzLoad ./cmd/tapsync:FuzzConfig ./datapath:FuzzParseRtnl
+FUZZ_TARGETS += ./state:FuzzLoad ./cmd/tapsync:FuzzConfig ./datapath:FuzzParseRtnl ./datapath:FuzzParseLink ./datapath:FuzzNLAnswers
 FUZZ_TARGETS += ./cmd/tapsync-qemu:FuzzWrapperArgv
 .PHONY: fuzz
 fuzz:

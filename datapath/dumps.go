@@ -23,29 +23,20 @@ const rtextFilterSkipStats = 1 << 3
 func decodedDump[T comparable](n *Netns, typ int, resType uint16, parse func([]byte) (T, error), data ...nl.NetlinkRequestData) ([]T, error) {
 	return dump(func() ([]T, error) {
 		req := nl.NewNetlinkRequest(typ, unix.NLM_F_DUMP)
-		req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: n.dumper}
 		for _, d := range data {
 			req.AddData(d)
 		}
 		var (
 			out  []T
-			perr error
 			none T
 		)
-		err := req.ExecuteIter(unix.NETLINK_ROUTE, resType, func(m []byte) bool {
+		err := n.dumper.exchange(req, resType, func(m []byte) error {
 			v, err := parse(m)
-			if err != nil {
-				perr = err
-				return false
-			}
-			if v != none {
+			if err == nil && v != none {
 				out = append(out, v)
 			}
-			return true
+			return err
 		})
-		if perr != nil {
-			return nil, perr
-		}
 		return out, err
 	})
 }

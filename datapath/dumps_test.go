@@ -36,7 +36,7 @@ func viewOf(l netlink.Link) linkView {
 
 // richNetns is a netns with every kind of link a sandbox netns may hold
 // here, and qdiscs of every kind this package reads.
-func richNetns(t *testing.T) *Netns {
+func richNetns(t testing.TB) *Netns {
 	t.Helper()
 	testnet.SkipUnlessRoot(t)
 	ns, host := testnet.NewNS(t, "tapsync-lmsg"), testnet.NewNS(t, "tapsync-lmsghost")

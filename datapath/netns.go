@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -20,9 +19,9 @@ type Netns struct {
 	ns   netns.NsHandle
 	id   [2]uint64 // device and inode of the namespace (nsfs)
 	h    *netlink.Handle
-	// dumper is a second route socket, for the dumps this package decodes
-	// itself (dumpLinks).
-	dumper *nl.SocketHandle
+	// dumper is a second route socket, for the dumps and requests this
+	// package encodes and decodes itself (dumps.go, rtnl.go).
+	dumper *nlSocket
 	// While Observe runs, its dumps, which every part of the observation
 	// reads: one link dump (six of the same list before), one qdisc dump
 	// (the kernel dumps every link's qdiscs even when asked for one link's,
@@ -81,37 +80,17 @@ const socketTimeout = 5 * time.Second
 
 // socketsHere opens a Netns's two route sockets in the calling thread's
 // netns: the library's handle and the dumper.
-func socketsHere() (*netlink.Handle, *nl.SocketHandle, error) {
+func socketsHere() (*netlink.Handle, *nlSocket, error) {
 	h, err := netlink.NewHandleAt(netns.None(), unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, nil, err
 	}
-	s, err := routeSocket()
+	s, err := openNLSocket()
 	if err != nil {
 		h.Close()
 		return nil, nil, err
 	}
-	return h, &nl.SocketHandle{Socket: s}, nil
-}
-
-// routeSocket opens a route netlink socket in the calling thread's netns,
-// with socketTimeout and the kernel's reasons in errors.
-func routeSocket() (*nl.NetlinkSocket, error) {
-	s, err := nl.GetNetlinkSocketAt(netns.None(), netns.None(), unix.NETLINK_ROUTE)
-	if err != nil {
-		return nil, err
-	}
-	tv := unix.NsecToTimeval(socketTimeout.Nanoseconds())
-	if err := s.SetSendTimeout(&tv); err != nil {
-		s.Close()
-		return nil, err
-	}
-	if err := s.SetReceiveTimeout(&tv); err != nil {
-		s.Close()
-		return nil, err
-	}
-	_ = s.SetExtAck(true) // the kernel's reason in errors, where it gives one
-	return s, nil
+	return h, s, nil
 }
 
 // ErrNetnsReplaced says that a Netns's path no longer names the namespace

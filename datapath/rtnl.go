@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -19,20 +20,18 @@ import (
 // what it takes from a container link and gives it back through it.
 type rtnl struct {
 	path string
-	sh   *nl.SocketHandle
+	sock *nlSocket
 }
 
-func (n *Netns) rtnl() *rtnl { return &rtnl{path: n.path, sh: n.dumper} }
+func (n *Netns) rtnl() *rtnl { return &rtnl{path: n.path, sock: n.dumper} }
 
 // request sends one message and waits for the kernel's acknowledgement.
 func (r *rtnl) request(typ, flags int, data ...nl.NetlinkRequestData) error {
 	req := nl.NewNetlinkRequest(typ, flags|unix.NLM_F_ACK)
-	req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: r.sh}
 	for _, d := range data {
 		req.AddData(d)
 	}
-	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
-	return err
+	return r.sock.exchange(req, 0, func([]byte) error { return nil })
 }
 
 // dump returns the payloads of the kernel's answers of type resType to a
@@ -40,9 +39,13 @@ func (r *rtnl) request(typ, flags int, data ...nl.NetlinkRequestData) error {
 func (r *rtnl) dump(typ int, hdr nl.NetlinkRequestData, resType uint16) ([][]byte, error) {
 	return dump(func() ([][]byte, error) {
 		req := nl.NewNetlinkRequest(typ, unix.NLM_F_DUMP)
-		req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: r.sh}
 		req.AddData(hdr)
-		return req.Execute(unix.NETLINK_ROUTE, resType)
+		var out [][]byte
+		err := r.sock.exchange(req, resType, func(m []byte) error {
+			out = append(out, slices.Clone(m)) // the socket's buffer is reused
+			return nil
+		})
+		return out, err
 	})
 }
 

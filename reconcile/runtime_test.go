@@ -1,6 +1,7 @@
 package reconcile
 
 import (
+	"context"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -139,5 +140,28 @@ func TestAnotherMonitorKeepsTheNetns(t *testing.T) {
 		t.Errorf("openHost = %v, kept %v, %v; want the kept netns", got, kept, err)
 	} else {
 		r.keepHost("pod", got, true)
+	}
+}
+
+// A teardown that cannot take the sandbox's pass (its context ends while
+// another pass holds it) fails: it is not done, and the caller must not
+// forget the sandbox as if it were.
+func TestTeardownThatCannotBeginFails(t *testing.T) {
+	r := newTestReconciler(t)
+	if _, err := r.Register(Sandbox{ID: "pod", Netns: filepath.Join(t.TempDir(), "ns"), QMP: "/q.sock"}, SourceConfig); err != nil {
+		t.Fatal(err)
+	}
+	_, release, err := r.lockPass(context.Background(), "pod")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := r.Teardown(ctx, "pod"); err == nil {
+		t.Error("a teardown that never began returned nil: its caller takes it as done")
+	}
+	if _, _, ok := r.Registered("pod"); !ok {
+		t.Error("the sandbox was unregistered by a teardown that never began")
 	}
 }

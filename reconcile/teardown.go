@@ -31,8 +31,11 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 	log := zerolog.Ctx(ctx).With().Str("sandbox", id).Logger()
 	ctx = log.WithContext(ctx)
 	release, err := r.beginPass(ctx, id)
+	if errors.Is(err, ErrUnknownSandbox) {
+		return nil // unregistered meanwhile
+	}
 	if err != nil {
-		return nil
+		return err // the record it was taking over, or ctx: tried again
 	}
 	defer release()
 	r.dropModel(id, causeTeardown) // its unplugs go through a VM without the model

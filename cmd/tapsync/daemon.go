@@ -114,6 +114,16 @@ type overrides struct {
 	RxRate, TxRate *uint64
 }
 
+// forgetLocked drops what the daemon keeps of sandbox id between its
+// events (a teardown asked, a config drop, a trigger's time, the pod's
+// rate annotations); d.mu must be held.
+func (d *daemon) forgetLocked(id string) {
+	delete(d.gone, id)
+	delete(d.dropped, id)
+	delete(d.pending, id)
+	delete(d.podRates, id)
+}
+
 // notePodRates remembers the rate limits a pod's annotations set (a
 // reload keeps them over new defaults) and returns them.
 func (d *daemon) notePodRates(s watcher.Sandbox) overrides {
@@ -182,9 +192,7 @@ func (d *daemon) register(ctx context.Context, sb reconcile.Sandbox, src reconci
 		// pass takes over its record.
 		d.links.Stop(reg.Replaced)
 		d.mu.Lock()
-		delete(d.gone, reg.Replaced)
-		delete(d.dropped, reg.Replaced)
-		delete(d.pending, reg.Replaced)
+		d.forgetLocked(reg.Replaced)
 		d.mu.Unlock()
 		log.Info().Str("replaced", reg.Replaced).Msg("sandbox now known by this name")
 	}
@@ -501,8 +509,7 @@ func (d *daemon) pass(ctx context.Context, id string) error {
 		err := d.rec.Teardown(ctx, id)
 		if err == nil {
 			d.mu.Lock()
-			delete(d.gone, id)
-			delete(d.pending, id)
+			d.forgetLocked(id)
 			d.mu.Unlock()
 			d.queue.Forget(id)
 		}

@@ -87,11 +87,13 @@ func TestConfigSandboxWins(t *testing.T) {
 }
 
 // A containerd sandbox missing from containerd's next full listing ended
-// while containerd was away: it is torn down.
+// while containerd was away: it is torn down, and nothing the daemon kept
+// of it (its pod's rate annotations) stays behind.
 func TestUnlistedContainerdSandboxIsGone(t *testing.T) {
 	d := testDaemon(t)
+	rate := uint64(1000000)
 	for _, id := range []string{"pod1", "pod2"} {
-		d.handle(watcher.Event{Kind: watcher.KindUpsert, Source: watcher.SourceContainerd, Sandbox: watcher.Sandbox{ID: id, Netns: "/var/run/netns/" + id, QMP: "/run/" + id}})
+		d.handle(watcher.Event{Kind: watcher.KindUpsert, Source: watcher.SourceContainerd, Sandbox: watcher.Sandbox{ID: id, Netns: "/var/run/netns/" + id, QMP: "/run/" + id, RxRate: &rate}})
 	}
 	d.handle(watcher.Event{Kind: watcher.KindResyncAll, Source: watcher.SourceContainerd, Listed: []string{"pod2"}})
 	if !d.gone["pod1"] || d.gone["pod2"] {
@@ -102,6 +104,9 @@ func TestUnlistedContainerdSandboxIsGone(t *testing.T) {
 	}
 	if ids := d.rec.Sandboxes(); len(ids) != 1 || ids[0] != "pod2" {
 		t.Errorf("sandboxes = %v, want pod2", ids)
+	}
+	if _, kept := d.podRates["pod1"]; kept || len(d.podRates) != 1 {
+		t.Errorf("pod rates after pod1's teardown: %v; want pod2's alone", d.podRates)
 	}
 }
 

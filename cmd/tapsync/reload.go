@@ -122,9 +122,7 @@ func (d *daemon) unregister(ctx context.Context, id string) error {
 	d.rec.Unregister(id)
 	d.queue.Forget(id)
 	d.mu.Lock()
-	delete(d.dropped, id)
-	delete(d.pending, id)
-	delete(d.gone, id)
+	d.forgetLocked(id)
 	d.mu.Unlock()
 	zerolog.Ctx(ctx).Info().Msg("sandbox unregistered: no longer in the config file; its endpoints stay as they are")
 	return nil

@@ -93,7 +93,12 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 		}
 	}
 	reg := Registration{ID: sb.ID, Source: src, New: self == nil}
-	existed := self != nil
+	// prev is the registration of the VM this one continues: its own, or
+	// that of the id it takes the VM over from.
+	var prev *Sandbox
+	if self != nil {
+		prev = &Sandbox{QMP: self.sb.QMP, Agent: self.sb.Agent}
+	}
 	for _, id := range sameNetns {
 		e := r.sandboxes[id]
 		if e == nil {
@@ -104,30 +109,29 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 			reg.Replaced = id
 			if self == nil {
 				self = e.renamed() // the same VM
+				prev = &Sandbox{QMP: e.sb.QMP, Agent: e.sb.Agent}
 			}
 			self.inherit = id
 		}
 	}
-	switch {
-	case self == nil:
+	if self == nil {
 		self = newRuntime()
-	case existed:
-		// Another monitor is another VM, as far as anyone can tell, and
-		// another agent another session: what was believed of the guest
-		// goes (beliefs.go), whether or not this registration also takes
-		// over another id's VM.
-		if self.sb.QMP != sb.QMP {
-			self.closeVMLocked() // the netns stays: it is still the sandbox's
-			r.noteLocked(sb.ID, causeMonitorChanged)
-		}
-		if self.sb.Agent != sb.Agent {
-			self.closeAgentLocked()
-			r.noteLocked(sb.ID, causeAgentChanged)
-		}
 	}
 	self.sb, self.source, self.ident = sb.withDefaults(), src, want
 	r.sandboxes[sb.ID] = self
 	r.netnses.set(sb.ID, want)
+	// Another monitor is another VM, as far as anyone can tell, and
+	// another agent another session: what was believed of them goes
+	// (beliefs.go), whether the sandbox kept its id or took the VM over
+	// from another.
+	if prev != nil && prev.QMP != sb.QMP {
+		self.closeVMLocked() // the netns stays: it is still the sandbox's
+		r.noteLocked(sb.ID, causeMonitorChanged)
+	}
+	if prev != nil && prev.Agent != sb.Agent {
+		self.closeAgentLocked()
+		r.noteLocked(sb.ID, causeAgentChanged)
+	}
 	return reg, nil
 }
 

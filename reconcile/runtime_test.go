@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tapsync/tapsync/agent"
 	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/e2e/testnet"
 )
@@ -163,5 +164,37 @@ func TestTeardownThatCannotBeginFails(t *testing.T) {
 	}
 	if _, _, ok := r.Registered("pod"); !ok {
 		t.Error("the sandbox was unregistered by a teardown that never began")
+	}
+}
+
+// A better source that takes a VM over under its own id, with another
+// monitor or agent than the one the VM was known by, outdates what was
+// believed of them, as a sandbox registered again under its own id does;
+// with the same ones, nothing.
+func TestTakeoverWithAnotherAgent(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		qmp, agent string
+		want       []cause
+	}{
+		{"same monitor and agent", "/q.sock", "/a.sock", nil},
+		{"another agent", "/q.sock", "/a2.sock", []cause{causeAgentChanged}},
+		{"another monitor", "/q2.sock", "/a.sock", []cause{causeMonitorChanged}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newTestReconciler(t)
+			netns := filepath.Join(t.TempDir(), "ns")
+			sb := Sandbox{ID: "proc-x", Netns: netns, QMP: "/q.sock", Agent: agent.URL{Scheme: "unix", Path: "/a.sock"}}
+			if _, err := r.Register(sb, SourceProc); err != nil {
+				t.Fatal(err)
+			}
+			sb.ID, sb.QMP, sb.Agent.Path = "pod", tc.qmp, tc.agent
+			if reg, err := r.Register(sb, SourceContainerd); err != nil || reg.Replaced != "proc-x" {
+				t.Fatalf("registration = %+v, %v; want proc-x taken over", reg, err)
+			}
+			if got := r.takeGuestEvents("pod"); !slices.Equal(got, tc.want) {
+				t.Errorf("what the takeover noted: %v; want %v", got, tc.want)
+			}
+		})
 	}
 }

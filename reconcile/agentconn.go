@@ -119,7 +119,7 @@ func (g countingGuest) AddARPNeighbors(ctx context.Context, ns []agent.Neighbor)
 }
 
 // agentForPlan returns the passes' agent connection to sandbox s while
-// it works, else a connection of the plan's own (closed by endPlan): a
+// it works, else a connection of the plan's own (closed by closeSession): a
 // plan never replaces or drops theirs, so that the next pass still finds
 // a lost connection lost (see takeGuestEvents).
 func (r *Reconciler) agentForPlan(ctx context.Context, s *session) (*agent.Client, error) {

@@ -148,6 +148,16 @@ var beliefCauses = map[cause]func(g *beliefRig){
 	causeVerify:    func(g *beliefRig) { g.r.Verify("sb") },
 	causeQMPFailed: func(g *beliefRig) { g.r.dropModel("sb", causeQMPFailed) }, // vm.go's sites: TestModelErrorObservesFully
 	causeTeardown:  func(g *beliefRig) { g.r.dropModel("sb", causeTeardown) },
+	causeCutShort: func(g *beliefRig) {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		if err := g.r.Reconcile(ctx, "sb"); err == nil {
+			g.t.Fatal("a pass with its context ended succeeded")
+		}
+		if why := g.m.outdated(); why != causeCutShort {
+			g.t.Errorf("the model of a pass cut short is outdated by %q", why)
+		}
+	},
 	causeContradicted: func(g *beliefRig) {
 		// AddNIC found NIC 0 made already, at another place than the model's.
 		g.m.plugged(qmp.NICInfo{ID: qmp.DeviceID(0), Index: 0, Owned: true, QOMPath: "/machine/peripheral/" + qmp.DeviceID(0), Bus: "pci-bridge-0", Addr: "2.0"})

@@ -16,9 +16,14 @@ import (
 // each pass. Each is keyed by the identity of what it describes, so that a
 // new key (a replug, a new connection) outdates it without anyone
 // dropping it; what no key can see is a cause below, and beliefRules says
-// what each cause drops. Nothing else drops a belief: the places where a
-// cause happens call noteLocked (for a sandbox) or vmModel.drop (for the
-// model of one connection), and both read the table. Not beliefs: an
+// what each cause drops. The places where a cause happens call
+// noteLocked (for a sandbox) or vmModel.drop (for the model of one
+// connection), and both read the table. Two changes of key are made
+// where they happen: a replug's plan clears the endpoint's guest digests
+// in its reset-guest step before the plug (planner.OpResetGuest; the new
+// plug's key, nicKey, would outdate them anyway), and a new connection
+// comes with a new model (clientModel) and a new agent session
+// (agentClient). Not beliefs: an
 // endpoint's PlugMTU, the record of our own plug, rewritten at each one;
 // the vCPU count, read when an endpoint is made (countQueues).
 type belief uint8
@@ -78,6 +83,7 @@ const (
 	causeUnplugUnheard  cause = "an unplug whose end QEMU will not report"
 	causeKata           cause = "Kata's links changed, or Kata may have plugged what the pass acts on"
 	causeTeardown       cause = "a teardown unplugs without the model"
+	causeCutShort       cause = "a pass was cut short (its QMP commands may not have ended)"
 	causeMonitorChanged cause = "registered again with another monitor"
 	causeAgentChanged   cause = "registered again with another agent"
 )
@@ -107,6 +113,7 @@ var beliefRules = map[cause]beliefRule{
 	causeUnplugUnheard:  {drops: beliefVMModel},
 	causeKata:           {drops: beliefVMModel},
 	causeTeardown:       {drops: beliefVMModel},
+	causeCutShort:       {drops: beliefVMModel},
 	causeMonitorChanged: {drops: beliefsGuest | beliefAgentSession, byKey: beliefVMModel},
 	causeAgentChanged:   {drops: beliefGuestInterface | beliefGuestRoutes, byKey: beliefAgentSession},
 }
@@ -208,7 +215,7 @@ func (r *Reconciler) takeGuestEvents(id string) []cause {
 func (r *Reconciler) applyGuestEvents(ctx context.Context, s *session) error {
 	evs := r.takeGuestEvents(s.sb.ID)
 	if len(evs) == 0 || !s.sb.guestOn() {
-		return nil
+		return nil // with the guest off, tapsync keeps no belief of it
 	}
 	before := s.rec.Clone()
 	dropped := dropGuestBeliefs(&s.rec, evs)

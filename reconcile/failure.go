@@ -191,13 +191,6 @@ func (f *FailureLog) Note(id string, err error, now time.Time) Report {
 	return r
 }
 
-// Forget drops sandbox id's streak (it is gone).
-func (f *FailureLog) Forget(id string) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	delete(f.streaks, id)
-}
-
 // Failing is the number of sandboxes whose last pass failed or waited.
 func (f *FailureLog) Failing() int {
 	f.mu.Lock()

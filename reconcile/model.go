@@ -253,7 +253,9 @@ func (m *vmModel) complete(ctx context.Context) (nics []qmp.NICInfo, netdevs []i
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.version != v || !m.known || !m.partial {
-		m.dropLocked(causeRaced)
+		if m.known { // else what made it unknown stays its cause
+			m.dropLocked(causeRaced)
+		}
 		return nil, nil, false, nil
 	}
 	m.partial = false

@@ -59,9 +59,10 @@ func (r *Reconciler) planWithGuest(ctx context.Context, s *session, known *Plan)
 
 // Plan computes what a reconcile of sandbox id would do now, changing
 // nothing. It waits for a pass under way, or for ctx to end, so that it
-// never plans from a sandbox half-changed; what passes keep between them
-// (the netns, the model of the VM, the agent connection) it leaves as it
-// found it.
+// never plans from a sandbox half-changed. What passes keep between them
+// (the netns, the model of the VM, the agent connection) it reads and
+// leaves as it found it, but for a monitor connection it had to dial,
+// which it keeps for the passes (a monitor takes one client).
 func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
 	_, release, err := r.lockPass(ctx, id)
 	if err != nil {
@@ -72,7 +73,7 @@ func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
 	if err != nil {
 		return Plan{}, err
 	}
-	defer r.endPlan(s)
+	defer r.closeSession(s)
 	p, _, _, err := r.planWithGuest(ctx, s, nil)
 	if err != nil {
 		zerolog.Ctx(ctx).Debug().Err(err).Str("sandbox", id).Msg("plan without the guest side: agent unreachable")
@@ -111,7 +112,7 @@ func (r *Reconciler) takeLinksGone(id string) []int {
 }
 
 // Reconcile runs one observe → plan → apply → record pass over sandbox
-// id. It is the queue's work function.
+// id.
 func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 	log := zerolog.Ctx(ctx).With().Str("sandbox", id).Logger()
 	ctx = log.WithContext(ctx)
@@ -126,8 +127,12 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 		st.LastReconcile = time.Now()
 		if err != nil {
 			st.LastError = err.Error()
-			if !waiting && (isQMP(err) || ctx.Err() != nil) {
-				// A failed QMP command forgets the model itself (qmpVM);
+			switch {
+			case waiting:
+			case ctx.Err() != nil:
+				r.dropModel(id, causeCutShort)
+			case isQMP(err):
+				// A failed QMP command drops the model itself (qmpVM);
 				// this is the safety net for what failed around one.
 				r.dropModel(id, causeQMPFailed)
 			}

@@ -42,7 +42,7 @@ type sandboxRuntime struct {
 	dial  *backgroundDial // its dial under way or ended, with OnDialDone set
 	host  *datapath.Netns // its netns, kept from one pass to the next (see keepHost)
 	// passHost is the netns the pass under way has opened, until it ends
-	// (keepHost, endPlan); owned by that pass, read by NetnsHeld.
+	// (keepHost, closeSession); owned by that pass, read by NetnsHeld.
 	passHost *datapath.Netns
 	agent    *agent.Client // dialled when a pass needs the guest, kept while it works
 
@@ -199,7 +199,7 @@ func (r *Reconciler) NetnsHeld(id, path string) bool {
 }
 
 // notePassHost records h as the netns the pass under way over sandbox id
-// has opened, until keepHost or endPlan ends it.
+// has opened, until keepHost or closeSession ends it.
 func (r *Reconciler) notePassHost(id string, h *datapath.Netns) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -23,7 +23,7 @@ type session struct {
 	// forPlan: the session of a plan (Plan), which reads what passes keep
 	// between them and changes none of it. hostKept says its netns is the
 	// one kept for the passes, and ownAgent is the plan's own agent
-	// connection, if it made one (see endPlan).
+	// connection, if it made one (see closeSession).
 	forPlan  bool
 	hostKept bool
 	ownAgent *agent.Client
@@ -64,30 +64,30 @@ func (r *Reconciler) open(ctx context.Context, id string, forPlan bool) (*sessio
 		return nil, err
 	}
 	if err != nil {
-		r.endPlan(s)
+		r.closeSession(s)
 		return nil, err
 	}
 	s.vm = qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement, model: m,
 		recorded:  func() bool { return len(s.rec.Endpoints) > 0 },
 		accounted: func(nics []qmp.NICInfo) bool { return accounted(s.rec, nics, s.taps, s.tapLinks) }}
 	if s.rec, err = r.loadRecord(ctx, id); err != nil {
-		r.endPlan(s)
+		r.closeSession(s)
 		return nil, err
 	}
 	s.rec.Netns = sb.Netns
 	if err := s.observe(ctx); err != nil {
 		// Not kept after a failure on the host side (see keepHost).
 		s.hostKept = false
-		r.endPlan(s)
+		r.closeSession(s)
 		return nil, fmt.Errorf("sandbox %s: observe: %w", id, err)
 	}
 	return s, nil
 }
 
-// endPlan closes what session s opened for itself, and gives the netns
+// closeSession closes what session s opened for itself, and gives the netns
 // kept for the passes back to them. A pass's session is ended by
 // Reconcile itself (keepHost) once open has returned it.
-func (r *Reconciler) endPlan(s *session) {
+func (r *Reconciler) closeSession(s *session) {
 	switch {
 	case s.forPlan && s.hostKept:
 		r.keepHost(s.sb.ID, s.host, true)

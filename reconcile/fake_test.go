@@ -1,5 +1,10 @@
 package reconcile
 
+// This file is the fake world the planner's replay and crash tests run
+// plans against: a netns, a VM and a guest in memory, implementing Host,
+// VM and Guest, with fault injection. It is long because it is one model;
+// split, each part would need the others' state.
+
 import (
 	"bytes"
 	"context"

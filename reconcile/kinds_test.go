@@ -1,5 +1,9 @@
 package reconcile
 
+// This file runs every endpoint kind through its plans, the replay and
+// crash tests and its teardown in the fake world: one block of cases per
+// kind.
+
 import (
 	"context"
 	"fmt"

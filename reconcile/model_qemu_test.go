@@ -1,5 +1,8 @@
 package reconcile
 
+// This file tests the model of the VM against a real QEMU: one rig (a
+// netns, a VM and its monitor) shared by its cases, hence its length.
+
 import (
 	"bytes"
 	"context"

@@ -1,5 +1,9 @@
 package reconcile
 
+// This file holds the table of plans and the tests that run plans in the
+// fake world (random state order, a crash after every step, teardown):
+// long, as one table of cases and their replays.
+
 import (
 	"context"
 	"fmt"

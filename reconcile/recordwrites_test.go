@@ -1,0 +1,47 @@
+package reconcile
+
+import (
+	"context"
+	"slices"
+	"testing"
+
+	"github.com/tapsync/tapsync/reconcile/planner"
+)
+
+// A new endpoint is recorded with its plug counted in one write; a NIC
+// plugged again for a recorded endpoint counts its plug in a write of its
+// own before the plug. Either way the plug is counted before it is made.
+func TestNewEndpointOneRecordWrite(t *testing.T) {
+	w := podWorld()
+	w.guestOn = false
+	var plugsAtPlug []int
+	env := w.env()
+	env.AfterAction = func(a Action) {
+		if a.Op == planner.OpCreateTap {
+			e, _ := w.rec.Endpoint(a.Endpoint.Index)
+			plugsAtPlug = append(plugsAtPlug, e.Plugs)
+		}
+	}
+	p := w.plan(Options{Queues: 1})
+	rec, _, err := Apply(context.Background(), p, w.rec, w.observed(), env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.rec = rec
+	e, _ := rec.Endpoint(0)
+	if w.saves != 1 || e.Plugs != 1 || e.PlugMTU != 1450 || !slices.Equal(plugsAtPlug, []int{1}) {
+		t.Errorf("new endpoint: %d writes, plugs %d, plug MTU %d, plugs recorded before the tap %v; want 1, 1, 1450, [1]",
+			w.saves, e.Plugs, e.PlugMTU, plugsAtPlug)
+	}
+	// The NIC goes behind tapsync's back: the replug counts itself.
+	w.nics = nil
+	delete(w.netdevs, 0)
+	w.taps[0].Attached = 0
+	saves := w.saves
+	if _, _, err := w.reconcile(Options{Queues: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if e, _ := w.rec.Endpoint(0); e.Plugs != 2 || w.saves-saves != 1 {
+		t.Errorf("replug: plugs %d in %d writes; want 2 in 1", e.Plugs, w.saves-saves)
+	}
+}

@@ -13,15 +13,19 @@ import (
 
 // nlSocket is a blocking route netlink socket in one netns, for the
 // dumps and requests this package encodes and decodes itself. A call is
-// a send and the receives that answer it, into one buffer kept with the
-// socket: answers are only valid until the next call.
+// a send and the receives that answer it, into a buffer lent for the
+// call: answers are only valid while it runs.
 type nlSocket struct {
 	mu  sync.Mutex
 	fd  int
 	pid uint32 // the socket's port id, which the kernel's answers carry
 	seq uint32
-	buf []byte
 }
+
+// nlBufs lends receive buffers to the calls under way: one per call, not
+// one per socket, since every kept netns holds a socket and a buffer
+// each cost 64 KB per sandbox.
+var nlBufs = sync.Pool{New: func() any { b := make([]byte, nlBufSize); return &b }}
 
 // nlBufSize holds any datagram the kernel sends a dump reader: a dump's
 // messages come in buffers of at most 32 KB, or one message when a
@@ -59,7 +63,7 @@ func openNLSocket() (*nlSocket, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("set up route netlink socket: %w", err)
 	}
-	return &nlSocket{fd: fd, pid: pid, buf: make([]byte, nlBufSize)}, nil
+	return &nlSocket{fd: fd, pid: pid}, nil
 }
 
 // Close closes the socket.
@@ -80,10 +84,13 @@ func (s *nlSocket) exchange(req *nl.NetlinkRequest, resType uint16, fn func([]by
 	if err := unix.Sendto(s.fd, req.Serialize(), 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return fmt.Errorf("netlink send: %w", err)
 	}
+	bp := nlBufs.Get().(*[]byte)
+	defer nlBufs.Put(bp)
+	buf := *bp
 	var fnErr error
 	intr := false
 	for {
-		n, _, flags, from, err := unix.Recvmsg(s.fd, s.buf, nil, 0)
+		n, _, flags, from, err := unix.Recvmsg(s.fd, buf, nil, 0)
 		switch {
 		case errors.Is(err, unix.EAGAIN):
 			return fmt.Errorf("netlink: no answer within %v", socketTimeout)
@@ -93,13 +100,13 @@ func (s *nlSocket) exchange(req *nl.NetlinkRequest, resType uint16, fn func([]by
 			return fmt.Errorf("netlink receive: %w", err)
 		case flags&unix.MSG_TRUNC != 0:
 			// Lost: what follows still ends the exchange.
-			fnErr = cmpErr(fnErr, fmt.Errorf("netlink answer larger than %d bytes", len(s.buf)))
+			fnErr = cmpErr(fnErr, fmt.Errorf("netlink answer larger than %d bytes", len(buf)))
 			continue
 		}
 		if sa, ok := from.(*unix.SockaddrNetlink); !ok || sa.Pid != 0 {
 			continue // not the kernel's
 		}
-		done, err := s.answers(s.buf[:n], resType, fn, &fnErr, &intr)
+		done, err := s.answers(buf[:n], resType, fn, &fnErr, &intr)
 		if done {
 			switch {
 			case err != nil:

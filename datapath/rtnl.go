@@ -42,7 +42,7 @@ func (r *rtnl) dump(typ int, hdr nl.NetlinkRequestData, resType uint16) ([][]byt
 		req.AddData(hdr)
 		var out [][]byte
 		err := r.sock.exchange(req, resType, func(m []byte) error {
-			out = append(out, slices.Clone(m)) // the socket's buffer is reused
+			out = append(out, slices.Clone(m)) // the call's buffer goes back to its pool
 			return nil
 		})
 		return out, err

@@ -146,8 +146,8 @@ var beliefCauses = map[cause]func(g *beliefRig){
 		g.r.dropAgent("sb", c)
 	},
 	causeVerify:    func(g *beliefRig) { g.r.Verify("sb") },
-	causeQMPFailed: func(g *beliefRig) { g.r.dropModel("sb", causeQMPFailed) }, // vm.go's sites: TestModelErrorObservesFully
-	causeTeardown:  func(g *beliefRig) { g.r.dropModel("sb", causeTeardown) },
+	causeQMPFailed: func(g *beliefRig) { g.r.note("sb", causeQMPFailed) }, // vm.go's sites: TestModelErrorObservesFully
+	causeTeardown:  func(g *beliefRig) { g.r.note("sb", causeTeardown) },
 	causeCutShort: func(g *beliefRig) {
 		ctx, cancel := context.WithCancel(context.Background())
 		cancel()

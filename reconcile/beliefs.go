@@ -23,7 +23,9 @@ import (
 // in its reset-guest step before the plug (planner.OpResetGuest; the new
 // plug's key, nicKey, would outdate them anyway), and a new connection
 // comes with a new model (clientModel) and a new agent session
-// (agentClient). Not beliefs: an
+// (agentClient). A cause noted for a sandbox that changes a key (another
+// monitor, another agent) closes the connection holding the old one.
+// Not beliefs: an
 // endpoint's PlugMTU, the record of our own plug, rewritten at each one;
 // the vCPU count, read when an endpoint is made (countQueues).
 type belief uint8
@@ -118,14 +120,27 @@ var beliefRules = map[cause]beliefRule{
 	causeAgentChanged:   {drops: beliefGuestInterface | beliefGuestRoutes, byKey: beliefAgentSession},
 }
 
+// note applies cause c to sandbox id (see noteLocked).
+func (r *Reconciler) note(id string, c cause) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.noteLocked(id, c)
+}
+
 // noteLocked applies cause c to sandbox id: the model and the agent
-// session go now, and what c drops of the guest is noted for the next
-// pass, which drops it from the record (applyGuestEvents); r.mu must be
-// held.
+// session go now, a connection whose key c changes is closed, and what c
+// drops of the guest is noted for the next pass, which drops it from the
+// record (applyGuestEvents); r.mu must be held.
 func (r *Reconciler) noteLocked(id string, c cause) {
 	rt := r.sandboxes[id]
 	if rt == nil {
 		return
+	}
+	switch byKey := beliefRules[c].byKey; {
+	case byKey&beliefVMModel != 0:
+		rt.closeVMLocked() // the monitor, its model, and the agent of its VM
+	case byKey&beliefAgentSession != 0:
+		rt.closeAgentLocked()
 	}
 	drops := beliefRules[c].drops
 	if drops&beliefVMModel != 0 {

@@ -224,7 +224,7 @@ func TestGuestEventsNoted(t *testing.T) {
 	// A RESET outlives the connection that saw it (replaced before the
 	// next pass: a command's timeout, the monitor closed).
 	m.event(qmp.Event{Name: "RESET"})
-	r.dropModel("sb", causeQMPFailed)
+	r.note("sb", causeQMPFailed)
 	withRuntime(r, "sb", func(rt *sandboxRuntime) { rt.model = nil })
 	if evs := take(); !slices.Equal(evs, []cause{causeReset}) {
 		t.Errorf("after RESET and a new connection: %v", evs)

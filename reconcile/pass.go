@@ -130,11 +130,11 @@ func (r *Reconciler) Reconcile(ctx context.Context, id string) (err error) {
 			switch {
 			case waiting:
 			case ctx.Err() != nil:
-				r.dropModel(id, causeCutShort)
+				r.note(id, causeCutShort)
 			case isQMP(err):
 				// A failed QMP command drops the model itself (qmpVM);
 				// this is the safety net for what failed around one.
-				r.dropModel(id, causeQMPFailed)
+				r.note(id, causeQMPFailed)
 			}
 		}
 		r.mu.Lock()

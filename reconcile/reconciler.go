@@ -203,11 +203,7 @@ func (r *Reconciler) sandbox(id string) (Sandbox, error) {
 // when the model of the VM is fresh, and log what the model had wrong,
 // and ask the guest's agent what the guest has. The periodic resync asks
 // it of every sandbox.
-func (r *Reconciler) Verify(id string) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.noteLocked(id, causeVerify)
-}
+func (r *Reconciler) Verify(id string) { r.note(id, causeVerify) }
 
 // VerifyAll asks Verify of every registered sandbox.
 func (r *Reconciler) VerifyAll() {
@@ -232,16 +228,4 @@ func (r *Reconciler) StatusOf(id string) (Status, bool) {
 	s := rt.status
 	s.Sandbox, s.Source = rt.sb, rt.source
 	return s, true
-}
-
-// dropModel applies cause c, which drops the model of sandbox id's VM
-// (beliefRules), to that model alone.
-func (r *Reconciler) dropModel(id string, c cause) {
-	var m *vmModel
-	r.mu.Lock()
-	if rt := r.sandboxes[id]; rt != nil {
-		m = rt.model
-	}
-	r.mu.Unlock()
-	m.drop(c)
 }

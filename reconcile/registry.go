@@ -125,11 +125,9 @@ func (r *Reconciler) Register(sb Sandbox, src Source) (Registration, error) {
 	// (beliefs.go), whether the sandbox kept its id or took the VM over
 	// from another.
 	if prev != nil && prev.QMP != sb.QMP {
-		self.closeVMLocked() // the netns stays: it is still the sandbox's
-		r.noteLocked(sb.ID, causeMonitorChanged)
+		r.noteLocked(sb.ID, causeMonitorChanged) // the netns stays: it is still the sandbox's
 	}
 	if prev != nil && prev.Agent != sb.Agent {
-		self.closeAgentLocked()
 		r.noteLocked(sb.ID, causeAgentChanged)
 	}
 	return reg, nil

@@ -38,7 +38,7 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 		return err // the record it was taking over, or ctx: tried again
 	}
 	defer release()
-	r.dropModel(id, causeTeardown) // its unplugs go through a VM without the model
+	r.note(id, causeTeardown) // its unplugs go through a VM without the model
 	host, _, err := r.openHost(id, sb.Netns)
 	if err != nil {
 		if _, statErr := os.Stat(sb.Netns); statErr == nil {

@@ -268,6 +268,40 @@ func TestEnsureTapIdempotent(t *testing.T) {
 	}
 }
 
+// TestEnsureTapWithoutIPv6: a tap we create has the host's IPv6 turned
+// off, so once QEMU's queue gives it a carrier it gets no link-local
+// address (nor its routes, nor their events) and the host sends the guest
+// no solicitations of its own.
+func TestEnsureTapWithoutIPv6(t *testing.T) {
+	s := newSandbox(t)
+	ctx := context.Background()
+	spec := datapath.TapSpec{Index: 0, Queues: 1}
+	if _, err := s.n.EnsureTap(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(testnet.Run(t, "ip", "netns", "exec", s.ns.Name, "cat", "/proc/sys/net/ipv6/conf/tsn0/disable_ipv6")); got != "1" {
+		t.Errorf("net.ipv6.conf.tsn0.disable_ipv6 = %q, want 1", got)
+	}
+	q, err := s.n.OpenQueues(ctx, spec, datapath.VhostOff)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(q.Close)
+	// The kernel acts on the carrier (operstate up, then IPv6's link-local
+	// address) in one deferred step: once the state is up, an address
+	// would be there.
+	deadline := time.Now().Add(10 * time.Second)
+	for s.tap(t, 0).OperState != "up" {
+		if time.Now().After(deadline) {
+			t.Fatalf("tap tsn0 never came up: %+v", s.tap(t, 0))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if addrs := testnet.IP(t, "-n", s.ns.Name, "-6", "address", "show", "dev", "tsn0"); strings.Contains(addrs, "inet6") {
+		t.Errorf("tap tsn0 has IPv6 addresses of the host:\n%s", addrs)
+	}
+}
+
 func TestEnsureTapMismatchLeavesForeignTap(t *testing.T) {
 	s := newSandbox(t)
 	// A tap of our name without vnet_hdr, as someone else would make it.

@@ -5,8 +5,8 @@ import (
 	"net"
 	"net/netip"
 
+	"github.com/tapsync/tapsync/datapath/hostnet"
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 )
 
 // Routes lists the routes of the main table, IPv4 and IPv6, that are
@@ -43,7 +43,7 @@ func (n *Netns) Routes() ([]Route, error) {
 }
 
 func toRoute(r netlink.Route) (Route, bool) {
-	if r.Table != unix.RT_TABLE_MAIN || r.Type != unix.RTN_UNICAST || r.Protocol == unix.RTPROT_KERNEL {
+	if !hostnet.Observed(uint32(r.Table), uint8(r.Type), uint8(r.Protocol)) {
 		return Route{}, false
 	}
 	if r.Family != netlink.FAMILY_V4 && r.Family != netlink.FAMILY_V6 {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"sync"
 
@@ -181,10 +182,27 @@ func (n *Netns) createTap(name string, flags uint16) error {
 		if err := unix.IoctlSetInt(int(f.Fd()), unix.TUNSETPERSIST, 1); err != nil {
 			return fmt.Errorf("TUNSETPERSIST: %w", err)
 		}
-		return nil
+		return disableIPv6(name)
 	})
 	if err != nil {
 		return fmt.Errorf("netns %s: create tap %s: %w", n.path, name, err)
+	}
+	return nil
+}
+
+// disableIPv6 turns the host's IPv6 off on a link of ours before it comes
+// up. The tap is a pipe between the redirects and QEMU: the host's own
+// IPv6 on it (a link-local address, its duplicate address detection,
+// router and MLD solicitations) would send frames of the host into the
+// guest, and its addresses and routes, each a netlink event, would make
+// the sandbox's watch start passes that find nothing to do. A kernel
+// without IPv6 has no such file: nothing to turn off. The calling thread
+// must be in the link's netns (/proc/sys/net is the opener's).
+// Equivalent to: sysctl -w net.ipv6.conf.NAME.disable_ipv6=1
+func disableIPv6(name string) error {
+	err := os.WriteFile("/proc/sys/net/ipv6/conf/"+name+"/disable_ipv6", []byte("1"), 0)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("turn IPv6 off on %s: %w", name, err)
 	}
 	return nil
 }

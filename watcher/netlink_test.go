@@ -355,6 +355,38 @@ func TestNetlinkWatcherAddrRouteTC(t *testing.T) {
 	}
 }
 
+// TestNetlinkWatcherSkipsUnobservedRoutes: a change of a route no
+// reconcile reads (another table, a local or multicast route, the kernel's
+// routes of an address or a link coming up) is no event, while the next
+// change of a main-table route is: the socket delivers in order, so every
+// event before that one was looked at.
+func TestNetlinkWatcherSkipsUnobservedRoutes(t *testing.T) {
+	ns := testnet.NewNS(t, "tsr")
+	peer := testnet.NewNS(t, "tsrp")
+	testnet.Veth(t, ns, "eth0", nil, peer, "eth0p")
+	testnet.IP(t, "-n", ns.Name, "address", "add", "10.41.0.2/24", "dev", "eth0")
+	w, rec, ctx, _ := newNetlinkWatcher(t)
+	if err := w.Watch(ctx, "sb", ns.Path); err != nil {
+		t.Fatal(err)
+	}
+	from := rec.len()
+	for _, cmd := range [][]string{
+		{"route", "add", "10.61.0.0/16", "via", "10.41.0.1", "table", "100"},
+		{"route", "add", "local", "10.62.0.1", "dev", "eth0", "table", "main"},
+		{"route", "add", "10.63.0.0/16", "dev", "eth0", "proto", "kernel"},
+		{"-6", "route", "add", "fd00:64::/64", "dev", "eth0", "table", "local"},
+	} {
+		testnet.IP(t, append([]string{"-n", ns.Name}, cmd...)...)
+	}
+	testnet.IP(t, "-n", ns.Name, "route", "add", "10.65.0.0/16", "via", "10.41.0.1")
+	rec.wait(t, from, "event for the main table's route", func(e Event) bool {
+		return e.ID == "sb" && strings.HasPrefix(e.Why, "route 10.65.0.0/16")
+	})
+	rec.none(t, from, "event for a route no reconcile reads", func(e Event) bool {
+		return strings.HasPrefix(e.Why, "route ") && !strings.HasPrefix(e.Why, "route 10.65.0.0/16")
+	})
+}
+
 // TestDescribeMessage: truncated or odd messages are described without
 // reading past their end.
 func TestDescribeMessage(t *testing.T) {
@@ -365,7 +397,15 @@ func TestDescribeMessage(t *testing.T) {
 			for i := range m.Data {
 				m.Data[i] = 0xff
 			}
-			if why, ok := describeMessage(m); !ok || why == "" {
+			why, ok := describeMessage(m)
+			if typ == unix.RTM_NEWROUTE && n >= unix.SizeofRtMsg {
+				// Table 255 (local), type 255: a route no reconcile reads.
+				if ok {
+					t.Errorf("describeMessage(route of table local, %d bytes) = %q, want no event", n, why)
+				}
+				continue
+			}
+			if !ok || why == "" {
 				t.Errorf("describeMessage(type %d, %d bytes) = %q, %v; want a description", typ, n, why, ok)
 			}
 		}

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+
+	"golang.org/x/sys/unix"
 )
 
 // Redirect is one u32 match-all filter with a mirred egress redirect
@@ -29,6 +31,15 @@ type RateLimitOn struct {
 	BPS     uint64
 	Ingress bool
 	Ifb     int
+}
+
+// Observed reports whether a route of this table, type (RTN_*) and
+// protocol (RTPROT_*) is one a Route describes: a unicast route of the
+// main table not derived by the kernel from an address or a link. Only
+// those are observed, so a change of any other route changes nothing a
+// reconcile reads (the watcher drops its event).
+func Observed(table uint32, typ, proto uint8) bool {
+	return table == unix.RT_TABLE_MAIN && typ == unix.RTN_UNICAST && proto != unix.RTPROT_KERNEL
 }
 
 // Route is a route of the sandbox's main table that a CNI plugin or an

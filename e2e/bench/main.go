@@ -236,7 +236,8 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, b
 			inject = fmt.Sprintf("; the bench took %.0f / %.0f ms to add the links", ms(sc.stormInject), ms(f.stormInject))
 		}
 		row(fmt.Sprintf("B3: storm, a third link in all %d → all present", n),
-			vs(sc.storm, f.storm, sc.stormCPU, f.stormCPU)+inject, "≤ 1 s")
+			vs(sc.storm, f.storm, sc.stormCPU, f.stormCPU)+inject+
+				fmt.Sprintf("; %.0f passes (triggers: %s)", sc.stormPasses, sc.stormTriggers), "≤ 1 s")
 		mut := fmt.Sprintf("; %.0f passes (triggers: %s); mutations: %d logged, %d mutating QMP commands", sc.restartPasses, sc.restartTriggers, sc.restartMutations, sc.restartQMPMutations)
 		if floor {
 			mut += fmt.Sprintf(" (floor: %d)", f.restartQMPMutations)

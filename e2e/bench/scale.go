@@ -78,8 +78,17 @@ func allPassedSince(st []statusEntry, n int, t0 time.Time) (time.Time, bool, str
 // histogram's count).
 const passesMetric = "tapsync_reconcile_duration_seconds_count"
 
+// since is a scrape's samples less an earlier scrape's.
+func since(m, m0 map[string]float64) map[string]float64 {
+	d := make(map[string]float64, len(m))
+	for k, v := range m {
+		d[k] = v - m0[k]
+	}
+	return d
+}
+
 // triggersBySource lists the daemon's tapsync_triggers_total samples of a
-// scrape as "source n" pairs, most first.
+// scrape as "source n" pairs, most first, leaving out those at 0.
 func triggersBySource(m map[string]float64) string {
 	type count struct {
 		source string
@@ -87,7 +96,7 @@ func triggersBySource(m map[string]float64) string {
 	}
 	var cs []count
 	for k, v := range m {
-		if src, ok := strings.CutPrefix(k, `tapsync_triggers_total{source="`); ok {
+		if src, ok := strings.CutPrefix(k, `tapsync_triggers_total{source="`); ok && v > 0 {
 			cs = append(cs, count{strings.TrimSuffix(src, `"}`), v})
 		}
 	}
@@ -138,6 +147,8 @@ type scaleResult struct {
 	restartMutations                          int           // logged by the daemon
 	restartPasses                             float64       // passes the new daemon had made at the scrape after every sandbox passed
 	restartTriggers                           string        // its triggers by source then: why it made those passes
+	stormPasses                               float64       // passes from the storm's start to its last NIC
+	stormTriggers                             string        // their triggers by source
 	restartQMPMutations                       int           // mutating QMP commands QEMU received
 	restartQMP                                map[string]int
 	startCPU, sighupCPU, stormCPU, restartCPU phaseCPU
@@ -433,6 +444,10 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	// B3: storm, a third link in every sandbox at once.
 	fmt.Fprintf(os.Stderr, "bench: B3 storm\n")
 	_ = sbs.pollTraces()
+	mStorm, err := d.scrape()
+	if err != nil {
+		return r, err
+	}
 	stopPerf = profilePhase("storm")
 	mark = markCPU(d.pid(), qemus)
 	t0 = time.Now()
@@ -445,6 +460,10 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	}
 	r.stormCPU = mark.since()
 	stopPerf()
+	if m, err := d.scrape(); err == nil {
+		r.stormPasses = m[passesMetric] - mStorm[passesMetric]
+		r.stormTriggers = triggersBySource(since(m, mStorm))
+	}
 	r.storm = sbs.lastNIC(t0, 1).Sub(t0)
 	if err := quiet(3 * cfg.n); err != nil {
 		return r, err

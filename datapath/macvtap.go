@@ -303,6 +303,7 @@ func (n *Netns) RemoveMacvtap(index int) error {
 	}
 	if err == nil {
 		// Equivalent to: ip link del dev tsmN
+		n.seen.changed(m.Attrs().Index)
 		err = n.h.LinkDel(m)
 		if isLinkNotFound(err) || errors.Is(err, unix.ENODEV) {
 			err = nil

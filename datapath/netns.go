@@ -32,6 +32,9 @@ type Netns struct {
 	links   []netlink.Link
 	qdiscs  []netlink.Qdisc
 	filters map[int][]netlink.Filter // by ifindex; filled as read; non-nil: Observe runs
+	// seen keeps the filters from one observation to the next (see
+	// KeepFilters).
+	seen filtersSeen
 }
 
 // Open opens the network namespace at path (for example
@@ -234,15 +237,25 @@ func (n *Netns) allQdiscs() ([]netlink.Qdisc, error) {
 }
 
 // ingressFilters lists the filters at parent (link's ingress hook), at
-// most once per link while Observe runs.
+// most once per link while Observe runs, and then not at all while they
+// are kept from an earlier observation (filtersSeen).
 // Equivalent to: tc -n <netns> filter show dev LINK parent PARENT
 func (n *Netns) ingressFilters(link netlink.Link, parent uint32) ([]netlink.Filter, error) {
-	if fs, ok := n.filters[link.Attrs().Index]; ok {
+	i := link.Attrs().Index
+	if fs, ok := n.filters[i]; ok {
 		return fs, nil
 	}
+	observing := n.filters != nil
+	if observing {
+		if fs, ok := n.seen.get(i, parent); ok {
+			n.filters[i] = fs
+			return fs, nil
+		}
+	}
 	fs, err := n.dumpFilters(link, parent)
-	if err == nil && n.filters != nil {
-		n.filters[link.Attrs().Index] = fs
+	if err == nil && observing {
+		n.filters[i] = fs
+		n.seen.put(i, parent, fs)
 	}
 	return fs, err
 }

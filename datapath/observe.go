@@ -62,6 +62,7 @@ func (n *Netns) Observe(p Parts) (State, error) {
 		return State{}, err
 	}
 	defer func() { n.links, n.qdiscs, n.filters = nil, nil, nil }()
+	n.seen.prune(n.links)
 	// Equivalent to: tc -n <netns> qdisc show
 	qs, err := n.allQdiscs()
 	if err != nil {

@@ -140,6 +140,7 @@ func (n *Netns) EnsureRateLimit(ifindex int, bps uint64) error {
 			Parent:    netlink.HANDLE_ROOT,
 		})
 		q.Defcls = 1
+		n.seen.changed(q.Attrs().LinkIndex)
 		if err := n.h.QdiscReplace(q); err != nil {
 			return wrap(fmt.Errorf("add htb qdisc: %w", err))
 		}
@@ -160,9 +161,11 @@ func (n *Netns) EnsureRateLimit(ifindex int, bps uint64) error {
 		return wrap(err)
 	case cur == nil:
 		// Equivalent to: tc class add dev LINK parent 7453: classid 7453:1 htb rate R ceil R burst B cburst B
+		n.seen.changed(cl.Attrs().LinkIndex)
 		err = n.h.ClassAdd(cl)
 	case cur.Rate != rate || cur.Ceil != rate || cur.Buffer != cl.Buffer || cur.Cbuffer != cl.Cbuffer:
 		// Equivalent to: tc class change dev LINK parent 7453: classid 7453:1 htb rate R ceil R burst B cburst B
+		n.seen.changed(cl.Attrs().LinkIndex)
 		err = n.h.ClassChange(cl)
 	}
 	if err != nil {
@@ -185,6 +188,7 @@ func (n *Netns) RemoveRateLimit(ifindex int) error {
 	root, err := n.rootQdisc(link)
 	if err == nil && isOurRateQdisc(root) {
 		// Equivalent to: tc qdisc del dev LINK root handle 7453:
+		n.seen.changed(root.Attrs().LinkIndex)
 		if err = n.h.QdiscDel(root); err != nil && n.noOurQdisc(link) {
 			err = nil // gone meanwhile
 		}
@@ -322,6 +326,7 @@ func (n *Netns) delIngressLimitFilter(link netlink.Link, parent uint32) error {
 	f := &netlink.U32{FilterAttrs: netlink.FilterAttrs{
 		LinkIndex: link.Attrs().Index, Parent: parent, Priority: IngressPriority, Protocol: unix.ETH_P_ALL,
 	}}
+	n.seen.changed(f.Attrs().LinkIndex)
 	if err := n.h.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
 		return fmt.Errorf("delete filter prio %d on %s: %w", IngressPriority, link.Attrs().Name, err)
 	}
@@ -400,6 +405,7 @@ func (n *Netns) EnsureIngressLimit(ifindex, index int, bps uint64) error {
 			Ifindex:      ifb.Attrs().Index,
 		}},
 	}
+	n.seen.changed(f.Attrs().LinkIndex)
 	if err := n.h.FilterAdd(f); err != nil {
 		return wrap(fmt.Errorf("add filter: %w", err))
 	}
@@ -427,6 +433,7 @@ func (n *Netns) RemoveIngressLimit(ifindex, index int) error {
 	ifb, err := n.ifb(index)
 	if err == nil {
 		// Equivalent to: ip link del dev tsiN
+		n.seen.changed(ifb.Attrs().Index)
 		err = n.h.LinkDel(ifb)
 		if errors.Is(err, unix.ENODEV) {
 			err = nil

@@ -56,6 +56,7 @@ func (n *Netns) ensureIngress(link netlink.Link) (parent uint32, added bool, err
 		Handle:    ingressHandle,
 		Parent:    netlink.HANDLE_INGRESS,
 	}}
+	n.seen.changed(q.Attrs().LinkIndex)
 	err = n.h.QdiscAdd(q)
 	if err == nil {
 		return ingressHandle, true, nil
@@ -220,6 +221,7 @@ func (n *Netns) ensureRedirect(fromLink, toLink netlink.Link) error {
 			Ifindex:      to,
 		}},
 	}
+	n.seen.changed(filter.Attrs().LinkIndex)
 	if err := n.h.FilterAdd(filter); err != nil {
 		return wrap(fmt.Errorf("add filter: %w", err))
 	}
@@ -235,6 +237,7 @@ func (n *Netns) delOurFilter(link netlink.Link, parent uint32) error {
 		Priority:  FilterPriority,
 		Protocol:  unix.ETH_P_ALL,
 	}}
+	n.seen.changed(f.Attrs().LinkIndex)
 	if err := n.h.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("delete filter prio %d on %s: %w", FilterPriority, link.Attrs().Name, err)
 	}

@@ -370,6 +370,14 @@ func TestDaemon(t *testing.T) {
 	r.waitSerial(off, testvm.NICGoneRE(net1))
 	eventuallyChecked(t, r)
 
+	// Our filters deleted by hand while the daemon runs: their tc
+	// messages outdate what the netns kept of those links' filters, and
+	// the passes they start add them back.
+	for _, dev := range []string{"eth0", "tsn0"} {
+		testnet.Run(t, "tc", "-n", r.sb.Name, "filter", "del", "dev", dev, "ingress", "prio", fmt.Sprint(datapath.FilterPriority))
+	}
+	eventuallyChecked(t, r)
+
 	// The CLI: plan shows nothing to do, resync is accepted, unknown
 	// sandboxes are named in the error.
 	cli := func(args ...string) (string, error) {

@@ -124,6 +124,9 @@ func (g *beliefRig) held() belief {
 		if rt.agent != nil && !agentGone(rt.agent) {
 			b |= beliefAgentSession
 		}
+		if !rt.filtersAll {
+			b |= beliefHostFilters // what the next pass's netns reads again: the links noted only
+		}
 	})
 	return b
 }
@@ -146,6 +149,7 @@ var beliefCauses = map[cause]func(g *beliefRig){
 		g.r.dropAgent("sb", c)
 	},
 	causeVerify:    func(g *beliefRig) { g.r.Verify("sb") },
+	causeTCAll:     func(g *beliefRig) { g.r.NoteFiltersChanged("sb", 0) },
 	causeQMPFailed: func(g *beliefRig) { g.r.note("sb", causeQMPFailed) }, // vm.go's sites: TestModelErrorObservesFully
 	causeTeardown:  func(g *beliefRig) { g.r.note("sb", causeTeardown) },
 	causeCutShort: func(g *beliefRig) {
@@ -230,7 +234,7 @@ func TestBeliefRules(t *testing.T) {
 			t.Errorf("cause %q has no case in beliefCauses", c)
 		}
 	}
-	all := beliefsGuest | beliefVMModel | beliefAgentSession
+	all := beliefsGuest | beliefVMModel | beliefAgentSession | beliefHostFilters
 	for c, happen := range beliefCauses {
 		t.Run(string(c), func(t *testing.T) {
 			g := newBeliefRig(t)

@@ -47,13 +47,18 @@ const (
 	// keyed by the agent's address: the guest's configuration is trusted
 	// while that session lasts.
 	beliefAgentSession
+	// beliefHostFilters is what the netns kept of its links' ingress
+	// filters (datapath.Netns.KeepFilters), keyed by the open netns (one
+	// opened anew keeps nothing) and, link by link, by the link and tc
+	// messages about it (NoteFiltersChanged).
+	beliefHostFilters
 
 	beliefsGuest = beliefGuestInterface | beliefGuestRoutes | beliefGuestNeighbors
 )
 
 var beliefNames = map[belief]string{
 	beliefGuestInterface: "guest interfaces", beliefGuestRoutes: "guest routes", beliefGuestNeighbors: "guest neighbours",
-	beliefVMModel: "model of the VM", beliefAgentSession: "agent session",
+	beliefVMModel: "model of the VM", beliefAgentSession: "agent session", beliefHostFilters: "the netns's filters",
 }
 
 func (b belief) String() string {
@@ -88,6 +93,7 @@ const (
 	causeCutShort       cause = "a pass was cut short (its QMP commands may not have ended)"
 	causeMonitorChanged cause = "registered again with another monitor"
 	causeAgentChanged   cause = "registered again with another agent"
+	causeTCAll          cause = "a netlink message about any link's tc (an action, a shared block), or messages lost"
 )
 
 // beliefRule is what one cause does: the beliefs it drops, and those it
@@ -106,7 +112,7 @@ var beliefRules = map[cause]beliefRule{
 	causeReset:          {drops: beliefsGuest | beliefVMModel},
 	causeAgentLost:      {drops: beliefGuestInterface | beliefGuestRoutes | beliefAgentSession},
 	causeAgentFailed:    {drops: beliefGuestInterface | beliefGuestRoutes | beliefAgentSession},
-	causeVerify:         {drops: beliefGuestInterface | beliefGuestRoutes | beliefVMModel},
+	causeVerify:         {drops: beliefGuestInterface | beliefGuestRoutes | beliefVMModel | beliefHostFilters},
 	causeQMPFailed:      {drops: beliefVMModel},
 	causeQMPEvent:       {drops: beliefVMModel},
 	causeContradicted:   {drops: beliefVMModel},
@@ -118,6 +124,7 @@ var beliefRules = map[cause]beliefRule{
 	causeCutShort:       {drops: beliefVMModel},
 	causeMonitorChanged: {drops: beliefsGuest | beliefAgentSession, byKey: beliefVMModel},
 	causeAgentChanged:   {drops: beliefGuestInterface | beliefGuestRoutes, byKey: beliefAgentSession},
+	causeTCAll:          {drops: beliefHostFilters},
 }
 
 // note applies cause c to sandbox id (see noteLocked).
@@ -151,6 +158,9 @@ func (r *Reconciler) noteLocked(id string, c cause) {
 	}
 	if drops&beliefsGuest != 0 {
 		rt.queueGuestLocked(c)
+	}
+	if drops&beliefHostFilters != 0 {
+		rt.filtersAll = true
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/tapsync/tapsync/agent"
+	"github.com/tapsync/tapsync/datapath"
 )
 
 // planWithGuest computes the plan, asking the agent for the guest's state
@@ -96,6 +97,43 @@ func (r *Reconciler) NoteLinkGone(id string, ifindex int) {
 	if e, ok := r.sandboxes[id]; ok && len(e.linksGone) < maxLinksGone && !slices.Contains(e.linksGone, ifindex) {
 		e.linksGone = append(e.linksGone, ifindex)
 	}
+}
+
+// NoteFiltersChanged tells the reconciler that the tc of link ifindex in
+// sandbox id's netns may have changed (a link or tc message about it;
+// ifindex 0 or below: any link's, see causeTCAll); it does not block. The
+// next observation of the netns dumps that link's ingress filters again
+// (see KeepFilters).
+func (r *Reconciler) NoteFiltersChanged(id string, ifindex int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.sandboxes[id]
+	switch {
+	case !ok:
+	case ifindex <= 0 || len(e.filtersChanged) >= maxLinksGone:
+		r.noteLocked(id, causeTCAll)
+	case !slices.Contains(e.filtersChanged, ifindex):
+		e.filtersChanged = append(e.filtersChanged, ifindex)
+	}
+}
+
+// passFiltersChanged hands what was noted of sandbox id's tc since its
+// last observation to h, which is about to observe.
+func (r *Reconciler) passFiltersChanged(id string, h *datapath.Netns) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.sandboxes[id]
+	if !ok {
+		h.ForgetFilters()
+		return
+	}
+	if e.filtersAll {
+		h.ForgetFilters()
+	}
+	for _, i := range e.filtersChanged {
+		h.FiltersChanged(i)
+	}
+	e.filtersChanged, e.filtersAll = e.filtersChanged[:0], false
 }
 
 // takeLinksGone returns and clears the deletions noted for sandbox id.

@@ -145,6 +145,12 @@ type Reconciler struct {
 	// at once with ErrConnecting; it is called with the sandbox when that
 	// dial ends, connected or not. It must not block (poke a queue).
 	OnDialDone func(sandbox string)
+	// KeepFilters, when set before the first pass, keeps each netns's
+	// ingress filters from one pass to the next
+	// (datapath.Netns.KeepFilters). Set it only when every netlink
+	// message about the sandboxes' links and tc reaches
+	// NoteFiltersChanged.
+	KeepFilters bool
 	// AfterAction, if set, is called after every completed action of
 	// every sandbox (fault injection for crash tests; see Env).
 	AfterAction func(Action)

@@ -50,6 +50,12 @@ type sandboxRuntime struct {
 	// linksGone are the ifindexes of links deleted in the netns since the
 	// running (or next) pass began to observe it (see NoteLinkGone).
 	linksGone []int
+	// filtersChanged are the links whose tc may have changed since the
+	// running (or next) pass began to observe (NoteFiltersChanged), and
+	// filtersAll says every link's may have: that pass's netns dumps their
+	// ingress filters again (beliefHostFilters).
+	filtersChanged []int
+	filtersAll     bool
 	// guest is what happened to the guest since the last pass, and what
 	// is unverified of it (see beliefs.go).
 	guest guestWatch
@@ -127,7 +133,9 @@ func (r *Reconciler) openHost(id, path string) (h *datapath.Netns, kept bool, er
 		}
 		h.Close()
 	}
-	h, err = datapath.Open(path)
+	if h, err = datapath.Open(path); err == nil && r.KeepFilters {
+		h.KeepFilters()
+	}
 	return h, false, err
 }
 

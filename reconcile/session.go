@@ -75,6 +75,7 @@ func (r *Reconciler) open(ctx context.Context, id string, forPlan bool) (*sessio
 		return nil, err
 	}
 	s.rec.Netns = sb.Netns
+	r.passFiltersChanged(id, host)
 	if err := s.observe(ctx); err != nil {
 		// Not kept after a failure on the host side (see keepHost).
 		s.hostKept = false

@@ -48,6 +48,7 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 		return r.endSandbox(id)
 	}
 	defer host.Close()
+	host.ForgetFilters() // a teardown reads the kernel, whatever was noted
 	rec, err := r.store.Load(ctx, id)
 	if err != nil {
 		return err

@@ -426,8 +426,9 @@ func (w *NetlinkWatcher) StopAll() {
 	w.settle(l)
 }
 
-// running reports whether the watch of id is live (for tests).
-func (w *NetlinkWatcher) running(id string) bool {
+// Watching reports whether the watch of id is live: a Watch now would
+// start none, and every change since the last one began has been heard.
+func (w *NetlinkWatcher) Watching(id string) bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.watches[id] != nil
@@ -458,7 +459,7 @@ func (w *NetlinkWatcher) listen(l *listener) {
 		switch {
 		case errors.Is(err, errTruncated):
 			// Too big to read: still a change in that netns.
-			w.emit(nsid, "netlink message truncated", 0)
+			w.emit(nsid, "netlink message truncated", 0, TCStaleAll)
 		case err != nil:
 			// ENOBUFS: the kernel dropped messages for us.
 			w.hold()
@@ -479,7 +480,7 @@ func (w *NetlinkWatcher) listen(l *listener) {
 			for _, m := range msgs {
 				if why, ok := describeMessage(m); ok {
 					w.hold()
-					w.emit(nsid, why, deletedLink(m))
+					w.emit(nsid, why, deletedLink(m), tcStale(m))
 				}
 			}
 		}
@@ -487,8 +488,9 @@ func (w *NetlinkWatcher) listen(l *listener) {
 }
 
 // emit sends one event to every sandbox watching the netns with nsid;
-// gone is the ifindex of a link the event reports deleted, or 0.
-func (w *NetlinkWatcher) emit(nsid int32, why string, gone int) {
+// gone is the ifindex of a link the event reports deleted, or 0; stale is
+// the event's TCStale.
+func (w *NetlinkWatcher) emit(nsid int32, why string, gone, stale int) {
 	w.emitMu.Lock()
 	defer w.emitMu.Unlock()
 	w.mu.Lock()
@@ -499,7 +501,7 @@ func (w *NetlinkWatcher) emit(nsid int32, why string, gone int) {
 	}
 	w.mu.Unlock()
 	for _, id := range ids {
-		w.sink(Event{Kind: KindSandbox, Source: SourceNetlink, ID: id, Why: why, LinkGone: gone})
+		w.sink(Event{Kind: KindSandbox, Source: SourceNetlink, ID: id, Why: why, LinkGone: gone, TCStale: stale})
 	}
 }
 
@@ -579,7 +581,7 @@ func (w *NetlinkWatcher) resubscribe(l *listener, reason string) bool {
 			// Level-triggered: one look at each sandbox covers whatever
 			// was lost.
 			for _, id := range ids {
-				w.sink(Event{Kind: KindSandbox, Source: SourceNetlink, ID: id, Why: "netlink resubscribed: " + reason})
+				w.sink(Event{Kind: KindSandbox, Source: SourceNetlink, ID: id, Why: "netlink resubscribed: " + reason, TCStale: TCStaleAll})
 			}
 			w.emitMu.Unlock()
 			l.log.Info().Str("reason", reason).Int("attempts", attempt).Uint64("resubscriptions", n).Int("sandboxes", len(ids)).
@@ -658,6 +660,25 @@ func describeMessage(m syscall.NetlinkMessage) (why string, ok bool) {
 		return "tc action " + what, true
 	}
 	return "", false
+}
+
+// tcStale is a message's Event.TCStale: a link message and a tc
+// message name their link (a message too short to, every link); a tc
+// action, which filters on any link may share, and a message about a
+// shared block (its ifindex TCM_IFINDEX_MAGIC_BLOCK) concern every link.
+func tcStale(m syscall.NetlinkMessage) int {
+	switch m.Header.Type {
+	case unix.RTM_NEWLINK, unix.RTM_DELLINK, unix.RTM_NEWQDISC, unix.RTM_DELQDISC, unix.RTM_NEWTCLASS, unix.RTM_DELTCLASS,
+		unix.RTM_NEWTFILTER, unix.RTM_DELTFILTER, unix.RTM_NEWCHAIN, unix.RTM_DELCHAIN:
+		// ifi_index and tcm_ifindex are both at offset 4.
+		if i, ok := ifindexAt(m.Data, 4); ok && i > 0 {
+			return int(i)
+		}
+		return TCStaleAll
+	case unix.RTM_NEWACTION, unix.RTM_DELACTION:
+		return TCStaleAll
+	}
+	return 0
 }
 
 // deletedLink is the ifindex of the link an RTM_DELLINK deletes; 0 for

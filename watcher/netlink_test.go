@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -143,7 +144,7 @@ func TestNetlinkWatcherNotANetns(t *testing.T) {
 			t.Errorf("Watch(%s) = %v, want an error naming it", p, err)
 		}
 	}
-	if w.running("sb") {
+	if w.Watching("sb") {
 		t.Error("a failed Watch left a watch running")
 	}
 }
@@ -231,7 +232,7 @@ func TestNetlinkWatcherNetnsDeleted(t *testing.T) {
 	from := rec.len()
 	testnet.IP(t, "netns", "del", name)
 	lb.waitLine(t, "watch ended", `"sandbox":"sb"`, "netlink watch ended")
-	if w.running("sb") {
+	if w.Watching("sb") {
 		t.Error("watch still running after it logged its end")
 	}
 	rec.none(t, from, "event after the netns was deleted", forID("sb"))
@@ -295,9 +296,9 @@ func TestNetlinkWatcherContextEnds(t *testing.T) {
 	w.mu.Unlock()
 	cancel()
 	deadline := time.Now().Add(10 * time.Second)
-	for w.running("sb") || !isDone(l.done) {
+	for w.Watching("sb") || !isDone(l.done) {
 		if time.Now().After(deadline) {
-			t.Fatalf("after the context ended: watch running %v, reader done %v", w.running("sb"), isDone(l.done))
+			t.Fatalf("after the context ended: watch running %v, reader done %v", w.Watching("sb"), isDone(l.done))
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -387,6 +388,41 @@ func TestNetlinkWatcherSkipsUnobservedRoutes(t *testing.T) {
 	})
 }
 
+// TestNetlinkWatcherTCStale: an event names the link whose tc its
+// message may have changed: a link's own message and a tc message about
+// it name its ifindex, a tc action every link, an address none.
+func TestNetlinkWatcherTCStale(t *testing.T) {
+	ns := testnet.NewNS(t, "tst")
+	peer := testnet.NewNS(t, "tstp")
+	testnet.Veth(t, ns, "eth0", nil, peer, "eth0p")
+	idx, err := strconv.Atoi(strings.TrimSpace(testnet.Run(t, "ip", "netns", "exec", ns.Name, "cat", "/sys/class/net/eth0/ifindex")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, rec, ctx, _ := newNetlinkWatcher(t)
+	if err := w.Watch(ctx, "sb", ns.Path); err != nil {
+		t.Fatal(err)
+	}
+	for _, step := range []struct {
+		prefix string
+		stale  int
+		cmd    []string
+	}{
+		{"address 10.42.0.2/24", 0, []string{"ip", "-n", ns.Name, "address", "add", "10.42.0.2/24", "dev", "eth0"}},
+		{"link eth0", idx, []string{"ip", "-n", ns.Name, "link", "set", "eth0", "mtu", "1400"}},
+		{"tc qdisc on link ", idx, []string{"tc", "-n", ns.Name, "qdisc", "add", "dev", "eth0", "ingress"}},
+		{"tc filter on link ", idx, []string{"tc", "-n", ns.Name, "filter", "add", "dev", "eth0", "parent", "ffff:", "protocol", "all", "prio", "7", "u32", "match", "u8", "0", "0", "flowid", "ffff:1"}},
+		{"tc action", TCStaleAll, []string{"tc", "-n", ns.Name, "actions", "add", "action", "mirred", "egress", "redirect", "dev", "eth0", "index", "7"}},
+	} {
+		from := rec.len()
+		testnet.Run(t, step.cmd[0], step.cmd[1:]...)
+		e, _ := rec.wait(t, from, "event "+step.prefix, func(e Event) bool { return e.ID == "sb" && strings.HasPrefix(e.Why, step.prefix) })
+		if e.TCStale != step.stale {
+			t.Errorf("event %q: TCStale %d, want %d", e.Why, e.TCStale, step.stale)
+		}
+	}
+}
+
 // TestDescribeMessage: truncated or odd messages are described without
 // reading past their end.
 func TestDescribeMessage(t *testing.T) {
@@ -428,7 +464,7 @@ func TestNetlinkWatcherStaleDelNsid(t *testing.T) {
 	nsid := w.watches["sb"].nsid
 	w.mu.Unlock()
 	w.nsidDeleted(nsid)
-	if !w.running("sb") {
+	if !w.Watching("sb") {
 		t.Fatal("a notice about an nsid the live netns still holds ended its watch")
 	}
 	testnet.IP(t, "-n", ns.Name, "link", "add", "s0", "type", "bridge")
@@ -538,7 +574,7 @@ func TestNetlinkWatcherFailedWatchLeavesNoFd(t *testing.T) {
 	if after, _ := openFds(t); after != before {
 		t.Errorf("a failed Watch left %d fds open (%d before, %d after)", after-before, before, after)
 	}
-	if w.running("sb") {
+	if w.Watching("sb") {
 		t.Error("a failed Watch left a watch running")
 	}
 }

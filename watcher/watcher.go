@@ -85,13 +85,22 @@ type Event struct {
 	// that observed the netns before this event and still lists the link
 	// knows its observation is stale.
 	LinkGone int
-	Sandbox  Sandbox // KindUpsert
+	// TCStale, on a KindSandbox from netlink, names what the message may
+	// have changed of the netns's tc filters as a pass last read them:
+	// the ifindex of the link a link or tc message is about, TCStaleAll
+	// when it may be any link's (a tc action, a shared block, messages
+	// lost), 0 when none (an address, a route).
+	TCStale int
+	Sandbox Sandbox // KindUpsert
 	// Listed, on a KindResyncAll from a source that lists everything it
 	// knows (containerd, after each (re)connect), holds the IDs that
 	// listing found alive. A sandbox registered by that source and missing
 	// from Listed ended while the source was unreachable.
 	Listed []string
 }
+
+// TCStaleAll is Event.TCStale for a change that may concern every link.
+const TCStaleAll = -1
 
 // Sink receives events. It must not block: sources call it from their
 // reader goroutines.

@@ -98,6 +98,9 @@ func newDaemon(cfg Config) (*daemon, error) {
 	d.scan = procs.Scan
 	d.links = watcher.NewNetlinkWatcher(d.handle)
 	d.m = newMetrics(d)
+	// Every message about a sandbox's links and tc reaches
+	// NoteFiltersChanged (handle): the netns may keep its filters.
+	d.rec.KeepFilters = true
 	d.rec.OnEvent = d.qmpEvent
 	d.rec.OnMonitorClosed = d.monitorClosed
 	return d, nil
@@ -269,6 +272,9 @@ func (d *daemon) handle(e watcher.Event) {
 	case watcher.KindSandbox:
 		if e.LinkGone > 0 {
 			d.rec.NoteLinkGone(e.ID, e.LinkGone)
+		}
+		if e.TCStale != 0 {
+			d.rec.NoteFiltersChanged(e.ID, e.TCStale)
 		}
 		d.trigger(e.ID, src)
 	case watcher.KindUpsert:
@@ -531,6 +537,11 @@ func (d *daemon) pass(ctx context.Context, id string) error {
 			return reconcile.WithCause(reconcile.CauseNetns,
 				fmt.Errorf("sandbox %s: %s is not a network namespace yet (placeholder before its bind mount?): %v", id, sb.Netns, err))
 		}
+	}
+	if !d.links.Watching(id) {
+		// Changes before the watch begins are not heard: what the
+		// netns kept of its filters may predate them.
+		d.rec.NoteFiltersChanged(id, 0)
 	}
 	if err := d.links.Watch(ctx, id, sb.Netns); err != nil {
 		return reconcile.WithCause(reconcile.CauseNetns, fmt.Errorf("sandbox %s: watch links: %w", id, err))

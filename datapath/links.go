@@ -76,7 +76,7 @@ func (n *Netns) linkList() ([]netlink.Link, error) {
 // link that does not exist is (nil, nil).
 func (n *Netns) linkByIndex(ifindex int) (netlink.Link, error) {
 	if n.links == nil {
-		l, err := n.h.LinkByIndex(ifindex)
+		l, err := n.linkByIndexLive(ifindex)
 		if isLinkNotFound(err) {
 			return nil, nil
 		}

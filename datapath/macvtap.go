@@ -95,7 +95,7 @@ func isMacvtapEndpoint(l netlink.Link) bool {
 }
 
 func (n *Netns) macvtap(name string) (*netlink.Macvtap, error) {
-	l, err := n.h.LinkByName(name)
+	l, err := n.linkByName(name)
 	if err != nil {
 		return nil, err
 	}
@@ -124,7 +124,7 @@ func (n *Netns) EnsureMacvtap(ctx context.Context, spec MacvtapSpec) (Macvtap, M
 		return Macvtap{}, Moved{}, fmt.Errorf("netns %s: %w", n.path, err)
 	}
 	name := MacvtapName(spec.Index)
-	c, err := n.h.LinkByIndex(spec.Container)
+	c, err := n.linkByIndexLive(spec.Container)
 	if err != nil {
 		return Macvtap{}, Moved{}, fmt.Errorf("netns %s: container link %d of macvtap %s: %w", n.path, spec.Container, name, err)
 	}
@@ -246,7 +246,7 @@ func (n *Netns) takeAddrs(link netlink.Link, spec MacvtapSpec) ([]MovedAddr, []M
 // address whose lifetime ran out meanwhile stays away, and comes back
 // with what is left of it otherwise.
 func (n *Netns) RestoreContainerLink(ifindex int, m Moved) error {
-	link, err := n.h.LinkByIndex(ifindex)
+	link, err := n.linkByIndexLive(ifindex)
 	if err != nil {
 		return fmt.Errorf("netns %s: restore container link %d: %w", n.path, ifindex, err)
 	}

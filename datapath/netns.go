@@ -262,5 +262,5 @@ func (n *Netns) ingressFilters(link netlink.Link, parent uint32) ([]netlink.Filt
 
 func isLinkNotFound(err error) bool {
 	var nf netlink.LinkNotFoundError
-	return errors.As(err, &nf)
+	return errors.As(err, &nf) || errors.Is(err, ErrLinkGone)
 }

@@ -49,7 +49,7 @@ func burst(rateBytes uint64) uint32 {
 // RateLimit reports the limit on ifindex's egress, in bits per second,
 // and whether one of ours is there.
 func (n *Netns) RateLimit(ifindex int) (uint64, bool, error) {
-	link, err := n.h.LinkByIndex(ifindex)
+	link, err := n.linkByIndexLive(ifindex)
 	if err != nil {
 		return 0, false, fmt.Errorf("netns %s: rate limit of link %d: %w", n.path, ifindex, err)
 	}
@@ -113,7 +113,7 @@ func (n *Netns) EnsureRateLimit(ifindex int, bps uint64) error {
 	if bps == 0 {
 		return n.RemoveRateLimit(ifindex)
 	}
-	link, err := n.h.LinkByIndex(ifindex)
+	link, err := n.linkByIndexLive(ifindex)
 	if err != nil {
 		return fmt.Errorf("netns %s: rate limit on link %d: %w", n.path, ifindex, err)
 	}
@@ -178,7 +178,7 @@ func (n *Netns) EnsureRateLimit(ifindex int, bps uint64) error {
 // puts its default root qdisc back. No limit, a link that is gone, or a
 // root qdisc of someone else's are success (the last left alone).
 func (n *Netns) RemoveRateLimit(ifindex int) error {
-	link, err := n.h.LinkByIndex(ifindex)
+	link, err := n.linkByIndexLive(ifindex)
 	if isLinkNotFound(err) {
 		return nil
 	}
@@ -288,7 +288,7 @@ func isIfbEndpoint(l netlink.Link) bool {
 // ifb returns our ifb tsi<N>, LinkNotFoundError when there is none; a
 // link of that name that is not an ifb is an error.
 func (n *Netns) ifb(index int) (netlink.Link, error) {
-	l, err := n.h.LinkByName(IfbName(index))
+	l, err := n.linkByName(IfbName(index))
 	if err != nil {
 		return nil, err
 	}
@@ -343,7 +343,7 @@ func (n *Netns) EnsureIngressLimit(ifindex, index int, bps uint64) error {
 		return n.RemoveIngressLimit(ifindex, index)
 	}
 	name := IfbName(index)
-	link, err := n.h.LinkByIndex(ifindex)
+	link, err := n.linkByIndexLive(ifindex)
 	if err != nil {
 		return fmt.Errorf("netns %s: ingress limit on link %d via %s: %w", n.path, ifindex, name, err)
 	}
@@ -419,7 +419,7 @@ func (n *Netns) RemoveIngressLimit(ifindex, index int) error {
 	name := IfbName(index)
 	if ifindex != 0 {
 		var parent uint32
-		link, err := n.h.LinkByIndex(ifindex)
+		link, err := n.linkByIndexLive(ifindex)
 		if err == nil {
 			parent, err = n.ingressParent(link)
 		}

@@ -51,13 +51,7 @@ func ingressParentOf(qdiscs []netlink.Qdisc) uint32 {
 // Equivalent to: tc qdisc add dev LINK ingress
 func (n *Netns) ensureIngress(link netlink.Link) (parent uint32, added bool, err error) {
 	name := link.Attrs().Name
-	q := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{
-		LinkIndex: link.Attrs().Index,
-		Handle:    ingressHandle,
-		Parent:    netlink.HANDLE_INGRESS,
-	}}
-	n.seen.changed(q.Attrs().LinkIndex)
-	err = n.h.QdiscAdd(q)
+	err = n.addIngressQdisc(link.Attrs().Index)
 	if err == nil {
 		return ingressHandle, true, nil
 	}
@@ -158,11 +152,11 @@ func (n *Netns) eachIngress(links []netlink.Link, fn func(l netlink.Link, parent
 // re-created with a new ifindex) is replaced, and filters at other
 // priorities are never touched.
 func (n *Netns) EnsureRedirects(container, tap int) error {
-	c, err := n.h.LinkByIndex(container)
+	c, err := n.linkByIndexLive(container)
 	if err != nil {
 		return fmt.Errorf("netns %s: redirect from link %d: %w", n.path, container, err)
 	}
-	t, err := n.h.LinkByIndex(tap)
+	t, err := n.linkByIndexLive(tap)
 	if err != nil {
 		return fmt.Errorf("netns %s: redirect to link %d: %w", n.path, tap, err)
 	}
@@ -199,30 +193,7 @@ func (n *Netns) ensureRedirect(fromLink, toLink netlink.Link) error {
 			return wrap(err)
 		}
 	}
-	// Equivalent to: tc filter add dev FROM parent ffff: prio 29779 protocol all
-	//   u32 match u8 0 0 action mirred egress redirect dev TO
-	// The action is "stolen": the frame is consumed by the redirect and
-	// never reaches the container link's own stack.
-	filter := &netlink.U32{
-		FilterAttrs: netlink.FilterAttrs{
-			LinkIndex: from,
-			Parent:    parent,
-			Priority:  FilterPriority,
-			Protocol:  unix.ETH_P_ALL,
-		},
-		Sel: &netlink.TcU32Sel{
-			Flags: netlink.TC_U32_TERMINAL,
-			Nkeys: 1,
-			Keys:  []netlink.TcU32Key{{Mask: 0, Val: 0, Off: 0}},
-		},
-		Actions: []netlink.Action{&netlink.MirredAction{
-			ActionAttrs:  netlink.ActionAttrs{Action: netlink.TC_ACT_STOLEN},
-			MirredAction: netlink.TCA_EGRESS_REDIR,
-			Ifindex:      to,
-		}},
-	}
-	n.seen.changed(filter.Attrs().LinkIndex)
-	if err := n.h.FilterAdd(filter); err != nil {
+	if err := n.addRedirect(from, parent, to); err != nil {
 		return wrap(fmt.Errorf("add filter: %w", err))
 	}
 	return nil
@@ -261,7 +232,7 @@ func (n *Netns) RemoveRedirects(container, tap int) error {
 		if (r.To == tap && tap > 0) || r.To == 0 { // the kernel reports 0 once the target is gone
 			return true
 		}
-		_, err := n.h.LinkByIndex(r.To)
+		_, err := n.linkByIndexLive(r.To)
 		return isLinkNotFound(err)
 	}))
 	return errors.Join(errs...)
@@ -269,7 +240,7 @@ func (n *Netns) RemoveRedirects(container, tap int) error {
 
 // removeRedirect deletes our filter on ifindex's ingress if match says so.
 func (n *Netns) removeRedirect(ifindex int, match func(Redirect) bool) error {
-	link, err := n.h.LinkByIndex(ifindex)
+	link, err := n.linkByIndexLive(ifindex)
 	if isLinkNotFound(err) {
 		return nil
 	}

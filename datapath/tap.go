@@ -109,7 +109,7 @@ func (n *Netns) Taps() ([]Tap, error) {
 }
 
 func (n *Netns) tap(name string) (*netlink.Tuntap, error) {
-	l, err := n.h.LinkByName(name)
+	l, err := n.linkByName(name)
 	if err != nil {
 		return nil, err
 	}
@@ -153,14 +153,13 @@ func (n *Netns) EnsureTap(ctx context.Context, spec TapSpec) (Tap, error) {
 		return Tap{}, fmt.Errorf("netns %s: tap %s: %w: %s", n.path, name, ErrTapMismatch, why)
 	}
 	// Equivalent to: ip link set dev tsnN mtu M up
+	mtu := 0
 	if spec.MTU > 0 && t.Attrs().MTU != spec.MTU {
-		if err := n.h.LinkSetMTU(t, spec.MTU); err != nil {
-			return Tap{}, fmt.Errorf("netns %s: set mtu %d on %s: %w", n.path, spec.MTU, name, err)
-		}
+		mtu = spec.MTU
 	}
-	if t.Attrs().Flags&unix.IFF_UP == 0 {
-		if err := n.h.LinkSetUp(t); err != nil {
-			return Tap{}, fmt.Errorf("netns %s: set %s up: %w", n.path, name, err)
+	if down := t.Attrs().Flags&unix.IFF_UP == 0; down || mtu > 0 {
+		if err := n.setLink(t.Attrs().Index, down, mtu); err != nil {
+			return Tap{}, fmt.Errorf("netns %s: set %s up (mtu %d): %w", n.path, name, spec.MTU, err)
 		}
 	}
 	if t, err = n.tap(name); err != nil {

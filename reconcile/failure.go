@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/qmp"
 	"github.com/tapsync/tapsync/state"
 	"github.com/vishvananda/netlink"
@@ -77,11 +78,14 @@ func CauseOf(err error) string {
 }
 
 // linkVanished says whether err is only links that went away while a
-// pass worked on them (netlink.LinkNotFoundError). Of errors joined
+// pass worked on them (datapath.ErrLinkGone, netlink.LinkNotFoundError). Of errors joined
 // together, every one must be such: one real failure beside a vanished
 // link is a failure.
 func linkVanished(err error) bool {
 	for err != nil {
+		if err == datapath.ErrLinkGone {
+			return true
+		}
 		switch e := err.(type) {
 		case netlink.LinkNotFoundError:
 			return true

@@ -439,6 +439,8 @@ func TestLinkVanished(t *testing.T) {
 		{fmt.Errorf("open /dev/vhost-net: %w", unix.ENODEV), false}, // a driver not loaded: not a link gone
 		{fmt.Errorf("add filter: %w", unix.EEXIST), false},
 		{errors.New("Link not found"), false}, // words are not evidence
+		{fmt.Errorf("netns x: redirect from link index 4: %w", datapath.ErrLinkGone), true},
+		{errors.Join(fmt.Errorf("a: %w", datapath.ErrLinkGone), fmt.Errorf("add filter: %w", unix.EEXIST)), false},
 	} {
 		if got := linkVanished(tc.err); got != tc.want {
 			t.Errorf("linkVanished(%v) = %v, want %v", tc.err, got, tc.want)

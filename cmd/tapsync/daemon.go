@@ -222,7 +222,7 @@ var kickSources = map[string]bool{"control": true, "signal": true, "qmp": true}
 
 // trigger asks for one more pass over sandbox id.
 func (d *daemon) trigger(id, source string) {
-	d.m.triggers.WithLabelValues(source).Inc()
+	d.m.triggered(source)
 	d.mu.Lock()
 	if _, ok := d.pending[id]; !ok {
 		d.pending[id] = time.Now()

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -13,13 +14,27 @@ import (
 
 // metrics are the daemon's Prometheus series, on their own registry.
 type metrics struct {
-	reg               *prometheus.Registry
-	triggers          *prometheus.CounterVec
+	reg      *prometheus.Registry
+	triggers *prometheus.CounterVec
+	// triggersBy holds triggers' counter of each source seen, found once:
+	// a lookup by label hashes the label on every netlink event.
+	triggersBy        sync.Map // source → prometheus.Counter
 	reconcileDuration prometheus.Histogram
 	convergeLatency   prometheus.Histogram
 	reconcileErrors   *prometheus.CounterVec
 	retries           prometheus.Counter
 	gcRecords         prometheus.Counter
+}
+
+// triggered counts one trigger from source.
+func (m *metrics) triggered(source string) {
+	if c, ok := m.triggersBy.Load(source); ok {
+		c.(prometheus.Counter).Inc()
+		return
+	}
+	c := m.triggers.WithLabelValues(source)
+	m.triggersBy.Store(source, c)
+	c.Inc()
 }
 
 // latencyBuckets span a converged add (milliseconds) to a stuck unplug.

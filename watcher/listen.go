@@ -9,7 +9,6 @@ import (
 	"sync"
 	"syscall"
 
-	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -151,31 +150,6 @@ func nsidAttr(m syscall.NetlinkMessage) (int32, bool) {
 	return 0, false
 }
 
-// nsidIn returns the nsid that the netns open as fd has in the netns of
-// h, a route netlink handle (noNsid when it has none), assigning one when
-// it has none and assign is set. Without an nsid in that netns a netns
-// reports nothing to a listenSocket there.
-//
-// Equivalent to: ip netns set <name> auto; ip netns list-id
-func nsidIn(h *netlink.Handle, fd int, assign bool) (int32, error) {
-	if assign {
-		// -1 asks the kernel to pick a free id; EEXIST: the netns has one
-		// (the home is private: a Watch before, ours). Asking first saves
-		// a lookup for each netns of a start, when none has one yet.
-		if err := h.SetNetNsIdByFd(fd, -1); err != nil && !errors.Is(err, unix.EEXIST) {
-			return 0, fmt.Errorf("assign nsid: %w", err)
-		}
-	}
-	id, err := h.GetNetNsIdByFd(fd)
-	if err != nil {
-		return 0, fmt.Errorf("get nsid: %w", err)
-	}
-	if id < 0 && assign {
-		return 0, errors.New("assign nsid: kernel assigned none")
-	}
-	return int32(id), nil
-}
-
 // privateHome makes, once per process, a network namespace of its own for
 // the listen socket to live in, and returns a path to it
 // (/proc/self/fd/N; no mount, so it dies with the process). A socket in
@@ -211,19 +185,6 @@ var privateHome = sync.OnceValues(func() (string, error) {
 	// lives as long as it or a socket in it does.
 	return fmt.Sprintf("/proc/self/fd/%d", fd), nil
 })
-
-// handleIn opens a request handle in the netns at home ("" for our own).
-func handleIn(home string) (*netlink.Handle, error) {
-	if home == "" {
-		return netlink.NewHandle(unix.NETLINK_ROUTE)
-	}
-	ns, err := netns.GetFromPath(home)
-	if err != nil {
-		return nil, fmt.Errorf("open netns %s: %w", home, err)
-	}
-	defer ns.Close()
-	return netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
-}
 
 // inNetns runs open in the netns at home ("" runs it here). A socket
 // belongs to the netns of the thread that created it.

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/e2e/testnet"
 	"golang.org/x/sys/unix"
 )
@@ -101,18 +102,21 @@ func TestListenAllNsid(t *testing.T) {
 	t.Cleanup(s.close)
 
 	fd := nsFd(t, heard.Path)
-	h, err := handleIn(home.Path)
+	h, err := datapath.OpenNsidSocket(home.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	id, err := nsidIn(h, fd, true)
-	if err != nil {
-		t.Fatal(err)
+	if id, err := h.Nsid(fd, false); err != nil || id != noNsid {
+		t.Fatalf("Nsid of a netns given none = %d, %v; want %d", id, err, noNsid)
 	}
-	again, err := nsidIn(h, fd, true)
+	id, err := h.Nsid(fd, true)
+	if err != nil || id < 0 {
+		t.Fatalf("Nsid assigning = %d, %v; want one", id, err)
+	}
+	again, err := h.Nsid(fd, true)
 	if err != nil || again != id {
-		t.Fatalf("second nsidIn = %d, %v; want the same nsid %d", again, err, id)
+		t.Fatalf("second Nsid = %d, %v; want the same nsid %d", again, err, id)
 	}
 	t.Logf("nsid of %s in %s: %d", heard.Name, home.Name, id)
 

@@ -13,8 +13,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/datapath/hostnet"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -104,7 +104,7 @@ type NetlinkWatcher struct {
 	// of a watch's cost. Dropped after a failed request and when the
 	// watcher goes idle.
 	nsidMu   sync.Mutex
-	nsidH    *netlink.Handle
+	nsidH    *datapath.NsidSocket
 	nsidHome string
 	// Tunables for tests; set before the first Watch.
 	retryFirst, retryMax time.Duration
@@ -313,7 +313,8 @@ func (w *NetlinkWatcher) resolve(home, path string) (nsID, int32, error) {
 	return nsID{st.Dev, st.Ino}, nsid, nil
 }
 
-// nsidOf is nsidIn through the watcher's kept handle in home.
+// nsidOf is the nsid home gives the netns open at fd (see
+// datapath.NsidSocket.Nsid), through the watcher's kept socket in home.
 func (w *NetlinkWatcher) nsidOf(home string, fd int, assign bool) (int32, error) {
 	w.nsidMu.Lock()
 	defer w.nsidMu.Unlock()
@@ -322,13 +323,13 @@ func (w *NetlinkWatcher) nsidOf(home string, fd int, assign bool) (int32, error)
 		w.nsidH = nil
 	}
 	if w.nsidH == nil {
-		h, err := handleIn(home)
+		h, err := datapath.OpenNsidSocket(home)
 		if err != nil {
 			return 0, err
 		}
 		w.nsidH, w.nsidHome = h, home
 	}
-	id, err := nsidIn(w.nsidH, fd, assign)
+	id, err := w.nsidH.Nsid(fd, assign)
 	if err != nil {
 		w.nsidH.Close()
 		w.nsidH = nil

@@ -19,7 +19,10 @@ import (
 type session struct {
 	sb   Sandbox
 	host *datapath.Netns
-	vm   qmpVM
+	// changed hands host what was noted of its tc since it last
+	// observed (Reconciler.passFiltersChanged); every observation calls it.
+	changed func()
+	vm      qmpVM
 	// forPlan: the session of a plan (Plan), which reads what passes keep
 	// between them and changes none of it. hostKept says its netns is the
 	// one kept for the passes, and ownAgent is the plan's own agent
@@ -53,7 +56,8 @@ func (r *Reconciler) open(ctx context.Context, id string, forPlan bool) (*sessio
 		// observes (NetnsHeld).
 		r.notePassHost(id, host)
 	}
-	s := &session{sb: sb, host: host, forPlan: forPlan, hostKept: kept}
+	s := &session{sb: sb, host: host, forPlan: forPlan, hostKept: kept,
+		changed: func() { r.passFiltersChanged(id, host) }}
 	client := r.passClient
 	if forPlan {
 		client = r.clientModel
@@ -75,7 +79,6 @@ func (r *Reconciler) open(ctx context.Context, id string, forPlan bool) (*sessio
 		return nil, err
 	}
 	s.rec.Netns = sb.Netns
-	r.passFiltersChanged(id, host)
 	if err := s.observe(ctx); err != nil {
 		// Not kept after a failure on the host side (see keepHost).
 		s.hostKept = false
@@ -137,6 +140,9 @@ func (s *session) refresh(_ context.Context, parts datapath.Parts) (Observed, er
 }
 
 func (s *session) observe(ctx context.Context) error {
+	if s.changed != nil {
+		s.changed()
+	}
 	hs, err := s.host.Observe(s.parts())
 	if err != nil {
 		return err

@@ -24,17 +24,32 @@ func Backoff(failures int) time.Duration {
 	return min(d, BackoffMax)
 }
 
+// AgainWait bounds how long a pass asked for during a successful pass of
+// the same key waits behind the keys triggered after it (see Queue).
+const AgainWait = 2 * time.Second
+
 // Queue holds sandbox keys waiting to be reconciled. Triggers for one key
 // coalesce, a key is never handed to two workers at once, a trigger during
 // its pass causes exactly one more pass, and nothing polls. A key whose
 // last pass failed waits out its backoff whatever triggers it (its
 // scheduled retry is the pass they ask for); only Kick may cut one wait
 // short.
+//
+// The pass a trigger during a successful pass asks for is most often the
+// one that confirms what that pass did (its own links and filters make
+// netlink events like anyone's): it waits behind the keys triggered
+// otherwise, for at most AgainWait, so that on a busy node the passes
+// that wire something new come first. The same work is done; what a user
+// waits for comes sooner.
 type Queue struct {
-	mu         sync.Mutex
-	cond       *sync.Cond
-	ready      []string        // keys waiting for a worker, in arrival order
-	dirty      map[string]bool // keys that need a pass (ready or requeued after processing)
+	mu    sync.Mutex
+	cond  *sync.Cond
+	ready []string // keys waiting for a worker, in arrival order
+	// again are keys triggered during their own successful pass, in the
+	// order their pass ended, with when it did (see AgainWait).
+	again      []againKey
+	now        func() time.Time // time.Now; tests set it
+	dirty      map[string]bool  // keys that need a pass (ready or requeued after processing)
 	processing map[string]bool
 	failures   map[string]int
 	retry      map[string]*time.Timer // keys waiting out a backoff, by their retry timer
@@ -45,10 +60,16 @@ type Queue struct {
 	backoff  func(failures int) time.Duration // Backoff; tests stretch it
 }
 
+// againKey is a key of Queue.again.
+type againKey struct {
+	key   string
+	since time.Time
+}
+
 // NewQueue returns an empty queue.
 func NewQueue() *Queue {
 	q := &Queue{dirty: map[string]bool{}, processing: map[string]bool{}, failures: map[string]int{},
-		retry: map[string]*time.Timer{}, kicked: map[string]bool{}, backoff: Backoff}
+		retry: map[string]*time.Timer{}, kicked: map[string]bool{}, backoff: Backoff, now: time.Now}
 	q.cond = sync.NewCond(&q.mu)
 	return q
 }
@@ -65,7 +86,7 @@ func (q *Queue) Add(key string) {
 }
 
 // Kick asks for one pass over key now, for a change the key's own passes
-// cannot have caused. It cuts a backoff wait short at most once between
+// cannot have caused (a pass waiting as a confirmation joins the others). It cuts a backoff wait short at most once between
 // two scheduled retries (otherwise it waits, like Add), so a failing key
 // runs at most twice as often as its backoff schedule, however often it is
 // kicked. The failure count stays: a kicked pass that fails waits longer.
@@ -79,6 +100,13 @@ func (q *Queue) Kick(key string) {
 		t.Stop()
 		delete(q.retry, key)
 		q.kicked[key] = true
+	}
+	for i, a := range q.again {
+		if a.key == key { // not a confirmation: it goes with the others
+			q.again = append(q.again[:i], q.again[i+1:]...)
+			q.ready = append(q.ready, key)
+			return
+		}
 	}
 	q.addLocked(key)
 }
@@ -100,7 +128,7 @@ func (q *Queue) addLocked(key string) {
 func (q *Queue) Len() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return len(q.ready)
+	return len(q.ready) + len(q.again)
 }
 
 // Failures is the number of consecutive failed passes over key.
@@ -137,14 +165,18 @@ func (q *Queue) retryLocked(key string, t *time.Timer) {
 func (q *Queue) get() (string, bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	for len(q.ready) == 0 && !q.shutdown {
+	for len(q.ready) == 0 && len(q.again) == 0 && !q.shutdown {
 		q.cond.Wait()
 	}
 	if q.shutdown {
 		return "", false
 	}
-	key := q.ready[0]
-	q.ready = q.ready[1:]
+	var key string
+	if len(q.ready) > 0 && (len(q.again) == 0 || q.now().Sub(q.again[0].since) < AgainWait) {
+		key, q.ready = q.ready[0], q.ready[1:]
+	} else {
+		key, q.again = q.again[0].key, q.again[1:]
+	}
 	delete(q.dirty, key)
 	q.processing[key] = true
 	return key, true
@@ -192,7 +224,10 @@ func (q *Queue) done(key string, err error) {
 	}
 	delete(q.failures, key)
 	delete(q.kicked, key)
-	q.requeueLocked(key)
+	if q.dirty[key] {
+		q.again = append(q.again, againKey{key, q.now()})
+		q.cond.Signal()
+	}
 }
 
 // requeueLocked hands key, done, back to the workers if it was triggered

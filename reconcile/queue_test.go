@@ -3,6 +3,7 @@ package reconcile
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -353,5 +354,62 @@ func TestQueueConnectingIsNoFailure(t *testing.T) {
 	q.done(key, ErrConnecting)
 	if len(q.ready) != 1 || q.failures["a"] != 2 {
 		t.Errorf("ready = %v, failures %d after a trigger during a connecting pass; want a once more, 2", q.ready, q.failures["a"])
+	}
+}
+
+// TestQueueConfirmationWaitsBehindNewWork: a pass asked for during a
+// successful pass of its key waits behind keys triggered otherwise, at
+// most AgainWait; a Kick makes it one of them.
+func TestQueueConfirmationWaitsBehindNewWork(t *testing.T) {
+	q := NewQueue()
+	var mu sync.Mutex
+	now := time.Unix(1000, 0)
+	q.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+
+	q.Add("a")
+	if k, _ := q.get(); k != "a" {
+		t.Fatalf("first key %q, want a", k)
+	}
+	q.Add("a") // during a's pass: its confirmation
+	q.Add("b")
+	q.Add("c")
+	q.done("a", nil)
+	if q.Len() != 3 {
+		t.Fatalf("Len = %d, want 3", q.Len())
+	}
+	var order []string
+	k, _ := q.get()
+	order = append(order, k)
+	q.done(k, nil)
+	advance(AgainWait) // a has waited its bound: it goes before c
+	for range 2 {
+		k, _ := q.get()
+		order = append(order, k)
+		q.done(k, nil)
+	}
+	if got := strings.Join(order, " "); got != "b a c" {
+		t.Errorf("order %q, want \"b a c\"", got)
+	}
+
+	// Waiting as a confirmation, then kicked: it goes in arrival order.
+	q.Add("a")
+	q.get()
+	q.Add("a")
+	q.Add("b")
+	q.done("a", nil)
+	q.Kick("a")
+	q.Add("c")
+	order = order[:0]
+	for range 3 {
+		k, _ := q.get()
+		order = append(order, k)
+		q.done(k, nil)
+	}
+	if got := strings.Join(order, " "); got != "b a c" {
+		t.Errorf("after a Kick: order %q, want \"b a c\"", got)
+	}
+	if q.Len() != 0 {
+		t.Errorf("Len = %d at the end, want 0", q.Len())
 	}
 }

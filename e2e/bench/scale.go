@@ -147,6 +147,7 @@ type scaleResult struct {
 	restartMutations                          int           // logged by the daemon
 	restartPasses                             float64       // passes the new daemon had made at the scrape after every sandbox passed
 	restartTriggers                           string        // its triggers by source then: why it made those passes
+	startCPURest, stormCPURest                time.Duration // the daemon's own CPU until it is at rest after the phase: its confirming passes too
 	stormPasses                               float64       // passes from the storm's start to its last NIC
 	stormTriggers                             string        // their triggers by source
 	restartQMPMutations                       int           // mutating QMP commands QEMU received
@@ -350,6 +351,9 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	if err := quiet(2 * cfg.n); err != nil {
 		return r, err
 	}
+	if p, err := readProc(d.pid()); err == nil {
+		r.startCPURest = p.CPU // from exec: its confirming passes too
+	}
 
 	// B2: SIGHUP no-op resync.
 	fmt.Fprintf(os.Stderr, "bench: B3 start took %v; B2 SIGHUP\n", r.start)
@@ -450,6 +454,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	}
 	stopPerf = profilePhase("storm")
 	mark = markCPU(d.pid(), qemus)
+	stormMark := mark
 	t0 = time.Now()
 	if err := sbs.addThird(peerNS); err != nil {
 		return r, err
@@ -475,6 +480,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	if err := atRest(ctx, metrics, 3*time.Second, 30*time.Second); err != nil {
 		return r, err
 	}
+	r.stormCPURest = stormMark.since().daemon
 
 	// B4: SIGKILL and restart.
 	fmt.Fprintf(os.Stderr, "bench: B3 storm took %v; B4 SIGKILL and restart\n", r.storm)

@@ -74,7 +74,7 @@ FUZZTIME ?= 20s
 # the fuzzing stops meanwhile: FuzzReadMessages spent 57 of its 60 s so
 # (20 k execs; 850 k in 30 s with 5 s).
 FUZZMINIMIZE ?= 5s
-FUZZ_TARGETS += ./qmp:FuzzReadMessages ./qmp:FuzzParseInfoNetwork ./qmp:FuzzChoosePlacement ./qmp:FuzzParseQtree ./qmp:FuzzHMPReply
+FUZZ_TARGETS += ./qmp:FuzzReadMessages ./qmp:FuzzParseInfoNetwork ./qmp:FuzzChoosePlacement ./qmp:FuzzParseQtree ./qmp:FuzzHMPReply ./qmp:FuzzUnquote
 FUZZ_TARGETS += ./watcher:FuzzInDir ./watcher:FuzzUnderDir ./watcher:FuzzQMPSocket ./watcher:FuzzStatusUIDs ./watcher:FuzzNetlinkMessage
 FUZZ_TARGETS += ./state:FuzzLoad ./cmd/tapsync:FuzzConfig ./datapath:FuzzParseRtnl ./datapath:FuzzParseLink ./datapath:FuzzNLAnswers
 FUZZ_TARGETS += ./cmd/tapsync-qemu:FuzzWrapperArgv

@@ -55,8 +55,8 @@ func FuzzReadMessages(f *testing.F) {
 				}
 				break
 			}
-			if len(m.raw) > limit {
-				t.Fatalf("message of %d bytes passed a cap of %d", len(m.raw), limit)
+			if m.size > limit {
+				t.Fatalf("message of %d bytes passed a cap of %d", m.size, limit)
 			}
 			if m.Event != "" {
 				c.dispatch(m)

@@ -26,7 +26,7 @@ func Backoff(failures int) time.Duration {
 
 // AgainWait bounds how long a pass asked for during a successful pass of
 // the same key waits behind the keys triggered after it (see Queue).
-const AgainWait = 2 * time.Second
+const AgainWait = 10 * time.Second
 
 // Queue holds sandbox keys waiting to be reconciled. Triggers for one key
 // coalesce, a key is never handed to two workers at once, a trigger during

@@ -300,6 +300,15 @@ func TestEnsureTapWithoutIPv6(t *testing.T) {
 	if addrs := testnet.IP(t, "-n", s.ns.Name, "-6", "address", "show", "dev", "tsn0"); strings.Contains(addrs, "inet6") {
 		t.Errorf("tap tsn0 has IPv6 addresses of the host:\n%s", addrs)
 	}
+	// A tap of ours found down (left by an older tapsync, or set down by
+	// hand) gets none either before it comes up.
+	testnet.IP(t, "-n", s.ns.Name, "tuntap", "add", "dev", "tsn1", "mode", "tap", "vnet_hdr")
+	if _, err := s.n.EnsureTap(ctx, datapath.TapSpec{Index: 1, Queues: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if got := testnet.IP(t, "-n", s.ns.Name, "-d", "link", "show", "tsn1"); !strings.Contains(got, "addrgenmode none") || !strings.Contains(got, ",UP") {
+		t.Errorf("tap tsn1, found down: want it up with no IPv6 address of the host:\n%s", got)
+	}
 }
 
 func TestEnsureTapMismatchLeavesForeignTap(t *testing.T) {

@@ -41,7 +41,7 @@ func (n *Netns) FiltersChanged(ifindex int) {
 		clear(n.seen.kept)
 		return
 	}
-	delete(n.seen.kept, ifindex)
+	n.seen.changed(ifindex)
 }
 
 // ForgetFilters drops every link's kept filters: the next observation
@@ -81,8 +81,34 @@ func (s *filtersSeen) put(ifindex int, parent uint32, fs []netlink.Filter) {
 	s.kept[ifindex] = keptFilters{parent: parent, fs: fs}
 }
 
-// changed notes a change this Netns made to link ifindex's tc.
-func (s *filtersSeen) changed(ifindex int) { delete(s.kept, ifindex) }
+// changed notes a change of link ifindex or of its tc: what is kept of
+// it goes, and so do the filters that redirect to it (the kernel
+// reports a redirect's target as 0 once the target is gone, and says so
+// with no message about the link the filter is on).
+func (s *filtersSeen) changed(ifindex int) {
+	delete(s.kept, ifindex)
+	for i, k := range s.kept {
+		if redirectsTo(k.fs, ifindex) {
+			delete(s.kept, i)
+		}
+	}
+}
+
+// redirectsTo says whether one of fs redirects to link ifindex.
+func redirectsTo(fs []netlink.Filter, ifindex int) bool {
+	for _, f := range fs {
+		u, ok := f.(*netlink.U32)
+		if !ok {
+			continue
+		}
+		for _, a := range u.Actions {
+			if m, ok := a.(*netlink.MirredAction); ok && m.Ifindex == ifindex {
+				return true
+			}
+		}
+	}
+	return false
+}
 
 func hasLink(links []netlink.Link, ifindex int) bool {
 	for _, l := range links {

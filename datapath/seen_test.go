@@ -71,12 +71,24 @@ func TestObserveKeepsFilters(t *testing.T) {
 	if n := ours(); n != 1 {
 		t.Fatalf("after ForgetFilters: %d redirects of ours, want 1", n)
 	}
-	// A link that is gone takes what was kept of it along.
+	// A link that is gone takes along what was kept of it and of the
+	// filters that redirect to it: the kernel now reports their target
+	// as 0, and says nothing about eth0.
+	if err := s.n.EnsureRedirects(s.eth0.Ifindex, tap.Ifindex); err != nil {
+		t.Fatal(err)
+	}
+	if n := ours(); n != 2 {
+		t.Fatalf("rewired: %d redirects of ours, want 2", n)
+	}
 	if err := s.n.RemoveTap(0); err != nil {
 		t.Fatal(err)
 	}
-	if ours(); s.n.KeptFilters() != 1 {
-		t.Errorf("after the tap's removal, filters kept of %d links, want 1 (eth0's)", s.n.KeptFilters())
+	st, err := s.n.Observe(datapath.Parts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Redirects) != 1 || st.Redirects[0].To != 0 || s.n.KeptFilters() != 1 {
+		t.Errorf("after the tap's removal: redirects %+v, filters kept of %d links; want eth0's, to 0, and only it kept", st.Redirects, s.n.KeptFilters())
 	}
 
 	// Without KeepFilters, every observation reads the kernel.

@@ -158,6 +158,12 @@ func (n *Netns) EnsureTap(ctx context.Context, spec TapSpec) (Tap, error) {
 		mtu = spec.MTU
 	}
 	if down := t.Attrs().Flags&unix.IFF_UP == 0; down || mtu > 0 {
+		if down {
+			// Before it is up: a tap created, or one of ours left down.
+			if err := n.noHostIPv6(name); err != nil {
+				return Tap{}, err
+			}
+		}
 		if err := n.setLink(t.Attrs().Index, down, mtu); err != nil {
 			return Tap{}, fmt.Errorf("netns %s: set %s up (mtu %d): %w", n.path, name, spec.MTU, err)
 		}
@@ -186,7 +192,7 @@ func (n *Netns) createTap(name string, flags uint16) error {
 	if err != nil {
 		return fmt.Errorf("netns %s: create tap %s: %w", n.path, name, err)
 	}
-	return n.noHostIPv6(name)
+	return nil
 }
 
 // noHostIPv6 gives the host no IPv6 address on a link of ours that is

@@ -39,8 +39,9 @@ const AgainWait = 10 * time.Second
 // one that confirms what that pass did (its own links and filters make
 // netlink events like anyone's): it waits behind the keys triggered
 // otherwise, for at most AgainWait, so that on a busy node the passes
-// that wire something new come first. The same work is done; what a user
-// waits for comes sooner.
+// that wire something new come first. A Kick during the pass (news the
+// pass cannot have caused) sends it with the others. The same work is
+// done; what a user waits for comes sooner.
 type Queue struct {
 	mu    sync.Mutex
 	cond  *sync.Cond
@@ -55,7 +56,10 @@ type Queue struct {
 	retry      map[string]*time.Timer // keys waiting out a backoff, by their retry timer
 	// kicked keys had a backoff wait cut short by Kick; they cannot cut
 	// another until a scheduled retry has run or a pass succeeded.
-	kicked   map[string]bool
+	kicked map[string]bool
+	// urgent keys were kicked during their pass: the pass that follows is
+	// no confirmation and goes with the others, not into again.
+	urgent   map[string]bool
 	shutdown bool
 	backoff  func(failures int) time.Duration // Backoff; tests stretch it
 }
@@ -69,7 +73,7 @@ type againKey struct {
 // NewQueue returns an empty queue.
 func NewQueue() *Queue {
 	q := &Queue{dirty: map[string]bool{}, processing: map[string]bool{}, failures: map[string]int{},
-		retry: map[string]*time.Timer{}, kicked: map[string]bool{}, backoff: Backoff, now: time.Now}
+		retry: map[string]*time.Timer{}, kicked: map[string]bool{}, urgent: map[string]bool{}, backoff: Backoff, now: time.Now}
 	q.cond = sync.NewCond(&q.mu)
 	return q
 }
@@ -100,6 +104,9 @@ func (q *Queue) Kick(key string) {
 		t.Stop()
 		delete(q.retry, key)
 		q.kicked[key] = true
+	}
+	if q.processing[key] {
+		q.urgent[key] = true
 	}
 	for i, a := range q.again {
 		if a.key == key { // not a confirmation: it goes with the others
@@ -144,6 +151,7 @@ func (q *Queue) Forget(key string) {
 	defer q.mu.Unlock()
 	delete(q.failures, key)
 	delete(q.kicked, key)
+	delete(q.urgent, key)
 	if t := q.retry[key]; t != nil {
 		t.Stop()
 		delete(q.retry, key)
@@ -192,6 +200,8 @@ func (q *Queue) done(key string, err error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	delete(q.processing, key)
+	urgent := q.urgent[key]
+	delete(q.urgent, key)
 	if t := q.retry[key]; t != nil {
 		t.Stop()
 		delete(q.retry, key)
@@ -224,7 +234,11 @@ func (q *Queue) done(key string, err error) {
 	}
 	delete(q.failures, key)
 	delete(q.kicked, key)
-	if q.dirty[key] {
+	switch {
+	case !q.dirty[key]:
+	case urgent:
+		q.requeueLocked(key)
+	default:
 		q.again = append(q.again, againKey{key, q.now()})
 		q.cond.Signal()
 	}

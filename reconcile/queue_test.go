@@ -359,7 +359,7 @@ func TestQueueConnectingIsNoFailure(t *testing.T) {
 
 // TestQueueConfirmationWaitsBehindNewWork: a pass asked for during a
 // successful pass of its key waits behind keys triggered otherwise, at
-// most AgainWait; a Kick makes it one of them.
+// most AgainWait; a Kick, then or during the pass, makes it one of them.
 func TestQueueConfirmationWaitsBehindNewWork(t *testing.T) {
 	q := NewQueue()
 	var mu sync.Mutex
@@ -408,6 +408,22 @@ func TestQueueConfirmationWaitsBehindNewWork(t *testing.T) {
 	}
 	if got := strings.Join(order, " "); got != "b a c" {
 		t.Errorf("after a Kick: order %q, want \"b a c\"", got)
+	}
+	// Kicked during its pass: no confirmation, in arrival order.
+	q.Add("a")
+	q.get()
+	q.Add("b")
+	q.Kick("a")
+	q.done("a", nil)
+	q.Add("c")
+	order = order[:0]
+	for range 3 {
+		k, _ := q.get()
+		order = append(order, k)
+		q.done(k, nil)
+	}
+	if got := strings.Join(order, " "); got != "b a c" {
+		t.Errorf("kicked during its pass: order %q, want \"b a c\"", got)
 	}
 	if q.Len() != 0 {
 		t.Errorf("Len = %d at the end, want 0", q.Len())

@@ -78,6 +78,7 @@ var listenGroups = append(append([]uint(nil), netlinkGroups...), unix.RTNLGRP_NS
 type NetlinkWatcher struct {
 	sink    Sink
 	resubs  atomic.Uint64
+	serials atomic.Uint64 // watches begun
 	wakeups atomic.Uint64 // datagrams and errors the reader woke up for
 
 	// emitMu is held while the events of one datagram are emitted. Stop
@@ -123,6 +124,7 @@ type NetlinkWatcher struct {
 // netnsWatch is one sandbox's watch: the netns its path named when the
 // watch began, and that netns's nsid in home.
 type netnsWatch struct {
+	serial   uint64 // this watch's number (Serial)
 	id, path string
 	ns       nsID
 	nsid     int32
@@ -221,7 +223,7 @@ func (w *NetlinkWatcher) Watch(ctx context.Context, id, netnsPath string) error 
 		return fmt.Errorf("watch sandbox %s in netns %s: %w", id, netnsPath, err)
 	}
 	log := zerolog.Ctx(ctx).With().Str("source", string(SourceNetlink)).Str("sandbox", id).Str("netns", netnsPath).Logger()
-	nw := &netnsWatch{id: id, path: netnsPath, ns: ns, nsid: nsid, log: log}
+	nw := &netnsWatch{serial: w.serials.Add(1), id: id, path: netnsPath, ns: ns, nsid: nsid, log: log}
 
 	w.mu.Lock()
 	var ended []*netnsWatch
@@ -427,12 +429,19 @@ func (w *NetlinkWatcher) StopAll() {
 	w.settle(l)
 }
 
-// Watching reports whether the watch of id is live: a Watch now would
-// start none, and every change since the last one began has been heard.
-func (w *NetlinkWatcher) Watching(id string) bool {
+// Watching reports whether the watch of id is live.
+func (w *NetlinkWatcher) Watching(id string) bool { return w.Serial(id) != 0 }
+
+// Serial numbers the live watch of id (0: none). Every watch begun, and
+// every one that replaces another, has a new number: while it stays the
+// same, every change in the watched netns since has been heard.
+func (w *NetlinkWatcher) Serial(id string) uint64 {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return w.watches[id] != nil
+	if nw := w.watches[id]; nw != nil {
+		return nw.serial
+	}
+	return 0
 }
 
 // nsID names a namespace: the device and inode of its nsfs file.

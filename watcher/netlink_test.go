@@ -600,3 +600,35 @@ func TestNetlinkWatcherStillNamedAfterStopLeavesNoFd(t *testing.T) {
 		t.Errorf("stillNamed after the last Stop left %d fds open (%d before, %d after)", after-before, before, after)
 	}
 }
+
+// TestNetlinkWatcherSerial: a watch keeps its number while it lasts; one
+// begun again, or replacing another, has a new one.
+func TestNetlinkWatcherSerial(t *testing.T) {
+	ns := testnet.NewNS(t, "tsq")
+	other := testnet.NewNS(t, "tsq2")
+	w, _, ctx, _ := newNetlinkWatcher(t)
+	if s := w.Serial("sb"); s != 0 {
+		t.Fatalf("Serial before any watch = %d, want 0", s)
+	}
+	if err := w.Watch(ctx, "sb", ns.Path); err != nil {
+		t.Fatal(err)
+	}
+	first := w.Serial("sb")
+	if err := w.Watch(ctx, "sb", ns.Path); err != nil {
+		t.Fatal(err)
+	}
+	if s := w.Serial("sb"); first == 0 || s != first {
+		t.Fatalf("Serial %d, then %d after watching the same netns again; want one number, not 0", first, s)
+	}
+	if err := w.Watch(ctx, "sb", other.Path); err != nil {
+		t.Fatal(err)
+	}
+	replaced := w.Serial("sb")
+	if replaced == first || replaced == 0 {
+		t.Fatalf("Serial after the watch moved to another netns = %d, want a new number (was %d)", replaced, first)
+	}
+	w.Stop("sb")
+	if s := w.Serial("sb"); s != 0 {
+		t.Fatalf("Serial after Stop = %d, want 0", s)
+	}
+}

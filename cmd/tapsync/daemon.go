@@ -538,13 +538,14 @@ func (d *daemon) pass(ctx context.Context, id string) error {
 				fmt.Errorf("sandbox %s: %s is not a network namespace yet (placeholder before its bind mount?): %v", id, sb.Netns, err))
 		}
 	}
-	if !d.links.Watching(id) {
-		// Changes before the watch begins are not heard: what the
-		// netns kept of its filters may predate them.
-		d.rec.NoteFiltersChanged(id, 0)
-	}
+	watch := d.links.Serial(id)
 	if err := d.links.Watch(ctx, id, sb.Netns); err != nil {
 		return reconcile.WithCause(reconcile.CauseNetns, fmt.Errorf("sandbox %s: watch links: %w", id, err))
+	}
+	if d.links.Serial(id) != watch {
+		// A watch begun (or replaced) now: changes before it were not
+		// heard, and what the netns kept of its filters may predate them.
+		d.rec.NoteFiltersChanged(id, 0)
 	}
 	start := time.Now()
 	err := d.rec.Reconcile(ctx, id)

@@ -405,9 +405,10 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	}
 	// The resync's tail (its last passes, the status and metrics answers
 	// the bench asked for, the garbage collection after them) runs on for
-	// a few seconds; the idle window starts once a whole second has
-	// passed with under a millisecond of CPU, so that it measures what
-	// wakes a converged daemon, not the end of the work before.
+	// a few seconds; the idle window starts once settleSeconds whole
+	// seconds in a row have passed with under a millisecond of CPU each,
+	// so that it measures what wakes a converged daemon, not the end of
+	// the work before.
 	settled, err := settle(d.pid(), 30*time.Second)
 	if err != nil {
 		return r, err
@@ -601,24 +602,34 @@ func perSandbox(counts map[string]int, n int) string {
 	return fmt.Sprintf("%.3g: %s", float64(total)/float64(n), strings.Join(slices.Clip(parts), ", "))
 }
 
-// settle waits, up to limit, for a second in which process pid runs under
-// a millisecond, and returns how long that took (limit if never).
+// settle waits, up to limit, for settleSeconds seconds in a row in each
+// of which process pid runs under a millisecond, and returns how long that
+// took (limit if never).
 func settle(pid int, limit time.Duration) (time.Duration, error) {
 	start := time.Now()
 	prev, err := readProc(pid)
 	if err != nil {
 		return 0, err
 	}
+	quiet := 0
 	for time.Since(start) < limit {
 		time.Sleep(time.Second) // the sampling interval itself
 		cur, err := readProc(pid)
 		if err != nil {
 			return 0, err
 		}
-		if cur.CPU-prev.CPU < time.Millisecond {
+		if cur.CPU-prev.CPU >= time.Millisecond {
+			quiet = 0
+		} else if quiet++; quiet == settleSeconds {
 			return time.Since(start), nil
 		}
 		prev = cur
 	}
 	return limit, nil
 }
+
+// settleSeconds is how many seconds in a row the daemon must run under a
+// millisecond for the idle window to begin. One was not enough once the
+// resync got short: its tail (seen: 20–50 ms within 3 s, then nothing in
+// 30 s) came after a first quiet second.
+const settleSeconds = 3

@@ -19,25 +19,8 @@ type NsidSocket struct{ s *nlSocket }
 // OpenNsidSocket opens an NsidSocket in the netns at home ("": the
 // caller's own).
 func OpenNsidSocket(home string) (*NsidSocket, error) {
-	if home == "" {
-		s, err := openNLSocket()
-		if err != nil {
-			return nil, err
-		}
-		return &NsidSocket{s}, nil
-	}
-	ns, err := netns.GetFromPath(home)
-	if err != nil {
-		return nil, fmt.Errorf("open netns %s: %w", home, err)
-	}
-	defer ns.Close()
 	var s *nlSocket
-	err = onThread(func() error {
-		if err := netns.Set(ns); err != nil {
-			return fmt.Errorf("enter netns %s: %w", home, err)
-		}
-		return nil
-	}, func() error {
+	err := InNetns(home, func() error {
 		var err error
 		s, err = openNLSocket()
 		return err
@@ -53,6 +36,26 @@ func OpenNsidSocket(home string) (*NsidSocket, error) {
 
 // Close closes the socket.
 func (n *NsidSocket) Close() error { return n.s.Close() }
+
+// InNetns runs fn on an OS thread in the netns at path ("": here, on the
+// calling goroutine), as Netns.Do does: for what the kernel ties to the
+// calling thread's netns, a socket made.
+func InNetns(path string, fn func() error) error {
+	if path == "" {
+		return fn()
+	}
+	ns, err := netns.GetFromPath(path)
+	if err != nil {
+		return fmt.Errorf("open netns %s: %w", path, err)
+	}
+	defer ns.Close()
+	return onThread(func() error {
+		if err := netns.Set(ns); err != nil {
+			return fmt.Errorf("enter netns %s: %w", path, err)
+		}
+		return nil
+	}, fn)
+}
 
 // Nsid is the nsid home gives the netns open at fd, assigning one (the
 // kernel picks it) when it has none and assign is set; -1 when it has

@@ -9,8 +9,8 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/tapsync/tapsync/datapath"
 	"github.com/vishvananda/netlink/nl"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -189,21 +189,8 @@ var privateHome = sync.OnceValues(func() (string, error) {
 // inNetns runs open in the netns at home ("" runs it here). A socket
 // belongs to the netns of the thread that created it.
 func inNetns(home string, open func() (int, error)) (int, error) {
-	if home == "" {
-		return open()
-	}
-	ns, err := netns.GetFromPath(home)
-	if err != nil {
-		return -1, fmt.Errorf("open netns %s: %w", home, err)
-	}
-	defer ns.Close()
 	fd := -1
-	err = onThread(func() error {
-		if err := netns.Set(ns); err != nil {
-			return fmt.Errorf("enter netns %s: %w", home, err)
-		}
-		return nil
-	}, func() error {
+	err := datapath.InNetns(home, func() error {
 		var err error
 		fd, err = open()
 		return err

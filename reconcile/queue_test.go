@@ -365,67 +365,71 @@ func TestQueueConfirmationWaitsBehindNewWork(t *testing.T) {
 	var mu sync.Mutex
 	now := time.Unix(1000, 0)
 	q.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
-	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
-
-	q.Add("a")
-	if k, _ := q.get(); k != "a" {
-		t.Fatalf("first key %q, want a", k)
+	// serve runs n passes, calling between after the first, and returns
+	// their keys in order.
+	serve := func(n int, between func()) string {
+		var order []string
+		for i := range n {
+			k, _ := q.get()
+			order = append(order, k)
+			q.done(k, nil)
+			if i == 0 && between != nil {
+				between()
+			}
+		}
+		return strings.Join(order, " ")
 	}
-	q.Add("a") // during a's pass: its confirmation
-	q.Add("b")
-	q.Add("c")
-	q.done("a", nil)
-	if q.Len() != 3 {
-		t.Fatalf("Len = %d, want 3", q.Len())
+	for _, tc := range []struct {
+		name    string
+		setup   func()
+		between func()
+	}{
+		{"a confirmation that waited AgainWait goes before later keys",
+			func() {
+				q.Add("a")
+				q.get()
+				q.Add("a")
+				q.Add("b")
+				q.Add("c")
+				q.done("a", nil)
+			},
+			func() { mu.Lock(); now = now.Add(AgainWait); mu.Unlock() }},
+		{"a confirmation kicked goes in arrival order",
+			func() {
+				q.Add("a")
+				q.get()
+				q.Add("a")
+				q.Add("b")
+				q.done("a", nil)
+				q.Kick("a")
+				q.Add("c")
+			}, nil},
+		{"a key kicked during its pass is no confirmation",
+			func() {
+				q.Add("a")
+				q.get()
+				q.Add("b")
+				q.Kick("a")
+				q.done("a", nil)
+				q.Add("c")
+			}, nil},
+	} {
+		tc.setup()
+		if got := serve(3, tc.between); got != "b a c" {
+			t.Errorf("%s: order %q, want \"b a c\"", tc.name, got)
+		}
+		if q.Len() != 0 {
+			t.Errorf("%s: Len = %d at the end, want 0", tc.name, q.Len())
+		}
 	}
-	var order []string
-	k, _ := q.get()
-	order = append(order, k)
-	q.done(k, nil)
-	advance(AgainWait) // a has waited its bound: it goes before c
-	for range 2 {
-		k, _ := q.get()
-		order = append(order, k)
-		q.done(k, nil)
-	}
-	if got := strings.Join(order, " "); got != "b a c" {
-		t.Errorf("order %q, want \"b a c\"", got)
-	}
-
-	// Waiting as a confirmation, then kicked: it goes in arrival order.
+	// Not kicked nor waited out: behind the later keys.
 	q.Add("a")
 	q.get()
 	q.Add("a")
 	q.Add("b")
 	q.done("a", nil)
-	q.Kick("a")
 	q.Add("c")
-	order = order[:0]
-	for range 3 {
-		k, _ := q.get()
-		order = append(order, k)
-		q.done(k, nil)
-	}
-	if got := strings.Join(order, " "); got != "b a c" {
-		t.Errorf("after a Kick: order %q, want \"b a c\"", got)
-	}
-	// Kicked during its pass: no confirmation, in arrival order.
-	q.Add("a")
-	q.get()
-	q.Add("b")
-	q.Kick("a")
-	q.done("a", nil)
-	q.Add("c")
-	order = order[:0]
-	for range 3 {
-		k, _ := q.get()
-		order = append(order, k)
-		q.done(k, nil)
-	}
-	if got := strings.Join(order, " "); got != "b a c" {
-		t.Errorf("kicked during its pass: order %q, want \"b a c\"", got)
-	}
-	if q.Len() != 0 {
-		t.Errorf("Len = %d at the end, want 0", q.Len())
+	if got := serve(3, nil); got != "b c a" {
+		t.Errorf("a confirmation: order %q, want \"b c a\"", got)
 	}
 }

@@ -33,23 +33,14 @@ type keptFilters struct {
 // before it observes again.
 func (n *Netns) KeepFilters() { n.seen.on = true }
 
-// FiltersChanged notes that the tc of link ifindex may have changed (a
+// FiltersChanged notes that link ifindex or its tc may have changed (a
 // link or tc message about it): the next observation dumps its filters
-// again. An ifindex of 0 or below is every link's.
-func (n *Netns) FiltersChanged(ifindex int) {
-	if ifindex <= 0 {
-		clear(n.seen.kept)
-		return
-	}
-	n.seen.changed(ifindex)
-}
+// again, and those of the links that redirect to it.
+func (n *Netns) FiltersChanged(ifindex int) { n.seen.changed(ifindex) }
 
 // ForgetFilters drops every link's kept filters: the next observation
 // dumps them all.
-func (n *Netns) ForgetFilters() { n.FiltersChanged(0) }
-
-// KeptFilters is the number of links whose filters are kept.
-func (n *Netns) KeptFilters() int { return len(n.seen.kept) }
+func (n *Netns) ForgetFilters() { clear(n.seen.kept) }
 
 // prune drops what is kept of links not in present (gone, their messages
 // passed on or not).

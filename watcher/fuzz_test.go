@@ -152,6 +152,7 @@ func FuzzNetlinkMessage(f *testing.F) {
 		{unix.RTM_NEWADDR, make([]byte, 8)},
 		{unix.RTM_DELROUTE, make([]byte, 12)},
 		{unix.RTM_NEWTFILTER, make([]byte, 20)},
+		{unix.RTM_NEWACTION, make([]byte, 4)},
 	} {
 		f.Add(s.typ, s.data)
 	}
@@ -170,6 +171,16 @@ func FuzzNetlinkMessage(f *testing.F) {
 		case gone > 0 && (typ != unix.RTM_DELLINK || data[0] != unix.AF_UNSPEC ||
 			int32(binary.NativeEndian.Uint32(data[4:8])) != int32(gone)):
 			t.Errorf("type %d, %x: deletion of ifindex %d reported", typ, data, gone)
+		}
+		// What the message outdates of the netns's filters: its link's,
+		// every link's, or (an address, a route) none.
+		switch stale := tcStale(m); {
+		case stale == 0 || stale == TCStaleAll:
+		case stale < 0 || len(data) < 8 || int32(binary.NativeEndian.Uint32(data[4:8])) != int32(stale):
+			t.Errorf("type %d, %x: filters of link %d outdated", typ, data, stale)
+		}
+		if why == "" && tcStale(m) != 0 && typ != unix.RTM_NEWACTION && typ != unix.RTM_DELACTION {
+			t.Errorf("type %d: no event, yet filters outdated", typ)
 		}
 	})
 }

@@ -86,7 +86,7 @@ func richNetns(t testing.TB) *Netns {
 // parseLink as through the library.
 func TestParseLinkAgreesWithLibrary(t *testing.T) {
 	n := richNetns(t)
-	lib, err := n.h.LinkList()
+	lib, err := libOf(t, n).LinkList()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +124,7 @@ func TestParseLinkAgreesWithLibrary(t *testing.T) {
 // link, handle, parent and kind.
 func TestParseQdiscAgreesWithLibrary(t *testing.T) {
 	n := richNetns(t)
-	lib, err := n.h.QdiscList(nil)
+	lib, err := libOf(t, n).QdiscList(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,11 +192,11 @@ func TestParseFilterAgreesWithLibrary(t *testing.T) {
 		link   string
 		parent uint32
 	}{{"eth1", netlink.MakeHandle(0xffff, 0)}, {"peer1", netlink.HANDLE_MIN_INGRESS}} {
-		link, err := n.h.LinkByName(c.link)
+		link, err := libOf(t, n).LinkByName(c.link)
 		if err != nil {
 			t.Fatal(err)
 		}
-		lib, err := n.h.FilterList(link, c.parent)
+		lib, err := libOf(t, n).FilterList(link, c.parent)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -26,7 +26,7 @@ func TestGiveBackCountsLifetimesDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { n.Close() })
-	eth0, err := n.h.LinkByName("eth0")
+	eth0, err := libOf(t, n).LinkByName("eth0")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -126,8 +126,12 @@ func (n *Netns) containerLinks(withAddrs bool) ([]Link, error) {
 // addrsByLink returns the addresses of every link in the netns by ifindex,
 // from one dump: a dump per link would cost a netlink round trip each.
 func (n *Netns) addrsByLink() (map[int][]netip.Prefix, error) {
+	h, err := n.lib()
+	if err != nil {
+		return nil, err
+	}
 	// Equivalent to: ip -n <netns> address show
-	addrs, err := dump(func() ([]netlink.Addr, error) { return n.h.AddrList(nil, netlink.FAMILY_ALL) })
+	addrs, err := dump(func() ([]netlink.Addr, error) { return h.AddrList(nil, netlink.FAMILY_ALL) })
 	if err != nil {
 		return nil, fmt.Errorf("list addresses in netns %s: %w", n.path, err)
 	}

@@ -120,6 +120,10 @@ func (n *Netns) macvtap(name string) (*netlink.Macvtap, error) {
 // returns spec.MAC and no addresses. A link with a route that could not
 // be given back as it was (ErrCannotGiveBack) keeps its addresses.
 func (n *Netns) EnsureMacvtap(ctx context.Context, spec MacvtapSpec) (Macvtap, Moved, error) {
+	h, err := n.lib()
+	if err != nil {
+		return Macvtap{}, Moved{}, err
+	}
 	if err := spec.validate(); err != nil {
 		return Macvtap{}, Moved{}, fmt.Errorf("netns %s: %w", n.path, err)
 	}
@@ -145,7 +149,7 @@ func (n *Netns) EnsureMacvtap(ctx context.Context, spec MacvtapSpec) (Macvtap, M
 	switch cur := c.Attrs().HardwareAddr; {
 	case slices.Equal(cur, host):
 	case slices.Equal(cur, spec.MAC):
-		if err := n.h.LinkSetHardwareAddr(c, host); err != nil {
+		if err := h.LinkSetHardwareAddr(c, host); err != nil {
 			return Macvtap{}, Moved{}, wrap("set container link mac "+host.String(), err)
 		}
 	default:
@@ -168,7 +172,7 @@ func (n *Netns) EnsureMacvtap(ctx context.Context, spec MacvtapSpec) (Macvtap, M
 			LinkAttrs: netlink.LinkAttrs{Name: name, ParentIndex: spec.Container, HardwareAddr: spec.MAC, MTU: mtu, TxQLen: -1},
 			Mode:      netlink.MACVLAN_MODE_BRIDGE,
 		}}
-		if err := n.h.LinkAdd(nm); err != nil {
+		if err := h.LinkAdd(nm); err != nil {
 			return Macvtap{}, Moved{}, wrap("create", err)
 		}
 		zerolog.Ctx(ctx).Debug().Str("netns", n.path).Str("macvtap", name).Str("container", cname).Msg("created macvtap")
@@ -183,12 +187,12 @@ func (n *Netns) EnsureMacvtap(ctx context.Context, spec MacvtapSpec) (Macvtap, M
 	}
 	// Equivalent to: ip link set dev tsmN mtu M up
 	if m.Attrs().MTU != mtu {
-		if err := n.h.LinkSetMTU(m, mtu); err != nil {
+		if err := h.LinkSetMTU(m, mtu); err != nil {
 			return Macvtap{}, Moved{}, wrap(fmt.Sprintf("set mtu %d", mtu), err)
 		}
 	}
 	if m.Attrs().Flags&net.FlagUp == 0 {
-		if err := n.h.LinkSetUp(m); err != nil {
+		if err := h.LinkSetUp(m); err != nil {
 			return Macvtap{}, Moved{}, wrap("set up", err)
 		}
 	}
@@ -246,6 +250,10 @@ func (n *Netns) takeAddrs(link netlink.Link, spec MacvtapSpec) ([]MovedAddr, []M
 // address whose lifetime ran out meanwhile stays away, and comes back
 // with what is left of it otherwise.
 func (n *Netns) RestoreContainerLink(ifindex int, m Moved) error {
+	h, err := n.lib()
+	if err != nil {
+		return err
+	}
 	link, err := n.linkByIndexLive(ifindex)
 	if err != nil {
 		return fmt.Errorf("netns %s: restore container link %d: %w", n.path, ifindex, err)
@@ -258,12 +266,12 @@ func (n *Netns) RestoreContainerLink(ifindex int, m Moved) error {
 	cur := link.Attrs().HardwareAddr
 	if !slices.Equal(cur, m.MAC) {
 		// Equivalent to: ip link set dev CONTAINER address MAC
-		if err := n.h.LinkSetHardwareAddr(link, m.MAC); err != nil {
+		if err := h.LinkSetHardwareAddr(link, m.MAC); err != nil {
 			return wrap(fmt.Errorf("set mac %s: %w", m.MAC, err))
 		}
 		if ll, ok := eui64LinkLocal(cur); ok && !slices.ContainsFunc(m.Addrs, func(a MovedAddr) bool { return a.Prefix == ll }) {
 			a := &netlink.Addr{IPNet: &net.IPNet{IP: ll.Addr().AsSlice(), Mask: net.CIDRMask(64, 128)}}
-			if err := n.h.AddrDel(link, a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+			if err := h.AddrDel(link, a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
 				return wrap(fmt.Errorf("delete link-local address %s: %w", ll, err))
 			}
 		}
@@ -296,6 +304,10 @@ func eui64LinkLocal(mac net.HardwareAddr) (netip.Prefix, bool) {
 // link of that name that is not a macvtap is refused. Call it only after
 // QEMU has released the queues, then RestoreContainerLink.
 func (n *Netns) RemoveMacvtap(index int) error {
+	h, err := n.lib()
+	if err != nil {
+		return err
+	}
 	name := MacvtapName(index)
 	m, err := n.macvtap(name)
 	if isLinkNotFound(err) {
@@ -304,7 +316,7 @@ func (n *Netns) RemoveMacvtap(index int) error {
 	if err == nil {
 		// Equivalent to: ip link del dev tsmN
 		n.seen.changed(m.Attrs().Index)
-		err = n.h.LinkDel(m)
+		err = h.LinkDel(m)
 		if isLinkNotFound(err) || errors.Is(err, unix.ENODEV) {
 			err = nil
 		}

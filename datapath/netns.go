@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -18,10 +19,16 @@ type Netns struct {
 	path string
 	ns   netns.NsHandle
 	id   [2]uint64 // device and inode of the namespace (nsfs)
-	h    *netlink.Handle
-	// dumper is a second route socket, for the dumps and requests this
-	// package encodes and decodes itself (dumps.go, rtnl.go).
+	// dumper is the route socket for the dumps and requests this package
+	// encodes and decodes itself (dumps.go, rtnl.go, requests.go): every
+	// call of an observation and of the common wiring.
 	dumper *nlSocket
+	// h is the library's handle, for the rest (macvtaps, rate limits,
+	// addresses, routes, neighbours, deletions), opened by the first call
+	// that needs it (lib): most netns never do, and opening it cost a
+	// socket made inside the netns per netns opened.
+	libMu sync.Mutex
+	h     *netlink.Handle
 	// While Observe runs, its dumps, which every part of the observation
 	// reads: one link dump (six of the same list before), one qdisc dump
 	// (the kernel dumps every link's qdiscs even when asked for one link's,
@@ -50,51 +57,58 @@ func Open(path string) (*Netns, error) {
 		return nil, fmt.Errorf("stat netns %s: %w", path, err)
 	}
 	n := &Netns{path: path, ns: ns, id: [2]uint64{st.Dev, st.Ino}}
-	// Both sockets are made on one thread inside the netns (a socket stays
-	// in the netns it was made in). Only rtnetlink: every call of ours is
-	// a link, address, route, neighbour or tc one, and the library's
-	// default (a socket for xfrm and netfilter too, each made by entering
-	// the netns) tripled what opening a netns costs on every pass.
+	// The socket is made on a thread inside the netns (a socket stays in
+	// the netns it was made in).
 	err = n.Do(func() error {
 		var err error
-		n.h, n.dumper, err = socketsHere()
+		n.dumper, err = openNLSocket()
 		return err
 	})
 	if err != nil {
-		// The sockets, if made on a thread that then failed to return home.
-		if n.h != nil {
-			n.h.Close()
+		// The socket, if made on a thread that then failed to return home.
+		if n.dumper != nil {
 			n.dumper.Close()
 		}
 		ns.Close()
-		return nil, fmt.Errorf("netlink sockets in netns %s: %w", path, err)
-	}
-	// A dump that the kernel interrupts is retried by us (see dump); a
-	// socket timeout keeps one wedged namespace from hanging its caller.
-	if err := n.h.SetSocketTimeout(socketTimeout); err != nil {
-		n.Close()
-		return nil, fmt.Errorf("netlink socket timeout in netns %s: %w", path, err)
+		return nil, fmt.Errorf("netlink socket in netns %s: %w", path, err)
 	}
 	return n, nil
 }
 
+// lib returns the library's handle in the netns, opening it on first use.
+// Only rtnetlink: every call of ours is a link, address, route,
+// neighbour or tc one, and the library's default (a socket for xfrm and
+// netfilter too, each made by entering the netns) tripled what opening a
+// handle costs. A dump the kernel interrupts is retried by us (see dump);
+// a socket timeout keeps one wedged namespace from hanging its caller.
+func (n *Netns) lib() (*netlink.Handle, error) {
+	n.libMu.Lock()
+	defer n.libMu.Unlock()
+	if n.h != nil {
+		return n.h, nil
+	}
+	var h *netlink.Handle
+	err := n.Do(func() error {
+		var err error
+		h, err = netlink.NewHandleAt(netns.None(), unix.NETLINK_ROUTE)
+		return err
+	})
+	if err != nil {
+		if h != nil { // made on a thread that then failed to return home
+			h.Close()
+		}
+		return nil, fmt.Errorf("netlink handle in netns %s: %w", n.path, err)
+	}
+	if err := h.SetSocketTimeout(socketTimeout); err != nil {
+		h.Close()
+		return nil, fmt.Errorf("netlink socket timeout in netns %s: %w", n.path, err)
+	}
+	n.h = h
+	return h, nil
+}
+
 // socketTimeout bounds each send and receive on a netlink socket of ours.
 const socketTimeout = 5 * time.Second
-
-// socketsHere opens a Netns's two route sockets in the calling thread's
-// netns: the library's handle and the dumper.
-func socketsHere() (*netlink.Handle, *nlSocket, error) {
-	h, err := netlink.NewHandleAt(netns.None(), unix.NETLINK_ROUTE)
-	if err != nil {
-		return nil, nil, err
-	}
-	s, err := openNLSocket()
-	if err != nil {
-		h.Close()
-		return nil, nil, err
-	}
-	return h, s, nil
-}
 
 // ErrNetnsReplaced says that a Netns's path no longer names the namespace
 // it holds: the namespace was deleted, or another one was mounted there.
@@ -131,7 +145,12 @@ func (n *Netns) Path() string { return n.path }
 
 // Close releases the netlink handle and the namespace reference.
 func (n *Netns) Close() error {
-	n.h.Close()
+	n.libMu.Lock()
+	if n.h != nil {
+		n.h.Close()
+		n.h = nil
+	}
+	n.libMu.Unlock()
 	n.dumper.Close()
 	return n.ns.Close()
 }

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
@@ -108,7 +109,7 @@ func TestNLSocketKernelError(t *testing.T) {
 		nl.NewIfInfomsg(unix.AF_UNSPEC), nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated("tsi9")), linkInfo("ifb")); err != nil {
 		t.Fatalf("adding an ifb after the error: %v", err)
 	}
-	l, err := n.h.LinkByName("tsi9")
+	l, err := libOf(t, n).LinkByName("tsi9")
 	if err != nil || l.Type() != "ifb" {
 		t.Fatalf("the ifb added: %v, %v", l, err)
 	}
@@ -130,4 +131,14 @@ func FuzzNLAnswers(f *testing.F) {
 		var intr bool
 		_, _ = s.answers(b, 0, func([]byte) error { return nil }, &fnErr, &intr)
 	})
+}
+
+// libOf is n's library handle, opened if it was not.
+func libOf(t testing.TB, n *Netns) *netlink.Handle {
+	t.Helper()
+	h, err := n.lib()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
 }

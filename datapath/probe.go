@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -23,11 +24,15 @@ func ProbeKernel() error {
 
 // probeHere runs on a thread inside the throwaway namespace.
 func probeHere() error {
-	h, dumper, err := socketsHere()
+	h, err := netlink.NewHandleAt(netns.None(), unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink: %w", err)
 	}
 	defer h.Close()
+	dumper, err := openNLSocket()
+	if err != nil {
+		return fmt.Errorf("netlink: %w", err)
+	}
 	defer dumper.Close()
 	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}, PeerName: "probe1"}
 	if err := h.LinkAdd(veth); err != nil {

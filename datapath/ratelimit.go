@@ -91,7 +91,11 @@ func (n *Netns) rateLimitOn(link netlink.Link) (uint64, bool, error) {
 }
 
 func (n *Netns) rateClass(link netlink.Link) (*netlink.HtbClass, error) {
-	cs, err := dump(func() ([]netlink.Class, error) { return n.h.ClassList(link, netlink.MakeHandle(rateHandle, 0)) })
+	h, err := n.lib()
+	if err != nil {
+		return nil, err
+	}
+	cs, err := dump(func() ([]netlink.Class, error) { return h.ClassList(link, netlink.MakeHandle(rateHandle, 0)) })
 	if err != nil {
 		return nil, fmt.Errorf("list classes: %w", err)
 	}
@@ -110,6 +114,10 @@ func (n *Netns) rateClass(link netlink.Link) (*netlink.HtbClass, error) {
 // new limit on a link that has one changes the class in place: the qdisc
 // and its queue stay, so traffic does not flap.
 func (n *Netns) EnsureRateLimit(ifindex int, bps uint64) error {
+	h, err := n.lib()
+	if err != nil {
+		return err
+	}
 	if bps == 0 {
 		return n.RemoveRateLimit(ifindex)
 	}
@@ -141,7 +149,7 @@ func (n *Netns) EnsureRateLimit(ifindex int, bps uint64) error {
 		})
 		q.Defcls = 1
 		n.seen.changed(q.Attrs().LinkIndex)
-		if err := n.h.QdiscReplace(q); err != nil {
+		if err := h.QdiscReplace(q); err != nil {
 			return wrap(fmt.Errorf("add htb qdisc: %w", err))
 		}
 	}
@@ -162,11 +170,11 @@ func (n *Netns) EnsureRateLimit(ifindex int, bps uint64) error {
 	case cur == nil:
 		// Equivalent to: tc class add dev LINK parent 7453: classid 7453:1 htb rate R ceil R burst B cburst B
 		n.seen.changed(cl.Attrs().LinkIndex)
-		err = n.h.ClassAdd(cl)
+		err = h.ClassAdd(cl)
 	case cur.Rate != rate || cur.Ceil != rate || cur.Buffer != cl.Buffer || cur.Cbuffer != cl.Cbuffer:
 		// Equivalent to: tc class change dev LINK parent 7453: classid 7453:1 htb rate R ceil R burst B cburst B
 		n.seen.changed(cl.Attrs().LinkIndex)
-		err = n.h.ClassChange(cl)
+		err = h.ClassChange(cl)
 	}
 	if err != nil {
 		return wrap(fmt.Errorf("set htb class: %w", err))
@@ -178,6 +186,10 @@ func (n *Netns) EnsureRateLimit(ifindex int, bps uint64) error {
 // puts its default root qdisc back. No limit, a link that is gone, or a
 // root qdisc of someone else's are success (the last left alone).
 func (n *Netns) RemoveRateLimit(ifindex int) error {
+	h, err := n.lib()
+	if err != nil {
+		return err
+	}
 	link, err := n.linkByIndexLive(ifindex)
 	if isLinkNotFound(err) {
 		return nil
@@ -189,7 +201,7 @@ func (n *Netns) RemoveRateLimit(ifindex int) error {
 	if err == nil && isOurRateQdisc(root) {
 		// Equivalent to: tc qdisc del dev LINK root handle 7453:
 		n.seen.changed(root.Attrs().LinkIndex)
-		if err = n.h.QdiscDel(root); err != nil && n.noOurQdisc(link) {
+		if err = h.QdiscDel(root); err != nil && n.noOurQdisc(link) {
 			err = nil // gone meanwhile
 		}
 	}
@@ -323,11 +335,15 @@ func (n *Netns) ingressLimitFilter(link netlink.Link, parent uint32) (int, error
 // link's ingress hook.
 // Equivalent to: tc filter del dev LINK parent ffff: prio 29780
 func (n *Netns) delIngressLimitFilter(link netlink.Link, parent uint32) error {
+	h, err := n.lib()
+	if err != nil {
+		return err
+	}
 	f := &netlink.U32{FilterAttrs: netlink.FilterAttrs{
 		LinkIndex: link.Attrs().Index, Parent: parent, Priority: IngressPriority, Protocol: unix.ETH_P_ALL,
 	}}
 	n.seen.changed(f.Attrs().LinkIndex)
-	if err := n.h.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
+	if err := h.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
 		return fmt.Errorf("delete filter prio %d on %s: %w", IngressPriority, link.Attrs().Name, err)
 	}
 	return nil
@@ -339,6 +355,10 @@ func (n *Netns) delIngressLimitFilter(link netlink.Link, parent uint32) error {
 // link's ingress is redirected to it; a filter of ours that points
 // elsewhere is replaced. 0 removes the limit (RemoveIngressLimit).
 func (n *Netns) EnsureIngressLimit(ifindex, index int, bps uint64) error {
+	h, err := n.lib()
+	if err != nil {
+		return err
+	}
 	if bps == 0 {
 		return n.RemoveIngressLimit(ifindex, index)
 	}
@@ -355,7 +375,7 @@ func (n *Netns) EnsureIngressLimit(ifindex, index int, bps uint64) error {
 		// Equivalent to: ip link add tsiN txqueuelen 1000 type ifb
 		attrs := netlink.NewLinkAttrs()
 		attrs.Name, attrs.TxQLen = name, ifbQueueLen
-		if err = n.h.LinkAdd(&netlink.Ifb{LinkAttrs: attrs}); err != nil && !errors.Is(err, unix.EEXIST) {
+		if err = h.LinkAdd(&netlink.Ifb{LinkAttrs: attrs}); err != nil && !errors.Is(err, unix.EEXIST) {
 			return wrap(fmt.Errorf("add ifb: %w", err))
 		}
 		ifb, err = n.ifb(index)
@@ -365,7 +385,7 @@ func (n *Netns) EnsureIngressLimit(ifindex, index int, bps uint64) error {
 	}
 	if ifb.Attrs().Flags&net.FlagUp == 0 {
 		// Equivalent to: ip link set tsiN up
-		if err := n.h.LinkSetUp(ifb); err != nil {
+		if err := h.LinkSetUp(ifb); err != nil {
 			return wrap(fmt.Errorf("set %s up: %w", name, err))
 		}
 	}
@@ -406,7 +426,7 @@ func (n *Netns) EnsureIngressLimit(ifindex, index int, bps uint64) error {
 		}},
 	}
 	n.seen.changed(f.Attrs().LinkIndex)
-	if err := n.h.FilterAdd(f); err != nil {
+	if err := h.FilterAdd(f); err != nil {
 		return wrap(fmt.Errorf("add filter: %w", err))
 	}
 	return nil
@@ -416,6 +436,10 @@ func (n *Netns) EnsureIngressLimit(ifindex, index int, bps uint64) error {
 // flow unlimited again), then deletes tsi<N>. A link or ifb already gone
 // is success; ifindex 0 deletes only the ifb.
 func (n *Netns) RemoveIngressLimit(ifindex, index int) error {
+	h, err := n.lib()
+	if err != nil {
+		return err
+	}
 	name := IfbName(index)
 	if ifindex != 0 {
 		var parent uint32
@@ -434,7 +458,7 @@ func (n *Netns) RemoveIngressLimit(ifindex, index int) error {
 	if err == nil {
 		// Equivalent to: ip link del dev tsiN
 		n.seen.changed(ifb.Attrs().Index)
-		err = n.h.LinkDel(ifb)
+		err = h.LinkDel(ifb)
 		if errors.Is(err, unix.ENODEV) {
 			err = nil
 		}

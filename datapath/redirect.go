@@ -202,6 +202,10 @@ func (n *Netns) ensureRedirect(fromLink, toLink netlink.Link) error {
 // delOurFilter deletes every filter at FilterPriority on link's ingress.
 // Equivalent to: tc filter del dev LINK parent ffff: prio 29779
 func (n *Netns) delOurFilter(link netlink.Link, parent uint32) error {
+	h, err := n.lib()
+	if err != nil {
+		return err
+	}
 	f := &netlink.U32{FilterAttrs: netlink.FilterAttrs{
 		LinkIndex: link.Attrs().Index,
 		Parent:    parent,
@@ -209,7 +213,7 @@ func (n *Netns) delOurFilter(link netlink.Link, parent uint32) error {
 		Protocol:  unix.ETH_P_ALL,
 	}}
 	n.seen.changed(f.Attrs().LinkIndex)
-	if err := n.h.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) {
+	if err := h.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("delete filter prio %d on %s: %w", FilterPriority, link.Attrs().Name, err)
 	}
 	return nil

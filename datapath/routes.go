@@ -21,6 +21,10 @@ import (
 // Routes through loopback or through an endpoint tap are reported too;
 // which links matter is the caller's decision.
 func (n *Netns) Routes() ([]Route, error) {
+	h, err := n.lib()
+	if err != nil {
+		return nil, err
+	}
 	// Equivalent to: ip -n <netns> route show table main; ip -n <netns> -6 route show table main
 	// One dump of both families. Without a table filter the library
 	// skips every route outside the main table before decoding it; with
@@ -28,7 +32,7 @@ func (n *Netns) Routes() ([]Route, error) {
 	// and broadcast) first, which was a tenth of a no-op pass. toRoute
 	// keeps the main table only either way.
 	rs, err := dump(func() ([]netlink.Route, error) {
-		return n.h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{}, 0)
+		return h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{}, 0)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("list routes in netns %s: %w", n.path, err)
@@ -89,8 +93,12 @@ func addrOf(ip net.IP) netip.Addr {
 // and IPv6, on every link: the ones someone set, not the ones the kernel
 // learnt and will forget.
 func (n *Netns) Neighbors() ([]Neighbor, error) {
+	h, err := n.lib()
+	if err != nil {
+		return nil, err
+	}
 	// Equivalent to: ip -n <netns> neigh show nud permanent
-	ns, err := dump(func() ([]netlink.Neigh, error) { return n.h.NeighList(0, netlink.FAMILY_ALL) })
+	ns, err := dump(func() ([]netlink.Neigh, error) { return h.NeighList(0, netlink.FAMILY_ALL) })
 	if err != nil {
 		return nil, fmt.Errorf("list neighbours in netns %s: %w", n.path, err)
 	}

@@ -331,6 +331,10 @@ func openVhost(ctx context.Context, q *Queues, queues int, mode Vhost) error {
 // link of that name that is not a tap is refused. Call it only after QEMU
 // has released the tap (netdev_del): QEMU can crash when its tap vanishes.
 func (n *Netns) RemoveTap(index int) error {
+	h, err := n.lib()
+	if err != nil {
+		return err
+	}
 	name := TapName(index)
 	t, err := n.tap(name)
 	if isLinkNotFound(err) {
@@ -339,7 +343,7 @@ func (n *Netns) RemoveTap(index int) error {
 	if err == nil {
 		// Equivalent to: ip link del dev tsnN
 		n.seen.changed(t.Attrs().Index)
-		err = n.h.LinkDel(t)
+		err = h.LinkDel(t)
 		if isLinkNotFound(err) || errors.Is(err, unix.ENODEV) {
 			err = nil
 		}

@@ -1,7 +1,9 @@
 package datapath
 
 import (
+	"context"
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/tapsync/tapsync/e2e/testnet"
@@ -30,5 +32,47 @@ func TestCreateTapIsExclusive(t *testing.T) {
 	}
 	if after := testnet.IP(t, "-n", ns.Name, "-d", "link", "show", TapName(7)); after != before {
 		t.Errorf("the existing tap was changed:\n%s\n%s", before, after)
+	}
+}
+
+// TestWiringNeedsNoLibraryHandle: observing a netns and wiring a tap to a
+// link both ways go through the Netns's own socket; the library's handle
+// is opened only by a call that needs it (here the tap's removal), once,
+// inside the netns.
+func TestWiringNeedsNoLibraryHandle(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	ns := testnet.NewNS(t, "tapsync-lib")
+	peer := testnet.NewNS(t, "tapsync-libpeer")
+	testnet.Veth(t, ns, "eth0", nil, peer, "peer0")
+	n, err := Open(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	if _, err := n.Observe(Parts{}); err != nil {
+		t.Fatal(err)
+	}
+	tap, err := n.EnsureTap(context.Background(), TapSpec{Index: 0, Queues: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eth0, err := n.linkByName("eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.EnsureRedirects(eth0.Attrs().Index, tap.Ifindex); err != nil {
+		t.Fatal(err)
+	}
+	if n.h != nil {
+		t.Fatal("observing and wiring opened the library's handle")
+	}
+	if err := n.RemoveTap(0); err != nil {
+		t.Fatal(err)
+	}
+	if n.h == nil {
+		t.Fatal("the tap's removal did not open the library's handle")
+	}
+	if out := testnet.IP(t, "-n", ns.Name, "link", "show"); strings.Contains(out, TapName(0)) {
+		t.Fatalf("the tap is still in the netns (the handle is not inside it?):\n%s", out)
 	}
 }

@@ -149,7 +149,7 @@ var beliefCauses = map[cause]func(g *beliefRig){
 		g.r.dropAgent("sb", c)
 	},
 	causeVerify:    func(g *beliefRig) { g.r.Verify("sb") },
-	causeTCAll:     func(g *beliefRig) { g.r.NoteFiltersChanged("sb", 0) },
+	causeTCAll:     func(g *beliefRig) { g.r.NoteNetlink("sb", Netlink{TCStale: -1}) },
 	causeQMPFailed: func(g *beliefRig) { g.r.note("sb", causeQMPFailed) }, // vm.go's sites: TestModelErrorObservesFully
 	causeTeardown:  func(g *beliefRig) { g.r.note("sb", causeTeardown) },
 	causeCutShort: func(g *beliefRig) {

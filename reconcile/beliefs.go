@@ -50,7 +50,7 @@ const (
 	// beliefHostFilters is what the netns kept of its links' ingress
 	// filters (datapath.Netns.KeepFilters), keyed by the open netns (one
 	// opened anew keeps nothing) and, link by link, by the link and tc
-	// messages about it (NoteFiltersChanged).
+	// messages about it (NoteNetlink).
 	beliefHostFilters
 
 	beliefsGuest = beliefGuestInterface | beliefGuestRoutes | beliefGuestNeighbors

@@ -476,7 +476,7 @@ func TestLinkGoneDuringPass(t *testing.T) {
 			if err := h.LinkDel(net0); err != nil {
 				t.Errorf("delete net0: %v", err)
 			}
-			g.r.NoteLinkGone(id, net0.Attrs().Index)
+			g.r.NoteNetlink(id, Netlink{LinkGone: net0.Attrs().Index})
 		}
 	}
 	t.Cleanup(func() { g.r.afterObserve = nil })

@@ -87,33 +87,37 @@ func (r *Reconciler) Plan(ctx context.Context, id string) (Plan, error) {
 // the pass still sees them).
 const maxLinksGone = 32
 
-// NoteLinkGone tells the reconciler that the link with ifindex was
-// deleted from sandbox id's netns (a netlink event); it does not block. A
-// pass whose observation still lists that link observes again, once,
-// before it acts.
-func (r *Reconciler) NoteLinkGone(id string, ifindex int) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if e, ok := r.sandboxes[id]; ok && len(e.linksGone) < maxLinksGone && !slices.Contains(e.linksGone, ifindex) {
-		e.linksGone = append(e.linksGone, ifindex)
-	}
+// Netlink is what one netlink message about a sandbox's netns tells its
+// next observation: a link deleted (LinkGone, its ifindex; 0: none) and
+// the links whose tc may have changed (TCStale: a link message or a tc
+// message names its link; below 0 every link's, see causeTCAll; 0: none).
+type Netlink struct {
+	LinkGone int
+	TCStale  int
 }
 
-// NoteFiltersChanged tells the reconciler that the tc of link ifindex in
-// sandbox id's netns may have changed (a link or tc message about it;
-// ifindex 0 or below: any link's, see causeTCAll); it does not block. The
-// next observation of the netns dumps that link's ingress filters again
-// (see KeepFilters).
-func (r *Reconciler) NoteFiltersChanged(id string, ifindex int) {
+// NoteNetlink tells the reconciler what a netlink message about sandbox
+// id's netns says; it does not block.
+//   - A pass whose observation still lists a deleted link observes again,
+//     once, before it acts.
+//   - The next observation dumps the ingress filters of a link whose tc
+//     may have changed again (see KeepFilters).
+func (r *Reconciler) NoteNetlink(id string, m Netlink) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e, ok := r.sandboxes[id]
-	switch {
-	case !ok:
-	case ifindex <= 0 || len(e.filtersChanged) >= maxLinksGone:
+	if !ok {
+		return
+	}
+	if g := m.LinkGone; g > 0 && len(e.linksGone) < maxLinksGone && !slices.Contains(e.linksGone, g) {
+		e.linksGone = append(e.linksGone, g)
+	}
+	switch c := m.TCStale; {
+	case c == 0:
+	case c < 0 || len(e.filtersChanged) >= maxLinksGone:
 		r.noteLocked(id, causeTCAll)
-	case !slices.Contains(e.filtersChanged, ifindex):
-		e.filtersChanged = append(e.filtersChanged, ifindex)
+	case !slices.Contains(e.filtersChanged, c):
+		e.filtersChanged = append(e.filtersChanged, c)
 	}
 }
 

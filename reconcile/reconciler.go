@@ -149,7 +149,7 @@ type Reconciler struct {
 	// ingress filters from one pass to the next
 	// (datapath.Netns.KeepFilters). Set it only when every netlink
 	// message about the sandboxes' links and tc reaches
-	// NoteFiltersChanged.
+	// NoteNetlink.
 	KeepFilters bool
 	// AfterAction, if set, is called after every completed action of
 	// every sandbox (fault injection for crash tests; see Env).

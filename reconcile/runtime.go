@@ -48,10 +48,10 @@ type sandboxRuntime struct {
 
 	// What happened since the last pass began.
 	// linksGone are the ifindexes of links deleted in the netns since the
-	// running (or next) pass began to observe it (see NoteLinkGone).
+	// running (or next) pass began to observe it (see NoteNetlink).
 	linksGone []int
 	// filtersChanged are the links whose tc may have changed since the
-	// running (or next) pass began to observe (NoteFiltersChanged), and
+	// running (or next) pass began to observe (NoteNetlink), and
 	// filtersAll says every link's may have: that pass's netns dumps their
 	// ingress filters again (beliefHostFilters).
 	filtersChanged []int

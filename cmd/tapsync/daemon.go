@@ -99,7 +99,7 @@ func newDaemon(cfg Config) (*daemon, error) {
 	d.links = watcher.NewNetlinkWatcher(d.handle)
 	d.m = newMetrics(d)
 	// Every message about a sandbox's links and tc reaches
-	// NoteFiltersChanged (handle): the netns may keep its filters.
+	// NoteNetlink (handle): the netns may keep its filters.
 	d.rec.KeepFilters = true
 	d.rec.OnEvent = d.qmpEvent
 	d.rec.OnMonitorClosed = d.monitorClosed
@@ -270,11 +270,8 @@ func (d *daemon) handle(e watcher.Event) {
 			d.markGone(id)
 		}
 	case watcher.KindSandbox:
-		if e.LinkGone > 0 {
-			d.rec.NoteLinkGone(e.ID, e.LinkGone)
-		}
-		if e.TCStale != 0 {
-			d.rec.NoteFiltersChanged(e.ID, e.TCStale)
+		if e.LinkGone > 0 || e.TCStale != 0 {
+			d.rec.NoteNetlink(e.ID, reconcile.Netlink{LinkGone: e.LinkGone, TCStale: e.TCStale})
 		}
 		d.trigger(e.ID, src)
 	case watcher.KindUpsert:
@@ -545,7 +542,7 @@ func (d *daemon) pass(ctx context.Context, id string) error {
 	if d.links.Serial(id) != watch {
 		// A watch begun (or replaced) now: changes before it were not
 		// heard, and what the netns kept of its filters may predate them.
-		d.rec.NoteFiltersChanged(id, 0)
+		d.rec.NoteNetlink(id, reconcile.Netlink{TCStale: watcher.TCStaleAll})
 	}
 	start := time.Now()
 	err := d.rec.Reconcile(ctx, id)

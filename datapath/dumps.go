@@ -27,15 +27,23 @@ func decodedDump[T comparable](n *Netns, typ int, resType uint16, parse func([]b
 			req.AddData(d)
 		}
 		var (
-			out  []T
-			none T
+			out    []T
+			none   T
+			failed bool
 		)
 		err := n.dumper.exchange(req, resType, func(m []byte) error {
+			if failed {
+				return nil // the rest is drained unread: the first error stands
+			}
 			v, err := parse(m)
-			if err == nil && v != none {
+			if err != nil {
+				failed = true
+				return err
+			}
+			if v != none {
 				out = append(out, v)
 			}
-			return err
+			return nil
 		})
 		return out, err
 	})

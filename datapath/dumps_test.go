@@ -1,8 +1,11 @@
 package datapath
 
 import (
+	"errors"
+	"fmt"
 	"net"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/tapsync/tapsync/e2e/testnet"
@@ -245,4 +248,36 @@ func FuzzParseLink(f *testing.F) {
 			_ = f.Type()
 		}
 	})
+}
+
+// A dump whose decoding fails reports the first failure and decodes
+// nothing after it; the rest of the dump is drained, so the socket's next
+// exchange gets its own answers.
+func TestDecodedDumpStopsDecodingAtFirstError(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	ns := testnet.NewNS(t, "tapsync-dumperr")
+	peer := testnet.NewNS(t, "tapsync-dumperrp")
+	testnet.Veth(t, ns, "eth0", nil, peer, "peer0")
+	testnet.Veth(t, ns, "eth1", nil, peer, "peer1")
+	n, err := Open(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	calls := 0
+	bad := errors.New("bad message")
+	_, err = decodedDump(n, unix.RTM_GETLINK, unix.RTM_NEWLINK, func([]byte) (netlink.Link, error) {
+		calls++
+		return nil, fmt.Errorf("message %d: %w", calls, bad)
+	}, nl.NewIfInfomsg(unix.AF_UNSPEC))
+	if !errors.Is(err, bad) || !strings.Contains(err.Error(), "message 1:") {
+		t.Fatalf("dump = %v, want the first message's error", err)
+	}
+	if calls != 1 {
+		t.Errorf("decoded %d messages, want 1: decoding goes on after the first error", calls)
+	}
+	links, err := n.dumpLinks()
+	if err != nil || len(links) != 3 {
+		t.Fatalf("the next dump = %d links, %v; want lo, eth0, eth1", len(links), err)
+	}
 }

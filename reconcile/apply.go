@@ -143,11 +143,6 @@ type applier struct {
 	// configured is what this pass's configure-guest steps sent, by
 	// endpoint (see Plan.Refreshed).
 	configured map[int]agent.Interface
-	// plugAhead is the MTU of each endpoint's NIC plug in the plan, and
-	// counted the endpoints whose record step counted that plug already
-	// (see applyRecordStep): one record write per new endpoint, not two.
-	plugAhead map[int]int
-	counted   map[int]bool
 }
 
 // Apply executes p in order, saving the record at every record step
@@ -158,12 +153,7 @@ type applier struct {
 // (see unplugBatch).
 func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env) (state.Record, Outcome, error) {
 	a := &applier{Env: env, taps: map[int]int{}, paths: map[int]string{}, blocked: map[int]bool{}, unplugged: map[int]bool{},
-		ahead: map[int]bool{}, unplugs: map[int]error{}, configured: map[int]agent.Interface{}, plugAhead: map[int]int{}, counted: map[int]bool{}}
-	for _, act := range p.Actions {
-		if act.Op == planner.OpPlugNIC {
-			a.plugAhead[act.Endpoint.Index] = act.MTU
-		}
-	}
+		ahead: map[int]bool{}, unplugs: map[int]error{}, configured: map[int]agent.Interface{}}
 	for _, t := range obs.Taps {
 		a.taps[t.Index] = t.Ifindex
 	}

@@ -47,7 +47,7 @@ var appliers = [planner.NumOps]applyFunc{
 		if err != nil {
 			return fmt.Errorf("recorded MAC %q: %w", e.LinkMAC, err)
 		}
-		if r, ok := rec.Endpoint(e.Index); ok && !a.counted[e.Index] {
+		if r, ok := rec.Endpoint(e.Index); ok && !act.PlugCounted {
 			// Intent first: the plug is counted (guest digests name the
 			// plug they were confirmed for, see the planner's nicKey), with
 			// the host_mtu that caps the guest's MTU (its brokenReason).
@@ -58,7 +58,6 @@ var appliers = [planner.NumOps]applyFunc{
 				return err
 			}
 		}
-		delete(a.counted, e.Index)
 		q, err := queueOpenerOf(e)(ctx, a.Host, a.Vhost, e, tapSpec(act))
 		if err != nil {
 			return err
@@ -161,21 +160,9 @@ func applierOf(o Op) applyFunc {
 }
 
 // applyRecordStep puts the endpoint of record step act (planner.OpRecord,
-// planner.OpMarkRemoving) into rec and saves it. A new endpoint whose NIC
-// the plan plugs has that plug counted in the same write, as the plug-nic
-// step would before plugging: counting it early is still counting it
-// first.
+// planner.OpMarkRemoving) into rec and saves it.
 func applyRecordStep(a *applier, _ context.Context, act Action, rec *state.Record) error {
-	n := act.Endpoint.Index
-	_, known := rec.Endpoint(n)
 	recordStep(act, rec)
-	if mtu, plugs := a.plugAhead[n]; plugs && !known && act.Op == planner.OpRecord {
-		e, _ := rec.Endpoint(n)
-		e.Plugs++
-		e.PlugMTU = mtu
-		rec.Put(e)
-		a.counted[n] = true
-	}
 	return a.Recorder.Save(*rec)
 }
 

@@ -20,6 +20,10 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 	queues := max(opts.Queues, 1)
 	v := newView(obs)
 	rec = rec.Clone()
+	recorded := map[int]bool{}
+	for _, e := range rec.Endpoints {
+		recorded[e.Index] = true
+	}
 	// Order: new removals free PCI slots and taps before adds; adds and
 	// repairs come before retries of removals the guest has left pending,
 	// so a slow guest never holds up a new NIC.
@@ -201,7 +205,33 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 		planGuest(obs, rec, wired, &p)
 	}
 	p.Actions = append(p.Actions, retries.Actions...)
+	countPlugsInRecordSteps(&p, recorded)
 	return p
+}
+
+// countPlugsInRecordSteps gives the record step of each endpoint new to
+// the record whose NIC the plan plugs that plug's count and host MTU, as
+// the plug step would have written them before plugging: one record write
+// per new endpoint instead of two, and the plug still counted before it is
+// made (guest digests name the plug they were confirmed for, see nicKey;
+// PlugMTU caps the guest's MTU, see brokenReason). recorded holds the
+// indexes the record had before this plan. An endpoint whose record step
+// fails skips its plug, so a plug marked PlugCounted never runs uncounted.
+func countPlugsInRecordSteps(p *Plan, recorded map[int]bool) {
+	for i, a := range p.Actions {
+		if a.Op != OpPlugNIC || recorded[a.Endpoint.Index] {
+			continue
+		}
+		for j := range i {
+			r := &p.Actions[j]
+			if r.Op == OpRecord && r.Endpoint.Index == a.Endpoint.Index {
+				r.Endpoint.Plugs++
+				r.Endpoint.PlugMTU = a.MTU
+				p.Actions[i].PlugCounted = true
+				break
+			}
+		}
+	}
 }
 
 // sharesMAC is why a container link with mac gets no NIC: container link

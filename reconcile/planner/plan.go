@@ -94,6 +94,10 @@ type Action struct {
 	ifChanged bool               // OpUpdateGuestRoutes: skipped if, when sent, the digest is the record's
 	again     []Action           // configure-guest steps sent first: their link changed since (see Refreshed)
 
+	// PlugCounted (OpPlugNIC): the endpoint's record step in this plan
+	// counts this plug already (see countPlugsInRecordSteps), so the plug
+	// step writes no record of its own.
+	PlugCounted bool
 	// AwaitUnplug (OpPlugNIC) names endpoints whose NIC has the same MAC
 	// and is being removed: the plug waits until their unplug has
 	// completed, so the guest never holds two NICs with one MAC.

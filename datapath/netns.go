@@ -175,37 +175,43 @@ func (n *Netns) Do(fn func() error) error {
 // onThread runs fn on a locked OS thread after enter has moved the thread
 // into another network namespace, then moves it back. If it cannot move
 // back, the thread stays locked and Go discards it when the goroutine
-// ends, so no other goroutine ever runs in the wrong namespace.
+// ends, so no other goroutine ever runs in the wrong namespace. It returns
+// once the thread has let go of every descriptor it opened.
 func onThread(enter, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
+		home, err := inThread(enter, fn)
+		if home {
 			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("get current netns: %w", err)
-			return
 		}
-		defer orig.Close()
-		if err := enter(); err != nil {
-			// enter failed before or after switching: only a thread that
-			// is provably home again may be reused.
-			if cur, cerr := netns.Get(); cerr == nil && cur.Equal(orig) {
-				cur.Close()
-				runtime.UnlockOSThread()
-			}
-			errc <- err
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("return to the original netns: %w", err))
-			return // thread stays locked and dies with this goroutine
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
+		errc <- err
 	}()
 	return <-errc
+}
+
+// inThread is onThread's work on the locked thread; home says the thread
+// is back in its own namespace and may be reused.
+func inThread(enter, fn func() error) (home bool, err error) {
+	orig, err := netns.Get()
+	if err != nil {
+		return true, fmt.Errorf("get current netns: %w", err)
+	}
+	defer orig.Close()
+	if err := enter(); err != nil {
+		// enter failed before or after switching: only a thread that is
+		// provably home again may be reused.
+		cur, cerr := netns.Get()
+		if cerr == nil {
+			defer cur.Close()
+		}
+		return cerr == nil && cur.Equal(orig), err
+	}
+	ferr := fn()
+	if err := netns.Set(orig); err != nil {
+		return false, errors.Join(ferr, fmt.Errorf("return to the original netns: %w", err))
+	}
+	return true, ferr
 }
 
 // dumpRetries bounds how often an interrupted netlink dump is repeated.

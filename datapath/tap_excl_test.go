@@ -3,6 +3,8 @@ package datapath
 import (
 	"context"
 	"errors"
+	"os"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -74,5 +76,33 @@ func TestWiringNeedsNoLibraryHandle(t *testing.T) {
 	}
 	if out := testnet.IP(t, "-n", ns.Name, "link", "show"); strings.Contains(out, TapName(0)) {
 		t.Fatalf("the tap is still in the netns (the handle is not inside it?):\n%s", out)
+	}
+}
+
+// TestOnThreadReturnsWithoutItsFds: onThread returns once its thread has
+// closed what it opened (its handle on the original netns), so a caller
+// that counts its descriptors right after finds none left over (the
+// watcher's test of a failed Watch did, now and then, before).
+func TestOnThreadReturnsWithoutItsFds(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	count := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	noop := func() error { return nil }
+	// More Ps than cores: an idle one takes the caller as soon as the
+	// thread answers, while the thread may still be closing.
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(8))
+	for i := range 20000 {
+		before := count()
+		if err := onThread(noop, noop); err != nil {
+			t.Fatal(err)
+		}
+		if after := count(); after != before {
+			t.Fatalf("call %d: %d descriptors open after onThread returned, %d before", i, after, before)
+		}
 	}
 }

@@ -37,6 +37,7 @@ type floorScale struct {
 	restartQMPMutations int
 	startCPU, stormCPU  phaseCPU
 	restartCPU          phaseCPU
+	list                string // its -sandboxes file, for the restarts in turn (restartRounds)
 }
 
 // floorProc is one tapsync-floor process in scale mode.
@@ -135,6 +136,7 @@ func runFloorScale(ctx context.Context, cfg benchConfig, base string, sbs fleet,
 	if err := os.WriteFile(list, []byte(b.String()), 0o644); err != nil {
 		return r, err
 	}
+	r.list = list
 	if err := sbs.pollTraces(); err != nil {
 		return r, err
 	}

@@ -37,7 +37,17 @@ type floorScale struct {
 	restartQMPMutations int
 	startCPU, stormCPU  phaseCPU
 	restartCPU          phaseCPU
-	list                string // its -sandboxes file, for the restarts in turn (restartRounds)
+}
+
+// writeFloorList writes the floor's -sandboxes file for sbs in dir: a
+// netns path and a QMP socket per line.
+func writeFloorList(dir string, sbs fleet) (string, error) {
+	var b strings.Builder
+	for _, sb := range sbs {
+		fmt.Fprintf(&b, "%s %s\n", sb.path, sb.vm.QMP)
+	}
+	list := filepath.Join(dir, "sandboxes")
+	return list, os.WriteFile(list, []byte(b.String()), 0o644)
 }
 
 // floorProc is one tapsync-floor process in scale mode.
@@ -128,15 +138,10 @@ func runFloorScale(ctx context.Context, cfg benchConfig, base string, sbs fleet,
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return r, err
 	}
-	var b strings.Builder
-	for _, sb := range sbs {
-		fmt.Fprintf(&b, "%s %s\n", sb.path, sb.vm.QMP)
-	}
-	list := filepath.Join(dir, "sandboxes")
-	if err := os.WriteFile(list, []byte(b.String()), 0o644); err != nil {
+	list, err := writeFloorList(dir, sbs)
+	if err != nil {
 		return r, err
 	}
-	r.list = list
 	if err := sbs.pollTraces(); err != nil {
 		return r, err
 	}

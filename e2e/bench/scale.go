@@ -544,18 +544,22 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	// More restarts, each side in turn on the same wired node: one
 	// restart moves by tens of percent from run to run on this machine,
 	// their median much less.
-	if r.floor == nil {
+	if r.floor == nil || cfg.restartRounds == 0 {
 		return r, nil
+	}
+	list, err := writeFloorList(dir, sbs) // the QEMUs renewed for tapsync
+	if err != nil {
+		return r, err
 	}
 	for i := range cfg.restartRounds {
 		fmt.Fprintf(os.Stderr, "bench: B4 in turn, round %d of %d\n", i+1, cfg.restartRounds)
 		var round restartRound
 		phase := fmt.Sprintf("-%d", i+2)
 		d.stop(unix.SIGKILL) // a QMP socket serves one client
-		if round.floor, round.floorCPU, _, err = floorVerify(cfg, r.floor.list, sbs, qemus, "floor-restart"+phase); err != nil {
+		if round.floor, round.floorCPU, _, err = floorVerify(cfg, list, sbs, qemus, "floor-restart"+phase); err != nil {
 			return r, err
 		}
-		if round.floorDatapath, round.floorDatapathCPU, _, err = floorVerify(cfg, r.floor.list, sbs, qemus, "floor-restart-datapath"+phase, "-verify-datapath"); err != nil {
+		if round.floorDatapath, round.floorDatapathCPU, _, err = floorVerify(cfg, list, sbs, qemus, "floor-restart-datapath"+phase, "-verify-datapath"); err != nil {
 			return r, err
 		}
 		if round.tapsync, round.tapsyncCPU, err = restart("restart" + phase); err != nil {

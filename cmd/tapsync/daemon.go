@@ -610,18 +610,6 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 	// on), and a pass that finds the dial under way ends; the dial's end
 	// starts its next pass. Hung QEMUs then hold no worker.
 	d.rec.OnDialDone = func(id string) { d.trigger(id, "qmp-dial") }
-	// The workers run from the first registration on: a restarted
-	// daemon's first passes overlap the config's registrations (each
-	// reads a record and starts a dial) instead of waiting for all of
-	// them. Records of sandboxes not registered yet are never touched: a
-	// pass is over a registered sandbox, and the garbage collection below
-	// runs after the config's registrations.
-	var wg sync.WaitGroup
-	defer func() {
-		cancel()
-		wg.Wait()
-	}()
-	wg.Go(func() { d.queue.Run(ctx, cfg.Workers, d.work) })
 	for _, s := range cfg.Sandboxes {
 		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL, overrides{Model: s.Model, RxRate: rate(s.RxRate), TxRate: rate(s.TxRate)})
 		sb.Monitor = s.Monitor
@@ -645,6 +633,7 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 		log.Info().Str("address", ln.Addr().String()).Msg("serving metrics on /metrics")
 	}
 
+	var wg sync.WaitGroup
 	source := func(name string, f func() error) {
 		wg.Go(func() {
 			if err := f(); err != nil && ctx.Err() == nil {
@@ -667,6 +656,8 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 		})
 		d.requestDiscovery("startup scan")
 	}
+	wg.Go(func() { d.queue.Run(ctx, cfg.Workers, d.work) })
+
 	sddaemon.SdNotify(false, sddaemon.SdNotifyReady)
 	if iv, err := sddaemon.SdWatchdogEnabled(false); err == nil && iv > 0 {
 		wg.Go(func() { d.watchdog(ctx, iv) })

@@ -193,11 +193,10 @@ func onThread(enter, fn func() error) error {
 // inThread is onThread's work on the locked thread; home says the thread
 // is back in its own namespace and may be reused.
 func inThread(enter, fn func() error) (home bool, err error) {
-	orig, err := netns.Get()
+	orig, err := ownNetns()
 	if err != nil {
 		return true, fmt.Errorf("get current netns: %w", err)
 	}
-	defer orig.Close()
 	if err := enter(); err != nil {
 		// enter failed before or after switching: only a thread that is
 		// provably home again may be reused.
@@ -212,6 +211,33 @@ func inThread(enter, fn func() error) (home bool, err error) {
 		return false, errors.Join(ferr, fmt.Errorf("return to the original netns: %w", err))
 	}
 	return true, ferr
+}
+
+// own is the process's network namespace, kept open from the first
+// onThread on: every thread that no onThread holds is in it (one that
+// cannot return is discarded), so each call need not open its thread's
+// (a path lookup in /proc, and a close, per call).
+var own struct {
+	mu     sync.Mutex
+	ns     netns.NsHandle
+	opened bool // ns is open (its zero value, 0, is not a closed handle)
+}
+
+// ownNetns returns the process's network namespace, opening it the
+// first time from the calling thread, which must not have left it yet.
+// A failed opening is tried again by the next call.
+func ownNetns() (netns.NsHandle, error) {
+	own.mu.Lock()
+	defer own.mu.Unlock()
+	if own.opened {
+		return own.ns, nil
+	}
+	ns, err := netns.Get()
+	if err != nil {
+		return ns, err
+	}
+	own.ns, own.opened = ns, true
+	return ns, nil
 }
 
 // dumpRetries bounds how often an interrupted netlink dump is repeated.

@@ -80,9 +80,10 @@ func TestWiringNeedsNoLibraryHandle(t *testing.T) {
 }
 
 // TestOnThreadReturnsWithoutItsFds: onThread returns once its thread has
-// closed what it opened (its handle on the original netns), so a caller
-// that counts its descriptors right after finds none left over (the
-// watcher's test of a failed Watch did, now and then, before).
+// closed what it opened, so a caller that counts its descriptors right
+// after finds none left over (the watcher's test of a failed Watch did,
+// now and then, when each call opened its thread's netns and closed it
+// after answering).
 func TestOnThreadReturnsWithoutItsFds(t *testing.T) {
 	testnet.SkipUnlessRoot(t)
 	count := func() int {
@@ -96,6 +97,10 @@ func TestOnThreadReturnsWithoutItsFds(t *testing.T) {
 	// More Ps than cores: an idle one takes the caller as soon as the
 	// thread answers, while the thread may still be closing.
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(8))
+	// The process's own netns is opened by the first call, and kept.
+	if err := onThread(noop, noop); err != nil {
+		t.Fatal(err)
+	}
 	for i := range 20000 {
 		before := count()
 		if err := onThread(noop, noop); err != nil {

@@ -3,6 +3,7 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"sync"
 	"time"
@@ -27,8 +28,9 @@ type Netns struct {
 	// addresses, routes, neighbours, deletions), opened by the first call
 	// that needs it (lib): most netns never do, and opening it cost a
 	// socket made inside the netns per netns opened.
-	libMu sync.Mutex
-	h     *netlink.Handle
+	libMu  sync.Mutex
+	h      *netlink.Handle
+	closed bool // Close ran: lib opens nothing more
 	// While Observe runs, its dumps, which every part of the observation
 	// reads: one link dump (six of the same list before), one qdisc dump
 	// (the kernel dumps every link's qdiscs even when asked for one link's,
@@ -86,6 +88,10 @@ func (n *Netns) lib() (*netlink.Handle, error) {
 	defer n.libMu.Unlock()
 	if n.h != nil {
 		return n.h, nil
+	}
+	if n.closed {
+		// n.ns is closed: its number may name another file by now.
+		return nil, fmt.Errorf("netns %s: %w", n.path, os.ErrClosed)
 	}
 	var h *netlink.Handle
 	err := n.Do(func() error {
@@ -150,6 +156,7 @@ func (n *Netns) Close() error {
 		n.h.Close()
 		n.h = nil
 	}
+	n.closed = true
 	n.libMu.Unlock()
 	n.dumper.Close()
 	return n.ns.Close()
@@ -164,7 +171,7 @@ func (n *Netns) Close() error {
 // locked, and Go discards it when the goroutine ends, so no other goroutine
 // ever runs in the wrong namespace.
 func (n *Netns) Do(fn func() error) error {
-	return onThread(func() error {
+	return OnThread(func() error {
 		if err := netns.Set(n.ns); err != nil {
 			return fmt.Errorf("enter netns %s: %w", n.path, err)
 		}
@@ -172,12 +179,15 @@ func (n *Netns) Do(fn func() error) error {
 	}, fn)
 }
 
-// onThread runs fn on a locked OS thread after enter has moved the thread
-// into another network namespace, then moves it back. If it cannot move
-// back, the thread stays locked and Go discards it when the goroutine
-// ends, so no other goroutine ever runs in the wrong namespace. It returns
-// once the thread has let go of every descriptor it opened.
-func onThread(enter, fn func() error) error {
+// OnThread runs fn on a locked OS thread after enter has moved the thread
+// into another network namespace (setns, or unshare), then moves it back.
+// If it cannot move back, the thread stays locked and Go discards it when
+// the goroutine ends, so no other goroutine ever runs in the wrong
+// namespace (a thread locked for good instead, when it happened to be the
+// main thread, which Go parks rather than ends, showed the whole process
+// in the other netns in /proc/self/ns/net). It returns once the thread
+// has let go of every descriptor it opened.
+func OnThread(enter, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -190,7 +200,7 @@ func onThread(enter, fn func() error) error {
 	return <-errc
 }
 
-// inThread is onThread's work on the locked thread; home says the thread
+// inThread is OnThread's work on the locked thread; home says the thread
 // is back in its own namespace and may be reused.
 func inThread(enter, fn func() error) (home bool, err error) {
 	orig, err := ownNetns()
@@ -213,19 +223,23 @@ func inThread(enter, fn func() error) (home bool, err error) {
 	return true, ferr
 }
 
-// own is the process's network namespace, kept open from the first
-// onThread on: every thread that no onThread holds is in it (one that
-// cannot return is discarded), so each call need not open its thread's
-// (a path lookup in /proc, and a close, per call).
+// own is the process's network namespace, kept open from the package's
+// init on: every thread that no OnThread holds is in it (one that cannot
+// return is discarded), so each call need not open its thread's (a path
+// lookup in /proc, and a close, per call). Opened at init, before any
+// thread can have left it, so that a count of descriptors taken later
+// does not see it appear.
 var own struct {
 	mu     sync.Mutex
 	ns     netns.NsHandle
 	opened bool // ns is open (its zero value, 0, is not a closed handle)
 }
 
-// ownNetns returns the process's network namespace, opening it the
-// first time from the calling thread, which must not have left it yet.
-// A failed opening is tried again by the next call.
+func init() { _, _ = ownNetns() }
+
+// ownNetns returns the process's network namespace, opening it from the
+// calling thread, which must not have left it, if init could not. A
+// failed opening is tried again by the next call.
 func ownNetns() (netns.NsHandle, error) {
 	own.mu.Lock()
 	defer own.mu.Unlock()

@@ -49,7 +49,7 @@ func InNetns(path string, fn func() error) error {
 		return fmt.Errorf("open netns %s: %w", path, err)
 	}
 	defer ns.Close()
-	return onThread(func() error {
+	return OnThread(func() error {
 		if err := netns.Set(ns); err != nil {
 			return fmt.Errorf("enter netns %s: %w", path, err)
 		}

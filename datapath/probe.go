@@ -14,7 +14,7 @@ import (
 // classifier and the mirred action. It returns nil or an error naming the
 // first missing piece.
 func ProbeKernel() error {
-	return onThread(func() error {
+	return OnThread(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
 			return fmt.Errorf("create a network namespace: %w", err)
 		}

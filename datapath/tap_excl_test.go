@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/tapsync/tapsync/e2e/testnet"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -79,13 +80,21 @@ func TestWiringNeedsNoLibraryHandle(t *testing.T) {
 	}
 }
 
-// TestOnThreadReturnsWithoutItsFds: onThread returns once its thread has
-// closed what it opened, so a caller that counts its descriptors right
-// after finds none left over (the watcher's test of a failed Watch did,
-// now and then, when each call opened its thread's netns and closed it
-// after answering).
+// TestOnThreadReturnsWithoutItsFds: OnThread returns once its thread has
+// closed what it opened, whether fn ran, enter failed at home (the thread
+// checks that it is home before it is reused) or enter failed in another
+// netns (the thread is discarded). A caller that counts its descriptors
+// right after finds none left over (the watcher's test of a failed Watch
+// did, now and then, when each call closed its thread's netns after
+// answering).
 func TestOnThreadReturnsWithoutItsFds(t *testing.T) {
 	testnet.SkipUnlessRoot(t)
+	ns := testnet.NewNS(t, "tapsync-thread")
+	other, err := netns.GetFromPath(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Close() })
 	count := func() int {
 		ents, err := os.ReadDir("/proc/self/fd")
 		if err != nil {
@@ -94,20 +103,52 @@ func TestOnThreadReturnsWithoutItsFds(t *testing.T) {
 		return len(ents)
 	}
 	noop := func() error { return nil }
-	// More Ps than cores: an idle one takes the caller as soon as the
-	// thread answers, while the thread may still be closing.
-	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(8))
-	// The process's own netns is opened by the first call, and kept.
-	if err := onThread(noop, noop); err != nil {
+	refused := errors.New("refused")
+	for _, c := range []struct {
+		name  string
+		enter func() error
+		calls int
+	}{
+		{"fn ran", noop, 20000},
+		{"enter failed at home", func() error { return refused }, 20000},
+		// Each call discards a thread: fewer.
+		{"enter failed elsewhere", func() error {
+			if err := netns.Set(other); err != nil {
+				return err
+			}
+			return refused
+		}, 300},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			// More Ps than cores: an idle one takes the caller as soon as
+			// the thread answers, while the thread may still be closing.
+			defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(8))
+			for i := range c.calls {
+				before := count()
+				if err := OnThread(c.enter, noop); err != nil && !errors.Is(err, refused) {
+					t.Fatal(err)
+				}
+				if after := count(); after != before {
+					t.Fatalf("call %d: %d descriptors open after OnThread returned, %d before", i, after, before)
+				}
+			}
+		})
+	}
+}
+
+// A closed Netns opens no library handle: its namespace descriptor is
+// closed, and its number may name another file by then.
+func TestClosedNetnsOpensNoHandle(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	ns := testnet.NewNS(t, "tapsync-closed")
+	n, err := Open(ns.Path)
+	if err != nil {
 		t.Fatal(err)
 	}
-	for i := range 20000 {
-		before := count()
-		if err := onThread(noop, noop); err != nil {
-			t.Fatal(err)
-		}
-		if after := count(); after != before {
-			t.Fatalf("call %d: %d descriptors open after onThread returned, %d before", i, after, before)
-		}
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.lib(); !errors.Is(err, os.ErrClosed) {
+		t.Fatalf("lib after Close = %v, want os.ErrClosed", err)
 	}
 }

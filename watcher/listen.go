@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 	"sync"
 	"syscall"
 
@@ -163,7 +162,7 @@ func nsidAttr(m syscall.NetlinkMessage) (int32, bool) {
 // Equivalent to: unshare --net, holding the namespace by descriptor.
 var privateHome = sync.OnceValues(func() (string, error) {
 	fd := -1
-	err := onThread(func() error {
+	err := datapath.OnThread(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
 			return fmt.Errorf("unshare a network namespace: %w", err)
 		}
@@ -200,44 +199,4 @@ func inNetns(home string, open func() (int, error)) (int, error) {
 		fd = -1
 	}
 	return fd, err
-}
-
-// onThread runs fn on a locked OS thread that enter has moved into
-// another network namespace, then moves the thread back and unlocks it.
-// A thread that cannot be moved back stays locked, and Go ends it with
-// the goroutine, so no other goroutine ever runs in the wrong netns. (A
-// thread locked for good was the way before; when the goroutine happened
-// to run on the main thread, which Go parks rather than ends, the whole
-// process showed the other netns in /proc/self/ns/net.)
-func onThread(enter, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("open the thread's netns: %w", err)
-			return
-		}
-		defer unix.Close(orig)
-		home := func() bool {
-			var a, b unix.Stat_t
-			return unix.Fstat(orig, &a) == nil && unix.Stat("/proc/thread-self/ns/net", &b) == nil && a.Dev == b.Dev && a.Ino == b.Ino
-		}
-		if err := enter(); err != nil {
-			if home() {
-				runtime.UnlockOSThread()
-			}
-			errc <- err
-			return
-		}
-		ferr := fn()
-		if err := unix.Setns(orig, unix.CLONE_NEWNET); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("return to the original netns: %w", err))
-			return // the thread stays locked and ends with this goroutine
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
 }

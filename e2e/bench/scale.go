@@ -488,17 +488,17 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	fmt.Fprintf(os.Stderr, "bench: B3 storm took %v; B4 SIGKILL and restart\n", r.storm)
 	// restart kills the daemon and starts it again: exec → the last pass
 	// end among the sandboxes' first passes, and the CPU of that phase.
-	restart := func(phase string) (time.Duration, phaseCPU, error) {
+	restart := func(phase string) (t0 time.Time, _ time.Duration, _ phaseCPU, _ error) {
 		d.stop(unix.SIGKILL)
 		_ = sbs.pollTraces()
 		stopPerf := profilePhase(phase)
 		defer stopPerf()
 		mark := markCPU(0, qemus)
-		t0 := time.Now()
+		t0 = time.Now()
 		var err error
 		d, err = startDaemon(cfg.tapsync, conf, metrics, logPath)
 		if err != nil {
-			return 0, phaseCPU{}, err
+			return t0, 0, phaseCPU{}, err
 		}
 		var t1 time.Time
 		// The daemon is asked whether it is ready (/readyz, a few bytes)
@@ -518,13 +518,13 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 			t1 = last
 			return ok, why, nil
 		}); err != nil {
-			return 0, phaseCPU{}, err
+			return t0, 0, phaseCPU{}, err
 		}
 		mark.pid = d.pid()
-		return t1.Sub(t0), mark.since(), nil
+		return t0, t1.Sub(t0), mark.since(), nil
 	}
-	t0 = time.Now()
-	if r.restart, r.restartCPU, err = restart("restart"); err != nil {
+	// t0, exec of the new daemon, starts the window of its QMP commands.
+	if t0, r.restart, r.restartCPU, err = restart("restart"); err != nil {
 		return r, err
 	}
 	m, err := d.scrape()
@@ -562,7 +562,7 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		if round.floorDatapath, round.floorDatapathCPU, _, err = floorVerify(cfg, list, sbs, qemus, "floor-restart-datapath"+phase, "-verify-datapath"); err != nil {
 			return r, err
 		}
-		if round.tapsync, round.tapsyncCPU, err = restart("restart" + phase); err != nil {
+		if _, round.tapsync, round.tapsyncCPU, err = restart("restart" + phase); err != nil {
 			return r, err
 		}
 		if err := quiet(3 * cfg.n); err != nil {

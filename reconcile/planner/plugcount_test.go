@@ -7,8 +7,10 @@ import (
 )
 
 // A plug of an endpoint new to the record is counted by that endpoint's
-// record step in the same plan; a plug of a recorded endpoint, or one
-// with no record step of its own before it, counts itself.
+// record step in the same plan; a plug of a recorded endpoint is not (the
+// plug step counts it, in a write of its own). A plug with no record step
+// before it is left alone: Compute never plans one (an endpoint new to
+// the record is recorded before anything is made for it).
 func TestCountPlugsInRecordSteps(t *testing.T) {
 	p := Plan{Actions: []Action{
 		{Op: OpRecord, Endpoint: state.Endpoint{Index: 0}},

@@ -18,9 +18,22 @@ const rtextFilterSkipStats = 1 << 3
 
 // decodedDump runs one dump of typ on the Netns's own socket, with the
 // request data data, and decodes each answer of type resType with parse
-// (a nil result is skipped), repeated while the kernel reports the dump
-// interrupted.
+// (a nil result is skipped); see parsedDump.
 func decodedDump[T comparable](n *Netns, typ int, resType uint16, parse func([]byte) (T, error), data ...nl.NetlinkRequestData) ([]T, error) {
+	var none T
+	return parsedDump(n.dumper, typ, resType, func(m []byte) (T, bool, error) {
+		v, err := parse(m)
+		return v, err == nil && v != none, err
+	}, data...)
+}
+
+// parsedDump runs one dump of typ on socket s, with the request data
+// data, and decodes each answer of type resType with parse, which says
+// which results to keep; it is repeated while the kernel reports the dump
+// interrupted. After parse's first failure the rest of the dump is
+// drained unread, and that failure is returned. parse must keep no part
+// of the message: the buffer is reused.
+func parsedDump[T any](s *nlSocket, typ int, resType uint16, parse func([]byte) (T, bool, error), data ...nl.NetlinkRequestData) ([]T, error) {
 	return dump(func() ([]T, error) {
 		req := nl.NewNetlinkRequest(typ, unix.NLM_F_DUMP)
 		for _, d := range data {
@@ -28,19 +41,18 @@ func decodedDump[T comparable](n *Netns, typ int, resType uint16, parse func([]b
 		}
 		var (
 			out    []T
-			none   T
 			failed bool
 		)
-		err := n.dumper.exchange(req, resType, func(m []byte) error {
+		err := s.exchange(req, resType, func(m []byte) error {
 			if failed {
 				return nil // the rest is drained unread: the first error stands
 			}
-			v, err := parse(m)
+			v, keep, err := parse(m)
 			if err != nil {
 				failed = true
 				return err
 			}
-			if v != none {
+			if keep {
 				out = append(out, v)
 			}
 			return nil

@@ -4,10 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
+	"github.com/tapsync/tapsync/datapath/hostnet"
 	"github.com/tapsync/tapsync/e2e/testnet"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
@@ -247,6 +250,9 @@ func FuzzParseLink(f *testing.F) {
 		if f, err := parseFilter(b); err == nil && f != nil {
 			_ = f.Type()
 		}
+		if nb, keep, err := parseNeighbor(b); err == nil && keep && !nb.IP.IsValid() {
+			t.Errorf("neighbour %v kept without an address", nb)
+		}
 	})
 }
 
@@ -280,4 +286,157 @@ func TestDecodedDumpStopsDecodingAtFirstError(t *testing.T) {
 	if err != nil || len(links) != 3 {
 		t.Fatalf("the next dump = %d links, %v; want lo, eth0, eth1", len(links), err)
 	}
+}
+
+// Addresses, routes and neighbours read on the Netns's own socket are
+// what the netlink library read before (its decoding, then the filters
+// and conversions this package applied): point-to-point addresses,
+// secondaries, IPv6, gateways, a multipath route, metrics, a preferred
+// source, other tables and the kernel's routes, permanent and learnt
+// neighbours.
+func TestAddrsRoutesNeighborsAgreeWithLibrary(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	ns, host := testnet.NewNS(t, "tapsync-arn"), testnet.NewNS(t, "tapsync-arnhost")
+	testnet.Veth(t, ns, "eth0", net.HardwareAddr{0x02, 0, 0, 0, 1, 1}, host, "host0")
+	testnet.Veth(t, ns, "eth1", net.HardwareAddr{0x02, 0, 0, 0, 1, 2}, host, "host1")
+	for _, args := range [][]string{
+		{"link", "set", "eth0", "up"},
+		{"link", "set", "eth1", "up"},
+		{"address", "add", "10.1.0.2/24", "dev", "eth0"},
+		{"address", "add", "10.1.0.3/24", "dev", "eth0"},
+		{"address", "add", "10.2.0.1", "peer", "10.2.0.2/24", "dev", "eth1"},
+		{"-6", "address", "add", "2001:db8::2/64", "dev", "eth0", "nodad"},
+		{"route", "add", "default", "via", "10.1.0.1", "dev", "eth0", "metric", "100"},
+		{"route", "add", "10.9.0.0/16", "via", "10.1.0.1", "mtu", "1300", "src", "10.1.0.2"},
+		{"route", "add", "10.8.0.0/16", "nexthop", "via", "10.1.0.1", "dev", "eth0", "nexthop", "dev", "eth1"},
+		{"route", "add", "10.7.0.0/16", "via", "10.1.0.1", "table", "100"},
+		{"route", "add", "10.6.0.0/16", "dev", "eth1", "proto", "static", "scope", "link"},
+		{"-6", "route", "add", "2001:db8:1::/48", "via", "2001:db8::1", "dev", "eth0"},
+		{"neigh", "add", "10.1.0.9", "lladdr", "02:00:00:00:01:09", "nud", "permanent", "dev", "eth0"},
+		{"neigh", "add", "10.1.0.10", "lladdr", "02:00:00:00:01:0a", "nud", "stale", "dev", "eth0"},
+		{"-6", "neigh", "add", "2001:db8::9", "lladdr", "02:00:00:00:01:19", "nud", "permanent", "dev", "eth0"},
+	} {
+		testnet.IP(t, append([]string{"-n", ns.Name}, args...)...)
+	}
+	n, err := Open(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	lib := libOf(t, n)
+	same := func(what string, ours, theirs []string, least int) {
+		t.Helper()
+		slices.Sort(ours)
+		slices.Sort(theirs)
+		if !slices.Equal(ours, theirs) || len(ours) < least {
+			t.Errorf("%s:\n ours    %q\n library %q\n(want the same, at least %d)", what, ours, theirs, least)
+		}
+	}
+
+	byLink, err := n.addrsByLink()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ours, theirs []string
+	for i, ps := range byLink {
+		for _, p := range ps {
+			ours = append(ours, fmt.Sprintf("%d %s", i, p))
+		}
+	}
+	las, err := lib.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range las {
+		if p, ok := libPrefix(a.IPNet); ok {
+			theirs = append(theirs, fmt.Sprintf("%d %s", a.LinkIndex, p))
+		}
+	}
+	same("addresses", ours, theirs, 6)
+
+	rs, err := n.Routes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ours, theirs = nil, nil
+	for _, r := range rs {
+		ours = append(ours, fmt.Sprintf("%+v", r))
+	}
+	lrs, err := lib.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range lrs {
+		if rt, ok := libRoute(r); ok {
+			theirs = append(theirs, fmt.Sprintf("%+v", rt))
+		}
+	}
+	same("routes", ours, theirs, 5)
+
+	nbs, err := n.Neighbors()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ours, theirs = nil, nil
+	for _, nb := range nbs {
+		ours = append(ours, nb.String())
+	}
+	lns, err := lib.NeighList(0, netlink.FAMILY_ALL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, nb := range lns {
+		ip, ok := netip.AddrFromSlice(nb.IP)
+		if nb.State&netlink.NUD_PERMANENT == 0 || (nb.Family != netlink.FAMILY_V4 && nb.Family != netlink.FAMILY_V6) || !ok {
+			continue
+		}
+		theirs = append(theirs, Neighbor{IP: ip.Unmap(), MAC: nb.HardwareAddr, LinkIndex: nb.LinkIndex, State: nb.State, Flags: nb.Flags}.String())
+	}
+	same("neighbours", ours, theirs, 2)
+}
+
+// libPrefix is an address as this package read it from the library: the
+// host bits kept, 10.1.2.3/24 stays 10.1.2.3/24.
+func libPrefix(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	ip, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ip = ip.Unmap()
+	ones, bits := n.Mask.Size()
+	if bits != ip.BitLen() {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(ip, ones), true
+}
+
+// libRoute is a route as this package read it from the library.
+func libRoute(r netlink.Route) (Route, bool) {
+	if !hostnet.Observed(uint32(r.Table), uint8(r.Type), uint8(r.Protocol)) {
+		return Route{}, false
+	}
+	if r.Family != netlink.FAMILY_V4 && r.Family != netlink.FAMILY_V6 {
+		return Route{}, false
+	}
+	out := Route{
+		LinkIndex: r.LinkIndex, Scope: uint8(r.Scope), IPv6: r.Family == netlink.FAMILY_V6, Protocol: int(r.Protocol),
+		MTU: r.MTU, Metric: r.Priority, Gateway: addrOf(r.Gw), Src: addrOf(r.Src),
+	}
+	if r.Dst != nil {
+		p, ok := libPrefix(r.Dst)
+		if !ok {
+			return Route{}, false
+		}
+		if p.Bits() > 0 {
+			out.Dst = p.Masked()
+		}
+	}
+	if len(r.MultiPath) > 0 && r.LinkIndex == 0 {
+		hop := r.MultiPath[0]
+		out.LinkIndex, out.Gateway = hop.LinkIndex, addrOf(hop.Gw)
+	}
+	return out, true
 }

@@ -124,44 +124,24 @@ func (n *Netns) containerLinks(withAddrs bool) ([]Link, error) {
 }
 
 // addrsByLink returns the addresses of every link in the netns by ifindex,
-// from one dump: a dump per link would cost a netlink round trip each.
+// from one dump on the Netns's own socket: a dump per link would cost a
+// netlink round trip each. A point-to-point address is its local address
+// alone (a /32 or /128), as the netlink library has always read it here.
 func (n *Netns) addrsByLink() (map[int][]netip.Prefix, error) {
-	h, err := n.lib()
+	// Equivalent to: ip -n <netns> address show
+	as, err := n.rtnl().addrs(0, 0)
 	if err != nil {
 		return nil, err
 	}
-	// Equivalent to: ip -n <netns> address show
-	addrs, err := dump(func() ([]netlink.Addr, error) { return h.AddrList(nil, netlink.FAMILY_ALL) })
-	if err != nil {
-		return nil, fmt.Errorf("list addresses in netns %s: %w", n.path, err)
-	}
 	out := map[int][]netip.Prefix{}
-	for _, a := range addrs {
-		if a.IPNet == nil {
-			continue
+	for _, a := range as {
+		p := a.Prefix
+		if a.Peer.IsValid() {
+			p = netip.PrefixFrom(p.Addr(), p.Addr().BitLen())
 		}
-		p, ok := prefixOf(a.IPNet)
-		if !ok {
-			continue
-		}
-		out[a.LinkIndex] = append(out[a.LinkIndex], p)
+		out[a.ifindex] = append(out[a.ifindex], p)
 	}
 	return out, nil
-}
-
-// prefixOf converts an address with its mask, keeping the host bits (an
-// interface address, not a network): 10.1.2.3/24 stays 10.1.2.3/24.
-func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
-	ip, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}, false
-	}
-	ip = ip.Unmap()
-	ones, bits := n.Mask.Size()
-	if bits != ip.BitLen() {
-		return netip.Prefix{}, false
-	}
-	return netip.PrefixFrom(ip, ones), true
 }
 
 // KataLinks lists Kata's endpoint devices in the netns (tap<N>_kata, taps

@@ -21,13 +21,14 @@ type Netns struct {
 	ns   netns.NsHandle
 	id   [2]uint64 // device and inode of the namespace (nsfs)
 	// dumper is the route socket for the dumps and requests this package
-	// encodes and decodes itself (dumps.go, rtnl.go, requests.go): every
-	// call of an observation and of the common wiring.
+	// encodes and decodes itself (dumps.go, rtnl.go, routes.go,
+	// requests.go): every call of an observation, the guest's addresses,
+	// routes and neighbours included, and of the common wiring.
 	dumper *nlSocket
 	// h is the library's handle, for the rest (macvtaps, rate limits,
-	// addresses, routes, neighbours, deletions), opened by the first call
-	// that needs it (lib): most netns never do, and opening it cost a
-	// socket made inside the netns per netns opened.
+	// deletions), opened by the first call that needs it (lib): most
+	// netns never do, and opening it cost a socket made inside the netns
+	// per netns opened.
 	libMu  sync.Mutex
 	h      *netlink.Handle
 	closed bool // Close ran: lib opens nothing more

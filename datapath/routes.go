@@ -1,12 +1,16 @@
 package datapath
 
 import (
+	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/tapsync/tapsync/datapath/hostnet"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
 )
 
 // Routes lists the routes of the main table, IPv4 and IPv6, that are
@@ -21,61 +25,54 @@ import (
 // Routes through loopback or through an endpoint tap are reported too;
 // which links matter is the caller's decision.
 func (n *Netns) Routes() ([]Route, error) {
-	h, err := n.lib()
-	if err != nil {
-		return nil, err
-	}
 	// Equivalent to: ip -n <netns> route show table main; ip -n <netns> -6 route show table main
-	// One dump of both families. Without a table filter the library
-	// skips every route outside the main table before decoding it; with
-	// RT_FILTER_TABLE it decodes the local table's (one per address, link
-	// and broadcast) first, which was a tenth of a no-op pass. toRoute
-	// keeps the main table only either way.
-	rs, err := dump(func() ([]netlink.Route, error) {
-		return h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{}, 0)
-	})
+	// One dump of both families, every table, decoded as read.
+	rs, err := parsedDump(n.dumper, unix.RTM_GETROUTE, unix.RTM_NEWROUTE, func(m []byte) (Route, bool, error) {
+		rt, err := parseRoute(m, 0)
+		if err != nil {
+			return Route{}, false, err
+		}
+		r, ok := observedRoute(rt)
+		return r, ok, nil
+	}, &nl.RtMsg{})
 	if err != nil {
 		return nil, fmt.Errorf("list routes in netns %s: %w", n.path, err)
 	}
-	var out []Route
-	for _, r := range rs {
-		if rt, ok := toRoute(r); ok {
-			out = append(out, rt)
-		}
-	}
-	return out, nil
+	return rs, nil
 }
 
-func toRoute(r netlink.Route) (Route, bool) {
-	if !hostnet.Observed(uint32(r.Table), uint8(r.Type), uint8(r.Protocol)) {
+// observedRoute is the Route of route rt that a reconcile reads, if it
+// reads it (hostnet.Observed). A gateway of another family (RTA_VIA: an
+// IPv4 route through an IPv6 neighbour) is not one a guest's route can
+// name: the route goes without it, as the netlink library read it here.
+func observedRoute(rt routeRead) (Route, bool) {
+	if rt.cloned || !hostnet.Observed(rt.Table, rt.Type, rt.Protocol) ||
+		(rt.Family != unix.AF_INET && rt.Family != unix.AF_INET6) || !rt.Dst.IsValid() {
 		return Route{}, false
 	}
-	if r.Family != netlink.FAMILY_V4 && r.Family != netlink.FAMILY_V6 {
-		return Route{}, false
+	v6 := rt.Family == unix.AF_INET6
+	gateway := func(a netip.Addr) netip.Addr {
+		if a.IsValid() && a.Is6() != v6 {
+			return netip.Addr{}
+		}
+		return a
 	}
 	out := Route{
-		LinkIndex: r.LinkIndex,
-		Scope:     uint8(r.Scope),
-		IPv6:      r.Family == netlink.FAMILY_V6,
-		Protocol:  int(r.Protocol),
-		MTU:       r.MTU,
-		Metric:    r.Priority,
-		Gateway:   addrOf(r.Gw),
-		Src:       addrOf(r.Src),
+		LinkIndex: rt.Dev,
+		Scope:     rt.Scope,
+		IPv6:      v6,
+		Protocol:  int(rt.Protocol),
+		MTU:       int(rt.Metrics["mtu"]),
+		Metric:    int(rt.Metric),
+		Gateway:   gateway(rt.Gateway),
+		Src:       rt.PrefSrc,
 	}
-	if r.Dst != nil {
-		p, ok := prefixOf(r.Dst)
-		if !ok {
-			return Route{}, false
-		}
-		// A /0 is the default route, however it was written.
-		if p.Bits() > 0 {
-			out.Dst = p.Masked()
-		}
+	// A /0 is the default route, however it was written.
+	if rt.Dst.Bits() > 0 {
+		out.Dst = rt.Dst.Masked()
 	}
-	if len(r.MultiPath) > 0 && r.LinkIndex == 0 {
-		hop := r.MultiPath[0]
-		out.LinkIndex, out.Gateway = hop.LinkIndex, addrOf(hop.Gw)
+	if len(rt.Hops) > 0 && rt.Dev == 0 {
+		out.LinkIndex, out.Gateway = rt.Hops[0].Dev, gateway(rt.Hops[0].Gateway)
 	}
 	return out, true
 }
@@ -93,25 +90,42 @@ func addrOf(ip net.IP) netip.Addr {
 // and IPv6, on every link: the ones someone set, not the ones the kernel
 // learnt and will forget.
 func (n *Netns) Neighbors() ([]Neighbor, error) {
-	h, err := n.lib()
-	if err != nil {
-		return nil, err
-	}
 	// Equivalent to: ip -n <netns> neigh show nud permanent
-	ns, err := dump(func() ([]netlink.Neigh, error) { return h.NeighList(0, netlink.FAMILY_ALL) })
+	ns, err := parsedDump(n.dumper, unix.RTM_GETNEIGH, unix.RTM_NEWNEIGH, parseNeighbor, &netlink.Ndmsg{Family: unix.AF_UNSPEC})
 	if err != nil {
 		return nil, fmt.Errorf("list neighbours in netns %s: %w", n.path, err)
 	}
-	var out []Neighbor
-	for _, nb := range ns {
-		if nb.State&netlink.NUD_PERMANENT == 0 || (nb.Family != netlink.FAMILY_V4 && nb.Family != netlink.FAMILY_V6) {
-			continue
-		}
-		ip := addrOf(nb.IP)
-		if !ip.IsValid() {
-			continue
-		}
-		out = append(out, Neighbor{IP: ip, MAC: nb.HardwareAddr, LinkIndex: nb.LinkIndex, State: nb.State, Flags: nb.Flags})
+	return ns, nil
+}
+
+// parseNeighbor decodes an RTM_NEWNEIGH message, keeping a permanent
+// IPv4 or IPv6 entry. A 4-byte link-layer address is a tunnel's IPv4
+// endpoint, not a MAC: such an entry has none.
+func parseNeighbor(m []byte) (Neighbor, bool, error) {
+	const sizeofNdmsg = 12 // family, pad ×3, ifindex, state, flags, type
+	if len(m) < sizeofNdmsg {
+		return Neighbor{}, false, fmt.Errorf("short neighbour message (%d bytes)", len(m))
 	}
-	return out, nil
+	family := m[0]
+	nb := Neighbor{
+		LinkIndex: int(int32(binary.NativeEndian.Uint32(m[4:8]))),
+		State:     int(binary.NativeEndian.Uint16(m[8:10])),
+		Flags:     int(m[10]),
+	}
+	err := walkAttrs(m[sizeofNdmsg:], func(typ uint16, v []byte) error {
+		switch typ {
+		case unix.NDA_DST:
+			nb.IP = addrOf(v)
+		case unix.NDA_LLADDR:
+			if len(v) != 4 {
+				nb.MAC = net.HardwareAddr(slices.Clone(v))
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return Neighbor{}, false, fmt.Errorf("neighbour message: %w", err)
+	}
+	keep := nb.State&unix.NUD_PERMANENT != 0 && (family == unix.AF_INET || family == unix.AF_INET6) && nb.IP.IsValid()
+	return nb, keep, nil
 }

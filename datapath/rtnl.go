@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -17,7 +16,9 @@ import (
 // and route messages whose attributes the netlink library does not carry
 // (an address's metric and protocol; a route's source prefix, preference,
 // expiry, hop weights, every metric and lock). The macvtap model reads
-// what it takes from a container link and gives it back through it.
+// what it takes from a container link and gives it back through it, and
+// every observation reads the netns's addresses and routes with the same
+// parsers (addrsByLink, Routes).
 type rtnl struct {
 	path string
 	sock *nlSocket
@@ -32,21 +33,6 @@ func (r *rtnl) request(typ, flags int, data ...nl.NetlinkRequestData) error {
 		req.AddData(d)
 	}
 	return r.sock.exchange(req, 0, func([]byte) error { return nil })
-}
-
-// dump returns the payloads of the kernel's answers of type resType to a
-// dump request, repeated while the kernel reports it interrupted.
-func (r *rtnl) dump(typ int, hdr nl.NetlinkRequestData, resType uint16) ([][]byte, error) {
-	return dump(func() ([][]byte, error) {
-		req := nl.NewNetlinkRequest(typ, unix.NLM_F_DUMP)
-		req.AddData(hdr)
-		var out [][]byte
-		err := r.sock.exchange(req, resType, func(m []byte) error {
-			out = append(out, slices.Clone(m)) // the call's buffer goes back to its pool
-			return nil
-		})
-		return out, err
-	})
 }
 
 // Attributes x/sys/unix does not name.
@@ -85,19 +71,12 @@ type addrRead struct {
 // kernel's order. Lifetimes become instants from now on.
 func (r *rtnl) addrs(ifindex int, now time.Duration) ([]addrRead, error) {
 	// Equivalent to: ip -d address show dev LINK
-	msgs, err := r.dump(unix.RTM_GETADDR, nl.NewIfAddrmsg(unix.AF_UNSPEC), unix.RTM_NEWADDR)
+	out, err := parsedDump(r.sock, unix.RTM_GETADDR, unix.RTM_NEWADDR, func(m []byte) (addrRead, bool, error) {
+		a, err := parseAddr(m, now)
+		return a, err == nil && a.Prefix.IsValid() && (ifindex == 0 || a.ifindex == ifindex), err
+	}, nl.NewIfAddrmsg(unix.AF_UNSPEC))
 	if err != nil {
 		return nil, fmt.Errorf("list addresses in netns %s: %w", r.path, err)
-	}
-	var out []addrRead
-	for _, m := range msgs {
-		a, err := parseAddr(m, now)
-		if err != nil {
-			return nil, fmt.Errorf("list addresses in netns %s: %w", r.path, err)
-		}
-		if a.Prefix.IsValid() && (ifindex == 0 || a.ifindex == ifindex) {
-			out = append(out, a)
-		}
 	}
 	return out, nil
 }
@@ -225,20 +204,12 @@ func left(u, unit, now time.Duration) uint32 {
 // kernel's cache.
 func (r *rtnl) routes(now time.Duration) ([]routeRead, error) {
 	// Equivalent to: ip -d route show table all; ip -d -6 route show table all
-	msgs, err := r.dump(unix.RTM_GETROUTE, &nl.RtMsg{}, unix.RTM_NEWROUTE)
+	out, err := parsedDump(r.sock, unix.RTM_GETROUTE, unix.RTM_NEWROUTE, func(m []byte) (routeRead, bool, error) {
+		rt, err := parseRoute(m, now)
+		return rt, err == nil && !rt.cloned && (rt.Family == unix.AF_INET || rt.Family == unix.AF_INET6), err
+	}, &nl.RtMsg{})
 	if err != nil {
 		return nil, fmt.Errorf("list routes in netns %s: %w", r.path, err)
-	}
-	var out []routeRead
-	for _, m := range msgs {
-		rt, err := parseRoute(m, now)
-		if err != nil {
-			return nil, fmt.Errorf("list routes in netns %s: %w", r.path, err)
-		}
-		if rt.cloned || (rt.Family != unix.AF_INET && rt.Family != unix.AF_INET6) {
-			continue
-		}
-		out = append(out, rt)
 	}
 	return out, nil
 }

@@ -38,10 +38,10 @@ func TestCreateTapIsExclusive(t *testing.T) {
 	}
 }
 
-// TestWiringNeedsNoLibraryHandle: observing a netns and wiring a tap to a
-// link both ways go through the Netns's own socket; the library's handle
-// is opened only by a call that needs it (here the tap's removal), once,
-// inside the netns.
+// TestWiringNeedsNoLibraryHandle: observing a netns (its addresses, routes
+// and neighbours too) and wiring a tap to a link both ways go through the
+// Netns's own socket; the library's handle is opened only by a call that
+// needs it (here the tap's removal), once, inside the netns.
 func TestWiringNeedsNoLibraryHandle(t *testing.T) {
 	testnet.SkipUnlessRoot(t)
 	ns := testnet.NewNS(t, "tapsync-lib")
@@ -52,7 +52,7 @@ func TestWiringNeedsNoLibraryHandle(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { n.Close() })
-	if _, err := n.Observe(Parts{}); err != nil {
+	if _, err := n.Observe(Parts{Addrs: true, Routes: true, Neighbors: true}); err != nil {
 		t.Fatal(err)
 	}
 	tap, err := n.EnsureTap(context.Background(), TapSpec{Index: 0, Queues: 1})

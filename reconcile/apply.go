@@ -143,6 +143,22 @@ type applier struct {
 	// configured is what this pass's configure-guest steps sent, by
 	// endpoint (see Plan.Refreshed).
 	configured map[int]agent.Interface
+	// unsaved: record steps were applied to the record since it was last
+	// saved (see applyRecordStep, saveRecordSteps).
+	unsaved bool
+}
+
+// saveRecordSteps saves the record steps applied since the last save, if
+// any: before any step that is not one, and at the end.
+func (a *applier) saveRecordSteps(rec state.Record) error {
+	if !a.unsaved {
+		return nil
+	}
+	a.unsaved = false
+	if err := a.Recorder.Save(rec); err != nil {
+		return fmt.Errorf("save the record: %w", err)
+	}
+	return nil
 }
 
 // Apply executes p in order, saving the record at every record step
@@ -175,7 +191,9 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 			continue
 		}
 		if err := ctx.Err(); err != nil {
-			return rec, out, errors.Join(append(errs, err)...)
+			// The record steps applied so far are kept: nothing after
+			// them was done, as after a crash there.
+			return rec, out, errors.Join(append(errs, err, a.saveRecordSteps(rec))...)
 		}
 		if k := slices.IndexFunc(act.AwaitUnplug, func(k int) bool { return !a.unplugged[k] }); k >= 0 {
 			blocked[n] = true
@@ -183,6 +201,13 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 			log.Info().Int("endpoint", n).Int("awaits", act.AwaitUnplug[k]).Str("link", act.Endpoint.LinkName).
 				Msg("NIC plug held: the NIC it replaces, with the same MAC, is still in the VM")
 			continue
+		}
+		if act.Op != planner.OpRecord && act.Op != planner.OpMarkRemoving {
+			// What the record steps so far recorded is saved before
+			// anything that follows them is done.
+			if err := a.saveRecordSteps(rec); err != nil {
+				return rec, out, errors.Join(append(errs, err)...)
+			}
 		}
 		var err error
 		if act.Op == planner.OpUnplugNIC {
@@ -213,6 +238,9 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 		if stop := a.settle(ctx, act, err, &rec, &out, &errs); stop != nil {
 			return rec, out, stop
 		}
+	}
+	if err := a.saveRecordSteps(rec); err != nil {
+		return rec, out, errors.Join(append(errs, err)...)
 	}
 	return rec, out, errors.Join(errs...)
 }

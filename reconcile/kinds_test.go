@@ -493,10 +493,10 @@ func TestKindActionStrings(t *testing.T) {
 	host := datapath.HostMAC(net.HardwareAddr(macN(1)), 0)
 	want := []string{
 		"record endpoint 0 for eth0 (ifindex 3, 02:54:53:00:00:01, 1 queue, macvtap): new container link eth0",
+		"record endpoint 1 for tap0 (ifindex 4, 02:54:53:00:00:02, 1 queue, tap-link): new container link tap0",
 		"macvtap tsm0 on eth0 with 02:54:53:00:00:01 (mtu 1500), eth0 takes " + host.String() + " and gives up its addresses",
 		"limit rx of endpoint 0 to 8000000 bit/s on eth0's ingress via tsi0: limit is 0 bit/s",
 		"hot-add NIC 0 (02:54:53:00:00:01) on tsm0",
-		"record endpoint 1 for tap0 (ifindex 4, 02:54:53:00:00:02, 1 queue, tap-link): new container link tap0",
 		"limit rx of endpoint 1 to 8000000 bit/s on tap0: limit is 0 bit/s",
 		"hot-add NIC 1 (02:54:53:00:00:02) on tap0",
 	}

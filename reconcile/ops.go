@@ -160,10 +160,13 @@ func applierOf(o Op) applyFunc {
 }
 
 // applyRecordStep puts the endpoint of record step act (planner.OpRecord,
-// planner.OpMarkRemoving) into rec and saves it.
+// planner.OpMarkRemoving) into rec. Apply saves it before the next step
+// that is not a record step (or at the end): consecutive record steps
+// are one write.
 func applyRecordStep(a *applier, _ context.Context, act Action, rec *state.Record) error {
 	recordStep(act, rec)
-	return a.Recorder.Save(*rec)
+	a.unsaved = true
+	return nil
 }
 
 // tapSpec is the tap of the endpoint act concerns, at act's MTU.

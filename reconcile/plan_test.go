@@ -62,7 +62,7 @@ func TestPlanTable(t *testing.T) {
 			w.addLink("eth0", "veth", macN(1), 1500)
 			w.addLink("net1", "macvlan", macN(2), 9000)
 			return w
-		}, "record/0 create-tap/0 add-redirects/0 plug-nic/0 record/1 create-tap/1 add-redirects/1 plug-nic/1"},
+		}, "record/0 record/1 create-tap/0 add-redirects/0 plug-nic/0 create-tap/1 add-redirects/1 plug-nic/1"},
 		{"converged plans nothing", func() *world { return wired(true) }, ""},
 		{"endpoint removed", func() *world {
 			w := wired(true)

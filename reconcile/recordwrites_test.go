@@ -45,3 +45,32 @@ func TestNewEndpointOneRecordWrite(t *testing.T) {
 		t.Errorf("replug: plugs %d in %d writes; want 2 in 1", e.Plugs, w.saves-saves)
 	}
 }
+
+// A pass that finds several new links records them all in one write,
+// before anything is made for any of them; each new endpoint is recorded
+// before its own steps either way.
+func TestNewEndpointsOneRecordWrite(t *testing.T) {
+	w := newWorld()
+	w.guestOn = false
+	w.addLink("eth0", "veth", macN(1), 1500)
+	w.addLink("net1", "veth", macN(2), 1500)
+	w.addLink("net2", "veth", macN(3), 1500)
+	var recordedAtFirstMutation []int
+	env := w.env()
+	env.AfterAction = func(a Action) {
+		if a.Op.Mutates() && recordedAtFirstMutation == nil {
+			for _, e := range w.rec.Endpoints {
+				recordedAtFirstMutation = append(recordedAtFirstMutation, e.Index)
+			}
+		}
+	}
+	p := w.plan(Options{Queues: 1})
+	rec, _, err := Apply(context.Background(), p, w.rec, w.observed(), env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rec.Endpoints) != 3 || w.saves != 1 || !slices.Equal(recordedAtFirstMutation, []int{0, 1, 2}) {
+		t.Errorf("three new links: %d endpoints in %d writes, recorded at the first mutation %v; want 3 in 1, [0 1 2]",
+			len(rec.Endpoints), w.saves, recordedAtFirstMutation)
+	}
+}

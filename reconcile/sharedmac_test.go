@@ -128,7 +128,7 @@ func TestSharedMACOneNIC(t *testing.T) {
 			w := ipvlans("eth0", "eth1", "eth2")
 			w.addLink("net1", "veth", macN(2), 1500)
 			return w
-		}, "record/0 create-tap/0 add-redirects/0 plug-nic/0 record/1 create-tap/1 add-redirects/1 plug-nic/1",
+		}, "record/0 record/1 create-tap/0 add-redirects/0 plug-nic/0 create-tap/1 add-redirects/1 plug-nic/1",
 			[]string{"eth1→eth0", "eth2→eth0"}, nil},
 		{"converged plans nothing, still skips", func() *world {
 			w := ipvlans("eth0", "eth1")

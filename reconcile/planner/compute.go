@@ -111,6 +111,10 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 		}
 	}
 	used := usedIndexes(v, rec)
+	var (
+		intents []Action // the new endpoints' record steps
+		made    Plan     // what is made for them
+	)
 	for _, l := range v.sortedLinks() {
 		if claimed[l.Ifindex] || opts.teardown {
 			continue
@@ -147,11 +151,16 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 		used[idx] = true
 		e := endpointFor(idx, l, queues)
 		e.Kind = kindFor(l, opts.Model)
-		adds.Actions = append(adds.Actions, Action{Op: OpRecord, Endpoint: e, Reason: "new container link " + l.Name})
-		add(v, e, l, opts, &adds)
+		intents = append(intents, Action{Op: OpRecord, Endpoint: e, Reason: "new container link " + l.Name})
+		add(v, e, l, opts, &made)
 		limitWanted[l.Ifindex] = true
 		wired = append(wired, wiredLink{link: l, endpoint: e, plugged: true})
 	}
+	// The new endpoints are recorded together, before anything is made
+	// for any of them: one record write for a pass that finds several
+	// new links (a pod's start) instead of one each. Each is still
+	// recorded before its own mutations.
+	adds.Actions = append(append(adds.Actions, intents...), made.Actions...)
 	// Our limits on links no live endpoint wants limited (its endpoint
 	// went, the kind changed, a record lost) go; the kernel drops the
 	// ones on our taps and macvtaps with them.

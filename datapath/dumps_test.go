@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
@@ -250,8 +251,15 @@ func FuzzParseLink(f *testing.F) {
 		if f, err := parseFilter(b); err == nil && f != nil {
 			_ = f.Type()
 		}
-		if nb, keep, err := parseNeighbor(b); err == nil && keep && !nb.IP.IsValid() {
-			t.Errorf("neighbour %v kept without an address", nb)
+		// The library's decoding, where it does not look a link up (a
+		// 16-byte link-layer address), reads the same address and MAC.
+		if nb, keep, err := parseNeighbor(b); err == nil && keep && len(nb.MAC) != 16 && len(b) >= 12 {
+			if lib, err := libNeigh(b); err == nil {
+				ip, _ := netip.AddrFromSlice(lib.IP)
+				if ip.Unmap() != nb.IP || !bytes.Equal(lib.HardwareAddr, nb.MAC) || lib.LinkIndex != nb.LinkIndex {
+					t.Errorf("neighbour %v, the library's %v %v dev %d", nb, lib.IP, lib.HardwareAddr, lib.LinkIndex)
+				}
+			}
 		}
 	})
 }
@@ -439,4 +447,15 @@ func libRoute(r netlink.Route) (Route, bool) {
 		out.LinkIndex, out.Gateway = hop.LinkIndex, addrOf(hop.Gw)
 	}
 	return out, true
+}
+
+// libNeigh is the library's decoding of a neighbour message, which
+// panics on some malformed attributes instead of failing.
+func libNeigh(b []byte) (n *netlink.Neigh, err error) {
+	defer func() {
+		if recover() != nil {
+			n, err = nil, errors.New("the library panicked")
+		}
+	}()
+	return netlink.NeighDeserialize(b)
 }

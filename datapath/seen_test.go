@@ -30,13 +30,7 @@ func TestObserveKeepsFilters(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		n := 0
-		for _, r := range st.Redirects {
-			if r.Owned {
-				n++
-			}
-		}
-		return n
+		return len(ownedRedirects(st.Redirects))
 	}
 	if n := ours(); n != 2 || s.n.KeptFilters() != 2 {
 		t.Fatalf("after wiring: %d redirects of ours, filters kept of %d links; want 2 and 2", n, s.n.KeptFilters())

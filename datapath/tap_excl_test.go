@@ -69,6 +69,15 @@ func TestWiringNeedsNoLibraryHandle(t *testing.T) {
 	if n.h != nil {
 		t.Fatal("observing and wiring opened the library's handle")
 	}
+	// The handle the removal will use sees the tap: it is inside the
+	// sandbox's netns, and deletes nothing of the host's.
+	if _, err := libOf(t, n).LinkByName(TapName(0)); err != nil {
+		t.Fatalf("the library's handle does not see %s: %v", TapName(0), err)
+	}
+	n.libMu.Lock()
+	n.h.Close()
+	n.h = nil // RemoveTap opens its own
+	n.libMu.Unlock()
 	if err := n.RemoveTap(0); err != nil {
 		t.Fatal(err)
 	}
@@ -109,7 +118,9 @@ func TestOnThreadReturnsWithoutItsFds(t *testing.T) {
 		enter func() error
 		calls int
 	}{
-		{"fn ran", noop, 20000},
+		// Opens nothing now (the process's netns is kept from init): a
+		// guard against a per-call opening coming back.
+		{"fn ran", noop, 2000},
 		{"enter failed at home", func() error { return refused }, 20000},
 		// Each call discards a thread: fewer.
 		{"enter failed elsewhere", func() error {

@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -395,10 +394,7 @@ func TestNetlinkWatcherTCStale(t *testing.T) {
 	ns := testnet.NewNS(t, "tst")
 	peer := testnet.NewNS(t, "tstp")
 	testnet.Veth(t, ns, "eth0", nil, peer, "eth0p")
-	idx, err := strconv.Atoi(strings.TrimSpace(testnet.Run(t, "ip", "netns", "exec", ns.Name, "cat", "/sys/class/net/eth0/ifindex")))
-	if err != nil {
-		t.Fatal(err)
-	}
+	idx := ifindexIn(t, ns.Name, "eth0")
 	w, rec, ctx, _ := newNetlinkWatcher(t)
 	if err := w.Watch(ctx, "sb", ns.Path); err != nil {
 		t.Fatal(err)

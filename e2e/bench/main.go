@@ -211,7 +211,7 @@ func printReport(out io.Writer, cfg benchConfig, machine, load0, load1 string, b
 				sc.goroutines, sc.goroutines/float64(n), sc.proc.FDs, sc.proc.Threads),
 			"≤ 40 MiB, ≤ 2 goroutines per sandbox")
 		row(fmt.Sprintf("B2: idle CPU of the daemon, converged (%v window)", sc.idleWindow),
-			fmt.Sprintf("**%.3f %%** (%d ticks), from 3 idle seconds in a row after the resync (%.0f s after it)", sc.idleCPU, sc.idleTicks, sc.settleTail.Seconds()), "≤ 0.1 %")
+			fmt.Sprintf("**%.3f %%** (%d ticks), from %d idle seconds in a row after the resync (%.0f s after it)", sc.idleCPU, sc.idleTicks, settleSeconds, sc.settleTail.Seconds()), "≤ 0.1 %")
 		// The floor's figures, zero with -skip-floor (then not shown).
 		var f floorScale
 		floor := sc.floor != nil

@@ -352,6 +352,11 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	if err := quiet(2 * cfg.n); err != nil {
 		return r, err
 	}
+	// At rest as the storm's figure is (no pass for 3 s): the queue's
+	// depth leaves out a pass that is running.
+	if err := atRest(ctx, metrics, 3*time.Second, 30*time.Second); err != nil {
+		return r, err
+	}
 	if p, err := readProc(d.pid()); err == nil {
 		r.startCPURest = p.CPU // from exec: its confirming passes too
 	}
@@ -431,10 +436,9 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 	r.idleCPU = 100 * float64(s1.CPU-s0.CPU) / float64(cfg.idle)
 	r.idleTicks = s1.Ticks - s0.Ticks
 	if perfDir != "" {
-		// One SIGHUP resync is shorter than perf takes to start beside N
-		// QEMUs: profile ten in a row instead.
+		// One SIGHUP resync is a few tens of ms, too few samples for a
+		// profile: profile ten in a row instead.
 		stop := profilePhase("sighup-loop")
-		time.Sleep(time.Second)
 		for range 10 {
 			if err := d.signal(unix.SIGHUP); err != nil {
 				return r, err
@@ -555,18 +559,30 @@ func runScale(ctx context.Context, cfg benchConfig, base string, peerNS netns.Ns
 		fmt.Fprintf(os.Stderr, "bench: B4 in turn, round %d of %d\n", i+1, cfg.restartRounds)
 		var round restartRound
 		phase := fmt.Sprintf("-%d", i+2)
-		d.stop(unix.SIGKILL) // a QMP socket serves one client
-		if round.floor, round.floorCPU, _, err = floorVerify(cfg, list, sbs, qemus, "floor-restart"+phase); err != nil {
-			return r, err
+		floor := func(name string, res *time.Duration, cpu *phaseCPU, extra ...string) func() error {
+			return func() (err error) {
+				d.stop(unix.SIGKILL) // a QMP socket serves one client
+				*res, *cpu, _, err = floorVerify(cfg, list, sbs, qemus, name+phase, extra...)
+				return err
+			}
 		}
-		if round.floorDatapath, round.floorDatapathCPU, _, err = floorVerify(cfg, list, sbs, qemus, "floor-restart-datapath"+phase, "-verify-datapath"); err != nil {
-			return r, err
+		steps := []func() error{
+			floor("floor-restart", &round.floor, &round.floorCPU),
+			floor("floor-restart-datapath", &round.floorDatapath, &round.floorDatapathCPU, "-verify-datapath"),
+			func() (err error) {
+				if _, round.tapsync, round.tapsyncCPU, err = restart("restart" + phase); err != nil {
+					return err
+				}
+				return quiet(3 * cfg.n)
+			},
 		}
-		if _, round.tapsync, round.tapsyncCPU, err = restart("restart" + phase); err != nil {
-			return r, err
-		}
-		if err := quiet(3 * cfg.n); err != nil {
-			return r, err
+		// Each round starts with the next side, so that none always
+		// follows the same one (whose sweep over every netns and socket
+		// leaves the caches warm or cold for the next).
+		for k := range steps {
+			if err := steps[(i+k)%len(steps)](); err != nil {
+				return r, err
+			}
 		}
 		r.restartRounds = append(r.restartRounds, round)
 	}

@@ -69,6 +69,11 @@ func openNLSocket() (*nlSocket, error) {
 // Close closes the socket.
 func (s *nlSocket) Close() error { return unix.Close(s.fd) }
 
+// ack sends req, which asks for an acknowledgement, and waits for it.
+func (s *nlSocket) ack(req *nl.NetlinkRequest) error {
+	return s.exchange(req, 0, func([]byte) error { return nil })
+}
+
 // exchange sends req and passes the payload of each answer of type
 // resType (0: any) to fn, until the kernel's last answer: the end of a
 // dump, an acknowledgement, an error (the errno, with the kernel's reason

@@ -65,7 +65,7 @@ func (n *NsidSocket) Nsid(fd int, assign bool) (int32, error) {
 	if assign {
 		// EEXIST: the netns has one. Asking first saves a lookup for each
 		// netns of a start, when none has one yet.
-		if err := n.s.exchange(nsidRequest(unix.RTM_NEWNSID, unix.NLM_F_ACK, fd, -1), 0, func([]byte) error { return nil }); err != nil && !errors.Is(err, unix.EEXIST) {
+		if err := n.s.ack(nsidRequest(unix.RTM_NEWNSID, unix.NLM_F_ACK, fd, -1)); err != nil && !errors.Is(err, unix.EEXIST) {
 			return 0, fmt.Errorf("assign nsid: %w", err)
 		}
 	}

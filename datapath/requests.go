@@ -75,7 +75,7 @@ func (n *Netns) setLink(ifindex int, up bool, mtu int) error {
 	if mtu > 0 {
 		req.AddData(nl.NewRtAttr(unix.IFLA_MTU, nl.Uint32Attr(uint32(mtu))))
 	}
-	return n.request(req)
+	return n.dumper.ack(req)
 }
 
 // addIngressQdisc adds an ingress qdisc (handle ffff:) to link ifindex;
@@ -87,7 +87,7 @@ func (n *Netns) addIngressQdisc(ifindex int) error {
 	req.AddData(&nl.TcMsg{Family: unix.AF_UNSPEC, Ifindex: int32(ifindex), Handle: ingressHandle, Parent: netlink.HANDLE_INGRESS})
 	req.AddData(nl.NewRtAttr(nl.TCA_KIND, nl.ZeroTerminated("ingress")))
 	req.AddData(nl.NewRtAttr(nl.TCA_OPTIONS, nil))
-	return n.request(req)
+	return n.dumper.ack(req)
 }
 
 // addRedirect adds our filter on link from's ingress hook (parent): a
@@ -110,10 +110,5 @@ func (n *Netns) addRedirect(from int, parent uint32, to int) error {
 	mirred := nl.TcMirred{TcGen: nl.TcGen{Action: int32(netlink.TC_ACT_STOLEN)}, Eaction: int32(netlink.TCA_EGRESS_REDIR), Ifindex: uint32(to)}
 	act.AddRtAttr(nl.TCA_ACT_OPTIONS, nil).AddRtAttr(nl.TCA_MIRRED_PARMS, mirred.Serialize())
 	req.AddData(opts)
-	return n.request(req)
-}
-
-// request sends req, which asks for an acknowledgement, and waits for it.
-func (n *Netns) request(req *nl.NetlinkRequest) error {
-	return n.dumper.exchange(req, 0, func([]byte) error { return nil })
+	return n.dumper.ack(req)
 }

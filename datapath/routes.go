@@ -26,8 +26,16 @@ import (
 // which links matter is the caller's decision.
 func (n *Netns) Routes() ([]Route, error) {
 	// Equivalent to: ip -n <netns> route show table main; ip -n <netns> -6 route show table main
-	// One dump of both families, every table, decoded as read.
+	// One dump of both families, every table, decoded as read. A route
+	// the header already rules out (another table, the kernel's, not
+	// unicast, the cache) is not decoded: the local table alone has one
+	// per address, link and broadcast, and decoding them was a tenth of a
+	// no-op pass when the library did.
 	rs, err := parsedDump(n.dumper, unix.RTM_GETROUTE, unix.RTM_NEWROUTE, func(m []byte) (Route, bool, error) {
+		if len(m) >= unix.SizeofRtMsg && (!hostnet.Observed(uint32(m[4]), m[7], m[5]) ||
+			binary.NativeEndian.Uint32(m[8:12])&unix.RTM_F_CLONED != 0) {
+			return Route{}, false, nil // rtm_table, rtm_type, rtm_protocol, rtm_flags
+		}
 		rt, err := parseRoute(m, 0)
 		if err != nil {
 			return Route{}, false, err
@@ -107,9 +115,13 @@ func parseNeighbor(m []byte) (Neighbor, bool, error) {
 		return Neighbor{}, false, fmt.Errorf("short neighbour message (%d bytes)", len(m))
 	}
 	family := m[0]
+	state := binary.NativeEndian.Uint16(m[8:10])
+	if state&unix.NUD_PERMANENT == 0 || (family != unix.AF_INET && family != unix.AF_INET6) {
+		return Neighbor{}, false, nil // learnt, or a bridge's forwarding entry: not decoded
+	}
 	nb := Neighbor{
 		LinkIndex: int(int32(binary.NativeEndian.Uint32(m[4:8]))),
-		State:     int(binary.NativeEndian.Uint16(m[8:10])),
+		State:     int(state),
 		Flags:     int(m[10]),
 	}
 	err := walkAttrs(m[sizeofNdmsg:], func(typ uint16, v []byte) error {
@@ -126,6 +138,5 @@ func parseNeighbor(m []byte) (Neighbor, bool, error) {
 	if err != nil {
 		return Neighbor{}, false, fmt.Errorf("neighbour message: %w", err)
 	}
-	keep := nb.State&unix.NUD_PERMANENT != 0 && (family == unix.AF_INET || family == unix.AF_INET6) && nb.IP.IsValid()
-	return nb, keep, nil
+	return nb, nb.IP.IsValid(), nil
 }

@@ -32,7 +32,7 @@ func (r *rtnl) request(typ, flags int, data ...nl.NetlinkRequestData) error {
 	for _, d := range data {
 		req.AddData(d)
 	}
-	return r.sock.exchange(req, 0, func([]byte) error { return nil })
+	return r.sock.ack(req)
 }
 
 // Attributes x/sys/unix does not name.

@@ -69,24 +69,58 @@ func (n *Netns) dumpLinks() ([]netlink.Link, error) {
 		nl.NewIfInfomsg(unix.AF_UNSPEC), nl.NewRtAttr(unix.IFLA_EXT_MASK, nl.Uint32Attr(rtextFilterSkipStats)))
 }
 
+// observedLink is a link of Observe's link dump with the kind of its
+// root qdisc (IFLA_QDISC; "" when the message has none).
+type observedLink struct {
+	link  netlink.Link
+	qdisc string
+}
+
+// dumpObservedLinks is dumpLinks for Observe: each link with the kind of
+// its root qdisc, which tells Observe whether it needs the qdisc dump at
+// all (see rootQdiscsNeedDump).
+func (n *Netns) dumpObservedLinks() ([]netlink.Link, map[int]string, error) {
+	ls, err := parsedDump(n.dumper, unix.RTM_GETLINK, unix.RTM_NEWLINK, func(m []byte) (observedLink, bool, error) {
+		l, q, err := parseLinkQdisc(m)
+		return observedLink{l, q}, err == nil && l != nil, err
+	}, nl.NewIfInfomsg(unix.AF_UNSPEC), nl.NewRtAttr(unix.IFLA_EXT_MASK, nl.Uint32Attr(rtextFilterSkipStats)))
+	if err != nil {
+		return nil, nil, fmt.Errorf("list links in netns %s: %w", n.path, err)
+	}
+	links, roots := make([]netlink.Link, len(ls)), make(map[int]string, len(ls))
+	for i, o := range ls {
+		links[i], roots[o.link.Attrs().Index] = o.link, o.qdisc
+	}
+	return links, roots, nil
+}
+
 // parseLink decodes an RTM_NEWLINK message into the netlink library's
 // types, with the fields this package reads: the attributes of every link,
 // a tap's or tun's flags and queues, a macvtap's mode, and the kind, which
 // Type() returns as the library's own decoding would. It copies what it
 // keeps, so the message's buffer may be reused.
 func parseLink(m []byte) (netlink.Link, error) {
+	l, _, err := parseLinkQdisc(m)
+	return l, err
+}
+
+// parseLinkQdisc is parseLink, and the kind of the link's root qdisc
+// (IFLA_QDISC), which the library's types have no field for.
+func parseLinkQdisc(m []byte) (netlink.Link, string, error) {
 	if len(m) < unix.SizeofIfInfomsg {
-		return nil, fmt.Errorf("short link message (%d bytes)", len(m))
+		return nil, "", fmt.Errorf("short link message (%d bytes)", len(m))
 	}
 	msg := nl.DeserializeIfInfomsg(m)
 	a := netlink.NewLinkAttrs()
 	a.Index, a.RawFlags, a.Flags = int(msg.Index), msg.Flags, linkFlags(msg.Flags)
-	var kind string
+	var kind, qdisc string
 	var data []byte
 	err := walkAttrs(m[unix.SizeofIfInfomsg:], func(typ uint16, v []byte) error {
 		switch typ {
 		case unix.IFLA_IFNAME:
 			a.Name = cstring(v)
+		case unix.IFLA_QDISC:
+			qdisc = cstring(v)
 		case unix.IFLA_ADDRESS:
 			if slices.ContainsFunc(v, func(b byte) bool { return b != 0 }) {
 				a.HardwareAddr = net.HardwareAddr(append([]byte(nil), v...))
@@ -133,13 +167,17 @@ func parseLink(m []byte) (netlink.Link, error) {
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("link message for ifindex %d (%s): %w", msg.Index, a.Name, err)
+		return nil, "", fmt.Errorf("link message for ifindex %d (%s): %w", msg.Index, a.Name, err)
 	}
 	switch kind {
 	case "":
-		return &netlink.Device{LinkAttrs: a}, nil
+		return &netlink.Device{LinkAttrs: a}, qdisc, nil
 	case "tun":
-		return tuntapOf(a, data)
+		t, err := tuntapOf(a, data)
+		if err != nil {
+			return nil, "", err
+		}
+		return t, qdisc, nil
 	case "macvtap":
 		m := &netlink.Macvtap{Macvlan: netlink.Macvlan{LinkAttrs: a}}
 		err := walkAttrs(data, func(typ uint16, v []byte) error {
@@ -149,11 +187,11 @@ func parseLink(m []byte) (netlink.Link, error) {
 			return nil
 		})
 		if err != nil {
-			return nil, fmt.Errorf("link %s: macvtap data: %w", a.Name, err)
+			return nil, "", fmt.Errorf("link %s: macvtap data: %w", a.Name, err)
 		}
-		return m, nil
+		return m, qdisc, nil
 	}
-	return &netlink.GenericLink{LinkAttrs: a, LinkType: kind}, nil
+	return &netlink.GenericLink{LinkAttrs: a, LinkType: kind}, qdisc, nil
 }
 
 // tuntapOf is a tun or tap device with its IFLA_TUN_* data.

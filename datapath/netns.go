@@ -33,15 +33,19 @@ type Netns struct {
 	h      *netlink.Handle
 	closed bool // Close ran: lib opens nothing more
 	// While Observe runs, its dumps, which every part of the observation
-	// reads: one link dump (six of the same list before), one qdisc dump
-	// (the kernel dumps every link's qdiscs even when asked for one link's,
-	// so a per-link listing cost a whole dump each) and one ingress filter
-	// dump per link (the kernel has no netns-wide filter dump), shared by
-	// the redirects and the ingress limits. Outside Observe they are nil
-	// and every read dumps afresh: a mutation must see the kernel as it is.
-	links   []netlink.Link
-	qdiscs  []netlink.Qdisc
-	filters map[int][]netlink.Filter // by ifindex; filled as read; non-nil: Observe runs
+	// reads: one link dump (six of the same list before), with each link's
+	// root qdisc kind (rootQdiscs); the qdisc dump only when one of those
+	// may be a limit of ours (the kernel dumps every link's qdiscs, with
+	// their statistics, even when asked for one link's: it cost more than
+	// the link dump); and one ingress filter dump per link (the kernel has
+	// no netns-wide filter dump), shared by the redirects and the ingress
+	// limits. Outside Observe they are nil and every read dumps afresh: a
+	// mutation must see the kernel as it is.
+	links      []netlink.Link
+	rootQdiscs map[int]string // by ifindex: the kind of the link's root qdisc
+	qdiscs     []netlink.Qdisc
+	qdiscsRead bool                     // qdiscs holds this observation's qdisc dump
+	filters    map[int][]netlink.Filter // by ifindex; filled as read; non-nil: Observe runs
 	// seen keeps the filters from one observation to the next (see
 	// KeepFilters).
 	seen filtersSeen
@@ -293,13 +297,46 @@ func (n *Netns) qdiscsOn(link netlink.Link) ([]netlink.Qdisc, error) {
 	return out, nil
 }
 
-// allQdiscs lists every qdisc of the netns, from Observe's dump while it
-// runs. Equivalent to: tc -n <netns> qdisc show
+// allQdiscs lists every qdisc of the netns, dumped at most once while
+// Observe runs. Equivalent to: tc -n <netns> qdisc show
 func (n *Netns) allQdiscs() ([]netlink.Qdisc, error) {
-	if n.filters != nil {
-		return n.qdiscs, nil
+	if n.filters == nil {
+		return n.dumpQdiscs()
 	}
-	return n.dumpQdiscs()
+	if !n.qdiscsRead {
+		qs, err := n.dumpQdiscs()
+		if err != nil {
+			return nil, err
+		}
+		n.qdiscs, n.qdiscsRead = qs, true
+	}
+	return n.qdiscs, nil
+}
+
+// plainRootQdiscs are the root qdisc kinds that tell Observe enough
+// without the qdisc dump: none is a limit of ours (an HTB), and none has
+// a class ffff:fff2, so the link's handle ffff:, if taken, is its ingress
+// hook. (The kernel lets any qdisc take handle ffff: at the root; an HTB,
+// say, with a class ffff:fff2 would answer a filter dump at that parent
+// with that class's filters.) noop is the kind of a link with no root
+// qdisc of its own (one never up; an HTB added to a link that is down
+// shows as htb). A kind not listed, or none (no IFLA_QDISC), sends
+// Observe to the qdisc dump.
+var plainRootQdiscs = map[string]bool{
+	"noop": true, "noqueue": true, "pfifo_fast": true, "fq_codel": true, "mq": true, "fq": true,
+	"pfifo": true, "bfifo": true, "sfq": true, "codel": true, "pie": true, "fq_pie": true, "cake": true,
+}
+
+// rootQdiscsNeedDump says whether a link of Observe's link dump has a
+// root qdisc kind that only the qdisc dump can tell enough of (see
+// plainRootQdiscs).
+func rootQdiscsNeedDump(kinds map[int]string) bool {
+	for _, k := range kinds {
+		if !plainRootQdiscs[k] {
+			return true
+		}
+	}
+	return false
 }
 
 // ingressFilters lists the filters at parent (link's ingress hook), at

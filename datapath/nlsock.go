@@ -20,6 +20,8 @@ type nlSocket struct {
 	fd  int
 	pid uint32 // the socket's port id, which the kernel's answers carry
 	seq uint32
+	// sent, when set (by tests), hears the type of each request sent.
+	sent func(typ uint16)
 }
 
 // nlBufs lends receive buffers to the calls under way: one per call, not
@@ -86,6 +88,9 @@ func (s *nlSocket) exchange(req *nl.NetlinkRequest, resType uint16, fn func([]by
 	defer s.mu.Unlock()
 	s.seq++
 	req.Seq = s.seq
+	if s.sent != nil {
+		s.sent(req.Type)
+	}
 	if err := unix.Sendto(s.fd, req.Serialize(), 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return fmt.Errorf("netlink send: %w", err)
 	}

@@ -1,8 +1,6 @@
 package datapath
 
 import (
-	"fmt"
-
 	"github.com/vishvananda/netlink"
 )
 
@@ -58,17 +56,12 @@ func (n *Netns) Observe(p Parts) (State, error) {
 	)
 	// Equivalent to: ip -n <netns> link show, once for the whole
 	// observation.
-	if n.links, err = n.linkList(); err != nil {
+	if n.links, n.rootQdiscs, err = n.dumpObservedLinks(); err != nil {
 		return State{}, err
 	}
-	defer func() { n.links, n.qdiscs, n.filters = nil, nil, nil }()
+	defer func() { n.links, n.rootQdiscs, n.qdiscs, n.qdiscsRead, n.filters = nil, nil, nil, false, nil }()
 	n.seen.prune(n.links)
-	// Equivalent to: tc -n <netns> qdisc show
-	qs, err := n.allQdiscs()
-	if err != nil {
-		return State{}, fmt.Errorf("list qdiscs in netns %s: %w", n.path, err)
-	}
-	n.qdiscs, n.filters = qs, map[int][]netlink.Filter{}
+	n.filters = map[int][]netlink.Filter{}
 	if s.Links, err = n.containerLinks(p.Addrs); err != nil {
 		return State{}, err
 	}

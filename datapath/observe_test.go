@@ -1,11 +1,13 @@
 package datapath_test
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/netip"
 	"reflect"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -174,4 +176,56 @@ func formatList[T any](l []T) string {
 		return "(none)"
 	}
 	return b.String()
+}
+
+// An observation makes no qdisc dump while every link's root qdisc, which
+// the link dump names, is a plain one: the redirects on an ingress hook
+// and on a clsact hook are found by filter dumps alone. An HTB at a
+// link's root (what a limit of ours is) brings the dump back, and one
+// that holds handle ffff: with a class ffff:fff2 is not taken for an
+// ingress hook, though the filter of that class is one of ours in all
+// but its place.
+func TestObserveQdiscDumpOnlyWhenNeeded(t *testing.T) {
+	s := newSandbox(t)
+	ns := s.ns.Name
+	tp, err := s.n.EnsureTap(context.Background(), datapath.TapSpec{Index: 0, Queues: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.n.EnsureRedirects(s.eth0.Ifindex, tp.Ifindex); err != nil {
+		t.Fatal(err)
+	}
+	prio := strconv.Itoa(int(datapath.FilterPriority))
+	testnet.Veth(t, s.ns, "net1", nil, s.host, "host1")
+	testnet.Run(t, "tc", "-n", ns, "qdisc", "add", "dev", "net1", "clsact")
+	testnet.Run(t, "tc", "-n", ns, "filter", "add", "dev", "net1", "ingress", "prio", prio, "protocol", "all",
+		"u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", tp.Name)
+	want := []string{"eth0→" + tp.Name, "net1→" + tp.Name, tp.Name + "→eth0"}
+	observe := func(wantQdiscDumps int) {
+		t.Helper()
+		counts := s.n.CountRequests()
+		st, err := s.n.Observe(datapath.Parts{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, r := range ownedRedirects(st.Redirects) {
+			got = append(got, r.FromName+"→"+r.ToName)
+		}
+		slices.Sort(got)
+		if !slices.Equal(got, want) {
+			t.Errorf("owned redirects = %v, want %v", got, want)
+		}
+		if n := counts[unix.RTM_GETQDISC]; n != wantQdiscDumps {
+			t.Errorf("qdisc dumps in the observation = %d, want %d", n, wantQdiscDumps)
+		}
+	}
+	observe(0)
+
+	testnet.Veth(t, s.ns, "net2", nil, s.host, "host2")
+	testnet.Run(t, "tc", "-n", ns, "qdisc", "add", "dev", "net2", "root", "handle", "ffff:", "htb")
+	testnet.Run(t, "tc", "-n", ns, "class", "add", "dev", "net2", "parent", "ffff:", "classid", "ffff:fff2", "htb", "rate", "1mbit")
+	testnet.Run(t, "tc", "-n", ns, "filter", "add", "dev", "net2", "parent", "ffff:fff2", "prio", prio, "protocol", "all",
+		"u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", tp.Name)
+	observe(1)
 }

@@ -239,6 +239,9 @@ func (n *Netns) RateLimits() ([]RateLimitOn, error) {
 // egressLimits lists our HTBs on the egress of every link but our ifbs
 // (whose HTB is the limit of another link's ingress).
 func (n *Netns) egressLimits() ([]RateLimitOn, error) {
+	if n.rootQdiscs != nil && !rootQdiscsNeedDump(n.rootQdiscs) {
+		return nil, nil // no link's root qdisc is an HTB
+	}
 	qs, err := n.allQdiscs()
 	if err != nil {
 		return nil, fmt.Errorf("list qdiscs in netns %s: %w", n.path, err)

@@ -28,6 +28,20 @@ func (n *Netns) ingressParent(link netlink.Link) (uint32, error) {
 	return ingressParentOf(qdiscs), nil
 }
 
+// observedIngressParent is ingressParent, but for a link that Observe's
+// link dump shows with a plain root qdisc (plainRootQdiscs): its hook,
+// if it has one, is the ingress or clsact qdisc at ffff:, whose ingress
+// filters parent ffff:fff2 reaches alike. Such a link is not told apart
+// from one without a hook: its filter dump is empty (and kept, see
+// filtersSeen), and costs less than the qdisc dump that told them apart,
+// which the kernel makes of every link's qdiscs with their statistics.
+func (n *Netns) observedIngressParent(link netlink.Link) (uint32, error) {
+	if n.rootQdiscs != nil && plainRootQdiscs[n.rootQdiscs[link.Attrs().Index]] {
+		return netlink.HANDLE_MIN_INGRESS, nil
+	}
+	return n.ingressParent(link)
+}
+
 // ingressParentOf is ingressParent given the link's qdiscs.
 func ingressParentOf(qdiscs []netlink.Qdisc) uint32 {
 	for _, q := range qdiscs {
@@ -135,7 +149,7 @@ func (n *Netns) Redirects() ([]Redirect, error) {
 // netns.
 func (n *Netns) eachIngress(links []netlink.Link, fn func(l netlink.Link, parent uint32) error) error {
 	for _, l := range links {
-		parent, err := n.ingressParent(l)
+		parent, err := n.observedIngressParent(l)
 		if err == nil && parent != 0 {
 			err = fn(l, parent)
 		}

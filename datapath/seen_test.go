@@ -32,8 +32,10 @@ func TestObserveKeepsFilters(t *testing.T) {
 		}
 		return len(ownedRedirects(st.Redirects))
 	}
-	if n := ours(); n != 2 || s.n.KeptFilters() != 2 {
-		t.Fatalf("after wiring: %d redirects of ours, filters kept of %d links; want 2 and 2", n, s.n.KeptFilters())
+	// Every link's filters are kept: eth0's and the tap's, and lo's,
+	// none (an observation dumps each link's ingress filters).
+	if n := ours(); n != 2 || s.n.KeptFilters() != 3 {
+		t.Fatalf("after wiring: %d redirects of ours, filters kept of %d links; want 2 and 3", n, s.n.KeptFilters())
 	}
 	delFilter := func() {
 		testnet.Run(t, "tc", "-n", s.ns.Name, "filter", "del", "dev", "eth0", "ingress", "prio", fmt.Sprint(datapath.FilterPriority))
@@ -81,8 +83,8 @@ func TestObserveKeepsFilters(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(st.Redirects) != 1 || st.Redirects[0].To != 0 || s.n.KeptFilters() != 1 {
-		t.Errorf("after the tap's removal: redirects %+v, filters kept of %d links; want eth0's, to 0, and only it kept", st.Redirects, s.n.KeptFilters())
+	if len(st.Redirects) != 1 || st.Redirects[0].To != 0 || s.n.KeptFilters() != 2 {
+		t.Errorf("after the tap's removal: redirects %+v, filters kept of %d links; want eth0's, to 0, and only it and lo kept", st.Redirects, s.n.KeptFilters())
 	}
 
 	// Without KeepFilters, every observation reads the kernel.

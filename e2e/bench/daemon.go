@@ -284,11 +284,13 @@ func readProc(pid int) (procStats, error) {
 	return s, nil
 }
 
-// machineCPU is the busy and total time of all CPUs (/proc/stat, ticks).
-func machineCPU() (busy, total uint64) {
+// machineCPU is the busy, stolen and total time of all CPUs (/proc/stat,
+// ticks). Stolen time (the hypervisor running someone else on our CPUs)
+// counts as busy: it is time no process here had.
+func machineCPU() (busy, steal, total uint64) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
-		return 0, 0
+		return 0, 0, 0
 	}
 	line, _, _ := strings.Cut(string(b), "\n")
 	f := strings.Fields(line)
@@ -298,8 +300,11 @@ func machineCPU() (busy, total uint64) {
 		if i != 3 && i != 4 { // idle, iowait
 			busy += n
 		}
+		if i == 7 {
+			steal = n
+		}
 	}
-	return busy, total
+	return busy, steal, total
 }
 
 // phaseCPU is what a measured phase cost: the CPU time of the process
@@ -309,17 +314,18 @@ type phaseCPU struct {
 	daemon  time.Duration
 	qemu    time.Duration // every thread of every sandbox's QEMU (schedstat)
 	machine float64       // percent of all CPUs
+	steal   float64       // percent of all CPUs the hypervisor gave to others
 }
 
 // cpuMark is the start of a phase. pid may be 0 when the process under
 // measurement starts with the phase (its CPU time starts at 0): set it
 // before since.
 type cpuMark struct {
-	pid         int
-	daemon      time.Duration
-	qemus       []int
-	qemu        time.Duration
-	busy, total uint64
+	pid                int
+	daemon             time.Duration
+	qemus              []int
+	qemu               time.Duration
+	busy, steal, total uint64
 }
 
 func markCPU(pid int, qemus []int) cpuMark {
@@ -328,7 +334,7 @@ func markCPU(pid int, qemus []int) cpuMark {
 		m.daemon = s.CPU
 	}
 	m.qemu = schedTime(qemus)
-	m.busy, m.total = machineCPU()
+	m.busy, m.steal, m.total = machineCPU()
 	return m
 }
 
@@ -337,6 +343,7 @@ func (m cpuMark) since() phaseCPU {
 	p := phaseCPU{daemon: n.daemon - m.daemon, qemu: n.qemu - m.qemu}
 	if n.total > m.total {
 		p.machine = 100 * float64(n.busy-m.busy) / float64(n.total-m.total)
+		p.steal = 100 * float64(n.steal-m.steal) / float64(n.total-m.total)
 	}
 	return p
 }
@@ -366,5 +373,5 @@ func schedTime(pids []int) time.Duration {
 }
 
 func (p phaseCPU) String() string {
-	return fmt.Sprintf("CPU: own %.0f ms, QEMUs %.0f ms; machine %.0f %% busy", ms(p.daemon), ms(p.qemu), p.machine)
+	return fmt.Sprintf("CPU: own %.0f ms, QEMUs %.0f ms; machine %.0f %% busy, %.0f %% stolen", ms(p.daemon), ms(p.qemu), p.machine, p.steal)
 }

@@ -173,89 +173,11 @@ type message struct {
 	size int64 // the message's length in the stream
 }
 
-// cappedReader is the socket as the JSON decoder reads it: it refuses to
-// let the decoder hold more than max bytes past the end of the last
-// complete value. json.Decoder buffers a value whole however large it is;
-// with this under it, a stream without end (or one huge message) fails
-// with ErrMessageTooLarge instead of growing the buffer.
-type cappedReader struct {
-	r    io.Reader
-	max  int64
-	read int64         // bytes read from r so far
-	dec  *json.Decoder // set right after the decoder is made
-}
-
-func (c *cappedReader) Read(p []byte) (int, error) {
-	// InputOffset is where the value being decoded starts: the decoder
-	// holds read-InputOffset bytes of it (and of what follows).
-	room := c.max - (c.read - c.dec.InputOffset())
-	if room <= 0 {
-		return 0, ErrMessageTooLarge
-	}
-	if int64(len(p)) > room {
-		p = p[:room]
-	}
-	n, err := c.r.Read(p)
-	c.read += int64(n)
-	return n, err
-}
-
-// newDecoder reads QMP messages from r, each at most max bytes.
-func newDecoder(r io.Reader, max int64) *json.Decoder {
-	cr := &cappedReader{r: r, max: max}
-	cr.dec = json.NewDecoder(cr)
-	return cr.dec
-}
-
-// shrinkAfter is the message size past which the reader starts a new
-// decoder: json.Decoder never shrinks its buffer, and one HMP "info qtree"
-// reply (20–140 KB) would otherwise stay allocated in every connection's
-// decoder, a sandbox's idle connection holding it for good.
+// shrinkAfter is the message size past which the reader lets its grown
+// buffer go (see msgReader): one HMP "info qtree" reply (20–140 KB) must
+// not stay allocated in every connection, a sandbox's idle connection
+// holding it for good.
 const shrinkAfter = 8 << 10
-
-// stream is the socket as the reader's decoders read it, with what an
-// earlier decoder had read ahead put back in front.
-type stream struct {
-	ahead []byte
-	conn  io.Reader
-}
-
-func (s *stream) Read(p []byte) (int, error) {
-	if len(s.ahead) > 0 {
-		n := copy(p, s.ahead)
-		if s.ahead = s.ahead[n:]; len(s.ahead) == 0 {
-			s.ahead = nil // let the read-ahead's array go
-		}
-		return n, nil
-	}
-	return s.conn.Read(p)
-}
-
-// renew returns a decoder with a fresh buffer that reads on where dec
-// stopped: what dec had read ahead first.
-func (s *stream) renew(dec *json.Decoder, max int64) *json.Decoder {
-	ahead, _ := io.ReadAll(dec.Buffered())
-	s.ahead = append(ahead, s.ahead...)
-	return newDecoder(s, max)
-}
-
-// readMessage decodes the next JSON object from the stream. Messages need
-// not be one per line (QEMU's qmp-pretty mode spans lines). The object is
-// decoded as it is read, once: read whole first, then decoded, a 20 KB
-// "info qtree" reply was scanned three times and copied twice.
-func readMessage(dec *json.Decoder) (message, error) {
-	start := dec.InputOffset()
-	var m message
-	if err := dec.Decode(&m); err != nil {
-		var te *json.UnmarshalTypeError
-		if errors.As(err, &te) {
-			return message{}, fmt.Errorf("not a QMP message: %w", err)
-		}
-		return message{}, err
-	}
-	m.size = dec.InputOffset() - start
-	return m, nil
-}
 
 // text is m as JSON, for an error that shows an unexpected message.
 func (m message) text() string {
@@ -276,9 +198,8 @@ func Dial(ctx context.Context, path string, opts Options) (*Client, error) {
 // handshake reads QEMU's QMP greeting and negotiates capabilities.
 func handshake(h *handshaking, onEvent func(Event)) (*Client, error) {
 	conn := h.conn
-	src := &stream{conn: conn}
-	dec := newDecoder(src, MaxMessage)
-	greeting, err := readMessage(dec)
+	mr := newMsgReader(conn, MaxMessage)
+	greeting, err := mr.next()
 	switch {
 	case timedOut(err):
 		return nil, fmt.Errorf("%w in %s: %s: %w", ErrNoGreeting, h.timeout, silence(conn), h.ctxErr())
@@ -296,7 +217,7 @@ func handshake(h *handshaking, onEvent func(Event)) (*Client, error) {
 	}
 	var early []message // events that came before the reply
 	for {
-		m, err := readMessage(dec)
+		m, err := mr.next()
 		switch {
 		case timedOut(err):
 			return nil, fmt.Errorf("QEMU %s greeted but did not answer qmp_capabilities: %w", version, h.ctxErr())
@@ -317,7 +238,7 @@ func handshake(h *handshaking, onEvent func(Event)) (*Client, error) {
 	}
 
 	c := newClient(ProtocolQMP, conn, h.path, version, h.timeout, onEvent)
-	go c.read(src, dec, early)
+	go c.read(mr, early)
 	return c, nil
 }
 
@@ -413,16 +334,13 @@ func (c *Client) dead() bool {
 
 // read reads the socket for the life of the connection, dispatching events
 // and handing replies to the waiting command.
-func (c *Client) read(src *stream, dec *json.Decoder, early []message) {
+func (c *Client) read(mr *msgReader, early []message) {
 	defer close(c.readerDone)
 	for _, m := range early {
 		c.dispatch(m)
 	}
 	for {
-		m, err := readMessage(dec)
-		if m.size > shrinkAfter {
-			dec = src.renew(dec, MaxMessage)
-		}
+		m, err := mr.next()
 		switch {
 		case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET):
 			// ECONNRESET: QEMU died with unread data (our command) in its socket.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -46,9 +47,9 @@ func FuzzReadMessages(f *testing.F) {
 		stream := make(chan goqmpEvent, 1)
 		c.streams[stream] = struct{}{}
 
-		dec := newDecoder(bytes.NewReader(data), limit)
+		mr := newMsgReader(bytes.NewReader(data), limit)
 		for {
-			m, err := readMessage(dec)
+			m, err := mr.next()
 			if err != nil {
 				if errors.Is(err, ErrMessageTooLarge) && len(data) <= limit {
 					t.Fatalf("%d bytes in all, yet ErrMessageTooLarge", len(data))
@@ -77,6 +78,68 @@ func FuzzReadMessages(f *testing.F) {
 				t.Errorf("waiter got %q", e.Name)
 			}
 		default:
+		}
+	})
+}
+
+// FuzzReaderAgreesWithJSON: the reader splits a stream where a JSON
+// decoder would, and decodes each message as encoding/json decodes it
+// into a message. It may take one message encoding/json refuses: one
+// whose only fault is in a string "return", which it keeps raw for the
+// caller's decoding (unquoteJSON, then encoding/json) to refuse. Member
+// names match as QEMU writes them: input with a name encoding/json would
+// match by folding case is left out of the comparison.
+func FuzzReaderAgreesWithJSON(f *testing.F) {
+	f.Add([]byte(greetingOOB + "\r\n" + `{"return": {}, "id": "1"}` + "\r\n"))
+	f.Add([]byte(event("DEVICE_DELETED", map[string]any{"device": "tapsync-net3"}) + "\n" + qmpError("GenericError", "x")))
+	f.Add([]byte(`{"return": "a\\\"b\\\\", "id": "7"} {"return": [1, {"a": "}"}], "x": null}`))
+	f.Add([]byte(`{"return": "\x01", "id": 1}`))
+	f.Add([]byte(`{"return": {"a": [1}, "id": 1}`))
+	addTestdataSeeds(f, func(b []byte) []byte {
+		return append(append([]byte(`{"return": `), bytes.TrimSpace(b)...), []byte(`, "id": "1"}`)...)
+	})
+	known := []string{"QMP", "id", "return", "error", "event", "data", "timestamp"}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		dec := json.NewDecoder(bytes.NewReader(data))
+		mr := newMsgReader(bytes.NewReader(data), MaxMessage)
+		for n := 0; ; n++ {
+			var raw json.RawMessage
+			jerr := dec.Decode(&raw)
+			got, err := mr.next()
+			if jerr != nil {
+				return // past here the two need not agree on where messages end
+			}
+			var members map[string]json.RawMessage
+			if json.Unmarshal(raw, &members) != nil {
+				return // not an object: both refuse it (checked below only for objects)
+			}
+			for name := range members {
+				for _, k := range known {
+					if name != k && strings.EqualFold(name, k) {
+						return
+					}
+				}
+			}
+			var want message
+			werr := json.Unmarshal(raw, &want)
+			switch {
+			case err != nil && werr == nil:
+				t.Fatalf("message %d %q: reader: %v; encoding/json decodes it", n, raw, err)
+			case err == nil && werr != nil:
+				if len(got.Return) == 0 || got.Return[0] != '"' || json.Valid(got.Return) {
+					t.Fatalf("message %d %q: reader took it; encoding/json: %v", n, raw, werr)
+				}
+				if _, ok := unquoteJSON(got.Return); ok {
+					t.Fatalf("message %d %q: unquoteJSON takes its return %s", n, raw, got.Return)
+				}
+				return
+			case err != nil:
+				return
+			}
+			got.size = 0
+			if !reflect.DeepEqual(got, want) {
+				t.Fatalf("message %d %q:\nreader        %+v\nencoding/json %+v", n, raw, got, want)
+			}
 		}
 	})
 }

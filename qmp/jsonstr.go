@@ -1,6 +1,7 @@
 package qmp
 
 import (
+	"bytes"
 	"strconv"
 	"strings"
 	"unicode/utf16"
@@ -20,16 +21,23 @@ func unquoteJSON(b []byte) (string, bool) {
 	var sb strings.Builder
 	sb.Grow(len(b))
 	for len(b) > 0 {
-		i := 0
-		for i < len(b) && b[i] != '\\' && b[i] != '"' && b[i] >= 0x20 {
-			i++
+		// Up to the next escape in one piece: a qtree's lines are long
+		// runs of plain text between escaped newlines.
+		i := bytes.IndexByte(b, '\\')
+		if i < 0 {
+			i = len(b)
+		}
+		for _, c := range b[:i] {
+			if c < 0x20 || c == '"' {
+				return "", false // a bare quote or control character: not JSON
+			}
 		}
 		sb.Write(b[:i])
 		if b = b[i:]; len(b) == 0 {
 			break
 		}
-		if b[0] != '\\' || len(b) < 2 {
-			return "", false // a bare quote or control character: not checked JSON
+		if len(b) < 2 {
+			return "", false
 		}
 		switch c := b[1]; c {
 		case '"', '\\', '/':

@@ -14,7 +14,9 @@ import (
 // reader's stack each time: 4–7 % of a restart's CPU. At 300 it runs a
 // third as often, the heap growing to at most four times what is live
 // before a cycle (a GOMEMLIMIT still caps it), and the default comes back
-// once the burst is over.
+// once the burst is over, with one collection that gives the pages the
+// burst left free back to the kernel (the daemon's RSS settles where it
+// would have without).
 const startupGCPercent = 300
 
 // startupGC sets startupGCPercent unless the operator set GOGC, and
@@ -24,5 +26,8 @@ func startupGC() (restore func()) {
 		return func() {}
 	}
 	prev := debug.SetGCPercent(startupGCPercent)
-	return func() { debug.SetGCPercent(prev) }
+	return func() {
+		debug.SetGCPercent(prev)
+		debug.FreeOSMemory()
+	}
 }

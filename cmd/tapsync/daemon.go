@@ -610,14 +610,6 @@ func (d *daemon) serve(ctx context.Context, signals <-chan os.Signal) error {
 	// on), and a pass that finds the dial under way ends; the dial's end
 	// starts its next pass. Hung QEMUs then hold no worker.
 	d.rec.OnDialDone = func(id string) { d.trigger(id, "qmp-dial") }
-	restoreGC := startupGC()
-	go func() {
-		select {
-		case <-d.ready:
-		case <-ctx.Done():
-		}
-		restoreGC()
-	}()
 	for _, s := range cfg.Sandboxes {
 		sb := d.sandboxFor(s.ID, s.Netns, s.QMP, s.Queues, s.AgentURL, overrides{Model: s.Model, RxRate: rate(s.RxRate), TxRate: rate(s.TxRate)})
 		sb.Monitor = s.Monitor

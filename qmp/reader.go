@@ -42,8 +42,9 @@ func newMsgReader(r io.Reader, max int) *msgReader {
 
 // readerBuf is the buffer a msgReader starts with, and returns to after
 // a message of more than shrinkAfter bytes: a connection that read one
-// "info qtree" reply must not hold its buffer for good.
-const readerBuf = 4 << 10
+// "info qtree" reply must not hold its buffer for good. Replies and events
+// are a few hundred bytes; every sandbox's connection holds one.
+const readerBuf = 1 << 10
 
 // next returns the next message; m.size is the bytes it took in the
 // stream, whitespace before it included.

@@ -366,10 +366,15 @@ func TestQueueConfirmationWaitsBehindNewWork(t *testing.T) {
 	now := time.Unix(1000, 0)
 	q.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	// serve runs n passes, calling between after the first, and returns
-	// their keys in order.
+	// their keys in order. A key missing from the queue fails the test
+	// (get would wait for it for good).
 	serve := func(n int, between func()) string {
+		t.Helper()
 		var order []string
 		for i := range n {
+			if q.Len() == 0 {
+				t.Fatalf("after passes %v, none of the %d asked for is queued", order, n-i)
+			}
 			k, _ := q.get()
 			order = append(order, k)
 			q.done(k, nil)

@@ -337,6 +337,16 @@ func (s *Store) Load(ctx context.Context, id string) (Record, error) {
 	}
 	fresh := Record{Version: Version, Sandbox: id}
 	p := s.path(id)
+	// What the cache holds is told by the path's identity alone: a stat,
+	// where opening, reading the identity and closing was three calls.
+	// A record that is not cached, or has changed, is then opened.
+	if fi, err := os.Stat(p); err == nil {
+		if file, ok := fileIDOf(fi); ok {
+			if r, ok := s.cached(id, file); ok {
+				return r, nil
+			}
+		}
+	}
 	f, err := os.Open(p)
 	if errors.Is(err, os.ErrNotExist) {
 		return fresh, nil

@@ -318,12 +318,14 @@ func (n *Netns) allQdiscs() ([]netlink.Qdisc, error) {
 // a class ffff:fff2, so the link's handle ffff:, if taken, is its ingress
 // hook. (The kernel lets any qdisc take handle ffff: at the root; an HTB,
 // say, with a class ffff:fff2 would answer a filter dump at that parent
-// with that class's filters.) noop is the kind of a link with no root
+// with that class's filters. An mq is left out for the same reason: its
+// queues' qdiscs may be anything, with any handle; a multi-queue tap's
+// netns is read with the qdisc dump.) noop is the kind of a link with no root
 // qdisc of its own (one never up; an HTB added to a link that is down
 // shows as htb). A kind not listed, or none (no IFLA_QDISC), sends
 // Observe to the qdisc dump.
 var plainRootQdiscs = map[string]bool{
-	"noop": true, "noqueue": true, "pfifo_fast": true, "fq_codel": true, "mq": true, "fq": true,
+	"noop": true, "noqueue": true, "pfifo_fast": true, "fq_codel": true, "fq": true,
 	"pfifo": true, "bfifo": true, "sfq": true, "codel": true, "pie": true, "fq_pie": true, "cake": true,
 }
 

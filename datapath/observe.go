@@ -46,7 +46,8 @@ var All = Parts{Addrs: true, Routes: true, Neighbors: true}
 // Observe reads the host-side state of the netns: every part but those
 // p leaves out (left empty in the State). Each part is a separate dump
 // (one per kind of object, but for ingress filters, which the kernel
-// dumps one link at a time: one per link with an ingress hook), so a link
+// dumps one link at a time: one per link, see observedIngressParent; and
+// the qdiscs, dumped only when a link's root qdisc calls for it), so a link
 // that changes in between shows up on the next observation; callers are
 // level-triggered and look again.
 func (n *Netns) Observe(p Parts) (State, error) {

@@ -218,7 +218,8 @@ func (n *Netns) noOurQdisc(link netlink.Link) bool {
 }
 
 // RateLimits lists our limits on every link of the netns, from one
-// qdisc dump and a class dump per limited link, then one filter dump
+// qdisc dump (while Observe runs, none when no link's root qdisc can be
+// one of ours) and a class dump per limited link, then one filter dump
 // per link with an ingress hook for the limits through our ifbs.
 func (n *Netns) RateLimits() ([]RateLimitOn, error) {
 	links, err := n.linkList()

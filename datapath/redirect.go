@@ -145,8 +145,9 @@ func (n *Netns) Redirects() ([]Redirect, error) {
 }
 
 // eachIngress calls fn for each of links that has an ingress hook, with
-// the hook's parent handle; the first error stops it, named with the
-// netns.
+// the hook's parent handle, and while Observe runs for each link whose
+// root qdisc is plain, with ffff:fff2 (see observedIngressParent); the
+// first error stops it, named with the netns.
 func (n *Netns) eachIngress(links []netlink.Link, fn func(l netlink.Link, parent uint32) error) error {
 	for _, l := range links {
 		parent, err := n.observedIngressParent(l)

@@ -6,8 +6,9 @@ import (
 
 // filtersSeen keeps, from one observation to the next, the ingress
 // filters Observe dumped of each link, so that an observation dumps again
-// only the links whose tc may have changed since: a dump per link with an
-// ingress hook was most of what a pass that finds nothing to do costs.
+// only the links whose tc may have changed since: a dump per link (an
+// empty one for a link with no ingress hook) was most of what a pass that
+// finds nothing to do costs.
 //
 // It is off until KeepFilters: keeping it is only right for a caller that
 // hears every change of the netns's links and tc (a netlink watch) and

@@ -126,11 +126,10 @@ func TestEndlessMessage(t *testing.T) {
 	}
 }
 
-// After a large message the reader starts a decoder with a fresh buffer
-// (json.Decoder never shrinks its own); what the old one had read ahead —
-// here an event and the next reply, sent in the same burst — is read
-// first, in order.
-func TestReaderRenewsAfterLargeMessage(t *testing.T) {
+// After a large message the reader lets its grown buffer go (see
+// msgReader.shrink); what it had read after the message — here an event
+// and the next reply, sent in the same burst — is read first, in order.
+func TestReaderShrinksAfterLargeMessage(t *testing.T) {
 	big := strings.Repeat("x", 3*shrinkAfter)
 	var n atomic.Int32
 	f := startFake(t, greetingOOB, func(cmd fakeCommand) []string {

@@ -39,7 +39,8 @@ const DefaultTimeout = 5 * time.Second
 // 31-slot bridge is 33 KB, HMP "info qtree" of it 139 KB, and the largest
 // reply QEMU has, query-qmp-schema, 207 KB. 1 MiB leaves room for bigger
 // VMs and newer QEMUs while a compromised QEMU can make the daemon hold at
-// most about twice this per sandbox (the decoder's buffer doubles).
+// most about twice this per sandbox (the reader's buffer, at most this,
+// and the copy of a message's return).
 const MaxMessage = 1 << 20
 
 var (

@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
 	"testing"
+	"testing/iotest"
 
 	goqmp "github.com/digitalocean/go-qemu/qmp"
 )
@@ -47,11 +49,17 @@ func FuzzReadMessages(f *testing.F) {
 		stream := make(chan goqmpEvent, 1)
 		c.streams[stream] = struct{}{}
 
-		mr := newMsgReader(bytes.NewReader(data), limit)
+		var r io.Reader = bytes.NewReader(data)
+		if len(data)%2 == 1 {
+			r = iotest.OneByteReader(r) // messages split across reads
+		}
+		mr := newMsgReader(r, limit)
 		for {
 			m, err := mr.next()
 			if err != nil {
-				if errors.Is(err, ErrMessageTooLarge) && len(data) <= limit {
+				// A buffer of exactly limit bytes with no end in it is too
+				// large, even if the stream would have ended there.
+				if errors.Is(err, ErrMessageTooLarge) && len(data) < limit {
 					t.Fatalf("%d bytes in all, yet ErrMessageTooLarge", len(data))
 				}
 				break
@@ -84,34 +92,57 @@ func FuzzReadMessages(f *testing.F) {
 
 // FuzzReaderAgreesWithJSON: the reader splits a stream where a JSON
 // decoder would, and decodes each message as encoding/json decodes it
-// into a message. It may take one message encoding/json refuses: one
-// whose only fault is in a string "return", which it keeps raw for the
-// caller's decoding (unquoteJSON, then encoding/json) to refuse. Member
-// names match as QEMU writes them: input with a name encoding/json would
-// match by folding case is left out of the comparison.
+// into a message. Where encoding/json refuses a message, the reader
+// refuses it too, unless the fault is in a string "return" only, which it
+// keeps raw for the caller's decoding: then unquoteJSON must refuse that
+// return (as encoding/json does, after it). Member names match as QEMU
+// writes them: input with a name encoding/json would match by folding
+// case is left out of the comparison. Odd-length input reaches the reader
+// a byte at a time.
 func FuzzReaderAgreesWithJSON(f *testing.F) {
 	f.Add([]byte(greetingOOB + "\r\n" + `{"return": {}, "id": "1"}` + "\r\n"))
 	f.Add([]byte(event("DEVICE_DELETED", map[string]any{"device": "tapsync-net3"}) + "\n" + qmpError("GenericError", "x")))
 	f.Add([]byte(`{"return": "a\\\"b\\\\", "id": "7"} {"return": [1, {"a": "}"}], "x": null}`))
 	f.Add([]byte(`{"return": "\x01", "id": 1}`))
-	f.Add([]byte(`{"return": {"a": [1}, "id": 1}`))
+	f.Add([]byte(`{"return": "\q", "id": 1}`))
+	f.Add([]byte(`{"x\u0001": 1, "return": {}}`))
+	f.Add([]byte(`{"return": {"a": [1}, "id": 1}{"return": {}}`))
 	addTestdataSeeds(f, func(b []byte) []byte {
 		return append(append([]byte(`{"return": `), bytes.TrimSpace(b)...), []byte(`, "id": "1"}`)...)
 	})
 	known := []string{"QMP", "id", "return", "error", "event", "data", "timestamp"}
 	f.Fuzz(func(t *testing.T, data []byte) {
+		var r io.Reader = bytes.NewReader(data)
+		if len(data)%2 == 1 {
+			r = iotest.OneByteReader(r)
+		}
 		dec := json.NewDecoder(bytes.NewReader(data))
-		mr := newMsgReader(bytes.NewReader(data), MaxMessage)
+		mr := newMsgReader(r, MaxMessage)
 		for n := 0; ; n++ {
 			var raw json.RawMessage
 			jerr := dec.Decode(&raw)
 			got, err := mr.next()
 			if jerr != nil {
+				if err == nil {
+					// Taken by the reader, refused by the decoder: only a
+					// string return the caller's decoding refuses may be why.
+					if len(got.Return) == 0 || got.Return[0] != '"' || json.Valid(got.Return) {
+						t.Fatalf("message %d: reader took %+v; encoding/json: %v", n, got, jerr)
+					}
+					if _, ok := unquoteJSON(got.Return); ok {
+						t.Fatalf("message %d: unquoteJSON takes its return %s", n, got.Return)
+					}
+				}
 				return // past here the two need not agree on where messages end
 			}
 			var members map[string]json.RawMessage
-			if json.Unmarshal(raw, &members) != nil {
-				return // not an object: both refuse it (checked below only for objects)
+			if raw[0] != '{' || json.Unmarshal(raw, &members) != nil {
+				// Not an object (null among them, which encoding/json
+				// would decode into a message as nothing at all).
+				if err == nil {
+					t.Fatalf("message %d %q is no object, yet the reader took it", n, raw)
+				}
+				return
 			}
 			for name := range members {
 				for _, k := range known {
@@ -126,13 +157,7 @@ func FuzzReaderAgreesWithJSON(f *testing.F) {
 			case err != nil && werr == nil:
 				t.Fatalf("message %d %q: reader: %v; encoding/json decodes it", n, raw, err)
 			case err == nil && werr != nil:
-				if len(got.Return) == 0 || got.Return[0] != '"' || json.Valid(got.Return) {
-					t.Fatalf("message %d %q: reader took it; encoding/json: %v", n, raw, werr)
-				}
-				if _, ok := unquoteJSON(got.Return); ok {
-					t.Fatalf("message %d %q: unquoteJSON takes its return %s", n, raw, got.Return)
-				}
-				return
+				t.Fatalf("message %d %q: reader took it; encoding/json: %v", n, raw, werr)
 			case err != nil:
 				return
 			}

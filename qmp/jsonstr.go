@@ -8,11 +8,13 @@ import (
 	"unicode/utf8"
 )
 
-// unquoteJSON decodes a JSON string that the reader's decoder has already
-// read and checked: the value of a reply to "info qtree" (20–140 KB,
-// every line an escaped newline), which json.Unmarshal would check again
-// before decoding. ok is false for anything but a plain string with the
-// escapes JSON has; the caller then decodes it with encoding/json.
+// unquoteJSON decodes a JSON string, checking it as it goes: a string
+// return the reader kept as it came (msgReader), such as the reply to
+// "info qtree" (20–140 KB, every line an escaped newline), which
+// json.Unmarshal would scan once to check and again to decode. ok is false
+// for anything but a plain string with the escapes JSON has (a bare quote
+// or control character, an unknown escape, invalid UTF-8); the caller
+// then decodes it with encoding/json, which says what is wrong.
 func unquoteJSON(b []byte) (string, bool) {
 	if len(b) < 2 || b[0] != '"' || b[len(b)-1] != '"' {
 		return "", false

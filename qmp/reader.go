@@ -12,8 +12,8 @@ import (
 // msgReader reads QMP messages off a monitor stream, each at most max
 // bytes (ErrMessageTooLarge past that: the stream is then useless).
 //
-// It frames a message by its braces, skipping strings byte by byte, and
-// decodes the object's members itself: every member but "return" with
+// It frames a message by its brackets, matched as they come, skipping
+// strings with IndexByte, and decodes the object's members itself: every member but "return" with
 // encoding/json, which checks it, and "return" kept as it came. A string
 // return (an HMP command's text: a 20–140 KB "info qtree") is then read
 // once here and once by unquoteJSON, which declines what is not a JSON
@@ -49,19 +49,31 @@ const readerBuf = 1 << 10
 // next returns the next message; m.size is the bytes it took in the
 // stream, whitespace before it included.
 func (mr *msgReader) next() (message, error) {
-	mr.fr = framer{}
+	open := mr.fr.open[:0]
+	if cap(open) > 64 {
+		open = nil // a deeply nested message's stack goes with it
+	}
+	mr.fr = framer{open: open}
 	for {
 		b := mr.buf[mr.off:]
 		if mr.fr.start == 0 {
-			if i := skipSpace(b, 0); i < len(b) {
+			// Whitespace before the message stays in the buffer (it counts
+			// toward max) but is looked at once, however it trickles in.
+			i := skipSpace(b, mr.fr.pos)
+			mr.fr.pos = i
+			if i < len(b) {
 				if b[i] != '{' {
 					return message{}, fmt.Errorf("not a QMP message: starts with %q", b[i])
 				}
-				mr.fr = framer{start: i + 1, pos: i + 1, depth: 1}
+				mr.fr = framer{start: i + 1, pos: i + 1, open: append(mr.fr.open[:0], '}')}
 			}
 		}
 		if mr.fr.start > 0 {
-			if end := mr.fr.scan(b); end > 0 {
+			end, err := mr.fr.scan(b)
+			if err != nil {
+				return message{}, fmt.Errorf("not a QMP message: %w", err)
+			}
+			if end > 0 {
 				m, err := decodeMessage(b[mr.fr.start-1 : end])
 				mr.off += end
 				m.size = int64(end)
@@ -83,42 +95,49 @@ func (mr *msgReader) next() (message, error) {
 type framer struct {
 	start int // just past the object's '{'; 0: not found yet
 	pos   int // the next byte to look at
-	depth int // brackets open at pos
+	// open holds the closing bracket each bracket open at pos wants, the
+	// innermost last: a message whose brackets do not match fails where
+	// they stop matching, not at the cap, nor by swallowing the next.
+	open []byte
 	// str is where the string pos is in began (just past its opening
 	// quote, or past a quote escaped in it); 0: pos is in no string.
 	str int
 }
 
 // scan goes on from f.pos to the end of b; it returns the index just past
-// the object's closing bracket, or 0 when b ends first. Brackets are
-// counted, not matched (decodeMessage finds a mismatch); strings are
+// the object's closing bracket, or 0 when b ends first. Strings are
 // skipped whole, their contents left to the member's decoding.
-func (f *framer) scan(b []byte) int {
+func (f *framer) scan(b []byte) (int, error) {
 	i := f.pos
 	for i < len(b) {
 		if f.str > 0 {
 			q := quoteAt(b, f.str, i)
 			if q < 0 {
 				f.pos = len(b)
-				return 0
+				return 0, nil
 			}
 			i, f.str = q+1, 0
 			continue
 		}
-		switch b[i] {
+		switch c := b[i]; c {
 		case '"':
 			f.str = i + 1
-		case '{', '[':
-			f.depth++
+		case '{':
+			f.open = append(f.open, '}')
+		case '[':
+			f.open = append(f.open, ']')
 		case '}', ']':
-			if f.depth--; f.depth == 0 {
-				return i + 1
+			if want := f.open[len(f.open)-1]; c != want {
+				return 0, fmt.Errorf("%q where %q closes", c, want)
+			}
+			if f.open = f.open[:len(f.open)-1]; len(f.open) == 0 {
+				return i + 1, nil
 			}
 		}
 		i++
 	}
 	f.pos = i
-	return 0
+	return 0, nil
 }
 
 // quoteAt returns the index of the quote that ends the string whose
@@ -153,14 +172,7 @@ func (mr *msgReader) fill() error {
 	}
 	held := len(mr.buf) - mr.off
 	if held >= mr.max {
-		// Full with no message in it: too large, unless the stream ends
-		// here (then the message is merely cut short).
-		var one [1]byte
-		if n, err := mr.r.Read(one[:]); n == 0 && err != nil {
-			mr.err = err
-			return err
-		}
-		return ErrMessageTooLarge
+		return ErrMessageTooLarge // full, and no message ends in it
 	}
 	if cap(mr.buf)-held < readerBuf/2 && cap(mr.buf) < mr.max {
 		nb := make([]byte, held, min(max(readerBuf, 2*cap(mr.buf)), mr.max))
@@ -282,7 +294,7 @@ func decodeMessage(obj []byte) (message, error) {
 			return message{}, fmt.Errorf("not a QMP message: %w", err)
 		}
 		name := string(obj[i+1 : kend-1])
-		if strings.IndexByte(name, '\\') >= 0 {
+		if strings.IndexByte(name, '\\') >= 0 || strings.ContainsFunc(name, func(r rune) bool { return r < 0x20 }) {
 			if err := json.Unmarshal(obj[i:kend], &name); err != nil {
 				return message{}, fmt.Errorf("not a QMP message: member name: %w", err)
 			}

@@ -63,16 +63,28 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 	obs := Observed{Links: hs.Links, Taps: hs.Taps, Macvtaps: hs.Macvtaps, RateLimits: hs.RateLimits, KataLinks: hs.KataLinks,
 		Redirects: hs.Redirects, Routes: hs.Routes}
 	env := Env{Host: host, Recorder: r.store, Vhost: sb.Vhost, AfterAction: r.AfterAction}
-	c, gone, err := r.vmForTeardown(ctx, sb)
-	if err != nil {
-		return err
-	}
-	if !gone {
-		vm := qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement}
-		if obs.NICs, obs.Netdevs, err = vm.NICs(ctx); err != nil {
-			return fmt.Errorf("sandbox %s: %w: list NICs: %w", id, ErrTeardownWaiting, err)
+	gone := false
+	for attempt := 1; ; attempt++ {
+		var c *qmp.Client
+		if c, gone, err = r.vmForTeardown(ctx, sb); err != nil {
+			return err
 		}
-		env.VM = vm
+		if gone {
+			break
+		}
+		vm := qmpVM{c: c, unplugWait: sb.UnplugTimeout, placement: sb.Placement}
+		obs.NICs, obs.Netdevs, err = vm.NICs(ctx)
+		if err == nil {
+			env.VM = vm
+			break
+		}
+		if attempt == 1 && errors.Is(err, qmp.ErrClosed) {
+			// The connection was kept from before and has died under the
+			// reading (QEMU exiting as its reader is yet to hear): a dial
+			// of its own says whether QEMU is gone.
+			continue
+		}
+		return fmt.Errorf("sandbox %s: %w: list NICs: %w", id, ErrTeardownWaiting, err)
 	}
 	p := ComputeTeardown(obs, rec, gone)
 	_, out, err := Apply(ctx, p, rec, obs, env)

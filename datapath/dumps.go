@@ -264,6 +264,59 @@ func parseQdisc(m []byte) (netlink.Qdisc, error) {
 	return q, nil
 }
 
+// parseHTBClass decodes an RTM_NEWTCLASS message: an HTB class with its
+// parameters, as the library reads them (a 64-bit rate or ceiling, when
+// the kernel sends one, over the 32-bit one); nil for a class of another
+// kind.
+func parseHTBClass(m []byte) (*netlink.HtbClass, error) {
+	if len(m) < nl.SizeofTcMsg {
+		return nil, fmt.Errorf("short class message (%d bytes)", len(m))
+	}
+	msg := nl.DeserializeTcMsg(m)
+	var kind string
+	var opts []byte
+	err := walkAttrs(m[nl.SizeofTcMsg:], func(typ uint16, v []byte) error {
+		switch typ {
+		case unix.TCA_KIND:
+			kind = cstring(v)
+		case unix.TCA_OPTIONS:
+			opts = v
+		}
+		return nil
+	})
+	if err != nil || kind != "htb" {
+		return nil, err
+	}
+	c := &netlink.HtbClass{ClassAttrs: netlink.ClassAttrs{LinkIndex: int(msg.Ifindex), Handle: msg.Handle, Parent: msg.Parent}}
+	var rate64, ceil64 []byte
+	err = walkAttrs(opts, func(typ uint16, v []byte) error {
+		switch typ {
+		case nl.TCA_HTB_PARMS:
+			if len(v) < nl.SizeofTcHtbCopt {
+				return fmt.Errorf("htb parameters of %d bytes", len(v))
+			}
+			opt := nl.DeserializeTcHtbCopt(v)
+			c.Rate, c.Ceil = uint64(opt.Rate.Rate), uint64(opt.Ceil.Rate)
+			c.Buffer, c.Cbuffer, c.Quantum, c.Level, c.Prio = opt.Buffer, opt.Cbuffer, opt.Quantum, opt.Level, opt.Prio
+		case nl.TCA_HTB_RATE64:
+			rate64 = v
+		case nl.TCA_HTB_CEIL64:
+			ceil64 = v
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("htb class %s on link %d: %w", netlink.HandleStr(msg.Handle), msg.Ifindex, err)
+	}
+	if len(rate64) >= 8 {
+		c.Rate = binary.NativeEndian.Uint64(rate64)
+	}
+	if len(ceil64) >= 8 {
+		c.Ceil = binary.NativeEndian.Uint64(ceil64)
+	}
+	return c, nil
+}
+
 // dumpFilters lists the filters at parent on link in one dump on the
 // Netns's own socket: u32 filters with their mirred actions (what this
 // package adds and reads), any other kind as a GenericFilter.

@@ -225,8 +225,9 @@ func TestParseFilterAgreesWithLibrary(t *testing.T) {
 	}
 }
 
-// FuzzParseLink feeds arbitrary bytes to the link, qdisc and filter
-// message decoders: they return a value or an error, never panic.
+// FuzzParseLink feeds arbitrary bytes to the link, qdisc, filter, class
+// and neighbour message decoders: they return a value or an error, never
+// panic.
 func FuzzParseLink(f *testing.F) {
 	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
 	msg.Index = 3
@@ -241,6 +242,11 @@ func FuzzParseLink(f *testing.F) {
 	f.Add(serialize([]nl.NetlinkRequestData{msg, nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated("tap0_ts")),
 		nl.NewRtAttr(unix.IFLA_ADDRESS, []byte{2, 0, 0, 0, 0, 1}), info, props}))
 	f.Add([]byte{})
+	class := nl.NewRtAttr(unix.TCA_OPTIONS, nil)
+	class.AddRtAttr(nl.TCA_HTB_PARMS, make([]byte, nl.SizeofTcHtbCopt))
+	class.AddRtAttr(nl.TCA_HTB_RATE64, nl.Uint64Attr(5_000_000_000))
+	f.Add(serialize([]nl.NetlinkRequestData{&nl.TcMsg{Handle: 0x74530001, Parent: 0x74530000, Ifindex: 3},
+		nl.NewRtAttr(unix.TCA_KIND, nl.ZeroTerminated("htb")), class}))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		l, err := parseLink(b)
 		if err == nil {
@@ -251,6 +257,9 @@ func FuzzParseLink(f *testing.F) {
 		}
 		if f, err := parseFilter(b); err == nil && f != nil {
 			_ = f.Type()
+		}
+		if c, err := parseHTBClass(b); err == nil && c != nil {
+			_ = c.Type()
 		}
 		// The library's decoding, where it does not look a link up (a
 		// 16-byte link-layer address), reads the same address and MAC.

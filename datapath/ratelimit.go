@@ -6,6 +6,7 @@ import (
 	"net"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
@@ -90,18 +91,19 @@ func (n *Netns) rateLimitOn(link netlink.Link) (uint64, bool, error) {
 	return cl.Rate * 8, true, nil
 }
 
+// rateClass returns our HTB class (rateHandle:1) on link, nil when it has
+// none, from one class dump on the Netns's own socket: an observation of
+// a limited link needs no library handle.
+// Equivalent to: tc -n <netns> class show dev LINK parent 7453:
 func (n *Netns) rateClass(link netlink.Link) (*netlink.HtbClass, error) {
-	h, err := n.lib()
-	if err != nil {
-		return nil, err
-	}
-	cs, err := dump(func() ([]netlink.Class, error) { return h.ClassList(link, netlink.MakeHandle(rateHandle, 0)) })
+	cs, err := decodedDump(n, unix.RTM_GETTCLASS, unix.RTM_NEWTCLASS, parseHTBClass,
+		&nl.TcMsg{Family: unix.AF_UNSPEC, Ifindex: int32(link.Attrs().Index), Parent: netlink.MakeHandle(rateHandle, 0)})
 	if err != nil {
 		return nil, fmt.Errorf("list classes: %w", err)
 	}
 	for _, c := range cs {
-		if h, ok := c.(*netlink.HtbClass); ok && h.Handle == netlink.MakeHandle(rateHandle, 1) {
-			return h, nil
+		if c.Handle == netlink.MakeHandle(rateHandle, 1) {
+			return c, nil
 		}
 	}
 	return nil, nil

@@ -170,8 +170,6 @@ type message struct {
 		Seconds      int64 `json:"seconds"`
 		Microseconds int64 `json:"microseconds"`
 	} `json:"timestamp"`
-
-	size int64 // the message's length in the stream
 }
 
 // shrinkAfter is the message size past which the reader lets its grown

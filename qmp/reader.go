@@ -46,8 +46,7 @@ func newMsgReader(r io.Reader, max int) *msgReader {
 // are a few hundred bytes; every sandbox's connection holds one.
 const readerBuf = 1 << 10
 
-// next returns the next message; m.size is the bytes it took in the
-// stream, whitespace before it included.
+// next returns the next message.
 func (mr *msgReader) next() (message, error) {
 	open := mr.fr.open[:0]
 	if cap(open) > 64 {
@@ -76,7 +75,6 @@ func (mr *msgReader) next() (message, error) {
 			if end > 0 {
 				m, err := decodeMessage(b[mr.fr.start-1 : end])
 				mr.off += end
-				m.size = int64(end)
 				mr.shrink(end)
 				return m, err
 			}

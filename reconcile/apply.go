@@ -143,20 +143,28 @@ type applier struct {
 	// configured is what this pass's configure-guest steps sent, by
 	// endpoint (see Plan.Refreshed).
 	configured map[int]agent.Interface
-	// unsaved: record steps were applied to the record since it was last
-	// saved (see applyRecordStep, saveRecordSteps).
-	unsaved bool
+	// unsaved are the record steps applied to the record since it was
+	// last saved (see applyRecordStep, saveRecordSteps).
+	unsaved []Action
 }
 
 // saveRecordSteps saves the record steps applied since the last save, if
-// any: before any step that is not one, and at the end.
+// any: before any step that is not one, and at the end. Only then are
+// they reported (AfterAction): a step reported is a step done, and a
+// record step is done once it is on disk.
 func (a *applier) saveRecordSteps(rec state.Record) error {
-	if !a.unsaved {
+	if len(a.unsaved) == 0 {
 		return nil
 	}
-	a.unsaved = false
+	steps := a.unsaved
+	a.unsaved = nil
 	if err := a.Recorder.Save(rec); err != nil {
 		return fmt.Errorf("save the record: %w", err)
+	}
+	if a.AfterAction != nil {
+		for _, act := range steps {
+			a.AfterAction(act)
+		}
 	}
 	return nil
 }
@@ -202,7 +210,7 @@ func Apply(ctx context.Context, p Plan, rec state.Record, obs Observed, env Env)
 				Msg("NIC plug held: the NIC it replaces, with the same MAC, is still in the VM")
 			continue
 		}
-		if act.Op != planner.OpRecord && act.Op != planner.OpMarkRemoving {
+		if !isRecordStep(act.Op) {
 			// What the record steps so far recorded is saved before
 			// anything that follows them is done.
 			if err := a.saveRecordSteps(rec); err != nil {
@@ -297,7 +305,7 @@ func (a *applier) settle(ctx context.Context, act Action, err error, rec *state.
 		if act.Op.Mutates() {
 			out.Mutations++
 		}
-		if a.AfterAction != nil {
+		if a.AfterAction != nil && !isRecordStep(act.Op) { // record steps: once saved
 			a.AfterAction(act)
 		}
 	}

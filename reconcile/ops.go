@@ -165,9 +165,12 @@ func applierOf(o Op) applyFunc {
 // are one write.
 func applyRecordStep(a *applier, _ context.Context, act Action, rec *state.Record) error {
 	recordStep(act, rec)
-	a.unsaved = true
+	a.unsaved = append(a.unsaved, act)
 	return nil
 }
+
+// isRecordStep says whether o is applied by applyRecordStep.
+func isRecordStep(o Op) bool { return o == planner.OpRecord || o == planner.OpMarkRemoving }
 
 // tapSpec is the tap of the endpoint act concerns, at act's MTU.
 func tapSpec(act Action) datapath.TapSpec {

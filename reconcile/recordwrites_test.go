@@ -74,3 +74,30 @@ func TestNewEndpointsOneRecordWrite(t *testing.T) {
 			len(rec.Endpoints), w.saves, recordedAtFirstMutation)
 	}
 }
+
+// A record step is reported done (AfterAction, where the crash tests
+// kill the daemon) only once the record holding it is written: a crash
+// "after" it finds it on disk.
+func TestRecordStepReportedOnceSaved(t *testing.T) {
+	w := newWorld()
+	w.guestOn = false
+	w.addLink("eth0", "veth", macN(1), 1500)
+	w.addLink("net1", "veth", macN(2), 1500)
+	var reported, unsaved []int
+	env := w.env()
+	env.AfterAction = func(a Action) {
+		if a.Op != planner.OpRecord {
+			return
+		}
+		reported = append(reported, a.Endpoint.Index)
+		if _, ok := w.rec.Endpoint(a.Endpoint.Index); !ok {
+			unsaved = append(unsaved, a.Endpoint.Index)
+		}
+	}
+	if _, _, err := Apply(context.Background(), w.plan(Options{Queues: 1}), w.rec, w.observed(), env); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(reported, []int{0, 1}) || len(unsaved) != 0 {
+		t.Errorf("record steps reported %v, of them not yet written %v; want [0 1], none", reported, unsaved)
+	}
+}

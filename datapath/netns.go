@@ -185,7 +185,8 @@ func (n *Netns) Do(fn func() error) error {
 }
 
 // OnThread runs fn on a locked OS thread after enter has moved the thread
-// into another network namespace (setns, or unshare), then moves it back.
+// into another network namespace (setns, or unshare), then moves it back
+// (also when enter fails after moving it).
 // If it cannot move back, the thread stays locked and Go discards it when
 // the goroutine ends, so no other goroutine ever runs in the wrong
 // namespace (a thread locked for good instead, when it happened to be the
@@ -213,19 +214,26 @@ func inThread(enter, fn func() error) (home bool, err error) {
 		return true, fmt.Errorf("get current netns: %w", err)
 	}
 	if err := enter(); err != nil {
-		// enter failed before or after switching: only a thread that is
-		// provably home again may be reused.
-		cur, cerr := netns.Get()
-		if cerr == nil {
-			defer cur.Close()
-		}
-		return cerr == nil && cur.Equal(orig), err
+		// enter failed before or after switching: a thread that left is
+		// moved back, and only one provably home again is reused.
+		return backHome(orig), err
 	}
 	ferr := fn()
 	if err := netns.Set(orig); err != nil {
 		return false, errors.Join(ferr, fmt.Errorf("return to the original netns: %w", err))
 	}
 	return true, ferr
+}
+
+// backHome says whether the calling thread is in orig, moving it there
+// if it is not.
+func backHome(orig netns.NsHandle) bool {
+	cur, err := netns.Get()
+	if err != nil {
+		return false
+	}
+	defer cur.Close()
+	return cur.Equal(orig) || netns.Set(orig) == nil
 }
 
 // own is the process's network namespace, kept open from the package's

@@ -92,7 +92,7 @@ func TestWiringNeedsNoLibraryHandle(t *testing.T) {
 // TestOnThreadReturnsWithoutItsFds: OnThread returns once its thread has
 // closed what it opened, whether fn ran, enter failed at home (the thread
 // checks that it is home before it is reused) or enter failed in another
-// netns (the thread is discarded). A caller that counts its descriptors
+// netns (the thread is moved back). A caller that counts its descriptors
 // right after finds none left over (the watcher's test of a failed Watch
 // did, now and then, when each call closed its thread's netns after
 // answering).
@@ -122,7 +122,8 @@ func TestOnThreadReturnsWithoutItsFds(t *testing.T) {
 		// guard against a per-call opening coming back.
 		{"fn ran", noop, 2000},
 		{"enter failed at home", func() error { return refused }, 20000},
-		// Each call discards a thread: fewer.
+		// Each call moves its thread back (a thread that could not be
+		// moved back would be discarded): fewer.
 		{"enter failed elsewhere", func() error {
 			if err := netns.Set(other); err != nil {
 				return err

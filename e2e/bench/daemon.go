@@ -294,7 +294,9 @@ func machineCPU() (busy, steal, total uint64) {
 	}
 	line, _, _ := strings.Cut(string(b), "\n")
 	f := strings.Fields(line)
-	for i, v := range f[1:] {
+	// user nice system idle iowait irq softirq steal: guest and
+	// guest_nice, after them, are counted in user and nice already.
+	for i, v := range f[1:min(len(f), 9)] {
 		n, _ := strconv.ParseUint(v, 10, 64)
 		total += n
 		if i != 3 && i != 4 { // idle, iowait

@@ -110,8 +110,7 @@ func (n *Netns) Neighbors() ([]Neighbor, error) {
 // IPv4 or IPv6 entry. A 4-byte link-layer address is a tunnel's IPv4
 // endpoint, not a MAC: such an entry has none.
 func parseNeighbor(m []byte) (Neighbor, bool, error) {
-	const sizeofNdmsg = 12 // family, pad ×3, ifindex, state, flags, type
-	if len(m) < sizeofNdmsg {
+	if len(m) < unix.SizeofNdMsg { // family, pad ×3, ifindex, state, flags, type
 		return Neighbor{}, false, fmt.Errorf("short neighbour message (%d bytes)", len(m))
 	}
 	family := m[0]
@@ -124,7 +123,7 @@ func parseNeighbor(m []byte) (Neighbor, bool, error) {
 		State:     int(state),
 		Flags:     int(m[10]),
 	}
-	err := walkAttrs(m[sizeofNdmsg:], func(typ uint16, v []byte) error {
+	err := walkAttrs(m[unix.SizeofNdMsg:], func(typ uint16, v []byte) error {
 		switch typ {
 		case unix.NDA_DST:
 			nb.IP = addrOf(v)

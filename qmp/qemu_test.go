@@ -10,13 +10,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/tapsync/tapsync/datapath"
 	"github.com/tapsync/tapsync/e2e/testproc"
 	"golang.org/x/sys/unix"
 )
@@ -160,36 +160,21 @@ func openTap(t *testing.T, queues int) []*os.File {
 	}
 	tapSeq++
 	name := fmt.Sprintf("tq%d", tapSeq)
-	res := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		// The thread goes back to the root netns before it is unlocked;
-		// if that fails it stays locked and dies with this goroutine.
-		var r result
-		defer func() { res <- r }()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			r.err = err
-			runtime.UnlockOSThread()
-			return
-		}
-		defer orig.Close()
+	// On a thread of its own that goes back to the root netns after.
+	var r result
+	r.err = datapath.OnThread(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			r.err = fmt.Errorf("unshare netns: %w", err)
-			runtime.UnlockOSThread()
-			return
+			return fmt.Errorf("unshare netns: %w", err)
 		}
-		r.ns, r.err = os.Open("/proc/thread-self/ns/net")
-		if r.err == nil {
-			r.files, r.err = openTapHere(name, queues)
+		return nil
+	}, func() error {
+		var err error
+		if r.ns, err = os.Open("/proc/thread-self/ns/net"); err != nil {
+			return err
 		}
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-			r.err = errors.Join(r.err, fmt.Errorf("back to the root netns: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-	}()
-	r := <-res
+		r.files, err = openTapHere(name, queues)
+		return err
+	})
 	t.Cleanup(func() {
 		closeFiles(r.files) // those AddNIC took are closed already
 		if r.ns != nil {

@@ -28,7 +28,9 @@ import (
 	"github.com/tapsync/tapsync/qmp"
 	"github.com/tapsync/tapsync/reconcile"
 	"github.com/tapsync/tapsync/state"
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // TestMacvtapModel: a network added by a real CNI plugin to a running VM
@@ -50,20 +52,15 @@ func TestMacvtapModel(t *testing.T) {
 	n := testcni.Bridge(testcni.UniqueName("net"), testcni.UniqueName("br"), sub)
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
+	born := bornMAC(t, r.pod.Path, "net1")
 	res, err := r.cni.Add(ctx, n, "pod", r.pod.Path, "net1")
 	if err != nil {
 		t.Fatalf("CNI ADD: %v", err)
 	}
 	t.Cleanup(func() { _ = r.cni.Del(context.Background(), n, "pod", r.pod.Path, "net1") })
-	var mac net.HardwareAddr
-	for _, i := range res.Interfaces {
-		if i.Name == "net1" && i.Sandbox != "" {
-			mac, _ = net.ParseMAC(i.Mac)
-		}
-	}
-	if mac == nil {
-		t.Fatalf("CNI result names no net1 in the pod: %+v", res.Interfaces)
-	}
+	// The plugin may read net1's MAC back after the daemon has lent it
+	// away, so the MAC the guest must get is the one net1 was made with.
+	mac := born()
 	a, _ := netip.AddrFromSlice(res.IPs[0].Address.IP)
 	ones, _ := res.IPs[0].Address.Mask.Size()
 	addr := netip.PrefixFrom(a.Unmap(), ones)
@@ -729,5 +726,44 @@ func TestMacvtapRateLimits(t *testing.T) {
 	}
 	if out := testnet.Run(t, "ip", "-n", r.pod.Name, "-br", "link"); strings.Contains(out, "tsi") {
 		t.Errorf("ifb left in the pod:\n%s", out)
+	}
+}
+
+// bornMAC starts watching the links of the netns at path and returns a
+// function that waits for the first message about ifname and gives the
+// MAC it carries: the MAC the link was made (or moved in) with.
+func bornMAC(t *testing.T, path, ifname string) func() net.HardwareAddr {
+	t.Helper()
+	h, err := netns.GetFromPath(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	done := make(chan struct{})
+	t.Cleanup(func() { close(done) })
+	updates := make(chan netlink.LinkUpdate, 64)
+	if err := netlink.LinkSubscribeWithOptions(updates, done, netlink.LinkSubscribeOptions{Namespace: &h}); err != nil {
+		t.Fatalf("watch links in %s: %v", path, err)
+	}
+	return func() net.HardwareAddr {
+		t.Helper()
+		timeout := time.After(time.Minute)
+		for {
+			select {
+			case u, ok := <-updates:
+				if !ok {
+					t.Fatalf("link watch in %s ended before %s appeared", path, ifname)
+				}
+				if a := u.Link.Attrs(); u.Header.Type == unix.RTM_NEWLINK && a.Name == ifname {
+					go func() { // the watch ends at cleanup; nothing may block it
+						for range updates {
+						}
+					}()
+					return a.HardwareAddr
+				}
+			case <-timeout:
+				t.Fatalf("no link %s appeared in %s within a minute", ifname, path)
+			}
+		}
 	}
 }

@@ -76,22 +76,27 @@ type observedLink struct {
 	qdisc string
 }
 
-// dumpObservedLinks is dumpLinks for Observe: each link with the kind of
-// its root qdisc, which tells Observe whether it needs the qdisc dump at
-// all (see rootQdiscsNeedDump).
-func (n *Netns) dumpObservedLinks() ([]netlink.Link, map[int]string, error) {
+// dumpObservation starts Observe's observation with its link dump, each
+// link with the kind of its root qdisc, which tells Observe whether it
+// needs the qdisc dump at all (see plainRootQdiscs).
+func (n *Netns) dumpObservation() (*observation, error) {
 	ls, err := parsedDump(n.dumper, unix.RTM_GETLINK, unix.RTM_NEWLINK, func(m []byte) (observedLink, bool, error) {
 		l, q, err := parseLinkQdisc(m)
 		return observedLink{l, q}, err == nil && l != nil, err
 	}, nl.NewIfInfomsg(unix.AF_UNSPEC), nl.NewRtAttr(unix.IFLA_EXT_MASK, nl.Uint32Attr(rtextFilterSkipStats)))
 	if err != nil {
-		return nil, nil, fmt.Errorf("list links in netns %s: %w", n.path, err)
+		return nil, fmt.Errorf("list links in netns %s: %w", n.path, err)
 	}
-	links, roots := make([]netlink.Link, len(ls)), make(map[int]string, len(ls))
-	for i, o := range ls {
-		links[i], roots[o.link.Attrs().Index] = o.link, o.qdisc
+	o := &observation{links: make([]netlink.Link, len(ls)), plainRoot: make(map[int]bool, len(ls)), filters: map[int][]netlink.Filter{}}
+	for i, l := range ls {
+		o.links[i] = l.link
+		if plainRootQdiscs[l.qdisc] {
+			o.plainRoot[l.link.Attrs().Index] = true
+		} else {
+			o.otherRoot = true
+		}
 	}
-	return links, roots, nil
+	return o, nil
 }
 
 // parseLink decodes an RTM_NEWLINK message into the netlink library's

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tapsync/tapsync/datapath/hostnet"
 	"github.com/tapsync/tapsync/e2e/testnet"
 	"github.com/vishvananda/netlink/nl"
 )
@@ -104,7 +105,9 @@ func FuzzParseRtnl(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if r, err := parseRoute(b, time.Hour); err == nil && r.Dst.IsValid() {
 			_ = serialize(routeMsg(r.MovedRoute, time.Hour))
-			_, _ = observedRoute(r) // no panic on any route the parser accepts
+			if hostnet.ObservedMessage(b) {
+				_, _ = routeOf(r) // no panic on any route the parser accepts
+			}
 
 		}
 		if a, err := parseAddr(b, time.Hour); err == nil && a.Prefix.IsValid() {

@@ -61,8 +61,8 @@ func isKataLink(l netlink.Link) bool {
 func isLoopback(l netlink.Link) bool { return l.Attrs().Flags&net.FlagLoopback != 0 }
 
 func (n *Netns) linkList() ([]netlink.Link, error) {
-	if n.links != nil {
-		return n.links, nil
+	if n.obs != nil {
+		return n.obs.links, nil
 	}
 	links, err := n.dumpLinks()
 	if err != nil {
@@ -75,14 +75,14 @@ func (n *Netns) linkList() ([]netlink.Link, error) {
 // round trip per limited link before), and asks the kernel otherwise. A
 // link that does not exist is (nil, nil).
 func (n *Netns) linkByIndex(ifindex int) (netlink.Link, error) {
-	if n.links == nil {
+	if n.obs == nil {
 		l, err := n.linkByIndexLive(ifindex)
 		if isLinkNotFound(err) {
 			return nil, nil
 		}
 		return l, err
 	}
-	for _, l := range n.links {
+	for _, l := range n.obs.links {
 		if l.Attrs().Index == ifindex {
 			return l, nil
 		}

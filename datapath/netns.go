@@ -32,20 +32,10 @@ type Netns struct {
 	libMu  sync.Mutex
 	h      *netlink.Handle
 	closed bool // Close ran: lib opens nothing more
-	// While Observe runs, its dumps, which every part of the observation
-	// reads: one link dump (six of the same list before), with each link's
-	// root qdisc kind (rootQdiscs); the qdisc dump only when one of those
-	// may be a limit of ours (the kernel dumps every link's qdiscs, with
-	// their statistics, even when asked for one link's: it cost more than
-	// the link dump); and one ingress filter dump per link (the kernel has
-	// no netns-wide filter dump), shared by the redirects and the ingress
-	// limits. Outside Observe they are nil and every read dumps afresh: a
-	// mutation must see the kernel as it is.
-	links      []netlink.Link
-	rootQdiscs map[int]string // by ifindex: the kind of the link's root qdisc
-	qdiscs     []netlink.Qdisc
-	qdiscsRead bool                     // qdiscs holds this observation's qdisc dump
-	filters    map[int][]netlink.Filter // by ifindex; filled as read; non-nil: Observe runs
+	// obs is what the Observe under way has read; nil outside Observe,
+	// when every read dumps afresh: a mutation must see the kernel as it
+	// is.
+	obs *observation
 	// seen keeps the filters from one observation to the next (see
 	// KeepFilters).
 	seen filtersSeen
@@ -288,6 +278,25 @@ func dump[T any](f func() ([]T, error)) ([]T, error) {
 	return nil, err
 }
 
+// observation is what one Observe reads once and every part of it
+// reads: one link dump (six of the same list before), which names each
+// link's root qdisc; the qdisc dump only when one of those may be a limit
+// of ours (the kernel dumps every link's qdiscs, with their statistics,
+// even when asked for one link's: it cost more than the link dump); and
+// one ingress filter dump per link (the kernel has no netns-wide filter
+// dump), shared by the redirects and the ingress limits.
+type observation struct {
+	links []netlink.Link
+	// plainRoot holds the links whose root qdisc is a plain one
+	// (plainRootQdiscs), by ifindex; otherRoot says some link's is not,
+	// which only the qdisc dump tells enough of.
+	plainRoot  map[int]bool
+	otherRoot  bool
+	qdiscs     []netlink.Qdisc // the qdisc dump, once qdiscsRead
+	qdiscsRead bool
+	filters    map[int][]netlink.Filter // by ifindex, filled as read
+}
+
 // qdiscsOn lists link's qdiscs, from Observe's dump while it runs, else
 // from a dump of its own (the kernel dumps every link's qdiscs even when
 // asked for one link's).
@@ -308,17 +317,18 @@ func (n *Netns) qdiscsOn(link netlink.Link) ([]netlink.Qdisc, error) {
 // allQdiscs lists every qdisc of the netns, dumped at most once while
 // Observe runs. Equivalent to: tc -n <netns> qdisc show
 func (n *Netns) allQdiscs() ([]netlink.Qdisc, error) {
-	if n.filters == nil {
+	o := n.obs
+	if o == nil {
 		return n.dumpQdiscs()
 	}
-	if !n.qdiscsRead {
+	if !o.qdiscsRead {
 		qs, err := n.dumpQdiscs()
 		if err != nil {
 			return nil, err
 		}
-		n.qdiscs, n.qdiscsRead = qs, true
+		o.qdiscs, o.qdiscsRead = qs, true
 	}
-	return n.qdiscs, nil
+	return o.qdiscs, nil
 }
 
 // plainRootQdiscs are the root qdisc kinds that tell Observe enough
@@ -337,37 +347,25 @@ var plainRootQdiscs = map[string]bool{
 	"pfifo": true, "bfifo": true, "sfq": true, "codel": true, "pie": true, "fq_pie": true, "cake": true,
 }
 
-// rootQdiscsNeedDump says whether a link of Observe's link dump has a
-// root qdisc kind that only the qdisc dump can tell enough of (see
-// plainRootQdiscs).
-func rootQdiscsNeedDump(kinds map[int]string) bool {
-	for _, k := range kinds {
-		if !plainRootQdiscs[k] {
-			return true
-		}
-	}
-	return false
-}
-
 // ingressFilters lists the filters at parent (link's ingress hook), at
 // most once per link while Observe runs, and then not at all while they
 // are kept from an earlier observation (filtersSeen).
 // Equivalent to: tc -n <netns> filter show dev LINK parent PARENT
 func (n *Netns) ingressFilters(link netlink.Link, parent uint32) ([]netlink.Filter, error) {
-	i := link.Attrs().Index
-	if fs, ok := n.filters[i]; ok {
+	i, o := link.Attrs().Index, n.obs
+	if o == nil {
+		return n.dumpFilters(link, parent)
+	}
+	if fs, ok := o.filters[i]; ok {
 		return fs, nil
 	}
-	observing := n.filters != nil
-	if observing {
-		if fs, ok := n.seen.get(i, parent); ok {
-			n.filters[i] = fs
-			return fs, nil
-		}
+	if fs, ok := n.seen.get(i, parent); ok {
+		o.filters[i] = fs
+		return fs, nil
 	}
 	fs, err := n.dumpFilters(link, parent)
-	if err == nil && observing {
-		n.filters[i] = fs
+	if err == nil {
+		o.filters[i] = fs
 		n.seen.put(i, parent, fs)
 	}
 	return fs, err

@@ -1,9 +1,5 @@
 package datapath
 
-import (
-	"github.com/vishvananda/netlink"
-)
-
 // State is what the host side of a sandbox holds right now: the container
 // links (desired endpoints) with their addresses, the endpoint taps, every
 // redirect filter, and the routes and permanent neighbours a guest must
@@ -57,12 +53,11 @@ func (n *Netns) Observe(p Parts) (State, error) {
 	)
 	// Equivalent to: ip -n <netns> link show, once for the whole
 	// observation.
-	if n.links, n.rootQdiscs, err = n.dumpObservedLinks(); err != nil {
+	if n.obs, err = n.dumpObservation(); err != nil {
 		return State{}, err
 	}
-	defer func() { n.links, n.rootQdiscs, n.qdiscs, n.qdiscsRead, n.filters = nil, nil, nil, false, nil }()
-	n.seen.prune(n.links)
-	n.filters = map[int][]netlink.Filter{}
+	defer func() { n.obs = nil }()
+	n.seen.prune(n.obs.links)
 	if s.Links, err = n.containerLinks(p.Addrs); err != nil {
 		return State{}, err
 	}

@@ -242,7 +242,7 @@ func (n *Netns) RateLimits() ([]RateLimitOn, error) {
 // egressLimits lists our HTBs on the egress of every link but our ifbs
 // (whose HTB is the limit of another link's ingress).
 func (n *Netns) egressLimits() ([]RateLimitOn, error) {
-	if n.rootQdiscs != nil && !rootQdiscsNeedDump(n.rootQdiscs) {
+	if n.obs != nil && !n.obs.otherRoot {
 		return nil, nil // no link's root qdisc is an HTB
 	}
 	qs, err := n.allQdiscs()

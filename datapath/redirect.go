@@ -36,7 +36,7 @@ func (n *Netns) ingressParent(link netlink.Link) (uint32, error) {
 // filtersSeen), and costs less than the qdisc dump that told them apart,
 // which the kernel makes of every link's qdiscs with their statistics.
 func (n *Netns) observedIngressParent(link netlink.Link) (uint32, error) {
-	if n.rootQdiscs != nil && plainRootQdiscs[n.rootQdiscs[link.Attrs().Index]] {
+	if n.obs != nil && n.obs.plainRoot[link.Attrs().Index] {
 		return netlink.HANDLE_MIN_INGRESS, nil
 	}
 	return n.ingressParent(link)

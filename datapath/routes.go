@@ -32,15 +32,14 @@ func (n *Netns) Routes() ([]Route, error) {
 	// per address, link and broadcast, and decoding them was a tenth of a
 	// no-op pass when the library did.
 	rs, err := parsedDump(n.dumper, unix.RTM_GETROUTE, unix.RTM_NEWROUTE, func(m []byte) (Route, bool, error) {
-		if len(m) >= unix.SizeofRtMsg && (!hostnet.Observed(uint32(m[4]), m[7], m[5]) ||
-			binary.NativeEndian.Uint32(m[8:12])&unix.RTM_F_CLONED != 0) {
-			return Route{}, false, nil // rtm_table, rtm_type, rtm_protocol, rtm_flags
+		if !hostnet.ObservedMessage(m) {
+			return Route{}, false, nil
 		}
 		rt, err := parseRoute(m, 0)
 		if err != nil {
 			return Route{}, false, err
 		}
-		r, ok := observedRoute(rt)
+		r, ok := routeOf(rt)
 		return r, ok, nil
 	}, &nl.RtMsg{})
 	if err != nil {
@@ -49,13 +48,14 @@ func (n *Netns) Routes() ([]Route, error) {
 	return rs, nil
 }
 
-// observedRoute is the Route of route rt that a reconcile reads, if it
-// reads it (hostnet.Observed). A gateway of another family (RTA_VIA: an
-// IPv4 route through an IPv6 neighbour) is not one a guest's route can
-// name: the route goes without it, as the netlink library read it here.
-func observedRoute(rt routeRead) (Route, bool) {
-	if rt.cloned || !hostnet.Observed(rt.Table, rt.Type, rt.Protocol) ||
-		(rt.Family != unix.AF_INET && rt.Family != unix.AF_INET6) || !rt.Dst.IsValid() {
+// routeOf is the Route of rt, a route whose message header
+// hostnet.ObservedMessage let through, if it is one a guest's route can
+// describe (IPv4 or IPv6, with a destination). A gateway of another
+// family (RTA_VIA: an IPv4 route through an IPv6 neighbour) is not one a
+// guest's route can name: the route goes without it, as the netlink
+// library read it here.
+func routeOf(rt routeRead) (Route, bool) {
+	if (rt.Family != unix.AF_INET && rt.Family != unix.AF_INET6) || !rt.Dst.IsValid() {
 		return Route{}, false
 	}
 	v6 := rt.Family == unix.AF_INET6

@@ -618,24 +618,6 @@ func (w *NetlinkWatcher) resubscribe(l *listener, reason string) bool {
 // handle, parent, info), which x/sys/unix does not define.
 const sizeofTcMsg = 20
 
-// observedRoute reports whether a route message is about a route a
-// reconcile reads (hostnet.Observed): the kernel's own routes of every
-// address and link that comes up (its local table, the IPv6 link-local
-// and multicast routes) are not, and each would be a pass. A message too
-// short to tell is kept.
-func observedRoute(data []byte) bool {
-	if len(data) < unix.SizeofRtMsg {
-		return true
-	}
-	table := uint32(data[4])
-	for typ, v := range attrs(data, unix.SizeofRtMsg) {
-		if typ == unix.RTA_TABLE && len(v) >= 4 {
-			table = binary.NativeEndian.Uint32(v)
-		}
-	}
-	return hostnet.Observed(table, data[7], data[5])
-}
-
 // describeMessage says, for a log line, which object a message is about:
 // "link eth0 changed", "address 10.0.0.2/24 on link 3 removed", "route
 // default changed", "tc filter on link 3 changed". Messages of other types
@@ -654,7 +636,7 @@ func describeMessage(m syscall.NetlinkMessage) (why string, ok bool) {
 	case unix.RTM_NEWADDR, unix.RTM_DELADDR:
 		return "address " + addrName(m.Data) + " " + what, true
 	case unix.RTM_NEWROUTE, unix.RTM_DELROUTE:
-		if !observedRoute(m.Data) {
+		if !hostnet.ObservedMessage(m.Data) {
 			return "", false
 		}
 		return "route " + routeName(m.Data) + " " + what, true

@@ -1,6 +1,7 @@
 package hostnet
 
 import (
+	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
@@ -40,6 +41,22 @@ type RateLimitOn struct {
 // reconcile reads (the watcher drops its event).
 func Observed(table uint32, typ, proto uint8) bool {
 	return table == unix.RT_TABLE_MAIN && typ == unix.RTN_UNICAST && proto != unix.RTPROT_KERNEL
+}
+
+// ObservedMessage is Observed for a route message, read from its header
+// (the rtmsg that starts data) alone: the one filter on route messages,
+// by which the watcher drops an event and an observation skips a route
+// without decoding either. The kernel puts a route's table in rtm_table
+// whenever it fits (a table past 255 shows as RT_TABLE_COMPAT there), so
+// the main table needs no look at RTA_TABLE. A cloned route (the kernel's
+// cache, its exceptions) is never observed. A payload shorter than the
+// header is let through, for the caller's parser to refuse.
+func ObservedMessage(data []byte) bool {
+	if len(data) < unix.SizeofRtMsg {
+		return true
+	}
+	// rtm_table, rtm_type, rtm_protocol, rtm_flags
+	return Observed(uint32(data[4]), data[7], data[5]) && binary.NativeEndian.Uint32(data[8:12])&unix.RTM_F_CLONED == 0
 }
 
 // Route is a route of the sandbox's main table that a CNI plugin or an

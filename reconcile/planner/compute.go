@@ -227,17 +227,19 @@ func Compute(obs Observed, rec state.Record, opts Options) Plan {
 // indexes the record had before this plan. An endpoint whose record step
 // fails skips its plug, so a plug marked PlugCounted never runs uncounted.
 func countPlugsInRecordSteps(p *Plan, recorded map[int]bool) {
+	recordAt := map[int]int{} // endpoint index → its first record step so far
 	for i, a := range p.Actions {
-		if a.Op != OpPlugNIC || recorded[a.Endpoint.Index] {
-			continue
-		}
-		for j := range i {
-			r := &p.Actions[j]
-			if r.Op == OpRecord && r.Endpoint.Index == a.Endpoint.Index {
+		switch {
+		case a.Op == OpRecord:
+			if _, ok := recordAt[a.Endpoint.Index]; !ok {
+				recordAt[a.Endpoint.Index] = i
+			}
+		case a.Op == OpPlugNIC && !recorded[a.Endpoint.Index]:
+			if j, ok := recordAt[a.Endpoint.Index]; ok {
+				r := &p.Actions[j]
 				r.Endpoint.Plugs++
 				r.Endpoint.PlugMTU = a.MTU
 				p.Actions[i].PlugCounted = true
-				break
 			}
 		}
 	}

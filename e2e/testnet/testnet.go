@@ -72,10 +72,12 @@ func Output(t testing.TB, name string, args ...string) string {
 	return string(out)
 }
 
-// IP runs the ip command.
+// IP runs the ip command and returns what it shows: its standard output
+// (see Output), so that what a test compares or parses never holds a
+// note about another test's netns.
 func IP(t testing.TB, args ...string) string {
 	t.Helper()
-	return Run(t, "ip", args...)
+	return Output(t, "ip", args...)
 }
 
 // Veth creates a veth pair: name (with mac, if given) inside ns, and

@@ -740,11 +740,15 @@ func bornMAC(t *testing.T, path, ifname string) func() net.HardwareAddr {
 	}
 	t.Cleanup(func() { h.Close() })
 	done := make(chan struct{})
-	t.Cleanup(func() { close(done) })
 	updates := make(chan netlink.LinkUpdate, 64)
 	if err := netlink.LinkSubscribeWithOptions(updates, done, netlink.LinkSubscribeOptions{Namespace: &h}); err != nil {
 		t.Fatalf("watch links in %s: %v", path, err)
 	}
+	t.Cleanup(func() {
+		close(done)
+		for range updates { // a watch blocked on a full channel ends too
+		}
+	})
 	return func() net.HardwareAddr {
 		t.Helper()
 		timeout := time.After(time.Minute)
@@ -755,10 +759,6 @@ func bornMAC(t *testing.T, path, ifname string) func() net.HardwareAddr {
 					t.Fatalf("link watch in %s ended before %s appeared", path, ifname)
 				}
 				if a := u.Link.Attrs(); u.Header.Type == unix.RTM_NEWLINK && a.Name == ifname {
-					go func() { // the watch ends at cleanup; nothing may block it
-						for range updates {
-						}
-					}()
 					return a.HardwareAddr
 				}
 			case <-timeout:

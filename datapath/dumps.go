@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"net"
@@ -65,35 +66,39 @@ func parsedDump[T any](s *nlSocket, typ int, resType uint16, parse func([]byte) 
 // socket, decoded by parseLink.
 // Equivalent to: ip -n <netns> link show
 func (n *Netns) dumpLinks() ([]netlink.Link, error) {
-	return decodedDump(n, unix.RTM_GETLINK, unix.RTM_NEWLINK, parseLink,
-		nl.NewIfInfomsg(unix.AF_UNSPEC), nl.NewRtAttr(unix.IFLA_EXT_MASK, nl.Uint32Attr(rtextFilterSkipStats)))
+	return decodedDump(n, unix.RTM_GETLINK, unix.RTM_NEWLINK, parseLink, linkDumpRequest()...)
 }
 
-// observedLink is a link of Observe's link dump with the kind of its
-// root qdisc (IFLA_QDISC; "" when the message has none).
+// linkDumpRequest is the request data of every link dump: all families,
+// no statistics.
+func linkDumpRequest() []nl.NetlinkRequestData {
+	return []nl.NetlinkRequestData{nl.NewIfInfomsg(unix.AF_UNSPEC), nl.NewRtAttr(unix.IFLA_EXT_MASK, nl.Uint32Attr(rtextFilterSkipStats))}
+}
+
+// observedLink is a link of Observe's link dump, and whether its root
+// qdisc is a plain one (plainRootQdiscs).
 type observedLink struct {
 	link  netlink.Link
-	qdisc string
+	plain bool
 }
 
 // dumpObservation starts Observe's observation with its link dump, each
-// link with the kind of its root qdisc, which tells Observe whether it
-// needs the qdisc dump at all (see plainRootQdiscs).
+// link with whether its root qdisc is plain, which tells Observe whether
+// it needs the qdisc dump at all. (The dump's links are collected first
+// and only then kept: a dump the kernel interrupts is read again.)
 func (n *Netns) dumpObservation() (*observation, error) {
 	ls, err := parsedDump(n.dumper, unix.RTM_GETLINK, unix.RTM_NEWLINK, func(m []byte) (observedLink, bool, error) {
-		l, q, err := parseLinkQdisc(m)
-		return observedLink{l, q}, err == nil && l != nil, err
-	}, nl.NewIfInfomsg(unix.AF_UNSPEC), nl.NewRtAttr(unix.IFLA_EXT_MASK, nl.Uint32Attr(rtextFilterSkipStats)))
+		l, plain, err := parseLinkQdisc(m)
+		return observedLink{l, plain}, err == nil && l != nil, err
+	}, linkDumpRequest()...)
 	if err != nil {
 		return nil, fmt.Errorf("list links in netns %s: %w", n.path, err)
 	}
 	o := &observation{links: make([]netlink.Link, len(ls)), plainRoot: make(map[int]bool, len(ls)), filters: map[int][]netlink.Filter{}}
 	for i, l := range ls {
 		o.links[i] = l.link
-		if plainRootQdiscs[l.qdisc] {
+		if l.plain {
 			o.plainRoot[l.link.Attrs().Index] = true
-		} else {
-			o.otherRoot = true
 		}
 	}
 	return o, nil
@@ -109,23 +114,25 @@ func parseLink(m []byte) (netlink.Link, error) {
 	return l, err
 }
 
-// parseLinkQdisc is parseLink, and the kind of the link's root qdisc
-// (IFLA_QDISC), which the library's types have no field for.
-func parseLinkQdisc(m []byte) (netlink.Link, string, error) {
+// parseLinkQdisc is parseLink, and whether the kind of the link's root
+// qdisc (IFLA_QDISC, which the library's types have no field for) is a
+// plain one (plainRootQdiscs; no IFLA_QDISC is not).
+func parseLinkQdisc(m []byte) (netlink.Link, bool, error) {
 	if len(m) < unix.SizeofIfInfomsg {
-		return nil, "", fmt.Errorf("short link message (%d bytes)", len(m))
+		return nil, false, fmt.Errorf("short link message (%d bytes)", len(m))
 	}
 	msg := nl.DeserializeIfInfomsg(m)
 	a := netlink.NewLinkAttrs()
 	a.Index, a.RawFlags, a.Flags = int(msg.Index), msg.Flags, linkFlags(msg.Flags)
-	var kind, qdisc string
+	var kind string
 	var data []byte
+	plain := false
 	err := walkAttrs(m[unix.SizeofIfInfomsg:], func(typ uint16, v []byte) error {
 		switch typ {
 		case unix.IFLA_IFNAME:
 			a.Name = cstring(v)
 		case unix.IFLA_QDISC:
-			qdisc = cstring(v)
+			plain = plainRootQdiscs[string(bytes.TrimRight(v, "\x00"))] // no copy made
 		case unix.IFLA_ADDRESS:
 			if slices.ContainsFunc(v, func(b byte) bool { return b != 0 }) {
 				a.HardwareAddr = net.HardwareAddr(append([]byte(nil), v...))
@@ -159,30 +166,24 @@ func parseLinkQdisc(m []byte) (netlink.Link, string, error) {
 				return nil
 			})
 		case unix.IFLA_LINKINFO:
-			return walkAttrs(v, func(typ uint16, v []byte) error {
-				switch typ {
-				case unix.IFLA_INFO_KIND:
-					kind = cstring(v)
-				case unix.IFLA_INFO_DATA:
-					data = v
-				}
-				return nil
-			})
+			var err error
+			kind, data, err = kindAndData(v, unix.IFLA_INFO_KIND, unix.IFLA_INFO_DATA)
+			return err
 		}
 		return nil
 	})
 	if err != nil {
-		return nil, "", fmt.Errorf("link message for ifindex %d (%s): %w", msg.Index, a.Name, err)
+		return nil, false, fmt.Errorf("link message for ifindex %d (%s): %w", msg.Index, a.Name, err)
 	}
 	switch kind {
 	case "":
-		return &netlink.Device{LinkAttrs: a}, qdisc, nil
+		return &netlink.Device{LinkAttrs: a}, plain, nil
 	case "tun":
 		t, err := tuntapOf(a, data)
 		if err != nil {
-			return nil, "", err
+			return nil, false, err
 		}
-		return t, qdisc, nil
+		return t, plain, nil
 	case "macvtap":
 		m := &netlink.Macvtap{Macvlan: netlink.Macvlan{LinkAttrs: a}}
 		err := walkAttrs(data, func(typ uint16, v []byte) error {
@@ -192,11 +193,11 @@ func parseLinkQdisc(m []byte) (netlink.Link, string, error) {
 			return nil
 		})
 		if err != nil {
-			return nil, "", fmt.Errorf("link %s: macvtap data: %w", a.Name, err)
+			return nil, false, fmt.Errorf("link %s: macvtap data: %w", a.Name, err)
 		}
-		return m, qdisc, nil
+		return m, plain, nil
 	}
-	return &netlink.GenericLink{LinkAttrs: a, LinkType: kind}, qdisc, nil
+	return &netlink.GenericLink{LinkAttrs: a, LinkType: kind}, plain, nil
 }
 
 // tuntapOf is a tun or tap device with its IFLA_TUN_* data.
@@ -278,19 +279,12 @@ func parseHTBClass(m []byte) (*netlink.HtbClass, error) {
 		return nil, fmt.Errorf("short class message (%d bytes)", len(m))
 	}
 	msg := nl.DeserializeTcMsg(m)
-	var kind string
-	var opts []byte
-	err := walkAttrs(m[nl.SizeofTcMsg:], func(typ uint16, v []byte) error {
-		switch typ {
-		case unix.TCA_KIND:
-			kind = cstring(v)
-		case unix.TCA_OPTIONS:
-			opts = v
-		}
-		return nil
-	})
-	if err != nil || kind != "htb" {
-		return nil, err
+	kind, opts, err := kindAndData(m[nl.SizeofTcMsg:], unix.TCA_KIND, unix.TCA_OPTIONS)
+	if err != nil {
+		return nil, fmt.Errorf("class %s on link %d: %w", netlink.HandleStr(msg.Handle), msg.Ifindex, err)
+	}
+	if kind != "htb" {
+		return nil, nil
 	}
 	c := &netlink.HtbClass{ClassAttrs: netlink.ClassAttrs{LinkIndex: int(msg.Ifindex), Handle: msg.Handle, Parent: msg.Parent}}
 	var rate64, ceil64 []byte
@@ -396,23 +390,12 @@ func parseFilter(m []byte) (netlink.Filter, error) {
 // parseMirred decodes one action of a filter's action list: a mirred
 // action, or nil for any other kind.
 func parseMirred(b []byte) (*netlink.MirredAction, error) {
-	var (
-		kind string
-		opts []byte
-	)
-	if err := walkAttrs(b, func(typ uint16, v []byte) error {
-		switch typ {
-		case nl.TCA_ACT_KIND:
-			kind = cstring(v)
-		case nl.TCA_ACT_OPTIONS:
-			opts = v
-		}
-		return nil
-	}); err != nil || kind != "mirred" {
+	kind, opts, err := kindAndData(b, nl.TCA_ACT_KIND, nl.TCA_ACT_OPTIONS)
+	if err != nil || kind != "mirred" {
 		return nil, err
 	}
 	a := &netlink.MirredAction{}
-	err := walkAttrs(opts, func(typ uint16, v []byte) error {
+	err = walkAttrs(opts, func(typ uint16, v []byte) error {
 		if typ != nl.TCA_MIRRED_PARMS {
 			return nil
 		}
@@ -428,6 +411,23 @@ func parseMirred(b []byte) (*netlink.MirredAction, error) {
 		return nil
 	})
 	return a, err
+}
+
+// kindAndData reads, from the attributes in b, a kind (the attribute of
+// type kindType, a C string) and that kind's own attributes (dataType):
+// the shape of a link's IFLA_LINKINFO, a tc object's TCA_KIND and
+// TCA_OPTIONS, and an action's TCA_ACT_KIND and TCA_ACT_OPTIONS.
+func kindAndData(b []byte, kindType, dataType uint16) (kind string, data []byte, err error) {
+	err = walkAttrs(b, func(typ uint16, v []byte) error {
+		switch typ {
+		case kindType:
+			kind = cstring(v)
+		case dataType:
+			data = v
+		}
+		return nil
+	})
+	return kind, data, err
 }
 
 // macvlanModeOf maps the kernel's MACVLAN_MODE_* bits to the library's

@@ -267,7 +267,7 @@ func FuzzParseLink(f *testing.F) {
 		// NLA_F_NET_BYTEORDER) for another type, where the kernel's
 		// nla_type masks the bits, as parseNeighbor does: for a message
 		// with such a type it is no reference.
-		if nb, keep, err := parseNeighbor(b); err == nil && keep && len(nb.MAC) != 16 && len(b) >= 12 && !attrTypeFlagged(b[12:]) {
+		if nb, keep, err := parseNeighbor(b); err == nil && keep && len(nb.MAC) != 16 && len(b) >= unix.SizeofNdMsg && !attrTypeFlagged(b[unix.SizeofNdMsg:]) {
 			if lib, err := libNeigh(b); err == nil {
 				ip, _ := netip.AddrFromSlice(lib.IP)
 				// ndm_ifindex is a C int: the library reads it unsigned,
@@ -465,8 +465,6 @@ func libRoute(r netlink.Route) (Route, bool) {
 	return out, true
 }
 
-// libNeigh is the library's decoding of a neighbour message, which
-// panics on some malformed attributes instead of failing.
 // attrTypeFlagged says whether an attribute of b (up to the first
 // malformed one) has a flag bit set in its type.
 func attrTypeFlagged(b []byte) bool {
@@ -483,6 +481,8 @@ func attrTypeFlagged(b []byte) bool {
 	return false
 }
 
+// libNeigh is the library's decoding of a neighbour message, which
+// panics on some malformed attributes instead of failing.
 func libNeigh(b []byte) (n *netlink.Neigh, err error) {
 	defer func() {
 		if recover() != nil {

@@ -288,13 +288,20 @@ func dump[T any](f func() ([]T, error)) ([]T, error) {
 type observation struct {
 	links []netlink.Link
 	// plainRoot holds the links whose root qdisc is a plain one
-	// (plainRootQdiscs), by ifindex; otherRoot says some link's is not,
-	// which only the qdisc dump tells enough of.
+	// (plainRootQdiscs), by ifindex.
 	plainRoot  map[int]bool
-	otherRoot  bool
 	qdiscs     []netlink.Qdisc // the qdisc dump, once qdiscsRead
 	qdiscsRead bool
 	filters    map[int][]netlink.Filter // by ifindex, filled as read
+}
+
+// plainRoot says whether Observe, running, found link's root qdisc
+// plain (plainRootQdiscs): then link has no limit of ours, and its ingress
+// hook, if it has one, is an ingress or clsact qdisc at ffff:, whose
+// ingress filters parent ffff:fff2 reaches alike. Outside Observe it is
+// false, and callers read the qdiscs.
+func (n *Netns) plainRoot(link netlink.Link) bool {
+	return n.obs != nil && n.obs.plainRoot[link.Attrs().Index]
 }
 
 // qdiscsOn lists link's qdiscs, from Observe's dump while it runs, else

@@ -42,7 +42,7 @@ var All = Parts{Addrs: true, Routes: true, Neighbors: true}
 // Observe reads the host-side state of the netns: every part but those
 // p leaves out (left empty in the State). Each part is a separate dump
 // (one per kind of object, but for ingress filters, which the kernel
-// dumps one link at a time: one per link, see observedIngressParent; and
+// dumps one link at a time: one per link, see ingressParent; and
 // the qdiscs, dumped only when a link's root qdisc calls for it), so a link
 // that changes in between shows up on the next observation; callers are
 // level-triggered and look again.

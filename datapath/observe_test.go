@@ -203,7 +203,7 @@ func TestObserveQdiscDumpOnlyWhenNeeded(t *testing.T) {
 	want := []string{"eth0→" + tp.Name, "net1→" + tp.Name, tp.Name + "→eth0"}
 	observe := func(wantQdiscDumps int) {
 		t.Helper()
-		counts := s.n.CountRequests()
+		counts := s.n.CountRequests(t)
 		st, err := s.n.Observe(datapath.Parts{})
 		if err != nil {
 			t.Fatal(err)

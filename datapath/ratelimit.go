@@ -61,8 +61,13 @@ func (n *Netns) RateLimit(ifindex int) (uint64, bool, error) {
 	return bps, ok, nil
 }
 
-// rootQdisc returns link's root qdisc, nil when it has none listed.
+// rootQdisc returns link's root qdisc, nil when it has none listed, or
+// while Observe runs, when the link dump showed it plain (none of ours,
+// told without the qdisc dump: see plainRoot).
 func (n *Netns) rootQdisc(link netlink.Link) (netlink.Qdisc, error) {
+	if n.plainRoot(link) {
+		return nil, nil
+	}
 	qs, err := n.qdiscsOn(link)
 	if err != nil {
 		return nil, fmt.Errorf("list qdiscs: %w", err)
@@ -242,7 +247,7 @@ func (n *Netns) RateLimits() ([]RateLimitOn, error) {
 // egressLimits lists our HTBs on the egress of every link but our ifbs
 // (whose HTB is the limit of another link's ingress).
 func (n *Netns) egressLimits() ([]RateLimitOn, error) {
-	if n.obs != nil && !n.obs.otherRoot {
+	if o := n.obs; o != nil && len(o.plainRoot) == len(o.links) {
 		return nil, nil // no link's root qdisc is an HTB
 	}
 	qs, err := n.allQdiscs()

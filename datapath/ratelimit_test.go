@@ -276,7 +276,7 @@ func TestIngressLimitThroughIfb(t *testing.T) {
 	}
 	t.Cleanup(func() { hostNS.Close() })
 	testnet.Run(t, "ip", "netns", "exec", s.host.Name, "ping", "-c", "1", "-W", "5", "10.79.0.2")
-	before := testnet.Run(t, "ip", "-n", s.ns.Name, "-br", "link") + s.tcShow(t)
+	before := testnet.IP(t, "-n", s.ns.Name, "-br", "link") + s.tcShow(t)
 
 	const limit = 20e6
 	for range 2 {
@@ -321,7 +321,7 @@ func TestIngressLimitThroughIfb(t *testing.T) {
 	}
 	// The ingress qdisc that carried the filter stays (a hook someone
 	// else may use too); the filter and the ifb go.
-	after := testnet.Run(t, "ip", "-n", s.ns.Name, "-br", "link") + testnet.Run(t, "tc", "-n", s.ns.Name, "filter", "show", "dev", "eth0", "ingress")
+	after := testnet.IP(t, "-n", s.ns.Name, "-br", "link") + testnet.Run(t, "tc", "-n", s.ns.Name, "filter", "show", "dev", "eth0", "ingress")
 	if strings.Contains(after, "tsi3") || strings.Contains(after, "mirred") {
 		t.Errorf("left behind:\n%s\nbefore:\n%s", after, before)
 	}

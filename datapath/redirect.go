@@ -20,26 +20,20 @@ var ingressHandle = netlink.MakeHandle(0xffff, 0)
 
 // ingressParent returns the parent handle for ingress filters on link, or
 // 0 when the link has no ingress hook yet. A clsact qdisc serves as one too.
+// While Observe runs, a link whose root qdisc is plain (plainRoot) gets
+// ffff:fff2 without the qdisc dump: a link without a hook is then not told
+// apart, but its filter dump is empty (and kept, see filtersSeen), and
+// costs less than the qdisc dump, which the kernel makes of every link's
+// qdiscs with their statistics.
 func (n *Netns) ingressParent(link netlink.Link) (uint32, error) {
+	if n.plainRoot(link) {
+		return netlink.HANDLE_MIN_INGRESS, nil
+	}
 	qdiscs, err := n.qdiscsOn(link)
 	if err != nil {
 		return 0, fmt.Errorf("list qdiscs on %s: %w", link.Attrs().Name, err)
 	}
 	return ingressParentOf(qdiscs), nil
-}
-
-// observedIngressParent is ingressParent, but for a link that Observe's
-// link dump shows with a plain root qdisc (plainRootQdiscs): its hook,
-// if it has one, is the ingress or clsact qdisc at ffff:, whose ingress
-// filters parent ffff:fff2 reaches alike. Such a link is not told apart
-// from one without a hook: its filter dump is empty (and kept, see
-// filtersSeen), and costs less than the qdisc dump that told them apart,
-// which the kernel makes of every link's qdiscs with their statistics.
-func (n *Netns) observedIngressParent(link netlink.Link) (uint32, error) {
-	if n.obs != nil && n.obs.plainRoot[link.Attrs().Index] {
-		return netlink.HANDLE_MIN_INGRESS, nil
-	}
-	return n.ingressParent(link)
 }
 
 // ingressParentOf is ingressParent given the link's qdiscs.
@@ -146,11 +140,11 @@ func (n *Netns) Redirects() ([]Redirect, error) {
 
 // eachIngress calls fn for each of links that has an ingress hook, with
 // the hook's parent handle, and while Observe runs for each link whose
-// root qdisc is plain, with ffff:fff2 (see observedIngressParent); the
+// root qdisc is plain, with ffff:fff2 (see ingressParent); the
 // first error stops it, named with the netns.
 func (n *Netns) eachIngress(links []netlink.Link, fn func(l netlink.Link, parent uint32) error) error {
 	for _, l := range links {
-		parent, err := n.observedIngressParent(l)
+		parent, err := n.ingressParent(l)
 		if err == nil && parent != 0 {
 			err = fn(l, parent)
 		}

@@ -174,3 +174,52 @@ func TestClosedNetnsOpensNoHandle(t *testing.T) {
 		t.Fatalf("lib after Close = %v, want os.ErrClosed", err)
 	}
 }
+
+// TestEnterFailedElsewhereComesHome: a thread whose enter left for
+// another netns and then failed is moved back to the process's netns, and
+// says it is home, which is what lets OnThread reuse it (a thread that
+// cannot be moved back is discarded instead).
+func TestEnterFailedElsewhereComesHome(t *testing.T) {
+	testnet.SkipUnlessRoot(t)
+	ns := testnet.NewNS(t, "tapsync-home")
+	other, err := netns.GetFromPath(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Close() })
+	own, err := ownNetns()
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused := errors.New("refused")
+	type result struct {
+		home, back bool
+		err        error
+	}
+	res := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		home, err := inThread(func() error {
+			if err := netns.Set(other); err != nil {
+				return err
+			}
+			return refused
+		}, func() error { return nil })
+		cur, gerr := netns.Get()
+		back := gerr == nil && cur.Equal(own)
+		if gerr == nil {
+			cur.Close()
+		}
+		if home && back {
+			runtime.UnlockOSThread() // else the thread ends with the goroutine
+		}
+		res <- result{home, back, err}
+	}()
+	r := <-res
+	if !errors.Is(r.err, refused) {
+		t.Fatalf("inThread = %v, want enter's error", r.err)
+	}
+	if !r.home || !r.back {
+		t.Errorf("after enter failed in another netns: home %v, thread in the process's netns %v; want both", r.home, r.back)
+	}
+}

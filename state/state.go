@@ -337,10 +337,15 @@ func (s *Store) Load(ctx context.Context, id string) (Record, error) {
 	}
 	fresh := Record{Version: Version, Sandbox: id}
 	p := s.path(id)
-	// What the cache holds is told by the path's identity alone: a stat,
-	// where opening, reading the identity and closing was three calls.
-	// A record that is not cached, or has changed, is then opened.
-	if fi, err := os.Stat(p); err == nil {
+	// What the cache holds is told by the path's identity alone (device,
+	// inode, size, change and modification times): a stat, where opening,
+	// reading the identity and closing was three calls. A record that is
+	// not cached, or has changed, is then opened.
+	fi, err := os.Stat(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return fresh, nil
+	}
+	if err == nil {
 		if file, ok := fileIDOf(fi); ok {
 			if r, ok := s.cached(id, file); ok {
 				return r, nil
@@ -357,7 +362,7 @@ func (s *Store) Load(ctx context.Context, id string) (Record, error) {
 	defer f.Close()
 	// The identity comes from the open file, so the bytes read below are
 	// the version it names even if the file is replaced meanwhile.
-	fi, err := f.Stat()
+	fi, err = f.Stat()
 	if err != nil {
 		return Record{}, fmt.Errorf("%w: read record %s: %w", ErrStore, p, err)
 	}

@@ -751,34 +751,24 @@ func addrName(data []byte) string {
 	return fmt.Sprintf("%s/%d on link %d", ip, plen, idx)
 }
 
-// routeName is the destination of an rtmsg ("default" when it has none)
-// and its table when not main.
+// routeName is the destination of an rtmsg ("default" when it has none).
+// Its table is main: describeMessage names only the routes
+// hostnet.ObservedMessage lets through.
 func routeName(data []byte) string {
 	if len(data) < unix.SizeofRtMsg {
 		return "?"
 	}
-	family, dstLen, table := data[0], data[1], uint32(data[4])
+	family, dstLen := data[0], data[1]
 	dst := "default"
 	for typ, v := range attrs(data, unix.SizeofRtMsg) {
-		switch typ {
-		case unix.RTA_DST:
+		if typ == unix.RTA_DST {
 			dst = fmt.Sprintf("%s/%d", net.IP(v), dstLen)
-		case unix.RTA_TABLE:
-			if len(v) >= 4 {
-				table = binary.NativeEndian.Uint32(v)
-			}
 		}
 	}
 	if dst == "default" && family == unix.AF_INET6 {
 		dst = "default (ipv6)"
 	}
-	switch table {
-	case unix.RT_TABLE_MAIN:
-		return dst
-	case unix.RT_TABLE_LOCAL:
-		return dst + " in table local"
-	}
-	return fmt.Sprintf("%s in table %d", dst, table)
+	return dst
 }
 
 // tcLink is "on link <index> " for a tcmsg, or "" when it names none.

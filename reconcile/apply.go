@@ -119,7 +119,8 @@ type Env struct {
 	// link the guest has not found yet (0: DefaultGuestLinkWait).
 	GuestLinkWait time.Duration
 	// AfterAction, if set, is called after each action that completed
-	// without error. It exists for fault injection: crash tests kill the
+	// without error; a record step, once the record holding it is
+	// written. It exists for fault injection: crash tests kill the
 	// process here to prove that every intermediate state is repaired.
 	AfterAction func(Action)
 	// Refresh, if set, reads the sandbox's container links (with their
@@ -396,7 +397,7 @@ func (a *applier) unplugBatch(ctx context.Context, p Plan, i int, rec *state.Rec
 			c := p.Actions[k]
 			switch {
 			case c.Endpoint.Index != n || a.ahead[k]:
-			case c.Op == planner.OpRecord || c.Op == planner.OpMarkRemoving:
+			case isRecordStep(c.Op):
 				pre = append(pre, k)
 			default:
 				ready = false

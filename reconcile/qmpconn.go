@@ -158,12 +158,19 @@ func (r *Reconciler) clientModel(ctx context.Context, sb Sandbox) (*qmp.Client, 
 	return c, m, nil
 }
 
+// endedByQEMU says whether err, a dead connection's Err, is QEMU's
+// doing: it closed or reset the connection, which the reader sees as EOF
+// or a reset and a command's write as a broken pipe. A connection tapsync
+// closed (dropped, replaced, or failed by a command's timeout) is not.
+func endedByQEMU(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
 // monitorClosed, run once c is dead (qmp.Client.AfterClose), calls
-// closed(id) when QEMU ended c (EOF, connection reset) while it was still
-// sandbox id's connection. A connection tapsync closed (dropped, replaced,
-// or failed by a command's timeout) is not QEMU's doing and calls nothing.
+// closed(id) when QEMU ended c (endedByQEMU) while it was still sandbox
+// id's connection. A connection tapsync closed calls nothing.
 func (r *Reconciler) monitorClosed(id string, c *qmp.Client, closed func(string)) {
-	if err := c.Err(); !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
+	if !endedByQEMU(c.Err()) {
 		return
 	}
 	r.mu.Lock()

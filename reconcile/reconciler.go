@@ -152,7 +152,8 @@ type Reconciler struct {
 	// NoteNetlink.
 	KeepFilters bool
 	// AfterAction, if set, is called after every completed action of
-	// every sandbox (fault injection for crash tests; see Env).
+	// every sandbox, a record step once it is written (fault injection
+	// for crash tests; see Env).
 	AfterAction func(Action)
 
 	// afterObserve, if set, runs after a pass's first observation, before

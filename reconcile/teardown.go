@@ -78,10 +78,11 @@ func (r *Reconciler) Teardown(ctx context.Context, id string) error {
 			env.VM = vm
 			break
 		}
-		if attempt == 1 && errors.Is(err, qmp.ErrClosed) {
-			// The connection was kept from before and has died under the
-			// reading (QEMU exiting as its reader is yet to hear): a dial
-			// of its own says whether QEMU is gone.
+		if attempt == 1 && endedByQEMU(c.Err()) {
+			// QEMU ended the connection under the reading (exiting, with
+			// a connection kept from before whose reader was yet to hear
+			// it): a dial of its own says whether QEMU is gone. A command
+			// that timed out is no such sign: QEMU may be hung.
 			continue
 		}
 		return fmt.Errorf("sandbox %s: %w: list NICs: %w", id, ErrTeardownWaiting, err)

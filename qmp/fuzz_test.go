@@ -60,6 +60,9 @@ func FuzzReadMessages(f *testing.F) {
 			if cap(mr.buf) > limit {
 				t.Fatalf("the reader holds %d bytes, past a cap of %d", cap(mr.buf), limit)
 			}
+			if len(mr.fr.open) > maxDepth {
+				t.Fatalf("the reader holds %d open brackets, past %d", len(mr.fr.open), maxDepth)
+			}
 			if err != nil {
 				// A buffer of exactly limit bytes with no end in it is too
 				// large, even if the stream would have ended there.

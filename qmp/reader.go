@@ -88,6 +88,11 @@ func (mr *msgReader) next() (message, error) {
 	}
 }
 
+// maxDepth bounds how deeply a message nests, as encoding/json's does
+// (which would refuse a member nested deeper anyway): the framer's stack
+// of open brackets stays small whatever a QEMU sends.
+const maxDepth = 10000
+
 // framer finds where an object ends, over as many reads as it takes.
 // Offsets are from the start of the unread bytes (msgReader.off).
 type framer struct {
@@ -120,10 +125,12 @@ func (f *framer) scan(b []byte) (int, error) {
 		switch c := b[i]; c {
 		case '"':
 			f.str = i + 1
-		case '{':
-			f.open = append(f.open, '}')
-		case '[':
-			f.open = append(f.open, ']')
+		case '{', '[':
+			if len(f.open) == maxDepth {
+				return 0, fmt.Errorf("nested deeper than %d", maxDepth)
+			}
+			f.open = append(f.open, c+2) // '}' and ']' follow their openers by two
+
 		case '}', ']':
 			if want := f.open[len(f.open)-1]; c != want {
 				return 0, fmt.Errorf("%q where %q closes", c, want)

@@ -5,30 +5,26 @@ import (
 	"io"
 	"strings"
 	"testing"
-	"time"
 )
 
 // nextOver runs the reader's next on what a QEMU that then falls silent
-// (the write end of a pipe left open) sent, and fails the test if next
-// waits for more.
+// sent, and fails the test if next reads again, waiting for more.
 func nextOver(t *testing.T, sent string, max int) error {
 	t.Helper()
-	pr, pw := io.Pipe()
-	t.Cleanup(func() { pw.Close() })
-	go pw.Write([]byte(sent))
-	done := make(chan error, 1)
-	go func() {
-		_, err := newMsgReader(pr, max).next()
-		done <- err
-	}()
-	select {
-	case err := <-done:
-		return err
-	case <-time.After(20 * time.Second):
-		pr.CloseWithError(errors.New("test over"))
-		t.Fatalf("next over %.40q… is still waiting for more", sent)
-		return nil
-	}
+	_, err := newMsgReader(io.MultiReader(strings.NewReader(sent), silent{t, sent}), max).next()
+	return err
+}
+
+// silent is a QEMU that has sent everything it will: a read of it fails
+// the test.
+type silent struct {
+	t    *testing.T
+	sent string
+}
+
+func (s silent) Read([]byte) (int, error) {
+	s.t.Errorf("next over %.40q… read again, waiting for more", s.sent)
+	return 0, errors.New("nothing more comes")
 }
 
 // A message whose brackets stop matching fails there: the reader does not
@@ -44,9 +40,19 @@ func TestReaderMismatchedBracketFailsAtOnce(t *testing.T) {
 // once, not after a read that a silent QEMU never answers.
 func TestReaderFullBufferIsTooLarge(t *testing.T) {
 	const max = 4 << 10
-	err := nextOver(t, `{"return": "`+strings.Repeat("x", max), max)
+	start := `{"return": "`
+	err := nextOver(t, start+strings.Repeat("x", max-len(start)), max) // exactly max
 	if !errors.Is(err, ErrMessageTooLarge) {
 		t.Fatalf("next = %v, want ErrMessageTooLarge", err)
+	}
+}
+
+// A message nested past maxDepth fails where it does: the framer's stack
+// of open brackets does not grow with whatever a QEMU sends.
+func TestReaderDeepNestingFails(t *testing.T) {
+	err := nextOver(t, `{"return": `+strings.Repeat("[", maxDepth+1), MaxMessage)
+	if err == nil || !strings.Contains(err.Error(), "nested deeper") {
+		t.Fatalf("next = %v, want a message nested too deep", err)
 	}
 }
 

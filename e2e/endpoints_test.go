@@ -58,9 +58,7 @@ func TestMacvtapModel(t *testing.T) {
 		t.Fatalf("CNI ADD: %v", err)
 	}
 	t.Cleanup(func() { _ = r.cni.Del(context.Background(), n, "pod", r.pod.Path, "net1") })
-	// The plugin may read net1's MAC back after the daemon has lent it
-	// away, so the MAC the guest must get is the one net1 was made with.
-	mac := born()
+	mac := born(ctx) // the MAC the guest must get
 	a, _ := netip.AddrFromSlice(res.IPs[0].Address.IP)
 	ones, _ := res.IPs[0].Address.Mask.Size()
 	addr := netip.PrefixFrom(a.Unmap(), ones)
@@ -683,17 +681,13 @@ func TestMacvtapRateLimits(t *testing.T) {
 	n := testcni.Bridge(testcni.UniqueName("net"), testcni.UniqueName("br"), sub)
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
+	born := bornMAC(t, r.pod.Path, "net1")
 	res, err := r.cni.Add(ctx, n, "pod", r.pod.Path, "net1")
 	if err != nil {
 		t.Fatalf("CNI ADD: %v", err)
 	}
 	t.Cleanup(func() { _ = r.cni.Del(context.Background(), n, "pod", r.pod.Path, "net1") })
-	var mac net.HardwareAddr
-	for _, i := range res.Interfaces {
-		if i.Name == "net1" && i.Sandbox != "" {
-			mac, _ = net.ParseMAC(i.Mac)
-		}
-	}
+	mac := born(ctx) // the MAC the guest must get
 	a, _ := netip.AddrFromSlice(res.IPs[0].Address.IP)
 	ones, _ := res.IPs[0].Address.Mask.Size()
 	addr := netip.PrefixFrom(a.Unmap(), ones)
@@ -730,9 +724,11 @@ func TestMacvtapRateLimits(t *testing.T) {
 }
 
 // bornMAC starts watching the links of the netns at path and returns a
-// function that waits for the first message about ifname and gives the
-// MAC it carries: the MAC the link was made (or moved in) with.
-func bornMAC(t *testing.T, path, ifname string) func() net.HardwareAddr {
+// function that waits, until ctx ends, for the first message about ifname
+// and gives the MAC it carries: the MAC the link was made (or moved in)
+// with. The plugin may read the link's MAC back after the daemon has lent
+// it away (the macvtap model), so a CNI result's MAC is not that one.
+func bornMAC(t *testing.T, path, ifname string) func(context.Context) net.HardwareAddr {
 	t.Helper()
 	h, err := netns.GetFromPath(path)
 	if err != nil {
@@ -749,9 +745,8 @@ func bornMAC(t *testing.T, path, ifname string) func() net.HardwareAddr {
 		for range updates { // a watch blocked on a full channel ends too
 		}
 	})
-	return func() net.HardwareAddr {
+	return func(ctx context.Context) net.HardwareAddr {
 		t.Helper()
-		timeout := time.After(time.Minute)
 		for {
 			select {
 			case u, ok := <-updates:
@@ -761,8 +756,8 @@ func bornMAC(t *testing.T, path, ifname string) func() net.HardwareAddr {
 				if a := u.Link.Attrs(); u.Header.Type == unix.RTM_NEWLINK && a.Name == ifname {
 					return a.HardwareAddr
 				}
-			case <-timeout:
-				t.Fatalf("no link %s appeared in %s within a minute", ifname, path)
+			case <-ctx.Done():
+				t.Fatalf("no link %s appeared in %s: %v", ifname, path, ctx.Err())
 			}
 		}
 	}

@@ -175,7 +175,7 @@ func Facts(t testing.TB, ns NS, dev string) string {
 	}
 
 	ipText := func(args ...string) string {
-		return countdown.ReplaceAllString(Output(t, "ip", append([]string{"-n", ns.Name}, args...)...), "$1 N$2")
+		return countdown.ReplaceAllString(IP(t, append([]string{"-n", ns.Name}, args...)...), "$1 N$2")
 	}
 	b.WriteString(ipText("-d", "addr", "show", "dev", dev))
 	// Routes sorted, with their nexthops: the kernel lists routes to one

@@ -172,12 +172,6 @@ type message struct {
 	} `json:"timestamp"`
 }
 
-// shrinkAfter is the message size past which the reader lets its grown
-// buffer go (see msgReader): one HMP "info qtree" reply (20–140 KB) must
-// not stay allocated in every connection, a sandbox's idle connection
-// holding it for good.
-const shrinkAfter = 8 << 10
-
 // text is m as JSON, for an error that shows an unexpected message.
 func (m message) text() string {
 	b, _ := json.Marshal(m)

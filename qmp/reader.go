@@ -40,6 +40,12 @@ func newMsgReader(r io.Reader, max int) *msgReader {
 	return &msgReader{r: r, max: max}
 }
 
+// shrinkAfter is the message size past which the reader lets its grown
+// buffer go (see msgReader): one HMP "info qtree" reply (20–140 KB) must
+// not stay allocated in every connection, a sandbox's idle connection
+// holding it for good.
+const shrinkAfter = 8 << 10
+
 // readerBuf is the buffer a msgReader starts with, and returns to after
 // a message of more than shrinkAfter bytes: a connection that read one
 // "info qtree" reply must not hold its buffer for good. Replies and events
